@@ -1,0 +1,333 @@
+//! Types shared by every kind: durations, timestamps, conditions and Secret references.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The pattern the CRD schema enforces on every duration, so bad values are refused by the
+/// API server rather than discovered at run time.
+pub const DURATION_PATTERN: &str = "^[0-9]+(s|m|h|d|w)$";
+
+/// A duration written as a number and one unit: `90s`, `15m`, `12h`, `30d`, `2w`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Duration(std::time::Duration);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid duration {0:?}: expected a number and one unit of s, m, h, d, w (e.g. 30d)")]
+pub struct InvalidDuration(pub String);
+
+impl Duration {
+    pub fn from_secs(secs: u64) -> Self {
+        Self(std::time::Duration::from_secs(secs))
+    }
+    pub fn as_std(&self) -> std::time::Duration {
+        self.0
+    }
+    pub fn as_secs(&self) -> u64 {
+        self.0.as_secs()
+    }
+    pub fn as_chrono(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::try_from(self.0.as_secs()).unwrap_or(i64::MAX / 1000))
+    }
+}
+
+impl FromStr for Duration {
+    type Err = InvalidDuration;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidDuration(s.to_string());
+        let unit = s.chars().last().ok_or_else(bad)?;
+        let digits = &s[..s.len() - unit.len_utf8()];
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let factor = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(factor).map(Self::from_secs).ok_or_else(bad)
+    }
+}
+
+impl fmt::Display for Duration {
+    /// Prints the largest unit that divides the duration exactly, so `30d` stays `30d`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs();
+        for (unit, factor) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
+            if secs > 0 && secs % factor == 0 {
+                return write!(f, "{}{}", secs / factor, unit);
+            }
+        }
+        write!(f, "{secs}s")
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Duration {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "string", "pattern": DURATION_PATTERN})
+    }
+}
+
+/// An RFC 3339 instant, always written in UTC with whole seconds so status stays stable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::truncate(Utc::now())
+    }
+    /// Drops sub-second precision: what is written to status must compare equal after a
+    /// round trip through the API server.
+    pub fn truncate(t: DateTime<Utc>) -> Self {
+        Self(Utc.timestamp_opt(t.timestamp(), 0).single().unwrap_or(t))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.to_rfc3339_opts(SecondsFormat::Secs, true))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| Timestamp(t.with_timezone(&Utc)))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Timestamp {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> Cow<'static, str> {
+        "Timestamp".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "string", "format": "date-time"})
+    }
+}
+
+/// A key of a Secret in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// A whole Secret in the same namespace; which keys are read is documented per field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+/// A standard Kubernetes condition (metav1.Condition).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: ConditionStatus,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    pub last_transition_time: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// What a reconciler wants a condition to say; turned into a [`Condition`] by
+/// [`set_condition`], which keeps `lastTransitionTime` unless the status flips.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredCondition {
+    pub type_: &'static str,
+    pub status: ConditionStatus,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl DesiredCondition {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status: if status {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
+            reason,
+            message: message.into(),
+        }
+    }
+    pub fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            status: ConditionStatus::Unknown,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Merges desired conditions into the existing list. `lastTransitionTime` changes only when
+/// a condition's status changes, so re-computing status does not churn timestamps.
+pub fn merge_conditions(
+    existing: &[Condition],
+    desired: Vec<DesiredCondition>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    desired
+        .into_iter()
+        .map(|d| {
+            let previous = existing.iter().find(|c| c.type_ == d.type_);
+            let last_transition_time = match previous {
+                Some(p) if p.status == d.status => p.last_transition_time,
+                _ => now,
+            };
+            Condition {
+                type_: d.type_.to_string(),
+                status: d.status,
+                reason: d.reason.to_string(),
+                message: d.message,
+                last_transition_time,
+                observed_generation: generation,
+            }
+        })
+        .collect()
+}
+
+pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    find_condition(conditions, type_).is_some_and(|c| c.status == ConditionStatus::True)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_every_unit() {
+        assert_eq!("90s".parse::<Duration>().unwrap().as_secs(), 90);
+        assert_eq!("15m".parse::<Duration>().unwrap().as_secs(), 900);
+        assert_eq!("12h".parse::<Duration>().unwrap().as_secs(), 43_200);
+        assert_eq!("30d".parse::<Duration>().unwrap().as_secs(), 2_592_000);
+        assert_eq!("2w".parse::<Duration>().unwrap().as_secs(), 1_209_600);
+    }
+
+    #[test]
+    fn durations_reject_what_the_schema_rejects() {
+        for bad in [
+            "",
+            "30",
+            "d",
+            "30 days",
+            "30D",
+            "-1d",
+            "1.5h",
+            "3dd",
+            "1y",
+            "99999999999999999999w",
+        ] {
+            assert!(bad.parse::<Duration>().is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn durations_print_canonically() {
+        assert_eq!("720h".parse::<Duration>().unwrap().to_string(), "30d");
+        assert_eq!("90s".parse::<Duration>().unwrap().to_string(), "90s");
+        assert_eq!("0s".parse::<Duration>().unwrap().to_string(), "0s");
+    }
+
+    #[test]
+    fn timestamps_round_trip_at_second_precision() {
+        let t: Timestamp = serde_json::from_str("\"2026-11-20T09:00:00.123+01:00\"").unwrap();
+        assert_eq!(
+            serde_json::to_string(&Timestamp::truncate(t.0)).unwrap(),
+            "\"2026-11-20T08:00:00Z\""
+        );
+    }
+
+    #[test]
+    fn transition_time_changes_only_on_status_flip() {
+        let t0 = Timestamp::truncate(Utc.timestamp_opt(1_000, 0).unwrap());
+        let t1 = Timestamp::truncate(Utc.timestamp_opt(2_000, 0).unwrap());
+        let first = merge_conditions(
+            &[],
+            vec![DesiredCondition::new("Ready", true, "Connected", "a")],
+            Some(1),
+            t0,
+        );
+        let same = merge_conditions(
+            &first,
+            vec![DesiredCondition::new("Ready", true, "Connected", "b")],
+            Some(2),
+            t1,
+        );
+        assert_eq!(same[0].last_transition_time, t0);
+        assert_eq!(same[0].message, "b");
+        let flipped = merge_conditions(
+            &same,
+            vec![DesiredCondition::new("Ready", false, "Unreachable", "c")],
+            Some(2),
+            t1,
+        );
+        assert_eq!(flipped[0].last_transition_time, t1);
+    }
+}

@@ -1,0 +1,163 @@
+//! `DataStore`: how to reach one store.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, SecretKeyRef, SecretRef};
+
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "tombstone.dev",
+    version = "v1alpha1",
+    kind = "DataStore",
+    namespaced,
+    status = "DataStoreStatus",
+    shortname = "dstore",
+    category = "tombstone",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".status.storeType"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [
+    {"required": ["redis"]}, {"required": ["s3"]}, {"required": ["loki"]}, {"required": ["elasticsearch"]}
+]))]
+pub struct DataStoreSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisStore>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Store>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loki: Option<LokiStore>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elasticsearch: Option<ElasticsearchStore>,
+    /// Optional limits protecting the store from the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<StoreLimits>,
+}
+
+/// A Redis server (`redis://`, or `rediss://` for TLS) or, with `cluster`, a Redis Cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisStore {
+    #[schemars(regex(pattern = r"^rediss?://"))]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Scan every primary of a Redis Cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<bool>,
+}
+
+/// An S3 bucket on AWS or any S3-compatible store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Store {
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_path_style: Option<bool>,
+    /// Keys `accessKeyId`, `secretAccessKey` and optionally `sessionToken`; absent: the
+    /// default AWS credential chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A Grafana Loki with deletion enabled on its compactor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LokiStore {
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: String,
+    /// Sent as `X-Scope-OrgID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Keys `username` and `password`, or `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// Elasticsearch or OpenSearch (same API).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElasticsearchStore {
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: String,
+    /// Keys `username` and `password`, or `apiKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreLimits {
+    /// Commands (Redis) or requests (HTTP stores) per second, across all work on this store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_second: Option<u32>,
+    /// Batches in flight at once against this store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StoreKind {
+    Redis,
+    S3,
+    Loki,
+    Elasticsearch,
+}
+
+impl StoreKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StoreKind::Redis => "redis",
+            StoreKind::S3 => "s3",
+            StoreKind::Loki => "loki",
+            StoreKind::Elasticsearch => "elasticsearch",
+        }
+    }
+}
+
+impl DataStoreSpec {
+    /// The kind of store, when exactly one is set (the schema enforces it; this guards
+    /// objects written before the schema or by a lenient server).
+    pub fn kind(&self) -> Option<StoreKind> {
+        let kinds: Vec<StoreKind> = [
+            self.redis.as_ref().map(|_| StoreKind::Redis),
+            self.s3.as_ref().map(|_| StoreKind::S3),
+            self.loki.as_ref().map(|_| StoreKind::Loki),
+            self.elasticsearch
+                .as_ref()
+                .map(|_| StoreKind::Elasticsearch),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match kinds.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataStoreStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `redis`, `s3`, `loki` or `elasticsearch`, for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_type: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}

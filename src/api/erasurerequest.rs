@@ -1,0 +1,147 @@
+//! `ErasureRequest`: one data subject's Art. 17 request.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, SecretRef, Timestamp};
+
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "tombstone.dev",
+    version = "v1alpha1",
+    kind = "ErasureRequest",
+    namespaced,
+    status = "ErasureRequestStatus",
+    shortname = "erasure",
+    category = "tombstone",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Erased","type":"integer","jsonPath":".status.totals.erased"}"#,
+    printcolumn = r#"{"name":"Deadline","type":"date","jsonPath":".status.deadline"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasureRequestSpec {
+    pub subject: Subject,
+    /// The Art. 17(1) ground, (a)–(f).
+    pub reason: ErasureGround,
+    /// When the request reached the controller; default: the object's creation time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<Timestamp>,
+    /// Policies to erase from; default: every policy in the namespace with a subject locator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Vec<String>>,
+    /// Find and count only.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// An external ticket id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Keep the identifiers Secret once the request completes (default: it is deleted).
+    #[serde(default)]
+    pub retain_subject_secret: bool,
+}
+
+/// Who is to be erased: identifiers from a Secret (each key an identifier type) and/or
+/// inline, for pseudonymous identifiers only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("anyOf" = [{"required": ["secretRef"]}, {"required": ["identifiers"]}]))]
+pub struct Subject {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identifiers: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ErasureGround {
+    NoLongerNecessary,
+    ConsentWithdrawn,
+    Objection,
+    UnlawfulProcessing,
+    LegalObligation,
+    ChildConsent,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ErasurePhase {
+    #[default]
+    Pending,
+    Discovering,
+    Erasing,
+    Verifying,
+    Completed,
+    Blocked,
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ErasureTargetPhase {
+    #[default]
+    Pending,
+    Found,
+    Erased,
+    Verified,
+    NothingFound,
+    Skipped,
+    Blocked,
+    Failed,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasureTargetStatus {
+    pub policy: String,
+    pub target: String,
+    pub store: String,
+    pub phase: ErasureTargetPhase,
+    #[serde(default)]
+    pub found: u64,
+    #[serde(default)]
+    pub erased: u64,
+    #[serde(default)]
+    pub remaining: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasureTotals {
+    pub found: u64,
+    pub erased: u64,
+    pub blocked: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasureRequestStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub phase: ErasurePhase,
+    /// `hmac-sha256:` keyed digest of the subject; the identifiers never appear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<Timestamp>,
+    /// `receivedAt` + one calendar month (Art. 12(3)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Timestamp>,
+    #[serde(default)]
+    pub targets: Vec<ErasureTargetStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<ErasureTotals>,
+    /// `sha256:` of the canonical audit record of what was done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,332 @@
+//! `RetentionPolicy`: one dataset of personal data — its Art. 30 record, its retention
+//! period, where it lives and how to find one data subject in it.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, Duration, Timestamp};
+
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "tombstone.dev",
+    version = "v1alpha1",
+    kind = "RetentionPolicy",
+    namespaced,
+    status = "RetentionPolicyStatus",
+    shortname = "rpol",
+    category = "tombstone",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Retention","type":"string","jsonPath":".spec.retention"}"#,
+    printcolumn = r#"{"name":"Last Sweep","type":"date","jsonPath":".status.lastSweep.completionTime"}"#,
+    printcolumn = r#"{"name":"Deleted","type":"integer","description":"Items deleted by the last sweep","jsonPath":".status.lastSweep.deleted"}"#,
+    printcolumn = r#"{"name":"Compliant","type":"string","jsonPath":".status.conditions[?(@.type==\"Compliant\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Art. 30(1)(b): the purpose of the processing.
+    #[schemars(length(min = 1))]
+    pub purpose: String,
+    /// Art. 6(1): the lawful basis of the processing.
+    pub legal_basis: LegalBasis,
+    /// Art. 30(1)(c): categories of data subjects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_subjects: Vec<String>,
+    /// Art. 30(1)(c): categories of personal data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_categories: Vec<String>,
+    /// Art. 5(1)(e): how long the data may be kept.
+    pub retention: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    #[serde(default)]
+    pub suspend: bool,
+    /// Sweeps report what they would delete and delete nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[schemars(length(min = 1))]
+    pub targets: Vec<Target>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LegalBasis {
+    Consent,
+    Contract,
+    LegalObligation,
+    VitalInterests,
+    PublicTask,
+    LegitimateInterests,
+}
+
+/// When sweeps run: a fixed interval or a cron expression (UTC). Default: every hour.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [{"required": ["every"]}, {"required": ["cron"]}]))]
+pub struct Schedule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<Duration>,
+    /// Five fields (minute hour day-of-month month day-of-week), evaluated in UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub cron: Option<String>,
+}
+
+/// One place the dataset lives: a store and what in it belongs to the dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [
+    {"required": ["redis"]}, {"required": ["s3"]}, {"required": ["loki"]}, {"required": ["elasticsearch"]}
+]))]
+pub struct Target {
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    /// A DataStore in the same namespace.
+    #[schemars(length(min = 1))]
+    pub store: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisTarget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loki: Option<LokiTarget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elasticsearch: Option<ElasticsearchTarget>,
+    /// How to find one data subject's records in this dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<SubjectLocator>,
+    /// A selector that matches everything in the store (`*`, an empty prefix, `{}`) is
+    /// refused unless this is true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_match_all: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisTarget {
+    /// A SCAN MATCH glob.
+    #[schemars(length(min = 1))]
+    pub key_pattern: String,
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Mode `timestamp` only: the hash field holding unix seconds or an RFC 3339 time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub timestamp_field: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RedisMode {
+    /// Every matching key gets a TTL of at most `retention`.
+    #[default]
+    Expire,
+    /// Matching keys idle (OBJECT IDLETIME) longer than `retention` are deleted.
+    Idle,
+    /// Matching hashes whose `timestampField` is older than `retention` are deleted.
+    Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Target {
+    /// Objects under this prefix whose LastModified is older than `retention` are deleted,
+    /// with every version on versioned buckets.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LokiTarget {
+    /// A LogQL stream selector with at least one matcher.
+    #[schemars(length(min = 3))]
+    pub selector: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElasticsearchTarget {
+    #[schemars(length(min = 1))]
+    pub index: String,
+    #[schemars(length(min = 1))]
+    pub timestamp_field: String,
+}
+
+/// Templates over identifier types (`{email}`, `{userId}`, …) that find one subject.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubjectLocator {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSubject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Subject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loki: Option<LokiSubject>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elasticsearch: Option<ElasticsearchSubject>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSubject {
+    /// Key templates, globs allowed; deleted with UNLINK.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// Hash fields removed with HDEL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hash_fields: Vec<RedisHashField>,
+    /// Members removed with SREM (sets) or ZREM (sorted sets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set_members: Vec<RedisSetMember>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisHashField {
+    pub key: String,
+    pub field: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSetMember {
+    pub key: String,
+    pub member: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Subject {
+    /// Every object (and version) under each prefix is the subject's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_prefixes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<S3Records>,
+}
+
+/// Records inside JSON-lines objects (optionally gzip) that belong to the subject.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Records {
+    pub prefix: String,
+    /// A dotted path into each JSON record.
+    #[schemars(length(min = 1))]
+    pub field: String,
+    #[schemars(length(min = 1))]
+    pub equals: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LokiSubject {
+    /// A LogQL `|=` line filter applied on the target's selector.
+    #[schemars(length(min = 1))]
+    pub line_filter: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElasticsearchSubject {
+    /// Field → value template, combined as exact `term` queries.
+    #[schemars(length(min = 1))]
+    pub term: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The sweep under way, if any; its per-target progress is checkpointed in `targets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_sweep: Option<CurrentSweep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sweep: Option<LastSweep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_sweep_time: Option<Timestamp>,
+    #[serde(default)]
+    pub targets: Vec<TargetStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CurrentSweep {
+    pub start_time: Timestamp,
+    /// Whether this sweep deletes nothing (fixed when it starts).
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastSweep {
+    pub start_time: Timestamp,
+    pub completion_time: Timestamp,
+    pub outcome: SweepOutcome,
+    /// Items deleted (or, in a dry run, that would be) across all targets.
+    #[serde(default)]
+    pub deleted: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SweepOutcome {
+    Succeeded,
+    PartiallyFailed,
+    Failed,
+    DryRun,
+}
+
+impl SweepOutcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SweepOutcome::Succeeded => "Succeeded",
+            SweepOutcome::PartiallyFailed => "PartiallyFailed",
+            SweepOutcome::Failed => "Failed",
+            SweepOutcome::DryRun => "DryRun",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum TargetPhase {
+    #[default]
+    Idle,
+    Sweeping,
+    Held,
+    Failed,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    pub name: String,
+    pub phase: TargetPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sweep_time: Option<Timestamp>,
+    /// Items examined by the last (or current) sweep.
+    #[serde(default)]
+    pub scanned: u64,
+    /// Items deleted by the last (or current) sweep; in mode `expire`, keys given a TTL;
+    /// in a dry run, what would be.
+    #[serde(default)]
+    pub deleted: u64,
+    /// Items deleted by every sweep so far (dry runs excluded).
+    #[serde(default)]
+    pub deleted_total: u64,
+    /// Items the store refused to delete (object lock, …).
+    #[serde(default)]
+    pub blocked: u64,
+    /// Where the current sweep resumes after a restart; absent when no sweep is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}

@@ -1,0 +1,708 @@
+//! Redis and Redis Cluster: retention by SCAN-based batching with pipelined commands.
+//!
+//! Modes (API.md): `expire` gives every matching key a TTL of at most `retention`
+//! (`EXPIRE … LT`, so keys already bounded are left alone and counts stay exact on re-runs);
+//! `idle` unlinks keys whose OBJECT IDLETIME exceeds `retention`; `timestamp` unlinks hashes
+//! whose timestamp field is older than the cutoff. Counts come from the replies of the
+//! deleting commands, never from what was merely selected, so a resumed step cannot count a
+//! key twice.
+
+pub mod glob;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisResult,
+};
+use std::collections::VecDeque;
+use tokio::sync::OnceCell;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Backend, Error, Limits, Next, Step, StepBudget, SweepJob};
+use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
+use crate::api::StoreKind;
+
+/// Keys asked for per SCAN call.
+const SCAN_COUNT: usize = 1000;
+
+/// How to reach one Redis deployment, resolved from a DataStore and its Secret.
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub password: Option<String>,
+    pub cluster: bool,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+struct Node {
+    /// `host:port`, for messages.
+    addr: String,
+    conn: MultiplexedConnection,
+    /// Major version, to choose between `EXPIRE … LT` (7+) and a PTTL check.
+    major_version: u32,
+    version: String,
+}
+
+pub struct RedisBackend {
+    config: RedisConfig,
+    limits: Limits,
+    nodes: OnceCell<Vec<Node>>,
+}
+
+impl RedisBackend {
+    pub fn new(config: RedisConfig, limits: Limits) -> Self {
+        Self {
+            config,
+            limits,
+            nodes: OnceCell::new(),
+        }
+    }
+
+    fn connection_info(&self) -> Result<ConnectionInfo, Error> {
+        let info = self
+            .config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| {
+                Error::InvalidSpec(format!(
+                    "invalid Redis URL {}: {e}",
+                    redact_url(&self.config.url)
+                ))
+            })?;
+        Ok(match &self.config.password {
+            Some(password) => {
+                let settings = info.redis_settings().clone().set_password(password);
+                info.set_redis_settings(settings)
+            }
+            None => info,
+        })
+    }
+
+    /// Connects lazily, once: to the server, or with `cluster` to every primary.
+    async fn nodes(&self) -> Result<&[Node], Error> {
+        self.nodes
+            .get_or_try_init(|| async {
+                let seed_info = self.connection_info()?;
+                let mut seed = connect(seed_info.clone()).await?;
+                if !self.config.cluster {
+                    return Ok(vec![seed]);
+                }
+                let listing: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut seed.conn)
+                    .await
+                    .map_err(|e| map_error(e, &seed.addr))?;
+                let mut nodes = Vec::new();
+                for (host, port) in cluster_primaries(&listing) {
+                    let addr = match seed_info.addr() {
+                        ConnectionAddr::TcpTls {
+                            insecure,
+                            tls_params,
+                            ..
+                        } => ConnectionAddr::TcpTls {
+                            host,
+                            port,
+                            insecure: *insecure,
+                            tls_params: tls_params.clone(),
+                        },
+                        _ => ConnectionAddr::Tcp(host, port),
+                    };
+                    nodes.push(connect(seed_info.clone().set_addr(addr)).await?);
+                }
+                if nodes.is_empty() {
+                    return Err(Error::Store(
+                        "CLUSTER NODES lists no primary that serves slots".into(),
+                    ));
+                }
+                Ok(nodes)
+            })
+            .await
+            .map(Vec::as_slice)
+    }
+
+    /// Sweeps one node from `scan_cursor` until the node is done, time is up or the step is
+    /// cancelled. Up to `limits.concurrency` pages are processed at once (while the next SCAN
+    /// runs) but collected in order, so the cursor returned always has every page before it
+    /// fully done: that is what makes the checkpoint safe.
+    async fn sweep_node(
+        &self,
+        node: &Node,
+        job: &SweepJob,
+        target: &RedisTarget,
+        scan_cursor: u64,
+        deadline: Instant,
+        budget: &StepBudget,
+    ) -> (NodeProgress, Option<Error>) {
+        let page_job = PageJob {
+            conn: node.conn.clone(),
+            addr: node.addr.clone(),
+            limits: self.limits.clone(),
+            pattern: target.key_pattern.clone(),
+            mode: target.mode,
+            timestamp_field: target.timestamp_field.clone().unwrap_or_default(),
+            retention_secs: job.retention.as_secs(),
+            cutoff: job.cutoff,
+            dry_run: job.dry_run,
+            major_version: node.major_version,
+        };
+        let only_hashes = target.mode == RedisMode::Timestamp && node.major_version >= 6;
+        let concurrency = self.limits.concurrency.max(1);
+        let mut progress = NodeProgress {
+            cursor: scan_cursor,
+            finished: false,
+            scanned: 0,
+            deleted: 0,
+        };
+        let mut in_flight: VecDeque<(u64, JoinHandle<Result<(u64, u64), Error>>)> = VecDeque::new();
+        let mut next_scan = Some(scan_cursor);
+        let mut failure = None;
+        loop {
+            let may_scan =
+                failure.is_none() && Instant::now() < deadline && !budget.cancel.is_cancelled();
+            if let (Some(cursor), true) = (next_scan, may_scan && in_flight.len() < concurrency) {
+                self.limits.acquire(1).await;
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&page_job.pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
+                if only_hashes {
+                    scan.arg("TYPE").arg("hash");
+                }
+                let mut conn = node.conn.clone();
+                match scan.query_async::<(u64, Vec<Vec<u8>>)>(&mut conn).await {
+                    Ok((next, keys)) => {
+                        next_scan = (next != 0).then_some(next);
+                        in_flight.push_back((next, tokio::spawn(page_job.clone().run(keys))));
+                    }
+                    Err(e) => failure = Some(map_error(e, &node.addr)),
+                }
+                continue;
+            }
+            let Some((next, handle)) = in_flight.pop_front() else {
+                break;
+            };
+            match handle.await {
+                Ok(Ok((scanned, deleted))) => {
+                    progress.scanned += scanned;
+                    progress.deleted += deleted;
+                    progress.cursor = next;
+                    progress.finished = next == 0;
+                }
+                Ok(Err(e)) => {
+                    // Later pages may still finish; their counts are kept but the cursor
+                    // stays before the failed page so it is retried.
+                    failure.get_or_insert(e);
+                    drain_counts(&mut in_flight, &mut progress).await;
+                    break;
+                }
+                Err(join) => {
+                    failure.get_or_insert(Error::Store(format!("page task failed: {join}")));
+                    drain_counts(&mut in_flight, &mut progress).await;
+                    break;
+                }
+            }
+        }
+        (progress, failure)
+    }
+}
+
+/// Waits for the pages still in flight after a failure and adds their counts (their effects
+/// happened), without moving the cursor past the failed page.
+async fn drain_counts(
+    in_flight: &mut VecDeque<(u64, JoinHandle<Result<(u64, u64), Error>>)>,
+    progress: &mut NodeProgress,
+) {
+    while let Some((_, handle)) = in_flight.pop_front() {
+        if let Ok(Ok((scanned, deleted))) = handle.await {
+            progress.scanned += scanned;
+            progress.deleted += deleted;
+        }
+    }
+}
+
+/// Everything needed to act on one page of keys, owned so pages can run as tasks.
+#[derive(Clone)]
+struct PageJob {
+    conn: MultiplexedConnection,
+    addr: String,
+    limits: Limits,
+    pattern: String,
+    mode: RedisMode,
+    timestamp_field: String,
+    retention_secs: u64,
+    cutoff: DateTime<Utc>,
+    dry_run: bool,
+    major_version: u32,
+}
+
+impl PageJob {
+    /// Acts on one page; returns (matching keys, keys deleted or bounded).
+    async fn run(mut self, keys: Vec<Vec<u8>>) -> Result<(u64, u64), Error> {
+        let keys: Vec<Vec<u8>> = keys
+            .into_iter()
+            .filter(|k| glob::matches(self.pattern.as_bytes(), k))
+            .collect();
+        let scanned = keys.len() as u64;
+        if keys.is_empty() {
+            return Ok((0, 0));
+        }
+        let addr = self.addr.clone();
+        let err = |e| map_error(e, &addr);
+        let deleted = match self.mode {
+            RedisMode::Expire if !self.dry_run && self.major_version >= 7 => {
+                let set: Vec<i64> = self
+                    .pipelined("EXPIRE", &keys, &[&self.retention_secs.to_string(), "LT"])
+                    .await
+                    .map_err(err)?;
+                set.iter().filter(|&&s| s == 1).count() as u64
+            }
+            RedisMode::Expire => {
+                // Keys without a TTL (-1) or with a longer one need bounding; -2 is gone.
+                let retention_ms =
+                    i64::try_from(self.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+                let ttls: Vec<i64> = self.pipelined("PTTL", &keys, &[]).await.map_err(err)?;
+                let selected = select(keys, ttls, |ttl| ttl == -1 || ttl > retention_ms);
+                if self.dry_run {
+                    selected.len() as u64
+                } else {
+                    let set: Vec<i64> = self
+                        .pipelined("PEXPIRE", &selected, &[&retention_ms.to_string()])
+                        .await
+                        .map_err(err)?;
+                    set.iter().filter(|&&s| s == 1).count() as u64
+                }
+            }
+            RedisMode::Idle => {
+                let idle: Vec<Option<u64>> = self.pipelined("OBJECT", &keys, &[]).await.map_err(|e| {
+                    if e.to_string().contains("LFU") {
+                        Error::InvalidSpec(
+                            "mode idle needs OBJECT IDLETIME, which Redis refuses under an LFU maxmemory-policy".into(),
+                        )
+                    } else {
+                        map_error(e, &addr)
+                    }
+                })?;
+                let retention_secs = self.retention_secs;
+                let selected = select(keys, idle, |idle| idle.is_some_and(|s| s > retention_secs));
+                self.unlink(selected).await.map_err(err)?
+            }
+            RedisMode::Timestamp => {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("HGET").arg(key).arg(&self.timestamp_field);
+                }
+                pipe.ignore_errors();
+                self.limits.acquire(keys.len() as u32).await;
+                // A key that is not a hash (WRONGTYPE) has no timestamp and is left alone.
+                let values: Vec<RedisResult<Option<String>>> =
+                    pipe.query_async(&mut self.conn).await.map_err(err)?;
+                let cutoff = self.cutoff;
+                let selected = select(keys, values, |v| {
+                    v.ok()
+                        .flatten()
+                        .and_then(|s| parse_timestamp(&s))
+                        .is_some_and(|t| t < cutoff)
+                });
+                self.unlink(selected).await.map_err(err)?
+            }
+        };
+        Ok((scanned, deleted))
+    }
+
+    /// One command per key, pipelined; `OBJECT` means `OBJECT IDLETIME key`.
+    async fn pipelined<T: redis::FromRedisValue>(
+        &mut self,
+        command: &str,
+        keys: &[Vec<u8>],
+        args: &[&str],
+    ) -> RedisResult<Vec<T>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            if command == "OBJECT" {
+                pipe.cmd("OBJECT").arg("IDLETIME").arg(key);
+            } else {
+                pipe.cmd(command).arg(key).arg(args);
+            }
+        }
+        self.limits.acquire(keys.len() as u32).await;
+        pipe.query_async(&mut self.conn).await
+    }
+
+    /// Unlinks the keys (one command each, so it works on a cluster node whatever the slots);
+    /// counts what the server says it removed. A dry run counts what would be.
+    async fn unlink(&mut self, keys: Vec<Vec<u8>>) -> RedisResult<u64> {
+        if self.dry_run {
+            return Ok(keys.len() as u64);
+        }
+        let removed: Vec<u64> = self.pipelined("UNLINK", &keys, &[]).await?;
+        Ok(removed.iter().sum())
+    }
+}
+
+struct NodeProgress {
+    cursor: u64,
+    finished: bool,
+    scanned: u64,
+    deleted: u64,
+}
+
+fn select<T>(keys: Vec<Vec<u8>>, replies: Vec<T>, mut keep: impl FnMut(T) -> bool) -> Vec<Vec<u8>> {
+    keys.into_iter()
+        .zip(replies)
+        .filter_map(|(k, r)| keep(r).then_some(k))
+        .collect()
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Redis
+    }
+
+    async fn probe(&self) -> Result<String, Error> {
+        let nodes = self.nodes().await?;
+        for node in nodes {
+            let mut conn = node.conn.clone();
+            let pong: String = redis::cmd("PING")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| map_error(e, &node.addr))?;
+            if pong != "PONG" {
+                return Err(Error::Store(format!(
+                    "{} answered PING with {pong:?}",
+                    node.addr
+                )));
+            }
+        }
+        let version = &nodes[0].version;
+        Ok(if self.config.cluster {
+            format!("redis {version} cluster, {} primaries", nodes.len())
+        } else {
+            format!("redis {version}")
+        })
+    }
+
+    async fn sweep_step(
+        &self,
+        job: &SweepJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<Step, Error> {
+        let target = job
+            .target
+            .redis
+            .as_ref()
+            .ok_or_else(|| Error::InvalidSpec("target has no redis selector".into()))?;
+        let nodes = self.nodes().await?;
+        let (mut node_index, mut scan_cursor) = parse_cursor(cursor, nodes.len())?;
+        let deadline = Instant::now() + budget.max_time;
+        let mut step = Step {
+            scanned: 0,
+            deleted: 0,
+            blocked: 0,
+            next: Next::Done,
+            failure: None,
+        };
+        while node_index < nodes.len() {
+            let (progress, failure) = self
+                .sweep_node(
+                    &nodes[node_index],
+                    job,
+                    target,
+                    scan_cursor,
+                    deadline,
+                    budget,
+                )
+                .await;
+            step.scanned += progress.scanned;
+            step.deleted += progress.deleted;
+            scan_cursor = progress.cursor;
+            if progress.finished {
+                node_index += 1;
+                scan_cursor = 0;
+            }
+            if failure.is_some() {
+                step.failure = failure;
+                break;
+            }
+            if !progress.finished {
+                break;
+            }
+        }
+        if node_index < nodes.len() {
+            step.next = Next::Continue(format!("{node_index}:{scan_cursor}"));
+        }
+        Ok(step)
+    }
+}
+
+async fn connect(info: ConnectionInfo) -> Result<Node, Error> {
+    let addr = match info.addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("{host}:{port}")
+        }
+        other => other.to_string(),
+    };
+    let client = redis::Client::open(info).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| map_error(e, &addr))?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| map_error(e, &addr))?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .unwrap_or("unknown")
+        .to_string();
+    let major_version = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    Ok(Node {
+        addr,
+        conn,
+        major_version,
+        version,
+    })
+}
+
+/// `node:scan_cursor`; None starts at the first node.
+fn parse_cursor(cursor: Option<&str>, nodes: usize) -> Result<(usize, u64), Error> {
+    let Some(cursor) = cursor else {
+        return Ok((0, 0));
+    };
+    let bad = || {
+        Error::InvalidSpec(format!(
+            "checkpoint cursor {cursor:?} is not a Redis cursor"
+        ))
+    };
+    let (node, scan) = cursor.split_once(':').ok_or_else(bad)?;
+    let node: usize = node.parse().map_err(|_| bad())?;
+    let scan: u64 = scan.parse().map_err(|_| bad())?;
+    if node >= nodes {
+        // The cluster shrank since the checkpoint: start over rather than skip nodes.
+        return Ok((0, 0));
+    }
+    Ok((node, scan))
+}
+
+/// Primaries that serve slots, from CLUSTER NODES output.
+fn cluster_primaries(listing: &str) -> Vec<(String, u16)> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            let serves_slots = fields.len() > 8;
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") || !serves_slots {
+                return None;
+            }
+            let addr = fields.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            let port: u16 = port.parse().ok()?;
+            (!host.is_empty() && port != 0).then(|| (host.to_string(), port))
+        })
+        .collect()
+}
+
+/// Unix seconds (integer or fractional) or RFC 3339.
+pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<i64>() {
+        return DateTime::from_timestamp(secs, 0);
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return DateTime::from_timestamp(secs.trunc() as i64, 0);
+    }
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn map_error(e: redis::RedisError, addr: &str) -> Error {
+    let code = e.code().unwrap_or_default();
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || code == "NOAUTH" || code == "WRONGPASS"
+    {
+        Error::AuthenticationFailed(format!("{addr}: {code}"))
+    } else if e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+    {
+        Error::Unreachable(format!("{addr}: {e}"))
+    } else {
+        Error::Store(format!("{addr}: {e}"))
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparseable URL>".to_string(),
+    }
+}
+
+pub fn validate_target(target: &Target) -> Result<(), Error> {
+    let redis = target.redis.as_ref().ok_or_else(|| {
+        Error::InvalidSpec(format!(
+            "target {} needs a redis selector for a redis store",
+            target.name
+        ))
+    })?;
+    if redis.key_pattern.is_empty() {
+        return Err(Error::InvalidSpec(format!(
+            "target {}: keyPattern is empty",
+            target.name
+        )));
+    }
+    if glob::matches_everything(&redis.key_pattern) && !target.allow_match_all {
+        return Err(Error::InvalidSpec(format!(
+            "target {}: keyPattern {:?} matches every key in the store; set allowMatchAll: true if that is really meant",
+            target.name, redis.key_pattern
+        )));
+    }
+    match (redis.mode, redis.timestamp_field.as_deref()) {
+        (RedisMode::Timestamp, None | Some("")) => Err(Error::InvalidSpec(format!(
+            "target {}: mode timestamp needs timestampField",
+            target.name
+        ))),
+        (RedisMode::Expire | RedisMode::Idle, Some(_)) => Err(Error::InvalidSpec(format!(
+            "target {}: timestampField is only used with mode timestamp",
+            target.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        assert_eq!(parse_cursor(None, 1).unwrap(), (0, 0));
+        assert_eq!(parse_cursor(Some("0:1234"), 1).unwrap(), (0, 1234));
+        assert_eq!(parse_cursor(Some("2:5"), 3).unwrap(), (2, 5));
+        assert_eq!(parse_cursor(Some("3:5"), 3).unwrap(), (0, 0));
+        assert!(parse_cursor(Some("s3-token"), 1).is_err());
+    }
+
+    #[test]
+    fn cluster_primaries_skip_replicas_and_failed_nodes() {
+        let listing = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:7002@17002 master - 0 0 2 connected 5461-10922
+a3 127.0.0.1:7003@17003,host3 master - 0 0 3 connected 10923-16383
+r1 127.0.0.1:7004@17004 slave a1 0 0 1 connected
+f1 127.0.0.1:7005@17005 master,fail - 0 0 4 disconnected 1-2
+e1 127.0.0.1:7006@17006 master - 0 0 5 connected
+";
+        let primaries = cluster_primaries(listing);
+        assert_eq!(
+            primaries,
+            vec![
+                ("127.0.0.1".into(), 7001),
+                ("127.0.0.1".into(), 7002),
+                ("127.0.0.1".into(), 7003)
+            ]
+        );
+    }
+
+    #[test]
+    fn timestamps_in_seconds_or_rfc3339() {
+        assert_eq!(
+            parse_timestamp("1700000000").unwrap().timestamp(),
+            1_700_000_000
+        );
+        assert_eq!(
+            parse_timestamp("1700000000.5").unwrap().timestamp(),
+            1_700_000_000
+        );
+        assert_eq!(
+            parse_timestamp("2023-11-14T22:13:20Z").unwrap().timestamp(),
+            1_700_000_000
+        );
+        assert!(parse_timestamp("yesterday").is_none());
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:hunter2@cache:6379/0"),
+            "redis://:redacted@cache:6379/0"
+        );
+        assert!(!redact_url("rediss://user:hunter2@cache:6379").contains("hunter2"));
+    }
+
+    fn target(pattern: &str, mode: RedisMode, field: Option<&str>, allow: bool) -> Target {
+        Target {
+            name: "t".into(),
+            store: "cache".into(),
+            redis: Some(RedisTarget {
+                key_pattern: pattern.into(),
+                mode,
+                timestamp_field: field.map(Into::into),
+            }),
+            s3: None,
+            loki: None,
+            elasticsearch: None,
+            subject: None,
+            allow_match_all: allow,
+        }
+    }
+
+    #[test]
+    fn match_everything_needs_an_explicit_opt_in() {
+        assert!(validate_target(&target("*", RedisMode::Expire, None, false)).is_err());
+        assert!(validate_target(&target("*", RedisMode::Expire, None, true)).is_ok());
+        assert!(validate_target(&target("session:*", RedisMode::Expire, None, false)).is_ok());
+    }
+
+    #[test]
+    fn timestamp_mode_needs_its_field() {
+        assert!(validate_target(&target("h:*", RedisMode::Timestamp, None, false)).is_err());
+        assert!(validate_target(&target(
+            "h:*",
+            RedisMode::Timestamp,
+            Some("createdAt"),
+            false
+        ))
+        .is_ok());
+        assert!(
+            validate_target(&target("h:*", RedisMode::Idle, Some("createdAt"), false)).is_err()
+        );
+    }
+}
