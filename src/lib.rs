@@ -3,6 +3,11 @@
 
 pub mod api;
 pub mod backends;
+pub mod controller;
 pub mod crds;
 pub mod engine;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod operator;
 pub mod schedule;

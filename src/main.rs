@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator.
+    Run(RunArgs),
     /// Print every CRD as YAML, or write them into the repository's CRD directories.
     Crds {
         /// Write crds/, config/crd/bases/ and charts/tombstone/crds/ under this root.
@@ -24,9 +27,107 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Elect a leader on a Lease so that only one replica acts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease: the operator's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tombstone-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "tombstone-leader")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_addr: std::net::SocketAddr,
+    /// How long a sweep step may run before its progress is checkpointed in status.
+    #[arg(long, default_value = "2s")]
+    checkpoint_interval: tombstone::api::Duration,
+    /// Sweep steps running at once across all policies.
+    #[arg(long, default_value_t = 4)]
+    max_concurrent_jobs: usize,
+    /// Log format: json (default) or text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+    log_format: String,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => run(args),
         Command::Crds { write } => print_or_write_crds(write),
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "text" {
+        builder.init();
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    }
+}
+
+#[tokio::main]
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("tombstone-{}", std::process::id()));
+    let options = tombstone::operator::Options {
+        namespace: args.namespace,
+        leader_election: args.leader_election.then(|| {
+            tombstone::leader::LeaderElection::new(
+                &args.lease_namespace,
+                &args.lease_name,
+                &identity,
+            )
+        }),
+        http_addr: Some(args.http_addr),
+        reporter: "tombstone".into(),
+        settings: tombstone::controller::Settings {
+            checkpoint_interval: args.checkpoint_interval.as_std(),
+            max_concurrent_jobs: args.max_concurrent_jobs,
+            ..Default::default()
+        },
+    };
+    let shutdown = CancellationToken::new();
+    let running = tombstone::operator::start(client, options, shutdown.clone()).await?;
+    let mut task = running.task;
+    tokio::select! {
+        result = &mut task => return Ok(result??),
+        _ = shutdown_signal() => tracing::info!("shutdown signal received; stopping gracefully"),
+    }
+    shutdown.cancel();
+    task.await??;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -263,6 +263,9 @@ pub struct CurrentSweep {
     /// Whether this sweep deletes nothing (fixed when it starts).
     #[serde(default)]
     pub dry_run: bool,
+    /// The policy generation the sweep runs under; an edit restarts the sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -1,0 +1,196 @@
+//! DataStore: resolve credentials → probe the store → write the `Ready` condition.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use tracing::{info, instrument, warn};
+
+use super::{apply_status, object_key, stores, Context, Error};
+use crate::api::common::{is_true, merge_conditions, DesiredCondition};
+use crate::api::datastore::{DataStore, DataStoreStatus};
+use crate::api::Timestamp;
+
+pub const CONTROLLER: &str = "datastore";
+/// A probe that takes longer than this counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[instrument(skip_all, fields(datastore = %object_key(store.as_ref())))]
+pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(CONTROLLER);
+    let key = object_key(store.as_ref());
+    let probe = probe(&store, &ctx, &key).await;
+    let status = desired_status(&store, &probe, Timestamp::now());
+    let was_ready = store
+        .status
+        .as_ref()
+        .map(|s| is_true(&s.conditions, "Ready"));
+    let now_ready = is_true(&status.conditions, "Ready");
+
+    if store.status.as_ref() != Some(&status) {
+        let api: Api<DataStore> =
+            Api::namespaced(ctx.client.clone(), &store.namespace().unwrap_or_default());
+        apply_status(&api, &store.name_any(), &status).await?;
+    }
+    if was_ready != Some(now_ready) {
+        match &probe {
+            Ok(version) => {
+                info!(%version, "store ready");
+                ctx.publish(
+                    store.as_ref(),
+                    EventType::Normal,
+                    "Connected",
+                    "Probe",
+                    format!("Connected to {version}"),
+                )
+                .await;
+            }
+            Err(e) => {
+                warn!(reason = e.reason(), error = %e, "store not ready");
+                ctx.publish(
+                    store.as_ref(),
+                    EventType::Warning,
+                    e.reason(),
+                    "Probe",
+                    e.to_string(),
+                )
+                .await;
+            }
+        }
+    }
+    Ok(match probe {
+        Ok(_) => {
+            ctx.reset_failures(&key);
+            Action::requeue(ctx.settings.probe_interval)
+        }
+        Err(e) => {
+            ctx.metrics.reconcile_error(CONTROLLER, e.reason());
+            if e.is_retryable() {
+                Action::requeue(ctx.backoff(&key))
+            } else {
+                Action::await_change()
+            }
+        }
+    })
+}
+
+async fn probe(store: &DataStore, ctx: &Context, key: &str) -> Result<String, Error> {
+    let spec = stores::connection_spec(&ctx.client, store).await?;
+    let backend = ctx.engine.backend(key, spec, store.spec.limits.clone());
+    match tokio::time::timeout(PROBE_TIMEOUT, backend.probe()).await {
+        Ok(Ok(version)) => Ok(version),
+        Ok(Err(e)) => {
+            // A broken connection is not reused: the next probe reconnects.
+            ctx.engine.forget(key);
+            Err(e.into())
+        }
+        Err(_) => {
+            ctx.engine.forget(key);
+            Err(crate::backends::Error::Unreachable(format!(
+                "no answer within {}s",
+                PROBE_TIMEOUT.as_secs()
+            ))
+            .into())
+        }
+    }
+}
+
+/// The status a probe result calls for (pure).
+pub fn desired_status(
+    store: &DataStore,
+    probe: &Result<String, Error>,
+    now: Timestamp,
+) -> DataStoreStatus {
+    let generation = store.metadata.generation;
+    let ready = match probe {
+        Ok(version) => DesiredCondition::new("Ready", true, "Connected", version.clone()),
+        Err(e) => DesiredCondition::new("Ready", false, e.reason(), e.to_string()),
+    };
+    let existing = store
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    DataStoreStatus {
+        observed_generation: generation,
+        store_type: store.spec.kind().map(|k| k.as_str().to_string()),
+        conditions: merge_conditions(existing, vec![ready], generation, now),
+    }
+}
+
+pub fn error_policy(store: Arc<DataStore>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_error(CONTROLLER, error.reason());
+    warn!(datastore = %object_key(store.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
+    Action::requeue(ctx.backoff(&object_key(store.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::ConditionStatus;
+    use crate::api::datastore::{DataStoreSpec, RedisStore};
+    use crate::backends;
+
+    fn store() -> DataStore {
+        let mut s = DataStore::new(
+            "cache",
+            DataStoreSpec {
+                redis: Some(RedisStore {
+                    url: "redis://r:6379".into(),
+                    password_secret_ref: None,
+                    cluster: None,
+                }),
+                s3: None,
+                loki: None,
+                elasticsearch: None,
+                limits: None,
+            },
+        );
+        s.metadata.generation = Some(3);
+        s
+    }
+
+    #[test]
+    fn ready_with_the_version_when_the_probe_succeeds() {
+        let st = desired_status(&store(), &Ok("redis 7.0.15".into()), Timestamp::now());
+        assert_eq!(st.observed_generation, Some(3));
+        assert_eq!(st.store_type.as_deref(), Some("redis"));
+        let c = &st.conditions[0];
+        assert_eq!(
+            (c.status, c.reason.as_str(), c.message.as_str()),
+            (ConditionStatus::True, "Connected", "redis 7.0.15")
+        );
+        assert_eq!(c.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn not_ready_with_the_api_reason() {
+        for (err, reason) in [
+            (Error::SecretNotFound("auth".into()), "SecretNotFound"),
+            (
+                Error::Backend(backends::Error::Unreachable("x".into())),
+                "Unreachable",
+            ),
+            (
+                Error::Backend(backends::Error::AuthenticationFailed("x".into())),
+                "AuthenticationFailed",
+            ),
+            (Error::InvalidSpec("x".into()), "InvalidSpec"),
+        ] {
+            let st = desired_status(&store(), &Err(err), Timestamp::now());
+            assert_eq!(st.conditions[0].status, ConditionStatus::False);
+            assert_eq!(st.conditions[0].reason, reason);
+        }
+    }
+
+    #[test]
+    fn an_unchanged_probe_yields_an_identical_status() {
+        let mut s = store();
+        let first = desired_status(&s, &Ok("redis 7.0.15".into()), Timestamp::now());
+        s.status = Some(first.clone());
+        let later = Timestamp(Timestamp::now().0 + chrono::Duration::seconds(600));
+        assert_eq!(desired_status(&s, &Ok("redis 7.0.15".into()), later), first);
+    }
+}

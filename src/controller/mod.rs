@@ -1,0 +1,215 @@
+//! One thin reconciler per kind, sharing one [`Context`].
+
+pub mod datastore;
+pub mod retentionpolicy;
+pub mod stores;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::backends;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+
+/// The field manager of every status the operator writes.
+pub const FIELD_MANAGER: &str = "tombstone";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("Secret {0} not found")]
+    SecretNotFound(String),
+    #[error("Secret {secret} has no key {key}")]
+    SecretKeyMissing { secret: String, key: String },
+    #[error("DataStore {0} not found")]
+    StoreNotFound(String),
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error(transparent)]
+    Backend(#[from] backends::Error),
+}
+
+impl Error {
+    /// A stable PascalCase reason for conditions, events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApiError",
+            Error::SecretNotFound(_) | Error::SecretKeyMissing { .. } => "SecretNotFound",
+            Error::StoreNotFound(_) => "StoreNotFound",
+            Error::InvalidSpec(_) => "InvalidSpec",
+            Error::Backend(e) => e.reason(),
+        }
+    }
+
+    /// Whether retrying with backoff may help; otherwise wait for a change to the object.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::InvalidSpec(_) => false,
+            Error::Backend(e) => e.is_retryable(),
+            _ => true,
+        }
+    }
+}
+
+/// What the operator was started with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long one sweep step may run before its progress is checkpointed in status.
+    pub checkpoint_interval: Duration,
+    /// Sweep steps running at once across all policies.
+    pub max_concurrent_jobs: usize,
+    /// Reconciles running at once per controller.
+    pub reconcile_concurrency: u16,
+    /// How often a Ready DataStore is probed again.
+    pub probe_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: Duration::from_secs(2),
+            max_concurrent_jobs: 4,
+            reconcile_concurrency: 8,
+            probe_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Shared by every reconcile: built once.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub engine: Arc<Engine>,
+    pub settings: Settings,
+    /// Cancelled on shutdown: running steps stop at the next page and checkpoint.
+    pub shutdown: CancellationToken,
+    /// Consecutive failures per object, for exponential backoff; reset on success.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let engine = Arc::new(Engine::new(
+            settings.max_concurrent_jobs,
+            settings.checkpoint_interval,
+        ));
+        Self {
+            client,
+            recorder,
+            metrics,
+            engine,
+            settings,
+            shutdown,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Records one more failure of `key` and returns how long to back off: 5s doubling up
+    /// to 5 minutes.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff_for(*n)
+    }
+
+    pub fn failures(&self, key: &str) -> u32 {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn reset_failures(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Publishes an event on `obj`. Failing to publish is logged, never fatal: events are a
+    /// convenience, status is the record.
+    pub async fn publish<K>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "failed to publish event");
+        }
+    }
+}
+
+pub fn backoff_for(failures: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(6));
+    Duration::from_secs(secs.min(300))
+}
+
+/// `namespace/name`, the key for caches and failure counts.
+pub fn object_key<K: ResourceExt>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Writes `status` with server-side apply. The patch always carries apiVersion and kind.
+pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_for(1), Duration::from_secs(5));
+        assert_eq!(backoff_for(2), Duration::from_secs(10));
+        assert_eq!(backoff_for(4), Duration::from_secs(40));
+        assert_eq!(backoff_for(50), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,403 @@
+//! RetentionPolicy: dereference stores → plan (pure) → run one bounded step per target →
+//! compute status (pure) → write it if it changed → requeue while work remains.
+
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use tracing::{info, instrument, warn};
+
+use super::{apply_status, object_key, stores, Context, Error};
+use crate::api::common::{find_condition, ConditionStatus};
+use crate::api::datastore::DataStore;
+use crate::api::retentionpolicy::{
+    RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
+};
+use crate::api::{StoreKind, Timestamp};
+use crate::backends::{self, Backend, Next, SweepJob};
+use crate::schedule;
+use plan::{Decision, Problem, StepResult};
+
+pub const CONTROLLER: &str = "retentionpolicy";
+/// How soon to look again when a store has not been probed yet.
+const STORE_PENDING_RETRY: Duration = Duration::from_secs(5);
+
+/// A target with its store resolved, or the reason it cannot run.
+struct ResolvedTarget {
+    backend: Option<(Arc<dyn Backend>, StoreKind, String)>,
+    problem: Option<Problem>,
+}
+
+#[instrument(skip_all, fields(policy = %object_key(obj.as_ref())))]
+pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(CONTROLLER);
+    let namespace = obj.namespace().unwrap_or_default();
+    let api: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Status is the sweep's checkpoint: read it fresh, never from a possibly stale cache.
+    let Some(policy) = api.get_opt(&obj.name_any()).await.map_err(Error::Kube)? else {
+        return Ok(Action::await_change());
+    };
+    let key = object_key(&policy);
+    let now = Timestamp::now();
+    let created = policy
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, |t| {
+            Timestamp::truncate(
+                chrono::DateTime::from_timestamp(t.0.as_second(), 0).unwrap_or(now.0),
+            )
+        });
+    let parsed_schedule = schedule::parse(policy.spec.schedule.as_ref());
+
+    // 1. Dereference the stores of every target.
+    let resolved = dereference(&policy, &ctx).await;
+    let problems: Vec<(String, Problem)> = policy
+        .spec
+        .targets
+        .iter()
+        .zip(&resolved)
+        .filter_map(|(t, r)| r.problem.clone().map(|p| (t.name.clone(), p)))
+        .collect();
+
+    // 2. Plan.
+    let mut decision = plan::decide(&policy, &parsed_schedule, created, now);
+    if decision == Decision::Start && problems.iter().any(|(_, p)| p.transient) {
+        // Wait for the stores' first probe rather than fail targets needlessly.
+        decision = Decision::Wait(now);
+    }
+
+    // 3. Execute one bounded step.
+    let mut status = match decision {
+        Decision::Start => {
+            info!(dry_run = policy.spec.dry_run, "sweep started");
+            plan::begin_sweep(&policy, now)
+        }
+        _ => policy.status.clone().unwrap_or_default(),
+    };
+    status.targets = plan::aligned_targets(&policy, &status.targets);
+    let mut completed = None;
+    let mut poll_after: Option<Duration> = None;
+    if matches!(decision, Decision::Start | Decision::Continue) {
+        poll_after = run_steps(&policy, &ctx, &resolved, &mut status).await;
+        if let Ok(parsed) = &parsed_schedule {
+            let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
+                .max(Duration::from_secs(30));
+            completed = plan::finish_if_done(&mut status, parsed, created, Timestamp::now(), retry);
+        }
+    }
+
+    // 4. Compute status.
+    let invalid = match &decision {
+        Decision::Invalid(msg) => Some(msg.as_str()),
+        _ => None,
+    };
+    if let Decision::Wait(due) = decision {
+        if status.current_sweep.is_none() && status.next_sweep_time.is_none() && due > now {
+            status.next_sweep_time = Some(due);
+        }
+    }
+    if decision == Decision::Suspended {
+        status.next_sweep_time = None;
+    }
+    status.observed_generation = policy.metadata.generation;
+    let period = parsed_schedule
+        .as_ref()
+        .map_or(schedule::DEFAULT_INTERVAL_SECS, |s| s.period_secs(now));
+    status.conditions = plan::conditions(
+        &policy,
+        &status,
+        invalid,
+        &problems,
+        period,
+        Timestamp::now(),
+    );
+
+    // 5. Write it if it changed, and tell what happened.
+    let previous = policy.status.clone().unwrap_or_default();
+    if policy.status.as_ref() != Some(&status) {
+        apply_status(&api, &policy.name_any(), &status).await?;
+    }
+    report(&policy, &ctx, &previous, &status, completed.as_ref()).await;
+    if let Some(done) = &completed {
+        if matches!(
+            done.outcome,
+            SweepOutcome::Failed | SweepOutcome::PartiallyFailed
+        ) {
+            ctx.backoff(&key);
+        } else {
+            ctx.reset_failures(&key);
+        }
+    }
+
+    // 6. Requeue while work remains; otherwise wake up when the next sweep is due.
+    Ok(if ctx.shutdown.is_cancelled() {
+        Action::await_change()
+    } else if status.current_sweep.is_some() {
+        Action::requeue(poll_after.unwrap_or(Duration::ZERO))
+    } else if problems.iter().any(|(_, p)| p.transient) {
+        Action::requeue(STORE_PENDING_RETRY)
+    } else if let Some(next) = status.next_sweep_time {
+        let wait = (next.0 - Timestamp::now().0)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        Action::requeue(wait + Duration::from_secs(1))
+    } else {
+        Action::await_change()
+    })
+}
+
+/// Resolves each target's DataStore into a backend.
+async fn dereference(policy: &RetentionPolicy, ctx: &Context) -> Vec<ResolvedTarget> {
+    let namespace = policy.namespace().unwrap_or_default();
+    let stores_api: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut resolved = Vec::with_capacity(policy.spec.targets.len());
+    for target in &policy.spec.targets {
+        resolved.push(
+            match resolve_target(ctx, &stores_api, &namespace, target).await {
+                Ok(r) => r,
+                Err(e) => ResolvedTarget {
+                    backend: None,
+                    problem: Some(Problem {
+                        reason: e.reason(),
+                        message: e.to_string(),
+                        transient: false,
+                    }),
+                },
+            },
+        );
+    }
+    resolved
+}
+
+async fn resolve_target(
+    ctx: &Context,
+    stores_api: &Api<DataStore>,
+    namespace: &str,
+    target: &crate::api::retentionpolicy::Target,
+) -> Result<ResolvedTarget, Error> {
+    let store = stores_api
+        .get_opt(&target.store)
+        .await
+        .map_err(Error::Kube)?;
+    let store = store.ok_or_else(|| Error::StoreNotFound(target.store.clone()))?;
+    let kind = store.spec.kind().ok_or_else(|| {
+        Error::InvalidSpec(format!("DataStore {} names no store kind", target.store))
+    })?;
+    backends::validate_target(kind, target)?;
+    let ready = store
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, "Ready"));
+    match ready.map(|c| c.status) {
+        None | Some(ConditionStatus::Unknown) => {
+            return Ok(ResolvedTarget {
+                backend: None,
+                problem: Some(Problem {
+                    reason: "StoreNotReady",
+                    message: format!("DataStore {} has not been probed yet", target.store),
+                    transient: true,
+                }),
+            })
+        }
+        Some(ConditionStatus::False) => {
+            let c = ready.cloned().unwrap_or_else(|| unreachable!());
+            return Ok(ResolvedTarget {
+                backend: None,
+                problem: Some(Problem {
+                    reason: "StoreNotReady",
+                    message: format!(
+                        "DataStore {} is not ready: {}: {}",
+                        target.store, c.reason, c.message
+                    ),
+                    transient: false,
+                }),
+            });
+        }
+        Some(ConditionStatus::True) => {}
+    }
+    let spec = stores::connection_spec(&ctx.client, &store).await?;
+    let store_key = format!("{namespace}/{}", target.store);
+    let backend = ctx
+        .engine
+        .backend(&store_key, spec, store.spec.limits.clone());
+    Ok(ResolvedTarget {
+        backend: Some((backend, kind, store_key)),
+        problem: None,
+    })
+}
+
+/// Runs one step of every target still sweeping, concurrently, and folds the results into
+/// `status`. Returns how long to wait when every remaining target waits on its store.
+async fn run_steps(
+    policy: &RetentionPolicy,
+    ctx: &Context,
+    resolved: &[ResolvedTarget],
+    status: &mut RetentionPolicyStatus,
+) -> Option<Duration> {
+    let Some(current) = status.current_sweep.clone() else {
+        return None;
+    };
+    let cutoff = current.start_time.0 - policy.spec.retention.as_chrono();
+    let steps = policy
+        .spec
+        .targets
+        .iter()
+        .zip(resolved)
+        .zip(status.targets.iter())
+        .enumerate()
+        .filter_map(|(i, ((target, resolved), target_status))| {
+            if target_status.phase != TargetPhase::Sweeping {
+                return None;
+            }
+            let cursor = target_status.cursor.clone();
+            let job = SweepJob {
+                target: target.clone(),
+                retention: policy.spec.retention,
+                dry_run: current.dry_run,
+                cutoff,
+            };
+            Some(async move {
+                let result = match (&resolved.backend, &resolved.problem) {
+                    (Some((backend, kind, store_key)), _) => {
+                        match ctx
+                            .engine
+                            .sweep_step(backend.as_ref(), &job, cursor.as_deref(), &ctx.shutdown)
+                            .await
+                        {
+                            Ok(step) => {
+                                if let Some(failure) = &step.failure {
+                                    if matches!(failure, backends::Error::Unreachable(_)) {
+                                        ctx.engine.forget(store_key);
+                                    }
+                                }
+                                if !job.dry_run {
+                                    ctx.metrics.deleted(kind.as_str(), step.deleted);
+                                }
+                                StepResult::Ran(step)
+                            }
+                            Err(e) => {
+                                if matches!(e, backends::Error::Unreachable(_)) {
+                                    ctx.engine.forget(store_key);
+                                }
+                                StepResult::Failed {
+                                    reason: e.reason(),
+                                    message: e.to_string(),
+                                }
+                            }
+                        }
+                    }
+                    (None, Some(problem)) => StepResult::Failed {
+                        reason: problem.reason,
+                        message: problem.message.clone(),
+                    },
+                    (None, None) => StepResult::Failed {
+                        reason: "StoreNotReady",
+                        message: "store unresolved".into(),
+                    },
+                };
+                (i, result)
+            })
+        });
+    let results = join_all(steps).await;
+    let mut poll_after: Option<Duration> = None;
+    let mut all_waiting = true;
+    let now = Timestamp::now();
+    for (i, result) in results {
+        match &result {
+            StepResult::Ran(step) => match &step.next {
+                Next::Wait { poll_after: p, .. } => {
+                    poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))
+                }
+                Next::Continue(_) => all_waiting = false,
+                Next::Done => {}
+            },
+            StepResult::Failed { reason, message } => {
+                warn!(target = %policy.spec.targets[i].name, reason, %message, "sweep step failed");
+                ctx.metrics.reconcile_error(CONTROLLER, reason);
+            }
+        }
+        plan::apply_step(&mut status.targets[i], result, current.dry_run, now);
+    }
+    if all_waiting {
+        poll_after
+    } else {
+        None
+    }
+}
+
+/// Events and metrics for what changed: a completed sweep, a spec that became invalid.
+async fn report(
+    policy: &RetentionPolicy,
+    ctx: &Context,
+    previous: &RetentionPolicyStatus,
+    status: &RetentionPolicyStatus,
+    completed: Option<&plan::Completed>,
+) {
+    if let Some(done) = completed {
+        ctx.metrics
+            .sweep_completed(done.outcome.as_str(), done.seconds);
+        let failed: Vec<String> = status
+            .targets
+            .iter()
+            .filter(|t| t.phase == TargetPhase::Failed)
+            .map(|t| format!("{}: {}", t.name, t.message))
+            .collect();
+        let (type_, reason, note) = match done.outcome {
+            SweepOutcome::Succeeded => (
+                EventType::Normal,
+                "SweepCompleted",
+                format!("Deleted {} expired items", done.deleted),
+            ),
+            SweepOutcome::DryRun => (
+                EventType::Normal,
+                "DryRunCompleted",
+                format!("Would delete {} expired items", done.deleted),
+            ),
+            _ => (
+                EventType::Warning,
+                "SweepFailed",
+                format!(
+                    "Sweep {}; deleted {}; {}",
+                    done.outcome.as_str(),
+                    done.deleted,
+                    failed.join("; ")
+                ),
+            ),
+        };
+        info!(
+            outcome = done.outcome.as_str(),
+            deleted = done.deleted,
+            seconds = done.seconds,
+            "sweep completed"
+        );
+        ctx.publish(policy, type_, reason, "Sweep", note).await;
+    }
+    let ready_before =
+        find_condition(&previous.conditions, "Ready").map(|c| (c.status, c.reason.clone()));
+    if let Some(ready) = find_condition(&status.conditions, "Ready") {
+        if ready.status == ConditionStatus::False
+            && ready_before != Some((ready.status, ready.reason.clone()))
+        {
+            ctx.publish(
+                policy,
+                EventType::Warning,
+                &ready.reason,
+                "Validate",
+                ready.message.clone(),
+            )
+            .await;
+        }
+    }
+}
+
+pub fn error_policy(policy: Arc<RetentionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_error(CONTROLLER, error.reason());
+    warn!(policy = %object_key(policy.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
+    Action::requeue(ctx.backoff(&object_key(policy.as_ref())))
+}

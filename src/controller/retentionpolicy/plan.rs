@@ -1,0 +1,753 @@
+//! Pure planning and status computation for retention sweeps: what to do now, how one step's
+//! result changes the status, and which conditions the status implies. No I/O here.
+
+use crate::api::common::{merge_conditions, DesiredCondition};
+use crate::api::retentionpolicy::{
+    CurrentSweep, LastSweep, RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
+    TargetStatus,
+};
+use crate::api::Timestamp;
+use crate::backends::{Next, Step};
+use crate::schedule;
+
+/// Why a target cannot run now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+    /// Expected to clear by itself soon (the store has not been probed yet).
+    pub transient: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The spec cannot run (e.g. an unparseable cron); nothing is swept.
+    Invalid(String),
+    Suspended,
+    /// Nothing to do until then.
+    Wait(Timestamp),
+    /// Start a new sweep now.
+    Start,
+    /// Run the next step of the sweep under way.
+    Continue,
+}
+
+/// What to do now (pure): a function of the spec, the status written so far and the clock.
+pub fn decide(
+    policy: &RetentionPolicy,
+    schedule: &Result<schedule::Parsed, schedule::Error>,
+    created: Timestamp,
+    now: Timestamp,
+) -> Decision {
+    let schedule = match schedule {
+        Ok(s) => s,
+        Err(e) => return Decision::Invalid(e.to_string()),
+    };
+    if policy.spec.suspend {
+        return Decision::Suspended;
+    }
+    let status = policy.status.clone().unwrap_or_default();
+    let generation = policy.metadata.generation;
+    let spec_changed =
+        status.observed_generation.is_some() && status.observed_generation != generation;
+    if let Some(current) = &status.current_sweep {
+        // A sweep started under an older spec is restarted under the new one.
+        return if current.generation == generation {
+            Decision::Continue
+        } else {
+            Decision::Start
+        };
+    }
+    if spec_changed && status.last_sweep.is_some() {
+        return Decision::Start;
+    }
+    match status
+        .next_sweep_time
+        .or_else(|| schedule.next_after(status.last_sweep.as_ref().map(|l| l.start_time), created))
+    {
+        Some(due) if due > now => Decision::Wait(due),
+        Some(_) => Decision::Start,
+        None => Decision::Invalid("the schedule has no future occurrence".into()),
+    }
+}
+
+/// The status a new sweep starts from: every target sweeping from the beginning, counts of
+/// the last sweep cleared, totals kept.
+pub fn begin_sweep(policy: &RetentionPolicy, now: Timestamp) -> RetentionPolicyStatus {
+    let mut status = policy.status.clone().unwrap_or_default();
+    status.targets = aligned_targets(policy, &status.targets)
+        .into_iter()
+        .map(|t| TargetStatus {
+            phase: TargetPhase::Sweeping,
+            scanned: 0,
+            deleted: 0,
+            blocked: 0,
+            cursor: None,
+            message: String::new(),
+            ..t
+        })
+        .collect();
+    status.current_sweep = Some(CurrentSweep {
+        start_time: now,
+        dry_run: policy.spec.dry_run,
+        generation: policy.metadata.generation,
+    });
+    status.next_sweep_time = None;
+    status
+}
+
+/// One entry per target of the spec, in spec order, keeping what is known of each.
+pub fn aligned_targets(policy: &RetentionPolicy, existing: &[TargetStatus]) -> Vec<TargetStatus> {
+    policy
+        .spec
+        .targets
+        .iter()
+        .map(|t| {
+            existing
+                .iter()
+                .find(|s| s.name == t.name)
+                .cloned()
+                .unwrap_or_else(|| TargetStatus {
+                    name: t.name.clone(),
+                    ..Default::default()
+                })
+        })
+        .collect()
+}
+
+/// What one step of one target came to.
+#[derive(Debug)]
+pub enum StepResult {
+    Ran(Step),
+    /// The target could not run at all (store missing, invalid selector, connection failed).
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Folds one step's result into the target's status. The counts and the cursor move together
+/// in the same status write, which is what makes a resumed sweep count nothing twice.
+pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, now: Timestamp) {
+    match result {
+        StepResult::Ran(step) => {
+            target.scanned += step.scanned;
+            target.deleted += step.deleted;
+            target.blocked += step.blocked;
+            if !dry_run {
+                target.deleted_total += step.deleted;
+            }
+            if let Some(failure) = step.failure {
+                fail(target, failure.reason(), &failure.to_string(), now);
+                return;
+            }
+            match step.next {
+                Next::Continue(cursor) | Next::Wait { cursor, .. } => target.cursor = Some(cursor),
+                Next::Done => {
+                    target.phase = TargetPhase::Idle;
+                    target.cursor = None;
+                    target.last_sweep_time = Some(now);
+                    target.message = summary(target, dry_run);
+                }
+            }
+        }
+        StepResult::Failed { reason, message } => fail(target, reason, &message, now),
+    }
+}
+
+fn fail(target: &mut TargetStatus, reason: &str, message: &str, now: Timestamp) {
+    target.phase = TargetPhase::Failed;
+    target.cursor = None;
+    target.last_sweep_time = Some(now);
+    target.message = format!("{reason}: {message}");
+}
+
+fn summary(target: &TargetStatus, dry_run: bool) -> String {
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    let mut s = format!("scanned {}, {verb} {}", target.scanned, target.deleted);
+    if target.blocked > 0 {
+        s.push_str(&format!(", {} blocked by the store", target.blocked));
+    }
+    s
+}
+
+/// A sweep that just completed, for events and metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completed {
+    pub outcome: SweepOutcome,
+    pub deleted: u64,
+    pub seconds: f64,
+}
+
+/// Closes the sweep once no target is still sweeping. `retry_after_failure` bounds the wait
+/// before the next sweep when this one failed.
+pub fn finish_if_done(
+    status: &mut RetentionPolicyStatus,
+    schedule: &schedule::Parsed,
+    created: Timestamp,
+    now: Timestamp,
+    retry_after_failure: std::time::Duration,
+) -> Option<Completed> {
+    let current = status.current_sweep.clone()?;
+    if status
+        .targets
+        .iter()
+        .any(|t| t.phase == TargetPhase::Sweeping)
+    {
+        return None;
+    }
+    let failed = status
+        .targets
+        .iter()
+        .filter(|t| t.phase == TargetPhase::Failed)
+        .count();
+    let outcome = match failed {
+        0 if current.dry_run => SweepOutcome::DryRun,
+        0 => SweepOutcome::Succeeded,
+        n if n == status.targets.len() => SweepOutcome::Failed,
+        _ => SweepOutcome::PartiallyFailed,
+    };
+    let deleted = status.targets.iter().map(|t| t.deleted).sum();
+    status.last_sweep = Some(LastSweep {
+        start_time: current.start_time,
+        completion_time: now,
+        outcome,
+        deleted,
+    });
+    status.current_sweep = None;
+    let mut next = schedule.next_after(Some(current.start_time), created);
+    if failed > 0 {
+        let retry =
+            Timestamp(now.0 + chrono::Duration::seconds(retry_after_failure.as_secs() as i64));
+        next = Some(next.map_or(retry, |n| n.min(retry)));
+    }
+    status.next_sweep_time = next;
+    Some(Completed {
+        outcome,
+        deleted,
+        seconds: (now.0 - current.start_time.0).num_milliseconds().max(0) as f64 / 1000.0,
+    })
+}
+
+/// The conditions the status implies (pure). `problems` are the targets that cannot run,
+/// `invalid` an error in the spec itself.
+pub fn conditions(
+    policy: &RetentionPolicy,
+    status: &RetentionPolicyStatus,
+    invalid: Option<&str>,
+    problems: &[(String, Problem)],
+    period_secs: u64,
+    now: Timestamp,
+) -> Vec<crate::api::Condition> {
+    let ready = match (invalid, problems.first()) {
+        (Some(msg), _) => DesiredCondition::new("Ready", false, "InvalidSpec", msg),
+        (None, Some((_, first))) => DesiredCondition::new(
+            "Ready",
+            false,
+            first.reason,
+            problems
+                .iter()
+                .map(|(t, p)| format!("target {t}: {}", p.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        (None, None) => {
+            let mut stores: Vec<&str> = policy
+                .spec
+                .targets
+                .iter()
+                .map(|t| t.store.as_str())
+                .collect();
+            stores.sort();
+            stores.dedup();
+            DesiredCondition::new(
+                "Ready",
+                true,
+                "Valid",
+                format!(
+                    "{} targets on stores {}",
+                    policy.spec.targets.len(),
+                    stores.join(", ")
+                ),
+            )
+        }
+    };
+
+    let failing: Vec<&TargetStatus> = status
+        .targets
+        .iter()
+        .filter(|t| t.phase == TargetPhase::Failed)
+        .collect();
+    let degraded = if failing.is_empty() {
+        DesiredCondition::new("Degraded", false, "AllTargetsHealthy", "")
+    } else {
+        DesiredCondition::new(
+            "Degraded",
+            true,
+            "TargetFailed",
+            failing
+                .iter()
+                .map(|t| format!("target {}: {}", t.name, t.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    };
+
+    let compliant = compliance(policy, status, invalid, period_secs, now);
+    let existing = policy
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    merge_conditions(
+        existing,
+        vec![ready, compliant, degraded],
+        policy.metadata.generation,
+        now,
+    )
+}
+
+fn compliance(
+    policy: &RetentionPolicy,
+    status: &RetentionPolicyStatus,
+    invalid: Option<&str>,
+    period_secs: u64,
+    now: Timestamp,
+) -> DesiredCondition {
+    const C: &str = "Compliant";
+    if invalid.is_some() {
+        return DesiredCondition::new(
+            C,
+            false,
+            "InvalidSpec",
+            "the policy cannot run; see the Ready condition",
+        );
+    }
+    if policy.spec.suspend {
+        return DesiredCondition::unknown(
+            C,
+            "Suspended",
+            "sweeps are suspended; expired data is not being deleted",
+        );
+    }
+    let Some(last) = &status.last_sweep else {
+        return DesiredCondition::unknown(C, "NotYetSwept", "no sweep has completed yet");
+    };
+    // Overdue: the next sweep should have started more than one period (at least 5m) ago.
+    let grace = chrono::Duration::seconds(period_secs.max(300) as i64);
+    if let Some(next) = status.next_sweep_time {
+        if status.current_sweep.is_none() && now.0 > next.0 + grace {
+            return DesiredCondition::new(
+                C,
+                false,
+                "SweepOverdue",
+                format!("the sweep due at {next} has not run"),
+            );
+        }
+    }
+    let blocked: u64 = status.targets.iter().map(|t| t.blocked).sum();
+    match last.outcome {
+        SweepOutcome::Failed | SweepOutcome::PartiallyFailed => DesiredCondition::new(
+            C,
+            false,
+            "SweepFailed",
+            format!(
+                "the last sweep {}; see the Degraded condition",
+                last.outcome.as_str()
+            ),
+        ),
+        _ if blocked > 0 => DesiredCondition::new(
+            C,
+            false,
+            "ItemsBlocked",
+            format!(
+                "{blocked} items older than {} could not be deleted",
+                policy.spec.retention
+            ),
+        ),
+        SweepOutcome::DryRun if last.deleted > 0 => DesiredCondition::new(
+            C,
+            false,
+            "DryRun",
+            format!(
+                "dry run: {} items older than {} would be deleted",
+                last.deleted, policy.spec.retention
+            ),
+        ),
+        SweepOutcome::DryRun => DesiredCondition::new(
+            C,
+            true,
+            "NothingExpired",
+            "dry run found nothing older than the retention period",
+        ),
+        SweepOutcome::Succeeded => DesiredCondition::new(
+            C,
+            true,
+            "SweepSucceeded",
+            format!(
+                "nothing older than {} remains as of {}",
+                policy.spec.retention, last.start_time
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::ConditionStatus;
+    use crate::api::retentionpolicy::{
+        LegalBasis, RedisMode, RedisTarget, RetentionPolicySpec, Schedule, Target,
+    };
+    use crate::backends;
+    use chrono::{DateTime, Utc};
+
+    fn ts(s: &str) -> Timestamp {
+        Timestamp(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+    }
+
+    fn target(name: &str) -> Target {
+        Target {
+            name: name.into(),
+            store: "cache".into(),
+            redis: Some(RedisTarget {
+                key_pattern: format!("{name}:*"),
+                mode: RedisMode::Idle,
+                timestamp_field: None,
+            }),
+            s3: None,
+            loki: None,
+            elasticsearch: None,
+            subject: None,
+            allow_match_all: false,
+        }
+    }
+
+    fn policy(targets: &[&str]) -> RetentionPolicy {
+        let mut p = RetentionPolicy::new(
+            "sessions",
+            RetentionPolicySpec {
+                description: None,
+                purpose: "p".into(),
+                legal_basis: LegalBasis::Contract,
+                data_subjects: vec![],
+                data_categories: vec![],
+                retention: "30d".parse().unwrap(),
+                schedule: Some(Schedule {
+                    every: Some("1h".parse().unwrap()),
+                    cron: None,
+                }),
+                suspend: false,
+                dry_run: false,
+                targets: targets.iter().map(|t| target(t)).collect(),
+            },
+        );
+        p.metadata.generation = Some(1);
+        p
+    }
+
+    fn sched(p: &RetentionPolicy) -> Result<schedule::Parsed, schedule::Error> {
+        schedule::parse(p.spec.schedule.as_ref())
+    }
+
+    fn step(scanned: u64, deleted: u64, next: Next) -> StepResult {
+        StepResult::Ran(Step {
+            scanned,
+            deleted,
+            blocked: 0,
+            next,
+            failure: None,
+        })
+    }
+
+    const T0: &str = "2026-11-20T09:00:00Z";
+
+    #[test]
+    fn a_new_interval_policy_sweeps_at_once() {
+        let p = policy(&["a"]);
+        assert_eq!(decide(&p, &sched(&p), ts(T0), ts(T0)), Decision::Start);
+    }
+
+    #[test]
+    fn a_new_cron_policy_waits_for_its_time() {
+        let mut p = policy(&["a"]);
+        p.spec.schedule = Some(Schedule {
+            every: None,
+            cron: Some("0 3 * * *".into()),
+        });
+        assert_eq!(
+            decide(&p, &sched(&p), ts(T0), ts(T0)),
+            Decision::Wait(ts("2026-11-21T03:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn suspended_and_invalid_policies_do_nothing() {
+        let mut p = policy(&["a"]);
+        p.spec.suspend = true;
+        assert_eq!(decide(&p, &sched(&p), ts(T0), ts(T0)), Decision::Suspended);
+        p.spec.schedule = Some(Schedule {
+            every: None,
+            cron: Some("nope".into()),
+        });
+        assert!(matches!(
+            decide(&p, &sched(&p), ts(T0), ts(T0)),
+            Decision::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn a_full_sweep_checkpoints_then_completes_and_schedules_the_next() {
+        let mut p = policy(&["a", "b"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        assert!(status
+            .targets
+            .iter()
+            .all(|t| t.phase == TargetPhase::Sweeping && t.cursor.is_none()));
+        p.status = Some(status.clone());
+        assert_eq!(decide(&p, &sched(&p), ts(T0), ts(T0)), Decision::Continue);
+
+        apply_step(
+            &mut status.targets[0],
+            step(1000, 10, Next::Continue("0:77".into())),
+            false,
+            ts(T0),
+        );
+        assert_eq!(status.targets[0].cursor.as_deref(), Some("0:77"));
+        assert_eq!(status.targets[0].deleted_total, 10);
+        let s = sched(&p).unwrap();
+        assert_eq!(
+            finish_if_done(
+                &mut status,
+                &s,
+                ts(T0),
+                ts(T0),
+                std::time::Duration::from_secs(30)
+            ),
+            None
+        );
+
+        apply_step(
+            &mut status.targets[0],
+            step(500, 5, Next::Done),
+            false,
+            ts(T0),
+        );
+        apply_step(
+            &mut status.targets[1],
+            step(20, 0, Next::Done),
+            false,
+            ts(T0),
+        );
+        let done = finish_if_done(
+            &mut status,
+            &s,
+            ts(T0),
+            ts("2026-11-20T09:00:10Z"),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(done.outcome, SweepOutcome::Succeeded);
+        assert_eq!(done.deleted, 15);
+        assert_eq!(status.targets[0].deleted_total, 15);
+        assert_eq!(status.targets[0].message, "scanned 1500, deleted 15");
+        assert_eq!(status.next_sweep_time, Some(ts("2026-11-20T10:00:00Z")));
+        assert!(status.current_sweep.is_none());
+
+        p.status = Some(RetentionPolicyStatus {
+            observed_generation: Some(1),
+            ..status.clone()
+        });
+        assert_eq!(
+            decide(&p, &sched(&p), ts(T0), ts("2026-11-20T09:30:00Z")),
+            Decision::Wait(ts("2026-11-20T10:00:00Z"))
+        );
+        assert_eq!(
+            decide(&p, &sched(&p), ts(T0), ts("2026-11-20T10:00:00Z")),
+            Decision::Start
+        );
+        // A new sweep clears the last sweep's counts but keeps the totals.
+        let again = begin_sweep(&p, ts("2026-11-20T10:00:00Z"));
+        assert_eq!(
+            (again.targets[0].deleted, again.targets[0].deleted_total),
+            (0, 15)
+        );
+    }
+
+    #[test]
+    fn dry_runs_count_but_add_nothing_to_totals() {
+        let mut p = policy(&["a"]);
+        p.spec.dry_run = true;
+        let mut status = begin_sweep(&p, ts(T0));
+        apply_step(
+            &mut status.targets[0],
+            step(10, 4, Next::Done),
+            true,
+            ts(T0),
+        );
+        let done = finish_if_done(
+            &mut status,
+            &sched(&p).unwrap(),
+            ts(T0),
+            ts(T0),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (done.outcome, done.deleted, status.targets[0].deleted_total),
+            (SweepOutcome::DryRun, 4, 0)
+        );
+        assert_eq!(status.targets[0].message, "scanned 10, would delete 4");
+        p.status = Some(status.clone());
+        let c = conditions(&p, &status, None, &[], 3600, ts(T0));
+        let compliant = c.iter().find(|c| c.type_ == "Compliant").unwrap();
+        assert_eq!(
+            (compliant.status, compliant.reason.as_str()),
+            (ConditionStatus::False, "DryRun")
+        );
+    }
+
+    #[test]
+    fn a_spec_edit_restarts_a_running_sweep_and_triggers_an_idle_one() {
+        let mut p = policy(&["a"]);
+        p.status = Some(RetentionPolicyStatus {
+            observed_generation: Some(1),
+            ..begin_sweep(&p, ts(T0))
+        });
+        p.metadata.generation = Some(2);
+        assert_eq!(decide(&p, &sched(&p), ts(T0), ts(T0)), Decision::Start);
+
+        let mut status = begin_sweep(&policy(&["a"]), ts(T0));
+        apply_step(
+            &mut status.targets[0],
+            step(1, 0, Next::Done),
+            false,
+            ts(T0),
+        );
+        finish_if_done(
+            &mut status,
+            &sched(&p).unwrap(),
+            ts(T0),
+            ts(T0),
+            Default::default(),
+        );
+        status.observed_generation = Some(1);
+        p.status = Some(status);
+        assert_eq!(decide(&p, &sched(&p), ts(T0), ts(T0)), Decision::Start);
+    }
+
+    #[test]
+    fn failures_mark_the_target_degrade_the_policy_and_retry_sooner() {
+        let p = policy(&["a", "b"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        apply_step(
+            &mut status.targets[0],
+            StepResult::Failed {
+                reason: "StoreNotFound",
+                message: "DataStore cache not found".into(),
+            },
+            false,
+            ts(T0),
+        );
+        let failure = backends::Error::Unreachable("10.0.0.1:6379".into());
+        apply_step(
+            &mut status.targets[1],
+            StepResult::Ran(Step {
+                scanned: 5,
+                deleted: 2,
+                blocked: 0,
+                next: Next::Continue("0:9".into()),
+                failure: Some(failure),
+            }),
+            false,
+            ts(T0),
+        );
+        assert_eq!(
+            status.targets[1].deleted_total, 2,
+            "work done before the failure is still counted"
+        );
+        let done = finish_if_done(
+            &mut status,
+            &sched(&p).unwrap(),
+            ts(T0),
+            ts(T0),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(done.outcome, SweepOutcome::Failed);
+        assert_eq!(status.next_sweep_time, Some(ts("2026-11-20T09:00:30Z")));
+        let c = conditions(&p, &status, None, &[], 3600, ts(T0));
+        let get = |t: &str| c.iter().find(|c| c.type_ == t).unwrap().clone();
+        assert_eq!(get("Degraded").status, ConditionStatus::True);
+        assert!(get("Degraded").message.contains("target a: StoreNotFound"));
+        assert_eq!(get("Compliant").reason, "SweepFailed");
+    }
+
+    #[test]
+    fn ready_reports_every_problem_target() {
+        let p = policy(&["a", "b"]);
+        let problems = vec![(
+            "b".to_string(),
+            Problem {
+                reason: "StoreNotFound",
+                message: "DataStore cache not found".into(),
+                transient: false,
+            },
+        )];
+        let c = conditions(
+            &p,
+            &RetentionPolicyStatus::default(),
+            None,
+            &problems,
+            3600,
+            ts(T0),
+        );
+        let ready = c.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (ConditionStatus::False, "StoreNotFound")
+        );
+        assert_eq!(ready.message, "target b: DataStore cache not found");
+        let ok = conditions(
+            &p,
+            &RetentionPolicyStatus::default(),
+            None,
+            &[],
+            3600,
+            ts(T0),
+        );
+        assert_eq!(
+            ok.iter().find(|c| c.type_ == "Ready").unwrap().message,
+            "2 targets on stores cache"
+        );
+    }
+
+    #[test]
+    fn compliance_follows_the_last_sweep_and_the_clock() {
+        let mut p = policy(&["a"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        apply_step(
+            &mut status.targets[0],
+            step(3, 1, Next::Done),
+            false,
+            ts(T0),
+        );
+        finish_if_done(
+            &mut status,
+            &sched(&p).unwrap(),
+            ts(T0),
+            ts(T0),
+            Default::default(),
+        );
+        p.status = Some(status.clone());
+        let compliant = |now: &str| {
+            conditions(&p, &status, None, &[], 3600, ts(now))
+                .into_iter()
+                .find(|c| c.type_ == "Compliant")
+                .unwrap()
+        };
+        assert_eq!(compliant(T0).reason, "SweepSucceeded");
+        assert_eq!(compliant(T0).status, ConditionStatus::True);
+        assert_eq!(compliant("2026-11-20T11:30:00Z").reason, "SweepOverdue");
+    }
+}

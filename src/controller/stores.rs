@@ -1,0 +1,61 @@
+//! Dereferencing a DataStore into a connection: reads the Secrets it names.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client, ResourceExt};
+
+use super::Error;
+use crate::api::datastore::DataStore;
+use crate::engine::ConnectionSpec;
+
+/// Reads one key of a Secret as UTF-8.
+pub async fn secret_value(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> Result<String, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(Error::Kube)?
+        .ok_or_else(|| Error::SecretNotFound(name.into()))?;
+    let missing = || Error::SecretKeyMissing {
+        secret: name.into(),
+        key: key.into(),
+    };
+    if let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(bytes.0.clone()).map_err(|_| missing());
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .cloned()
+        .ok_or_else(missing)
+}
+
+/// Everything needed to connect to the store, from its spec and Secrets.
+pub async fn connection_spec(client: &Client, store: &DataStore) -> Result<ConnectionSpec, Error> {
+    let namespace = store.namespace().unwrap_or_default();
+    if let Some(redis) = &store.spec.redis {
+        let password = match &redis.password_secret_ref {
+            Some(r) => Some(secret_value(client, &namespace, &r.name, &r.key).await?),
+            None => None,
+        };
+        return Ok(ConnectionSpec::Redis(crate::backends::redis::RedisConfig {
+            url: redis.url.clone(),
+            password,
+            cluster: redis.cluster.unwrap_or(false),
+        }));
+    }
+    match store.spec.kind() {
+        Some(kind) => Err(Error::InvalidSpec(format!(
+            "store kind {} is not supported by this version of the operator",
+            kind.as_str()
+        ))),
+        None => Err(Error::InvalidSpec(
+            "exactly one of redis, s3, loki, elasticsearch must be set".into(),
+        )),
+    }
+}

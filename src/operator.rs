@@ -1,0 +1,242 @@
+//! `tombstone run`: leader election, the controllers and the HTTP endpoints, stopped
+//! together by one cancellation token (SIGTERM in `main`, or a test).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::datastore::DataStore;
+use crate::api::retentionpolicy::RetentionPolicy;
+use crate::controller::{self, datastore, retentionpolicy, Context, Settings};
+use crate::http::{self, HttpState};
+use crate::leader::{self, LeaderElection};
+use crate::metrics::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Watch only this namespace; None: every namespace.
+    pub namespace: Option<String>,
+    /// None: act at once without a Lease (single instance, or tests).
+    pub leader_election: Option<LeaderElection>,
+    /// Where to serve /healthz, /readyz and /metrics; None: not at all.
+    pub http_addr: Option<SocketAddr>,
+    /// The name events are reported under.
+    pub reporter: String,
+    pub settings: Settings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Leader(#[from] leader::Error),
+    #[error("cannot serve HTTP: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// A started operator: where it serves HTTP, and the task that runs it.
+pub struct Running {
+    pub http_addr: Option<SocketAddr>,
+    pub task: tokio::task::JoinHandle<Result<(), Error>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Starts the operator; it runs until `shutdown` is cancelled (graceful: running steps
+/// checkpoint, the Lease is released) or leadership is lost (an error).
+pub async fn start(
+    client: Client,
+    options: Options,
+    shutdown: CancellationToken,
+) -> Result<Running, Error> {
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_addr = match options.http_addr {
+        Some(addr) => {
+            let state = HttpState {
+                metrics: metrics.clone(),
+                ready: ready.clone(),
+            };
+            let (bound, _) = http::serve(addr, state, shutdown.clone())
+                .await
+                .map_err(Error::Http)?;
+            info!(addr = %bound, "serving /healthz, /readyz and /metrics");
+            Some(bound)
+        }
+        None => None,
+    };
+    let task = tokio::spawn(run(client, options, shutdown, metrics.clone(), ready));
+    Ok(Running {
+        http_addr,
+        task,
+        metrics,
+    })
+}
+
+async fn run(
+    client: Client,
+    options: Options,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) -> Result<(), Error> {
+    let Some(election) = options.leader_election.clone() else {
+        run_controllers(client, &options, shutdown, metrics, ready).await;
+        return Ok(());
+    };
+    // A standby instance is healthy and ready: it is doing its job, which is to wait.
+    ready.store(true, Ordering::Relaxed);
+    if !election.acquire(&client, &shutdown).await? {
+        return Ok(());
+    }
+    ready.store(false, Ordering::Relaxed);
+    let controllers_stop = shutdown.child_token();
+    let controllers = run_controllers(
+        client.clone(),
+        &options,
+        controllers_stop.clone(),
+        metrics,
+        ready,
+    );
+    let keep = election.keep(&client, &shutdown);
+    tokio::pin!(controllers);
+    let result = tokio::select! {
+        _ = &mut controllers => Ok(()),
+        kept = keep => kept,
+    };
+    // Stop the controllers (gracefully) before anyone else may take over.
+    controllers_stop.cancel();
+    controllers.await;
+    if let Err(e) = &result {
+        warn!(error = %e, "leadership lost; stopping");
+        return result.map_err(Error::from);
+    }
+    if let Err(e) = election.release(&client).await {
+        warn!(error = %e, "could not release the Lease; the next leader waits for it to expire");
+    }
+    Ok(())
+}
+
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs both controllers until `stop` is cancelled, then lets running reconciles finish.
+async fn run_controllers(
+    client: Client,
+    options: &Options,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: options.reporter.clone(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        recorder,
+        metrics,
+        options.settings.clone(),
+        stop.clone(),
+    ));
+    let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);
+
+    let stores: Api<DataStore> = api(&client, &options.namespace);
+    let policies: Api<RetentionPolicy> = api(&client, &options.namespace);
+
+    let store_controller = Controller::new(stores.clone(), watcher::Config::default())
+        .with_config(config.clone())
+        .graceful_shutdown_on(stop.clone().cancelled_owned());
+    let policy_controller = Controller::new(policies, watcher::Config::default())
+        .with_config(config)
+        .graceful_shutdown_on(stop.clone().cancelled_owned());
+    let policy_index = policy_controller.store();
+    // A store that changes (becomes ready, changes limits) re-plans the policies that use it.
+    let policy_controller = policy_controller.watches(
+        stores,
+        watcher::Config::default(),
+        move |store: DataStore| {
+            let namespace = store.namespace();
+            let name = store.name_any();
+            policy_index
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    p.namespace() == namespace && p.spec.targets.iter().any(|t| t.store == name)
+                })
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    );
+
+    let stores_ready = store_controller.store();
+    let policies_ready = policy_controller.store();
+    let readiness = {
+        let ready = ready.clone();
+        async move {
+            let _ = stores_ready.wait_until_ready().await;
+            let _ = policies_ready.wait_until_ready().await;
+            ready.store(true, Ordering::Relaxed);
+            info!("caches synced; ready");
+        }
+    };
+    let store_loop = store_controller
+        .run(datastore::reconcile, datastore::error_policy, ctx.clone())
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "datastore controller event");
+            }
+            futures::future::ready(())
+        });
+    let policy_loop = policy_controller
+        .run(
+            retentionpolicy::reconcile,
+            retentionpolicy::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "retentionpolicy controller event");
+            }
+            futures::future::ready(())
+        });
+    info!(
+        namespace = options.namespace.as_deref().unwrap_or("<all>"),
+        "controllers started"
+    );
+    tokio::join!(
+        store_loop,
+        policy_loop,
+        readiness_until(readiness, stop.clone())
+    );
+    ready.store(false, Ordering::Relaxed);
+    info!("controllers stopped");
+    let _ = controller::FIELD_MANAGER;
+}
+
+async fn readiness_until(
+    readiness: impl std::future::Future<Output = ()>,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        _ = readiness => {}
+        _ = stop.cancelled() => {}
+    }
+}
