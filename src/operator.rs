@@ -107,13 +107,19 @@ async fn run(
     );
     let keep = election.keep(&client, &shutdown);
     tokio::pin!(controllers);
+    let mut controllers_done = false;
     let result = tokio::select! {
-        _ = &mut controllers => Ok(()),
+        _ = &mut controllers => {
+            controllers_done = true;
+            Ok(())
+        }
         kept = keep => kept,
     };
     // Stop the controllers (gracefully) before anyone else may take over.
     controllers_stop.cancel();
-    controllers.await;
+    if !controllers_done {
+        controllers.await;
+    }
     if let Err(e) = &result {
         warn!(error = %e, "leadership lost; stopping");
         return result.map_err(Error::from);

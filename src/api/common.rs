@@ -62,7 +62,7 @@ impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = self.0.as_secs();
         for (unit, factor) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
-            if secs > 0 && secs % factor == 0 {
+            if secs > 0 && secs.is_multiple_of(factor) {
                 return write!(f, "{}{}", secs / factor, unit);
             }
         }

@@ -20,7 +20,7 @@ use super::common::{Condition, SecretRef, Timestamp};
     derive = "PartialEq",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Erased","type":"integer","jsonPath":".status.totals.erased"}"#,
-    printcolumn = r#"{"name":"Deadline","type":"date","jsonPath":".status.deadline"}"#,
+    printcolumn = r#"{"name":"Deadline","type":"string","jsonPath":".status.deadline"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -6,10 +6,10 @@ use std::time::Duration;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use super::{apply_status, object_key, stores, Context, Error};
-use crate::api::common::{is_true, merge_conditions, DesiredCondition};
+use crate::api::common::{find_condition, merge_conditions, DesiredCondition};
 use crate::api::datastore::{DataStore, DataStoreStatus};
 use crate::api::Timestamp;
 
@@ -23,18 +23,22 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
     let key = object_key(store.as_ref());
     let probe = probe(&store, &ctx, &key).await;
     let status = desired_status(&store, &probe, Timestamp::now());
-    let was_ready = store
+    // Events and logs on a change of readiness or of the reason for it, not on every probe.
+    let ready_reason = |conditions: &[crate::api::Condition]| {
+        find_condition(conditions, "Ready").map(|c| (c.status, c.reason.clone()))
+    };
+    let before = store
         .status
         .as_ref()
-        .map(|s| is_true(&s.conditions, "Ready"));
-    let now_ready = is_true(&status.conditions, "Ready");
+        .and_then(|s| ready_reason(&s.conditions));
+    let after = ready_reason(&status.conditions);
 
     if store.status.as_ref() != Some(&status) {
         let api: Api<DataStore> =
             Api::namespaced(ctx.client.clone(), &store.namespace().unwrap_or_default());
         apply_status(&api, &store.name_any(), &status).await?;
     }
-    if was_ready != Some(now_ready) {
+    if before != after {
         match &probe {
             Ok(version) => {
                 info!(%version, "store ready");
@@ -66,6 +70,7 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
             Action::requeue(ctx.settings.probe_interval)
         }
         Err(e) => {
+            debug!(reason = e.reason(), error = %e, "probe failed");
             ctx.metrics.reconcile_error(CONTROLLER, e.reason());
             if e.is_retryable() {
                 Action::requeue(ctx.backoff(&key))

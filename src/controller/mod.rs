@@ -121,7 +121,7 @@ impl Context {
     }
 
     /// Records one more failure of `key` and returns how long to back off: 5s doubling up
-    /// to 5 minutes.
+    /// to a minute (Secrets are not watched, so a fixed one is noticed within that).
     pub fn backoff(&self, key: &str) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
@@ -172,7 +172,7 @@ impl Context {
 
 pub fn backoff_for(failures: u32) -> Duration {
     let secs = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(6));
-    Duration::from_secs(secs.min(300))
+    Duration::from_secs(secs.min(60))
 }
 
 /// `namespace/name`, the key for caches and failure counts.
@@ -210,6 +210,6 @@ mod tests {
         assert_eq!(backoff_for(1), Duration::from_secs(5));
         assert_eq!(backoff_for(2), Duration::from_secs(10));
         assert_eq!(backoff_for(4), Duration::from_secs(40));
-        assert_eq!(backoff_for(50), Duration::from_secs(300));
+        assert_eq!(backoff_for(50), Duration::from_secs(60));
     }
 }

@@ -167,7 +167,7 @@ impl RedisBackend {
             scanned: 0,
             deleted: 0,
         };
-        let mut in_flight: VecDeque<(u64, JoinHandle<Result<(u64, u64), Error>>)> = VecDeque::new();
+        let mut in_flight: InFlight = VecDeque::new();
         let mut next_scan = Some(scan_cursor);
         let mut failure = None;
         loop {
@@ -224,10 +224,7 @@ impl RedisBackend {
 
 /// Waits for the pages still in flight after a failure and adds their counts (their effects
 /// happened), without moving the cursor past the failed page.
-async fn drain_counts(
-    in_flight: &mut VecDeque<(u64, JoinHandle<Result<(u64, u64), Error>>)>,
-    progress: &mut NodeProgress,
-) {
+async fn drain_counts(in_flight: &mut InFlight, progress: &mut NodeProgress) {
     while let Some((_, handle)) = in_flight.pop_front() {
         if let Ok(Ok((scanned, deleted))) = handle.await {
             progress.scanned += scanned;
@@ -357,6 +354,9 @@ impl PageJob {
         Ok(removed.iter().sum())
     }
 }
+
+/// Pages being processed, each with the SCAN cursor that follows it.
+type InFlight = VecDeque<(u64, JoinHandle<Result<(u64, u64), Error>>)>;
 
 struct NodeProgress {
     cursor: u64,

@@ -194,32 +194,42 @@ async fn resolve_target(
         .status
         .as_ref()
         .and_then(|s| find_condition(&s.conditions, "Ready"));
-    match ready.map(|c| c.status) {
-        None | Some(ConditionStatus::Unknown) => {
-            return Ok(ResolvedTarget {
-                backend: None,
-                problem: Some(Problem {
-                    reason: "StoreNotReady",
-                    message: format!("DataStore {} has not been probed yet", target.store),
-                    transient: true,
-                }),
-            })
+    let problem = |reason: &'static str, message: String, transient: bool| {
+        Ok(ResolvedTarget {
+            backend: None,
+            problem: Some(Problem {
+                reason,
+                message,
+                transient,
+            }),
+        })
+    };
+    match ready {
+        None => {
+            return problem(
+                "StoreNotReady",
+                format!("DataStore {} has not been probed yet", target.store),
+                true,
+            )
         }
-        Some(ConditionStatus::False) => {
-            let c = ready.cloned().unwrap_or_else(|| unreachable!());
-            return Ok(ResolvedTarget {
-                backend: None,
-                problem: Some(Problem {
-                    reason: "StoreNotReady",
-                    message: format!(
-                        "DataStore {} is not ready: {}: {}",
-                        target.store, c.reason, c.message
-                    ),
-                    transient: false,
-                }),
-            });
+        Some(c) if c.status == ConditionStatus::Unknown => {
+            return problem(
+                "StoreNotReady",
+                format!("DataStore {} has not been probed yet", target.store),
+                true,
+            )
         }
-        Some(ConditionStatus::True) => {}
+        Some(c) if c.status == ConditionStatus::False => {
+            return problem(
+                "StoreNotReady",
+                format!(
+                    "DataStore {} is not ready: {}: {}",
+                    target.store, c.reason, c.message
+                ),
+                false,
+            )
+        }
+        Some(_) => {}
     }
     let spec = stores::connection_spec(&ctx.client, &store).await?;
     let store_key = format!("{namespace}/{}", target.store);
@@ -240,9 +250,7 @@ async fn run_steps(
     resolved: &[ResolvedTarget],
     status: &mut RetentionPolicyStatus,
 ) -> Option<Duration> {
-    let Some(current) = status.current_sweep.clone() else {
-        return None;
-    };
+    let current = status.current_sweep.clone()?;
     let cutoff = current.start_time.0 - policy.spec.retention.as_chrono();
     let steps = policy
         .spec

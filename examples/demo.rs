@@ -1,0 +1,164 @@
+//! The local demo behind `hack/demo.sh`: a local control plane (etcd + kube-apiserver), a
+//! redis-server with some personal data in it, the CRDs, the operator (the real `tombstone
+//! run` binary, given as TOMBSTONE_BIN) and the samples of config/samples. Waits for the
+//! first sweep and prints what `kubectl get tombstone` shows. With `--keep` it stays up
+//! until Ctrl-C so you can look around with kubectl.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kube::Api;
+use tombstone::api::RetentionPolicy;
+
+const NAMESPACE: &str = "shop";
+
+fn kubectl(cp: &support::ControlPlane, args: &[&str]) -> String {
+    let out = cp.kubectl().args(args).output().expect("running kubectl");
+    if !out.status.success() {
+        panic!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::main]
+async fn main() {
+    let keep = std::env::args().any(|a| a == "--keep");
+    let binary = std::env::var("TOMBSTONE_BIN")
+        .expect("TOMBSTONE_BIN: the tombstone binary to run (hack/demo.sh sets it)");
+
+    println!("==> starting a local control plane (etcd + kube-apiserver)");
+    let cp = support::ControlPlane::get();
+    cp.install_crds().await;
+    let client = cp.client();
+    kubectl(cp, &["create", "namespace", NAMESPACE]);
+
+    println!("==> starting redis-server and filling it with sessions and carts");
+    let redis = support::RedisServer::start();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut pipe = redis::pipe();
+    for user in 0..100 {
+        for n in 0..10 {
+            pipe.cmd("SET")
+                .arg(format!("session:{user}:{n}"))
+                .arg("token")
+                .ignore();
+        }
+        pipe.cmd("HSET")
+            .arg(format!("cart:{user}"))
+            .arg("sku-1")
+            .arg(1)
+            .ignore();
+    }
+    pipe.cmd("SET")
+        .arg("config:feature-flags")
+        .arg("{}")
+        .ignore();
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let ttl = |key: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("TTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    println!(
+        "    TTL of session:42:0 before: {} (-1: kept forever)",
+        ttl("session:42:0").await
+    );
+
+    println!("==> applying config/samples, pointed at this redis-server");
+    kubectl(cp, &["apply", "-n", NAMESPACE, "-k", "config/samples"]);
+    let url_patch = format!(r#"{{"spec":{{"redis":{{"url":"{}"}}}}}}"#, redis.url());
+    kubectl(
+        cp,
+        &[
+            "patch",
+            "-n",
+            NAMESPACE,
+            "datastore",
+            "cache",
+            "--type",
+            "merge",
+            "-p",
+            &url_patch,
+        ],
+    );
+
+    println!("==> starting the operator: {binary} run");
+    let log_path = std::env::temp_dir().join(format!("tombstone-demo-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).expect("operator log file");
+    let mut operator = Command::new(&binary)
+        .args([
+            "run",
+            "--lease-namespace",
+            NAMESPACE,
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env("POD_NAME", "tombstone-demo")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting the operator");
+
+    let policies: Api<RetentionPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    support::wait_for("the first sweep", Duration::from_secs(120), || {
+        let policies = policies.clone();
+        async move {
+            let p = policies.get("sessions").await.ok()?;
+            p.status?.last_sweep.map(|_| ())
+        }
+    })
+    .await;
+
+    println!("\n$ kubectl get tombstone -n {NAMESPACE}");
+    print!("{}", kubectl(cp, &["get", "tombstone", "-n", NAMESPACE]));
+    println!(
+        "\n$ kubectl get retentionpolicy sessions -n {NAMESPACE} -o jsonpath='{{.status.targets}}'"
+    );
+    println!(
+        "{}",
+        kubectl(
+            cp,
+            &[
+                "get",
+                "retentionpolicy",
+                "sessions",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.status.targets}"
+            ]
+        )
+    );
+    println!(
+        "\n    TTL of session:42:0 after: {}s (bounded by the 30d retention); config:feature-flags untouched: {}",
+        ttl("session:42:0").await,
+        ttl("config:feature-flags").await
+    );
+    println!("    operator log (JSON lines): {}", log_path.display());
+
+    if keep {
+        println!("\nThe demo keeps running. In another shell:\n    export KUBECONFIG={}\n    kubectl get tombstone -n {NAMESPACE}\nPress Ctrl-C to stop everything.", cp.kubeconfig_path().display());
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    // SIGTERM: the operator shuts down gracefully and releases its Lease.
+    unsafe { libc::kill(operator.id() as i32, libc::SIGTERM) };
+    let status = operator.wait().expect("operator exit");
+    println!("==> operator stopped ({status}); stopping redis-server and the control plane");
+}

@@ -1,0 +1,315 @@
+//! Building blocks of the operator tests: the operator run in-process against the test API
+//! server, objects built from YAML-like JSON, and Redis seeding.
+
+use std::time::Duration;
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use tombstone::api::common::{find_condition, ConditionStatus};
+use tombstone::api::{DataStore, RetentionPolicy};
+use tombstone::controller::Settings;
+use tombstone::leader::LeaderElection;
+use tombstone::operator::{self, Options, Running};
+
+use crate::support::{test_namespace, wait_for, ControlPlane};
+
+/// A fresh namespace with the CRDs installed, and a client for this test's runtime.
+pub async fn setup(prefix: &str) -> (Client, String) {
+    // Operator logs show with a failing test's output (RUST_LOG widens them).
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "tombstone=info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(filter)
+        .try_init();
+    let cp = ControlPlane::get();
+    cp.install_crds().await;
+    let client = cp.client();
+    let ns = test_namespace(&client, prefix).await;
+    (client, ns)
+}
+
+/// Settings that make sweeps checkpoint often, so tests see progress quickly.
+pub fn fast_settings() -> Settings {
+    Settings {
+        checkpoint_interval: Duration::from_millis(250),
+        probe_interval: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+/// The operator running in-process, watching one namespace.
+pub struct TestOperator {
+    pub shutdown: CancellationToken,
+    pub running: Running,
+}
+
+impl TestOperator {
+    pub async fn start(ns: &str) -> Self {
+        Self::start_with(ns, None, None, fast_settings()).await
+    }
+
+    pub async fn start_with(
+        ns: &str,
+        leader_election: Option<LeaderElection>,
+        http_addr: Option<std::net::SocketAddr>,
+        settings: Settings,
+    ) -> Self {
+        let shutdown = CancellationToken::new();
+        let options = Options {
+            namespace: Some(ns.to_string()),
+            leader_election,
+            http_addr,
+            reporter: "tombstone".into(),
+            settings,
+        };
+        let running = operator::start(ControlPlane::get().client(), options, shutdown.clone())
+            .await
+            .expect("operator starts");
+        Self { shutdown, running }
+    }
+
+    /// Graceful stop, as on SIGTERM: running steps checkpoint, then everything ends.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.running.task)
+            .await
+            .expect("operator stops within 30s")
+            .expect("operator task did not panic")
+            .expect("operator stopped cleanly");
+    }
+}
+
+pub async fn create<K>(client: &Client, ns: &str, value: Value) -> K
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(value).expect("test object deserializes");
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("create succeeds")
+}
+
+pub async fn redis_store(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    url: &str,
+    extra: Value,
+) -> DataStore {
+    let mut redis = json!({"url": url});
+    if let (Some(r), Some(e)) = (
+        redis.as_object_mut(),
+        extra.get("redis").and_then(Value::as_object),
+    ) {
+        r.extend(e.clone());
+    }
+    let mut spec = json!({"redis": redis});
+    if let Some(limits) = extra.get("limits") {
+        spec["limits"] = limits.clone();
+    }
+    create(client, ns, json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": spec})).await
+}
+
+/// A policy over `targets` with the Art. 30 fields filled in.
+pub fn policy_json(name: &str, retention: &str, targets: Value) -> Value {
+    json!({
+        "apiVersion": "tombstone.dev/v1alpha1",
+        "kind": "RetentionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "purpose": "Keep shoppers logged in",
+            "legalBasis": "contract",
+            "dataSubjects": ["customers"],
+            "dataCategories": ["session data"],
+            "retention": retention,
+            "schedule": {"every": "1h"},
+            "targets": targets,
+        }
+    })
+}
+
+pub async fn patch_spec<K>(client: &Client, ns: &str, name: &str, spec: Value)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": spec})),
+        )
+        .await
+        .expect("spec patch succeeds");
+}
+
+pub async fn get_policy(client: &Client, ns: &str, name: &str) -> RetentionPolicy {
+    Api::<RetentionPolicy>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .expect("policy exists")
+}
+
+/// Waits until the policy's status satisfies `pred`, returning it.
+pub async fn wait_policy(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&RetentionPolicy) -> bool,
+) -> RetentionPolicy {
+    let api = Api::<RetentionPolicy>::namespaced(client.clone(), ns);
+    wait_for(what, timeout, || {
+        let api = api.clone();
+        let pred = &pred;
+        async move { api.get(name).await.ok().filter(|p| pred(p)) }
+    })
+    .await
+}
+
+/// Waits until a sweep has completed `n` times in total (by `lastSweep` start times seen).
+pub async fn wait_sweep_completed(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    after: Option<&str>,
+) -> RetentionPolicy {
+    let after = after.map(str::to_string);
+    wait_policy(
+        client,
+        ns,
+        name,
+        "a completed sweep",
+        Duration::from_secs(60),
+        move |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_sweep.as_ref())
+                .is_some_and(|l| {
+                    after
+                        .as_deref()
+                        .is_none_or(|a| l.start_time.to_string().as_str() > a)
+                })
+                && p.status.as_ref().is_some_and(|s| s.current_sweep.is_none())
+        },
+    )
+    .await
+}
+
+pub fn condition(
+    conditions: &[tombstone::api::Condition],
+    type_: &str,
+) -> (ConditionStatus, String, String) {
+    let c = find_condition(conditions, type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {conditions:?}"));
+    (c.status, c.reason.clone(), c.message.clone())
+}
+
+pub async fn wait_store_ready(client: &Client, ns: &str, name: &str, ready: bool) -> DataStore {
+    let api = Api::<DataStore>::namespaced(client.clone(), ns);
+    let want = if ready {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    wait_for(
+        &format!("DataStore {name} Ready={ready}"),
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                api.get(name).await.ok().filter(|s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|st| find_condition(&st.conditions, "Ready"))
+                        .is_some_and(|c| c.status == want)
+                })
+            }
+        },
+    )
+    .await
+}
+
+/// Events about one object, as (type, reason, note).
+pub async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let list = events
+        .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+        .await
+        .expect("list events");
+    list.items
+        .into_iter()
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+pub async fn redis_conn(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
+/// Sets `count` string keys `{prefix}{i}` in pipelined batches.
+pub async fn seed(conn: &mut MultiplexedConnection, prefix: &str, count: usize) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(5000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}{i}"))
+                .arg("v")
+                .ignore();
+        }
+        let _: () = pipe.query_async(conn).await.expect("seed");
+    }
+}
+
+/// Keys matching a glob, counted with SCAN.
+pub async fn count_keys(conn: &mut MultiplexedConnection, pattern: &str) -> usize {
+    let mut cursor = 0u64;
+    let mut n = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .expect("scan");
+        n += keys.len();
+        if next == 0 {
+            return n;
+        }
+        cursor = next;
+    }
+}
+
+pub async fn ttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("TTL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("ttl")
+}

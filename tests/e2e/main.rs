@@ -1,0 +1,15 @@
+//! Integration tests against a real kube-apiserver: one test binary, so one API server
+//! for all of them. Run with
+//!
+//!     KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh) cargo test --test e2e
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod crd_validation;
+mod datastore;
+mod fixtures;
+mod harness;
+mod kustomize;
+mod operational;
+mod sweep;
