@@ -27,7 +27,7 @@ use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
 
 /// Keys asked for per SCAN call.
-const SCAN_COUNT: usize = 1000;
+const SCAN_COUNT: usize = 5000;
 
 /// How to reach one Redis deployment, resolved from a DataStore and its Secret.
 #[derive(Clone)]
@@ -158,6 +158,7 @@ impl RedisBackend {
             cutoff: job.cutoff,
             dry_run: job.dry_run,
             major_version: node.major_version,
+            cluster: self.config.cluster,
         };
         let only_hashes = target.mode == RedisMode::Timestamp && node.major_version >= 6;
         let concurrency = self.limits.concurrency.max(1);
@@ -246,6 +247,8 @@ struct PageJob {
     cutoff: DateTime<Utc>,
     dry_run: bool,
     major_version: u32,
+    /// Talking to one node of a Redis Cluster: multi-key commands must stay within a slot.
+    cluster: bool,
 }
 
 impl PageJob {
@@ -285,16 +288,29 @@ impl PageJob {
                     set.iter().filter(|&&s| s == 1).count() as u64
                 }
             }
+            RedisMode::Idle if !self.cluster => {
+                // One script call per page: the idle check and the delete happen atomically
+                // on the server (a key touched in between is never deleted), and a dry run
+                // runs the very same check.
+                let mut invocation = IDLE_SCRIPT.prepare_invoke();
+                for key in &keys {
+                    invocation.key(key);
+                }
+                invocation
+                    .arg(self.retention_secs)
+                    .arg(u8::from(self.dry_run));
+                self.limits.acquire(2 * keys.len() as u32).await;
+                invocation
+                    .invoke_async::<u64>(&mut self.conn)
+                    .await
+                    .map_err(|e| idle_error(e, &addr))?
+            }
             RedisMode::Idle => {
-                let idle: Vec<Option<u64>> = self.pipelined("OBJECT", &keys, &[]).await.map_err(|e| {
-                    if e.to_string().contains("LFU") {
-                        Error::InvalidSpec(
-                            "mode idle needs OBJECT IDLETIME, which Redis refuses under an LFU maxmemory-policy".into(),
-                        )
-                    } else {
-                        map_error(e, &addr)
-                    }
-                })?;
+                // A cluster node refuses multi-key scripts across slots: check, then delete.
+                let idle: Vec<Option<u64>> = self
+                    .pipelined("OBJECT", &keys, &[])
+                    .await
+                    .map_err(|e| idle_error(e, &addr))?;
                 let retention_secs = self.retention_secs;
                 let selected = select(keys, idle, |idle| idle.is_some_and(|s| s > retention_secs));
                 self.unlink(selected).await.map_err(err)?
@@ -350,8 +366,51 @@ impl PageJob {
         if self.dry_run {
             return Ok(keys.len() as u64);
         }
-        let removed: Vec<u64> = self.pipelined("UNLINK", &keys, &[]).await?;
-        Ok(removed.iter().sum())
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        if self.cluster {
+            let removed: Vec<u64> = self.pipelined("UNLINK", &keys, &[]).await?;
+            return Ok(removed.iter().sum());
+        }
+        // Standalone: one multi-key command per page.
+        self.limits.acquire(keys.len() as u32).await;
+        redis::cmd("UNLINK")
+            .arg(&keys)
+            .query_async(&mut self.conn)
+            .await
+    }
+}
+
+/// Mode idle on a standalone server: unlinks (or, with ARGV[2] = 1, only counts) the keys
+/// idle longer than ARGV[1] seconds; returns how many.
+static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local threshold = tonumber(ARGV[1])
+local expired = {}
+for _, key in ipairs(KEYS) do
+  local idle = redis.call('OBJECT', 'IDLETIME', key)
+  if idle and idle > threshold then
+    expired[#expired + 1] = key
+  end
+end
+if ARGV[2] == '1' or #expired == 0 then
+  return #expired
+end
+return redis.call('UNLINK', unpack(expired))
+",
+    )
+});
+
+fn idle_error(e: redis::RedisError, addr: &str) -> Error {
+    if e.to_string().contains("LFU") {
+        Error::InvalidSpec(
+            "mode idle needs OBJECT IDLETIME, which Redis refuses under an LFU maxmemory-policy"
+                .into(),
+        )
+    } else {
+        map_error(e, addr)
     }
 }
 
