@@ -14,4 +14,5 @@ done
 
 cargo fmt --all --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked
+# A bound on the whole run, so a hung test fails CI instead of stalling it.
+timeout 45m cargo test --locked

@@ -84,6 +84,9 @@ fn init_logging(format: &str) {
 #[tokio::main]
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format);
+    // Registered first, so a SIGTERM during start-up is handled gracefully too.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -113,22 +116,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut task = running.task;
     tokio::select! {
         result = &mut task => return Ok(result??),
-        _ = shutdown_signal() => tracing::info!("shutdown signal received; stopping gracefully"),
+        _ = terminate.recv() => tracing::info!("shutdown signal received; stopping gracefully"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("shutdown signal received; stopping gracefully"),
     }
     shutdown.cancel();
     task.await??;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 fn print_or_write_crds(write: Option<PathBuf>) -> anyhow::Result<()> {

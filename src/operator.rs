@@ -167,12 +167,16 @@ async fn run_controllers(
     let stores: Api<DataStore> = api(&client, &options.namespace);
     let policies: Api<RetentionPolicy> = api(&client, &options.namespace);
 
-    let store_controller = Controller::new(stores.clone(), watcher::Config::default())
-        .with_config(config.clone())
-        .graceful_shutdown_on(stop.clone().cancelled_owned());
-    let policy_controller = Controller::new(policies, watcher::Config::default())
-        .with_config(config)
-        .graceful_shutdown_on(stop.clone().cancelled_owned());
+    let store_controller =
+        Controller::new(stores.clone(), watcher::Config::default()).with_config(config.clone());
+    let store_cache = store_controller.store();
+    let store_controller =
+        store_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache));
+    let policy_controller =
+        Controller::new(policies, watcher::Config::default()).with_config(config);
+    let policy_cache = policy_controller.store();
+    let policy_controller =
+        policy_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache));
     let policy_index = policy_controller.store();
     // A store that changes (becomes ready, changes limits) re-plans the policies that use it.
     let policy_controller = policy_controller.watches(
@@ -227,14 +231,38 @@ async fn run_controllers(
         namespace = options.namespace.as_deref().unwrap_or("<all>"),
         "controllers started"
     );
-    tokio::join!(
-        store_loop,
-        policy_loop,
-        readiness_until(readiness, stop.clone())
-    );
+    let controllers = async {
+        tokio::join!(
+            store_loop,
+            policy_loop,
+            readiness_until(readiness, stop.clone())
+        )
+    };
+    tokio::select! {
+        _ = controllers => {}
+        _ = async { stop.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            warn!("controllers did not stop within {}s; abandoning running reconciles", SHUTDOWN_GRACE.as_secs());
+        }
+    }
     ready.store(false, Ordering::Relaxed);
     info!("controllers stopped");
     let _ = controller::FIELD_MANAGER;
+}
+
+/// How long running reconciles may take to finish after a stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Fires once `stop` is cancelled *and* the controller's cache has synced (or 10s passed): a
+/// kube-runtime controller whose watch is stopped before its first list completes waits for
+/// its cache forever, so shutdown must not cut the watch that early.
+async fn shutdown_trigger<K>(stop: CancellationToken, cache: kube::runtime::reflector::Store<K>)
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+{
+    stop.cancelled().await;
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(10), cache.wait_until_ready()).await;
 }
 
 async fn readiness_until(

@@ -73,7 +73,14 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
             debug!(reason = e.reason(), error = %e, "probe failed");
             ctx.metrics.reconcile_error(CONTROLLER, e.reason());
             if e.is_retryable() {
-                Action::requeue(ctx.backoff(&key))
+                let failing_since =
+                    find_condition(&status.conditions, "Ready").map(|c| c.last_transition_time);
+                let failing_for = failing_since.map_or(Duration::ZERO, |t| {
+                    (Timestamp::now().0 - t.0)
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                });
+                Action::requeue(retry_delay(failing_for))
             } else {
                 Action::await_change()
             }
@@ -100,6 +107,15 @@ async fn probe(store: &DataStore, ctx: &Context, key: &str) -> Result<String, Er
             .into())
         }
     }
+}
+
+/// How soon to probe a failing store again: half the time it has been failing, between 5s
+/// and a minute. Derived from the condition's transition time rather than a counter, so the
+/// reconciles our own status writes trigger do not speed up the backoff, and a restart keeps
+/// it. Secrets are not watched (that would need list/watch on every Secret), so a fixed
+/// Secret is noticed within a minute.
+pub fn retry_delay(failing_for: Duration) -> Duration {
+    (failing_for / 2).clamp(Duration::from_secs(5), Duration::from_secs(60))
 }
 
 /// The status a probe result calls for (pure).
@@ -188,6 +204,19 @@ mod tests {
             assert_eq!(st.conditions[0].status, ConditionStatus::False);
             assert_eq!(st.conditions[0].reason, reason);
         }
+    }
+
+    #[test]
+    fn retries_back_off_with_the_time_spent_failing() {
+        assert_eq!(retry_delay(Duration::ZERO), Duration::from_secs(5));
+        assert_eq!(
+            retry_delay(Duration::from_secs(40)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(3600)),
+            Duration::from_secs(60)
+        );
     }
 
     #[test]

@@ -290,12 +290,28 @@ async fn the_binary_logs_json_and_stops_gracefully_on_sigterm() {
     .await;
     // SAFETY: sending a signal to a child we own.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(output.status.success(), "exit status {:?}", output.status);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Read stderr on a thread (a full pipe would stall the child) and never wait forever.
+    let mut child = child;
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr_pipe, &mut text).map(|_| text)
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = reader.join().unwrap().unwrap_or_default();
+            panic!("tombstone did not exit within 30s of SIGTERM; its log:\n{stderr}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let stderr = reader.join().unwrap().unwrap();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!lines.is_empty());
     for line in &lines {
@@ -310,4 +326,14 @@ async fn the_binary_logs_json_and_stops_gracefully_on_sigterm() {
     assert!(stderr.contains("released leadership"), "{stderr}");
     let lease = leases.get("tombstone-leader").await.unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity, None);
+}
+
+#[tokio::test]
+async fn an_operator_stopped_right_after_start_still_stops() {
+    let (_client, ns) = setup("early-stop").await;
+    for with_lease in [false, true] {
+        let election = with_lease.then(|| LeaderElection::new(&ns, "tombstone-leader", "early"));
+        let operator = TestOperator::start_with(&ns, election, None, fast_settings()).await;
+        operator.stop().await;
+    }
 }
