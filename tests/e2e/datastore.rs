@@ -24,13 +24,10 @@ async fn a_reachable_redis_is_ready_with_its_version() {
     assert!(message.starts_with("redis 7."), "{message}");
     assert_eq!(status.store_type.as_deref(), Some("redis"));
     assert_eq!(status.observed_generation, Some(1));
-    let events = events_for(&client, &ns, "cache").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, _)| t == "Normal" && r == "Connected"),
-        "{events:?}"
-    );
+    wait_event(&client, &ns, "cache", |(t, r, _)| {
+        t == "Normal" && r == "Connected"
+    })
+    .await;
     operator.stop().await;
 }
 
@@ -55,13 +52,10 @@ async fn a_missing_secret_is_reported_then_the_store_recovers_when_it_appears() 
         (ConditionStatus::False, "SecretNotFound")
     );
     assert!(message.contains("redis-auth"), "{message}");
-    let events = events_for(&client, &ns, "cache").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "SecretNotFound"),
-        "{events:?}"
-    );
+    wait_event(&client, &ns, "cache", |(t, r, _)| {
+        t == "Warning" && r == "SecretNotFound"
+    })
+    .await;
 
     // The wrong password is an authentication failure, not "unreachable".
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);

@@ -243,6 +243,26 @@ pub async fn wait_store_ready(client: &Client, ns: &str, name: &str, ready: bool
     .await
 }
 
+/// Waits until an event about `name` satisfies `pred` (events are published just after the
+/// status is written, so a test that saw the status may not see the event yet).
+pub async fn wait_event(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    pred: impl Fn(&(String, String, String)) -> bool,
+) {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        seen = events_for(client, ns, name).await;
+        if seen.iter().any(&pred) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no matching event about {name} within 20s; saw {seen:?}");
+}
+
 /// Events about one object, as (type, reason, note).
 pub async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);

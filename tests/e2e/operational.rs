@@ -144,11 +144,11 @@ async fn only_the_leader_acts_and_a_standby_takes_over_when_it_stops() {
         Some("first"),
         "the standby never took the Lease while the leader ran"
     );
-    assert!(first
-        .running
-        .metrics
-        .render()
-        .contains("tombstone_sweeps_total{outcome=\"Succeeded\"} 1"));
+    wait_metric(
+        &first.running.metrics,
+        "tombstone_sweeps_total{outcome=\"Succeeded\"} 1",
+    )
+    .await;
     assert!(
         !second
             .running
@@ -166,11 +166,11 @@ async fn only_the_leader_acts_and_a_standby_takes_over_when_it_stops() {
     create::<RetentionPolicy>(&client, &ns, policy_json("b", "1s", json!([{"name": "b", "store": "cache", "redis": {"keyPattern": "b:*", "mode": "idle"}}]))).await;
     let b = wait_sweep_completed(&client, &ns, "b", None).await;
     assert_eq!(b.status.unwrap().last_sweep.unwrap().deleted, 10);
-    assert!(second
-        .running
-        .metrics
-        .render()
-        .contains("tombstone_sweeps_total{outcome=\"Succeeded\"} 1"));
+    wait_metric(
+        &second.running.metrics,
+        "tombstone_sweeps_total{outcome=\"Succeeded\"} 1",
+    )
+    .await;
     second.stop().await;
     let lease = leases.get("tombstone-leader").await.unwrap();
     assert_eq!(
@@ -178,6 +178,13 @@ async fn only_the_leader_acts_and_a_standby_takes_over_when_it_stops() {
         None,
         "released on graceful shutdown"
     );
+}
+
+async fn wait_metric(metrics: &tombstone::metrics::Metrics, needle: &str) {
+    wait_for(needle, Duration::from_secs(20), || async {
+        metrics.render().contains(needle).then_some(())
+    })
+    .await;
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -227,8 +234,13 @@ async fn health_readiness_and_metrics_are_served() {
     redis_store(&client, &ns, "cache", &redis.url(), json!({})).await;
     create::<RetentionPolicy>(&client, &ns, policy_json("m", "1s", json!([{"name": "m", "store": "cache", "redis": {"keyPattern": "m:*", "mode": "idle"}}]))).await;
     wait_sweep_completed(&client, &ns, "m", None).await;
-    let (code, metrics) = http_get(addr, "/metrics").await;
-    assert_eq!(code, 200);
+    // Metrics are counted just after the status is written.
+    let metrics = wait_for("the sweep in /metrics", Duration::from_secs(20), || async {
+        let (code, body) = http_get(addr, "/metrics").await;
+        (code == 200 && body.contains("tombstone_sweeps_total{outcome=\"Succeeded\"} 1"))
+            .then_some(body)
+    })
+    .await;
     for expected in [
         "tombstone_sweeps_total{outcome=\"Succeeded\"} 1",
         "tombstone_items_deleted_total{store_kind=\"redis\"} 7",

@@ -144,13 +144,10 @@ async fn each_mode_touches_only_the_keys_its_target_selects() {
         .conditions
         .iter()
         .all(|c| c.observed_generation == Some(1)));
-    let events = events_for(&client, &ns, "shop").await;
-    assert!(
-        events
-            .iter()
-            .any(|(_, r, n)| r == "SweepCompleted" && n.contains("366")),
-        "{events:?}"
-    );
+    wait_event(&client, &ns, "shop", |(_, r, n)| {
+        r == "SweepCompleted" && n.contains("366")
+    })
+    .await;
 
     // Nothing more is written while nothing changes: no status churn.
     let rv = policy.metadata.resource_version.clone();
@@ -305,13 +302,10 @@ async fn match_everything_selectors_and_missing_stores_are_refused_before_anythi
     .unwrap();
     assert_eq!(condition(&lost.conditions, "Ready").1, "StoreNotFound");
     assert_eq!(count_keys(&mut conn, "k:*").await, 10, "nothing deleted");
-    let events = events_for(&client, &ns, "wipe").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, _)| t == "Warning" && r == "InvalidSpec"),
-        "{events:?}"
-    );
+    wait_event(&client, &ns, "wipe", |(t, r, _)| {
+        t == "Warning" && r == "InvalidSpec"
+    })
+    .await;
     operator.stop().await;
 }
 
