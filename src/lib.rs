@@ -2,6 +2,7 @@
 //! and the right to erasure (Art. 17) on Redis, S3, Loki and Elasticsearch.
 
 pub mod api;
+pub mod audit;
 pub mod backends;
 pub mod controller;
 pub mod crds;

@@ -25,6 +25,24 @@ enum Command {
         #[arg(long, value_name = "REPO_ROOT", num_args = 0..=1, default_missing_value = ".")]
         write: Option<PathBuf>,
     },
+    /// Print the keyed digest of one identifier, as a LegalHold's `subjects[].digest` takes it.
+    Digest(DigestArgs),
+}
+
+#[derive(clap::Args)]
+struct DigestArgs {
+    /// Identifier type: the Secret key an ErasureRequest uses for it (`email`, `userId`, …).
+    #[arg(value_name = "TYPE")]
+    id_type: String,
+    /// The identifier; `-` reads it from standard input (keeps it out of shell history).
+    #[arg(value_name = "VALUE")]
+    value: String,
+    /// Namespace of the operator, where the key Secret `tombstone-digest-key` lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tombstone-system")]
+    namespace: String,
+    /// Read the raw key bytes from this file instead of the cluster's Secret.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -61,6 +79,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Crds { write } => print_or_write_crds(write),
+        Command::Digest(args) => print_digest(args),
     }
 }
 
@@ -145,5 +164,38 @@ fn print_or_write_crds(write: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn print_digest(args: DigestArgs) -> anyhow::Result<()> {
+    let value = if args.value == "-" {
+        let mut value = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut value)
+            .context("reading the identifier from standard input")?;
+        value
+    } else {
+        args.value
+    };
+    let key = match &args.key_file {
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            tombstone::audit::DigestKey::from_bytes(&bytes)
+                .with_context(|| format!("invalid digest key in {}", path.display()))?
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            tombstone::audit::load_key(&client, &args.namespace)
+                .await
+                .context("loading the digest key")?
+        }
+    };
+    println!(
+        "{}",
+        tombstone::audit::identifier_digest(&key, &args.id_type, &value)
+    );
     Ok(())
 }

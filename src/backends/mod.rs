@@ -7,6 +7,7 @@
 //! instead of starting over, and long-running deletions are submitted once and then polled.
 
 pub mod redis;
+pub mod template;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,6 +119,49 @@ pub struct Step {
     pub failure: Option<Error>,
 }
 
+/// What an erasure does in one target: find and count (also what a dry run does), erase, or
+/// verify that nothing remains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubjectAction {
+    Find,
+    Erase,
+    Verify,
+}
+
+/// One data subject in one target. `identifiers` are the subject's (type → value); they are
+/// used to build store queries and never logged or returned.
+#[derive(Clone)]
+pub struct SubjectJob {
+    pub target: Target,
+    pub identifiers: std::collections::BTreeMap<String, String>,
+    pub action: SubjectAction,
+}
+
+impl std::fmt::Debug for SubjectJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubjectJob")
+            .field("target", &self.target.name)
+            .field(
+                "identifier_types",
+                &self.identifiers.keys().collect::<Vec<_>>(),
+            )
+            .field("action", &self.action)
+            .finish()
+    }
+}
+
+/// The result of one subject step.
+#[derive(Debug)]
+pub struct SubjectStep {
+    /// Records found (Find), erased (Erase) or still present (Verify).
+    pub count: u64,
+    /// Locators not run because the subject lacks an identifier they need, described
+    /// without any identifier value (e.g. `keys[1] needs {email}`).
+    pub skipped: Vec<String>,
+    pub next: Next,
+    pub failure: Option<Error>,
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn kind(&self) -> StoreKind;
@@ -132,6 +176,14 @@ pub trait Backend: Send + Sync {
         cursor: Option<&str>,
         budget: &StepBudget,
     ) -> Result<Step, Error>;
+
+    /// Runs one bounded step of finding, erasing or verifying one subject's records.
+    async fn subject_step(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep, Error>;
 }
 
 /// The selector of a target for its store kind, checked before anything runs: the target

@@ -8,8 +8,10 @@ mod support;
 
 mod crd_validation;
 mod datastore;
+mod digest;
 mod fixtures;
 mod harness;
 mod kustomize;
 mod operational;
+mod subject;
 mod sweep;

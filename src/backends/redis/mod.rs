@@ -8,6 +8,7 @@
 //! key twice.
 
 pub mod glob;
+mod subject;
 
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Backend, Error, Limits, Next, Step, StepBudget, SweepJob};
+use super::{Backend, Error, Limits, Next, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
 
@@ -458,6 +459,16 @@ impl Backend for RedisBackend {
         } else {
             format!("redis {version}")
         })
+    }
+
+    async fn subject_step(
+        &self,
+        job: &SubjectJob,
+        _cursor: Option<&str>,
+        _budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
+        // A subject's records are few: one step finds, erases or verifies all of them.
+        self.subject(job).await
     }
 
     async fn sweep_step(

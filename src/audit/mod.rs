@@ -1,0 +1,10 @@
+//! The operator's own trail: keyed digests of data subjects (never the identifiers
+//! themselves, invariant 5) and the key they are made with.
+
+pub mod digest;
+pub mod key;
+
+pub use digest::{
+    canonical_identifier, identifier_digest, identifier_digests, subject_digest, DigestKey,
+};
+pub use key::{load_key, load_or_create_key, Error, DIGEST_KEY_SECRET};

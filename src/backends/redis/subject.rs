@@ -1,0 +1,221 @@
+//! One data subject's records in Redis: keys (globs allowed, UNLINK), hash fields (HDEL) and
+//! set or sorted-set members (SREM / ZREM), found, erased and verified with the same queries.
+
+use redis::aio::MultiplexedConnection;
+use redis::RedisResult;
+
+use super::{glob, map_error, Node, RedisBackend, SCAN_COUNT};
+use crate::backends::template::{self, escape_glob, literal};
+use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
+
+/// What a template expansion came to: a value to use, or a reason to skip the locator.
+fn expand_or_skip(
+    what: &str,
+    template: &str,
+    job: &SubjectJob,
+    escape: fn(&str) -> String,
+    skipped: &mut Vec<String>,
+) -> Result<Option<String>, Error> {
+    match template::expand(template, &job.identifiers, escape) {
+        Ok(v) => Ok(Some(v)),
+        Err(template::Error::MissingIdentifier(name)) => {
+            skipped.push(format!("{what} needs {{{name}}}"));
+            Ok(None)
+        }
+        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
+            "target {}: subject.redis.{what} is not a valid template",
+            job.target.name
+        ))),
+    }
+}
+
+impl RedisBackend {
+    pub(super) async fn subject(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
+        let locator = job
+            .target
+            .subject
+            .as_ref()
+            .and_then(|s| s.redis.as_ref())
+            .ok_or_else(|| {
+                Error::InvalidSpec(format!(
+                    "target {} has no redis subject locator",
+                    job.target.name
+                ))
+            })?;
+        let nodes = self.nodes().await?;
+        let mut count = 0;
+        let mut skipped = Vec::new();
+
+        for (i, t) in locator.keys.iter().enumerate() {
+            let Some(pattern) =
+                expand_or_skip(&format!("keys[{i}]"), t, job, escape_glob, &mut skipped)?
+            else {
+                continue;
+            };
+            if glob::matches_everything(&pattern) || pattern.is_empty() {
+                return Err(Error::InvalidSpec(format!(
+                    "target {}: subject.redis.keys[{i}] would match every key",
+                    job.target.name
+                )));
+            }
+            for node in nodes {
+                count += self.subject_keys(node, &pattern, job.action).await?;
+            }
+        }
+        for (i, hf) in locator.hash_fields.iter().enumerate() {
+            let what = format!("hashFields[{i}]");
+            let Some(key) = expand_or_skip(&what, &hf.key, job, literal, &mut skipped)? else {
+                continue;
+            };
+            let Some(field) = expand_or_skip(&what, &hf.field, job, literal, &mut skipped)? else {
+                continue;
+            };
+            let command = if job.action == SubjectAction::Erase {
+                "HDEL"
+            } else {
+                "HEXISTS"
+            };
+            for node in nodes {
+                count += self
+                    .single_key(node, redis::cmd(command).arg(&key).arg(&field))
+                    .await?;
+            }
+        }
+        for (i, sm) in locator.set_members.iter().enumerate() {
+            let what = format!("setMembers[{i}]");
+            let Some(key) = expand_or_skip(&what, &sm.key, job, literal, &mut skipped)? else {
+                continue;
+            };
+            let Some(member) = expand_or_skip(&what, &sm.member, job, literal, &mut skipped)?
+            else {
+                continue;
+            };
+            for node in nodes {
+                count += self.set_member(node, &key, &member, job.action).await?;
+            }
+        }
+        skipped.dedup();
+        Ok(SubjectStep {
+            count,
+            skipped,
+            next: Next::Done,
+            failure: None,
+        })
+    }
+
+    /// Keys matching `pattern` on one node: counted, or unlinked and counted.
+    async fn subject_keys(
+        &self,
+        node: &Node,
+        pattern: &str,
+        action: SubjectAction,
+    ) -> Result<u64, Error> {
+        let mut conn = node.conn.clone();
+        let err = |e| map_error(e, &node.addr);
+        let mut cursor = 0u64;
+        let mut count = 0;
+        loop {
+            self.limits.acquire(1).await;
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            let keys: Vec<Vec<u8>> = keys
+                .into_iter()
+                .filter(|k| glob::matches(pattern.as_bytes(), k))
+                .collect();
+            if !keys.is_empty() {
+                count += match action {
+                    SubjectAction::Find | SubjectAction::Verify => keys.len() as u64,
+                    SubjectAction::Erase => {
+                        unlink_each(&mut conn, &keys, self).await.map_err(err)?
+                    }
+                };
+            }
+            if next == 0 {
+                return Ok(count);
+            }
+            cursor = next;
+        }
+    }
+
+    /// A command on one key that answers an integer. On a cluster node that does not own the
+    /// key the answer is MOVED, which means "not here": 0.
+    async fn single_key(&self, node: &Node, command: &mut redis::Cmd) -> Result<u64, Error> {
+        let mut conn = node.conn.clone();
+        self.limits.acquire(1).await;
+        match command.query_async::<u64>(&mut conn).await {
+            Ok(n) => Ok(n),
+            Err(e) if is_not_here(&e) => Ok(0),
+            Err(e) => Err(map_error(e, &node.addr)),
+        }
+    }
+
+    /// A member of a set (SISMEMBER / SREM) or sorted set (ZSCORE / ZREM).
+    async fn set_member(
+        &self,
+        node: &Node,
+        key: &str,
+        member: &str,
+        action: SubjectAction,
+    ) -> Result<u64, Error> {
+        let mut conn = node.conn.clone();
+        self.limits.acquire(1).await;
+        let kind: String = match redis::cmd("TYPE").arg(key).query_async(&mut conn).await {
+            Ok(kind) => kind,
+            Err(e) if is_not_here(&e) => return Ok(0),
+            Err(e) => return Err(map_error(e, &node.addr)),
+        };
+        let erase = action == SubjectAction::Erase;
+        match kind.as_str() {
+            "set" => {
+                self.single_key(
+                    node,
+                    redis::cmd(if erase { "SREM" } else { "SISMEMBER" })
+                        .arg(key)
+                        .arg(member),
+                )
+                .await
+            }
+            "zset" if erase => {
+                self.single_key(node, redis::cmd("ZREM").arg(key).arg(member))
+                    .await
+            }
+            "zset" => {
+                self.limits.acquire(1).await;
+                let score: Option<f64> = redis::cmd("ZSCORE")
+                    .arg(key)
+                    .arg(member)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| map_error(e, &node.addr))?;
+                Ok(u64::from(score.is_some()))
+            }
+            // Absent ("none") or another type: the subject is not a member of anything here.
+            _ => Ok(0),
+        }
+    }
+}
+
+async fn unlink_each(
+    conn: &mut MultiplexedConnection,
+    keys: &[Vec<u8>],
+    backend: &RedisBackend,
+) -> RedisResult<u64> {
+    let mut pipe = redis::pipe();
+    for key in keys {
+        pipe.cmd("UNLINK").arg(key);
+    }
+    backend.limits.acquire(keys.len() as u32).await;
+    let removed: Vec<u64> = pipe.query_async(conn).await?;
+    Ok(removed.iter().sum())
+}
+
+fn is_not_here(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("MOVED") | Some("ASK"))
+}
