@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::api::datastore::DataStore;
 use crate::api::retentionpolicy::RetentionPolicy;
-use crate::controller::{self, datastore, retentionpolicy, Context, Settings};
+use crate::controller::{datastore, retentionpolicy, Context, Settings};
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderElection};
 use crate::metrics::Metrics;
@@ -246,7 +246,6 @@ async fn run_controllers(
     }
     ready.store(false, Ordering::Relaxed);
     info!("controllers stopped");
-    let _ = controller::FIELD_MANAGER;
 }
 
 /// How long running reconciles may take to finish after a stop.
