@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::datastore::DataStore;
+use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
-use crate::controller::{datastore, retentionpolicy, Context, Settings};
+use crate::controller::{datastore, legalhold, retentionpolicy, Context, Settings};
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderElection};
 use crate::metrics::Metrics;
@@ -165,6 +166,7 @@ async fn run_controllers(
     let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);
 
     let stores: Api<DataStore> = api(&client, &options.namespace);
+    let holds: Api<LegalHold> = api(&client, &options.namespace);
     let policies: Api<RetentionPolicy> = api(&client, &options.namespace);
 
     let store_controller =
@@ -196,6 +198,34 @@ async fn run_controllers(
         },
     );
 
+    // A hold placed, lifted or changed re-plans the policies it names.
+    let policy_controller = policy_controller.watches(
+        holds.clone(),
+        watcher::Config::default(),
+        |hold: LegalHold| {
+            let namespace = hold.namespace().unwrap_or_default();
+            hold.spec
+                .policies
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |p| ObjectRef::<RetentionPolicy>::new(&p).within(&namespace))
+                .collect::<Vec<_>>()
+        },
+    );
+    let hold_controller = Controller::new(holds, watcher::Config::default()).with_config(
+        ControllerConfig::default().concurrency(options.settings.reconcile_concurrency),
+    );
+    let hold_cache = hold_controller.store();
+    let hold_controller =
+        hold_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), hold_cache));
+    let hold_loop = hold_controller
+        .run(legalhold::reconcile, legalhold::error_policy, ctx.clone())
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "legalhold controller event");
+            }
+            futures::future::ready(())
+        });
     let stores_ready = store_controller.store();
     let policies_ready = policy_controller.store();
     let readiness = {
@@ -235,6 +265,7 @@ async fn run_controllers(
         tokio::join!(
             store_loop,
             policy_loop,
+            hold_loop,
             readiness_until(readiness, stop.clone())
         )
     };

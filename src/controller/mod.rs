@@ -1,6 +1,7 @@
 //! One thin reconciler per kind, sharing one [`Context`].
 
 pub mod datastore;
+pub mod legalhold;
 pub mod retentionpolicy;
 pub mod stores;
 

@@ -11,6 +11,7 @@ mod datastore;
 mod digest;
 mod fixtures;
 mod harness;
+mod holds;
 mod kustomize;
 mod operational;
 mod subject;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -15,6 +16,7 @@ use tracing::{info, instrument, warn};
 use super::{apply_status, object_key, stores, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
+use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::{
     RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
 };
@@ -71,6 +73,15 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         // Wait for the stores' first probe rather than fail targets needlessly.
         decision = Decision::Wait(now);
     }
+    let holds: Api<LegalHold> = Api::namespaced(ctx.client.clone(), &namespace);
+    let holds = holds
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    let (held_by, hold_expiry) = plan::holds_on(&policy.name_any(), &holds.items, now);
+    if !held_by.is_empty() && !matches!(decision, Decision::Invalid(_) | Decision::Suspended) {
+        decision = Decision::Held;
+    }
 
     // 3. Execute one bounded step.
     let mut status = match decision {
@@ -81,6 +92,11 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         _ => policy.status.clone().unwrap_or_default(),
     };
     status.targets = plan::aligned_targets(&policy, &status.targets);
+    if decision == Decision::Held {
+        plan::hold_targets(&mut status, &held_by);
+    } else {
+        plan::release_targets(&mut status);
+    }
     let mut completed = None;
     let mut poll_after: Option<Duration> = None;
     if matches!(decision, Decision::Start | Decision::Continue) {
@@ -138,6 +154,14 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     // 6. Requeue while work remains; otherwise wake up when the next sweep is due.
     Ok(if ctx.shutdown.is_cancelled() {
         Action::await_change()
+    } else if decision == Decision::Held {
+        // Lifting the hold triggers a reconcile through the LegalHold watch; expiry does not.
+        hold_expiry.map_or(Action::await_change(), |expiry| {
+            let wait = (expiry.0 - Timestamp::now().0)
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            Action::requeue(wait + Duration::from_secs(1))
+        })
     } else if status.current_sweep.is_some() {
         Action::requeue(poll_after.unwrap_or(Duration::ZERO))
     } else if problems.iter().any(|(_, p)| p.transient) {
@@ -347,6 +371,35 @@ async fn report(
     status: &RetentionPolicyStatus,
     completed: Option<&plan::Completed>,
 ) {
+    let held = |s: &RetentionPolicyStatus| {
+        s.targets
+            .iter()
+            .find(|t| t.phase == TargetPhase::Held)
+            .map(|t| t.message.clone())
+    };
+    match (held(previous), held(status)) {
+        (None, Some(message)) => {
+            ctx.publish(
+                policy,
+                EventType::Normal,
+                "Held",
+                "Hold",
+                format!("Sweeps {message}"),
+            )
+            .await
+        }
+        (Some(_), None) => {
+            ctx.publish(
+                policy,
+                EventType::Normal,
+                "Released",
+                "Hold",
+                "No LegalHold holds this policy any more".into(),
+            )
+            .await
+        }
+        _ => {}
+    }
     if let Some(done) = completed {
         ctx.metrics
             .sweep_completed(done.outcome.as_str(), done.seconds);

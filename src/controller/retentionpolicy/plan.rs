@@ -2,6 +2,7 @@
 //! result changes the status, and which conditions the status implies. No I/O here.
 
 use crate::api::common::{merge_conditions, DesiredCondition};
+use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::{
     CurrentSweep, LastSweep, RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
     TargetStatus,
@@ -9,6 +10,7 @@ use crate::api::retentionpolicy::{
 use crate::api::Timestamp;
 use crate::backends::{Next, Step};
 use crate::schedule;
+use kube::ResourceExt;
 
 /// Why a target cannot run now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +32,64 @@ pub enum Decision {
     Start,
     /// Run the next step of the sweep under way.
     Continue,
+    /// A LegalHold holds the policy: nothing is swept; a sweep under way pauses.
+    Held,
+}
+
+/// The names of the LegalHolds in force that hold `policy` (sorted), and the earliest time
+/// one of them expires.
+pub fn holds_on(
+    policy: &str,
+    holds: &[LegalHold],
+    now: Timestamp,
+) -> (Vec<String>, Option<Timestamp>) {
+    let mut names = Vec::new();
+    let mut earliest: Option<Timestamp> = None;
+    for hold in holds {
+        let holds_it = hold
+            .spec
+            .policies
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|p| p == policy);
+        if holds_it && crate::controller::legalhold::is_active(hold, now) {
+            names.push(hold.name_any());
+            if let Some(expiry) = hold.spec.expires_at {
+                earliest = Some(earliest.map_or(expiry, |e| e.min(expiry)));
+            }
+        }
+    }
+    names.sort();
+    (names, earliest)
+}
+
+/// Holds the targets: with no sweep under way all of them; during a sweep, those it has not
+/// finished, which keep their cursors and resume when the hold is lifted.
+pub fn hold_targets(status: &mut RetentionPolicyStatus, holds: &[String]) {
+    let sweeping = status.current_sweep.is_some();
+    let message = format!("held by LegalHold {}", holds.join(", "));
+    for target in &mut status.targets {
+        if !sweeping || target.phase == TargetPhase::Sweeping || target.phase == TargetPhase::Held {
+            target.phase = TargetPhase::Held;
+            target.message = message.clone();
+        }
+    }
+}
+
+/// Lifts a hold: paused targets resume the sweep under way, the others are idle again.
+pub fn release_targets(status: &mut RetentionPolicyStatus) {
+    let sweeping = status.current_sweep.is_some();
+    for target in &mut status.targets {
+        if target.phase == TargetPhase::Held {
+            target.phase = if sweeping {
+                TargetPhase::Sweeping
+            } else {
+                TargetPhase::Idle
+            };
+            target.message.clear();
+        }
+    }
 }
 
 /// What to do now (pure): a function of the spec, the status written so far and the clock.
@@ -328,6 +388,18 @@ fn compliance(
             C,
             "Suspended",
             "sweeps are suspended; expired data is not being deleted",
+        );
+    }
+    if !status.targets.is_empty() && status.targets.iter().all(|t| t.phase == TargetPhase::Held) {
+        // Keeping data a legal obligation or claim requires is lawful (Art. 17(3)).
+        return DesiredCondition::new(
+            C,
+            true,
+            "LegalHold",
+            format!(
+                "{}; data older than {} is kept lawfully (Art. 17(3))",
+                status.targets[0].message, policy.spec.retention
+            ),
         );
     }
     let Some(last) = &status.last_sweep else {
@@ -719,6 +791,90 @@ mod tests {
         assert_eq!(
             ok.iter().find(|c| c.type_ == "Ready").unwrap().message,
             "2 targets on stores cache"
+        );
+    }
+
+    #[test]
+    fn holds_pause_a_sweep_and_lifting_them_resumes_it() {
+        let p = policy(&["a", "b"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        apply_step(
+            &mut status.targets[0],
+            step(10, 1, Next::Done),
+            false,
+            ts(T0),
+        );
+        apply_step(
+            &mut status.targets[1],
+            step(10, 1, Next::Continue("0:5".into())),
+            false,
+            ts(T0),
+        );
+        hold_targets(&mut status, &["litigation".into()]);
+        assert_eq!(
+            status.targets[0].phase,
+            TargetPhase::Idle,
+            "finished before the hold"
+        );
+        assert_eq!(status.targets[1].phase, TargetPhase::Held);
+        assert_eq!(
+            status.targets[1].cursor.as_deref(),
+            Some("0:5"),
+            "the checkpoint is kept"
+        );
+        release_targets(&mut status);
+        assert_eq!(status.targets[1].phase, TargetPhase::Sweeping);
+
+        let mut idle = RetentionPolicyStatus {
+            targets: aligned_targets(&p, &[]),
+            ..Default::default()
+        };
+        hold_targets(&mut idle, &["a".into(), "b".into()]);
+        assert!(idle
+            .targets
+            .iter()
+            .all(|t| t.phase == TargetPhase::Held && t.message == "held by LegalHold a, b"));
+        let mut held_policy = p.clone();
+        held_policy.status = Some(idle.clone());
+        let c = conditions(&held_policy, &idle, None, &[], 3600, ts(T0));
+        let compliant = c.iter().find(|c| c.type_ == "Compliant").unwrap();
+        assert_eq!(
+            (compliant.status, compliant.reason.as_str()),
+            (ConditionStatus::True, "LegalHold")
+        );
+        release_targets(&mut idle);
+        assert!(idle
+            .targets
+            .iter()
+            .all(|t| t.phase == TargetPhase::Idle && t.message.is_empty()));
+    }
+
+    #[test]
+    fn only_holds_in_force_that_name_the_policy_count() {
+        use crate::api::legalhold::LegalHoldSpec;
+        let hold = |name: &str, policies: &[&str], expires: Option<&str>| {
+            LegalHold::new(
+                name,
+                LegalHoldSpec {
+                    reason: "r".into(),
+                    policies: Some(policies.iter().map(|p| p.to_string()).collect()),
+                    subjects: None,
+                    expires_at: expires.map(ts),
+                },
+            )
+        };
+        let holds = vec![
+            hold("z-later", &["sessions"], Some("2026-12-01T00:00:00Z")),
+            hold("a-sooner", &["sessions", "x"], Some("2026-11-25T00:00:00Z")),
+            hold("expired", &["sessions"], Some("2026-11-01T00:00:00Z")),
+            hold("other", &["billing"], None),
+        ];
+        let (names, expiry) = holds_on("sessions", &holds, ts(T0));
+        assert_eq!(names, vec!["a-sooner", "z-later"]);
+        assert_eq!(expiry, Some(ts("2026-11-25T00:00:00Z")));
+        assert_eq!(
+            holds_on("billing", &holds, ts(T0)),
+            (vec!["other".to_string()], None)
         );
     }
 
