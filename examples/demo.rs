@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kube::Api;
-use tombstone::api::RetentionPolicy;
+use tombstone::api::erasurerequest::ErasurePhase;
+use tombstone::api::{ErasureRequest, RetentionPolicy};
 
 const NAMESPACE: &str = "shop";
 
@@ -76,8 +77,8 @@ async fn main() {
         }
     };
     println!(
-        "    TTL of session:42:0 before: {} (-1: kept forever)",
-        ttl("session:42:0").await
+        "    TTL of session:43:0 before: {} (-1: kept forever)",
+        ttl("session:43:0").await
     );
 
     println!("==> applying config/samples, pointed at this redis-server");
@@ -126,6 +127,25 @@ async fn main() {
     })
     .await;
 
+    let requests: Api<ErasureRequest> = Api::namespaced(client.clone(), NAMESPACE);
+    for (name, phase) in [
+        ("dsr-2026-0042", ErasurePhase::Completed),
+        ("dsr-2026-0043", ErasurePhase::Blocked),
+    ] {
+        support::wait_for(
+            &format!("{name} to reach {phase:?}"),
+            Duration::from_secs(120),
+            || {
+                let requests = requests.clone();
+                async move {
+                    let r = requests.get(name).await.ok()?;
+                    (r.status?.phase == phase).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     println!("\n$ kubectl get tombstone -n {NAMESPACE}");
     print!("{}", kubectl(cp, &["get", "tombstone", "-n", NAMESPACE]));
     println!(
@@ -147,11 +167,22 @@ async fn main() {
         )
     );
     println!(
-        "\n    TTL of session:42:0 after: {}s (bounded by the 30d retention); config:feature-flags untouched: {}",
-        ttl("session:42:0").await,
+        "\n    TTL of session:43:0 after: {}s (bounded by the 30d retention); config:feature-flags untouched: {}",
+        ttl("session:43:0").await,
         ttl("config:feature-flags").await
     );
-    println!("    operator log (JSON lines): {}", log_path.display());
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("session:42:*")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    println!("    keys of user 42 (erased by dsr-2026-0042) left: {}; user 7 (held, dsr-2026-0043 Blocked) still has theirs", left.len());
+    println!("\n$ kubectl describe erasurerequest dsr-2026-0043 -n {NAMESPACE}   (conditions)");
+    print!("{}", kubectl(cp, &["get", "erasurerequest", "dsr-2026-0043", "-n", NAMESPACE, "-o", "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}"]));
+    println!(
+        "    operator log (JSON lines; receipts under target \"audit\"): {}",
+        log_path.display()
+    );
 
     if keep {
         println!("\nThe demo keeps running. In another shell:\n    export KUBECONFIG={}\n    kubectl get tombstone -n {NAMESPACE}\nPress Ctrl-C to stop everything.", cp.kubeconfig_path().display());

@@ -127,6 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         settings: tombstone::controller::Settings {
             checkpoint_interval: args.checkpoint_interval.as_std(),
             max_concurrent_jobs: args.max_concurrent_jobs,
+            operator_namespace: args.lease_namespace.clone(),
             ..Default::default()
         },
     };

@@ -31,6 +31,7 @@ pub struct Metrics {
     registry: Registry,
     pub sweeps: Family<OutcomeLabels, Counter>,
     pub items_deleted: Family<StoreKindLabels, Counter>,
+    pub items_erased: Family<StoreKindLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconciliations: Family<ControllerLabels, Counter>,
     pub sweep_duration: Histogram,
@@ -50,6 +51,12 @@ impl Default for Metrics {
             "items_deleted",
             "Items deleted (or given a bounded TTL) by retention sweeps, by store kind",
             items_deleted.clone(),
+        );
+        let items_erased = Family::<StoreKindLabels, Counter>::default();
+        registry.register(
+            "items_erased",
+            "Records of data subjects erased by erasure requests, by store kind",
+            items_erased.clone(),
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
@@ -73,6 +80,7 @@ impl Default for Metrics {
             registry,
             sweeps,
             items_deleted,
+            items_erased,
             reconcile_errors,
             reconciliations,
             sweep_duration,
@@ -107,6 +115,14 @@ impl Metrics {
 
     pub fn deleted(&self, store_kind: &str, n: u64) {
         self.items_deleted
+            .get_or_create(&StoreKindLabels {
+                store_kind: store_kind.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn erased(&self, store_kind: &str, n: u64) {
+        self.items_erased
             .get_or_create(&StoreKindLabels {
                 store_kind: store_kind.into(),
             })

@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::datastore::DataStore;
+use crate::api::erasurerequest::{ErasurePhase, ErasureRequest};
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
-use crate::controller::{datastore, legalhold, retentionpolicy, Context, Settings};
+use crate::controller::{datastore, erasurerequest, legalhold, retentionpolicy, Context, Settings};
 use crate::http::{self, HttpState};
 use crate::leader::{self, LeaderElection};
 use crate::metrics::Metrics;
@@ -226,6 +227,45 @@ async fn run_controllers(
             }
             futures::future::ready(())
         });
+    let requests: Api<ErasureRequest> = api(&client, &options.namespace);
+    let request_controller = Controller::new(requests, watcher::Config::default()).with_config(
+        ControllerConfig::default().concurrency(options.settings.reconcile_concurrency),
+    );
+    let request_cache = request_controller.store();
+    let request_index = request_cache.clone();
+    let request_controller = request_controller
+        .graceful_shutdown_on(shutdown_trigger(stop.clone(), request_cache))
+        // A hold placed or lifted may block or release any unfinished request in its namespace.
+        .watches(
+            api::<LegalHold>(&client, &options.namespace),
+            watcher::Config::default(),
+            move |hold: LegalHold| {
+                let namespace = hold.namespace();
+                request_index
+                    .state()
+                    .into_iter()
+                    .filter(|r| r.namespace() == namespace)
+                    .filter(|r| {
+                        r.status
+                            .as_ref()
+                            .is_none_or(|s| s.phase != ErasurePhase::Completed)
+                    })
+                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        );
+    let request_loop = request_controller
+        .run(
+            erasurerequest::reconcile,
+            erasurerequest::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "erasurerequest controller event");
+            }
+            futures::future::ready(())
+        });
     let stores_ready = store_controller.store();
     let policies_ready = policy_controller.store();
     let readiness = {
@@ -266,6 +306,7 @@ async fn run_controllers(
             store_loop,
             policy_loop,
             hold_loop,
+            request_loop,
             readiness_until(readiness, stop.clone())
         )
     };

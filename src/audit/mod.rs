@@ -3,6 +3,7 @@
 
 pub mod digest;
 pub mod key;
+pub mod receipt;
 
 pub use digest::{
     canonical_identifier, identifier_digest, identifier_digests, subject_digest, DigestKey,

@@ -1,6 +1,7 @@
 //! One thin reconciler per kind, sharing one [`Context`].
 
 pub mod datastore;
+pub mod erasurerequest;
 pub mod legalhold;
 pub mod retentionpolicy;
 pub mod stores;
@@ -37,6 +38,9 @@ pub enum Error {
     InvalidSpec(String),
     #[error(transparent)]
     Backend(#[from] backends::Error),
+    /// The subject-digest key could not be loaded or created (reason from `audit::Error`).
+    #[error("{1}")]
+    Digest(&'static str, String),
 }
 
 impl Error {
@@ -48,6 +52,7 @@ impl Error {
             Error::StoreNotFound(_) => "StoreNotFound",
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Backend(e) => e.reason(),
+            Error::Digest(reason, _) => reason,
         }
     }
 
@@ -72,6 +77,8 @@ pub struct Settings {
     pub reconcile_concurrency: u16,
     /// How often a Ready DataStore is probed again.
     pub probe_interval: Duration,
+    /// The operator's own namespace: where the subject-digest key Secret lives.
+    pub operator_namespace: String,
 }
 
 impl Default for Settings {
@@ -81,6 +88,7 @@ impl Default for Settings {
             max_concurrent_jobs: 4,
             reconcile_concurrency: 8,
             probe_interval: Duration::from_secs(300),
+            operator_namespace: "tombstone-system".into(),
         }
     }
 }

@@ -20,11 +20,15 @@ use crate::support::{test_namespace, wait_for, ControlPlane};
 
 /// A fresh namespace with the CRDs installed, and a client for this test's runtime.
 pub async fn setup(prefix: &str) -> (Client, String) {
-    // Operator logs show with a failing test's output (RUST_LOG widens them).
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "tombstone=info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(filter)
+    // Operator logs show with a failing test's output (RUST_LOG widens them), and every log
+    // record is also kept in memory so tests can inspect the operator's log.
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "tombstone=info,audit=info".into());
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new(filter))
+        .with(tracing_subscriber::fmt::layer().with_test_writer())
+        .with(LogCapture)
         .try_init();
     let cp = ControlPlane::get();
     cp.install_crds().await;
@@ -60,6 +64,11 @@ impl TestOperator {
         settings: Settings,
     ) -> Self {
         let shutdown = CancellationToken::new();
+        // The digest key Secret lives in the test's namespace, as in the operator's own.
+        let settings = Settings {
+            operator_namespace: ns.to_string(),
+            ..settings
+        };
         let options = Options {
             namespace: Some(ns.to_string()),
             leader_election,
@@ -332,4 +341,42 @@ pub async fn ttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
         .query_async(conn)
         .await
         .expect("ttl")
+}
+
+/// One captured log record: its target and its fields (`message` included).
+#[derive(Clone, Debug)]
+pub struct LogRecord {
+    pub target: String,
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+static LOGS: std::sync::Mutex<Vec<LogRecord>> = std::sync::Mutex::new(Vec::new());
+
+/// Every log record emitted in this test process so far (all tests share the process).
+pub fn captured_logs() -> Vec<LogRecord> {
+    LOGS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+struct LogCapture;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogCapture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(std::collections::BTreeMap<String, String>);
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.insert(field.name().to_string(), value.to_string());
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0
+                    .insert(field.name().to_string(), format!("{value:?}"));
+            }
+        }
+        let mut fields = Fields(Default::default());
+        event.record(&mut fields);
+        let record = LogRecord {
+            target: event.metadata().target().to_string(),
+            fields: fields.0,
+        };
+        LOGS.lock().unwrap_or_else(|p| p.into_inner()).push(record);
+    }
 }

@@ -9,6 +9,7 @@ mod support;
 mod crd_validation;
 mod datastore;
 mod digest;
+mod erasure;
 mod fixtures;
 mod harness;
 mod holds;

@@ -30,9 +30,9 @@ pub const CONTROLLER: &str = "retentionpolicy";
 const STORE_PENDING_RETRY: Duration = Duration::from_secs(5);
 
 /// A target with its store resolved, or the reason it cannot run.
-struct ResolvedTarget {
-    backend: Option<(Arc<dyn Backend>, StoreKind, String)>,
-    problem: Option<Problem>,
+pub(crate) struct ResolvedTarget {
+    pub(crate) backend: Option<(Arc<dyn Backend>, StoreKind, String)>,
+    pub(crate) problem: Option<Problem>,
 }
 
 #[instrument(skip_all, fields(policy = %object_key(obj.as_ref())))]
@@ -199,7 +199,7 @@ async fn dereference(policy: &RetentionPolicy, ctx: &Context) -> Vec<ResolvedTar
     resolved
 }
 
-async fn resolve_target(
+pub(crate) async fn resolve_target(
     ctx: &Context,
     stores_api: &Api<DataStore>,
     namespace: &str,

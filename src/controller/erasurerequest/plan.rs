@@ -1,0 +1,406 @@
+//! Pure planning for erasure requests: the deadline, which action each target needs next,
+//! how the request's phase follows from its targets, totals and conditions.
+
+use chrono::Months;
+
+use crate::api::common::{merge_conditions, Condition, DesiredCondition};
+use crate::api::erasurerequest::{
+    ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase as T,
+    ErasureTargetStatus, ErasureTotals,
+};
+use crate::api::Timestamp;
+use crate::backends::SubjectAction;
+
+/// Art. 12(3): one calendar month after receipt (the last day of the next month when it has
+/// no such date, e.g. 31 January → 28/29 February).
+pub fn deadline(received: Timestamp) -> Timestamp {
+    Timestamp(
+        received
+            .0
+            .checked_add_months(Months::new(1))
+            .unwrap_or(received.0),
+    )
+}
+
+/// What a target needs while the request is in `phase`, if anything. Failed targets retry
+/// the action of the phase they failed in.
+pub fn action_for(
+    phase: ErasurePhase,
+    target: &ErasureTargetStatus,
+    dry_run: bool,
+) -> Option<SubjectAction> {
+    match (phase, target.phase) {
+        (ErasurePhase::Discovering, T::Pending | T::Failed) => Some(SubjectAction::Find),
+        (ErasurePhase::Erasing, T::Found | T::Failed) if !dry_run => Some(SubjectAction::Erase),
+        (ErasurePhase::Verifying, T::Erased | T::NothingFound | T::Failed) if !dry_run => {
+            Some(SubjectAction::Verify)
+        }
+        _ => None,
+    }
+}
+
+/// The result of one action on one target.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ActionResult {
+    /// `count` records found / erased / remaining; `skipped` locators lacked an identifier;
+    /// `ran` whether any locator ran at all.
+    Done {
+        count: u64,
+        skipped: Vec<String>,
+        ran: bool,
+    },
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Folds an action's result into the target.
+pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: ActionResult) {
+    match result {
+        ActionResult::Failed { reason, message } => {
+            target.phase = T::Failed;
+            target.message = format!("{reason}: {message}");
+        }
+        ActionResult::Done {
+            count,
+            skipped,
+            ran,
+        } => {
+            target.message = if skipped.is_empty() {
+                String::new()
+            } else {
+                format!("skipped: {}", skipped.join("; "))
+            };
+            match action {
+                SubjectAction::Find if !ran => target.phase = T::Skipped,
+                SubjectAction::Find => {
+                    target.found = count;
+                    target.phase = if count > 0 { T::Found } else { T::NothingFound };
+                }
+                SubjectAction::Erase => {
+                    target.erased += count;
+                    target.phase = T::Erased;
+                }
+                SubjectAction::Verify => {
+                    target.remaining = count;
+                    target.phase = match (count, target.found) {
+                        (0, 0) => T::NothingFound,
+                        (0, _) => T::Verified,
+                        // Something is still there (written since, or not erased): erase again.
+                        (_, _) => T::Found,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The request's phase once its targets have moved (pure).
+pub fn next_phase(
+    phase: ErasurePhase,
+    targets: &[ErasureTargetStatus],
+    dry_run: bool,
+) -> ErasurePhase {
+    let any = |p: T| targets.iter().any(|t| t.phase == p);
+    let settled = |done: &[T]| {
+        targets
+            .iter()
+            .all(|t| done.contains(&t.phase) || t.phase == T::Blocked)
+    };
+    let finish = || {
+        if any(T::Blocked) {
+            ErasurePhase::Blocked
+        } else {
+            ErasurePhase::Completed
+        }
+    };
+    match phase {
+        ErasurePhase::Pending => ErasurePhase::Discovering,
+        ErasurePhase::Discovering if any(T::Pending) || any(T::Failed) => ErasurePhase::Discovering,
+        ErasurePhase::Discovering if dry_run => finish(),
+        ErasurePhase::Discovering => ErasurePhase::Erasing,
+        ErasurePhase::Erasing if any(T::Found) || any(T::Failed) => ErasurePhase::Erasing,
+        ErasurePhase::Erasing => ErasurePhase::Verifying,
+        ErasurePhase::Verifying if any(T::Found) => ErasurePhase::Erasing,
+        ErasurePhase::Verifying if settled(&[T::Verified, T::NothingFound, T::Skipped]) => finish(),
+        ErasurePhase::Verifying => ErasurePhase::Verifying,
+        other => other,
+    }
+}
+
+pub fn totals(targets: &[ErasureTargetStatus]) -> ErasureTotals {
+    ErasureTotals {
+        found: targets.iter().map(|t| t.found).sum(),
+        erased: targets.iter().map(|t| t.erased).sum(),
+        blocked: targets
+            .iter()
+            .filter(|t| t.phase == T::Blocked)
+            .map(|t| t.found.max(1))
+            .sum(),
+    }
+}
+
+/// Complete, Overdue and Blocked (pure). `blocked_by` names the holds blocking the request;
+/// `spec_ignored` is set when the spec was edited after the request started.
+pub fn conditions(
+    request: &ErasureRequest,
+    status: &ErasureRequestStatus,
+    blocked_by: &[String],
+    spec_ignored: bool,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let dry_run = request.spec.dry_run;
+    let complete = match status.phase {
+        ErasurePhase::Completed if dry_run => DesiredCondition::new(
+            "Complete",
+            true,
+            "DryRun",
+            "dry run: found and counted, nothing erased",
+        ),
+        ErasurePhase::Completed => DesiredCondition::new(
+            "Complete",
+            true,
+            "Verified",
+            "erased, and verification found nothing left",
+        ),
+        ErasurePhase::Failed => {
+            DesiredCondition::new("Complete", false, "Failed", failed_message(status))
+        }
+        phase => DesiredCondition::new("Complete", false, "InProgress", format!("{phase:?}")),
+    };
+    let overdue = match status.deadline {
+        Some(deadline) if status.phase != ErasurePhase::Completed && now >= deadline => {
+            DesiredCondition::new(
+                "Overdue",
+                true,
+                "PastDeadline",
+                format!("the deadline {deadline} has passed (Art. 12(3))"),
+            )
+        }
+        Some(deadline) => DesiredCondition::new(
+            "Overdue",
+            false,
+            "WithinDeadline",
+            format!("due by {deadline}"),
+        ),
+        None => DesiredCondition::unknown("Overdue", "NoDeadline", "not received yet"),
+    };
+    let blocked = if blocked_by.is_empty() {
+        DesiredCondition::new("Blocked", false, "NotHeld", "")
+    } else {
+        DesiredCondition::new(
+            "Blocked",
+            true,
+            "LegalHold",
+            format!("held by LegalHold {} (Art. 17(3))", blocked_by.join(", ")),
+        )
+    };
+    let mut desired = vec![complete, overdue, blocked];
+    if spec_ignored {
+        desired.push(DesiredCondition::new(
+            "SpecChangeIgnored",
+            true,
+            "RequestStarted",
+            "the spec was edited after the request started; the edit is ignored (file a new request)",
+        ));
+    }
+    let existing = request
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    merge_conditions(existing, desired, status.observed_generation, now)
+}
+
+fn failed_message(status: &ErasureRequestStatus) -> String {
+    status
+        .targets
+        .iter()
+        .filter(|t| t.phase == T::Failed)
+        .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{DateTime, Utc};
+
+    fn ts(s: &str) -> Timestamp {
+        Timestamp(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+    }
+
+    fn target(phase: T) -> ErasureTargetStatus {
+        ErasureTargetStatus {
+            policy: "p".into(),
+            target: "t".into(),
+            store: "s".into(),
+            phase,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_deadline_is_one_calendar_month() {
+        assert_eq!(
+            deadline(ts("2026-11-20T09:00:00Z")),
+            ts("2026-12-20T09:00:00Z")
+        );
+        assert_eq!(
+            deadline(ts("2027-01-31T12:00:00Z")),
+            ts("2027-02-28T12:00:00Z")
+        );
+        assert_eq!(
+            deadline(ts("2028-01-31T12:00:00Z")),
+            ts("2028-02-29T12:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_request_walks_discover_erase_verify_complete() {
+        use ErasurePhase::*;
+        let mut ts_ = vec![target(T::Pending), target(T::Pending)];
+        assert_eq!(next_phase(Pending, &ts_, false), Discovering);
+        apply(
+            &mut ts_[0],
+            SubjectAction::Find,
+            ActionResult::Done {
+                count: 3,
+                skipped: vec![],
+                ran: true,
+            },
+        );
+        assert_eq!(
+            next_phase(Discovering, &ts_, false),
+            Discovering,
+            "one target still pending"
+        );
+        apply(
+            &mut ts_[1],
+            SubjectAction::Find,
+            ActionResult::Done {
+                count: 0,
+                skipped: vec![],
+                ran: true,
+            },
+        );
+        assert_eq!(next_phase(Discovering, &ts_, false), Erasing);
+        assert_eq!(
+            action_for(Erasing, &ts_[0], false),
+            Some(SubjectAction::Erase)
+        );
+        assert_eq!(action_for(Erasing, &ts_[1], false), None);
+        apply(
+            &mut ts_[0],
+            SubjectAction::Erase,
+            ActionResult::Done {
+                count: 3,
+                skipped: vec![],
+                ran: true,
+            },
+        );
+        assert_eq!(next_phase(Erasing, &ts_, false), Verifying);
+        for t in ts_.iter_mut() {
+            apply(
+                t,
+                SubjectAction::Verify,
+                ActionResult::Done {
+                    count: 0,
+                    skipped: vec![],
+                    ran: true,
+                },
+            );
+        }
+        assert_eq!((ts_[0].phase, ts_[1].phase), (T::Verified, T::NothingFound));
+        assert_eq!(next_phase(Verifying, &ts_, false), Completed);
+        assert_eq!(
+            totals(&ts_),
+            ErasureTotals {
+                found: 3,
+                erased: 3,
+                blocked: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_dry_run_completes_after_discovery() {
+        let mut t = vec![target(T::Pending)];
+        apply(
+            &mut t[0],
+            SubjectAction::Find,
+            ActionResult::Done {
+                count: 2,
+                skipped: vec![],
+                ran: true,
+            },
+        );
+        assert_eq!(
+            next_phase(ErasurePhase::Discovering, &t, true),
+            ErasurePhase::Completed
+        );
+        assert_eq!(action_for(ErasurePhase::Erasing, &t[0], true), None);
+    }
+
+    #[test]
+    fn failures_are_retried_and_never_count_as_erased() {
+        let mut t = vec![target(T::Found)];
+        t[0].found = 2;
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            ActionResult::Failed {
+                reason: "Unreachable",
+                message: "down".into(),
+            },
+        );
+        assert_eq!(t[0].erased, 0);
+        assert_eq!(
+            next_phase(ErasurePhase::Erasing, &t, false),
+            ErasurePhase::Erasing
+        );
+        assert_eq!(
+            action_for(ErasurePhase::Erasing, &t[0], false),
+            Some(SubjectAction::Erase)
+        );
+        // Verification that still finds records sends the target back to erasing.
+        let mut v = vec![target(T::Erased)];
+        v[0].found = 2;
+        apply(
+            &mut v[0],
+            SubjectAction::Verify,
+            ActionResult::Done {
+                count: 1,
+                skipped: vec![],
+                ran: true,
+            },
+        );
+        assert_eq!(v[0].phase, T::Found);
+        assert_eq!(
+            next_phase(ErasurePhase::Verifying, &v, false),
+            ErasurePhase::Erasing
+        );
+    }
+
+    #[test]
+    fn skipped_and_blocked_targets() {
+        let mut t = vec![target(T::Pending), target(T::Blocked)];
+        apply(
+            &mut t[0],
+            SubjectAction::Find,
+            ActionResult::Done {
+                count: 0,
+                skipped: vec!["keys[0] needs {userId}".into()],
+                ran: false,
+            },
+        );
+        assert_eq!(t[0].phase, T::Skipped);
+        assert_eq!(t[0].message, "skipped: keys[0] needs {userId}");
+        assert_eq!(
+            next_phase(ErasurePhase::Verifying, &t, false),
+            ErasurePhase::Blocked
+        );
+    }
+}

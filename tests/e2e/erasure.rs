@@ -1,0 +1,307 @@
+//! The right to erasure end to end: ErasureRequest → find, erase, verify → Completed, with
+//! only keyed digests in the operator's trail.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, PostParams};
+use kube::Api;
+use serde_json::json;
+
+use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
+use tombstone::api::{ErasureRequest, LegalHold, RetentionPolicy};
+
+use crate::fixtures::*;
+use crate::support::{wait_for, RedisServer};
+
+const EMAIL: &str = "zq-unique-7f3a@example.org";
+const USER: &str = "u-93b1c7";
+
+async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer) {
+    redis_store(client, ns, "cache", &redis.url(), json!({})).await;
+    wait_store_ready(client, ns, "cache", true).await;
+    let mut p = policy_json(
+        "sessions",
+        "30d",
+        json!([{
+            "name": "sessions", "store": "cache",
+            "redis": {"keyPattern": "session:*"},
+            "subject": {"redis": {
+                "keys": ["session:{userId}:*"],
+                "setMembers": [{"key": "newsletter", "member": "{email}"}]
+            }}
+        }]),
+    );
+    // This test is about erasure: keep the retention sweep out of the way.
+    p["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(client, ns, p).await;
+}
+
+async fn seed_subjects(conn: &mut redis::aio::MultiplexedConnection) {
+    let mut pipe = redis::pipe();
+    for n in 0..4 {
+        pipe.cmd("SET")
+            .arg(format!("session:{USER}:{n}"))
+            .arg("t")
+            .ignore();
+        pipe.cmd("SET")
+            .arg(format!("session:{USER}0:{n}"))
+            .arg("t")
+            .ignore();
+    }
+    pipe.cmd("SADD")
+        .arg("newsletter")
+        .arg(EMAIL)
+        .arg("other@example.org")
+        .ignore();
+    let _: () = pipe.query_async(conn).await.unwrap();
+}
+
+async fn identifiers_secret(client: &kube::Client, ns: &str, name: &str) {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "stringData": {"email": EMAIL, "userId": USER}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
+fn request_json(name: &str, secret: &str, dry_run: bool) -> serde_json::Value {
+    json!({
+        "apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": name},
+        "spec": {"subject": {"secretRef": {"name": secret}}, "reason": "consentWithdrawn",
+                 "receivedAt": "2026-11-20T09:00:00Z", "dryRun": dry_run, "reference": "DSR-1"}
+    })
+}
+
+async fn wait_phase(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    phase: ErasurePhase,
+) -> ErasureRequest {
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        &format!("{name} {phase:?}"),
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                api.get(name)
+                    .await
+                    .ok()
+                    .filter(|r| r.status.as_ref().is_some_and(|s| s.phase == phase))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_request_erases_the_subject_verifies_and_leaves_no_identifier_behind() {
+    let (client, ns) = setup("erasure").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let operator = TestOperator::start(&ns).await;
+    shop(&client, &ns, &redis).await;
+
+    // A dry run first: it counts exactly what the real run then erases.
+    identifiers_secret(&client, &ns, "dsr-dry").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-dry", "dsr-dry", true)).await;
+    let dry = wait_phase(&client, &ns, "dsr-dry", ErasurePhase::Completed)
+        .await
+        .status
+        .unwrap();
+    assert_eq!(
+        dry.totals.as_ref().map(|t| (t.found, t.erased)),
+        Some((5, 0))
+    );
+    assert_eq!(
+        count_keys(&mut conn, &format!("session:{USER}:*")).await,
+        4,
+        "a dry run erases nothing"
+    );
+
+    identifiers_secret(&client, &ns, "dsr-1").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-1", "dsr-1", false)).await;
+    let done = wait_phase(&client, &ns, "dsr-1", ErasurePhase::Completed).await;
+    let status = done.status.clone().unwrap();
+    let target = &status.targets[0];
+    assert_eq!(
+        (
+            target.policy.as_str(),
+            target.target.as_str(),
+            target.store.as_str()
+        ),
+        ("sessions", "sessions", "cache")
+    );
+    assert_eq!(
+        (target.phase, target.found, target.erased, target.remaining),
+        (ErasureTargetPhase::Verified, 5, 5, 0)
+    );
+    assert_eq!(
+        status.totals.as_ref().map(|t| t.erased),
+        Some(5),
+        "dry-run parity: 5 found, 5 erased"
+    );
+    assert_eq!(
+        status.received_at.unwrap().to_string(),
+        "2026-11-20T09:00:00Z"
+    );
+    assert_eq!(status.deadline.unwrap().to_string(), "2026-12-20T09:00:00Z");
+    assert!(status.completion_time.is_some());
+    assert!(status
+        .receipt
+        .as_deref()
+        .is_some_and(|r| r.starts_with("sha256:") && r.len() == 71));
+    assert_eq!(condition(&status.conditions, "Complete").1, "Verified");
+
+    // The digest is the keyed digest `tombstone digest` prints for the same identifiers.
+    let key = tombstone::audit::load_key(&client, &ns).await.unwrap();
+    let ids = [
+        ("email".to_string(), EMAIL.to_string()),
+        ("userId".to_string(), USER.to_string()),
+    ]
+    .into();
+    assert_eq!(
+        status.subject_digest.as_deref(),
+        Some(tombstone::audit::subject_digest(&key, &ids).as_str())
+    );
+
+    // Only the subject's records are gone.
+    assert_eq!(count_keys(&mut conn, &format!("session:{USER}:*")).await, 0);
+    assert_eq!(
+        count_keys(&mut conn, &format!("session:{USER}0:*")).await,
+        4,
+        "a neighbouring id is untouched"
+    );
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("newsletter")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members, vec!["other@example.org".to_string()]);
+
+    // The identifiers Secret is deleted; the dry run's is kept (a dry run changes nothing).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    wait_for(
+        "the identifiers Secret to go",
+        Duration::from_secs(20),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                secrets
+                    .get_opt("dsr-1")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(secrets.get_opt("dsr-dry").await.unwrap().is_some());
+
+    // No identifier anywhere in status, events or metrics.
+    wait_event(&client, &ns, "dsr-1", |(_, r, _)| r == "ErasureCompleted").await;
+    let trail = format!(
+        "{}\n{:?}\n{}",
+        serde_json::to_string(&done).unwrap(),
+        events_for(&client, &ns, "dsr-1").await,
+        operator.running.metrics.render()
+    );
+    let logs = captured_logs();
+    let trail = format!("{trail}\n{logs:?}");
+    for secret in [EMAIL, USER, "zq-unique", "93b1c7"] {
+        assert!(
+            !trail.contains(secret),
+            "{secret} leaked into the operator's trail"
+        );
+    }
+
+    // The receipt is the SHA-256 of the audit record logged on the `audit` target.
+    let receipt = status.receipt.clone().unwrap();
+    let record = logs
+        .iter()
+        .find(|l| l.target == "audit" && l.fields.get("receipt") == Some(&receipt))
+        .expect("the audit record of the request was logged");
+    let line = &record.fields["record"];
+    let recomputed = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(line.as_bytes()))
+    );
+    assert_eq!(recomputed, receipt);
+    let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(parsed["subjectDigest"], json!(status.subject_digest));
+    assert_eq!(parsed["totals"]["erased"], json!(5));
+    assert_eq!(parsed["operatorVersion"], json!(env!("CARGO_PKG_VERSION")));
+    assert!(operator
+        .running
+        .metrics
+        .render()
+        .contains("tombstone_items_erased_total{store_kind=\"redis\"} 5"));
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn a_held_subject_blocks_the_request_until_the_hold_is_lifted() {
+    let (client, ns) = setup("erasure-hold").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let operator = TestOperator::start(&ns).await;
+    shop(&client, &ns, &redis).await;
+    let key = wait_for("the digest key", Duration::from_secs(10), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            tombstone::audit::load_or_create_key(&client, &ns)
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let digest = tombstone::audit::identifier_digest(&key, "email", EMAIL);
+    create::<LegalHold>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "claim-17"},
+               "spec": {"reason": "Pending claim", "subjects": [{"digest": digest}]}}),
+    )
+    .await;
+    identifiers_secret(&client, &ns, "dsr-2").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-2", "dsr-2", false)).await;
+    let blocked = wait_phase(&client, &ns, "dsr-2", ErasurePhase::Blocked)
+        .await
+        .status
+        .unwrap();
+    let (_, reason, message) = condition(&blocked.conditions, "Blocked");
+    assert_eq!(reason, "LegalHold");
+    assert!(message.contains("claim-17"), "{message}");
+    wait_event(&client, &ns, "dsr-2", |(t, r, _)| {
+        t == "Warning" && r == "ErasureBlocked"
+    })
+    .await;
+    assert_eq!(
+        count_keys(&mut conn, &format!("session:{USER}:*")).await,
+        4,
+        "held data is not erased"
+    );
+
+    Api::<LegalHold>::namespaced(client.clone(), &ns)
+        .delete("claim-17", &DeleteParams::default())
+        .await
+        .unwrap();
+    let done = wait_phase(&client, &ns, "dsr-2", ErasurePhase::Completed)
+        .await
+        .status
+        .unwrap();
+    assert_eq!(done.totals.unwrap().erased, 5);
+    assert_eq!(condition(&done.conditions, "Blocked").1, "NotHeld");
+    operator.stop().await;
+}
