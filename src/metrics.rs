@@ -3,6 +3,7 @@
 use prometheus_client::encoding::{text::encode, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -23,6 +24,11 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
     pub controller: String,
 }
@@ -35,6 +41,20 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconciliations: Family<ControllerLabels, Counter>,
     pub sweep_duration: Histogram,
+    pub erasure_requests: Family<PhaseLabels, Gauge>,
+    pub erasure_requests_overdue: Gauge,
+    pub erasure_requests_due_soon: Gauge,
+}
+
+/// The state of all erasure requests, for the gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErasureCounts {
+    /// Requests per phase; every phase is listed, with 0 where none is in it.
+    pub by_phase: Vec<(&'static str, i64)>,
+    /// Not completed and past their deadline.
+    pub overdue: i64,
+    /// Not completed, not yet overdue, due within 7 days.
+    pub due_soon: i64,
 }
 
 impl Default for Metrics {
@@ -76,7 +96,28 @@ impl Default for Metrics {
             "Wall-clock time from the start of a sweep to its completion",
             sweep_duration.clone(),
         );
+        let erasure_requests = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "erasure_requests",
+            "Erasure requests by phase",
+            erasure_requests.clone(),
+        );
+        let erasure_requests_overdue = Gauge::default();
+        registry.register(
+            "erasure_requests_overdue",
+            "Erasure requests not completed by their Art. 12(3) deadline",
+            erasure_requests_overdue.clone(),
+        );
+        let erasure_requests_due_soon = Gauge::default();
+        registry.register(
+            "erasure_requests_due_soon",
+            "Erasure requests not completed whose deadline is within 7 days",
+            erasure_requests_due_soon.clone(),
+        );
         Self {
+            erasure_requests,
+            erasure_requests_overdue,
+            erasure_requests_due_soon,
             registry,
             sweeps,
             items_deleted,
@@ -127,6 +168,18 @@ impl Metrics {
                 store_kind: store_kind.into(),
             })
             .inc_by(n);
+    }
+
+    pub fn set_erasure_counts(&self, counts: &ErasureCounts) {
+        for (phase, n) in &counts.by_phase {
+            self.erasure_requests
+                .get_or_create(&PhaseLabels {
+                    phase: (*phase).into(),
+                })
+                .set(*n);
+        }
+        self.erasure_requests_overdue.set(counts.overdue);
+        self.erasure_requests_due_soon.set(counts.due_soon);
     }
 
     pub fn sweep_completed(&self, outcome: &str, seconds: f64) {

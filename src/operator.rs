@@ -233,6 +233,7 @@ async fn run_controllers(
     );
     let request_cache = request_controller.store();
     let request_index = request_cache.clone();
+    let request_controller_cache = request_cache.clone();
     let request_controller = request_controller
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), request_cache))
         // A hold placed or lifted may block or release any unfinished request in its namespace.
@@ -266,6 +267,26 @@ async fn run_controllers(
             }
             futures::future::ready(())
         });
+    // The erasure gauges are a view over all requests: recomputed from the cache.
+    let gauges = {
+        let requests = request_controller_cache.clone();
+        let metrics = ctx.metrics.clone();
+        let stop = stop.clone();
+        async move {
+            loop {
+                let state = requests.state();
+                let all: Vec<&ErasureRequest> = state.iter().map(|r| r.as_ref()).collect();
+                metrics.set_erasure_counts(&erasurerequest::plan::counts(
+                    &all,
+                    crate::api::Timestamp::now(),
+                ));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+                }
+            }
+        }
+    };
     let stores_ready = store_controller.store();
     let policies_ready = policy_controller.store();
     let readiness = {
@@ -307,6 +328,7 @@ async fn run_controllers(
             policy_loop,
             hold_loop,
             request_loop,
+            gauges,
             readiness_until(readiness, stop.clone())
         )
     };
@@ -319,6 +341,9 @@ async fn run_controllers(
     ready.store(false, Ordering::Relaxed);
     info!("controllers stopped");
 }
+
+/// How often the erasure gauges are recomputed.
+const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long running reconciles may take to finish after a stop.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);

@@ -277,6 +277,9 @@ pub struct LastSweep {
     /// Items deleted (or, in a dry run, that would be) across all targets.
     #[serde(default)]
     pub deleted: u64,
+    /// `sha256:` of the sweep's audit record, logged under the log target `audit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

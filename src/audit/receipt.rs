@@ -1,4 +1,4 @@
-//! Receipts: the audit record of a completed erasure, written as one JSON line on the log
+//! Receipts: the audit record of a completed erasure or sweep, written as one JSON line on the log
 //! under the tracing target `audit`, and its SHA-256 in status. The record carries the
 //! subject's keyed digest, counts and times, never the identifiers.
 
@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::api::erasurerequest::{ErasureRequest, ErasureRequestStatus};
+use crate::api::retentionpolicy::{RetentionPolicy, RetentionPolicyStatus};
 
 /// The tracing target receipts are logged under; a log pipeline keeps these lines.
 pub const AUDIT_TARGET: &str = "audit";
@@ -27,6 +28,28 @@ pub fn erasure_record(request: &ErasureRequest, status: &ErasureRequestStatus) -
         "completionTime": status.completion_time,
         "targets": status.targets,
         "totals": status.totals,
+    })
+}
+
+/// The audit record of a completed retention sweep: what each target scanned and deleted.
+pub fn sweep_record(policy: &RetentionPolicy, status: &RetentionPolicyStatus) -> Value {
+    let targets: Vec<Value> = status
+        .targets
+        .iter()
+        .map(|t| json!({"name": t.name, "phase": t.phase, "scanned": t.scanned, "deleted": t.deleted, "blocked": t.blocked}))
+        .collect();
+    json!({
+        "kind": "SweepReceipt",
+        "operatorVersion": env!("CARGO_PKG_VERSION"),
+        "namespace": policy.metadata.namespace,
+        "policy": policy.metadata.name,
+        "uid": policy.metadata.uid,
+        "generation": policy.metadata.generation,
+        "retention": policy.spec.retention,
+        "purpose": policy.spec.purpose,
+        "legalBasis": policy.spec.legal_basis,
+        "lastSweep": status.last_sweep,
+        "targets": targets,
     })
 }
 

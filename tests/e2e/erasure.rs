@@ -225,21 +225,15 @@ async fn a_request_erases_the_subject_verifies_and_leaves_no_identifier_behind()
     }
 
     // The receipt is the SHA-256 of the audit record logged on the `audit` target.
-    let receipt = status.receipt.clone().unwrap();
-    let record = logs
-        .iter()
-        .find(|l| l.target == "audit" && l.fields.get("receipt") == Some(&receipt))
-        .expect("the audit record of the request was logged");
-    let line = &record.fields["record"];
-    let recomputed = format!(
-        "sha256:{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(line.as_bytes()))
-    );
-    assert_eq!(recomputed, receipt);
-    let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+    let parsed = logged_audit_record(status.receipt.as_deref().unwrap());
     assert_eq!(parsed["subjectDigest"], json!(status.subject_digest));
     assert_eq!(parsed["totals"]["erased"], json!(5));
     assert_eq!(parsed["operatorVersion"], json!(env!("CARGO_PKG_VERSION")));
+    wait_metric(
+        &operator.running.metrics,
+        "tombstone_erasure_requests{phase=\"Completed\"} 2",
+    )
+    .await;
     assert!(operator
         .running
         .metrics
@@ -303,5 +297,99 @@ async fn a_held_subject_blocks_the_request_until_the_hold_is_lifted() {
         .unwrap();
     assert_eq!(done.totals.unwrap().erased, 5);
     assert_eq!(condition(&done.conditions, "Blocked").1, "NotHeld");
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_fails_the_target_and_the_request_retries_until_it_completes() {
+    let (client, ns) = setup("erasure-down").await;
+    let redis = RedisServer::start();
+    let operator = TestOperator::start(&ns).await;
+    shop(&client, &ns, &redis).await;
+    drop(redis); // the store goes down
+    identifiers_secret(&client, &ns, "dsr-3").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-3", "dsr-3", false)).await;
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    let failing = wait_for("a failed target", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let r = api.get("dsr-3").await.ok()?;
+            let s = r.status?;
+            s.targets
+                .iter()
+                .any(|t| t.phase == ErasureTargetPhase::Failed)
+                .then_some(s)
+        }
+    })
+    .await;
+    assert_ne!(failing.phase, ErasurePhase::Completed);
+    assert_eq!(
+        failing.targets[0].erased, 0,
+        "nothing is reported erased that was not"
+    );
+    assert!(!failing.targets[0].message.is_empty());
+
+    // The store comes back (elsewhere): the request completes without any edit to it.
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let url = redis.url();
+    Api::<tombstone::api::DataStore>::namespaced(client.clone(), &ns)
+        .patch(
+            "cache",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"redis": {"url": url}}})),
+        )
+        .await
+        .unwrap();
+    let done = wait_for("the request to complete", Duration::from_secs(120), || {
+        let api = api.clone();
+        async move {
+            let s = api.get("dsr-3").await.ok()?.status?;
+            (s.phase == ErasurePhase::Completed).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(done.targets[0].phase, ErasureTargetPhase::Verified);
+    assert_eq!(done.totals.unwrap().erased, 5);
+    assert_eq!(count_keys(&mut conn, &format!("session:{USER}:*")).await, 0);
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn a_held_policy_blocks_its_targets_in_an_erasure() {
+    let (client, ns) = setup("erasure-policy-hold").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let operator = TestOperator::start(&ns).await;
+    shop(&client, &ns, &redis).await;
+    create::<LegalHold>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit-2026"},
+               "spec": {"reason": "Tax audit", "policies": ["sessions"]}}),
+    )
+    .await;
+    identifiers_secret(&client, &ns, "dsr-4").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-4", "dsr-4", false)).await;
+    let blocked = wait_phase(&client, &ns, "dsr-4", ErasurePhase::Blocked)
+        .await
+        .status
+        .unwrap();
+    assert_eq!(blocked.targets[0].phase, ErasureTargetPhase::Blocked);
+    assert!(condition(&blocked.conditions, "Blocked")
+        .2
+        .contains("audit-2026"));
+    assert_eq!(count_keys(&mut conn, &format!("session:{USER}:*")).await, 4);
+    Api::<LegalHold>::namespaced(client.clone(), &ns)
+        .delete("audit-2026", &DeleteParams::default())
+        .await
+        .unwrap();
+    let done = wait_phase(&client, &ns, "dsr-4", ErasurePhase::Completed)
+        .await
+        .status
+        .unwrap();
+    assert_eq!(done.totals.unwrap().erased, 5);
     operator.stop().await;
 }

@@ -380,3 +380,33 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogCapture {
         LOGS.lock().unwrap_or_else(|p| p.into_inner()).push(record);
     }
 }
+
+/// Finds the audit record logged with `receipt`, checks that the receipt is the SHA-256 of
+/// the logged line, and returns the record.
+pub fn logged_audit_record(receipt: &str) -> serde_json::Value {
+    let logs = captured_logs();
+    let record = logs
+        .iter()
+        .find(|l| {
+            l.target == "audit" && l.fields.get("receipt").map(String::as_str) == Some(receipt)
+        })
+        .unwrap_or_else(|| panic!("no audit record with receipt {receipt} was logged"));
+    let line = &record.fields["record"];
+    let recomputed = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(line.as_bytes()))
+    );
+    assert_eq!(
+        recomputed, receipt,
+        "the receipt is the SHA-256 of the logged record"
+    );
+    serde_json::from_str(line).expect("the audit record is JSON")
+}
+
+/// Waits until the rendered metrics contain `needle` (metrics are updated just after status).
+pub async fn wait_metric(metrics: &tombstone::metrics::Metrics, needle: &str) {
+    wait_for(needle, Duration::from_secs(20), || async {
+        metrics.render().contains(needle).then_some(())
+    })
+    .await;
+}

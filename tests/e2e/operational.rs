@@ -180,13 +180,6 @@ async fn only_the_leader_acts_and_a_standby_takes_over_when_it_stops() {
     );
 }
 
-async fn wait_metric(metrics: &tombstone::metrics::Metrics, needle: &str) {
-    wait_for(needle, Duration::from_secs(20), || async {
-        metrics.render().contains(needle).then_some(())
-    })
-    .await;
-}
-
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream

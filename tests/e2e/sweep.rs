@@ -122,6 +122,10 @@ async fn each_mode_touches_only_the_keys_its_target_selects() {
 
     let last = status.last_sweep.clone().unwrap();
     assert_eq!((last.outcome, last.deleted), (SweepOutcome::Succeeded, 366));
+    // Every sweep leaves an audit record; its receipt is on the status.
+    let record = logged_audit_record(last.receipt.as_deref().expect("a sweep receipt"));
+    assert_eq!(record["kind"], json!("SweepReceipt"));
+    assert_eq!(record["lastSweep"]["deleted"], json!(366));
     assert!(status.next_sweep_time.unwrap() > last.start_time);
     assert_eq!(status.observed_generation, Some(1));
     assert!(status

@@ -129,6 +129,55 @@ pub fn next_phase(
     }
 }
 
+/// The gauges' view of all requests at `now` (pure).
+pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::ErasureCounts {
+    use ErasurePhase::*;
+    let phase_of = |r: &ErasureRequest| r.status.as_ref().map_or(Pending, |s| s.phase);
+    let by_phase = [
+        Pending,
+        Discovering,
+        Erasing,
+        Verifying,
+        Completed,
+        Blocked,
+        Failed,
+    ]
+    .into_iter()
+    .map(|p| {
+        (
+            phase_name(p),
+            requests.iter().filter(|r| phase_of(r) == p).count() as i64,
+        )
+    })
+    .collect();
+    let week = chrono::Duration::days(7);
+    let open_deadlines: Vec<Timestamp> = requests
+        .iter()
+        .filter(|r| phase_of(r) != Completed)
+        .filter_map(|r| r.status.as_ref().and_then(|s| s.deadline))
+        .collect();
+    crate::metrics::ErasureCounts {
+        by_phase,
+        overdue: open_deadlines.iter().filter(|d| now >= **d).count() as i64,
+        due_soon: open_deadlines
+            .iter()
+            .filter(|d| now < **d && d.0 - now.0 <= week)
+            .count() as i64,
+    }
+}
+
+fn phase_name(phase: ErasurePhase) -> &'static str {
+    match phase {
+        ErasurePhase::Pending => "Pending",
+        ErasurePhase::Discovering => "Discovering",
+        ErasurePhase::Erasing => "Erasing",
+        ErasurePhase::Verifying => "Verifying",
+        ErasurePhase::Completed => "Completed",
+        ErasurePhase::Blocked => "Blocked",
+        ErasurePhase::Failed => "Failed",
+    }
+}
+
 pub fn totals(targets: &[ErasureTargetStatus]) -> ErasureTotals {
     ErasureTotals {
         found: targets.iter().map(|t| t.found).sum(),
@@ -382,6 +431,48 @@ mod tests {
             next_phase(ErasurePhase::Verifying, &v, false),
             ErasurePhase::Erasing
         );
+    }
+
+    #[test]
+    fn gauges_count_phases_overdue_and_due_soon() {
+        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec, Subject};
+        let request = |phase: ErasurePhase, deadline: &str| {
+            let mut r = ErasureRequest::new(
+                "r",
+                ErasureRequestSpec {
+                    subject: Subject {
+                        secret_ref: None,
+                        identifiers: None,
+                    },
+                    reason: ErasureGround::Objection,
+                    received_at: None,
+                    policies: None,
+                    dry_run: false,
+                    reference: None,
+                    retain_subject_secret: false,
+                },
+            );
+            r.status = Some(ErasureRequestStatus {
+                phase,
+                deadline: Some(ts(deadline)),
+                ..Default::default()
+            });
+            r
+        };
+        let rs = [
+            request(ErasurePhase::Completed, "2026-11-01T00:00:00Z"),
+            request(ErasurePhase::Blocked, "2026-11-10T00:00:00Z"),
+            request(ErasurePhase::Erasing, "2026-11-25T00:00:00Z"),
+            request(ErasurePhase::Erasing, "2026-12-20T00:00:00Z"),
+        ];
+        let c = counts(&rs.iter().collect::<Vec<_>>(), ts("2026-11-20T00:00:00Z"));
+        assert_eq!(
+            (c.overdue, c.due_soon),
+            (1, 1),
+            "a completed request is never overdue"
+        );
+        assert!(c.by_phase.contains(&("Erasing", 2)) && c.by_phase.contains(&("Pending", 0)));
+        assert_eq!(c.by_phase.len(), 7);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::api::retentionpolicy::{
     RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
 };
 use crate::api::{StoreKind, Timestamp};
+use crate::audit;
 use crate::backends::{self, Backend, Next, SweepJob};
 use crate::schedule;
 use plan::{Decision, Problem, StepResult};
@@ -105,6 +106,12 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
             let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
                 .max(Duration::from_secs(30));
             completed = plan::finish_if_done(&mut status, parsed, created, Timestamp::now(), retry);
+        }
+        if completed.is_some() {
+            let receipt = audit::receipt::emit(&audit::receipt::sweep_record(&policy, &status));
+            if let Some(last) = status.last_sweep.as_mut() {
+                last.receipt = Some(receipt);
+            }
         }
     }
 

@@ -273,6 +273,7 @@ pub fn finish_if_done(
         completion_time: now,
         outcome,
         deleted,
+        receipt: None,
     });
     status.current_sweep = None;
     let mut next = schedule.next_after(Some(current.start_time), created);
