@@ -234,6 +234,29 @@ async fn a_request_erases_the_subject_verifies_and_leaves_no_identifier_behind()
         "tombstone_erasure_requests{phase=\"Completed\"} 2",
     )
     .await;
+
+    // A completed request is final: an edit is reported, nothing runs again.
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    api.patch(
+        "dsr-1",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"reference": "DSR-1-edited"}})),
+    )
+    .await
+    .unwrap();
+    let edited = wait_for("the edit to be reported", Duration::from_secs(20), || {
+        let api = api.clone();
+        async move {
+            let s = api.get("dsr-1").await.ok()?.status?;
+            find_ignored(&s).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(edited.phase, ErasurePhase::Completed);
+    assert_eq!(
+        edited.receipt, status.receipt,
+        "the receipt of what was done stands"
+    );
     assert!(operator
         .running
         .metrics
@@ -392,4 +415,10 @@ async fn a_held_policy_blocks_its_targets_in_an_erasure() {
         .unwrap();
     assert_eq!(done.totals.unwrap().erased, 5);
     operator.stop().await;
+}
+
+fn find_ignored(status: &tombstone::api::ErasureRequestStatus) -> bool {
+    status.conditions.iter().any(|c| {
+        c.type_ == "SpecChangeIgnored" && c.status == tombstone::api::ConditionStatus::True
+    })
 }

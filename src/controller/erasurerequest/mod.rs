@@ -44,10 +44,18 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     };
     let previous = request.status.clone().unwrap_or_default();
-    if previous.phase == ErasurePhase::Completed {
-        return Ok(Action::await_change()); // final
-    }
     let now = Timestamp::now();
+    if previous.phase == ErasurePhase::Completed {
+        // Final: nothing runs again; an edit since is only reported.
+        if previous.observed_generation != request.metadata.generation {
+            let mut status = previous.clone();
+            status.conditions = plan::conditions(&request, &status, &[], true, now);
+            if status != previous {
+                apply_status(&api, &request.name_any(), &status).await?;
+            }
+        }
+        return Ok(Action::await_change());
+    }
     let mut status = previous.clone();
     let started = status.subject_digest.is_some();
     // The spec a request started under is the one it finishes under.
