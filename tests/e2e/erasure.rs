@@ -422,3 +422,39 @@ fn find_ignored(status: &tombstone::api::ErasureRequestStatus) -> bool {
         c.type_ == "SpecChangeIgnored" && c.status == tombstone::api::ConditionStatus::True
     })
 }
+
+#[tokio::test]
+async fn a_late_request_is_reported_overdue_and_a_retained_secret_is_kept() {
+    let (client, ns) = setup("erasure-late").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let operator = TestOperator::start(&ns).await;
+    shop(&client, &ns, &redis).await;
+    identifiers_secret(&client, &ns, "dsr-5").await;
+    let mut request = request_json("dsr-5", "dsr-5", false);
+    request["spec"]["receivedAt"] = json!("2026-09-01T00:00:00Z");
+    request["spec"]["retainSubjectSecret"] = json!(true);
+    create::<ErasureRequest>(&client, &ns, request).await;
+    let done = wait_phase(&client, &ns, "dsr-5", ErasurePhase::Completed)
+        .await
+        .status
+        .unwrap();
+    assert_eq!(done.deadline.unwrap().to_string(), "2026-10-01T00:00:00Z");
+    wait_event(&client, &ns, "dsr-5", |(t, r, n)| {
+        t == "Warning" && r == "ErasureOverdue" && n.contains("2026-10-01")
+    })
+    .await;
+    // Once complete it is no longer overdue, and the Secret stays as asked.
+    assert_eq!(
+        condition(&done.conditions, "Overdue").0,
+        tombstone::api::ConditionStatus::False
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(Api::<Secret>::namespaced(client.clone(), &ns)
+        .get_opt("dsr-5")
+        .await
+        .unwrap()
+        .is_some());
+    operator.stop().await;
+}
