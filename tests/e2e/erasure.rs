@@ -458,3 +458,40 @@ async fn a_late_request_is_reported_overdue_and_a_retained_secret_is_kept() {
         .is_some());
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn a_hold_naming_the_subject_by_secret_blocks_the_request() {
+    let (client, ns) = setup("erasure-hold-secret").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let operator = TestOperator::start(&ns).await;
+    shop(&client, &ns, &redis).await;
+    // The hold knows the subject by one identifier only (the email); that is enough.
+    let held: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "held-1"}, "stringData": {"email": EMAIL}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &held)
+        .await
+        .unwrap();
+    create::<LegalHold>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "claim-18"},
+               "spec": {"reason": "Pending claim", "subjects": [{"secretRef": {"name": "held-1"}}]}}),
+    )
+    .await;
+    identifiers_secret(&client, &ns, "dsr-6").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-6", "dsr-6", false)).await;
+    let blocked = wait_phase(&client, &ns, "dsr-6", ErasurePhase::Blocked)
+        .await
+        .status
+        .unwrap();
+    assert!(condition(&blocked.conditions, "Blocked")
+        .2
+        .contains("claim-18"));
+    assert_eq!(count_keys(&mut conn, &format!("session:{USER}:*")).await, 4);
+    operator.stop().await;
+}
