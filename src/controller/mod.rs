@@ -184,6 +184,38 @@ pub fn backoff_for(failures: u32) -> Duration {
     Duration::from_secs(secs.min(60))
 }
 
+/// When the object was created, at second precision; `fallback` if the server did not say.
+pub fn creation_time<K: Resource>(
+    obj: &K,
+    fallback: crate::api::Timestamp,
+) -> crate::api::Timestamp {
+    obj.meta()
+        .creation_timestamp
+        .as_ref()
+        .map_or(fallback, |t| {
+            crate::api::Timestamp::truncate(
+                chrono::DateTime::from_timestamp(t.0.as_second(), 0).unwrap_or(fallback.0),
+            )
+        })
+}
+
+/// Reads the object afresh from the API server. Its status is the checkpoint of the work
+/// under way, and the reflector cache may not have seen our own last write yet. None: gone.
+pub async fn fetch_fresh<K>(client: &Client, obj: &K) -> Result<Option<(Api<K>, K)>, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    Ok(api
+        .get_opt(&obj.name_any())
+        .await
+        .map_err(Error::Kube)?
+        .map(|fresh| (api, fresh)))
+}
+
 /// `namespace/name`, the key for caches and failure counts.
 pub fn object_key<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())

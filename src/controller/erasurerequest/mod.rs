@@ -38,9 +38,7 @@ pub const CONTROLLER: &str = "erasurerequest";
 pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(CONTROLLER);
     let namespace = obj.namespace().unwrap_or_default();
-    let api: Api<ErasureRequest> = Api::namespaced(ctx.client.clone(), &namespace);
-    // Status is the request's checkpoint: read it fresh.
-    let Some(request) = api.get_opt(&obj.name_any()).await.map_err(Error::Kube)? else {
+    let Some((api, request)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
     let previous = request.status.clone().unwrap_or_default();
@@ -84,7 +82,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     let received = status
         .received_at
         .or(request.spec.received_at)
-        .unwrap_or_else(|| created(&request, now));
+        .unwrap_or_else(|| super::creation_time(&request, now));
     status.received_at = Some(received);
     status.deadline = Some(plan::deadline(received));
 
@@ -181,18 +179,6 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
 
 fn until(t: Timestamp, now: Timestamp) -> Duration {
     (t.0 - now.0).to_std().unwrap_or(Duration::ZERO)
-}
-
-fn created(request: &ErasureRequest, now: Timestamp) -> Timestamp {
-    request
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map_or(now, |t| {
-            Timestamp::truncate(
-                chrono::DateTime::from_timestamp(t.0.as_second(), 0).unwrap_or(now.0),
-            )
-        })
 }
 
 /// The subject's identifiers: each key of the Secret, then the inline (pseudonymous) ones.

@@ -40,22 +40,12 @@ pub(crate) struct ResolvedTarget {
 pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(CONTROLLER);
     let namespace = obj.namespace().unwrap_or_default();
-    let api: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    // Status is the sweep's checkpoint: read it fresh, never from a possibly stale cache.
-    let Some(policy) = api.get_opt(&obj.name_any()).await.map_err(Error::Kube)? else {
+    let Some((api, policy)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
     let key = object_key(&policy);
     let now = Timestamp::now();
-    let created = policy
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map_or(now, |t| {
-            Timestamp::truncate(
-                chrono::DateTime::from_timestamp(t.0.as_second(), 0).unwrap_or(now.0),
-            )
-        });
+    let created = super::creation_time(&policy, now);
     let parsed_schedule = schedule::parse(policy.spec.schedule.as_ref());
 
     // 1. Dereference the stores of every target.
