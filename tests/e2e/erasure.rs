@@ -84,20 +84,21 @@ async fn wait_phase(
     phase: ErasurePhase,
 ) -> ErasureRequest {
     let api: Api<ErasureRequest> = Api::namespaced(client.clone(), ns);
-    wait_for(
-        &format!("{name} {phase:?}"),
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            async move {
-                api.get(name)
-                    .await
-                    .ok()
-                    .filter(|r| r.status.as_ref().is_some_and(|s| s.phase == phase))
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(r) = api.get(name).await {
+            if r.status.as_ref().is_some_and(|s| s.phase == phase) {
+                return r;
             }
-        },
-    )
-    .await
+            last = r.status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{name} did not reach {phase:?} within 60s; last status: {}",
+        serde_json::to_string(&last).unwrap_or_default()
+    );
 }
 
 #[tokio::test]
@@ -396,10 +397,15 @@ async fn a_held_policy_blocks_its_targets_in_an_erasure() {
     .await;
     identifiers_secret(&client, &ns, "dsr-4").await;
     create::<ErasureRequest>(&client, &ns, request_json("dsr-4", "dsr-4", false)).await;
-    let blocked = wait_phase(&client, &ns, "dsr-4", ErasurePhase::Blocked)
-        .await
-        .status
-        .unwrap();
+    let blocked = wait_phase(&client, &ns, "dsr-4", ErasurePhase::Blocked).await;
+    // While held, the request rests: no status rewrites, no busy loop.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(
+        api.get("dsr-4").await.unwrap().metadata.resource_version,
+        blocked.metadata.resource_version
+    );
+    let blocked = blocked.status.unwrap();
     assert_eq!(blocked.targets[0].phase, ErasureTargetPhase::Blocked);
     assert!(condition(&blocked.conditions, "Blocked")
         .2

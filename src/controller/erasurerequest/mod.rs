@@ -116,12 +116,11 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     if !subject_holds.is_empty() {
         status.phase = ErasurePhase::Blocked;
     } else {
-        if matches!(status.phase, ErasurePhase::Pending | ErasurePhase::Blocked) {
-            status.phase =
-                plan::next_phase(ErasurePhase::Pending, &status.targets, request.spec.dry_run);
+        status.phase = plan::resume_phase(status.phase, &status.targets);
+        if status.phase != ErasurePhase::Blocked {
+            run_actions(&ctx, &request, &identifiers, &mut status).await;
+            status.phase = plan::next_phase(status.phase, &status.targets, request.spec.dry_run);
         }
-        run_actions(&ctx, &request, &identifiers, &mut status).await;
-        status.phase = plan::next_phase(status.phase, &status.targets, request.spec.dry_run);
     }
     status.totals = Some(plan::totals(&status.targets));
     let completed = status.phase == ErasurePhase::Completed;

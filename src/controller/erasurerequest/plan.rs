@@ -96,6 +96,25 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
     }
 }
 
+/// The phase to work in before acting: a new request starts discovering; targets that a
+/// lifted hold released (back to Pending) send the request back to discovery, whatever phase
+/// it was in; a request whose targets are still held stays Blocked and does nothing.
+pub fn resume_phase(phase: ErasurePhase, targets: &[ErasureTargetStatus]) -> ErasurePhase {
+    let any = |p: T| targets.iter().any(|t| t.phase == p);
+    match phase {
+        ErasurePhase::Pending => ErasurePhase::Discovering,
+        ErasurePhase::Erasing | ErasurePhase::Verifying | ErasurePhase::Blocked
+            if any(T::Pending) =>
+        {
+            ErasurePhase::Discovering
+        }
+        ErasurePhase::Blocked if any(T::Blocked) => ErasurePhase::Blocked,
+        // Unblocked with nothing left to discover: check what is there once more.
+        ErasurePhase::Blocked => ErasurePhase::Verifying,
+        other => other,
+    }
+}
+
 /// The request's phase once its targets have moved (pure).
 pub fn next_phase(
     phase: ErasurePhase,
@@ -473,6 +492,24 @@ mod tests {
         );
         assert!(c.by_phase.contains(&("Erasing", 2)) && c.by_phase.contains(&("Pending", 0)));
         assert_eq!(c.by_phase.len(), 7);
+    }
+
+    #[test]
+    fn released_targets_send_the_request_back_to_discovery_and_held_ones_keep_it_blocked() {
+        use ErasurePhase::*;
+        let held = vec![target(T::Verified), target(T::Blocked)];
+        assert_eq!(
+            resume_phase(Blocked, &held),
+            Blocked,
+            "no busy loop while a hold stands"
+        );
+        let released = vec![target(T::Verified), target(T::Pending)];
+        for phase in [Blocked, Erasing, Verifying] {
+            assert_eq!(resume_phase(phase, &released), Discovering, "{phase:?}");
+        }
+        assert_eq!(resume_phase(Pending, &[]), Discovering);
+        assert_eq!(resume_phase(Erasing, &[target(T::Found)]), Erasing);
+        assert_eq!(resume_phase(Blocked, &[target(T::Verified)]), Verifying);
     }
 
     #[test]
