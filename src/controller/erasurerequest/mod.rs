@@ -434,6 +434,25 @@ async fn run_action(
             None,
         );
     };
+    let locator = target
+        .subject
+        .as_ref()
+        .is_some_and(|s| plan::locates_in(s, kind));
+    if !locator {
+        // The target has a locator, but for another kind of store: nothing to run here.
+        let skipped = vec![format!(
+            "no subject locator for store kind {}",
+            kind.as_str()
+        )];
+        return (
+            ActionResult::Done {
+                count: 0,
+                skipped,
+                ran: false,
+            },
+            None,
+        );
+    }
     let job = SubjectJob {
         target: target.clone(),
         identifiers: identifiers.clone(),

@@ -8,7 +8,8 @@ use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase as T,
     ErasureTargetStatus, ErasureTotals,
 };
-use crate::api::Timestamp;
+use crate::api::retentionpolicy::SubjectLocator;
+use crate::api::{StoreKind, Timestamp};
 use crate::backends::SubjectAction;
 
 /// Art. 12(3): one calendar month after receipt (the last day of the next month when it has
@@ -93,6 +94,16 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
                 }
             }
         }
+    }
+}
+
+/// Whether the locator says how to find a subject in a store of this kind.
+pub fn locates_in(locator: &SubjectLocator, kind: StoreKind) -> bool {
+    match kind {
+        StoreKind::Redis => locator.redis.is_some(),
+        StoreKind::S3 => locator.s3.is_some(),
+        StoreKind::Loki => locator.loki.is_some(),
+        StoreKind::Elasticsearch => locator.elasticsearch.is_some(),
     }
 }
 
@@ -510,6 +521,16 @@ mod tests {
         assert_eq!(resume_phase(Pending, &[]), Discovering);
         assert_eq!(resume_phase(Erasing, &[target(T::Found)]), Erasing);
         assert_eq!(resume_phase(Blocked, &[target(T::Verified)]), Verifying);
+    }
+
+    #[test]
+    fn a_locator_for_another_store_kind_does_not_count() {
+        let locator = SubjectLocator {
+            redis: Some(crate::api::retentionpolicy::RedisSubject::default()),
+            ..Default::default()
+        };
+        assert!(locates_in(&locator, StoreKind::Redis));
+        assert!(!locates_in(&locator, StoreKind::S3));
     }
 
     #[test]
