@@ -80,6 +80,31 @@ pub enum ErasurePhase {
     Failed,
 }
 
+impl ErasurePhase {
+    pub const ALL: [ErasurePhase; 7] = [
+        ErasurePhase::Pending,
+        ErasurePhase::Discovering,
+        ErasurePhase::Erasing,
+        ErasurePhase::Verifying,
+        ErasurePhase::Completed,
+        ErasurePhase::Blocked,
+        ErasurePhase::Failed,
+    ];
+
+    /// The name as written in status, for messages and metric labels.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErasurePhase::Pending => "Pending",
+            ErasurePhase::Discovering => "Discovering",
+            ErasurePhase::Erasing => "Erasing",
+            ErasurePhase::Verifying => "Verifying",
+            ErasurePhase::Completed => "Completed",
+            ErasurePhase::Blocked => "Blocked",
+            ErasurePhase::Failed => "Failed",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ErasureTargetPhase {
     #[default]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::datastore::StoreLimits;
 use crate::backends::redis::{RedisBackend, RedisConfig};
-use crate::backends::{self, Backend, Limits, Step, StepBudget, SweepJob};
+use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use limits::RateLimiter;
 
 /// Everything needed to talk to one store, resolved from its DataStore and Secrets. Two equal
@@ -20,12 +20,6 @@ use limits::RateLimiter;
 #[derive(Clone, Debug, PartialEq)]
 pub enum ConnectionSpec {
     Redis(RedisConfig),
-}
-
-impl PartialEq for RedisConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.url == other.url && self.password == other.password && self.cluster == other.cluster
-    }
 }
 
 struct CachedBackend {
@@ -94,9 +88,10 @@ impl Engine {
             .expect("job semaphore is never closed")
     }
 
-    /// Runs one bounded step of a sweep job.
+    /// Runs one bounded step of a sweep job on the store `store_key`.
     pub async fn sweep_step(
         &self,
+        store_key: &str,
         backend: &dyn Backend,
         job: &SweepJob,
         cursor: Option<&str>,
@@ -107,7 +102,41 @@ impl Engine {
             max_time: self.checkpoint_interval,
             cancel: cancel.clone(),
         };
-        backend.sweep_step(job, cursor, &budget).await
+        let result = backend.sweep_step(job, cursor, &budget).await;
+        let failure = match &result {
+            Ok(step) => step.failure.as_ref(),
+            Err(e) => Some(e),
+        };
+        self.forget_if_broken(store_key, failure);
+        result
+    }
+
+    /// Runs one step of finding, erasing or verifying a subject on the store `store_key`.
+    pub async fn subject_step(
+        &self,
+        store_key: &str,
+        backend: &dyn Backend,
+        job: &SubjectJob,
+    ) -> Result<SubjectStep, backends::Error> {
+        let _slot = self.job_slot().await;
+        let budget = StepBudget {
+            max_time: self.checkpoint_interval,
+            cancel: CancellationToken::new(),
+        };
+        let result = backend.subject_step(job, None, &budget).await;
+        let failure = match &result {
+            Ok(step) => step.failure.as_ref(),
+            Err(e) => Some(e),
+        };
+        self.forget_if_broken(store_key, failure);
+        result
+    }
+
+    /// A store that could not be reached gets a fresh connection next time.
+    fn forget_if_broken(&self, store_key: &str, failure: Option<&backends::Error>) {
+        if matches!(failure, Some(backends::Error::Unreachable(_))) {
+            self.forget(store_key);
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use crate::api::StoreKind;
 const SCAN_COUNT: usize = 5000;
 
 /// How to reach one Redis deployment, resolved from a DataStore and its Secret.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     pub url: String,
     pub password: Option<String>,
@@ -268,7 +268,11 @@ impl PageJob {
         let deleted = match self.mode {
             RedisMode::Expire if !self.dry_run && self.major_version >= 7 => {
                 let set: Vec<i64> = self
-                    .pipelined("EXPIRE", &keys, &[&self.retention_secs.to_string(), "LT"])
+                    .pipelined(
+                        &["EXPIRE"],
+                        &keys,
+                        &[&self.retention_secs.to_string(), "LT"],
+                    )
                     .await
                     .map_err(err)?;
                 set.iter().filter(|&&s| s == 1).count() as u64
@@ -277,13 +281,13 @@ impl PageJob {
                 // Keys without a TTL (-1) or with a longer one need bounding; -2 is gone.
                 let retention_ms =
                     i64::try_from(self.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-                let ttls: Vec<i64> = self.pipelined("PTTL", &keys, &[]).await.map_err(err)?;
+                let ttls: Vec<i64> = self.pipelined(&["PTTL"], &keys, &[]).await.map_err(err)?;
                 let selected = select(keys, ttls, |ttl| ttl == -1 || ttl > retention_ms);
                 if self.dry_run {
                     selected.len() as u64
                 } else {
                     let set: Vec<i64> = self
-                        .pipelined("PEXPIRE", &selected, &[&retention_ms.to_string()])
+                        .pipelined(&["PEXPIRE"], &selected, &[&retention_ms.to_string()])
                         .await
                         .map_err(err)?;
                     set.iter().filter(|&&s| s == 1).count() as u64
@@ -309,7 +313,7 @@ impl PageJob {
             RedisMode::Idle => {
                 // A cluster node refuses multi-key scripts across slots: check, then delete.
                 let idle: Vec<Option<u64>> = self
-                    .pipelined("OBJECT", &keys, &[])
+                    .pipelined(&["OBJECT", "IDLETIME"], &keys, &[])
                     .await
                     .map_err(|e| idle_error(e, &addr))?;
                 let retention_secs = self.retention_secs;
@@ -339,10 +343,11 @@ impl PageJob {
         Ok((scanned, deleted))
     }
 
-    /// One command per key, pipelined; `OBJECT` means `OBJECT IDLETIME key`.
+    /// One command per key, pipelined: `command key args…`, where `command` may carry a
+    /// subcommand (`["OBJECT", "IDLETIME"]`).
     async fn pipelined<T: redis::FromRedisValue>(
         &mut self,
-        command: &str,
+        command: &[&str],
         keys: &[Vec<u8>],
         args: &[&str],
     ) -> RedisResult<Vec<T>> {
@@ -351,11 +356,7 @@ impl PageJob {
         }
         let mut pipe = redis::pipe();
         for key in keys {
-            if command == "OBJECT" {
-                pipe.cmd("OBJECT").arg("IDLETIME").arg(key);
-            } else {
-                pipe.cmd(command).arg(key).arg(args);
-            }
+            pipe.cmd(command[0]).arg(&command[1..]).arg(key).arg(args);
         }
         self.limits.acquire(keys.len() as u32).await;
         pipe.query_async(&mut self.conn).await
@@ -371,7 +372,7 @@ impl PageJob {
             return Ok(0);
         }
         if self.cluster {
-            let removed: Vec<u64> = self.pipelined("UNLINK", &keys, &[]).await?;
+            let removed: Vec<u64> = self.pipelined(&["UNLINK"], &keys, &[]).await?;
             return Ok(removed.iter().sum());
         }
         // Standalone: one multi-key command per page.

@@ -15,7 +15,6 @@ use kube::api::{DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
 use super::retentionpolicy::resolve_target;
@@ -29,7 +28,7 @@ use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::api::Timestamp;
 use crate::audit::{self, identifier_digests, subject_digest};
-use crate::backends::{StepBudget, SubjectAction, SubjectJob};
+use crate::backends::{SubjectAction, SubjectJob};
 use plan::ActionResult;
 
 pub const CONTROLLER: &str = "erasurerequest";
@@ -418,7 +417,7 @@ async fn run_action(
         Ok(r) => r,
         Err(e) => return failed(e),
     };
-    let Some((backend, kind, _)) = resolved.backend else {
+    let Some((backend, kind, store_key)) = resolved.backend else {
         let p = resolved
             .problem
             .unwrap_or(super::retentionpolicy::plan::Problem {
@@ -458,11 +457,11 @@ async fn run_action(
         identifiers: identifiers.clone(),
         action,
     };
-    let budget = StepBudget {
-        max_time: ctx.settings.checkpoint_interval,
-        cancel: CancellationToken::new(),
-    };
-    match backend.subject_step(&job, None, &budget).await {
+    match ctx
+        .engine
+        .subject_step(&store_key, backend.as_ref(), &job)
+        .await
+    {
         Ok(step) => match step.failure {
             Some(e) => failed(e.into()),
             None => {

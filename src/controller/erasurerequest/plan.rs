@@ -163,23 +163,15 @@ pub fn next_phase(
 pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::ErasureCounts {
     use ErasurePhase::*;
     let phase_of = |r: &ErasureRequest| r.status.as_ref().map_or(Pending, |s| s.phase);
-    let by_phase = [
-        Pending,
-        Discovering,
-        Erasing,
-        Verifying,
-        Completed,
-        Blocked,
-        Failed,
-    ]
-    .into_iter()
-    .map(|p| {
-        (
-            phase_name(p),
-            requests.iter().filter(|r| phase_of(r) == p).count() as i64,
-        )
-    })
-    .collect();
+    let by_phase = ErasurePhase::ALL
+        .into_iter()
+        .map(|p| {
+            (
+                p.as_str(),
+                requests.iter().filter(|r| phase_of(r) == p).count() as i64,
+            )
+        })
+        .collect();
     let week = chrono::Duration::days(7);
     let open_deadlines: Vec<Timestamp> = requests
         .iter()
@@ -193,18 +185,6 @@ pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::E
             .iter()
             .filter(|d| now < **d && d.0 - now.0 <= week)
             .count() as i64,
-    }
-}
-
-fn phase_name(phase: ErasurePhase) -> &'static str {
-    match phase {
-        ErasurePhase::Pending => "Pending",
-        ErasurePhase::Discovering => "Discovering",
-        ErasurePhase::Erasing => "Erasing",
-        ErasurePhase::Verifying => "Verifying",
-        ErasurePhase::Completed => "Completed",
-        ErasurePhase::Blocked => "Blocked",
-        ErasurePhase::Failed => "Failed",
     }
 }
 
@@ -246,7 +226,7 @@ pub fn conditions(
         ErasurePhase::Failed => {
             DesiredCondition::new("Complete", false, "Failed", failed_message(status))
         }
-        phase => DesiredCondition::new("Complete", false, "InProgress", format!("{phase:?}")),
+        phase => DesiredCondition::new("Complete", false, "InProgress", phase.as_str()),
     };
     let overdue = match status.deadline {
         Some(deadline) if status.phase != ErasurePhase::Completed && now >= deadline => {

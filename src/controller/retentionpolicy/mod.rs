@@ -296,29 +296,25 @@ async fn run_steps(
                     (Some((backend, kind, store_key)), _) => {
                         match ctx
                             .engine
-                            .sweep_step(backend.as_ref(), &job, cursor.as_deref(), &ctx.shutdown)
+                            .sweep_step(
+                                store_key,
+                                backend.as_ref(),
+                                &job,
+                                cursor.as_deref(),
+                                &ctx.shutdown,
+                            )
                             .await
                         {
                             Ok(step) => {
-                                if let Some(failure) = &step.failure {
-                                    if matches!(failure, backends::Error::Unreachable(_)) {
-                                        ctx.engine.forget(store_key);
-                                    }
-                                }
                                 if !job.dry_run {
                                     ctx.metrics.deleted(kind.as_str(), step.deleted);
                                 }
                                 StepResult::Ran(step)
                             }
-                            Err(e) => {
-                                if matches!(e, backends::Error::Unreachable(_)) {
-                                    ctx.engine.forget(store_key);
-                                }
-                                StepResult::Failed {
-                                    reason: e.reason(),
-                                    message: e.to_string(),
-                                }
-                            }
+                            Err(e) => StepResult::Failed {
+                                reason: e.reason(),
+                                message: e.to_string(),
+                            },
                         }
                     }
                     (None, Some(problem)) => StepResult::Failed {
