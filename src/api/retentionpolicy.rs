@@ -330,6 +330,9 @@ pub struct TargetStatus {
     /// Items the store refused to delete (object lock, …).
     #[serde(default)]
     pub blocked: u64,
+    /// The first few refused items by name, each with the store's reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_items: Vec<String>,
     /// Where the current sweep resumes after a restart; absent when no sweep is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,

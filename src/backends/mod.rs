@@ -7,6 +7,7 @@
 //! instead of starting over, and long-running deletions are submitted once and then polled.
 
 pub mod redis;
+pub mod s3;
 pub mod template;
 
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub enum Error {
     AuthenticationFailed(String),
     #[error("{0}")]
     InvalidSpec(String),
+    #[error("the bucket does not exist: {0}")]
+    BucketNotFound(String),
     #[error("the store failed a command: {0}")]
     Store(String),
 }
@@ -39,6 +42,7 @@ impl Error {
             Error::Unreachable(_) => "Unreachable",
             Error::AuthenticationFailed(_) => "AuthenticationFailed",
             Error::InvalidSpec(_) => "InvalidSpec",
+            Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
         }
     }
@@ -113,6 +117,9 @@ pub struct Step {
     pub deleted: u64,
     /// Items the store refused to delete.
     pub blocked: u64,
+    /// A few of the refused items by name, each with the store's reason (an object key and
+    /// "object protected by Object Lock"), for the target's message.
+    pub blocked_items: Vec<String>,
     pub next: Next,
     /// A failure after some progress: the counts and `next` above are still true and are
     /// checkpointed, so work already done is neither lost nor redone.
@@ -155,6 +162,12 @@ impl std::fmt::Debug for SubjectJob {
 pub struct SubjectStep {
     /// Records found (Find), erased (Erase) or still present (Verify).
     pub count: u64,
+    /// Records the store refused to erase (Object Lock retention or legal hold).
+    pub blocked: u64,
+    /// Lines of archives that are not JSON: left as they were, counted.
+    pub malformed: u64,
+    /// Whether any locator ran (false: every locator was skipped).
+    pub ran: bool,
     /// Locators not run because the subject lacks an identifier they need, described
     /// without any identifier value (e.g. `keys[1] needs {email}`).
     pub skipped: Vec<String>,
@@ -191,6 +204,7 @@ pub trait Backend: Send + Sync {
 pub fn validate_target(kind: StoreKind, target: &Target) -> Result<(), Error> {
     match kind {
         StoreKind::Redis => redis::validate_target(target),
+        StoreKind::S3 => s3::validate_target(target),
         other => Err(Error::InvalidSpec(format!(
             "store kind {} is not supported by this version of the operator",
             other.as_str()

@@ -49,6 +49,29 @@ pub async fn connection_spec(client: &Client, store: &DataStore) -> Result<Conne
             cluster: redis.cluster.unwrap_or(false),
         }));
     }
+    if let Some(s3) = &store.spec.s3 {
+        let credentials = match &s3.credentials_secret_ref {
+            Some(r) => Some(crate::backends::s3::S3Credentials {
+                access_key_id: secret_value(client, &namespace, &r.name, "accessKeyId").await?,
+                secret_access_key: secret_value(client, &namespace, &r.name, "secretAccessKey")
+                    .await?,
+                session_token: match secret_value(client, &namespace, &r.name, "sessionToken").await
+                {
+                    Ok(token) => Some(token),
+                    Err(Error::SecretKeyMissing { .. }) => None,
+                    Err(e) => return Err(e),
+                },
+            }),
+            None => None,
+        };
+        return Ok(ConnectionSpec::S3(crate::backends::s3::S3Config {
+            bucket: s3.bucket.clone(),
+            region: s3.region.clone(),
+            endpoint: s3.endpoint.clone(),
+            force_path_style: s3.force_path_style.unwrap_or(false),
+            credentials,
+        }));
+    }
     match store.spec.kind() {
         Some(kind) => Err(Error::InvalidSpec(format!(
             "store kind {} is not supported by this version of the operator",

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::datastore::StoreLimits;
 use crate::backends::redis::{RedisBackend, RedisConfig};
+use crate::backends::s3::{S3Backend, S3Config};
 use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use limits::RateLimiter;
 
@@ -20,6 +21,7 @@ use limits::RateLimiter;
 #[derive(Clone, Debug, PartialEq)]
 pub enum ConnectionSpec {
     Redis(RedisConfig),
+    S3(S3Config),
 }
 
 struct CachedBackend {
@@ -151,5 +153,6 @@ fn build_backend(spec: &ConnectionSpec, limits: Option<&StoreLimits>) -> Arc<dyn
     };
     match spec {
         ConnectionSpec::Redis(config) => Arc::new(RedisBackend::new(config.clone(), limits)),
+        ConnectionSpec::S3(config) => Arc::new(S3Backend::new(config.clone(), limits)),
     }
 }

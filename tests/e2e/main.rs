@@ -15,5 +15,6 @@ mod harness;
 mod holds;
 mod kustomize;
 mod operational;
+mod s3;
 mod subject;
 mod sweep;

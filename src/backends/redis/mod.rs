@@ -490,6 +490,7 @@ impl Backend for RedisBackend {
             scanned: 0,
             deleted: 0,
             blocked: 0,
+            blocked_items: Vec::new(),
             next: Next::Done,
             failure: None,
         };

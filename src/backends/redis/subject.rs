@@ -95,8 +95,12 @@ impl RedisBackend {
             }
         }
         skipped.dedup();
+        let locators = locator.keys.len() + locator.hash_fields.len() + locator.set_members.len();
         Ok(SubjectStep {
             count,
+            blocked: 0,
+            malformed: 0,
+            ran: skipped.len() < locators,
             skipped,
             next: Next::Done,
             failure: None,

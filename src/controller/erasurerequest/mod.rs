@@ -448,6 +448,8 @@ async fn run_action(
                 count: 0,
                 skipped,
                 ran: false,
+                blocked: 0,
+                malformed: 0,
             },
             None,
         );
@@ -464,24 +466,16 @@ async fn run_action(
     {
         Ok(step) => match step.failure {
             Some(e) => failed(e.into()),
-            None => {
-                let locators = target
-                    .subject
-                    .as_ref()
-                    .and_then(|s| s.redis.as_ref())
-                    .map_or(0, |r| {
-                        r.keys.len() + r.hash_fields.len() + r.set_members.len()
-                    });
-                let ran = step.skipped.len() < locators;
-                (
-                    ActionResult::Done {
-                        count: step.count,
-                        ran,
-                        skipped: step.skipped,
-                    },
-                    Some(kind.as_str()),
-                )
-            }
+            None => (
+                ActionResult::Done {
+                    count: step.count,
+                    ran: step.ran,
+                    skipped: step.skipped,
+                    blocked: step.blocked,
+                    malformed: step.malformed,
+                },
+                Some(kind.as_str()),
+            ),
         },
         Err(e) => failed(e.into()),
     }

@@ -44,11 +44,14 @@ pub fn action_for(
 #[derive(Debug, PartialEq, Eq)]
 pub enum ActionResult {
     /// `count` records found / erased / remaining; `skipped` locators lacked an identifier;
-    /// `ran` whether any locator ran at all.
+    /// `ran` whether any locator ran at all; `blocked` records the store refused to erase
+    /// (Object Lock); `malformed` archive lines that are not JSON, left as they were.
     Done {
         count: u64,
         skipped: Vec<String>,
         ran: bool,
+        blocked: u64,
+        malformed: u64,
     },
     Failed {
         reason: &'static str,
@@ -67,12 +70,29 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
             count,
             skipped,
             ran,
+            blocked,
+            malformed,
         } => {
-            target.message = if skipped.is_empty() {
-                String::new()
-            } else {
-                format!("skipped: {}", skipped.join("; "))
-            };
+            let mut notes = Vec::new();
+            if !skipped.is_empty() {
+                notes.push(format!("skipped: {}", skipped.join("; ")));
+            }
+            if malformed > 0 {
+                notes.push(format!(
+                    "{malformed} archive lines are not JSON and were left as they were"
+                ));
+            }
+            target.message = notes.join("; ");
+            if blocked > 0 {
+                // Not a hold of ours: the store itself refuses until its lock lapses, so the
+                // target is retried with backoff and the request cannot complete before.
+                target.erased += count;
+                target.phase = T::Failed;
+                target.message = format!(
+                    "ObjectLocked: {blocked} object versions are protected by Object Lock (retention or legal hold) and were not erased; retrying until the lock lapses"
+                );
+                return;
+            }
             match action {
                 SubjectAction::Find if !ran => target.phase = T::Skipped,
                 SubjectAction::Find => {
@@ -302,6 +322,32 @@ mod tests {
     }
 
     #[test]
+    fn an_erase_the_store_refuses_is_retried_not_verified() {
+        let mut t = ErasureTargetStatus {
+            phase: T::Found,
+            found: 4,
+            ..Default::default()
+        };
+        apply(
+            &mut t,
+            SubjectAction::Erase,
+            ActionResult::Done {
+                count: 3,
+                skipped: vec![],
+                ran: true,
+                blocked: 1,
+                malformed: 2,
+            },
+        );
+        assert_eq!((t.phase, t.erased), (T::Failed, 3));
+        assert!(t.message.starts_with("ObjectLocked: 1 object versions"));
+        assert_eq!(
+            next_phase(ErasurePhase::Erasing, &[t], false),
+            ErasurePhase::Erasing
+        );
+    }
+
+    #[test]
     fn the_deadline_is_one_calendar_month() {
         assert_eq!(
             deadline(ts("2026-11-20T09:00:00Z")),
@@ -329,6 +375,8 @@ mod tests {
                 count: 3,
                 skipped: vec![],
                 ran: true,
+                blocked: 0,
+                malformed: 0,
             },
         );
         assert_eq!(
@@ -343,6 +391,8 @@ mod tests {
                 count: 0,
                 skipped: vec![],
                 ran: true,
+                blocked: 0,
+                malformed: 0,
             },
         );
         assert_eq!(next_phase(Discovering, &ts_, false), Erasing);
@@ -358,6 +408,8 @@ mod tests {
                 count: 3,
                 skipped: vec![],
                 ran: true,
+                blocked: 0,
+                malformed: 0,
             },
         );
         assert_eq!(next_phase(Erasing, &ts_, false), Verifying);
@@ -369,6 +421,8 @@ mod tests {
                     count: 0,
                     skipped: vec![],
                     ran: true,
+                    blocked: 0,
+                    malformed: 0,
                 },
             );
         }
@@ -394,6 +448,8 @@ mod tests {
                 count: 2,
                 skipped: vec![],
                 ran: true,
+                blocked: 0,
+                malformed: 0,
             },
         );
         assert_eq!(
@@ -434,6 +490,8 @@ mod tests {
                 count: 1,
                 skipped: vec![],
                 ran: true,
+                blocked: 0,
+                malformed: 0,
             },
         );
         assert_eq!(v[0].phase, T::Found);
@@ -523,6 +581,8 @@ mod tests {
                 count: 0,
                 skipped: vec!["keys[0] needs {userId}".into()],
                 ran: false,
+                blocked: 0,
+                malformed: 0,
             },
         );
         assert_eq!(t[0].phase, T::Skipped);

@@ -142,6 +142,7 @@ pub fn begin_sweep(policy: &RetentionPolicy, now: Timestamp) -> RetentionPolicyS
             scanned: 0,
             deleted: 0,
             blocked: 0,
+            blocked_items: Vec::new(),
             cursor: None,
             message: String::new(),
             ..t
@@ -175,6 +176,9 @@ pub fn aligned_targets(policy: &RetentionPolicy, existing: &[TargetStatus]) -> V
         .collect()
 }
 
+/// Refused items kept by name in a target's status.
+const NAMED_BLOCKED_ITEMS: usize = 5;
+
 /// What one step of one target came to.
 #[derive(Debug)]
 pub enum StepResult {
@@ -194,6 +198,11 @@ pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, 
             target.scanned += step.scanned;
             target.deleted += step.deleted;
             target.blocked += step.blocked;
+            for item in step.blocked_items {
+                if target.blocked_items.len() < NAMED_BLOCKED_ITEMS {
+                    target.blocked_items.push(item);
+                }
+            }
             if !dry_run {
                 target.deleted_total += step.deleted;
             }
@@ -227,6 +236,9 @@ fn summary(target: &TargetStatus, dry_run: bool) -> String {
     let mut s = format!("scanned {}, {verb} {}", target.scanned, target.deleted);
     if target.blocked > 0 {
         s.push_str(&format!(", {} blocked by the store", target.blocked));
+        if !target.blocked_items.is_empty() {
+            s.push_str(&format!(": {}", target.blocked_items.join(", ")));
+        }
     }
     s
 }
@@ -525,6 +537,7 @@ mod tests {
 
     fn step(scanned: u64, deleted: u64, next: Next) -> StepResult {
         StepResult::Ran(Step {
+            blocked_items: Vec::new(),
             scanned,
             deleted,
             blocked: 0,
@@ -729,6 +742,7 @@ mod tests {
                 scanned: 5,
                 deleted: 2,
                 blocked: 0,
+                blocked_items: Vec::new(),
                 next: Next::Continue("0:9".into()),
                 failure: Some(failure),
             }),

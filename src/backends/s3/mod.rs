@@ -1,0 +1,531 @@
+//! S3 and S3-compatible stores (MinIO, Ceph RGW, Garage, AWS) through `aws-sdk-s3`.
+//!
+//! Retention: objects under the target's prefix whose `LastModified` is older than the cutoff
+//! are deleted with `DeleteObjects` batches. On a versioned bucket every version is listed and
+//! deleted by version id (a plain delete would only add a delete marker and keep the data),
+//! and delete markers left with no data behind them go too. The store's refusals (Object Lock
+//! retention or legal hold) are counted as blocked, not failures.
+//!
+//! Erasure: every object and version under the subject's key prefixes, and the subject's
+//! records inside JSON-lines archives (see `subject.rs` and `records.rs`).
+
+pub mod records;
+mod subject;
+mod sweep;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::types::{BucketVersioningStatus, Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+use tokio::sync::OnceCell;
+
+use super::template;
+use super::{Backend, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use crate::api::retentionpolicy::Target;
+use crate::api::StoreKind;
+
+/// Keys per `DeleteObjects` request: the S3 maximum.
+const DELETE_BATCH: usize = 1000;
+/// Keys per listing page: the S3 maximum.
+const LIST_PAGE: i32 = 1000;
+/// Used when neither the DataStore nor the environment names a region (S3-compatible stores
+/// generally ignore it, but requests must be signed for one).
+const FALLBACK_REGION: &str = "us-east-1";
+
+/// Static credentials from the DataStore's Secret.
+#[derive(Clone, PartialEq)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+/// How to reach one bucket, resolved from a DataStore and its Secret.
+#[derive(Clone, PartialEq)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub force_path_style: bool,
+    /// None: the default AWS credential chain (environment, web identity, instance profile).
+    pub credentials: Option<S3Credentials>,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("force_path_style", &self.force_path_style)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|c| &c.access_key_id),
+            )
+            .finish()
+    }
+}
+
+/// Called between reading an archive and writing it back; lets a test act as a concurrent
+/// writer at exactly the moment a conditional write exists to guard.
+pub type BeforeWriteHook = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+pub struct S3Backend {
+    config: S3Config,
+    limits: Limits,
+    client: OnceCell<Client>,
+    before_write: Option<BeforeWriteHook>,
+}
+
+impl S3Backend {
+    pub fn new(config: S3Config, limits: Limits) -> Self {
+        Self {
+            config,
+            limits,
+            client: OnceCell::new(),
+            before_write: None,
+        }
+    }
+
+    /// Runs `hook` before every conditional write of a rewritten archive.
+    pub fn with_before_write_hook(mut self, hook: BeforeWriteHook) -> Self {
+        self.before_write = Some(hook);
+        self
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.config.bucket
+    }
+
+    async fn client(&self) -> Result<&Client, Error> {
+        self.client
+            .get_or_try_init(|| async {
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+                if let Some(c) = &self.config.credentials {
+                    loader = loader.credentials_provider(Credentials::new(
+                        c.access_key_id.clone(),
+                        c.secret_access_key.clone(),
+                        c.session_token.clone(),
+                        None,
+                        "DataStore Secret",
+                    ));
+                }
+                if let Some(region) = &self.config.region {
+                    loader = loader.region(Region::new(region.clone()));
+                }
+                let shared = loader.load().await;
+                let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+                    .force_path_style(self.config.force_path_style)
+                    // Checksums only where S3 requires them: S3-compatible stores differ in
+                    // which of the newer checksum headers they understand.
+                    .request_checksum_calculation(
+                        aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+                    )
+                    .response_checksum_validation(
+                        aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                    );
+                if shared.region().is_none() {
+                    builder = builder.region(Region::new(FALLBACK_REGION));
+                }
+                if let Some(endpoint) = &self.config.endpoint {
+                    url::Url::parse(endpoint).map_err(|e| {
+                        Error::InvalidSpec(format!("invalid S3 endpoint {endpoint:?}: {e}"))
+                    })?;
+                    builder = builder.endpoint_url(endpoint);
+                }
+                Ok(Client::from_conf(builder.build()))
+            })
+            .await
+    }
+
+    /// Whether the bucket keeps versions (Enabled or Suspended: a suspended bucket still holds
+    /// the versions written while it was enabled).
+    async fn versioned(&self) -> Result<bool, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let out = match client
+            .get_bucket_versioning()
+            .bucket(&self.config.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            // Some S3-compatible servers name the document's root differently, which the SDK
+            // refuses to parse; the answer is a 200 all the same and its Status is what counts.
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 200 => {
+                let body = e.raw().body().bytes().unwrap_or_default();
+                return Ok(versioning_status_in(&String::from_utf8_lossy(body)));
+            }
+            Err(e) => return Err(sdk_error(e, "GetBucketVersioning")),
+        };
+        Ok(matches!(
+            out.status(),
+            Some(BucketVersioningStatus::Enabled | BucketVersioningStatus::Suspended)
+        ))
+    }
+
+    /// Deletes up to `DELETE_BATCH` objects (or versions) in one request. The store's
+    /// refusals are returned, not raised: Object Lock makes them expected.
+    async fn delete_batch(&self, objects: Vec<ObjectIdentifier>) -> Result<Deleted, Error> {
+        let mut result = Deleted::default();
+        if objects.is_empty() {
+            return Ok(result);
+        }
+        let client = self.client().await?;
+        for chunk in objects.chunks(DELETE_BATCH) {
+            let delete = Delete::builder()
+                .set_objects(Some(chunk.to_vec()))
+                .quiet(true)
+                .build()
+                .map_err(|e| Error::Store(format!("DeleteObjects request: {e}")))?;
+            self.limits.acquire(1).await;
+            let out = client
+                .delete_objects()
+                .bucket(&self.config.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, "DeleteObjects"))?;
+            let mut refused = 0;
+            for error in out.errors() {
+                let code = error.code().unwrap_or("");
+                if is_refusal(code) {
+                    refused += 1;
+                    result.refused.push(Refusal {
+                        key: error.key().unwrap_or_default().to_string(),
+                        reason: error.message().unwrap_or(code).to_string(),
+                    });
+                } else {
+                    return Err(Error::Store(format!(
+                        "DeleteObjects: {code}: {}",
+                        error.message().unwrap_or("")
+                    )));
+                }
+            }
+            result.deleted += (chunk.len() - refused) as u64;
+        }
+        Ok(result)
+    }
+}
+
+/// Whether a GetBucketVersioning document says Enabled or Suspended.
+fn versioning_status_in(document: &str) -> bool {
+    document.contains("<Status>Enabled</Status>") || document.contains("<Status>Suspended</Status>")
+}
+
+/// What one `DeleteObjects` call did.
+#[derive(Debug, Default)]
+struct Deleted {
+    deleted: u64,
+    refused: Vec<Refusal>,
+}
+
+/// One object or version the store would not delete, with its message.
+#[derive(Clone, Debug)]
+struct Refusal {
+    key: String,
+    reason: String,
+}
+
+/// Errors in a `DeleteObjects` answer that mean "not allowed to delete this one" (Object Lock
+/// retention, legal hold, a bucket policy), as opposed to the request failing.
+fn is_refusal(code: &str) -> bool {
+    matches!(code, "AccessDenied" | "ObjectLocked" | "InvalidRequest")
+}
+
+fn object_id(key: &str, version_id: Option<&str>) -> Result<ObjectIdentifier, Error> {
+    ObjectIdentifier::builder()
+        .key(key)
+        .set_version_id(version_id.map(str::to_string))
+        .build()
+        .map_err(|e| Error::Store(format!("object identifier: {e}")))
+}
+
+/// Maps an SDK error to the backend's categories. `what` is the operation's name only:
+/// object keys may carry identifiers and never go into a message.
+fn sdk_error<E>(err: SdkError<E, HttpResponse>, what: &str) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            classify(e.code(), e.message(), service.raw().status().as_u16(), what)
+        }
+        SdkError::TimeoutError(_) => Error::Unreachable(format!("{what}: timed out")),
+        SdkError::DispatchFailure(dispatch) => {
+            let detail = DisplayErrorContext(&err).to_string();
+            if detail.contains("credentials") || detail.contains("Credentials") {
+                Error::AuthenticationFailed(format!("{what}: no usable credentials: {detail}"))
+            } else if dispatch.is_user() {
+                Error::InvalidSpec(format!("{what}: {detail}"))
+            } else {
+                Error::Unreachable(format!("{what}: {detail}"))
+            }
+        }
+        _ => {
+            let detail = DisplayErrorContext(&err).to_string();
+            if detail.contains("credentials") {
+                Error::AuthenticationFailed(format!("{what}: no usable credentials: {detail}"))
+            } else {
+                Error::Store(format!("{what}: {detail}"))
+            }
+        }
+    }
+}
+
+fn classify(code: Option<&str>, message: Option<&str>, status: u16, what: &str) -> Error {
+    let detail = match (code, message) {
+        (Some(c), Some(m)) => format!("{what}: {c}: {m}"),
+        (Some(c), None) => format!("{what}: {c}"),
+        (None, Some(m)) => format!("{what}: HTTP {status}: {m}"),
+        (None, None) => format!("{what}: HTTP {status}"),
+    };
+    match code {
+        Some(
+            "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "InvalidToken"
+            | "ExpiredToken"
+            | "TokenRefreshRequired"
+            | "InvalidSecurity"
+            | "AccessDenied"
+            | "AllAccessDisabled"
+            | "AuthorizationHeaderMalformed",
+        ) => Error::AuthenticationFailed(detail),
+        Some("NoSuchBucket") => Error::BucketNotFound(detail),
+        Some("SlowDown" | "ServiceUnavailable" | "InternalError" | "RequestTimeout") => {
+            Error::Unreachable(detail)
+        }
+        Some(_) => Error::Store(detail),
+        // HEAD answers carry no body, hence no code: the status has to speak.
+        None => match status {
+            401 | 403 => Error::AuthenticationFailed(format!(
+                "{detail} (credentials refused or not allowed on the bucket)"
+            )),
+            404 => Error::BucketNotFound(detail),
+            500..=599 => Error::Unreachable(detail),
+            _ => Error::Store(detail),
+        },
+    }
+}
+
+#[async_trait]
+impl Backend for S3Backend {
+    fn kind(&self) -> StoreKind {
+        StoreKind::S3
+    }
+
+    async fn probe(&self) -> Result<String, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let head = client
+            .head_bucket()
+            .bucket(&self.config.bucket)
+            .send()
+            .await;
+        if let Err(e) = head {
+            let error = sdk_error(e, "HeadBucket");
+            // A HEAD answer has no body; a listing says which of the 403s this is.
+            if matches!(error, Error::AuthenticationFailed(_)) {
+                self.limits.acquire(1).await;
+                if let Err(e) = client
+                    .list_objects_v2()
+                    .bucket(&self.config.bucket)
+                    .max_keys(1)
+                    .send()
+                    .await
+                {
+                    return Err(sdk_error(e, "ListObjectsV2"));
+                }
+            }
+            return Err(error);
+        }
+        let versioning = match self.versioned().await {
+            Ok(true) => ", versioned",
+            Ok(false) => "",
+            // Reading the versioning state is a separate permission; sweeps report it if
+            // they need it.
+            Err(_) => ", versioning unknown",
+        };
+        Ok(format!("s3 bucket {}{versioning}", self.config.bucket))
+    }
+
+    async fn sweep_step(
+        &self,
+        job: &SweepJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<Step, Error> {
+        self.sweep(job, cursor, budget).await
+    }
+
+    async fn subject_step(
+        &self,
+        job: &SubjectJob,
+        _cursor: Option<&str>,
+        _budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
+        self.subject(job).await
+    }
+}
+
+/// Checks an S3 target before anything runs (invariant 1: never outside the selector).
+pub fn validate_target(target: &Target) -> Result<(), Error> {
+    let invalid = |m: String| Err(Error::InvalidSpec(format!("target {}: {m}", target.name)));
+    let Some(s3) = &target.s3 else {
+        return invalid("needs an s3 selector for an s3 store".into());
+    };
+    if s3.prefix.is_empty() && !target.allow_match_all {
+        return invalid(
+            "an empty prefix selects every object in the bucket; set allowMatchAll: true if that is really meant"
+                .into(),
+        );
+    }
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+        return Ok(());
+    };
+    for (i, prefix) in subject.key_prefixes.iter().enumerate() {
+        check_key_prefix(prefix)
+            .or_else(|m| invalid(format!("subject.s3.keyPrefixes[{i}] {m}")))?;
+    }
+    if let Some(records) = &subject.records {
+        if records.prefix.is_empty() && !target.allow_match_all {
+            return invalid(
+                "subject.s3.records.prefix is empty: every object in the bucket would be read and rewritten; set allowMatchAll: true if that is really meant"
+                    .into(),
+            );
+        }
+        for (what, t) in [("prefix", &records.prefix), ("equals", &records.equals)] {
+            if template::placeholders(t).is_err() {
+                return invalid(format!("subject.s3.records.{what} is not a valid template"));
+            }
+        }
+        if template::placeholders(&records.equals).is_ok_and(|p| p.is_empty()) {
+            return invalid(
+                "subject.s3.records.equals names no identifier ({email}, {userId}, …): it would match the same records for every subject"
+                    .into(),
+            );
+        }
+        if records.field.split('.').any(str::is_empty) {
+            return invalid(format!(
+                "subject.s3.records.field {:?} is not a dotted path",
+                records.field
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A key prefix template must name an identifier and must not end with one: `users/{userId}`
+/// would make user 47's prefix also select user 4711's objects.
+fn check_key_prefix(prefix: &str) -> Result<(), String> {
+    let names =
+        template::placeholders(prefix).map_err(|_| "is not a valid template".to_string())?;
+    if names.is_empty() {
+        return Err(format!(
+            "{prefix:?} names no identifier: it would select the same objects for every subject"
+        ));
+    }
+    if prefix.ends_with('}') {
+        return Err(format!(
+            "{prefix:?} ends with an identifier, so one subject's prefix would also select every id that starts the same (47 → 4711); end it with a delimiter such as '/'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::retentionpolicy::{S3Records, S3Subject, S3Target, SubjectLocator};
+
+    fn target(prefix: &str, subject: Option<S3Subject>) -> Target {
+        Target {
+            name: "archive".into(),
+            store: "archive".into(),
+            redis: None,
+            s3: Some(S3Target {
+                prefix: prefix.into(),
+            }),
+            loki: None,
+            elasticsearch: None,
+            subject: subject.map(|s3| SubjectLocator {
+                s3: Some(s3),
+                ..Default::default()
+            }),
+            allow_match_all: false,
+        }
+    }
+
+    fn prefixes(p: &[&str]) -> Option<S3Subject> {
+        Some(S3Subject {
+            key_prefixes: p.iter().map(|s| s.to_string()).collect(),
+            records: None,
+        })
+    }
+
+    #[test]
+    fn selectors_that_could_widen_are_refused() {
+        assert!(validate_target(&target("logs/", None)).is_ok());
+        assert!(validate_target(&target("", None)).is_err());
+        let mut all = target("", None);
+        all.allow_match_all = true;
+        assert!(validate_target(&all).is_ok());
+        assert!(validate_target(&target("logs/", prefixes(&["users/{userId}/"]))).is_ok());
+        for bad in ["users/{userId}", "users/", "users/{userId"] {
+            let err = validate_target(&target("logs/", prefixes(&[bad]))).unwrap_err();
+            assert!(matches!(err, Error::InvalidSpec(_)), "{bad}: {err}");
+        }
+        let records = |prefix: &str, field: &str, equals: &str| {
+            Some(S3Subject {
+                key_prefixes: vec![],
+                records: Some(S3Records {
+                    prefix: prefix.into(),
+                    field: field.into(),
+                    equals: equals.into(),
+                }),
+            })
+        };
+        assert!(validate_target(&target("l/", records("l/", "a.b", "{email}"))).is_ok());
+        assert!(validate_target(&target("l/", records("", "a", "{email}"))).is_err());
+        assert!(validate_target(&target("l/", records("l/", "a..b", "{email}"))).is_err());
+        assert!(validate_target(&target("l/", records("l/", "a", "alice"))).is_err());
+    }
+
+    #[test]
+    fn errors_are_classified_by_code_then_status() {
+        let c = |code, status| classify(code, None, status, "Op").reason();
+        assert_eq!(c(Some("InvalidAccessKeyId"), 403), "AuthenticationFailed");
+        assert_eq!(
+            c(Some("SignatureDoesNotMatch"), 403),
+            "AuthenticationFailed"
+        );
+        assert_eq!(c(Some("NoSuchBucket"), 404), "BucketNotFound");
+        assert_eq!(c(None, 404), "BucketNotFound");
+        assert_eq!(c(None, 403), "AuthenticationFailed");
+        assert_eq!(c(None, 503), "Unreachable");
+        assert_eq!(c(Some("NoSuchKey"), 404), "StoreError");
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_output() {
+        let config = S3Config {
+            bucket: "b".into(),
+            region: None,
+            endpoint: None,
+            force_path_style: true,
+            credentials: Some(S3Credentials {
+                access_key_id: "AKIDEXAMPLE".into(),
+                secret_access_key: "very-secret".into(),
+                session_token: Some("token-secret".into()),
+            }),
+        };
+        let shown = format!("{config:?}");
+        assert!(shown.contains("AKIDEXAMPLE") && !shown.contains("secret"));
+    }
+}

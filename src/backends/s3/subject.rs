@@ -1,0 +1,452 @@
+//! One data subject in a bucket: every object and version under the subject's key prefixes,
+//! and the subject's records inside JSON-lines archives.
+//!
+//! Counts are of copies of personal data: each object version (and delete marker) under a key
+//! prefix, and each matching record in each version of an archive. Find, Erase and Verify
+//! count the same way, so a dry run's count is what the real run erases.
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ObjectIdentifier;
+use tokio_util::io::SyncIoBridge;
+
+use super::records::{self, Counts, Matcher};
+use super::sweep::{to_chrono, Cursor, Entry};
+use super::{object_id, sdk_error, S3Backend, LIST_PAGE};
+use crate::backends::template::{self, literal};
+use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
+
+/// Attempts at a conditional write before giving up on an archive that keeps changing.
+const WRITE_ATTEMPTS: u32 = 5;
+
+/// Running totals of one subject step.
+#[derive(Default)]
+struct Tally {
+    count: u64,
+    blocked: u64,
+    malformed: u64,
+}
+
+impl S3Backend {
+    pub(super) async fn subject(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
+        let locator = job
+            .target
+            .subject
+            .as_ref()
+            .and_then(|s| s.s3.as_ref())
+            .ok_or_else(|| {
+                Error::InvalidSpec(format!(
+                    "target {} has no s3 subject locator",
+                    job.target.name
+                ))
+            })?;
+        let mut skipped = Vec::new();
+        let mut tally = Tally::default();
+        let mut ran = false;
+        let versioned = self.versioned().await?;
+        for (i, t) in locator.key_prefixes.iter().enumerate() {
+            let Some(prefix) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? else {
+                continue;
+            };
+            ran = true;
+            self.prefix_objects(&prefix, versioned, job.action, &mut tally)
+                .await?;
+        }
+        if let Some(spec) = &locator.records {
+            let prefix = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
+            let equals = expand("records.equals", &spec.equals, job, &mut skipped)?;
+            if let (Some(prefix), Some(equals)) = (prefix, equals) {
+                ran = true;
+                let matcher = Matcher::new(&spec.field, &equals);
+                self.archive_records(&prefix, &matcher, versioned, job.action, &mut tally)
+                    .await?;
+            }
+        }
+        Ok(SubjectStep {
+            count: tally.count,
+            blocked: tally.blocked,
+            malformed: tally.malformed,
+            ran,
+            skipped,
+            next: Next::Done,
+            failure: None,
+        })
+    }
+
+    /// Every object, version and delete marker under `prefix`: counted, or deleted.
+    async fn prefix_objects(
+        &self,
+        prefix: &str,
+        versioned: bool,
+        action: SubjectAction,
+        tally: &mut Tally,
+    ) -> Result<(), Error> {
+        let mut position = Cursor::default();
+        // The version a listing resumes after is deleted only once the listing is done: some
+        // servers cannot resume after a version that no longer exists.
+        let mut deferred: Vec<ObjectIdentifier> = Vec::new();
+        loop {
+            let (entries, next) = if versioned {
+                self.list_versions(prefix, &position).await?
+            } else {
+                self.list_objects(prefix, &position).await?
+            };
+            if action == SubjectAction::Erase {
+                let resume_after = next
+                    .as_ref()
+                    .map(|n| (n.key_marker.as_deref(), n.version_marker.as_deref()));
+                let mut now = Vec::with_capacity(entries.len());
+                for e in &entries {
+                    let id = object_id(&e.key, e.version_id.as_deref())?;
+                    if versioned
+                        && resume_after == Some((Some(e.key.as_str()), e.version_id.as_deref()))
+                    {
+                        deferred.push(id);
+                    } else {
+                        now.push(id);
+                    }
+                }
+                self.delete_tallied(now, tally).await?;
+            } else {
+                tally.count += entries.len() as u64;
+            }
+            match next {
+                Some(n) => position = n,
+                None => break,
+            }
+        }
+        self.delete_tallied(deferred, tally).await
+    }
+
+    async fn delete_tallied(
+        &self,
+        objects: Vec<ObjectIdentifier>,
+        tally: &mut Tally,
+    ) -> Result<(), Error> {
+        let done = self.delete_batch(objects).await?;
+        tally.count += done.deleted;
+        tally.blocked += done.refused.len() as u64;
+        Ok(())
+    }
+
+    /// One ListObjectsV2 page as entries (no version ids).
+    async fn list_objects(
+        &self,
+        prefix: &str,
+        position: &Cursor,
+    ) -> Result<(Vec<Entry>, Option<Cursor>), Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let page = client
+            .list_objects_v2()
+            .bucket(&self.config.bucket)
+            .prefix(prefix)
+            .max_keys(LIST_PAGE)
+            .set_continuation_token(position.token.clone())
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "ListObjectsV2"))?;
+        let entries = page
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let key = o.key().filter(|k| k.starts_with(prefix))?;
+                Some(Entry {
+                    key: key.to_string(),
+                    version_id: None,
+                    last_modified: to_chrono(o.last_modified()),
+                    delete_marker: false,
+                    latest: true,
+                })
+            })
+            .collect();
+        let next = match (page.is_truncated(), page.next_continuation_token()) {
+            (Some(true), Some(token)) => Some(Cursor {
+                token: Some(token.to_string()),
+                ..Default::default()
+            }),
+            (Some(true), None) => {
+                return Err(Error::Store(
+                    "ListObjectsV2 is truncated but has no continuation token".into(),
+                ))
+            }
+            _ => None,
+        };
+        Ok((entries, next))
+    }
+
+    /// The subject's records in every archive under `prefix` (every version of it on a
+    /// versioned bucket): counted, or removed.
+    async fn archive_records(
+        &self,
+        prefix: &str,
+        matcher: &Matcher,
+        versioned: bool,
+        action: SubjectAction,
+        tally: &mut Tally,
+    ) -> Result<(), Error> {
+        // Erasing: first every current archive is rewritten without the records.
+        let mut replaced: Vec<(String, String)> = Vec::new();
+        if action == SubjectAction::Erase {
+            let mut position = Cursor::default();
+            loop {
+                let (entries, next) = self.list_objects(prefix, &position).await?;
+                for entry in &entries {
+                    let rewrite = self.rewrite_current(&entry.key, matcher).await?;
+                    tally.count += rewrite.counts.matched;
+                    tally.malformed += rewrite.counts.malformed;
+                    if let Some(v) = rewrite.replaced_version {
+                        replaced.push((entry.key.clone(), v));
+                    }
+                }
+                match next {
+                    Some(n) => position = n,
+                    None => break,
+                }
+            }
+            if !versioned {
+                return Ok(());
+            }
+        }
+        // Then every version is read: counted (find, verify), or, if it is an older version
+        // still holding records, deleted. The versions just replaced hold exactly the records
+        // counted above; they are deleted without being counted twice.
+        let mut doomed: Vec<ObjectIdentifier> = Vec::new();
+        for (key, version) in &replaced {
+            doomed.push(object_id(key, Some(version))?);
+        }
+        let mut position = Cursor::default();
+        loop {
+            let (entries, next) = if versioned {
+                self.list_versions(prefix, &position).await?
+            } else {
+                self.list_objects(prefix, &position).await?
+            };
+            for entry in entries.iter().filter(|e| !e.delete_marker) {
+                let version = entry.version_id.as_deref();
+                let was_replaced = replaced
+                    .iter()
+                    .any(|(k, v)| k == &entry.key && Some(v.as_str()) == version);
+                if action == SubjectAction::Erase && (entry.latest || was_replaced) {
+                    continue;
+                }
+                let counts = self.scan_object(&entry.key, version, matcher).await?;
+                tally.malformed += counts.malformed;
+                if counts.matched > 0 {
+                    tally.count += counts.matched;
+                    if action == SubjectAction::Erase {
+                        doomed.push(object_id(&entry.key, version)?);
+                    }
+                }
+            }
+            match next {
+                Some(n) => position = n,
+                None => break,
+            }
+        }
+        let done = self.delete_batch(doomed).await?;
+        tally.blocked += done.refused.len() as u64;
+        Ok(())
+    }
+
+    /// Counts the subject's records in one object (version), streaming it.
+    async fn scan_object(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        matcher: &Matcher,
+    ) -> Result<Counts, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let object = client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "GetObject"))?;
+        let reader = SyncIoBridge::new(object.body.into_async_read());
+        let matcher = matcher.clone();
+        tokio::task::spawn_blocking(move || records::scan(reader, &matcher))
+            .await
+            .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
+            .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))
+    }
+
+    /// Reads the current version, writes it back without the subject's records if any were
+    /// there, only if nobody wrote in between (`If-Match`); on a conflict, starts again from
+    /// a fresh read.
+    async fn rewrite_current(&self, key: &str, matcher: &Matcher) -> Result<Rewrite, Error> {
+        let client = self.client().await?;
+        let mut last_conflict = None;
+        for _ in 0..WRITE_ATTEMPTS {
+            // A scan first: archives without the subject are never rewritten.
+            self.limits.acquire(1).await;
+            let object = client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, "GetObject"))?;
+            let etag = object.e_tag().map(str::to_string).ok_or_else(|| {
+                Error::Store("GetObject returned no ETag; a safe rewrite needs one".into())
+            })?;
+            let read_version = object.version_id().map(str::to_string);
+            let metadata = Preserved::from(&object);
+            let spool = tempfile::tempfile()
+                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+            let writer = spool
+                .try_clone()
+                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+            let reader = SyncIoBridge::new(object.body.into_async_read());
+            let matcher_owned = matcher.clone();
+            let counts = tokio::task::spawn_blocking(move || {
+                records::rewrite(reader, &matcher_owned, writer)
+            })
+            .await
+            .map_err(|e| Error::Store(format!("archive rewrite task failed: {e}")))?
+            .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
+            if counts.matched == 0 {
+                return Ok(Rewrite {
+                    counts,
+                    replaced_version: None,
+                });
+            }
+            if let Some(hook) = &self.before_write {
+                hook().await;
+            }
+            // The writer shared the file's offset: read it back from the start.
+            let mut spool = spool;
+            std::io::Seek::rewind(&mut spool)
+                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+            let length = spool
+                .metadata()
+                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?
+                .len();
+            let body = ByteStream::read_from()
+                .file(tokio::fs::File::from_std(spool))
+                .length(aws_sdk_s3::primitives::Length::Exact(length))
+                .build()
+                .await
+                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+            self.limits.acquire(1).await;
+            let put = metadata
+                .apply(client.put_object())
+                .bucket(&self.config.bucket)
+                .key(key)
+                .if_match(&etag)
+                // Buckets with Object Lock refuse writes without a checksum.
+                .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+                .content_length(length as i64)
+                .body(body)
+                .send()
+                .await;
+            match put {
+                Ok(_) => {
+                    return Ok(Rewrite {
+                        counts,
+                        replaced_version: read_version,
+                    })
+                }
+                Err(e) if is_conflict(&e) => {
+                    last_conflict = Some(sdk_error(e, "PutObject"));
+                    continue;
+                }
+                Err(e) => return Err(sdk_error(e, "PutObject")),
+            }
+        }
+        Err(last_conflict
+            .unwrap_or_else(|| Error::Store("an archive kept changing during its rewrite".into())))
+    }
+}
+
+/// What one archive rewrite did.
+struct Rewrite {
+    counts: Counts,
+    /// The version that was read and replaced (versioned buckets): it still holds the records.
+    replaced_version: Option<String>,
+}
+
+/// Whether a write failed only because the object changed since it was read.
+fn is_conflict<E: aws_sdk_s3::error::ProvideErrorMetadata>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    match e {
+        aws_sdk_s3::error::SdkError::ServiceError(s) => {
+            matches!(s.raw().status().as_u16(), 409 | 412)
+                || matches!(
+                    s.err().code(),
+                    Some("PreconditionFailed" | "ConditionalRequestConflict")
+                )
+        }
+        _ => false,
+    }
+}
+
+/// The attributes a rewritten archive keeps from the original.
+struct Preserved {
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+    content_disposition: Option<String>,
+    content_language: Option<String>,
+    cache_control: Option<String>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    storage_class: Option<aws_sdk_s3::types::StorageClass>,
+    server_side_encryption: Option<aws_sdk_s3::types::ServerSideEncryption>,
+    ssekms_key_id: Option<String>,
+}
+
+impl From<&aws_sdk_s3::operation::get_object::GetObjectOutput> for Preserved {
+    fn from(o: &aws_sdk_s3::operation::get_object::GetObjectOutput) -> Self {
+        Self {
+            content_type: o.content_type().map(str::to_string),
+            content_encoding: o.content_encoding().map(str::to_string),
+            content_disposition: o.content_disposition().map(str::to_string),
+            content_language: o.content_language().map(str::to_string),
+            cache_control: o.cache_control().map(str::to_string),
+            metadata: o.metadata().cloned(),
+            storage_class: o.storage_class().cloned(),
+            server_side_encryption: o.server_side_encryption().cloned(),
+            ssekms_key_id: o.ssekms_key_id().map(str::to_string),
+        }
+    }
+}
+
+impl Preserved {
+    fn apply(
+        self,
+        put: aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        put.set_content_type(self.content_type)
+            .set_content_encoding(self.content_encoding)
+            .set_content_disposition(self.content_disposition)
+            .set_content_language(self.content_language)
+            .set_cache_control(self.cache_control)
+            .set_metadata(self.metadata)
+            .set_storage_class(self.storage_class)
+            .set_server_side_encryption(self.server_side_encryption)
+            .set_ssekms_key_id(self.ssekms_key_id)
+    }
+}
+
+/// Fills in a template (identifiers used literally: S3 prefixes and record values are not
+/// patterns), or records why the locator is skipped.
+fn expand(
+    what: &str,
+    t: &str,
+    job: &SubjectJob,
+    skipped: &mut Vec<String>,
+) -> Result<Option<String>, Error> {
+    match template::expand(t, &job.identifiers, literal) {
+        Ok(v) => Ok(Some(v)),
+        Err(template::Error::MissingIdentifier(name)) => {
+            skipped.push(format!("{what} needs {{{name}}}"));
+            Ok(None)
+        }
+        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
+            "target {}: subject.s3.{what} is not a valid template",
+            job.target.name
+        ))),
+    }
+}

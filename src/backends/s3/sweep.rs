@@ -1,0 +1,508 @@
+//! Retention sweeps of a prefix, one listing page at a time, with the listing position
+//! checkpointed after every page.
+
+use aws_sdk_s3::types::ObjectIdentifier;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{object_id, sdk_error, Refusal, S3Backend, LIST_PAGE};
+use crate::backends::{Error, Next, Step, StepBudget, SweepJob};
+
+/// Refused items named in the target's message.
+const NAMED_REFUSALS: usize = 5;
+/// Delete markers of one key remembered across a page boundary; more are left for the next
+/// sweep (a key with that many markers at a boundary is rare, and the cursor lives in status).
+const CARRIED_MARKERS: usize = 100;
+
+/// Where a sweep resumes: the listing position and, on versioned buckets, what is known of
+/// the key that straddles the page boundary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct Cursor {
+    /// Listing versions (the bucket is or was versioned) rather than objects.
+    #[serde(rename = "v", default, skip_serializing_if = "std::ops::Not::not")]
+    pub versions: bool,
+    /// ListObjectsV2 continuation token.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// ListObjectVersions key and version id markers.
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    pub key_marker: Option<String>,
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub version_marker: Option<String>,
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub carry: Option<Carry>,
+}
+
+/// The key whose versions continue on the next page. Its delete markers can only be judged
+/// once all its versions are seen, and the version the listing resumes after is deleted only
+/// then (some servers cannot resume after a version that no longer exists).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct Carry {
+    #[serde(rename = "k")]
+    pub key: String,
+    /// A version of the key stays (young enough, or refused).
+    #[serde(rename = "s", default)]
+    pub survivor: bool,
+    #[serde(rename = "m", default, skip_serializing_if = "Vec::is_empty")]
+    pub markers: Vec<String>,
+    /// An expired version still to delete.
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+}
+
+const CURSOR_PREFIX: &str = "s3:";
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        // Serialising plain strings and bools cannot fail.
+        format!(
+            "{CURSOR_PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    pub fn decode(text: &str) -> Result<Self, Error> {
+        text.strip_prefix(CURSOR_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .ok_or_else(|| Error::InvalidSpec(format!("unreadable S3 sweep cursor {text:?}")))
+    }
+}
+
+/// One listed version or delete marker.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Entry {
+    pub key: String,
+    pub version_id: Option<String>,
+    pub last_modified: Option<DateTime<Utc>>,
+    pub delete_marker: bool,
+    /// The current version of its key.
+    pub latest: bool,
+}
+
+pub(super) fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<DateTime<Utc>> {
+    t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
+}
+
+/// An object with no LastModified cannot be judged old and is kept.
+fn expired(last_modified: Option<DateTime<Utc>>, cutoff: DateTime<Utc>) -> bool {
+    last_modified.is_some_and(|t| t < cutoff)
+}
+
+/// What to do with one page of versions: a pure function of the page, the carried state and
+/// the cutoff, so the decisions are unit-tested without a server.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct VersionPlan {
+    pub scanned: u64,
+    /// Expired data versions, deleted first.
+    pub versions: Vec<(String, String)>,
+    /// Delete markers of keys with no data version left, deleted once the versions are gone
+    /// (and kept if a version is refused).
+    pub markers: Vec<(String, String)>,
+    pub carry: Option<Carry>,
+}
+
+/// Plans one page. `entries` are in listing order (by key); `truncated` says whether the
+/// last key may continue on the next page, and `resume_after` is the version the next page
+/// starts after (its deletion is deferred).
+pub(super) fn plan_versions(
+    entries: &[Entry],
+    carry: Option<Carry>,
+    cutoff: DateTime<Utc>,
+    truncated: bool,
+    resume_after: Option<&str>,
+) -> VersionPlan {
+    let mut plan = VersionPlan::default();
+    let mut groups: Vec<Carry> = Vec::new();
+    let mut carry = carry;
+    for entry in entries {
+        plan.scanned += 1;
+        if groups.last().is_none_or(|g| g.key != entry.key) {
+            let start = match carry.take() {
+                Some(c) if c.key == entry.key => c,
+                Some(c) => {
+                    // The carried key ended exactly at the page boundary.
+                    groups.push(c);
+                    Carry {
+                        key: entry.key.clone(),
+                        ..Default::default()
+                    }
+                }
+                None => Carry {
+                    key: entry.key.clone(),
+                    ..Default::default()
+                },
+            };
+            groups.push(start);
+        }
+        let Some(group) = groups.last_mut() else {
+            continue;
+        };
+        let Some(version_id) = entry.version_id.clone() else {
+            continue;
+        };
+        if entry.delete_marker {
+            if group.markers.len() < CARRIED_MARKERS {
+                group.markers.push(version_id);
+            }
+        } else if expired(entry.last_modified, cutoff) {
+            if truncated && resume_after == Some(version_id.as_str()) {
+                group.pending = Some(version_id);
+            } else {
+                plan.versions.push((entry.key.clone(), version_id));
+            }
+        } else {
+            group.survivor = true;
+        }
+    }
+    if let Some(c) = carry {
+        groups.push(c);
+    }
+    if truncated {
+        plan.carry = groups.pop();
+    }
+    for group in groups {
+        if let Some(pending) = group.pending {
+            plan.versions.push((group.key.clone(), pending));
+        }
+        if !group.survivor {
+            plan.markers
+                .extend(group.markers.into_iter().map(|m| (group.key.clone(), m)));
+        }
+    }
+    plan
+}
+
+impl S3Backend {
+    pub(super) async fn sweep(
+        &self,
+        job: &SweepJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<Step, Error> {
+        let prefix = job
+            .target
+            .s3
+            .as_ref()
+            .map(|s| s.prefix.clone())
+            .ok_or_else(|| Error::InvalidSpec("target has no s3 selector".into()))?;
+        let mut position = match cursor {
+            Some(c) => Cursor::decode(c)?,
+            None => Cursor {
+                versions: self.versioned().await?,
+                ..Default::default()
+            },
+        };
+        let deadline = Instant::now() + budget.max_time;
+        let mut step = Step {
+            scanned: 0,
+            deleted: 0,
+            blocked: 0,
+            blocked_items: Vec::new(),
+            next: Next::Done,
+            failure: None,
+        };
+        loop {
+            let page = if position.versions {
+                self.versions_page(job, &prefix, &position, &mut step).await
+            } else {
+                self.objects_page(job, &prefix, &position, &mut step).await
+            };
+            match page {
+                Ok(Some(next)) => position = next,
+                Ok(None) => return Ok(step),
+                Err(e) => {
+                    // The page is retried from its start: what it deleted is gone and is not
+                    // counted twice.
+                    step.failure = Some(e);
+                    step.next = Next::Continue(position.encode());
+                    return Ok(step);
+                }
+            }
+            if Instant::now() >= deadline || budget.cancel.is_cancelled() {
+                step.next = Next::Continue(position.encode());
+                return Ok(step);
+            }
+        }
+    }
+
+    /// One ListObjectsV2 page: expired objects deleted. Returns where to continue.
+    async fn objects_page(
+        &self,
+        job: &SweepJob,
+        prefix: &str,
+        position: &Cursor,
+        step: &mut Step,
+    ) -> Result<Option<Cursor>, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let page = client
+            .list_objects_v2()
+            .bucket(&self.config.bucket)
+            .prefix(prefix)
+            .max_keys(LIST_PAGE)
+            .set_continuation_token(position.token.clone())
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "ListObjectsV2"))?;
+        let mut doomed: Vec<ObjectIdentifier> = Vec::new();
+        for object in page.contents() {
+            // The prefix is checked again here: the selector is never trusted to the server.
+            let Some(key) = object.key().filter(|k| k.starts_with(prefix)) else {
+                continue;
+            };
+            step.scanned += 1;
+            if expired(to_chrono(object.last_modified()), job.cutoff) {
+                doomed.push(object_id(key, None)?);
+            }
+        }
+        self.delete_counted(doomed, job.dry_run, step).await?;
+        if page.is_truncated() != Some(true) {
+            return Ok(None);
+        }
+        let token = page.next_continuation_token().ok_or_else(|| {
+            Error::Store("ListObjectsV2 is truncated but has no continuation token".into())
+        })?;
+        Ok(Some(Cursor {
+            token: Some(token.to_string()),
+            ..Default::default()
+        }))
+    }
+
+    /// One ListObjectVersions page: expired versions deleted by version id, then the delete
+    /// markers left with nothing behind them.
+    async fn versions_page(
+        &self,
+        job: &SweepJob,
+        prefix: &str,
+        position: &Cursor,
+        step: &mut Step,
+    ) -> Result<Option<Cursor>, Error> {
+        let (entries, next) = self.list_versions(prefix, position).await?;
+        let truncated = next.is_some();
+        let resume_after = next.as_ref().and_then(|n| n.version_marker.clone());
+        let mut plan = plan_versions(
+            &entries,
+            position.carry.clone(),
+            job.cutoff,
+            truncated,
+            resume_after.as_deref(),
+        );
+        step.scanned += plan.scanned;
+        let versions = plan
+            .versions
+            .iter()
+            .map(|(k, v)| object_id(k, Some(v)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refused = self.delete_counted(versions, job.dry_run, step).await?;
+        // A refused version stays, so its key's delete markers must stay too: removing them
+        // would make the locked data current again.
+        plan.markers
+            .retain(|(key, _)| !refused.iter().any(|r| &r.key == key));
+        if let Some(carry) = plan.carry.as_mut() {
+            carry.survivor |= refused.iter().any(|r| r.key == carry.key);
+        }
+        let markers = plan
+            .markers
+            .iter()
+            .map(|(k, v)| object_id(k, Some(v)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.delete_counted(markers, job.dry_run, step).await?;
+        Ok(next.map(|n| Cursor {
+            versions: true,
+            carry: plan.carry,
+            ..n
+        }))
+    }
+
+    /// One page of versions and delete markers under `prefix`, in key order, and the
+    /// position after it if the listing is truncated.
+    pub(super) async fn list_versions(
+        &self,
+        prefix: &str,
+        position: &Cursor,
+    ) -> Result<(Vec<Entry>, Option<Cursor>), Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let page = client
+            .list_object_versions()
+            .bucket(&self.config.bucket)
+            .prefix(prefix)
+            .max_keys(LIST_PAGE)
+            .set_key_marker(position.key_marker.clone())
+            .set_version_id_marker(position.version_marker.clone())
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "ListObjectVersions"))?;
+        let versions = page.versions().iter().map(|v| Entry {
+            key: v.key().unwrap_or_default().to_string(),
+            version_id: v.version_id().map(str::to_string),
+            last_modified: to_chrono(v.last_modified()),
+            delete_marker: false,
+            latest: v.is_latest().unwrap_or(false),
+        });
+        let markers = page.delete_markers().iter().map(|m| Entry {
+            key: m.key().unwrap_or_default().to_string(),
+            version_id: m.version_id().map(str::to_string),
+            last_modified: to_chrono(m.last_modified()),
+            delete_marker: true,
+            latest: m.is_latest().unwrap_or(false),
+        });
+        let mut entries: Vec<Entry> = versions
+            .chain(markers)
+            .filter(|e| e.key.starts_with(prefix))
+            .collect();
+        // Stable: within a key the server's newest-first order is kept.
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        if page.is_truncated() != Some(true) {
+            return Ok((entries, None));
+        }
+        let key_marker = page.next_key_marker().ok_or_else(|| {
+            Error::Store("ListObjectVersions is truncated but has no next key marker".into())
+        })?;
+        Ok((
+            entries,
+            Some(Cursor {
+                versions: true,
+                key_marker: Some(key_marker.to_string()),
+                version_marker: page.next_version_id_marker().map(str::to_string),
+                ..Default::default()
+            }),
+        ))
+    }
+
+    /// Deletes (or, in a dry run, counts) and adds to the step's counts; returns the refusals.
+    async fn delete_counted(
+        &self,
+        objects: Vec<ObjectIdentifier>,
+        dry_run: bool,
+        step: &mut Step,
+    ) -> Result<Vec<Refusal>, Error> {
+        if dry_run {
+            step.deleted += objects.len() as u64;
+            return Ok(Vec::new());
+        }
+        let done = self.delete_batch(objects).await?;
+        step.deleted += done.deleted;
+        step.blocked += done.refused.len() as u64;
+        for refusal in done.refused.iter() {
+            if step.blocked_items.len() < NAMED_REFUSALS {
+                step.blocked_items
+                    .push(format!("{} ({})", refusal.key, refusal.reason));
+            }
+        }
+        Ok(done.refused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Option<DateTime<Utc>> {
+        Some(s.parse().unwrap())
+    }
+
+    fn version(key: &str, id: &str, when: &str) -> Entry {
+        Entry {
+            key: key.into(),
+            version_id: Some(id.into()),
+            last_modified: t(when),
+            delete_marker: false,
+            latest: false,
+        }
+    }
+
+    fn marker(key: &str, id: &str) -> Entry {
+        Entry {
+            delete_marker: true,
+            ..version(key, id, "2026-01-01T00:00:00Z")
+        }
+    }
+
+    const OLD: &str = "2026-01-01T00:00:00Z";
+    const NEW: &str = "2026-11-20T00:00:00Z";
+
+    fn cutoff() -> DateTime<Utc> {
+        "2026-06-01T00:00:00Z".parse().unwrap()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn expired_versions_go_and_markers_only_when_nothing_is_left() {
+        let entries = vec![
+            marker("a", "a3"),
+            version("a", "a2", OLD),
+            version("a", "a1", OLD),
+            version("b", "b2", NEW),
+            marker("b", "bm"),
+            version("b", "b1", OLD),
+            version("c", "c1", NEW),
+        ];
+        let plan = plan_versions(&entries, None, cutoff(), false, None);
+        assert_eq!(plan.scanned, 7);
+        assert_eq!(
+            plan.versions,
+            pairs(&[("a", "a2"), ("a", "a1"), ("b", "b1")])
+        );
+        assert_eq!(plan.markers, pairs(&[("a", "a3")]), "b still has data");
+        assert_eq!(plan.carry, None);
+    }
+
+    #[test]
+    fn a_key_across_pages_is_judged_once_all_its_versions_are_seen() {
+        // Page 1 ends inside key "a": its marker must wait, and so must the version the
+        // listing resumes after.
+        let page1 = vec![marker("a", "a3"), version("a", "a2", OLD)];
+        let plan1 = plan_versions(&page1, None, cutoff(), true, Some("a2"));
+        assert!(plan1.versions.is_empty() && plan1.markers.is_empty());
+        let carry = plan1.carry.clone().unwrap();
+        assert_eq!(carry.pending.as_deref(), Some("a2"));
+        // Page 2: a young version of "a" survives, so its marker stays.
+        let page2 = vec![version("a", "a1", NEW), version("b", "b1", OLD)];
+        let plan2 = plan_versions(&page2, Some(carry.clone()), cutoff(), false, None);
+        assert_eq!(plan2.versions, pairs(&[("b", "b1"), ("a", "a2")]));
+        assert!(plan2.markers.is_empty());
+        // Page 2 instead starts with another key: "a" is complete and orphaned.
+        let page2 = vec![version("b", "b1", NEW)];
+        let plan2 = plan_versions(&page2, Some(carry), cutoff(), false, None);
+        assert_eq!(plan2.versions, pairs(&[("a", "a2")]));
+        assert_eq!(plan2.markers, pairs(&[("a", "a3")]));
+    }
+
+    #[test]
+    fn a_carried_key_at_the_end_of_the_listing_is_completed() {
+        let carry = Carry {
+            key: "z".into(),
+            survivor: false,
+            markers: vec!["zm".into()],
+            pending: Some("z1".into()),
+        };
+        let plan = plan_versions(&[], Some(carry), cutoff(), false, None);
+        assert_eq!(plan.versions, pairs(&[("z", "z1")]));
+        assert_eq!(plan.markers, pairs(&[("z", "zm")]));
+    }
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let c = Cursor {
+            versions: true,
+            key_marker: Some("logs/a".into()),
+            version_marker: Some("v1".into()),
+            carry: Some(Carry {
+                key: "logs/a".into(),
+                survivor: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        assert!(Cursor::decode("0:1234").is_err());
+        assert!(Cursor::decode("s3:{").is_err());
+    }
+}
