@@ -30,6 +30,7 @@ fn kubectl(cp: &support::ControlPlane, args: &[&str]) -> String {
 
 #[tokio::main]
 async fn main() {
+    tombstone::install_crypto_provider();
     let keep = std::env::args().any(|a| a == "--keep");
     let binary = std::env::var("TOMBSTONE_BIN")
         .expect("TOMBSTONE_BIN: the tombstone binary to run (hack/demo.sh sets it)");

@@ -12,3 +12,10 @@ pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod schedule;
+
+/// Chooses the TLS crypto provider for the whole process. Two are compiled in (kube and Redis
+/// use ring, the AWS SDK brings aws-lc-rs) and rustls refuses to guess, so this runs before any
+/// client is built. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -76,6 +76,7 @@ struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    tombstone::install_crypto_provider();
     match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Crds { write } => print_or_write_crds(write),

@@ -77,7 +77,7 @@ fn request_json(name: &str, secret: &str, dry_run: bool) -> serde_json::Value {
     })
 }
 
-async fn wait_phase(
+pub(crate) async fn wait_phase(
     client: &kube::Client,
     ns: &str,
     name: &str,

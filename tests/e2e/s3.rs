@@ -599,3 +599,302 @@ async fn s3_records_rewrite_streams_an_archive_of_200_mb() {
     assert_eq!(head.content_length(), Some((total - removed_bytes) as i64));
     assert_eq!(subject(&backend, &t, SubjectAction::Verify).await.count, 0);
 }
+
+// ---- The operator with S3 stores ----
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, PostParams};
+use kube::Api;
+
+use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
+use tombstone::api::{ConditionStatus, ErasureRequest, LegalHold, RetentionPolicy};
+
+use crate::erasure::wait_phase;
+use crate::fixtures::*;
+use crate::support::RedisServer;
+
+async fn secret(client: &kube::Client, ns: &str, name: &str, data: serde_json::Value) {
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
+async fn s3_store(client: &kube::Client, ns: &str, name: &str, bucket: &str, endpoint: &str) {
+    let spec = json!({"s3": {
+        "bucket": bucket, "region": "us-east-1", "endpoint": endpoint, "forcePathStyle": true,
+        "credentialsSecretRef": {"name": format!("{name}-creds")}
+    }});
+    create::<tombstone::api::DataStore>(
+        client,
+        ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": spec}),
+    )
+    .await;
+}
+
+async fn ready_reason(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    ready: bool,
+) -> (String, String) {
+    let store = wait_store_ready(client, ns, name, ready).await;
+    let status = store.status.unwrap();
+    assert_eq!(status.store_type.as_deref(), Some("s3"));
+    let (_, reason, message) = condition(&status.conditions, "Ready");
+    (reason, message)
+}
+
+#[tokio::test]
+async fn an_s3_store_is_ready_or_says_which_of_credentials_network_or_bucket_is_wrong() {
+    let (client, ns) = setup("s3-ready").await;
+    let server = S3Server::start();
+    server.create_bucket("archive", false, false).await;
+    let (key_id, secret_key) = server.enable_auth();
+    let endpoint = server.endpoint();
+    let operator = TestOperator::start(&ns).await;
+    let good = json!({"accessKeyId": key_id, "secretAccessKey": secret_key});
+    for name in ["archive", "missing", "closed"] {
+        secret(&client, &ns, &format!("{name}-creds"), good.clone()).await;
+    }
+    secret(
+        &client,
+        &ns,
+        "wrongkey-creds",
+        json!({"accessKeyId": key_id, "secretAccessKey": "not-the-secret"}),
+    )
+    .await;
+    s3_store(&client, &ns, "archive", "archive", &endpoint).await;
+    s3_store(&client, &ns, "missing", "no-such-bucket", &endpoint).await;
+    s3_store(&client, &ns, "wrongkey", "archive", &endpoint).await;
+    s3_store(&client, &ns, "nosecret", "archive", &endpoint).await;
+    // A port nothing listens on.
+    let closed = format!("http://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    s3_store(&client, &ns, "closed", "archive", &closed).await;
+
+    let (reason, message) = ready_reason(&client, &ns, "archive", true).await;
+    assert_eq!(
+        (reason.as_str(), message.as_str()),
+        ("Connected", "s3 bucket archive")
+    );
+    let (reason, message) = ready_reason(&client, &ns, "missing", false).await;
+    assert_eq!(reason, "BucketNotFound", "{message}");
+    let (reason, message) = ready_reason(&client, &ns, "wrongkey", false).await;
+    assert_eq!(reason, "AuthenticationFailed", "{message}");
+    assert!(!message.contains("not-the-secret"), "{message}");
+    let (reason, _) = ready_reason(&client, &ns, "nosecret", false).await;
+    assert_eq!(reason, "SecretNotFound");
+    let (reason, message) = ready_reason(&client, &ns, "closed", false).await;
+    assert_eq!(reason, "Unreachable", "{message}");
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn an_s3_policy_sweeps_through_the_operator_and_names_what_object_lock_keeps() {
+    let (client, ns) = setup("s3-sweep").await;
+    let server = S3Server::start();
+    server.create_bucket("archive", true, true).await;
+    for key in [
+        "mailer/logs/a.jsonl",
+        "mailer/logs/b.jsonl",
+        "mailer/other.jsonl",
+    ] {
+        server.put("archive", key, "{}\n").await;
+    }
+    server
+        .client()
+        .put_object()
+        .bucket("archive")
+        .key("mailer/logs/held.jsonl")
+        .body(ByteStream::from_static(b"{}\n"))
+        .checksum_algorithm(ChecksumAlgorithm::Crc32)
+        .object_lock_legal_hold_status(ObjectLockLegalHoldStatus::On)
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let operator = TestOperator::start(&ns).await;
+    secret(
+        &client,
+        &ns,
+        "archive-creds",
+        json!({"accessKeyId": ACCESS_KEY_ID, "secretAccessKey": SECRET_ACCESS_KEY}),
+    )
+    .await;
+    s3_store(&client, &ns, "archive", "archive", &server.endpoint()).await;
+    wait_store_ready(&client, &ns, "archive", true).await;
+    create::<RetentionPolicy>(
+        &client,
+        &ns,
+        policy_json(
+            "mailer",
+            "2s",
+            json!([{"name": "logs", "store": "archive", "s3": {"prefix": "mailer/logs/"}}]),
+        ),
+    )
+    .await;
+    let policy = wait_sweep_completed(&client, &ns, "mailer", None).await;
+    let status = policy.status.unwrap();
+    let target = &status.targets[0];
+    assert_eq!((target.scanned, target.deleted, target.blocked), (3, 2, 1));
+    assert!(
+        target
+            .message
+            .contains("1 blocked by the store: mailer/logs/held.jsonl ("),
+        "{}",
+        target.message
+    );
+    let (compliant, _, message) = condition(&status.conditions, "Compliant");
+    assert_eq!(compliant, ConditionStatus::False, "{message}");
+    assert_eq!(
+        server.keys("archive", "").await,
+        vec!["mailer/logs/held.jsonl", "mailer/other.jsonl"]
+    );
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its_target() {
+    let (client, ns) = setup("s3-erasure").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(format!("session:{USER}:1"))
+        .arg("t")
+        .ignore()
+        .cmd("SET")
+        .arg(format!("session:{USER}:2"))
+        .arg("t")
+        .ignore()
+        .cmd("SET")
+        .arg(format!("session:{USER}11:1"))
+        .arg("t")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let server = S3Server::start();
+    server.create_bucket("archive", true, false).await;
+    for key in [
+        "mailer/users/47/a.json",
+        "mailer/users/47/b.json",
+        "mailer/users/4711/a.json",
+    ] {
+        server.put("archive", key, "{}").await;
+    }
+    let archive = [
+        record(EMAIL, 1),
+        record("bob@example.org", 2),
+        record(EMAIL, 3),
+    ]
+    .concat();
+    server
+        .put("archive", "mailer/logs/day1.jsonl", archive)
+        .await;
+
+    let operator = TestOperator::start(&ns).await;
+    redis_store(&client, &ns, "cache", &redis.url(), json!({})).await;
+    secret(
+        &client,
+        &ns,
+        "archive-creds",
+        json!({"accessKeyId": ACCESS_KEY_ID, "secretAccessKey": SECRET_ACCESS_KEY}),
+    )
+    .await;
+    s3_store(&client, &ns, "archive", "archive", &server.endpoint()).await;
+    let mut sessions = policy_json(
+        "sessions",
+        "30d",
+        json!([{"name": "sessions", "store": "cache", "redis": {"keyPattern": "session:*"},
+                "subject": {"redis": {"keys": ["session:{userId}:*"]}}}]),
+    );
+    sessions["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, sessions).await;
+    let mut mailer = policy_json(
+        "mailer",
+        "30d",
+        json!([{"name": "archive", "store": "archive", "s3": {"prefix": "mailer/logs/"},
+        "subject": {"s3": {
+            "keyPrefixes": ["mailer/users/{userId}/"],
+            "records": {"prefix": "mailer/logs/", "field": "msg.recipient", "equals": "{email}"}
+        }}}]),
+    );
+    mailer["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, mailer).await;
+    create::<LegalHold>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
+               "spec": {"reason": "Tax audit, Art. 17(3)(b)", "policies": ["mailer"]}}),
+    )
+    .await;
+    secret(
+        &client,
+        &ns,
+        "dsr-s3",
+        json!({"email": EMAIL, "userId": USER}),
+    )
+    .await;
+    create::<ErasureRequest>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr-s3"},
+               "spec": {"subject": {"secretRef": {"name": "dsr-s3"}}, "reason": "objection"}}),
+    )
+    .await;
+
+    let held = wait_phase(&client, &ns, "dsr-s3", ErasurePhase::Blocked).await;
+    let status = held.status.unwrap();
+    let phase_of = |targets: &[tombstone::api::erasurerequest::ErasureTargetStatus],
+                    store: &str| {
+        targets
+            .iter()
+            .find(|t| t.store == store)
+            .map(|t| (t.phase, t.found, t.erased))
+    };
+    assert_eq!(
+        phase_of(&status.targets, "archive"),
+        Some((ErasureTargetPhase::Blocked, 0, 0))
+    );
+    assert_eq!(
+        phase_of(&status.targets, "cache"),
+        Some((ErasureTargetPhase::Verified, 2, 2))
+    );
+    assert_eq!(
+        server.keys("archive", "mailer/users/47/").await.len(),
+        2,
+        "held"
+    );
+
+    Api::<LegalHold>::namespaced(client.clone(), &ns)
+        .delete("audit", &DeleteParams::default())
+        .await
+        .unwrap();
+    let done = wait_phase(&client, &ns, "dsr-s3", ErasurePhase::Completed).await;
+    let status = done.status.unwrap();
+    // Two objects (one version each) under the prefix, and two records in the archive.
+    assert_eq!(
+        phase_of(&status.targets, "archive"),
+        Some((ErasureTargetPhase::Verified, 4, 4))
+    );
+    let totals = status.totals.unwrap();
+    assert_eq!((totals.found, totals.erased), (6, 6));
+    assert!(server
+        .versions("archive", "mailer/users/47/")
+        .await
+        .is_empty());
+    assert_eq!(server.keys("archive", "mailer/users/4711/").await.len(), 1);
+    assert_eq!(
+        String::from_utf8(server.get("archive", "mailer/logs/day1.jsonl").await).unwrap(),
+        record("bob@example.org", 2)
+    );
+    assert_eq!(count_keys(&mut conn, "session:*").await, 1);
+    operator.stop().await;
+}

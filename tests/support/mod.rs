@@ -223,6 +223,7 @@ static CONTROL_PLANE: LazyLock<ControlPlane> = LazyLock::new(ControlPlane::start
 impl ControlPlane {
     /// The control plane of this test process, started on first use (a few seconds).
     pub fn get() -> &'static ControlPlane {
+        tombstone::install_crypto_provider();
         &CONTROL_PLANE
     }
 

@@ -90,6 +90,38 @@ impl S3Server {
         server
     }
 
+    /// Creates an IAM user allowed everything, then turns request authentication on: from
+    /// then on only that user's keys are accepted. Returns (access key id, secret key).
+    pub fn enable_auth(&self) -> (String, String) {
+        const SCRIPT: &str = r#"
+import json, sys, boto3, requests
+base = sys.argv[1]
+iam = boto3.client("iam", endpoint_url=base, region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+iam.create_user(UserName="tombstone")
+key = iam.create_access_key(UserName="tombstone")["AccessKey"]
+iam.put_user_policy(UserName="tombstone", PolicyName="all", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+requests.post(base + "/moto-api/reset-auth", data=b"0").raise_for_status()
+print(key["AccessKeyId"], key["SecretAccessKey"])
+"#;
+        let out = Command::new(python())
+            .args(["-c", SCRIPT, &self.endpoint()])
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "enabling auth on moto failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some(id), Some(secret)) => (id.to_string(), secret.to_string()),
+            _ => panic!("unexpected output from the auth script: {text}"),
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -295,9 +295,11 @@ fn classify(code: Option<&str>, message: Option<&str>, status: u16, what: &str) 
             | "InvalidSecurity"
             | "AccessDenied"
             | "AllAccessDisabled"
-            | "AuthorizationHeaderMalformed",
+            | "AuthorizationHeaderMalformed"
+            | "Forbidden",
         ) => Error::AuthenticationFailed(detail),
-        Some("NoSuchBucket") => Error::BucketNotFound(detail),
+        // `NotFound` is what the SDK names a bodiless 404; the only HEAD used is HeadBucket.
+        Some("NoSuchBucket" | "NotFound") => Error::BucketNotFound(detail),
         Some("SlowDown" | "ServiceUnavailable" | "InternalError" | "RequestTimeout") => {
             Error::Unreachable(detail)
         }
@@ -507,6 +509,8 @@ mod tests {
         );
         assert_eq!(c(Some("NoSuchBucket"), 404), "BucketNotFound");
         assert_eq!(c(None, 404), "BucketNotFound");
+        assert_eq!(c(Some("NotFound"), 404), "BucketNotFound");
+        assert_eq!(c(Some("Forbidden"), 403), "AuthenticationFailed");
         assert_eq!(c(None, 403), "AuthenticationFailed");
         assert_eq!(c(None, 503), "Unreachable");
         assert_eq!(c(Some("NoSuchKey"), 404), "StoreError");
