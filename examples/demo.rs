@@ -82,7 +82,29 @@ async fn main() {
         ttl("session:43:0").await
     );
 
-    println!("==> applying config/samples, pointed at this redis-server");
+    println!("==> starting a local S3 server (moto) with a mail archive in bucket shop-archive");
+    let s3 = support::s3::S3Server::start();
+    s3.create_bucket("shop-archive", true, false).await;
+    for day in 20..23 {
+        let mut lines = String::new();
+        for user in 40..45 {
+            lines.push_str(&format!(
+                "{{\"ts\":\"2026-11-{day}T10:00:00Z\",\"msg\":{{\"recipient\":\"{}\",\"template\":\"order-shipped\"}},\"status\":\"delivered\"}}\n",
+                if user == 42 { "alice@example.com".to_string() } else { format!("user{user}@example.com") }
+            ));
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, lines.as_bytes()).unwrap();
+        s3.put("shop-archive", &format!("mailer/logs/2026-11-{day}.jsonl.gz"), gz.finish().unwrap())
+            .await;
+    }
+    for user in [42, 4242] {
+        for file in ["invoices.json", "preferences.json"] {
+            s3.put("shop-archive", &format!("mailer/users/{user}/{file}"), "{}").await;
+        }
+    }
+
+    println!("==> applying config/samples, pointed at this redis-server and S3 server");
     kubectl(cp, &["apply", "-n", NAMESPACE, "-k", "config/samples"]);
     let url_patch = format!(r#"{{"spec":{{"redis":{{"url":"{}"}}}}}}"#, redis.url());
     kubectl(
@@ -98,6 +120,22 @@ async fn main() {
             "-p",
             &url_patch,
         ],
+    );
+
+    let s3_patch = format!(r#"{{"spec":{{"s3":{{"endpoint":"{}"}}}}}}"#, s3.endpoint());
+    kubectl(
+        cp,
+        &["patch", "-n", NAMESPACE, "datastore", "archive", "--type", "merge", "-p", &s3_patch],
+    );
+    // moto accepts any keys; a real store needs the real ones in this Secret.
+    let creds_patch = format!(
+        r#"{{"stringData":{{"accessKeyId":"{}","secretAccessKey":"{}"}}}}"#,
+        support::s3::ACCESS_KEY_ID,
+        support::s3::SECRET_ACCESS_KEY
+    );
+    kubectl(
+        cp,
+        &["patch", "-n", NAMESPACE, "secret", "archive-s3-credentials", "-p", &creds_patch],
     );
 
     println!("==> starting the operator: {binary} run");
@@ -119,14 +157,20 @@ async fn main() {
         .expect("starting the operator");
 
     let policies: Api<RetentionPolicy> = Api::namespaced(client.clone(), NAMESPACE);
-    support::wait_for("the first sweep", Duration::from_secs(120), || {
-        let policies = policies.clone();
-        async move {
-            let p = policies.get("sessions").await.ok()?;
-            p.status?.last_sweep.map(|_| ())
-        }
-    })
-    .await;
+    for policy in ["sessions", "mailer-data"] {
+        support::wait_for(
+            &format!("the first sweep of {policy}"),
+            Duration::from_secs(120),
+            || {
+                let policies = policies.clone();
+                async move {
+                    let p = policies.get(policy).await.ok()?;
+                    p.status?.last_sweep.map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
 
     let requests: Api<ErasureRequest> = Api::namespaced(client.clone(), NAMESPACE);
     for (name, phase) in [
@@ -178,6 +222,19 @@ async fn main() {
         .await
         .unwrap();
     println!("    keys of user 42 (erased by dsr-2026-0042) left: {}; user 7 (held, dsr-2026-0043 Blocked) still has theirs", left.len());
+    let user_objects = s3.versions("shop-archive", "mailer/users/42/").await.len();
+    let mut alice_records = 0;
+    for key in s3.keys("shop-archive", "mailer/logs/").await {
+        let body = s3.get("shop-archive", &key).await;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::MultiGzDecoder::new(&body[..]), &mut text)
+            .unwrap();
+        alice_records += text.matches("alice@example.com").count();
+    }
+    println!(
+        "    S3: objects and versions under mailer/users/42/ left: {user_objects}; user 4242's kept: {}; alice's records left in the gzip mail logs: {alice_records} (other users' records kept)",
+        s3.keys("shop-archive", "mailer/users/4242/").await.len()
+    );
     println!("\n$ kubectl describe erasurerequest dsr-2026-0043 -n {NAMESPACE}   (conditions)");
     print!("{}", kubectl(cp, &["get", "erasurerequest", "dsr-2026-0043", "-n", NAMESPACE, "-o", "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}"]));
     println!(
@@ -192,5 +249,5 @@ async fn main() {
     // SIGTERM: the operator shuts down gracefully and releases its Lease.
     unsafe { libc::kill(operator.id() as i32, libc::SIGTERM) };
     let status = operator.wait().expect("operator exit");
-    println!("==> operator stopped ({status}); stopping redis-server and the control plane");
+    println!("==> operator stopped ({status}); stopping redis-server, the S3 server and the control plane");
 }

@@ -11,6 +11,7 @@ fi
 for tool in redis-server redis-cli kubectl openssl; do
   command -v "$tool" >/dev/null || { echo "test.sh: $tool is needed (apt-get install redis-server redis-tools openssl; kubectl)" >&2; exit 1; }
 done
+python3 -c 'import moto.server' 2>/dev/null || { echo "test.sh: the S3 test server is needed (python3 -m pip install 'moto[server]')" >&2; exit 1; }
 
 cargo fmt --all --check
 cargo clippy --all-targets --locked -- -D warnings
