@@ -358,7 +358,8 @@ async fn s3_records_leave_plain_and_gzip_archives_and_everything_else_is_kept() 
     let server = S3Server::start();
     server.create_bucket("mail", false, false).await;
     let client = server.client();
-    let neighbour = EMAIL.replace("s3-subject", "s3-subject-not");
+    // Another recipient whose address starts with the subject's.
+    let neighbour = format!("{EMAIL}.evil");
     let day1 = [
         record(EMAIL, 1),
         record(&neighbour, 2),
@@ -375,6 +376,7 @@ async fn s3_records_leave_plain_and_gzip_archives_and_everything_else_is_kept() 
         .content_type("application/x-ndjson")
         .metadata("source", "mailer")
         .storage_class(StorageClass::StandardIa)
+        .tagging("retention=30d&team=mail")
         .send()
         .await
         .unwrap();
@@ -440,6 +442,26 @@ async fn s3_records_leave_plain_and_gzip_archives_and_everything_else_is_kept() 
         Some("mailer")
     );
     assert_eq!(head.storage_class(), Some(&StorageClass::StandardIa));
+    let tags = client
+        .get_object_tagging()
+        .bucket("mail")
+        .key("mailer/logs/day1.jsonl")
+        .send()
+        .await
+        .unwrap();
+    let mut tags: Vec<(String, String)> = tags
+        .tag_set()
+        .iter()
+        .map(|t| (t.key().to_string(), t.value().to_string()))
+        .collect();
+    tags.sort();
+    assert_eq!(
+        tags,
+        vec![
+            ("retention".into(), "30d".into()),
+            ("team".into(), "mail".into())
+        ]
+    );
     let day2_after = server.get("mail", "mailer/logs/day2.log").await;
     assert_eq!(&day2_after[..2], &[0x1f, 0x8b], "still gzip");
     assert_eq!(gunzip(&day2_after), record("bob@example.org", 5));
@@ -897,4 +919,58 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
     );
     assert_eq!(count_keys(&mut conn, "session:*").await, 1);
     operator.stop().await;
+}
+
+/// Kills the child on drop, so a failing test leaves no operator behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn without_a_secret_the_binary_uses_the_default_aws_credential_chain() {
+    let (client, ns) = setup("s3-chain").await;
+    let server = S3Server::start();
+    server.create_bucket("archive", false, false).await;
+    // From here on the server accepts only these keys; they reach the operator only through
+    // its environment, as on a node or pod with AWS credentials.
+    let (key_id, secret_key) = server.enable_auth();
+    let spec = json!({"s3": {"bucket": "archive", "region": "us-east-1",
+                             "endpoint": server.endpoint(), "forcePathStyle": true}});
+    create::<tombstone::api::DataStore>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": "archive"}, "spec": spec}),
+    )
+    .await;
+    let cp = crate::support::ControlPlane::get();
+    let _operator = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tombstone"))
+            .args([
+                "run",
+                "--namespace",
+                &ns,
+                "--leader-election=false",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .env("AWS_ACCESS_KEY_ID", &key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &secret_key)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tombstone run"),
+    );
+    let (reason, message) = ready_reason(&client, &ns, "archive", true).await;
+    assert_eq!(
+        (reason.as_str(), message.as_str()),
+        ("Connected", "s3 bucket archive")
+    );
 }

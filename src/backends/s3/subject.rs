@@ -293,7 +293,10 @@ impl S3Backend {
                 Error::Store("GetObject returned no ETag; a safe rewrite needs one".into())
             })?;
             let read_version = object.version_id().map(str::to_string);
-            let metadata = Preserved::from(&object);
+            let mut metadata = Preserved::from(&object);
+            if object.tag_count().is_some_and(|n| n > 0) {
+                metadata.tagging = Some(self.tagging(key, read_version.as_deref()).await?);
+            }
             let spool = tempfile::tempfile()
                 .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
             let writer = spool
@@ -361,6 +364,27 @@ impl S3Backend {
     }
 }
 
+impl S3Backend {
+    /// An object's tags, encoded the way PutObject takes them.
+    async fn tagging(&self, key: &str, version_id: Option<&str>) -> Result<String, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let out = client
+            .get_object_tagging()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "GetObjectTagging"))?;
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        for tag in out.tag_set() {
+            query.append_pair(tag.key(), tag.value());
+        }
+        Ok(query.finish())
+    }
+}
+
 /// What one archive rewrite did.
 struct Rewrite {
     counts: Counts,
@@ -395,6 +419,8 @@ struct Preserved {
     storage_class: Option<aws_sdk_s3::types::StorageClass>,
     server_side_encryption: Option<aws_sdk_s3::types::ServerSideEncryption>,
     ssekms_key_id: Option<String>,
+    /// Object tags as a URL query string, read separately (GetObject only counts them).
+    tagging: Option<String>,
 }
 
 impl From<&aws_sdk_s3::operation::get_object::GetObjectOutput> for Preserved {
@@ -409,6 +435,7 @@ impl From<&aws_sdk_s3::operation::get_object::GetObjectOutput> for Preserved {
             storage_class: o.storage_class().cloned(),
             server_side_encryption: o.server_side_encryption().cloned(),
             ssekms_key_id: o.ssekms_key_id().map(str::to_string),
+            tagging: None,
         }
     }
 }
@@ -427,6 +454,7 @@ impl Preserved {
             .set_storage_class(self.storage_class)
             .set_server_side_encryption(self.server_side_encryption)
             .set_ssekms_key_id(self.ssekms_key_id)
+            .set_tagging(self.tagging)
     }
 }
 
