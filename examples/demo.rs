@@ -95,12 +95,17 @@ async fn main() {
         }
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, lines.as_bytes()).unwrap();
-        s3.put("shop-archive", &format!("mailer/logs/2026-11-{day}.jsonl.gz"), gz.finish().unwrap())
-            .await;
+        s3.put(
+            "shop-archive",
+            &format!("mailer/logs/2026-11-{day}.jsonl.gz"),
+            gz.finish().unwrap(),
+        )
+        .await;
     }
     for user in [42, 4242] {
         for file in ["invoices.json", "preferences.json"] {
-            s3.put("shop-archive", &format!("mailer/users/{user}/{file}"), "{}").await;
+            s3.put("shop-archive", &format!("mailer/users/{user}/{file}"), "{}")
+                .await;
         }
     }
 
@@ -125,7 +130,17 @@ async fn main() {
     let s3_patch = format!(r#"{{"spec":{{"s3":{{"endpoint":"{}"}}}}}}"#, s3.endpoint());
     kubectl(
         cp,
-        &["patch", "-n", NAMESPACE, "datastore", "archive", "--type", "merge", "-p", &s3_patch],
+        &[
+            "patch",
+            "-n",
+            NAMESPACE,
+            "datastore",
+            "archive",
+            "--type",
+            "merge",
+            "-p",
+            &s3_patch,
+        ],
     );
     // moto accepts any keys; a real store needs the real ones in this Secret.
     let creds_patch = format!(
@@ -135,7 +150,15 @@ async fn main() {
     );
     kubectl(
         cp,
-        &["patch", "-n", NAMESPACE, "secret", "archive-s3-credentials", "-p", &creds_patch],
+        &[
+            "patch",
+            "-n",
+            NAMESPACE,
+            "secret",
+            "archive-s3-credentials",
+            "-p",
+            &creds_patch,
+        ],
     );
 
     println!("==> starting the operator: {binary} run");

@@ -264,6 +264,15 @@ async fn s3_objects_under_object_lock_are_counted_as_blocked_and_named() {
 
     let backend = backend(&server, "locked");
     let t = target(json!({"s3": {"prefix": "logs/"}}));
+    // The dry run reads the locks and reports as blocked what the real run is refused.
+    let (_, dry_deleted, dry_blocked, dry_items) = sweep(&backend, &t, cutoff, true).await;
+    assert_eq!((dry_deleted, dry_blocked), (1, 2));
+    assert!(
+        dry_items
+            .iter()
+            .any(|i| i == "logs/held.jsonl (Object Lock legal hold)"),
+        "{dry_items:?}"
+    );
     let (scanned, deleted, blocked, items) = sweep(&backend, &t, cutoff, false).await;
     assert_eq!((scanned, deleted, blocked), (3, 1, 2));
     assert_eq!(items.len(), 2);

@@ -256,7 +256,8 @@ impl S3Backend {
                 doomed.push(object_id(key, None)?);
             }
         }
-        self.delete_counted(doomed, job.dry_run, step).await?;
+        self.delete_counted(doomed, job.dry_run, false, step)
+            .await?;
         if page.is_truncated() != Some(true) {
             return Ok(None);
         }
@@ -294,7 +295,10 @@ impl S3Backend {
             .iter()
             .map(|(k, v)| object_id(k, Some(v)))
             .collect::<Result<Vec<_>, _>>()?;
-        let refused = self.delete_counted(versions, job.dry_run, step).await?;
+        let predict_locks = job.dry_run && self.object_lock_enabled().await;
+        let refused = self
+            .delete_counted(versions, job.dry_run, predict_locks, step)
+            .await?;
         // A refused version stays, so its key's delete markers must stay too: removing them
         // would make the locked data current again.
         plan.markers
@@ -307,7 +311,8 @@ impl S3Backend {
             .iter()
             .map(|(k, v)| object_id(k, Some(v)))
             .collect::<Result<Vec<_>, _>>()?;
-        self.delete_counted(markers, job.dry_run, step).await?;
+        self.delete_counted(markers, job.dry_run, false, step)
+            .await?;
         Ok(next.map(|n| Cursor {
             versions: true,
             carry: plan.carry,
@@ -372,17 +377,35 @@ impl S3Backend {
     }
 
     /// Deletes (or, in a dry run, counts) and adds to the step's counts; returns the refusals.
+    /// A dry run on a bucket with Object Lock reads each version's lock (`predict_locks`), so
+    /// that it reports as blocked exactly what the real run will be refused.
     async fn delete_counted(
         &self,
         objects: Vec<ObjectIdentifier>,
         dry_run: bool,
+        predict_locks: bool,
         step: &mut Step,
     ) -> Result<Vec<Refusal>, Error> {
-        if dry_run {
-            step.deleted += objects.len() as u64;
-            return Ok(Vec::new());
-        }
-        let done = self.delete_batch(objects).await?;
+        let done = if !dry_run {
+            self.delete_batch(objects).await?
+        } else if predict_locks {
+            let mut done = super::Deleted::default();
+            for object in &objects {
+                match self.lock_of(object).await? {
+                    Some(reason) => done.refused.push(Refusal {
+                        key: object.key().to_string(),
+                        reason,
+                    }),
+                    None => done.deleted += 1,
+                }
+            }
+            done
+        } else {
+            super::Deleted {
+                deleted: objects.len() as u64,
+                refused: Vec::new(),
+            }
+        };
         step.deleted += done.deleted;
         step.blocked += done.refused.len() as u64;
         for refusal in done.refused.iter() {
@@ -392,6 +415,47 @@ impl S3Backend {
             }
         }
         Ok(done.refused)
+    }
+
+    /// Why the store would refuse to delete this version, if it would.
+    async fn lock_of(&self, object: &ObjectIdentifier) -> Result<Option<String>, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let head = client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(object.key())
+            .set_version_id(object.version_id().map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "HeadObject"))?;
+        let held = head.object_lock_legal_hold_status()
+            == Some(&aws_sdk_s3::types::ObjectLockLegalHoldStatus::On);
+        let retained_until = to_chrono(head.object_lock_retain_until_date())
+            .filter(|until| *until > Utc::now() && head.object_lock_mode().is_some());
+        Ok(match (held, retained_until) {
+            (true, _) => Some("Object Lock legal hold".into()),
+            (false, Some(until)) => Some(format!("Object Lock retention until {until}")),
+            (false, None) => None,
+        })
+    }
+
+    /// Whether the bucket has Object Lock enabled (a failure to tell counts as no).
+    async fn object_lock_enabled(&self) -> bool {
+        let Ok(client) = self.client().await else {
+            return false;
+        };
+        self.limits.acquire(1).await;
+        client
+            .get_object_lock_configuration()
+            .bucket(&self.config.bucket)
+            .send()
+            .await
+            .ok()
+            .and_then(|out| out.object_lock_configuration().cloned())
+            .is_some_and(|c| {
+                c.object_lock_enabled() == Some(&aws_sdk_s3::types::ObjectLockEnabled::Enabled)
+            })
     }
 }
 
