@@ -915,7 +915,7 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
         phase_of(&status.targets, "archive"),
         Some((ErasureTargetPhase::Verified, 4, 4))
     );
-    let totals = status.totals.unwrap();
+    let totals = status.totals.clone().unwrap();
     assert_eq!((totals.found, totals.erased), (6, 6));
     assert!(server
         .versions("archive", "mailer/users/47/")
@@ -927,6 +927,26 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
         record("bob@example.org", 2)
     );
     assert_eq!(count_keys(&mut conn, "session:*").await, 1);
+
+    // No identifier, and no key or prefix built from one, in status, events, metrics or logs.
+    wait_metric(
+        &operator.running.metrics,
+        "tombstone_items_erased_total{store_kind=\"s3\"} 4",
+    )
+    .await;
+    let trail = format!(
+        "{}\n{:?}\n{}\n{:?}",
+        serde_json::to_string(&status).unwrap(),
+        events_for(&client, &ns, "dsr-s3").await,
+        operator.running.metrics.render(),
+        captured_logs()
+    );
+    for secret in [EMAIL, "s3-subject-4f1d", "mailer/users/47/"] {
+        assert!(
+            !trail.contains(secret),
+            "{secret} leaked into the operator's trail"
+        );
+    }
     operator.stop().await;
 }
 
