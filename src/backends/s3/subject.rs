@@ -10,8 +10,8 @@ use aws_sdk_s3::types::ObjectIdentifier;
 use tokio_util::io::SyncIoBridge;
 
 use super::records::{self, Counts, Matcher};
-use super::sweep::{to_chrono, Cursor, Entry};
-use super::{object_id, sdk_error, S3Backend, LIST_PAGE};
+use super::sweep::Cursor;
+use super::{object_id, sdk_error, S3Backend};
 use crate::backends::template::{self, literal};
 use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
 
@@ -126,52 +126,6 @@ impl S3Backend {
         tally.count += done.deleted;
         tally.blocked += done.refused.len() as u64;
         Ok(())
-    }
-
-    /// One ListObjectsV2 page as entries (no version ids).
-    async fn list_objects(
-        &self,
-        prefix: &str,
-        position: &Cursor,
-    ) -> Result<(Vec<Entry>, Option<Cursor>), Error> {
-        let client = self.client().await?;
-        self.limits.acquire(1).await;
-        let page = client
-            .list_objects_v2()
-            .bucket(&self.config.bucket)
-            .prefix(prefix)
-            .max_keys(LIST_PAGE)
-            .set_continuation_token(position.token.clone())
-            .send()
-            .await
-            .map_err(|e| sdk_error(e, "ListObjectsV2"))?;
-        let entries = page
-            .contents()
-            .iter()
-            .filter_map(|o| {
-                let key = o.key().filter(|k| k.starts_with(prefix))?;
-                Some(Entry {
-                    key: key.to_string(),
-                    version_id: None,
-                    last_modified: to_chrono(o.last_modified()),
-                    delete_marker: false,
-                    latest: true,
-                })
-            })
-            .collect();
-        let next = match (page.is_truncated(), page.next_continuation_token()) {
-            (Some(true), Some(token)) => Some(Cursor {
-                token: Some(token.to_string()),
-                ..Default::default()
-            }),
-            (Some(true), None) => {
-                return Err(Error::Store(
-                    "ListObjectsV2 is truncated but has no continuation token".into(),
-                ))
-            }
-            _ => None,
-        };
-        Ok((entries, next))
     }
 
     /// The subject's records in every archive under `prefix` (every version of it on a

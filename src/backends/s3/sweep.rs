@@ -84,6 +84,10 @@ pub(super) fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<
     t.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
 }
 
+fn version_ids(pairs: &[(String, String)]) -> Result<Vec<ObjectIdentifier>, Error> {
+    pairs.iter().map(|(k, v)| object_id(k, Some(v))).collect()
+}
+
 /// An object with no LastModified cannot be judged old and is kept.
 fn expired(last_modified: Option<DateTime<Utc>>, cutoff: DateTime<Utc>) -> bool {
     last_modified.is_some_and(|t| t < cutoff)
@@ -234,6 +238,25 @@ impl S3Backend {
         position: &Cursor,
         step: &mut Step,
     ) -> Result<Option<Cursor>, Error> {
+        let (entries, next) = self.list_objects(prefix, position).await?;
+        step.scanned += entries.len() as u64;
+        let doomed = entries
+            .iter()
+            .filter(|e| expired(e.last_modified, job.cutoff))
+            .map(|e| object_id(&e.key, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.delete_counted(doomed, job.dry_run, false, step)
+            .await?;
+        Ok(next)
+    }
+
+    /// One ListObjectsV2 page as entries (no version ids), each key checked against the prefix
+    /// again (the selector is never trusted to the server), and the position after it.
+    pub(super) async fn list_objects(
+        &self,
+        prefix: &str,
+        position: &Cursor,
+    ) -> Result<(Vec<Entry>, Option<Cursor>), Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         let page = client
@@ -245,29 +268,33 @@ impl S3Backend {
             .send()
             .await
             .map_err(|e| sdk_error(e, "ListObjectsV2"))?;
-        let mut doomed: Vec<ObjectIdentifier> = Vec::new();
-        for object in page.contents() {
-            // The prefix is checked again here: the selector is never trusted to the server.
-            let Some(key) = object.key().filter(|k| k.starts_with(prefix)) else {
-                continue;
-            };
-            step.scanned += 1;
-            if expired(to_chrono(object.last_modified()), job.cutoff) {
-                doomed.push(object_id(key, None)?);
+        let entries = page
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let key = o.key().filter(|k| k.starts_with(prefix))?;
+                Some(Entry {
+                    key: key.to_string(),
+                    version_id: None,
+                    last_modified: to_chrono(o.last_modified()),
+                    delete_marker: false,
+                    latest: true,
+                })
+            })
+            .collect();
+        let next = match (page.is_truncated(), page.next_continuation_token()) {
+            (Some(true), Some(token)) => Some(Cursor {
+                token: Some(token.to_string()),
+                ..Default::default()
+            }),
+            (Some(true), None) => {
+                return Err(Error::Store(
+                    "ListObjectsV2 is truncated but has no continuation token".into(),
+                ))
             }
-        }
-        self.delete_counted(doomed, job.dry_run, false, step)
-            .await?;
-        if page.is_truncated() != Some(true) {
-            return Ok(None);
-        }
-        let token = page.next_continuation_token().ok_or_else(|| {
-            Error::Store("ListObjectsV2 is truncated but has no continuation token".into())
-        })?;
-        Ok(Some(Cursor {
-            token: Some(token.to_string()),
-            ..Default::default()
-        }))
+            _ => None,
+        };
+        Ok((entries, next))
     }
 
     /// One ListObjectVersions page: expired versions deleted by version id, then the delete
@@ -290,11 +317,7 @@ impl S3Backend {
             resume_after.as_deref(),
         );
         step.scanned += plan.scanned;
-        let versions = plan
-            .versions
-            .iter()
-            .map(|(k, v)| object_id(k, Some(v)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let versions = version_ids(&plan.versions)?;
         let predict_locks = job.dry_run && self.object_lock_enabled().await;
         let refused = self
             .delete_counted(versions, job.dry_run, predict_locks, step)
@@ -306,11 +329,7 @@ impl S3Backend {
         if let Some(carry) = plan.carry.as_mut() {
             carry.survivor |= refused.iter().any(|r| r.key == carry.key);
         }
-        let markers = plan
-            .markers
-            .iter()
-            .map(|(k, v)| object_id(k, Some(v)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let markers = version_ids(&plan.markers)?;
         self.delete_counted(markers, job.dry_run, false, step)
             .await?;
         Ok(next.map(|n| Cursor {
