@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{
-    ChecksumAlgorithm, ObjectLockLegalHoldStatus, ObjectLockMode, StorageClass,
-};
+use aws_sdk_s3::types::{ChecksumAlgorithm, ObjectLockMode, StorageClass};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde_json::json;
@@ -249,16 +247,9 @@ async fn s3_objects_under_object_lock_are_counted_as_blocked_and_named() {
         .send()
         .await
         .unwrap();
-    client
-        .put_object()
-        .bucket("locked")
-        .key("logs/held.jsonl")
-        .body(ByteStream::from_static(b"{}\n"))
-        .checksum_algorithm(ChecksumAlgorithm::Crc32)
-        .object_lock_legal_hold_status(ObjectLockLegalHoldStatus::On)
-        .send()
-        .await
-        .unwrap();
+    server
+        .put_on_legal_hold("locked", "logs/held.jsonl", b"{}\n")
+        .await;
     server.put("locked", "logs/free.jsonl", "{}\n").await;
     let cutoff = instant_between().await;
 
@@ -739,16 +730,8 @@ async fn an_s3_policy_sweeps_through_the_operator_and_names_what_object_lock_kee
         server.put("archive", key, "{}\n").await;
     }
     server
-        .client()
-        .put_object()
-        .bucket("archive")
-        .key("mailer/logs/held.jsonl")
-        .body(ByteStream::from_static(b"{}\n"))
-        .checksum_algorithm(ChecksumAlgorithm::Crc32)
-        .object_lock_legal_hold_status(ObjectLockLegalHoldStatus::On)
-        .send()
-        .await
-        .unwrap();
+        .put_on_legal_hold("archive", "mailer/logs/held.jsonl", b"{}\n")
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let operator = TestOperator::start(&ns).await;
     secret(

@@ -193,6 +193,21 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
             .unwrap_or_else(|e| panic!("PutObject {key}: {e:?}"));
     }
 
+    /// Puts an object under an Object Lock legal hold (the bucket must have Object Lock).
+    pub async fn put_on_legal_hold(&self, bucket: &str, key: &str, body: &'static [u8]) {
+        self.client()
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from_static(body))
+            // Object Lock uploads must carry a checksum.
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+            .object_lock_legal_hold_status(aws_sdk_s3::types::ObjectLockLegalHoldStatus::On)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PutObject {key} under legal hold: {e:?}"));
+    }
+
     pub async fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
         let out = self
             .client()
