@@ -986,3 +986,98 @@ async fn without_a_secret_the_binary_uses_the_default_aws_credential_chain() {
         ("Connected", "s3 bucket archive")
     );
 }
+
+#[tokio::test]
+async fn an_s3_sweep_stopped_midway_resumes_from_the_listing_position_in_status() {
+    const OLD: usize = 3000;
+    let (client, ns) = setup("s3-resume").await;
+    let server = S3Server::start();
+    server.create_bucket("archive", false, false).await;
+    put_many(
+        &server,
+        "archive",
+        (0..OLD).map(|i| format!("logs/{i:05}")).collect(),
+    )
+    .await;
+    put_many(
+        &server,
+        "archive",
+        (0..10).map(|i| format!("keep/{i}")).collect(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // One request a second: each listing page and each DeleteObjects waits its turn, so the
+    // sweep checkpoints page by page and there is a middle to stop in.
+    let operator = TestOperator::start(&ns).await;
+    secret(
+        &client,
+        &ns,
+        "archive-creds",
+        json!({"accessKeyId": ACCESS_KEY_ID, "secretAccessKey": SECRET_ACCESS_KEY}),
+    )
+    .await;
+    s3_store(&client, &ns, "archive", "archive", &server.endpoint()).await;
+    patch_spec::<tombstone::api::DataStore>(
+        &client,
+        &ns,
+        "archive",
+        json!({"limits": {"requestsPerSecond": 1}}),
+    )
+    .await;
+    create::<RetentionPolicy>(
+        &client,
+        &ns,
+        policy_json(
+            "logs",
+            "1s",
+            json!([{"name": "logs", "store": "archive", "s3": {"prefix": "logs/"}}]),
+        ),
+    )
+    .await;
+    wait_policy(
+        &client,
+        &ns,
+        "logs",
+        "a checkpoint",
+        Duration::from_secs(60),
+        |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.targets.first().is_some_and(|t| {
+                    t.cursor.as_deref().is_some_and(|c| c.starts_with("s3:")) && t.deleted > 0
+                })
+            })
+        },
+    )
+    .await;
+    operator.stop().await;
+
+    let stopped = get_policy(&client, &ns, "logs").await.status.unwrap();
+    let started = stopped
+        .current_sweep
+        .clone()
+        .expect("still under way")
+        .start_time;
+    let remaining = server.keys("archive", "logs/").await.len();
+    assert!(
+        remaining > 0,
+        "the sweep must not have finished before the stop"
+    );
+    assert_eq!(stopped.targets[0].deleted_total as usize, OLD - remaining);
+
+    let operator = TestOperator::start(&ns).await;
+    let done = wait_sweep_completed(&client, &ns, "logs", None)
+        .await
+        .status
+        .unwrap();
+    let last = done.last_sweep.unwrap();
+    assert_eq!(last.start_time, started, "the same sweep, resumed");
+    assert_eq!(
+        last.deleted as usize, OLD,
+        "nothing counted twice, nothing lost"
+    );
+    assert_eq!(done.targets[0].deleted_total as usize, OLD);
+    assert!(server.keys("archive", "logs/").await.is_empty());
+    assert_eq!(server.keys("archive", "keep/").await.len(), 10);
+    operator.stop().await;
+}
