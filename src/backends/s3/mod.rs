@@ -120,6 +120,14 @@ impl S3Backend {
                 let shared = loader.load().await;
                 let mut builder = aws_sdk_s3::config::Builder::from(&shared)
                     .force_path_style(self.config.force_path_style)
+                    // A store that stops answering must not hold a job slot forever. No
+                    // whole-operation timeout: rewriting a large archive takes its time.
+                    .timeout_config(
+                        aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                            .connect_timeout(std::time::Duration::from_secs(5))
+                            .read_timeout(std::time::Duration::from_secs(60))
+                            .build(),
+                    )
                     // Checksums only where S3 requires them: S3-compatible stores differ in
                     // which of the newer checksum headers they understand.
                     .request_checksum_calculation(
