@@ -133,6 +133,10 @@ pub struct ErasureTargetStatus {
     pub remaining: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Where the target's current action resumes while the store works on a deletion of its
+    /// own (a Loki delete request, an Elasticsearch task); never holds an identifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

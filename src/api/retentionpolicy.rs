@@ -225,7 +225,9 @@ pub struct S3Records {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LokiSubject {
-    /// A LogQL `|=` line filter applied on the target's selector.
+    /// The identifier template whose lines are the subject's, applied on the target's
+    /// selector. Matched exactly: sent as a LogQL `|~` filter with word boundaries, so
+    /// `user-47` never matches `user-4711`.
     #[schemars(length(min = 1))]
     pub line_filter: String,
 }

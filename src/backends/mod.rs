@@ -6,6 +6,9 @@
 //! engine checkpoints the cursor in status after every step, so a restarted operator resumes
 //! instead of starting over, and long-running deletions are submitted once and then polled.
 
+pub mod elasticsearch;
+pub mod http;
+pub mod loki;
 pub mod redis;
 pub mod s3;
 pub mod template;
@@ -205,9 +208,7 @@ pub fn validate_target(kind: StoreKind, target: &Target) -> Result<(), Error> {
     match kind {
         StoreKind::Redis => redis::validate_target(target),
         StoreKind::S3 => s3::validate_target(target),
-        other => Err(Error::InvalidSpec(format!(
-            "store kind {} is not supported by this version of the operator",
-            other.as_str()
-        ))),
+        StoreKind::Loki => loki::validate_target(target),
+        StoreKind::Elasticsearch => elasticsearch::validate_target(target),
     }
 }

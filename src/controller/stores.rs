@@ -5,6 +5,7 @@ use kube::{Api, Client, ResourceExt};
 
 use super::Error;
 use crate::api::datastore::DataStore;
+use crate::backends::http::HttpAuth;
 use crate::engine::ConnectionSpec;
 
 /// Reads one key of a Secret as UTF-8.
@@ -72,13 +73,73 @@ pub async fn connection_spec(client: &Client, store: &DataStore) -> Result<Conne
             credentials,
         }));
     }
-    match store.spec.kind() {
-        Some(kind) => Err(Error::InvalidSpec(format!(
-            "store kind {} is not supported by this version of the operator",
-            kind.as_str()
-        ))),
-        None => Err(Error::InvalidSpec(
-            "exactly one of redis, s3, loki, elasticsearch must be set".into(),
-        )),
+    if let Some(loki) = &store.spec.loki {
+        let auth = http_auth(
+            client,
+            &namespace,
+            loki.credentials_secret_ref.as_ref(),
+            "token",
+        )
+        .await?;
+        return Ok(ConnectionSpec::Loki(crate::backends::loki::LokiConfig {
+            url: loki.url.clone(),
+            tenant: loki.tenant.clone(),
+            auth,
+        }));
+    }
+    if let Some(es) = &store.spec.elasticsearch {
+        let auth = http_auth(
+            client,
+            &namespace,
+            es.credentials_secret_ref.as_ref(),
+            "apiKey",
+        )
+        .await?;
+        return Ok(ConnectionSpec::Elasticsearch(
+            crate::backends::elasticsearch::ElasticsearchConfig {
+                url: es.url.clone(),
+                auth,
+            },
+        ));
+    }
+    Err(Error::InvalidSpec(
+        "exactly one of redis, s3, loki, elasticsearch must be set".into(),
+    ))
+}
+
+/// Credentials for an HTTP store: `username` and `password`, or the single `token_key`
+/// (`token` for Loki, `apiKey` for Elasticsearch); no Secret, no credentials.
+async fn http_auth(
+    client: &Client,
+    namespace: &str,
+    secret: Option<&crate::api::common::SecretRef>,
+    token_key: &str,
+) -> Result<HttpAuth, Error> {
+    let Some(secret) = secret else {
+        return Ok(HttpAuth::None);
+    };
+    let optional = |r: Result<String, Error>| match r {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::SecretKeyMissing { .. }) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let token = optional(secret_value(client, namespace, &secret.name, token_key).await)?;
+    if let Some(token) = token {
+        return Ok(if token_key == "apiKey" {
+            HttpAuth::ApiKey(token)
+        } else {
+            HttpAuth::Bearer(token)
+        });
+    }
+    let username = optional(secret_value(client, namespace, &secret.name, "username").await)?;
+    match username {
+        Some(username) => Ok(HttpAuth::Basic {
+            username,
+            password: secret_value(client, namespace, &secret.name, "password").await?,
+        }),
+        None => Err(Error::SecretKeyMissing {
+            secret: secret.name.clone(),
+            key: format!("{token_key} (or username and password)"),
+        }),
     }
 }

@@ -11,6 +11,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::datastore::StoreLimits;
+use crate::backends::elasticsearch::{ElasticsearchBackend, ElasticsearchConfig};
+use crate::backends::loki::{LokiBackend, LokiConfig};
 use crate::backends::redis::{RedisBackend, RedisConfig};
 use crate::backends::s3::{S3Backend, S3Config};
 use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
@@ -22,6 +24,8 @@ use limits::RateLimiter;
 pub enum ConnectionSpec {
     Redis(RedisConfig),
     S3(S3Config),
+    Loki(LokiConfig),
+    Elasticsearch(ElasticsearchConfig),
 }
 
 struct CachedBackend {
@@ -119,13 +123,14 @@ impl Engine {
         store_key: &str,
         backend: &dyn Backend,
         job: &SubjectJob,
+        cursor: Option<&str>,
     ) -> Result<SubjectStep, backends::Error> {
         let _slot = self.job_slot().await;
         let budget = StepBudget {
             max_time: self.checkpoint_interval,
             cancel: CancellationToken::new(),
         };
-        let result = backend.subject_step(job, None, &budget).await;
+        let result = backend.subject_step(job, cursor, &budget).await;
         let failure = match &result {
             Ok(step) => step.failure.as_ref(),
             Err(e) => Some(e),
@@ -154,5 +159,9 @@ fn build_backend(spec: &ConnectionSpec, limits: Option<&StoreLimits>) -> Arc<dyn
     match spec {
         ConnectionSpec::Redis(config) => Arc::new(RedisBackend::new(config.clone(), limits)),
         ConnectionSpec::S3(config) => Arc::new(S3Backend::new(config.clone(), limits)),
+        ConnectionSpec::Loki(config) => Arc::new(LokiBackend::new(config.clone(), limits)),
+        ConnectionSpec::Elasticsearch(config) => {
+            Arc::new(ElasticsearchBackend::new(config.clone(), limits))
+        }
     }
 }

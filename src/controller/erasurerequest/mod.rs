@@ -28,7 +28,7 @@ use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::api::Timestamp;
 use crate::audit::{self, identifier_digests, subject_digest};
-use crate::backends::{SubjectAction, SubjectJob};
+use crate::backends::{Next, SubjectAction, SubjectJob};
 use plan::ActionResult;
 
 pub const CONTROLLER: &str = "erasurerequest";
@@ -104,6 +104,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         } else if t.phase == ErasureTargetPhase::Blocked && !held_policies.contains_key(&t.policy) {
             t.phase = ErasureTargetPhase::Pending;
             t.message.clear();
+            t.cursor = None;
         }
     }
     let mut blocked_by = subject_holds.clone();
@@ -112,12 +113,13 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     blocked_by.dedup();
 
     // 3. One action per target for the current phase, then the phase that follows.
+    let mut poll_after = None;
     if !subject_holds.is_empty() {
         status.phase = ErasurePhase::Blocked;
     } else {
         status.phase = plan::resume_phase(status.phase, &status.targets);
         if status.phase != ErasurePhase::Blocked {
-            run_actions(&ctx, &request, &identifiers, &mut status).await;
+            poll_after = run_actions(&ctx, &request, &identifiers, &mut status).await;
             status.phase = plan::next_phase(status.phase, &status.targets, request.spec.dry_run);
         }
     }
@@ -170,7 +172,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         _ if failing => Action::requeue(ctx.backoff(&key)),
         _ => {
             ctx.reset_failures(&key);
-            Action::requeue(Duration::ZERO)
+            Action::requeue(poll_after.unwrap_or(Duration::ZERO))
         }
     })
 }
@@ -335,13 +337,14 @@ async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<Vec<ErasureTar
     Ok(targets)
 }
 
-/// Runs the current phase's action on every target that needs it, concurrently.
+/// Runs the current phase's action on every target that needs it, concurrently. Returns how
+/// long to wait before polling again when a store is working on a deletion of its own.
 async fn run_actions(
     ctx: &Context,
     request: &ErasureRequest,
     identifiers: &BTreeMap<String, String>,
     status: &mut ErasureRequestStatus,
-) {
+) -> Option<Duration> {
     let namespace = request.namespace().unwrap_or_default();
     let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
     let stores: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -350,8 +353,9 @@ async fn run_actions(
         let action = plan::action_for(phase, t, request.spec.dry_run)?;
         let (policies, stores, namespace) = (policies.clone(), stores.clone(), namespace.clone());
         let (policy_name, target_name) = (t.policy.clone(), t.target.clone());
+        let cursor = t.cursor.clone();
         Some(async move {
-            let (result, kind) = run_action(
+            let (result, kind, poll_after) = run_action(
                 ctx,
                 &policies,
                 &stores,
@@ -360,12 +364,17 @@ async fn run_actions(
                 &target_name,
                 identifiers,
                 action,
+                cursor.as_deref(),
             )
             .await;
-            (i, action, result, kind)
+            (i, action, result, kind, poll_after)
         })
     });
-    for (i, action, result, kind) in join_all(work).await {
+    let mut wait: Option<Duration> = None;
+    for (i, action, result, kind, poll_after) in join_all(work).await {
+        if let Some(p) = poll_after {
+            wait = Some(wait.map_or(p, |w| w.min(p)));
+        }
         if let ActionResult::Failed { reason, message } = &result {
             warn!(target = %status.targets[i].target, reason, %message, "erasure step failed");
             ctx.metrics.reconcile_error(CONTROLLER, reason);
@@ -377,6 +386,7 @@ async fn run_actions(
         }
         plan::apply(&mut status.targets[i], action, result);
     }
+    wait
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -389,13 +399,15 @@ async fn run_action(
     target_name: &str,
     identifiers: &BTreeMap<String, String>,
     action: SubjectAction,
-) -> (ActionResult, Option<&'static str>) {
+    cursor: Option<&str>,
+) -> (ActionResult, Option<&'static str>, Option<Duration>) {
     let failed = |e: Error| {
         (
             ActionResult::Failed {
                 reason: e.reason(),
                 message: e.to_string(),
             },
+            None,
             None,
         )
     };
@@ -431,6 +443,7 @@ async fn run_action(
                 message: p.message,
             },
             None,
+            None,
         );
     };
     let locator = target
@@ -452,6 +465,7 @@ async fn run_action(
                 malformed: 0,
             },
             None,
+            None,
         );
     }
     let job = SubjectJob {
@@ -461,12 +475,20 @@ async fn run_action(
     };
     match ctx
         .engine
-        .subject_step(&store_key, backend.as_ref(), &job)
+        .subject_step(&store_key, backend.as_ref(), &job, cursor)
         .await
     {
-        Ok(step) => match step.failure {
-            Some(e) => failed(e.into()),
-            None => (
+        Ok(step) => match (step.failure, step.next) {
+            (Some(e), _) => failed(e.into()),
+            (None, Next::Wait { cursor, poll_after }) => {
+                (ActionResult::InProgress { cursor }, None, Some(poll_after))
+            }
+            (None, Next::Continue(cursor)) => (
+                ActionResult::InProgress { cursor },
+                None,
+                Some(Duration::ZERO),
+            ),
+            (None, Next::Done) => (
                 ActionResult::Done {
                     count: step.count,
                     ran: step.ran,
@@ -475,6 +497,7 @@ async fn run_action(
                     malformed: step.malformed,
                 },
                 Some(kind.as_str()),
+                None,
             ),
         },
         Err(e) => failed(e.into()),

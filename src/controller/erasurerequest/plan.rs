@@ -57,11 +57,23 @@ pub enum ActionResult {
         reason: &'static str,
         message: String,
     },
+    /// The store is still working (a deletion it runs by itself): resume from `cursor`.
+    InProgress { cursor: String },
 }
 
-/// Folds an action's result into the target.
+/// Folds an action's result into the target. A failed action keeps its cursor, so a retry
+/// resumes polling the deletion already submitted instead of submitting another.
 pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: ActionResult) {
     match result {
+        ActionResult::InProgress { cursor } => {
+            target.cursor = Some(cursor);
+            target.message = match action {
+                SubjectAction::Find => "finding",
+                SubjectAction::Erase => "the store is erasing",
+                SubjectAction::Verify => "verifying",
+            }
+            .into();
+        }
         ActionResult::Failed { reason, message } => {
             target.phase = T::Failed;
             target.message = format!("{reason}: {message}");
@@ -73,6 +85,7 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
             blocked,
             malformed,
         } => {
+            target.cursor = None;
             let mut notes = Vec::new();
             if !skipped.is_empty() {
                 notes.push(format!("skipped: {}", skipped.join("; ")));
@@ -319,6 +332,53 @@ mod tests {
             phase,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_erase_the_store_runs_itself_is_polled_through_its_cursor() {
+        let mut t = ErasureTargetStatus {
+            phase: T::Found,
+            found: 2,
+            ..Default::default()
+        };
+        let step = |cursor: &str| ActionResult::InProgress {
+            cursor: cursor.into(),
+        };
+        apply(&mut t, SubjectAction::Erase, step("loki:abc"));
+        assert_eq!((t.phase, t.cursor.as_deref()), (T::Found, Some("loki:abc")));
+        assert_eq!(
+            next_phase(ErasurePhase::Erasing, std::slice::from_ref(&t), false),
+            ErasurePhase::Erasing
+        );
+        assert_eq!(
+            action_for(ErasurePhase::Erasing, &t, false),
+            Some(SubjectAction::Erase)
+        );
+        // A failed poll keeps the cursor: the retry polls the same deletion.
+        apply(
+            &mut t,
+            SubjectAction::Erase,
+            ActionResult::Failed {
+                reason: "Unreachable",
+                message: "x".into(),
+            },
+        );
+        assert_eq!(t.cursor.as_deref(), Some("loki:abc"));
+        apply(
+            &mut t,
+            SubjectAction::Erase,
+            ActionResult::Done {
+                count: 2,
+                skipped: vec![],
+                ran: true,
+                blocked: 0,
+                malformed: 0,
+            },
+        );
+        assert_eq!(
+            (t.phase, t.erased, t.cursor.as_deref()),
+            (T::Erased, 2, None)
+        );
     }
 
     #[test]

@@ -1,0 +1,124 @@
+//! What the HTTP-based stores (Loki, Elasticsearch/OpenSearch) share: credentials, one client
+//! per store, and the mapping of HTTP outcomes to the backend's error categories.
+
+use std::time::Duration;
+
+use super::Error;
+
+/// Credentials from a DataStore's Secret.
+#[derive(Clone, PartialEq)]
+pub enum HttpAuth {
+    None,
+    /// Keys `username` and `password`.
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// Key `token` (Loki behind a gateway): `Authorization: Bearer …`.
+    Bearer(String),
+    /// Key `apiKey` (Elasticsearch): `Authorization: ApiKey …`, the encoded id:key.
+    ApiKey(String),
+}
+
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpAuth::None => f.write_str("None"),
+            HttpAuth::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+            HttpAuth::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            HttpAuth::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
+        }
+    }
+}
+
+impl HttpAuth {
+    /// Adds the credentials to a request.
+    pub fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            HttpAuth::None => request,
+            HttpAuth::Basic { username, password } => request.basic_auth(username, Some(password)),
+            HttpAuth::Bearer(token) => request.bearer_auth(token),
+            HttpAuth::ApiKey(key) => request.header("Authorization", format!("ApiKey {key}")),
+        }
+    }
+}
+
+/// A client with the timeouts every store call gets: a store that stops answering must not
+/// hold a job slot forever.
+pub fn client() -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| Error::Store(format!("HTTP client: {e}")))
+}
+
+/// A request that never got an answer.
+pub fn transport_error(what: &str, e: &reqwest::Error) -> Error {
+    // The URL is left out: a query string may carry an identifier.
+    let text = e.without_url_ref();
+    if e.is_builder() {
+        Error::InvalidSpec(format!("{what}: {text}"))
+    } else {
+        Error::Unreachable(format!("{what}: {text}"))
+    }
+}
+
+/// An answer that is not a success, by its status. `body` is the store's message, cut short;
+/// callers must not pass bodies that echo identifiers back.
+pub fn status_error(what: &str, status: reqwest::StatusCode, body: &str) -> Error {
+    let body: String = body.trim().chars().take(300).collect();
+    let detail = format!("{what}: HTTP {}: {body}", status.as_u16());
+    match status.as_u16() {
+        401 | 403 => Error::AuthenticationFailed(detail),
+        404 => Error::Store(detail),
+        // Too many requests, or the store is struggling: back off and try again.
+        408 | 429 | 500..=599 => Error::Unreachable(detail),
+        _ => Error::Store(detail),
+    }
+}
+
+/// `without_url` for a borrowed error (reqwest only offers it by value).
+trait WithoutUrlRef {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrlRef for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let text = self.to_string();
+        match self.url() {
+            Some(url) => text.replace(url.as_str(), "<url>"),
+            None => text,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_categories() {
+        let e =
+            |s: u16| status_error("Op", reqwest::StatusCode::from_u16(s).unwrap(), "x").reason();
+        assert_eq!(e(401), "AuthenticationFailed");
+        assert_eq!(e(403), "AuthenticationFailed");
+        assert_eq!(e(429), "Unreachable");
+        assert_eq!(e(503), "Unreachable");
+        assert_eq!(e(400), "StoreError");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let shown = format!(
+            "{:?} {:?} {:?}",
+            HttpAuth::Basic {
+                username: "elastic".into(),
+                password: "pw-secret".into()
+            },
+            HttpAuth::Bearer("tok-secret".into()),
+            HttpAuth::ApiKey("key-secret".into())
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+}
