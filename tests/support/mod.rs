@@ -13,6 +13,8 @@
 //! temporary directory once that pipe closes.
 #![allow(dead_code)]
 
+pub mod elasticsearch;
+pub mod loki;
 pub mod s3;
 
 use std::env;

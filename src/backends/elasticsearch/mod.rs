@@ -1,0 +1,942 @@
+//! Elasticsearch and OpenSearch, through the REST API both share.
+//!
+//! Retention: documents of the target's index pattern whose `timestampField` is older than
+//! the sweep's cutoff are deleted with `_delete_by_query` (a `range` `lt` the absolute
+//! cutoff), submitted with `wait_for_completion=false&conflicts=proceed&slices=auto` and then
+//! polled through `_tasks/<id>`: the task id travels in the cursor, so a restarted operator
+//! polls the same task instead of submitting another. Before that, each index the pattern
+//! names whose every document is older than the cutoff (a `max` aggregation, no document
+//! without the field) is deleted whole — the fast path for daily indices — but only after
+//! its writes are blocked and it is refreshed and judged again, so a document written in the
+//! meantime keeps the index. Documents changed while the task ran (version conflicts) are
+//! left in place and reported as blocked; the next sweep takes them.
+//!
+//! Erasure: the locator's `term`s, all required (`bool`/`filter`), counted with `_count`
+//! (Find, Verify, after a `_refresh`) or deleted with `_delete_by_query` (Erase, polled like
+//! a sweep). `term` is exact on `keyword` fields; on an analysed `text` field it compares
+//! with the field's tokens and would miss the subject, so a locator whose field is mapped
+//! `text` in any index of the pattern is refused (`_mapping/field`), pointing at the
+//! `keyword` sub-field (`user.email.keyword`).
+//!
+//! Queries are JSON values built with `serde_json`, so no identifier can change their shape;
+//! identifiers never appear in cursors, errors or logs (bodies of errors that answer a
+//! request carrying an identifier are reduced to the error type).
+
+pub mod query;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use super::http::{self, HttpAuth};
+use super::{
+    Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
+    SweepJob,
+};
+use crate::api::retentionpolicy::Target;
+use crate::api::StoreKind;
+use query::{Cursor, TaskState};
+
+/// Consecutive transient failures (429, 5xx, no answer) of a task poll before the step
+/// fails: the task goes on in the store meanwhile, so a short outage only delays the poll.
+const POLL_ERRORS: u32 = 5;
+/// Wait between task polls within one step (doubling).
+const FIRST_INLINE_POLL: Duration = Duration::from_millis(100);
+/// Multi-index parameters: a concrete index deleted by the fast path (or a pattern matching
+/// nothing) is not an error.
+const LENIENT: [(&str, &str); 2] = [("ignore_unavailable", "true"), ("allow_no_indices", "true")];
+
+/// How to reach one Elasticsearch, resolved from a DataStore and its Secret.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ElasticsearchConfig {
+    /// Base URL, e.g. `https://es.logging.svc:9200`.
+    pub url: String,
+    pub auth: HttpAuth,
+}
+
+pub struct ElasticsearchBackend {
+    config: ElasticsearchConfig,
+    limits: Limits,
+    client: OnceCell<reqwest::Client>,
+}
+
+/// Whether an error answer may be quoted: not when the request carried an identifier (the
+/// store may echo the query back).
+#[derive(Clone, Copy, PartialEq)]
+enum Quote {
+    Reason,
+    TypeOnly,
+}
+
+impl ElasticsearchBackend {
+    pub fn new(config: ElasticsearchConfig, limits: Limits) -> Self {
+        Self {
+            config,
+            limits,
+            client: OnceCell::new(),
+        }
+    }
+
+    fn url(&self, segments: &[&str], params: &[(&str, &str)]) -> Result<url::Url, Error> {
+        let mut url = url::Url::parse(&self.config.url).map_err(|e| {
+            Error::InvalidSpec(format!(
+                "invalid Elasticsearch URL {:?}: {e}",
+                self.config.url
+            ))
+        })?;
+        {
+            let mut path = url.path_segments_mut().map_err(|_| {
+                Error::InvalidSpec(format!("invalid Elasticsearch URL {:?}", self.config.url))
+            })?;
+            path.pop_if_empty();
+            // Each segment is percent-encoded on its own: an index pattern or task id
+            // cannot add path segments.
+            path.extend(segments);
+        }
+        if !params.is_empty() {
+            url.query_pairs_mut().extend_pairs(params);
+        }
+        Ok(url)
+    }
+
+    /// Sends one request and returns the status and the JSON answer (Null when the body is
+    /// not JSON). Only a request that got no answer is an error here.
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        params: &[(&str, &str)],
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<(u16, Value), Error> {
+        let client = self
+            .client
+            .get_or_try_init(|| async { http::client() })
+            .await?;
+        let url = self.url(segments, params)?;
+        let mut request = client.request(method, url);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request = self.config.auth.apply(request);
+        self.limits.acquire(1).await;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| http::transport_error(what, &e))?;
+        let status = response.status().as_u16();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| http::transport_error(what, &e))?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// [`send`](Self::send), with anything but a 2xx answer as an error.
+    async fn call(
+        &self,
+        method: Method,
+        segments: &[&str],
+        params: &[(&str, &str)],
+        body: Option<&Value>,
+        what: &str,
+        quote: Quote,
+    ) -> Result<Value, Error> {
+        let (status, answer) = self.send(method, segments, params, body, what).await?;
+        if (200..300).contains(&status) {
+            Ok(answer)
+        } else {
+            Err(answer_error(what, status, &answer, quote))
+        }
+    }
+
+    async fn refresh(&self, pattern: &str) -> Result<(), Error> {
+        self.call(
+            Method::POST,
+            &[pattern, "_refresh"],
+            &LENIENT,
+            None,
+            "_refresh",
+            Quote::Reason,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn count(&self, pattern: &str, query: Value, quote: Quote) -> Result<u64, Error> {
+        let answer = self
+            .call(
+                Method::POST,
+                &[pattern, "_count"],
+                &LENIENT,
+                Some(&json!({"query": query})),
+                "_count",
+                quote,
+            )
+            .await?;
+        answer
+            .get("count")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Error::Store("_count: the answer has no count".into()))
+    }
+
+    /// Submits a delete-by-query task and returns its id.
+    async fn submit(&self, pattern: &str, query: Value, quote: Quote) -> Result<String, Error> {
+        let mut params = vec![
+            ("wait_for_completion", "false"),
+            ("conflicts", "proceed"),
+            ("slices", "auto"),
+        ];
+        params.extend(LENIENT);
+        let answer = self
+            .call(
+                Method::POST,
+                &[pattern, "_delete_by_query"],
+                &params,
+                Some(&json!({"query": query})),
+                "_delete_by_query",
+                quote,
+            )
+            .await?;
+        answer
+            .get("task")
+            .and_then(Value::as_str)
+            .filter(|t| query::valid_task_id(t))
+            .map(str::to_string)
+            .ok_or_else(|| Error::Store("_delete_by_query: the answer has no task id".into()))
+    }
+
+    /// Polls the cursor's task until it completes or the step's time is up. Transient
+    /// failures of the poll are counted in the cursor and retried later.
+    async fn poll(&self, cursor: &mut Cursor, deadline: Instant) -> Result<Polled, Error> {
+        let task = cursor.task.clone().unwrap_or_default();
+        let mut pause = FIRST_INLINE_POLL;
+        loop {
+            cursor.polls += 1;
+            let answer = self
+                .send(Method::GET, &["_tasks", &task], &[], None, "_tasks")
+                .await
+                .and_then(|(status, answer)| match status {
+                    200..=299 => Ok(answer),
+                    404 => Err(Error::Store(format!(
+                        "delete-by-query task {task} is no longer known to the store (a node restarted?); the next run submits it again"
+                    ))),
+                    // Task answers name indices and actions, never the query.
+                    _ => Err(answer_error("_tasks", status, &answer, Quote::Reason)),
+                });
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e @ Error::Unreachable(_)) => {
+                    cursor.errors += 1;
+                    if cursor.errors >= POLL_ERRORS {
+                        return Err(e);
+                    }
+                    return Ok(Polled::Wait);
+                }
+                Err(e) => return Err(e),
+            };
+            cursor.errors = 0;
+            match query::read_task(&answer) {
+                Some(TaskState::Running) => {}
+                Some(state) => return Ok(Polled::Done(state)),
+                None => {
+                    return Err(Error::Store(format!(
+                        "_tasks: unexpected answer for task {task}"
+                    )))
+                }
+            }
+            if Instant::now() + pause >= deadline {
+                return Ok(Polled::Wait);
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+
+    /// The open indices the pattern names itself, in name order.
+    async fn indices(&self, pattern: &str) -> Result<Vec<String>, Error> {
+        let (status, answer) = self
+            .send(
+                Method::GET,
+                &["_cat", "indices", pattern],
+                &[("format", "json"), ("h", "index,status")],
+                None,
+                "_cat/indices",
+            )
+            .await?;
+        if status == 404 {
+            return Ok(Vec::new());
+        }
+        if status == 403 {
+            // Listing indices needs the `monitor` index privilege; without it there is no
+            // fast path, and delete-by-query does all the work.
+            tracing::warn!(
+                pattern,
+                "not allowed to list indices (_cat/indices): no whole-index deletion"
+            );
+            return Ok(Vec::new());
+        }
+        if !(200..300).contains(&status) {
+            return Err(answer_error("_cat/indices", status, &answer, Quote::Reason));
+        }
+        let mut names: Vec<String> = answer
+            .as_array()
+            .ok_or_else(|| Error::Store("_cat/indices: the answer is not a list".into()))?
+            .iter()
+            .filter(|row| row.get("status").and_then(Value::as_str) == Some("open"))
+            .filter_map(|row| row.get("index").and_then(Value::as_str))
+            .filter(|name| query::index_matches(pattern, name))
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Refuses a locator whose `term` field is analysed (`text`) in some index of the
+    /// pattern: the term would silently miss the subject's documents.
+    async fn check_term_fields(&self, pattern: &str, fields: &[&String]) -> Result<(), Error> {
+        let joined = fields
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let (status, answer) = self
+            .send(
+                Method::GET,
+                &[pattern, "_mapping", "field", &joined],
+                &LENIENT,
+                None,
+                "_mapping",
+            )
+            .await?;
+        match status {
+            200..=299 => {}
+            // Reading mappings needs `view_index_metadata`; without it the check is skipped.
+            403 => {
+                tracing::warn!(
+                    pattern,
+                    "not allowed to read field mappings: term fields are not checked"
+                );
+                return Ok(());
+            }
+            404 => return Ok(()),
+            _ => return Err(answer_error("_mapping", status, &answer, Quote::Reason)),
+        }
+        match query::analysed_fields(&answer).first() {
+            Some((index, field, kind)) => Err(Error::InvalidSpec(format!(
+                "subject.elasticsearch.term[{field}]: the field is mapped as {kind} in index {index}, so a term query compares with its analysed tokens and would miss the subject's documents; use a keyword field (often {field}.keyword)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn ages(&self, index: &str, field: &str) -> Result<Option<query::IndexAges>, Error> {
+        let answer = self
+            .call(
+                Method::POST,
+                &[index, "_search"],
+                &[],
+                Some(&query::ages_search(field)),
+                "_search",
+                Quote::Reason,
+            )
+            .await?;
+        Ok(query::read_ages(&answer))
+    }
+
+    /// Whether `index.blocks.write` is set on the index.
+    async fn write_blocked(&self, index: &str) -> Result<bool, Error> {
+        let answer = self
+            .call(
+                Method::GET,
+                &[index, "_settings"],
+                &[],
+                None,
+                "_settings",
+                Quote::Reason,
+            )
+            .await?;
+        let value = answer.pointer(&format!(
+            "/{}/settings/index/blocks/write",
+            index.replace('~', "~0").replace('/', "~1")
+        ));
+        Ok(matches!(value, Some(Value::Bool(true)))
+            || value.and_then(Value::as_str) == Some("true"))
+    }
+
+    async fn set_write_block(&self, index: &str, on: bool) -> Result<(), Error> {
+        self.call(
+            Method::PUT,
+            &[index, "_settings"],
+            &[],
+            Some(&json!({"index": {"blocks": {"write": on}}})),
+            "_settings",
+            Quote::Reason,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The fast path for one index: deleted whole if every document is older than the cutoff.
+    /// Returns the documents deleted, or None when the index is left to delete-by-query.
+    async fn delete_if_all_expired(
+        &self,
+        index: &str,
+        field: &str,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<u64>, Error> {
+        let expired = |ages: &Option<query::IndexAges>| {
+            ages.as_ref()
+                .is_some_and(|a| query::whole_index_expired(a, cutoff))
+        };
+        if !expired(&self.ages(index, field).await?) {
+            return Ok(None);
+        }
+        // Writes are blocked and the index refreshed before it is judged again: a document
+        // written (or not yet searchable) since the first look keeps the index.
+        let already_blocked = match self.write_blocked(index).await {
+            Ok(b) => b,
+            // Not allowed to read or change settings: no fast path, delete-by-query does it.
+            Err(Error::AuthenticationFailed(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !already_blocked {
+            match self.set_write_block(index, true).await {
+                Ok(()) => {}
+                Err(Error::AuthenticationFailed(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        let judged = async {
+            self.refresh(index).await?;
+            let ages = self.ages(index, field).await?;
+            match ages {
+                Some(a) if expired(&Some(a.clone())) => {
+                    self.call(
+                        Method::DELETE,
+                        &[index],
+                        &[],
+                        None,
+                        "DELETE index",
+                        Quote::Reason,
+                    )
+                    .await?;
+                    Ok(Some(a.total))
+                }
+                _ => Ok(None),
+            }
+        }
+        .await;
+        if !already_blocked && !matches!(judged, Ok(Some(_))) {
+            // Writes are allowed again whatever happened; if even that fails, say so, since
+            // the index would stay read-only.
+            if let Err(e) = self.set_write_block(index, false).await {
+                return Err(Error::Store(format!(
+                    "index {index} was left write-blocked (index.blocks.write) after the fast-path check: {e}"
+                )));
+            }
+        }
+        judged
+    }
+
+    async fn sweep(
+        &self,
+        job: &SweepJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<Step, Error> {
+        validate_target(&job.target)?;
+        let es = job
+            .target
+            .elasticsearch
+            .as_ref()
+            .ok_or_else(|| Error::InvalidSpec("target has no elasticsearch selector".into()))?;
+        let (pattern, field) = (es.index.as_str(), es.timestamp_field.as_str());
+        let deadline = Instant::now() + budget.max_time;
+        let mut step = Step {
+            scanned: 0,
+            deleted: 0,
+            blocked: 0,
+            blocked_items: Vec::new(),
+            next: Next::Done,
+            failure: None,
+        };
+        let mut position = match cursor {
+            Some(c) => Cursor::decode(c)?,
+            None => {
+                // What is indexed but not yet searchable counts too, in both runs alike.
+                self.refresh(pattern).await?;
+                step.scanned = self
+                    .count(pattern, json!({"match_all": {}}), Quote::Reason)
+                    .await?;
+                if job.dry_run {
+                    // The fast path deletes only documents this range also counts.
+                    step.deleted = self
+                        .count(pattern, query::older_than(field, job.cutoff), Quote::Reason)
+                        .await?;
+                    return Ok(step);
+                }
+                Cursor::default()
+            }
+        };
+        if job.dry_run {
+            return Ok(step);
+        }
+        match self
+            .sweep_from(
+                &mut position,
+                &mut step,
+                pattern,
+                field,
+                job,
+                budget,
+                deadline,
+            )
+            .await
+        {
+            Ok(()) => Ok(step),
+            // Progress already made is kept: the counts and the position move together.
+            Err(e) if step.deleted > 0 || position.task.is_some() => {
+                step.failure = Some(e);
+                step.next = Next::Continue(position.encode());
+                Ok(step)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn sweep_from(
+        &self,
+        position: &mut Cursor,
+        step: &mut Step,
+        pattern: &str,
+        field: &str,
+        job: &SweepJob,
+        budget: &StepBudget,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        if !position.by_query {
+            let mut judged = false;
+            for index in self.indices(pattern).await? {
+                if position.after.as_ref().is_some_and(|a| &index <= a) {
+                    continue;
+                }
+                // One index per step at least, so that even a tiny budget makes progress.
+                if judged && (Instant::now() >= deadline || budget.cancel.is_cancelled()) {
+                    step.next = Next::Continue(position.encode());
+                    return Ok(());
+                }
+                if let Some(n) = self
+                    .delete_if_all_expired(&index, field, job.cutoff)
+                    .await?
+                {
+                    tracing::info!(index = %index, documents = n, "deleted an index whose every document had expired");
+                    step.deleted += n;
+                }
+                position.after = Some(index);
+                judged = true;
+            }
+            position.by_query = true;
+            position.after = None;
+        }
+        if position.task.is_none() {
+            let task = self
+                .submit(pattern, query::older_than(field, job.cutoff), Quote::Reason)
+                .await?;
+            position.task = Some(task);
+            position.polls = 0;
+        }
+        match self.poll(position, deadline).await? {
+            Polled::Wait => {
+                step.next = Next::Wait {
+                    cursor: position.encode(),
+                    poll_after: query::poll_delay(position.polls),
+                };
+            }
+            Polled::Done(TaskState::Completed {
+                deleted,
+                version_conflicts,
+                failures,
+            }) => {
+                step.deleted += deleted;
+                if version_conflicts > 0 {
+                    step.blocked += version_conflicts;
+                    step.blocked_items.push(format!(
+                        "{version_conflicts} documents in {pattern} (changed while delete-by-query ran: version conflicts; the next sweep takes them)"
+                    ));
+                }
+                step.next = Next::Done;
+                if !failures.is_empty() {
+                    step.failure = Some(task_failures(&failures));
+                }
+            }
+            Polled::Done(TaskState::Failed(why)) => {
+                step.next = Next::Done;
+                step.failure = Some(Error::Store(format!("delete-by-query: {why}")));
+            }
+            Polled::Done(TaskState::Running) => unreachable!("poll returns running tasks as Wait"),
+        }
+        Ok(())
+    }
+
+    async fn subject(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
+        validate_target(&job.target)?;
+        let name = &job.target.name;
+        let pattern = job
+            .target
+            .elasticsearch
+            .as_ref()
+            .map(|e| e.index.as_str())
+            .ok_or_else(|| {
+                Error::InvalidSpec(format!("target {name} has no elasticsearch selector"))
+            })?;
+        let locator = job
+            .target
+            .subject
+            .as_ref()
+            .and_then(|s| s.elasticsearch.as_ref())
+            .ok_or_else(|| {
+                Error::InvalidSpec(format!(
+                    "target {name} has no elasticsearch subject locator"
+                ))
+            })?;
+        let mut result = SubjectStep {
+            count: 0,
+            blocked: 0,
+            malformed: 0,
+            ran: false,
+            skipped: Vec::new(),
+            next: Next::Done,
+            failure: None,
+        };
+        let terms = match query::expand_terms(&locator.term, &job.identifiers)? {
+            Ok(terms) => terms,
+            Err(skipped) => {
+                result.skipped = skipped;
+                return Ok(result);
+            }
+        };
+        result.ran = true;
+        if cursor.is_none() {
+            let fields: Vec<&String> = terms.keys().collect();
+            self.check_term_fields(pattern, &fields).await?;
+        }
+        let subject = query::subject_query(&terms);
+        if job.action != SubjectAction::Erase {
+            self.refresh(pattern).await?;
+            result.count = self.count(pattern, subject, Quote::TypeOnly).await?;
+            return Ok(result);
+        }
+        let deadline = Instant::now() + budget.max_time;
+        let mut position = match cursor {
+            Some(c) => Cursor::decode(c)?,
+            None => {
+                // A document indexed a moment ago would otherwise escape the deletion.
+                self.refresh(pattern).await?;
+                let task = self.submit(pattern, subject, Quote::TypeOnly).await?;
+                Cursor {
+                    task: Some(task),
+                    ..Default::default()
+                }
+            }
+        };
+        if position.task.is_none() {
+            return Err(Error::InvalidSpec(
+                "an erasure cursor without a task".into(),
+            ));
+        }
+        match self.poll(&mut position, deadline).await {
+            Ok(Polled::Wait) => {
+                result.next = Next::Wait {
+                    cursor: position.encode(),
+                    poll_after: query::poll_delay(position.polls),
+                }
+            }
+            Ok(Polled::Done(TaskState::Completed {
+                deleted, failures, ..
+            })) => {
+                // Documents changed while the task ran stay, and Verify counts them.
+                result.count = deleted;
+                if !failures.is_empty() {
+                    result.failure = Some(task_failures(&failures));
+                }
+            }
+            Ok(Polled::Done(TaskState::Failed(why))) => {
+                result.failure = Some(Error::Store(format!("delete-by-query: {why}")))
+            }
+            Ok(Polled::Done(TaskState::Running)) => {
+                unreachable!("poll returns running tasks as Wait")
+            }
+            Err(e) => {
+                // The task id is kept so a retry polls it rather than submitting again.
+                result.failure = Some(e);
+                result.next = Next::Continue(position.encode());
+            }
+        }
+        Ok(result)
+    }
+}
+
+enum Polled {
+    Wait,
+    Done(TaskState),
+}
+
+fn task_failures(failures: &[String]) -> Error {
+    Error::Store(format!(
+        "delete-by-query finished with {} failures, first: {}",
+        failures.len(),
+        failures[0]
+    ))
+}
+
+/// An error answer as an error of the backend's categories. Elasticsearch answers
+/// `{"error": {"type": …, "reason": …}, "status": …}`; the reason is quoted only if the
+/// request carried no identifier.
+fn answer_error(what: &str, status: u16, answer: &Value, quote: Quote) -> Error {
+    let kind = answer
+        .pointer("/error/type")
+        .and_then(Value::as_str)
+        .or_else(|| answer.get("error").and_then(Value::as_str));
+    let reason = answer.pointer("/error/reason").and_then(Value::as_str);
+    let detail = match (kind, reason, quote) {
+        (Some(k), Some(r), Quote::Reason) => format!("{k}: {r}"),
+        (Some(k), _, _) => k.to_string(),
+        (None, _, _) => String::new(),
+    };
+    let status = reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
+    http::status_error(what, status, &detail)
+}
+
+#[async_trait]
+impl Backend for ElasticsearchBackend {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Elasticsearch
+    }
+
+    async fn probe(&self) -> Result<String, Error> {
+        let answer = self
+            .call(Method::GET, &[], &[], None, "GET /", Quote::Reason)
+            .await?;
+        describe(&answer).ok_or_else(|| {
+            Error::Store(
+                "GET /: not an Elasticsearch or OpenSearch answer (no version.number)".into(),
+            )
+        })
+    }
+
+    async fn sweep_step(
+        &self,
+        job: &SweepJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<Step, Error> {
+        self.sweep(job, cursor, budget).await
+    }
+
+    async fn subject_step(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
+        self.subject(job, cursor, budget).await
+    }
+}
+
+/// `elasticsearch 8.13.0` or `opensearch 2.11.0`, from the answer of `GET /`.
+fn describe(root: &Value) -> Option<String> {
+    let number = root.pointer("/version/number")?.as_str()?;
+    let flavour = match root
+        .pointer("/version/distribution")
+        .and_then(Value::as_str)
+    {
+        Some("opensearch") => "opensearch",
+        _ => "elasticsearch",
+    };
+    Some(format!("{flavour} {number}"))
+}
+
+/// Checks an Elasticsearch target before anything runs (invariant 1: never outside the
+/// selector).
+pub fn validate_target(target: &Target) -> Result<(), Error> {
+    let invalid = |m: String| Err(Error::InvalidSpec(format!("target {}: {m}", target.name)));
+    let Some(es) = &target.elasticsearch else {
+        return invalid("needs an elasticsearch selector for an elasticsearch store".into());
+    };
+    if query::matches_everything(&es.index) {
+        if !target.allow_match_all {
+            return invalid(format!(
+                "index {:?} selects every index in the cluster; set allowMatchAll: true if that is really meant",
+                es.index
+            ));
+        }
+        if es.index.trim().is_empty() {
+            return invalid("the index pattern is empty".into());
+        }
+    } else if let Err(m) = query::check_pattern(&es.index) {
+        return invalid(m);
+    }
+    if es.timestamp_field.trim().is_empty() {
+        return invalid("timestampField is empty".into());
+    }
+    let Some(subject) = target
+        .subject
+        .as_ref()
+        .and_then(|s| s.elasticsearch.as_ref())
+    else {
+        return Ok(());
+    };
+    if subject.term.is_empty() {
+        return invalid("subject.elasticsearch.term names no field".into());
+    }
+    let mut names_identifier = false;
+    for (field, value) in &subject.term {
+        if field.trim().is_empty() {
+            return invalid("subject.elasticsearch.term has an empty field name".into());
+        }
+        match super::template::placeholders(value) {
+            Ok(names) => names_identifier |= !names.is_empty(),
+            Err(_) => {
+                return invalid(format!(
+                    "subject.elasticsearch.term[{field}] is not a valid template"
+                ))
+            }
+        }
+    }
+    if !names_identifier {
+        return invalid(
+            "subject.elasticsearch.term names no identifier ({email}, {userId}, …): it would select the same documents for every subject"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::retentionpolicy::{ElasticsearchSubject, ElasticsearchTarget, SubjectLocator};
+
+    fn target(index: &str, terms: &[(&str, &str)]) -> Target {
+        Target {
+            name: "events".into(),
+            store: "search".into(),
+            redis: None,
+            s3: None,
+            loki: None,
+            elasticsearch: Some(ElasticsearchTarget {
+                index: index.into(),
+                timestamp_field: "@timestamp".into(),
+            }),
+            subject: (!terms.is_empty()).then(|| SubjectLocator {
+                elasticsearch: Some(ElasticsearchSubject {
+                    term: terms
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                }),
+                ..Default::default()
+            }),
+            allow_match_all: false,
+        }
+    }
+
+    #[test]
+    fn targets_that_could_widen_are_refused() {
+        assert!(validate_target(&target("mailer-events-*", &[])).is_ok());
+        for all in ["*", "_all", "logs-*,*"] {
+            let err = validate_target(&target(all, &[])).unwrap_err();
+            assert!(err.to_string().contains("allowMatchAll"), "{err}");
+            let mut allowed = target(all, &[]);
+            allowed.allow_match_all = true;
+            assert!(validate_target(&allowed).is_ok(), "{all}");
+        }
+        assert!(validate_target(&target("<logs-{now/d}>", &[])).is_err());
+        assert!(validate_target(&target("remote:logs", &[])).is_err());
+        let ok = [("user.email", "{email}"), ("tenant", "shop")];
+        assert!(validate_target(&target("logs-*", &ok)).is_ok());
+        for bad in [
+            &[("user.email", "alice@example.org")][..],
+            &[("user.email", "{email")][..],
+            &[("", "{email}")][..],
+        ] {
+            assert!(validate_target(&target("logs-*", bad)).is_err(), "{bad:?}");
+        }
+        let mut no_es = target("logs-*", &[]);
+        no_es.elasticsearch = None;
+        assert!(validate_target(&no_es).is_err());
+    }
+
+    #[test]
+    fn error_answers_are_quoted_only_when_no_identifier_was_sent() {
+        let answer = json!({"error": {"type": "query_shard_exception",
+            "reason": "failed to create query: user-47@example.org"}, "status": 400});
+        let quoted = answer_error("_count", 400, &answer, Quote::Reason).to_string();
+        assert!(quoted.contains("user-47@example.org"), "{quoted}");
+        let reduced = answer_error("_count", 400, &answer, Quote::TypeOnly);
+        assert_eq!(reduced.reason(), "StoreError");
+        assert!(!reduced.to_string().contains("user-47"), "{reduced}");
+        assert_eq!(
+            answer_error(
+                "GET /",
+                401,
+                &json!({"error": {"type": "security_exception"}}),
+                Quote::Reason
+            )
+            .reason(),
+            "AuthenticationFailed"
+        );
+        assert_eq!(
+            answer_error("x", 429, &Value::Null, Quote::Reason).reason(),
+            "Unreachable"
+        );
+        assert_eq!(
+            answer_error("x", 503, &Value::Null, Quote::Reason).reason(),
+            "Unreachable"
+        );
+    }
+
+    #[test]
+    fn the_probe_names_the_distribution_and_version() {
+        assert_eq!(
+            describe(&json!({"version": {"number": "8.13.0", "build_flavor": "default"}})),
+            Some("elasticsearch 8.13.0".into())
+        );
+        assert_eq!(
+            describe(&json!({"version": {"number": "2.11.0", "distribution": "opensearch"}})),
+            Some("opensearch 2.11.0".into())
+        );
+        assert_eq!(describe(&json!({"ok": true})), None);
+    }
+
+    #[test]
+    fn urls_keep_patterns_and_task_ids_inside_their_segment() {
+        let backend = ElasticsearchBackend::new(
+            ElasticsearchConfig {
+                url: "http://es:9200/prefix/".into(),
+                auth: HttpAuth::None,
+            },
+            Limits::default(),
+        );
+        let url = backend
+            .url(&["logs-*,-logs-keep", "_count"], &LENIENT)
+            .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://es:9200/prefix/logs-*,-logs-keep/_count?ignore_unavailable=true&allow_no_indices=true"
+        );
+        let url = backend.url(&["_tasks", "../_all"], &[]).unwrap();
+        assert_eq!(url.path(), "/prefix/_tasks/..%2F_all");
+    }
+}

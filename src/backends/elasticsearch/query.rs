@@ -1,0 +1,604 @@
+//! Pure parts of the Elasticsearch backend: query DSL built as JSON values (never by string
+//! concatenation, so an identifier holding `"`, `\`, `|` or `}` stays one string value),
+//! index-pattern checks and matching, the fast-path decision, and the cursor.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::backends::template;
+use crate::backends::Error;
+
+/// Documents older than this are deleted: `range` with `lt` on the timestamp field, with the
+/// absolute cutoff (not `now-30d`), so a resumed step and a dry run judge the same instant.
+/// The cutoff is cut to milliseconds downwards: never later than the sweep's cutoff.
+pub fn older_than(timestamp_field: &str, cutoff: DateTime<Utc>) -> Value {
+    json!({"range": {timestamp_field: {
+        "lt": cutoff.to_rfc3339_opts(SecondsFormat::Millis, true),
+        // How to read `lt` whatever format the field is mapped with.
+        "format": "strict_date_optional_time",
+    }}})
+}
+
+/// The subject's documents: every `term` of the locator, all of them required. `terms` are
+/// field → already expanded value.
+pub fn subject_query(terms: &BTreeMap<String, String>) -> Value {
+    let filters: Vec<Value> = terms
+        .iter()
+        .map(|(field, value)| json!({"term": {field: {"value": value}}}))
+        .collect();
+    json!({"bool": {"filter": filters}})
+}
+
+/// Expands the locator's value templates. `Ok(Err(skipped))`: the subject lacks an
+/// identifier one of them needs, so the whole locator is skipped (terms are combined with
+/// AND: running the others alone would select more than the subject's documents).
+pub fn expand_terms(
+    terms: &BTreeMap<String, String>,
+    identifiers: &BTreeMap<String, String>,
+) -> Result<Result<BTreeMap<String, String>, Vec<String>>, Error> {
+    let mut out = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for (field, t) in terms {
+        match template::expand(t, identifiers, template::literal) {
+            Ok(v) => {
+                out.insert(field.clone(), v);
+            }
+            Err(template::Error::MissingIdentifier(name)) => {
+                skipped.push(format!("term[{field}] needs {{{name}}}"));
+            }
+            Err(template::Error::Malformed) => {
+                return Err(Error::InvalidSpec(format!(
+                    "subject.elasticsearch.term[{field}] is not a valid template"
+                )))
+            }
+        }
+    }
+    Ok(if skipped.is_empty() {
+        Ok(out)
+    } else {
+        Err(skipped)
+    })
+}
+
+/// Whether an index pattern selects every index (`*`, `_all`, `**`, or a list with such an
+/// element).
+pub fn matches_everything(pattern: &str) -> bool {
+    pattern.trim().is_empty()
+        || pattern.split(',').any(|p| {
+            let p = p.trim();
+            p == "_all" || (!p.starts_with('-') && p.chars().all(|c| c == '*'))
+        })
+}
+
+/// Checks an index pattern: a comma-separated list of index names with `*` wildcards and
+/// `-` exclusions. Date math (`<…>`), remote clusters (`a:b`) and characters Elasticsearch
+/// forbids in index names are refused, so the pattern means the same to the store as to
+/// [`index_matches`].
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.trim().is_empty() {
+        return Err("the index pattern is empty".into());
+    }
+    for (i, part) in pattern.split(',').enumerate() {
+        let name = part.strip_prefix('-').unwrap_or(part);
+        if name.is_empty() {
+            return Err(format!("{pattern:?} has an empty element"));
+        }
+        if i == 0 && part.starts_with('-') {
+            return Err(format!(
+                "{pattern:?} starts with an exclusion; name the indices first"
+            ));
+        }
+        if let Some(c) = name.chars().find(|c| {
+            matches!(
+                c,
+                ' ' | '"' | '\\' | '/' | '?' | '<' | '>' | '|' | '#' | ':' | '{' | '}'
+            ) || c.is_uppercase()
+                || c.is_control()
+        }) {
+            return Err(format!(
+                "{pattern:?} contains {c:?}, which is not allowed in an index pattern (lower-case names, `*` wildcards and `-` exclusions only; no date math or remote clusters)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `index` is selected by `pattern`: named by an inclusion and by no exclusion. Used
+/// to keep the fast path (whole-index deletion) to indices the pattern names itself; an
+/// alias or data stream resolves to indices of other names, which are never deleted whole.
+pub fn index_matches(pattern: &str, index: &str) -> bool {
+    let mut included = false;
+    for part in pattern.split(',') {
+        match part.strip_prefix('-') {
+            Some(excluded) => {
+                if glob(excluded, index) {
+                    return false;
+                }
+            }
+            None => included |= glob(part, index),
+        }
+    }
+    included
+}
+
+/// `*`-only glob matching.
+fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            pi += 1;
+            mark = ti;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// A margin below the cutoff for the fast path: the `max` aggregation answers in (possibly
+/// rounded) milliseconds, and an index that close to the cutoff is cheap to handle by query.
+pub const FAST_PATH_MARGIN_MS: i64 = 1000;
+
+/// What the fast-path probe of one index found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexAges {
+    /// Documents in the index.
+    pub total: u64,
+    /// Documents without the timestamp field.
+    pub missing: u64,
+    /// The newest timestamp, epoch milliseconds (None: no document has the field).
+    pub max_ms: Option<f64>,
+}
+
+/// Whether the whole index may be deleted: it holds documents, every one has the timestamp
+/// field, and the newest is older than the cutoff. A document without the field, or an
+/// unknown maximum, keeps the index (delete-by-query would keep such documents too).
+pub fn whole_index_expired(ages: &IndexAges, cutoff: DateTime<Utc>) -> bool {
+    let limit = (cutoff.timestamp_millis() - FAST_PATH_MARGIN_MS) as f64;
+    ages.total > 0 && ages.missing == 0 && ages.max_ms.is_some_and(|m| m.is_finite() && m < limit)
+}
+
+/// The search that judges one index for the fast path.
+pub fn ages_search(timestamp_field: &str) -> Value {
+    json!({
+        "size": 0,
+        "track_total_hits": true,
+        "aggs": {
+            "newest": {"max": {"field": timestamp_field}},
+            "undated": {"missing": {"field": timestamp_field}},
+        }
+    })
+}
+
+/// Reads an [`ages_search`] answer.
+pub fn read_ages(answer: &Value) -> Option<IndexAges> {
+    let total = answer.pointer("/hits/total/value")?.as_u64()?;
+    if answer
+        .pointer("/hits/total/relation")
+        .and_then(Value::as_str)
+        != Some("eq")
+    {
+        return None;
+    }
+    let missing = answer
+        .pointer("/aggregations/undated/doc_count")?
+        .as_u64()?;
+    let max_ms = answer
+        .pointer("/aggregations/newest/value")
+        .and_then(Value::as_f64);
+    Some(IndexAges {
+        total,
+        missing,
+        max_ms,
+    })
+}
+
+/// Field types on which `term` compares with analysed tokens rather than the whole value:
+/// a subject's `Alice@Example.org` would match nothing there, and the erasure would report
+/// nothing found while the documents stay.
+const ANALYSED: [&str; 4] = [
+    "text",
+    "match_only_text",
+    "search_as_you_type",
+    "annotated_text",
+];
+
+/// The (index, field, type) of every analysed field in a `GET <index>/_mapping/field/<fields>`
+/// answer.
+pub fn analysed_fields(answer: &Value) -> Vec<(String, String, String)> {
+    let mut found = Vec::new();
+    for (index, body) in answer.as_object().into_iter().flatten() {
+        for (field, m) in body
+            .get("mappings")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let types = m
+                .get("mapping")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, leaf)| leaf.get("type").and_then(Value::as_str));
+            for t in types {
+                if ANALYSED.contains(&t) {
+                    found.push((index.clone(), field.clone(), t.to_string()));
+                }
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The outcome of a finished delete-by-query task.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskState {
+    Running,
+    Completed {
+        deleted: u64,
+        version_conflicts: u64,
+        /// Failures, each as `index: type (status)`: never a reason text, which may quote
+        /// document content.
+        failures: Vec<String>,
+    },
+    /// The task ended without a response (an error, or cancelled).
+    Failed(String),
+}
+
+/// Reads a `GET _tasks/<id>` answer.
+pub fn read_task(answer: &Value) -> Option<TaskState> {
+    if !answer.get("completed")?.as_bool()? {
+        return Some(TaskState::Running);
+    }
+    if let Some(error) = answer.get("error") {
+        let kind = error.get("type").and_then(Value::as_str).unwrap_or("error");
+        return Some(TaskState::Failed(format!("the task failed: {kind}")));
+    }
+    let response = answer.get("response")?;
+    if let Some(why) = response
+        .get("canceled")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    {
+        return Some(TaskState::Failed(format!("the task was cancelled: {why}")));
+    }
+    let failures = response
+        .get("failures")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .map(|f| {
+                    let index = f.get("index").and_then(Value::as_str).unwrap_or("?");
+                    let kind = f
+                        .pointer("/cause/type")
+                        .or_else(|| f.pointer("/reason/type"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("failure");
+                    let status = f.get("status").and_then(Value::as_u64).unwrap_or(0);
+                    format!("{index}: {kind} ({status})")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(TaskState::Completed {
+        deleted: response.get("deleted")?.as_u64()?,
+        version_conflicts: response
+            .get("version_conflicts")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        failures,
+    })
+}
+
+/// Where a sweep or an erasure resumes. Holds index names, task ids and counts, never a
+/// query: queries of erasures carry identifiers, and the cursor is stored in status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Sweep, fast path: the last index judged (indices are taken in name order).
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Sweep: the fast path is over.
+    #[serde(rename = "q", default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_query: bool,
+    /// The delete-by-query task being polled.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Polls of the task so far (for the back-off).
+    #[serde(rename = "p", default, skip_serializing_if = "is_zero")]
+    pub polls: u32,
+    /// Consecutive polls that failed for a transient reason.
+    #[serde(rename = "e", default, skip_serializing_if = "is_zero")]
+    pub errors: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+const CURSOR_PREFIX: &str = "es:";
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        // Plain strings and numbers: serialising cannot fail.
+        format!(
+            "{CURSOR_PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    pub fn decode(text: &str) -> Result<Self, Error> {
+        let cursor: Cursor = text
+            .strip_prefix(CURSOR_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .ok_or_else(|| {
+                Error::InvalidSpec(format!("unreadable Elasticsearch cursor {text:?}"))
+            })?;
+        if let Some(task) = &cursor.task {
+            if !valid_task_id(task) {
+                return Err(Error::InvalidSpec(format!(
+                    "unreadable Elasticsearch task id {task:?} in cursor"
+                )));
+            }
+        }
+        Ok(cursor)
+    }
+}
+
+/// A task id as Elasticsearch gives them: `<node id>:<number>`.
+pub fn valid_task_id(id: &str) -> bool {
+    match id.split_once(':') {
+        Some((node, n)) => {
+            !node.is_empty()
+                && node
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && !n.is_empty()
+                && n.chars().all(|c| c.is_ascii_digit())
+        }
+        None => false,
+    }
+}
+
+/// How long to wait before the next poll of a task: 1 s, doubling, at most 30 s.
+pub fn poll_delay(polls: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(1u64 << polls.min(5)).min(std::time::Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn hostile_identifiers_stay_one_exact_term_value() {
+        for hostile in [
+            r#"a" } }, {"match_all": {"#,
+            r#"x\"y"#,
+            "47 | user-4711",
+            "}}]}",
+            "\\",
+            "*",
+        ] {
+            let terms = expand_terms(
+                &ids(&[("user.id", "{userId}")]),
+                &ids(&[("userId", hostile)]),
+            )
+            .unwrap()
+            .unwrap();
+            let query = subject_query(&terms);
+            // Whatever the identifier holds, the query is one bool with one term whose value
+            // is exactly the identifier, and it survives a round trip through JSON text.
+            let text = serde_json::to_string(&query).unwrap();
+            let back: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, query);
+            let filters = back.pointer("/bool/filter").unwrap().as_array().unwrap();
+            assert_eq!(filters.len(), 1);
+            assert_eq!(
+                filters[0].pointer("/term/user.id/value"),
+                Some(&Value::String(hostile.into()))
+            );
+            assert_eq!(back.as_object().unwrap().len(), 1);
+            assert_eq!(back["bool"].as_object().unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn terms_are_all_required_and_a_missing_identifier_skips_the_locator() {
+        let locator = ids(&[("user.email", "{email}"), ("tenant", "shop")]);
+        let terms = expand_terms(&locator, &ids(&[("email", "a@b.c")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            subject_query(&terms),
+            json!({"bool": {"filter": [
+                {"term": {"tenant": {"value": "shop"}}},
+                {"term": {"user.email": {"value": "a@b.c"}}},
+            ]}})
+        );
+        let skipped = expand_terms(&locator, &ids(&[("userId", "47")]))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(skipped, vec!["term[user.email] needs {email}"]);
+        assert!(expand_terms(&ids(&[("f", "{a")]), &ids(&[])).is_err());
+    }
+
+    #[test]
+    fn the_range_uses_the_absolute_cutoff_cut_to_milliseconds() {
+        let cutoff = DateTime::parse_from_rfc3339("2026-11-20T09:00:00.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            older_than("@timestamp", cutoff),
+            json!({"range": {"@timestamp": {
+                "lt": "2026-11-20T09:00:00.123Z", "format": "strict_date_optional_time"
+            }}})
+        );
+    }
+
+    #[test]
+    fn patterns_that_select_everything_or_something_else_are_recognised() {
+        for all in ["*", "_all", "**", "logs-*,*", " "] {
+            assert!(matches_everything(all), "{all}");
+        }
+        for some in ["logs-*", "a,b", "logs-*,-logs-keep"] {
+            assert!(!matches_everything(some), "{some}");
+        }
+        assert!(check_pattern("logs-*,-logs-keep,.audit-*").is_ok());
+        for bad in [
+            "<logs-{now/d}>",
+            "remote:logs-*",
+            "Logs",
+            "a b",
+            "-logs",
+            "a,,b",
+            "a/b",
+        ] {
+            assert!(check_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn index_matching_follows_inclusions_and_exclusions() {
+        assert!(index_matches("logs-*", "logs-2026.01.01"));
+        assert!(!index_matches("logs-*", "logsx"));
+        assert!(!index_matches("logs-*", ".ds-logs-app-000001"));
+        assert!(index_matches("logs", "logs"));
+        assert!(!index_matches("logs", "logs-000001"));
+        assert!(index_matches("a-*,b-*", "b-1"));
+        assert!(!index_matches("logs-*,-logs-keep*", "logs-keep-1"));
+        assert!(index_matches("l*s-*-x", "logs-1-x"));
+        assert!(!index_matches("l*s-*-x", "logs-1-y"));
+    }
+
+    #[test]
+    fn only_an_index_whose_every_document_is_old_is_deleted_whole() {
+        let cutoff = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let ms = cutoff.timestamp_millis() as f64;
+        let ages = |total, missing, max_ms| IndexAges {
+            total,
+            missing,
+            max_ms,
+        };
+        assert!(whole_index_expired(
+            &ages(3, 0, Some(ms - 86_400_000.0)),
+            cutoff
+        ));
+        // One young document, or one right at the cutoff.
+        assert!(!whole_index_expired(&ages(3, 0, Some(ms + 1.0)), cutoff));
+        assert!(!whole_index_expired(&ages(3, 0, Some(ms - 1.0)), cutoff));
+        // A document without the field, no maximum, an empty index.
+        assert!(!whole_index_expired(&ages(3, 1, Some(0.0)), cutoff));
+        assert!(!whole_index_expired(&ages(3, 0, None), cutoff));
+        assert!(!whole_index_expired(&ages(0, 0, None), cutoff));
+    }
+
+    #[test]
+    fn answers_are_read_or_refused() {
+        let answer = json!({"hits": {"total": {"value": 4, "relation": "eq"}, "hits": []},
+            "aggregations": {"newest": {"value": 1.5e12, "value_as_string": "x"}, "undated": {"doc_count": 0}}});
+        assert_eq!(
+            read_ages(&answer),
+            Some(IndexAges {
+                total: 4,
+                missing: 0,
+                max_ms: Some(1.5e12)
+            })
+        );
+        let capped = json!({"hits": {"total": {"value": 10000, "relation": "gte"}},
+            "aggregations": {"newest": {"value": null}, "undated": {"doc_count": 0}}});
+        assert_eq!(read_ages(&capped), None);
+
+        assert_eq!(
+            read_task(&json!({"completed": false, "task": {}})),
+            Some(TaskState::Running)
+        );
+        let done = json!({"completed": true, "response": {"deleted": 5, "version_conflicts": 2,
+            "failures": [{"index": "logs-1", "id": "user-47@example.org", "cause":
+                {"type": "es_rejected_execution_exception", "reason": "doc user-47@example.org"}, "status": 429}]}});
+        let state = read_task(&done).unwrap();
+        assert_eq!(
+            state,
+            TaskState::Completed {
+                deleted: 5,
+                version_conflicts: 2,
+                failures: vec!["logs-1: es_rejected_execution_exception (429)".into()]
+            }
+        );
+        assert!(!format!("{state:?}").contains("user-47"));
+        assert!(matches!(
+            read_task(&json!({"completed": true, "error": {"type": "x", "reason": "y"}})),
+            Some(TaskState::Failed(_))
+        ));
+        assert!(matches!(
+            read_task(
+                &json!({"completed": true, "response": {"deleted": 1, "canceled": "by user request"}})
+            ),
+            Some(TaskState::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn analysed_fields_are_found_in_a_field_mapping_answer() {
+        let answer = json!({
+            "mail-a": {"mappings": {
+                "user.email": {"full_name": "user.email", "mapping": {"email": {"type": "text",
+                    "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}}}},
+                "user.email.keyword": {"full_name": "user.email.keyword", "mapping": {"keyword": {"type": "keyword"}}}
+            }},
+            "mail-b": {"mappings": {}}
+        });
+        assert_eq!(
+            analysed_fields(&answer),
+            vec![(
+                "mail-a".to_string(),
+                "user.email".to_string(),
+                "text".to_string()
+            )]
+        );
+        assert!(analysed_fields(
+            &json!({"x": {"mappings": {"id": {"mapping": {"id": {"type": "keyword"}}}}}})
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_what_they_never_hold() {
+        let c = Cursor {
+            after: Some("logs-2026.01.01".into()),
+            by_query: true,
+            task: Some("oTUltX4IQMOUUVeiohTt8A:12345".into()),
+            polls: 3,
+            errors: 1,
+        };
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        assert_eq!(Cursor::default().encode(), "es:{}");
+        assert!(Cursor::decode("s3:{}").is_err());
+        assert!(Cursor::decode(r#"es:{"t":"../../_all"}"#).is_err());
+        assert!(valid_task_id("node_1-x:7"));
+        assert!(!valid_task_id("node:"));
+        assert!(!valid_task_id("node/x:1"));
+        assert_eq!(poll_delay(0).as_secs(), 1);
+        assert_eq!(poll_delay(10).as_secs(), 30);
+    }
+}

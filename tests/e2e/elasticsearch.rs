@@ -1,0 +1,1253 @@
+//! The Elasticsearch/OpenSearch backend against the test double of `support::elasticsearch`
+//! (and, opt-in, against a real server when `ELASTICSEARCH_URL` is set: the same retention
+//! and erasure scenarios, on indices of their own): retention by delete-by-query and by whole
+//! old indices, the task lifecycle and its faults, exact and injection-proof subject
+//! queries, and the operator flows (DataStore probe, RetentionPolicy with dry run,
+//! ErasureRequest with a LegalHold) with an Elasticsearch store.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use tombstone::api::retentionpolicy::Target;
+use tombstone::backends::elasticsearch::{ElasticsearchBackend, ElasticsearchConfig};
+use tombstone::backends::http::HttpAuth;
+use tombstone::backends::{
+    Backend, Error, Limits, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep, SweepJob,
+};
+
+use crate::support::elasticsearch::{EsClient, EsDouble, Options};
+
+const EMAIL: &str = "es-subject-7c2e@example.org";
+const USER: &str = "user-47";
+
+fn backend_for(url: &str, auth: HttpAuth) -> ElasticsearchBackend {
+    ElasticsearchBackend::new(
+        ElasticsearchConfig {
+            url: url.into(),
+            auth,
+        },
+        Limits::default(),
+    )
+}
+
+fn backend(es: &EsDouble) -> ElasticsearchBackend {
+    backend_for(&es.url(), HttpAuth::None)
+}
+
+fn target(index: &str, terms: Value) -> Target {
+    let mut t = json!({"name": "events", "store": "search",
+        "elasticsearch": {"index": index, "timestampField": "@timestamp"}});
+    if !terms.is_null() {
+        t["subject"] = json!({"elasticsearch": {"term": terms}});
+    }
+    serde_json::from_value(t).expect("a valid target")
+}
+
+fn ids(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn budget(max_time: Duration) -> StepBudget {
+    StepBudget {
+        max_time,
+        cancel: CancellationToken::new(),
+    }
+}
+
+fn days_ago(days: i64) -> String {
+    (Utc::now() - chrono::Duration::days(days)).to_rfc3339()
+}
+
+fn cutoff() -> DateTime<Utc> {
+    Utc::now() - chrono::Duration::days(30)
+}
+
+/// What a whole sweep came to, with every cursor it handed out.
+#[derive(Debug, Default)]
+struct Swept {
+    scanned: u64,
+    deleted: u64,
+    blocked: u64,
+    items: Vec<String>,
+    cursors: Vec<String>,
+    waits: usize,
+    failure: Option<Error>,
+}
+
+/// Runs a sweep to the end, each step resuming from the cursor the previous one returned (as
+/// after a restart), waiting out `Next::Wait` without sleeping.
+async fn sweep_with(
+    backend: &ElasticsearchBackend,
+    target: &Target,
+    cutoff: DateTime<Utc>,
+    dry_run: bool,
+    max_time: Duration,
+) -> Swept {
+    let job = SweepJob {
+        target: target.clone(),
+        retention: "30d".parse().unwrap(),
+        dry_run,
+        cutoff,
+    };
+    let mut swept = Swept::default();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let step = backend
+            .sweep_step(&job, cursor.as_deref(), &budget(max_time))
+            .await
+            .expect("sweep step");
+        swept.scanned += step.scanned;
+        swept.deleted += step.deleted;
+        swept.blocked += step.blocked;
+        swept.items.extend(step.blocked_items);
+        if step.failure.is_some() {
+            swept.failure = step.failure;
+            return swept;
+        }
+        match step.next {
+            Next::Done => return swept,
+            Next::Continue(c) => {
+                swept.cursors.push(c.clone());
+                cursor = Some(c);
+            }
+            Next::Wait { cursor: c, .. } => {
+                swept.waits += 1;
+                swept.cursors.push(c.clone());
+                cursor = Some(c);
+            }
+        }
+    }
+    panic!("the sweep did not finish");
+}
+
+async fn sweep(backend: &ElasticsearchBackend, target: &Target, dry_run: bool) -> Swept {
+    sweep_with(backend, target, cutoff(), dry_run, Duration::from_secs(10)).await
+}
+
+/// Runs one subject action to its end (Erase may wait on its task), returning the last step
+/// and every cursor handed out.
+async fn subject_with(
+    backend: &ElasticsearchBackend,
+    target: &Target,
+    identifiers: &BTreeMap<String, String>,
+    action: SubjectAction,
+    max_time: Duration,
+) -> (SubjectStep, Vec<String>) {
+    let job = SubjectJob {
+        target: target.clone(),
+        identifiers: identifiers.clone(),
+        action,
+    };
+    let mut cursors = Vec::new();
+    for _ in 0..1000 {
+        let step = backend
+            .subject_step(&job, cursors.last().map(String::as_str), &budget(max_time))
+            .await
+            .expect("subject step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        match &step.next {
+            Next::Done => return (step, cursors),
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => {
+                assert_eq!(step.count, 0, "counts come with Done only");
+                cursors.push(c.clone());
+            }
+        }
+    }
+    panic!("the subject step did not finish");
+}
+
+async fn subject(
+    backend: &ElasticsearchBackend,
+    target: &Target,
+    identifiers: &BTreeMap<String, String>,
+    action: SubjectAction,
+) -> SubjectStep {
+    subject_with(
+        backend,
+        target,
+        identifiers,
+        action,
+        Duration::from_secs(10),
+    )
+    .await
+    .0
+}
+
+// -------------------------------------------------------------------------------------
+// Scenarios that run against the double and, opt-in, against a real server
+// -------------------------------------------------------------------------------------
+
+/// Daily indices: one wholly expired (deleted whole), one mixed (old documents deleted by
+/// query, the young one kept), one whose old document sits beside an undated one (never
+/// deleted whole), and a neighbour outside the pattern. Returns the names, for more checks.
+async fn retention_scenario(client: &EsClient, backend: &ElasticsearchBackend, p: &str) {
+    let (expired, mixed, undated, outside) = (
+        format!("{p}-2026.01.01"),
+        format!("{p}-2026.01.02"),
+        format!("{p}-undated"),
+        format!("{p}x-2026.01.01"),
+    );
+    for index in [&expired, &mixed, &undated, &outside] {
+        client.create_index(index).await;
+    }
+    let old = |n: i64| json!({"@timestamp": days_ago(40 + n), "msg": "old"});
+    client
+        .bulk(&expired, &[("e1", old(0)), ("e2", old(1)), ("e3", old(2))])
+        .await;
+    client
+        .bulk(
+            &mixed,
+            &[
+                ("m1", old(0)),
+                ("m2", old(1)),
+                ("young", json!({"@timestamp": days_ago(1), "msg": "young"})),
+            ],
+        )
+        .await;
+    client
+        .bulk(
+            &undated,
+            &[("u1", old(0)), ("no-ts", json!({"msg": "no timestamp"}))],
+        )
+        .await;
+    client.bulk(&outside, &[("x1", old(0))]).await;
+
+    let t = target(&format!("{p}-*"), Value::Null);
+    let dry = sweep(backend, &t, true).await;
+    assert!(dry.failure.is_none(), "{:?}", dry.failure);
+    assert_eq!((dry.scanned, dry.deleted), (8, 6), "dry run");
+    assert!(client.exists(&expired).await, "a dry run deletes nothing");
+    assert_eq!(client.ids(&mixed).await.len(), 3);
+
+    let real = sweep(backend, &t, false).await;
+    assert!(real.failure.is_none(), "{:?}", real.failure);
+    assert_eq!(
+        (real.scanned, real.deleted, real.blocked),
+        (8, 6, 0),
+        "dry-run parity"
+    );
+    assert!(
+        !client.exists(&expired).await,
+        "the expired index is deleted whole"
+    );
+    assert_eq!(client.ids(&mixed).await, vec!["young"]);
+    assert_eq!(client.ids(&undated).await, vec!["no-ts"]);
+    assert_eq!(
+        client.ids(&outside).await,
+        vec!["x1"],
+        "outside the pattern"
+    );
+    let again = sweep(backend, &t, false).await;
+    assert_eq!(again.deleted, 0, "idempotent");
+}
+
+/// A subject's documents by exact `term`: neighbours that share a prefix, a case or a space
+/// with the identifier are kept, and identifiers built to break out of the query find none.
+async fn erasure_scenario(client: &EsClient, backend: &ElasticsearchBackend, p: &str) {
+    let (a, b) = (format!("{p}-a"), format!("{p}-b"));
+    for index in [&a, &b] {
+        client.create_index(index).await;
+    }
+    let doc = |id: &str, email: &str| json!({"@timestamp": days_ago(1), "user": {"id": id, "email": email}, "tenant": "shop"});
+    client
+        .bulk(
+            &a,
+            &[
+                ("s1", doc(USER, EMAIL)),
+                ("n1", doc("user-4711", "other@example.org")),
+                ("n2", doc("USER-47", "other@example.org")),
+                ("n3", doc("user-47 ", "other@example.org")),
+            ],
+        )
+        .await;
+    client
+        .bulk(
+            &b,
+            &[
+                ("s2", doc(USER, EMAIL)),
+                (
+                    "s3",
+                    json!({"@timestamp": days_ago(2), "user": {"id": USER}, "tenant": "other"}),
+                ),
+                ("n4", doc("user-470", "x@example.org")),
+            ],
+        )
+        .await;
+    let t = target(
+        &format!("{p}-*"),
+        json!({"user.id": "{userId}", "tenant": "shop"}),
+    );
+    let subject_ids = ids(&[("userId", USER), ("email", EMAIL)]);
+
+    // Identifiers built to widen or break the query match nothing and delete nothing.
+    for hostile in [
+        r#"user-47" } } , { "match_all": {} "#,
+        "user-4*",
+        "user-47|user-4711",
+        r"user-47\",
+        "user-47}}]}",
+        "*",
+    ] {
+        let hostile_ids = ids(&[("userId", hostile)]);
+        let found = subject(backend, &t, &hostile_ids, SubjectAction::Find).await;
+        assert_eq!(found.count, 0, "{hostile}");
+        let erased = subject(backend, &t, &hostile_ids, SubjectAction::Erase).await;
+        assert_eq!(erased.count, 0, "{hostile}");
+    }
+    assert_eq!(client.ids(&a).await.len() + client.ids(&b).await.len(), 7);
+
+    let found = subject(backend, &t, &subject_ids, SubjectAction::Find).await;
+    assert_eq!(
+        (found.count, found.ran),
+        (2, true),
+        "both terms are required"
+    );
+    let erased = subject(backend, &t, &subject_ids, SubjectAction::Erase).await;
+    assert_eq!(erased.count, 2, "Find counts what Erase removes");
+    let verified = subject(backend, &t, &subject_ids, SubjectAction::Verify).await;
+    assert_eq!(verified.count, 0);
+    assert_eq!(client.ids(&a).await, vec!["n1", "n2", "n3"]);
+    assert_eq!(client.ids(&b).await, vec!["n4", "s3"]);
+
+    // A subject without the identifier the locator needs: skipped, never run with a blank.
+    let skipped = subject(backend, &t, &ids(&[("email", EMAIL)]), SubjectAction::Erase).await;
+    assert_eq!(
+        (skipped.ran, skipped.count, skipped.skipped.clone()),
+        (false, 0, vec!["term[user.id] needs {userId}".to_string()])
+    );
+}
+
+#[tokio::test]
+async fn es_sweep_deletes_old_documents_and_whole_expired_indices_only() {
+    let es = EsDouble::start().await;
+    let client = EsClient::new(&es.url(), None);
+    let backend = backend(&es);
+    retention_scenario(&client, &backend, "logs").await;
+
+    // Request shapes: one DELETE, of the expired index only; a delete-by-query on the
+    // pattern with the documented parameters and the absolute cutoff; no write block left.
+    let requests = es.requests();
+    let deletes: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(deletes, vec!["/logs-2026.01.01"]);
+    let dbq = requests
+        .iter()
+        .find(|r| r.path == "/logs-*/_delete_by_query")
+        .expect("a delete-by-query");
+    for (k, v) in [
+        ("wait_for_completion", "false"),
+        ("conflicts", "proceed"),
+        ("slices", "auto"),
+    ] {
+        assert_eq!(dbq.query.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    let body: Value = serde_json::from_str(&dbq.body).unwrap();
+    let lt = body
+        .pointer("/query/range/@timestamp/lt")
+        .and_then(Value::as_str)
+        .expect("range lt");
+    assert!(DateTime::parse_from_rfc3339(lt).is_ok(), "{lt}");
+    assert!(!dbq.body.contains("now"), "{}", dbq.body);
+    for index in es.indices() {
+        assert!(!es.write_blocked(&index), "{index} left write-blocked");
+    }
+}
+
+#[tokio::test]
+async fn es_an_index_holding_one_young_document_is_never_deleted_whole() {
+    let es = EsDouble::start().await;
+    let old = json!({"@timestamp": days_ago(60)});
+    // Judged expired at first sight, but a young document arrives (not yet searchable) right
+    // after that first look: the write block and the refresh before the second look find it.
+    es.seed(
+        "app-2026.01.01",
+        &[("o1", old.clone()), ("o2", old.clone())],
+    );
+    es.write_during_next(
+        "/app-2026.01.01/_search",
+        "app-2026.01.01",
+        "late",
+        json!({"@timestamp": days_ago(0)}),
+    );
+    // Write-blocked by its owner (ILM read-only) and wholly expired: deleted whole.
+    es.seed("app-2026.01.02", &[("k1", old.clone())]);
+    es.set_write_block("app-2026.01.02", true);
+    // Write-blocked by its owner, with a young document: kept, and its block too.
+    es.seed("app-2026.01.03", &[("k2", old.clone())]);
+    es.seed_unrefreshed(
+        "app-2026.01.03",
+        "young",
+        json!({"@timestamp": days_ago(0)}),
+    );
+    es.set_write_block("app-2026.01.03", true);
+    let t = target("app-*", Value::Null);
+    let swept = sweep(&backend(&es), &t, false).await;
+    assert_eq!(es.ids("app-2026.01.01"), vec!["late"]);
+    assert!(
+        !es.write_blocked("app-2026.01.01"),
+        "its own block is lifted"
+    );
+    assert!(!es.indices().contains(&"app-2026.01.02".to_string()));
+    assert!(
+        es.write_blocked("app-2026.01.03"),
+        "the owner's block is kept"
+    );
+    // The blocked index refuses the deletion of its old document: a failure, not a success.
+    assert_eq!(es.ids("app-2026.01.03"), vec!["k2", "young"]);
+    let failure = swept.failure.expect("the blocked index fails the task");
+    assert!(
+        failure.to_string().contains("cluster_block_exception"),
+        "{failure}"
+    );
+    assert_eq!(swept.deleted, 3);
+    let deletes: Vec<String> = es
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(deletes, vec!["/app-2026.01.02"]);
+}
+
+#[tokio::test]
+async fn es_without_the_privileges_of_the_fast_path_the_sweep_deletes_by_query_alone() {
+    let es = EsDouble::start().await;
+    let old = json!({"@timestamp": days_ago(40)});
+    es.seed("day-2026.01.01", &[("a", old.clone()), ("b", old.clone())]);
+    let t = target("day-*", Value::Null);
+    // Not allowed to list indices (`monitor`), then not allowed to block writes (`manage`).
+    for (path, status) in [("/_cat/indices", 403), ("/day-2026.01.01/_settings", 403)] {
+        es.seed("day-2026.01.01", &[("a", old.clone()), ("b", old.clone())]);
+        es.fail(path, status, 1);
+        let swept = sweep(&backend(&es), &t, false).await;
+        assert!(swept.failure.is_none(), "{path}: {:?}", swept.failure);
+        assert_eq!(swept.deleted, 2, "{path}");
+        assert_eq!(
+            es.indices(),
+            vec!["day-2026.01.01"],
+            "{path}: kept, emptied"
+        );
+        assert!(es.ids("day-2026.01.01").is_empty());
+        assert!(!es.write_blocked("day-2026.01.01"));
+    }
+}
+
+#[tokio::test]
+async fn es_sweep_waits_on_its_task_and_resumes_from_the_cursor_counting_once() {
+    let es = EsDouble::start().await;
+    let old = json!({"@timestamp": days_ago(40)});
+    let young = json!({"@timestamp": days_ago(1)});
+    es.seed(
+        "events-1",
+        &[("a", old.clone()), ("b", old.clone()), ("c", young.clone())],
+    );
+    es.seed("events-2", &[("d", old.clone()), ("e", young.clone())]);
+    es.set_running_polls(3);
+    // Two transient failures of the poll: the task goes on, the poll is retried.
+    es.fail("/_tasks/", 503, 2);
+    let t = target("events-*", Value::Null);
+    // Each step may take 1 ms: every poll of the running task is a step of its own, and
+    // each step starts from the cursor alone (a fresh backend, as after a restart).
+    let job_cutoff = cutoff();
+    let first = sweep_with(
+        &backend(&es),
+        &t,
+        job_cutoff,
+        false,
+        Duration::from_millis(1),
+    )
+    .await;
+    assert!(first.failure.is_none(), "{:?}", first.failure);
+    assert_eq!(first.deleted, 3);
+    assert!(first.waits >= 3, "{first:?}");
+    assert_eq!(es.task_count(), 1, "one task, submitted once and polled");
+    assert!(first
+        .cursors
+        .iter()
+        .any(|c| c.starts_with("es:") && c.contains("\"t\":")));
+    assert_eq!(es.ids("events-1"), vec!["c"]);
+    assert_eq!(es.ids("events-2"), vec!["e"]);
+
+    // A poll that keeps failing ends the step with Unreachable.
+    es.seed("events-1", &[("f", old.clone())]);
+    es.set_running_polls(1);
+    es.fail("/_tasks/", 503, 10);
+    let failed = sweep_with(
+        &backend(&es),
+        &t,
+        job_cutoff,
+        false,
+        Duration::from_millis(1),
+    )
+    .await;
+    let failure = failed.failure.expect("the poll gives up");
+    assert_eq!(failure.reason(), "Unreachable", "{failure}");
+}
+
+#[tokio::test]
+async fn es_version_conflicts_are_reported_as_blocked_and_taken_by_the_next_sweep() {
+    let es = EsDouble::start().await;
+    let old = json!({"@timestamp": days_ago(40), "n": 1});
+    es.seed(
+        "orders-1",
+        &[
+            ("a", old.clone()),
+            ("b", old.clone()),
+            ("c", old.clone()),
+            ("d", json!({"@timestamp": days_ago(1)})),
+        ],
+    );
+    es.inject_version_conflicts(2);
+    let t = target("orders-*", Value::Null);
+    let swept = sweep(&backend(&es), &t, false).await;
+    assert!(swept.failure.is_none(), "{:?}", swept.failure);
+    assert_eq!((swept.deleted, swept.blocked), (1, 2));
+    assert!(
+        swept.items[0].contains("version conflicts"),
+        "{:?}",
+        swept.items
+    );
+    assert_eq!(es.ids("orders-1").len(), 3);
+    // A real conflict: a writer changes a document while the task runs.
+    es.set_running_polls(1);
+    let b = backend(&es);
+    let job = SweepJob {
+        target: t.clone(),
+        retention: "30d".parse().unwrap(),
+        dry_run: false,
+        cutoff: cutoff(),
+    };
+    let mut cursor = None;
+    let cursor = loop {
+        let step = b
+            .sweep_step(&job, cursor.as_deref(), &budget(Duration::from_millis(1)))
+            .await
+            .unwrap();
+        match step.next {
+            Next::Continue(c) => cursor = Some(c),
+            Next::Wait { cursor, .. } => break cursor,
+            Next::Done => panic!("the task runs"),
+        }
+    };
+    let remaining = es.ids("orders-1");
+    es.update(
+        "orders-1",
+        &remaining[0],
+        json!({"@timestamp": days_ago(40), "n": 2}),
+    );
+    let done = b
+        .sweep_step(&job, Some(&cursor), &budget(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!((done.deleted, done.blocked, done.next), (1, 1, Next::Done));
+    let last = sweep(&b, &t, false).await;
+    assert_eq!((last.deleted, last.blocked), (1, 0));
+    assert_eq!(es.ids("orders-1"), vec!["d"]);
+}
+
+#[tokio::test]
+async fn es_task_failures_and_store_errors_fail_the_step_with_their_category() {
+    let es = EsDouble::start().await;
+    es.seed(
+        "audit-1",
+        &[
+            ("user-47@example.org", json!({"@timestamp": days_ago(40)})),
+            ("y", json!({"@timestamp": days_ago(1)})),
+        ],
+    );
+    let t = target("audit-*", Value::Null);
+    let b = backend(&es);
+    es.inject_task_failures(1);
+    let swept = sweep(&b, &t, false).await;
+    let failure = swept.failure.expect("bulk failures fail the step");
+    assert_eq!(failure.reason(), "StoreError");
+    assert!(
+        failure
+            .to_string()
+            .contains("es_rejected_execution_exception"),
+        "{failure}"
+    );
+    assert!(
+        !failure.to_string().contains("user-47"),
+        "no document id: {failure}"
+    );
+
+    for (status, reason) in [
+        (401, "AuthenticationFailed"),
+        (429, "Unreachable"),
+        (503, "Unreachable"),
+        (500, "Unreachable"),
+    ] {
+        es.fail("/_count", status, 1);
+        let err = b
+            .sweep_step(
+                &SweepJob {
+                    target: t.clone(),
+                    retention: "30d".parse().unwrap(),
+                    dry_run: true,
+                    cutoff: cutoff(),
+                },
+                None,
+                &budget(Duration::from_secs(5)),
+            )
+            .await
+            .expect_err("the store refused");
+        assert_eq!(err.reason(), reason, "{status}: {err}");
+    }
+    // A match-everything pattern is refused before any request.
+    es.clear_requests();
+    let err = b
+        .sweep_step(
+            &SweepJob {
+                target: target("*", Value::Null),
+                retention: "30d".parse().unwrap(),
+                dry_run: false,
+                cutoff: cutoff(),
+            },
+            None,
+            &budget(Duration::from_secs(5)),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(err.reason(), "InvalidSpec");
+    assert!(es.requests().is_empty());
+}
+
+#[tokio::test]
+async fn es_probe_names_the_distribution_and_checks_the_credentials() {
+    let es = EsDouble::start_with(Options {
+        accept: vec![
+            Options::basic("tombstone", "s3cret"),
+            Options::api_key("aWQ6a2V5"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let probe = |auth: HttpAuth| {
+        let url = es.url();
+        async move { backend_for(&url, auth).probe().await }
+    };
+    assert_eq!(
+        probe(HttpAuth::Basic {
+            username: "tombstone".into(),
+            password: "s3cret".into()
+        })
+        .await
+        .unwrap(),
+        "elasticsearch 8.13.0"
+    );
+    assert_eq!(
+        probe(HttpAuth::ApiKey("aWQ6a2V5".into())).await.unwrap(),
+        "elasticsearch 8.13.0"
+    );
+    for auth in [
+        HttpAuth::None,
+        HttpAuth::Basic {
+            username: "tombstone".into(),
+            password: "wrong-pw".into(),
+        },
+    ] {
+        let err = probe(auth).await.unwrap_err();
+        assert_eq!(err.reason(), "AuthenticationFailed", "{err}");
+        assert!(!err.to_string().contains("wrong-pw"), "{err}");
+    }
+    let os = EsDouble::start_with(Options {
+        opensearch: true,
+        version: "2.11.0".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(backend(&os).probe().await.unwrap(), "opensearch 2.11.0");
+    let closed = format!("http://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    let err = backend_for(&closed, HttpAuth::None)
+        .probe()
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "Unreachable", "{err}");
+}
+
+#[tokio::test]
+async fn es_erasure_is_exact_injection_proof_and_waits_for_its_task() {
+    let es = EsDouble::start().await;
+    let client = EsClient::new(&es.url(), None);
+    let backend = backend(&es);
+    es.set_running_polls(2);
+    erasure_scenario(&client, &backend, "mail").await;
+
+    // The subject's task, step by step with 1 ms each: Wait until the task completes, then
+    // Done with the count. The cursors hold the task id and nothing of the subject; the
+    // request bodies hold the identifier only as one term value.
+    es.seed(
+        "mail-a",
+        &[("s9", json!({"user": {"id": USER}, "tenant": "shop"}))],
+    );
+    es.clear_requests();
+    let t = target("mail-*", json!({"user.id": "{userId}", "tenant": "shop"}));
+    let subject_ids = ids(&[("userId", USER)]);
+    let (done, cursors) = subject_with(
+        &backend,
+        &t,
+        &subject_ids,
+        SubjectAction::Erase,
+        Duration::from_millis(1),
+    )
+    .await;
+    assert_eq!(done.count, 1);
+    assert!(cursors.len() >= 2, "{cursors:?}");
+    for c in &cursors {
+        assert!(c.starts_with("es:") && !c.contains("user-47"), "{c}");
+    }
+    let dbq = es
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/_delete_by_query"))
+        .unwrap();
+    let body: Value = serde_json::from_str(&dbq.body).unwrap();
+    assert_eq!(
+        body,
+        json!({"query": {"bool": {"filter": [
+            {"term": {"tenant": {"value": "shop"}}},
+            {"term": {"user.id": {"value": USER}}},
+        ]}}})
+    );
+    assert!(!dbq.path.contains("user-47") && !dbq.query.values().any(|v| v.contains("user-47")));
+
+    // A store error on a request that carried the identifier never quotes it.
+    es.fail("/_count", 400, 1);
+    let job = SubjectJob {
+        target: t.clone(),
+        identifiers: subject_ids.clone(),
+        action: SubjectAction::Find,
+    };
+    let err = backend
+        .subject_step(&job, None, &budget(Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "StoreError");
+    assert!(!err.to_string().contains("user-47"), "{err}");
+}
+
+#[tokio::test]
+async fn es_a_term_on_an_analysed_text_field_is_refused_with_the_keyword_advice() {
+    let es = EsDouble::start().await;
+    let client = EsClient::new(&es.url(), None);
+    // `user.email` is `text` (what dynamic mapping makes of strings), with a `keyword`
+    // sub-field: a term on the text field would compare with tokens and miss the subject.
+    let (status, _) = client
+        .put_json(
+            "/people-1",
+            json!({"mappings": {"properties": {"user": {"properties": {"email": {
+                "type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 256}}
+            }}}}}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    client
+        .bulk("people-1", &[("p1", json!({"user": {"email": EMAIL}}))])
+        .await;
+    let b = backend(&es);
+    let on_text = target("people-*", json!({"user.email": "{email}"}));
+    let job = SubjectJob {
+        target: on_text,
+        identifiers: ids(&[("email", EMAIL)]),
+        action: SubjectAction::Find,
+    };
+    let err = b
+        .subject_step(&job, None, &budget(Duration::from_secs(5)))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.reason(), "InvalidSpec");
+    assert!(err.to_string().contains("user.email.keyword"), "{err}");
+    assert!(!err.to_string().contains(EMAIL), "{err}");
+    let on_keyword = target("people-*", json!({"user.email.keyword": "{email}"}));
+    let found = subject(
+        &b,
+        &on_keyword,
+        &ids(&[("email", EMAIL)]),
+        SubjectAction::Find,
+    )
+    .await;
+    assert_eq!((found.ran, found.count), (true, 1));
+}
+
+// -------------------------------------------------------------------------------------
+// Opt-in: the same scenarios against a real Elasticsearch or OpenSearch
+// -------------------------------------------------------------------------------------
+
+/// `ELASTICSEARCH_URL` (and optionally `ELASTICSEARCH_USERNAME`/`ELASTICSEARCH_PASSWORD` or
+/// `ELASTICSEARCH_API_KEY`): a client, a backend and a unique index prefix; None when unset.
+fn real_server() -> Option<(EsClient, ElasticsearchBackend, String)> {
+    let url = std::env::var("ELASTICSEARCH_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let (auth, header) = match (
+        std::env::var("ELASTICSEARCH_API_KEY").ok(),
+        std::env::var("ELASTICSEARCH_USERNAME").ok(),
+    ) {
+        (Some(key), _) => (HttpAuth::ApiKey(key.clone()), Some(Options::api_key(&key))),
+        (None, Some(user)) => {
+            let password = std::env::var("ELASTICSEARCH_PASSWORD").unwrap_or_default();
+            (
+                HttpAuth::Basic {
+                    username: user.clone(),
+                    password: password.clone(),
+                },
+                Some(Options::basic(&user, &password)),
+            )
+        }
+        _ => (HttpAuth::None, None),
+    };
+    let prefix = format!(
+        "tombstone-test-{}",
+        Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    );
+    Some((EsClient::new(&url, header), backend_for(&url, auth), prefix))
+}
+
+#[tokio::test]
+async fn real_es_retention_sweep_when_elasticsearch_url_is_set() {
+    let Some((client, backend, prefix)) = real_server() else {
+        return;
+    };
+    println!("{}", backend.probe().await.expect("probe"));
+    retention_scenario(&client, &backend, &prefix).await;
+    for suffix in ["2026.01.02", "undated"] {
+        client.delete_index(&format!("{prefix}-{suffix}")).await;
+    }
+    client.delete_index(&format!("{prefix}x-2026.01.01")).await;
+}
+
+#[tokio::test]
+async fn real_es_subject_erasure_when_elasticsearch_url_is_set() {
+    let Some((client, backend, prefix)) = real_server() else {
+        return;
+    };
+    erasure_scenario(&client, &backend, &prefix).await;
+    for suffix in ["a", "b"] {
+        client.delete_index(&format!("{prefix}-{suffix}")).await;
+    }
+}
+
+// -------------------------------------------------------------------------------------
+// Through the operator
+// -------------------------------------------------------------------------------------
+
+mod operator {
+    use super::*;
+
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, DeleteParams, PostParams};
+
+    use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
+    use tombstone::api::retentionpolicy::SweepOutcome;
+    use tombstone::api::{ConditionStatus, DataStore, ErasureRequest, LegalHold, RetentionPolicy};
+
+    use crate::erasure::wait_phase;
+    use crate::fixtures::*;
+
+    async fn secret(client: &kube::Client, ns: &str, name: &str, data: Value) {
+        let secret: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
+                .unwrap();
+        Api::<Secret>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+
+    async fn es_store(
+        client: &kube::Client,
+        ns: &str,
+        name: &str,
+        url: &str,
+        secret: Option<&str>,
+    ) {
+        let mut spec = json!({"elasticsearch": {"url": url}});
+        if let Some(s) = secret {
+            spec["elasticsearch"]["credentialsSecretRef"] = json!({"name": s});
+        }
+        create::<DataStore>(
+            client,
+            ns,
+            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": spec}),
+        )
+        .await;
+    }
+
+    async fn ready(client: &kube::Client, ns: &str, name: &str, ready: bool) -> (String, String) {
+        let store = wait_store_ready(client, ns, name, ready).await;
+        let status = store.status.unwrap();
+        assert_eq!(status.store_type.as_deref(), Some("elasticsearch"));
+        let (_, reason, message) = condition(&status.conditions, "Ready");
+        (reason, message)
+    }
+
+    #[tokio::test]
+    async fn an_elasticsearch_store_is_ready_with_its_version_or_says_why_not() {
+        let (client, ns) = setup("es-ready").await;
+        let es = EsDouble::start_with(Options {
+            accept: vec![
+                Options::basic("tombstone", "s3cret"),
+                Options::api_key("aWQ6a2V5"),
+            ],
+            ..Default::default()
+        })
+        .await;
+        let os = EsDouble::start_with(Options {
+            opensearch: true,
+            version: "2.11.0".into(),
+            ..Default::default()
+        })
+        .await;
+        let operator = TestOperator::start(&ns).await;
+        secret(
+            &client,
+            &ns,
+            "basic",
+            json!({"username": "tombstone", "password": "s3cret"}),
+        )
+        .await;
+        secret(&client, &ns, "apikey", json!({"apiKey": "aWQ6a2V5"})).await;
+        secret(
+            &client,
+            &ns,
+            "wrong",
+            json!({"username": "tombstone", "password": "not-the-pw"}),
+        )
+        .await;
+        es_store(&client, &ns, "basic", &es.url(), Some("basic")).await;
+        es_store(&client, &ns, "apikey", &es.url(), Some("apikey")).await;
+        es_store(&client, &ns, "wrong", &es.url(), Some("wrong")).await;
+        es_store(&client, &ns, "opensearch", &os.url(), None).await;
+        let closed = format!("http://127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        es_store(&client, &ns, "closed", &closed, None).await;
+
+        for name in ["basic", "apikey"] {
+            let (reason, message) = ready(&client, &ns, name, true).await;
+            assert_eq!(
+                (reason.as_str(), message.as_str()),
+                ("Connected", "elasticsearch 8.13.0")
+            );
+        }
+        let (_, message) = ready(&client, &ns, "opensearch", true).await;
+        assert_eq!(message, "opensearch 2.11.0");
+        let (reason, message) = ready(&client, &ns, "wrong", false).await;
+        assert_eq!(reason, "AuthenticationFailed", "{message}");
+        assert!(!message.contains("not-the-pw"), "{message}");
+        let (reason, message) = ready(&client, &ns, "closed", false).await;
+        assert_eq!(reason, "Unreachable", "{message}");
+        operator.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_elasticsearch_policy_sweeps_through_the_operator_after_a_dry_run_with_parity() {
+        let (client, ns) = setup("es-sweep").await;
+        let es = EsDouble::start().await;
+        let old = json!({"@timestamp": days_ago(40)});
+        let young = json!({"@timestamp": days_ago(1)});
+        es.seed(
+            "mailer-events-2026.01.01",
+            &[("a", old.clone()), ("b", old.clone())],
+        );
+        es.seed(
+            "mailer-events-2026.01.02",
+            &[("c", old.clone()), ("d", young.clone())],
+        );
+        es.seed("other-2026.01.01", &[("e", old.clone())]);
+        // The task stays running for a few polls: the sweep waits on it through status.
+        es.set_running_polls(3);
+        let operator = TestOperator::start(&ns).await;
+        es_store(&client, &ns, "search", &es.url(), None).await;
+        wait_store_ready(&client, &ns, "search", true).await;
+        let mut policy = policy_json(
+            "mailer",
+            "30d",
+            json!([{"name": "events", "store": "search",
+                    "elasticsearch": {"index": "mailer-events-*", "timestampField": "@timestamp"}}]),
+        );
+        policy["spec"]["dryRun"] = json!(true);
+        create::<RetentionPolicy>(&client, &ns, policy).await;
+        let dry = wait_sweep_completed(&client, &ns, "mailer", None)
+            .await
+            .status
+            .unwrap();
+        let last = dry.last_sweep.clone().unwrap();
+        assert_eq!((last.outcome, last.deleted), (SweepOutcome::DryRun, 3));
+        assert_eq!((dry.targets[0].scanned, dry.targets[0].deleted), (4, 3));
+        assert_eq!(es.indices().len(), 3, "a dry run deletes nothing");
+        assert_eq!(es.task_count(), 0);
+
+        patch_spec::<RetentionPolicy>(&client, &ns, "mailer", json!({"dryRun": false})).await;
+        // Start times have one-second resolution: wait for the outcome instead.
+        let done = wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "a real sweep",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.current_sweep.is_none()
+                        && s.last_sweep
+                            .as_ref()
+                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        let last = done.last_sweep.clone().unwrap();
+        assert_eq!(
+            (last.outcome, last.deleted),
+            (SweepOutcome::Succeeded, 3),
+            "parity"
+        );
+        assert_eq!(done.targets[0].deleted_total, 3);
+        assert_eq!(
+            es.indices(),
+            vec![
+                "mailer-events-2026.01.02".to_string(),
+                "other-2026.01.01".to_string()
+            ]
+        );
+        assert_eq!(es.ids("mailer-events-2026.01.02"), vec!["d"]);
+        assert_eq!(es.task_count(), 1, "submitted once, polled until done");
+        let polls = es
+            .requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/_tasks/"))
+            .count();
+        assert!(polls >= 4, "{polls} polls");
+        let (compliant, _, message) = condition(&done.conditions, "Compliant");
+        assert_eq!(compliant, ConditionStatus::True, "{message}");
+        operator.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_elasticsearch_erasure_waits_for_its_task_and_a_hold_blocks_it_first() {
+        let (client, ns) = setup("es-erasure").await;
+        let es = EsDouble::start().await;
+        let doc = |email: &str| json!({"@timestamp": days_ago(1), "user": {"email": email}});
+        es.seed(
+            "mailer-events-1",
+            &[("s1", doc(EMAIL)), ("n1", doc(&format!("{EMAIL}.evil")))],
+        );
+        es.seed(
+            "mailer-events-2",
+            &[("s2", doc(EMAIL)), ("n2", doc("bob@example.org"))],
+        );
+        es.set_running_polls(2);
+        let operator = TestOperator::start(&ns).await;
+        es_store(&client, &ns, "search", &es.url(), None).await;
+        let mut policy = policy_json(
+            "mailer",
+            "30d",
+            json!([{"name": "events", "store": "search",
+                    "elasticsearch": {"index": "mailer-events-*", "timestampField": "@timestamp"},
+                    "subject": {"elasticsearch": {"term": {"user.email": "{email}"}}}}]),
+        );
+        policy["spec"]["suspend"] = json!(true);
+        create::<RetentionPolicy>(&client, &ns, policy).await;
+        create::<LegalHold>(
+            &client,
+            &ns,
+            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
+                   "spec": {"reason": "Tax audit, Art. 17(3)(b)", "policies": ["mailer"]}}),
+        )
+        .await;
+        secret(&client, &ns, "dsr-es", json!({"email": EMAIL})).await;
+        create::<ErasureRequest>(
+            &client,
+            &ns,
+            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr-es"},
+                   "spec": {"subject": {"secretRef": {"name": "dsr-es"}}, "reason": "objection"}}),
+        )
+        .await;
+        let held = wait_phase(&client, &ns, "dsr-es", ErasurePhase::Blocked).await;
+        assert_eq!(
+            held.status.unwrap().targets[0].phase,
+            ErasureTargetPhase::Blocked
+        );
+        assert_eq!(es.task_count(), 0, "nothing erased under a hold");
+
+        Api::<LegalHold>::namespaced(client.clone(), &ns)
+            .delete("audit", &DeleteParams::default())
+            .await
+            .unwrap();
+        let done = wait_phase(&client, &ns, "dsr-es", ErasurePhase::Completed).await;
+        let status = done.status.unwrap();
+        let t = &status.targets[0];
+        assert_eq!(
+            (t.phase, t.found, t.erased, t.remaining),
+            (ErasureTargetPhase::Verified, 2, 2, 0)
+        );
+        assert_eq!(es.ids("mailer-events-1"), vec!["n1"]);
+        assert_eq!(es.ids("mailer-events-2"), vec!["n2"]);
+        assert_eq!(es.task_count(), 1);
+
+        let trail = format!(
+            "{}\n{:?}\n{}\n{:?}",
+            serde_json::to_string(&status).unwrap(),
+            events_for(&client, &ns, "dsr-es").await,
+            operator.running.metrics.render(),
+            captured_logs()
+        );
+        for secret in [EMAIL, "es-subject-7c2e"] {
+            assert!(
+                !trail.contains(secret),
+                "{secret} leaked into the operator's trail"
+            );
+        }
+        operator.stop().await;
+    }
+}
+
+mod restart {
+    use super::*;
+
+    use tombstone::api::retentionpolicy::SweepOutcome;
+    use tombstone::api::DataStore;
+    use tombstone::api::RetentionPolicy;
+
+    use crate::fixtures::*;
+
+    #[tokio::test]
+    async fn an_elasticsearch_sweep_polls_the_same_task_after_an_operator_restart() {
+        let (client, ns) = setup("es-restart").await;
+        let es = EsDouble::start().await;
+        let old = json!({"@timestamp": days_ago(40)});
+        es.seed(
+            "jobs-1",
+            &[
+                ("a", old.clone()),
+                ("b", old.clone()),
+                ("y", json!({"@timestamp": days_ago(1)})),
+            ],
+        );
+        // The task runs until told otherwise.
+        es.set_running_polls(u32::MAX);
+        let operator = TestOperator::start(&ns).await;
+        create::<DataStore>(
+            &client,
+            &ns,
+            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": "search"},
+                   "spec": {"elasticsearch": {"url": es.url()}}}),
+        )
+        .await;
+        create::<RetentionPolicy>(
+            &client,
+            &ns,
+            policy_json(
+                "jobs",
+                "30d",
+                json!([{"name": "jobs", "store": "search",
+                        "elasticsearch": {"index": "jobs-*", "timestampField": "@timestamp"}}]),
+            ),
+        )
+        .await;
+        let waiting = wait_policy(
+            &client,
+            &ns,
+            "jobs",
+            "a task in the cursor",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.targets.first().is_some_and(|t| {
+                        t.cursor
+                            .as_deref()
+                            .is_some_and(|c| c.starts_with("es:") && c.contains("\"t\":"))
+                    })
+                })
+            },
+        )
+        .await;
+        operator.stop().await;
+        let started = waiting.status.unwrap().current_sweep.unwrap().start_time;
+        assert_eq!(es.task_count(), 1);
+
+        es.complete_tasks();
+        let operator = TestOperator::start(&ns).await;
+        let done = wait_policy(
+            &client,
+            &ns,
+            "jobs",
+            "the sweep resumed",
+            Duration::from_secs(60),
+            |p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.current_sweep.is_none() && s.last_sweep.is_some())
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        let last = done.last_sweep.unwrap();
+        assert_eq!(last.start_time, started, "the same sweep, resumed");
+        assert_eq!((last.outcome, last.deleted), (SweepOutcome::Succeeded, 2));
+        assert_eq!(
+            es.task_count(),
+            1,
+            "the task was polled again, not submitted again"
+        );
+        assert_eq!(es.ids("jobs-1"), vec!["y"]);
+        operator.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn es_requests_keep_to_the_stores_rate_limit() {
+    let es = EsDouble::start().await;
+    es.seed(
+        "rate-1",
+        &[(
+            "a",
+            json!({"@timestamp": days_ago(40), "user": {"id": USER}}),
+        )],
+    );
+    let limited = ElasticsearchBackend::new(
+        ElasticsearchConfig {
+            url: es.url(),
+            auth: HttpAuth::None,
+        },
+        Limits {
+            rate: Some(std::sync::Arc::new(
+                tombstone::engine::limits::RateLimiter::new(2),
+            )),
+            concurrency: 1,
+        },
+    );
+    let started = std::time::Instant::now();
+    // Dry run: refresh and two counts; Find: mapping check, refresh and a count. Two a
+    // second, a burst of 2.
+    let dry = sweep(&limited, &target("rate-*", Value::Null), true).await;
+    assert_eq!(dry.deleted, 1);
+    let t = target("rate-*", json!({"user.id": "{userId}"}));
+    let found = subject(&limited, &t, &ids(&[("userId", USER)]), SubjectAction::Find).await;
+    assert_eq!(found.count, 1);
+    // … and the field-mapping check of the locator.
+    assert_eq!(es.requests().len(), 6);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+}
