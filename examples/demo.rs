@@ -109,7 +109,65 @@ async fn main() {
         }
     }
 
-    println!("==> applying config/samples, pointed at this redis-server and S3 server");
+    // No Loki or Elasticsearch can be installed here: the demo uses the test doubles, which
+    // follow the stores' documented HTTP APIs (delete requests, tasks) and keep state.
+    println!(
+        "==> starting Loki and Elasticsearch (the test doubles) with delivery logs and events"
+    );
+    let loki = support::loki::LokiDouble::start_with(true, None).await;
+    let day_ns = 86_400 * 1_000_000_000_i64;
+    let now_ns = support::loki::now_ns();
+    let labels = [("namespace", "mailer"), ("app", "mailer")];
+    let old_lines: Vec<(i64, String)> = (0..50)
+        .map(|i| {
+            (
+                now_ns - 40 * day_ns + i,
+                format!("delivered order-confirmation to user{i}@example.com"),
+            )
+        })
+        .collect();
+    let mut new_lines: Vec<(i64, String)> = (0..20)
+        .map(|i| {
+            (
+                now_ns - 3_600_000_000_000 + i,
+                format!("delivered order-shipped to user{i}@example.com"),
+            )
+        })
+        .collect();
+    new_lines.push((
+        now_ns - 1_800_000_000_000,
+        "delivered password-reset to alice@example.com".into(),
+    ));
+    new_lines.push((
+        now_ns - 1_700_000_000_000,
+        "bounced newsletter for malice@example.com".into(),
+    ));
+    for lines in [&old_lines, &new_lines] {
+        let lines: Vec<(i64, &str)> = lines.iter().map(|(t, l)| (*t, l.as_str())).collect();
+        loki.push("shop", &labels, &lines);
+    }
+    let es = support::elasticsearch::EsDouble::start().await;
+    let event = |days_ago: i64, email: &str| {
+        let at = chrono::Utc::now() - chrono::Duration::days(days_ago);
+        serde_json::json!({"@timestamp": at.to_rfc3339(), "user": {"email": email}, "event": "email.delivered"})
+    };
+    es.seed(
+        "mailer-events-2026.10.01",
+        &[
+            ("a", event(50, "user1@example.com")),
+            ("b", event(50, "user2@example.com")),
+        ],
+    );
+    es.seed(
+        "mailer-events-2026.11.22",
+        &[
+            ("c", event(1, "alice@example.com")),
+            ("d", event(1, "user1@example.com")),
+            ("e", event(40, "user2@example.com")),
+        ],
+    );
+
+    println!("==> applying config/samples, pointed at these stores");
     kubectl(cp, &["apply", "-n", NAMESPACE, "-k", "config/samples"]);
     let url_patch = format!(r#"{{"spec":{{"redis":{{"url":"{}"}}}}}}"#, redis.url());
     kubectl(
@@ -142,6 +200,26 @@ async fn main() {
             &s3_patch,
         ],
     );
+    for (store, kind, url) in [
+        ("logs", "loki", loki.url()),
+        ("search", "elasticsearch", es.url()),
+    ] {
+        let patch = format!(r#"{{"spec":{{"{kind}":{{"url":"{url}"}}}}}}"#);
+        kubectl(
+            cp,
+            &[
+                "patch",
+                "-n",
+                NAMESPACE,
+                "datastore",
+                store,
+                "--type",
+                "merge",
+                "-p",
+                &patch,
+            ],
+        );
+    }
     // moto accepts any keys; a real store needs the real ones in this Secret.
     let creds_patch = format!(
         r#"{{"stringData":{{"accessKeyId":"{}","secretAccessKey":"{}"}}}}"#,
@@ -258,6 +336,19 @@ async fn main() {
         "    S3: objects and versions under mailer/users/42/ left: {user_objects}; user 4242's kept: {}; alice's records left in the gzip mail logs: {alice_records} (other users' records kept)",
         s3.keys("shop-archive", "mailer/users/4242/").await.len()
     );
+    let lines = loki.lines("shop");
+    let count = |f: &dyn Fn(&str) -> bool| lines.iter().filter(|(_, l)| f(l)).count();
+    println!(
+        "    Loki: lines older than 30 days left: {} of 50; alice's lines left: {}; malice@example.com's line (a neighbour) kept: {}",
+        count(&|l| l.contains("order-confirmation")),
+        count(&|l| l.contains(" alice@example.com")),
+        count(&|l| l.contains("malice@example.com")) == 1
+    );
+    println!(
+        "    Elasticsearch: indices left (the expired one went whole): {:?}; documents left in it: {:?} (alice's erased, the 40-day-old one swept)",
+        es.indices(),
+        es.ids("mailer-events-2026.11.22")
+    );
     println!("\n$ kubectl describe erasurerequest dsr-2026-0043 -n {NAMESPACE}   (conditions)");
     print!("{}", kubectl(cp, &["get", "erasurerequest", "dsr-2026-0043", "-n", NAMESPACE, "-o", "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}"]));
     println!(
@@ -272,5 +363,5 @@ async fn main() {
     // SIGTERM: the operator shuts down gracefully and releases its Lease.
     unsafe { libc::kill(operator.id() as i32, libc::SIGTERM) };
     let status = operator.wait().expect("operator exit");
-    println!("==> operator stopped ({status}); stopping redis-server, the S3 server and the control plane");
+    println!("==> operator stopped ({status}); stopping the stores and the control plane");
 }
