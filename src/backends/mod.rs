@@ -193,6 +193,15 @@ pub trait Backend: Send + Sync {
         budget: &StepBudget,
     ) -> Result<Step, Error>;
 
+    /// Cancels the deletion the store runs by itself that `cursor` waits on, if it can still
+    /// be cancelled: a LegalHold arrived, and holds win. Returns whether one was cancelled;
+    /// the caller then drops the cursor. Stores whose steps finish before returning have
+    /// nothing to cancel.
+    async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
+        let _ = cursor;
+        Ok(false)
+    }
+
     /// Runs one bounded step of finding, erasing or verifying one subject's records.
     async fn subject_step(
         &self,

@@ -868,7 +868,7 @@ mod operator {
             .unwrap();
     }
 
-    async fn es_store(
+    pub(super) async fn es_store(
         client: &kube::Client,
         ns: &str,
         name: &str,
@@ -1250,4 +1250,128 @@ async fn es_requests_keep_to_the_stores_rate_limit() {
         "{:?}",
         started.elapsed()
     );
+}
+
+mod hold {
+    use super::*;
+
+    use kube::api::{Api, DeleteParams};
+
+    use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
+    use tombstone::api::{LegalHold, RetentionPolicy};
+
+    use crate::fixtures::*;
+
+    #[tokio::test]
+    async fn a_hold_landing_while_a_delete_by_query_task_runs_cancels_it_and_holds_win() {
+        let (client, ns) = setup("es-hold-task").await;
+        let es = EsDouble::start().await;
+        es.seed(
+            "mailer-events-2026.01.02",
+            &[
+                ("old", json!({"@timestamp": days_ago(40)})),
+                ("young", json!({"@timestamp": days_ago(1)})),
+            ],
+        );
+        // The task keeps running: the sweep is waiting on it when the hold lands.
+        es.set_running_polls(100_000);
+        let operator = TestOperator::start(&ns).await;
+        super::operator::es_store(&client, &ns, "search", &es.url(), None).await;
+        wait_store_ready(&client, &ns, "search", true).await;
+        create::<RetentionPolicy>(
+            &client,
+            &ns,
+            policy_json(
+                "mailer",
+                "30d",
+                json!([{"name": "events", "store": "search",
+                        "elasticsearch": {"index": "mailer-events-*", "timestampField": "@timestamp"}}]),
+            ),
+        )
+        .await;
+        wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "a task to wait on",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.targets
+                        .first()
+                        .is_some_and(|t| t.cursor.as_deref().is_some_and(|c| c.contains("\"t\":")))
+                })
+            },
+        )
+        .await;
+        assert_eq!(es.task_count(), 1);
+
+        create::<LegalHold>(
+            &client,
+            &ns,
+            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
+                   "spec": {"reason": "Litigation, Art. 17(3)(e)", "policies": ["mailer"]}}),
+        )
+        .await;
+        let held = wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "the target held, its task cancelled",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.targets
+                        .first()
+                        .is_some_and(|t| t.phase == TargetPhase::Held && t.cursor.is_none())
+                })
+            },
+        )
+        .await;
+        assert_eq!(
+            es.cancelled_tasks(),
+            1,
+            "the running task was cancelled: the hold wins"
+        );
+        assert_eq!(
+            es.ids("mailer-events-2026.01.02").len(),
+            2,
+            "nothing deleted"
+        );
+        assert!(
+            held.status.unwrap().current_sweep.is_some(),
+            "the sweep is paused, not over"
+        );
+
+        // Released: the sweep runs the target again with a new task and completes.
+        es.set_running_polls(1);
+        Api::<LegalHold>::namespaced(client.clone(), &ns)
+            .delete("audit", &DeleteParams::default())
+            .await
+            .unwrap();
+        let done = wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "the sweep completed",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.current_sweep.is_none()
+                        && s.last_sweep
+                            .as_ref()
+                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        assert_eq!(done.last_sweep.unwrap().deleted, 1);
+        assert_eq!(
+            es.ids("mailer-events-2026.01.02"),
+            vec!["young".to_string()]
+        );
+        operator.stop().await;
+    }
 }

@@ -1155,3 +1155,90 @@ async fn loki_real_server_sweep_and_erasure() {
     let real = sweep(&b, &t, cutoff, false).await.unwrap();
     assert_eq!((dry.1, real.1), (1, 1));
 }
+
+#[tokio::test]
+async fn a_hold_landing_while_loki_waits_cancels_the_delete_request_and_holds_win() {
+    let (client, ns) = setup("loki-hold-wait").await;
+    let double = LokiDouble::start().await;
+    // A long cancel period: the erasure is still waiting on Loki when the hold lands.
+    double.set_cancel_period(Duration::from_secs(600));
+    let now = now_ns();
+    double.push(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - DAY_NS, format!("sent to {EMAIL}").leak())],
+    );
+    let operator = TestOperator::start(&ns).await;
+    loki_store(&client, &ns, "logs", &double.url(), json!({})).await;
+    let mut mailer = policy_json(
+        "mailer",
+        "30d",
+        json!([{"name": "logs", "store": "logs", "loki": {"selector": "{app=\"mailer\"}"},
+                "subject": {"loki": {"lineFilter": "{email}"}}}]),
+    );
+    mailer["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, mailer).await;
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "dsr-wait"}, "stringData": {"email": EMAIL}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    create::<ErasureRequest>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr-wait"},
+               "spec": {"subject": {"secretRef": {"name": "dsr-wait"}}, "reason": "objection"}}),
+    )
+    .await;
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    crate::support::wait_for(
+        "the erasure waiting on Loki",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let r = api.get("dsr-wait").await.ok()?;
+                r.status?
+                    .targets
+                    .first()
+                    .filter(|t| t.cursor.is_some())
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+    assert_eq!(double.delete_requests(SINGLE_TENANT).len(), 1);
+
+    create::<LegalHold>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
+               "spec": {"reason": "Litigation, Art. 17(3)(e)", "policies": ["mailer"]}}),
+    )
+    .await;
+    let held = wait_phase(&client, &ns, "dsr-wait", ErasurePhase::Blocked).await;
+    let t = &held.status.unwrap().targets[0];
+    assert_eq!(
+        (t.phase, t.cursor.as_deref()),
+        (ErasureTargetPhase::Blocked, None)
+    );
+    assert!(
+        double.delete_requests(SINGLE_TENANT).is_empty(),
+        "the request in its cancel period was cancelled: the hold wins"
+    );
+    assert_eq!(lines_of(&double, SINGLE_TENANT).len(), 1, "nothing deleted");
+
+    // Released: the erasure starts over with a new request and completes.
+    double.set_cancel_period(Duration::from_secs(1));
+    Api::<LegalHold>::namespaced(client.clone(), &ns)
+        .delete("audit", &DeleteParams::default())
+        .await
+        .unwrap();
+    let done = wait_phase(&client, &ns, "dsr-wait", ErasurePhase::Completed).await;
+    assert_eq!(done.status.unwrap().targets[0].erased, 1);
+    assert!(lines_of(&double, SINGLE_TENANT).is_empty());
+    operator.stop().await;
+}

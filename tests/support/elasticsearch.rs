@@ -165,6 +165,8 @@ struct State {
     /// request whose path contains the key: (path part, index, id, source).
     writes_after: Vec<(String, String, String, Value)>,
     requests: Vec<Recorded>,
+    /// Tasks cancelled through `_tasks/<id>/_cancel`.
+    cancelled_tasks: usize,
 }
 
 pub struct EsDouble {
@@ -325,6 +327,10 @@ impl EsDouble {
     /// Tasks submitted so far.
     pub fn task_count(&self) -> usize {
         self.state().tasks.len()
+    }
+
+    pub fn cancelled_tasks(&self) -> usize {
+        self.state().cancelled_tasks
     }
 }
 
@@ -511,6 +517,7 @@ fn answer(
         ("POST", ["_bulk"]) => bulk(state, None, &body, query),
         ("POST" | "PUT", [index, "_bulk"]) => bulk(state, Some(index), &body, query),
         ("GET", ["_tasks", id]) => task(state, id),
+        ("POST", ["_tasks", id, "_cancel"]) => cancel_task(state, id),
         ("GET", ["_cat", "indices"]) => cat_indices(state, "*", query),
         ("GET", ["_cat", "indices", pattern]) => cat_indices(state, pattern, query),
         ("GET" | "POST", [pattern, "_refresh"]) => match resolve(state, pattern, query) {
@@ -1129,6 +1136,32 @@ fn task(state: &mut State, id: &str) -> Answer {
         StatusCode::OK,
         json!({"completed": true, "task": info(t, deleted), "response": response}),
     )
+}
+
+/// `POST _tasks/<id>/_cancel`: a running delete-by-query stops before its next batch; here
+/// none has run yet, so nothing is deleted. A finished or unknown task cannot be cancelled.
+/// https://www.elastic.co/guide/en/elasticsearch/reference/current/tasks.html#task-cancellation
+fn cancel_task(state: &mut State, id: &str) -> Answer {
+    match state.tasks.get_mut(id) {
+        Some(t) if t.response.is_none() => {
+            t.response = Some(json!({
+                "took": 1, "timed_out": false, "total": t.snapshot.len(), "deleted": 0,
+                "batches": 0, "version_conflicts": 0, "noops": 0, "failures": [],
+                "canceled": "by user request"
+            }));
+            state.cancelled_tasks += 1;
+            let node_task = json!({"node": NODE, "action": "indices:data/write/delete/byquery", "cancelled": true});
+            (
+                StatusCode::OK,
+                json!({"nodes": {NODE: {"tasks": {id: node_task}}}}),
+            )
+        }
+        _ => error(
+            404,
+            "resource_not_found_exception",
+            &format!("task [{id}] is not running"),
+        ),
+    }
 }
 
 /// `GET <index>/_mapping/field/<fields>`: explicit mappings as given at creation; a field

@@ -724,6 +724,32 @@ impl Backend for ElasticsearchBackend {
         StoreKind::Elasticsearch
     }
 
+    /// Cancels a running delete-by-query task; what it deleted before stays deleted.
+    async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
+        let Some(task) = Cursor::decode(cursor).ok().and_then(|c| c.task) else {
+            return Ok(false);
+        };
+        let (status, answer) = self
+            .send(
+                Method::POST,
+                &["_tasks", &task, "_cancel"],
+                &[],
+                None,
+                "_tasks/_cancel",
+            )
+            .await?;
+        match status {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            _ => Err(answer_error(
+                "_tasks/_cancel",
+                status,
+                &answer,
+                Quote::Reason,
+            )),
+        }
+    }
+
     async fn probe(&self) -> Result<String, Error> {
         let answer = self
             .call(Method::GET, &[], &[], None, "GET /", Quote::Reason)

@@ -577,6 +577,29 @@ impl Backend for LokiBackend {
         StoreKind::Loki
     }
 
+    /// Cancels a delete request still in its cancel period (`received`).
+    async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
+        let Some(id) = Cursor::decode(cursor).ok().and_then(|c| c.id) else {
+            return Ok(false);
+        };
+        let what = "DELETE /loki/api/v1/delete";
+        let builder = self
+            .request(reqwest::Method::DELETE, "/loki/api/v1/delete")
+            .await?
+            .query(&[("request_id", id.as_str())]);
+        self.limits.acquire(1).await;
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| http::transport_error(what, &e))?;
+        match response.status().as_u16() {
+            200..=299 => Ok(true),
+            // Unknown, or already processed: past the point where Loki can cancel it.
+            400 | 404 => Ok(false),
+            _ => Err(http::status_error(what, response.status(), "")),
+        }
+    }
+
     async fn probe(&self) -> Result<String, Error> {
         let builder = self
             .request(reqwest::Method::GET, "/loki/api/v1/status/buildinfo")

@@ -17,7 +17,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::retentionpolicy::resolve_target;
+use super::retentionpolicy::{resolve_target, ResolvedTarget};
 use super::{apply_status, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
@@ -107,6 +107,13 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             t.cursor = None;
         }
     }
+    cancel_held_deletions(
+        &ctx,
+        &request,
+        &mut status.targets,
+        !subject_holds.is_empty(),
+    )
+    .await;
     let mut blocked_by = subject_holds.clone();
     blocked_by.extend(held_policy_names(&status.targets, &held_policies));
     blocked_by.sort();
@@ -501,6 +508,51 @@ async fn run_action(
             ),
         },
         Err(e) => failed(e.into()),
+    }
+}
+
+/// Holds win: the deletions stores run by themselves for targets a hold now covers (all of
+/// them under a hold on the subject) are cancelled while they still can be; the work starts
+/// over once the hold is lifted.
+async fn cancel_held_deletions(
+    ctx: &Context,
+    request: &ErasureRequest,
+    targets: &mut [ErasureTargetStatus],
+    whole_request_held: bool,
+) {
+    let namespace = request.namespace().unwrap_or_default();
+    let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let stores: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
+    for t in targets.iter_mut() {
+        let Some(cursor) = t.cursor.clone() else {
+            continue;
+        };
+        if !whole_request_held && t.phase != ErasureTargetPhase::Blocked {
+            continue;
+        }
+        let Ok(Some(policy)) = policies.get_opt(&t.policy).await else {
+            continue;
+        };
+        let Some(target) = policy.spec.targets.iter().find(|x| x.name == t.target) else {
+            continue;
+        };
+        let Ok(ResolvedTarget {
+            backend: Some((backend, _, _)),
+            ..
+        }) = resolve_target(ctx, &stores, &namespace, target).await
+        else {
+            continue;
+        };
+        match backend.cancel(&cursor).await {
+            Ok(true) => {
+                info!(target = %t.target, "cancelled the store's erasure under way: a LegalHold covers it");
+                t.cursor = None;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(target = %t.target, reason = e.reason(), error = %e, "could not cancel the store's erasure under way")
+            }
+        }
     }
 }
 

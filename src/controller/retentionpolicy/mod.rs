@@ -85,6 +85,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     status.targets = plan::aligned_targets(&policy, &status.targets);
     if decision == Decision::Held {
         plan::hold_targets(&mut status, &held_by);
+        cancel_held_deletions(&resolved, &mut status).await;
     } else {
         plan::release_targets(&mut status);
     }
@@ -353,6 +354,31 @@ async fn run_steps(
         poll_after
     } else {
         None
+    }
+}
+
+/// Holds win: a deletion a store runs by itself (a Loki delete request in its cancel period,
+/// an Elasticsearch task) that a hold now covers is cancelled while it still can be. The
+/// target then starts that work over once released.
+async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut RetentionPolicyStatus) {
+    for (target, resolved) in status.targets.iter_mut().zip(resolved) {
+        let (Some(cursor), Some((backend, _, _))) = (target.cursor.clone(), &resolved.backend)
+        else {
+            continue;
+        };
+        if target.phase != TargetPhase::Held {
+            continue;
+        }
+        match backend.cancel(&cursor).await {
+            Ok(true) => {
+                info!(target = %target.name, "cancelled the store's deletion under way: a LegalHold covers it");
+                target.cursor = None;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(target = %target.name, reason = e.reason(), error = %e, "could not cancel the store's deletion under way")
+            }
+        }
     }
 }
 
