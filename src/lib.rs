@@ -11,6 +11,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
+pub mod ropa;
 pub mod schedule;
 
 /// Chooses the TLS crypto provider for the whole process. Two are compiled in (kube and Redis

@@ -27,6 +27,30 @@ enum Command {
     },
     /// Print the keyed digest of one identifier, as a LegalHold's `subjects[].digest` takes it.
     Digest(DigestArgs),
+    /// Print the Art. 30 register of processing activities, from the cluster or YAML files.
+    Ropa(RopaArgs),
+}
+
+#[derive(clap::Args)]
+struct RopaArgs {
+    /// YAML files or directories of them (`config/samples`) to read RetentionPolicies and
+    /// DataStores from, instead of the cluster. Other kinds are ignored.
+    #[arg(value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Only this namespace (default: every namespace). With files: the namespace of
+    /// objects that have none; objects of other namespaces are left out.
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = RopaFormat::Markdown)]
+    format: RopaFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RopaFormat {
+    Markdown,
+    Csv,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -81,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::Crds { write } => print_or_write_crds(write),
         Command::Digest(args) => print_digest(args),
+        Command::Ropa(args) => print_ropa(args),
     }
 }
 
@@ -199,5 +224,28 @@ async fn print_digest(args: DigestArgs) -> anyhow::Result<()> {
         "{}",
         tombstone::audit::identifier_digest(&key, &args.id_type, &value)
     );
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn print_ropa(args: RopaArgs) -> anyhow::Result<()> {
+    use tombstone::ropa;
+    let namespace = args.namespace.as_deref();
+    let objects = if args.paths.is_empty() {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        ropa::load_cluster(&client, namespace).await?
+    } else {
+        ropa::load_files(&args.paths)?.in_namespace(namespace)
+    };
+    let register = ropa::Register::build(&objects.policies, &objects.stores);
+    let text = match args.format {
+        RopaFormat::Markdown => register.to_markdown(),
+        RopaFormat::Csv => register.to_csv(),
+        RopaFormat::Json => register.to_json(),
+    };
+    std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+        .context("writing the register")?;
     Ok(())
 }

@@ -17,6 +17,7 @@ mod holds;
 mod kustomize;
 mod loki;
 mod operational;
+mod ropa;
 mod s3;
 mod subject;
 mod sweep;
