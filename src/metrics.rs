@@ -29,6 +29,11 @@ pub struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompliantLabels {
+    pub compliant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
     pub controller: String,
 }
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub erasure_requests: Family<PhaseLabels, Gauge>,
     pub erasure_requests_overdue: Gauge,
     pub erasure_requests_due_soon: Gauge,
+    pub retention_policies: Family<CompliantLabels, Gauge>,
 }
 
 /// The state of all erasure requests, for the gauges.
@@ -114,7 +120,14 @@ impl Default for Metrics {
             "Erasure requests not completed whose deadline is within 7 days",
             erasure_requests_due_soon.clone(),
         );
+        let retention_policies = Family::<CompliantLabels, Gauge>::default();
+        registry.register(
+            "retention_policies",
+            "RetentionPolicies by their Compliant condition (True, False, Unknown)",
+            retention_policies.clone(),
+        );
         Self {
+            retention_policies,
             erasure_requests,
             erasure_requests_overdue,
             erasure_requests_due_soon,
@@ -180,6 +193,17 @@ impl Metrics {
         }
         self.erasure_requests_overdue.set(counts.overdue);
         self.erasure_requests_due_soon.set(counts.due_soon);
+    }
+
+    /// Policies per status of their `Compliant` condition; every status is listed.
+    pub fn set_policy_compliance(&self, counts: &[(&'static str, i64)]) {
+        for (compliant, n) in counts {
+            self.retention_policies
+                .get_or_create(&CompliantLabels {
+                    compliant: (*compliant).into(),
+                })
+                .set(*n);
+        }
     }
 
     pub fn sweep_completed(&self, outcome: &str, seconds: f64) {

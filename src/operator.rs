@@ -267,9 +267,11 @@ async fn run_controllers(
             }
             futures::future::ready(())
         });
-    // The erasure gauges are a view over all requests: recomputed from the cache.
+    // The erasure and compliance gauges are a view over all requests and policies:
+    // recomputed from the caches.
     let gauges = {
         let requests = request_controller_cache.clone();
+        let policies = policy_controller.store();
         let metrics = ctx.metrics.clone();
         let stop = stop.clone();
         async move {
@@ -280,6 +282,9 @@ async fn run_controllers(
                     &all,
                     crate::api::Timestamp::now(),
                 ));
+                let state = policies.state();
+                let all: Vec<&RetentionPolicy> = state.iter().map(|p| p.as_ref()).collect();
+                metrics.set_policy_compliance(&retentionpolicy::plan::compliance_counts(&all));
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
@@ -342,7 +347,7 @@ async fn run_controllers(
     info!("controllers stopped");
 }
 
-/// How often the erasure gauges are recomputed.
+/// How often the erasure and compliance gauges are recomputed.
 const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long running reconciles may take to finish after a stop.

@@ -365,6 +365,7 @@ fn the_dashboard_queries_only_metrics_the_operator_exports() {
         "tombstone_sweeps_total",
         "tombstone_sweep_duration_seconds_bucket",
         "tombstone_reconcile_errors_total",
+        "tombstone_retention_policies",
     ] {
         assert!(used.contains(needed), "no dashboard panel shows {needed}");
     }
@@ -374,7 +375,7 @@ fn the_dashboard_queries_only_metrics_the_operator_exports() {
         .iter()
         .map(|p| p["title"].as_str().unwrap())
         .collect();
-    assert_eq!(titles.len(), 7, "{titles:?}");
+    assert_eq!(titles.len(), 8, "{titles:?}");
     let uid = dashboard["uid"].as_str().unwrap();
     assert!(
         !uid.is_empty() && uid.len() <= 40,
@@ -795,6 +796,7 @@ async fn the_chart_with_everything_enabled_applies_server_side() {
     for alert in [
         "TombstoneErasureRequestOverdue",
         "TombstoneErasureRequestDueSoon",
+        "TombstoneRetentionPolicyNotCompliant",
         "TombstoneSweepsFailing",
     ] {
         assert!(alerts.contains(alert), "no alert {alert}: {alerts:?}");

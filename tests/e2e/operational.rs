@@ -245,6 +245,12 @@ async fn health_readiness_and_metrics_are_served() {
             "{expected} missing from\n{metrics}"
         );
     }
+    // The compliance gauge is recomputed from the cache every few seconds.
+    wait_metric(
+        &operator.running.metrics,
+        "tombstone_retention_policies{compliant=\"True\"} 1",
+    )
+    .await;
     operator.stop().await;
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),

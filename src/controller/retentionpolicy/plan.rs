@@ -243,6 +243,27 @@ fn summary(target: &TargetStatus, dry_run: bool) -> String {
     s
 }
 
+/// How many policies are Compliant, not, or not yet known (pure), for the gauges.
+pub fn compliance_counts(policies: &[&RetentionPolicy]) -> Vec<(&'static str, i64)> {
+    let status_of = |p: &RetentionPolicy| {
+        p.status
+            .as_ref()
+            .and_then(|s| crate::api::common::find_condition(&s.conditions, "Compliant"))
+            .map_or("Unknown", |c| match c.status {
+                crate::api::ConditionStatus::True => "True",
+                crate::api::ConditionStatus::False => "False",
+                _ => "Unknown",
+            })
+    };
+    ["True", "False", "Unknown"]
+        .into_iter()
+        .map(|want| {
+            let n = policies.iter().filter(|p| status_of(p) == want).count();
+            (want, n as i64)
+        })
+        .collect()
+}
+
 /// A sweep that just completed, for events and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completed {
@@ -547,6 +568,38 @@ mod tests {
     }
 
     const T0: &str = "2026-11-20T09:00:00Z";
+
+    #[test]
+    fn compliance_is_counted_per_condition_status_and_unknown_without_one() {
+        let with = |status: Option<ConditionStatus>| {
+            let mut p = policy(&["a"]);
+            if let Some(status) = status {
+                p.status = Some(RetentionPolicyStatus {
+                    conditions: vec![crate::api::Condition {
+                        type_: "Compliant".into(),
+                        status,
+                        reason: "R".into(),
+                        message: String::new(),
+                        last_transition_time: ts(T0),
+                        observed_generation: None,
+                    }],
+                    ..Default::default()
+                });
+            }
+            p
+        };
+        let policies = [
+            with(Some(ConditionStatus::True)),
+            with(Some(ConditionStatus::False)),
+            with(Some(ConditionStatus::False)),
+            with(None),
+        ];
+        let refs: Vec<&RetentionPolicy> = policies.iter().collect();
+        assert_eq!(
+            compliance_counts(&refs),
+            vec![("True", 1), ("False", 2), ("Unknown", 1)]
+        );
+    }
 
     #[test]
     fn a_new_interval_policy_sweeps_at_once() {
