@@ -349,8 +349,13 @@ async fn main() {
         es.indices(),
         es.ids("mailer-events-2026.11.22")
     );
-    println!("\n$ kubectl describe erasurerequest dsr-2026-0043 -n {NAMESPACE}   (conditions)");
-    print!("{}", kubectl(cp, &["get", "erasurerequest", "dsr-2026-0043", "-n", NAMESPACE, "-o", "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{\"\\n\"}{end}"]));
+    for name in ["dsr-2026-0042", "dsr-2026-0043"] {
+        println!("\n$ kubectl describe erasurerequest {name} -n {NAMESPACE}");
+        print!(
+            "{}",
+            kubectl(cp, &["describe", "erasurerequest", name, "-n", NAMESPACE])
+        );
+    }
     println!(
         "    operator log (JSON lines; receipts under target \"audit\"): {}",
         log_path.display()

@@ -259,7 +259,22 @@ pub fn conditions(
         ErasurePhase::Failed => {
             DesiredCondition::new("Complete", false, "Failed", failed_message(status))
         }
-        phase => DesiredCondition::new("Complete", false, "InProgress", phase.as_str()),
+        phase => {
+            let what = match phase {
+                ErasurePhase::Erasing => "erasing the subject's data",
+                ErasurePhase::Verifying => "verifying that nothing is left",
+                ErasurePhase::Blocked => {
+                    "waiting: a LegalHold blocks it (see the Blocked condition)"
+                }
+                _ => "finding the subject's data",
+            };
+            DesiredCondition::new(
+                "Complete",
+                false,
+                "InProgress",
+                format!("{}: {what}", phase.as_str()),
+            )
+        }
     };
     let overdue = match status.deadline {
         Some(deadline) if status.phase != ErasurePhase::Completed && now >= deadline => {
@@ -279,7 +294,12 @@ pub fn conditions(
         None => DesiredCondition::unknown("Overdue", "NoDeadline", "not received yet"),
     };
     let blocked = if blocked_by.is_empty() {
-        DesiredCondition::new("Blocked", false, "NotHeld", "")
+        DesiredCondition::new(
+            "Blocked",
+            false,
+            "NotHeld",
+            "no LegalHold covers the subject or its datasets",
+        )
     } else {
         DesiredCondition::new(
             "Blocked",
