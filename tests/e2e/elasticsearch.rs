@@ -848,25 +848,14 @@ async fn real_es_subject_erasure_when_elasticsearch_url_is_set() {
 mod operator {
     use super::*;
 
-    use k8s_openapi::api::core::v1::Secret;
-    use kube::api::{Api, DeleteParams, PostParams};
+    use kube::api::{Api, DeleteParams};
 
     use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
     use tombstone::api::retentionpolicy::SweepOutcome;
-    use tombstone::api::{ConditionStatus, DataStore, ErasureRequest, LegalHold, RetentionPolicy};
+    use tombstone::api::{ConditionStatus, DataStore, LegalHold, RetentionPolicy};
 
     use crate::erasure::wait_phase;
     use crate::fixtures::*;
-
-    async fn secret(client: &kube::Client, ns: &str, name: &str, data: Value) {
-        let secret: Secret =
-            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
-                .unwrap();
-        Api::<Secret>::namespaced(client.clone(), ns)
-            .create(&PostParams::default(), &secret)
-            .await
-            .unwrap();
-    }
 
     pub(super) async fn es_store(
         client: &kube::Client,
@@ -913,15 +902,15 @@ mod operator {
         })
         .await;
         let operator = TestOperator::start(&ns).await;
-        secret(
+        create_secret(
             &client,
             &ns,
             "basic",
             json!({"username": "tombstone", "password": "s3cret"}),
         )
         .await;
-        secret(&client, &ns, "apikey", json!({"apiKey": "aWQ6a2V5"})).await;
-        secret(
+        create_secret(&client, &ns, "apikey", json!({"apiKey": "aWQ6a2V5"})).await;
+        create_secret(
             &client,
             &ns,
             "wrong",
@@ -1065,21 +1054,9 @@ mod operator {
         );
         policy["spec"]["suspend"] = json!(true);
         create::<RetentionPolicy>(&client, &ns, policy).await;
-        create::<LegalHold>(
-            &client,
-            &ns,
-            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
-                   "spec": {"reason": "Tax audit, Art. 17(3)(b)", "policies": ["mailer"]}}),
-        )
-        .await;
-        secret(&client, &ns, "dsr-es", json!({"email": EMAIL})).await;
-        create::<ErasureRequest>(
-            &client,
-            &ns,
-            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr-es"},
-                   "spec": {"subject": {"secretRef": {"name": "dsr-es"}}, "reason": "objection"}}),
-        )
-        .await;
+        hold_policies(&client, &ns, "audit", &["mailer"]).await;
+        create_secret(&client, &ns, "dsr-es", json!({"email": EMAIL})).await;
+        request_erasure(&client, &ns, "dsr-es", "dsr-es").await;
         let held = wait_phase(&client, &ns, "dsr-es", ErasurePhase::Blocked).await;
         assert_eq!(
             held.status.unwrap().targets[0].phase,
@@ -1306,13 +1283,7 @@ mod hold {
         .await;
         assert_eq!(es.task_count(), 1);
 
-        create::<LegalHold>(
-            &client,
-            &ns,
-            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
-                   "spec": {"reason": "Litigation, Art. 17(3)(e)", "policies": ["mailer"]}}),
-        )
-        .await;
+        hold_policies(&client, &ns, "audit", &["mailer"]).await;
         let held = wait_policy(
             &client,
             &ns,

@@ -410,3 +410,36 @@ pub async fn wait_metric(metrics: &tombstone::metrics::Metrics, needle: &str) {
     })
     .await;
 }
+
+/// A Secret with `string_data` (identifiers of a subject, store credentials).
+pub async fn create_secret(client: &Client, ns: &str, name: &str, string_data: Value) {
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": string_data}))
+            .expect("a valid Secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create succeeds");
+}
+
+/// A LegalHold on whole policies.
+pub async fn hold_policies(client: &Client, ns: &str, name: &str, policies: &[&str]) {
+    create::<tombstone::api::LegalHold>(
+        client,
+        ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": name},
+               "spec": {"reason": "Litigation, Art. 17(3)(e)", "policies": policies}}),
+    )
+    .await;
+}
+
+/// An ErasureRequest for the subject whose identifiers are in the Secret `secret`.
+pub async fn request_erasure(client: &Client, ns: &str, name: &str, secret: &str) {
+    create::<tombstone::api::ErasureRequest>(
+        client,
+        ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": name},
+               "spec": {"subject": {"secretRef": {"name": secret}}, "reason": "objection"}}),
+    )
+    .await;
+}

@@ -780,10 +780,9 @@ async fn loki_double_answers_the_delete_api_as_the_recorded_facts_say() {
 
 // ---- The operator with a Loki store ----
 
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::Api;
 
-use k8s_openapi::api::core::v1::Secret;
 use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
 use tombstone::api::{ConditionStatus, DataStore, ErasureRequest, LegalHold, RetentionPolicy};
 
@@ -814,14 +813,7 @@ async fn a_loki_store_is_ready_with_its_version_or_says_the_credentials_are_wron
     let (client, ns) = setup("loki-ready").await;
     let double = LokiDouble::start_with(true, Some(Auth::Bearer("tok-9".into()))).await;
     let operator = TestOperator::start(&ns).await;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "loki-auth"}, "stringData": {"token": "tok-9"}}),
-    )
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    create_secret(&client, &ns, "loki-auth", json!({"token": "tok-9"})).await;
     loki_store(
         &client,
         &ns,
@@ -956,28 +948,9 @@ async fn a_loki_erasure_completes_after_processing_and_a_hold_blocks_it_until_re
     );
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
-    create::<LegalHold>(
-        &client,
-        &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
-               "spec": {"reason": "Litigation, Art. 17(3)(e)", "policies": ["mailer"]}}),
-    )
-    .await;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "dsr-loki"}, "stringData": {"email": EMAIL}}),
-    )
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-    create::<ErasureRequest>(
-        &client,
-        &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr-loki"},
-               "spec": {"subject": {"secretRef": {"name": "dsr-loki"}}, "reason": "objection"}}),
-    )
-    .await;
+    hold_policies(&client, &ns, "audit", &["mailer"]).await;
+    create_secret(&client, &ns, "dsr-loki", json!({"email": EMAIL})).await;
+    request_erasure(&client, &ns, "dsr-loki", "dsr-loki").await;
     wait_phase(&client, &ns, "dsr-loki", ErasurePhase::Blocked).await;
     assert!(
         double.delete_requests(SINGLE_TENANT).is_empty(),
@@ -1178,21 +1151,8 @@ async fn a_hold_landing_while_loki_waits_cancels_the_delete_request_and_holds_wi
     );
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "dsr-wait"}, "stringData": {"email": EMAIL}}),
-    )
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-    create::<ErasureRequest>(
-        &client,
-        &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr-wait"},
-               "spec": {"subject": {"secretRef": {"name": "dsr-wait"}}, "reason": "objection"}}),
-    )
-    .await;
+    create_secret(&client, &ns, "dsr-wait", json!({"email": EMAIL})).await;
+    request_erasure(&client, &ns, "dsr-wait", "dsr-wait").await;
     let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
     crate::support::wait_for(
         "the erasure waiting on Loki",
@@ -1212,13 +1172,7 @@ async fn a_hold_landing_while_loki_waits_cancels_the_delete_request_and_holds_wi
     .await;
     assert_eq!(double.delete_requests(SINGLE_TENANT).len(), 1);
 
-    create::<LegalHold>(
-        &client,
-        &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
-               "spec": {"reason": "Litigation, Art. 17(3)(e)", "policies": ["mailer"]}}),
-    )
-    .await;
+    hold_policies(&client, &ns, "audit", &["mailer"]).await;
     let held = wait_phase(&client, &ns, "dsr-wait", ErasurePhase::Blocked).await;
     let t = &held.status.unwrap().targets[0];
     assert_eq!(

@@ -624,25 +624,15 @@ async fn s3_records_rewrite_streams_an_archive_of_200_mb() {
 
 // ---- The operator with S3 stores ----
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::Api;
 
 use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
-use tombstone::api::{ConditionStatus, ErasureRequest, LegalHold, RetentionPolicy};
+use tombstone::api::{ConditionStatus, LegalHold, RetentionPolicy};
 
 use crate::erasure::wait_phase;
 use crate::fixtures::*;
 use crate::support::RedisServer;
-
-async fn secret(client: &kube::Client, ns: &str, name: &str, data: serde_json::Value) {
-    let secret: Secret =
-        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap();
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-}
 
 async fn s3_store(client: &kube::Client, ns: &str, name: &str, bucket: &str, endpoint: &str) {
     let spec = json!({"s3": {
@@ -680,9 +670,9 @@ async fn an_s3_store_is_ready_or_says_which_of_credentials_network_or_bucket_is_
     let operator = TestOperator::start(&ns).await;
     let good = json!({"accessKeyId": key_id, "secretAccessKey": secret_key});
     for name in ["archive", "missing", "closed"] {
-        secret(&client, &ns, &format!("{name}-creds"), good.clone()).await;
+        create_secret(&client, &ns, &format!("{name}-creds"), good.clone()).await;
     }
-    secret(
+    create_secret(
         &client,
         &ns,
         "wrongkey-creds",
@@ -734,7 +724,7 @@ async fn an_s3_policy_sweeps_through_the_operator_and_names_what_object_lock_kee
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let operator = TestOperator::start(&ns).await;
-    secret(
+    create_secret(
         &client,
         &ns,
         "archive-creds",
@@ -815,7 +805,7 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
 
     let operator = TestOperator::start(&ns).await;
     redis_store(&client, &ns, "cache", &redis.url(), json!({})).await;
-    secret(
+    create_secret(
         &client,
         &ns,
         "archive-creds",
@@ -842,27 +832,15 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
     );
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
-    create::<LegalHold>(
-        &client,
-        &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "audit"},
-               "spec": {"reason": "Tax audit, Art. 17(3)(b)", "policies": ["mailer"]}}),
-    )
-    .await;
-    secret(
+    hold_policies(&client, &ns, "audit", &["mailer"]).await;
+    create_secret(
         &client,
         &ns,
         "dsr-s3",
         json!({"email": EMAIL, "userId": USER}),
     )
     .await;
-    create::<ErasureRequest>(
-        &client,
-        &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr-s3"},
-               "spec": {"subject": {"secretRef": {"name": "dsr-s3"}}, "reason": "objection"}}),
-    )
-    .await;
+    request_erasure(&client, &ns, "dsr-s3", "dsr-s3").await;
 
     let held = wait_phase(&client, &ns, "dsr-s3", ErasurePhase::Blocked).await;
     let status = held.status.unwrap();
@@ -1010,7 +988,7 @@ async fn an_s3_sweep_stopped_midway_resumes_from_the_listing_position_in_status(
     // One request a second: each listing page and each DeleteObjects waits its turn, so the
     // sweep checkpoints page by page and there is a middle to stop in.
     let operator = TestOperator::start(&ns).await;
-    secret(
+    create_secret(
         &client,
         &ns,
         "archive-creds",
