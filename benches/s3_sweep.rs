@@ -268,6 +268,14 @@ async fn sweep_bench(objects: usize, rounds: usize) -> SweepResult {
         "s3_sweep: {objects} objects under {PREFIX} (and {} outside) in each of two buckets on a local moto server",
         OUTSIDE.len()
     );
+    let version = Command::new("aws")
+        .arg("--version")
+        .output()
+        .expect("running aws (pip install awscli)");
+    println!(
+        "baseline: {}",
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
     let rate = |d: Duration| objects as f64 / d.as_secs_f64();
     let mut result = SweepResult {
         objects,
