@@ -9,7 +9,6 @@
 //! with a message, elsewhere.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -615,21 +614,10 @@ fn dry_run_apply(objects: &[Value]) -> usize {
         manifests.push_str("---\n");
         manifests.push_str(&serde_yaml::to_string(object).unwrap());
     }
-    let mut apply = ControlPlane::get()
-        .kubectl()
-        .args(["apply", "--server-side", "--dry-run=server", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot run kubectl");
-    apply
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifests.as_bytes())
-        .unwrap();
-    let applied = apply.wait_with_output().unwrap();
+    let applied = ControlPlane::get().kubectl_with_input(
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        &manifests,
+    );
     let report = String::from_utf8_lossy(&applied.stdout);
     assert!(
         applied.status.success(),

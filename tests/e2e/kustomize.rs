@@ -1,8 +1,5 @@
 //! The install manifests (`config/default`) are accepted by a real API server.
 
-use std::io::Write;
-use std::process::Stdio;
-
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, PostParams};
 use serde::Deserialize;
@@ -42,29 +39,18 @@ async fn config_default_applies_server_side() {
         Err(e) => panic!("cannot create namespace tombstone-system: {e}"),
     }
 
-    let mut apply = plane
-        .kubectl()
-        // Other tests may have installed the CRDs with their own field manager.
-        .args([
+    let applied = plane.kubectl_with_input(
+        &[
             "apply",
             "--server-side",
+            // Other tests may have installed the CRDs with their own field manager.
             "--force-conflicts",
             "--dry-run=server",
             "-f",
             "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot run kubectl");
-    apply
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifests.as_bytes())
-        .unwrap();
-    let applied = apply.wait_with_output().unwrap();
+        ],
+        &manifests,
+    );
     let report = String::from_utf8_lossy(&applied.stdout);
     assert!(
         applied.status.success(),

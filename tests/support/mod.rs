@@ -259,6 +259,29 @@ impl ControlPlane {
 
     /// `kubectl` with `--kubeconfig` set to this server, and a discovery cache of its own
     /// per call (so it always sees the CRDs installed so far and writes nothing to $HOME).
+    /// Runs kubectl with `args`, feeding `input` on stdin; returns its output.
+    pub fn kubectl_with_input(&self, args: &[&str], input: &str) -> std::process::Output {
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run kubectl");
+        // Written on a thread: a child that fills its stdout before reading all of stdin
+        // would otherwise deadlock with us.
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let input = input.to_string();
+        let writer = thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let output = child.wait_with_output().expect("kubectl runs");
+        writer
+            .join()
+            .expect("stdin writer")
+            .expect("kubectl reads its input");
+        output
+    }
+
     pub fn kubectl(&self) -> Command {
         static CALLS: AtomicU64 = AtomicU64::new(0);
         let cache = self.dir.join(format!(
