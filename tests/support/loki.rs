@@ -284,33 +284,12 @@ fn authorized(auth: &Option<Auth>, headers: &HeaderMap) -> bool {
     match auth {
         Auth::Bearer(token) => given == format!("Bearer {token}"),
         Auth::Basic(user, password) => {
-            use base64_lite::encode;
-            given == format!("Basic {}", encode(format!("{user}:{password}").as_bytes()))
+            given
+                == format!(
+                    "Basic {}",
+                    super::base64(format!("{user}:{password}").as_bytes())
+                )
         }
-    }
-}
-
-/// Base64 for the Basic header check (no extra crate).
-mod base64_lite {
-    pub fn encode(input: &[u8]) -> String {
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in input.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
     }
 }
 
