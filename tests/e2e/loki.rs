@@ -800,10 +800,15 @@ async fn loki_store(
     if let (Some(l), Some(e)) = (loki.as_object_mut(), extra.as_object()) {
         l.extend(e.clone());
     }
+    let mut spec = json!({"loki": loki});
+    // The double speaks plain HTTP: credentials may go there only with insecure.
+    if extra.get("credentialsSecretRef").is_some() {
+        spec["insecure"] = json!(true);
+    }
     create::<DataStore>(
         client,
         ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": {"loki": loki}}),
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": spec}),
     )
     .await;
 }
@@ -813,7 +818,7 @@ async fn a_loki_store_is_ready_with_its_version_or_says_the_credentials_are_wron
     let (client, ns) = setup("loki-ready").await;
     let double = LokiDouble::start_with(true, Some(Auth::Bearer("tok-9".into()))).await;
     let operator = TestOperator::start(&ns).await;
-    create_secret(&client, &ns, "loki-auth", json!({"token": "tok-9"})).await;
+    create_credentials_secret(&client, &ns, "loki-auth", json!({"token": "tok-9"})).await;
     loki_store(
         &client,
         &ns,

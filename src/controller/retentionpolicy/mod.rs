@@ -253,7 +253,7 @@ pub(crate) async fn resolve_target(
         }
         Some(_) => {}
     }
-    let spec = stores::connection_spec(&ctx.client, &store).await?;
+    let spec = stores::connection_spec(&ctx.client, &store, &ctx.settings).await?;
     let store_key = format!("{namespace}/{}", target.store);
     let backend = ctx
         .engine

@@ -1,0 +1,3 @@
+//! Issue 10, "fail closed": each module proves one group of items on the real servers.
+
+mod credentials;
