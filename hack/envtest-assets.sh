@@ -86,12 +86,10 @@ say "envtest-assets: building them from Debian's packages into $built (first tim
 
 missing=$(debian_missing "${ENVTEST_BUILD_PACKAGES[@]}")
 if [[ -n $missing ]]; then
-  # shellcheck disable=SC2086 # one word per package
-  {
-    stage "envtest: installing the Debian packages for the build: $(echo $missing)"
-    apt_install "to build the test API server" $missing
-    stage_done
-  }
+  mapfile -t missing <<<"$missing"
+  stage "envtest: installing the Debian packages for the build: ${missing[*]}"
+  apt_install "to build the test API server" "${missing[@]}"
+  stage_done
 fi
 for f in "$GO" "$REFLECT2/reflect2.go" /usr/bin/etcd; do
   [[ -e $f ]] || die "$f is missing although its Debian package is installed" \

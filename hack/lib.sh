@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the hack/ scripts (sourced, not run): progress lines with timings, and Debian
 # packages installed through apt-get one batch at a time.
 #
@@ -36,15 +37,16 @@ human_ms() {
   fi
 }
 
-# stage TEXT: one line saying what the next step does; stage_done [WORD] ends it with how
-# long it took.
+# stage TEXT: one line saying what the next step does; stage_done (or stage_end WORD) ends it
+# with how long it took.
 stage() {
   STAGE_T0=$(now_ms)
   say "==> $*"
 }
-stage_done() {
-  say "    ${1:-done} in $(human_ms $(($(now_ms) - STAGE_T0)))"
+stage_end() {
+  say "    $1 in $(human_ms $(($(now_ms) - STAGE_T0)))"
 }
+stage_done() { stage_end "done"; }
 
 # debian_missing PACKAGE...: prints the packages that dpkg does not have installed.
 debian_missing() {
@@ -95,4 +97,5 @@ apt_install() {
 # What building the test API server needs from Debian (hack/envtest-assets.sh): Go 1.19 (the
 # newest that builds Kubernetes 1.20 in GOPATH mode), etcd 3.4, and reflect2 1.0.2 to replace
 # the vendored 1.0.1, which crashes under Go >= 1.18.
+# shellcheck disable=SC2034 # used by the scripts that source this file
 ENVTEST_BUILD_PACKAGES=(golang-1.19-go etcd-server golang-github-modern-go-reflect2-dev)

