@@ -75,6 +75,8 @@ fi
 if ! hack_assets=$("$root/hack/envtest-assets.sh" --find 2>/dev/null); then
   mapfile -t -O "${#need[@]}" need < <(debian_missing "${ENVTEST_BUILD_PACKAGES[@]}")
 fi
+# Each package once, in the order first needed.
+mapfile -t need < <(printf '%s\n' "${need[@]}" | awk 'NF && !seen[$0]++')
 if ((${#need[@]} == 0)); then
   stage_end "all present"
 else
