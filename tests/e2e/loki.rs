@@ -606,7 +606,7 @@ fn loki_double_parses_log_and_metric_queries() {
     assert!(parse_log_query("{}").is_ok());
 }
 
-/// The double answers as `shared/facts/loki-delete-api.md` records a real Loki 2.8 did.
+/// The double answers as a real Loki 2.8 did (recorded when the double was written).
 #[tokio::test]
 async fn loki_double_answers_the_delete_api_as_the_recorded_facts_say() {
     let double = LokiDouble::start().await;
