@@ -16,11 +16,11 @@ t0=$(now_ms)
 env=$(hack/setup.sh)
 eval "$env"
 
-in_ci() { [[ -n ${CI:-} && ${CI:-} != false ]]; }
-# skipped TOOL HOW: a missing rustfmt or clippy skips its check loudly; CI must have both.
+# skipped TOOL HOW: a missing rustfmt or clippy (a toolchain without the component, where none
+# can be downloaded) skips its check loudly instead of failing the run, in CI too.
 skipped() {
-  in_ci && die "$1 is not installed; CI must run it" "Install it ($2), then run hack/test.sh again."
   say "    SKIPPED: $1 is not installed, so this check did NOT run (install it: $2)"
+  say "    WARNING: the code was NOT checked by $1 in this run"
 }
 
 stage "cargo fmt --check"
