@@ -150,7 +150,8 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     }
 
     // 6. Requeue while work remains; otherwise wake up when the next sweep is due.
-    Ok(if ctx.shutdown.is_cancelled() {
+    Ok(if ctx.shutdown.is_cancelled() || invalid.is_some() {
+        // An invalid spec waits for an edit; a sweep it interrupted is not polled.
         Action::await_change()
     } else if decision == Decision::Held {
         // Lifting the hold triggers a reconcile through the LegalHold watch; expiry does not.
@@ -273,7 +274,27 @@ async fn run_steps(
     status: &mut RetentionPolicyStatus,
 ) -> Option<Duration> {
     let current = status.current_sweep.clone()?;
-    let cutoff = current.start_time.0 - policy.spec.retention.as_chrono();
+    // Checked: validation bounds the retention, and no spec may panic the operator anyway.
+    let Some(cutoff) = current
+        .start_time
+        .0
+        .checked_sub_signed(policy.spec.retention.as_chrono())
+    else {
+        let now = Timestamp::now();
+        for target in &mut status.targets {
+            if target.phase == TargetPhase::Sweeping {
+                let result = StepResult::Failed {
+                    reason: "InvalidSpec",
+                    message: format!(
+                        "retention {} reaches before any date",
+                        policy.spec.retention
+                    ),
+                };
+                plan::apply_step(target, result, current.dry_run, now);
+            }
+        }
+        return None;
+    };
     let steps = policy
         .spec
         .targets
