@@ -135,7 +135,28 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     // 5. Write it if it changed, and tell what happened.
     let previous = policy.status.clone().unwrap_or_default();
     if policy.status.as_ref() != Some(&status) {
-        apply_status(&api, &policy.name_any(), &status).await?;
+        match (
+            apply_status(&api, &policy.name_any(), &status).await,
+            invalid,
+        ) {
+            (Ok(()), _) => {}
+            (Err(e), Some(message)) if refused_by_schema(&e) => {
+                // Stored before the schema was tightened (no validation ratcheting before
+                // Kubernetes 1.28): the API server refuses every status write on it. Say so
+                // in an Event and wait for an edit instead of retrying.
+                warn!(reason = "InvalidSpec", error = %e, "the policy is invalid and its status cannot be written");
+                ctx.publish(
+                    &policy,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    format!("{message} (the status cannot be written either: the stored object violates the installed CRD schema; edit the policy)"),
+                )
+                .await;
+                return Ok(Action::await_change());
+            }
+            (Err(e), _) => return Err(e),
+        }
     }
     report(&policy, &ctx, &previous, &status, completed.as_ref()).await;
     if let Some(done) = &completed {
@@ -173,6 +194,13 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     } else {
         Action::await_change()
     })
+}
+
+/// Whether the API server refused a write because the stored object fails the installed
+/// schema: 422 Invalid, or 500 when a list-map key is duplicated (server-side apply cannot
+/// even build the live object).
+fn refused_by_schema(e: &Error) -> bool {
+    matches!(e, Error::Kube(kube::Error::Api(s)) if s.code == 422 || s.code == 500)
 }
 
 /// Resolves each target's DataStore into a backend.
