@@ -332,3 +332,68 @@ async fn subject_locators_not_bounded_by_their_identifier_are_refused_and_never_
     }
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn every_store_kind_refuses_unbounded_locators_and_match_all_selectors_before_anything_runs()
+{
+    // Validation needs no store: these policies name stores that do not even exist, and are
+    // refused for their spec (InvalidSpec), not for the missing store.
+    let (client, ns) = setup("fc-kinds").await;
+    let operator = TestOperator::start(&ns).await;
+    let cases = [
+        (
+            "redis-glob",
+            json!({"name": "t", "store": "cache", "redis": {"keyPattern": "?*"}}),
+            "keyPattern \"?*\" has no literal prefix",
+        ),
+        (
+            "s3-prefix",
+            json!({"name": "t", "store": "archive", "s3": {"prefix": "logs/"},
+                   "subject": {"s3": {"keyPrefixes": ["users-{userId}/"]}}}),
+            "keyPrefixes[0] \"users-{userId}/\" has {userId} preceded by '-'",
+        ),
+        (
+            "s3-records",
+            json!({"name": "t", "store": "archive", "s3": {"prefix": "logs/"},
+                   "subject": {"s3": {"records": {"prefix": "logs/", "field": "user", "equals": "u{userId}"}}}}),
+            "records.equals \"u{userId}\"",
+        ),
+        (
+            "loki-bare",
+            json!({"name": "t", "store": "logs", "loki": {"selector": "{app=\"mailer\"}"},
+                   "subject": {"loki": {"lineFilter": "{userId}"}}}),
+            "uid={userId} ",
+        ),
+        (
+            "loki-all",
+            json!({"name": "t", "store": "logs", "loki": {"selector": "{app=~\".+\", env!=\"dev\"}"}}),
+            "allowMatchAll",
+        ),
+        (
+            "es-index",
+            json!({"name": "t", "store": "search",
+                   "elasticsearch": {"index": "*-*", "timestampField": "@timestamp"}}),
+            "index \"*-*\" selects every index",
+        ),
+        (
+            "es-hidden",
+            json!({"name": "t", "store": "search",
+                   "elasticsearch": {"index": ".*", "timestampField": "@timestamp"}}),
+            "allowMatchAll",
+        ),
+        (
+            "es-term",
+            json!({"name": "t", "store": "search",
+                   "elasticsearch": {"index": "events-*", "timestampField": "@timestamp"},
+                   "subject": {"elasticsearch": {"term": {"user.id": "id-{userId}"}}}}),
+            "term[user.id] \"id-{userId}\"",
+        ),
+    ];
+    for (name, target, _) in &cases {
+        create::<RetentionPolicy>(&client, &ns, policy_json(name, "30d", json!([target]))).await;
+    }
+    for (name, _, mentions) in &cases {
+        assert_invalid_spec(&client, &ns, name, mentions).await;
+    }
+    operator.stop().await;
+}
