@@ -25,7 +25,7 @@ use super::template;
 
 /// The fewest characters a value of a non-e-mail type needs to be searched for in free text
 /// through a bare placeholder.
-pub const MIN_FREE_TEXT_CHARS: usize = 8;
+pub const MIN_FREE_TEXT_CHARS: usize = 6;
 
 /// Whether values of this identifier type are e-mail addresses: its name, in any case, is
 /// `email` or ends in `email` (`email`, `Email`, `workEmail`, `contact_email`).
@@ -169,7 +169,7 @@ pub fn distinctive(id_type: &str, value: &str) -> Result<(), &'static str> {
         return Err("is only digits");
     }
     if value.chars().count() < MIN_FREE_TEXT_CHARS {
-        return Err("is shorter than 8 characters");
+        return Err("is shorter than 6 characters");
     }
     if !value.chars().any(char::is_alphabetic) {
         return Err("has no letter (only digits and punctuation)");
@@ -508,7 +508,7 @@ mod tests {
             (
                 " {userId} ",
                 ("userId", "u-47"),
-                "is shorter than 8 characters",
+                "is shorter than 6 characters",
             ),
             (
                 "{userId}",
@@ -546,7 +546,10 @@ mod tests {
             assert!(!err.to_string().contains(&format!(" {} ", v.1)));
         }
         assert!(check("{email}", &[("email", "Bob@Example.com\n")]).is_ok());
-        assert!(check("{userId}", &[("userId", "user-4711")]).is_ok());
+        assert!(check("{userId}", &[("userId", "user-47")]).is_ok());
+        assert!(distinctive("userId", "abcde")
+            .unwrap_err()
+            .contains(&MIN_FREE_TEXT_CHARS.to_string()));
         assert!(check("{userId}", &[("userId", "550e8400-e29b")]).is_ok());
         // Context makes a short value safe to search for.
         assert!(check("uid={userId} ", &[("userId", "42")]).is_ok());
