@@ -90,12 +90,18 @@ impl Matcher {
     fn candidate(&self, line: &[u8]) -> bool {
         match &self.finder {
             None => true,
-            Some(finder) if self.fold => LOWERED.with(|buffer| {
-                let mut buffer = buffer.borrow_mut();
-                buffer.clear();
-                buffer.extend(line.iter().map(u8::to_ascii_lowercase));
-                finder.find(&buffer).is_some()
-            }),
+            // The value is lower-case: a line without capitals is searched as it is, and
+            // only a line with some is lower-cased (into a buffer reused line after line).
+            Some(finder) if self.fold => {
+                finder.find(line).is_some()
+                    || (line.iter().any(u8::is_ascii_uppercase)
+                        && LOWERED.with(|buffer| {
+                            let mut buffer = buffer.borrow_mut();
+                            buffer.clear();
+                            buffer.extend(line.iter().map(u8::to_ascii_lowercase));
+                            finder.find(&buffer).is_some()
+                        }))
+            }
             Some(finder) => finder.find(line).is_some(),
         }
     }
