@@ -548,3 +548,84 @@ fn unparsed_failure(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROBE: &str = "Unparsed-Probe-5e1@Example.org";
+
+    fn job(action: SubjectAction, identifiers: &[(&str, &str)]) -> SubjectJob {
+        SubjectJob {
+            target: serde_json::from_value(serde_json::json!({
+                "name": "archive", "store": "archive", "s3": {"prefix": "logs/"}
+            }))
+            .unwrap(),
+            identifiers: identifiers
+                .iter()
+                .map(|(t, v)| (t.to_string(), v.to_string()))
+                .collect(),
+            action,
+        }
+    }
+
+    fn tally(unparsed: &[(&str, bool, u64)]) -> Tally {
+        Tally {
+            unparsed: unparsed
+                .iter()
+                .map(|(k, older, n)| (k.to_string(), *older, *n))
+                .collect(),
+            ..Tally::default()
+        }
+    }
+
+    #[test]
+    fn unparsed_copies_are_named_by_key_and_count_never_by_identifier() {
+        let verify = job(SubjectAction::Verify, &[("email", PROBE)]);
+        let key_with_id = format!("logs/{}.log", PROBE.to_lowercase());
+        let t = tally(&[
+            ("logs/day1.log", false, 2),
+            ("logs/day0.log", true, 1),
+            (&key_with_id, false, 1),
+        ]);
+        let e = unparsed_failure(&verify, &t, None, false).unwrap();
+        assert_eq!(e.reason(), "UnparsedCopiesRemain");
+        let message = e.to_string();
+        assert!(
+            message.contains("4 archive lines")
+                && message.contains("logs/day1.log: 2 lines")
+                && message.contains("logs/day0.log (an older version): 1 line")
+                && message.contains("an object whose key holds an identifier: 1 line"),
+            "{message}"
+        );
+        assert!(
+            !message.to_lowercase().contains("unparsed-probe"),
+            "{message}"
+        );
+        // Dropped with the records: counted, no failure. Erase leaves judging to verify.
+        assert!(unparsed_failure(&verify, &t, None, true).is_none());
+        let erase = job(SubjectAction::Erase, &[("email", PROBE)]);
+        assert!(unparsed_failure(&erase, &t, None, false).is_none());
+        assert!(unparsed_failure(&verify, &tally(&[]), None, false).is_none());
+    }
+
+    #[test]
+    fn unparsed_lines_a_short_value_cannot_judge_fail_either_way() {
+        let find = job(SubjectAction::Find, &[("userId", "42")]);
+        let t = tally(&[("logs/day1.log", false, 1)]);
+        let why = identifier::NotDistinctive {
+            placeholder: "userId".into(),
+            why: "is only digits",
+        };
+        for drop in [false, true] {
+            let e = unparsed_failure(&find, &t, Some(why.clone()), drop).unwrap();
+            assert_eq!(e.reason(), "IdentifierNotDistinctive");
+            assert!(e.to_string().contains("{userId}") && e.to_string().contains("is only digits"));
+        }
+        let many: Vec<(String, bool, u64)> = (0..7)
+            .map(|i| (format!("logs/{i}.log"), false, 1))
+            .collect();
+        let places = unparsed_places(&find, &many);
+        assert!(places.ends_with("and 2 more objects"), "{places}");
+    }
+}
