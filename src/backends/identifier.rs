@@ -478,6 +478,57 @@ mod tests {
         }
     }
 
+    /// The RE2 pattern Loki gets and the in-process matcher agree, line by line (the `regex`
+    /// crate follows RE2's syntax and semantics for what the pattern uses).
+    #[test]
+    fn the_loki_pattern_and_the_free_text_matcher_agree() {
+        let templates: &[(&str, &[(&str, &str)])] = &[
+            ("{userId}", &[("userId", "47")]),
+            ("{userId}", &[("userId", "42")]),
+            ("uid={userId} ", &[("userId", "42")]),
+            ("{userId}", &[("userId", "AbC-4711x")]),
+            ("{email}", &[("email", "Bob@Example.com\n")]),
+            ("To={email}", &[("email", "a@b.co")]),
+            ("<{userId}>", &[("userId", "a.b*c|d")]),
+            ("{userId}", &[("userId", "Ärger-47")]),
+        ];
+        let lines = [
+            "order 47 paid",
+            "order 4711 paid",
+            "x47",
+            "10:42:13 login",
+            "from 10.0.0.42",
+            "status=42",
+            "uid=42 ",
+            "uid=420 ",
+            "id abc-4711x",
+            "id AbC-4711x",
+            "to BOB@Example.COM",
+            "to xbob@example.com",
+            "to bob@example.com.au",
+            "to=A@B.CO",
+            "To=A@B.CO",
+            "<a.b*c|d>",
+            "<aXb*c|d>",
+            "ärger-47",
+            "ÄRGER-47",
+            "",
+        ];
+        for (template, values) in templates {
+            let filled = fill(template, &ids(values)).unwrap();
+            let re2 = regex::Regex::new(&filled.re2_pattern()).unwrap();
+            let here = filled.free_text();
+            for line in lines {
+                assert_eq!(
+                    here.is_in(line),
+                    re2.is_match(line),
+                    "{template} on {line:?} ({})",
+                    filled.re2_pattern()
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_loki_pattern_says_what_the_free_text_matcher_does() {
         let p = |t: &str, v: &[(&str, &str)]| fill(t, &ids(v)).unwrap().re2_pattern();
