@@ -185,7 +185,11 @@ async fn main() {
         ],
     );
 
-    let s3_patch = format!(r#"{{"spec":{{"s3":{{"endpoint":"{}"}}}}}}"#, s3.endpoint());
+    // The local stores speak plain HTTP: credentials may go there only with insecure.
+    let s3_patch = format!(
+        r#"{{"spec":{{"s3":{{"endpoint":"{}"}},"insecure":true}}}}"#,
+        s3.endpoint()
+    );
     kubectl(
         cp,
         &[
@@ -200,11 +204,11 @@ async fn main() {
             &s3_patch,
         ],
     );
-    for (store, kind, url) in [
-        ("logs", "loki", loki.url()),
-        ("search", "elasticsearch", es.url()),
+    for (store, kind, url, insecure) in [
+        ("logs", "loki", loki.url(), false),
+        ("search", "elasticsearch", es.url(), true),
     ] {
-        let patch = format!(r#"{{"spec":{{"{kind}":{{"url":"{url}"}}}}}}"#);
+        let patch = format!(r#"{{"spec":{{"{kind}":{{"url":"{url}"}},"insecure":{insecure}}}}}"#);
         kubectl(
             cp,
             &[

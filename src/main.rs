@@ -94,6 +94,18 @@ struct RunArgs {
     /// Sweep steps running at once across all policies.
     #[arg(long, default_value_t = 4)]
     max_concurrent_jobs: usize,
+    /// Let S3 DataStores without a credentials Secret use this operator's own cloud identity
+    /// (the default AWS credential chain, e.g. IRSA). Off by default: with it, any namespace
+    /// that may create a DataStore reaches every bucket the operator can.
+    #[arg(
+        long,
+        env = "ALLOW_AMBIENT_CREDENTIALS",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    allow_ambient_credentials: bool,
     /// Log format: json (default) or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -154,6 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             checkpoint_interval: args.checkpoint_interval.as_std(),
             max_concurrent_jobs: args.max_concurrent_jobs,
             operator_namespace: args.lease_namespace.clone(),
+            allow_ambient_credentials: args.allow_ambient_credentials,
             ..Default::default()
         },
     };

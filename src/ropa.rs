@@ -270,6 +270,9 @@ pub struct Storage {
     pub store_found: bool,
     /// E.g. `s3 bucket shop-archive in eu-west-1, prefix mailer/logs/ (DataStore archive)`.
     pub location: String,
+    /// True when the DataStore says `insecure: true` and its credentials travel in plain
+    /// text (no TLS): a security measure (Art. 32) the register should not hide.
+    pub insecure: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -537,10 +540,16 @@ fn storage(target: &Target, store: Option<&&DataStore>) -> Storage {
     let separator = if parts[0].contains(' ') { ", " } else { " " };
     let mut location = parts.join(separator);
     let found = store.is_some();
+    let insecure = spec.is_some_and(crate::controller::stores::sends_plaintext_credentials);
     location.push_str(&format!(
-        " (DataStore {}{})",
+        " (DataStore {}{}{})",
         target.store,
-        if found { "" } else { ", not found" }
+        if found { "" } else { ", not found" },
+        if insecure {
+            ", insecure: credentials sent without TLS"
+        } else {
+            ""
+        }
     ));
     Storage {
         target: target.name.clone(),
@@ -548,6 +557,7 @@ fn storage(target: &Target, store: Option<&&DataStore>) -> Storage {
         kind,
         store_found: found,
         location,
+        insecure,
     }
 }
 
@@ -805,6 +815,39 @@ mod tests {
     }
 
     #[test]
+    fn a_store_sent_credentials_in_plain_text_says_so() {
+        let mut plain = cache("shop");
+        plain.spec.insecure = Some(true);
+        let mut tls = store(
+            "shop",
+            "tls",
+            json!({"redis": {"url": "rediss://redis:6380",
+                             "passwordSecretRef": {"name": "redis-auth", "key": "password"}}}),
+        );
+        tls.spec.insecure = Some(true);
+        let targets = json!([
+            {"name": "sessions", "store": "cache", "redis": {"keyPattern": "session:*"}},
+            {"name": "carts", "store": "tls", "redis": {"keyPattern": "cart:*"}},
+        ]);
+        let register = Register::build(&[policy("shop", "p", spec(targets), None)], &[plain, tls]);
+        let storage = &register.activities[0].storage;
+        assert_eq!(
+            storage[0].location,
+            "redis keys session:* (DataStore cache, insecure: credentials sent without TLS)"
+        );
+        assert!(storage[0].insecure);
+        assert_eq!(storage[1].location, "redis keys cart:* (DataStore tls)");
+        assert!(!storage[1].insecure);
+        assert!(register.to_json().contains("\"insecure\": true"));
+        // Without insecure: true nothing is sent, and the register does not claim it is.
+        let register = Register::build(
+            &[policy("shop", "p", spec(redis_target()), None)],
+            &[cache("shop")],
+        );
+        assert!(!register.activities[0].storage[0].insecure);
+    }
+
+    #[test]
     fn csv_follows_rfc_4180() {
         assert_eq!(csv_field("plain text"), "plain text");
         assert_eq!(csv_field("a, b"), "\"a, b\"");
@@ -852,7 +895,8 @@ mod tests {
                 "dataCategories": ["user ID", "session data"],
                 "storage": [{"target": "sessions", "store": "cache", "kind": "redis",
                              "storeFound": true,
-                             "location": "redis keys session:* (DataStore cache)"}],
+                             "location": "redis keys session:* (DataStore cache)",
+                             "insecure": false}],
                 "retention": "30d",
                 "retentionText": "30 days",
                 "statusKnown": false,

@@ -52,7 +52,10 @@ impl Parsed {
     ) -> Option<Timestamp> {
         match (self, last_start) {
             (Parsed::Every(_), None) => Some(created),
-            (Parsed::Every(every), Some(last)) => Some(Timestamp(last.0 + every.as_chrono())),
+            // Checked: no interval, however long, can panic here (None: no next sweep).
+            (Parsed::Every(every), Some(last)) => {
+                last.0.checked_add_signed(every.as_chrono()).map(Timestamp)
+            }
             (Parsed::Cron(cron), last) => {
                 let from: DateTime<Utc> = last.unwrap_or(created).0;
                 cron.find_next_occurrence(&from, false)
@@ -100,6 +103,23 @@ mod tests {
             p.next_after(Some(ts("2026-11-20T10:00:00Z")), created),
             Some(ts("2026-11-20T10:15:00Z"))
         );
+    }
+
+    #[test]
+    fn an_interval_beyond_the_calendar_has_no_next_sweep_instead_of_panicking() {
+        let p = parse(Some(&Schedule {
+            every: Some("99999999999999999999w".parse().unwrap()),
+            cron: None,
+        }))
+        .unwrap();
+        let t = ts("2026-11-20T09:00:00Z");
+        assert_eq!(p.next_after(Some(t), t), None);
+        let p = parse(Some(&Schedule {
+            every: Some("1000000000w".parse().unwrap()),
+            cron: None,
+        }))
+        .unwrap();
+        assert_eq!(p.next_after(Some(t), t), None);
     }
 
     #[test]

@@ -9,8 +9,19 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The pattern the CRD schema enforces on every duration, so bad values are refused by the
-/// API server rather than discovered at run time.
-pub const DURATION_PATTERN: &str = "^[0-9]+(s|m|h|d|w)$";
+/// API server rather than discovered at run time: at least 1 of its unit (`0d` is a typo, not
+/// "delete everything now") and at most ten digits. Every duration field (retention,
+/// schedule.every) must be at least 1s. The upper bounds of each field are checked by the
+/// reconciler ([`Duration::check`]), which also catches objects stored under an older, looser
+/// schema: parsing is lenient so such objects can still be read and reported.
+pub const DURATION_PATTERN: &str = "^[1-9][0-9]{0,9}(s|m|h|d|w)$";
+
+/// The longest retention period: 100 years (of 365.25 days). Also keeps every date computed
+/// from it far inside what date arithmetic can represent.
+pub const MAX_RETENTION: Duration = Duration::from_secs(36_525 * 86_400);
+
+/// The longest sweep interval (`schedule.every`): one year.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(366 * 86_400);
 
 /// A duration written as a number and one unit: `90s`, `15m`, `12h`, `30d`, `2w`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -21,8 +32,20 @@ pub struct Duration(std::time::Duration);
 pub struct InvalidDuration(pub String);
 
 impl Duration {
-    pub fn from_secs(secs: u64) -> Self {
+    pub const fn from_secs(secs: u64) -> Self {
         Self(std::time::Duration::from_secs(secs))
+    }
+    /// Checks that the duration is at least 1s and at most `max`; `what` names the field.
+    pub fn check(&self, what: &str, max: Duration) -> Result<(), String> {
+        if self.as_secs() == 0 {
+            return Err(format!(
+                "{what} is zero: it must be at least 1 of its unit (e.g. 30d)"
+            ));
+        }
+        if *self > max {
+            return Err(format!("{what} {self} is longer than the maximum of {max}"));
+        }
+        Ok(())
     }
     pub fn as_std(&self) -> std::time::Duration {
         self.0
@@ -30,8 +53,13 @@ impl Duration {
     pub fn as_secs(&self) -> u64 {
         self.0.as_secs()
     }
+    /// As a chrono duration, saturating at the largest one chrono can represent (never
+    /// panics). Add it to a date with `checked_add_signed` / `checked_sub_signed`.
     pub fn as_chrono(&self) -> chrono::Duration {
-        chrono::Duration::seconds(i64::try_from(self.0.as_secs()).unwrap_or(i64::MAX / 1000))
+        i64::try_from(self.0.as_secs())
+            .ok()
+            .and_then(chrono::Duration::try_seconds)
+            .unwrap_or(chrono::Duration::MAX)
     }
 }
 
@@ -44,7 +72,10 @@ impl FromStr for Duration {
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
-        let n: u64 = digits.parse().map_err(|_| bad())?;
+        // Lenient on size: a number too large for u64 saturates rather than fail, so an
+        // object stored under an older schema still deserializes and the reconciler can
+        // report it as invalid (see `check`) instead of never seeing it.
+        let n: u64 = digits.parse().unwrap_or(u64::MAX);
         let factor = match unit {
             's' => 1,
             'm' => 60,
@@ -53,7 +84,7 @@ impl FromStr for Duration {
             'w' => 7 * 86_400,
             _ => return Err(bad()),
         };
-        n.checked_mul(factor).map(Self::from_secs).ok_or_else(bad)
+        Ok(Self::from_secs(n.saturating_mul(factor)))
     }
 }
 
@@ -272,20 +303,45 @@ mod tests {
 
     #[test]
     fn durations_reject_what_the_schema_rejects() {
-        for bad in [
-            "",
-            "30",
-            "d",
-            "30 days",
-            "30D",
-            "-1d",
-            "1.5h",
-            "3dd",
-            "1y",
-            "99999999999999999999w",
-        ] {
+        for bad in ["", "30", "d", "30 days", "30D", "-1d", "1.5h", "3dd", "1y"] {
             assert!(bad.parse::<Duration>().is_err(), "{bad} must be rejected");
         }
+    }
+
+    #[test]
+    fn durations_parse_leniently_and_are_checked_strictly() {
+        // Values an older schema let through still parse (saturating), so the object can be
+        // read and reported invalid rather than break the watch.
+        let huge: Duration = "99999999999999999999w".parse().unwrap();
+        assert_eq!(huge.as_secs(), u64::MAX);
+        let old: Duration = "1000000000w".parse().unwrap();
+        assert_eq!(old.as_secs(), 604_800_000_000_000);
+        assert!(huge.as_chrono() > chrono::Duration::zero());
+        for (d, ok) in [
+            ("0d", false),
+            ("0s", false),
+            ("1s", true),
+            ("36525d", true),
+            ("36526d", false),
+            ("5217w", true),
+            ("5218w", false),
+            ("1000000000w", false),
+            ("99999999999999999999w", false),
+        ] {
+            let d: Duration = d.parse().unwrap();
+            assert_eq!(d.check("retention", MAX_RETENTION).is_ok(), ok, "{d}");
+        }
+        assert!("0d"
+            .parse::<Duration>()
+            .unwrap()
+            .check("retention", MAX_RETENTION)
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!("367d"
+            .parse::<Duration>()
+            .unwrap()
+            .check("schedule.every", MAX_INTERVAL)
+            .is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::common::{Condition, SecretKeyRef, SecretRef};
     derive = "PartialEq",
     printcolumn = r#"{"name":"Type","type":"string","jsonPath":".status.storeType"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Insecure","type":"boolean","jsonPath":".status.insecure","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +37,12 @@ pub struct DataStoreSpec {
     /// Optional limits protecting the store from the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<StoreLimits>,
+    /// Allows sending credentials in plain text: a password to a `redis://` URL, basic
+    /// auth, a token or an API key to an `http://` URL, S3 request signatures to an
+    /// `http://` endpoint. Without it such a store is not Ready (reason
+    /// `InsecureTransport`); TLS (`rediss://`, `https://`) never needs it. Shown in status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure: Option<bool>,
 }
 
 /// A Redis server (`redis://`, or `rediss://` for TLS) or, with `cluster`, a Redis Cluster.
@@ -44,6 +51,8 @@ pub struct DataStoreSpec {
 pub struct RedisStore {
     #[schemars(regex(pattern = r"^rediss?://"))]
     pub url: String,
+    /// A key of a Secret in the same namespace; the Secret must carry the label
+    /// `tombstone.dev/credentials: "true"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
     /// Scan every primary of a Redis Cluster.
@@ -64,8 +73,10 @@ pub struct S3Store {
     pub endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_path_style: Option<bool>,
-    /// Keys `accessKeyId`, `secretAccessKey` and optionally `sessionToken`; absent: the
-    /// default AWS credential chain.
+    /// Keys `accessKeyId`, `secretAccessKey` and optionally `sessionToken`; the Secret must
+    /// carry the label `tombstone.dev/credentials: "true"`. Absent: the operator's own
+    /// identity (the default AWS credential chain), only if the operator was started with
+    /// `--allow-ambient-credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
 }
@@ -79,7 +90,8 @@ pub struct LokiStore {
     /// Sent as `X-Scope-OrgID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// Keys `username` and `password`, or `token`.
+    /// Keys `username` and `password`, or `token`; the Secret must carry the label
+    /// `tombstone.dev/credentials: "true"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
 }
@@ -90,7 +102,8 @@ pub struct LokiStore {
 pub struct ElasticsearchStore {
     #[schemars(regex(pattern = r"^https?://"))]
     pub url: String,
-    /// Keys `username` and `password`, or `apiKey`.
+    /// Keys `username` and `password`, or `apiKey`; the Secret must carry the label
+    /// `tombstone.dev/credentials: "true"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
 }
@@ -158,6 +171,10 @@ pub struct DataStoreStatus {
     /// `redis`, `s3`, `loki` or `elasticsearch`, for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_type: Option<String>,
+    /// True while the operator sends this store's credentials in plain text, because the
+    /// spec says `insecure: true`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

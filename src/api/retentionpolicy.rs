@@ -40,7 +40,8 @@ pub struct RetentionPolicySpec {
     /// Art. 30(1)(c): categories of personal data.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_categories: Vec<String>,
-    /// Art. 5(1)(e): how long the data may be kept.
+    /// Art. 5(1)(e): how long the data may be kept: at least 1 of its unit, at most 100
+    /// years (36525d).
     pub retention: Duration,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
@@ -49,7 +50,12 @@ pub struct RetentionPolicySpec {
     /// Sweeps report what they would delete and delete nothing.
     #[serde(default)]
     pub dry_run: bool,
-    #[schemars(length(min = 1))]
+    /// Keyed by `name`: the API server refuses two targets of the same name, so an erasure
+    /// never silently skips one (objects stored before are refused by the reconciler).
+    #[schemars(
+        length(min = 1),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
     pub targets: Vec<Target>,
 }
 
@@ -69,6 +75,7 @@ pub enum LegalBasis {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("oneOf" = [{"required": ["every"]}, {"required": ["cron"]}]))]
 pub struct Schedule {
+    /// A fixed interval: at least 1s, at most one year (366d).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub every: Option<Duration>,
     /// Five fields (minute hour day-of-month month day-of-week), evaluated in UTC.
@@ -175,13 +182,16 @@ pub struct SubjectLocator {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSubject {
-    /// Key templates, globs allowed; deleted with UNLINK.
+    /// Key templates, globs allowed; deleted with UNLINK. Each names an identifier bounded on
+    /// both sides by a delimiter (`:`, `/`, …; not `-`, `_`, `.`, `@`, `+`) or the key's
+    /// start or end, no wildcard touching it: `session:{userId}:*`, not `session:{userId}*`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
-    /// Hash fields removed with HDEL.
+    /// Hash fields removed with HDEL; the key or the field names a bounded identifier.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hash_fields: Vec<RedisHashField>,
-    /// Members removed with SREM (sets) or ZREM (sorted sets).
+    /// Members removed with SREM (sets) or ZREM (sorted sets); the key or the member names
+    /// a bounded identifier.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub set_members: Vec<RedisSetMember>,
 }
@@ -203,7 +213,8 @@ pub struct RedisSetMember {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct S3Subject {
-    /// Every object (and version) under each prefix is the subject's.
+    /// Every object (and version) under each prefix is the subject's. Each names an
+    /// identifier followed by a delimiter (`users/{userId}/`, never `users/{userId}`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub key_prefixes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,7 +262,8 @@ impl UnparsedLines {
 pub struct LokiSubject {
     /// The identifier template whose lines are the subject's, applied on the target's
     /// selector. Matched exactly: sent as a LogQL `|~` filter with word boundaries, so
-    /// `user-47` never matches `user-4711`.
+    /// `user-47` never matches `user-4711`. Only an `{email}` may stand alone; any other
+    /// identifier needs a field name and delimiters around it (`uid={userId} `).
     #[schemars(length(min = 1))]
     pub line_filter: String,
 }

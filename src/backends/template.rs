@@ -31,6 +31,132 @@ pub fn placeholders(template: &str) -> Result<Vec<String>, Error> {
     Ok(names)
 }
 
+/// Identifier types whose values delimit themselves in free text: an e-mail address has an
+/// `@` and a domain, so a bare `{email}` line filter cannot take a timestamp, an IP address
+/// or `status=42`. A bare `{userId}` could (`42` is in `10:42:13`).
+pub const SELF_DELIMITING: &[&str] = &["email"];
+
+/// Whether `c`, as literal text beside a placeholder, ends the identifier: ASCII punctuation
+/// or whitespace, except `-`, `_`, `.`, `@` and `+`. Those five occur inside identifiers
+/// (UUIDs, snake_case ids, e-mail addresses, host names), so `user-{userId}-*` for user `47`
+/// would also take `user-47-2-…`, the keys of user `47-2`. `{` and `}` are template syntax.
+pub fn is_delimiter(c: char) -> bool {
+    (c.is_ascii_punctuation() || c.is_ascii_whitespace())
+        && !matches!(c, '-' | '_' | '.' | '@' | '+' | '{' | '}')
+}
+
+/// How a store matches an expanded locator, which decides what bounds a placeholder at
+/// either end of the template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syntax {
+    /// The expansion is compared with the whole value (an exact key, a hash field, a set
+    /// member, a `term` value, a JSON field): the start and the end bound a placeholder.
+    Exact,
+    /// A Redis glob matched against whole keys: the start and the end bound a placeholder,
+    /// and `*`, `?`, `[`, `]`, `\` are wildcards, never delimiters.
+    Glob,
+    /// A key prefix (S3): the start bounds a placeholder, the end does not, since anything
+    /// may follow (`users/{userId}` would take user 4711's objects for user 47).
+    Prefix,
+    /// Text searched for inside log lines: the ends of the filter bound only an identifier
+    /// of a [`SELF_DELIMITING`] type; any other identifier needs literal context on both
+    /// sides, with a field name before it (`uid={userId} `, `"user":"{userId}"`).
+    FreeText,
+}
+
+impl Syntax {
+    fn is_wildcard(self, c: char) -> bool {
+        self == Syntax::Glob && matches!(c, '*' | '?' | '[' | ']' | '\\')
+    }
+}
+
+enum Part<'a> {
+    Literal(&'a str),
+    Placeholder(&'a str),
+}
+
+fn parts(template: &str) -> Result<Vec<Part<'_>>, Error> {
+    placeholders(template)?;
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').ok_or(Error::Malformed)? + open;
+        if open > 0 {
+            out.push(Part::Literal(&rest[..open]));
+        }
+        out.push(Part::Placeholder(&rest[open + 1..close]));
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        out.push(Part::Literal(rest));
+    }
+    Ok(out)
+}
+
+/// Checks that every placeholder of `template` is bounded by its identifier on both sides:
+/// preceded by a literal delimiter ([`is_delimiter`]) or the start, followed by one or the
+/// end, as `syntax` allows, with no wildcard touching it. Returns the identifier types used
+/// (possibly none: whether a locator must name one is the caller's rule). The error says
+/// what is wrong in terms of the template only (there is no identifier value at this point).
+pub fn check_bounded(template: &str, syntax: Syntax) -> Result<Vec<String>, String> {
+    let parts = parts(template).map_err(|_| "is not a valid template".to_string())?;
+    let mut names = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let Part::Placeholder(name) = part else {
+            continue;
+        };
+        names.push(name.to_string());
+        let before = match i.checked_sub(1).map(|j| &parts[j]) {
+            None => None,
+            Some(Part::Literal(l)) => Some(l.chars().next_back()),
+            Some(Part::Placeholder(_)) => Some(None),
+        };
+        let after = match parts.get(i + 1) {
+            None => None,
+            Some(Part::Literal(l)) => Some(l.chars().next()),
+            Some(Part::Placeholder(_)) => Some(None),
+        };
+        let self_delimiting = SELF_DELIMITING.contains(name);
+        let side = |c: Option<Option<char>>, where_: &str, end: &str| -> Result<(), String> {
+            match c {
+                None => match syntax {
+                    Syntax::Exact | Syntax::Glob => Ok(()),
+                    Syntax::Prefix if where_ == "preceded" => Ok(()),
+                    Syntax::Prefix => Err(format!(
+                        "ends with {{{name}}}, so one subject's prefix would also select every identifier that starts the same (47 → 4711); end it with a delimiter such as '/'"
+                    )),
+                    Syntax::FreeText if self_delimiting => Ok(()),
+                    Syntax::FreeText => Err(format!(
+                        "has {{{name}}} at its {end}: in free text a bare identifier of this type also matches other text (42 is in 10:42:13, 10.0.0.42, status=42); give it literal context on both sides, e.g. \"uid={{{name}}} \" (only {} identifiers may stand alone, e.g. \"\\\"to\\\":\\\"{{email}}\\\"\")",
+                        SELF_DELIMITING.join(", ")
+                    )),
+                },
+                Some(None) => Err(format!(
+                    "has {{{name}}} {where_} by another identifier with nothing between them"
+                )),
+                Some(Some(c)) if syntax.is_wildcard(c) => Err(format!(
+                    "has {{{name}}} {where_} by {c:?}, a wildcard, which would also take other identifiers that start or end the same; put a delimiter such as ':' between them"
+                )),
+                Some(Some(c)) if !is_delimiter(c) => Err(format!(
+                    "has {{{name}}} {where_} by {c:?}, which can be part of an identifier; put a delimiter such as ':' or '/' there (not '-', '_', '.', '@' or '+')"
+                )),
+                Some(Some(_)) => Ok(()),
+            }
+        };
+        side(before, "preceded", "start")?;
+        side(after, "followed", "end")?;
+        if syntax == Syntax::FreeText && !self_delimiting {
+            let named = matches!(i.checked_sub(1).map(|j| &parts[j]), Some(Part::Literal(l)) if l.chars().any(|c| c.is_alphanumeric()));
+            if !named {
+                return Err(format!(
+                    "has {{{name}}} without a field name before it: in free text it would also match other fields (status=42 for user 42); name the field, e.g. \"uid={{{name}}} \""
+                ));
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Fills in `template`. Each identifier is passed through `escape` first, so that an
 /// identifier can never widen the locator (a `*` in an id must not become a glob).
 pub fn expand(
@@ -110,6 +236,96 @@ mod tests {
         assert_eq!(placeholders("a{b"), Err(Error::Malformed));
         assert_eq!(placeholders("a}b"), Err(Error::Malformed));
         assert_eq!(placeholders("a{}b"), Err(Error::Malformed));
+    }
+
+    #[test]
+    fn placeholders_must_be_bounded_on_both_sides() {
+        use Syntax::*;
+        let ok = |t: &str, s: Syntax| {
+            assert!(
+                check_bounded(t, s).is_ok(),
+                "{t:?} ({s:?}) must be accepted"
+            );
+        };
+        let refused = |t: &str, s: Syntax| {
+            let e = check_bounded(t, s).expect_err(t);
+            assert!(
+                e.contains('{'),
+                "{t:?}: the message names the placeholder: {e}"
+            );
+        };
+        for t in [
+            "user:{userId}",
+            "{userId}",
+            "a:{userId}:b",
+            "mail/{email}",
+            "u={a},{b}",
+        ] {
+            ok(t, Exact);
+        }
+        for t in [
+            "user{userId}",
+            "u-{userId}",
+            "u_{userId}",
+            "u.{userId}",
+            "{a}{b}",
+            "{userId}x",
+        ] {
+            refused(t, Exact);
+        }
+        for t in [
+            "session:{userId}:*",
+            "session:{userId}",
+            "*:{userId}",
+            "{userId}:*",
+            "cart:{userId}|*",
+        ] {
+            ok(t, Glob);
+        }
+        for t in [
+            "session:{userId}*",
+            "session:*{userId}",
+            "{userId}*",
+            "*{userId}",
+            "s:[{userId}]",
+            "s:{userId}?",
+            "s:\\{userId}",
+            "session-{userId}-*",
+        ] {
+            refused(t, Glob);
+        }
+        for t in ["users/{userId}/", "{userId}/", "t/{tenant}/u/{userId}/"] {
+            ok(t, Prefix);
+        }
+        for t in ["users/{userId}", "users-{userId}/", "u/{userId}.json"] {
+            refused(t, Prefix);
+        }
+        for t in [
+            "{email}",
+            "uid={userId} ",
+            "\"to\":\"{email}\"",
+            "\"user\":\"{userId}\"",
+            "user {userId} ",
+        ] {
+            ok(t, FreeText);
+        }
+        for t in [
+            "{userId}",
+            "={userId} ",
+            "uid={userId}",
+            " {userId} ",
+            "{userId} done",
+            "uid:{email}x",
+        ] {
+            refused(t, FreeText);
+        }
+        // No placeholder at all is not this check's business; callers require one.
+        assert_eq!(check_bounded("session:*", Glob), Ok(vec![]));
+        assert_eq!(
+            check_bounded("t/{tenant}/{userId}/", Prefix),
+            Ok(vec!["tenant".to_string(), "userId".to_string()])
+        );
+        assert!(check_bounded("a{b", Exact).is_err());
     }
 
     #[test]

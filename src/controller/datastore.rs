@@ -89,7 +89,7 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
 }
 
 async fn probe(store: &DataStore, ctx: &Context, key: &str) -> Result<String, Error> {
-    let spec = stores::connection_spec(&ctx.client, store).await?;
+    let spec = stores::connection_spec(&ctx.client, store, &ctx.settings).await?;
     let backend = ctx.engine.backend(key, spec, store.spec.limits.clone());
     match tokio::time::timeout(PROBE_TIMEOUT, backend.probe()).await {
         Ok(Ok(version)) => Ok(version),
@@ -137,6 +137,7 @@ pub fn desired_status(
     DataStoreStatus {
         observed_generation: generation,
         store_type: store.spec.kind().map(|k| k.as_str().to_string()),
+        insecure: probe.is_ok() && stores::sends_plaintext_credentials(&store.spec),
         conditions: merge_conditions(existing, vec![ready], generation, now),
     }
 }
@@ -167,6 +168,7 @@ mod tests {
                 loki: None,
                 elasticsearch: None,
                 limits: None,
+                insecure: None,
             },
         );
         s.metadata.generation = Some(3);
@@ -199,11 +201,43 @@ mod tests {
                 "AuthenticationFailed",
             ),
             (Error::InvalidSpec("x".into()), "InvalidSpec"),
+            (
+                Error::CredentialsNotPermitted("x".into()),
+                "CredentialsNotPermitted",
+            ),
+            (Error::InsecureTransport("x".into()), "InsecureTransport"),
+            (
+                Error::AmbientCredentialsNotAllowed("x".into()),
+                "AmbientCredentialsNotAllowed",
+            ),
         ] {
             let st = desired_status(&store(), &Err(err), Timestamp::now());
             assert_eq!(st.conditions[0].status, ConditionStatus::False);
             assert_eq!(st.conditions[0].reason, reason);
         }
+    }
+
+    #[test]
+    fn status_says_when_credentials_travel_in_plain_text() {
+        let mut s = store();
+        let ok: Result<String, Error> = Ok("redis 7.0.15".into());
+        assert!(!desired_status(&s, &ok, Timestamp::now()).insecure);
+        if let Some(r) = s.spec.redis.as_mut() {
+            r.password_secret_ref = Some(crate::api::common::SecretKeyRef {
+                name: "auth".into(),
+                key: "password".into(),
+            });
+        }
+        s.spec.insecure = Some(true);
+        assert!(desired_status(&s, &ok, Timestamp::now()).insecure);
+        // Nothing is sent while the store is not ready.
+        let down = Err(Error::SecretNotFound("auth".into()));
+        assert!(!desired_status(&s, &down, Timestamp::now()).insecure);
+        // TLS: nothing in plain text, whatever the flag says.
+        if let Some(r) = s.spec.redis.as_mut() {
+            r.url = "rediss://r:6380".into();
+        }
+        assert!(!desired_status(&s, &ok, Timestamp::now()).insecure);
     }
 
     #[test]

@@ -34,6 +34,18 @@ pub enum Error {
     SecretKeyMissing { secret: String, key: String },
     #[error("DataStore {0} not found")]
     StoreNotFound(String),
+    /// A Secret a DataStore names is not marked as store credentials: never read.
+    #[error(
+        "Secret {0} is not marked as store credentials: the operator reads a Secret for a \
+         DataStore only if it carries the label tombstone.dev/credentials: \"true\""
+    )]
+    CredentialsNotPermitted(String),
+    /// Credentials would travel in plain text and the DataStore does not say `insecure: true`.
+    #[error("{0}")]
+    InsecureTransport(String),
+    /// An S3 DataStore without a Secret, and the operator does not lend its own identity.
+    #[error("{0}")]
+    AmbientCredentialsNotAllowed(String),
     #[error("{0}")]
     InvalidSpec(String),
     #[error(transparent)]
@@ -50,6 +62,9 @@ impl Error {
             Error::Kube(_) => "KubernetesApiError",
             Error::SecretNotFound(_) | Error::SecretKeyMissing { .. } => "SecretNotFound",
             Error::StoreNotFound(_) => "StoreNotFound",
+            Error::CredentialsNotPermitted(_) => "CredentialsNotPermitted",
+            Error::InsecureTransport(_) => "InsecureTransport",
+            Error::AmbientCredentialsNotAllowed(_) => "AmbientCredentialsNotAllowed",
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Backend(e) => e.reason(),
             Error::Digest(reason, _) => reason,
@@ -59,8 +74,13 @@ impl Error {
     /// Whether retrying with backoff may help; otherwise wait for a change to the object.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::InvalidSpec(_) => false,
+            // Wait for the spec to change (or the operator to restart with other flags).
+            Error::InvalidSpec(_)
+            | Error::InsecureTransport(_)
+            | Error::AmbientCredentialsNotAllowed(_) => false,
             Error::Backend(e) => e.is_retryable(),
+            // A missing or unlabelled Secret included: Secrets are not watched, and the
+            // Secret or its label may appear.
             _ => true,
         }
     }
@@ -79,6 +99,10 @@ pub struct Settings {
     pub probe_interval: Duration,
     /// The operator's own namespace: where the subject-digest key Secret lives.
     pub operator_namespace: String,
+    /// Whether an S3 DataStore without a credentials Secret may use the operator's own
+    /// cloud identity (the default AWS credential chain, e.g. IRSA). Off by default: any
+    /// namespace could otherwise reach every bucket the operator can.
+    pub allow_ambient_credentials: bool,
 }
 
 impl Default for Settings {
@@ -89,6 +113,7 @@ impl Default for Settings {
             reconcile_concurrency: 8,
             probe_interval: Duration::from_secs(300),
             operator_namespace: "tombstone-system".into(),
+            allow_ambient_credentials: false,
         }
     }
 }

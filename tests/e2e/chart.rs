@@ -4,9 +4,9 @@
 //! probes of the rendered Deployment, RBAC equal to `config/rbac`, and a dashboard and
 //! alerts that query only metrics the operator exports.
 //!
-//! helm comes from `HELM_BIN`, else `PATH`, else `~/.cache/tombstone-helm/bin/helm` (where
-//! `.ci/run` installs it). Without it these tests fail in CI (`CI` set) and are skipped,
-//! with a message, elsewhere.
+//! helm comes from `HELM_BIN`, else `PATH`, else `${XDG_CACHE_HOME:-~/.cache}/tombstone/helm/bin/helm`
+//! (where `hack/setup.sh` installs it). Without it these tests fail in CI (`CI` set) and are
+//! skipped, with a message, elsewhere.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -59,14 +59,18 @@ fn helm() -> Option<Helm> {
                 .map(|dir| dir.join("helm"))
                 .find(|p| p.is_file())
         });
-        let cached = std::env::var_os("HOME")
-            .map(|home| Path::new(&home).join(".cache/tombstone-helm/bin/helm"))
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")));
+        let cached = cache
+            .map(|cache| cache.join("tombstone/helm/bin/helm"))
             .filter(|p| p.is_file());
         on_path.or(cached)
     };
     let Some(bin) = bin else {
-        let hint = "helm not found: set HELM_BIN, put helm on PATH, or run the helm step of \
-                    .ci/run (installs it into ~/.cache/tombstone-helm/bin)";
+        let hint = "helm not found: set HELM_BIN, put helm on PATH, or run hack/setup.sh \
+                    (installs it into ${XDG_CACHE_HOME:-~/.cache}/tombstone/helm/bin)";
         assert!(!in_ci, "{hint}");
         eprintln!("SKIPPED: {hint}");
         return None;

@@ -41,7 +41,8 @@ async fn a_missing_secret_is_reported_then_the_store_recovers_when_it_appears() 
         &ns,
         "cache",
         &redis.url(),
-        json!({"redis": {"passwordSecretRef": {"name": "redis-auth", "key": "password"}}}),
+        json!({"redis": {"passwordSecretRef": {"name": "redis-auth", "key": "password"}},
+               "insecure": true}),
     )
     .await;
 
@@ -60,9 +61,9 @@ async fn a_missing_secret_is_reported_then_the_store_recovers_when_it_appears() 
     // The wrong password is an authentication failure, not "unreachable".
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let secret = |pw: &str| -> Secret {
-        serde_json::from_value(
-            json!({"metadata": {"name": "redis-auth"}, "stringData": {"password": pw}}),
-        )
+        serde_json::from_value(json!({"metadata": {"name": "redis-auth",
+                                "labels": {"tombstone.dev/credentials": "true"}},
+                   "stringData": {"password": pw}}))
         .unwrap()
     };
     secrets

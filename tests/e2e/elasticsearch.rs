@@ -867,6 +867,8 @@ mod operator {
         let mut spec = json!({"elasticsearch": {"url": url}});
         if let Some(s) = secret {
             spec["elasticsearch"]["credentialsSecretRef"] = json!({"name": s});
+            // The doubles speak plain HTTP: credentials may go there only with insecure.
+            spec["insecure"] = json!(true);
         }
         create::<DataStore>(
             client,
@@ -902,15 +904,15 @@ mod operator {
         })
         .await;
         let operator = TestOperator::start(&ns).await;
-        create_secret(
+        create_credentials_secret(
             &client,
             &ns,
             "basic",
             json!({"username": "tombstone", "password": "s3cret"}),
         )
         .await;
-        create_secret(&client, &ns, "apikey", json!({"apiKey": "aWQ6a2V5"})).await;
-        create_secret(
+        create_credentials_secret(&client, &ns, "apikey", json!({"apiKey": "aWQ6a2V5"})).await;
+        create_credentials_secret(
             &client,
             &ns,
             "wrong",

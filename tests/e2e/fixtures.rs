@@ -123,8 +123,10 @@ pub async fn redis_store(
         r.extend(e.clone());
     }
     let mut spec = json!({"redis": redis});
-    if let Some(limits) = extra.get("limits") {
-        spec["limits"] = limits.clone();
+    for field in ["limits", "insecure"] {
+        if let Some(value) = extra.get(field) {
+            spec[field] = value.clone();
+        }
     }
     create(client, ns, json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": spec})).await
 }
@@ -416,6 +418,19 @@ pub async fn create_secret(client: &Client, ns: &str, name: &str, string_data: V
     let secret: k8s_openapi::api::core::v1::Secret =
         serde_json::from_value(json!({"metadata": {"name": name}, "stringData": string_data}))
             .expect("a valid Secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create succeeds");
+}
+
+/// A Secret of store credentials, labelled so that the operator may read it as such.
+pub async fn create_credentials_secret(client: &Client, ns: &str, name: &str, string_data: Value) {
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"tombstone.dev/credentials": "true"}},
+        "stringData": string_data,
+    }))
+    .expect("a valid Secret");
     Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &secret)
         .await

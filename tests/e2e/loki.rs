@@ -608,7 +608,7 @@ fn loki_double_parses_log_and_metric_queries() {
     assert!(parse_log_query("{}").is_ok());
 }
 
-/// The double answers as `shared/facts/loki-delete-api.md` records a real Loki 2.8 did.
+/// The double answers as a real Loki 2.8 did (recorded when the double was written).
 #[tokio::test]
 async fn loki_double_answers_the_delete_api_as_the_recorded_facts_say() {
     let double = LokiDouble::start().await;
@@ -802,10 +802,15 @@ async fn loki_store(
     if let (Some(l), Some(e)) = (loki.as_object_mut(), extra.as_object()) {
         l.extend(e.clone());
     }
+    let mut spec = json!({"loki": loki});
+    // The double speaks plain HTTP: credentials may go there only with insecure.
+    if extra.get("credentialsSecretRef").is_some() {
+        spec["insecure"] = json!(true);
+    }
     create::<DataStore>(
         client,
         ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": {"loki": loki}}),
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": name}, "spec": spec}),
     )
     .await;
 }
@@ -815,7 +820,7 @@ async fn a_loki_store_is_ready_with_its_version_or_says_the_credentials_are_wron
     let (client, ns) = setup("loki-ready").await;
     let double = LokiDouble::start_with(true, Some(Auth::Bearer("tok-9".into()))).await;
     let operator = TestOperator::start(&ns).await;
-    create_secret(&client, &ns, "loki-auth", json!({"token": "tok-9"})).await;
+    create_credentials_secret(&client, &ns, "loki-auth", json!({"token": "tok-9"})).await;
     loki_store(
         &client,
         &ns,

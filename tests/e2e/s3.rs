@@ -639,7 +639,7 @@ async fn s3_store(client: &kube::Client, ns: &str, name: &str, bucket: &str, end
     let spec = json!({"s3": {
         "bucket": bucket, "region": "us-east-1", "endpoint": endpoint, "forcePathStyle": true,
         "credentialsSecretRef": {"name": format!("{name}-creds")}
-    }});
+    }, "insecure": true});
     create::<tombstone::api::DataStore>(
         client,
         ns,
@@ -671,9 +671,9 @@ async fn an_s3_store_is_ready_or_says_which_of_credentials_network_or_bucket_is_
     let operator = TestOperator::start(&ns).await;
     let good = json!({"accessKeyId": key_id, "secretAccessKey": secret_key});
     for name in ["archive", "missing", "closed"] {
-        create_secret(&client, &ns, &format!("{name}-creds"), good.clone()).await;
+        create_credentials_secret(&client, &ns, &format!("{name}-creds"), good.clone()).await;
     }
-    create_secret(
+    create_credentials_secret(
         &client,
         &ns,
         "wrongkey-creds",
@@ -725,7 +725,7 @@ async fn an_s3_policy_sweeps_through_the_operator_and_names_what_object_lock_kee
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let operator = TestOperator::start(&ns).await;
-    create_secret(
+    create_credentials_secret(
         &client,
         &ns,
         "archive-creds",
@@ -806,7 +806,7 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
 
     let operator = TestOperator::start(&ns).await;
     redis_store(&client, &ns, "cache", &redis.url(), json!({})).await;
-    create_secret(
+    create_credentials_secret(
         &client,
         &ns,
         "archive-creds",
@@ -930,8 +930,10 @@ async fn without_a_secret_the_binary_uses_the_default_aws_credential_chain() {
     // From here on the server accepts only these keys; they reach the operator only through
     // its environment, as on a node or pod with AWS credentials.
     let (key_id, secret_key) = server.enable_auth();
+    // moto speaks plain HTTP: requests signed with the operator's identity need insecure.
     let spec = json!({"s3": {"bucket": "archive", "region": "us-east-1",
-                             "endpoint": server.endpoint(), "forcePathStyle": true}});
+                             "endpoint": server.endpoint(), "forcePathStyle": true},
+                      "insecure": true});
     create::<tombstone::api::DataStore>(
         &client,
         &ns,
@@ -948,6 +950,7 @@ async fn without_a_secret_the_binary_uses_the_default_aws_credential_chain() {
                 "--leader-election=false",
                 "--http-addr",
                 "127.0.0.1:0",
+                "--allow-ambient-credentials",
             ])
             .env("KUBECONFIG", cp.kubeconfig_path())
             .env("AWS_ACCESS_KEY_ID", &key_id)
@@ -989,7 +992,7 @@ async fn an_s3_sweep_stopped_midway_resumes_from_the_listing_position_in_status(
     // One request a second: each listing page and each DeleteObjects waits its turn, so the
     // sweep checkpoints page by page and there is a middle to stop in.
     let operator = TestOperator::start(&ns).await;
-    create_secret(
+    create_credentials_secret(
         &client,
         &ns,
         "archive-creds",

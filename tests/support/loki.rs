@@ -11,7 +11,7 @@
 //!   `POST|PUT|GET|DELETE /loki/api/v1/delete`;
 //! - "Log entry deletion", <https://grafana.com/docs/loki/latest/operations/storage/logs-deletion/>:
 //!   a request is cancellable while `received` and processed after the cancel period;
-//! - `shared/facts/loki-delete-api.md` (what a real Loki 2.8 answered): 204 with no body and
+//! - what a real Loki 2.8 answered when this double was written: 204 with no body and
 //!   no id on POST, the listing's fields (times in seconds, `created_at` a float), the status
 //!   codes and bodies of errors, `{}` accepted, 401 `no org id`, 403 `deletion is not
 //!   available for this tenant`, deleted lines still returned until `processed`;

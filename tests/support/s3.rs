@@ -28,9 +28,23 @@ pub struct S3Server {
     dir: tempfile::TempDir,
 }
 
-/// The Python that has moto: `MOTO_PYTHON`, or `python3`.
+/// The Python that has moto: `MOTO_PYTHON`; else the Python of the virtualenv that
+/// `hack/setup.sh` fills (`TOMBSTONE_VENV`, default `.venv` in the repository) when it exists;
+/// else `python3`.
 fn python() -> String {
-    std::env::var("MOTO_PYTHON").unwrap_or_else(|_| "python3".into())
+    if let Some(python) = std::env::var_os("MOTO_PYTHON").filter(|v| !v.is_empty()) {
+        return python.to_string_lossy().into_owned();
+    }
+    let venv = std::env::var_os("TOMBSTONE_VENV")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"));
+    let python = venv.join("bin/python");
+    if python.is_file() {
+        python.to_string_lossy().into_owned()
+    } else {
+        "python3".into()
+    }
 }
 
 impl S3Server {
@@ -67,7 +81,7 @@ impl S3Server {
         .stdout(log_file(&dir.path().join("moto.log")))
         .stderr(log_file(&dir.path().join("moto.err")));
         let process = spawn_server(cmd)
-            .expect("cannot start moto (pip install 'moto[server]'; MOTO_PYTHON names the Python)");
+            .expect("cannot start moto (hack/setup.sh installs it into .venv; MOTO_PYTHON names the Python)");
         reaper.watch(process.id());
         let mut server = S3Server {
             port,

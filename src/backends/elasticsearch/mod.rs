@@ -802,17 +802,18 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
     let Some(es) = &target.elasticsearch else {
         return invalid("needs an elasticsearch selector for an elasticsearch store".into());
     };
-    if query::matches_everything(&es.index) {
+    if query::matches_everything(&es.index) || query::unanchored_inclusion(&es.index).is_some() {
         if !target.allow_match_all {
             return invalid(format!(
-                "index {:?} selects every index in the cluster; set allowMatchAll: true if that is really meant",
+                "index {:?} selects every index in the cluster (or every hidden one): each index it names needs a literal prefix with a letter or digit, such as \"logs-*\"; set allowMatchAll: true if that is really meant",
                 es.index
             ));
         }
         if es.index.trim().is_empty() {
             return invalid("the index pattern is empty".into());
         }
-    } else if let Err(m) = query::check_pattern(&es.index) {
+    }
+    if let Err(m) = query::check_pattern(&es.index) {
         return invalid(m);
     }
     if es.timestamp_field.trim().is_empty() {
@@ -833,13 +834,9 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
         if field.trim().is_empty() {
             return invalid("subject.elasticsearch.term has an empty field name".into());
         }
-        match super::template::placeholders(value) {
+        match super::template::check_bounded(value, super::template::Syntax::Exact) {
             Ok(names) => names_identifier |= !names.is_empty(),
-            Err(_) => {
-                return invalid(format!(
-                    "subject.elasticsearch.term[{field}] is not a valid template"
-                ))
-            }
+            Err(m) => return invalid(format!("subject.elasticsearch.term[{field}] {value:?} {m}")),
         }
     }
     if !names_identifier {
@@ -883,7 +880,23 @@ mod tests {
     #[test]
     fn targets_that_could_widen_are_refused() {
         assert!(validate_target(&target("mailer-events-*", &[])).is_ok());
-        for all in ["*", "_all", "logs-*,*"] {
+        for anchored in ["logs-*,-logs-old", ".kibana*", "a*", "logs,events-*"] {
+            assert!(
+                validate_target(&target(anchored, &[])).is_ok(),
+                "{anchored}"
+            );
+        }
+        for all in [
+            "*",
+            "_all",
+            "logs-*,*",
+            "*,-x",
+            "*-*",
+            ".*",
+            "**",
+            "logs-*,_all",
+            "*logs",
+        ] {
             let err = validate_target(&target(all, &[])).unwrap_err();
             assert!(err.to_string().contains("allowMatchAll"), "{err}");
             let mut allowed = target(all, &[]);
@@ -898,6 +911,8 @@ mod tests {
             &[("user.email", "alice@example.org")][..],
             &[("user.email", "{email")][..],
             &[("", "{email}")][..],
+            &[("user.id", "u{userId}")][..],
+            &[("user.id", "{userId}{email}")][..],
         ] {
             assert!(validate_target(&target("logs-*", bad)).is_err(), "{bad:?}");
         }

@@ -96,6 +96,20 @@ pub fn matches_everything(pattern: &str) -> bool {
         })
 }
 
+/// The first inclusion of `pattern` that names no index by a literal prefix: the text before
+/// its first `*` must hold a letter or digit. `*`, `*-x`, `.*`, `-*` select every (hidden)
+/// index whatever they are spelt like; `logs-*` and `.kibana*` are anchored.
+pub fn unanchored_inclusion(pattern: &str) -> Option<&str> {
+    pattern.split(',').map(str::trim).find(|p| {
+        !p.starts_with('-')
+            && (*p == "_all"
+                || !p
+                    .split('*')
+                    .next()
+                    .is_some_and(|prefix| prefix.chars().any(|c| c.is_alphanumeric())))
+    })
+}
+
 /// Checks an index pattern: a comma-separated list of index names with `*` wildcards and
 /// `-` exclusions. Date math (`<…>`), remote clusters (`a:b`) and characters Elasticsearch
 /// forbids in index names are refused, so the pattern means the same to the store as to

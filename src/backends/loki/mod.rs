@@ -666,10 +666,10 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
     let Some(subject) = target.subject.as_ref().and_then(|s| s.loki.as_ref()) else {
         return Ok(());
     };
-    match template::placeholders(&subject.line_filter) {
-        Err(_) => Err(Error::InvalidSpec(format!(
-            "target {}: subject.loki.lineFilter is not a valid template",
-            target.name
+    match template::check_bounded(&subject.line_filter, template::Syntax::FreeText) {
+        Err(m) => Err(Error::InvalidSpec(format!(
+            "target {}: subject.loki.lineFilter {:?} {m}",
+            target.name, subject.line_filter
         ))),
         Ok(names) if names.is_empty() => Err(Error::InvalidSpec(format!(
             "target {}: subject.loki.lineFilter names no identifier ({{email}}, {{userId}}, …): it would match the same lines for every subject",
@@ -731,6 +731,66 @@ mod tests {
             assert_eq!(e.reason(), "InvalidSpec", "{sel} {filter:?}");
         }
         assert!(validate_target(&target(r#"{app=~".+"}"#, None, true)).is_ok());
+    }
+
+    #[test]
+    fn selectors_must_name_streams_whatever_their_spelling() {
+        for sel in [
+            r#"{app="mailer"}"#,
+            r#"{app=~"mailer|billing"}"#,
+            r#"{app="mailer", env!="dev"}"#,
+            r#"{app=~".+", namespace="shop"}"#,
+        ] {
+            assert!(validate_target(&target(sel, None, false)).is_ok(), "{sel}");
+        }
+        for sel in [
+            r#"{app=~".*"}"#,
+            r#"{app=~".+"}"#,
+            r#"{app!=""}"#,
+            r#"{app!~"x"}"#,
+            r#"{app=""}"#,
+            r#"{app=~"m.*"}"#,
+            r#"{app=~"mailer|.*"}"#,
+            r#"{app=~".+", env!="dev"}"#,
+        ] {
+            let e = validate_target(&target(sel, None, false)).unwrap_err();
+            assert!(e.to_string().contains("allowMatchAll"), "{sel}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_bare_line_filter_is_refused_unless_the_identifier_delimits_itself() {
+        let sel = r#"{app="mailer"}"#;
+        for ok in [
+            "{email}",
+            "uid={userId} ",
+            "\"to\":\"{email}\"",
+            "\"user\":\"{userId}\"",
+        ] {
+            assert!(
+                validate_target(&target(sel, Some(ok), false)).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "{userId}",
+            " {userId} ",
+            "={userId} ",
+            "uid={userId}",
+            "{userId} logged in",
+        ] {
+            let e = validate_target(&target(sel, Some(bad), false)).unwrap_err();
+            assert_eq!(e.reason(), "InvalidSpec");
+            let m = e.to_string();
+            assert!(
+                m.contains("lineFilter") && m.contains("{userId}"),
+                "{bad}: {m}"
+            );
+        }
+        let m = validate_target(&target(sel, Some("{userId}"), false))
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("uid={userId} ") && m.contains("email"), "{m}");
     }
 
     #[test]

@@ -91,6 +91,33 @@ pub fn matches_everything(pattern: &str) -> bool {
     !pattern.is_empty() && pattern.bytes().all(|b| b == b'*')
 }
 
+/// The literal text every key the pattern matches starts with: the bytes before its first
+/// wildcard (`*`, `?`, `[`), escapes resolved. `session:*` → `session:`; `*:*`, `?*`,
+/// `[a-z]*` → empty.
+pub fn literal_prefix(pattern: &str) -> String {
+    let mut out = String::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' | '?' | '[' => break,
+            '\\' => match chars.next() {
+                Some(e) => out.push(e),
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether a retention pattern selects a named part of the key space: an anchored literal
+/// prefix with at least one letter or digit (`session:*`, `cache:v2:*`). Decided by what the
+/// pattern can match, not by how it is spelled: `*`, `**`, `*:*`, `?*`, `[a-z]*`, `*-*` and
+/// `:*` all take (nearly) every key.
+pub fn has_anchored_prefix(pattern: &str) -> bool {
+    literal_prefix(pattern).chars().any(|c| c.is_alphanumeric())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +157,38 @@ mod tests {
     fn neighbouring_ids_do_not_match() {
         assert!(m("session:47:*", "session:47:a"));
         assert!(!m("session:47:*", "session:4711:a"));
+    }
+
+    #[test]
+    fn retention_patterns_need_an_anchored_literal_prefix() {
+        for ok in [
+            "session:*",
+            "a*",
+            "cache:v2:*",
+            "user:?",
+            r"\*x*",
+            "s[0-9]*",
+            "exact-key",
+        ] {
+            assert!(has_anchored_prefix(ok), "{ok} has a literal prefix");
+        }
+        for all in [
+            "*",
+            "**",
+            "*:*",
+            "?*",
+            "[a-z]*",
+            "*-*",
+            ":*",
+            "-*",
+            "??*",
+            "[s]ession:*",
+            r"\**",
+            "*session",
+        ] {
+            assert!(!has_anchored_prefix(all), "{all} selects nearly every key");
+        }
+        assert_eq!(literal_prefix(r"a\*b*c"), "a*b");
     }
 
     #[test]

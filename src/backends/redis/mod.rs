@@ -660,11 +660,14 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
             target.name
         )));
     }
-    if glob::matches_everything(&redis.key_pattern) && !target.allow_match_all {
+    if !glob::has_anchored_prefix(&redis.key_pattern) && !target.allow_match_all {
         return Err(Error::InvalidSpec(format!(
-            "target {}: keyPattern {:?} matches every key in the store; set allowMatchAll: true if that is really meant",
+            "target {}: keyPattern {:?} has no literal prefix (such as \"session:\" in \"session:*\") and selects (nearly) every key in the store; set allowMatchAll: true if that is really meant",
             target.name, redis.key_pattern
         )));
+    }
+    if let Some(subject) = target.subject.as_ref().and_then(|s| s.redis.as_ref()) {
+        validate_subject(&target.name, subject)?;
     }
     match (redis.mode, redis.timestamp_field.as_deref()) {
         (RedisMode::Timestamp, None | Some("")) => Err(Error::InvalidSpec(format!(
@@ -677,6 +680,54 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// Every subject locator must be bounded by its identifier on both sides (see
+/// [`template::check_bounded`]): a key glob names an identifier; of a hash field's or a set
+/// member's key and field (member), at least one does.
+fn validate_subject(
+    target: &str,
+    subject: &crate::api::retentionpolicy::RedisSubject,
+) -> Result<(), Error> {
+    use crate::backends::template::{check_bounded, Syntax};
+    let invalid = |what: String, t: &str, m: String| {
+        Error::InvalidSpec(format!("target {target}: subject.redis.{what} {t:?} {m}"))
+    };
+    for (i, key) in subject.keys.iter().enumerate() {
+        let what = format!("keys[{i}]");
+        let names = check_bounded(key, Syntax::Glob).map_err(|m| invalid(what.clone(), key, m))?;
+        if names.is_empty() {
+            return Err(invalid(
+                what,
+                key,
+                "names no identifier ({userId}, {email}, …): every erasure would take the same keys, whoever the subject".into(),
+            ));
+        }
+    }
+    let pairs = subject
+        .hash_fields
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (format!("hashFields[{i}]"), &h.key, "field", &h.field))
+        .chain(
+            subject
+                .set_members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (format!("setMembers[{i}]"), &m.key, "member", &m.member)),
+        );
+    for (what, key, second, value) in pairs {
+        let key_names = check_bounded(key, Syntax::Exact)
+            .map_err(|m| invalid(format!("{what}.key"), key, m))?;
+        let value_names = check_bounded(value, Syntax::Exact)
+            .map_err(|m| invalid(format!("{what}.{second}"), value, m))?;
+        if key_names.is_empty() && value_names.is_empty() {
+            return Err(Error::InvalidSpec(format!(
+                "target {target}: subject.redis.{what} names no identifier in its key or {second}: every erasure would remove the same {second}, whoever the subject"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -761,6 +812,63 @@ e1 127.0.0.1:7006@17006 master - 0 0 5 connected
         assert!(validate_target(&target("*", RedisMode::Expire, None, false)).is_err());
         assert!(validate_target(&target("*", RedisMode::Expire, None, true)).is_ok());
         assert!(validate_target(&target("session:*", RedisMode::Expire, None, false)).is_ok());
+        for all in ["**", "*:*", "?*", "[a-z]*", "*-*", ":*"] {
+            let e = validate_target(&target(all, RedisMode::Expire, None, false)).unwrap_err();
+            assert!(e.to_string().contains("allowMatchAll"), "{all}: {e}");
+            assert!(validate_target(&target(all, RedisMode::Expire, None, true)).is_ok());
+        }
+    }
+
+    fn with_subject(subject: serde_json::Value) -> Target {
+        let mut t = target("session:*", RedisMode::Expire, None, false);
+        t.subject = Some(serde_json::from_value(serde_json::json!({ "redis": subject })).unwrap());
+        t
+    }
+
+    #[test]
+    fn subject_locators_are_bounded_by_their_identifier() {
+        use serde_json::json;
+        for ok in [
+            json!({"keys": ["session:{userId}:*", "cart:{userId}", "mail:{email}"]}),
+            json!({"hashFields": [{"key": "user:{userId}", "field": "email"}]}),
+            json!({"hashFields": [{"key": "profiles", "field": "{userId}"}]}),
+            json!({"setMembers": [{"key": "newsletter", "member": "{email}"}]}),
+        ] {
+            assert!(validate_target(&with_subject(ok.clone())).is_ok(), "{ok}");
+        }
+        for (bad, names) in [
+            (json!({"keys": ["session:*"]}), "keys[0] \"session:*\""),
+            (
+                json!({"keys": ["session:{userId}*"]}),
+                "keys[0] \"session:{userId}*\"",
+            ),
+            (
+                json!({"keys": ["ok:{userId}", "session:*{userId}"]}),
+                "keys[1]",
+            ),
+            (json!({"keys": ["{userId}*"]}), "keys[0]"),
+            (json!({"keys": ["session-{userId}-*"]}), "keys[0]"),
+            (
+                json!({"hashFields": [{"key": "profiles", "field": "email"}]}),
+                "hashFields[0]",
+            ),
+            (
+                json!({"hashFields": [{"key": "p:{userId}x", "field": "f"}]}),
+                "hashFields[0].key",
+            ),
+            (
+                json!({"setMembers": [{"key": "s", "member": "m"}]}),
+                "setMembers[0]",
+            ),
+            (
+                json!({"setMembers": [{"key": "s", "member": "u{userId}"}]}),
+                "setMembers[0].member",
+            ),
+        ] {
+            let e = validate_target(&with_subject(bad.clone())).unwrap_err();
+            assert_eq!(e.reason(), "InvalidSpec");
+            assert!(e.to_string().contains(names), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use aws_sdk_s3::types::{BucketVersioningStatus, Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
 use tokio::sync::OnceCell;
 
-use super::template;
+use super::template::{self, Syntax};
 use super::{Backend, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
@@ -410,9 +410,12 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
                     .into(),
             );
         }
-        for (what, t) in [("prefix", &records.prefix), ("equals", &records.equals)] {
-            if template::placeholders(t).is_err() {
-                return invalid(format!("subject.s3.records.{what} is not a valid template"));
+        for (what, t, syntax) in [
+            ("prefix", &records.prefix, Syntax::Prefix),
+            ("equals", &records.equals, Syntax::Exact),
+        ] {
+            if let Err(m) = template::check_bounded(t, syntax) {
+                return invalid(format!("subject.s3.records.{what} {t:?} {m}"));
             }
         }
         if template::placeholders(&records.equals).is_ok_and(|p| p.is_empty()) {
@@ -431,19 +434,15 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
     Ok(())
 }
 
-/// A key prefix template must name an identifier and must not end with one: `users/{userId}`
-/// would make user 47's prefix also select user 4711's objects.
+/// A key prefix template must name an identifier, bounded on both sides; a prefix is open
+/// at its end, so it must not end with one: `users/{userId}` would make user 47's prefix
+/// also select user 4711's objects.
 fn check_key_prefix(prefix: &str) -> Result<(), String> {
     let names =
-        template::placeholders(prefix).map_err(|_| "is not a valid template".to_string())?;
+        template::check_bounded(prefix, Syntax::Prefix).map_err(|m| format!("{prefix:?} {m}"))?;
     if names.is_empty() {
         return Err(format!(
             "{prefix:?} names no identifier: it would select the same objects for every subject"
-        ));
-    }
-    if prefix.ends_with('}') {
-        return Err(format!(
-            "{prefix:?} ends with an identifier, so one subject's prefix would also select every id that starts the same (47 → 4711); end it with a delimiter such as '/'"
         ));
     }
     Ok(())
@@ -487,7 +486,14 @@ mod tests {
         all.allow_match_all = true;
         assert!(validate_target(&all).is_ok());
         assert!(validate_target(&target("logs/", prefixes(&["users/{userId}/"]))).is_ok());
-        for bad in ["users/{userId}", "users/", "users/{userId"] {
+        for bad in [
+            "users/{userId}",
+            "users/",
+            "users/{userId",
+            "users-{userId}/",
+            "u/{userId}.json",
+            "u/{userId}{email}/",
+        ] {
             let err = validate_target(&target("logs/", prefixes(&[bad]))).unwrap_err();
             assert!(matches!(err, Error::InvalidSpec(_)), "{bad}: {err}");
         }
@@ -506,6 +512,17 @@ mod tests {
         assert!(validate_target(&target("l/", records("", "a", "{email}"))).is_err());
         assert!(validate_target(&target("l/", records("l/", "a..b", "{email}"))).is_err());
         assert!(validate_target(&target("l/", records("l/", "a", "alice"))).is_err());
+        assert!(validate_target(&target("l/", records("l/", "a", "u{userId}"))).is_err());
+        assert!(validate_target(&target("l/", records("l/{userId}", "a", "{userId}"))).is_err());
+        assert!(validate_target(&target("l/", records("l/{userId}/", "a", "{userId}"))).is_ok());
+        // The retention prefix must not be empty (it would select the whole bucket).
+        for (prefix, ok) in [("", false), ("logs/", true), ("a", true)] {
+            assert_eq!(
+                validate_target(&target(prefix, None)).is_ok(),
+                ok,
+                "{prefix:?}"
+            );
+        }
     }
 
     #[test]

@@ -331,12 +331,32 @@ async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<Vec<ErasureTar
             });
             continue;
         };
+        // A target of an invalid policy (see the policy's Ready condition) never runs.
+        let invalid = super::retentionpolicy::plan::validate(&policy.spec).err();
         for t in policy.spec.targets.iter().filter(|t| t.subject.is_some()) {
+            let problems: Vec<&str> = invalid
+                .iter()
+                .flatten()
+                .filter(|e| e.target.as_ref().is_none_or(|n| *n == t.name))
+                .map(|e| e.message.as_str())
+                .collect();
+            let (phase, message) = if problems.is_empty() {
+                (ErasureTargetPhase::Pending, String::new())
+            } else {
+                (
+                    ErasureTargetPhase::Failed,
+                    format!(
+                        "InvalidSpec: RetentionPolicy {name} is invalid: {}",
+                        problems.join("; ")
+                    ),
+                )
+            };
             targets.push(ErasureTargetStatus {
                 policy: name.clone(),
                 target: t.name.clone(),
                 store: t.store.clone(),
-                phase: ErasureTargetPhase::Pending,
+                phase,
+                message,
                 ..Default::default()
             });
         }

@@ -135,7 +135,28 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     // 5. Write it if it changed, and tell what happened.
     let previous = policy.status.clone().unwrap_or_default();
     if policy.status.as_ref() != Some(&status) {
-        apply_status(&api, &policy.name_any(), &status).await?;
+        match (
+            apply_status(&api, &policy.name_any(), &status).await,
+            invalid,
+        ) {
+            (Ok(()), _) => {}
+            (Err(e), Some(message)) if refused_by_schema(&e) => {
+                // Stored before the schema was tightened (no validation ratcheting before
+                // Kubernetes 1.28): the API server refuses every status write on it. Say so
+                // in an Event and wait for an edit instead of retrying.
+                warn!(reason = "InvalidSpec", error = %e, "the policy is invalid and its status cannot be written");
+                ctx.publish(
+                    &policy,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    format!("{message} (the status cannot be written either: the stored object violates the installed CRD schema; edit the policy)"),
+                )
+                .await;
+                return Ok(Action::await_change());
+            }
+            (Err(e), _) => return Err(e),
+        }
     }
     report(&policy, &ctx, &previous, &status, completed.as_ref()).await;
     if let Some(done) = &completed {
@@ -150,7 +171,8 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     }
 
     // 6. Requeue while work remains; otherwise wake up when the next sweep is due.
-    Ok(if ctx.shutdown.is_cancelled() {
+    Ok(if ctx.shutdown.is_cancelled() || invalid.is_some() {
+        // An invalid spec waits for an edit; a sweep it interrupted is not polled.
         Action::await_change()
     } else if decision == Decision::Held {
         // Lifting the hold triggers a reconcile through the LegalHold watch; expiry does not.
@@ -172,6 +194,13 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     } else {
         Action::await_change()
     })
+}
+
+/// Whether the API server refused a write because the stored object fails the installed
+/// schema: 422 Invalid, or 500 when a list-map key is duplicated (server-side apply cannot
+/// even build the live object).
+fn refused_by_schema(e: &Error) -> bool {
+    matches!(e, Error::Kube(kube::Error::Api(s)) if s.code == 422 || s.code == 500)
 }
 
 /// Resolves each target's DataStore into a backend.
@@ -253,7 +282,7 @@ pub(crate) async fn resolve_target(
         }
         Some(_) => {}
     }
-    let spec = stores::connection_spec(&ctx.client, &store).await?;
+    let spec = stores::connection_spec(&ctx.client, &store, &ctx.settings).await?;
     let store_key = format!("{namespace}/{}", target.store);
     let backend = ctx
         .engine
@@ -273,7 +302,27 @@ async fn run_steps(
     status: &mut RetentionPolicyStatus,
 ) -> Option<Duration> {
     let current = status.current_sweep.clone()?;
-    let cutoff = current.start_time.0 - policy.spec.retention.as_chrono();
+    // Checked: validation bounds the retention, and no spec may panic the operator anyway.
+    let Some(cutoff) = current
+        .start_time
+        .0
+        .checked_sub_signed(policy.spec.retention.as_chrono())
+    else {
+        let now = Timestamp::now();
+        for target in &mut status.targets {
+            if target.phase == TargetPhase::Sweeping {
+                let result = StepResult::Failed {
+                    reason: "InvalidSpec",
+                    message: format!(
+                        "retention {} reaches before any date",
+                        policy.spec.retention
+                    ),
+                };
+                plan::apply_step(target, result, current.dry_run, now);
+            }
+        }
+        return None;
+    };
     let steps = policy
         .spec
         .targets

@@ -2,13 +2,15 @@
 //! result changes the status, and which conditions the status implies. No I/O here.
 
 use crate::api::common::{merge_conditions, DesiredCondition};
+use crate::api::common::{MAX_INTERVAL, MAX_RETENTION};
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::{
     CurrentSweep, LastSweep, RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
     TargetStatus,
 };
-use crate::api::Timestamp;
-use crate::backends::{Next, Step};
+use crate::api::retentionpolicy::{RetentionPolicySpec, Target};
+use crate::api::{StoreKind, Timestamp};
+use crate::backends::{self, Next, Step};
 use crate::schedule;
 use kube::ResourceExt;
 
@@ -92,13 +94,114 @@ pub fn release_targets(status: &mut RetentionPolicyStatus) {
     }
 }
 
+/// One reason a policy cannot run: the target it concerns (None: the whole policy) and a
+/// message naming the field, never an identifier value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub target: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The store kind a target selects, from the one selector it has.
+pub fn target_kind(target: &Target) -> Result<StoreKind, String> {
+    let kinds: Vec<StoreKind> = [
+        (target.redis.is_some(), StoreKind::Redis),
+        (target.s3.is_some(), StoreKind::S3),
+        (target.loki.is_some(), StoreKind::Loki),
+        (target.elasticsearch.is_some(), StoreKind::Elasticsearch),
+    ]
+    .into_iter()
+    .filter_map(|(set, kind)| set.then_some(kind))
+    .collect();
+    match kinds.as_slice() {
+        [kind] => Ok(*kind),
+        [] => Err(format!(
+            "target {} has no selector (redis, s3, loki or elasticsearch)",
+            target.name
+        )),
+        _ => Err(format!(
+            "target {} has more than one selector; give each store its own target",
+            target.name
+        )),
+    }
+}
+
+/// Everything wrong with a spec (pure), checked before anything is swept or erased and
+/// whatever the schema the object was stored under: the bounds of `retention` and
+/// `schedule.every`, unique target names, and each target's selector and subject locators
+/// (match-everything guards, identifiers bounded on both sides). Also used to keep the
+/// targets of an invalid policy out of erasures.
+pub fn validate(spec: &RetentionPolicySpec) -> Result<(), Vec<Invalid>> {
+    let mut errors = Vec::new();
+    let whole = |message: String| Invalid {
+        target: None,
+        message,
+    };
+    if let Err(m) = spec.retention.check("retention", MAX_RETENTION) {
+        errors.push(whole(m));
+    }
+    if let Some(every) = spec.schedule.as_ref().and_then(|s| s.every) {
+        if let Err(m) = every.check("schedule.every", MAX_INTERVAL) {
+            errors.push(whole(m));
+        }
+    }
+    if spec.targets.is_empty() {
+        errors.push(whole("the policy has no targets".into()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for target in &spec.targets {
+        if !seen.insert(target.name.as_str()) {
+            errors.push(Invalid {
+                target: Some(target.name.clone()),
+                message: format!(
+                    "target name {} is used more than once; each target needs its own name",
+                    target.name
+                ),
+            });
+            continue;
+        }
+        let checked = target_kind(target)
+            .and_then(|kind| backends::validate_target(kind, target).map_err(|e| e.to_string()));
+        if let Err(message) = checked {
+            errors.push(Invalid {
+                target: Some(target.name.clone()),
+                message,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// The errors of [`validate`] as one message.
+pub fn describe(errors: &[Invalid]) -> String {
+    errors
+        .iter()
+        .map(|e| e.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What to do now (pure): a function of the spec, the status written so far and the clock.
+/// An invalid spec (see [`validate`]) is never swept.
 pub fn decide(
     policy: &RetentionPolicy,
     schedule: &Result<schedule::Parsed, schedule::Error>,
     created: Timestamp,
     now: Timestamp,
 ) -> Decision {
+    if let Err(errors) = validate(&policy.spec) {
+        return Decision::Invalid(describe(&errors));
+    }
     let schedule = match schedule {
         Ok(s) => s,
         Err(e) => return Decision::Invalid(e.to_string()),
@@ -311,9 +414,14 @@ pub fn finish_if_done(
     status.current_sweep = None;
     let mut next = schedule.next_after(Some(current.start_time), created);
     if failed > 0 {
-        let retry =
-            Timestamp(now.0 + chrono::Duration::seconds(retry_after_failure.as_secs() as i64));
-        next = Some(next.map_or(retry, |n| n.min(retry)));
+        let retry = i64::try_from(retry_after_failure.as_secs())
+            .ok()
+            .and_then(chrono::Duration::try_seconds)
+            .and_then(|d| now.0.checked_add_signed(d))
+            .map(Timestamp);
+        if let Some(retry) = retry {
+            next = Some(next.map_or(retry, |n| n.min(retry)));
+        }
     }
     status.next_sweep_time = next;
     Some(Completed {
@@ -440,9 +548,13 @@ fn compliance(
         return DesiredCondition::unknown(C, "NotYetSwept", "no sweep has completed yet");
     };
     // Overdue: the next sweep should have started more than one period (at least 5m) ago.
-    let grace = chrono::Duration::seconds(period_secs.max(300) as i64);
+    let grace = i64::try_from(period_secs.max(300))
+        .ok()
+        .and_then(chrono::Duration::try_seconds)
+        .unwrap_or(chrono::Duration::MAX);
     if let Some(next) = status.next_sweep_time {
-        if status.current_sweep.is_none() && now.0 > next.0 + grace {
+        let overdue_at = next.0.checked_add_signed(grace);
+        if status.current_sweep.is_none() && overdue_at.is_some_and(|t| now.0 > t) {
             return DesiredCondition::new(
                 C,
                 false,
@@ -599,6 +711,107 @@ mod tests {
             compliance_counts(&refs),
             vec![("True", 1), ("False", 2), ("Unknown", 1)]
         );
+    }
+
+    #[test]
+    fn validation_refuses_out_of_bounds_durations_and_duplicate_targets() {
+        let mut p = policy(&["a", "b"]);
+        assert_eq!(validate(&p.spec), Ok(()));
+        for (retention, ok) in [
+            ("0d", false),
+            ("1s", true),
+            ("36525d", true),
+            ("36526d", false),
+            ("1000000000w", false),
+            ("99999999999999999999w", false),
+        ] {
+            p.spec.retention = retention.parse().unwrap();
+            let got = validate(&p.spec);
+            assert_eq!(got.is_ok(), ok, "retention {retention}: {got:?}");
+            if let Err(errors) = got {
+                assert_eq!(errors[0].target, None);
+                assert!(errors[0].message.contains("retention"), "{errors:?}");
+            }
+            // Never a panic, whatever the retention: the decision is Invalid, not a crash.
+            let d = decide(&p, &sched(&p), ts(T0), ts(T0));
+            assert_eq!(matches!(d, Decision::Invalid(_)), !ok, "{retention}: {d:?}");
+        }
+        p.spec.retention = "30d".parse().unwrap();
+        for (every, ok) in [("0s", false), ("1m", true), ("366d", true), ("367d", false)] {
+            p.spec.schedule = Some(Schedule {
+                every: Some(every.parse().unwrap()),
+                cron: None,
+            });
+            assert_eq!(validate(&p.spec).is_ok(), ok, "every {every}");
+        }
+        p.spec.schedule = None;
+        let dup = policy(&["a", "b", "a"]);
+        let errors = validate(&dup.spec).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].target.as_deref(), Some("a"));
+        assert!(errors[0].message.contains("more than once"));
+        assert!(matches!(
+            decide(&dup, &sched(&dup), ts(T0), ts(T0)),
+            Decision::Invalid(m) if m.contains("target name a")
+        ));
+    }
+
+    #[test]
+    fn validation_checks_every_target_selector_and_locator() {
+        let mut p = policy(&["a", "b"]);
+        p.spec.targets[1].subject = Some(
+            serde_json::from_value(serde_json::json!({"redis": {"keys": ["session:*"]}})).unwrap(),
+        );
+        p.spec.targets[0].redis.as_mut().unwrap().key_pattern = "*:*".into();
+        let errors = validate(&p.spec).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].target.as_deref(), Some("a"));
+        assert!(errors[0].message.contains("allowMatchAll"));
+        assert_eq!(errors[1].target.as_deref(), Some("b"));
+        assert!(errors[1].message.contains("keys[0] \"session:*\""));
+        let mut none = policy(&["a"]);
+        none.spec.targets[0].redis = None;
+        assert!(validate(&none.spec).unwrap_err()[0]
+            .message
+            .contains("no selector"));
+    }
+
+    #[test]
+    fn overdue_and_retry_arithmetic_cannot_overflow() {
+        let mut p = policy(&["a"]);
+        p.status = Some(RetentionPolicyStatus {
+            last_sweep: Some(LastSweep {
+                start_time: ts(T0),
+                completion_time: ts(T0),
+                outcome: SweepOutcome::Succeeded,
+                deleted: 0,
+                receipt: None,
+            }),
+            next_sweep_time: Some(Timestamp(DateTime::<Utc>::MAX_UTC)),
+            ..Default::default()
+        });
+        let status = p.status.clone().unwrap();
+        let c = conditions(&p, &status, None, &[], u64::MAX, ts(T0));
+        assert!(c.iter().any(|c| c.type_ == "Compliant"));
+        let mut status = begin_sweep(&p, ts(T0));
+        apply_step(
+            &mut status.targets[0],
+            StepResult::Failed {
+                reason: "X",
+                message: "x".into(),
+            },
+            false,
+            Timestamp(DateTime::<Utc>::MAX_UTC),
+        );
+        let s = sched(&p).unwrap();
+        assert!(finish_if_done(
+            &mut status,
+            &s,
+            ts(T0),
+            Timestamp(DateTime::<Utc>::MAX_UTC),
+            std::time::Duration::from_secs(u64::MAX),
+        )
+        .is_some());
     }
 
     #[test]

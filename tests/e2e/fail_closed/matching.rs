@@ -61,7 +61,7 @@ async fn store(client: &kube::Client, ns: &str, name: &str, spec: serde_json::Va
 }
 
 async fn s3_store(client: &kube::Client, ns: &str, server: &S3Server) {
-    create_secret(
+    create_credentials_secret(
         client,
         ns,
         "archive-creds",
@@ -73,7 +73,8 @@ async fn s3_store(client: &kube::Client, ns: &str, server: &S3Server) {
         ns,
         "archive",
         json!({"s3": {"bucket": "archive", "region": "us-east-1", "endpoint": server.endpoint(),
-                      "forcePathStyle": true, "credentialsSecretRef": {"name": "archive-creds"}}}),
+                      "forcePathStyle": true, "credentialsSecretRef": {"name": "archive-creds"}},
+               "insecure": true}),
     )
     .await;
 }
