@@ -231,6 +231,30 @@ pub struct S3Records {
     pub field: String,
     #[schemars(length(min = 1))]
     pub equals: String,
+    /// Lines of an archive that are not JSON but hold the subject's identifier (found as it
+    /// stands on its own, as Loki line filters are): `Keep` (the default) keeps them, and
+    /// the request then fails this target with `UnparsedCopiesRemain`, naming the objects and
+    /// line counts, until someone decides; `DropMatching` drops them with the subject's
+    /// records.
+    #[serde(default, skip_serializing_if = "UnparsedLines::is_keep")]
+    pub unparsed_lines: UnparsedLines,
+}
+
+/// What an erasure does with archive lines that are not JSON but hold the identifier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UnparsedLines {
+    /// Kept, and counted as copies that remain: the target is never `Verified` while any is
+    /// there.
+    #[default]
+    Keep,
+    /// Dropped in the rewrite with the subject's records (and counted with them).
+    DropMatching,
+}
+
+impl UnparsedLines {
+    pub fn is_keep(&self) -> bool {
+        *self == UnparsedLines::Keep
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -8,6 +8,7 @@
 
 pub mod elasticsearch;
 pub mod http;
+pub mod identifier;
 pub mod loki;
 pub mod redis;
 pub mod s3;
@@ -36,6 +37,14 @@ pub enum Error {
     BucketNotFound(String),
     #[error("the store failed a command: {0}")]
     Store(String),
+    /// A free-text locator cannot tell this subject's value from other text (too short, only
+    /// digits, not an e-mail address): nothing was run. Never carries the value.
+    #[error("{0}")]
+    IdentifierNotDistinctive(String),
+    /// Archive lines that are not JSON still hold the subject's identifier: copies remain.
+    /// Says where (object keys, line counts), never the identifier.
+    #[error("{0}")]
+    UnparsedCopiesRemain(String),
 }
 
 impl Error {
@@ -47,12 +56,19 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
+            Error::IdentifierNotDistinctive(_) => "IdentifierNotDistinctive",
+            Error::UnparsedCopiesRemain(_) => "UnparsedCopiesRemain",
         }
     }
 
     /// Whether trying again later may succeed without anyone changing the spec.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Error::InvalidSpec(_))
+        !matches!(
+            self,
+            Error::InvalidSpec(_)
+                | Error::IdentifierNotDistinctive(_)
+                | Error::UnparsedCopiesRemain(_)
+        )
     }
 }
 

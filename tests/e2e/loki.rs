@@ -590,7 +590,9 @@ fn loki_double_regex_subset_behaves_like_re2() {
     assert!(r(".+").full_match("x") && !r(".+").full_match(""));
     assert!(r(r"a\.b\*c\|d\}e\\").find(r"xa.b*c|d}e\y"));
     assert!(r("a{2,3}b").find("aab") && !r("^a{2,3}b").find("ab"));
-    assert!(Regex::new("(?i)x").is_err());
+    assert!(r("(?i)user-x").find("USER-X") && !r("user-x").find("USER-X"));
+    assert!(r("to=(?i:bob@x)!").find("to=Bob@X!") && !r("to=(?i:bob@x)!").find("TO=bob@x!"));
+    assert!(Regex::new("(?s)x").is_err());
 }
 
 #[test]

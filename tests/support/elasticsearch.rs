@@ -786,8 +786,23 @@ fn matches(q: &Value, source: &Value) -> Result<bool, Answer> {
                     "[term] query does not support objects or arrays as value",
                 ));
             }
+            // `case_insensitive` (Elasticsearch 7.10+, OpenSearch 1.0+; older Elasticsearch
+            // answers 400 "[term] query does not support [case_insensitive]"): string values
+            // compared without case. The double takes a JSON boolean only.
+            let fold = match v.get("case_insensitive") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(error(
+                        400,
+                        "parsing_exception",
+                        "[term] query [case_insensitive] must be a boolean",
+                    ))
+                }
+            };
             Ok(field_values(source, field).into_iter().any(|have| {
                 have == wanted
+                    || matches!((have, wanted), (Value::String(h), Value::String(w)) if fold && h.to_lowercase() == w.to_lowercase())
                     || matches!((have, wanted), (Value::Number(n), Value::String(w)) if w.parse::<f64>().ok() == n.as_f64())
             }))
         }

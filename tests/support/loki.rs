@@ -21,7 +21,8 @@
 //!   `= != =~ !~` (label regexes fully anchored), line filters `|= != |~ !~` (regexes match
 //!   anywhere in the line), strings as Go string literals; regexes in RE2 syntax, of which
 //!   this double implements the subset it needs (literals, escapes, `.`, classes, `\d\w\s\b`,
-//!   groups, alternation, `* + ? {n,m}`, `^ $`) and answers 400 to anything else.
+//!   groups, alternation, `* + ? {n,m}`, `^ $`, the case-insensitive flag `(?i)` / `(?i:…)` on
+//!   literal letters) and answers 400 to anything else.
 //!
 //! Processing is applied lazily: whenever the double handles a request it first processes
 //! every delete request whose cancel period has passed (as a compactor cycle would).
@@ -983,7 +984,7 @@ impl Regex {
     pub fn new(pattern: &str) -> Result<Regex, String> {
         let chars: Vec<char> = pattern.chars().collect();
         let mut at = 0;
-        let alts = parse_alts(&chars, &mut at)?;
+        let alts = parse_alts(&chars, &mut at, false)?;
         if at != chars.len() {
             return Err("unbalanced ')' in regex".into());
         }
@@ -1005,7 +1006,8 @@ impl Regex {
     }
 }
 
-fn parse_alts(p: &[char], at: &mut usize) -> Result<Vec<Vec<Node>>, String> {
+/// `fold`: inside `(?i)` / `(?i:…)`, letters match in either case.
+fn parse_alts(p: &[char], at: &mut usize, mut fold: bool) -> Result<Vec<Vec<Node>>, String> {
     let mut alts = vec![Vec::new()];
     while let Some(&c) = p.get(*at) {
         *at += 1;
@@ -1019,13 +1021,29 @@ fn parse_alts(p: &[char], at: &mut usize) -> Result<Vec<Vec<Node>>, String> {
                 break;
             }
             '(' => {
+                let mut inner_fold = fold;
                 if p.get(*at) == Some(&'?') {
-                    if p.get(*at + 1) != Some(&':') {
-                        return Err("regex flags are not supported by the double".into());
+                    // Of the flags, the double knows `i` only: `(?i)` to the end of the
+                    // group, `(?i:…)` for the group.
+                    match (p.get(*at + 1), p.get(*at + 2)) {
+                        (Some(':'), _) => *at += 2,
+                        (Some('i'), Some(')')) => {
+                            *at += 3;
+                            fold = true;
+                            continue;
+                        }
+                        (Some('i'), Some(':')) => {
+                            *at += 3;
+                            inner_fold = true;
+                        }
+                        _ => {
+                            return Err(
+                                "regex flags other than i are not supported by the double".into()
+                            )
+                        }
                     }
-                    *at += 2;
                 }
-                let inner = parse_alts(p, at)?;
+                let inner = parse_alts(p, at, inner_fold)?;
                 if p.get(*at) != Some(&')') {
                     return Err("missing ')' in regex".into());
                 }
@@ -1066,6 +1084,11 @@ fn parse_alts(p: &[char], at: &mut usize) -> Result<Vec<Vec<Node>>, String> {
                 }
                 last.push(Node::Repeat(Box::new(prev), min, max));
                 continue;
+            }
+            c if fold && c.to_lowercase().ne(c.to_uppercase()) => {
+                let mut ranges: Vec<(char, char)> = c.to_lowercase().map(|l| (l, l)).collect();
+                ranges.extend(c.to_uppercase().map(|u| (u, u)));
+                Node::Class(false, ranges)
             }
             c => Node::Lit(c),
         };

@@ -16,7 +16,9 @@
 //! a sweep). `term` is exact on `keyword` fields; on an analysed `text` field it compares
 //! with the field's tokens and would miss the subject, so a locator whose field is mapped
 //! `text` in any index of the pattern is refused (`_mapping/field`), pointing at the
-//! `keyword` sub-field (`user.email.keyword`).
+//! `keyword` sub-field (`user.email.keyword`). Values are canonical identifiers; a term whose
+//! identifiers are all e-mail addresses is sent with `case_insensitive: true` (Elasticsearch
+//! 7.10+, OpenSearch).
 //!
 //! Queries are JSON values built with `serde_json`, so no identifier can change their shape;
 //! identifiers never appear in cursors, errors or logs (bodies of errors that answer a

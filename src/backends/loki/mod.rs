@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use super::http::{self, HttpAuth};
-use super::template::{self, literal};
+use super::identifier;
+use super::template;
 use super::{
     Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
     SweepJob,
@@ -464,8 +465,8 @@ impl LokiBackend {
             next: Next::Done,
             failure: None,
         };
-        let text = match template::expand(&locator.line_filter, &job.identifiers, literal) {
-            Ok(text) => text,
+        let filled = match identifier::fill(&locator.line_filter, &job.identifiers) {
+            Ok(filled) => filled,
             Err(template::Error::MissingIdentifier(name)) => {
                 step.skipped.push(format!("lineFilter needs {{{name}}}"));
                 return Ok(step);
@@ -477,8 +478,17 @@ impl LokiBackend {
                 )))
             }
         };
+        // A value the line filter cannot tell apart from other text fails the target: it is
+        // neither run (it would take other people's lines) nor skipped (and reported erased).
+        filled.check_distinctive().map_err(|e| {
+            Error::IdentifierNotDistinctive(format!(
+                "target {}: subject.loki.lineFilter: {e}; nothing was sent to Loki",
+                job.target.name
+            ))
+        })?;
         step.ran = true;
-        let query = format!("{} {}", selector.render(), logql::exact_filter(&text));
+        // Find, erase and verify send this same query.
+        let query = format!("{} {}", selector.render(), logql::subject_filter(&filled));
         let now = Utc::now().timestamp() - CLOCK_SLACK_SECONDS;
         match (job.action, cursor) {
             (SubjectAction::Find | SubjectAction::Verify, _) => {

@@ -504,6 +504,7 @@ mod tests {
                     prefix: prefix.into(),
                     field: field.into(),
                     equals: equals.into(),
+                    unparsed_lines: Default::default(),
                 }),
             })
         };

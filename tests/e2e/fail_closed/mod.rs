@@ -3,4 +3,5 @@
 //! servers (kube-apiserver, redis-server, moto; Loki and Elasticsearch through their tests).
 
 mod credentials;
+mod matching;
 mod spec;
