@@ -13,6 +13,7 @@ pub mod redis;
 pub mod s3;
 pub mod template;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,10 @@ pub enum Error {
     BucketNotFound(String),
     #[error("the store failed a command: {0}")]
     Store(String),
+    /// Loki in `deletion_mode: filter-only` hides deleted lines from queries but keeps them
+    /// in storage: a deletion would be reported done (and verified) while the data remains.
+    #[error("{0}")]
+    DeletionModeFilterOnly(String),
 }
 
 impl Error {
@@ -47,6 +52,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
+            Error::DeletionModeFilterOnly(_) => "DeletionModeFilterOnly",
         }
     }
 
@@ -90,6 +96,137 @@ pub struct SweepJob {
     /// Items older than this are expired. Fixed for the whole sweep so that resumed steps
     /// and a dry run judge items by the same instant.
     pub cutoff: DateTime<Utc>,
+    /// Subjects a LegalHold keeps: the sweep leaves their data where it is, found through the
+    /// target's subject locator. The controller only lets a target sweep with holds when
+    /// [`hold_exclusion`] says the locator can express every held subject.
+    pub held: HeldSubjects,
+}
+
+/// The identifiers of the subjects held by LegalHolds (each a map type → value). In memory
+/// only: never logged, never in status; `Debug` shows how many there are.
+#[derive(Clone, Default, PartialEq)]
+pub struct HeldSubjects(pub Vec<BTreeMap<String, String>>);
+
+impl std::fmt::Debug for HeldSubjects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeldSubjects(<{} subjects>)", self.0.len())
+    }
+}
+
+impl HeldSubjects {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every held subject's expansion of `template` (identifiers passed through `escape`).
+    /// An error when a subject lacks an identifier the template needs: the caller must then
+    /// not sweep (the controller has already held such a target; this is the backstop).
+    pub fn expand_all(
+        &self,
+        what: &str,
+        template: &str,
+        escape: fn(&str) -> String,
+    ) -> Result<Vec<String>, Error> {
+        self.0
+            .iter()
+            .map(|ids| {
+                template::expand(template, ids, escape).map_err(|e| {
+                    Error::InvalidSpec(format!(
+                        "{what}: a subject held by a LegalHold cannot be excluded ({e}); the target must be held"
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// The store kind a target's selector is written for (the one of `redis`, `s3`, `loki`,
+/// `elasticsearch` it sets).
+pub fn selector_kind(target: &Target) -> Option<StoreKind> {
+    match (
+        &target.redis,
+        &target.s3,
+        &target.loki,
+        &target.elasticsearch,
+    ) {
+        (Some(_), None, None, None) => Some(StoreKind::Redis),
+        (None, Some(_), None, None) => Some(StoreKind::S3),
+        (None, None, Some(_), None) => Some(StoreKind::Loki),
+        (None, None, None, Some(_)) => Some(StoreKind::Elasticsearch),
+        _ => None,
+    }
+}
+
+/// Whether a sweep of `target` can leave every held subject's data in place (pure). `Err`
+/// says why not, without any identifier value: the target has no subject locator for its
+/// store kind, or a held subject lacks an identifier type one of its templates needs. The
+/// whole target is then held. Templates used: Redis `keys` and the keys of `hashFields` and
+/// `setMembers` (those keys are skipped whole), S3 `keyPrefixes` and the `records` prefix and
+/// value, the Loki `lineFilter`, every Elasticsearch `term`.
+pub fn hold_exclusion(target: &Target, held: &HeldSubjects) -> Result<(), String> {
+    let none = || {
+        format!(
+            "target {} has no subject locator for its store, so a sweep cannot tell a held subject's data from the rest",
+            target.name
+        )
+    };
+    let locator = target.subject.as_ref().ok_or_else(none)?;
+    let mut templates: Vec<(String, &str)> = Vec::new();
+    match selector_kind(target) {
+        Some(StoreKind::Redis) => {
+            let r = locator.redis.as_ref().ok_or_else(none)?;
+            for (i, k) in r.keys.iter().enumerate() {
+                templates.push((format!("subject.redis.keys[{i}]"), k));
+            }
+            for (i, h) in r.hash_fields.iter().enumerate() {
+                templates.push((format!("subject.redis.hashFields[{i}].key"), &h.key));
+            }
+            for (i, m) in r.set_members.iter().enumerate() {
+                templates.push((format!("subject.redis.setMembers[{i}].key"), &m.key));
+            }
+        }
+        Some(StoreKind::S3) => {
+            let s = locator.s3.as_ref().ok_or_else(none)?;
+            for (i, p) in s.key_prefixes.iter().enumerate() {
+                templates.push((format!("subject.s3.keyPrefixes[{i}]"), p));
+            }
+            if let Some(r) = &s.records {
+                templates.push(("subject.s3.records.prefix".into(), &r.prefix));
+                templates.push(("subject.s3.records.equals".into(), &r.equals));
+            }
+        }
+        Some(StoreKind::Loki) => {
+            let l = locator.loki.as_ref().ok_or_else(none)?;
+            templates.push(("subject.loki.lineFilter".into(), &l.line_filter));
+        }
+        Some(StoreKind::Elasticsearch) => {
+            let e = locator.elasticsearch.as_ref().ok_or_else(none)?;
+            for (field, t) in &e.term {
+                templates.push((format!("subject.elasticsearch.term[{field}]"), t));
+            }
+        }
+        None => return Err(none()),
+    }
+    if templates.is_empty() {
+        return Err(none());
+    }
+    for (what, t) in templates {
+        for ids in &held.0 {
+            match template::expand(t, ids, template::literal) {
+                Ok(_) => {}
+                Err(template::Error::MissingIdentifier(name)) => {
+                    return Err(format!(
+                        "target {}: a held subject has no {{{name}}}, which {what} needs, so a sweep cannot tell their data from the rest",
+                        target.name
+                    ))
+                }
+                Err(template::Error::Malformed) => {
+                    return Err(format!("target {}: {what} is not a valid template", target.name))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// When a step must hand back control so its progress can be checkpointed.
@@ -123,10 +260,36 @@ pub struct Step {
     /// A few of the refused items by name, each with the store's reason (an object key and
     /// "object protected by Object Lock"), for the target's message.
     pub blocked_items: Vec<String>,
+    /// Items kept because a LegalHold holds a subject whose data they are (Redis keys and S3
+    /// objects of a held subject; archives holding a held subject's records; Elasticsearch
+    /// expired documents of a held subject). Never named: their names may carry identifiers.
+    pub held: u64,
+    /// Items the sweep could not judge (no timestamp, an unparseable one): neither deleted nor
+    /// known to be young enough.
+    pub unjudged: u64,
+    /// The oldest item the sweep saw and left in place, where the store can tell.
+    pub oldest_remaining: Option<DateTime<Utc>>,
     pub next: Next,
     /// A failure after some progress: the counts and `next` above are still true and are
     /// checkpointed, so work already done is neither lost nor redone.
     pub failure: Option<Error>,
+}
+
+impl Default for Step {
+    /// Nothing done, nothing left.
+    fn default() -> Self {
+        Self {
+            scanned: 0,
+            deleted: 0,
+            blocked: 0,
+            blocked_items: Vec::new(),
+            held: 0,
+            unjudged: 0,
+            oldest_remaining: None,
+            next: Next::Done,
+            failure: None,
+        }
+    }
 }
 
 /// What an erasure does in one target: find and count (also what a dry run does), erase, or
@@ -143,7 +306,7 @@ pub enum SubjectAction {
 #[derive(Clone)]
 pub struct SubjectJob {
     pub target: Target,
-    pub identifiers: std::collections::BTreeMap<String, String>,
+    pub identifiers: BTreeMap<String, String>,
     pub action: SubjectAction,
 }
 

@@ -95,6 +95,7 @@ async fn sweep_with(
         retention: "30d".parse().unwrap(),
         dry_run,
         cutoff,
+        held: Default::default(),
     };
     let mut swept = Swept::default();
     let mut cursor: Option<String> = None;
@@ -526,6 +527,7 @@ async fn es_version_conflicts_are_reported_as_blocked_and_taken_by_the_next_swee
         retention: "30d".parse().unwrap(),
         dry_run: false,
         cutoff: cutoff(),
+        held: Default::default(),
     };
     let mut cursor = None;
     let cursor = loop {
@@ -596,6 +598,7 @@ async fn es_task_failures_and_store_errors_fail_the_step_with_their_category() {
                     retention: "30d".parse().unwrap(),
                     dry_run: true,
                     cutoff: cutoff(),
+                    held: Default::default(),
                 },
                 None,
                 &budget(Duration::from_secs(5)),
@@ -613,6 +616,7 @@ async fn es_task_failures_and_store_errors_fail_the_step_with_their_category() {
                 retention: "30d".parse().unwrap(),
                 dry_run: false,
                 cutoff: cutoff(),
+                held: Default::default(),
             },
             None,
             &budget(Duration::from_secs(5)),

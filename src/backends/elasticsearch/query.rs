@@ -22,6 +22,25 @@ pub fn older_than(timestamp_field: &str, cutoff: DateTime<Utc>) -> Value {
     }}})
 }
 
+/// Expired documents except those of the subjects a LegalHold holds (`held`: one
+/// [`subject_query`] each). Without held subjects, exactly [`older_than`].
+pub fn older_than_except(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Value]) -> Value {
+    if held.is_empty() {
+        return older_than(timestamp_field, cutoff);
+    }
+    json!({"bool": {
+        "filter": [older_than(timestamp_field, cutoff)],
+        "must_not": held,
+    }})
+}
+
+/// Expired documents of the held subjects: what [`older_than_except`] keeps.
+pub fn older_than_held(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Value]) -> Value {
+    json!({"bool": {
+        "filter": [older_than(timestamp_field, cutoff), {"bool": {"should": held}}],
+    }})
+}
+
 /// The subject's documents: every `term` of the locator, all of them required. `terms` are
 /// field → already expanded value.
 pub fn subject_query(terms: &BTreeMap<String, String>) -> Value {
