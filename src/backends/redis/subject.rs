@@ -43,6 +43,7 @@ impl RedisBackend {
                 ))
             })?;
         let nodes = self.nodes().await?;
+        let nodes = nodes.as_slice();
         let mut count = 0;
         let mut skipped = Vec::new();
 
