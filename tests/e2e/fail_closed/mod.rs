@@ -1,0 +1,3 @@
+//! Issue 10, "fail closed": one submodule per part of the list.
+
+mod sweeps;
