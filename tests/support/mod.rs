@@ -738,10 +738,12 @@ impl RedisCluster {
         self.nodes.push(node);
         let id = self.node_id(self.nodes.len() - 1);
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
-        // Every node knows the new one, and it knows them all.
+        // Every node knows the new one, it knows them all, and it sees the cluster whole.
         while !self.nodes.iter().all(|n| {
             n.cli(&["CLUSTER", "NODES"])
                 .is_some_and(|l| l.contains(&id) && l.lines().count() == self.nodes.len())
+                && n.cli(&["CLUSTER", "INFO"])
+                    .is_some_and(|info| info.contains("cluster_state:ok"))
         }) {
             assert!(
                 Instant::now() < deadline,
