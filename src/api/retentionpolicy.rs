@@ -268,6 +268,11 @@ pub struct CurrentSweep {
     /// The policy generation the sweep runs under; an edit restarts the sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// The LegalHolds on subjects the sweep runs under (names and generations, never an
+    /// identifier). A hold placed, changed or lifted restarts the sweep, cancelling what the
+    /// stores still run for it, so no deletion submitted before a hold runs on regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_holds: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -77,6 +77,18 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         .into_iter()
         .flatten()
         .min();
+    let holds_tag = plan::subject_holds_tag(&holds.items, now);
+    if decision == Decision::Continue
+        && policy
+            .status
+            .as_ref()
+            .and_then(|s| s.current_sweep.as_ref())
+            .is_some_and(|c| c.subject_holds != holds_tag)
+    {
+        // Deletions submitted under other subject holds must not run on: start over.
+        info!("the LegalHolds on subjects changed: the sweep starts over");
+        decision = Decision::Start;
+    }
     let subjects = read_held_subjects(&ctx, &namespace, subject_holds).await;
     let (target_holds, held_subjects) = plan::target_holds(&policy, &held_by, &subjects);
     drop(subjects);
@@ -90,8 +102,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     // 3. Execute one bounded step.
     let mut status = match decision {
         Decision::Start => {
+            if let Some(previous) = policy.status.as_ref().filter(|s| s.current_sweep.is_some()) {
+                // A sweep restarted (spec edit, subject holds changed): what the stores still
+                // run for the old one is cancelled while it can be.
+                cancel_deletions_under_way(&policy, &resolved, previous).await;
+            }
             info!(dry_run = policy.spec.dry_run, "sweep started");
-            plan::begin_sweep(&policy, now)
+            let mut status = plan::begin_sweep(&policy, now);
+            if let Some(current) = status.current_sweep.as_mut() {
+                current.subject_holds = holds_tag.clone();
+            }
+            status
         }
         _ => policy.status.clone().unwrap_or_default(),
     };
@@ -456,6 +477,29 @@ async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut Retenti
             Ok(false) => {}
             Err(e) => {
                 warn!(target = %target.name, reason = e.reason(), error = %e, "could not cancel the store's deletion under way")
+            }
+        }
+    }
+}
+
+/// Cancels the deletions stores still run for a sweep that is being restarted.
+async fn cancel_deletions_under_way(
+    policy: &RetentionPolicy,
+    resolved: &[ResolvedTarget],
+    previous: &RetentionPolicyStatus,
+) {
+    let previous = plan::aligned_targets(policy, &previous.targets);
+    for (target, resolved) in previous.iter().zip(resolved) {
+        let (Some(cursor), Some((backend, _, _))) = (&target.cursor, &resolved.backend) else {
+            continue;
+        };
+        match backend.cancel(cursor).await {
+            Ok(true) => {
+                info!(target = %target.name, "cancelled the store's deletion of the sweep restarted")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(target = %target.name, reason = e.reason(), error = %e, "could not cancel the store's deletion of the sweep restarted")
             }
         }
     }

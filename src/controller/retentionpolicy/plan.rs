@@ -89,6 +89,19 @@ pub fn subject_holds(
     (out, earliest)
 }
 
+/// Names the LegalHolds on subjects in force, with their generations (no identifier): what a
+/// sweep runs under. None when there is none.
+pub fn subject_holds_tag(holds: &[LegalHold], now: Timestamp) -> Option<String> {
+    let mut tags: Vec<String> = holds
+        .iter()
+        .filter(|h| h.spec.subjects.as_ref().is_some_and(|s| !s.is_empty()))
+        .filter(|h| crate::controller::legalhold::is_active(h, now))
+        .map(|h| format!("{}/{}", h.name_any(), h.metadata.generation.unwrap_or(0)))
+        .collect();
+    tags.sort();
+    (!tags.is_empty()).then(|| tags.join(","))
+}
+
 /// What the operator could learn of one subject a LegalHold in force holds.
 #[derive(Clone, PartialEq)]
 pub enum HeldSubjectRead {
@@ -284,6 +297,7 @@ pub fn begin_sweep(policy: &RetentionPolicy, now: Timestamp) -> RetentionPolicyS
         start_time: now,
         dry_run: policy.spec.dry_run,
         generation: policy.metadata.generation,
+        subject_holds: None,
     });
     status.next_sweep_time = None;
     status
@@ -1299,5 +1313,44 @@ mod tests {
             (ConditionStatus::False, "ItemsUnjudged")
         );
         assert!(c.message.contains("3 in target a"), "{}", c.message);
+    }
+
+    #[test]
+    fn the_subject_holds_tag_names_holds_in_force_and_changes_with_them() {
+        use crate::api::legalhold::{HeldSubject, LegalHoldSpec};
+        let hold = |name: &str, generation: i64, subjects: bool, expires: Option<&str>| {
+            let mut h = LegalHold::new(
+                name,
+                LegalHoldSpec {
+                    reason: "r".into(),
+                    policies: None,
+                    subjects: subjects.then(|| {
+                        vec![HeldSubject {
+                            secret_ref: None,
+                            digest: Some(format!("hmac-sha256:{}", "0".repeat(64))),
+                        }]
+                    }),
+                    expires_at: expires.map(ts),
+                },
+            );
+            h.metadata.generation = Some(generation);
+            h
+        };
+        assert_eq!(subject_holds_tag(&[], ts(T0)), None);
+        let holds = vec![
+            hold("b", 2, true, None),
+            hold("a", 1, true, None),
+            hold("policies-only", 1, false, None),
+            hold("expired", 1, true, Some("2026-11-01T00:00:00Z")),
+        ];
+        assert_eq!(
+            subject_holds_tag(&holds, ts(T0)).as_deref(),
+            Some("a/1,b/2")
+        );
+        let edited = vec![hold("a", 2, true, None), hold("b", 2, true, None)];
+        assert_ne!(
+            subject_holds_tag(&edited, ts(T0)),
+            subject_holds_tag(&holds, ts(T0))
+        );
     }
 }

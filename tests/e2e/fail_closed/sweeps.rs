@@ -736,3 +736,80 @@ async fn a_redis_cluster_reshard_is_followed_by_erasures_and_sweeps() {
         .unwrap();
     assert!(ttl > 0, "TTL {ttl}");
 }
+
+/// Item 17, a hold placed while a sweep's deletion runs in the store: the delete-by-query
+/// submitted before the hold (without the subject left out) is cancelled and the sweep starts
+/// over around the held subject.
+#[tokio::test]
+async fn a_subject_hold_placed_during_a_sweep_cancels_the_deletion_under_way() {
+    let (client, ns) = setup("fc-hold-midsweep").await;
+    let es = EsDouble::start().await;
+    let old = (Utc::now() - chrono::Duration::days(40)).to_rfc3339();
+    let young = (Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    es.seed(
+        "events-1",
+        &[
+            ("held", json!({"@timestamp": old, "user": {"id": HELD}})),
+            ("other", json!({"@timestamp": old, "user": {"id": OTHER}})),
+            ("young", json!({"@timestamp": young, "user": {"id": OTHER}})),
+        ],
+    );
+    // The first task runs until it is cancelled or completed.
+    es.set_running_polls(u32::MAX);
+    let operator = TestOperator::start(&ns).await;
+    create::<tombstone::api::DataStore>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": "search"},
+               "spec": {"elasticsearch": {"url": es.url()}}}),
+    )
+    .await;
+    wait_store_ready(&client, &ns, "search", true).await;
+    create::<RetentionPolicy>(
+        &client,
+        &ns,
+        policy_json(
+            "sessions",
+            "30d",
+            json!([{"name": "events", "store": "search",
+                    "elasticsearch": {"index": "events-*", "timestampField": "@timestamp"},
+                    "subject": {"elasticsearch": {"term": {"user.id": "{userId}"}}}}]),
+        ),
+    )
+    .await;
+    wait_policy(
+        &client,
+        &ns,
+        "sessions",
+        "the sweep waiting on its task",
+        Duration::from_secs(30),
+        |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.targets.first().is_some_and(|t| t.cursor.is_some()))
+        },
+    )
+    .await;
+    assert_eq!(es.task_count(), 1);
+    es.set_running_polls(0);
+
+    create_secret(&client, &ns, "held-subject", json!({"userId": HELD})).await;
+    hold_subject_by_secret(&client, &ns, "litigation", "held-subject").await;
+    crate::support::wait_for(
+        "the task submitted before the hold cancelled",
+        Duration::from_secs(30),
+        || async { (es.cancelled_tasks() == 1).then_some(()) },
+    )
+    .await;
+    // Whatever still runs completes now.
+    es.complete_tasks();
+    let status = wait_sweep_completed(&client, &ns, "sessions", None)
+        .await
+        .status
+        .unwrap();
+    assert_eq!(es.ids("events-1"), vec!["held", "young"]);
+    let target = &status.targets[0];
+    assert_eq!((target.deleted, target.held), (1, 1), "{}", target.message);
+    assert_eq!(status.last_sweep.unwrap().outcome, SweepOutcome::Succeeded);
+    operator.stop().await;
+}
