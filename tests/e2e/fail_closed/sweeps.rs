@@ -182,6 +182,16 @@ async fn a_held_subjects_redis_keys_survive_the_sweep_while_others_expire() {
         (ConditionStatus::True, "LegalHold"),
         "{message}"
     );
+    // The sweep's receipt records what was kept for the hold.
+    let record = logged_audit_record(
+        status
+            .last_sweep
+            .as_ref()
+            .and_then(|l| l.receipt.as_deref())
+            .expect("a sweep receipt"),
+    );
+    assert_eq!(record["targets"][0]["held"], json!(2));
+    assert!(!record.to_string().contains(HELD));
     assert_no_identifier(&client, &ns, &policy).await;
     operator.stop().await;
 }
