@@ -350,7 +350,7 @@ pub struct TargetStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unjudged: u64,
     /// The oldest item the last sweep left in place, where the store tells (S3 LastModified,
-    /// Redis `timestamp`-mode field).
+    /// Redis `timestamp`-mode field, Elasticsearch timestamp field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_remaining: Option<Timestamp>,
     /// Where the current sweep resumes after a restart; absent when no sweep is under way.

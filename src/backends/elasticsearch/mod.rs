@@ -348,6 +348,27 @@ impl ElasticsearchBackend {
         Ok(query::read_ages(&answer))
     }
 
+    /// The oldest timestamp among the documents a sweep keeps.
+    async fn oldest_kept(
+        &self,
+        pattern: &str,
+        field: &str,
+        expired: &Value,
+        quote: Quote,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, Error> {
+        let answer = self
+            .call(
+                Method::POST,
+                &[pattern, "_search"],
+                &LENIENT,
+                Some(&query::oldest_kept_search(field, expired)),
+                "_search",
+                quote,
+            )
+            .await?;
+        Ok(query::read_oldest(&answer))
+    }
+
     /// Whether `index.blocks.write` is set on the index.
     async fn write_blocked(&self, index: &str) -> Result<bool, Error> {
         let answer = self
@@ -487,7 +508,9 @@ impl ElasticsearchBackend {
                 }
                 if job.dry_run {
                     // The fast path deletes only documents this range also counts.
-                    step.deleted = self.count(pattern, expired, quote).await?;
+                    step.deleted = self.count(pattern, expired.clone(), quote).await?;
+                    step.oldest_remaining =
+                        self.oldest_kept(pattern, field, &expired, quote).await?;
                     return Ok(step);
                 }
                 Cursor {
@@ -514,11 +537,17 @@ impl ElasticsearchBackend {
                 job,
                 budget,
                 deadline,
-                (expired, quote),
+                (expired.clone(), quote),
             )
             .await
         {
-            Ok(()) => Ok(step),
+            Ok(()) => {
+                if step.next == Next::Done && step.failure.is_none() {
+                    step.oldest_remaining =
+                        self.oldest_kept(pattern, field, &expired, quote).await?;
+                }
+                Ok(step)
+            }
             // Progress already made is kept: the counts and the position move together.
             Err(e) if step.deleted > 0 || position.task.is_some() => {
                 step.failure = Some(e);

@@ -34,6 +34,25 @@ pub fn older_than_except(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[V
     }})
 }
 
+/// The search for the oldest timestamp among the documents a sweep keeps (those `expired`
+/// does not match): what remains after the sweep, in a dry run too.
+pub fn oldest_kept_search(timestamp_field: &str, expired: &Value) -> Value {
+    json!({
+        "size": 0,
+        "query": {"bool": {"must_not": [expired]}},
+        "aggs": {"oldest": {"min": {"field": timestamp_field}}},
+    })
+}
+
+/// Reads an [`oldest_kept_search`] answer (None: no kept document has the field).
+pub fn read_oldest(answer: &Value) -> Option<DateTime<Utc>> {
+    let ms = answer.pointer("/aggregations/oldest/value")?.as_f64()?;
+    if !ms.is_finite() {
+        return None;
+    }
+    DateTime::from_timestamp_millis(ms as i64)
+}
+
 /// Expired documents of the held subjects: what [`older_than_except`] keeps.
 pub fn older_than_held(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Value]) -> Value {
     json!({"bool": {

@@ -469,6 +469,7 @@ async fn run_sweep(backend: &dyn Backend, job: &SweepJob) -> Step {
         total.deleted += step.deleted;
         total.held += step.held;
         total.unjudged += step.unjudged;
+        total.oldest_remaining = total.oldest_remaining.or(step.oldest_remaining);
         match step.next {
             Next::Done => return total,
             Next::Continue(c) => cursor = Some(c),
@@ -530,6 +531,12 @@ async fn elasticsearch_sweeps_leave_a_held_subjects_documents_and_count_undated_
         "the dry run"
     );
     assert_eq!((real.deleted, real.held, real.unjudged), (2, 2, 1));
+    // The held subject's expired documents are the oldest left, and both runs say so.
+    let held_at = chrono::DateTime::parse_from_rfc3339(&old)
+        .unwrap()
+        .timestamp();
+    assert_eq!(dry.oldest_remaining.map(|t| t.timestamp()), Some(held_at));
+    assert_eq!(real.oldest_remaining.map(|t| t.timestamp()), Some(held_at));
     assert_eq!(es.ids("events-old"), vec!["held-1"]);
     assert_eq!(es.ids("events-new"), vec!["held-2", "undated", "young"]);
 }
