@@ -716,6 +716,52 @@ impl RedisCluster {
         &self.nodes
     }
 
+    /// Starts one more node and makes it a replica of node `primary`, in sync; returns its
+    /// index.
+    pub fn add_replica(&mut self, primary: usize) -> usize {
+        let replica = self.add_node();
+        let primary_id = self.node_id(primary);
+        let out = self.nodes[replica]
+            .cli(&["CLUSTER", "REPLICATE", &primary_id])
+            .unwrap_or_default();
+        assert_eq!(out.trim(), "OK", "CLUSTER REPLICATE: {out}");
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while !self.nodes[replica]
+            .cli(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("master_link_status:up"))
+        {
+            assert!(Instant::now() < deadline, "the replica did not sync");
+            thread::sleep(Duration::from_millis(100));
+        }
+        replica
+    }
+
+    /// `CLUSTER FAILOVER` on a replica: it becomes the primary of its slots, its primary
+    /// becomes its replica. Waits until every node sees it as a primary with slots.
+    pub fn failover(&self, replica: usize) {
+        let id = self.node_id(replica);
+        let out = self.nodes[replica]
+            .cli(&["CLUSTER", "FAILOVER"])
+            .unwrap_or_default();
+        assert_eq!(out.trim(), "OK", "CLUSTER FAILOVER: {out}");
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while !self.nodes.iter().all(|n| {
+            n.cli(&["CLUSTER", "NODES"]).is_some_and(|l| {
+                l.lines().any(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    f.first() == Some(&id.as_str())
+                        && f.get(2).is_some_and(|flags| flags.contains("master"))
+                        && f.len() > 8
+                })
+            }) && n
+                .cli(&["CLUSTER", "INFO"])
+                .is_some_and(|i| i.contains("cluster_state:ok"))
+        }) {
+            assert!(Instant::now() < deadline, "the failover did not complete");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts one more primary, serving no slot yet, joined to the cluster; returns its index.
     pub fn add_node(&mut self) -> usize {
         let [bus_port] = free_ports();

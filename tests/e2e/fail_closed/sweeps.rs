@@ -830,3 +830,82 @@ async fn a_subject_hold_placed_during_a_sweep_cancels_the_deletion_under_way() {
     assert_eq!(status.last_sweep.unwrap().outcome, SweepOutcome::Succeeded);
     operator.stop().await;
 }
+
+/// Item 10, a failover: the replica promoted after the backend first connected serves the
+/// subject's key now; the old primary (a replica now) redirects. Erasure and sweeps follow
+/// the new primary instead of failing on, or trusting, the old one.
+#[tokio::test]
+async fn a_redis_cluster_failover_is_followed_by_erasures_and_sweeps() {
+    use tombstone::backends::redis::{RedisBackend, RedisConfig};
+    use tombstone::backends::{SubjectAction, SubjectJob};
+    let mut cluster = crate::support::RedisCluster::start(3);
+    let key = format!("session:{HELD}:1");
+    // A hash tag of the other key's name: the same slot, so the same (promoted) primary.
+    let swept_key = format!("session:{{{key}}}:x");
+    cluster.set(&key, "v");
+    let owner = cluster.owner_of(cluster.slot_of(&key));
+    let replica = cluster.add_replica(owner);
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: cluster.seed_url(),
+            password: None,
+            cluster: true,
+        },
+        Limits::default(),
+    );
+    assert!(backend.probe().await.unwrap().contains("3 primaries"));
+    cluster.failover(replica);
+    assert_eq!(cluster.owner_of(cluster.slot_of(&key)), replica);
+    cluster.set(&swept_key, "v");
+    assert_eq!(cluster.owner_of(cluster.slot_of(&swept_key)), replica);
+
+    let target: tombstone::api::retentionpolicy::Target =
+        serde_json::from_value(json!({"name": "sessions", "store": "cache",
+            "redis": {"keyPattern": "session:*", "mode": "expire"},
+            "subject": {"redis": {"keys": ["session:{userId}:*"]}}}))
+        .unwrap();
+    let job = |action| SubjectJob {
+        target: target.clone(),
+        identifiers: BTreeMap::from([("userId".to_string(), HELD.to_string())]),
+        action,
+    };
+    let erased = backend
+        .subject_step(&job(SubjectAction::Erase), None, &budget())
+        .await
+        .expect("the erasure follows the new primary");
+    assert_eq!(erased.count, 1);
+    let verified = backend
+        .subject_step(&job(SubjectAction::Verify), None, &budget())
+        .await
+        .unwrap();
+    assert_eq!(verified.count, 0);
+    assert_eq!(
+        cluster.nodes()[replica]
+            .cli(&["EXISTS", &key])
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    let swept = run_sweep(
+        &backend,
+        &SweepJob {
+            target,
+            retention: "1d".parse().unwrap(),
+            dry_run: false,
+            cutoff: Utc::now() - chrono::Duration::days(1),
+            held: HeldSubjects::default(),
+        },
+    )
+    .await;
+    assert_eq!(
+        swept.deleted, 1,
+        "the key on the promoted replica got its TTL"
+    );
+    let ttl: i64 = cluster.nodes()[replica]
+        .cli(&["TTL", &swept_key])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ttl > 0, "TTL {ttl}");
+}
