@@ -384,3 +384,68 @@ pub fn validate_target(kind: StoreKind, target: &Target) -> Result<(), Error> {
         StoreKind::Elasticsearch => elasticsearch::validate_target(target),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(json: serde_json::Value) -> Target {
+        serde_json::from_value(json).expect("a valid target")
+    }
+
+    fn held(pairs: &[(&str, &str)]) -> HeldSubjects {
+        HeldSubjects(vec![pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()])
+    }
+
+    #[test]
+    fn a_hold_is_expressible_only_through_a_locator_for_the_targets_store() {
+        let s3 = target(
+            serde_json::json!({"name": "a", "store": "s", "s3": {"prefix": "app/"},
+            "subject": {"s3": {"keyPrefixes": ["app/users/{userId}/"],
+                "records": {"prefix": "app/logs/", "field": "to", "equals": "{email}"}}}}),
+        );
+        assert!(hold_exclusion(&s3, &held(&[("userId", "1"), ("email", "a@b.example")])).is_ok());
+        let why = hold_exclusion(&s3, &held(&[("userId", "1")])).unwrap_err();
+        assert!(
+            why.contains("no {email}, which subject.s3.records.equals needs"),
+            "{why}"
+        );
+        // A locator for another store kind does not count.
+        let wrong = target(
+            serde_json::json!({"name": "b", "store": "s", "s3": {"prefix": "app/"},
+            "subject": {"loki": {"lineFilter": "uid={userId} "}}}),
+        );
+        assert!(hold_exclusion(&wrong, &held(&[("userId", "1")]))
+            .unwrap_err()
+            .contains("no subject locator"));
+        let es = target(serde_json::json!({"name": "c", "store": "s",
+            "elasticsearch": {"index": "ev-*", "timestampField": "@timestamp"},
+            "subject": {"elasticsearch": {"term": {"user.id": "{userId}", "tenant": "{tenant}"}}}}));
+        assert!(hold_exclusion(&es, &held(&[("userId", "1")]))
+            .unwrap_err()
+            .contains("{tenant}"));
+        let redis = target(serde_json::json!({"name": "d", "store": "s",
+            "redis": {"keyPattern": "h:*", "mode": "idle"},
+            "subject": {"redis": {"hashFields": [{"key": "profiles", "field": "{userId}"}]}}}));
+        assert!(
+            hold_exclusion(&redis, &held(&[("email", "a@b.example")])).is_ok(),
+            "the hash key has no placeholder: it is kept whole whatever the field"
+        );
+    }
+
+    #[test]
+    fn held_identifiers_expand_escaped_and_never_show_in_debug() {
+        let probe = "probe*9c1e";
+        let h = held(&[("userId", probe)]);
+        assert_eq!(
+            h.expand_all("k", "session:{userId}:*", template::escape_glob)
+                .unwrap(),
+            vec!["session:probe\\*9c1e:*".to_string()]
+        );
+        assert!(h.expand_all("k", "{email}", template::literal).is_err());
+        assert!(!format!("{h:?}").contains("9c1e"));
+    }
+}

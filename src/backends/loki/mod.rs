@@ -931,4 +931,26 @@ mod tests {
         assert_eq!(poll_after(0.0), Duration::from_secs(1));
         assert_eq!(poll_after(1e9), Duration::from_secs(300));
     }
+
+    #[test]
+    fn the_deletion_mode_is_read_from_the_tenant_override_or_the_default() {
+        let config = "auth_enabled: true\nlimits_config:\n  retention_period: 0s\n  deletion_mode: filter-and-delete\n";
+        assert_eq!(
+            default_deletion_mode(config).as_deref(),
+            Some("filter-and-delete")
+        );
+        assert_eq!(default_deletion_mode("server: {}\n"), None);
+        assert_eq!(default_deletion_mode("not: [yaml"), None);
+        let runtime = "overrides:\n  shop:\n    deletion_mode: filter-only\n  \"fake\":\n    deletion_mode: disabled\n";
+        assert_eq!(
+            runtime_deletion_mode(runtime, "shop").as_deref(),
+            Some("filter-only")
+        );
+        assert_eq!(
+            runtime_deletion_mode(runtime, "fake").as_deref(),
+            Some("disabled")
+        );
+        assert_eq!(runtime_deletion_mode(runtime, "other"), None);
+        assert_eq!(runtime_deletion_mode("overrides: {}\n", "shop"), None);
+    }
 }

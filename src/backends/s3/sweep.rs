@@ -762,4 +762,15 @@ mod tests {
         assert!(Cursor::decode("0:1234").is_err());
         assert!(Cursor::decode("s3:{").is_err());
     }
+
+    #[test]
+    fn held_prefixes_of_several_subjects_share_their_common_start() {
+        assert_eq!(
+            common_prefix(&["logs/a/".into(), "logs/b/".into()]),
+            "logs/"
+        );
+        assert_eq!(common_prefix(&["logs/".into()]), "logs/");
+        assert_eq!(common_prefix(&[]), "");
+        assert_eq!(common_prefix(&["é/x".into(), "é/y".into()]), "é/");
+    }
 }
