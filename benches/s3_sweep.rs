@@ -213,6 +213,7 @@ async fn tombstone_sweep(server: &S3Server, objects: usize) -> (Duration, usize)
         retention: "30d".parse().expect("duration"),
         dry_run: false,
         cutoff: chrono::Utc::now(),
+        held: Default::default(),
     };
     // Checkpoints as often as the operator does by default (--checkpoint-interval), so the
     // figure includes them.

@@ -304,6 +304,11 @@ pub struct CurrentSweep {
     /// The policy generation the sweep runs under; an edit restarts the sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// The LegalHolds on subjects the sweep runs under (names and generations, never an
+    /// identifier). A hold placed, changed or lifted restarts the sweep, cancelling what the
+    /// stores still run for it, so no deletion submitted before a hold runs on regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_holds: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -371,9 +376,26 @@ pub struct TargetStatus {
     /// The first few refused items by name, each with the store's reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocked_items: Vec<String>,
+    /// Items the last (or current) sweep kept because a LegalHold holds a subject whose data
+    /// they are (never named: their names may carry identifiers).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held: u64,
+    /// Items the last (or current) sweep could not judge and kept: Elasticsearch documents
+    /// without the timestamp field, Redis `timestamp`-mode keys without a readable timestamp.
+    /// While any remain, the policy is not Compliant.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unjudged: u64,
+    /// The oldest item the last sweep left in place, where the store tells (S3 LastModified,
+    /// Redis `timestamp`-mode field, Elasticsearch timestamp field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_remaining: Option<Timestamp>,
     /// Where the current sweep resumes after a restart; absent when no sweep is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -36,7 +36,7 @@ pub fn sweep_record(policy: &RetentionPolicy, status: &RetentionPolicyStatus) ->
     let targets: Vec<Value> = status
         .targets
         .iter()
-        .map(|t| json!({"name": t.name, "phase": t.phase, "scanned": t.scanned, "deleted": t.deleted, "blocked": t.blocked}))
+        .map(|t| json!({"name": t.name, "phase": t.phase, "scanned": t.scanned, "deleted": t.deleted, "blocked": t.blocked, "held": t.held, "unjudged": t.unjudged}))
         .collect();
     json!({
         "kind": "SweepReceipt",

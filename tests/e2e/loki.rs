@@ -75,6 +75,7 @@ async fn sweep(
         retention: "1d".parse().unwrap(),
         dry_run,
         cutoff,
+        held: Default::default(),
     };
     let (mut scanned, mut deleted, mut waits, mut cursors) = (0, 0, 0, Vec::new());
     let mut cursor: Option<String> = None;
@@ -228,6 +229,7 @@ async fn loki_sweep_deletes_old_lines_of_the_selected_streams_once_loki_has_proc
         retention: "1d".parse().unwrap(),
         dry_run: false,
         cutoff,
+        held: Default::default(),
     };
     let first = b.sweep_step(&job, None, &budget()).await.unwrap();
     assert_eq!(
@@ -294,6 +296,7 @@ async fn loki_resweeps_reuse_the_pending_request_instead_of_piling_up_duplicates
         retention: "1d".parse().unwrap(),
         dry_run: false,
         cutoff,
+        held: Default::default(),
     };
     // The cursor of the first step is lost (say, the status write failed): the sweep starts
     // over and finds its own pending request.

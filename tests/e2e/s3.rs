@@ -72,6 +72,7 @@ async fn sweep(
         retention: "1s".parse().unwrap(),
         dry_run,
         cutoff,
+        held: Default::default(),
     };
     let budget = StepBudget {
         max_time: Duration::from_millis(1),

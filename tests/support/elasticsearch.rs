@@ -977,6 +977,20 @@ fn search(state: &State, pattern: &str, query: &BTreeMap<String, String>, body: 
                 }
             }
             aggregations.insert(name.clone(), out);
+        } else if let Some(field) = agg.pointer("/min/field").and_then(Value::as_str) {
+            let min = docs
+                .iter()
+                .flat_map(|(_, _, d)| field_values(&d.source, field))
+                .filter_map(|v| date_ms(v, None))
+                .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.min(t))));
+            let mut out = json!({"value": min});
+            if let Some(m) = min {
+                if let Some(t) = DateTime::from_timestamp_millis(m as i64) {
+                    out["value_as_string"] =
+                        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                }
+            }
+            aggregations.insert(name.clone(), out);
         } else if let Some(field) = agg.pointer("/missing/field").and_then(Value::as_str) {
             let n = docs
                 .iter()
@@ -987,7 +1001,7 @@ fn search(state: &State, pattern: &str, query: &BTreeMap<String, String>, body: 
             return error(
                 400,
                 "parsing_exception",
-                &format!("the double knows only max and missing aggregations, not {agg}"),
+                &format!("the double knows only max, min and missing aggregations, not {agg}"),
             );
         }
     }

@@ -32,6 +32,44 @@ pub struct Term {
     pub case_insensitive: bool,
 }
 
+/// Expired documents except those of the subjects a LegalHold holds (`held`: one
+/// [`subject_query`] each). Without held subjects, exactly [`older_than`].
+pub fn older_than_except(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Value]) -> Value {
+    if held.is_empty() {
+        return older_than(timestamp_field, cutoff);
+    }
+    json!({"bool": {
+        "filter": [older_than(timestamp_field, cutoff)],
+        "must_not": held,
+    }})
+}
+
+/// The search for the oldest timestamp among the documents a sweep keeps (those `expired`
+/// does not match): what remains after the sweep, in a dry run too.
+pub fn oldest_kept_search(timestamp_field: &str, expired: &Value) -> Value {
+    json!({
+        "size": 0,
+        "query": {"bool": {"must_not": [expired]}},
+        "aggs": {"oldest": {"min": {"field": timestamp_field}}},
+    })
+}
+
+/// Reads an [`oldest_kept_search`] answer (None: no kept document has the field).
+pub fn read_oldest(answer: &Value) -> Option<DateTime<Utc>> {
+    let ms = answer.pointer("/aggregations/oldest/value")?.as_f64()?;
+    if !ms.is_finite() {
+        return None;
+    }
+    DateTime::from_timestamp_millis(ms as i64)
+}
+
+/// Expired documents of the held subjects: what [`older_than_except`] keeps.
+pub fn older_than_held(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Value]) -> Value {
+    json!({"bool": {
+        "filter": [older_than(timestamp_field, cutoff), {"bool": {"should": held}}],
+    }})
+}
+
 /// The subject's documents: every `term` of the locator, all of them required. `terms` are
 /// field → filled-in value. Find, erase and verify all send this query.
 pub fn subject_query(terms: &BTreeMap<String, Term>) -> Value {

@@ -37,7 +37,7 @@ fn expand_or_skip(
 
 /// A key template as one glob: the template's own text is a glob, identifier values are
 /// canonical and escaped, and e-mail values match in any (ASCII) case (`[bB][oO][bB]@…`).
-fn key_glob(
+pub(crate) fn key_glob(
     template: &str,
     identifiers: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, template::Error> {
@@ -65,6 +65,7 @@ impl RedisBackend {
                 ))
             })?;
         let nodes = self.nodes().await?;
+        let nodes = nodes.as_slice();
         let mut count = 0;
         let mut skipped = Vec::new();
 

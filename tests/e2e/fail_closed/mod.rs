@@ -5,3 +5,4 @@
 mod credentials;
 mod matching;
 mod spec;
+mod sweeps;
