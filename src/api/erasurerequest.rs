@@ -40,13 +40,17 @@ pub struct ErasureRequestSpec {
     /// An external ticket id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
-    /// Keep the identifiers Secret once the request completes (default: it is deleted).
+    /// Keep the identifiers Secret once the request completes (default: it is deleted if it
+    /// is labelled `tombstone.dev/subject-identifiers: "true"`; an unlabelled Secret is
+    /// always kept).
     #[serde(default)]
     pub retain_subject_secret: bool,
 }
 
 /// Who is to be erased: identifiers from a Secret (each key an identifier type) and/or
-/// inline, for pseudonymous identifiers only.
+/// inline, for pseudonymous identifiers only (an internal user id): an inline value stays in
+/// etcd with the request, so e-mail addresses (a value with `@`, a type named like `email`)
+/// are refused there.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("anyOf" = [{"required": ["secretRef"]}, {"required": ["identifiers"]}]))]
@@ -105,6 +109,25 @@ impl ErasurePhase {
     }
 }
 
+/// What became of the identifiers Secret (`spec.subject.secretRef`) once the request
+/// completed. The operator deletes only a Secret labelled
+/// `tombstone.dev/subject-identifiers: "true"`, and only after a real erasure ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SubjectSecretFate {
+    /// Deleted once the request completed.
+    Deleted,
+    /// Kept: it does not carry the label, so it may be something else than identifiers.
+    KeptUnmarked,
+    /// Kept as `retainSubjectSecret` asks.
+    KeptOnRequest,
+    /// Kept: a dry run erases nothing.
+    KeptDryRun,
+}
+
+/// The label that marks a Secret as holding a data subject's identifiers, which the
+/// operator may delete once their erasure is done.
+pub const SUBJECT_IDENTIFIERS_LABEL: &str = "tombstone.dev/subject-identifiers";
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ErasureTargetPhase {
     #[default]
@@ -137,6 +160,10 @@ pub struct ErasureTargetStatus {
     /// own (a Loki delete request, an Elasticsearch task); never holds an identifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// The kind of store the target's locators ran in, once one did (`redis`, `s3`, `loki`,
+    /// `elasticsearch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_kind: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -166,8 +193,15 @@ pub struct ErasureRequestStatus {
     pub completion_time: Option<Timestamp>,
     #[serde(default)]
     pub targets: Vec<ErasureTargetStatus>,
+    /// Policies named in `spec.policies` that do not exist: the request fails without
+    /// erasing anything (`NothingInScope` or `PolicyNotFound`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_policies: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<ErasureTotals>,
+    /// What became of the identifiers Secret once the request completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_secret: Option<SubjectSecretFate>,
     /// `sha256:` of the canonical audit record of what was done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<String>,

@@ -32,6 +32,8 @@ pub enum Error {
     SecretNotFound(String),
     #[error("Secret {secret} has no key {key}")]
     SecretKeyMissing { secret: String, key: String },
+    #[error("Secret {secret}: the value of key {key} is not UTF-8 text")]
+    SecretValueNotText { secret: String, key: String },
     #[error("DataStore {0} not found")]
     StoreNotFound(String),
     #[error("{0}")]
@@ -49,6 +51,7 @@ impl Error {
         match self {
             Error::Kube(_) => "KubernetesApiError",
             Error::SecretNotFound(_) | Error::SecretKeyMissing { .. } => "SecretNotFound",
+            Error::SecretValueNotText { .. } => "SecretValueNotText",
             Error::StoreNotFound(_) => "StoreNotFound",
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Backend(e) => e.reason(),
@@ -79,6 +82,8 @@ pub struct Settings {
     pub probe_interval: Duration,
     /// The operator's own namespace: where the subject-digest key Secret lives.
     pub operator_namespace: String,
+    /// The namespace watched (None: every namespace): where digests made with the key live.
+    pub watch_namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -89,6 +94,7 @@ impl Default for Settings {
             reconcile_concurrency: 8,
             probe_interval: Duration::from_secs(300),
             operator_namespace: "tombstone-system".into(),
+            watch_namespace: None,
         }
     }
 }
