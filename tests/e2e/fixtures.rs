@@ -422,6 +422,20 @@ pub async fn create_secret(client: &Client, ns: &str, name: &str, string_data: V
         .expect("create succeeds");
 }
 
+/// A data subject's identifiers in a Secret labelled `tombstone.dev/subject-identifiers`,
+/// which lets the operator delete it once the erasure is done.
+pub async fn create_subject_secret(client: &Client, ns: &str, name: &str, string_data: Value) {
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"tombstone.dev/subject-identifiers": "true"}},
+        "stringData": string_data
+    }))
+    .expect("a valid Secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create succeeds");
+}
+
 /// A LegalHold on whole policies.
 pub async fn hold_policies(client: &Client, ns: &str, name: &str, policies: &[&str]) {
     create::<tombstone::api::LegalHold>(

@@ -833,7 +833,7 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
     hold_policies(&client, &ns, "audit", &["mailer"]).await;
-    create_secret(
+    create_subject_secret(
         &client,
         &ns,
         "dsr-s3",

@@ -1,0 +1,3 @@
+//! Issue 10: Tombstone fails closed. One submodule per area.
+
+mod erasure;
