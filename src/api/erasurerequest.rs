@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SecretRef, Timestamp};
+use super::retentionpolicy::RetentionException;
 
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -80,17 +81,22 @@ pub enum ErasurePhase {
     Erasing,
     Verifying,
     Completed,
+    /// Everything erased and verified except copies a store keeps under a lock for which
+    /// the policy declares an Art. 17(3) ground (`status.targets[].retained`); the erasure
+    /// is re-applied when the locks lapse.
+    CompletedWithExceptions,
     Blocked,
     Failed,
 }
 
 impl ErasurePhase {
-    pub const ALL: [ErasurePhase; 7] = [
+    pub const ALL: [ErasurePhase; 8] = [
         ErasurePhase::Pending,
         ErasurePhase::Discovering,
         ErasurePhase::Erasing,
         ErasurePhase::Verifying,
         ErasurePhase::Completed,
+        ErasurePhase::CompletedWithExceptions,
         ErasurePhase::Blocked,
         ErasurePhase::Failed,
     ];
@@ -103,6 +109,7 @@ impl ErasurePhase {
             ErasurePhase::Erasing => "Erasing",
             ErasurePhase::Verifying => "Verifying",
             ErasurePhase::Completed => "Completed",
+            ErasurePhase::CompletedWithExceptions => "CompletedWithExceptions",
             ErasurePhase::Blocked => "Blocked",
             ErasurePhase::Failed => "Failed",
         }
@@ -122,6 +129,8 @@ pub enum SubjectSecretFate {
     KeptOnRequest,
     /// Kept: a dry run erases nothing.
     KeptDryRun,
+    /// Kept until the copies retained under an Art. 17(3) ground are erased too.
+    KeptForRetainedCopies,
 }
 
 /// The label that marks a Secret as holding a data subject's identifiers, which the
@@ -138,7 +147,29 @@ pub enum ErasureTargetPhase {
     NothingFound,
     Skipped,
     Blocked,
+    /// Everything else erased; the copies left are under a store lock kept under a declared
+    /// Art. 17(3) ground (see `retained`).
+    Retained,
     Failed,
+}
+
+/// The copies of a target kept under a store lock and a declared Art. 17(3) ground.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetainedCopiesStatus {
+    /// Copies retained (counted as verification counts them), never their keys.
+    pub count: u64,
+    pub ground: RetentionException,
+    pub description: String,
+    /// The earliest and latest retain-until dates among them; the erasure is re-applied at
+    /// the earliest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest_retain_until: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_retain_until: Option<Timestamp>,
+    /// Copies under an Object Lock legal hold (no date: kept until it is removed).
+    #[serde(default)]
+    pub legal_holds: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -164,6 +195,9 @@ pub struct ErasureTargetStatus {
     /// `elasticsearch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_kind: Option<String>,
+    /// Copies kept under a store lock and a declared Art. 17(3) ground (phase `Retained`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained: Option<RetainedCopiesStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -172,6 +206,9 @@ pub struct ErasureTotals {
     pub found: u64,
     pub erased: u64,
     pub blocked: u64,
+    /// Copies kept under a store lock and a declared Art. 17(3) ground.
+    #[serde(default)]
+    pub retained: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

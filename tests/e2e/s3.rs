@@ -634,7 +634,13 @@ use crate::erasure::wait_phase;
 use crate::fixtures::*;
 use crate::support::RedisServer;
 
-async fn s3_store(client: &kube::Client, ns: &str, name: &str, bucket: &str, endpoint: &str) {
+pub(crate) async fn s3_store(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    bucket: &str,
+    endpoint: &str,
+) {
     let spec = json!({"s3": {
         "bucket": bucket, "region": "us-east-1", "endpoint": endpoint, "forcePathStyle": true,
         "credentialsSecretRef": {"name": format!("{name}-creds")}

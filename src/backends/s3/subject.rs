@@ -13,7 +13,7 @@ use super::records::{self, Counts, Matcher};
 use super::sweep::Cursor;
 use super::{object_id, sdk_error, S3Backend};
 use crate::backends::template::{self, literal};
-use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
+use crate::backends::{Error, LockedCopies, Next, SubjectAction, SubjectJob, SubjectStep};
 
 /// Attempts at a conditional write before giving up on an archive that keeps changing.
 const WRITE_ATTEMPTS: u32 = 5;
@@ -70,6 +70,83 @@ impl S3Backend {
             next: Next::Done,
             failure: None,
         })
+    }
+
+    /// The subject's copies in versions under Object Lock (retention not yet lapsed, or a
+    /// legal hold), counted as Verify counts them: each version under a key prefix, each
+    /// matching record in an archive version. Never the keys: only counts and dates.
+    pub(super) async fn subject_locked_copies(
+        &self,
+        job: &SubjectJob,
+    ) -> Result<LockedCopies, Error> {
+        let mut locked = LockedCopies::default();
+        let Some(locator) = job.target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+            return Ok(locked);
+        };
+        if !self.versioned().await? {
+            return Ok(locked);
+        }
+        let mut skipped = Vec::new();
+        let mut prefixes = Vec::new();
+        for (i, t) in locator.key_prefixes.iter().enumerate() {
+            if let Some(p) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? {
+                prefixes.push((p, None));
+            }
+        }
+        if let Some(spec) = &locator.records {
+            let prefix = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
+            let equals = expand("records.equals", &spec.equals, job, &mut skipped)?;
+            if let (Some(prefix), Some(equals)) = (prefix, equals) {
+                prefixes.push((prefix, Some(Matcher::new(&spec.field, &equals))));
+            }
+        }
+        for (prefix, matcher) in prefixes {
+            let mut position = Cursor::default();
+            loop {
+                let (entries, next) = self.list_versions(&prefix, &position).await?;
+                for entry in entries.iter().filter(|e| !e.delete_marker) {
+                    let version = entry.version_id.as_deref();
+                    let Some((until, held)) = self.lock_state(&entry.key, version).await? else {
+                        continue;
+                    };
+                    let copies = match &matcher {
+                        None => 1,
+                        Some(m) => self.scan_object(&entry.key, version, m).await?.matched,
+                    };
+                    if copies > 0 {
+                        locked.add(copies, until, held);
+                    }
+                }
+                match next {
+                    Some(n) => position = n,
+                    None => break,
+                }
+            }
+        }
+        Ok(locked)
+    }
+
+    /// A version's Object Lock, if one is in force now: (retain-until, legal hold).
+    async fn lock_state(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<(Option<chrono::DateTime<chrono::Utc>>, bool)>, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let head = client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "HeadObject"))?;
+        let held = head.object_lock_legal_hold_status()
+            == Some(&aws_sdk_s3::types::ObjectLockLegalHoldStatus::On);
+        let until = super::sweep::to_chrono(head.object_lock_retain_until_date())
+            .filter(|u| *u > chrono::Utc::now() && head.object_lock_mode().is_some());
+        Ok((held || until.is_some()).then_some((until, held)))
     }
 
     /// Every object, version and delete marker under `prefix`: counted, or deleted.

@@ -23,7 +23,7 @@ use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase, ErasureTargetStatus,
-    SubjectSecretFate,
+    RetainedCopiesStatus, SubjectSecretFate,
 };
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
@@ -141,6 +141,12 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     if whole_request_held {
         status.phase = ErasurePhase::Blocked;
     } else {
+        if status.phase == ErasurePhase::CompletedWithExceptions
+            && plan::retained_due(&status.targets, now)
+        {
+            // A lock may have lapsed: verify again; what is no longer locked is erased.
+            status.phase = ErasurePhase::Verifying;
+        }
         status.phase = plan::resume_phase(status.phase, &status.targets);
         if status.phase != ErasurePhase::Blocked {
             poll_after = run_actions(&ctx, &request, &identifiers, &mut status).await;
@@ -154,14 +160,20 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     }
     status.totals = Some(plan::totals(&status.targets));
     let completed = status.phase == ErasurePhase::Completed;
-    if completed {
+    let with_exceptions = status.phase == ErasurePhase::CompletedWithExceptions
+        && previous.phase != ErasurePhase::CompletedWithExceptions;
+    if completed || with_exceptions {
         status.completion_time = Some(Timestamp::now());
         status.subject_secret = request.spec.subject.secret_ref.as_ref().map(|_| {
-            plan::secret_fate(
-                request.spec.dry_run,
-                request.spec.retain_subject_secret,
-                secret_marked,
-            )
+            if with_exceptions {
+                SubjectSecretFate::KeptForRetainedCopies
+            } else {
+                plan::secret_fate(
+                    request.spec.dry_run,
+                    request.spec.retain_subject_secret,
+                    secret_marked,
+                )
+            }
         });
         status.receipt = Some(audit::receipt::emit(&audit::receipt::erasure_record(
             &request, &status,
@@ -198,6 +210,13 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         _ if ctx.shutdown.is_cancelled() => Action::await_change(),
         // Secrets are not watched: look again with backoff until the hold can be evaluated.
         ErasurePhase::Blocked if !unverifiable.is_empty() => Action::requeue(ctx.backoff(&key)),
+        // Copies retained under a declared ground: look again when the earliest lock lapses
+        // (legal holds have no date: once a day).
+        ErasurePhase::CompletedWithExceptions => {
+            ctx.reset_failures(&key);
+            let wake = plan::retained_wake(&status.targets, now).map(|t| until(t, now));
+            Action::requeue(wake.unwrap_or(Duration::from_secs(86_400)) + Duration::from_secs(1))
+        }
         ErasurePhase::Blocked => {
             let until_deadline = status.deadline.map(|d| until(d, now));
             let wake = [hold_expiry.map(|e| until(e, now)), until_deadline]
@@ -655,17 +674,62 @@ async fn run_action(
                 Some(kind.as_str()),
                 Some(Duration::ZERO),
             ),
-            (None, Next::Done) => (
-                ActionResult::Done {
-                    count: step.count,
-                    ran: step.ran,
-                    skipped: step.skipped,
-                    blocked: step.blocked,
-                    malformed: step.malformed,
-                },
-                Some(kind.as_str()),
-                None,
-            ),
+            (None, Next::Done) => {
+                let ground = target
+                    .subject
+                    .as_ref()
+                    .and_then(|s| s.s3.as_ref())
+                    .and_then(|s| s.retained_copies.as_ref());
+                let mut blocked = step.blocked;
+                if let (Some(ground), SubjectAction::Erase) = (ground, action) {
+                    if blocked > 0 {
+                        // Declared as kept by law: verification tells what is left, and
+                        // whether all of it is locked.
+                        info!(target = %target.name, blocked, ground = ground.ground.article(), "object versions under Object Lock are retained under a declared ground");
+                        blocked = 0;
+                    }
+                }
+                if let (Some(ground), SubjectAction::Verify, true) =
+                    (ground, action, step.count > 0)
+                {
+                    match backend.locked_copies(&job).await {
+                        Ok(locked) if locked.count >= step.count => {
+                            return (
+                                ActionResult::Retained {
+                                    remaining: step.count,
+                                    retained: RetainedCopiesStatus {
+                                        count: locked.count,
+                                        ground: ground.ground,
+                                        description: ground.description.clone(),
+                                        earliest_retain_until: locked
+                                            .earliest_until
+                                            .map(Timestamp::truncate),
+                                        latest_retain_until: locked
+                                            .latest_until
+                                            .map(Timestamp::truncate),
+                                        legal_holds: locked.legal_holds,
+                                    },
+                                },
+                                Some(kind.as_str()),
+                                None,
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => return store_failed(e),
+                    }
+                }
+                (
+                    ActionResult::Done {
+                        count: step.count,
+                        ran: step.ran,
+                        skipped: step.skipped,
+                        blocked,
+                        malformed: step.malformed,
+                    },
+                    Some(kind.as_str()),
+                    None,
+                )
+            }
         },
         Err(e) => store_failed(e),
     }
@@ -822,6 +886,19 @@ async fn report(
                     )
                     .await;
                 }
+            }
+            ErasurePhase::CompletedWithExceptions => {
+                let note = find_condition(&status.conditions, "Complete")
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                ctx.publish(
+                    request,
+                    EventType::Normal,
+                    "ErasureCompletedWithExceptions",
+                    "Erase",
+                    note,
+                )
+                .await;
             }
             ErasurePhase::Failed => {
                 let note = find_condition(&status.conditions, "Complete")

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase as T,
-    ErasureTargetStatus, ErasureTotals, Subject, SubjectSecretFate, SUBJECT_IDENTIFIERS_LABEL,
+    ErasureTargetStatus, ErasureTotals, RetainedCopiesStatus, Subject, SubjectSecretFate,
+    SUBJECT_IDENTIFIERS_LABEL,
 };
 use crate::api::retentionpolicy::SubjectLocator;
 use crate::api::{StoreKind, Timestamp};
@@ -150,7 +151,9 @@ pub fn action_for(
     match (phase, target.phase) {
         (ErasurePhase::Discovering, T::Pending | T::Failed) => Some(SubjectAction::Find),
         (ErasurePhase::Erasing, T::Found | T::Failed) if !dry_run => Some(SubjectAction::Erase),
-        (ErasurePhase::Verifying, T::Erased | T::NothingFound | T::Failed) if !dry_run => {
+        (ErasurePhase::Verifying, T::Erased | T::NothingFound | T::Retained | T::Failed)
+            if !dry_run =>
+        {
             Some(SubjectAction::Verify)
         }
         _ => None,
@@ -176,6 +179,12 @@ pub enum ActionResult {
     },
     /// The store is still working (a deletion it runs by itself): resume from `cursor`.
     InProgress { cursor: String },
+    /// Verification found `remaining` copies, all of them under a store lock kept under the
+    /// target's declared Art. 17(3) ground.
+    Retained {
+        remaining: u64,
+        retained: RetainedCopiesStatus,
+    },
 }
 
 /// Folds an action's result into the target. A failed action keeps its cursor, so a retry
@@ -194,6 +203,16 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
         ActionResult::Failed { reason, message } => {
             target.phase = T::Failed;
             target.message = format!("{reason}: {message}");
+        }
+        ActionResult::Retained {
+            remaining,
+            retained,
+        } => {
+            target.cursor = None;
+            target.phase = T::Retained;
+            target.remaining = remaining;
+            target.message = retained_message(&retained);
+            target.retained = Some(retained);
         }
         ActionResult::Done {
             count,
@@ -219,7 +238,7 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
                 target.erased += count;
                 target.phase = T::Failed;
                 target.message = format!(
-                    "ObjectLocked: {blocked} object versions are protected by Object Lock (retention or legal hold) and were not erased; retrying until the lock lapses"
+                    "ObjectLocked: {blocked} object versions are protected by Object Lock (retention or legal hold) and were not erased; retrying until the lock lapses. No Art. 17(3) ground is declared for locked copies (subject.s3.retainedCopies), so the request stays open"
                 );
                 return;
             }
@@ -235,6 +254,7 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
                 }
                 SubjectAction::Verify => {
                     target.remaining = count;
+                    target.retained = None;
                     target.phase = match (count, target.found) {
                         (0, 0) => T::NothingFound,
                         (0, _) => T::Verified,
@@ -292,6 +312,8 @@ pub fn next_phase(
     let finish = || {
         if any(T::Blocked) {
             ErasurePhase::Blocked
+        } else if any(T::Retained) {
+            ErasurePhase::CompletedWithExceptions
         } else {
             ErasurePhase::Completed
         }
@@ -308,7 +330,11 @@ pub fn next_phase(
         ErasurePhase::Erasing if any(T::Found) || any(T::Failed) => ErasurePhase::Erasing,
         ErasurePhase::Erasing => ErasurePhase::Verifying,
         ErasurePhase::Verifying if any(T::Found) => ErasurePhase::Erasing,
-        ErasurePhase::Verifying if settled(&[T::Verified, T::NothingFound, T::Skipped]) => finish(),
+        ErasurePhase::Verifying
+            if settled(&[T::Verified, T::NothingFound, T::Skipped, T::Retained]) =>
+        {
+            finish()
+        }
         ErasurePhase::Verifying => ErasurePhase::Verifying,
         other => other,
     }
@@ -330,7 +356,7 @@ pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::E
     let week = chrono::Duration::days(7);
     let open_deadlines: Vec<Timestamp> = requests
         .iter()
-        .filter(|r| phase_of(r) != Completed)
+        .filter(|r| !matches!(phase_of(r), Completed | CompletedWithExceptions))
         .filter_map(|r| r.status.as_ref().and_then(|s| s.deadline))
         .collect();
     crate::metrics::ErasureCounts {
@@ -351,6 +377,11 @@ pub fn totals(targets: &[ErasureTargetStatus]) -> ErasureTotals {
             .iter()
             .filter(|t| t.phase == T::Blocked)
             .map(|t| t.found.max(1))
+            .sum(),
+        retained: targets
+            .iter()
+            .filter_map(|t| t.retained.as_ref())
+            .map(|r| r.count)
             .sum(),
     }
 }
@@ -381,6 +412,16 @@ pub fn conditions(
             "Verified",
             format!("erased, and verification found nothing left{secret_note}"),
         ),
+        ErasurePhase::CompletedWithExceptions => DesiredCondition::new(
+            "Complete",
+            true,
+            "CompletedWithExceptions",
+            format!(
+                "erased and verified, except copies kept under a declared Art. 17(3) ground: {}; \
+                 the erasure is re-applied when their locks lapse{secret_note}",
+                retained_summary(status)
+            ),
+        ),
         ErasurePhase::Failed => match nothing_in_scope(&status.targets, &status.missing_policies) {
             Some((reason, message)) => DesiredCondition::new("Complete", false, reason, message),
             None => DesiredCondition::new("Complete", false, "Failed", failed_message(status)),
@@ -403,14 +444,12 @@ pub fn conditions(
         }
     };
     let overdue = match status.deadline {
-        Some(deadline) if status.phase != ErasurePhase::Completed && now >= deadline => {
-            DesiredCondition::new(
-                "Overdue",
-                true,
-                "PastDeadline",
-                format!("the deadline {deadline} has passed (Art. 12(3))"),
-            )
-        }
+        Some(deadline) if !settled_phase(status.phase) && now >= deadline => DesiredCondition::new(
+            "Overdue",
+            true,
+            "PastDeadline",
+            format!("the deadline {deadline} has passed (Art. 12(3))"),
+        ),
         Some(deadline) => DesiredCondition::new(
             "Overdue",
             false,
@@ -477,8 +516,68 @@ fn secret_note(request: &ErasureRequest, status: &ErasureRequestStatus) -> Strin
         Some(SubjectSecretFate::KeptOnRequest) => {
             format!("; the Secret {name} was kept (retainSubjectSecret)")
         }
+        Some(SubjectSecretFate::KeptForRetainedCopies) => format!(
+            "; the identifiers Secret {name} is kept until the retained copies are erased too"
+        ),
         Some(SubjectSecretFate::KeptDryRun) | None => String::new(),
     }
+}
+
+/// Phases that answer the request within its deadline: `Overdue` never fires for them.
+pub fn settled_phase(phase: ErasurePhase) -> bool {
+    matches!(
+        phase,
+        ErasurePhase::Completed | ErasurePhase::CompletedWithExceptions
+    )
+}
+
+/// Whether retained copies are due for another look at `now`: the earliest retain-until
+/// date has passed, or some are kept by a legal hold only (no date: looked at on each wake).
+pub fn retained_due(targets: &[ErasureTargetStatus], now: Timestamp) -> bool {
+    targets
+        .iter()
+        .filter_map(|t| t.retained.as_ref())
+        .any(|r| r.earliest_retain_until.is_none_or(|e| e <= now))
+}
+
+/// When to look at retained copies again: the earliest retain-until date still ahead.
+pub fn retained_wake(targets: &[ErasureTargetStatus], now: Timestamp) -> Option<Timestamp> {
+    targets
+        .iter()
+        .filter_map(|t| t.retained.as_ref())
+        .filter_map(|r| r.earliest_retain_until)
+        .filter(|e| *e > now)
+        .min()
+}
+
+fn retained_message(r: &RetainedCopiesStatus) -> String {
+    let mut until = Vec::new();
+    if let (Some(e), Some(l)) = (r.earliest_retain_until, r.latest_retain_until) {
+        until.push(format!("retained until {e} (earliest) to {l} (latest)"));
+    }
+    if r.legal_holds > 0 {
+        until.push(format!(
+            "{} under an Object Lock legal hold (until it is removed)",
+            r.legal_holds
+        ));
+    }
+    format!(
+        "{} copies kept under Object Lock, retained under {} ({}): {}; the erasure is re-applied when the locks lapse",
+        r.count,
+        r.ground.article(),
+        r.description,
+        until.join("; ")
+    )
+}
+
+fn retained_summary(status: &ErasureRequestStatus) -> String {
+    status
+        .targets
+        .iter()
+        .filter(|t| t.retained.is_some())
+        .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn failed_message(status: &ErasureRequestStatus) -> String {
@@ -669,7 +768,8 @@ mod tests {
             ErasureTotals {
                 found: 3,
                 erased: 3,
-                blocked: 0
+                blocked: 0,
+                retained: 0
             }
         );
     }
@@ -776,7 +876,7 @@ mod tests {
             "a completed request is never overdue"
         );
         assert!(c.by_phase.contains(&("Erasing", 2)) && c.by_phase.contains(&("Pending", 0)));
-        assert_eq!(c.by_phase.len(), 7);
+        assert_eq!(c.by_phase.len(), 8);
     }
 
     #[test]

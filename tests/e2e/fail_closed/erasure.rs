@@ -488,3 +488,198 @@ async fn an_inline_email_address_is_refused_without_being_echoed() {
     assert_eq!(done.totals.unwrap().erased, 4, "the pseudonymous id ran");
     operator.stop().await;
 }
+
+/// Item 11: a version under S3 Object Lock that the policy declares kept under Art. 17(3)(e)
+/// settles the request as `CompletedWithExceptions` (not Overdue, Secret kept, receipt says
+/// so, no keys), and the erasure is re-applied when the lock lapses. Without a declared
+/// ground the same lock keeps the request open and Overdue.
+#[tokio::test]
+async fn copies_kept_by_law_under_object_lock_settle_the_request_until_the_lock_lapses() {
+    use crate::support::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    use aws_sdk_s3::primitives::ByteStream;
+    use aws_sdk_s3::types::{ChecksumAlgorithm, ObjectLockMode};
+    use tombstone::api::RetentionPolicy;
+
+    let (client, ns) = setup("fc-retained").await;
+    let server = S3Server::start();
+    server.create_bucket("archive", true, true).await;
+    let until = chrono::Utc::now().timestamp() + 40;
+    for user in ["u-fc-11", "u-fc-12"] {
+        server
+            .client()
+            .put_object()
+            .bucket("archive")
+            .key(format!("users/{user}/invoice.json"))
+            .body(ByteStream::from_static(b"{}"))
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .object_lock_mode(ObjectLockMode::Governance)
+            .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(until))
+            .send()
+            .await
+            .unwrap();
+        server
+            .put("archive", &format!("users/{user}/profile.json"), "{}")
+            .await;
+    }
+    server
+        .put("archive", "users/u-other/profile.json", "{}")
+        .await;
+
+    let operator = TestOperator::start(&ns).await;
+    create_secret(
+        &client,
+        &ns,
+        "archive-creds",
+        json!({"accessKeyId": ACCESS_KEY_ID, "secretAccessKey": SECRET_ACCESS_KEY}),
+    )
+    .await;
+    crate::s3::s3_store(&client, &ns, "archive", "archive", &server.endpoint()).await;
+    let billing = |name: &str, retained: Option<serde_json::Value>| {
+        let mut subject = json!({"keyPrefixes": ["users/{userId}/"]});
+        if let Some(r) = retained {
+            subject["retainedCopies"] = r;
+        }
+        let mut p = policy_json(
+            name,
+            "30d",
+            json!([{"name": "invoices", "store": "archive", "s3": {"prefix": "users/"},
+                    "subject": {"s3": subject}}]),
+        );
+        p["spec"]["suspend"] = json!(true);
+        p
+    };
+    create::<RetentionPolicy>(
+        &client,
+        &ns,
+        billing(
+            "billing",
+            Some(json!({"ground": "legalClaims", "description": "invoices kept for tax claims"})),
+        ),
+    )
+    .await;
+    create::<RetentionPolicy>(&client, &ns, billing("billing-nolaw", None)).await;
+    let request = |name: &str, policy: &str| {
+        let mut r = request_json(name, name, false);
+        r["spec"]["policies"] = json!([policy]);
+        // Received long ago: past its deadline.
+        r["spec"]["receivedAt"] = json!("2026-09-01T00:00:00Z");
+        r
+    };
+    create_subject_secret(&client, &ns, "dsr-r", json!({"userId": "u-fc-11"})).await;
+    create::<ErasureRequest>(&client, &ns, request("dsr-r", "billing")).await;
+    create_subject_secret(&client, &ns, "dsr-n", json!({"userId": "u-fc-12"})).await;
+    create::<ErasureRequest>(&client, &ns, request("dsr-n", "billing-nolaw")).await;
+
+    let settled = wait_phase(&client, &ns, "dsr-r", ErasurePhase::CompletedWithExceptions)
+        .await
+        .status
+        .unwrap();
+    let target = &settled.targets[0];
+    assert_eq!(target.phase, ErasureTargetPhase::Retained);
+    let retained = target.retained.as_ref().expect("retained copies reported");
+    let until_ts = chrono::DateTime::from_timestamp(until, 0).unwrap();
+    assert_eq!(
+        (
+            retained.count,
+            retained.ground,
+            retained.earliest_retain_until.map(|t| t.0),
+            retained.latest_retain_until.map(|t| t.0),
+        ),
+        (
+            1,
+            tombstone::api::retentionpolicy::RetentionException::LegalClaims,
+            Some(until_ts),
+            Some(until_ts)
+        )
+    );
+    assert_eq!(settled.totals.as_ref().unwrap().retained, 1);
+    assert_eq!(
+        settled.subject_secret,
+        Some(SubjectSecretFate::KeptForRetainedCopies)
+    );
+    let (status, reason, message) = condition(&settled.conditions, "Complete");
+    assert_eq!(
+        (status, reason.as_str()),
+        (
+            tombstone::api::ConditionStatus::True,
+            "CompletedWithExceptions"
+        )
+    );
+    assert!(message.contains("Art. 17(3)(e)"), "{message}");
+    assert_eq!(
+        condition(&settled.conditions, "Overdue").0,
+        tombstone::api::ConditionStatus::False,
+        "a request settled under an exception is not overdue"
+    );
+    let record = logged_audit_record(settled.receipt.as_deref().unwrap());
+    assert_eq!(
+        record["targets"][0]["retained"]["ground"],
+        json!("legalClaims")
+    );
+    let trail = format!(
+        "{}\n{:?}\n{record}",
+        serde_json::to_string(&settled).unwrap(),
+        events_for(&client, &ns, "dsr-r").await
+    );
+    assert!(!trail.contains("invoice.json"), "no keys: {trail}");
+    wait_event(&client, &ns, "dsr-r", |(_, r, _)| {
+        r == "ErasureCompletedWithExceptions"
+    })
+    .await;
+    assert!(secret_exists(&client, &ns, "dsr-r").await);
+    let left: Vec<String> = server
+        .versions("archive", "users/u-fc-11/")
+        .await
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    assert_eq!(left, vec!["users/u-fc-11/invoice.json".to_string()]);
+
+    // Without a declared ground: not an exception; open, failing target, overdue.
+    let open = wait_request(
+        &client,
+        &ns,
+        "dsr-n",
+        "Overdue on the request without a ground",
+        Duration::from_secs(60),
+        |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Overdue" && c.reason == "PastDeadline")
+                && s.targets
+                    .iter()
+                    .any(|t| t.phase == ErasureTargetPhase::Failed)
+        },
+    )
+    .await;
+    assert_eq!(open.phase, ErasurePhase::Erasing);
+    assert!(
+        open.targets[0].message.contains("retainedCopies"),
+        "{}",
+        open.targets[0].message
+    );
+
+    // The lock lapses: the erasure is re-applied by itself and the request completes.
+    let done = wait_request(
+        &client,
+        &ns,
+        "dsr-r",
+        "the request to complete once the lock lapsed",
+        Duration::from_secs(120),
+        |s| s.phase == ErasurePhase::Completed,
+    )
+    .await;
+    assert_eq!(done.targets[0].phase, ErasureTargetPhase::Verified);
+    assert!(server
+        .versions("archive", "users/u-fc-11/")
+        .await
+        .is_empty());
+    assert_eq!(server.versions("archive", "users/u-other/").await.len(), 1);
+    wait_for("the Secret to go", Duration::from_secs(20), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move { (!secret_exists(&client, &ns, "dsr-r").await).then_some(()) }
+    })
+    .await;
+    operator.stop().await;
+}
