@@ -1037,4 +1037,76 @@ mod tests {
             E::InvalidSpec("target t: subject.s3.keyPrefixes[0] is not a valid template".into());
         assert_eq!(redact(&spec).1, spec.to_string());
     }
+
+    #[test]
+    fn copies_retained_under_a_ground_settle_the_request_and_are_looked_at_again() {
+        use crate::api::retentionpolicy::RetentionException;
+        use ErasurePhase::*;
+        let retained = RetainedCopiesStatus {
+            count: 2,
+            ground: RetentionException::LegalClaims,
+            description: "tax claims".into(),
+            earliest_retain_until: Some(ts("2027-01-01T00:00:00Z")),
+            latest_retain_until: Some(ts("2030-01-01T00:00:00Z")),
+            legal_holds: 0,
+        };
+        let mut t = vec![target(T::Erased), target(T::Erased)];
+        t[0].found = 3;
+        apply(
+            &mut t[0],
+            SubjectAction::Verify,
+            ActionResult::Retained {
+                remaining: 2,
+                retained: retained.clone(),
+            },
+        );
+        apply(
+            &mut t[1],
+            SubjectAction::Verify,
+            ActionResult::Done {
+                count: 0,
+                skipped: vec![],
+                ran: true,
+                blocked: 0,
+                malformed: 0,
+            },
+        );
+        assert_eq!(t[0].phase, T::Retained);
+        assert!(
+            t[0].message.contains("Art. 17(3)(e)") && t[0].message.contains("2030-01-01"),
+            "{}",
+            t[0].message
+        );
+        assert_eq!(
+            next_phase(Verifying, &t, &[], false),
+            CompletedWithExceptions
+        );
+        assert_eq!(totals(&t).retained, 2);
+        assert!(settled_phase(CompletedWithExceptions));
+        // Not due before the earliest date; due after; a legal hold (no date) always is.
+        assert!(!retained_due(&t, ts("2026-12-31T00:00:00Z")));
+        assert_eq!(
+            retained_wake(&t, ts("2026-12-31T00:00:00Z")),
+            Some(ts("2027-01-01T00:00:00Z"))
+        );
+        assert!(retained_due(&t, ts("2027-01-01T00:00:00Z")));
+        assert_eq!(
+            action_for(Verifying, &t[0], false),
+            Some(SubjectAction::Verify)
+        );
+        // The lock lapsed: verification finds copies no longer retained, so they are erased.
+        apply(
+            &mut t[0],
+            SubjectAction::Verify,
+            ActionResult::Done {
+                count: 2,
+                skipped: vec![],
+                ran: true,
+                blocked: 0,
+                malformed: 0,
+            },
+        );
+        assert_eq!((t[0].phase, t[0].retained.as_ref()), (T::Found, None));
+        assert_eq!(next_phase(Verifying, &t, &[], false), Erasing);
+    }
 }
