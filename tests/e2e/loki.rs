@@ -982,6 +982,9 @@ async fn a_loki_erasure_completes_after_processing_and_a_hold_blocks_it_until_re
         !trail.contains(EMAIL),
         "the identifier leaked into the operator's trail"
     );
+    // Loki keeps each delete request with its query text: the receipt says so.
+    let record = logged_audit_record(status.receipt.as_deref().unwrap());
+    assert_eq!(record["queryTextRetainedBy"], json!(["loki"]));
     operator.stop().await;
 }
 
