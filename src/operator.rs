@@ -161,7 +161,10 @@ async fn run_controllers(
         client.clone(),
         recorder,
         metrics,
-        options.settings.clone(),
+        crate::controller::Settings {
+            watch_namespace: options.namespace.clone(),
+            ..options.settings.clone()
+        },
         stop.clone(),
     ));
     let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);

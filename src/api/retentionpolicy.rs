@@ -219,6 +219,52 @@ pub struct S3Subject {
     pub key_prefixes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records: Option<S3Records>,
+    /// The Art. 17(3) exception under which the subject's copies that S3 Object Lock keeps
+    /// (retention or legal hold) are retained. With it, an erasure that erased and verified
+    /// everything else settles as `CompletedWithExceptions` and is re-applied when the locks
+    /// lapse; without it, locked copies keep the request open (and `Overdue` past its
+    /// deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_copies: Option<RetainedCopies>,
+}
+
+/// Why copies under Object Lock are kept: a lock is a mechanism, this is the legal ground.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetainedCopies {
+    pub ground: RetentionException,
+    /// What obliges the retention, for the DPO and the receipt (e.g. "HGB §257: 10 years").
+    #[schemars(length(min = 1))]
+    pub description: String,
+}
+
+/// The exceptions of Art. 17(3) GDPR, (a)–(e).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RetentionException {
+    /// (a) exercising the right of freedom of expression and information.
+    FreedomOfExpression,
+    /// (b) compliance with a legal obligation, or a task in the public interest.
+    LegalObligation,
+    /// (c) public health.
+    PublicHealth,
+    /// (d) archiving in the public interest, scientific or historical research, statistics.
+    ArchivingOrResearch,
+    /// (e) the establishment, exercise or defence of legal claims.
+    LegalClaims,
+}
+
+impl RetentionException {
+    /// The point of Art. 17(3) it names, for messages: `Art. 17(3)(e)`.
+    pub fn article(&self) -> &'static str {
+        match self {
+            RetentionException::FreedomOfExpression => "Art. 17(3)(a)",
+            RetentionException::LegalObligation => "Art. 17(3)(b)",
+            RetentionException::PublicHealth => "Art. 17(3)(c)",
+            RetentionException::ArchivingOrResearch => "Art. 17(3)(d)",
+            RetentionException::LegalClaims => "Art. 17(3)(e)",
+        }
+    }
 }
 
 /// Records inside JSON-lines objects (optionally gzip) that belong to the subject.

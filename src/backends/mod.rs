@@ -358,6 +358,31 @@ pub struct SubjectStep {
     pub failure: Option<Error>,
 }
 
+/// A subject's copies a store keeps under a lock of its own until it lapses: how many, the
+/// earliest and latest retain-until dates, and how many are under a legal hold (no date).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockedCopies {
+    pub count: u64,
+    pub earliest_until: Option<DateTime<Utc>>,
+    pub latest_until: Option<DateTime<Utc>>,
+    pub legal_holds: u64,
+}
+
+impl LockedCopies {
+    /// Counts `copies` more copies in one locked version (retained until `until` and/or
+    /// under a legal hold).
+    pub fn add(&mut self, copies: u64, until: Option<DateTime<Utc>>, held: bool) {
+        self.count = self.count.saturating_add(copies);
+        if held {
+            self.legal_holds = self.legal_holds.saturating_add(copies);
+        }
+        if let Some(u) = until {
+            self.earliest_until = Some(self.earliest_until.map_or(u, |e| e.min(u)));
+            self.latest_until = Some(self.latest_until.map_or(u, |l| l.max(u)));
+        }
+    }
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn kind(&self) -> StoreKind;
@@ -380,6 +405,14 @@ pub trait Backend: Send + Sync {
     async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
         let _ = cursor;
         Ok(false)
+    }
+
+    /// The subject's copies the store keeps under a lock of its own (S3 Object Lock retention
+    /// or legal hold), counted as a Verify step counts copies, with the span of their
+    /// retain-until dates. Stores without such locks have none.
+    async fn locked_copies(&self, job: &SubjectJob) -> Result<LockedCopies, Error> {
+        let _ = job;
+        Ok(LockedCopies::default())
     }
 
     /// Runs one bounded step of finding, erasing or verifying one subject's records.

@@ -1061,7 +1061,7 @@ mod operator {
         policy["spec"]["suspend"] = json!(true);
         create::<RetentionPolicy>(&client, &ns, policy).await;
         hold_policies(&client, &ns, "audit", &["mailer"]).await;
-        create_secret(&client, &ns, "dsr-es", json!({"email": EMAIL})).await;
+        create_subject_secret(&client, &ns, "dsr-es", json!({"email": EMAIL})).await;
         request_erasure(&client, &ns, "dsr-es", "dsr-es").await;
         let held = wait_phase(&client, &ns, "dsr-es", ErasurePhase::Blocked).await;
         assert_eq!(

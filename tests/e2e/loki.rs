@@ -959,7 +959,7 @@ async fn a_loki_erasure_completes_after_processing_and_a_hold_blocks_it_until_re
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
     hold_policies(&client, &ns, "audit", &["mailer"]).await;
-    create_secret(&client, &ns, "dsr-loki", json!({"email": EMAIL})).await;
+    create_subject_secret(&client, &ns, "dsr-loki", json!({"email": EMAIL})).await;
     request_erasure(&client, &ns, "dsr-loki", "dsr-loki").await;
     wait_phase(&client, &ns, "dsr-loki", ErasurePhase::Blocked).await;
     assert!(
@@ -992,6 +992,9 @@ async fn a_loki_erasure_completes_after_processing_and_a_hold_blocks_it_until_re
         !trail.contains(EMAIL),
         "the identifier leaked into the operator's trail"
     );
+    // Loki keeps each delete request with its query text: the receipt says so.
+    let record = logged_audit_record(status.receipt.as_deref().unwrap());
+    assert_eq!(record["queryTextRetainedBy"], json!(["loki"]));
     operator.stop().await;
 }
 
@@ -1161,7 +1164,7 @@ async fn a_hold_landing_while_loki_waits_cancels_the_delete_request_and_holds_wi
     );
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
-    create_secret(&client, &ns, "dsr-wait", json!({"email": EMAIL})).await;
+    create_subject_secret(&client, &ns, "dsr-wait", json!({"email": EMAIL})).await;
     request_erasure(&client, &ns, "dsr-wait", "dsr-wait").await;
     let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
     crate::support::wait_for(

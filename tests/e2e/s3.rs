@@ -636,7 +636,13 @@ use crate::erasure::wait_phase;
 use crate::fixtures::*;
 use crate::support::RedisServer;
 
-async fn s3_store(client: &kube::Client, ns: &str, name: &str, bucket: &str, endpoint: &str) {
+pub(crate) async fn s3_store(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    bucket: &str,
+    endpoint: &str,
+) {
     let spec = json!({"s3": {
         "bucket": bucket, "region": "us-east-1", "endpoint": endpoint, "forcePathStyle": true,
         "credentialsSecretRef": {"name": format!("{name}-creds")}
@@ -835,7 +841,7 @@ async fn an_erasure_spans_redis_and_s3_and_a_hold_on_the_archive_blocks_only_its
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
     hold_policies(&client, &ns, "audit", &["mailer"]).await;
-    create_secret(
+    create_subject_secret(
         &client,
         &ns,
         "dsr-s3",

@@ -574,6 +574,11 @@ impl RedisServer {
         Self::launch(Some(password), &[])
     }
 
+    /// With extra `redis-server` arguments (e.g. `--rename-command`).
+    pub fn start_with_args(extra: &[&str]) -> RedisServer {
+        Self::launch(None, extra)
+    }
+
     fn launch(password: Option<&str>, extra: &[&str]) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("tombstone-redis-")

@@ -15,7 +15,7 @@ use super::{object_id, sdk_error, S3Backend};
 use crate::api::retentionpolicy::UnparsedLines;
 use crate::backends::identifier;
 use crate::backends::template;
-use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
+use crate::backends::{Error, LockedCopies, Next, SubjectAction, SubjectJob, SubjectStep};
 
 /// Attempts at a conditional write before giving up on an archive that keeps changing.
 const WRITE_ATTEMPTS: u32 = 5;
@@ -64,19 +64,7 @@ impl S3Backend {
         let mut failure = None;
         if let Some(spec) = &locator.records {
             let prefixes = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
-            let equals = match identifier::fill(&spec.equals, &job.identifiers) {
-                Ok(filled) => Some(filled),
-                Err(template::Error::MissingIdentifier(name)) => {
-                    skipped.push(format!("records.equals needs {{{name}}}"));
-                    None
-                }
-                Err(template::Error::Malformed) => {
-                    return Err(Error::InvalidSpec(format!(
-                        "target {}: subject.s3.records.equals is not a valid template",
-                        job.target.name
-                    )))
-                }
-            };
+            let equals = fill_equals(&spec.equals, job, &mut skipped)?;
             if let (Some(prefixes), Some(equals)) = (prefixes, equals) {
                 ran = true;
                 // Lines that are not JSON are only dropped when the value can be told apart
@@ -101,6 +89,84 @@ impl S3Backend {
             next: Next::Done,
             failure,
         })
+    }
+
+    /// The subject's copies in versions under Object Lock (retention not yet lapsed, or a
+    /// legal hold), counted as Verify counts them: each version under a key prefix, each
+    /// matching record in an archive version. Never the keys: only counts and dates.
+    pub(super) async fn subject_locked_copies(
+        &self,
+        job: &SubjectJob,
+    ) -> Result<LockedCopies, Error> {
+        let mut locked = LockedCopies::default();
+        let Some(locator) = job.target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+            return Ok(locked);
+        };
+        if !self.versioned().await? {
+            return Ok(locked);
+        }
+        let mut skipped = Vec::new();
+        let mut prefixes = Vec::new();
+        for (i, t) in locator.key_prefixes.iter().enumerate() {
+            if let Some(forms) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? {
+                prefixes.extend(forms.into_iter().map(|p| (p, None)));
+            }
+        }
+        if let Some(spec) = &locator.records {
+            let forms = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
+            let equals = fill_equals(&spec.equals, job, &mut skipped)?;
+            if let (Some(forms), Some(equals)) = (forms, equals) {
+                let matcher = Matcher::new(&spec.field, &equals);
+                prefixes.extend(forms.into_iter().map(|p| (p, Some(matcher.clone()))));
+            }
+        }
+        for (prefix, matcher) in prefixes {
+            let mut position = Cursor::default();
+            loop {
+                let (entries, next) = self.list_versions(&prefix, &position).await?;
+                for entry in entries.iter().filter(|e| !e.delete_marker) {
+                    let version = entry.version_id.as_deref();
+                    let Some((until, held)) = self.lock_state(&entry.key, version).await? else {
+                        continue;
+                    };
+                    let copies = match &matcher {
+                        None => 1,
+                        Some(m) => self.scan_object(&entry.key, version, m).await?.matched,
+                    };
+                    if copies > 0 {
+                        locked.add(copies, until, held);
+                    }
+                }
+                match next {
+                    Some(n) => position = n,
+                    None => break,
+                }
+            }
+        }
+        Ok(locked)
+    }
+
+    /// A version's Object Lock, if one is in force now: (retain-until, legal hold).
+    async fn lock_state(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<(Option<chrono::DateTime<chrono::Utc>>, bool)>, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let head = client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "HeadObject"))?;
+        let held = head.object_lock_legal_hold_status()
+            == Some(&aws_sdk_s3::types::ObjectLockLegalHoldStatus::On);
+        let until = super::sweep::to_chrono(head.object_lock_retain_until_date())
+            .filter(|u| *u > chrono::Utc::now() && head.object_lock_mode().is_some());
+        Ok((held || until.is_some()).then_some((until, held)))
     }
 
     /// Every object, version and delete marker under `prefix`: counted, or deleted.
@@ -471,6 +537,26 @@ fn expand(
         }
         Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
             "target {}: subject.s3.{what} is not a valid template",
+            job.target.name
+        ))),
+    }
+}
+
+/// The records locator's `equals` filled with canonical values, the one form every records
+/// pass compares with; None (recorded in `skipped`) when the subject lacks an identifier.
+fn fill_equals(
+    t: &str,
+    job: &SubjectJob,
+    skipped: &mut Vec<String>,
+) -> Result<Option<identifier::Filled>, Error> {
+    match identifier::fill(t, &job.identifiers) {
+        Ok(filled) => Ok(Some(filled)),
+        Err(template::Error::MissingIdentifier(name)) => {
+            skipped.push(format!("records.equals needs {{{name}}}"));
+            Ok(None)
+        }
+        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
+            "target {}: subject.s3.records.equals is not a valid template",
             job.target.name
         ))),
     }
