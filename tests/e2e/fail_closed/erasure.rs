@@ -526,7 +526,7 @@ async fn copies_kept_by_law_under_object_lock_settle_the_request_until_the_lock_
         .await;
 
     let operator = TestOperator::start(&ns).await;
-    create_secret(
+    create_credentials_secret(
         &client,
         &ns,
         "archive-creds",

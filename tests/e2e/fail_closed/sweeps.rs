@@ -304,21 +304,14 @@ async fn a_held_subjects_s3_prefix_and_archives_survive_the_sweep_while_others_e
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let operator = TestOperator::start(&ns).await;
-    create_secret(
+    create_credentials_secret(
         &client,
         &ns,
         "archive-creds",
         json!({"accessKeyId": ACCESS_KEY_ID, "secretAccessKey": SECRET_ACCESS_KEY}),
     )
     .await;
-    create::<tombstone::api::DataStore>(
-        &client,
-        &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": "archive"},
-               "spec": {"s3": {"bucket": "archive", "region": "us-east-1", "endpoint": server.endpoint(),
-                               "forcePathStyle": true, "credentialsSecretRef": {"name": "archive-creds"}}}}),
-    )
-    .await;
+    crate::s3::s3_store(&client, &ns, "archive", "archive", &server.endpoint()).await;
     wait_store_ready(&client, &ns, "archive", true).await;
     create_secret(&client, &ns, "held-subject", json!({"userId": HELD})).await;
     hold_subject_by_secret(&client, &ns, "litigation", "held-subject").await;
