@@ -8,7 +8,10 @@
 #     test server moto[server];
 #   - helm, for the chart's tests ($HELM_BIN, else helm on PATH, else a pinned helm cached
 #     under ${XDG_CACHE_HOME:-~/.cache}/tombstone/helm);
-#   - kube-apiserver and etcd for the test API server (hack/envtest-assets.sh).
+#   - kube-apiserver and etcd for the test API server (hack/envtest-assets.sh);
+#   - a real OpenSearch node for the search tests and the demo: the launcher in
+#     tests/opensearch-node, built with Maven (a JDK 17 and maven from Debian when absent; the
+#     OpenSearch jars are cached in ~/.m2), its classpath written under the cache directory.
 #
 # hack/demo.sh, hack/test.sh and .ci/run run it first. Progress goes to stderr, one line per
 # stage and how long it took; the last line says what was installed, or "nothing to install".
@@ -53,7 +56,7 @@ helm_choice() {
 venv_ok() { [[ -x $VENV/bin/python ]] && "$VENV/bin/python" -c 'import moto.server' >/dev/null 2>&1; }
 
 # --- 1. Debian packages: every missing one in a single apt-get run -----------------------
-stage "Debian packages: checking redis-server, redis-cli, openssl, kubectl, a C compiler, Python's venv"
+stage "Debian packages: checking redis-server, redis-cli, openssl, kubectl, a C compiler, Python's venv, a JDK, Maven"
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
@@ -62,6 +65,9 @@ command -v kubectl >/dev/null || need+=(kubernetes-client)
 # cargo links with the system C compiler, and aws-lc-sys compiles C.
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 [[ -e /etc/ssl/certs/ca-certificates.crt ]] || need+=(ca-certificates)
+# The OpenSearch launcher: Java 17 or newer and Maven.
+command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need+=(maven)
 if ! command -v python3 >/dev/null; then
   need+=(python3 python3-venv)
 elif ! venv_ok && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -154,6 +160,42 @@ else
   stage_done
 fi
 
+# --- 5. The OpenSearch launcher ---------------------------------------------------------
+# Built when its sources changed (their digest is kept beside the classpath) or a jar on
+# its classpath is gone; Maven resolves the OpenSearch jars into ~/.m2 once.
+stage "OpenSearch: the single-node launcher in tests/opensearch-node (Maven)"
+os_module=$root/tests/opensearch-node
+os_dir=$CACHE/opensearch-node
+os_cp_file=$os_dir/classpath
+os_stamp_file=$os_dir/sources.sha256
+os_stamp=$(cd "$os_module" && find pom.xml src -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+os_jar=$os_module/target/opensearch-node-0.1.0.jar
+os_ok() {
+  [[ -f $os_cp_file && -f $os_jar && $(cat "$os_stamp_file" 2>/dev/null) == "$os_stamp" ]] || return 1
+  local entry
+  local -a entries
+  IFS=: read -r -a entries <"$os_cp_file"
+  for entry in "${entries[@]}"; do [[ -e $entry ]] || return 1; done
+}
+if os_ok; then
+  stage_end "already there ($os_cp_file)"
+else
+  mkdir -p "$os_dir"
+  mvn_log=$(mktemp)
+  mvn -B -q -f "$os_module/pom.xml" package dependency:build-classpath \
+    -Dmdep.outputFile="$os_dir/deps" >"$mvn_log" 2>&1 ||
+    { tail -n 30 "$mvn_log" >&2; rm -f "$mvn_log"; die "building the OpenSearch launcher with Maven failed (above)" \
+      "Check that this machine reaches Maven Central (or that ~/.m2 holds the OpenSearch jars), then run this command again."; }
+  rm -f "$mvn_log"
+  printf '%s:%s' "$os_jar" "$(cat "$os_dir/deps")" >"$os_cp_file"
+  rm -f "$os_dir/deps"
+  echo "$os_stamp" >"$os_stamp_file"
+  os_ok || die "Maven built the OpenSearch launcher, but $os_cp_file names files that are missing" \
+    "Remove $os_dir and run this command again."
+  installed+=("OpenSearch launcher ($os_cp_file)")
+  stage_done
+fi
+
 if ((${#installed[@]} == 0)); then
   say "setup: nothing to install; everything was already there ($(human_ms $(($(now_ms) - t0))))"
 else
@@ -164,3 +206,4 @@ fi
 printf 'export KUBEBUILDER_ASSETS=%q\n' "$assets"
 printf 'export MOTO_PYTHON=%q\n' "$VENV/bin/python"
 printf 'export HELM_BIN=%q\n' "$helm"
+printf 'export OPENSEARCH_LAUNCHER_CLASSPATH=%q\n' "$(cat "$os_cp_file")"
