@@ -1,6 +1,7 @@
 //! The Elasticsearch/OpenSearch backend against the test double of `support::elasticsearch`
-//! (and, opt-in, against a real server when `ELASTICSEARCH_URL` is set: the same retention
-//! and erasure scenarios, on indices of their own): retention by delete-by-query and by whole
+//! (and against a real server: the same retention and erasure scenarios, on indices of their
+//! own, run on the real OpenSearch node of `support::opensearch`, or on the server that
+//! `ELASTICSEARCH_URL` names): retention by delete-by-query and by whole
 //! old indices, the task lifecycle and its faults, exact and injection-proof subject
 //! queries, and the operator flows (DataStore probe, RetentionPolicy with dry run,
 //! ErasureRequest with a LegalHold) with an Elasticsearch store.
@@ -784,15 +785,26 @@ async fn es_a_term_on_an_analysed_text_field_is_refused_with_the_keyword_advice(
 }
 
 // -------------------------------------------------------------------------------------
-// Opt-in: the same scenarios against a real Elasticsearch or OpenSearch
+// The same scenarios against a real OpenSearch (or the Elasticsearch of ELASTICSEARCH_URL)
 // -------------------------------------------------------------------------------------
 
-/// `ELASTICSEARCH_URL` (and optionally `ELASTICSEARCH_USERNAME`/`ELASTICSEARCH_PASSWORD` or
-/// `ELASTICSEARCH_API_KEY`): a client, a backend and a unique index prefix; None when unset.
-fn real_server() -> Option<(EsClient, ElasticsearchBackend, String)> {
-    let url = std::env::var("ELASTICSEARCH_URL")
+/// A client, a backend and a unique index prefix for a real server: the one `ELASTICSEARCH_URL`
+/// names (optionally with `ELASTICSEARCH_USERNAME`/`ELASTICSEARCH_PASSWORD` or
+/// `ELASTICSEARCH_API_KEY`), else the harness's own OpenSearch node (started on first use;
+/// a test fails when neither is available, it never passes without a server).
+fn real_server() -> (EsClient, ElasticsearchBackend, String) {
+    let Some(url) = std::env::var("ELASTICSEARCH_URL")
         .ok()
-        .filter(|u| !u.is_empty())?;
+        .filter(|u| !u.is_empty())
+    else {
+        let node = crate::support::opensearch::OpenSearchNode::get();
+        let url = node.url();
+        return (
+            EsClient::new(&url, None),
+            backend_for(&url, HttpAuth::None),
+            node.index_prefix("es-real"),
+        );
+    };
     let (auth, header) = match (
         std::env::var("ELASTICSEARCH_API_KEY").ok(),
         std::env::var("ELASTICSEARCH_USERNAME").ok(),
@@ -814,14 +826,14 @@ fn real_server() -> Option<(EsClient, ElasticsearchBackend, String)> {
         "tombstone-test-{}",
         Utc::now().timestamp_nanos_opt().unwrap_or(0)
     );
-    Some((EsClient::new(&url, header), backend_for(&url, auth), prefix))
+    (EsClient::new(&url, header), backend_for(&url, auth), prefix)
 }
 
 #[tokio::test]
-async fn real_es_retention_sweep_when_elasticsearch_url_is_set() {
-    let Some((client, backend, prefix)) = real_server() else {
-        return;
-    };
+async fn real_server_retention_sweep() {
+    let (client, backend, prefix) = tokio::task::spawn_blocking(real_server)
+        .await
+        .expect("a real server");
     println!("{}", backend.probe().await.expect("probe"));
     retention_scenario(&client, &backend, &prefix).await;
     for suffix in ["2026.01.02", "undated"] {
@@ -831,10 +843,10 @@ async fn real_es_retention_sweep_when_elasticsearch_url_is_set() {
 }
 
 #[tokio::test]
-async fn real_es_subject_erasure_when_elasticsearch_url_is_set() {
-    let Some((client, backend, prefix)) = real_server() else {
-        return;
-    };
+async fn real_server_subject_erasure() {
+    let (client, backend, prefix) = tokio::task::spawn_blocking(real_server)
+        .await
+        .expect("a real server");
     erasure_scenario(&client, &backend, &prefix).await;
     for suffix in ["a", "b"] {
         client.delete_index(&format!("{prefix}-{suffix}")).await;
