@@ -853,6 +853,55 @@ async fn real_server_subject_erasure() {
     }
 }
 
+/// Real dynamic mapping (no template, no explicit mapping): a string becomes analysed `text`
+/// with a `.keyword` sub-field. A term on the text field is refused with the advice; on the
+/// sub-field the subject is found exactly, erased, and `_count` is 0 after `_refresh`.
+#[tokio::test]
+async fn real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases() {
+    let (client, backend, p) = tokio::task::spawn_blocking(real_server)
+        .await
+        .expect("a real server");
+    let index = format!("{p}-people");
+    client
+        .bulk(
+            &index,
+            &[
+                (
+                    "s1",
+                    json!({"@timestamp": days_ago(1), "user": {"email": EMAIL}}),
+                ),
+                (
+                    "n1",
+                    json!({"@timestamp": days_ago(1), "user": {"email": format!("x{EMAIL}")}}),
+                ),
+            ],
+        )
+        .await;
+    let email = ids(&[("email", EMAIL)]);
+    let job = SubjectJob {
+        target: target(&format!("{p}-*"), json!({"user.email": "{email}"})),
+        identifiers: email.clone(),
+        action: SubjectAction::Find,
+    };
+    let err = backend
+        .subject_step(&job, None, &budget(Duration::from_secs(10)))
+        .await
+        .expect_err("a term on analysed text is refused");
+    assert_eq!(err.reason(), "InvalidSpec", "{err}");
+    assert!(err.to_string().contains("user.email.keyword"), "{err}");
+    assert!(!err.to_string().contains(EMAIL), "{err}");
+
+    let on_keyword = target(&format!("{p}-*"), json!({"user.email.keyword": "{email}"}));
+    let found = subject(&backend, &on_keyword, &email, SubjectAction::Find).await;
+    assert_eq!((found.ran, found.count), (true, 1));
+    let erased = subject(&backend, &on_keyword, &email, SubjectAction::Erase).await;
+    assert_eq!(erased.count, 1);
+    let verified = subject(&backend, &on_keyword, &email, SubjectAction::Verify).await;
+    assert_eq!(verified.count, 0);
+    assert_eq!(client.ids(&index).await, vec!["n1"], "the neighbour stays");
+    client.delete_index(&index).await;
+}
+
 // -------------------------------------------------------------------------------------
 // Through the operator
 // -------------------------------------------------------------------------------------
