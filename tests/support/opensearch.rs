@@ -8,7 +8,7 @@
 //! directory (the JVM's `java.io.tmpdir`, where the node keeps its home and data) once the test
 //! process is gone.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,7 +151,10 @@ impl OpenSearchNode {
             .unwrap_or_else(|e| panic!("port in {line:?}: {e}"));
         let version = field("version");
         let started_in = t0.elapsed();
-        eprintln!(
+        // Straight to stderr, past the test harness's output capture: the log of every run
+        // (CI's included) shows which server the search tests ran against.
+        let _ = writeln!(
+            std::io::stderr(),
             "opensearch: OpenSearch {version} (a real node) on 127.0.0.1:{port}, \
              started in {started_in:.1?}"
         );
