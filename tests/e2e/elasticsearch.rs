@@ -902,6 +902,82 @@ async fn real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keywor
     client.delete_index(&index).await;
 }
 
+/// On the real node: a daily index with 3,000 expired documents and one young one is swept by
+/// a real delete-by-query task, each step resuming from the cursor alone (a fresh backend, as
+/// after a restart) and counting each document once; a wholly expired index that its owner
+/// write-blocked is deleted whole; no write block of the sweep's own is left behind.
+#[tokio::test]
+async fn real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once() {
+    let (client, backend, p) = tokio::task::spawn_blocking(real_server)
+        .await
+        .expect("a real server");
+    let (big, blocked) = (format!("{p}-2026.01.01"), format!("{p}-2026.01.02"));
+    let old: Vec<(String, Value)> = (0..3000)
+        .map(|i| {
+            (
+                format!("o{i}"),
+                json!({"@timestamp": days_ago(40 + i % 20)}),
+            )
+        })
+        .collect();
+    let mut docs: Vec<(&str, Value)> = old.iter().map(|(id, d)| (id.as_str(), d.clone())).collect();
+    docs.push(("young", json!({"@timestamp": days_ago(1)})));
+    client.bulk(&big, &docs).await;
+    client
+        .bulk(&blocked, &[("b1", json!({"@timestamp": days_ago(50)}))])
+        .await;
+    let (status, answer) = client
+        .put_json(
+            &format!("/{blocked}/_settings"),
+            json!({"index": {"blocks": {"write": true}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let t = target(&format!("{p}-*"), Value::Null);
+    let dry = sweep(&backend, &t, true).await;
+    assert!(dry.failure.is_none(), "{:?}", dry.failure);
+    assert_eq!((dry.scanned, dry.deleted), (3002, 3001), "dry run");
+    // Steps of 1 ms: the running task is polled from its cursor, step after step.
+    let swept = sweep_with(&backend, &t, cutoff(), false, Duration::from_millis(1)).await;
+    assert!(swept.failure.is_none(), "{:?}", swept.failure);
+    assert!(
+        swept.waits >= 1
+            && swept
+                .cursors
+                .iter()
+                .any(|c| c.starts_with("es:") && c.contains("\"t\":")),
+        "the task was polled from its cursor: {:?}",
+        swept.cursors
+    );
+    assert_eq!(
+        (swept.deleted, swept.blocked),
+        (3001, 0),
+        "counted once, with dry-run parity: {swept:?}"
+    );
+    assert_eq!(client.ids(&big).await, vec!["young"]);
+    assert!(!client.exists(&blocked).await, "deleted whole");
+    let mut get = reqwest::Client::new().get(format!("{}/{big}/_settings", client.url));
+    if let Some(authorization) = &client.authorization {
+        get = get.header("Authorization", authorization);
+    }
+    let settings: Value = get
+        .send()
+        .await
+        .expect("GET _settings")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        settings.pointer(&format!("/{big}/settings/index/blocks/write")),
+        None,
+        "no write block left: {settings}"
+    );
+    let again = sweep(&backend, &t, false).await;
+    assert_eq!(again.deleted, 0, "idempotent");
+    client.delete_index(&big).await;
+}
+
 // -------------------------------------------------------------------------------------
 // Through the operator
 // -------------------------------------------------------------------------------------
