@@ -9,9 +9,10 @@
 #   - helm, for the chart's tests ($HELM_BIN, else helm on PATH, else a pinned helm cached
 #     under ${XDG_CACHE_HOME:-~/.cache}/tombstone/helm);
 #   - kube-apiserver and etcd for the test API server (hack/envtest-assets.sh);
-#   - a real OpenSearch node for the search tests and the demo: the launcher in
-#     tests/opensearch-node, built with Maven (a JDK 17 and maven from Debian when absent; the
-#     OpenSearch jars are cached in ~/.m2), its classpath written under the cache directory.
+#   - real search servers for the tests: the launchers in tests/opensearch-node (OpenSearch)
+#     and tests/elasticsearch-node (Elasticsearch 7.17), built with Maven (a JDK 17 and maven
+#     from Debian when absent; the jars are cached in ~/.m2), their classpaths written under
+#     the cache directory.
 #
 # hack/demo.sh, hack/test.sh and .ci/run run it first. Progress goes to stderr, one line per
 # stage and how long it took; the last line says what was installed, or "nothing to install".
@@ -160,41 +161,47 @@ else
   stage_done
 fi
 
-# --- 5. The OpenSearch launcher ---------------------------------------------------------
-# Built when its sources changed (their digest is kept beside the classpath) or a jar on
-# its classpath is gone; Maven resolves the OpenSearch jars into ~/.m2 once.
-stage "OpenSearch: the single-node launcher in tests/opensearch-node (Maven)"
-os_module=$root/tests/opensearch-node
-os_dir=$CACHE/opensearch-node
-os_cp_file=$os_dir/classpath
-os_stamp_file=$os_dir/sources.sha256
-os_stamp=$(cd "$os_module" && find pom.xml src -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
-os_jar=$os_module/target/opensearch-node-0.1.0.jar
-os_ok() {
-  [[ -f $os_cp_file && -f $os_jar && $(cat "$os_stamp_file" 2>/dev/null) == "$os_stamp" ]] || return 1
-  local entry
+# --- 5. The search-server launchers -----------------------------------------------------
+# tests/opensearch-node (OpenSearch) and tests/elasticsearch-node (Elasticsearch 7.17): each
+# built when its sources changed (their digest is kept beside its classpath) or a jar on its
+# classpath is gone; Maven resolves the jars into ~/.m2 once.
+# launcher NAME: builds tests/NAME if needed; sets launcher_cp to its classpath.
+launcher() {
+  local name=$1 module=$root/tests/$1 dir=$CACHE/$1
+  local cp_file=$dir/classpath stamp_file=$dir/sources.sha256 jar=$root/tests/$1/target/$1-0.1.0.jar
+  local stamp entry mvn_log
   local -a entries
-  IFS=: read -r -a entries <"$os_cp_file"
-  for entry in "${entries[@]}"; do [[ -e $entry ]] || return 1; done
+  stamp=$(cd "$module" && find pom.xml src -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+  launcher_ok() {
+    [[ -f $cp_file && -f $jar && $(cat "$stamp_file" 2>/dev/null) == "$stamp" ]] || return 1
+    IFS=: read -r -a entries <"$cp_file"
+    for entry in "${entries[@]}"; do [[ -e $entry ]] || return 1; done
+  }
+  stage "$name: the single-node launcher in tests/$name (Maven)"
+  if launcher_ok; then
+    stage_end "already there ($cp_file)"
+  else
+    mkdir -p "$dir"
+    mvn_log=$(mktemp)
+    mvn -B -q -f "$module/pom.xml" package dependency:build-classpath \
+      -Dmdep.outputFile="$dir/deps" >"$mvn_log" 2>&1 ||
+      { tail -n 30 "$mvn_log" >&2; rm -f "$mvn_log"; die "building tests/$name with Maven failed (above)" \
+        "Check that this machine reaches Maven Central (or that ~/.m2 holds the jars), then run this command again."; }
+    rm -f "$mvn_log"
+    printf '%s:%s' "$jar" "$(cat "$dir/deps")" >"$cp_file"
+    rm -f "$dir/deps"
+    echo "$stamp" >"$stamp_file"
+    launcher_ok || die "Maven built tests/$name, but $cp_file names files that are missing" \
+      "Remove $dir and run this command again."
+    installed+=("$name launcher ($cp_file)")
+    stage_done
+  fi
+  launcher_cp=$(cat "$cp_file")
 }
-if os_ok; then
-  stage_end "already there ($os_cp_file)"
-else
-  mkdir -p "$os_dir"
-  mvn_log=$(mktemp)
-  mvn -B -q -f "$os_module/pom.xml" package dependency:build-classpath \
-    -Dmdep.outputFile="$os_dir/deps" >"$mvn_log" 2>&1 ||
-    { tail -n 30 "$mvn_log" >&2; rm -f "$mvn_log"; die "building the OpenSearch launcher with Maven failed (above)" \
-      "Check that this machine reaches Maven Central (or that ~/.m2 holds the OpenSearch jars), then run this command again."; }
-  rm -f "$mvn_log"
-  printf '%s:%s' "$os_jar" "$(cat "$os_dir/deps")" >"$os_cp_file"
-  rm -f "$os_dir/deps"
-  echo "$os_stamp" >"$os_stamp_file"
-  os_ok || die "Maven built the OpenSearch launcher, but $os_cp_file names files that are missing" \
-    "Remove $os_dir and run this command again."
-  installed+=("OpenSearch launcher ($os_cp_file)")
-  stage_done
-fi
+launcher opensearch-node
+opensearch_cp=$launcher_cp
+launcher elasticsearch-node
+elasticsearch_cp=$launcher_cp
 
 if ((${#installed[@]} == 0)); then
   say "setup: nothing to install; everything was already there ($(human_ms $(($(now_ms) - t0))))"
@@ -206,4 +213,5 @@ fi
 printf 'export KUBEBUILDER_ASSETS=%q\n' "$assets"
 printf 'export MOTO_PYTHON=%q\n' "$VENV/bin/python"
 printf 'export HELM_BIN=%q\n' "$helm"
-printf 'export OPENSEARCH_LAUNCHER_CLASSPATH=%q\n' "$(cat "$os_cp_file")"
+printf 'export OPENSEARCH_LAUNCHER_CLASSPATH=%q\n' "$opensearch_cp"
+printf 'export ELASTICSEARCH_LAUNCHER_CLASSPATH=%q\n' "$elasticsearch_cp"
