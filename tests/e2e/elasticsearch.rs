@@ -1,7 +1,7 @@
 //! The Elasticsearch/OpenSearch backend against the test double of `support::elasticsearch`
-//! (and against a real server: the same retention and erasure scenarios, on indices of their
-//! own, run on the real OpenSearch node of `support::opensearch`, or on the server that
-//! `ELASTICSEARCH_URL` names): retention by delete-by-query and by whole
+//! (and against real servers: the same retention and erasure scenarios, on indices of their
+//! own, run on the real OpenSearch and Elasticsearch 7.17 nodes of `support::opensearch`, or
+//! on the server that `ELASTICSEARCH_URL` names): retention by delete-by-query and by whole
 //! old indices, the task lifecycle and its faults, exact and injection-proof subject
 //! queries, and the operator flows (DataStore probe, RetentionPolicy with dry run,
 //! ErasureRequest with a LegalHold) with an Elasticsearch store.
@@ -21,6 +21,7 @@ use tombstone::backends::{
 };
 
 use crate::support::elasticsearch::{EsClient, EsDouble, Options};
+use crate::support::opensearch::{Distribution, SearchNode};
 
 const EMAIL: &str = "es-subject-7c2e@example.org";
 const USER: &str = "user-47";
@@ -790,14 +791,14 @@ async fn es_a_term_on_an_analysed_text_field_is_refused_with_the_keyword_advice(
 
 /// A client, a backend and a unique index prefix for a real server: the one `ELASTICSEARCH_URL`
 /// names (optionally with `ELASTICSEARCH_USERNAME`/`ELASTICSEARCH_PASSWORD` or
-/// `ELASTICSEARCH_API_KEY`), else the harness's own OpenSearch node (started on first use;
-/// a test fails when neither is available, it never passes without a server).
-fn real_server() -> (EsClient, ElasticsearchBackend, String) {
+/// `ELASTICSEARCH_API_KEY`), else the harness's own node of `distribution` (started on first
+/// use; a test fails when neither is available, it never passes without a server).
+fn real_server(distribution: Distribution) -> (EsClient, ElasticsearchBackend, String) {
     let Some(url) = std::env::var("ELASTICSEARCH_URL")
         .ok()
         .filter(|u| !u.is_empty())
     else {
-        let node = crate::support::opensearch::OpenSearchNode::get();
+        let node = SearchNode::get(distribution);
         let url = node.url();
         return (
             EsClient::new(&url, None),
@@ -829,9 +830,8 @@ fn real_server() -> (EsClient, ElasticsearchBackend, String) {
     (EsClient::new(&url, header), backend_for(&url, auth), prefix)
 }
 
-#[tokio::test]
-async fn real_server_retention_sweep() {
-    let (client, backend, prefix) = tokio::task::spawn_blocking(real_server)
+async fn real_server_retention_sweep(distribution: Distribution) {
+    let (client, backend, prefix) = tokio::task::spawn_blocking(move || real_server(distribution))
         .await
         .expect("a real server");
     println!("{}", backend.probe().await.expect("probe"));
@@ -842,9 +842,8 @@ async fn real_server_retention_sweep() {
     client.delete_index(&format!("{prefix}x-2026.01.01")).await;
 }
 
-#[tokio::test]
-async fn real_server_subject_erasure() {
-    let (client, backend, prefix) = tokio::task::spawn_blocking(real_server)
+async fn real_server_subject_erasure(distribution: Distribution) {
+    let (client, backend, prefix) = tokio::task::spawn_blocking(move || real_server(distribution))
         .await
         .expect("a real server");
     erasure_scenario(&client, &backend, &prefix).await;
@@ -856,9 +855,10 @@ async fn real_server_subject_erasure() {
 /// Real dynamic mapping (no template, no explicit mapping): a string becomes analysed `text`
 /// with a `.keyword` sub-field. A term on the text field is refused with the advice; on the
 /// sub-field the subject is found exactly, erased, and `_count` is 0 after `_refresh`.
-#[tokio::test]
-async fn real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases() {
-    let (client, backend, p) = tokio::task::spawn_blocking(real_server)
+async fn real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases(
+    distribution: Distribution,
+) {
+    let (client, backend, p) = tokio::task::spawn_blocking(move || real_server(distribution))
         .await
         .expect("a real server");
     let index = format!("{p}-people");
@@ -906,9 +906,10 @@ async fn real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keywor
 /// a real delete-by-query task, each step resuming from the cursor alone (a fresh backend, as
 /// after a restart) and counting each document once; a wholly expired index that its owner
 /// write-blocked is deleted whole; no write block of the sweep's own is left behind.
-#[tokio::test]
-async fn real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once() {
-    let (client, backend, p) = tokio::task::spawn_blocking(real_server)
+async fn real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once(
+    distribution: Distribution,
+) {
+    let (client, backend, p) = tokio::task::spawn_blocking(move || real_server(distribution))
         .await
         .expect("a real server");
     let (big, blocked) = (format!("{p}-2026.01.01"), format!("{p}-2026.01.02"));
@@ -977,6 +978,33 @@ async fn real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once() 
     assert_eq!(again.deleted, 0, "idempotent");
     client.delete_index(&big).await;
 }
+
+/// Each real-server scenario runs on both servers the harness starts: `NAME::opensearch` and
+/// `NAME::elasticsearch`.
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use crate::support::opensearch::Distribution;
+
+            #[tokio::test]
+            async fn opensearch() {
+                super::$name(Distribution::OpenSearch).await
+            }
+
+            #[tokio::test]
+            async fn elasticsearch() {
+                super::$name(Distribution::Elasticsearch).await
+            }
+        }
+    )*};
+}
+
+on_both_servers!(
+    real_server_retention_sweep,
+    real_server_subject_erasure,
+    real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases,
+    real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once,
+);
 
 // -------------------------------------------------------------------------------------
 // Through the operator

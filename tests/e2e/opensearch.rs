@@ -1,12 +1,13 @@
-//! The real OpenSearch node of the harness (`support::opensearch`): it is OpenSearch, it
-//! answers the REST API the backend uses, it behaves as real servers do where the double of
-//! `support::elasticsearch` does not, and it leaves nothing behind.
+//! The real search nodes of the harness (`support::opensearch`): the OpenSearch node is
+//! OpenSearch, answers the REST API the backend uses, behaves as real servers do where the
+//! double of `support::elasticsearch` does not, and leaves nothing behind; the Elasticsearch
+//! node is Elasticsearch 7.17.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::opensearch::OpenSearchNode;
+use crate::support::opensearch::{Distribution, SearchNode};
 
 async fn get(url: &str) -> Value {
     let response = reqwest::get(url).await.expect("GET");
@@ -34,7 +35,7 @@ fn rss_mib(pid: u32) -> Option<u64> {
 
 #[tokio::test]
 async fn the_harness_node_is_a_real_opensearch_and_says_which() {
-    let node = OpenSearchNode::get();
+    let node = SearchNode::opensearch();
     let root = get(&node.url()).await;
     // The CI log shows which server the search tests ran against.
     println!(
@@ -72,7 +73,7 @@ async fn the_harness_node_is_a_real_opensearch_and_says_which() {
 /// `text` with a `.keyword` sub-field, not as `keyword`.
 #[tokio::test]
 async fn dynamic_mapping_of_a_string_is_text_with_a_keyword_sub_field() {
-    let node = OpenSearchNode::get();
+    let node = SearchNode::opensearch();
     let index = format!("{}-people", node.index_prefix("dynamic-mapping"));
     let http = reqwest::Client::new();
     let put = http
@@ -102,7 +103,7 @@ async fn dynamic_mapping_of_a_string_is_text_with_a_keyword_sub_field() {
 /// JVM stops the node and exits, and its port is closed.
 #[tokio::test]
 async fn the_launcher_exits_when_its_stdin_closes() {
-    let node = tokio::task::spawn_blocking(OpenSearchNode::start)
+    let node = tokio::task::spawn_blocking(|| SearchNode::start(Distribution::OpenSearch))
         .await
         .expect("start");
     let url = node.url();
@@ -122,4 +123,22 @@ async fn the_launcher_exits_when_its_stdin_closes() {
         "the JVM {pid} is still there"
     );
     assert!(reqwest::get(&url).await.is_err(), "{url} still answers");
+}
+
+#[tokio::test]
+async fn the_harness_elasticsearch_node_is_elasticsearch_7_17() {
+    let node = SearchNode::elasticsearch();
+    let root = get(&node.url()).await;
+    println!(
+        "elasticsearch: {} (lucene {}), started in {:.1?}, RSS {} MiB",
+        root["version"]["number"],
+        root["version"]["lucene_version"],
+        node.started_in(),
+        rss_mib(node.pid()).map_or("?".into(), |m| m.to_string()),
+    );
+    assert_eq!(node.distribution(), Distribution::Elasticsearch);
+    // Elasticsearch names no distribution; OpenSearch always does.
+    assert!(root["version"].get("distribution").is_none(), "{root}");
+    assert_eq!(root["version"]["number"], node.version(), "{root}");
+    assert!(node.version().starts_with("7.17."), "{root}");
 }

@@ -1,7 +1,9 @@
-//! A real OpenSearch node on loopback for tests: the launcher of `tests/opensearch-node` (a
-//! Maven module; `hack/setup.sh` builds it and exports its classpath as
-//! `OPENSEARCH_LAUNCHER_CLASSPATH`), started once per test binary on first use and shared by
-//! its tests, each of which works on indices of its own ([`OpenSearchNode::index_prefix`]).
+//! Real search servers on loopback for tests: an OpenSearch node, from the launcher of
+//! `tests/opensearch-node`, and an Elasticsearch 7.17 node, from `tests/elasticsearch-node`
+//! (Maven modules; `hack/setup.sh` builds them and exports their classpaths as
+//! `OPENSEARCH_LAUNCHER_CLASSPATH` and `ELASTICSEARCH_LAUNCHER_CLASSPATH`). Each is started
+//! once per test binary, on first use, and shared by its tests, each of which works on
+//! indices of its own ([`SearchNode::index_prefix`]).
 //!
 //! Nothing is left behind: the JVM is started with `PR_SET_PDEATHSIG`, it stops by itself when
 //! its stdin (a pipe this process holds) closes, and the reaper kills it and removes its
@@ -18,12 +20,45 @@ use std::time::{Duration, Instant};
 
 use super::{log_file, random_hex, spawn_server, tail, Reaper};
 
-/// A cold JVM starting OpenSearch takes about 10 s on an idle machine; CI machines are busy.
+/// A cold JVM starting a node takes 5 to 20 s on a busy machine.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
-const SETUP_HINT: &str = "run `eval \"$(hack/setup.sh)\"` first: it builds the launcher in \
-     tests/opensearch-node and exports OPENSEARCH_LAUNCHER_CLASSPATH";
+const SETUP_HINT: &str = "run `eval \"$(hack/setup.sh)\"` first: it builds the launchers in \
+     tests/opensearch-node and tests/elasticsearch-node and exports their classpaths";
 
-pub struct OpenSearchNode {
+/// Which server a [`SearchNode`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Distribution {
+    OpenSearch,
+    Elasticsearch,
+}
+
+impl Distribution {
+    /// As `GET /` names it in `version.distribution` (Elasticsearch 7 has none: "elasticsearch").
+    pub fn name(self) -> &'static str {
+        match self {
+            Distribution::OpenSearch => "opensearch",
+            Distribution::Elasticsearch => "elasticsearch",
+        }
+    }
+
+    fn launcher(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Distribution::OpenSearch => (
+                "OPENSEARCH_LAUNCHER_CLASSPATH",
+                "dev.tombstone.testnode.Launcher",
+                "OPENSEARCH_READY ",
+            ),
+            Distribution::Elasticsearch => (
+                "ELASTICSEARCH_LAUNCHER_CLASSPATH",
+                "dev.tombstone.testnode.EsLauncher",
+                "ELASTICSEARCH_READY ",
+            ),
+        }
+    }
+}
+
+pub struct SearchNode {
+    distribution: Distribution,
     port: u16,
     version: String,
     dir: PathBuf,
@@ -34,12 +69,32 @@ pub struct OpenSearchNode {
     started_in: Duration,
 }
 
-static NODE: LazyLock<OpenSearchNode> = LazyLock::new(OpenSearchNode::start);
+static OPENSEARCH: LazyLock<SearchNode> =
+    LazyLock::new(|| SearchNode::start(Distribution::OpenSearch));
+static ELASTICSEARCH: LazyLock<SearchNode> =
+    LazyLock::new(|| SearchNode::start(Distribution::Elasticsearch));
 
-impl OpenSearchNode {
-    /// The node of this test binary, started on first use.
-    pub fn get() -> &'static OpenSearchNode {
-        &NODE
+impl SearchNode {
+    /// The OpenSearch node of this test binary, started on first use.
+    pub fn opensearch() -> &'static SearchNode {
+        &OPENSEARCH
+    }
+
+    /// The Elasticsearch 7.17 node of this test binary, started on first use.
+    pub fn elasticsearch() -> &'static SearchNode {
+        &ELASTICSEARCH
+    }
+
+    /// The shared node of `distribution`.
+    pub fn get(distribution: Distribution) -> &'static SearchNode {
+        match distribution {
+            Distribution::OpenSearch => Self::opensearch(),
+            Distribution::Elasticsearch => Self::elasticsearch(),
+        }
+    }
+
+    pub fn distribution(&self) -> Distribution {
+        self.distribution
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -47,7 +102,7 @@ impl OpenSearchNode {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The OpenSearch version the launcher reported (e.g. `2.19.1`).
+    /// The version the launcher reported (e.g. `2.19.1`).
     pub fn version(&self) -> &str {
         &self.version
     }
@@ -84,36 +139,37 @@ impl OpenSearchNode {
     }
 
     /// A node of its own (not the shared one), for tests of the harness itself.
-    pub fn start() -> OpenSearchNode {
-        let classpath = std::env::var("OPENSEARCH_LAUNCHER_CLASSPATH")
+    pub fn start(distribution: Distribution) -> SearchNode {
+        let (variable, main_class, ready) = distribution.launcher();
+        let classpath = std::env::var(variable)
             .ok()
             .filter(|c| !c.is_empty())
-            .unwrap_or_else(|| panic!("OPENSEARCH_LAUNCHER_CLASSPATH is not set; {SETUP_HINT}"));
+            .unwrap_or_else(|| panic!("{variable} is not set; {SETUP_HINT}"));
         let java = std::env::var("OPENSEARCH_JAVA")
             .ok()
             .filter(|j| !j.is_empty())
             .unwrap_or_else(|| "java".into());
         let dir = tempfile::Builder::new()
-            .prefix("tombstone-opensearch-")
+            .prefix(&format!("tombstone-{}-", distribution.name()))
             .tempdir()
             .expect("cannot create a temporary directory")
             .keep();
         let mut reaper = Reaper::spawn(&dir);
-        let log = dir.join("opensearch.log");
+        let log = dir.join("node.log");
         let mut cmd = Command::new(&java);
         cmd.arg("-Xms256m")
             .arg("-Xmx512m")
             .arg(format!("-Djava.io.tmpdir={}", dir.display()))
             .arg("-cp")
             .arg(&classpath)
-            .arg("dev.tombstone.testnode.Launcher")
+            .arg(main_class)
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log_file(&log));
         let t0 = Instant::now();
         let mut process = spawn_server(cmd)
-            .unwrap_or_else(|e| panic!("cannot start `{java}` (the OpenSearch launcher): {e}"));
+            .unwrap_or_else(|e| panic!("cannot start `{java}` (the {main_class} launcher): {e}"));
         reaper.watch(process.id());
         let stdin = process.stdin.take();
         let stdout = process.stdout.take().expect("piped stdout");
@@ -123,7 +179,7 @@ impl OpenSearchNode {
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("OPENSEARCH_READY ") {
+                if line.starts_with(ready) {
                     let _ = tx.send(line);
                 }
             }
@@ -133,7 +189,7 @@ impl OpenSearchNode {
             Err(_) => {
                 let _ = process.kill();
                 panic!(
-                    "the OpenSearch launcher did not report ready within {START_TIMEOUT:?} \
+                    "the {main_class} launcher did not report ready within {START_TIMEOUT:?} \
                      (exited: {:?}); its log ends with:\n{}",
                     process.try_wait().ok().flatten(),
                     tail(&log, 40)
@@ -155,10 +211,12 @@ impl OpenSearchNode {
         // (CI's included) shows which server the search tests ran against.
         let _ = writeln!(
             std::io::stderr(),
-            "opensearch: OpenSearch {version} (a real node) on 127.0.0.1:{port}, \
-             started in {started_in:.1?}"
+            "search node: {} {version} (a real node) on 127.0.0.1:{port}, \
+             started in {started_in:.1?}",
+            distribution.name()
         );
-        OpenSearchNode {
+        SearchNode {
+            distribution,
             port,
             version,
             dir,
@@ -183,6 +241,6 @@ impl OpenSearchNode {
             thread::sleep(Duration::from_millis(100));
         }
         let _ = self.process.kill();
-        panic!("the OpenSearch launcher was still running {timeout:?} after its stdin closed");
+        panic!("the launcher was still running {timeout:?} after its stdin closed");
     }
 }
