@@ -979,6 +979,47 @@ async fn real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once(
     client.delete_index(&big).await;
 }
 
+/// On the real node: an index pattern with an exclusion (`P-*,-P-keep`) sweeps the indices it
+/// names, by the whole-index fast path and by delete-by-query, and leaves the excluded index
+/// untouched; the dry run counts the same.
+async fn real_server_an_excluded_index_is_never_swept(distribution: Distribution) {
+    let (client, backend, p) = tokio::task::spawn_blocking(move || real_server(distribution))
+        .await
+        .expect("a real server");
+    let (expired, mixed, keep) = (
+        format!("{p}-2026.01.01"),
+        format!("{p}-2026.01.02"),
+        format!("{p}-keep"),
+    );
+    let old = |n: i64| json!({"@timestamp": days_ago(40 + n)});
+    client
+        .bulk(&expired, &[("e1", old(0)), ("e2", old(1))])
+        .await;
+    client
+        .bulk(
+            &mixed,
+            &[
+                ("m1", old(0)),
+                ("young", json!({"@timestamp": days_ago(1)})),
+            ],
+        )
+        .await;
+    client.bulk(&keep, &[("k1", old(0)), ("k2", old(1))]).await;
+    let t = target(&format!("{p}-*,-{keep}"), Value::Null);
+    let dry = sweep(&backend, &t, true).await;
+    assert!(dry.failure.is_none(), "{:?}", dry.failure);
+    assert_eq!((dry.scanned, dry.deleted), (4, 3), "dry run");
+    let real = sweep(&backend, &t, false).await;
+    assert!(real.failure.is_none(), "{:?}", real.failure);
+    assert_eq!((real.scanned, real.deleted), (4, 3), "dry-run parity");
+    assert!(!client.exists(&expired).await, "deleted whole");
+    assert_eq!(client.ids(&mixed).await, vec!["young"]);
+    assert_eq!(client.ids(&keep).await, vec!["k1", "k2"], "excluded");
+    for index in [&mixed, &keep] {
+        client.delete_index(index).await;
+    }
+}
+
 /// Each real-server scenario runs on both servers the harness starts: `NAME::opensearch` and
 /// `NAME::elasticsearch`.
 macro_rules! on_both_servers {
@@ -1004,6 +1045,7 @@ on_both_servers!(
     real_server_subject_erasure,
     real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases,
     real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once,
+    real_server_an_excluded_index_is_never_swept,
 );
 
 // -------------------------------------------------------------------------------------
