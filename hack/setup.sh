@@ -8,7 +8,11 @@
 #     test server moto[server];
 #   - helm, for the chart's tests ($HELM_BIN, else helm on PATH, else a pinned helm cached
 #     under ${XDG_CACHE_HOME:-~/.cache}/tombstone/helm);
-#   - kube-apiserver and etcd for the test API server (hack/envtest-assets.sh).
+#   - kube-apiserver and etcd for the test API server (hack/envtest-assets.sh);
+#   - real search servers for the tests: the launchers in tests/opensearch-node (OpenSearch)
+#     and tests/elasticsearch-node (Elasticsearch 7.17), built with Maven (a JDK 17 and maven
+#     from Debian when absent; the jars are cached in ~/.m2), their classpaths written under
+#     the cache directory.
 #
 # hack/demo.sh, hack/test.sh and .ci/run run it first. Progress goes to stderr, one line per
 # stage and how long it took; the last line says what was installed, or "nothing to install".
@@ -53,7 +57,7 @@ helm_choice() {
 venv_ok() { [[ -x $VENV/bin/python ]] && "$VENV/bin/python" -c 'import moto.server' >/dev/null 2>&1; }
 
 # --- 1. Debian packages: every missing one in a single apt-get run -----------------------
-stage "Debian packages: checking redis-server, redis-cli, openssl, kubectl, a C compiler, Python's venv"
+stage "Debian packages: checking redis-server, redis-cli, openssl, kubectl, a C compiler, Python's venv, a JDK, Maven"
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
@@ -62,6 +66,9 @@ command -v kubectl >/dev/null || need+=(kubernetes-client)
 # cargo links with the system C compiler, and aws-lc-sys compiles C.
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 [[ -e /etc/ssl/certs/ca-certificates.crt ]] || need+=(ca-certificates)
+# The OpenSearch launcher: Java 17 or newer and Maven.
+command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need+=(maven)
 if ! command -v python3 >/dev/null; then
   need+=(python3 python3-venv)
 elif ! venv_ok && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -154,6 +161,48 @@ else
   stage_done
 fi
 
+# --- 5. The search-server launchers -----------------------------------------------------
+# tests/opensearch-node (OpenSearch) and tests/elasticsearch-node (Elasticsearch 7.17): each
+# built when its sources changed (their digest is kept beside its classpath) or a jar on its
+# classpath is gone; Maven resolves the jars into ~/.m2 once.
+# launcher NAME: builds tests/NAME if needed; sets launcher_cp to its classpath.
+launcher() {
+  local name=$1 module=$root/tests/$1 dir=$CACHE/$1
+  local cp_file=$dir/classpath stamp_file=$dir/sources.sha256 jar=$root/tests/$1/target/$1-0.1.0.jar
+  local stamp entry mvn_log
+  local -a entries
+  stamp=$(cd "$module" && find pom.xml src -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+  launcher_ok() {
+    [[ -f $cp_file && -f $jar && $(cat "$stamp_file" 2>/dev/null) == "$stamp" ]] || return 1
+    IFS=: read -r -a entries <"$cp_file"
+    for entry in "${entries[@]}"; do [[ -e $entry ]] || return 1; done
+  }
+  stage "$name: the single-node launcher in tests/$name (Maven)"
+  if launcher_ok; then
+    stage_end "already there ($cp_file)"
+  else
+    mkdir -p "$dir"
+    mvn_log=$(mktemp)
+    mvn -B -q -f "$module/pom.xml" package dependency:build-classpath \
+      -Dmdep.outputFile="$dir/deps" >"$mvn_log" 2>&1 ||
+      { tail -n 30 "$mvn_log" >&2; rm -f "$mvn_log"; die "building tests/$name with Maven failed (above)" \
+        "Check that this machine reaches Maven Central (or that ~/.m2 holds the jars), then run this command again."; }
+    rm -f "$mvn_log"
+    printf '%s:%s' "$jar" "$(cat "$dir/deps")" >"$cp_file"
+    rm -f "$dir/deps"
+    echo "$stamp" >"$stamp_file"
+    launcher_ok || die "Maven built tests/$name, but $cp_file names files that are missing" \
+      "Remove $dir and run this command again."
+    installed+=("$name launcher ($cp_file)")
+    stage_done
+  fi
+  launcher_cp=$(cat "$cp_file")
+}
+launcher opensearch-node
+opensearch_cp=$launcher_cp
+launcher elasticsearch-node
+elasticsearch_cp=$launcher_cp
+
 if ((${#installed[@]} == 0)); then
   say "setup: nothing to install; everything was already there ($(human_ms $(($(now_ms) - t0))))"
 else
@@ -164,3 +213,5 @@ fi
 printf 'export KUBEBUILDER_ASSETS=%q\n' "$assets"
 printf 'export MOTO_PYTHON=%q\n' "$VENV/bin/python"
 printf 'export HELM_BIN=%q\n' "$helm"
+printf 'export OPENSEARCH_LAUNCHER_CLASSPATH=%q\n' "$opensearch_cp"
+printf 'export ELASTICSEARCH_LAUNCHER_CLASSPATH=%q\n' "$elasticsearch_cp"

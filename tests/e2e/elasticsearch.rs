@@ -1,6 +1,7 @@
 //! The Elasticsearch/OpenSearch backend against the test double of `support::elasticsearch`
-//! (and, opt-in, against a real server when `ELASTICSEARCH_URL` is set: the same retention
-//! and erasure scenarios, on indices of their own): retention by delete-by-query and by whole
+//! (and against real servers: the same retention and erasure scenarios, on indices of their
+//! own, run on the real OpenSearch and Elasticsearch 7.17 nodes of `support::opensearch`, or
+//! on the server that `ELASTICSEARCH_URL` names): retention by delete-by-query and by whole
 //! old indices, the task lifecycle and its faults, exact and injection-proof subject
 //! queries, and the operator flows (DataStore probe, RetentionPolicy with dry run,
 //! ErasureRequest with a LegalHold) with an Elasticsearch store.
@@ -20,6 +21,7 @@ use tombstone::backends::{
 };
 
 use crate::support::elasticsearch::{EsClient, EsDouble, Options};
+use crate::support::opensearch::{Distribution, SearchNode};
 
 const EMAIL: &str = "es-subject-7c2e@example.org";
 const USER: &str = "user-47";
@@ -788,15 +790,26 @@ async fn es_a_term_on_an_analysed_text_field_is_refused_with_the_keyword_advice(
 }
 
 // -------------------------------------------------------------------------------------
-// Opt-in: the same scenarios against a real Elasticsearch or OpenSearch
+// The same scenarios against a real OpenSearch (or the Elasticsearch of ELASTICSEARCH_URL)
 // -------------------------------------------------------------------------------------
 
-/// `ELASTICSEARCH_URL` (and optionally `ELASTICSEARCH_USERNAME`/`ELASTICSEARCH_PASSWORD` or
-/// `ELASTICSEARCH_API_KEY`): a client, a backend and a unique index prefix; None when unset.
-fn real_server() -> Option<(EsClient, ElasticsearchBackend, String)> {
-    let url = std::env::var("ELASTICSEARCH_URL")
+/// A client, a backend and a unique index prefix for a real server: the one `ELASTICSEARCH_URL`
+/// names (optionally with `ELASTICSEARCH_USERNAME`/`ELASTICSEARCH_PASSWORD` or
+/// `ELASTICSEARCH_API_KEY`), else the harness's own node of `distribution` (started on first
+/// use; a test fails when neither is available, it never passes without a server).
+fn real_server(distribution: Distribution) -> (EsClient, ElasticsearchBackend, String) {
+    let Some(url) = std::env::var("ELASTICSEARCH_URL")
         .ok()
-        .filter(|u| !u.is_empty())?;
+        .filter(|u| !u.is_empty())
+    else {
+        let node = SearchNode::get(distribution);
+        let url = node.url();
+        return (
+            EsClient::new(&url, None),
+            backend_for(&url, HttpAuth::None),
+            node.index_prefix("es-real"),
+        );
+    };
     let (auth, header) = match (
         std::env::var("ELASTICSEARCH_API_KEY").ok(),
         std::env::var("ELASTICSEARCH_USERNAME").ok(),
@@ -818,14 +831,13 @@ fn real_server() -> Option<(EsClient, ElasticsearchBackend, String)> {
         "tombstone-test-{}",
         Utc::now().timestamp_nanos_opt().unwrap_or(0)
     );
-    Some((EsClient::new(&url, header), backend_for(&url, auth), prefix))
+    (EsClient::new(&url, header), backend_for(&url, auth), prefix)
 }
 
-#[tokio::test]
-async fn real_es_retention_sweep_when_elasticsearch_url_is_set() {
-    let Some((client, backend, prefix)) = real_server() else {
-        return;
-    };
+async fn real_server_retention_sweep(distribution: Distribution) {
+    let (client, backend, prefix) = tokio::task::spawn_blocking(move || real_server(distribution))
+        .await
+        .expect("a real server");
     println!("{}", backend.probe().await.expect("probe"));
     retention_scenario(&client, &backend, &prefix).await;
     for suffix in ["2026.01.02", "undated"] {
@@ -834,16 +846,211 @@ async fn real_es_retention_sweep_when_elasticsearch_url_is_set() {
     client.delete_index(&format!("{prefix}x-2026.01.01")).await;
 }
 
-#[tokio::test]
-async fn real_es_subject_erasure_when_elasticsearch_url_is_set() {
-    let Some((client, backend, prefix)) = real_server() else {
-        return;
-    };
+async fn real_server_subject_erasure(distribution: Distribution) {
+    let (client, backend, prefix) = tokio::task::spawn_blocking(move || real_server(distribution))
+        .await
+        .expect("a real server");
     erasure_scenario(&client, &backend, &prefix).await;
     for suffix in ["a", "b"] {
         client.delete_index(&format!("{prefix}-{suffix}")).await;
     }
 }
+
+/// Real dynamic mapping (no template, no explicit mapping): a string becomes analysed `text`
+/// with a `.keyword` sub-field. A term on the text field is refused with the advice; on the
+/// sub-field the subject is found exactly, erased, and `_count` is 0 after `_refresh`.
+async fn real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases(
+    distribution: Distribution,
+) {
+    let (client, backend, p) = tokio::task::spawn_blocking(move || real_server(distribution))
+        .await
+        .expect("a real server");
+    let index = format!("{p}-people");
+    client
+        .bulk(
+            &index,
+            &[
+                (
+                    "s1",
+                    json!({"@timestamp": days_ago(1), "user": {"email": EMAIL}}),
+                ),
+                (
+                    "n1",
+                    json!({"@timestamp": days_ago(1), "user": {"email": format!("x{EMAIL}")}}),
+                ),
+            ],
+        )
+        .await;
+    let email = ids(&[("email", EMAIL)]);
+    let job = SubjectJob {
+        target: target(&format!("{p}-*"), json!({"user.email": "{email}"})),
+        identifiers: email.clone(),
+        action: SubjectAction::Find,
+    };
+    let err = backend
+        .subject_step(&job, None, &budget(Duration::from_secs(10)))
+        .await
+        .expect_err("a term on analysed text is refused");
+    assert_eq!(err.reason(), "InvalidSpec", "{err}");
+    assert!(err.to_string().contains("user.email.keyword"), "{err}");
+    assert!(!err.to_string().contains(EMAIL), "{err}");
+
+    let on_keyword = target(&format!("{p}-*"), json!({"user.email.keyword": "{email}"}));
+    let found = subject(&backend, &on_keyword, &email, SubjectAction::Find).await;
+    assert_eq!((found.ran, found.count), (true, 1));
+    let erased = subject(&backend, &on_keyword, &email, SubjectAction::Erase).await;
+    assert_eq!(erased.count, 1);
+    let verified = subject(&backend, &on_keyword, &email, SubjectAction::Verify).await;
+    assert_eq!(verified.count, 0);
+    assert_eq!(client.ids(&index).await, vec!["n1"], "the neighbour stays");
+    client.delete_index(&index).await;
+}
+
+/// On the real node: a daily index with 3,000 expired documents and one young one is swept by
+/// a real delete-by-query task, each step resuming from the cursor alone (a fresh backend, as
+/// after a restart) and counting each document once; a wholly expired index that its owner
+/// write-blocked is deleted whole; no write block of the sweep's own is left behind.
+async fn real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once(
+    distribution: Distribution,
+) {
+    let (client, backend, p) = tokio::task::spawn_blocking(move || real_server(distribution))
+        .await
+        .expect("a real server");
+    let (big, blocked) = (format!("{p}-2026.01.01"), format!("{p}-2026.01.02"));
+    let old: Vec<(String, Value)> = (0..3000)
+        .map(|i| {
+            (
+                format!("o{i}"),
+                json!({"@timestamp": days_ago(40 + i % 20)}),
+            )
+        })
+        .collect();
+    let mut docs: Vec<(&str, Value)> = old.iter().map(|(id, d)| (id.as_str(), d.clone())).collect();
+    docs.push(("young", json!({"@timestamp": days_ago(1)})));
+    client.bulk(&big, &docs).await;
+    client
+        .bulk(&blocked, &[("b1", json!({"@timestamp": days_ago(50)}))])
+        .await;
+    let (status, answer) = client
+        .put_json(
+            &format!("/{blocked}/_settings"),
+            json!({"index": {"blocks": {"write": true}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let t = target(&format!("{p}-*"), Value::Null);
+    let dry = sweep(&backend, &t, true).await;
+    assert!(dry.failure.is_none(), "{:?}", dry.failure);
+    assert_eq!((dry.scanned, dry.deleted), (3002, 3001), "dry run");
+    // Steps of 1 ms: the running task is polled from its cursor, step after step.
+    let swept = sweep_with(&backend, &t, cutoff(), false, Duration::from_millis(1)).await;
+    assert!(swept.failure.is_none(), "{:?}", swept.failure);
+    assert!(
+        swept.waits >= 1
+            && swept
+                .cursors
+                .iter()
+                .any(|c| c.starts_with("es:") && c.contains("\"t\":")),
+        "the task was polled from its cursor: {:?}",
+        swept.cursors
+    );
+    assert_eq!(
+        (swept.deleted, swept.blocked),
+        (3001, 0),
+        "counted once, with dry-run parity: {swept:?}"
+    );
+    assert_eq!(client.ids(&big).await, vec!["young"]);
+    assert!(!client.exists(&blocked).await, "deleted whole");
+    let mut get = reqwest::Client::new().get(format!("{}/{big}/_settings", client.url));
+    if let Some(authorization) = &client.authorization {
+        get = get.header("Authorization", authorization);
+    }
+    let settings: Value = get
+        .send()
+        .await
+        .expect("GET _settings")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        settings.pointer(&format!("/{big}/settings/index/blocks/write")),
+        None,
+        "no write block left: {settings}"
+    );
+    let again = sweep(&backend, &t, false).await;
+    assert_eq!(again.deleted, 0, "idempotent");
+    client.delete_index(&big).await;
+}
+
+/// On the real node: an index pattern with an exclusion (`P-*,-P-keep`) sweeps the indices it
+/// names, by the whole-index fast path and by delete-by-query, and leaves the excluded index
+/// untouched; the dry run counts the same.
+async fn real_server_an_excluded_index_is_never_swept(distribution: Distribution) {
+    let (client, backend, p) = tokio::task::spawn_blocking(move || real_server(distribution))
+        .await
+        .expect("a real server");
+    let (expired, mixed, keep) = (
+        format!("{p}-2026.01.01"),
+        format!("{p}-2026.01.02"),
+        format!("{p}-keep"),
+    );
+    let old = |n: i64| json!({"@timestamp": days_ago(40 + n)});
+    client
+        .bulk(&expired, &[("e1", old(0)), ("e2", old(1))])
+        .await;
+    client
+        .bulk(
+            &mixed,
+            &[
+                ("m1", old(0)),
+                ("young", json!({"@timestamp": days_ago(1)})),
+            ],
+        )
+        .await;
+    client.bulk(&keep, &[("k1", old(0)), ("k2", old(1))]).await;
+    let t = target(&format!("{p}-*,-{keep}"), Value::Null);
+    let dry = sweep(&backend, &t, true).await;
+    assert!(dry.failure.is_none(), "{:?}", dry.failure);
+    assert_eq!((dry.scanned, dry.deleted), (4, 3), "dry run");
+    let real = sweep(&backend, &t, false).await;
+    assert!(real.failure.is_none(), "{:?}", real.failure);
+    assert_eq!((real.scanned, real.deleted), (4, 3), "dry-run parity");
+    assert!(!client.exists(&expired).await, "deleted whole");
+    assert_eq!(client.ids(&mixed).await, vec!["young"]);
+    assert_eq!(client.ids(&keep).await, vec!["k1", "k2"], "excluded");
+    for index in [&mixed, &keep] {
+        client.delete_index(index).await;
+    }
+}
+
+/// Each real-server scenario runs on both servers the harness starts: `NAME::opensearch` and
+/// `NAME::elasticsearch`.
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use crate::support::opensearch::Distribution;
+
+            #[tokio::test]
+            async fn opensearch() {
+                super::$name(Distribution::OpenSearch).await
+            }
+
+            #[tokio::test]
+            async fn elasticsearch() {
+                super::$name(Distribution::Elasticsearch).await
+            }
+        }
+    )*};
+}
+
+on_both_servers!(
+    real_server_retention_sweep,
+    real_server_subject_erasure,
+    real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases,
+    real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once,
+    real_server_an_excluded_index_is_never_swept,
+);
 
 // -------------------------------------------------------------------------------------
 // Through the operator

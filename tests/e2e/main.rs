@@ -18,6 +18,7 @@ mod harness;
 mod holds;
 mod kustomize;
 mod loki;
+mod opensearch;
 mod operational;
 mod ropa;
 mod s3;
