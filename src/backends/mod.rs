@@ -36,6 +36,9 @@ pub enum Error {
     BucketNotFound(String),
     #[error("the store failed a command: {0}")]
     Store(String),
+    /// This instance no longer leads: it stopped before acting on the store.
+    #[error("leadership lost: stopped before acting on the store")]
+    LeadershipLost,
 }
 
 impl Error {
@@ -47,6 +50,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
+            Error::LeadershipLost => "LeadershipLost",
         }
     }
 
@@ -97,6 +101,20 @@ pub struct SweepJob {
 pub struct StepBudget {
     pub max_time: Duration,
     pub cancel: CancellationToken,
+    /// Whether this instance still leads (always, without leader election).
+    pub fence: crate::leader::Fence,
+}
+
+impl StepBudget {
+    /// Checked right before every destructive batch (after any rate-limit wait): a process
+    /// frozen mid-step that thaws after another instance took over must not act.
+    pub fn may_act(&self) -> Result<(), Error> {
+        if self.fence.is_valid() {
+            Ok(())
+        } else {
+            Err(Error::LeadershipLost)
+        }
+    }
 }
 
 /// What is left of a job after a step.

@@ -76,6 +76,7 @@ async fn sweep(
     let budget = StepBudget {
         max_time: Duration::from_millis(1),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     };
     let (mut scanned, mut deleted, mut blocked, mut items) = (0, 0, 0, Vec::new());
     let mut cursor: Option<String> = None;
@@ -107,6 +108,7 @@ async fn subject(backend: &S3Backend, target: &Target, action: SubjectAction) ->
     let budget = StepBudget {
         max_time: Duration::from_secs(60),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     };
     let step = backend
         .subject_step(&job, None, &budget)

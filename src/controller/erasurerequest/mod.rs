@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::retentionpolicy::{resolve_target, ResolvedTarget};
-use super::{apply_status, object_key, Context, Error};
+use super::{object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{
@@ -48,7 +48,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             let mut status = previous.clone();
             status.conditions = plan::conditions(&request, &status, &[], true, now);
             if status != previous {
-                apply_status(&api, &request.name_any(), &status).await?;
+                ctx.apply_status(&api, &request.name_any(), &status).await?;
             }
         }
         return Ok(Action::await_change());
@@ -148,7 +148,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
 
     // 4. Write, tell, clean up.
     if request.status.as_ref() != Some(&status) {
-        apply_status(&api, &request.name_any(), &status).await?;
+        ctx.apply_status(&api, &request.name_any(), &status).await?;
     }
     report(&ctx, &request, &previous, &status).await;
     if completed && !request.spec.dry_run && !request.spec.retain_subject_secret {
@@ -595,7 +595,7 @@ async fn wait_on_error(
         c.message = error.to_string();
     }
     if request.status.as_ref() != Some(&status) {
-        apply_status(api, &request.name_any(), &status).await?;
+        ctx.apply_status(api, &request.name_any(), &status).await?;
     }
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     Ok(
