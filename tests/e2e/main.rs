@@ -18,6 +18,7 @@ mod harness;
 mod holds;
 mod kustomize;
 mod loki;
+mod one_actor;
 mod operational;
 mod ropa;
 mod s3;

@@ -15,6 +15,7 @@
 
 pub mod elasticsearch;
 pub mod loki;
+pub mod operator_process;
 pub mod s3;
 
 use std::env;

@@ -1,0 +1,179 @@
+//! One actor at a time: a leader frozen past its Lease and thawed after a standby took over
+//! deletes nothing more and overwrites no checkpoint (issue 12, leader fencing). The
+//! operators here are real `tombstone run` processes, frozen and thawed with signals.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::DeleteParams;
+use kube::Api;
+use serde_json::json;
+
+use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
+use tombstone::api::{LegalHold, RetentionPolicy};
+
+use crate::fixtures::*;
+use crate::support::operator_process::OperatorProcess;
+use crate::support::{wait_for, RedisServer};
+
+const TOMBSTONE: &str = env!("CARGO_BIN_EXE_tombstone");
+
+async fn wait_holder(leases: &Api<Lease>, identity: &str, timeout: Duration) {
+    wait_for(&format!("{identity} to hold the Lease"), timeout, || {
+        let leases = leases.clone();
+        async move {
+            let holder = leases
+                .get_opt("tombstone-leader")
+                .await
+                .ok()
+                .flatten()?
+                .spec?
+                .holder_identity;
+            (holder.as_deref() == Some(identity)).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_leader_frozen_past_its_lease_deletes_and_writes_nothing_after_it_thaws() {
+    const MATCHING: usize = 60_000;
+    const OTHERS: usize = 1_000;
+    let (client, ns) = setup("fence").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed(&mut conn, "old:", MATCHING).await;
+    seed(&mut conn, "keep:", OTHERS).await;
+    // Mode idle deletes keys idle for longer than the retention of 1s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let mut first = OperatorProcess::start(TOMBSTONE, &ns, "first", &[]);
+    wait_holder(&leases, "first", Duration::from_secs(60)).await;
+    let second = OperatorProcess::start(TOMBSTONE, &ns, "second", &[]);
+
+    // A rate limit makes the sweep take tens of seconds (two pages of 5000 keys in flight,
+    // each waiting about 2s for its turn), so there is a middle to freeze the leader in.
+    redis_store(
+        &client,
+        &ns,
+        "cache",
+        &redis.url(),
+        json!({"limits": {"requestsPerSecond": 5000, "concurrency": 2}}),
+    )
+    .await;
+    create::<RetentionPolicy>(
+        &client,
+        &ns,
+        policy_json("old", "1s", json!([{"name": "old", "store": "cache", "redis": {"keyPattern": "old:*", "mode": "idle"}}])),
+    )
+    .await;
+    let deleted_total = |p: &RetentionPolicy| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.targets.first())
+            .map_or(0, |t| t.deleted_total)
+    };
+    wait_policy(
+        &client,
+        &ns,
+        "old",
+        "a first checkpoint",
+        Duration::from_secs(60),
+        |p| p.status.as_ref().is_some_and(|s| s.current_sweep.is_some()) && deleted_total(p) > 0,
+    )
+    .await;
+
+    // Freeze the leader mid-sweep, past its Lease: the standby takes over and goes on.
+    first.freeze();
+    let at_freeze = deleted_total(&get_policy(&client, &ns, "old").await);
+    assert!((at_freeze as usize) < MATCHING, "frozen mid-sweep");
+    wait_holder(&leases, "second", Duration::from_secs(60)).await;
+    wait_policy(
+        &client,
+        &ns,
+        "old",
+        "progress by the new leader",
+        Duration::from_secs(60),
+        |p| deleted_total(p) > at_freeze,
+    )
+    .await;
+
+    // While the old leader is still frozen, a LegalHold stops the policy.
+    hold_policies(&client, &ns, "litigation", &["old"]).await;
+    let held = wait_policy(
+        &client,
+        &ns,
+        "old",
+        "the target held",
+        Duration::from_secs(60),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.targets.first())
+                .is_some_and(|t| t.phase == TargetPhase::Held)
+        },
+    )
+    .await
+    .status
+    .unwrap();
+    let held_keys = count_keys(&mut conn, "old:*").await;
+    assert!(held_keys > 0, "the hold came before the sweep finished");
+    assert_eq!(
+        held.targets[0].deleted_total as usize,
+        MATCHING - held_keys,
+        "the new leader's counts are exact"
+    );
+
+    // Thawed, the old leader finds its Lease expired by its own clock: it stops at once.
+    first.thaw();
+    let exit = first
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the thawed leader stops");
+    assert!(!exit.success(), "losing leadership is an error exit");
+    let log = first.log();
+    assert!(log.contains("leadership lost"), "{log}");
+
+    // It deleted nothing more: the held keys survive, and the others too.
+    assert_eq!(
+        count_keys(&mut conn, "old:*").await,
+        held_keys,
+        "held data deleted by the thawed leader; its log:\n{log}"
+    );
+    assert_eq!(count_keys(&mut conn, "keep:*").await, OTHERS);
+    // It overwrote no checkpoint: the status is still the new leader's.
+    let after = get_policy(&client, &ns, "old").await.status.unwrap();
+    assert_eq!(
+        (
+            &after.targets[0].phase,
+            after.targets[0].deleted_total,
+            &after.targets[0].cursor
+        ),
+        (
+            &held.targets[0].phase,
+            held.targets[0].deleted_total,
+            &held.targets[0].cursor
+        ),
+        "the thawed leader overwrote the checkpoint; its log:\n{log}"
+    );
+
+    // Lifted, the hold lets the new leader finish the same sweep, every key counted once.
+    Api::<LegalHold>::namespaced(client.clone(), &ns)
+        .delete("litigation", &DeleteParams::default())
+        .await
+        .unwrap();
+    let done = wait_sweep_completed(&client, &ns, "old", None)
+        .await
+        .status
+        .unwrap();
+    let last = done.last_sweep.unwrap();
+    assert_eq!(last.outcome, SweepOutcome::Succeeded);
+    assert_eq!(
+        last.deleted as usize, MATCHING,
+        "nothing counted twice or lost"
+    );
+    assert_eq!(count_keys(&mut conn, "old:*").await, 0);
+    assert_eq!(count_keys(&mut conn, "keep:*").await, OTHERS);
+    drop(second);
+}
