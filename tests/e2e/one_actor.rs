@@ -8,12 +8,17 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::DeleteParams;
 use kube::Api;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
 use tombstone::api::{LegalHold, RetentionPolicy};
+use tombstone::backends::redis::{RedisBackend, RedisConfig};
+use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
+use tombstone::leader::Fence;
 
 use crate::fixtures::*;
 use crate::support::operator_process::OperatorProcess;
+use crate::support::s3::S3Server;
 use crate::support::{wait_for, RedisServer};
 
 const TOMBSTONE: &str = env!("CARGO_BIN_EXE_tombstone");
@@ -176,4 +181,106 @@ async fn a_leader_frozen_past_its_lease_deletes_and_writes_nothing_after_it_thaw
     assert_eq!(count_keys(&mut conn, "old:*").await, 0);
     assert_eq!(count_keys(&mut conn, "keep:*").await, OTHERS);
     drop(second);
+}
+
+/// A fence whose last renewal was sent longer than the renew deadline ago: what a process
+/// thawed after a long freeze holds.
+fn expired_fence() -> Fence {
+    let fence = Fence::new(Duration::from_secs(10));
+    fence.renewed(tokio::time::Instant::now() - Duration::from_secs(11));
+    assert!(!fence.is_valid());
+    fence
+}
+
+fn budget(fence: Fence) -> StepBudget {
+    StepBudget {
+        max_time: Duration::from_secs(10),
+        cancel: CancellationToken::new(),
+        fence,
+    }
+}
+
+fn sweep_job(target: serde_json::Value) -> SweepJob {
+    SweepJob {
+        target: serde_json::from_value(target).expect("a valid target"),
+        retention: "1s".parse().unwrap(),
+        dry_run: false,
+        cutoff: chrono::Utc::now() + chrono::Duration::hours(1),
+    }
+}
+
+/// The check before each destructive batch, store by store: with the Lease expired by the
+/// monotonic clock a sweep step deletes nothing and says why; renewed, the same step deletes.
+#[tokio::test]
+async fn a_sweep_step_past_the_renew_deadline_deletes_nothing() {
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed(&mut conn, "idle:", 50).await;
+    seed(&mut conn, "expire:", 50).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: redis.url(),
+            password: None,
+            cluster: false,
+        },
+        Limits::default(),
+    );
+    for (mode, pattern) in [("idle", "idle:*"), ("expire", "expire:*")] {
+        let job = sweep_job(
+            json!({"name": "t", "store": "s", "redis": {"keyPattern": pattern, "mode": mode}}),
+        );
+        let step = backend
+            .sweep_step(&job, None, &budget(expired_fence()))
+            .await
+            .expect("a step with counts");
+        assert_eq!(
+            step.failure.as_ref().map(|e| e.reason()),
+            Some("LeadershipLost"),
+            "{mode}"
+        );
+        assert_eq!(step.deleted, 0, "{mode}");
+        assert_ne!(step.next, Next::Done, "{mode}: the page is retried");
+        let fence = Fence::new(Duration::from_secs(10));
+        fence.renewed(tokio::time::Instant::now());
+        let step = backend
+            .sweep_step(&job, None, &budget(fence))
+            .await
+            .expect("a step");
+        assert!(step.failure.is_none(), "{mode}: {:?}", step.failure);
+        assert_eq!(step.deleted, 50, "{mode}");
+    }
+    assert_eq!(count_keys(&mut conn, "idle:*").await, 0);
+    assert_ne!(
+        ttl(&mut conn, "expire:7").await,
+        -1,
+        "bounded by a TTL (or gone)"
+    );
+
+    let server = S3Server::start();
+    server.create_bucket("fenced", false, false).await;
+    for i in 0..20 {
+        server.put("fenced", &format!("logs/{i}"), "x").await;
+    }
+    let backend = crate::s3::backend(&server, "fenced");
+    let job = sweep_job(json!({"name": "t", "store": "s", "s3": {"prefix": "logs/"}}));
+    let step = backend
+        .sweep_step(&job, None, &budget(expired_fence()))
+        .await
+        .expect("a step with counts");
+    assert_eq!(
+        step.failure.as_ref().map(|e| e.reason()),
+        Some("LeadershipLost")
+    );
+    assert_eq!(step.deleted, 0);
+    assert_eq!(server.keys("fenced", "logs/").await.len(), 20);
+    let fence = Fence::new(Duration::from_secs(10));
+    fence.renewed(tokio::time::Instant::now());
+    let step = backend
+        .sweep_step(&job, None, &budget(fence))
+        .await
+        .expect("a step");
+    assert!(step.failure.is_none(), "{:?}", step.failure);
+    assert_eq!(step.deleted, 20);
+    assert!(server.keys("fenced", "logs/").await.is_empty());
 }

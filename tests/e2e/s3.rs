@@ -27,7 +27,7 @@ use crate::support::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 const EMAIL: &str = "s3-subject-4f1d@example.org";
 const USER: &str = "47";
 
-fn backend(server: &S3Server, bucket: &str) -> S3Backend {
+pub(crate) fn backend(server: &S3Server, bucket: &str) -> S3Backend {
     S3Backend::new(
         S3Config {
             bucket: bucket.into(),

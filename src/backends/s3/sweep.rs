@@ -208,9 +208,11 @@ impl S3Backend {
         };
         loop {
             let page = if position.versions {
-                self.versions_page(job, &prefix, &position, &mut step).await
+                self.versions_page(job, &prefix, &position, &mut step, budget)
+                    .await
             } else {
-                self.objects_page(job, &prefix, &position, &mut step).await
+                self.objects_page(job, &prefix, &position, &mut step, budget)
+                    .await
             };
             match page {
                 Ok(Some(next)) => position = next,
@@ -237,6 +239,7 @@ impl S3Backend {
         prefix: &str,
         position: &Cursor,
         step: &mut Step,
+        budget: &StepBudget,
     ) -> Result<Option<Cursor>, Error> {
         let (entries, next) = self.list_objects(prefix, position).await?;
         step.scanned += entries.len() as u64;
@@ -245,7 +248,7 @@ impl S3Backend {
             .filter(|e| expired(e.last_modified, job.cutoff))
             .map(|e| object_id(&e.key, None))
             .collect::<Result<Vec<_>, _>>()?;
-        self.delete_counted(doomed, job.dry_run, false, step)
+        self.delete_counted(doomed, job.dry_run, false, step, budget)
             .await?;
         Ok(next)
     }
@@ -305,6 +308,7 @@ impl S3Backend {
         prefix: &str,
         position: &Cursor,
         step: &mut Step,
+        budget: &StepBudget,
     ) -> Result<Option<Cursor>, Error> {
         let (entries, next) = self.list_versions(prefix, position).await?;
         let truncated = next.is_some();
@@ -320,7 +324,7 @@ impl S3Backend {
         let versions = version_ids(&plan.versions)?;
         let predict_locks = job.dry_run && self.object_lock_enabled().await;
         let refused = self
-            .delete_counted(versions, job.dry_run, predict_locks, step)
+            .delete_counted(versions, job.dry_run, predict_locks, step, budget)
             .await?;
         // A refused version stays, so its key's delete markers must stay too: removing them
         // would make the locked data current again.
@@ -330,7 +334,7 @@ impl S3Backend {
             carry.survivor |= refused.iter().any(|r| r.key == carry.key);
         }
         let markers = version_ids(&plan.markers)?;
-        self.delete_counted(markers, job.dry_run, false, step)
+        self.delete_counted(markers, job.dry_run, false, step, budget)
             .await?;
         Ok(next.map(|n| Cursor {
             versions: true,
@@ -404,8 +408,12 @@ impl S3Backend {
         dry_run: bool,
         predict_locks: bool,
         step: &mut Step,
+        budget: &StepBudget,
     ) -> Result<Vec<Refusal>, Error> {
         let done = if !dry_run {
+            if !objects.is_empty() {
+                budget.may_act()?;
+            }
             self.delete_batch(objects).await?
         } else if predict_locks {
             let mut done = super::Deleted::default();
