@@ -608,6 +608,10 @@ async fn wait_on_error(
 }
 
 async fn delete_secret(ctx: &Context, namespace: &str, name: &str) {
+    // Only an instance that still leads deletes anything.
+    if ctx.fence.check().is_err() {
+        return;
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     match secrets.delete(name, &DeleteParams::default()).await {
         Ok(_) => info!(
