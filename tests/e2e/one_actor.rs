@@ -42,7 +42,7 @@ async fn wait_holder(leases: &Api<Lease>, identity: &str, timeout: Duration) {
 
 #[tokio::test]
 async fn a_leader_frozen_past_its_lease_deletes_and_writes_nothing_after_it_thaws() {
-    const MATCHING: usize = 60_000;
+    const MATCHING: usize = 80_000;
     const OTHERS: usize = 1_000;
     let (client, ns) = setup("fence").await;
     let redis = RedisServer::start();
