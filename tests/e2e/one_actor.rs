@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::DeleteParams;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::Api;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +15,7 @@ use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
 use tombstone::api::{LegalHold, RetentionPolicy};
 use tombstone::backends::redis::{RedisBackend, RedisConfig};
 use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
-use tombstone::leader::Fence;
+use tombstone::leader::{Fence, LeaderElection};
 
 use crate::fixtures::*;
 use crate::support::operator_process::OperatorProcess;
@@ -283,4 +284,66 @@ async fn a_sweep_step_past_the_renew_deadline_deletes_nothing() {
     assert!(step.failure.is_none(), "{:?}", step.failure);
     assert_eq!(step.deleted, 20);
     assert!(server.keys("fenced", "logs/").await.is_empty());
+}
+
+/// A holder whose clock runs an hour behind writes renewTimes that look long expired; it is
+/// alive as long as the Lease keeps changing, and a standby must wait for a whole lease
+/// duration of silence by its own clock before taking over.
+#[tokio::test]
+async fn a_standby_judges_the_holder_by_its_own_clock_not_the_renew_time() {
+    let (client, ns) = setup("skew").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let an_hour_ago = || MicroTime(jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1));
+    leases
+        .create(
+            &PostParams::default(),
+            &Lease {
+                metadata: ObjectMeta {
+                    name: Some("tombstone-leader".into()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some("skewed".into()),
+                    lease_duration_seconds: Some(3),
+                    renew_time: Some(an_hour_ago()),
+                    ..Default::default()
+                }),
+            },
+        )
+        .await
+        .unwrap();
+    let mut election = LeaderElection::new(&ns, "tombstone-leader", "standby");
+    election.lease_duration = Duration::from_secs(3);
+    election.renew_deadline = Duration::from_secs(2);
+    election.renew_interval = Duration::from_millis(500);
+    let standby = TestOperator::start_with(&ns, Some(election), None, fast_settings()).await;
+
+    // The skewed holder renews every 500 ms for 8 s (more than twice its lease duration).
+    let mut last_change = tokio::time::Instant::now();
+    for _ in 0..16 {
+        let mut lease = leases.get("tombstone-leader").await.unwrap();
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        assert_eq!(
+            spec.holder_identity.as_deref(),
+            Some("skewed"),
+            "the standby took the Lease from a holder that kept renewing"
+        );
+        spec.renew_time = Some(an_hour_ago());
+        if leases
+            .replace("tombstone-leader", &PostParams::default(), &lease)
+            .await
+            .is_ok()
+        {
+            last_change = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Silent now: the standby takes over, a lease duration after the last change it saw.
+    wait_holder(&leases, "standby", Duration::from_secs(30)).await;
+    let silence = last_change.elapsed();
+    assert!(
+        silence >= Duration::from_secs(3),
+        "taken over after {silence:?} of silence"
+    );
+    standby.stop().await;
 }
