@@ -89,6 +89,7 @@ async fn tombstone_sweep(url: &str, keys: usize, mode: RedisMode) -> (Duration, 
             .expect("duration"),
         dry_run: false,
         cutoff: chrono::Utc::now(),
+        held: Default::default(),
     };
     // Checkpoints as often as the operator does by default, so the figure includes them.
     let budget = StepBudget {

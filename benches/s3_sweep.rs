@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tombstone::api::retentionpolicy::{S3Target, Target};
 use tombstone::backends::s3::records::{self, Matcher};
 use tombstone::backends::s3::{S3Backend, S3Config, S3Credentials};
-use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
+use tombstone::backends::{identifier, Backend, Limits, Next, StepBudget, SweepJob};
 
 use support::s3::{S3Server, ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
 
@@ -213,6 +213,7 @@ async fn tombstone_sweep(server: &S3Server, objects: usize) -> (Duration, usize)
         retention: "30d".parse().expect("duration"),
         dry_run: false,
         cutoff: chrono::Utc::now(),
+        held: Default::default(),
     };
     // Checkpoints as often as the operator does by default (--checkpoint-interval), so the
     // figure includes them.
@@ -440,7 +441,9 @@ fn shell_pipeline(dir: &Path) -> Duration {
 }
 
 fn tombstone_rewrite(dir: &Path, archive: &Archive) -> Duration {
-    let matcher = Matcher::new("msg.recipient", SUBJECT);
+    let ids = [("email".to_string(), SUBJECT.to_string())].into();
+    let equals = identifier::fill("{email}", &ids).expect("a valid template");
+    let matcher = Matcher::new("msg.recipient", &equals);
     let input = File::open(dir.join("in.gz")).expect("the archive");
     let output = File::create(dir.join("tombstone.gz")).expect("the output");
     let start = Instant::now();

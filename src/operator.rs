@@ -170,7 +170,10 @@ async fn run_controllers(
         client.clone(),
         recorder,
         metrics,
-        options.settings.clone(),
+        crate::controller::Settings {
+            watch_namespace: options.namespace.clone(),
+            ..options.settings.clone()
+        },
         stop.clone(),
         fence,
     ));
@@ -191,6 +194,7 @@ async fn run_controllers(
     let policy_controller =
         policy_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache));
     let policy_index = policy_controller.store();
+    let held_policy_index = policy_controller.store();
     // A store that changes (becomes ready, changes limits) re-plans the policies that use it.
     let policy_controller = policy_controller.watches(
         stores,
@@ -209,18 +213,30 @@ async fn run_controllers(
         },
     );
 
-    // A hold placed, lifted or changed re-plans the policies it names.
+    // A hold placed, lifted or changed re-plans the policies it names; a hold on subjects
+    // re-plans every policy of its namespace (sweeps leave held subjects' data alone).
     let policy_controller = policy_controller.watches(
         holds.clone(),
         watcher::Config::default(),
-        |hold: LegalHold| {
+        move |hold: LegalHold| {
             let namespace = hold.namespace().unwrap_or_default();
-            hold.spec
+            let mut refs: Vec<ObjectRef<RetentionPolicy>> = hold
+                .spec
                 .policies
                 .unwrap_or_default()
                 .into_iter()
-                .map(move |p| ObjectRef::<RetentionPolicy>::new(&p).within(&namespace))
-                .collect::<Vec<_>>()
+                .map(|p| ObjectRef::<RetentionPolicy>::new(&p).within(&namespace))
+                .collect();
+            if hold.spec.subjects.as_ref().is_some_and(|s| !s.is_empty()) {
+                refs.extend(
+                    held_policy_index
+                        .state()
+                        .into_iter()
+                        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+                        .map(|p| ObjectRef::from_obj(p.as_ref())),
+                );
+            }
+            refs
         },
     );
     let hold_controller = Controller::new(holds, watcher::Config::default()).with_config(

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SecretRef, Timestamp};
+use super::retentionpolicy::RetentionException;
 
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -40,13 +41,17 @@ pub struct ErasureRequestSpec {
     /// An external ticket id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
-    /// Keep the identifiers Secret once the request completes (default: it is deleted).
+    /// Keep the identifiers Secret once the request completes (default: it is deleted if it
+    /// is labelled `tombstone.dev/subject-identifiers: "true"`; an unlabelled Secret is
+    /// always kept).
     #[serde(default)]
     pub retain_subject_secret: bool,
 }
 
 /// Who is to be erased: identifiers from a Secret (each key an identifier type) and/or
-/// inline, for pseudonymous identifiers only.
+/// inline, for pseudonymous identifiers only (an internal user id): an inline value stays in
+/// etcd with the request, so e-mail addresses (a value with `@`, a type named like `email`)
+/// are refused there.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("anyOf" = [{"required": ["secretRef"]}, {"required": ["identifiers"]}]))]
@@ -76,17 +81,22 @@ pub enum ErasurePhase {
     Erasing,
     Verifying,
     Completed,
+    /// Everything erased and verified except copies a store keeps under a lock for which
+    /// the policy declares an Art. 17(3) ground (`status.targets[].retained`); the erasure
+    /// is re-applied when the locks lapse.
+    CompletedWithExceptions,
     Blocked,
     Failed,
 }
 
 impl ErasurePhase {
-    pub const ALL: [ErasurePhase; 7] = [
+    pub const ALL: [ErasurePhase; 8] = [
         ErasurePhase::Pending,
         ErasurePhase::Discovering,
         ErasurePhase::Erasing,
         ErasurePhase::Verifying,
         ErasurePhase::Completed,
+        ErasurePhase::CompletedWithExceptions,
         ErasurePhase::Blocked,
         ErasurePhase::Failed,
     ];
@@ -99,11 +109,33 @@ impl ErasurePhase {
             ErasurePhase::Erasing => "Erasing",
             ErasurePhase::Verifying => "Verifying",
             ErasurePhase::Completed => "Completed",
+            ErasurePhase::CompletedWithExceptions => "CompletedWithExceptions",
             ErasurePhase::Blocked => "Blocked",
             ErasurePhase::Failed => "Failed",
         }
     }
 }
+
+/// What became of the identifiers Secret (`spec.subject.secretRef`) once the request
+/// completed. The operator deletes only a Secret labelled
+/// `tombstone.dev/subject-identifiers: "true"`, and only after a real erasure ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SubjectSecretFate {
+    /// Deleted once the request completed.
+    Deleted,
+    /// Kept: it does not carry the label, so it may be something else than identifiers.
+    KeptUnmarked,
+    /// Kept as `retainSubjectSecret` asks.
+    KeptOnRequest,
+    /// Kept: a dry run erases nothing.
+    KeptDryRun,
+    /// Kept until the copies retained under an Art. 17(3) ground are erased too.
+    KeptForRetainedCopies,
+}
+
+/// The label that marks a Secret as holding a data subject's identifiers, which the
+/// operator may delete once their erasure is done.
+pub const SUBJECT_IDENTIFIERS_LABEL: &str = "tombstone.dev/subject-identifiers";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ErasureTargetPhase {
@@ -115,7 +147,29 @@ pub enum ErasureTargetPhase {
     NothingFound,
     Skipped,
     Blocked,
+    /// Everything else erased; the copies left are under a store lock kept under a declared
+    /// Art. 17(3) ground (see `retained`).
+    Retained,
     Failed,
+}
+
+/// The copies of a target kept under a store lock and a declared Art. 17(3) ground.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetainedCopiesStatus {
+    /// Copies retained (counted as verification counts them), never their keys.
+    pub count: u64,
+    pub ground: RetentionException,
+    pub description: String,
+    /// The earliest and latest retain-until dates among them; the erasure is re-applied at
+    /// the earliest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest_retain_until: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_retain_until: Option<Timestamp>,
+    /// Copies under an Object Lock legal hold (no date: kept until it is removed).
+    #[serde(default)]
+    pub legal_holds: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -137,6 +191,13 @@ pub struct ErasureTargetStatus {
     /// own (a Loki delete request, an Elasticsearch task); never holds an identifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// The kind of store the target's locators ran in, once one did (`redis`, `s3`, `loki`,
+    /// `elasticsearch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_kind: Option<String>,
+    /// Copies kept under a store lock and a declared Art. 17(3) ground (phase `Retained`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained: Option<RetainedCopiesStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -145,6 +206,9 @@ pub struct ErasureTotals {
     pub found: u64,
     pub erased: u64,
     pub blocked: u64,
+    /// Copies kept under a store lock and a declared Art. 17(3) ground.
+    #[serde(default)]
+    pub retained: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -166,8 +230,15 @@ pub struct ErasureRequestStatus {
     pub completion_time: Option<Timestamp>,
     #[serde(default)]
     pub targets: Vec<ErasureTargetStatus>,
+    /// Policies named in `spec.policies` that do not exist: the request fails without
+    /// erasing anything (`NothingInScope` or `PolicyNotFound`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_policies: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<ErasureTotals>,
+    /// What became of the identifiers Secret once the request completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_secret: Option<SubjectSecretFate>,
     /// `sha256:` of the canonical audit record of what was done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<String>,

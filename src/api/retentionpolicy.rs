@@ -219,6 +219,52 @@ pub struct S3Subject {
     pub key_prefixes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub records: Option<S3Records>,
+    /// The Art. 17(3) exception under which the subject's copies that S3 Object Lock keeps
+    /// (retention or legal hold) are retained. With it, an erasure that erased and verified
+    /// everything else settles as `CompletedWithExceptions` and is re-applied when the locks
+    /// lapse; without it, locked copies keep the request open (and `Overdue` past its
+    /// deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_copies: Option<RetainedCopies>,
+}
+
+/// Why copies under Object Lock are kept: a lock is a mechanism, this is the legal ground.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetainedCopies {
+    pub ground: RetentionException,
+    /// What obliges the retention, for the DPO and the receipt (e.g. "HGB §257: 10 years").
+    #[schemars(length(min = 1))]
+    pub description: String,
+}
+
+/// The exceptions of Art. 17(3) GDPR, (a)–(e).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RetentionException {
+    /// (a) exercising the right of freedom of expression and information.
+    FreedomOfExpression,
+    /// (b) compliance with a legal obligation, or a task in the public interest.
+    LegalObligation,
+    /// (c) public health.
+    PublicHealth,
+    /// (d) archiving in the public interest, scientific or historical research, statistics.
+    ArchivingOrResearch,
+    /// (e) the establishment, exercise or defence of legal claims.
+    LegalClaims,
+}
+
+impl RetentionException {
+    /// The point of Art. 17(3) it names, for messages: `Art. 17(3)(e)`.
+    pub fn article(&self) -> &'static str {
+        match self {
+            RetentionException::FreedomOfExpression => "Art. 17(3)(a)",
+            RetentionException::LegalObligation => "Art. 17(3)(b)",
+            RetentionException::PublicHealth => "Art. 17(3)(c)",
+            RetentionException::ArchivingOrResearch => "Art. 17(3)(d)",
+            RetentionException::LegalClaims => "Art. 17(3)(e)",
+        }
+    }
 }
 
 /// Records inside JSON-lines objects (optionally gzip) that belong to the subject.
@@ -231,6 +277,30 @@ pub struct S3Records {
     pub field: String,
     #[schemars(length(min = 1))]
     pub equals: String,
+    /// Lines of an archive that are not JSON but hold the subject's identifier (found as it
+    /// stands on its own, as Loki line filters are): `Keep` (the default) keeps them, and
+    /// the request then fails this target with `UnparsedCopiesRemain`, naming the objects and
+    /// line counts, until someone decides; `DropMatching` drops them with the subject's
+    /// records.
+    #[serde(default, skip_serializing_if = "UnparsedLines::is_keep")]
+    pub unparsed_lines: UnparsedLines,
+}
+
+/// What an erasure does with archive lines that are not JSON but hold the identifier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UnparsedLines {
+    /// Kept, and counted as copies that remain: the target is never `Verified` while any is
+    /// there.
+    #[default]
+    Keep,
+    /// Dropped in the rewrite with the subject's records (and counted with them).
+    DropMatching,
+}
+
+impl UnparsedLines {
+    pub fn is_keep(&self) -> bool {
+        *self == UnparsedLines::Keep
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -280,6 +350,11 @@ pub struct CurrentSweep {
     /// The policy generation the sweep runs under; an edit restarts the sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// The LegalHolds on subjects the sweep runs under (names and generations, never an
+    /// identifier). A hold placed, changed or lifted restarts the sweep, cancelling what the
+    /// stores still run for it, so no deletion submitted before a hold runs on regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_holds: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -347,9 +422,26 @@ pub struct TargetStatus {
     /// The first few refused items by name, each with the store's reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocked_items: Vec<String>,
+    /// Items the last (or current) sweep kept because a LegalHold holds a subject whose data
+    /// they are (never named: their names may carry identifiers).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held: u64,
+    /// Items the last (or current) sweep could not judge and kept: Elasticsearch documents
+    /// without the timestamp field, Redis `timestamp`-mode keys without a readable timestamp.
+    /// While any remain, the policy is not Compliant.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unjudged: u64,
+    /// The oldest item the last sweep left in place, where the store tells (S3 LastModified,
+    /// Redis `timestamp`-mode field, Elasticsearch timestamp field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_remaining: Option<Timestamp>,
     /// Where the current sweep resumes after a restart; absent when no sweep is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

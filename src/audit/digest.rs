@@ -75,15 +75,15 @@ impl fmt::Debug for DigestKey {
     }
 }
 
-/// `type=value`: the value trimmed, and for type `email` also lower-cased. The type is kept
-/// as given (types are Secret keys such as `email` or `userId`).
+/// `type=value` with the value in the canonical form every store query also uses
+/// ([`crate::backends::identifier::canonical`]): trimmed, and for e-mail types (`email`,
+/// `workEmail`, …) also lower-cased. The type is kept as given (types are Secret keys such as
+/// `email` or `userId`).
 pub fn canonical_identifier(id_type: &str, value: &str) -> String {
-    let value = value.trim();
-    if id_type == "email" {
-        format!("{id_type}={}", value.to_lowercase())
-    } else {
-        format!("{id_type}={value}")
-    }
+    format!(
+        "{id_type}={}",
+        crate::backends::identifier::canonical(id_type, value)
+    )
 }
 
 /// The digest of one identifier: what `tombstone digest TYPE VALUE` prints and what a
@@ -161,7 +161,18 @@ mod tests {
             "email=alice@example.com"
         );
         assert_eq!(canonical_identifier("userId", " AbC-42\n"), "userId=AbC-42");
-        assert_eq!(canonical_identifier("Email", "A@B.c"), "Email=A@B.c");
+        // Every e-mail type is lower-cased (before, only `email` was: a digest of an `Email`
+        // or `workEmail` value with capitals changed when the rule became one for all).
+        assert_eq!(canonical_identifier("Email", "A@B.c"), "Email=a@b.c");
+        assert_eq!(
+            canonical_identifier("workEmail", "A@B.c\n"),
+            "workEmail=a@b.c"
+        );
+        // A trailing newline (`base64` of `echo`) is not part of the value.
+        assert_eq!(
+            canonical_identifier("email", "bob@example.com\n"),
+            "email=bob@example.com"
+        );
     }
 
     #[test]

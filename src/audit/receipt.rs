@@ -28,15 +28,35 @@ pub fn erasure_record(request: &ErasureRequest, status: &ErasureRequestStatus) -
         "completionTime": status.completion_time,
         "targets": status.targets,
         "totals": status.totals,
+        "subjectSecret": status.subject_secret,
+        "queryTextRetainedBy": query_text_retained_by(status),
     })
 }
+
+/// Store kinds the request ran in that keep the text of a subject query (so an identifier)
+/// because of how they delete: a Loki delete request keeps its LogQL query; an Elasticsearch
+/// task document in `.tasks` keeps the delete-by-query request. Sorted, without repeats.
+pub fn query_text_retained_by(status: &ErasureRequestStatus) -> Vec<String> {
+    let mut kinds: Vec<String> = status
+        .targets
+        .iter()
+        .filter_map(|t| t.store_kind.clone())
+        .filter(|k| QUERY_TEXT_KEPT_BY.contains(&k.as_str()))
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+}
+
+/// The store kinds whose deletion mechanism keeps the query text.
+pub const QUERY_TEXT_KEPT_BY: [&str; 2] = ["elasticsearch", "loki"];
 
 /// The audit record of a completed retention sweep: what each target scanned and deleted.
 pub fn sweep_record(policy: &RetentionPolicy, status: &RetentionPolicyStatus) -> Value {
     let targets: Vec<Value> = status
         .targets
         .iter()
-        .map(|t| json!({"name": t.name, "phase": t.phase, "scanned": t.scanned, "deleted": t.deleted, "blocked": t.blocked}))
+        .map(|t| json!({"name": t.name, "phase": t.phase, "scanned": t.scanned, "deleted": t.deleted, "blocked": t.blocked, "held": t.held, "unjudged": t.unjudged}))
         .collect();
     json!({
         "kind": "SweepReceipt",
@@ -93,6 +113,29 @@ pub fn emit(record: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_receipt_names_the_store_kinds_that_keep_the_query_text() {
+        use crate::api::erasurerequest::ErasureTargetStatus;
+        let target = |kind: Option<&str>| ErasureTargetStatus {
+            store_kind: kind.map(str::to_string),
+            ..Default::default()
+        };
+        let status = ErasureRequestStatus {
+            targets: vec![
+                target(Some("loki")),
+                target(Some("redis")),
+                target(None),
+                target(Some("loki")),
+                target(Some("elasticsearch")),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            query_text_retained_by(&status),
+            vec!["elasticsearch".to_string(), "loki".to_string()]
+        );
+    }
 
     #[test]
     fn the_canonical_form_sorts_keys_and_the_digest_is_sha256() {

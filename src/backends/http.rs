@@ -44,9 +44,11 @@ impl HttpAuth {
 }
 
 /// A client with the timeouts every store call gets: a store that stops answering must not
-/// hold a job slot forever.
+/// hold a job slot forever. Redirects are never followed: a redirect to the same host on
+/// `http://` would carry the credentials there in plain text, and a store's API never needs one.
 pub fn client() -> Result<reqwest::Client, Error> {
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .build()
@@ -106,6 +108,38 @@ mod tests {
         assert_eq!(e(429), "Unreachable");
         assert_eq!(e(503), "Unreachable");
         assert_eq!(e(400), "StoreError");
+    }
+
+    /// A store answering with a redirect to plain HTTP on the same host gets no second request,
+    /// so the credentials never leave over the redirect.
+    #[tokio::test]
+    async fn redirects_are_not_followed_with_the_credentials() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target_port = target.local_addr().unwrap().port();
+        let store_url = format!("http://127.0.0.1:{}/", store.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            let (mut socket, _) = store.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{target_port}/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        });
+        let auth = HttpAuth::Basic {
+            username: "elastic".into(),
+            password: "pw-redirect-probe".into(),
+        };
+        let response = auth
+            .apply(client().unwrap().get(&store_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 307);
+        let followed = tokio::time::timeout(Duration::from_millis(300), target.accept()).await;
+        assert!(followed.is_err(), "the client followed the redirect");
     }
 
     #[test]

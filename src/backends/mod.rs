@@ -8,11 +8,13 @@
 
 pub mod elasticsearch;
 pub mod http;
+pub mod identifier;
 pub mod loki;
 pub mod redis;
 pub mod s3;
 pub mod template;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +41,18 @@ pub enum Error {
     /// This instance no longer leads: it stopped before acting on the store.
     #[error("leadership lost: stopped before acting on the store")]
     LeadershipLost,
+    /// A free-text locator cannot tell this subject's value from other text (too short, only
+    /// digits, not an e-mail address): nothing was run. Never carries the value.
+    #[error("{0}")]
+    IdentifierNotDistinctive(String),
+    /// Archive lines that are not JSON still hold the subject's identifier: copies remain.
+    /// Says where (object keys, line counts), never the identifier.
+    #[error("{0}")]
+    UnparsedCopiesRemain(String),
+    /// Loki in `deletion_mode: filter-only` hides deleted lines from queries but keeps them
+    /// in storage: a deletion would be reported done (and verified) while the data remains.
+    #[error("{0}")]
+    DeletionModeFilterOnly(String),
 }
 
 impl Error {
@@ -51,12 +65,20 @@ impl Error {
             Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
             Error::LeadershipLost => "LeadershipLost",
+            Error::IdentifierNotDistinctive(_) => "IdentifierNotDistinctive",
+            Error::UnparsedCopiesRemain(_) => "UnparsedCopiesRemain",
+            Error::DeletionModeFilterOnly(_) => "DeletionModeFilterOnly",
         }
     }
 
     /// Whether trying again later may succeed without anyone changing the spec.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Error::InvalidSpec(_))
+        !matches!(
+            self,
+            Error::InvalidSpec(_)
+                | Error::IdentifierNotDistinctive(_)
+                | Error::UnparsedCopiesRemain(_)
+        )
     }
 }
 
@@ -94,6 +116,138 @@ pub struct SweepJob {
     /// Items older than this are expired. Fixed for the whole sweep so that resumed steps
     /// and a dry run judge items by the same instant.
     pub cutoff: DateTime<Utc>,
+    /// Subjects a LegalHold keeps: the sweep leaves their data where it is, found through the
+    /// target's subject locator. The controller only lets a target sweep with holds when
+    /// [`hold_exclusion`] says the locator can express every held subject.
+    pub held: HeldSubjects,
+}
+
+/// The identifiers of the subjects held by LegalHolds (each a map type → value). In memory
+/// only: never logged, never in status; `Debug` shows how many there are.
+#[derive(Clone, Default, PartialEq)]
+pub struct HeldSubjects(pub Vec<BTreeMap<String, String>>);
+
+impl std::fmt::Debug for HeldSubjects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeldSubjects(<{} subjects>)", self.0.len())
+    }
+}
+
+impl HeldSubjects {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every held subject's forms of `template`, filled by `fill`: the same function the
+    /// store's erasure matches with (canonical values, any case for addresses), so that a
+    /// sweep leaves out exactly what an erasure of that subject would take. An error when a
+    /// subject lacks an identifier the template needs: the caller must then not sweep (the
+    /// controller has already held such a target; this is the backstop).
+    pub fn expand_all<T>(
+        &self,
+        what: &str,
+        template: &str,
+        fill: impl Fn(&str, &BTreeMap<String, String>) -> Result<Vec<T>, template::Error>,
+    ) -> Result<Vec<T>, Error> {
+        let mut all = Vec::new();
+        for ids in &self.0 {
+            all.extend(fill(template, ids).map_err(|e| {
+                Error::InvalidSpec(format!(
+                    "{what}: a subject held by a LegalHold cannot be excluded ({e}); the target must be held"
+                ))
+            })?);
+        }
+        Ok(all)
+    }
+}
+
+/// The store kind a target's selector is written for (the one of `redis`, `s3`, `loki`,
+/// `elasticsearch` it sets).
+pub fn selector_kind(target: &Target) -> Option<StoreKind> {
+    match (
+        &target.redis,
+        &target.s3,
+        &target.loki,
+        &target.elasticsearch,
+    ) {
+        (Some(_), None, None, None) => Some(StoreKind::Redis),
+        (None, Some(_), None, None) => Some(StoreKind::S3),
+        (None, None, Some(_), None) => Some(StoreKind::Loki),
+        (None, None, None, Some(_)) => Some(StoreKind::Elasticsearch),
+        _ => None,
+    }
+}
+
+/// Whether a sweep of `target` can leave every held subject's data in place (pure). `Err`
+/// says why not, without any identifier value: the target has no subject locator for its
+/// store kind, or a held subject lacks an identifier type one of its templates needs. The
+/// whole target is then held. Templates used: Redis `keys` and the keys of `hashFields` and
+/// `setMembers` (those keys are skipped whole), S3 `keyPrefixes` and the `records` prefix and
+/// value, the Loki `lineFilter`, every Elasticsearch `term`.
+pub fn hold_exclusion(target: &Target, held: &HeldSubjects) -> Result<(), String> {
+    let none = || {
+        format!(
+            "target {} has no subject locator for its store, so a sweep cannot tell a held subject's data from the rest",
+            target.name
+        )
+    };
+    let locator = target.subject.as_ref().ok_or_else(none)?;
+    let mut templates: Vec<(String, &str)> = Vec::new();
+    match selector_kind(target) {
+        Some(StoreKind::Redis) => {
+            let r = locator.redis.as_ref().ok_or_else(none)?;
+            for (i, k) in r.keys.iter().enumerate() {
+                templates.push((format!("subject.redis.keys[{i}]"), k));
+            }
+            for (i, h) in r.hash_fields.iter().enumerate() {
+                templates.push((format!("subject.redis.hashFields[{i}].key"), &h.key));
+            }
+            for (i, m) in r.set_members.iter().enumerate() {
+                templates.push((format!("subject.redis.setMembers[{i}].key"), &m.key));
+            }
+        }
+        Some(StoreKind::S3) => {
+            let s = locator.s3.as_ref().ok_or_else(none)?;
+            for (i, p) in s.key_prefixes.iter().enumerate() {
+                templates.push((format!("subject.s3.keyPrefixes[{i}]"), p));
+            }
+            if let Some(r) = &s.records {
+                templates.push(("subject.s3.records.prefix".into(), &r.prefix));
+                templates.push(("subject.s3.records.equals".into(), &r.equals));
+            }
+        }
+        Some(StoreKind::Loki) => {
+            let l = locator.loki.as_ref().ok_or_else(none)?;
+            templates.push(("subject.loki.lineFilter".into(), &l.line_filter));
+        }
+        Some(StoreKind::Elasticsearch) => {
+            let e = locator.elasticsearch.as_ref().ok_or_else(none)?;
+            for (field, t) in &e.term {
+                templates.push((format!("subject.elasticsearch.term[{field}]"), t));
+            }
+        }
+        None => return Err(none()),
+    }
+    if templates.is_empty() {
+        return Err(none());
+    }
+    for (what, t) in templates {
+        for ids in &held.0 {
+            match template::expand(t, ids, template::literal) {
+                Ok(_) => {}
+                Err(template::Error::MissingIdentifier(name)) => {
+                    return Err(format!(
+                        "target {}: a held subject has no {{{name}}}, which {what} needs, so a sweep cannot tell their data from the rest",
+                        target.name
+                    ))
+                }
+                Err(template::Error::Malformed) => {
+                    return Err(format!("target {}: {what} is not a valid template", target.name))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// When a step must hand back control so its progress can be checkpointed.
@@ -141,10 +295,36 @@ pub struct Step {
     /// A few of the refused items by name, each with the store's reason (an object key and
     /// "object protected by Object Lock"), for the target's message.
     pub blocked_items: Vec<String>,
+    /// Items kept because a LegalHold holds a subject whose data they are (Redis keys and S3
+    /// objects of a held subject; archives holding a held subject's records; Elasticsearch
+    /// expired documents of a held subject). Never named: their names may carry identifiers.
+    pub held: u64,
+    /// Items the sweep could not judge (no timestamp, an unparseable one): neither deleted nor
+    /// known to be young enough.
+    pub unjudged: u64,
+    /// The oldest item the sweep saw and left in place, where the store can tell.
+    pub oldest_remaining: Option<DateTime<Utc>>,
     pub next: Next,
     /// A failure after some progress: the counts and `next` above are still true and are
     /// checkpointed, so work already done is neither lost nor redone.
     pub failure: Option<Error>,
+}
+
+impl Default for Step {
+    /// Nothing done, nothing left.
+    fn default() -> Self {
+        Self {
+            scanned: 0,
+            deleted: 0,
+            blocked: 0,
+            blocked_items: Vec::new(),
+            held: 0,
+            unjudged: 0,
+            oldest_remaining: None,
+            next: Next::Done,
+            failure: None,
+        }
+    }
 }
 
 /// What an erasure does in one target: find and count (also what a dry run does), erase, or
@@ -161,7 +341,7 @@ pub enum SubjectAction {
 #[derive(Clone)]
 pub struct SubjectJob {
     pub target: Target,
-    pub identifiers: std::collections::BTreeMap<String, String>,
+    pub identifiers: BTreeMap<String, String>,
     pub action: SubjectAction,
 }
 
@@ -196,6 +376,31 @@ pub struct SubjectStep {
     pub failure: Option<Error>,
 }
 
+/// A subject's copies a store keeps under a lock of its own until it lapses: how many, the
+/// earliest and latest retain-until dates, and how many are under a legal hold (no date).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockedCopies {
+    pub count: u64,
+    pub earliest_until: Option<DateTime<Utc>>,
+    pub latest_until: Option<DateTime<Utc>>,
+    pub legal_holds: u64,
+}
+
+impl LockedCopies {
+    /// Counts `copies` more copies in one locked version (retained until `until` and/or
+    /// under a legal hold).
+    pub fn add(&mut self, copies: u64, until: Option<DateTime<Utc>>, held: bool) {
+        self.count = self.count.saturating_add(copies);
+        if held {
+            self.legal_holds = self.legal_holds.saturating_add(copies);
+        }
+        if let Some(u) = until {
+            self.earliest_until = Some(self.earliest_until.map_or(u, |e| e.min(u)));
+            self.latest_until = Some(self.latest_until.map_or(u, |l| l.max(u)));
+        }
+    }
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn kind(&self) -> StoreKind;
@@ -220,6 +425,14 @@ pub trait Backend: Send + Sync {
         Ok(false)
     }
 
+    /// The subject's copies the store keeps under a lock of its own (S3 Object Lock retention
+    /// or legal hold), counted as a Verify step counts copies, with the span of their
+    /// retain-until dates. Stores without such locks have none.
+    async fn locked_copies(&self, job: &SubjectJob) -> Result<LockedCopies, Error> {
+        let _ = job;
+        Ok(LockedCopies::default())
+    }
+
     /// Runs one bounded step of finding, erasing or verifying one subject's records.
     async fn subject_step(
         &self,
@@ -237,5 +450,79 @@ pub fn validate_target(kind: StoreKind, target: &Target) -> Result<(), Error> {
         StoreKind::S3 => s3::validate_target(target),
         StoreKind::Loki => loki::validate_target(target),
         StoreKind::Elasticsearch => elasticsearch::validate_target(target),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(json: serde_json::Value) -> Target {
+        serde_json::from_value(json).expect("a valid target")
+    }
+
+    fn held(pairs: &[(&str, &str)]) -> HeldSubjects {
+        HeldSubjects(vec![pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()])
+    }
+
+    #[test]
+    fn a_hold_is_expressible_only_through_a_locator_for_the_targets_store() {
+        let s3 = target(
+            serde_json::json!({"name": "a", "store": "s", "s3": {"prefix": "app/"},
+            "subject": {"s3": {"keyPrefixes": ["app/users/{userId}/"],
+                "records": {"prefix": "app/logs/", "field": "to", "equals": "{email}"}}}}),
+        );
+        assert!(hold_exclusion(&s3, &held(&[("userId", "1"), ("email", "a@b.example")])).is_ok());
+        let why = hold_exclusion(&s3, &held(&[("userId", "1")])).unwrap_err();
+        assert!(
+            why.contains("no {email}, which subject.s3.records.equals needs"),
+            "{why}"
+        );
+        // A locator for another store kind does not count.
+        let wrong = target(
+            serde_json::json!({"name": "b", "store": "s", "s3": {"prefix": "app/"},
+            "subject": {"loki": {"lineFilter": "uid={userId} "}}}),
+        );
+        assert!(hold_exclusion(&wrong, &held(&[("userId", "1")]))
+            .unwrap_err()
+            .contains("no subject locator"));
+        let es = target(serde_json::json!({"name": "c", "store": "s",
+            "elasticsearch": {"index": "ev-*", "timestampField": "@timestamp"},
+            "subject": {"elasticsearch": {"term": {"user.id": "{userId}", "tenant": "{tenant}"}}}}));
+        assert!(hold_exclusion(&es, &held(&[("userId", "1")]))
+            .unwrap_err()
+            .contains("{tenant}"));
+        let redis = target(serde_json::json!({"name": "d", "store": "s",
+            "redis": {"keyPattern": "h:*", "mode": "idle"},
+            "subject": {"redis": {"hashFields": [{"key": "profiles", "field": "{userId}"}]}}}));
+        assert!(
+            hold_exclusion(&redis, &held(&[("email", "a@b.example")])).is_ok(),
+            "the hash key has no placeholder: it is kept whole whatever the field"
+        );
+    }
+
+    #[test]
+    fn held_identifiers_expand_escaped_and_never_show_in_debug() {
+        let probe = "probe*9c1e";
+        let h = held(&[("userId", probe)]);
+        assert_eq!(
+            h.expand_all("k", "session:{userId}:*", redis::subject::key_glob)
+                .unwrap(),
+            vec!["session:probe\\*9c1e:*".to_string()]
+        );
+        assert!(h
+            .expand_all("k", "{email}", identifier::exact_forms)
+            .is_err());
+        // Held addresses are left out in the form an erasure matches: canonical, any case.
+        let h = held(&[("email", " Bob@Example.org\n")]);
+        assert_eq!(
+            h.expand_all("k", "u:{email}:*", redis::subject::key_glob)
+                .unwrap(),
+            vec!["u:[bB][oO][bB]@[eE][xX][aA][mM][pP][lL][eE].[oO][rR][gG]:*".to_string()]
+        );
+        assert!(!format!("{h:?}").contains("9c1e"));
     }
 }

@@ -33,6 +33,8 @@ pub enum Error {
     SecretNotFound(String),
     #[error("Secret {secret} has no key {key}")]
     SecretKeyMissing { secret: String, key: String },
+    #[error("Secret {secret}: the value of key {key} is not UTF-8 text")]
+    SecretValueNotText { secret: String, key: String },
     #[error("DataStore {0} not found")]
     StoreNotFound(String),
     /// A Secret a DataStore names is not marked as store credentials: never read.
@@ -66,6 +68,7 @@ impl Error {
         match self {
             Error::Kube(_) => "KubernetesApiError",
             Error::SecretNotFound(_) | Error::SecretKeyMissing { .. } => "SecretNotFound",
+            Error::SecretValueNotText { .. } => "SecretValueNotText",
             Error::StoreNotFound(_) => "StoreNotFound",
             Error::CredentialsNotPermitted(_) => "CredentialsNotPermitted",
             Error::InsecureTransport(_) => "InsecureTransport",
@@ -109,6 +112,8 @@ pub struct Settings {
     /// cloud identity (the default AWS credential chain, e.g. IRSA). Off by default: any
     /// namespace could otherwise reach every bucket the operator can.
     pub allow_ambient_credentials: bool,
+    /// The namespace watched (None: every namespace): where digests made with the key live.
+    pub watch_namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -120,6 +125,7 @@ impl Default for Settings {
             probe_interval: Duration::from_secs(300),
             operator_namespace: "tombstone-system".into(),
             allow_ambient_credentials: false,
+            watch_namespace: None,
         }
     }
 }

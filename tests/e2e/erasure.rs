@@ -14,10 +14,10 @@ use tombstone::api::{ErasureRequest, LegalHold, RetentionPolicy};
 use crate::fixtures::*;
 use crate::support::{wait_for, RedisServer};
 
-const EMAIL: &str = "zq-unique-7f3a@example.org";
-const USER: &str = "u-93b1c7";
+pub(crate) const EMAIL: &str = "zq-unique-7f3a@example.org";
+pub(crate) const USER: &str = "u-93b1c7";
 
-async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer) {
+pub(crate) async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer) {
     redis_store(client, ns, "cache", &redis.url(), json!({})).await;
     wait_store_ready(client, ns, "cache", true).await;
     let mut p = policy_json(
@@ -37,7 +37,7 @@ async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer) {
     create::<RetentionPolicy>(client, ns, p).await;
 }
 
-async fn seed_subjects(conn: &mut redis::aio::MultiplexedConnection) {
+pub(crate) async fn seed_subjects(conn: &mut redis::aio::MultiplexedConnection) {
     let mut pipe = redis::pipe();
     for n in 0..4 {
         pipe.cmd("SET")
@@ -57,9 +57,10 @@ async fn seed_subjects(conn: &mut redis::aio::MultiplexedConnection) {
     let _: () = pipe.query_async(conn).await.unwrap();
 }
 
-async fn identifiers_secret(client: &kube::Client, ns: &str, name: &str) {
+/// The subject's identifiers, in a Secret labelled as such (so deleted once erased).
+pub(crate) async fn identifiers_secret(client: &kube::Client, ns: &str, name: &str) {
     let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {"tombstone.dev/subject-identifiers": "true"}},
         "stringData": {"email": EMAIL, "userId": USER}
     }))
     .unwrap();
@@ -69,7 +70,7 @@ async fn identifiers_secret(client: &kube::Client, ns: &str, name: &str) {
         .unwrap();
 }
 
-fn request_json(name: &str, secret: &str, dry_run: bool) -> serde_json::Value {
+pub(crate) fn request_json(name: &str, secret: &str, dry_run: bool) -> serde_json::Value {
     json!({
         "apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": name},
         "spec": {"subject": {"secretRef": {"name": secret}}, "reason": "consentWithdrawn",

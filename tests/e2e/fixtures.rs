@@ -413,21 +413,34 @@ pub async fn wait_metric(metrics: &tombstone::metrics::Metrics, needle: &str) {
     .await;
 }
 
-/// A Secret with `string_data` (identifiers of a subject, store credentials).
+/// A Secret with `string_data` and no label: the operator neither reads it as store
+/// credentials nor deletes it.
 pub async fn create_secret(client: &Client, ns: &str, name: &str, string_data: Value) {
-    let secret: k8s_openapi::api::core::v1::Secret =
-        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": string_data}))
-            .expect("a valid Secret");
-    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("create succeeds");
+    create_labelled_secret(client, ns, name, json!({}), string_data).await;
 }
 
 /// A Secret of store credentials, labelled so that the operator may read it as such.
 pub async fn create_credentials_secret(client: &Client, ns: &str, name: &str, string_data: Value) {
+    let labels = json!({"tombstone.dev/credentials": "true"});
+    create_labelled_secret(client, ns, name, labels, string_data).await;
+}
+
+/// A data subject's identifiers in a Secret labelled `tombstone.dev/subject-identifiers`,
+/// which lets the operator delete it once the erasure is done.
+pub async fn create_subject_secret(client: &Client, ns: &str, name: &str, string_data: Value) {
+    let labels = json!({"tombstone.dev/subject-identifiers": "true"});
+    create_labelled_secret(client, ns, name, labels, string_data).await;
+}
+
+async fn create_labelled_secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    labels: Value,
+    string_data: Value,
+) {
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"tombstone.dev/credentials": "true"}},
+        "metadata": {"name": name, "labels": labels},
         "stringData": string_data,
     }))
     .expect("a valid Secret");

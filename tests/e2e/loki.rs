@@ -76,6 +76,7 @@ async fn sweep(
         retention: "1d".parse().unwrap(),
         dry_run,
         cutoff,
+        held: Default::default(),
     };
     let (mut scanned, mut deleted, mut waits, mut cursors) = (0, 0, 0, Vec::new());
     let mut cursor: Option<String> = None;
@@ -229,6 +230,7 @@ async fn loki_sweep_deletes_old_lines_of_the_selected_streams_once_loki_has_proc
         retention: "1d".parse().unwrap(),
         dry_run: false,
         cutoff,
+        held: Default::default(),
     };
     let first = b.sweep_step(&job, None, &budget()).await.unwrap();
     assert_eq!(
@@ -295,6 +297,7 @@ async fn loki_resweeps_reuse_the_pending_request_instead_of_piling_up_duplicates
         retention: "1d".parse().unwrap(),
         dry_run: false,
         cutoff,
+        held: Default::default(),
     };
     // The cursor of the first step is lost (say, the status write failed): the sweep starts
     // over and finds its own pending request.
@@ -591,7 +594,9 @@ fn loki_double_regex_subset_behaves_like_re2() {
     assert!(r(".+").full_match("x") && !r(".+").full_match(""));
     assert!(r(r"a\.b\*c\|d\}e\\").find(r"xa.b*c|d}e\y"));
     assert!(r("a{2,3}b").find("aab") && !r("^a{2,3}b").find("ab"));
-    assert!(Regex::new("(?i)x").is_err());
+    assert!(r("(?i)user-x").find("USER-X") && !r("user-x").find("USER-X"));
+    assert!(r("to=(?i:bob@x)!").find("to=Bob@X!") && !r("to=(?i:bob@x)!").find("TO=bob@x!"));
+    assert!(Regex::new("(?s)x").is_err());
 }
 
 #[test]
@@ -955,7 +960,7 @@ async fn a_loki_erasure_completes_after_processing_and_a_hold_blocks_it_until_re
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
     hold_policies(&client, &ns, "audit", &["mailer"]).await;
-    create_secret(&client, &ns, "dsr-loki", json!({"email": EMAIL})).await;
+    create_subject_secret(&client, &ns, "dsr-loki", json!({"email": EMAIL})).await;
     request_erasure(&client, &ns, "dsr-loki", "dsr-loki").await;
     wait_phase(&client, &ns, "dsr-loki", ErasurePhase::Blocked).await;
     assert!(
@@ -988,6 +993,9 @@ async fn a_loki_erasure_completes_after_processing_and_a_hold_blocks_it_until_re
         !trail.contains(EMAIL),
         "the identifier leaked into the operator's trail"
     );
+    // Loki keeps each delete request with its query text: the receipt says so.
+    let record = logged_audit_record(status.receipt.as_deref().unwrap());
+    assert_eq!(record["queryTextRetainedBy"], json!(["loki"]));
     operator.stop().await;
 }
 
@@ -1157,7 +1165,7 @@ async fn a_hold_landing_while_loki_waits_cancels_the_delete_request_and_holds_wi
     );
     mailer["spec"]["suspend"] = json!(true);
     create::<RetentionPolicy>(&client, &ns, mailer).await;
-    create_secret(&client, &ns, "dsr-wait", json!({"email": EMAIL})).await;
+    create_subject_secret(&client, &ns, "dsr-wait", json!({"email": EMAIL})).await;
     request_erasure(&client, &ns, "dsr-wait", "dsr-wait").await;
     let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
     crate::support::wait_for(

@@ -207,6 +207,7 @@ fn sweep_job(target: serde_json::Value) -> SweepJob {
         retention: "1s".parse().unwrap(),
         dry_run: false,
         cutoff: chrono::Utc::now() + chrono::Duration::hours(1),
+        held: Default::default(),
     }
 }
 

@@ -136,9 +136,11 @@ async fn each_mode_touches_only_the_keys_its_target_selects() {
         condition(&status.conditions, "Ready").0,
         ConditionStatus::True
     );
+    // profile:nofield has no timestamp: kept, counted, and the policy is not Compliant.
+    assert_eq!(target("profiles").unjudged, 1);
     assert_eq!(
         condition(&status.conditions, "Compliant").1,
-        "SweepSucceeded"
+        "ItemsUnjudged"
     );
     assert_eq!(
         condition(&status.conditions, "Degraded").0,
@@ -216,7 +218,13 @@ async fn a_dry_run_reports_exactly_what_the_real_sweep_then_deletes() {
         (SweepOutcome::DryRun, 1234)
     );
     assert_eq!(dry.targets[0].deleted_total, 0);
-    assert_eq!(dry.targets[0].message, "scanned 1300, would delete 1234");
+    assert!(
+        dry.targets[0]
+            .message
+            .starts_with("scanned 1300, would delete 1234, oldest remaining from "),
+        "{}",
+        dry.targets[0].message
+    );
     assert_eq!(condition(&dry.conditions, "Compliant").1, "DryRun");
     assert_eq!(
         count_keys(&mut conn, "tmp:*").await,

@@ -786,8 +786,23 @@ fn matches(q: &Value, source: &Value) -> Result<bool, Answer> {
                     "[term] query does not support objects or arrays as value",
                 ));
             }
+            // `case_insensitive` (Elasticsearch 7.10+, OpenSearch 1.0+; older Elasticsearch
+            // answers 400 "[term] query does not support [case_insensitive]"): string values
+            // compared without case. The double takes a JSON boolean only.
+            let fold = match v.get("case_insensitive") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(error(
+                        400,
+                        "parsing_exception",
+                        "[term] query [case_insensitive] must be a boolean",
+                    ))
+                }
+            };
             Ok(field_values(source, field).into_iter().any(|have| {
                 have == wanted
+                    || matches!((have, wanted), (Value::String(h), Value::String(w)) if fold && h.to_lowercase() == w.to_lowercase())
                     || matches!((have, wanted), (Value::Number(n), Value::String(w)) if w.parse::<f64>().ok() == n.as_f64())
             }))
         }
@@ -962,6 +977,20 @@ fn search(state: &State, pattern: &str, query: &BTreeMap<String, String>, body: 
                 }
             }
             aggregations.insert(name.clone(), out);
+        } else if let Some(field) = agg.pointer("/min/field").and_then(Value::as_str) {
+            let min = docs
+                .iter()
+                .flat_map(|(_, _, d)| field_values(&d.source, field))
+                .filter_map(|v| date_ms(v, None))
+                .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.min(t))));
+            let mut out = json!({"value": min});
+            if let Some(m) = min {
+                if let Some(t) = DateTime::from_timestamp_millis(m as i64) {
+                    out["value_as_string"] =
+                        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                }
+            }
+            aggregations.insert(name.clone(), out);
         } else if let Some(field) = agg.pointer("/missing/field").and_then(Value::as_str) {
             let n = docs
                 .iter()
@@ -972,7 +1001,7 @@ fn search(state: &State, pattern: &str, query: &BTreeMap<String, String>, body: 
             return error(
                 400,
                 "parsing_exception",
-                &format!("the double knows only max and missing aggregations, not {agg}"),
+                &format!("the double knows only max, min and missing aggregations, not {agg}"),
             );
         }
     }

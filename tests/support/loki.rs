@@ -21,7 +21,8 @@
 //!   `= != =~ !~` (label regexes fully anchored), line filters `|= != |~ !~` (regexes match
 //!   anywhere in the line), strings as Go string literals; regexes in RE2 syntax, of which
 //!   this double implements the subset it needs (literals, escapes, `.`, classes, `\d\w\s\b`,
-//!   groups, alternation, `* + ? {n,m}`, `^ $`) and answers 400 to anything else.
+//!   groups, alternation, `* + ? {n,m}`, `^ $`, the case-insensitive flag `(?i)` / `(?i:…)` on
+//!   literal letters) and answers 400 to anything else.
 //!
 //! Processing is applied lazily: whenever the double handles a request it first processes
 //! every delete request whose cancel period has passed (as a compactor cycle would).
@@ -80,6 +81,9 @@ struct Fault {
 #[derive(Default)]
 struct Tenant {
     streams: BTreeMap<Labels, Vec<(i64, String)>>,
+    /// Lines a processed delete request hid in `filter-only` mode: still stored, no longer
+    /// returned by queries.
+    hidden: BTreeMap<Labels, Vec<(i64, String)>>,
     deletes: Vec<DeleteRequest>,
 }
 
@@ -88,6 +92,8 @@ struct Inner {
     auth: Option<Auth>,
     cancel_period: Duration,
     deletion_disabled: Vec<String>,
+    /// Tenants whose runtime override sets `deletion_mode: filter-only`.
+    filter_only: Vec<String>,
     tenants: HashMap<String, Tenant>,
     faults: Vec<Fault>,
     seen: Vec<Seen>,
@@ -136,6 +142,7 @@ impl LokiDouble {
             auth,
             cancel_period: Duration::from_secs(1),
             deletion_disabled: Vec::new(),
+            filter_only: Vec::new(),
             tenants: HashMap::new(),
             faults: Vec::new(),
             seen: Vec::new(),
@@ -168,6 +175,13 @@ impl LokiDouble {
     /// The tenant's `deletion_mode` becomes `disabled`.
     pub fn disable_deletion(&self, tenant: &str) {
         self.lock().deletion_disabled.push(tenant.to_string());
+    }
+
+    /// The tenant's `deletion_mode` becomes `filter-only` (a runtime override, shown by
+    /// `GET /runtime_config`): processed delete requests hide lines from queries and keep
+    /// them in storage ([`LokiDouble::lines`] still returns them).
+    pub fn set_filter_only(&self, tenant: &str) {
+        self.lock().filter_only.push(tenant.to_string());
     }
 
     /// The next `times` requests whose path starts with `path_prefix` (and of `method`, if
@@ -221,7 +235,8 @@ impl LokiDouble {
         stream.sort_by_key(|(t, _)| *t);
     }
 
-    /// Every stored line of a tenant (processing due deletions first), as (labels, line).
+    /// Every stored line of a tenant (processing due deletions first), as (labels, line):
+    /// what is in storage, lines hidden in `filter-only` mode included.
     pub fn lines(&self, tenant: &str) -> Vec<(Labels, String)> {
         let mut inner = self.lock();
         process_due(&mut inner);
@@ -231,6 +246,7 @@ impl LokiDouble {
             .map(|t| {
                 t.streams
                     .iter()
+                    .chain(t.hidden.iter())
                     .flat_map(|(l, v)| v.iter().map(move |(_, line)| (l.clone(), line.clone())))
                     .collect()
             })
@@ -334,6 +350,33 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
     }
     if !authorized(&inner.auth, &parts.headers) {
         return text(401, "Unauthorized");
+    }
+    // Served by every Loki component, for no tenant in particular (as Loki's own `/config`
+    // and `/runtime_config`): the defaults, then the per-tenant overrides.
+    if parts.method == Method::GET && path == "/config" {
+        return text(
+            200,
+            "auth_enabled: false\nlimits_config:\n  retention_period: 0s\n  deletion_mode: filter-and-delete\ncompactor:\n  retention_enabled: true\n",
+        );
+    }
+    if parts.method == Method::GET && path == "/runtime_config" {
+        let mut overrides = String::new();
+        for (tenant, mode) in inner
+            .deletion_disabled
+            .iter()
+            .map(|t| (t, "disabled"))
+            .chain(inner.filter_only.iter().map(|t| (t, "filter-only")))
+        {
+            overrides.push_str(&format!("  {tenant:?}:\n    deletion_mode: {mode}\n"));
+        }
+        return text(
+            200,
+            if overrides.is_empty() {
+                "overrides: {}\n".to_string()
+            } else {
+                format!("overrides:\n{overrides}")
+            },
+        );
     }
     if path == "/loki/api/v1/status/buildinfo" {
         return json_response(json!({
@@ -653,7 +696,8 @@ fn cancel_delete(
 fn process_due(inner: &mut Inner) {
     let now = now_secs_f64();
     let period = inner.cancel_period.as_secs_f64();
-    for tenant in inner.tenants.values_mut() {
+    for (name, tenant) in inner.tenants.iter_mut() {
+        let filter_only = inner.filter_only.contains(name);
         let due: Vec<usize> = (0..tenant.deletes.len())
             .filter(|&i| {
                 tenant.deletes[i].status == "received"
@@ -666,7 +710,17 @@ fn process_due(inner: &mut Inner) {
                 let (from, to) = (request.start_ms * 1_000_000, request.end_ms * 1_000_000);
                 for (labels, lines) in tenant.streams.iter_mut() {
                     if expr.selects(labels) {
-                        lines.retain(|(ts, l)| !(*ts >= from && *ts <= to && expr.keeps(l)));
+                        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(lines)
+                            .into_iter()
+                            .partition(|(ts, l)| *ts >= from && *ts <= to && expr.keeps(l));
+                        *lines = kept;
+                        if filter_only {
+                            tenant
+                                .hidden
+                                .entry(labels.clone())
+                                .or_default()
+                                .extend(gone);
+                        }
                     }
                 }
                 tenant.streams.retain(|_, lines| !lines.is_empty());
@@ -983,7 +1037,7 @@ impl Regex {
     pub fn new(pattern: &str) -> Result<Regex, String> {
         let chars: Vec<char> = pattern.chars().collect();
         let mut at = 0;
-        let alts = parse_alts(&chars, &mut at)?;
+        let alts = parse_alts(&chars, &mut at, false)?;
         if at != chars.len() {
             return Err("unbalanced ')' in regex".into());
         }
@@ -1005,7 +1059,8 @@ impl Regex {
     }
 }
 
-fn parse_alts(p: &[char], at: &mut usize) -> Result<Vec<Vec<Node>>, String> {
+/// `fold`: inside `(?i)` / `(?i:…)`, letters match in either case.
+fn parse_alts(p: &[char], at: &mut usize, mut fold: bool) -> Result<Vec<Vec<Node>>, String> {
     let mut alts = vec![Vec::new()];
     while let Some(&c) = p.get(*at) {
         *at += 1;
@@ -1019,13 +1074,29 @@ fn parse_alts(p: &[char], at: &mut usize) -> Result<Vec<Vec<Node>>, String> {
                 break;
             }
             '(' => {
+                let mut inner_fold = fold;
                 if p.get(*at) == Some(&'?') {
-                    if p.get(*at + 1) != Some(&':') {
-                        return Err("regex flags are not supported by the double".into());
+                    // Of the flags, the double knows `i` only: `(?i)` to the end of the
+                    // group, `(?i:…)` for the group.
+                    match (p.get(*at + 1), p.get(*at + 2)) {
+                        (Some(':'), _) => *at += 2,
+                        (Some('i'), Some(')')) => {
+                            *at += 3;
+                            fold = true;
+                            continue;
+                        }
+                        (Some('i'), Some(':')) => {
+                            *at += 3;
+                            inner_fold = true;
+                        }
+                        _ => {
+                            return Err(
+                                "regex flags other than i are not supported by the double".into()
+                            )
+                        }
                     }
-                    *at += 2;
                 }
-                let inner = parse_alts(p, at)?;
+                let inner = parse_alts(p, at, inner_fold)?;
                 if p.get(*at) != Some(&')') {
                     return Err("missing ')' in regex".into());
                 }
@@ -1066,6 +1137,11 @@ fn parse_alts(p: &[char], at: &mut usize) -> Result<Vec<Vec<Node>>, String> {
                 }
                 last.push(Node::Repeat(Box::new(prev), min, max));
                 continue;
+            }
+            c if fold && c.to_lowercase().ne(c.to_uppercase()) => {
+                let mut ranges: Vec<(char, char)> = c.to_lowercase().map(|l| (l, l)).collect();
+                ranges.extend(c.to_uppercase().map(|u| (u, u)));
+                Node::Class(false, ranges)
             }
             c => Node::Lit(c),
         };

@@ -575,6 +575,11 @@ impl RedisServer {
         Self::launch(Some(password), &[])
     }
 
+    /// With extra `redis-server` arguments (e.g. `--rename-command`).
+    pub fn start_with_args(extra: &[&str]) -> RedisServer {
+        Self::launch(None, extra)
+    }
+
     fn launch(password: Option<&str>, extra: &[&str]) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("tombstone-redis-")
@@ -715,6 +720,189 @@ impl RedisCluster {
 
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
+    }
+
+    /// Starts one more node and makes it a replica of node `primary`, in sync; returns its
+    /// index.
+    pub fn add_replica(&mut self, primary: usize) -> usize {
+        let replica = self.add_node();
+        let primary_id = self.node_id(primary);
+        let out = self.nodes[replica]
+            .cli(&["CLUSTER", "REPLICATE", &primary_id])
+            .unwrap_or_default();
+        assert_eq!(out.trim(), "OK", "CLUSTER REPLICATE: {out}");
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while !self.nodes[replica]
+            .cli(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("master_link_status:up"))
+        {
+            assert!(Instant::now() < deadline, "the replica did not sync");
+            thread::sleep(Duration::from_millis(100));
+        }
+        replica
+    }
+
+    /// `CLUSTER FAILOVER` on a replica: it becomes the primary of its slots, its primary
+    /// becomes its replica. Waits until every node sees it as a primary with slots.
+    pub fn failover(&self, replica: usize) {
+        let id = self.node_id(replica);
+        let out = self.nodes[replica]
+            .cli(&["CLUSTER", "FAILOVER"])
+            .unwrap_or_default();
+        assert_eq!(out.trim(), "OK", "CLUSTER FAILOVER: {out}");
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while !self.nodes.iter().all(|n| {
+            n.cli(&["CLUSTER", "NODES"]).is_some_and(|l| {
+                l.lines().any(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    f.first() == Some(&id.as_str())
+                        && f.get(2).is_some_and(|flags| flags.contains("master"))
+                        && f.len() > 8
+                })
+            }) && n
+                .cli(&["CLUSTER", "INFO"])
+                .is_some_and(|i| i.contains("cluster_state:ok"))
+        }) {
+            assert!(Instant::now() < deadline, "the failover did not complete");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts one more primary, serving no slot yet, joined to the cluster; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let [bus_port] = free_ports();
+        let bus_port = bus_port.to_string();
+        let node = RedisServer::launch(
+            None,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus_port,
+            ],
+        );
+        let port = node.port.to_string();
+        self.nodes[0]
+            .cli(&["CLUSTER", "MEET", "127.0.0.1", &port, &bus_port])
+            .expect("CLUSTER MEET");
+        self.nodes.push(node);
+        let id = self.node_id(self.nodes.len() - 1);
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        // Every node knows the new one, it knows them all, and it sees the cluster whole.
+        while !self.nodes.iter().all(|n| {
+            n.cli(&["CLUSTER", "NODES"])
+                .is_some_and(|l| l.contains(&id) && l.lines().count() == self.nodes.len())
+                && n.cli(&["CLUSTER", "INFO"])
+                    .is_some_and(|info| info.contains("cluster_state:ok"))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "node {port} did not join the cluster"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        self.nodes.len() - 1
+    }
+
+    pub fn node_id(&self, index: usize) -> String {
+        self.nodes[index]
+            .cli(&["CLUSTER", "MYID"])
+            .expect("CLUSTER MYID")
+            .trim()
+            .to_string()
+    }
+
+    /// The hash slot of a key.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .and_then(|s| s.trim().parse().ok())
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// The index of the node serving `slot`, as node 0 sees it.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let listing = self.nodes[0]
+            .cli(&["CLUSTER", "NODES"])
+            .expect("CLUSTER NODES");
+        let serves = |range: &str| {
+            let (a, b) = range.split_once('-').unwrap_or((range, range));
+            matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+        };
+        let port = listing
+            .lines()
+            .find(|line| line.split_whitespace().skip(8).any(serves))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|addr| addr.split('@').next())
+            .and_then(|addr| addr.rsplit_once(':'))
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .expect("a node serves the slot");
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .expect("the owner is one of ours")
+    }
+
+    /// Sets a key on the node that serves it.
+    pub fn set(&self, key: &str, value: &str) {
+        let owner = self.owner_of(self.slot_of(key));
+        let out = self.nodes[owner].cli(&["SET", key, value]).expect("SET");
+        assert_eq!(out.trim(), "OK", "SET {key}: {out}");
+    }
+
+    /// Moves `slot` and its keys from node `from` to node `to`, as `redis-cli --cluster
+    /// reshard` does (IMPORTING / MIGRATING, MIGRATE, SETSLOT NODE everywhere), and waits
+    /// until every node agrees.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize) {
+        let slot_s = slot.to_string();
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let ok = |n: usize, args: &[&str]| {
+            let out = self.nodes[n].cli(args).unwrap_or_default();
+            assert!(out.trim() == "OK", "{args:?} on node {n}: {out}");
+        };
+        ok(to, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]);
+        loop {
+            let keys = self.nodes[from]
+                .cli(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"])
+                .unwrap_or_default();
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = self.nodes[to].port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            ok(from, &args);
+        }
+        for n in [to, from] {
+            ok(n, &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
+        }
+        for n in 0..self.nodes.len() {
+            if n != to && n != from {
+                let _ = self.nodes[n].cli(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id]);
+            }
+        }
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while !self.nodes.iter().all(|n| {
+            n.cli(&["CLUSTER", "NODES"]).is_some_and(|l| {
+                l.lines().any(|line| {
+                    line.starts_with(&to_id)
+                        && line
+                            .split_whitespace()
+                            .skip(8)
+                            .any(|r| r == slot_s || r.starts_with(&format!("{slot_s}-")))
+                }) && !l.contains('[')
+            })
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "slot {slot} did not settle on node {to}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

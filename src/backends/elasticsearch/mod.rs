@@ -16,7 +16,9 @@
 //! a sweep). `term` is exact on `keyword` fields; on an analysed `text` field it compares
 //! with the field's tokens and would miss the subject, so a locator whose field is mapped
 //! `text` in any index of the pattern is refused (`_mapping/field`), pointing at the
-//! `keyword` sub-field (`user.email.keyword`).
+//! `keyword` sub-field (`user.email.keyword`). Values are canonical identifiers; a term whose
+//! identifiers are all e-mail addresses is sent with `case_insensitive: true` (Elasticsearch
+//! 7.10+, OpenSearch).
 //!
 //! Queries are JSON values built with `serde_json`, so no identifier can change their shape;
 //! identifiers never appear in cursors, errors or logs (bodies of errors that answer a
@@ -348,6 +350,27 @@ impl ElasticsearchBackend {
         Ok(query::read_ages(&answer))
     }
 
+    /// The oldest timestamp among the documents a sweep keeps.
+    async fn oldest_kept(
+        &self,
+        pattern: &str,
+        field: &str,
+        expired: &Value,
+        quote: Quote,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, Error> {
+        let answer = self
+            .call(
+                Method::POST,
+                &[pattern, "_search"],
+                &LENIENT,
+                Some(&query::oldest_kept_search(field, expired)),
+                "_search",
+                quote,
+            )
+            .await?;
+        Ok(query::read_oldest(&answer))
+    }
+
     /// Whether `index.blocks.write` is set on the index.
     async fn write_blocked(&self, index: &str) -> Result<bool, Error> {
         let answer = self
@@ -457,14 +480,15 @@ impl ElasticsearchBackend {
             .ok_or_else(|| Error::InvalidSpec("target has no elasticsearch selector".into()))?;
         let (pattern, field) = (es.index.as_str(), es.timestamp_field.as_str());
         let deadline = Instant::now() + budget.max_time;
-        let mut step = Step {
-            scanned: 0,
-            deleted: 0,
-            blocked: 0,
-            blocked_items: Vec::new(),
-            next: Next::Done,
-            failure: None,
+        let mut step = Step::default();
+        let held = held_queries(job)?;
+        // With held subjects the query carries identifiers: answers are reduced to their type.
+        let quote = if held.is_empty() {
+            Quote::Reason
+        } else {
+            Quote::TypeOnly
         };
+        let expired = query::older_than_except(field, job.cutoff, &held);
         let mut position = match cursor {
             Some(c) => Cursor::decode(c)?,
             None => {
@@ -473,18 +497,38 @@ impl ElasticsearchBackend {
                 step.scanned = self
                     .count(pattern, json!({"match_all": {}}), Quote::Reason)
                     .await?;
+                // Documents without the timestamp field are never deleted: counted, reported.
+                step.unjudged = self.ages(pattern, field).await?.map_or(0, |a| a.missing);
+                if !held.is_empty() {
+                    step.held = self
+                        .count(
+                            pattern,
+                            query::older_than_held(field, job.cutoff, &held),
+                            Quote::TypeOnly,
+                        )
+                        .await?;
+                }
                 if job.dry_run {
                     // The fast path deletes only documents this range also counts.
-                    step.deleted = self
-                        .count(pattern, query::older_than(field, job.cutoff), Quote::Reason)
-                        .await?;
+                    step.deleted = self.count(pattern, expired.clone(), quote).await?;
+                    step.oldest_remaining =
+                        self.oldest_kept(pattern, field, &expired, quote).await?;
                     return Ok(step);
                 }
-                Cursor::default()
+                Cursor {
+                    // No whole-index deletion while a subject is held: it would take theirs.
+                    by_query: !held.is_empty(),
+                    ..Cursor::default()
+                }
             }
         };
         if job.dry_run {
             return Ok(step);
+        }
+        if !held.is_empty() && !position.by_query {
+            // A hold placed during a sweep: no whole-index deletion from here on.
+            position.by_query = true;
+            position.after = None;
         }
         match self
             .sweep_from(
@@ -495,10 +539,17 @@ impl ElasticsearchBackend {
                 job,
                 budget,
                 deadline,
+                (expired.clone(), quote),
             )
             .await
         {
-            Ok(()) => Ok(step),
+            Ok(()) => {
+                if step.next == Next::Done && step.failure.is_none() {
+                    step.oldest_remaining =
+                        self.oldest_kept(pattern, field, &expired, quote).await?;
+                }
+                Ok(step)
+            }
             // Progress already made is kept: the counts and the position move together.
             Err(e) if step.deleted > 0 || position.task.is_some() => {
                 step.failure = Some(e);
@@ -519,6 +570,7 @@ impl ElasticsearchBackend {
         job: &SweepJob,
         budget: &StepBudget,
         deadline: Instant,
+        (expired, quote): (Value, Quote),
     ) -> Result<(), Error> {
         if !position.by_query {
             let mut judged = false;
@@ -545,9 +597,7 @@ impl ElasticsearchBackend {
             position.after = None;
         }
         if position.task.is_none() {
-            let task = self
-                .submit(pattern, query::older_than(field, job.cutoff), Quote::Reason)
-                .await?;
+            let task = self.submit(pattern, expired, quote).await?;
             position.task = Some(task);
             position.polls = 0;
         }
@@ -690,6 +740,35 @@ impl ElasticsearchBackend {
 enum Polled {
     Wait,
     Done(TaskState),
+}
+
+/// The query of each held subject's documents in the target (from its subject locator).
+fn held_queries(job: &SweepJob) -> Result<Vec<Value>, Error> {
+    if job.held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let locator = job
+        .target
+        .subject
+        .as_ref()
+        .and_then(|s| s.elasticsearch.as_ref())
+        .ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "target {}: a LegalHold holds subjects and the target has no elasticsearch subject locator",
+                job.target.name
+            ))
+        })?;
+    job.held
+        .0
+        .iter()
+        .map(|ids| match query::expand_terms(&locator.term, ids)? {
+            Ok(terms) if !terms.is_empty() => Ok(query::subject_query(&terms)),
+            _ => Err(Error::InvalidSpec(format!(
+                "target {}: a subject held by a LegalHold cannot be excluded (the locator needs an identifier they lack); the target must be held",
+                job.target.name
+            ))),
+        })
+        .collect()
 }
 
 fn task_failures(failures: &[String]) -> Error {

@@ -8,8 +8,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::backends::template;
 use crate::backends::Error;
+use crate::backends::{identifier, template};
 
 /// Documents older than this are deleted: `range` with `lt` on the timestamp field, with the
 /// absolute cutoff (not `now-30d`), so a resumed step and a dry run judge the same instant.
@@ -22,29 +22,90 @@ pub fn older_than(timestamp_field: &str, cutoff: DateTime<Utc>) -> Value {
     }}})
 }
 
+/// One `term` of a subject locator, filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Term {
+    /// The template filled with canonical identifier values.
+    pub value: String,
+    /// Compared without case (`case_insensitive`, Elasticsearch 7.10+ and OpenSearch): the
+    /// template's identifiers are all e-mail addresses.
+    pub case_insensitive: bool,
+}
+
+/// Expired documents except those of the subjects a LegalHold holds (`held`: one
+/// [`subject_query`] each). Without held subjects, exactly [`older_than`].
+pub fn older_than_except(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Value]) -> Value {
+    if held.is_empty() {
+        return older_than(timestamp_field, cutoff);
+    }
+    json!({"bool": {
+        "filter": [older_than(timestamp_field, cutoff)],
+        "must_not": held,
+    }})
+}
+
+/// The search for the oldest timestamp among the documents a sweep keeps (those `expired`
+/// does not match): what remains after the sweep, in a dry run too.
+pub fn oldest_kept_search(timestamp_field: &str, expired: &Value) -> Value {
+    json!({
+        "size": 0,
+        "query": {"bool": {"must_not": [expired]}},
+        "aggs": {"oldest": {"min": {"field": timestamp_field}}},
+    })
+}
+
+/// Reads an [`oldest_kept_search`] answer (None: no kept document has the field).
+pub fn read_oldest(answer: &Value) -> Option<DateTime<Utc>> {
+    let ms = answer.pointer("/aggregations/oldest/value")?.as_f64()?;
+    if !ms.is_finite() {
+        return None;
+    }
+    DateTime::from_timestamp_millis(ms as i64)
+}
+
+/// Expired documents of the held subjects: what [`older_than_except`] keeps.
+pub fn older_than_held(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Value]) -> Value {
+    json!({"bool": {
+        "filter": [older_than(timestamp_field, cutoff), {"bool": {"should": held}}],
+    }})
+}
+
 /// The subject's documents: every `term` of the locator, all of them required. `terms` are
-/// field → already expanded value.
-pub fn subject_query(terms: &BTreeMap<String, String>) -> Value {
+/// field → filled-in value. Find, erase and verify all send this query.
+pub fn subject_query(terms: &BTreeMap<String, Term>) -> Value {
     let filters: Vec<Value> = terms
         .iter()
-        .map(|(field, value)| json!({"term": {field: {"value": value}}}))
+        .map(|(field, term)| {
+            if term.case_insensitive {
+                json!({"term": {field: {"value": term.value, "case_insensitive": true}}})
+            } else {
+                json!({"term": {field: {"value": term.value}}})
+            }
+        })
         .collect();
     json!({"bool": {"filter": filters}})
 }
 
-/// Expands the locator's value templates. `Ok(Err(skipped))`: the subject lacks an
-/// identifier one of them needs, so the whole locator is skipped (terms are combined with
-/// AND: running the others alone would select more than the subject's documents).
+/// Fills in the locator's value templates with canonical identifier values
+/// ([`identifier::fill`]). `Ok(Err(skipped))`: the subject lacks an identifier one of them
+/// needs, so the whole locator is skipped (terms are combined with AND: running the others
+/// alone would select more than the subject's documents).
 pub fn expand_terms(
     terms: &BTreeMap<String, String>,
     identifiers: &BTreeMap<String, String>,
-) -> Result<Result<BTreeMap<String, String>, Vec<String>>, Error> {
+) -> Result<Result<BTreeMap<String, Term>, Vec<String>>, Error> {
     let mut out = BTreeMap::new();
     let mut skipped = Vec::new();
     for (field, t) in terms {
-        match template::expand(t, identifiers, template::literal) {
-            Ok(v) => {
-                out.insert(field.clone(), v);
+        match identifier::fill(t, identifiers) {
+            Ok(filled) => {
+                out.insert(
+                    field.clone(),
+                    Term {
+                        value: filled.text(),
+                        case_insensitive: filled.folds_whole_value(),
+                    },
+                );
             }
             Err(template::Error::MissingIdentifier(name)) => {
                 skipped.push(format!("term[{field}] needs {{{name}}}"));
@@ -447,7 +508,7 @@ mod tests {
             subject_query(&terms),
             json!({"bool": {"filter": [
                 {"term": {"tenant": {"value": "shop"}}},
-                {"term": {"user.email": {"value": "a@b.c"}}},
+                {"term": {"user.email": {"value": "a@b.c", "case_insensitive": true}}},
             ]}})
         );
         let skipped = expand_terms(&locator, &ids(&[("userId", "47")]))
@@ -455,6 +516,29 @@ mod tests {
             .unwrap_err();
         assert_eq!(skipped, vec!["term[user.email] needs {email}"]);
         assert!(expand_terms(&ids(&[("f", "{a")]), &ids(&[])).is_err());
+    }
+
+    #[test]
+    fn terms_use_the_canonical_value_and_fold_only_email_terms() {
+        let locator = ids(&[
+            ("user.email", "{email}"),
+            ("user.id", "{userId}"),
+            ("pair", "{userId}:{email}"),
+        ]);
+        let terms = expand_terms(
+            &locator,
+            &ids(&[("email", " Bob@Example.COM\n"), ("userId", "AbC-47\n")]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            subject_query(&terms),
+            json!({"bool": {"filter": [
+                {"term": {"pair": {"value": "AbC-47:bob@example.com"}}},
+                {"term": {"user.email": {"value": "bob@example.com", "case_insensitive": true}}},
+                {"term": {"user.id": {"value": "AbC-47"}}},
+            ]}})
+        );
     }
 
     #[test]

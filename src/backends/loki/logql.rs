@@ -9,6 +9,10 @@
 //! `"user-47"` but not `user-4711` or `xuser-47`. What it cannot tell apart: ids that extend
 //! the text with punctuation (`bob@example.com` still matches inside `bob@example.com.au`,
 //! `user-47` inside `user-47-b`); the policy's template can add context (`email={email} `).
+//! Identifier values are canonical and e-mail addresses sit in `(?i:…)`; a bare placeholder
+//! needs a distinctive value ([`identifier::Filled::check_distinctive`]).
+
+use crate::backends::identifier;
 
 /// A label matcher's operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,37 +277,26 @@ pub fn quote(value: &str) -> String {
     out
 }
 
-/// Escapes RE2 metacharacters (the set of Go's `regexp.QuoteMeta`).
-pub fn regex_escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        if "\\.+*?()|[]{}^$".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use crate::backends::identifier::regex_escape;
 
-const WORD: &str = "0-9A-Za-z_";
-
-/// The RE2 pattern that finds `text` where it stands on its own (see the module docs).
+/// The RE2 pattern that finds literal `text` where it stands on its own (see the module
+/// docs); the same rule as [`subject_filter`], without identifiers.
 pub fn exact_pattern(text: &str) -> String {
-    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-    let mut pattern = String::new();
-    if word(text.chars().next()) {
-        pattern.push_str(&format!("(?:^|[^{WORD}])"));
+    identifier::Filled {
+        pieces: vec![identifier::Piece::Literal(text.to_string())],
     }
-    pattern.push_str(&regex_escape(text));
-    if word(text.chars().last()) {
-        pattern.push_str(&format!("(?:$|[^{WORD}])"));
-    }
-    pattern
+    .re2_pattern()
 }
 
-/// The line filter selecting lines that contain `text` exactly.
+/// The line filter selecting lines that contain literal `text` exactly.
 pub fn exact_filter(text: &str) -> String {
     format!("|~ {}", quote(&exact_pattern(text)))
+}
+
+/// The line filter selecting one subject's lines: the locator filled with canonical values,
+/// bounded, e-mail values case-insensitive (`(?i:…)`). Find, erase and verify all send it.
+pub fn subject_filter(filled: &identifier::Filled) -> String {
+    format!("|~ {}", quote(&filled.re2_pattern()))
 }
 
 /// A metric query counting the lines of `log_query` in the `seconds` before its time.

@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
 use super::http::{self, HttpAuth};
-use super::template::{self, literal};
+use super::identifier;
+use super::template;
 use super::{
     Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
     SweepJob,
@@ -49,6 +50,30 @@ pub const WINDOW_SECONDS: i64 = 30 * 86_400;
 const CLOCK_SLACK_SECONDS: i64 = 2;
 const CURSOR_PREFIX: &str = "loki:";
 const DELETION_DISABLED: &str = "deletion is not available for this tenant";
+/// The tenant of a single-tenant Loki (`auth_enabled: false`).
+const SINGLE_TENANT: &str = "fake";
+const FILTER_ONLY: &str = "filter-only";
+
+/// `limits_config.deletion_mode` in the YAML of `GET /config` (the default of every tenant).
+pub fn default_deletion_mode(config_yaml: &str) -> Option<String> {
+    let value: serde_yaml::Value = serde_yaml::from_str(config_yaml).ok()?;
+    value
+        .get("limits_config")?
+        .get("deletion_mode")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The tenant's `deletion_mode` override in the YAML of `GET /runtime_config`.
+pub fn runtime_deletion_mode(runtime_yaml: &str, tenant: &str) -> Option<String> {
+    let value: serde_yaml::Value = serde_yaml::from_str(runtime_yaml).ok()?;
+    value
+        .get("overrides")?
+        .get(tenant)?
+        .get("deletion_mode")?
+        .as_str()
+        .map(str::to_string)
+}
 
 /// How to reach one Loki, resolved from a DataStore and its Secret.
 #[derive(Clone, Debug, PartialEq)]
@@ -276,6 +301,55 @@ impl LokiBackend {
         Err(error_for(what, status, &body, personal))
     }
 
+    /// The body of a GET on an administrative path, or None when Loki does not serve it
+    /// here (404, or refused by a gateway in front of it).
+    async fn get_admin(&self, path: &str) -> Result<Option<String>, Error> {
+        let builder = self.request(reqwest::Method::GET, path).await?;
+        self.limits.acquire(1).await;
+        let what = format!("GET {path}");
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| http::transport_error(&what, &e))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| http::transport_error(&what, &e))?;
+        match status.as_u16() {
+            200..=299 => Ok(Some(body)),
+            403..=405 => Ok(None),
+            _ => Err(error_for(&what, status, &body, false)),
+        }
+    }
+
+    /// The tenant's `deletion_mode` as Loki reports it: its override in `GET /runtime_config`,
+    /// else `limits_config.deletion_mode` in `GET /config`. None when Loki does not expose
+    /// either (then it cannot be detected; the README says how to check by hand).
+    pub async fn deletion_mode(&self) -> Result<Option<String>, Error> {
+        let tenant = self.config.tenant.as_deref().unwrap_or(SINGLE_TENANT);
+        if let Some(body) = self.get_admin("/runtime_config").await? {
+            if let Some(mode) = runtime_deletion_mode(&body, tenant) {
+                return Ok(Some(mode));
+            }
+        }
+        Ok(self
+            .get_admin("/config")
+            .await?
+            .and_then(|body| default_deletion_mode(&body)))
+    }
+
+    /// Refuses to delete where Loki would only hide lines (`filter-only`).
+    async fn check_deletion_mode(&self) -> Result<(), Error> {
+        match self.deletion_mode().await?.as_deref() {
+            Some(FILTER_ONLY) => Err(Error::DeletionModeFilterOnly(format!(
+                "Loki's deletion_mode for tenant {} is {FILTER_ONLY}: deleted lines are only hidden from queries and stay in storage, so nothing is deleted and nothing could be verified; set limits_config.deletion_mode (or the tenant's runtime override) to filter-and-delete",
+                self.config.tenant.as_deref().unwrap_or(SINGLE_TENANT)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// `sum(count_over_time(…))` over (from, to], one window at a time.
     async fn count(
         &self,
@@ -387,15 +461,11 @@ impl LokiBackend {
     }
 
     async fn sweep(&self, job: &SweepJob, cursor: Option<&str>) -> Result<Step, Error> {
-        let query = selector(&job.target)?.render();
-        let mut step = Step {
-            scanned: 0,
-            deleted: 0,
-            blocked: 0,
-            blocked_items: Vec::new(),
-            next: Next::Done,
-            failure: None,
-        };
+        let held = held_filters(job)?;
+        // With held subjects the query carries identifiers: it is personal.
+        let personal = !held.is_empty();
+        let query = format!("{}{held}", selector(&job.target)?.render());
+        let mut step = Step::default();
         if let Some(text) = cursor {
             let cursor = Cursor::decode(text)?;
             let count = cursor.count;
@@ -420,15 +490,16 @@ impl LokiBackend {
                 &query,
                 (end - LOOKBACK_SECONDS).max(DELETE_START),
                 end,
-                false,
+                personal,
             )
             .await?;
         if job.dry_run {
             (step.scanned, step.deleted) = (count, count);
             return Ok(step);
         }
+        self.check_deletion_mode().await?;
         match self
-            .delete(&query, DELETE_START, end, end, count, false)
+            .delete(&query, DELETE_START, end, end, count, personal)
             .await?
         {
             None => (step.scanned, step.deleted) = (count, count),
@@ -464,8 +535,8 @@ impl LokiBackend {
             next: Next::Done,
             failure: None,
         };
-        let text = match template::expand(&locator.line_filter, &job.identifiers, literal) {
-            Ok(text) => text,
+        let filled = match identifier::fill(&locator.line_filter, &job.identifiers) {
+            Ok(filled) => filled,
             Err(template::Error::MissingIdentifier(name)) => {
                 step.skipped.push(format!("lineFilter needs {{{name}}}"));
                 return Ok(step);
@@ -477,9 +548,22 @@ impl LokiBackend {
                 )))
             }
         };
+        // A value the line filter cannot tell apart from other text fails the target: it is
+        // neither run (it would take other people's lines) nor skipped (and reported erased).
+        filled.check_distinctive().map_err(|e| {
+            Error::IdentifierNotDistinctive(format!(
+                "target {}: subject.loki.lineFilter: {e}; nothing was sent to Loki",
+                job.target.name
+            ))
+        })?;
         step.ran = true;
-        let query = format!("{} {}", selector.render(), logql::exact_filter(&text));
+        // Find, erase and verify send this same query.
+        let query = format!("{} {}", selector.render(), logql::subject_filter(&filled));
         let now = Utc::now().timestamp() - CLOCK_SLACK_SECONDS;
+        if job.action != SubjectAction::Find {
+            // Erasing would only hide the lines, and Verify would then see none of them.
+            self.check_deletion_mode().await?;
+        }
         match (job.action, cursor) {
             (SubjectAction::Find | SubjectAction::Verify, _) => {
                 step.count = self
@@ -519,6 +603,35 @@ impl LokiBackend {
         }
         Ok(step)
     }
+}
+
+/// The negative line filters that keep every held subject's lines out of a sweep's delete
+/// request: `!~` with the same exact pattern an erasure of that subject selects with (empty
+/// without held subjects).
+fn held_filters(job: &SweepJob) -> Result<String, Error> {
+    if job.held.is_empty() {
+        return Ok(String::new());
+    }
+    let locator = job
+        .target
+        .subject
+        .as_ref()
+        .and_then(|s| s.loki.as_ref())
+        .ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "target {}: a LegalHold holds subjects and the target has no loki subject locator",
+                job.target.name
+            ))
+        })?;
+    let filled =
+        job.held
+            .expand_all("subject.loki.lineFilter", &locator.line_filter, |t, ids| {
+                identifier::fill(t, ids).map(|f| vec![f])
+            })?;
+    Ok(filled
+        .iter()
+        .map(|f| format!(" !~ {}", logql::quote(&f.re2_pattern())))
+        .collect())
 }
 
 /// Maps a failed answer. Known Loki messages are named (deletion disabled, missing tenant);
@@ -889,5 +1002,27 @@ mod tests {
         );
         assert_eq!(poll_after(0.0), Duration::from_secs(1));
         assert_eq!(poll_after(1e9), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_deletion_mode_is_read_from_the_tenant_override_or_the_default() {
+        let config = "auth_enabled: true\nlimits_config:\n  retention_period: 0s\n  deletion_mode: filter-and-delete\n";
+        assert_eq!(
+            default_deletion_mode(config).as_deref(),
+            Some("filter-and-delete")
+        );
+        assert_eq!(default_deletion_mode("server: {}\n"), None);
+        assert_eq!(default_deletion_mode("not: [yaml"), None);
+        let runtime = "overrides:\n  shop:\n    deletion_mode: filter-only\n  \"fake\":\n    deletion_mode: disabled\n";
+        assert_eq!(
+            runtime_deletion_mode(runtime, "shop").as_deref(),
+            Some("filter-only")
+        );
+        assert_eq!(
+            runtime_deletion_mode(runtime, "fake").as_deref(),
+            Some("disabled")
+        );
+        assert_eq!(runtime_deletion_mode(runtime, "other"), None);
+        assert_eq!(runtime_deletion_mode("overrides: {}\n", "shop"), None);
     }
 }

@@ -8,7 +8,7 @@
 //! key twice.
 
 pub mod glob;
-mod subject;
+pub(crate) mod subject;
 
 use std::time::Duration;
 
@@ -19,13 +19,15 @@ use redis::{
     AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisResult,
 };
 use std::collections::VecDeque;
-use tokio::sync::OnceCell;
+use std::sync::Arc;
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Backend, Error, Limits, Next, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
+use crate::backends::{identifier, template};
 
 /// Keys asked for per SCAN call.
 const SCAN_COUNT: usize = 5000;
@@ -60,7 +62,87 @@ struct Node {
 pub struct RedisBackend {
     config: RedisConfig,
     limits: Limits,
-    nodes: OnceCell<Vec<Node>>,
+    /// The server, or the cluster's primaries as last seen. A cluster's is re-read before
+    /// every step (see [`RedisBackend::nodes`]).
+    topology: Mutex<Option<Topology>>,
+}
+
+/// The nodes to talk to and what they were chosen from.
+#[derive(Clone)]
+struct Topology {
+    nodes: Arc<Vec<Node>>,
+    /// Cluster only: which primary serves which slots ([`ClusterView::fingerprint`]).
+    fingerprint: String,
+    /// Cluster only: a slot is being migrated between two primaries.
+    migrating: bool,
+}
+
+/// What `CLUSTER NODES` says (pure, unit-tested).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterView {
+    /// Primaries that serve slots, by address.
+    pub primaries: Vec<(String, u16)>,
+    /// Slots served by a primary that is not failing (16384 when the cluster is whole).
+    pub covered_slots: u32,
+    /// A slot is being migrated (`[slot->-id]` or `[slot-<-id]`).
+    pub migrating: bool,
+    /// Every primary's id, address and slots, sorted: equal fingerprints, same routing.
+    pub fingerprint: String,
+}
+
+/// The number of hash slots of a Redis Cluster.
+pub const CLUSTER_SLOTS: u32 = 16384;
+
+/// Reads `CLUSTER NODES` output.
+pub fn cluster_view(listing: &str) -> ClusterView {
+    let mut primaries = Vec::new();
+    let mut covered = 0u32;
+    let mut migrating = false;
+    let mut lines: Vec<String> = Vec::new();
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(id), Some(addr), Some(flags)) = (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+            continue;
+        }
+        let slots = fields.get(8..).unwrap_or_default();
+        if slots.is_empty() {
+            continue;
+        }
+        for slot in slots {
+            if slot.starts_with('[') {
+                migrating = true;
+                continue;
+            }
+            let (from, to) = slot.split_once('-').unwrap_or((slot, slot));
+            if let (Ok(from), Ok(to)) = (from.parse::<u32>(), to.parse::<u32>()) {
+                covered = covered.saturating_add(to.saturating_sub(from).saturating_add(1));
+            }
+        }
+        lines.push(format!("{id} {addr} {}", slots.join(" ")));
+        let Some(host_port) = addr.split(['@', ',']).next() else {
+            continue;
+        };
+        let Some((host, port)) = host_port.rsplit_once(':') else {
+            continue;
+        };
+        if let Ok(port) = port.parse::<u16>() {
+            if !host.is_empty() && port != 0 {
+                primaries.push((host.to_string(), port));
+            }
+        }
+    }
+    primaries.sort();
+    lines.sort();
+    ClusterView {
+        primaries,
+        covered_slots: covered,
+        migrating,
+        fingerprint: lines.join("\n"),
+    }
 }
 
 impl RedisBackend {
@@ -68,7 +150,7 @@ impl RedisBackend {
         Self {
             config,
             limits,
-            nodes: OnceCell::new(),
+            topology: Mutex::new(None),
         }
     }
 
@@ -93,52 +175,135 @@ impl RedisBackend {
         })
     }
 
-    /// Connects lazily, once: to the server, or with `cluster` to every primary.
-    async fn nodes(&self) -> Result<&[Node], Error> {
-        self.nodes
-            .get_or_try_init(|| async {
-                let seed_info = self.connection_info()?;
-                let mut seed = connect(seed_info.clone()).await?;
-                if !self.config.cluster {
-                    return Ok(vec![seed]);
-                }
-                let listing: String = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(&mut seed.conn)
-                    .await
-                    .map_err(|e| map_error(e, &seed.addr))?;
-                let mut nodes = Vec::new();
-                for (host, port) in cluster_primaries(&listing) {
-                    let addr = match seed_info.addr() {
-                        ConnectionAddr::TcpTls {
-                            insecure,
-                            tls_params,
-                            ..
-                        } => ConnectionAddr::TcpTls {
-                            host,
-                            port,
-                            insecure: *insecure,
-                            tls_params: tls_params.clone(),
-                        },
-                        _ => ConnectionAddr::Tcp(host, port),
-                    };
-                    nodes.push(connect(seed_info.clone().set_addr(addr)).await?);
-                }
-                if nodes.is_empty() {
-                    return Err(Error::Store(
-                        "CLUSTER NODES lists no primary that serves slots".into(),
-                    ));
-                }
-                Ok(nodes)
-            })
-            .await
-            .map(Vec::as_slice)
+    /// The nodes to talk to: the server (connected once), or every primary of the cluster as
+    /// it is now. A cluster's `CLUSTER NODES` is read again on every call, and when a failover
+    /// or a reshard changed which primary serves which slots, the new primaries are
+    /// connected: a step never works on a stale topology. A cluster that does not serve
+    /// every slot (a failover under way) is an error, never "nothing there".
+    async fn nodes(&self) -> Result<Arc<Vec<Node>>, Error> {
+        Ok(self.topology().await?.nodes)
+    }
+
+    async fn topology(&self) -> Result<Topology, Error> {
+        let mut cached = self.topology.lock().await;
+        if !self.config.cluster {
+            if let Some(t) = cached.as_ref() {
+                return Ok(t.clone());
+            }
+            let seed = connect(self.connection_info()?).await?;
+            let t = Topology {
+                nodes: Arc::new(vec![seed]),
+                fingerprint: String::new(),
+                migrating: false,
+            };
+            *cached = Some(t.clone());
+            return Ok(t);
+        }
+        let seed_info = self.connection_info()?;
+        let listing = self.cluster_listing(cached.as_ref(), &seed_info).await?;
+        let view = cluster_view(&listing);
+        if view.covered_slots != CLUSTER_SLOTS {
+            return Err(Error::Store(format!(
+                "the Redis Cluster serves {} of {CLUSTER_SLOTS} slots (a failover or reshard is under way); retrying later",
+                view.covered_slots
+            )));
+        }
+        if let Some(t) = cached.as_mut() {
+            if t.fingerprint == view.fingerprint {
+                t.migrating = view.migrating;
+                return Ok(t.clone());
+            }
+        }
+        let mut nodes = Vec::new();
+        for (host, port) in view.primaries {
+            let addr = match seed_info.addr() {
+                ConnectionAddr::TcpTls {
+                    insecure,
+                    tls_params,
+                    ..
+                } => ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: *insecure,
+                    tls_params: tls_params.clone(),
+                },
+                _ => ConnectionAddr::Tcp(host, port),
+            };
+            nodes.push(connect(seed_info.clone().set_addr(addr)).await?);
+        }
+        if nodes.is_empty() {
+            return Err(Error::Store(
+                "CLUSTER NODES lists no primary that serves slots".into(),
+            ));
+        }
+        let t = Topology {
+            nodes: Arc::new(nodes),
+            fingerprint: view.fingerprint,
+            migrating: view.migrating,
+        };
+        *cached = Some(t.clone());
+        Ok(t)
+    }
+
+    /// `CLUSTER NODES` from the first known primary that answers, else from the seed.
+    async fn cluster_listing(
+        &self,
+        cached: Option<&Topology>,
+        seed_info: &ConnectionInfo,
+    ) -> Result<String, Error> {
+        let mut last = None;
+        for node in cached.map(|t| t.nodes.iter()).into_iter().flatten() {
+            let mut conn = node.conn.clone();
+            match redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async::<String>(&mut conn)
+                .await
+            {
+                Ok(listing) => return Ok(listing),
+                Err(e) => last = Some(map_error(e, &node.addr)),
+            }
+        }
+        match connect(seed_info.clone()).await {
+            Ok(mut seed) => redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async::<String>(&mut seed.conn)
+                .await
+                .map_err(|e| map_error(e, &seed.addr)),
+            Err(e) => Err(last.unwrap_or(e)),
+        }
+    }
+
+    /// One subject step on a topology that held still: the topology is read before and
+    /// after, and the step is run again when a failover or reshard moved slots meanwhile
+    /// (or a command was redirected), so keys moved to another primary are never counted
+    /// as "not there". A slot migration under way fails the step (retried later): keys of a
+    /// migrating slot may be on either side, and neither side answers for the other.
+    async fn subject_on_stable_topology(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let before = self.topology().await?;
+            if before.migrating {
+                return Err(Error::Store(
+                    "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
+                ));
+            }
+            let result = self.subject(job).await;
+            let after = self.topology().await?;
+            let redirected = matches!(&result, Err(Error::Store(m)) if is_redirect_message(m));
+            if before.fingerprint == after.fingerprint && !after.migrating && !redirected {
+                return result;
+            }
+        }
+        Err(Error::Store(format!(
+            "the Redis Cluster's topology changed during each of {ATTEMPTS} attempts; retrying later"
+        )))
     }
 
     /// Sweeps one node from `scan_cursor` until the node is done, time is up or the step is
     /// cancelled. Up to `limits.concurrency` pages are processed at once (while the next SCAN
     /// runs) but collected in order, so the cursor returned always has every page before it
     /// fully done: that is what makes the checkpoint safe.
+    #[allow(clippy::too_many_arguments)]
     async fn sweep_node(
         &self,
         node: &Node,
@@ -147,6 +312,7 @@ impl RedisBackend {
         scan_cursor: u64,
         deadline: Instant,
         budget: &StepBudget,
+        held: &std::sync::Arc<Vec<String>>,
     ) -> (NodeProgress, Option<Error>) {
         let page_job = PageJob {
             conn: node.conn.clone(),
@@ -161,14 +327,14 @@ impl RedisBackend {
             major_version: node.major_version,
             cluster: self.config.cluster,
             fence: budget.fence.clone(),
+            held: held.clone(),
         };
         let only_hashes = target.mode == RedisMode::Timestamp && node.major_version >= 6;
         let concurrency = self.limits.concurrency.max(1);
         let mut progress = NodeProgress {
             cursor: scan_cursor,
             finished: false,
-            scanned: 0,
-            deleted: 0,
+            counts: PageCounts::default(),
         };
         let mut in_flight: InFlight = VecDeque::new();
         let mut next_scan = Some(scan_cursor);
@@ -201,9 +367,8 @@ impl RedisBackend {
                 break;
             };
             match handle.await {
-                Ok(Ok((scanned, deleted))) => {
-                    progress.scanned += scanned;
-                    progress.deleted += deleted;
+                Ok(Ok(counts)) => {
+                    progress.counts.add(counts);
                     progress.cursor = next;
                     progress.finished = next == 0;
                 }
@@ -229,9 +394,8 @@ impl RedisBackend {
 /// happened), without moving the cursor past the failed page.
 async fn drain_counts(in_flight: &mut InFlight, progress: &mut NodeProgress) {
     while let Some((_, handle)) = in_flight.pop_front() {
-        if let Ok(Ok((scanned, deleted))) = handle.await {
-            progress.scanned += scanned;
-            progress.deleted += deleted;
+        if let Ok(Ok(counts)) = handle.await {
+            progress.counts.add(counts);
         }
     }
 }
@@ -253,18 +417,55 @@ struct PageJob {
     cluster: bool,
     /// Checked right before each destructive command, after its rate-limit wait.
     fence: crate::leader::Fence,
+    /// Globs of the keys of subjects held by a LegalHold: such keys are left alone.
+    held: std::sync::Arc<Vec<String>>,
+}
+
+/// The counts of one page (and, added up, of one node).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct PageCounts {
+    /// Keys matching the pattern.
+    scanned: u64,
+    /// Deleted or bounded (or, in a dry run, would be).
+    deleted: u64,
+    /// Left alone: a held subject's key.
+    held: u64,
+    /// Mode timestamp: no readable timestamp (field missing, unparseable, not a hash).
+    unjudged: u64,
+    /// Mode timestamp: the oldest timestamp among the keys kept.
+    oldest: Option<DateTime<Utc>>,
+}
+
+impl PageCounts {
+    fn add(&mut self, other: PageCounts) {
+        self.scanned += other.scanned;
+        self.deleted += other.deleted;
+        self.held += other.held;
+        self.unjudged += other.unjudged;
+        self.oldest = match (self.oldest, other.oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 impl PageJob {
-    /// Acts on one page; returns (matching keys, keys deleted or bounded).
-    async fn run(mut self, keys: Vec<Vec<u8>>) -> Result<(u64, u64), Error> {
+    /// Acts on one page; returns its counts.
+    async fn run(mut self, keys: Vec<Vec<u8>>) -> Result<PageCounts, Error> {
         let keys: Vec<Vec<u8>> = keys
             .into_iter()
             .filter(|k| glob::matches(self.pattern.as_bytes(), k))
             .collect();
-        let scanned = keys.len() as u64;
+        let mut counts = PageCounts {
+            scanned: keys.len() as u64,
+            ..Default::default()
+        };
+        let (held, keys): (Vec<Vec<u8>>, Vec<Vec<u8>>) = keys
+            .into_iter()
+            .partition(|k| self.held.iter().any(|g| glob::matches(g.as_bytes(), k)));
+        counts.held = held.len() as u64;
         if keys.is_empty() {
-            return Ok((0, 0));
+            return Ok(counts);
         }
         let addr = self.addr.clone();
         let err = |e| map_error(e, &addr);
@@ -335,16 +536,28 @@ impl PageJob {
                 let values: Vec<RedisResult<Option<String>>> =
                     pipe.query_async(&mut self.conn).await.map_err(err)?;
                 let cutoff = self.cutoff;
+                let (mut unjudged, mut oldest) = (0u64, None::<DateTime<Utc>>);
                 let selected = select(keys, values, |v| {
-                    v.ok()
-                        .flatten()
-                        .and_then(|s| parse_timestamp(&s))
-                        .is_some_and(|t| t < cutoff)
+                    match v.ok().flatten().and_then(|s| parse_timestamp(&s)) {
+                        Some(t) if t < cutoff => true,
+                        Some(t) => {
+                            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+                            false
+                        }
+                        None => {
+                            // Never deleted, never called young: counted and reported.
+                            unjudged += 1;
+                            false
+                        }
+                    }
                 });
+                counts.unjudged = unjudged;
+                counts.oldest = oldest;
                 self.unlink(selected).await.map_err(err)?
             }
         };
-        Ok((scanned, deleted))
+        counts.deleted = deleted;
+        Ok(counts)
     }
 
     /// Whether this instance may still delete (a dry run deletes nothing, so always may).
@@ -437,13 +650,12 @@ fn idle_error(e: redis::RedisError, addr: &str) -> Error {
 }
 
 /// Pages being processed, each with the SCAN cursor that follows it.
-type InFlight = VecDeque<(u64, JoinHandle<Result<(u64, u64), Error>>)>;
+type InFlight = VecDeque<(u64, JoinHandle<Result<PageCounts, Error>>)>;
 
 struct NodeProgress {
     cursor: u64,
     finished: bool,
-    scanned: u64,
-    deleted: u64,
+    counts: PageCounts,
 }
 
 fn select<T>(keys: Vec<Vec<u8>>, replies: Vec<T>, mut keep: impl FnMut(T) -> bool) -> Vec<Vec<u8>> {
@@ -461,7 +673,7 @@ impl Backend for RedisBackend {
 
     async fn probe(&self) -> Result<String, Error> {
         let nodes = self.nodes().await?;
-        for node in nodes {
+        for node in nodes.iter() {
             let mut conn = node.conn.clone();
             let pong: String = redis::cmd("PING")
                 .query_async(&mut conn)
@@ -489,7 +701,11 @@ impl Backend for RedisBackend {
         _budget: &StepBudget,
     ) -> Result<SubjectStep, Error> {
         // A subject's records are few: one step finds, erases or verifies all of them.
-        self.subject(job).await
+        if self.config.cluster {
+            self.subject_on_stable_topology(job).await
+        } else {
+            self.subject(job).await
+        }
     }
 
     async fn sweep_step(
@@ -503,17 +719,13 @@ impl Backend for RedisBackend {
             .redis
             .as_ref()
             .ok_or_else(|| Error::InvalidSpec("target has no redis selector".into()))?;
-        let nodes = self.nodes().await?;
-        let (mut node_index, mut scan_cursor) = parse_cursor(cursor, nodes.len())?;
+        let held = std::sync::Arc::new(held_globs(job)?);
+        let topology = self.topology().await?;
+        let nodes = topology.nodes.as_slice();
+        let (mut node_index, mut scan_cursor) =
+            parse_cursor(cursor, nodes.len(), &topology.fingerprint)?;
         let deadline = Instant::now() + budget.max_time;
-        let mut step = Step {
-            scanned: 0,
-            deleted: 0,
-            blocked: 0,
-            blocked_items: Vec::new(),
-            next: Next::Done,
-            failure: None,
-        };
+        let mut step = Step::default();
         while node_index < nodes.len() {
             let (progress, failure) = self
                 .sweep_node(
@@ -523,10 +735,18 @@ impl Backend for RedisBackend {
                     scan_cursor,
                     deadline,
                     budget,
+                    &held,
                 )
                 .await;
-            step.scanned += progress.scanned;
-            step.deleted += progress.deleted;
+            let counts = progress.counts;
+            step.scanned += counts.scanned;
+            step.deleted += counts.deleted;
+            step.held += counts.held;
+            step.unjudged += counts.unjudged;
+            step.oldest_remaining = match (step.oldest_remaining, counts.oldest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             scan_cursor = progress.cursor;
             if progress.finished {
                 node_index += 1;
@@ -541,7 +761,11 @@ impl Backend for RedisBackend {
             }
         }
         if node_index < nodes.len() {
-            step.next = Next::Continue(format!("{node_index}:{scan_cursor}"));
+            step.next = Next::Continue(encode_cursor(
+                node_index,
+                scan_cursor,
+                &topology.fingerprint,
+            ));
         }
         Ok(step)
     }
@@ -586,8 +810,69 @@ async fn connect(info: ConnectionInfo) -> Result<Node, Error> {
     })
 }
 
-/// `node:scan_cursor`; None starts at the first node.
-fn parse_cursor(cursor: Option<&str>, nodes: usize) -> Result<(usize, u64), Error> {
+/// The globs of the keys of every subject a LegalHold holds, from the target's subject
+/// locator: `keys` as globs (identifiers escaped), the keys of `hashFields` and `setMembers`
+/// as exact keys (the whole key is kept: it holds the subject's field or member).
+fn held_globs(job: &SweepJob) -> Result<Vec<String>, Error> {
+    if job.held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let locator = job
+        .target
+        .subject
+        .as_ref()
+        .and_then(|s| s.redis.as_ref())
+        .ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "target {}: a LegalHold holds subjects and the target has no redis subject locator",
+                job.target.name
+            ))
+        })?;
+    let mut globs = Vec::new();
+    for (i, k) in locator.keys.iter().enumerate() {
+        globs.extend(job.held.expand_all(
+            &format!("subject.redis.keys[{i}]"),
+            k,
+            subject::key_glob,
+        )?);
+    }
+    let exact_keys = locator
+        .hash_fields
+        .iter()
+        .map(|h| &h.key)
+        .chain(locator.set_members.iter().map(|m| &m.key));
+    for k in exact_keys {
+        let keys = job
+            .held
+            .expand_all("subject.redis key", k, identifier::exact_forms)?;
+        globs.extend(keys.iter().map(|k| template::escape_glob(k)));
+    }
+    Ok(globs)
+}
+
+/// A short digest of a cluster's topology, kept in the sweep cursor.
+fn topology_tag(fingerprint: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(fingerprint.as_bytes())[..4])
+}
+
+/// `node:scan_cursor`, and on a cluster `:topology` (the primaries the node index counts).
+fn encode_cursor(node: usize, scan: u64, fingerprint: &str) -> String {
+    if fingerprint.is_empty() {
+        format!("{node}:{scan}")
+    } else {
+        format!("{node}:{scan}:{}", topology_tag(fingerprint))
+    }
+}
+
+/// Reads a cursor; None starts at the first node. A cursor taken on another topology (a
+/// failover or reshard since: the node index may name another primary) starts the sweep
+/// over, so that no primary is skipped; what was deleted is gone and not counted twice.
+fn parse_cursor(
+    cursor: Option<&str>,
+    nodes: usize,
+    fingerprint: &str,
+) -> Result<(usize, u64), Error> {
     let Some(cursor) = cursor else {
         return Ok((0, 0));
     };
@@ -596,33 +881,28 @@ fn parse_cursor(cursor: Option<&str>, nodes: usize) -> Result<(usize, u64), Erro
             "checkpoint cursor {cursor:?} is not a Redis cursor"
         ))
     };
-    let (node, scan) = cursor.split_once(':').ok_or_else(bad)?;
-    let node: usize = node.parse().map_err(|_| bad())?;
-    let scan: u64 = scan.parse().map_err(|_| bad())?;
-    if node >= nodes {
-        // The cluster shrank since the checkpoint: start over rather than skip nodes.
+    let mut parts = cursor.split(':');
+    let node: usize = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    let scan: u64 = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    let tag = parts.next();
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    let same_topology = match tag {
+        Some(tag) => !fingerprint.is_empty() && tag == topology_tag(fingerprint),
+        None => fingerprint.is_empty() || nodes == 1,
+    };
+    if node >= nodes || !same_topology {
         return Ok((0, 0));
     }
     Ok((node, scan))
 }
 
-/// Primaries that serve slots, from CLUSTER NODES output.
-fn cluster_primaries(listing: &str) -> Vec<(String, u16)> {
-    listing
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let flags = fields.get(2)?;
-            let serves_slots = fields.len() > 8;
-            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") || !serves_slots {
-                return None;
-            }
-            let addr = fields.get(1)?.split(['@', ',']).next()?;
-            let (host, port) = addr.rsplit_once(':')?;
-            let port: u16 = port.parse().ok()?;
-            (!host.is_empty() && port != 0).then(|| (host.to_string(), port))
-        })
-        .collect()
+/// Whether a store error is a cluster redirection (the key's slot moved).
+fn is_redirect_message(message: &str) -> bool {
+    ["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"]
+        .iter()
+        .any(|code| message.contains(code))
 }
 
 /// Unix seconds (integer or fractional) or RFC 3339.
@@ -647,6 +927,10 @@ fn map_error(e: redis::RedisError, addr: &str) -> Error {
         return Error::LeadershipLost;
     }
     let code = e.code().unwrap_or_default();
+    if matches!(code, "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") {
+        // The slot moved (failover, reshard): the caller reads the topology again.
+        return Error::Store(format!("{addr}: {code} (cluster redirection)"));
+    }
     if e.kind() == redis::ErrorKind::AuthenticationFailed || code == "NOAUTH" || code == "WRONGPASS"
     {
         Error::AuthenticationFailed(format!("{addr}: {code}"))
@@ -762,11 +1046,54 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
-        assert_eq!(parse_cursor(None, 1).unwrap(), (0, 0));
-        assert_eq!(parse_cursor(Some("0:1234"), 1).unwrap(), (0, 1234));
-        assert_eq!(parse_cursor(Some("2:5"), 3).unwrap(), (2, 5));
-        assert_eq!(parse_cursor(Some("3:5"), 3).unwrap(), (0, 0));
-        assert!(parse_cursor(Some("s3-token"), 1).is_err());
+        assert_eq!(parse_cursor(None, 1, "").unwrap(), (0, 0));
+        assert_eq!(parse_cursor(Some("0:1234"), 1, "").unwrap(), (0, 1234));
+        assert_eq!(parse_cursor(Some("2:5"), 3, "").unwrap(), (2, 5));
+        assert_eq!(parse_cursor(Some("3:5"), 3, "").unwrap(), (0, 0));
+        assert!(parse_cursor(Some("s3-token"), 1, "").is_err());
+        assert!(parse_cursor(Some("1:2:3:4"), 3, "").is_err());
+    }
+
+    #[test]
+    fn a_cluster_cursor_from_another_topology_starts_the_sweep_over() {
+        let cursor = encode_cursor(2, 77, "a 1.1.1.1:1 0-16383");
+        assert_eq!(
+            parse_cursor(Some(&cursor), 3, "a 1.1.1.1:1 0-16383").unwrap(),
+            (2, 77)
+        );
+        assert_eq!(
+            parse_cursor(Some(&cursor), 3, "b 1.1.1.2:1 0-16383").unwrap(),
+            (0, 0),
+            "a failover or reshard since the checkpoint"
+        );
+        assert_eq!(
+            parse_cursor(Some("2:77"), 3, "a 1.1.1.1:1 0-16383").unwrap(),
+            (0, 0),
+            "an untagged cursor says nothing of the primaries it counted"
+        );
+    }
+
+    #[test]
+    fn the_cluster_view_counts_slots_and_sees_migrations() {
+        let whole = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:7002@17002 master - 0 0 2 connected 5461-10922
+a3 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16383
+";
+        let v = cluster_view(whole);
+        assert_eq!((v.covered_slots, v.migrating), (16384, false));
+        let failing = whole.replace(
+            "a3 127.0.0.1:7003@17003 master",
+            "a3 127.0.0.1:7003@17003 master,fail",
+        );
+        assert_eq!(cluster_view(&failing).covered_slots, 10923);
+        let moving = whole.replace("5461-10922", "5461-10922 [5461->-a3]");
+        let m = cluster_view(&moving);
+        assert!(m.migrating);
+        assert_ne!(m.fingerprint, v.fingerprint);
+        // Pings and epochs change all the time; the routing did not.
+        let pinged = whole.replace("- 0 0 2 connected", "- 1700000000 1700000001 2 connected");
+        assert_eq!(cluster_view(&pinged).fingerprint, v.fingerprint);
     }
 
     #[test]
@@ -779,7 +1106,7 @@ r1 127.0.0.1:7004@17004 slave a1 0 0 1 connected
 f1 127.0.0.1:7005@17005 master,fail - 0 0 4 disconnected 1-2
 e1 127.0.0.1:7006@17006 master - 0 0 5 connected
 ";
-        let primaries = cluster_primaries(listing);
+        let primaries = cluster_view(listing).primaries;
         assert_eq!(
             primaries,
             vec![

@@ -5,18 +5,24 @@ use redis::aio::MultiplexedConnection;
 use redis::RedisResult;
 
 use super::{glob, map_error, Node, RedisBackend, SCAN_COUNT};
-use crate::backends::template::{self, escape_glob, literal};
+use std::collections::BTreeMap;
+
+use crate::backends::identifier::{self, exact_forms, Piece};
+use crate::backends::template::{self, escape_glob};
 use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
 
-/// What a template expansion came to: a value to use, or a reason to skip the locator.
+/// Fills a template with a subject's identifiers, into the forms to look for.
+type Expander = fn(&str, &BTreeMap<String, String>) -> Result<Vec<String>, template::Error>;
+
+/// What a template expansion came to: the forms to use, or a reason to skip the locator.
 fn expand_or_skip(
     what: &str,
     template: &str,
     job: &SubjectJob,
-    escape: fn(&str) -> String,
+    expand: Expander,
     skipped: &mut Vec<String>,
-) -> Result<Option<String>, Error> {
-    match template::expand(template, &job.identifiers, escape) {
+) -> Result<Option<Vec<String>>, Error> {
+    match expand(template, &job.identifiers) {
         Ok(v) => Ok(Some(v)),
         Err(template::Error::MissingIdentifier(name)) => {
             skipped.push(format!("{what} needs {{{name}}}"));
@@ -27,6 +33,22 @@ fn expand_or_skip(
             job.target.name
         ))),
     }
+}
+
+/// A key template as one glob: the template's own text is a glob, identifier values are
+/// canonical and escaped, and e-mail values match in any (ASCII) case (`[bB][oO][bB]@…`).
+pub(crate) fn key_glob(
+    template: &str,
+    identifiers: &BTreeMap<String, String>,
+) -> Result<Vec<String>, template::Error> {
+    let filled = identifier::fill(template, identifiers)?;
+    Ok(vec![filled.render(|piece| match piece {
+        Piece::Literal(text) => text.clone(),
+        Piece::Value {
+            value, fold: true, ..
+        } => identifier::glob_fold(value),
+        Piece::Value { value, .. } => escape_glob(value),
+    })])
 }
 
 impl RedisBackend {
@@ -43,31 +65,35 @@ impl RedisBackend {
                 ))
             })?;
         let nodes = self.nodes().await?;
+        let nodes = nodes.as_slice();
         let mut count = 0;
         let mut skipped = Vec::new();
 
         for (i, t) in locator.keys.iter().enumerate() {
-            let Some(pattern) =
-                expand_or_skip(&format!("keys[{i}]"), t, job, escape_glob, &mut skipped)?
+            let Some(patterns) =
+                expand_or_skip(&format!("keys[{i}]"), t, job, key_glob, &mut skipped)?
             else {
                 continue;
             };
-            if glob::matches_everything(&pattern) || pattern.is_empty() {
-                return Err(Error::InvalidSpec(format!(
-                    "target {}: subject.redis.keys[{i}] would match every key",
-                    job.target.name
-                )));
-            }
-            for node in nodes {
-                count += self.subject_keys(node, &pattern, job.action).await?;
+            for pattern in patterns {
+                if glob::matches_everything(&pattern) || pattern.is_empty() {
+                    return Err(Error::InvalidSpec(format!(
+                        "target {}: subject.redis.keys[{i}] would match every key",
+                        job.target.name
+                    )));
+                }
+                for node in nodes {
+                    count += self.subject_keys(node, &pattern, job.action).await?;
+                }
             }
         }
         for (i, hf) in locator.hash_fields.iter().enumerate() {
             let what = format!("hashFields[{i}]");
-            let Some(key) = expand_or_skip(&what, &hf.key, job, literal, &mut skipped)? else {
+            let Some(keys) = expand_or_skip(&what, &hf.key, job, exact_forms, &mut skipped)? else {
                 continue;
             };
-            let Some(field) = expand_or_skip(&what, &hf.field, job, literal, &mut skipped)? else {
+            let Some(fields) = expand_or_skip(&what, &hf.field, job, exact_forms, &mut skipped)?
+            else {
                 continue;
             };
             let command = if job.action == SubjectAction::Erase {
@@ -75,23 +101,27 @@ impl RedisBackend {
             } else {
                 "HEXISTS"
             };
-            for node in nodes {
-                count += self
-                    .single_key(node, redis::cmd(command).arg(&key).arg(&field))
-                    .await?;
+            for (key, field) in pairs(&keys, &fields) {
+                for node in nodes {
+                    count += self
+                        .single_key(node, redis::cmd(command).arg(key).arg(field))
+                        .await?;
+                }
             }
         }
         for (i, sm) in locator.set_members.iter().enumerate() {
             let what = format!("setMembers[{i}]");
-            let Some(key) = expand_or_skip(&what, &sm.key, job, literal, &mut skipped)? else {
+            let Some(keys) = expand_or_skip(&what, &sm.key, job, exact_forms, &mut skipped)? else {
                 continue;
             };
-            let Some(member) = expand_or_skip(&what, &sm.member, job, literal, &mut skipped)?
+            let Some(members) = expand_or_skip(&what, &sm.member, job, exact_forms, &mut skipped)?
             else {
                 continue;
             };
-            for node in nodes {
-                count += self.set_member(node, &key, &member, job.action).await?;
+            for (key, member) in pairs(&keys, &members) {
+                for node in nodes {
+                    count += self.set_member(node, key, member, job.action).await?;
+                }
             }
         }
         skipped.dedup();
@@ -204,6 +234,13 @@ impl RedisBackend {
             _ => Ok(0),
         }
     }
+}
+
+/// Every combination of the exact forms of a key and of a field or member.
+fn pairs<'a>(keys: &'a [String], items: &'a [String]) -> Vec<(&'a String, &'a String)> {
+    keys.iter()
+        .flat_map(|k| items.iter().map(move |i| (k, i)))
+        .collect()
 }
 
 async fn unlink_each(

@@ -382,6 +382,13 @@ impl Backend for S3Backend {
     ) -> Result<SubjectStep, Error> {
         self.subject(job).await
     }
+
+    async fn locked_copies(
+        &self,
+        job: &SubjectJob,
+    ) -> Result<crate::backends::LockedCopies, Error> {
+        self.subject_locked_copies(job).await
+    }
 }
 
 /// Checks an S3 target before anything runs (invariant 1: never outside the selector).
@@ -475,6 +482,7 @@ mod tests {
         Some(S3Subject {
             key_prefixes: p.iter().map(|s| s.to_string()).collect(),
             records: None,
+            retained_copies: None,
         })
     }
 
@@ -504,7 +512,9 @@ mod tests {
                     prefix: prefix.into(),
                     field: field.into(),
                     equals: equals.into(),
+                    unparsed_lines: Default::default(),
                 }),
+                retained_copies: None,
             })
         };
         assert!(validate_target(&target("l/", records("l/", "a.b", "{email}"))).is_ok());

@@ -12,8 +12,10 @@ use tokio_util::io::SyncIoBridge;
 use super::records::{self, Counts, Matcher};
 use super::sweep::Cursor;
 use super::{object_id, sdk_error, S3Backend};
-use crate::backends::template::{self, literal};
-use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
+use crate::api::retentionpolicy::UnparsedLines;
+use crate::backends::identifier;
+use crate::backends::template;
+use crate::backends::{Error, LockedCopies, Next, SubjectAction, SubjectJob, SubjectStep};
 
 /// Attempts at a conditional write before giving up on an archive that keeps changing.
 const WRITE_ATTEMPTS: u32 = 5;
@@ -24,7 +26,13 @@ struct Tally {
     count: u64,
     blocked: u64,
     malformed: u64,
+    /// Objects (key, and whether an older version) with lines that are not JSON but hold
+    /// the identifier, and how many.
+    unparsed: Vec<(String, bool, u64)>,
 }
+
+/// How many archive objects with unparsed copies a message names.
+const NAMED_OBJECTS: usize = 5;
 
 impl S3Backend {
     pub(super) async fn subject(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
@@ -44,21 +52,32 @@ impl S3Backend {
         let mut ran = false;
         let versioned = self.versioned().await?;
         for (i, t) in locator.key_prefixes.iter().enumerate() {
-            let Some(prefix) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? else {
+            let Some(prefixes) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? else {
                 continue;
             };
             ran = true;
-            self.prefix_objects(&prefix, versioned, job.action, &mut tally)
-                .await?;
-        }
-        if let Some(spec) = &locator.records {
-            let prefix = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
-            let equals = expand("records.equals", &spec.equals, job, &mut skipped)?;
-            if let (Some(prefix), Some(equals)) = (prefix, equals) {
-                ran = true;
-                let matcher = Matcher::new(&spec.field, &equals);
-                self.archive_records(&prefix, &matcher, versioned, job.action, &mut tally)
+            for prefix in prefixes {
+                self.prefix_objects(&prefix, versioned, job.action, &mut tally)
                     .await?;
+            }
+        }
+        let mut failure = None;
+        if let Some(spec) = &locator.records {
+            let prefixes = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
+            let equals = fill_equals(&spec.equals, job, &mut skipped)?;
+            if let (Some(prefixes), Some(equals)) = (prefixes, equals) {
+                ran = true;
+                // Lines that are not JSON are only dropped when the value can be told apart
+                // from other text (the same rule as a Loki line filter's bare placeholder).
+                let distinctive = equals.check_distinctive();
+                let drop = spec.unparsed_lines == UnparsedLines::DropMatching;
+                let matcher = Matcher::new(&spec.field, &equals)
+                    .dropping_unparsed(drop && distinctive.is_ok());
+                for prefix in prefixes {
+                    self.archive_records(&prefix, &matcher, versioned, job.action, &mut tally)
+                        .await?;
+                }
+                failure = unparsed_failure(job, &tally, distinctive.err(), drop);
             }
         }
         Ok(SubjectStep {
@@ -68,8 +87,86 @@ impl S3Backend {
             ran,
             skipped,
             next: Next::Done,
-            failure: None,
+            failure,
         })
+    }
+
+    /// The subject's copies in versions under Object Lock (retention not yet lapsed, or a
+    /// legal hold), counted as Verify counts them: each version under a key prefix, each
+    /// matching record in an archive version. Never the keys: only counts and dates.
+    pub(super) async fn subject_locked_copies(
+        &self,
+        job: &SubjectJob,
+    ) -> Result<LockedCopies, Error> {
+        let mut locked = LockedCopies::default();
+        let Some(locator) = job.target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+            return Ok(locked);
+        };
+        if !self.versioned().await? {
+            return Ok(locked);
+        }
+        let mut skipped = Vec::new();
+        let mut prefixes = Vec::new();
+        for (i, t) in locator.key_prefixes.iter().enumerate() {
+            if let Some(forms) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? {
+                prefixes.extend(forms.into_iter().map(|p| (p, None)));
+            }
+        }
+        if let Some(spec) = &locator.records {
+            let forms = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
+            let equals = fill_equals(&spec.equals, job, &mut skipped)?;
+            if let (Some(forms), Some(equals)) = (forms, equals) {
+                let matcher = Matcher::new(&spec.field, &equals);
+                prefixes.extend(forms.into_iter().map(|p| (p, Some(matcher.clone()))));
+            }
+        }
+        for (prefix, matcher) in prefixes {
+            let mut position = Cursor::default();
+            loop {
+                let (entries, next) = self.list_versions(&prefix, &position).await?;
+                for entry in entries.iter().filter(|e| !e.delete_marker) {
+                    let version = entry.version_id.as_deref();
+                    let Some((until, held)) = self.lock_state(&entry.key, version).await? else {
+                        continue;
+                    };
+                    let copies = match &matcher {
+                        None => 1,
+                        Some(m) => self.scan_object(&entry.key, version, m).await?.matched,
+                    };
+                    if copies > 0 {
+                        locked.add(copies, until, held);
+                    }
+                }
+                match next {
+                    Some(n) => position = n,
+                    None => break,
+                }
+            }
+        }
+        Ok(locked)
+    }
+
+    /// A version's Object Lock, if one is in force now: (retain-until, legal hold).
+    async fn lock_state(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<(Option<chrono::DateTime<chrono::Utc>>, bool)>, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let head = client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .set_version_id(version_id.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "HeadObject"))?;
+        let held = head.object_lock_legal_hold_status()
+            == Some(&aws_sdk_s3::types::ObjectLockLegalHoldStatus::On);
+        let until = super::sweep::to_chrono(head.object_lock_retain_until_date())
+            .filter(|u| *u > chrono::Utc::now() && head.object_lock_mode().is_some());
+        Ok((held || until.is_some()).then_some((until, held)))
     }
 
     /// Every object, version and delete marker under `prefix`: counted, or deleted.
@@ -146,8 +243,13 @@ impl S3Backend {
                 let (entries, next) = self.list_objects(prefix, &position).await?;
                 for entry in &entries {
                     let rewrite = self.rewrite_current(&entry.key, matcher).await?;
-                    tally.count += rewrite.counts.matched;
+                    tally.count += copies(&rewrite.counts, matcher);
                     tally.malformed += rewrite.counts.malformed;
+                    if rewrite.counts.unparsed > 0 {
+                        tally
+                            .unparsed
+                            .push((entry.key.clone(), false, rewrite.counts.unparsed));
+                    }
                     if let Some(v) = rewrite.replaced_version {
                         replaced.push((entry.key.clone(), v));
                     }
@@ -185,8 +287,14 @@ impl S3Backend {
                 }
                 let counts = self.scan_object(&entry.key, version, matcher).await?;
                 tally.malformed += counts.malformed;
-                if counts.matched > 0 {
-                    tally.count += counts.matched;
+                if counts.unparsed > 0 {
+                    tally
+                        .unparsed
+                        .push((entry.key.clone(), !entry.latest, counts.unparsed));
+                }
+                let copies = copies(&counts, matcher);
+                if copies > 0 {
+                    tally.count += copies;
                     if action == SubjectAction::Erase {
                         doomed.push(object_id(&entry.key, version)?);
                     }
@@ -264,7 +372,7 @@ impl S3Backend {
             .await
             .map_err(|e| Error::Store(format!("archive rewrite task failed: {e}")))?
             .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
-            if counts.matched == 0 {
+            if copies(&counts, matcher) == 0 {
                 return Ok(Rewrite {
                     counts,
                     replaced_version: None,
@@ -412,15 +520,16 @@ impl Preserved {
     }
 }
 
-/// Fills in a template (identifiers used literally: S3 prefixes and record values are not
-/// patterns), or records why the locator is skipped.
+/// Fills in a template with canonical identifier values used literally (S3 prefixes are not
+/// patterns): every exact form ([`identifier::exact_forms`]), or records why the locator is
+/// skipped.
 fn expand(
     what: &str,
     t: &str,
     job: &SubjectJob,
     skipped: &mut Vec<String>,
-) -> Result<Option<String>, Error> {
-    match template::expand(t, &job.identifiers, literal) {
+) -> Result<Option<Vec<String>>, Error> {
+    match identifier::exact_forms(t, &job.identifiers) {
         Ok(v) => Ok(Some(v)),
         Err(template::Error::MissingIdentifier(name)) => {
             skipped.push(format!("{what} needs {{{name}}}"));
@@ -430,5 +539,179 @@ fn expand(
             "target {}: subject.s3.{what} is not a valid template",
             job.target.name
         ))),
+    }
+}
+
+/// The records locator's `equals` filled with canonical values, the one form every records
+/// pass compares with; None (recorded in `skipped`) when the subject lacks an identifier.
+fn fill_equals(
+    t: &str,
+    job: &SubjectJob,
+    skipped: &mut Vec<String>,
+) -> Result<Option<identifier::Filled>, Error> {
+    match identifier::fill(t, &job.identifiers) {
+        Ok(filled) => Ok(Some(filled)),
+        Err(template::Error::MissingIdentifier(name)) => {
+            skipped.push(format!("records.equals needs {{{name}}}"));
+            Ok(None)
+        }
+        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
+            "target {}: subject.s3.records.equals is not a valid template",
+            job.target.name
+        ))),
+    }
+}
+
+/// The copies of the subject's data a pass over one object found (or removed): its records,
+/// and its unparsed lines holding the identifier when those are dropped.
+fn copies(counts: &Counts, matcher: &Matcher) -> u64 {
+    if matcher.drops_unparsed() {
+        counts.matched + counts.unparsed
+    } else {
+        counts.matched
+    }
+}
+
+/// Where unparsed copies are, for a status message: object keys (those holding an identifier
+/// are not named) and line counts, the first few; never the identifier.
+fn unparsed_places(job: &SubjectJob, unparsed: &[(String, bool, u64)]) -> String {
+    let values: Vec<String> = job
+        .identifiers
+        .iter()
+        .flat_map(|(t, v)| [identifier::canonical(t, v), v.trim().to_lowercase()])
+        .filter(|v| !v.is_empty())
+        .collect();
+    let mut named: Vec<String> = unparsed
+        .iter()
+        .take(NAMED_OBJECTS)
+        .map(|(key, older, lines)| {
+            let lower = key.to_lowercase();
+            let key = if values
+                .iter()
+                .any(|v| lower.contains(v.to_lowercase().as_str()))
+            {
+                "an object whose key holds an identifier".to_string()
+            } else {
+                key.clone()
+            };
+            let version = if *older { " (an older version)" } else { "" };
+            let plural = if *lines == 1 { "" } else { "s" };
+            format!("{key}{version}: {lines} line{plural}")
+        })
+        .collect();
+    if unparsed.len() > NAMED_OBJECTS {
+        named.push(format!(
+            "and {} more objects",
+            unparsed.len() - NAMED_OBJECTS
+        ));
+    }
+    named.join(", ")
+}
+
+/// Lines that are not JSON but hold the identifier are copies of the subject's data. When
+/// they are not dropped with the records, finding and verifying fail the target and say
+/// where they are (an erase step only removes what it can; its verify reports the rest).
+fn unparsed_failure(
+    job: &SubjectJob,
+    tally: &Tally,
+    not_distinctive: Option<identifier::NotDistinctive>,
+    drop: bool,
+) -> Option<Error> {
+    if tally.unparsed.is_empty() || job.action == SubjectAction::Erase {
+        return None;
+    }
+    let lines: u64 = tally.unparsed.iter().map(|(_, _, n)| n).sum();
+    let places = unparsed_places(job, &tally.unparsed);
+    let target = &job.target.name;
+    match not_distinctive {
+        // Dropped with the records, and counted with them.
+        None if drop => None,
+        None => Some(Error::UnparsedCopiesRemain(format!(
+            "target {target}: {lines} archive lines that are not JSON still hold the subject's identifier ({places}); set subject.s3.records.unparsedLines: DropMatching to drop them with the subject's records, or remove them by hand"
+        ))),
+        Some(e) => Some(Error::IdentifierNotDistinctive(format!(
+            "target {target}: {lines} archive lines that are not JSON may hold the subject's identifier ({places}), but subject.s3.records.equals is {{{}}} and this subject's value {}, so free text cannot tell it from other data (a timestamp 10:42:13 holds 42); they are neither counted as erased nor dropped: check and remove them by hand", e.placeholder, e.why
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROBE: &str = "Unparsed-Probe-5e1@Example.org";
+
+    fn job(action: SubjectAction, identifiers: &[(&str, &str)]) -> SubjectJob {
+        SubjectJob {
+            target: serde_json::from_value(serde_json::json!({
+                "name": "archive", "store": "archive", "s3": {"prefix": "logs/"}
+            }))
+            .unwrap(),
+            identifiers: identifiers
+                .iter()
+                .map(|(t, v)| (t.to_string(), v.to_string()))
+                .collect(),
+            action,
+        }
+    }
+
+    fn tally(unparsed: &[(&str, bool, u64)]) -> Tally {
+        Tally {
+            unparsed: unparsed
+                .iter()
+                .map(|(k, older, n)| (k.to_string(), *older, *n))
+                .collect(),
+            ..Tally::default()
+        }
+    }
+
+    #[test]
+    fn unparsed_copies_are_named_by_key_and_count_never_by_identifier() {
+        let verify = job(SubjectAction::Verify, &[("email", PROBE)]);
+        let key_with_id = format!("logs/{}.log", PROBE.to_lowercase());
+        let t = tally(&[
+            ("logs/day1.log", false, 2),
+            ("logs/day0.log", true, 1),
+            (&key_with_id, false, 1),
+        ]);
+        let e = unparsed_failure(&verify, &t, None, false).unwrap();
+        assert_eq!(e.reason(), "UnparsedCopiesRemain");
+        let message = e.to_string();
+        assert!(
+            message.contains("4 archive lines")
+                && message.contains("logs/day1.log: 2 lines")
+                && message.contains("logs/day0.log (an older version): 1 line")
+                && message.contains("an object whose key holds an identifier: 1 line"),
+            "{message}"
+        );
+        assert!(
+            !message.to_lowercase().contains("unparsed-probe"),
+            "{message}"
+        );
+        // Dropped with the records: counted, no failure. Erase leaves judging to verify.
+        assert!(unparsed_failure(&verify, &t, None, true).is_none());
+        let erase = job(SubjectAction::Erase, &[("email", PROBE)]);
+        assert!(unparsed_failure(&erase, &t, None, false).is_none());
+        assert!(unparsed_failure(&verify, &tally(&[]), None, false).is_none());
+    }
+
+    #[test]
+    fn unparsed_lines_a_short_value_cannot_judge_fail_either_way() {
+        let find = job(SubjectAction::Find, &[("userId", "42")]);
+        let t = tally(&[("logs/day1.log", false, 1)]);
+        let why = identifier::NotDistinctive {
+            placeholder: "userId".into(),
+            why: "is only digits",
+        };
+        for drop in [false, true] {
+            let e = unparsed_failure(&find, &t, Some(why.clone()), drop).unwrap();
+            assert_eq!(e.reason(), "IdentifierNotDistinctive");
+            assert!(e.to_string().contains("{userId}") && e.to_string().contains("is only digits"));
+        }
+        let many: Vec<(String, bool, u64)> = (0..7)
+            .map(|i| (format!("logs/{i}.log"), false, 1))
+            .collect();
+        let places = unparsed_places(&find, &many);
+        assert!(places.ends_with("and 2 more objects"), "{places}");
     }
 }

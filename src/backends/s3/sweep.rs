@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::records::{self, Matcher};
 use super::{object_id, sdk_error, Refusal, S3Backend, LIST_PAGE};
+use crate::backends::identifier;
 use crate::backends::{Error, Next, Step, StepBudget, SweepJob};
 
 /// Refused items named in the target's message.
@@ -86,6 +88,94 @@ pub(super) fn to_chrono(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<
 
 fn version_ids(pairs: &[(String, String)]) -> Result<Vec<ObjectIdentifier>, Error> {
     pairs.iter().map(|(k, v)| object_id(k, Some(v))).collect()
+}
+
+/// What a sweep keeps for the subjects a LegalHold holds: every key under one of their
+/// prefixes, and every archive under the records prefix that holds one of their records.
+#[derive(Clone, Default)]
+pub(super) struct Holds {
+    pub prefixes: Vec<String>,
+    /// The records prefix and one matcher per held subject.
+    pub records: Option<(String, Vec<Matcher>)>,
+}
+
+impl Holds {
+    /// From the target's subject locator and the held subjects (identifiers used literally,
+    /// as an erasure uses them).
+    pub fn of(job: &SweepJob) -> Result<Self, Error> {
+        if job.held.is_empty() {
+            return Ok(Self::default());
+        }
+        let locator = job
+            .target
+            .subject
+            .as_ref()
+            .and_then(|s| s.s3.as_ref())
+            .ok_or_else(|| {
+                Error::InvalidSpec(format!(
+                    "target {}: a LegalHold holds subjects and the target has no s3 subject locator",
+                    job.target.name
+                ))
+            })?;
+        let mut holds = Self::default();
+        for (i, p) in locator.key_prefixes.iter().enumerate() {
+            holds.prefixes.extend(job.held.expand_all(
+                &format!("subject.s3.keyPrefixes[{i}]"),
+                p,
+                identifier::exact_forms,
+            )?);
+        }
+        // An empty expansion would hold everything; the locator validation refuses such
+        // prefixes, and a held subject whose prefix is empty keeps the whole target anyway.
+        if let Some(spec) = &locator.records {
+            let mut prefixes = job.held.expand_all(
+                "subject.s3.records.prefix",
+                &spec.prefix,
+                identifier::exact_forms,
+            )?;
+            prefixes.sort();
+            prefixes.dedup();
+            let values =
+                job.held
+                    .expand_all("subject.s3.records.equals", &spec.equals, |t, ids| {
+                        identifier::fill(t, ids).map(|f| vec![f])
+                    })?;
+            let matchers = values
+                .iter()
+                .map(|v| Matcher::new(&spec.field, v))
+                .collect();
+            // The records prefix normally has no placeholder; if it has, the shortest common
+            // part is what every subject's archives are under.
+            let prefix = match prefixes.as_slice() {
+                [one] => one.clone(),
+                _ => common_prefix(&prefixes),
+            };
+            holds.records = Some((prefix, matchers));
+        }
+        Ok(holds)
+    }
+
+    /// Under a held subject's prefix.
+    pub fn holds_key(&self, key: &str) -> bool {
+        self.prefixes.iter().any(|p| key.starts_with(p.as_str()))
+    }
+}
+
+fn common_prefix(values: &[String]) -> String {
+    let Some(first) = values.first() else {
+        return String::new();
+    };
+    let mut end = first.len();
+    for v in &values[1..] {
+        end = end.min(
+            first
+                .char_indices()
+                .zip(v.chars())
+                .find(|((_, a), b)| a != b)
+                .map_or(end.min(v.len()), |((i, _), _)| i),
+        );
+    }
+    first[..end].to_string()
 }
 
 /// An object with no LastModified cannot be judged old and is kept.
@@ -177,6 +267,13 @@ pub(super) fn plan_versions(
     plan
 }
 
+/// Notes the LastModified of an object the sweep leaves in place.
+fn keep_oldest(step: &mut Step, modified: Option<DateTime<Utc>>) {
+    if let Some(t) = modified {
+        step.oldest_remaining = Some(step.oldest_remaining.map_or(t, |o| o.min(t)));
+    }
+}
+
 impl S3Backend {
     pub(super) async fn sweep(
         &self,
@@ -190,6 +287,7 @@ impl S3Backend {
             .as_ref()
             .map(|s| s.prefix.clone())
             .ok_or_else(|| Error::InvalidSpec("target has no s3 selector".into()))?;
+        let holds = Holds::of(job)?;
         let mut position = match cursor {
             Some(c) => Cursor::decode(c)?,
             None => Cursor {
@@ -198,20 +296,13 @@ impl S3Backend {
             },
         };
         let deadline = Instant::now() + budget.max_time;
-        let mut step = Step {
-            scanned: 0,
-            deleted: 0,
-            blocked: 0,
-            blocked_items: Vec::new(),
-            next: Next::Done,
-            failure: None,
-        };
+        let mut step = Step::default();
         loop {
             let page = if position.versions {
-                self.versions_page(job, &prefix, &position, &mut step, budget)
+                self.versions_page(job, &prefix, &position, &holds, &mut step, budget)
                     .await
             } else {
-                self.objects_page(job, &prefix, &position, &mut step, budget)
+                self.objects_page(job, &prefix, &position, &holds, &mut step, budget)
                     .await
             };
             match page {
@@ -238,19 +329,76 @@ impl S3Backend {
         job: &SweepJob,
         prefix: &str,
         position: &Cursor,
+        holds: &Holds,
         step: &mut Step,
         budget: &StepBudget,
     ) -> Result<Option<Cursor>, Error> {
         let (entries, next) = self.list_objects(prefix, position).await?;
         step.scanned += entries.len() as u64;
-        let doomed = entries
-            .iter()
-            .filter(|e| expired(e.last_modified, job.cutoff))
-            .map(|e| object_id(&e.key, None))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.delete_counted(doomed, job.dry_run, false, step, budget)
+        let mut doomed = Vec::new();
+        for e in &entries {
+            if holds.holds_key(&e.key) {
+                step.held += 1;
+                keep_oldest(step, e.last_modified);
+            } else if !expired(e.last_modified, job.cutoff) {
+                keep_oldest(step, e.last_modified);
+            } else if self.archive_held(holds, &e.key, None).await? {
+                step.held += 1;
+                keep_oldest(step, e.last_modified);
+            } else {
+                doomed.push(object_id(&e.key, None)?);
+            }
+        }
+        let refused = self
+            .delete_counted(doomed, job.dry_run, false, step, budget)
             .await?;
+        for r in &refused {
+            let modified = entries
+                .iter()
+                .find(|e| e.key == r.key)
+                .and_then(|e| e.last_modified);
+            keep_oldest(step, modified);
+        }
         Ok(next)
+    }
+
+    /// Whether an expired archive under the held records prefix holds a held subject's record
+    /// (or a line that is not JSON, which cannot be told apart: fail closed). Such an archive
+    /// is kept whole while the hold stands.
+    async fn archive_held(
+        &self,
+        holds: &Holds,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<bool, Error> {
+        let Some((prefix, matchers)) = &holds.records else {
+            return Ok(false);
+        };
+        if !key.starts_with(prefix.as_str()) {
+            return Ok(false);
+        }
+        for matcher in matchers {
+            let client = self.client().await?;
+            self.limits.acquire(1).await;
+            let object = client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(key)
+                .set_version_id(version_id.map(str::to_string))
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, "GetObject"))?;
+            let reader = tokio_util::io::SyncIoBridge::new(object.body.into_async_read());
+            let matcher = matcher.clone();
+            let counts = tokio::task::spawn_blocking(move || records::scan(reader, &matcher))
+                .await
+                .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
+                .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
+            if counts.matched > 0 || counts.malformed > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// One ListObjectsV2 page as entries (no version ids), each key checked against the prefix
@@ -307,10 +455,18 @@ impl S3Backend {
         job: &SweepJob,
         prefix: &str,
         position: &Cursor,
+        holds: &Holds,
         step: &mut Step,
         budget: &StepBudget,
     ) -> Result<Option<Cursor>, Error> {
-        let (entries, next) = self.list_versions(prefix, position).await?;
+        let (mut entries, next) = self.list_versions(prefix, position).await?;
+        // A held subject's keys are left out of the plan: none of their versions or markers
+        // is touched.
+        let listed = entries.len();
+        entries.retain(|e| !holds.holds_key(&e.key));
+        let held_out = (listed - entries.len()) as u64;
+        step.held += held_out;
+        step.scanned += held_out;
         let truncated = next.is_some();
         let resume_after = next.as_ref().and_then(|n| n.version_marker.clone());
         let mut plan = plan_versions(
@@ -321,6 +477,22 @@ impl S3Backend {
             resume_after.as_deref(),
         );
         step.scanned += plan.scanned;
+        if holds.records.is_some() {
+            let mut kept = Vec::new();
+            for (key, version) in std::mem::take(&mut plan.versions) {
+                if self.archive_held(holds, &key, Some(&version)).await? {
+                    step.held += 1;
+                    kept.push(key);
+                } else {
+                    plan.versions.push((key, version));
+                }
+            }
+            // A kept version keeps its key's delete markers, like a refused one.
+            plan.markers.retain(|(key, _)| !kept.contains(key));
+            if let Some(carry) = plan.carry.as_mut() {
+                carry.survivor |= kept.contains(&carry.key);
+            }
+        }
         let versions = version_ids(&plan.versions)?;
         let predict_locks = job.dry_run && self.object_lock_enabled().await;
         let refused = self
@@ -595,5 +767,16 @@ mod tests {
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         assert!(Cursor::decode("0:1234").is_err());
         assert!(Cursor::decode("s3:{").is_err());
+    }
+
+    #[test]
+    fn held_prefixes_of_several_subjects_share_their_common_start() {
+        assert_eq!(
+            common_prefix(&["logs/a/".into(), "logs/b/".into()]),
+            "logs/"
+        );
+        assert_eq!(common_prefix(&["logs/".into()]), "logs/");
+        assert_eq!(common_prefix(&[]), "");
+        assert_eq!(common_prefix(&["é/x".into(), "é/y".into()]), "é/");
     }
 }

@@ -23,6 +23,7 @@ use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase, ErasureTargetStatus,
+    RetainedCopiesStatus, SubjectSecretFate,
 };
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
@@ -46,29 +47,45 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         // Final: nothing runs again; an edit since is only reported.
         if previous.observed_generation != request.metadata.generation {
             let mut status = previous.clone();
-            status.conditions = plan::conditions(&request, &status, &[], true, now);
+            status.conditions = plan::conditions(&request, &status, &[], &[], true, now);
             if status != previous {
                 ctx.apply_status(&api, &request.name_any(), &status).await?;
             }
         }
         return Ok(Action::await_change());
     }
+    let started = previous.subject_digest.is_some();
+    if previous.phase == ErasurePhase::Failed && started {
+        // Final too: a request that ran and failed is not resumed; file a new one.
+        return Ok(Action::await_change());
+    }
     let mut status = previous.clone();
-    let started = status.subject_digest.is_some();
     // The spec a request started under is the one it finishes under.
     let spec_ignored = started && status.observed_generation != request.metadata.generation;
     if !started {
         status.observed_generation = request.metadata.generation;
     }
 
+    // 0. Validate (pure): inline identifiers are pseudonymous ones only.
+    if let Err(message) = plan::validate_subject(&request.spec.subject) {
+        status.phase = ErasurePhase::Failed;
+        let e = Error::InvalidSpec(message);
+        return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await;
+    }
+    if status.phase == ErasurePhase::Failed {
+        // Refused before it started, and fixed since: it starts now.
+        status.phase = ErasurePhase::Pending;
+    }
+
     // 1. The subject: identifiers (memory only) and their keyed digest.
-    let identifiers = match identifiers(&ctx, &request).await {
+    let (identifiers, secret_marked) = match identifiers(&ctx, &request).await {
         Ok(ids) => ids,
         Err(e) => return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await,
     };
-    let key = audit::load_or_create_key(&ctx.client, &ctx.settings.operator_namespace)
-        .await
-        .map_err(|e| Error::Digest(e.reason(), e.to_string()))?;
+    let key = match digest_key(&ctx).await {
+        Ok(key) => key,
+        Err(e) => return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await,
+    };
     let digest = subject_digest(&key, &identifiers);
     if status.subject_digest.as_ref().is_some_and(|d| *d != digest) {
         let e = Error::InvalidSpec(
@@ -85,11 +102,16 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     status.received_at = Some(received);
     status.deadline = Some(plan::deadline(received));
 
-    // 2. Holds: on the subject (the whole request) or on policies (their targets).
-    let (subject_holds, held_policies, hold_expiry) =
-        holds(&ctx, &namespace, &key, &identifiers, now).await?;
+    // 2. Holds: on the subject (the whole request) or on policies (their targets). A hold
+    // that cannot be evaluated blocks the whole request (fail closed).
+    let Holds {
+        subject: subject_holds,
+        policies: held_policies,
+        unverifiable,
+        expiry: hold_expiry,
+    } = holds(&ctx, &namespace, &key, &identifiers, now).await;
     if status.phase == ErasurePhase::Pending {
-        status.targets = scope(&ctx, &request).await?;
+        (status.targets, status.missing_policies) = scope(&ctx, &request).await?;
     }
     for t in &mut status.targets {
         let settled = matches!(
@@ -107,13 +129,8 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             t.cursor = None;
         }
     }
-    cancel_held_deletions(
-        &ctx,
-        &request,
-        &mut status.targets,
-        !subject_holds.is_empty(),
-    )
-    .await;
+    let whole_request_held = !subject_holds.is_empty() || !unverifiable.is_empty();
+    cancel_held_deletions(&ctx, &request, &mut status.targets, whole_request_held).await;
     let mut blocked_by = subject_holds.clone();
     blocked_by.extend(held_policy_names(&status.targets, &held_policies));
     blocked_by.sort();
@@ -121,19 +138,43 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
 
     // 3. One action per target for the current phase, then the phase that follows.
     let mut poll_after = None;
-    if !subject_holds.is_empty() {
+    if whole_request_held {
         status.phase = ErasurePhase::Blocked;
     } else {
+        if status.phase == ErasurePhase::CompletedWithExceptions
+            && plan::retained_due(&status.targets, now)
+        {
+            // A lock may have lapsed: verify again; what is no longer locked is erased.
+            status.phase = ErasurePhase::Verifying;
+        }
         status.phase = plan::resume_phase(status.phase, &status.targets);
         if status.phase != ErasurePhase::Blocked {
             poll_after = run_actions(&ctx, &request, &identifiers, &mut status).await;
-            status.phase = plan::next_phase(status.phase, &status.targets, request.spec.dry_run);
+            status.phase = plan::next_phase(
+                status.phase,
+                &status.targets,
+                &status.missing_policies,
+                request.spec.dry_run,
+            );
         }
     }
     status.totals = Some(plan::totals(&status.targets));
     let completed = status.phase == ErasurePhase::Completed;
-    if completed {
+    let with_exceptions = status.phase == ErasurePhase::CompletedWithExceptions
+        && previous.phase != ErasurePhase::CompletedWithExceptions;
+    if completed || with_exceptions {
         status.completion_time = Some(Timestamp::now());
+        status.subject_secret = request.spec.subject.secret_ref.as_ref().map(|_| {
+            if with_exceptions {
+                SubjectSecretFate::KeptForRetainedCopies
+            } else {
+                plan::secret_fate(
+                    request.spec.dry_run,
+                    request.spec.retain_subject_secret,
+                    secret_marked,
+                )
+            }
+        });
         status.receipt = Some(audit::receipt::emit(&audit::receipt::erasure_record(
             &request, &status,
         )));
@@ -142,6 +183,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         &request,
         &status,
         &blocked_by,
+        &unverifiable,
         spec_ignored,
         Timestamp::now(),
     );
@@ -151,7 +193,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         ctx.apply_status(&api, &request.name_any(), &status).await?;
     }
     report(&ctx, &request, &previous, &status).await;
-    if completed && !request.spec.dry_run && !request.spec.retain_subject_secret {
+    if completed && status.subject_secret == Some(SubjectSecretFate::Deleted) {
         if let Some(secret) = &request.spec.subject.secret_ref {
             delete_secret(&ctx, &namespace, &secret.name).await;
         }
@@ -166,6 +208,15 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     Ok(match status.phase {
         ErasurePhase::Completed | ErasurePhase::Failed => Action::await_change(),
         _ if ctx.shutdown.is_cancelled() => Action::await_change(),
+        // Secrets are not watched: look again with backoff until the hold can be evaluated.
+        ErasurePhase::Blocked if !unverifiable.is_empty() => Action::requeue(ctx.backoff(&key)),
+        // Copies retained under a declared ground: look again when the earliest lock lapses
+        // (legal holds have no date: once a day).
+        ErasurePhase::CompletedWithExceptions => {
+            ctx.reset_failures(&key);
+            let wake = plan::retained_wake(&status.targets, now).map(|t| until(t, now));
+            Action::requeue(wake.unwrap_or(Duration::from_secs(86_400)) + Duration::from_secs(1))
+        }
         ErasurePhase::Blocked => {
             let until_deadline = status.deadline.map(|d| until(d, now));
             let wake = [hold_expiry.map(|e| until(e, now)), until_deadline]
@@ -188,75 +239,168 @@ fn until(t: Timestamp, now: Timestamp) -> Duration {
     (t.0 - now.0).to_std().unwrap_or(Duration::ZERO)
 }
 
-/// The subject's identifiers: each key of the Secret, then the inline (pseudonymous) ones.
+/// The subject's identifiers: each key of the Secret, then the inline (pseudonymous) ones;
+/// and whether the Secret is labelled as identifiers (which lets the operator delete it).
 async fn identifiers(
     ctx: &Context,
     request: &ErasureRequest,
-) -> Result<BTreeMap<String, String>, Error> {
+) -> Result<(BTreeMap<String, String>, bool), Error> {
     let mut ids = BTreeMap::new();
+    let mut marked = false;
     if let Some(secret) = &request.spec.subject.secret_ref {
-        ids.extend(
-            secret_identifiers(ctx, &request.namespace().unwrap_or_default(), &secret.name).await?,
-        );
+        let (from_secret, is_marked) =
+            secret_identifiers(ctx, &request.namespace().unwrap_or_default(), &secret.name).await?;
+        ids.extend(from_secret);
+        marked = is_marked;
     }
     ids.extend(request.spec.subject.identifiers.clone().unwrap_or_default());
     ids.retain(|_, v| !v.trim().is_empty());
     if ids.is_empty() {
         return Err(Error::InvalidSpec("the subject has no identifiers".into()));
     }
-    Ok(ids)
+    Ok((ids, marked))
 }
 
+/// The identifiers in a Secret, and whether it is labelled as identifiers.
 async fn secret_identifiers(
     ctx: &Context,
     namespace: &str,
     name: &str,
-) -> Result<BTreeMap<String, String>, Error> {
+) -> Result<(BTreeMap<String, String>, bool), Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let secret = secrets
         .get_opt(name)
         .await
         .map_err(Error::Kube)?
         .ok_or_else(|| Error::SecretNotFound(name.into()))?;
+    let marked = plan::is_marked(secret.metadata.labels.as_ref());
     let mut ids = BTreeMap::new();
     for (k, v) in secret.data.unwrap_or_default() {
-        let value = String::from_utf8(v.0).map_err(|_| Error::SecretKeyMissing {
+        let value = String::from_utf8(v.0).map_err(|_| Error::SecretValueNotText {
             secret: name.into(),
             key: k.clone(),
         })?;
         ids.insert(k, value);
     }
     ids.extend(secret.string_data.unwrap_or_default());
-    Ok(ids)
+    Ok((ids, marked))
 }
 
-/// The holds in force in the namespace: names of those holding this subject, the policies
-/// held, and the earliest expiry among them.
+/// The digest key. Created only on first use: if its Secret is gone while LegalHolds or
+/// requests carry digests made with it, a new key would silently make them unmatchable (a
+/// held subject erased), so the request waits and says to restore the Secret.
+async fn digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
+    let namespace = &ctx.settings.operator_namespace;
+    match audit::load_key(&ctx.client, namespace).await {
+        Ok(key) => return Ok(key),
+        Err(audit::Error::NotFound { .. }) => {}
+        Err(e) => return Err(Error::Digest(e.reason(), e.to_string())),
+    }
+    let users = digest_users(ctx).await.map_err(Error::Kube)?;
+    if !users.is_empty() {
+        let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+        let more = users.len().saturating_sub(shown.len());
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        return Err(Error::Digest(
+            "DigestKeyLost",
+            format!(
+                "Secret {namespace}/{} is missing while {}{more} carry digests made with it; \
+                 restore the Secret from its backup (a new key would make those digests \
+                 unmatchable, so none is created and nothing is erased until then)",
+                audit::DIGEST_KEY_SECRET,
+                shown.join(", ")
+            ),
+        ));
+    }
+    audit::load_or_create_key(&ctx.client, namespace)
+        .await
+        .map_err(|e| Error::Digest(e.reason(), e.to_string()))
+}
+
+/// The LegalHolds and ErasureRequests the operator watches that carry a subject digest.
+async fn digest_users(ctx: &Context) -> Result<Vec<String>, kube::Error> {
+    let lp = ListParams::default();
+    let (holds, requests): (Api<LegalHold>, Api<ErasureRequest>) =
+        match &ctx.settings.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(ctx.client.clone(), ns),
+                Api::namespaced(ctx.client.clone(), ns),
+            ),
+            None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+        };
+    let mut users = Vec::new();
+    for h in holds.list(&lp).await?.items {
+        let digests = h.spec.subjects.iter().flatten().any(|s| s.digest.is_some());
+        if digests {
+            users.push(format!("LegalHold {}", object_key(&h)));
+        }
+    }
+    for r in requests.list(&lp).await?.items {
+        if r.status
+            .as_ref()
+            .is_some_and(|s| s.subject_digest.is_some())
+        {
+            users.push(format!("ErasureRequest {}", object_key(&r)));
+        }
+    }
+    Ok(users)
+}
+
+/// The holds in force in a namespace, as they bear on one subject.
+struct Holds {
+    /// Holds naming this subject: the whole request waits.
+    subject: Vec<String>,
+    /// Held policy → the hold holding it.
+    policies: BTreeMap<String, String>,
+    /// Holds that could not be evaluated, each with why: the whole request waits.
+    unverifiable: Vec<String>,
+    /// The earliest expiry among the holds that bear on the request.
+    expiry: Option<Timestamp>,
+}
+
+/// The holds in force in the namespace: those holding this subject, the policies held, the
+/// holds that cannot be evaluated (a Secret missing or unreadable, the API failing), and the
+/// earliest expiry. Fails closed: a hold that cannot be evaluated is never "not matching".
 async fn holds(
     ctx: &Context,
     namespace: &str,
     key: &audit::DigestKey,
     identifiers: &BTreeMap<String, String>,
     now: Timestamp,
-) -> Result<(Vec<String>, BTreeMap<String, String>, Option<Timestamp>), Error> {
+) -> Holds {
     let api: Api<LegalHold> = Api::namespaced(ctx.client.clone(), namespace);
     let ours: BTreeSet<String> = identifier_digests(key, identifiers);
     let whole = subject_digest(key, identifiers);
-    let mut subject_holds = Vec::new();
-    let mut held_policies = BTreeMap::new();
-    let mut expiry: Option<Timestamp> = None;
-    for hold in api
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::Kube)?
-        .items
-    {
+    let mut found = Holds {
+        subject: Vec::new(),
+        policies: BTreeMap::new(),
+        unverifiable: Vec::new(),
+        expiry: None,
+    };
+    let list = match api.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            let e = Error::Kube(e);
+            warn!(reason = e.reason(), error = %e, "cannot list LegalHolds");
+            found.unverifiable.push(format!(
+                "the LegalHolds of the namespace cannot be listed ({})",
+                e.reason()
+            ));
+            return found;
+        }
+    };
+    for hold in list {
         if !super::legalhold::is_active(&hold, now) {
             continue;
         }
+        let name = hold.name_any();
         let mut relevant = false;
         for policy in hold.spec.policies.clone().unwrap_or_default() {
-            held_policies.insert(policy, hold.name_any());
+            found.policies.insert(policy, name.clone());
             relevant = true;
         }
         for held in hold.spec.subjects.clone().unwrap_or_default() {
@@ -264,27 +408,48 @@ async fn holds(
                 (Some(d), _) => ours.contains(d) || *d == whole,
                 (None, Some(secret)) => {
                     match secret_identifiers(ctx, namespace, &secret.name).await {
-                        Ok(theirs) => !identifier_digests(key, &theirs).is_disjoint(&ours),
+                        Ok((mut theirs, _)) => {
+                            theirs.retain(|_, v| !v.trim().is_empty());
+                            if theirs.is_empty() {
+                                found.unverifiable.push(format!(
+                                    "LegalHold {name}: its Secret {} holds no identifier",
+                                    secret.name
+                                ));
+                                relevant = true;
+                                continue;
+                            }
+                            !identifier_digests(key, &theirs).is_disjoint(&ours)
+                        }
                         Err(e) => {
-                            warn!(hold = %hold.name_any(), reason = e.reason(), "cannot read a held subject's Secret");
-                            false
+                            warn!(hold = %name, reason = e.reason(), "cannot read a held subject's Secret");
+                            found.unverifiable.push(format!("LegalHold {name}: {e}"));
+                            relevant = true;
+                            continue;
                         }
                     }
                 }
-                (None, None) => false,
+                (None, None) => {
+                    found.unverifiable.push(format!(
+                        "LegalHold {name}: a held subject has neither digest nor secretRef"
+                    ));
+                    relevant = true;
+                    continue;
+                }
             };
             if matches {
-                subject_holds.push(hold.name_any());
+                found.subject.push(name.clone());
                 relevant = true;
             }
         }
         if relevant {
             if let Some(e) = hold.spec.expires_at {
-                expiry = Some(expiry.map_or(e, |x| x.min(e)));
+                found.expiry = Some(found.expiry.map_or(e, |x| x.min(e)));
             }
         }
     }
-    Ok((subject_holds, held_policies, expiry))
+    found.unverifiable.sort();
+    found.unverifiable.dedup();
+    found
 }
 
 fn held_policy_names(
@@ -299,11 +464,15 @@ fn held_policy_names(
 }
 
 /// The targets in scope: the named policies, or every policy in the namespace, keeping the
-/// targets that have a subject locator.
-async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<Vec<ErasureTargetStatus>, Error> {
+/// targets that have a subject locator; and the named policies that do not exist.
+async fn scope(
+    ctx: &Context,
+    request: &ErasureRequest,
+) -> Result<(Vec<ErasureTargetStatus>, Vec<String>), Error> {
     let namespace = request.namespace().unwrap_or_default();
     let api: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut targets = Vec::new();
+    let mut missing = Vec::new();
     let policies: Vec<(String, Option<RetentionPolicy>)> = match &request.spec.policies {
         Some(names) => {
             let mut found = Vec::new();
@@ -323,12 +492,7 @@ async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<Vec<ErasureTar
     };
     for (name, policy) in policies {
         let Some(policy) = policy else {
-            targets.push(ErasureTargetStatus {
-                policy: name.clone(),
-                phase: ErasureTargetPhase::Failed,
-                message: format!("StoreNotFound: RetentionPolicy {name} not found"),
-                ..Default::default()
-            });
+            missing.push(name);
             continue;
         };
         // A target of an invalid policy (see the policy's Ready condition) never runs.
@@ -361,7 +525,7 @@ async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<Vec<ErasureTar
             });
         }
     }
-    Ok(targets)
+    Ok((targets, missing))
 }
 
 /// Runs the current phase's action on every target that needs it, concurrently. Returns how
@@ -410,6 +574,9 @@ async fn run_actions(
             (action, &result, kind)
         {
             ctx.metrics.erased(kind, *count);
+        }
+        if let Some(kind) = kind {
+            status.targets[i].store_kind = Some(kind.to_string());
         }
         plan::apply(&mut status.targets[i], action, result);
     }
@@ -500,34 +667,91 @@ async fn run_action(
         identifiers: identifiers.clone(),
         action,
     };
+    // The boundary where a store's errors on a subject path become target status: reduced
+    // to their kind, as they may echo the identifier.
+    let store_failed = |e: crate::backends::Error| {
+        let (reason, message) = plan::redact(&e);
+        (
+            ActionResult::Failed { reason, message },
+            Some(kind.as_str()),
+            None,
+        )
+    };
     match ctx
         .engine
         .subject_step(&store_key, backend.as_ref(), &job, cursor)
         .await
     {
         Ok(step) => match (step.failure, step.next) {
-            (Some(e), _) => failed(e.into()),
-            (None, Next::Wait { cursor, poll_after }) => {
-                (ActionResult::InProgress { cursor }, None, Some(poll_after))
-            }
+            (Some(e), _) => store_failed(e),
+            (None, Next::Wait { cursor, poll_after }) => (
+                ActionResult::InProgress { cursor },
+                Some(kind.as_str()),
+                Some(poll_after),
+            ),
             (None, Next::Continue(cursor)) => (
                 ActionResult::InProgress { cursor },
-                None,
+                Some(kind.as_str()),
                 Some(Duration::ZERO),
             ),
-            (None, Next::Done) => (
-                ActionResult::Done {
-                    count: step.count,
-                    ran: step.ran,
-                    skipped: step.skipped,
-                    blocked: step.blocked,
-                    malformed: step.malformed,
-                },
-                Some(kind.as_str()),
-                None,
-            ),
+            (None, Next::Done) => {
+                let ground = target
+                    .subject
+                    .as_ref()
+                    .and_then(|s| s.s3.as_ref())
+                    .and_then(|s| s.retained_copies.as_ref());
+                let mut blocked = step.blocked;
+                if let (Some(ground), SubjectAction::Erase) = (ground, action) {
+                    if blocked > 0 {
+                        // Declared as kept by law: verification tells what is left, and
+                        // whether all of it is locked.
+                        info!(target = %target.name, blocked, ground = ground.ground.article(), "object versions under Object Lock are retained under a declared ground");
+                        blocked = 0;
+                    }
+                }
+                if let (Some(ground), SubjectAction::Verify, true) =
+                    (ground, action, step.count > 0)
+                {
+                    match backend.locked_copies(&job).await {
+                        Ok(locked) if locked.count >= step.count => {
+                            return (
+                                ActionResult::Retained {
+                                    remaining: step.count,
+                                    retained: RetainedCopiesStatus {
+                                        count: locked.count,
+                                        ground: ground.ground,
+                                        description: ground.description.clone(),
+                                        earliest_retain_until: locked
+                                            .earliest_until
+                                            .map(Timestamp::truncate),
+                                        latest_retain_until: locked
+                                            .latest_until
+                                            .map(Timestamp::truncate),
+                                        legal_holds: locked.legal_holds,
+                                    },
+                                },
+                                Some(kind.as_str()),
+                                None,
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => return store_failed(e),
+                    }
+                }
+                (
+                    ActionResult::Done {
+                        count: step.count,
+                        ran: step.ran,
+                        skipped: step.skipped,
+                        blocked,
+                        malformed: step.malformed,
+                    },
+                    Some(kind.as_str()),
+                    None,
+                )
+            }
         },
-        Err(e) => failed(e.into()),
+        Err(e) => store_failed(e),
     }
 }
 
@@ -586,7 +810,7 @@ async fn wait_on_error(
     spec_ignored: bool,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
-    status.conditions = plan::conditions(request, &status, &[], spec_ignored, now);
+    status.conditions = plan::conditions(request, &status, &[], &[], spec_ignored, now);
     if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == "Complete") {
         if c.reason != error.reason() {
             c.last_transition_time = now;
@@ -594,8 +818,18 @@ async fn wait_on_error(
         c.reason = error.reason().to_string();
         c.message = error.to_string();
     }
+    let before = request
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, "Complete"))
+        .map(|c| c.reason.clone());
     if request.status.as_ref() != Some(&status) {
         ctx.apply_status(api, &request.name_any(), &status).await?;
+    }
+    if before.as_deref() != Some(error.reason()) {
+        let note = error.to_string();
+        ctx.publish(request, EventType::Warning, error.reason(), "Erase", note)
+            .await;
     }
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     Ok(
@@ -655,6 +889,47 @@ async fn report(
                     note,
                 )
                 .await;
+                if status.subject_secret == Some(SubjectSecretFate::KeptUnmarked) {
+                    let name = request
+                        .spec
+                        .subject
+                        .secret_ref
+                        .as_ref()
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default();
+                    let note = format!(
+                        "Kept Secret {name}: it is not labelled {}=true, so the operator does not delete it",
+                        crate::api::erasurerequest::SUBJECT_IDENTIFIERS_LABEL
+                    );
+                    ctx.publish(
+                        request,
+                        EventType::Normal,
+                        "SubjectSecretKept",
+                        "Erase",
+                        note,
+                    )
+                    .await;
+                }
+            }
+            ErasurePhase::CompletedWithExceptions => {
+                let note = find_condition(&status.conditions, "Complete")
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                ctx.publish(
+                    request,
+                    EventType::Normal,
+                    "ErasureCompletedWithExceptions",
+                    "Erase",
+                    note,
+                )
+                .await;
+            }
+            ErasurePhase::Failed => {
+                let note = find_condition(&status.conditions, "Complete")
+                    .map(|c| format!("{}: {}", c.reason, c.message))
+                    .unwrap_or_default();
+                ctx.publish(request, EventType::Warning, "ErasureFailed", "Erase", note)
+                    .await;
             }
             ErasurePhase::Blocked => {
                 let note = find_condition(&status.conditions, "Blocked")

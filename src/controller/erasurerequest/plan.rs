@@ -4,13 +4,136 @@
 use chrono::Months;
 
 use crate::api::common::{merge_conditions, Condition, DesiredCondition};
+use std::collections::BTreeMap;
+
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase as T,
-    ErasureTargetStatus, ErasureTotals,
+    ErasureTargetStatus, ErasureTotals, RetainedCopiesStatus, Subject, SubjectSecretFate,
+    SUBJECT_IDENTIFIERS_LABEL,
 };
 use crate::api::retentionpolicy::SubjectLocator;
 use crate::api::{StoreKind, Timestamp};
-use crate::backends::SubjectAction;
+use crate::backends::{self, SubjectAction};
+
+/// Inline identifiers stay in etcd with the request (and in its backups) for as long as it
+/// exists, so only pseudonymous ones may be given there: no e-mail address (a value with
+/// `@`, or a type named like `email`). The message never contains the value.
+pub fn validate_subject(subject: &Subject) -> Result<(), String> {
+    for (id_type, value) in subject.identifiers.iter().flatten() {
+        let lower = id_type.to_ascii_lowercase();
+        let email_type = lower.contains("email") || lower.contains("e-mail") || lower == "mail";
+        if email_type || value.contains('@') {
+            return Err(format!(
+                "spec.subject.identifiers.{id_type}: e-mail addresses may not be given inline \
+                 (the value would stay in etcd with the request); put it in a Secret labelled \
+                 {SUBJECT_IDENTIFIERS_LABEL}=true and name it in spec.subject.secretRef. Inline \
+                 identifiers are for pseudonymous ids only"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a request has nothing it could erase, or must not erase anything, if so (pure): no
+/// target in scope (no policy with a subject locator, `policies: []`, or none of the named
+/// policies exists); a named policy missing (the request would complete without it); or
+/// every target skipped because no locator could run with the subject's identifier types.
+/// Such a request ends `Failed`: nothing ran, so nothing may be reported erased.
+pub fn nothing_in_scope(
+    targets: &[ErasureTargetStatus],
+    missing: &[String],
+) -> Option<(&'static str, String)> {
+    if targets.is_empty() && missing.is_empty() {
+        return Some((
+            "NothingInScope",
+            "no RetentionPolicy in scope has a subject locator: nothing can be erased (name \
+             policies with subject locators in spec.policies)"
+                .into(),
+        ));
+    }
+    if targets.is_empty() {
+        return Some((
+            "NothingInScope",
+            format!(
+                "none of the named RetentionPolicies exists ({}): nothing can be erased",
+                missing.join(", ")
+            ),
+        ));
+    }
+    if !missing.is_empty() {
+        return Some((
+            "PolicyNotFound",
+            format!(
+                "the named RetentionPolicies {} do not exist: nothing is erased, so that the \
+                 request cannot complete without them (file a new request)",
+                missing.join(", ")
+            ),
+        ));
+    }
+    if targets.iter().all(|t| t.phase == T::Skipped) {
+        let why: Vec<String> = targets
+            .iter()
+            .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
+            .collect();
+        return Some((
+            "NoApplicableLocator",
+            format!(
+                "no subject locator in scope can run with the identifier types the subject \
+                 has, so nothing was erased; add the identifier types they need: {}",
+                why.join("; ")
+            ),
+        ));
+    }
+    None
+}
+
+/// What becomes of the identifiers Secret of a completed request (pure): deleted only when
+/// it is labelled as identifiers and a real erasure ran.
+pub fn secret_fate(dry_run: bool, retain: bool, marked: bool) -> SubjectSecretFate {
+    if dry_run {
+        SubjectSecretFate::KeptDryRun
+    } else if retain {
+        SubjectSecretFate::KeptOnRequest
+    } else if !marked {
+        SubjectSecretFate::KeptUnmarked
+    } else {
+        SubjectSecretFate::Deleted
+    }
+}
+
+/// Whether a Secret's labels mark it as a subject's identifiers.
+pub fn is_marked(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(SUBJECT_IDENTIFIERS_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+/// A store's error on a subject path reduced to its kind: stores echo command arguments in
+/// some errors (Redis does), and those arguments are the subject's identifiers, so only the
+/// reason and a fixed message reach status, events and logs. `InvalidSpec` messages are the
+/// operator's own, written from the policy (never from an identifier), and are kept.
+pub fn redact(e: &backends::Error) -> (&'static str, String) {
+    use backends::Error as E;
+    let fixed = match e {
+        // The operator's own words, built from the policy and never from a value: what to fix.
+        E::InvalidSpec(m)
+        | E::IdentifierNotDistinctive(m)
+        | E::UnparsedCopiesRemain(m)
+        | E::DeletionModeFilterOnly(m) => return (e.reason(), m.clone()),
+        E::Unreachable(_) => "cannot reach the store",
+        E::AuthenticationFailed(_) => "the store refused the credentials",
+        E::BucketNotFound(_) => "the bucket does not exist",
+        E::Store(_) => "the store failed a command",
+        E::LeadershipLost => return (e.reason(), e.to_string()),
+    };
+    (
+        e.reason(),
+        format!(
+            "{fixed} (the store's own message is withheld on erasure paths: it may echo the \
+             identifier; the DataStore's status shows connection problems)"
+        ),
+    )
+}
 
 /// Art. 12(3): one calendar month after receipt (the last day of the next month when it has
 /// no such date, e.g. 31 January → 28/29 February).
@@ -33,7 +156,9 @@ pub fn action_for(
     match (phase, target.phase) {
         (ErasurePhase::Discovering, T::Pending | T::Failed) => Some(SubjectAction::Find),
         (ErasurePhase::Erasing, T::Found | T::Failed) if !dry_run => Some(SubjectAction::Erase),
-        (ErasurePhase::Verifying, T::Erased | T::NothingFound | T::Failed) if !dry_run => {
+        (ErasurePhase::Verifying, T::Erased | T::NothingFound | T::Retained | T::Failed)
+            if !dry_run =>
+        {
             Some(SubjectAction::Verify)
         }
         _ => None,
@@ -59,6 +184,12 @@ pub enum ActionResult {
     },
     /// The store is still working (a deletion it runs by itself): resume from `cursor`.
     InProgress { cursor: String },
+    /// Verification found `remaining` copies, all of them under a store lock kept under the
+    /// target's declared Art. 17(3) ground.
+    Retained {
+        remaining: u64,
+        retained: RetainedCopiesStatus,
+    },
 }
 
 /// Folds an action's result into the target. A failed action keeps its cursor, so a retry
@@ -77,6 +208,16 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
         ActionResult::Failed { reason, message } => {
             target.phase = T::Failed;
             target.message = format!("{reason}: {message}");
+        }
+        ActionResult::Retained {
+            remaining,
+            retained,
+        } => {
+            target.cursor = None;
+            target.phase = T::Retained;
+            target.remaining = remaining;
+            target.message = retained_message(&retained);
+            target.retained = Some(retained);
         }
         ActionResult::Done {
             count,
@@ -102,7 +243,7 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
                 target.erased += count;
                 target.phase = T::Failed;
                 target.message = format!(
-                    "ObjectLocked: {blocked} object versions are protected by Object Lock (retention or legal hold) and were not erased; retrying until the lock lapses"
+                    "ObjectLocked: {blocked} object versions are protected by Object Lock (retention or legal hold) and were not erased; retrying until the lock lapses. No Art. 17(3) ground is declared for locked copies (subject.s3.retainedCopies), so the request stays open"
                 );
                 return;
             }
@@ -118,6 +259,7 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
                 }
                 SubjectAction::Verify => {
                     target.remaining = count;
+                    target.retained = None;
                     target.phase = match (count, target.found) {
                         (0, 0) => T::NothingFound,
                         (0, _) => T::Verified,
@@ -163,6 +305,7 @@ pub fn resume_phase(phase: ErasurePhase, targets: &[ErasureTargetStatus]) -> Era
 pub fn next_phase(
     phase: ErasurePhase,
     targets: &[ErasureTargetStatus],
+    missing: &[String],
     dry_run: bool,
 ) -> ErasurePhase {
     let any = |p: T| targets.iter().any(|t| t.phase == p);
@@ -174,19 +317,29 @@ pub fn next_phase(
     let finish = || {
         if any(T::Blocked) {
             ErasurePhase::Blocked
+        } else if any(T::Retained) {
+            ErasurePhase::CompletedWithExceptions
         } else {
             ErasurePhase::Completed
         }
     };
     match phase {
         ErasurePhase::Pending => ErasurePhase::Discovering,
-        ErasurePhase::Discovering if any(T::Pending) || any(T::Failed) => ErasurePhase::Discovering,
+        ErasurePhase::Discovering if nothing_in_scope(targets, missing).is_some() => {
+            ErasurePhase::Failed
+        }
+        ErasurePhase::Discovering if any(T::Pending) => ErasurePhase::Discovering,
+        ErasurePhase::Discovering if any(T::Failed) => ErasurePhase::Discovering,
         ErasurePhase::Discovering if dry_run => finish(),
         ErasurePhase::Discovering => ErasurePhase::Erasing,
         ErasurePhase::Erasing if any(T::Found) || any(T::Failed) => ErasurePhase::Erasing,
         ErasurePhase::Erasing => ErasurePhase::Verifying,
         ErasurePhase::Verifying if any(T::Found) => ErasurePhase::Erasing,
-        ErasurePhase::Verifying if settled(&[T::Verified, T::NothingFound, T::Skipped]) => finish(),
+        ErasurePhase::Verifying
+            if settled(&[T::Verified, T::NothingFound, T::Skipped, T::Retained]) =>
+        {
+            finish()
+        }
         ErasurePhase::Verifying => ErasurePhase::Verifying,
         other => other,
     }
@@ -208,7 +361,7 @@ pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::E
     let week = chrono::Duration::days(7);
     let open_deadlines: Vec<Timestamp> = requests
         .iter()
-        .filter(|r| phase_of(r) != Completed)
+        .filter(|r| !matches!(phase_of(r), Completed | CompletedWithExceptions))
         .filter_map(|r| r.status.as_ref().and_then(|s| s.deadline))
         .collect();
     crate::metrics::ErasureCounts {
@@ -230,35 +383,54 @@ pub fn totals(targets: &[ErasureTargetStatus]) -> ErasureTotals {
             .filter(|t| t.phase == T::Blocked)
             .map(|t| t.found.max(1))
             .sum(),
+        retained: targets
+            .iter()
+            .filter_map(|t| t.retained.as_ref())
+            .map(|r| r.count)
+            .sum(),
     }
 }
 
 /// Complete, Overdue and Blocked (pure). `blocked_by` names the holds blocking the request;
+/// `unverifiable` says which holds could not be evaluated (each blocks the whole request);
 /// `spec_ignored` is set when the spec was edited after the request started.
 pub fn conditions(
     request: &ErasureRequest,
     status: &ErasureRequestStatus,
     blocked_by: &[String],
+    unverifiable: &[String],
     spec_ignored: bool,
     now: Timestamp,
 ) -> Vec<Condition> {
     let dry_run = request.spec.dry_run;
+    let secret_note = secret_note(request, status);
     let complete = match status.phase {
         ErasurePhase::Completed if dry_run => DesiredCondition::new(
             "Complete",
             true,
             "DryRun",
-            "dry run: found and counted, nothing erased",
+            format!("dry run: found and counted, nothing erased{secret_note}"),
         ),
         ErasurePhase::Completed => DesiredCondition::new(
             "Complete",
             true,
             "Verified",
-            "erased, and verification found nothing left",
+            format!("erased, and verification found nothing left{secret_note}"),
         ),
-        ErasurePhase::Failed => {
-            DesiredCondition::new("Complete", false, "Failed", failed_message(status))
-        }
+        ErasurePhase::CompletedWithExceptions => DesiredCondition::new(
+            "Complete",
+            true,
+            "CompletedWithExceptions",
+            format!(
+                "erased and verified, except copies kept under a declared Art. 17(3) ground: {}; \
+                 the erasure is re-applied when their locks lapse{secret_note}",
+                retained_summary(status)
+            ),
+        ),
+        ErasurePhase::Failed => match nothing_in_scope(&status.targets, &status.missing_policies) {
+            Some((reason, message)) => DesiredCondition::new("Complete", false, reason, message),
+            None => DesiredCondition::new("Complete", false, "Failed", failed_message(status)),
+        },
         phase => {
             let what = match phase {
                 ErasurePhase::Erasing => "erasing the subject's data",
@@ -277,14 +449,12 @@ pub fn conditions(
         }
     };
     let overdue = match status.deadline {
-        Some(deadline) if status.phase != ErasurePhase::Completed && now >= deadline => {
-            DesiredCondition::new(
-                "Overdue",
-                true,
-                "PastDeadline",
-                format!("the deadline {deadline} has passed (Art. 12(3))"),
-            )
-        }
+        Some(deadline) if !settled_phase(status.phase) && now >= deadline => DesiredCondition::new(
+            "Overdue",
+            true,
+            "PastDeadline",
+            format!("the deadline {deadline} has passed (Art. 12(3))"),
+        ),
         Some(deadline) => DesiredCondition::new(
             "Overdue",
             false,
@@ -293,7 +463,17 @@ pub fn conditions(
         ),
         None => DesiredCondition::unknown("Overdue", "NoDeadline", "not received yet"),
     };
-    let blocked = if blocked_by.is_empty() {
+    let blocked = if !unverifiable.is_empty() {
+        DesiredCondition::new(
+            "Blocked",
+            true,
+            "HoldUnverifiable",
+            format!(
+                "a LegalHold cannot be evaluated, so nothing is erased until it can: {}",
+                unverifiable.join("; ")
+            ),
+        )
+    } else if blocked_by.is_empty() {
         DesiredCondition::new(
             "Blocked",
             false,
@@ -323,6 +503,86 @@ pub fn conditions(
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
     merge_conditions(existing, desired, status.observed_generation, now)
+}
+
+/// What became of the identifiers Secret, for the Complete condition's message.
+fn secret_note(request: &ErasureRequest, status: &ErasureRequestStatus) -> String {
+    let Some(secret) = &request.spec.subject.secret_ref else {
+        return String::new();
+    };
+    let name = &secret.name;
+    match status.subject_secret {
+        Some(SubjectSecretFate::Deleted) => format!("; the identifiers Secret {name} is deleted"),
+        Some(SubjectSecretFate::KeptUnmarked) => format!(
+            "; the Secret {name} was kept: it is not labelled {SUBJECT_IDENTIFIERS_LABEL}=true, \
+             so the operator does not delete it (delete it yourself if it only held the \
+             identifiers)"
+        ),
+        Some(SubjectSecretFate::KeptOnRequest) => {
+            format!("; the Secret {name} was kept (retainSubjectSecret)")
+        }
+        Some(SubjectSecretFate::KeptForRetainedCopies) => format!(
+            "; the identifiers Secret {name} is kept until the retained copies are erased too"
+        ),
+        Some(SubjectSecretFate::KeptDryRun) | None => String::new(),
+    }
+}
+
+/// Phases that answer the request within its deadline: `Overdue` never fires for them.
+pub fn settled_phase(phase: ErasurePhase) -> bool {
+    matches!(
+        phase,
+        ErasurePhase::Completed | ErasurePhase::CompletedWithExceptions
+    )
+}
+
+/// Whether retained copies are due for another look at `now`: the earliest retain-until
+/// date has passed, or some are kept by a legal hold only (no date: looked at on each wake).
+pub fn retained_due(targets: &[ErasureTargetStatus], now: Timestamp) -> bool {
+    targets
+        .iter()
+        .filter_map(|t| t.retained.as_ref())
+        .any(|r| r.earliest_retain_until.is_none_or(|e| e <= now))
+}
+
+/// When to look at retained copies again: the earliest retain-until date still ahead.
+pub fn retained_wake(targets: &[ErasureTargetStatus], now: Timestamp) -> Option<Timestamp> {
+    targets
+        .iter()
+        .filter_map(|t| t.retained.as_ref())
+        .filter_map(|r| r.earliest_retain_until)
+        .filter(|e| *e > now)
+        .min()
+}
+
+fn retained_message(r: &RetainedCopiesStatus) -> String {
+    let mut until = Vec::new();
+    if let (Some(e), Some(l)) = (r.earliest_retain_until, r.latest_retain_until) {
+        until.push(format!("retained until {e} (earliest) to {l} (latest)"));
+    }
+    if r.legal_holds > 0 {
+        until.push(format!(
+            "{} under an Object Lock legal hold (until it is removed)",
+            r.legal_holds
+        ));
+    }
+    format!(
+        "{} copies kept under Object Lock, retained under {} ({}): {}; the erasure is re-applied when the locks lapse",
+        r.count,
+        r.ground.article(),
+        r.description,
+        until.join("; ")
+    )
+}
+
+fn retained_summary(status: &ErasureRequestStatus) -> String {
+    status
+        .targets
+        .iter()
+        .filter(|t| t.retained.is_some())
+        .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn failed_message(status: &ErasureRequestStatus) -> String {
@@ -367,7 +627,7 @@ mod tests {
         apply(&mut t, SubjectAction::Erase, step("loki:abc"));
         assert_eq!((t.phase, t.cursor.as_deref()), (T::Found, Some("loki:abc")));
         assert_eq!(
-            next_phase(ErasurePhase::Erasing, std::slice::from_ref(&t), false),
+            next_phase(ErasurePhase::Erasing, std::slice::from_ref(&t), &[], false),
             ErasurePhase::Erasing
         );
         assert_eq!(
@@ -422,7 +682,7 @@ mod tests {
         assert_eq!((t.phase, t.erased), (T::Failed, 3));
         assert!(t.message.starts_with("ObjectLocked: 1 object versions"));
         assert_eq!(
-            next_phase(ErasurePhase::Erasing, &[t], false),
+            next_phase(ErasurePhase::Erasing, &[t], &[], false),
             ErasurePhase::Erasing
         );
     }
@@ -447,7 +707,7 @@ mod tests {
     fn a_request_walks_discover_erase_verify_complete() {
         use ErasurePhase::*;
         let mut ts_ = vec![target(T::Pending), target(T::Pending)];
-        assert_eq!(next_phase(Pending, &ts_, false), Discovering);
+        assert_eq!(next_phase(Pending, &ts_, &[], false), Discovering);
         apply(
             &mut ts_[0],
             SubjectAction::Find,
@@ -460,7 +720,7 @@ mod tests {
             },
         );
         assert_eq!(
-            next_phase(Discovering, &ts_, false),
+            next_phase(Discovering, &ts_, &[], false),
             Discovering,
             "one target still pending"
         );
@@ -475,7 +735,7 @@ mod tests {
                 malformed: 0,
             },
         );
-        assert_eq!(next_phase(Discovering, &ts_, false), Erasing);
+        assert_eq!(next_phase(Discovering, &ts_, &[], false), Erasing);
         assert_eq!(
             action_for(Erasing, &ts_[0], false),
             Some(SubjectAction::Erase)
@@ -492,7 +752,7 @@ mod tests {
                 malformed: 0,
             },
         );
-        assert_eq!(next_phase(Erasing, &ts_, false), Verifying);
+        assert_eq!(next_phase(Erasing, &ts_, &[], false), Verifying);
         for t in ts_.iter_mut() {
             apply(
                 t,
@@ -507,13 +767,14 @@ mod tests {
             );
         }
         assert_eq!((ts_[0].phase, ts_[1].phase), (T::Verified, T::NothingFound));
-        assert_eq!(next_phase(Verifying, &ts_, false), Completed);
+        assert_eq!(next_phase(Verifying, &ts_, &[], false), Completed);
         assert_eq!(
             totals(&ts_),
             ErasureTotals {
                 found: 3,
                 erased: 3,
-                blocked: 0
+                blocked: 0,
+                retained: 0
             }
         );
     }
@@ -533,7 +794,7 @@ mod tests {
             },
         );
         assert_eq!(
-            next_phase(ErasurePhase::Discovering, &t, true),
+            next_phase(ErasurePhase::Discovering, &t, &[], true),
             ErasurePhase::Completed
         );
         assert_eq!(action_for(ErasurePhase::Erasing, &t[0], true), None);
@@ -553,7 +814,7 @@ mod tests {
         );
         assert_eq!(t[0].erased, 0);
         assert_eq!(
-            next_phase(ErasurePhase::Erasing, &t, false),
+            next_phase(ErasurePhase::Erasing, &t, &[], false),
             ErasurePhase::Erasing
         );
         assert_eq!(
@@ -576,7 +837,7 @@ mod tests {
         );
         assert_eq!(v[0].phase, T::Found);
         assert_eq!(
-            next_phase(ErasurePhase::Verifying, &v, false),
+            next_phase(ErasurePhase::Verifying, &v, &[], false),
             ErasurePhase::Erasing
         );
     }
@@ -620,7 +881,7 @@ mod tests {
             "a completed request is never overdue"
         );
         assert!(c.by_phase.contains(&("Erasing", 2)) && c.by_phase.contains(&("Pending", 0)));
-        assert_eq!(c.by_phase.len(), 7);
+        assert_eq!(c.by_phase.len(), 8);
     }
 
     #[test]
@@ -668,8 +929,189 @@ mod tests {
         assert_eq!(t[0].phase, T::Skipped);
         assert_eq!(t[0].message, "skipped: keys[0] needs {userId}");
         assert_eq!(
-            next_phase(ErasurePhase::Verifying, &t, false),
+            next_phase(ErasurePhase::Verifying, &t, &[], false),
             ErasurePhase::Blocked
         );
+    }
+
+    #[test]
+    fn inline_email_addresses_are_refused_without_echoing_them() {
+        let subject = |k: &str, v: &str| Subject {
+            secret_ref: None,
+            identifiers: Some([(k.to_string(), v.to_string())].into()),
+        };
+        for (k, v) in [
+            ("email", "u-1"),
+            ("workEmail", "u-1"),
+            ("e-mail", "u-1"),
+            ("contact", "probe-91@example.org"),
+        ] {
+            let e = validate_subject(&subject(k, v)).unwrap_err();
+            assert!(e.contains("Secret") && !e.contains("probe-91"), "{e}");
+        }
+        assert!(validate_subject(&subject("userId", "u-42")).is_ok());
+        let none = Subject {
+            secret_ref: None,
+            identifiers: None,
+        };
+        assert!(validate_subject(&none).is_ok());
+    }
+
+    #[test]
+    fn nothing_in_scope_is_a_failure_not_a_completion() {
+        use ErasurePhase::*;
+        assert_eq!(next_phase(Discovering, &[], &[], false), Failed);
+        assert_eq!(
+            next_phase(Discovering, &[], &[], true),
+            Failed,
+            "dry run too"
+        );
+        assert_eq!(nothing_in_scope(&[], &[]).unwrap().0, "NothingInScope");
+        let missing = vec!["crm".to_string()];
+        let (reason, message) = nothing_in_scope(&[], &missing).unwrap();
+        assert_eq!(reason, "NothingInScope");
+        assert!(message.contains("crm"), "{message}");
+        assert_eq!(next_phase(Discovering, &[], &missing, false), Failed);
+        // One named policy missing among others: nothing runs rather than a partial erasure
+        // reported complete.
+        let found = vec![target(T::Pending)];
+        assert_eq!(
+            nothing_in_scope(&found, &missing).unwrap().0,
+            "PolicyNotFound"
+        );
+        assert_eq!(next_phase(Discovering, &found, &missing, false), Failed);
+        let mut skipped = vec![target(T::Pending), target(T::Pending)];
+        for t in skipped.iter_mut() {
+            apply(
+                t,
+                SubjectAction::Find,
+                ActionResult::Done {
+                    count: 0,
+                    skipped: vec!["keys[0] needs {userId}".into()],
+                    ran: false,
+                    blocked: 0,
+                    malformed: 0,
+                },
+            );
+        }
+        assert_eq!(next_phase(Discovering, &skipped, &[], false), Failed);
+        let (reason, message) = nothing_in_scope(&skipped, &[]).unwrap();
+        assert_eq!(reason, "NoApplicableLocator");
+        assert!(message.contains("{userId}"), "{message}");
+        // One target that ran is enough: the skipped one is noted, the request goes on.
+        skipped[1].phase = T::NothingFound;
+        assert_eq!(nothing_in_scope(&skipped, &[]), None);
+        assert_eq!(next_phase(Discovering, &skipped, &[], false), Erasing);
+    }
+
+    #[test]
+    fn only_a_marked_secret_of_a_real_erasure_is_deleted() {
+        use SubjectSecretFate::*;
+        assert_eq!(secret_fate(false, false, true), Deleted);
+        assert_eq!(secret_fate(false, false, false), KeptUnmarked);
+        assert_eq!(secret_fate(true, false, true), KeptDryRun);
+        assert_eq!(secret_fate(false, true, true), KeptOnRequest);
+        let label = |v: &str| {
+            Some(BTreeMap::from([(
+                SUBJECT_IDENTIFIERS_LABEL.to_string(),
+                v.to_string(),
+            )]))
+        };
+        assert!(is_marked(label("true").as_ref()));
+        assert!(!is_marked(label("yes").as_ref()));
+        assert!(!is_marked(None));
+    }
+
+    #[test]
+    fn store_errors_are_reduced_to_their_kind() {
+        use crate::backends::Error as E;
+        let probe = "probe-5c1@example.org";
+        for e in [
+            E::Store(format!(
+                "ERR unknown command 'SISMEMBER', with args beginning with: 'k' '{probe}'"
+            )),
+            E::Unreachable(probe.into()),
+            E::AuthenticationFailed(probe.into()),
+            E::BucketNotFound(probe.into()),
+        ] {
+            let (reason, message) = redact(&e);
+            assert_eq!(reason, e.reason());
+            assert!(!message.contains("probe-5c1"), "{message}");
+        }
+        let spec =
+            E::InvalidSpec("target t: subject.s3.keyPrefixes[0] is not a valid template".into());
+        assert_eq!(redact(&spec).1, spec.to_string());
+    }
+
+    #[test]
+    fn copies_retained_under_a_ground_settle_the_request_and_are_looked_at_again() {
+        use crate::api::retentionpolicy::RetentionException;
+        use ErasurePhase::*;
+        let retained = RetainedCopiesStatus {
+            count: 2,
+            ground: RetentionException::LegalClaims,
+            description: "tax claims".into(),
+            earliest_retain_until: Some(ts("2027-01-01T00:00:00Z")),
+            latest_retain_until: Some(ts("2030-01-01T00:00:00Z")),
+            legal_holds: 0,
+        };
+        let mut t = vec![target(T::Erased), target(T::Erased)];
+        t[0].found = 3;
+        apply(
+            &mut t[0],
+            SubjectAction::Verify,
+            ActionResult::Retained {
+                remaining: 2,
+                retained: retained.clone(),
+            },
+        );
+        apply(
+            &mut t[1],
+            SubjectAction::Verify,
+            ActionResult::Done {
+                count: 0,
+                skipped: vec![],
+                ran: true,
+                blocked: 0,
+                malformed: 0,
+            },
+        );
+        assert_eq!(t[0].phase, T::Retained);
+        assert!(
+            t[0].message.contains("Art. 17(3)(e)") && t[0].message.contains("2030-01-01"),
+            "{}",
+            t[0].message
+        );
+        assert_eq!(
+            next_phase(Verifying, &t, &[], false),
+            CompletedWithExceptions
+        );
+        assert_eq!(totals(&t).retained, 2);
+        assert!(settled_phase(CompletedWithExceptions));
+        // Not due before the earliest date; due after; a legal hold (no date) always is.
+        assert!(!retained_due(&t, ts("2026-12-31T00:00:00Z")));
+        assert_eq!(
+            retained_wake(&t, ts("2026-12-31T00:00:00Z")),
+            Some(ts("2027-01-01T00:00:00Z"))
+        );
+        assert!(retained_due(&t, ts("2027-01-01T00:00:00Z")));
+        assert_eq!(
+            action_for(Verifying, &t[0], false),
+            Some(SubjectAction::Verify)
+        );
+        // The lock lapsed: verification finds copies no longer retained, so they are erased.
+        apply(
+            &mut t[0],
+            SubjectAction::Verify,
+            ActionResult::Done {
+                count: 2,
+                skipped: vec![],
+                ran: true,
+                blocked: 0,
+                malformed: 0,
+            },
+        );
+        assert_eq!((t[0].phase, t[0].retained.as_ref()), (T::Found, None));
+        assert_eq!(next_phase(Verifying, &t, &[], false), Erasing);
     }
 }

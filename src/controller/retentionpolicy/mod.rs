@@ -16,7 +16,7 @@ use tracing::{info, instrument, warn};
 use super::{object_key, stores, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
-use crate::api::legalhold::LegalHold;
+use crate::api::legalhold::{HeldSubject, LegalHold};
 use crate::api::retentionpolicy::{
     RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
 };
@@ -24,7 +24,9 @@ use crate::api::{StoreKind, Timestamp};
 use crate::audit;
 use crate::backends::{self, Backend, Next, SweepJob};
 use crate::schedule;
+use k8s_openapi::api::core::v1::Secret;
 use plan::{Decision, Problem, StepResult};
+use std::collections::BTreeMap;
 
 pub const CONTROLLER: &str = "retentionpolicy";
 /// How soon to look again when a store has not been probed yet.
@@ -69,30 +71,62 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         .list(&ListParams::default())
         .await
         .map_err(Error::Kube)?;
-    let (held_by, hold_expiry) = plan::holds_on(&policy.name_any(), &holds.items, now);
-    if !held_by.is_empty() && !matches!(decision, Decision::Invalid(_) | Decision::Suspended) {
+    let (held_by, policy_hold_expiry) = plan::holds_on(&policy.name_any(), &holds.items, now);
+    let (subject_holds, subject_hold_expiry) = plan::subject_holds(&holds.items, now);
+    let hold_expiry = [policy_hold_expiry, subject_hold_expiry]
+        .into_iter()
+        .flatten()
+        .min();
+    let holds_tag = plan::subject_holds_tag(&holds.items, now);
+    if decision == Decision::Continue
+        && policy
+            .status
+            .as_ref()
+            .and_then(|s| s.current_sweep.as_ref())
+            .is_some_and(|c| c.subject_holds != holds_tag)
+    {
+        // Deletions submitted under other subject holds must not run on: start over.
+        info!("the LegalHolds on subjects changed: the sweep starts over");
+        decision = Decision::Start;
+    }
+    let subjects = read_held_subjects(&ctx, &namespace, subject_holds).await;
+    let (target_holds, held_subjects) = plan::target_holds(&policy, &held_by, &subjects);
+    drop(subjects);
+    if !target_holds.is_empty()
+        && target_holds.iter().all(Option::is_some)
+        && !matches!(decision, Decision::Invalid(_) | Decision::Suspended)
+    {
         decision = Decision::Held;
     }
 
     // 3. Execute one bounded step.
     let mut status = match decision {
         Decision::Start => {
+            if let Some(previous) = policy.status.as_ref().filter(|s| s.current_sweep.is_some()) {
+                // A sweep restarted (spec edit, subject holds changed): what the stores still
+                // run for the old one is cancelled while it can be.
+                cancel_deletions_under_way(&policy, &resolved, previous).await;
+            }
             info!(dry_run = policy.spec.dry_run, "sweep started");
-            plan::begin_sweep(&policy, now)
+            let mut status = plan::begin_sweep(&policy, now);
+            if let Some(current) = status.current_sweep.as_mut() {
+                current.subject_holds = holds_tag.clone();
+            }
+            status
         }
         _ => policy.status.clone().unwrap_or_default(),
     };
     status.targets = plan::aligned_targets(&policy, &status.targets);
-    if decision == Decision::Held {
-        plan::hold_targets(&mut status, &held_by);
-        cancel_held_deletions(&resolved, &mut status).await;
-    } else {
+    if matches!(decision, Decision::Invalid(_) | Decision::Suspended) {
         plan::release_targets(&mut status);
+    } else {
+        plan::apply_holds(&mut status, &target_holds);
+        cancel_held_deletions(&resolved, &mut status).await;
     }
     let mut completed = None;
     let mut poll_after: Option<Duration> = None;
     if matches!(decision, Decision::Start | Decision::Continue) {
-        poll_after = run_steps(&policy, &ctx, &resolved, &mut status).await;
+        poll_after = run_steps(&policy, &ctx, &resolved, &held_subjects, &mut status).await;
         if let Ok(parsed) = &parsed_schedule {
             let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
                 .max(Duration::from_secs(30));
@@ -299,6 +333,7 @@ async fn run_steps(
     policy: &RetentionPolicy,
     ctx: &Context,
     resolved: &[ResolvedTarget],
+    held: &backends::HeldSubjects,
     status: &mut RetentionPolicyStatus,
 ) -> Option<Duration> {
     let current = status.current_sweep.clone()?;
@@ -340,6 +375,7 @@ async fn run_steps(
                 retention: policy.spec.retention,
                 dry_run: current.dry_run,
                 cutoff,
+                held: held.clone(),
             };
             Some(async move {
                 let result = match (&resolved.backend, &resolved.problem) {
@@ -406,6 +442,70 @@ async fn run_steps(
     }
 }
 
+/// Reads the identifiers of every held subject named by Secret. Fail closed: a Secret that is
+/// missing, unreadable or not text makes the subject unreadable (the caller then holds every
+/// target), never "not held". Identifiers stay in memory; only reasons are logged.
+async fn read_held_subjects(
+    ctx: &Context,
+    namespace: &str,
+    subjects: Vec<(String, HeldSubject)>,
+) -> Vec<(String, plan::HeldSubjectRead)> {
+    use plan::HeldSubjectRead as Read;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut out = Vec::with_capacity(subjects.len());
+    for (hold, subject) in subjects {
+        let read = match (&subject.secret_ref, &subject.digest) {
+            (Some(secret), _) => match secrets.get_opt(&secret.name).await {
+                Ok(Some(s)) => match secret_identifiers(s) {
+                    Some(ids) if !ids.is_empty() => Read::Identifiers(ids),
+                    Some(_) => Read::Unreadable {
+                        hold: hold.clone(),
+                        reason: format!("Secret {} holds no identifier", secret.name),
+                    },
+                    None => Read::Unreadable {
+                        hold: hold.clone(),
+                        reason: format!("Secret {} holds a value that is not text", secret.name),
+                    },
+                },
+                Ok(None) => Read::Unreadable {
+                    hold: hold.clone(),
+                    reason: format!("Secret {} not found", secret.name),
+                },
+                Err(e) => Read::Unreadable {
+                    hold: hold.clone(),
+                    reason: format!(
+                        "reading Secret {}: {}",
+                        secret.name,
+                        Error::Kube(e).reason()
+                    ),
+                },
+            },
+            (None, _) => Read::DigestOnly { hold: hold.clone() },
+        };
+        if let Read::Unreadable { hold, reason } = &read {
+            warn!(hold = %hold, %reason, "cannot read a held subject's identifiers: sweeps hold every target");
+        }
+        out.push((hold, read));
+    }
+    out
+}
+
+/// The identifiers in a Secret (each key a type), trimmed, empty values dropped; None when a
+/// value is not UTF-8.
+fn secret_identifiers(secret: Secret) -> Option<BTreeMap<String, String>> {
+    let mut ids = BTreeMap::new();
+    for (k, v) in secret.data.unwrap_or_default() {
+        ids.insert(k, String::from_utf8(v.0).ok()?);
+    }
+    ids.extend(secret.string_data.unwrap_or_default());
+    Some(
+        ids.into_iter()
+            .map(|(k, v)| (k, v.trim().to_string()))
+            .filter(|(_, v)| !v.is_empty())
+            .collect(),
+    )
+}
+
 /// Holds win: a deletion a store runs by itself (a Loki delete request in its cancel period,
 /// an Elasticsearch task) that a hold now covers is cancelled while it still can be. The
 /// target then starts that work over once released.
@@ -426,6 +526,29 @@ async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut Retenti
             Ok(false) => {}
             Err(e) => {
                 warn!(target = %target.name, reason = e.reason(), error = %e, "could not cancel the store's deletion under way")
+            }
+        }
+    }
+}
+
+/// Cancels the deletions stores still run for a sweep that is being restarted.
+async fn cancel_deletions_under_way(
+    policy: &RetentionPolicy,
+    resolved: &[ResolvedTarget],
+    previous: &RetentionPolicyStatus,
+) {
+    let previous = plan::aligned_targets(policy, &previous.targets);
+    for (target, resolved) in previous.iter().zip(resolved) {
+        let (Some(cursor), Some((backend, _, _))) = (&target.cursor, &resolved.backend) else {
+            continue;
+        };
+        match backend.cancel(cursor).await {
+            Ok(true) => {
+                info!(target = %target.name, "cancelled the store's deletion of the sweep restarted")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(target = %target.name, reason = e.reason(), error = %e, "could not cancel the store's deletion of the sweep restarted")
             }
         }
     }

@@ -3,16 +3,17 @@
 
 use crate::api::common::{merge_conditions, DesiredCondition};
 use crate::api::common::{MAX_INTERVAL, MAX_RETENTION};
-use crate::api::legalhold::LegalHold;
+use crate::api::legalhold::{HeldSubject, LegalHold};
 use crate::api::retentionpolicy::{
     CurrentSweep, LastSweep, RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
     TargetStatus,
 };
 use crate::api::retentionpolicy::{RetentionPolicySpec, Target};
 use crate::api::{StoreKind, Timestamp};
-use crate::backends::{self, Next, Step};
+use crate::backends::{self, HeldSubjects, Next, Step};
 use crate::schedule;
 use kube::ResourceExt;
+use std::collections::BTreeMap;
 
 /// Why a target cannot run now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,31 +67,172 @@ pub fn holds_on(
     (names, earliest)
 }
 
+/// The subjects held by LegalHolds in force (in `holds`, any namespace's list): the name of
+/// each hold with its subjects, and the earliest expiry among those holds. A hold on a
+/// subject protects their data from sweeps of every policy of the namespace, as it blocks
+/// their erasure.
+pub fn subject_holds(
+    holds: &[LegalHold],
+    now: Timestamp,
+) -> (Vec<(String, HeldSubject)>, Option<Timestamp>) {
+    let mut out = Vec::new();
+    let mut earliest: Option<Timestamp> = None;
+    for hold in holds {
+        let subjects = hold.spec.subjects.as_deref().unwrap_or_default();
+        if subjects.is_empty() || !crate::controller::legalhold::is_active(hold, now) {
+            continue;
+        }
+        out.extend(subjects.iter().map(|s| (hold.name_any(), s.clone())));
+        if let Some(expiry) = hold.spec.expires_at {
+            earliest = Some(earliest.map_or(expiry, |e| e.min(expiry)));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    (out, earliest)
+}
+
+/// Names the LegalHolds on subjects in force, with their generations (no identifier): what a
+/// sweep runs under. None when there is none.
+pub fn subject_holds_tag(holds: &[LegalHold], now: Timestamp) -> Option<String> {
+    let mut tags: Vec<String> = holds
+        .iter()
+        .filter(|h| h.spec.subjects.as_ref().is_some_and(|s| !s.is_empty()))
+        .filter(|h| crate::controller::legalhold::is_active(h, now))
+        .map(|h| format!("{}/{}", h.name_any(), h.metadata.generation.unwrap_or(0)))
+        .collect();
+    tags.sort();
+    (!tags.is_empty()).then(|| tags.join(","))
+}
+
+/// What the operator could learn of one subject a LegalHold in force holds.
+#[derive(Clone, PartialEq)]
+pub enum HeldSubjectRead {
+    /// Identifiers read from the hold's Secret (type → value; in memory only).
+    Identifiers(BTreeMap<String, String>),
+    /// Named by digest only: a digest cannot be turned back into identifiers.
+    DigestOnly { hold: String },
+    /// The hold's Secret could not be read (missing, unreadable, not text): fail closed.
+    Unreadable { hold: String, reason: String },
+}
+
+impl std::fmt::Debug for HeldSubjectRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeldSubjectRead::Identifiers(ids) => {
+                write!(f, "Identifiers({:?})", ids.keys().collect::<Vec<_>>())
+            }
+            HeldSubjectRead::DigestOnly { hold } => write!(f, "DigestOnly({hold})"),
+            HeldSubjectRead::Unreadable { hold, reason } => {
+                write!(f, "Unreadable({hold}: {reason})")
+            }
+        }
+    }
+}
+
+/// Why each target of the policy is held whole (None: it sweeps, leaving out the held
+/// subjects' data), in spec order, and the held subjects' identifiers the sweep leaves out
+/// (pure). A hold on the policy holds every target. A held subject the operator cannot read
+/// (digest only, Secret unreadable) holds every target: no locator can leave out a subject
+/// whose identifiers are unknown. Otherwise a target whose subject locator cannot express
+/// every held subject ([`crate::backends::hold_exclusion`]) is held whole.
+pub fn target_holds(
+    policy: &RetentionPolicy,
+    policy_holds: &[String],
+    subjects: &[(String, HeldSubjectRead)],
+) -> (Vec<Option<String>>, HeldSubjects) {
+    let held = HeldSubjects(
+        subjects
+            .iter()
+            .filter_map(|(_, r)| match r {
+                HeldSubjectRead::Identifiers(ids) => Some(ids.clone()),
+                _ => None,
+            })
+            .collect(),
+    );
+    let mut subject_hold_names: Vec<&str> = subjects.iter().map(|(h, _)| h.as_str()).collect();
+    subject_hold_names.dedup();
+    let blind = subjects.iter().find_map(|(_, r)| match r {
+        HeldSubjectRead::Identifiers(_) => None,
+        HeldSubjectRead::DigestOnly { hold } => Some(format!(
+            "held whole by LegalHold {hold}: it names a subject by digest only, and a digest cannot be turned back into the identifiers a sweep needs to leave their data out (name the subject by secretRef to let the sweep run around them)"
+        )),
+        HeldSubjectRead::Unreadable { hold, reason } => Some(format!(
+            "held whole by LegalHold {hold}: the Secret naming its subject cannot be read ({reason}), so the sweep cannot leave their data out"
+        )),
+    });
+    let reasons = policy
+        .spec
+        .targets
+        .iter()
+        .map(|target| {
+            if !policy_holds.is_empty() {
+                return Some(format!("held by LegalHold {}", policy_holds.join(", ")));
+            }
+            if subjects.is_empty() {
+                return None;
+            }
+            if let Some(why) = &blind {
+                return Some(why.clone());
+            }
+            crate::backends::hold_exclusion(target, &held)
+                .err()
+                .map(|why| {
+                    format!(
+                        "held whole by LegalHold {}: {why}",
+                        subject_hold_names.join(", ")
+                    )
+                })
+        })
+        .collect();
+    (reasons, held)
+}
+
+/// Applies the holds (`reasons` in spec order, None: not held). A held target is paused: with
+/// no sweep under way it is Held; during a sweep, so is every target the sweep has not
+/// finished, which keeps its cursor and resumes when the hold is lifted. A target no longer
+/// held resumes the sweep under way, or is idle again.
+pub fn apply_holds(status: &mut RetentionPolicyStatus, reasons: &[Option<String>]) {
+    let sweeping = status.current_sweep.is_some();
+    for (target, reason) in status.targets.iter_mut().zip(reasons) {
+        match reason {
+            Some(message) => {
+                if !sweeping
+                    || target.phase == TargetPhase::Sweeping
+                    || target.phase == TargetPhase::Held
+                {
+                    target.phase = TargetPhase::Held;
+                    target.message = message.clone();
+                }
+            }
+            None => release_target(target, sweeping),
+        }
+    }
+}
+
 /// Holds the targets: with no sweep under way all of them; during a sweep, those it has not
 /// finished, which keep their cursors and resume when the hold is lifted.
 pub fn hold_targets(status: &mut RetentionPolicyStatus, holds: &[String]) {
-    let sweeping = status.current_sweep.is_some();
-    let message = format!("held by LegalHold {}", holds.join(", "));
-    for target in &mut status.targets {
-        if !sweeping || target.phase == TargetPhase::Sweeping || target.phase == TargetPhase::Held {
-            target.phase = TargetPhase::Held;
-            target.message = message.clone();
-        }
-    }
+    let message = Some(format!("held by LegalHold {}", holds.join(", ")));
+    let reasons = vec![message; status.targets.len()];
+    apply_holds(status, &reasons);
 }
 
 /// Lifts a hold: paused targets resume the sweep under way, the others are idle again.
 pub fn release_targets(status: &mut RetentionPolicyStatus) {
     let sweeping = status.current_sweep.is_some();
     for target in &mut status.targets {
-        if target.phase == TargetPhase::Held {
-            target.phase = if sweeping {
-                TargetPhase::Sweeping
-            } else {
-                TargetPhase::Idle
-            };
-            target.message.clear();
-        }
+        release_target(target, sweeping);
+    }
+}
+
+fn release_target(target: &mut TargetStatus, sweeping: bool) {
+    if target.phase == TargetPhase::Held {
+        target.phase = if sweeping {
+            TargetPhase::Sweeping
+        } else {
+            TargetPhase::Idle
+        };
+        target.message.clear();
     }
 }
 
@@ -246,6 +388,9 @@ pub fn begin_sweep(policy: &RetentionPolicy, now: Timestamp) -> RetentionPolicyS
             deleted: 0,
             blocked: 0,
             blocked_items: Vec::new(),
+            held: 0,
+            unjudged: 0,
+            oldest_remaining: None,
             cursor: None,
             message: String::new(),
             ..t
@@ -255,6 +400,7 @@ pub fn begin_sweep(policy: &RetentionPolicy, now: Timestamp) -> RetentionPolicyS
         start_time: now,
         dry_run: policy.spec.dry_run,
         generation: policy.metadata.generation,
+        subject_holds: None,
     });
     status.next_sweep_time = None;
     status
@@ -301,6 +447,13 @@ pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, 
             target.scanned += step.scanned;
             target.deleted += step.deleted;
             target.blocked += step.blocked;
+            target.held += step.held;
+            target.unjudged += step.unjudged;
+            if let Some(t) = step.oldest_remaining {
+                let t = Timestamp::truncate(t);
+                target.oldest_remaining =
+                    Some(target.oldest_remaining.map_or(t, |o: Timestamp| o.min(t)));
+            }
             for item in step.blocked_items {
                 if target.blocked_items.len() < NAMED_BLOCKED_ITEMS {
                     target.blocked_items.push(item);
@@ -342,6 +495,21 @@ fn summary(target: &TargetStatus, dry_run: bool) -> String {
         if !target.blocked_items.is_empty() {
             s.push_str(&format!(": {}", target.blocked_items.join(", ")));
         }
+    }
+    if target.held > 0 {
+        s.push_str(&format!(
+            ", {} kept for subjects a LegalHold holds",
+            target.held
+        ));
+    }
+    if target.unjudged > 0 {
+        s.push_str(&format!(
+            ", {} could not be judged (no readable timestamp) and were kept",
+            target.unjudged
+        ));
+    }
+    if let Some(oldest) = target.oldest_remaining {
+        s.push_str(&format!(", oldest remaining from {oldest}"));
     }
     s
 }
@@ -564,6 +732,18 @@ fn compliance(
         }
     }
     let blocked: u64 = status.targets.iter().map(|t| t.blocked).sum();
+    let unjudged: Vec<String> = status
+        .targets
+        .iter()
+        .filter(|t| t.unjudged > 0)
+        .map(|t| format!("{} in target {}", t.unjudged, t.name))
+        .collect();
+    let held: Vec<&str> = status
+        .targets
+        .iter()
+        .filter(|t| t.phase == TargetPhase::Held || t.held > 0)
+        .map(|t| t.name.as_str())
+        .collect();
     match last.outcome {
         SweepOutcome::Failed | SweepOutcome::PartiallyFailed => DesiredCondition::new(
             C,
@@ -583,6 +763,17 @@ fn compliance(
                 policy.spec.retention
             ),
         ),
+        // Measured, not inferred: what the sweep could not judge may be older than allowed.
+        _ if !unjudged.is_empty() => DesiredCondition::new(
+            C,
+            false,
+            "ItemsUnjudged",
+            format!(
+                "items without a readable timestamp were kept and may be older than {}: {}",
+                policy.spec.retention,
+                unjudged.join(", ")
+            ),
+        ),
         SweepOutcome::DryRun if last.deleted > 0 => DesiredCondition::new(
             C,
             false,
@@ -597,6 +788,18 @@ fn compliance(
             true,
             "NothingExpired",
             "dry run found nothing older than the retention period",
+        ),
+        // Keeping what a legal obligation or claim requires is lawful (Art. 17(3)).
+        SweepOutcome::Succeeded if !held.is_empty() => DesiredCondition::new(
+            C,
+            true,
+            "LegalHold",
+            format!(
+                "nothing older than {} remains as of {} except what LegalHolds keep (targets {}; Art. 17(3))",
+                policy.spec.retention,
+                last.start_time,
+                held.join(", ")
+            ),
         ),
         SweepOutcome::Succeeded => DesiredCondition::new(
             C,
@@ -670,12 +873,10 @@ mod tests {
 
     fn step(scanned: u64, deleted: u64, next: Next) -> StepResult {
         StepResult::Ran(Step {
-            blocked_items: Vec::new(),
             scanned,
             deleted,
-            blocked: 0,
             next,
-            failure: None,
+            ..Step::default()
         })
     }
 
@@ -1007,10 +1208,9 @@ mod tests {
             StepResult::Ran(Step {
                 scanned: 5,
                 deleted: 2,
-                blocked: 0,
-                blocked_items: Vec::new(),
                 next: Next::Continue("0:9".into()),
                 failure: Some(failure),
+                ..Step::default()
             }),
             false,
             ts(T0),
@@ -1186,5 +1386,184 @@ mod tests {
         assert_eq!(compliant(T0).reason, "SweepSucceeded");
         assert_eq!(compliant(T0).status, ConditionStatus::True);
         assert_eq!(compliant("2026-11-20T11:30:00Z").reason, "SweepOverdue");
+    }
+
+    #[test]
+    fn subject_holds_hold_targets_whose_locator_cannot_leave_the_subject_out() {
+        let mut p = policy(&["plain"]);
+        p.spec.targets.push(
+            serde_json::from_value(serde_json::json!({"name": "located", "store": "cache",
+                "redis": {"keyPattern": "session:*", "mode": "idle"},
+                "subject": {"redis": {"keys": ["session:{userId}:*"]}}}))
+            .unwrap(),
+        );
+        let ids = |pairs: &[(&str, &str)]| {
+            HeldSubjectRead::Identifiers(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let read = |r: HeldSubjectRead| vec![("lit".to_string(), r)];
+
+        let (reasons, held) = target_holds(&p, &[], &[]);
+        assert_eq!((reasons, held.0.len()), (vec![None, None], 0));
+
+        let (reasons, held) = target_holds(&p, &[], &read(ids(&[("userId", "u-1")])));
+        assert!(reasons[0]
+            .as_deref()
+            .is_some_and(|m| m
+                .starts_with("held whole by LegalHold lit: target plain has no subject locator")));
+        assert_eq!(reasons[1], None, "swept around the held subject");
+        assert_eq!(held.0.len(), 1);
+
+        let (reasons, _) = target_holds(&p, &[], &read(ids(&[("email", "a@b.example")])));
+        assert!(
+            reasons[1]
+                .as_deref()
+                .is_some_and(|m| m.contains("has no {userId}, which subject.redis.keys[0] needs")),
+            "{reasons:?}"
+        );
+
+        let (reasons, _) = target_holds(
+            &p,
+            &[],
+            &read(HeldSubjectRead::DigestOnly { hold: "lit".into() }),
+        );
+        assert!(reasons
+            .iter()
+            .all(|r| r.as_deref().is_some_and(|m| m.contains("by digest only"))));
+
+        let (reasons, _) = target_holds(
+            &p,
+            &[],
+            &[
+                ("a".to_string(), ids(&[("userId", "u-1")])),
+                (
+                    "b".to_string(),
+                    HeldSubjectRead::Unreadable {
+                        hold: "b".into(),
+                        reason: "Secret s not found".into(),
+                    },
+                ),
+            ],
+        );
+        assert!(
+            reasons.iter().all(|r| r
+                .as_deref()
+                .is_some_and(|m| m.contains("LegalHold b: the Secret naming its subject cannot be read (Secret s not found)"))),
+            "fail closed: {reasons:?}"
+        );
+
+        let (reasons, _) = target_holds(&p, &["whole".into()], &[]);
+        assert!(reasons
+            .iter()
+            .all(|r| r.as_deref() == Some("held by LegalHold whole")));
+    }
+
+    #[test]
+    fn held_identifiers_never_show_in_debug_output() {
+        let probe = "probe-3f9a@example.org";
+        let read = HeldSubjectRead::Identifiers([("email".to_string(), probe.to_string())].into());
+        assert!(!format!("{read:?}").contains(probe));
+        let held = HeldSubjects(vec![[("email".to_string(), probe.to_string())].into()]);
+        assert!(!format!("{held:?}").contains(probe));
+    }
+
+    #[test]
+    fn a_partial_hold_sweeps_the_other_targets_and_unjudged_items_are_not_compliant() {
+        let mut p = policy(&["a", "b"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        apply_holds(
+            &mut status,
+            &[None, Some("held whole by LegalHold x".into())],
+        );
+        assert_eq!(status.targets[0].phase, TargetPhase::Sweeping);
+        assert_eq!(status.targets[1].phase, TargetPhase::Held);
+        apply_step(
+            &mut status.targets[0],
+            StepResult::Ran(Step {
+                scanned: 5,
+                deleted: 1,
+                held: 2,
+                next: Next::Done,
+                ..Step::default()
+            }),
+            false,
+            ts(T0),
+        );
+        let s = sched(&p).unwrap();
+        let done = finish_if_done(&mut status, &s, ts(T0), ts(T0), Default::default()).unwrap();
+        assert_eq!(done.outcome, SweepOutcome::Succeeded);
+        assert_eq!(
+            status.targets[0].message,
+            "scanned 5, deleted 1, 2 kept for subjects a LegalHold holds"
+        );
+        p.status = Some(status.clone());
+        let compliant = |status: &RetentionPolicyStatus| {
+            conditions(&p, status, None, &[], 3600, ts(T0))
+                .into_iter()
+                .find(|c| c.type_ == "Compliant")
+                .unwrap()
+        };
+        let c = compliant(&status);
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (ConditionStatus::True, "LegalHold")
+        );
+        assert!(c.message.contains("targets a, b"), "{}", c.message);
+
+        // The hold lifted: the held target is idle again, with no stale message.
+        apply_holds(&mut status, &[None, None]);
+        assert_eq!(status.targets[1].phase, TargetPhase::Idle);
+        assert!(status.targets[1].message.is_empty());
+
+        status.targets[0].unjudged = 3;
+        let c = compliant(&status);
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (ConditionStatus::False, "ItemsUnjudged")
+        );
+        assert!(c.message.contains("3 in target a"), "{}", c.message);
+    }
+
+    #[test]
+    fn the_subject_holds_tag_names_holds_in_force_and_changes_with_them() {
+        use crate::api::legalhold::{HeldSubject, LegalHoldSpec};
+        let hold = |name: &str, generation: i64, subjects: bool, expires: Option<&str>| {
+            let mut h = LegalHold::new(
+                name,
+                LegalHoldSpec {
+                    reason: "r".into(),
+                    policies: None,
+                    subjects: subjects.then(|| {
+                        vec![HeldSubject {
+                            secret_ref: None,
+                            digest: Some(format!("hmac-sha256:{}", "0".repeat(64))),
+                        }]
+                    }),
+                    expires_at: expires.map(ts),
+                },
+            );
+            h.metadata.generation = Some(generation);
+            h
+        };
+        assert_eq!(subject_holds_tag(&[], ts(T0)), None);
+        let holds = vec![
+            hold("b", 2, true, None),
+            hold("a", 1, true, None),
+            hold("policies-only", 1, false, None),
+            hold("expired", 1, true, Some("2026-11-01T00:00:00Z")),
+        ];
+        assert_eq!(
+            subject_holds_tag(&holds, ts(T0)).as_deref(),
+            Some("a/1,b/2")
+        );
+        let edited = vec![hold("a", 2, true, None), hold("b", 2, true, None)];
+        assert_ne!(
+            subject_holds_tag(&edited, ts(T0)),
+            subject_holds_tag(&holds, ts(T0))
+        );
     }
 }

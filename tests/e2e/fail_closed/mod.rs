@@ -3,4 +3,7 @@
 //! servers (kube-apiserver, redis-server, moto; Loki and Elasticsearch through their tests).
 
 mod credentials;
+mod erasure;
+mod matching;
 mod spec;
+mod sweeps;
