@@ -95,6 +95,7 @@ async fn tombstone_sweep(url: &str, keys: usize, mode: RedisMode) -> (Duration, 
     let budget = StepBudget {
         max_time: Duration::from_secs(2),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     };
     backend.probe().await.expect("probe");
     let start = Instant::now();

@@ -220,6 +220,7 @@ async fn tombstone_sweep(server: &S3Server, objects: usize) -> (Duration, usize)
     let budget = StepBudget {
         max_time: Duration::from_secs(2),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     };
     // Builds the client, outside the timing.
     backend.probe().await.expect("probe");

@@ -82,6 +82,16 @@ struct RunArgs {
     lease_namespace: String,
     #[arg(long, default_value = "tombstone-leader")]
     lease_name: String,
+    /// How long a standby waits, after it last saw the Lease change, before taking it over.
+    #[arg(long, default_value = "15s")]
+    lease_duration: tombstone::api::Duration,
+    /// How long the leader keeps acting without renewing the Lease; it stops deleting and
+    /// writing status after that. Must be shorter than the lease duration.
+    #[arg(long, default_value = "10s")]
+    renew_deadline: tombstone::api::Duration,
+    /// How often the leader renews the Lease and a standby looks at it.
+    #[arg(long, default_value = "2s")]
+    lease_retry_period: tombstone::api::Duration,
     /// This replica's identity in the Lease (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -154,11 +164,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = tombstone::operator::Options {
         namespace: args.namespace,
         leader_election: args.leader_election.then(|| {
-            tombstone::leader::LeaderElection::new(
+            let mut election = tombstone::leader::LeaderElection::new(
                 &args.lease_namespace,
                 &args.lease_name,
                 &identity,
-            )
+            );
+            election.lease_duration = args.lease_duration.as_std();
+            election.renew_deadline = args.renew_deadline.as_std();
+            election.renew_interval = args.lease_retry_period.as_std();
+            election
         }),
         http_addr: Some(args.http_addr),
         reporter: "tombstone".into(),

@@ -20,7 +20,7 @@ use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::controller::{datastore, erasurerequest, legalhold, retentionpolicy, Context, Settings};
 use crate::http::{self, HttpState};
-use crate::leader::{self, LeaderElection};
+use crate::leader::{self, Fence, LeaderElection};
 use crate::metrics::Metrics;
 
 #[derive(Clone, Debug)]
@@ -90,15 +90,19 @@ async fn run(
     ready: Arc<AtomicBool>,
 ) -> Result<(), Error> {
     let Some(election) = options.leader_election.clone() else {
-        run_controllers(client, &options, shutdown, metrics, ready).await;
+        run_controllers(client, &options, shutdown, metrics, ready, Fence::default()).await;
         return Ok(());
     };
+    election.validate()?;
     // A standby instance is healthy and ready: it is doing its job, which is to wait.
     ready.store(true, Ordering::Relaxed);
-    if !election.acquire(&client, &shutdown).await? {
+    let fence = election.fence();
+    if !election.acquire(&client, &shutdown, &fence).await? {
         return Ok(());
     }
     ready.store(false, Ordering::Relaxed);
+    // Losing the Lease stops the controllers at once (below): running steps are cancelled,
+    // and the fence refuses their deletions and status writes meanwhile.
     let controllers_stop = shutdown.child_token();
     let controllers = run_controllers(
         client.clone(),
@@ -106,26 +110,30 @@ async fn run(
         controllers_stop.clone(),
         metrics,
         ready,
+        fence.clone(),
     );
-    let keep = election.keep(&client, &shutdown);
+    // The Lease is renewed until the controllers have stopped, so that a graceful stop can
+    // still checkpoint; only then is it released.
+    let keep_stop = CancellationToken::new();
+    let keep = election.keep(&client, &keep_stop, &fence);
     tokio::pin!(controllers);
-    let mut controllers_done = false;
+    tokio::pin!(keep);
     let result = tokio::select! {
         _ = &mut controllers => {
-            controllers_done = true;
-            Ok(())
+            keep_stop.cancel();
+            (&mut keep).await
         }
-        kept = keep => kept,
+        kept = &mut keep => {
+            controllers_stop.cancel();
+            controllers.await;
+            kept
+        }
     };
-    // Stop the controllers (gracefully) before anyone else may take over.
-    controllers_stop.cancel();
-    if !controllers_done {
-        controllers.await;
-    }
     if let Err(e) = &result {
-        warn!(error = %e, "leadership lost; stopping");
+        warn!(error = %e, reason = e.reason(), "leadership lost; stopping");
         return result.map_err(Error::from);
     }
+    fence.lose();
     if let Err(e) = election.release(&client).await {
         warn!(error = %e, "could not release the Lease; the next leader waits for it to expire");
     }
@@ -149,6 +157,7 @@ async fn run_controllers(
     stop: CancellationToken,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    fence: Fence,
 ) {
     let recorder = Recorder::new(
         client.clone(),
@@ -166,6 +175,7 @@ async fn run_controllers(
             ..options.settings.clone()
         },
         stop.clone(),
+        fence,
     ));
     let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);
 

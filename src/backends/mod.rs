@@ -38,6 +38,9 @@ pub enum Error {
     BucketNotFound(String),
     #[error("the store failed a command: {0}")]
     Store(String),
+    /// This instance no longer leads: it stopped before acting on the store.
+    #[error("leadership lost: stopped before acting on the store")]
+    LeadershipLost,
     /// A free-text locator cannot tell this subject's value from other text (too short, only
     /// digits, not an e-mail address): nothing was run. Never carries the value.
     #[error("{0}")]
@@ -61,6 +64,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
+            Error::LeadershipLost => "LeadershipLost",
             Error::IdentifierNotDistinctive(_) => "IdentifierNotDistinctive",
             Error::UnparsedCopiesRemain(_) => "UnparsedCopiesRemain",
             Error::DeletionModeFilterOnly(_) => "DeletionModeFilterOnly",
@@ -251,6 +255,20 @@ pub fn hold_exclusion(target: &Target, held: &HeldSubjects) -> Result<(), String
 pub struct StepBudget {
     pub max_time: Duration,
     pub cancel: CancellationToken,
+    /// Whether this instance still leads (always, without leader election).
+    pub fence: crate::leader::Fence,
+}
+
+impl StepBudget {
+    /// Checked right before every destructive batch (after any rate-limit wait): a process
+    /// frozen mid-step that thaws after another instance took over must not act.
+    pub fn may_act(&self) -> Result<(), Error> {
+        if self.fence.is_valid() {
+            Ok(())
+        } else {
+            Err(Error::LeadershipLost)
+        }
+    }
 }
 
 /// What is left of a job after a step.

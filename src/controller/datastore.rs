@@ -8,7 +8,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tracing::{debug, info, instrument, warn};
 
-use super::{apply_status, object_key, stores, Context, Error};
+use super::{object_key, stores, Context, Error};
 use crate::api::common::{find_condition, merge_conditions, DesiredCondition};
 use crate::api::datastore::{DataStore, DataStoreStatus};
 use crate::api::Timestamp;
@@ -36,7 +36,7 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
     if store.status.as_ref() != Some(&status) {
         let api: Api<DataStore> =
             Api::namespaced(ctx.client.clone(), &store.namespace().unwrap_or_default());
-        apply_status(&api, &store.name_any(), &status).await?;
+        ctx.apply_status(&api, &store.name_any(), &status).await?;
     }
     if before != after {
         match &probe {

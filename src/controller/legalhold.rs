@@ -8,7 +8,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use tracing::{instrument, warn};
 
-use super::{apply_status, object_key, Context, Error};
+use super::{object_key, Context, Error};
 use crate::api::common::{merge_conditions, DesiredCondition};
 use crate::api::legalhold::{LegalHold, LegalHoldStatus};
 use crate::api::Timestamp;
@@ -71,7 +71,7 @@ pub async fn reconcile(hold: Arc<LegalHold>, ctx: Arc<Context>) -> Result<Action
     if hold.status.as_ref() != Some(&status) {
         let api: Api<LegalHold> =
             Api::namespaced(ctx.client.clone(), &hold.namespace().unwrap_or_default());
-        apply_status(&api, &hold.name_any(), &status).await?;
+        ctx.apply_status(&api, &hold.name_any(), &status).await?;
     }
     // Wake up when the hold expires, to report it.
     Ok(match hold.spec.expires_at {

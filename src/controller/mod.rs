@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backends;
 use crate::engine::Engine;
+use crate::leader::Fence;
 use crate::metrics::Metrics;
 
 /// The field manager of every status the operator writes.
@@ -52,6 +53,10 @@ pub enum Error {
     InvalidSpec(String),
     #[error(transparent)]
     Backend(#[from] backends::Error),
+    /// This instance no longer holds the Lease (or could not renew it in time): it writes
+    /// nothing more.
+    #[error(transparent)]
+    Leadership(#[from] crate::leader::Error),
     /// The subject-digest key could not be loaded or created (reason from `audit::Error`).
     #[error("{1}")]
     Digest(&'static str, String),
@@ -70,6 +75,7 @@ impl Error {
             Error::AmbientCredentialsNotAllowed(_) => "AmbientCredentialsNotAllowed",
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Backend(e) => e.reason(),
+            Error::Leadership(e) => e.reason(),
             Error::Digest(reason, _) => reason,
         }
     }
@@ -133,6 +139,8 @@ pub struct Context {
     pub settings: Settings,
     /// Cancelled on shutdown: running steps stop at the next page and checkpoint.
     pub shutdown: CancellationToken,
+    /// Whether this instance still leads; checked before every status write.
+    pub fence: Fence,
     /// Consecutive failures per object, for exponential backoff; reset on success.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -144,10 +152,12 @@ impl Context {
         metrics: Arc<Metrics>,
         settings: Settings,
         shutdown: CancellationToken,
+        fence: Fence,
     ) -> Self {
         let engine = Arc::new(Engine::new(
             settings.max_concurrent_jobs,
             settings.checkpoint_interval,
+            fence.clone(),
         ));
         Self {
             client,
@@ -156,8 +166,26 @@ impl Context {
             engine,
             settings,
             shutdown,
+            fence,
             failures: Mutex::default(),
         }
+    }
+
+    /// Writes `status` (see [`apply_status`]) only while this instance still leads by its
+    /// monotonic clock: a process that was frozen and thawed after another instance took
+    /// over must not overwrite the new leader's checkpoint with its stale one.
+    pub async fn apply_status<K, S>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        status: &S,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+        S: Serialize,
+    {
+        self.fence.check()?;
+        apply_status(api, name, status).await
     }
 
     /// Records one more failure of `key` and returns how long to back off: 5s doubling up

@@ -16,6 +16,7 @@ use crate::backends::loki::{LokiBackend, LokiConfig};
 use crate::backends::redis::{RedisBackend, RedisConfig};
 use crate::backends::s3::{S3Backend, S3Config};
 use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use crate::leader::Fence;
 use limits::RateLimiter;
 
 /// Everything needed to talk to one store, resolved from its DataStore and Secrets. Two equal
@@ -39,14 +40,18 @@ pub struct Engine {
     backends: Mutex<HashMap<String, CachedBackend>>,
     /// How long one step may run before its progress is checkpointed.
     pub checkpoint_interval: Duration,
+    /// Whether this instance still leads: handed to every step, which checks it before each
+    /// destructive batch.
+    fence: Fence,
 }
 
 impl Engine {
-    pub fn new(max_concurrent_jobs: usize, checkpoint_interval: Duration) -> Self {
+    pub fn new(max_concurrent_jobs: usize, checkpoint_interval: Duration, fence: Fence) -> Self {
         Self {
             job_slots: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))),
             backends: Mutex::new(HashMap::new()),
             checkpoint_interval,
+            fence,
         }
     }
 
@@ -107,7 +112,10 @@ impl Engine {
         let budget = StepBudget {
             max_time: self.checkpoint_interval,
             cancel: cancel.clone(),
+            fence: self.fence.clone(),
         };
+        // Backends check again right before each destructive batch where they batch.
+        budget.may_act()?;
         let result = backend.sweep_step(job, cursor, &budget).await;
         let failure = match &result {
             Ok(step) => step.failure.as_ref(),
@@ -128,8 +136,11 @@ impl Engine {
         let _slot = self.job_slot().await;
         let budget = StepBudget {
             max_time: self.checkpoint_interval,
-            cancel: CancellationToken::new(),
+            // Steps of an erasure stop when leadership is lost.
+            cancel: self.fence.lost(),
+            fence: self.fence.clone(),
         };
+        budget.may_act()?;
         let result = backend.subject_step(job, cursor, &budget).await;
         let failure = match &result {
             Ok(step) => step.failure.as_ref(),

@@ -60,6 +60,7 @@ fn budget(max_time: Duration) -> StepBudget {
     StepBudget {
         max_time,
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     }
 }
 

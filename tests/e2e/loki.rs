@@ -60,6 +60,7 @@ fn budget() -> StepBudget {
     StepBudget {
         max_time: Duration::from_secs(10),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     }
 }
 

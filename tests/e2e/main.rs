@@ -18,6 +18,7 @@ mod harness;
 mod holds;
 mod kustomize;
 mod loki;
+mod one_actor;
 mod opensearch;
 mod operational;
 mod ropa;

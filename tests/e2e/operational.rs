@@ -113,6 +113,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over_when_it_stops() {
     let election = |id: &str| {
         let mut e = LeaderElection::new(&ns, "tombstone-leader", id);
         e.renew_interval = Duration::from_millis(500);
+        e.renew_deadline = Duration::from_secs(2);
         e.lease_duration = Duration::from_secs(3);
         e
     };

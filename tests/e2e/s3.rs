@@ -27,7 +27,7 @@ use crate::support::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 const EMAIL: &str = "s3-subject-4f1d@example.org";
 const USER: &str = "47";
 
-fn backend(server: &S3Server, bucket: &str) -> S3Backend {
+pub(crate) fn backend(server: &S3Server, bucket: &str) -> S3Backend {
     S3Backend::new(
         S3Config {
             bucket: bucket.into(),
@@ -77,6 +77,7 @@ async fn sweep(
     let budget = StepBudget {
         max_time: Duration::from_millis(1),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     };
     let (mut scanned, mut deleted, mut blocked, mut items) = (0, 0, 0, Vec::new());
     let mut cursor: Option<String> = None;
@@ -108,6 +109,7 @@ async fn subject(backend: &S3Backend, target: &Target, action: SubjectAction) ->
     let budget = StepBudget {
         max_time: Duration::from_secs(60),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     };
     let step = backend
         .subject_step(&job, None, &budget)

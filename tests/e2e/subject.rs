@@ -42,6 +42,7 @@ async fn run(
     let budget = StepBudget {
         max_time: std::time::Duration::from_secs(5),
         cancel: CancellationToken::new(),
+        fence: Default::default(),
     };
     let step = backend
         .subject_step(&job, None, &budget)

@@ -16,6 +16,7 @@
 pub mod elasticsearch;
 pub mod loki;
 pub mod opensearch;
+pub mod operator_process;
 pub mod s3;
 
 use std::env;

@@ -326,6 +326,7 @@ impl RedisBackend {
             dry_run: job.dry_run,
             major_version: node.major_version,
             cluster: self.config.cluster,
+            fence: budget.fence.clone(),
             held: held.clone(),
         };
         let only_hashes = target.mode == RedisMode::Timestamp && node.major_version >= 6;
@@ -414,6 +415,8 @@ struct PageJob {
     major_version: u32,
     /// Talking to one node of a Redis Cluster: multi-key commands must stay within a slot.
     cluster: bool,
+    /// Checked right before each destructive command, after its rate-limit wait.
+    fence: crate::leader::Fence,
     /// Globs of the keys of subjects held by a LegalHold: such keys are left alone.
     held: std::sync::Arc<Vec<String>>,
 }
@@ -506,6 +509,7 @@ impl PageJob {
                     .arg(self.retention_secs)
                     .arg(u8::from(self.dry_run));
                 self.limits.acquire(2 * keys.len() as u32).await;
+                self.may_act().map_err(err)?;
                 invocation
                     .invoke_async::<u64>(&mut self.conn)
                     .await
@@ -556,6 +560,18 @@ impl PageJob {
         Ok(counts)
     }
 
+    /// Whether this instance may still delete (a dry run deletes nothing, so always may).
+    fn may_act(&self) -> RedisResult<()> {
+        if self.dry_run || self.fence.is_valid() {
+            Ok(())
+        } else {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                LEADERSHIP_LOST,
+            )))
+        }
+    }
+
     /// One command per key, pipelined: `command key args…`, where `command` may carry a
     /// subcommand (`["OBJECT", "IDLETIME"]`).
     async fn pipelined<T: redis::FromRedisValue>(
@@ -572,6 +588,9 @@ impl PageJob {
             pipe.cmd(command[0]).arg(&command[1..]).arg(key).arg(args);
         }
         self.limits.acquire(keys.len() as u32).await;
+        if matches!(command[0], "EXPIRE" | "PEXPIRE" | "UNLINK") {
+            self.may_act()?;
+        }
         pipe.query_async(&mut self.conn).await
     }
 
@@ -590,6 +609,7 @@ impl PageJob {
         }
         // Standalone: one multi-key command per page.
         self.limits.acquire(keys.len() as u32).await;
+        self.may_act()?;
         redis::cmd("UNLINK")
             .arg(&keys)
             .query_async(&mut self.conn)
@@ -899,7 +919,13 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The description of the client-side error [`PageJob::may_act`] raises.
+const LEADERSHIP_LOST: &str = "leadership lost";
+
 fn map_error(e: redis::RedisError, addr: &str) -> Error {
+    if e.kind() == redis::ErrorKind::Client && e.to_string().contains(LEADERSHIP_LOST) {
+        return Error::LeadershipLost;
+    }
     let code = e.code().unwrap_or_default();
     if matches!(code, "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") {
         // The slot moved (failover, reshard): the caller reads the topology again.

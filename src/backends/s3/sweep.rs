@@ -299,10 +299,10 @@ impl S3Backend {
         let mut step = Step::default();
         loop {
             let page = if position.versions {
-                self.versions_page(job, &prefix, &position, &holds, &mut step)
+                self.versions_page(job, &prefix, &position, &holds, &mut step, budget)
                     .await
             } else {
-                self.objects_page(job, &prefix, &position, &holds, &mut step)
+                self.objects_page(job, &prefix, &position, &holds, &mut step, budget)
                     .await
             };
             match page {
@@ -331,6 +331,7 @@ impl S3Backend {
         position: &Cursor,
         holds: &Holds,
         step: &mut Step,
+        budget: &StepBudget,
     ) -> Result<Option<Cursor>, Error> {
         let (entries, next) = self.list_objects(prefix, position).await?;
         step.scanned += entries.len() as u64;
@@ -349,7 +350,7 @@ impl S3Backend {
             }
         }
         let refused = self
-            .delete_counted(doomed, job.dry_run, false, step)
+            .delete_counted(doomed, job.dry_run, false, step, budget)
             .await?;
         for r in &refused {
             let modified = entries
@@ -456,6 +457,7 @@ impl S3Backend {
         position: &Cursor,
         holds: &Holds,
         step: &mut Step,
+        budget: &StepBudget,
     ) -> Result<Option<Cursor>, Error> {
         let (mut entries, next) = self.list_versions(prefix, position).await?;
         // A held subject's keys are left out of the plan: none of their versions or markers
@@ -494,7 +496,7 @@ impl S3Backend {
         let versions = version_ids(&plan.versions)?;
         let predict_locks = job.dry_run && self.object_lock_enabled().await;
         let refused = self
-            .delete_counted(versions, job.dry_run, predict_locks, step)
+            .delete_counted(versions, job.dry_run, predict_locks, step, budget)
             .await?;
         // A refused version stays, so its key's delete markers must stay too: removing them
         // would make the locked data current again.
@@ -504,7 +506,7 @@ impl S3Backend {
             carry.survivor |= refused.iter().any(|r| r.key == carry.key);
         }
         let markers = version_ids(&plan.markers)?;
-        self.delete_counted(markers, job.dry_run, false, step)
+        self.delete_counted(markers, job.dry_run, false, step, budget)
             .await?;
         Ok(next.map(|n| Cursor {
             versions: true,
@@ -578,8 +580,12 @@ impl S3Backend {
         dry_run: bool,
         predict_locks: bool,
         step: &mut Step,
+        budget: &StepBudget,
     ) -> Result<Vec<Refusal>, Error> {
         let done = if !dry_run {
+            if !objects.is_empty() {
+                budget.may_act()?;
+            }
             self.delete_batch(objects).await?
         } else if predict_locks {
             let mut done = super::Deleted::default();

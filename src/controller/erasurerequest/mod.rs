@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::retentionpolicy::{resolve_target, ResolvedTarget};
-use super::{apply_status, object_key, Context, Error};
+use super::{object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{
@@ -49,7 +49,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             let mut status = previous.clone();
             status.conditions = plan::conditions(&request, &status, &[], &[], true, now);
             if status != previous {
-                apply_status(&api, &request.name_any(), &status).await?;
+                ctx.apply_status(&api, &request.name_any(), &status).await?;
             }
         }
         return Ok(Action::await_change());
@@ -190,7 +190,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
 
     // 4. Write, tell, clean up.
     if request.status.as_ref() != Some(&status) {
-        apply_status(&api, &request.name_any(), &status).await?;
+        ctx.apply_status(&api, &request.name_any(), &status).await?;
     }
     report(&ctx, &request, &previous, &status).await;
     if completed && status.subject_secret == Some(SubjectSecretFate::Deleted) {
@@ -824,7 +824,7 @@ async fn wait_on_error(
         .and_then(|s| find_condition(&s.conditions, "Complete"))
         .map(|c| c.reason.clone());
     if request.status.as_ref() != Some(&status) {
-        apply_status(api, &request.name_any(), &status).await?;
+        ctx.apply_status(api, &request.name_any(), &status).await?;
     }
     if before.as_deref() != Some(error.reason()) {
         let note = error.to_string();
@@ -842,6 +842,10 @@ async fn wait_on_error(
 }
 
 async fn delete_secret(ctx: &Context, namespace: &str, name: &str) {
+    // Only an instance that still leads deletes anything.
+    if ctx.fence.check().is_err() {
+        return;
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     match secrets.delete(name, &DeleteParams::default()).await {
         Ok(_) => info!(

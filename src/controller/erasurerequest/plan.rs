@@ -124,6 +124,7 @@ pub fn redact(e: &backends::Error) -> (&'static str, String) {
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
         E::Store(_) => "the store failed a command",
+        E::LeadershipLost => return (e.reason(), e.to_string()),
     };
     (
         e.reason(),

@@ -13,7 +13,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::{apply_status, object_key, stores, Context, Error};
+use super::{object_key, stores, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::legalhold::{HeldSubject, LegalHold};
@@ -170,7 +170,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     let previous = policy.status.clone().unwrap_or_default();
     if policy.status.as_ref() != Some(&status) {
         match (
-            apply_status(&api, &policy.name_any(), &status).await,
+            ctx.apply_status(&api, &policy.name_any(), &status).await,
             invalid,
         ) {
             (Ok(()), _) => {}
