@@ -21,34 +21,6 @@ use crate::engine::ConnectionSpec;
 /// `"true"`: whoever can create a DataStore cannot send another team's password elsewhere.
 pub const CREDENTIALS_LABEL: &str = "tombstone.dev/credentials";
 
-/// Reads one key of a Secret as UTF-8.
-pub async fn secret_value(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    key: &str,
-) -> Result<String, Error> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(Error::Kube)?
-        .ok_or_else(|| Error::SecretNotFound(name.into()))?;
-    let missing = || Error::SecretKeyMissing {
-        secret: name.into(),
-        key: key.into(),
-    };
-    if let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) {
-        return String::from_utf8(bytes.0.clone()).map_err(|_| missing());
-    }
-    secret
-        .string_data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .cloned()
-        .ok_or_else(missing)
-}
-
 /// A Secret the DataStore names, read only if it is marked as store credentials.
 async fn credentials_secret(client: &Client, namespace: &str, name: &str) -> Result<Secret, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
