@@ -23,5 +23,6 @@ mod opensearch;
 mod operational;
 mod ropa;
 mod s3;
+mod stale_views;
 mod subject;
 mod sweep;
