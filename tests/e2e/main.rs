@@ -12,6 +12,7 @@ mod datastore;
 mod digest;
 mod elasticsearch;
 mod erasure;
+mod es_fast_path;
 mod fail_closed;
 mod fixtures;
 mod harness;
