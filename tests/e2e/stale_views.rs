@@ -2,10 +2,16 @@
 //! checks and deletes in one server-side script, so a hash refreshed between the sweep's read
 //! and its delete survives, on a standalone server and on a cluster node alike.
 
-use redis::aio::MultiplexedConnection;
-use tombstone::backends::redis::unlink_unchanged;
+use std::time::Duration;
 
-use crate::fixtures::redis_conn;
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tombstone::backends::redis::{unlink_unchanged, RedisBackend, RedisConfig};
+use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
+use tombstone::leader::Fence;
+
+use crate::fixtures::{count_keys, redis_conn};
 use crate::support::{RedisCluster, RedisServer};
 
 const FIELD: &str = "createdAt";
@@ -153,4 +159,126 @@ async fn on_a_cluster_node_keys_of_many_slots_are_checked_and_deleted_per_slot()
         let kept = refreshed.contains(&key);
         assert_eq!(exists(&mut conn, key).await, kept, "{key}");
     }
+}
+
+fn budget(fence: Fence) -> StepBudget {
+    StepBudget {
+        max_time: Duration::from_secs(10),
+        cancel: CancellationToken::new(),
+        fence,
+    }
+}
+
+fn leading() -> Fence {
+    let fence = Fence::new(Duration::from_secs(10));
+    fence.renewed(tokio::time::Instant::now());
+    fence
+}
+
+fn timestamp_job() -> SweepJob {
+    SweepJob {
+        target: serde_json::from_value(json!({"name": "t", "store": "s",
+            "redis": {"keyPattern": "h:*", "mode": "timestamp", "timestampField": FIELD}}))
+        .unwrap(),
+        retention: "30d".parse().unwrap(),
+        dry_run: false,
+        cutoff: chrono::Utc::now() - chrono::Duration::days(30),
+        held: Default::default(),
+    }
+}
+
+/// Runs a sweep to its end; returns the keys deleted.
+async fn sweep(backend: &RedisBackend) -> u64 {
+    let (job, mut cursor, mut deleted) = (timestamp_job(), None::<String>, 0);
+    for _ in 0..100 {
+        let step = backend
+            .sweep_step(&job, cursor.as_deref(), &budget(leading()))
+            .await
+            .expect("sweep step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        deleted += step.deleted;
+        match step.next {
+            Next::Done => return deleted,
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+        }
+    }
+    panic!("the sweep did not finish");
+}
+
+/// The sweep itself deletes through the conditional script (on a standalone server and,
+/// grouped by slot, on every primary of a cluster), still behind the leader fence.
+#[tokio::test]
+async fn a_timestamp_sweep_deletes_through_the_script_behind_the_fence() {
+    let old = chrono::Utc::now().timestamp() - 90 * 86_400;
+    let young = chrono::Utc::now().timestamp();
+    let server = RedisServer::start();
+    let mut conn = redis_conn(&server.url()).await;
+    for i in 0..30 {
+        hset(&mut conn, &format!("h:{i}"), old).await;
+    }
+    for i in 0..5 {
+        hset(&mut conn, &format!("h:young:{i}"), young).await;
+    }
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: server.url(),
+            password: None,
+            cluster: false,
+        },
+        Limits::default(),
+    );
+    // A fenced-out instance deletes nothing and says why.
+    let fence = Fence::new(Duration::from_secs(10));
+    fence.renewed(tokio::time::Instant::now() - Duration::from_secs(11));
+    let step = backend
+        .sweep_step(&timestamp_job(), None, &budget(fence))
+        .await
+        .expect("a step with counts");
+    assert_eq!(
+        step.failure.as_ref().map(|e| e.reason()),
+        Some("LeadershipLost")
+    );
+    assert_eq!(step.deleted, 0);
+    assert_eq!(count_keys(&mut conn, "h:*").await, 35);
+
+    assert_eq!(sweep(&backend).await, 30);
+    assert_eq!(count_keys(&mut conn, "h:*").await, 5);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        stats.contains("cmdstat_evalsha:calls="),
+        "the delete did not go through the script:\n{stats}"
+    );
+
+    let cluster = RedisCluster::start(3);
+    let client = redis::cluster::ClusterClient::new(vec![cluster.seed_url()]).unwrap();
+    let mut cconn = client.get_async_connection().await.unwrap();
+    for i in 0..300 {
+        let at = if i % 10 == 0 { young } else { old };
+        let _: () = redis::cmd("HSET")
+            .arg(format!("h:{i}"))
+            .arg(FIELD)
+            .arg(at)
+            .query_async(&mut cconn)
+            .await
+            .unwrap();
+    }
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: cluster.seed_url(),
+            password: None,
+            cluster: true,
+        },
+        Limits::default(),
+    );
+    assert_eq!(sweep(&backend).await, 270);
+    let mut left = 0;
+    for node in cluster.nodes() {
+        let mut n = redis_conn(&node.url()).await;
+        left += count_keys(&mut n, "h:*").await;
+    }
+    assert_eq!(left, 30, "the young hashes, on every primary");
 }
