@@ -29,6 +29,8 @@
 //!   the 8.x default) — .../indices-delete-index.html
 //! - `GET`/`PUT /<index>/_settings` with `index.blocks.write` — .../index-modules-blocks.html
 //! - `GET _cat/indices/<pattern>?format=json&h=…` (values are strings) — .../cat-indices.html
+//! - `GET _cat/aliases` and `GET _data_stream`: none (the double has neither) —
+//!   .../cat-alias.html, .../data-stream-apis.html
 //! - `PUT /<index>/_doc/<id>`, `POST /_bulk` (index actions), `PUT /<index>` — for seeding
 //! - errors: `{"error": {"root_cause": [...], "type", "reason"}, "status"}`; 401
 //!   `security_exception` with `WWW-Authenticate` when credentials are required and wrong.
@@ -519,6 +521,9 @@ fn answer(
         ("POST", ["_tasks", id, "_cancel"]) => cancel_task(state, id),
         ("GET", ["_cat", "indices"]) => cat_indices(state, "*", query),
         ("GET", ["_cat", "indices", pattern]) => cat_indices(state, pattern, query),
+        // The double has no aliases and no data streams.
+        ("GET", ["_cat", "aliases"]) => (StatusCode::OK, json!([])),
+        ("GET", ["_data_stream"]) => (StatusCode::OK, json!({"data_streams": []})),
         ("GET" | "POST", [pattern, "_refresh"]) => match resolve(state, pattern, query) {
             Ok(names) => {
                 for n in &names {

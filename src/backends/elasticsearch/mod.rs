@@ -26,6 +26,7 @@
 
 pub mod query;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -391,79 +392,172 @@ impl ElasticsearchBackend {
             || value.and_then(Value::as_str) == Some("true"))
     }
 
-    async fn set_write_block(&self, index: &str, on: bool) -> Result<(), Error> {
-        self.call(
-            Method::PUT,
-            &[index, "_settings"],
-            &[],
-            Some(&json!({"index": {"blocks": {"write": on}}})),
-            "_settings",
-            Quote::Reason,
-        )
-        .await
-        .map(drop)
+    /// Sets `index.blocks.write`, or (`on` false) removes the setting, so that lifting the
+    /// operator's own block leaves the index's settings as they were. Returns false when the
+    /// index does not exist (any more).
+    async fn set_write_block(&self, index: &str, on: bool) -> Result<bool, Error> {
+        let value = if on { Value::Bool(true) } else { Value::Null };
+        let (status, answer) = self
+            .send(
+                Method::PUT,
+                &[index, "_settings"],
+                &[],
+                Some(&json!({"index": {"blocks": {"write": value}}})),
+                "_settings",
+            )
+            .await?;
+        match status {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            _ => Err(answer_error("_settings", status, &answer, Quote::Reason)),
+        }
     }
 
-    /// The fast path for one index: deleted whole if every document is older than the cutoff.
-    /// Returns the documents deleted, or None when the index is left to delete-by-query.
-    async fn delete_if_all_expired(
+    /// The indices that take writes for an alias or a data stream, which are never deleted
+    /// whole; None when they cannot be listed (no permission), and then nothing is.
+    async fn write_indices(&self) -> Result<Option<BTreeSet<String>>, Error> {
+        let (status, aliases) = self
+            .send(
+                Method::GET,
+                &["_cat", "aliases"],
+                &[("format", "json"), ("h", "alias,index,is_write_index")],
+                None,
+                "_cat/aliases",
+            )
+            .await?;
+        match status {
+            200..=299 => {}
+            401 | 403 => return Ok(None),
+            _ => {
+                return Err(answer_error(
+                    "_cat/aliases",
+                    status,
+                    &aliases,
+                    Quote::Reason,
+                ))
+            }
+        }
+        let (status, streams) = self
+            .send(Method::GET, &["_data_stream"], &[], None, "_data_stream")
+            .await?;
+        let streams = match status {
+            200..=299 => streams,
+            // A server without data streams (before Elasticsearch 7.9) has none.
+            400 | 404 | 405 => Value::Null,
+            401 | 403 => return Ok(None),
+            _ => {
+                return Err(answer_error(
+                    "_data_stream",
+                    status,
+                    &streams,
+                    Quote::Reason,
+                ))
+            }
+        };
+        Ok(Some(query::write_indices(&aliases, &streams)))
+    }
+
+    /// First look at one index for the fast path (no change made).
+    async fn first_look(
         &self,
         index: &str,
         field: &str,
         cutoff: chrono::DateTime<chrono::Utc>,
+        write_indices: &BTreeSet<String>,
+    ) -> Result<FirstLook, Error> {
+        if !all_expired(&self.ages(index, field).await?, cutoff) {
+            return Ok(FirstLook::Keep);
+        }
+        if write_indices.contains(index) {
+            tracing::info!(index = %index, "every document expired, but the index takes writes for an alias or a data stream: not deleted whole");
+            return Ok(FirstLook::Keep);
+        }
+        match self.write_blocked(index).await {
+            Ok(true) => Ok(FirstLook::BlockedByOthers),
+            Ok(false) => Ok(FirstLook::NeedsBlock),
+            // Not allowed to read or change settings: no fast path, delete-by-query does it.
+            Err(Error::AuthenticationFailed(_)) => Ok(FirstLook::Keep),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// With writes blocked: refreshes the index, judges it again and deletes it if every
+    /// document is still expired and it still takes no writes for an alias or data stream.
+    /// Returns the documents deleted, or None when the index stays.
+    async fn judge_again(
+        &self,
+        index: &str,
+        field: &str,
+        cutoff: chrono::DateTime<chrono::Utc>,
+        budget: &StepBudget,
     ) -> Result<Option<u64>, Error> {
-        let expired = |ages: &Option<query::IndexAges>| {
-            ages.as_ref()
-                .is_some_and(|a| query::whole_index_expired(a, cutoff))
+        self.refresh(index).await?;
+        let Some(ages) = self.ages(index, field).await? else {
+            return Ok(None);
         };
-        if !expired(&self.ages(index, field).await?) {
+        if !query::whole_index_expired(&ages, cutoff) {
             return Ok(None);
         }
-        // Writes are blocked and the index refreshed before it is judged again: a document
-        // written (or not yet searchable) since the first look keeps the index.
-        let already_blocked = match self.write_blocked(index).await {
-            Ok(b) => b,
-            // Not allowed to read or change settings: no fast path, delete-by-query does it.
-            Err(Error::AuthenticationFailed(_)) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if !already_blocked {
-            match self.set_write_block(index, true).await {
-                Ok(()) => {}
-                Err(Error::AuthenticationFailed(_)) => return Ok(None),
-                Err(e) => return Err(e),
-            }
+        if self
+            .write_indices()
+            .await?
+            .is_none_or(|w| w.contains(index))
+        {
+            return Ok(None);
         }
-        let judged = async {
-            self.refresh(index).await?;
-            let ages = self.ages(index, field).await?;
-            match ages {
-                Some(a) if expired(&Some(a.clone())) => {
-                    self.call(
-                        Method::DELETE,
-                        &[index],
-                        &[],
-                        None,
-                        "DELETE index",
-                        Quote::Reason,
-                    )
-                    .await?;
-                    Ok(Some(a.total))
-                }
-                _ => Ok(None),
+        budget.may_act()?;
+        self.call(
+            Method::DELETE,
+            &[index],
+            &[],
+            None,
+            "DELETE index",
+            Quote::Reason,
+        )
+        .await?;
+        Ok(Some(ages.total))
+    }
+
+    /// The second half of the fast path for an index the operator blocks itself (named in
+    /// the checkpointed cursor before the block is set): blocks writes, judges again, and
+    /// deletes the index or lifts its block. Run again on resume after a crash, it lifts a
+    /// block left behind. With `delete` false (the fast path is over, a dry run, a hold) the
+    /// block is only lifted. Errors leave the cursor naming the index, so the next step
+    /// lifts the block; a fenced-out instance leaves it to the leader.
+    async fn own_block(
+        &self,
+        index: &str,
+        field: &str,
+        cutoff: chrono::DateTime<chrono::Utc>,
+        budget: &StepBudget,
+        delete: bool,
+    ) -> Result<Option<u64>, Error> {
+        budget.may_act()?;
+        if delete {
+            if !self.set_write_block(index, true).await? {
+                return Ok(None);
             }
-        }
-        .await;
-        if !already_blocked && !matches!(judged, Ok(Some(_))) {
-            // Writes are allowed again whatever happened; if even that fails, say so, since
-            // the index would stay read-only.
-            if let Err(e) = self.set_write_block(index, false).await {
-                return Err(Error::Store(format!(
-                    "index {index} was left write-blocked (index.blocks.write) after the fast-path check: {e}"
-                )));
+            let judged = self.judge_again(index, field, cutoff, budget).await;
+            if matches!(judged, Ok(Some(_)) | Err(Error::LeadershipLost)) {
+                return judged;
             }
+            budget.may_act()?;
+            self.lift_own_block(index).await?;
+            return judged;
         }
-        judged
+        self.lift_own_block(index).await?;
+        Ok(None)
+    }
+
+    async fn lift_own_block(&self, index: &str) -> Result<(), Error> {
+        self.set_write_block(index, false)
+            .await
+            .map(drop)
+            .map_err(|e| {
+                Error::Store(format!(
+                    "index {index} is still write-blocked (index.blocks.write) by the fast-path check; lifting it again on the next step: {e}"
+                ))
+            })
     }
 
     async fn sweep(
@@ -523,6 +617,14 @@ impl ElasticsearchBackend {
             }
         };
         if job.dry_run {
+            // Switched to a dry run mid-sweep: a block of the operator's own is lifted all
+            // the same (that restores the index; it deletes nothing).
+            if let Some(index) = position.blocking.as_deref() {
+                if query::index_matches(pattern, index) {
+                    self.own_block(index, field, job.cutoff, budget, false)
+                        .await?;
+                }
+            }
             return Ok(step);
         }
         if !held.is_empty() && !position.by_query {
@@ -551,7 +653,9 @@ impl ElasticsearchBackend {
                 Ok(step)
             }
             // Progress already made is kept: the counts and the position move together.
-            Err(e) if step.deleted > 0 || position.task.is_some() => {
+            Err(e)
+                if step.deleted > 0 || position.task.is_some() || position.blocking.is_some() =>
+            {
                 step.failure = Some(e);
                 step.next = Next::Continue(position.encode());
                 Ok(step)
@@ -572,9 +676,36 @@ impl ElasticsearchBackend {
         deadline: Instant,
         (expired, quote): (Value, Quote),
     ) -> Result<(), Error> {
+        if let Some(index) = position.blocking.clone() {
+            // The operator's own block, named in the checkpoint before it was set: judge the
+            // index again (or, the fast path being over, only lift the block).
+            if !query::index_matches(pattern, &index) {
+                return Err(Error::InvalidSpec(format!(
+                    "the cursor names index {index}, which the pattern does not"
+                )));
+            }
+            if let Some(n) = self
+                .own_block(&index, field, job.cutoff, budget, !position.by_query)
+                .await?
+            {
+                tracing::info!(index = %index, documents = n, "deleted an index whose every document had expired");
+                step.deleted += n;
+            }
+            position.blocking = None;
+            if !position.by_query {
+                position.after = Some(index);
+            }
+        }
         if !position.by_query {
             let mut judged = false;
-            for index in self.indices(pattern).await? {
+            let write_indices = self.write_indices().await?;
+            // Without the list of write indices no index is deleted whole.
+            let indices = match write_indices {
+                Some(_) => self.indices(pattern).await?,
+                None => Vec::new(),
+            };
+            let write_indices = write_indices.unwrap_or_default();
+            for index in indices {
                 if position.after.as_ref().is_some_and(|a| &index <= a) {
                     continue;
                 }
@@ -583,12 +714,26 @@ impl ElasticsearchBackend {
                     step.next = Next::Continue(position.encode());
                     return Ok(());
                 }
-                if let Some(n) = self
-                    .delete_if_all_expired(&index, field, job.cutoff)
+                match self
+                    .first_look(&index, field, job.cutoff, &write_indices)
                     .await?
                 {
-                    tracing::info!(index = %index, documents = n, "deleted an index whose every document had expired");
-                    step.deleted += n;
+                    FirstLook::Keep => {}
+                    FirstLook::BlockedByOthers => {
+                        // Writes are blocked already (not by us): judged again as they are.
+                        if let Some(n) = self.judge_again(&index, field, job.cutoff, budget).await?
+                        {
+                            tracing::info!(index = %index, documents = n, "deleted an index whose every document had expired");
+                            step.deleted += n;
+                        }
+                    }
+                    FirstLook::NeedsBlock => {
+                        // The index is named in the checkpoint before its writes are blocked,
+                        // so a crash after the block leaves a cursor that lifts it.
+                        position.blocking = Some(index);
+                        step.next = Next::Continue(position.encode());
+                        return Ok(());
+                    }
                 }
                 position.after = Some(index);
                 judged = true;
@@ -743,6 +888,21 @@ enum Polled {
 }
 
 /// The query of each held subject's documents in the target (from its subject locator).
+/// What the first look at an index says about the fast path.
+enum FirstLook {
+    /// Not deleted whole: something is young or undated, or it takes writes.
+    Keep,
+    /// All expired, and writes are blocked already by someone else: judged again as it is.
+    BlockedByOthers,
+    /// All expired: to be judged again under the operator's own write block.
+    NeedsBlock,
+}
+
+fn all_expired(ages: &Option<query::IndexAges>, cutoff: chrono::DateTime<chrono::Utc>) -> bool {
+    ages.as_ref()
+        .is_some_and(|a| query::whole_index_expired(a, cutoff))
+}
+
 fn held_queries(job: &SweepJob) -> Result<Vec<Value>, Error> {
     if job.held.is_empty() {
         return Ok(Vec::new());
@@ -804,8 +964,15 @@ impl Backend for ElasticsearchBackend {
     }
 
     /// Cancels a running delete-by-query task; what it deleted before stays deleted.
+    /// Lifts the operator's own write block named in the cursor, if any, too.
     async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
-        let Some(task) = Cursor::decode(cursor).ok().and_then(|c| c.task) else {
+        let Ok(cursor) = Cursor::decode(cursor) else {
+            return Ok(false);
+        };
+        if let Some(index) = cursor.blocking.as_deref() {
+            self.lift_own_block(index).await?;
+        }
+        let Some(task) = cursor.task else {
             return Ok(false);
         };
         let (status, answer) = self

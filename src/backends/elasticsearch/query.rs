@@ -2,7 +2,7 @@
 //! concatenation, so an identifier holding `"`, `\`, `|` or `}` stays one string value),
 //! index-pattern checks and matching, the fast-path decision, and the cursor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -390,6 +390,11 @@ pub struct Cursor {
     /// Sweep: the fast path is over.
     #[serde(rename = "q", default, skip_serializing_if = "std::ops::Not::not")]
     pub by_query: bool,
+    /// Sweep, fast path: the index whose writes the operator blocks (named here, and
+    /// checkpointed, before the block is set) to judge it again. The next step lifts the
+    /// block unless it deletes the index, also when it resumes after a crash.
+    #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
+    pub blocking: Option<String>,
     /// The delete-by-query task being polled.
     #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
@@ -423,6 +428,13 @@ impl Cursor {
             .ok_or_else(|| {
                 Error::InvalidSpec(format!("unreadable Elasticsearch cursor {text:?}"))
             })?;
+        if let Some(index) = &cursor.blocking {
+            if !valid_index_name(index) {
+                return Err(Error::InvalidSpec(format!(
+                    "unreadable Elasticsearch index name {index:?} in cursor"
+                )));
+            }
+        }
         if let Some(task) = &cursor.task {
             if !valid_task_id(task) {
                 return Err(Error::InvalidSpec(format!(
@@ -432,6 +444,71 @@ impl Cursor {
         }
         Ok(cursor)
     }
+}
+
+/// One concrete index name: no wildcard, list, path or expression that could name others.
+pub fn valid_index_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.starts_with(['-', '_', '+'])
+        && !name.contains([
+            '*', ',', '/', '\\', '?', '"', '<', '>', '|', ' ', '#', ':', '(', ')', '{', '}',
+        ])
+}
+
+/// The indices that take writes for an alias or a data stream: of `_cat/aliases` rows
+/// (`alias`, `index`, `is_write_index`), the index marked `true`, or the only index of an
+/// alias none of whose indices is marked (Elasticsearch writes there); of `_data_stream`,
+/// each stream's last backing index. Unreadable answers name none.
+pub fn write_indices(aliases: &Value, data_streams: &Value) -> BTreeSet<String> {
+    let mut by_alias: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    for row in aliases.as_array().into_iter().flatten() {
+        let (Some(alias), Some(index)) = (
+            row.get("alias").and_then(Value::as_str),
+            row.get("index").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let flag = row
+            .get("is_write_index")
+            .and_then(Value::as_str)
+            .unwrap_or("-");
+        by_alias.entry(alias).or_default().push((index, flag));
+    }
+    let mut out = BTreeSet::new();
+    for rows in by_alias.values() {
+        let marked: Vec<&str> = rows
+            .iter()
+            .filter(|(_, flag)| *flag == "true")
+            .map(|(index, _)| *index)
+            .collect();
+        if !marked.is_empty() {
+            out.extend(marked.into_iter().map(str::to_string));
+        } else if let [(index, flag)] = rows.as_slice() {
+            if *flag != "false" {
+                out.insert((*index).to_string());
+            }
+        }
+    }
+    let streams = data_streams
+        .get("data_streams")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for stream in streams {
+        let last = stream
+            .get("indices")
+            .and_then(Value::as_array)
+            .and_then(|indices| indices.last())
+            .and_then(|i| i.get("index_name"))
+            .and_then(Value::as_str);
+        if let Some(index) = last {
+            out.insert(index.to_string());
+        }
+    }
+    out
 }
 
 /// A task id as Elasticsearch gives them: `<node id>:<number>`.
@@ -590,6 +667,46 @@ mod tests {
     }
 
     #[test]
+    fn write_indices_of_aliases_and_data_streams_are_recognised() {
+        let aliases = json!([
+            // Marked write index among several.
+            {"alias": "logs", "index": "logs-1", "is_write_index": "false"},
+            {"alias": "logs", "index": "logs-2", "is_write_index": "true"},
+            // The only index of an alias, unmarked: Elasticsearch writes there.
+            {"alias": "single", "index": "single-1", "is_write_index": "-"},
+            // Several unmarked: the alias takes no writes.
+            {"alias": "read", "index": "r-1", "is_write_index": "-"},
+            {"alias": "read", "index": "r-2", "is_write_index": "-"},
+            // The only index, marked false: no write index.
+            {"alias": "off", "index": "off-1", "is_write_index": "false"},
+            {"alias": "broken"}
+        ]);
+        let streams = json!({"data_streams": [
+            {"name": "metrics", "indices": [
+                {"index_name": ".ds-metrics-000001"}, {"index_name": ".ds-metrics-000002"}
+            ]}
+        ]});
+        let write: Vec<String> = write_indices(&aliases, &streams).into_iter().collect();
+        assert_eq!(write, vec![".ds-metrics-000002", "logs-2", "single-1"]);
+        assert!(write_indices(&Value::Null, &Value::Null).is_empty());
+    }
+
+    #[test]
+    fn a_cursor_names_one_concrete_index_to_unblock() {
+        let cursor = Cursor {
+            blocking: Some("events-2020.01.01".into()),
+            ..Cursor::default()
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()).unwrap(), cursor);
+        for bad in ["", "events-*", "a,b", "_all", "-x", "..", "a/b", "a b"] {
+            assert!(!valid_index_name(bad), "{bad:?}");
+            let encoded = format!("es:{}", json!({"b": bad}));
+            assert!(Cursor::decode(&encoded).is_err(), "{bad:?}");
+        }
+        assert!(valid_index_name(".ds-metrics-000001"));
+    }
+
+    #[test]
     fn only_an_index_whose_every_document_is_old_is_deleted_whole() {
         let cutoff = DateTime::from_timestamp(1_000_000, 0).unwrap();
         let ms = cutoff.timestamp_millis() as f64;
@@ -685,6 +802,7 @@ mod tests {
         let c = Cursor {
             after: Some("logs-2026.01.01".into()),
             by_query: true,
+            blocking: None,
             task: Some("oTUltX4IQMOUUVeiohTt8A:12345".into()),
             polls: 3,
             errors: 1,

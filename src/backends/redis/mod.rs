@@ -3,9 +3,10 @@
 //! Modes (API.md): `expire` gives every matching key a TTL of at most `retention`
 //! (`EXPIRE … LT`, so keys already bounded are left alone and counts stay exact on re-runs);
 //! `idle` unlinks keys whose OBJECT IDLETIME exceeds `retention`; `timestamp` unlinks hashes
-//! whose timestamp field is older than the cutoff. Counts come from the replies of the
-//! deleting commands, never from what was merely selected, so a resumed step cannot count a
-//! key twice.
+//! whose timestamp field is older than the cutoff, checked again in the deleting script (one
+//! per slot on a cluster node) so a hash refreshed after the read survives. Counts come from
+//! the replies of the deleting commands, never from what was merely selected, so a resumed
+//! step cannot count a key twice.
 
 pub mod glob;
 pub(crate) mod subject;
@@ -537,23 +538,37 @@ impl PageJob {
                     pipe.query_async(&mut self.conn).await.map_err(err)?;
                 let cutoff = self.cutoff;
                 let (mut unjudged, mut oldest) = (0u64, None::<DateTime<Utc>>);
-                let selected = select(keys, values, |v| {
-                    match v.ok().flatten().and_then(|s| parse_timestamp(&s)) {
-                        Some(t) if t < cutoff => true,
-                        Some(t) => {
-                            oldest = Some(oldest.map_or(t, |o| o.min(t)));
-                            false
-                        }
-                        None => {
-                            // Never deleted, never called young: counted and reported.
-                            unjudged += 1;
-                            false
-                        }
+                let mut expired: Vec<(Vec<u8>, String)> = Vec::new();
+                for (key, value) in keys.into_iter().zip(values) {
+                    let Some(value) = value.ok().flatten() else {
+                        // Never deleted, never called young: counted and reported.
+                        unjudged += 1;
+                        continue;
+                    };
+                    match parse_timestamp(&value) {
+                        Some(t) if t < cutoff => expired.push((key, value)),
+                        Some(t) => oldest = Some(oldest.map_or(t, |o| o.min(t))),
+                        None => unjudged += 1,
                     }
-                });
+                }
                 counts.unjudged = unjudged;
                 counts.oldest = oldest;
-                self.unlink(selected).await.map_err(err)?
+                if self.dry_run || expired.is_empty() {
+                    expired.len() as u64
+                } else {
+                    // The delete is conditional on the server: a hash whose timestamp changed
+                    // since it was read (refreshed in between) is kept.
+                    self.limits.acquire(2 * expired.len() as u32).await;
+                    self.may_act().map_err(err)?;
+                    unlink_unchanged(
+                        &mut self.conn,
+                        &self.timestamp_field,
+                        &expired,
+                        self.cluster,
+                    )
+                    .await
+                    .map_err(err)?
+                }
             }
         };
         counts.deleted = deleted;
@@ -637,6 +652,83 @@ return redis.call('UNLINK', unpack(expired))
 ",
     )
 });
+
+/// Mode timestamp: unlinks (KEYS) the hashes whose field ARGV[1] still holds the value
+/// ARGV[i + 1] the sweep read and judged expired; returns how many. Check and delete run as
+/// one script, so a hash refreshed (or replaced by another type) after the read is kept.
+static TIMESTAMP_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local field = ARGV[1]
+local expired = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('TYPE', key).ok == 'hash' and redis.call('HGET', key, field) == ARGV[i + 1] then
+    expired[#expired + 1] = key
+  end
+end
+local removed = 0
+for first = 1, #expired, 1000 do
+  removed = removed + redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
+end
+return removed
+",
+    )
+});
+
+/// Mode timestamp: unlinks each hash of `expired` only if its `field` still holds the value
+/// read for it (`(key, value)`), checked and deleted atomically on the server; returns how
+/// many the server removed. On a cluster node a script may only touch keys of one slot, so
+/// the keys are grouped by slot, one script per group, all in one pipeline.
+pub async fn unlink_unchanged(
+    conn: &mut MultiplexedConnection,
+    field: &str,
+    expired: &[(Vec<u8>, String)],
+    cluster: bool,
+) -> RedisResult<u64> {
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    let groups = script_groups(expired, cluster);
+    let invocations: Vec<redis::ScriptInvocation<'_>> = groups
+        .iter()
+        .map(|group| {
+            let mut invocation = TIMESTAMP_SCRIPT.prepare_invoke();
+            invocation.arg(field);
+            for (key, value) in group {
+                invocation.key(key).arg(value);
+            }
+            invocation
+        })
+        .collect();
+    let mut pipe = redis::pipe();
+    pipe.load_script(&TIMESTAMP_SCRIPT).ignore();
+    for invocation in &invocations {
+        pipe.invoke_script(invocation);
+    }
+    let removed: Vec<u64> = pipe.query_async(conn).await?;
+    Ok(removed.iter().sum())
+}
+
+/// The keys each script call may touch, in the order given: all of them on a standalone
+/// server; on a cluster node, one group per hash slot.
+fn script_groups<T>(entries: &[(Vec<u8>, T)], cluster: bool) -> Vec<Vec<&(Vec<u8>, T)>> {
+    if !cluster {
+        return vec![entries.iter().collect()];
+    }
+    let mut groups: Vec<Vec<&(Vec<u8>, T)>> = Vec::new();
+    let mut by_slot = std::collections::HashMap::new();
+    for entry in entries {
+        let slot = redis::cluster_routing::Slot::for_key(&entry.0);
+        let index = *by_slot.entry(slot).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        if let Some(group) = groups.get_mut(index) {
+            group.push(entry);
+        }
+    }
+    groups
+}
 
 fn idle_error(e: redis::RedisError, addr: &str) -> Error {
     if e.to_string().contains("LFU") {
@@ -1115,6 +1207,30 @@ e1 127.0.0.1:7006@17006 master - 0 0 5 connected
                 ("127.0.0.1".into(), 7003)
             ]
         );
+    }
+
+    #[test]
+    fn cluster_scripts_are_grouped_by_slot() {
+        let entries: Vec<(Vec<u8>, u8)> = ["a:{u1}:x", "b", "a:{u1}:y", "c", "{u1}"]
+            .iter()
+            .map(|k| (k.as_bytes().to_vec(), 0))
+            .collect();
+        assert_eq!(script_groups(&entries, false).len(), 1);
+        let groups = script_groups(&entries, true);
+        let names: Vec<Vec<&[u8]>> = groups
+            .iter()
+            .map(|g| g.iter().map(|(k, _)| k.as_slice()).collect())
+            .collect();
+        // "b" and "c" hash to different slots; the three {u1} keys share one.
+        assert_eq!(
+            names,
+            vec![
+                vec![&b"a:{u1}:x"[..], b"a:{u1}:y", b"{u1}"],
+                vec![&b"b"[..]],
+                vec![&b"c"[..]],
+            ]
+        );
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), entries.len());
     }
 
     #[test]

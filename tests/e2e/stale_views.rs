@@ -1,0 +1,284 @@
+//! Issue 12: a sweep acts on what it read, never on a view that went stale. Mode `timestamp`
+//! checks and deletes in one server-side script, so a hash refreshed between the sweep's read
+//! and its delete survives, on a standalone server and on a cluster node alike.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tombstone::backends::redis::{unlink_unchanged, RedisBackend, RedisConfig};
+use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
+use tombstone::leader::Fence;
+
+use crate::fixtures::{count_keys, redis_conn};
+use crate::support::{RedisCluster, RedisServer};
+
+const FIELD: &str = "createdAt";
+
+async fn hset(conn: &mut MultiplexedConnection, key: &str, at: i64) {
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg(FIELD)
+        .arg(at)
+        .arg("probe")
+        .arg("x")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<u64>(conn)
+        .await
+        .unwrap()
+        == 1
+}
+
+/// What the sweep read for `key` (the view it judged expired).
+async fn read(conn: &mut MultiplexedConnection, key: &str) -> (Vec<u8>, String) {
+    let value: String = redis::cmd("HGET")
+        .arg(key)
+        .arg(FIELD)
+        .query_async(conn)
+        .await
+        .unwrap();
+    (key.as_bytes().to_vec(), value)
+}
+
+#[tokio::test]
+async fn a_hash_refreshed_after_the_read_survives_the_delete() {
+    let server = RedisServer::start();
+    let mut conn = redis_conn(&server.url()).await;
+    let old = chrono::Utc::now().timestamp() - 90 * 86_400;
+    for key in ["h:stale", "h:refreshed", "h:retyped", "h:gone"] {
+        hset(&mut conn, key, old).await;
+    }
+    // The sweep's view: all four expired.
+    let mut view = Vec::new();
+    for key in ["h:stale", "h:refreshed", "h:retyped", "h:gone"] {
+        view.push(read(&mut conn, key).await);
+    }
+    // Between the read and the delete: one hash is refreshed, one becomes a string, one is
+    // deleted by its application.
+    hset(&mut conn, "h:refreshed", chrono::Utc::now().timestamp()).await;
+    let _: () = redis::cmd("DEL")
+        .arg("h:retyped")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("h:retyped")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("h:gone")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let removed = unlink_unchanged(&mut conn, FIELD, &view, false)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        removed, 1,
+        "only the unchanged stale hash is deleted and counted"
+    );
+    assert!(!exists(&mut conn, "h:stale").await);
+    assert!(
+        exists(&mut conn, "h:refreshed").await,
+        "refreshed hash deleted"
+    );
+    assert!(
+        exists(&mut conn, "h:retyped").await,
+        "a key of another type deleted"
+    );
+    // Re-running on the same stale view deletes and counts nothing more.
+    assert_eq!(
+        unlink_unchanged(&mut conn, FIELD, &view, false)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_node_keys_of_many_slots_are_checked_and_deleted_per_slot() {
+    let cluster = RedisCluster::start(3);
+    let node = 0;
+    let url = cluster.nodes()[node].url();
+    let mut conn = redis_conn(&url).await;
+    let old = chrono::Utc::now().timestamp() - 90 * 86_400;
+    // Hashes served by node 0, in many slots (two of them sharing one through a hash tag).
+    let mut keys: Vec<String> = (0..400)
+        .map(|i| format!("h:{i}"))
+        .filter(|k| cluster.owner_of(cluster.slot_of(k)) == node)
+        .take(40)
+        .collect();
+    keys.push("h:{tag}:a".into());
+    keys.push("h:{tag}:b".into());
+    assert!(keys.len() > 20, "node 0 serves too few of the probe keys");
+    for key in &keys {
+        if cluster.owner_of(cluster.slot_of(key)) == node {
+            hset(&mut conn, key, old).await;
+        }
+    }
+    let keys: Vec<String> = keys
+        .into_iter()
+        .filter(|k| cluster.owner_of(cluster.slot_of(k)) == node)
+        .collect();
+    let mut view = Vec::new();
+    for key in &keys {
+        view.push(read(&mut conn, key).await);
+    }
+    let refreshed: Vec<&String> = keys.iter().step_by(5).collect();
+    for key in &refreshed {
+        hset(&mut conn, key, chrono::Utc::now().timestamp()).await;
+    }
+
+    // One script over keys of several slots is refused by a cluster node (CROSSSLOT): the
+    // grouping by slot is what makes the atomic delete possible there.
+    let crossslot = unlink_unchanged(&mut conn, FIELD, &view, false).await;
+    assert!(
+        crossslot
+            .as_ref()
+            .is_err_and(|e| e.to_string().to_lowercase().contains("crossslot")),
+        "a cluster node accepted a cross-slot script: {crossslot:?}"
+    );
+
+    let removed = unlink_unchanged(&mut conn, FIELD, &view, true)
+        .await
+        .unwrap();
+    assert_eq!(removed as usize, keys.len() - refreshed.len());
+    for key in &keys {
+        let kept = refreshed.contains(&key);
+        assert_eq!(exists(&mut conn, key).await, kept, "{key}");
+    }
+}
+
+fn budget(fence: Fence) -> StepBudget {
+    StepBudget {
+        max_time: Duration::from_secs(10),
+        cancel: CancellationToken::new(),
+        fence,
+    }
+}
+
+fn leading() -> Fence {
+    let fence = Fence::new(Duration::from_secs(10));
+    fence.renewed(tokio::time::Instant::now());
+    fence
+}
+
+fn timestamp_job() -> SweepJob {
+    SweepJob {
+        target: serde_json::from_value(json!({"name": "t", "store": "s",
+            "redis": {"keyPattern": "h:*", "mode": "timestamp", "timestampField": FIELD}}))
+        .unwrap(),
+        retention: "30d".parse().unwrap(),
+        dry_run: false,
+        cutoff: chrono::Utc::now() - chrono::Duration::days(30),
+        held: Default::default(),
+    }
+}
+
+/// Runs a sweep to its end; returns the keys deleted.
+async fn sweep(backend: &RedisBackend) -> u64 {
+    let (job, mut cursor, mut deleted) = (timestamp_job(), None::<String>, 0);
+    for _ in 0..100 {
+        let step = backend
+            .sweep_step(&job, cursor.as_deref(), &budget(leading()))
+            .await
+            .expect("sweep step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        deleted += step.deleted;
+        match step.next {
+            Next::Done => return deleted,
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+        }
+    }
+    panic!("the sweep did not finish");
+}
+
+/// The sweep itself deletes through the conditional script (on a standalone server and,
+/// grouped by slot, on every primary of a cluster), still behind the leader fence.
+#[tokio::test]
+async fn a_timestamp_sweep_deletes_through_the_script_behind_the_fence() {
+    let old = chrono::Utc::now().timestamp() - 90 * 86_400;
+    let young = chrono::Utc::now().timestamp();
+    let server = RedisServer::start();
+    let mut conn = redis_conn(&server.url()).await;
+    for i in 0..30 {
+        hset(&mut conn, &format!("h:{i}"), old).await;
+    }
+    for i in 0..5 {
+        hset(&mut conn, &format!("h:young:{i}"), young).await;
+    }
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: server.url(),
+            password: None,
+            cluster: false,
+        },
+        Limits::default(),
+    );
+    // A fenced-out instance deletes nothing and says why.
+    let fence = Fence::new(Duration::from_secs(10));
+    fence.renewed(tokio::time::Instant::now() - Duration::from_secs(11));
+    let step = backend
+        .sweep_step(&timestamp_job(), None, &budget(fence))
+        .await
+        .expect("a step with counts");
+    assert_eq!(
+        step.failure.as_ref().map(|e| e.reason()),
+        Some("LeadershipLost")
+    );
+    assert_eq!(step.deleted, 0);
+    assert_eq!(count_keys(&mut conn, "h:*").await, 35);
+
+    assert_eq!(sweep(&backend).await, 30);
+    assert_eq!(count_keys(&mut conn, "h:*").await, 5);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        stats.contains("cmdstat_evalsha:calls="),
+        "the delete did not go through the script:\n{stats}"
+    );
+
+    let cluster = RedisCluster::start(3);
+    let client = redis::cluster::ClusterClient::new(vec![cluster.seed_url()]).unwrap();
+    let mut cconn = client.get_async_connection().await.unwrap();
+    for i in 0..300 {
+        let at = if i % 10 == 0 { young } else { old };
+        let _: () = redis::cmd("HSET")
+            .arg(format!("h:{i}"))
+            .arg(FIELD)
+            .arg(at)
+            .query_async(&mut cconn)
+            .await
+            .unwrap();
+    }
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: cluster.seed_url(),
+            password: None,
+            cluster: true,
+        },
+        Limits::default(),
+    );
+    assert_eq!(sweep(&backend).await, 270);
+    let mut left = 0;
+    for node in cluster.nodes() {
+        let mut n = redis_conn(&node.url()).await;
+        left += count_keys(&mut n, "h:*").await;
+    }
+    assert_eq!(left, 30, "the young hashes, on every primary");
+}
