@@ -1,5 +1,5 @@
 //! One actor at a time: a leader frozen past its Lease and thawed after a standby took over
-//! deletes nothing more and overwrites no checkpoint (issue 12, leader fencing). The
+//! deletes nothing more and overwrites no checkpoint. The
 //! operators here are real `tombstone run` processes, frozen and thawed with signals.
 
 use std::time::Duration;

@@ -69,7 +69,7 @@ async fn the_harness_node_is_a_real_opensearch_and_says_which() {
     }
 }
 
-/// The behaviour the double got wrong (issue 13): an unmapped string is mapped as analysed
+/// The behaviour the double got wrong: an unmapped string is mapped as analysed
 /// `text` with a `.keyword` sub-field, not as `keyword`.
 #[tokio::test]
 async fn dynamic_mapping_of_a_string_is_text_with_a_keyword_sub_field() {

@@ -1,4 +1,4 @@
-//! The operator is no deputy for credentials (issue 10, items 13 and 14): a DataStore can
+//! The operator is no deputy for credentials: a DataStore can
 //! name any host, so the operator reads a Secret as store credentials only when the Secret
 //! is labelled for it, sends credentials in plain text only when the DataStore says
 //! `insecure: true`, and lends its own cloud identity only when started to allow it.

@@ -1,5 +1,5 @@
 //! Specs that could delete the wrong data or crash the operator are refused when the policy
-//! is validated (items 1, 2, 4 and 5 of issue 10): the policy is not Ready (reason
+//! is validated: the policy is not Ready (reason
 //! InvalidSpec, with a Warning event), nothing is swept or erased, and other policies keep
 //! being reconciled. Objects stored under the older, looser schema are caught the same way.
 
