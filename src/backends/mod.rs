@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::retentionpolicy::Target;
+use crate::api::retentionpolicy::{SubjectLocator, Target};
 use crate::api::StoreKind;
 use crate::engine::limits::RateLimiter;
 
@@ -159,6 +159,38 @@ impl HeldSubjects {
         }
         Ok(all)
     }
+}
+
+/// The target's subject locator for the store kind `kind` (`pick` chooses its section), or
+/// `InvalidSpec` saying the target has none.
+pub(crate) fn subject_locator<'a, T>(
+    target: &'a Target,
+    kind: StoreKind,
+    pick: impl FnOnce(&'a SubjectLocator) -> Option<&'a T>,
+) -> Result<&'a T, Error> {
+    target.subject.as_ref().and_then(pick).ok_or_else(|| {
+        Error::InvalidSpec(format!(
+            "target {} has no {} subject locator",
+            target.name,
+            kind.as_str()
+        ))
+    })
+}
+
+/// [`subject_locator`] for a sweep that must leave held subjects out: without one it cannot,
+/// and says so.
+pub(crate) fn held_subject_locator<'a, T>(
+    target: &'a Target,
+    kind: StoreKind,
+    pick: impl FnOnce(&'a SubjectLocator) -> Option<&'a T>,
+) -> Result<&'a T, Error> {
+    subject_locator(target, kind, pick).map_err(|_| {
+        Error::InvalidSpec(format!(
+            "target {}: a LegalHold holds subjects and the target has no {} subject locator",
+            target.name,
+            kind.as_str()
+        ))
+    })
 }
 
 /// The store kind a target's selector is written for (the one of `redis`, `s3`, `loki`,

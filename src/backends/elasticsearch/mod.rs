@@ -37,8 +37,8 @@ use tokio::time::Instant;
 
 use super::http::{self, HttpAuth};
 use super::{
-    Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
-    SweepJob,
+    held_subject_locator, subject_locator, Backend, Error, Limits, Next, Step, StepBudget,
+    SubjectAction, SubjectJob, SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
@@ -795,16 +795,9 @@ impl ElasticsearchBackend {
             .ok_or_else(|| {
                 Error::InvalidSpec(format!("target {name} has no elasticsearch selector"))
             })?;
-        let locator = job
-            .target
-            .subject
-            .as_ref()
-            .and_then(|s| s.elasticsearch.as_ref())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!(
-                    "target {name} has no elasticsearch subject locator"
-                ))
-            })?;
+        let locator = subject_locator(&job.target, StoreKind::Elasticsearch, |s| {
+            s.elasticsearch.as_ref()
+        })?;
         let mut result = SubjectStep {
             count: 0,
             blocked: 0,
@@ -907,17 +900,9 @@ fn held_queries(job: &SweepJob) -> Result<Vec<Value>, Error> {
     if job.held.is_empty() {
         return Ok(Vec::new());
     }
-    let locator = job
-        .target
-        .subject
-        .as_ref()
-        .and_then(|s| s.elasticsearch.as_ref())
-        .ok_or_else(|| {
-            Error::InvalidSpec(format!(
-                "target {}: a LegalHold holds subjects and the target has no elasticsearch subject locator",
-                job.target.name
-            ))
-        })?;
+    let locator = held_subject_locator(&job.target, StoreKind::Elasticsearch, |s| {
+        s.elasticsearch.as_ref()
+    })?;
     job.held
         .0
         .iter()

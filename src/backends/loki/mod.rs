@@ -33,8 +33,8 @@ use super::http::{self, HttpAuth};
 use super::identifier;
 use super::template;
 use super::{
-    Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
-    SweepJob,
+    held_subject_locator, subject_locator, Backend, Error, Limits, Next, Step, StepBudget,
+    SubjectAction, SubjectJob, SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
@@ -515,17 +515,7 @@ impl LokiBackend {
 
     async fn subject(&self, job: &SubjectJob, cursor: Option<&str>) -> Result<SubjectStep, Error> {
         let selector = selector(&job.target)?;
-        let locator = job
-            .target
-            .subject
-            .as_ref()
-            .and_then(|s| s.loki.as_ref())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!(
-                    "target {} has no loki subject locator",
-                    job.target.name
-                ))
-            })?;
+        let locator = subject_locator(&job.target, StoreKind::Loki, |s| s.loki.as_ref())?;
         let mut step = SubjectStep {
             count: 0,
             blocked: 0,
@@ -612,17 +602,7 @@ fn held_filters(job: &SweepJob) -> Result<String, Error> {
     if job.held.is_empty() {
         return Ok(String::new());
     }
-    let locator = job
-        .target
-        .subject
-        .as_ref()
-        .and_then(|s| s.loki.as_ref())
-        .ok_or_else(|| {
-            Error::InvalidSpec(format!(
-                "target {}: a LegalHold holds subjects and the target has no loki subject locator",
-                job.target.name
-            ))
-        })?;
+    let locator = held_subject_locator(&job.target, StoreKind::Loki, |s| s.loki.as_ref())?;
     let filled =
         job.held
             .expand_all("subject.loki.lineFilter", &locator.line_filter, |t, ids| {

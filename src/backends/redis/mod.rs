@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::{Backend, Error, Limits, Next, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
-use crate::backends::{identifier, template};
+use crate::backends::{held_subject_locator, identifier, template};
 
 /// Keys asked for per SCAN call.
 const SCAN_COUNT: usize = 5000;
@@ -909,17 +909,7 @@ fn held_globs(job: &SweepJob) -> Result<Vec<String>, Error> {
     if job.held.is_empty() {
         return Ok(Vec::new());
     }
-    let locator = job
-        .target
-        .subject
-        .as_ref()
-        .and_then(|s| s.redis.as_ref())
-        .ok_or_else(|| {
-            Error::InvalidSpec(format!(
-                "target {}: a LegalHold holds subjects and the target has no redis subject locator",
-                job.target.name
-            ))
-        })?;
+    let locator = held_subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
     let mut globs = Vec::new();
     for (i, k) in locator.keys.iter().enumerate() {
         globs.extend(job.held.expand_all(

@@ -7,9 +7,10 @@ use redis::RedisResult;
 use super::{glob, map_error, Node, RedisBackend, SCAN_COUNT};
 use std::collections::BTreeMap;
 
+use crate::api::StoreKind;
 use crate::backends::identifier::{self, exact_forms, Piece};
 use crate::backends::template::{self, escape_glob};
-use crate::backends::{Error, Next, SubjectAction, SubjectJob, SubjectStep};
+use crate::backends::{subject_locator, Error, Next, SubjectAction, SubjectJob, SubjectStep};
 
 /// Fills a template with a subject's identifiers, into the forms to look for.
 type Expander = fn(&str, &BTreeMap<String, String>) -> Result<Vec<String>, template::Error>;
@@ -53,17 +54,7 @@ pub(crate) fn key_glob(
 
 impl RedisBackend {
     pub(super) async fn subject(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
-        let locator = job
-            .target
-            .subject
-            .as_ref()
-            .and_then(|s| s.redis.as_ref())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!(
-                    "target {} has no redis subject locator",
-                    job.target.name
-                ))
-            })?;
+        let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
         let nodes = self.nodes().await?;
         let nodes = nodes.as_slice();
         let mut count = 0;

@@ -13,9 +13,12 @@ use super::records::{self, Counts, Matcher};
 use super::sweep::Cursor;
 use super::{object_id, sdk_error, S3Backend};
 use crate::api::retentionpolicy::UnparsedLines;
+use crate::api::StoreKind;
 use crate::backends::identifier;
 use crate::backends::template;
-use crate::backends::{Error, LockedCopies, Next, SubjectAction, SubjectJob, SubjectStep};
+use crate::backends::{
+    subject_locator, Error, LockedCopies, Next, SubjectAction, SubjectJob, SubjectStep,
+};
 
 /// Attempts at a conditional write before giving up on an archive that keeps changing.
 const WRITE_ATTEMPTS: u32 = 5;
@@ -36,17 +39,7 @@ const NAMED_OBJECTS: usize = 5;
 
 impl S3Backend {
     pub(super) async fn subject(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
-        let locator = job
-            .target
-            .subject
-            .as_ref()
-            .and_then(|s| s.s3.as_ref())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!(
-                    "target {} has no s3 subject locator",
-                    job.target.name
-                ))
-            })?;
+        let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3.as_ref())?;
         let mut skipped = Vec::new();
         let mut tally = Tally::default();
         let mut ran = false;

@@ -8,8 +8,9 @@ use tokio::time::Instant;
 
 use super::records::{self, Matcher};
 use super::{object_id, sdk_error, Refusal, S3Backend, LIST_PAGE};
+use crate::api::StoreKind;
 use crate::backends::identifier;
-use crate::backends::{Error, Next, Step, StepBudget, SweepJob};
+use crate::backends::{held_subject_locator, Error, Next, Step, StepBudget, SweepJob};
 
 /// Refused items named in the target's message.
 const NAMED_REFUSALS: usize = 5;
@@ -106,17 +107,7 @@ impl Holds {
         if job.held.is_empty() {
             return Ok(Self::default());
         }
-        let locator = job
-            .target
-            .subject
-            .as_ref()
-            .and_then(|s| s.s3.as_ref())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!(
-                    "target {}: a LegalHold holds subjects and the target has no s3 subject locator",
-                    job.target.name
-                ))
-            })?;
+        let locator = held_subject_locator(&job.target, StoreKind::S3, |s| s.s3.as_ref())?;
         let mut holds = Self::default();
         for (i, p) in locator.key_prefixes.iter().enumerate() {
             holds.prefixes.extend(job.held.expand_all(
