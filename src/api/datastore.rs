@@ -106,6 +106,12 @@ pub struct ElasticsearchStore {
     /// `tombstone.dev/credentials: "true"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// Throttle of the deletions the store runs by itself, passed as `requests_per_second`
+    /// to `_delete_by_query` (roughly documents per second, shared by its slices), so a
+    /// large sweep does not crowd out the cluster's indexing. Unset: no throttle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub delete_requests_per_second: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

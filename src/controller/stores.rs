@@ -248,6 +248,7 @@ pub async fn connection_spec(
             crate::backends::elasticsearch::ElasticsearchConfig {
                 url: es.url.clone(),
                 auth,
+                delete_requests_per_second: es.delete_requests_per_second,
             },
         ));
     }

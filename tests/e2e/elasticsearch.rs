@@ -31,6 +31,7 @@ fn backend_for(url: &str, auth: HttpAuth) -> ElasticsearchBackend {
         ElasticsearchConfig {
             url: url.into(),
             auth,
+            delete_requests_per_second: None,
         },
         Limits::default(),
     )
@@ -1418,6 +1419,7 @@ async fn es_requests_keep_to_the_stores_rate_limit() {
         ElasticsearchConfig {
             url: es.url(),
             auth: HttpAuth::None,
+            delete_requests_per_second: None,
         },
         Limits {
             rate: Some(std::sync::Arc::new(

@@ -29,6 +29,7 @@ fn backend(node: &SearchNode) -> ElasticsearchBackend {
         ElasticsearchConfig {
             url: node.url(),
             auth: HttpAuth::None,
+            delete_requests_per_second: None,
         },
         Limits::default(),
     )

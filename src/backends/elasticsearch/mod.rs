@@ -59,6 +59,8 @@ pub struct ElasticsearchConfig {
     /// Base URL, e.g. `https://es.logging.svc:9200`.
     pub url: String,
     pub auth: HttpAuth,
+    /// `requests_per_second` of every `_delete_by_query` submitted; None: unthrottled.
+    pub delete_requests_per_second: Option<u32>,
 }
 
 pub struct ElasticsearchBackend {
@@ -194,6 +196,13 @@ impl ElasticsearchBackend {
             ("conflicts", "proceed"),
             ("slices", "auto"),
         ];
+        let throttle = self
+            .config
+            .delete_requests_per_second
+            .map(|rate| rate.to_string());
+        if let Some(rate) = &throttle {
+            params.push(("requests_per_second", rate));
+        }
         params.extend(LENIENT);
         let answer = self
             .call(
@@ -1198,6 +1207,7 @@ mod tests {
             ElasticsearchConfig {
                 url: "http://es:9200/prefix/".into(),
                 auth: HttpAuth::None,
+                delete_requests_per_second: None,
             },
             Limits::default(),
         );

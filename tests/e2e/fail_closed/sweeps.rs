@@ -502,6 +502,7 @@ async fn elasticsearch_sweeps_leave_a_held_subjects_documents_and_count_undated_
         ElasticsearchConfig {
             url: es.url(),
             auth: HttpAuth::None,
+            delete_requests_per_second: None,
         },
         Limits::default(),
     );
