@@ -32,6 +32,7 @@ fn backend_for(url: &str, tenant: Option<&str>, auth: HttpAuth) -> LokiBackend {
             url: url.into(),
             tenant: tenant.map(str::to_string),
             auth,
+            resubmit_after: Duration::from_secs(1),
         },
         Limits::default(),
     )
@@ -478,7 +479,7 @@ async fn loki_deletion_disabled_is_a_clear_failure_not_a_silent_success() {
 #[tokio::test]
 async fn loki_faults_map_to_retryable_and_auth_errors_and_retries_do_not_duplicate() {
     let double = LokiDouble::start().await;
-    double.push(
+    double.push_flushed(
         SINGLE_TENANT,
         &[("app", "mailer")],
         &[(now_ns() - 10 * DAY_NS, "old")],
@@ -532,8 +533,8 @@ async fn loki_faults_map_to_retryable_and_auth_errors_and_retries_do_not_duplica
 async fn loki_multi_tenant_requests_carry_the_tenant_and_touch_no_other_tenant() {
     let double = LokiDouble::start_with(true, Some(Auth::Basic("ops".into(), "pw".into()))).await;
     let old = now_ns() - 10 * DAY_NS;
-    double.push("shop", &[("app", "mailer")], &[(old, "shop-old")]);
-    double.push("other", &[("app", "mailer")], &[(old, "other-old")]);
+    double.push_flushed("shop", &[("app", "mailer")], &[(old, "shop-old")]);
+    double.push_flushed("other", &[("app", "mailer")], &[(old, "other-old")]);
     let b = backend_for(
         &double.url(),
         Some("shop"),
@@ -803,7 +804,8 @@ async fn loki_store(
     url: &str,
     extra: serde_json::Value,
 ) {
-    let mut loki = json!({"url": url});
+    // The double keeps just-pushed lines "in its ingesters" for 2 s: submit again soon.
+    let mut loki = json!({"url": url, "resubmitAfter": "1s"});
     if let (Some(l), Some(e)) = (loki.as_object_mut(), extra.as_object()) {
         l.extend(e.clone());
     }
@@ -858,12 +860,12 @@ async fn a_loki_policy_sweeps_through_the_operator_and_a_refusing_loki_fails_the
     let (client, ns) = setup("loki-sweep").await;
     let double = LokiDouble::start().await;
     let old = now_ns() - 2 * 3_600_000_000_000;
-    double.push(
+    double.push_flushed(
         SINGLE_TENANT,
         &[("app", "mailer")],
         &[(old, "old-1"), (old + 1, "old-2"), (now_ns(), "new")],
     );
-    double.push(
+    double.push_flushed(
         SINGLE_TENANT,
         &[("app", "billing")],
         &[(old, "billing-old")],
@@ -941,7 +943,7 @@ async fn a_loki_erasure_completes_after_processing_and_a_hold_blocks_it_until_re
     let (client, ns) = setup("loki-erasure").await;
     let double = LokiDouble::start().await;
     let now = now_ns();
-    double.push(
+    double.push_flushed(
         SINGLE_TENANT,
         &[("app", "mailer")],
         &[
@@ -1214,4 +1216,438 @@ async fn a_hold_landing_while_loki_waits_cancels_the_delete_request_and_holds_wi
     assert_eq!(done.status.unwrap().targets[0].erased, 1);
     assert!(lines_of(&double, SINGLE_TENANT).is_empty());
     operator.stop().await;
+}
+
+// ---- What a real Loki does (README, Loki): recent lines, costs, lost requests ----
+
+fn budget_of(max_time: Duration) -> StepBudget {
+    StepBudget {
+        max_time,
+        ..budget()
+    }
+}
+
+async fn get_json(url: String, params: &[(&str, String)]) -> (u16, serde_json::Value, String) {
+    let r = reqwest::Client::new()
+        .get(url)
+        .query(params)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_default(),
+        text,
+    )
+}
+
+#[tokio::test]
+async fn loki_double_runs_a_compactor_schedule_keeps_ingester_lines_and_counts_sub_queries() {
+    let double = LokiDouble::start().await;
+    double.set_ingester_window(Duration::from_secs(600));
+    let now = now_ns();
+    double.push(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - DAY_NS, "recent")],
+    );
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - DAY_NS, "stored")],
+    );
+    let base = double.url();
+    let end = (now / 1_000_000_000 - 1).to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/loki/api/v1/delete"))
+        .query(&[
+            ("query", r#"{app="mailer"}"#),
+            ("start", "1000000000"),
+            ("end", end.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    crate::support::wait_for("the request processed", Duration::from_secs(20), || {
+        let requests = double.delete_requests(SINGLE_TENANT);
+        async move { (requests[0].status == "processed").then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        lines_of(&double, SINGLE_TENANT),
+        vec!["mailer:recent"],
+        "processed, and the line still in the ingesters is still there"
+    );
+
+    // The frontend's split: 30 days of metric query are 1,440 sub-queries of 30 minutes.
+    let before = double.sub_queries();
+    let (status, _, _) = get_json(
+        format!("{base}/loki/api/v1/query"),
+        &[(
+            "query",
+            r#"sum(count_over_time({app="mailer"}[30d]))"#.into(),
+        )],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(double.sub_queries() - before, 1440);
+    // A log query with limit=1 stops at the piece holding its line (newest first)...
+    let range = |days: i64| {
+        vec![
+            ("query", r#"{app="mailer"}"#.to_string()),
+            ("start", ((now - days * DAY_NS) / 1_000_000_000).to_string()),
+            ("end", (now / 1_000_000_000 + 1).to_string()),
+            ("limit", "1".to_string()),
+        ]
+    };
+    let before = double.sub_queries();
+    let (_, found, _) = get_json(format!("{base}/loki/api/v1/query_range"), &range(30)).await;
+    assert_eq!(found["data"]["result"][0]["values"][0][1], "recent");
+    assert_eq!(
+        double.sub_queries() - before,
+        49,
+        "one day back: 48 pieces and the one holding the line"
+    );
+    // ...and runs every piece when nothing matches.
+    let mut empty = range(30);
+    empty[0].1 = r#"{app="nobody"}"#.into();
+    let before = double.sub_queries();
+    get_json(format!("{base}/loki/api/v1/query_range"), &empty).await;
+    assert_eq!(double.sub_queries() - before, 1441, "30 days and a second");
+    // Longer than max_query_length (721h): refused, as Loki does.
+    for (path, params) in [
+        (
+            "query",
+            vec![(
+                "query",
+                r#"sum(count_over_time({app="mailer"}[31d]))"#.to_string(),
+            )],
+        ),
+        ("query_range", range(31)),
+    ] {
+        let (status, _, text) = get_json(format!("{base}/loki/api/v1/{path}"), &params).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(
+            text.contains("the query time range exceeds the limit"),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn loki_an_erasure_of_lines_still_in_the_ingesters_submits_again_and_is_never_done_early() {
+    let double = LokiDouble::start().await;
+    double.set_ingester_window(Duration::from_secs(4));
+    let now = now_ns();
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - 3 * DAY_NS, format!("old mail to {EMAIL}").leak())],
+    );
+    // Pushed just now with an older timestamp: in the ingesters, where deletes do not reach.
+    double.push(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - DAY_NS, format!("mail to {EMAIL}").leak())],
+    );
+    let b = backend(&double);
+    let t = target(r#"{app="mailer"}"#, Some("{email}"));
+    let job = SubjectJob {
+        target: t.clone(),
+        identifiers: ids(&[("email", EMAIL)]),
+        action: SubjectAction::Erase,
+    };
+    let subject_lines = |d: &LokiDouble| {
+        lines_of(d, SINGLE_TENANT)
+            .into_iter()
+            .filter(|l| l.contains(EMAIL))
+            .count()
+    };
+    let (mut cursor, mut rested) = (None::<String>, false);
+    let erased = loop {
+        let step = b
+            .subject_step(&job, cursor.as_deref(), &budget())
+            .await
+            .unwrap();
+        assert!(step.failure.is_none());
+        match step.next {
+            Next::Done => break step.count,
+            Next::Continue(c) => cursor = Some(c),
+            Next::Wait { cursor: c, .. } => {
+                let note = tombstone::backends::describe_wait(&c).unwrap();
+                if note.starts_with("LinesInIngesters") {
+                    rested = true;
+                    assert!(note.contains("a new request is submitted at 20"), "{note}");
+                    assert!(!note.contains(EMAIL) && !c.contains(EMAIL));
+                    assert_eq!(subject_lines(&double), 1, "waiting because a line is left");
+                }
+                cursor = Some(c);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(rested, "the first processed request left the recent line");
+    assert_eq!(erased, 2);
+    assert_eq!(subject_lines(&double), 0, "done only once nothing is left");
+    assert!(double.delete_requests(SINGLE_TENANT).len() >= 2);
+    let (verified, _) = subject(&b, &t, &ids(&[("email", EMAIL)]), SubjectAction::Verify)
+        .await
+        .unwrap();
+    assert_eq!(verified.count, 0);
+}
+
+#[tokio::test]
+async fn loki_verify_never_reports_zero_while_a_query_returns_the_subjects_lines() {
+    let double = LokiDouble::start().await;
+    let now = now_ns();
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(
+            now - 200 * DAY_NS,
+            format!("ancient mail to {EMAIL}").leak(),
+        )],
+    );
+    double.push(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now, format!("just now to {EMAIL}").leak())],
+    );
+    let b = backend(&double);
+    let t = target(r#"{app="mailer"}"#, Some("{email}"));
+    let (verified, _) = subject(&b, &t, &ids(&[("email", EMAIL)]), SubjectAction::Verify)
+        .await
+        .unwrap();
+    assert_eq!(verified.count, 1, "the line pushed this second counts");
+    let (found, _) = subject(&b, &t, &ids(&[("email", EMAIL)]), SubjectAction::Find)
+        .await
+        .unwrap();
+    assert_eq!(
+        found.count, 2,
+        "no record of sweeps: the whole lookback is searched"
+    );
+}
+
+#[tokio::test]
+async fn loki_sweeps_count_what_went_start_where_the_last_ended_and_reuse_only_their_own_request() {
+    let double = LokiDouble::start().await;
+    double.set_ingester_window(Duration::from_secs(600));
+    let now = now_ns();
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[
+            (now - 10 * DAY_NS, "old-1"),
+            (now - 10 * DAY_NS + 1, "old-2"),
+        ],
+    );
+    double.push(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - 5 * DAY_NS, "late")],
+    );
+    let b = backend(&double);
+    let t = target(r#"{app="mailer"}"#, None);
+    let first_cutoff = Utc::now() - chrono::Duration::days(2);
+    let (scanned, deleted, _, _) = sweep(&b, &t, first_cutoff, false).await.unwrap();
+    assert_eq!(
+        (scanned, deleted),
+        (3, 2),
+        "the line still in the ingesters did not go and is not counted"
+    );
+    assert_eq!(lines_of(&double, SINGLE_TENANT), vec!["mailer:late"]);
+
+    // The next sweep starts where the processed one ended (less the late-lines margin),
+    // not in 2001.
+    double.set_cancel_period(Duration::from_secs(600));
+    let cutoff = Utc::now() - chrono::Duration::days(1);
+    let job = |cutoff: DateTime<Utc>| SweepJob {
+        target: t.clone(),
+        retention: "1d".parse().unwrap(),
+        dry_run: false,
+        cutoff,
+        held: Default::default(),
+    };
+    let step = b.sweep_step(&job(cutoff), None, &budget()).await.unwrap();
+    assert!(matches!(step.next, Next::Wait { .. }), "{:?}", step.next);
+    let requests = double.delete_requests(SINGLE_TENANT);
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        requests[1].start_ms,
+        (first_cutoff.timestamp() - 7 * 86_400) * 1000
+    );
+    // The same sweep again reuses its pending request; one for another cutoff (the
+    // retention changed) is not what the spec would submit now: a new one.
+    b.sweep_step(&job(cutoff), None, &budget()).await.unwrap();
+    assert_eq!(double.delete_requests(SINGLE_TENANT).len(), 2);
+    let longer = cutoff - chrono::Duration::hours(12);
+    b.sweep_step(&job(longer), None, &budget()).await.unwrap();
+    let requests = double.delete_requests(SINGLE_TENANT);
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[2].end_ms, longer.timestamp() * 1000);
+}
+
+#[tokio::test]
+async fn loki_a_request_no_longer_listed_is_submitted_again_a_bounded_number_of_times() {
+    let double = LokiDouble::start().await;
+    double.set_cancel_period(Duration::from_secs(600));
+    let now = now_ns();
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[
+            (now - DAY_NS, format!("mail to {EMAIL}").leak()),
+            (now - 9 * DAY_NS, "old"),
+        ],
+    );
+    let b = backend(&double);
+    let cancel_all = || async {
+        for r in double.delete_requests(SINGLE_TENANT) {
+            let status = reqwest::Client::new()
+                .delete(format!("{}/loki/api/v1/delete", double.url()))
+                .query(&[("request_id", r.request_id.as_str())])
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status.as_u16(), 204);
+        }
+    };
+    // An erasure: each loss is followed by a fresh submission, counted in the cursor.
+    let job = SubjectJob {
+        target: target(r#"{app="mailer"}"#, Some("{email}")),
+        identifiers: ids(&[("email", EMAIL)]),
+        action: SubjectAction::Erase,
+    };
+    let first = b.subject_step(&job, None, &budget()).await.unwrap();
+    let Next::Wait { mut cursor, .. } = first.next else {
+        panic!("waits on Loki")
+    };
+    for lost in 1..=3 {
+        cancel_all().await;
+        let step = b
+            .subject_step(&job, Some(&cursor), &budget())
+            .await
+            .unwrap();
+        let Next::Wait { cursor: c, .. } = step.next else {
+            panic!("submitted again and waits")
+        };
+        assert!(c.contains(&format!("\"lost\":{lost}")), "{c}");
+        assert!(tombstone::backends::describe_wait(&c)
+            .unwrap()
+            .contains(&format!("{lost} of 3")));
+        assert_eq!(double.delete_requests(SINGLE_TENANT).len(), 1);
+        cursor = c;
+    }
+    cancel_all().await;
+    let Err(e) = b.subject_step(&job, Some(&cursor), &budget()).await else {
+        panic!("gives up after 3 resubmissions")
+    };
+    assert_eq!(e.reason(), "DeleteRequestLost");
+    assert!(!e.to_string().contains(EMAIL));
+    assert_eq!(posts(&double), 4);
+
+    // A sweep: submitted again over exactly the same range.
+    let cutoff = Utc::now() - chrono::Duration::days(2);
+    let job = SweepJob {
+        target: target(r#"{app="mailer"}"#, None),
+        retention: "2d".parse().unwrap(),
+        dry_run: false,
+        cutoff,
+        held: Default::default(),
+    };
+    let Next::Wait { cursor, .. } = b.sweep_step(&job, None, &budget()).await.unwrap().next else {
+        panic!("waits on Loki")
+    };
+    let submitted = double.delete_requests(SINGLE_TENANT);
+    cancel_all().await;
+    let step = b.sweep_step(&job, Some(&cursor), &budget()).await.unwrap();
+    assert!(matches!(step.next, Next::Wait { .. }));
+    let again = double.delete_requests(SINGLE_TENANT);
+    assert_eq!(
+        (again[0].start_ms, again[0].end_ms),
+        (submitted[0].start_ms, submitted[0].end_ms)
+    );
+}
+
+#[tokio::test]
+async fn loki_find_and_verify_search_what_the_sweeps_record_allows_and_resume_within_budget() {
+    let double = LokiDouble::start().await;
+    let now = now_ns();
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[
+            (now - 3 * DAY_NS, format!("mail to {EMAIL}").leak()),
+            (now - 40 * DAY_NS, "old"),
+        ],
+    );
+    let b = backend(&double);
+    let t = target(r#"{app="mailer"}"#, Some("{email}"));
+    let subject_ids = ids(&[("email", EMAIL)]);
+    let cost = |action| {
+        let (b, t, subject_ids, double) = (&b, &t, &subject_ids, &double);
+        async move {
+            let before = double.sub_queries();
+            let (step, _) = subject(b, t, subject_ids, action).await.unwrap();
+            (step.count, double.sub_queries() - before)
+        }
+    };
+    // No record of the policy's sweeps: the whole lookback (400 days) is searched.
+    let (found, find_cost) = cost(SubjectAction::Find).await;
+    let (left, verify_cost) = cost(SubjectAction::Verify).await;
+    assert_eq!((found, left), (1, 1));
+    // A 30-day retention, swept: Loki's record says everything older than the cutoff went.
+    let cutoff = Utc::now() - chrono::Duration::days(30);
+    let swept = sweep(&b, &target(r#"{app="mailer"}"#, None), cutoff, false)
+        .await
+        .unwrap();
+    assert_eq!(swept.1, 1);
+    let (found_after, find_after) = cost(SubjectAction::Find).await;
+    assert_eq!(found_after, 1);
+    subject(&b, &t, &subject_ids, SubjectAction::Erase)
+        .await
+        .unwrap();
+    let (left_after, verify_after) = cost(SubjectAction::Verify).await;
+    assert_eq!(left_after, 0);
+    eprintln!(
+        "sub-queries (30 min each): find {find_cost} -> {find_after}; verify (line found 3 days back) {verify_cost}; verify of an erased subject {verify_after}"
+    );
+    // 400 days of metric queries before; retention + margin (37 days) after.
+    assert!(find_cost >= 400 * 48, "{find_cost}");
+    assert!(find_after <= 38 * 48, "{find_after}");
+    assert!(
+        verify_cost <= 4 * 48,
+        "stops at the first line: {verify_cost}"
+    );
+    assert!(verify_after <= 38 * 48, "{verify_after}");
+
+    // A step budget of nothing: one window per step, resumed from the cursor.
+    let job = SubjectJob {
+        target: t.clone(),
+        identifiers: subject_ids.clone(),
+        action: SubjectAction::Find,
+    };
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - 20 * DAY_NS, format!("again to {EMAIL}").leak())],
+    );
+    let (mut cursor, mut steps) = (None::<String>, 0);
+    let count = loop {
+        steps += 1;
+        let step = b
+            .subject_step(&job, cursor.as_deref(), &budget_of(Duration::ZERO))
+            .await
+            .unwrap();
+        match step.next {
+            Next::Done => break step.count,
+            Next::Continue(c) => cursor = Some(c),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((count, steps), (1, 2), "37 days: two windows, one per step");
 }

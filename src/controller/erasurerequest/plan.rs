@@ -119,7 +119,8 @@ pub fn redact(e: &backends::Error) -> (&'static str, String) {
         E::InvalidSpec(m)
         | E::IdentifierNotDistinctive(m)
         | E::UnparsedCopiesRemain(m)
-        | E::DeletionModeFilterOnly(m) => return (e.reason(), m.clone()),
+        | E::DeletionModeFilterOnly(m)
+        | E::DeleteRequestLost(m) => return (e.reason(), m.clone()),
         E::Unreachable(_) => "cannot reach the store",
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
@@ -197,13 +198,15 @@ pub enum ActionResult {
 pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: ActionResult) {
     match result {
         ActionResult::InProgress { cursor } => {
+            target.message = crate::backends::describe_wait(&cursor).unwrap_or_else(|| {
+                match action {
+                    SubjectAction::Find => "finding",
+                    SubjectAction::Erase => "the store is erasing",
+                    SubjectAction::Verify => "verifying",
+                }
+                .into()
+            });
             target.cursor = Some(cursor);
-            target.message = match action {
-                SubjectAction::Find => "finding",
-                SubjectAction::Erase => "the store is erasing",
-                SubjectAction::Verify => "verifying",
-            }
-            .into();
         }
         ActionResult::Failed { reason, message } => {
             target.phase = T::Failed;
