@@ -1760,3 +1760,137 @@ async fn loki_find_and_verify_search_what_the_sweeps_record_allows_and_resume_wi
     };
     assert_eq!((count, steps), (1, 2), "37 days: two windows, one per step");
 }
+
+#[tokio::test]
+async fn a_loki_erasure_of_recent_lines_says_what_it_waits_for_and_completes_once_they_go() {
+    let (client, ns) = setup("loki-recent").await;
+    let double = LokiDouble::start().await;
+    double.set_ingester_window(Duration::from_secs(8));
+    double.push(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now_ns() - DAY_NS, format!("sent to {EMAIL}").leak())],
+    );
+    let operator = TestOperator::start(&ns).await;
+    loki_store(
+        &client,
+        &ns,
+        "logs",
+        &double.url(),
+        json!({"resubmitAfter": "4s"}),
+    )
+    .await;
+    let mut mailer = policy_json(
+        "mailer",
+        "30d",
+        json!([{"name": "logs", "store": "logs", "loki": {"selector": "{app=\"mailer\"}"},
+                "subject": {"loki": {"lineFilter": "{email}"}}}]),
+    );
+    mailer["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, mailer).await;
+    create_subject_secret(&client, &ns, "dsr-recent", json!({"email": EMAIL})).await;
+    request_erasure(&client, &ns, "dsr-recent", "dsr-recent").await;
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    let waiting = crate::support::wait_for(
+        "the erasure waiting for lines still in Loki's ingesters",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let r = api.get("dsr-recent").await.ok()?;
+                let status = r.status?;
+                let t = status.targets.first()?;
+                t.message
+                    .starts_with("LinesInIngesters")
+                    .then(|| (status.phase, t.message.clone()))
+            }
+        },
+    )
+    .await;
+    assert_eq!(waiting.0, ErasurePhase::Erasing, "{}", waiting.1);
+    assert!(
+        waiting.1.contains("a new request is submitted at 20"),
+        "{}",
+        waiting.1
+    );
+    assert_eq!(
+        lines_of(&double, SINGLE_TENANT).len(),
+        1,
+        "the line is still there"
+    );
+    let done = wait_phase(&client, &ns, "dsr-recent", ErasurePhase::Completed).await;
+    let t = &done.status.unwrap().targets[0];
+    assert_eq!(
+        (t.phase, t.found, t.erased),
+        (ErasureTargetPhase::Verified, 1, 1)
+    );
+    assert!(lines_of(&double, SINGLE_TENANT).is_empty());
+    assert!(double.delete_requests(SINGLE_TENANT).len() >= 2);
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn loki_erase_cursors_of_the_previous_version_resume_or_restart_cleanly() {
+    let double = LokiDouble::start().await;
+    let now = now_ns();
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - DAY_NS, format!("mail to {EMAIL}").leak())],
+    );
+    let b = backend(&double);
+    let t = target(r#"{app="mailer"}"#, Some("{email}"));
+    let job = SubjectJob {
+        target: t.clone(),
+        identifiers: ids(&[("email", EMAIL)]),
+        action: SubjectAction::Erase,
+    };
+    let run = |cursor: String| {
+        let (b, job) = (&b, &job);
+        async move {
+            let mut cursor = Some(cursor);
+            for _ in 0..200 {
+                let step = b.subject_step(job, cursor.as_deref(), &budget()).await?;
+                match step.next {
+                    Next::Done => return Ok::<_, Error>(step.count),
+                    Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            panic!("did not finish")
+        }
+    };
+    // Written before the query became `(?i:…)`, before Loki listed the request: Loki has
+    // no request with the new query and that range, so a fresh one is submitted.
+    let end = now / 1_000_000_000 - 10;
+    let old = format!(r#"loki:{{"start":1000000000,"end":{end},"count":1}}"#);
+    assert_eq!(run(old).await.unwrap(), 1);
+    assert!(lines_of(&double, SINGLE_TENANT).is_empty());
+    assert_eq!(posts(&double), 1);
+    // With the id of a request submitted with the old query text: polled by id to its end.
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - DAY_NS, format!("mail to {EMAIL}").leak())],
+    );
+    let old_query = format!(
+        "{{app=\"mailer\"}} |~ \"(?:^|[^0-9A-Za-z_.+-]){}(?:$|[^0-9A-Za-z_.+-])\"",
+        EMAIL.replace('.', "\\\\.")
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{}/loki/api/v1/delete", double.url()))
+        .query(&[
+            ("query", old_query.as_str()),
+            ("start", "1000000000"),
+            ("end", (now_ns() / 1_000_000_000 - 2).to_string().as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204, "{}", r.text().await.unwrap());
+    let id = double.delete_requests(SINGLE_TENANT)[1].request_id.clone();
+    let old = format!(r#"loki:{{"id":"{id}","start":1000000000,"end":{end},"count":1}}"#);
+    assert_eq!(run(old).await.unwrap(), 1);
+    assert_eq!(posts(&double), 2, "no new request: the old one was polled");
+    assert!(lines_of(&double, SINGLE_TENANT).is_empty());
+}
