@@ -19,7 +19,8 @@
 //!   ~19,000 sub-queries. So:
 //!   - the range searched for a subject starts where the store's own record says older lines
 //!     are gone: the processed delete requests of the target's sweeps (the selector alone,
-//!     chained from 2001 without a gap) cover everything up to their last `end`; lines older
+//!     chained from 2001 without a gap), or of this subject's own erasures (the same query),
+//!     cover everything up to their last `end`; lines older
 //!     than that, less [`LATE_LINES_SECONDS`] for lines pushed late or still in ingesters
 //!     when the request ran, cannot be there. With the policy's sweeps running, that is the
 //!     policy's retention plus at most one sweep period plus the margin. Without such a
@@ -917,11 +918,12 @@ impl LokiBackend {
         let mut c = match resumed {
             Some(c) => c,
             None => {
-                // The store's record of the target's sweeps bounds the range searched.
-                let from = search_from(
-                    covered_until(&self.list_deletes().await?, &selector.render()),
-                    now,
-                );
+                // The store's record bounds the range searched: the target's processed sweeps
+                // (its selector), or this subject's own processed erasures (this query).
+                let requests = self.list_deletes().await?;
+                let covered = covered_until(&requests, &selector.render())
+                    .max(covered_until(&requests, &query));
+                let from = search_from(covered, now);
                 let mut c = match job.action {
                     SubjectAction::Erase => Cursor::counting(DELETE_START, delete_end, from),
                     _ => Cursor::counting(from, search_end, from),
