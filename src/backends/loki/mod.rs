@@ -230,7 +230,7 @@ impl Cursor {
             .ok_or_else(|| Error::Store("not a Loki cursor; the job starts over".into()))
     }
 
-    fn from(&self) -> i64 {
+    fn scan_from(&self) -> i64 {
         self.from.unwrap_or(self.start)
     }
 }
@@ -600,7 +600,7 @@ impl LokiBackend {
         deadline: Instant,
         personal: bool,
     ) -> Result<bool, Error> {
-        let from = cursor.from();
+        let from = cursor.scan_from();
         let mut at = cursor.at.unwrap_or(cursor.end);
         let mut first = true;
         while at > from {
@@ -633,7 +633,7 @@ impl LokiBackend {
         cursor: &mut Cursor,
         deadline: Instant,
     ) -> Result<Scan, Error> {
-        let from = cursor.from();
+        let from = cursor.scan_from();
         let mut at = cursor.at.unwrap_or(cursor.end);
         let mut first = true;
         while at > from {
@@ -760,6 +760,7 @@ impl LokiBackend {
                 self.submit(query, cursor.start, cursor.end, personal)
                     .await?;
                 let requests = self.list_deletes().await?;
+                // Found by query and range: the lost id must not match.
                 cursor.id = None;
                 cursor.id = find_request(&requests, cursor, query).map(|r| r.request_id.clone());
                 Ok(Polled::Pending(poll_after(0.0)))

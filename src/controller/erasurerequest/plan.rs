@@ -629,6 +629,16 @@ mod tests {
         };
         apply(&mut t, SubjectAction::Erase, step("loki:abc"));
         assert_eq!((t.phase, t.cursor.as_deref()), (T::Found, Some("loki:abc")));
+        assert_eq!(t.message, "the store is erasing");
+        // What a Loki erasure waits for, and until when, is in the message.
+        let resting = r#"loki:{"id":"r1","start":1000000000,"end":1795361677,"count":1,"stage":"resting","until":1795365277}"#;
+        apply(&mut t, SubjectAction::Erase, step(resting));
+        assert!(
+            t.message.starts_with("LinesInIngesters") && t.message.contains("2026-11-22T16:34:37Z"),
+            "{}",
+            t.message
+        );
+        apply(&mut t, SubjectAction::Erase, step("loki:abc"));
         assert_eq!(
             next_phase(ErasurePhase::Erasing, std::slice::from_ref(&t), &[], false),
             ErasurePhase::Erasing
