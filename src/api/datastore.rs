@@ -4,7 +4,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Condition, SecretKeyRef, SecretRef};
+use super::common::{Condition, Duration, SecretKeyRef, SecretRef};
 
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -94,6 +94,12 @@ pub struct LokiStore {
     /// `tombstone.dev/credentials: "true"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// How long an erasure waits, after Loki processed its delete request but still returns
+    /// the subject's lines (recent lines stay in the ingesters until flushed and indexed,
+    /// and a delete request does not reach them), before it submits a new request. Default
+    /// `2h` (the ingesters' default `max_chunk_age`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resubmit_after: Option<Duration>,
 }
 
 /// Elasticsearch or OpenSearch (same API).

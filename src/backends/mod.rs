@@ -53,6 +53,10 @@ pub enum Error {
     /// in storage: a deletion would be reported done (and verified) while the data remains.
     #[error("{0}")]
     DeletionModeFilterOnly(String),
+    /// The store no longer knows a deletion it was asked to run (a Loki delete request no
+    /// longer listed), and submitting it again did not hold either.
+    #[error("{0}")]
+    DeleteRequestLost(String),
 }
 
 impl Error {
@@ -68,6 +72,7 @@ impl Error {
             Error::IdentifierNotDistinctive(_) => "IdentifierNotDistinctive",
             Error::UnparsedCopiesRemain(_) => "UnparsedCopiesRemain",
             Error::DeletionModeFilterOnly(_) => "DeletionModeFilterOnly",
+            Error::DeleteRequestLost(_) => "DeleteRequestLost",
         }
     }
 
@@ -105,6 +110,12 @@ impl Limits {
             rate.acquire(requests).await;
         }
     }
+}
+
+/// What the deletion a cursor stands for waits on, for status messages, where the store's
+/// cursor can tell (never an identifier).
+pub fn describe_wait(cursor: &str) -> Option<String> {
+    loki::describe_wait(cursor)
 }
 
 /// One retention sweep of one target, fixed when the sweep starts.

@@ -234,6 +234,11 @@ pub async fn connection_spec(
             url: loki.url.clone(),
             tenant: loki.tenant.clone(),
             auth,
+            resubmit_after: loki
+                .resubmit_after
+                .map_or(crate::backends::loki::DEFAULT_RESUBMIT_AFTER, |d| {
+                    std::time::Duration::from_secs(d.as_secs())
+                }),
         }));
     }
     if let Some(es) = &store.spec.elasticsearch {

@@ -24,8 +24,21 @@
 //!   groups, alternation, `* + ? {n,m}`, `^ $`, the case-insensitive flag `(?i)` / `(?i:…)` on
 //!   literal letters) and answers 400 to anything else.
 //!
-//! Processing is applied lazily: whenever the double handles a request it first processes
-//! every delete request whose cancel period has passed (as a compactor cycle would).
+//! It is no more lenient than the real Loki 2.8 server the project ran against (see the
+//! README's Loki section):
+//! - the compactor runs on its own schedule (every `compaction_interval`, 1 s here): a
+//!   request is processed at the first cycle after its cancel period, not at once (applied
+//!   lazily: whenever the double handles a request it first runs the cycles that are due);
+//! - a processed request leaves in place the lines that arrived less than `ingester_window`
+//!   (2 s here) before the cycle ran, whatever their timestamps: on a real Loki they are
+//!   still in the ingesters (`query_ingesters_within`, hours by default), where the
+//!   compactor does not reach; queries still return them;
+//! - the query frontend splits every query by `split_queries_by_interval` (30 m) and the
+//!   double counts the sub-queries ([`LokiDouble::sub_queries`]): a metric query costs its
+//!   range divided by the interval; a log query stops at the first piece (newest first for
+//!   `direction=backward`) that fills its `limit`;
+//! - a query whose range exceeds `max_query_length` (721h) is refused with 400;
+//! - `end` in the future is refused (400 `deletes in the future are not allowed`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -80,17 +93,27 @@ struct Fault {
 
 #[derive(Default)]
 struct Tenant {
-    streams: BTreeMap<Labels, Vec<(i64, String)>>,
+    /// Lines: (timestamp ns, text, when it arrived in seconds).
+    streams: BTreeMap<Labels, Vec<Line>>,
     /// Lines a processed delete request hid in `filter-only` mode: still stored, no longer
     /// returned by queries.
-    hidden: BTreeMap<Labels, Vec<(i64, String)>>,
+    hidden: BTreeMap<Labels, Vec<Line>>,
     deletes: Vec<DeleteRequest>,
 }
+
+type Line = (i64, String, f64);
 
 struct Inner {
     multi_tenant: bool,
     auth: Option<Auth>,
     cancel_period: Duration,
+    /// When the double started: compaction cycles run at multiples of the interval since.
+    started: f64,
+    compaction_interval: Duration,
+    ingester_window: Duration,
+    split_interval: Duration,
+    max_query_length: Duration,
+    sub_queries: u64,
     deletion_disabled: Vec<String>,
     /// Tenants whose runtime override sets `deletion_mode: filter-only`.
     filter_only: Vec<String>,
@@ -141,6 +164,12 @@ impl LokiDouble {
             multi_tenant,
             auth,
             cancel_period: Duration::from_secs(1),
+            started: now_secs_f64(),
+            compaction_interval: Duration::from_secs(1),
+            ingester_window: Duration::from_secs(2),
+            split_interval: Duration::from_secs(30 * 60),
+            max_query_length: Duration::from_secs(721 * 3600),
+            sub_queries: 0,
             deletion_disabled: Vec::new(),
             filter_only: Vec::new(),
             tenants: HashMap::new(),
@@ -170,6 +199,27 @@ impl LokiDouble {
     /// How long requests stay `received` (Loki's `delete_request_cancel_period`).
     pub fn set_cancel_period(&self, period: Duration) {
         self.lock().cancel_period = period;
+    }
+
+    /// How often the compactor runs (`compactor.compaction_interval`).
+    pub fn set_compaction_interval(&self, interval: Duration) {
+        self.lock().compaction_interval = interval;
+    }
+
+    /// Lines that arrived less than this before a compaction cycle are still in the
+    /// ingesters: a processed request leaves them in place.
+    pub fn set_ingester_window(&self, window: Duration) {
+        self.lock().ingester_window = window;
+    }
+
+    /// The query frontend's `split_queries_by_interval`.
+    pub fn set_split_interval(&self, interval: Duration) {
+        self.lock().split_interval = interval;
+    }
+
+    /// Sub-queries run so far (every query split by the split interval).
+    pub fn sub_queries(&self) -> u64 {
+        self.lock().sub_queries
     }
 
     /// The tenant's `deletion_mode` becomes `disabled`.
@@ -217,8 +267,25 @@ impl LokiDouble {
         });
     }
 
-    /// Stores lines directly (as if pushed), timestamps in nanoseconds.
+    /// Stores lines directly (as if pushed just now: they are in the ingesters for
+    /// `ingester_window`), timestamps in nanoseconds.
     pub fn push(&self, tenant: &str, labels: &[(&str, &str)], lines: &[(i64, &str)]) {
+        self.push_arrived(tenant, labels, lines, now_secs_f64());
+    }
+
+    /// Stores lines that arrived long ago: flushed and indexed, where delete requests
+    /// reach them (old data in a store).
+    pub fn push_flushed(&self, tenant: &str, labels: &[(&str, &str)], lines: &[(i64, &str)]) {
+        self.push_arrived(tenant, labels, lines, 0.0);
+    }
+
+    fn push_arrived(
+        &self,
+        tenant: &str,
+        labels: &[(&str, &str)],
+        lines: &[(i64, &str)],
+        arrived: f64,
+    ) {
         let labels: Labels = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -231,8 +298,8 @@ impl LokiDouble {
             .streams
             .entry(labels)
             .or_default();
-        stream.extend(lines.iter().map(|(t, l)| (*t, l.to_string())));
-        stream.sort_by_key(|(t, _)| *t);
+        stream.extend(lines.iter().map(|(t, l)| (*t, l.to_string(), arrived)));
+        stream.sort_by_key(|(t, _, _)| *t);
     }
 
     /// Every stored line of a tenant (processing due deletions first), as (labels, line):
@@ -247,7 +314,7 @@ impl LokiDouble {
                 t.streams
                     .iter()
                     .chain(t.hidden.iter())
-                    .flat_map(|(l, v)| v.iter().map(move |(_, line)| (l.clone(), line.clone())))
+                    .flat_map(|(l, v)| v.iter().map(move |(_, line, _)| (l.clone(), line.clone())))
                     .collect()
             })
             .unwrap_or_default()
@@ -398,8 +465,8 @@ async fn handle(State(state): State<Shared>, request: Request) -> Response {
     };
     match (parts.method.clone(), path.as_str()) {
         (Method::POST, "/loki/api/v1/push") => push(&mut inner, &tenant, &body),
-        (Method::GET, "/loki/api/v1/query_range") => query_range(&inner, &tenant, &param),
-        (Method::GET, "/loki/api/v1/query") => instant_query(&inner, &tenant, &param),
+        (Method::GET, "/loki/api/v1/query_range") => query_range(&mut inner, &tenant, &param),
+        (Method::GET, "/loki/api/v1/query") => instant_query(&mut inner, &tenant, &param),
         (m, "/loki/api/v1/delete") => {
             if inner.deletion_disabled.contains(&tenant) {
                 return text(403, "deletion is not available for this tenant");
@@ -454,11 +521,11 @@ fn push(inner: &mut Inner, tenant: &str, body: &[u8]) -> Response {
                 .and_then(|t| t.parse::<i64>().ok());
             let line = v.get(1).and_then(Value::as_str);
             match (ts, line) {
-                (Some(ts), Some(line)) => stored.push((ts, line.to_string())),
+                (Some(ts), Some(line)) => stored.push((ts, line.to_string(), now_secs_f64())),
                 _ => return text(400, "invalid push request"),
             }
         }
-        stored.sort_by_key(|(t, _)| *t);
+        stored.sort_by_key(|(t, _, _)| *t);
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -477,7 +544,27 @@ fn query_time(text: &str) -> Option<i64> {
     Some((n * 1e9) as i64)
 }
 
-fn query_range(inner: &Inner, tenant: &str, param: &dyn Fn(&str) -> Option<String>) -> Response {
+/// 400 when a query's range is longer than `max_query_length`, as Loki answers.
+fn too_long(inner: &Inner, range_ns: i64) -> Option<Response> {
+    let limit = inner.max_query_length.as_nanos() as i64;
+    (range_ns > limit).then(|| {
+        let hours = |ns: i64| format!("{}h0m0s", ns / 3_600_000_000_000);
+        text(
+            400,
+            format!(
+                "the query time range exceeds the limit (query length: {}, limit: {})",
+                hours(range_ns),
+                hours(limit)
+            ),
+        )
+    })
+}
+
+fn query_range(
+    inner: &mut Inner,
+    tenant: &str,
+    param: &dyn Fn(&str) -> Option<String>,
+) -> Response {
     let Some(q) = param("query") else {
         return text(400, "query not set");
     };
@@ -493,13 +580,20 @@ fn query_range(inner: &Inner, tenant: &str, param: &dyn Fn(&str) -> Option<Strin
         .unwrap_or(end - 3_600_000_000_000);
     let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
     let forward = param("direction").as_deref() == Some("forward");
+    if let Some(refused) = too_long(inner, end - start) {
+        return refused;
+    }
     let mut entries: Vec<(i64, &Labels, &str)> = inner
         .tenants
         .get(tenant)
         .into_iter()
         .flat_map(|t| t.streams.iter())
         .filter(|(labels, _)| expr.selects(labels))
-        .flat_map(|(labels, lines)| lines.iter().map(move |(ts, l)| (*ts, labels, l.as_str())))
+        .flat_map(|(labels, lines)| {
+            lines
+                .iter()
+                .map(move |(ts, l, _)| (*ts, labels, l.as_str()))
+        })
         .filter(|(ts, _, line)| *ts >= start && *ts < end && expr.keeps(line))
         .collect();
     entries.sort_by_key(|(ts, _, _)| *ts);
@@ -507,6 +601,17 @@ fn query_range(inner: &Inner, tenant: &str, param: &dyn Fn(&str) -> Option<Strin
         entries.reverse();
     }
     entries.truncate(limit);
+    // The frontend runs the pieces in the query's direction and stops once `limit` lines
+    // are in: count the pieces up to the one holding the last line kept.
+    let split = (inner.split_interval.as_nanos() as i64).max(1);
+    let pieces = |from: i64, to: i64| ((to - from).max(0) + split - 1) / split;
+    let run = match (entries.len() >= limit, entries.last()) {
+        (true, Some((ts, _, _))) if forward => pieces(start, *ts + 1),
+        (true, Some((ts, _, _))) => pieces(*ts, end),
+        _ => pieces(start, end),
+    };
+    let run = run.max(1) as u64;
+    inner.sub_queries += run;
     let mut by_stream: BTreeMap<&Labels, Vec<Value>> = BTreeMap::new();
     for (ts, labels, line) in entries {
         by_stream
@@ -523,7 +628,11 @@ fn query_range(inner: &Inner, tenant: &str, param: &dyn Fn(&str) -> Option<Strin
     )
 }
 
-fn instant_query(inner: &Inner, tenant: &str, param: &dyn Fn(&str) -> Option<String>) -> Response {
+fn instant_query(
+    inner: &mut Inner,
+    tenant: &str,
+    param: &dyn Fn(&str) -> Option<String>,
+) -> Response {
     let Some(q) = param("query") else {
         return text(400, "query not set");
     };
@@ -534,6 +643,11 @@ fn instant_query(inner: &Inner, tenant: &str, param: &dyn Fn(&str) -> Option<Str
     let at = param("time")
         .and_then(|t| query_time(&t))
         .unwrap_or_else(now_ns);
+    if let Some(refused) = too_long(inner, range) {
+        return refused;
+    }
+    let split = (inner.split_interval.as_nanos() as i64).max(1);
+    inner.sub_queries += ((range + split - 1) / split).max(1) as u64;
     let counts: Vec<(&Labels, usize)> = inner
         .tenants
         .get(tenant)
@@ -543,7 +657,7 @@ fn instant_query(inner: &Inner, tenant: &str, param: &dyn Fn(&str) -> Option<Str
         .map(|(labels, lines)| {
             let n = lines
                 .iter()
-                .filter(|(ts, l)| *ts > at - range && *ts <= at && expr.keeps(l))
+                .filter(|(ts, l, _)| *ts > at - range && *ts <= at && expr.keeps(l))
                 .count();
             (labels, n)
         })
@@ -692,19 +806,25 @@ fn cancel_delete(
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// The compactor's work: requests past their cancel period delete their lines.
+/// The compactor's work: at the first cycle after their cancel period, requests delete
+/// their lines, except those that arrived within the ingester window before that cycle.
 fn process_due(inner: &mut Inner) {
     let now = now_secs_f64();
     let period = inner.cancel_period.as_secs_f64();
+    let interval = inner.compaction_interval.as_secs_f64().max(0.001);
+    let started = inner.started;
+    let window = inner.ingester_window.as_secs_f64();
+    // The first cycle at or after `t`.
+    let cycle = |t: f64| started + ((t - started) / interval).ceil().max(0.0) * interval;
     for (name, tenant) in inner.tenants.iter_mut() {
         let filter_only = inner.filter_only.contains(name);
-        let due: Vec<usize> = (0..tenant.deletes.len())
-            .filter(|&i| {
-                tenant.deletes[i].status == "received"
-                    && tenant.deletes[i].created_at + period <= now
-            })
+        let mut due: Vec<(usize, f64)> = (0..tenant.deletes.len())
+            .filter(|&i| tenant.deletes[i].status == "received")
+            .map(|i| (i, cycle(tenant.deletes[i].created_at + period)))
+            .filter(|(_, at)| *at <= now)
             .collect();
-        for i in due {
+        due.sort_by(|a, b| a.1.total_cmp(&b.1));
+        for (i, ran_at) in due {
             let request = tenant.deletes[i].clone();
             if let Ok(expr) = parse_log_query(&request.query) {
                 let (from, to) = (request.start_ms * 1_000_000, request.end_ms * 1_000_000);
@@ -712,7 +832,12 @@ fn process_due(inner: &mut Inner) {
                     if expr.selects(labels) {
                         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(lines)
                             .into_iter()
-                            .partition(|(ts, l)| *ts >= from && *ts <= to && expr.keeps(l));
+                            .partition(|(ts, l, arrived)| {
+                                *ts >= from
+                                    && *ts <= to
+                                    && expr.keeps(l)
+                                    && *arrived <= ran_at - window
+                            });
                         *lines = kept;
                         if filter_only {
                             tenant

@@ -119,7 +119,8 @@ pub fn redact(e: &backends::Error) -> (&'static str, String) {
         E::InvalidSpec(m)
         | E::IdentifierNotDistinctive(m)
         | E::UnparsedCopiesRemain(m)
-        | E::DeletionModeFilterOnly(m) => return (e.reason(), m.clone()),
+        | E::DeletionModeFilterOnly(m)
+        | E::DeleteRequestLost(m) => return (e.reason(), m.clone()),
         E::Unreachable(_) => "cannot reach the store",
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
@@ -197,13 +198,15 @@ pub enum ActionResult {
 pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: ActionResult) {
     match result {
         ActionResult::InProgress { cursor } => {
+            target.message = crate::backends::describe_wait(&cursor).unwrap_or_else(|| {
+                match action {
+                    SubjectAction::Find => "finding",
+                    SubjectAction::Erase => "the store is erasing",
+                    SubjectAction::Verify => "verifying",
+                }
+                .into()
+            });
             target.cursor = Some(cursor);
-            target.message = match action {
-                SubjectAction::Find => "finding",
-                SubjectAction::Erase => "the store is erasing",
-                SubjectAction::Verify => "verifying",
-            }
-            .into();
         }
         ActionResult::Failed { reason, message } => {
             target.phase = T::Failed;
@@ -626,6 +629,16 @@ mod tests {
         };
         apply(&mut t, SubjectAction::Erase, step("loki:abc"));
         assert_eq!((t.phase, t.cursor.as_deref()), (T::Found, Some("loki:abc")));
+        assert_eq!(t.message, "the store is erasing");
+        // What a Loki erasure waits for, and until when, is in the message.
+        let resting = r#"loki:{"id":"r1","start":1000000000,"end":1795361677,"count":1,"stage":"resting","until":1795365277}"#;
+        apply(&mut t, SubjectAction::Erase, step(resting));
+        assert!(
+            t.message.starts_with("LinesInIngesters") && t.message.contains("2026-11-22T16:34:37Z"),
+            "{}",
+            t.message
+        );
+        apply(&mut t, SubjectAction::Erase, step("loki:abc"));
         assert_eq!(
             next_phase(ErasurePhase::Erasing, std::slice::from_ref(&t), &[], false),
             ErasurePhase::Erasing

@@ -540,7 +540,7 @@ async fn elasticsearch_sweeps_leave_a_held_subjects_documents_and_count_undated_
 async fn loki_sweeps_leave_a_held_subjects_lines() {
     let double = LokiDouble::start().await;
     let old = now_ns() - 10 * 86_400_000_000_000;
-    double.push(
+    double.push_flushed(
         SINGLE_TENANT,
         &[("app", "shop")],
         &[
@@ -558,6 +558,7 @@ async fn loki_sweeps_leave_a_held_subjects_lines() {
             url: double.url(),
             tenant: None,
             auth: HttpAuth::None,
+            resubmit_after: std::time::Duration::from_secs(1),
         },
         Limits::default(),
     );
@@ -607,6 +608,7 @@ async fn loki_in_filter_only_mode_refuses_erasures_and_sweeps_with_a_clear_reaso
             url: double.url(),
             tenant: None,
             auth: HttpAuth::None,
+            resubmit_after: std::time::Duration::from_secs(1),
         },
         Limits::default(),
     );
