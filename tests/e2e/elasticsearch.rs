@@ -1899,9 +1899,142 @@ mod hold {
     use kube::api::{Api, DeleteParams};
 
     use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
-    use tombstone::api::{LegalHold, RetentionPolicy};
+    use tombstone::api::{DataStore, LegalHold, RetentionPolicy};
 
     use crate::fixtures::*;
+
+    #[tokio::test]
+    async fn a_hold_cancels_a_real_task_mid_way_on_opensearch() {
+        a_hold_cancels_a_real_task_mid_way(Distribution::OpenSearch).await
+    }
+
+    #[tokio::test]
+    async fn a_hold_cancels_a_real_task_mid_way_on_elasticsearch() {
+        a_hold_cancels_a_real_task_mid_way(Distribution::Elasticsearch).await
+    }
+
+    /// On the real nodes, through the operator: a DataStore with `deleteRequestsPerSecond`
+    /// throttles the sweep's delete-by-query task so that the node shows it running with some
+    /// documents deleted when a LegalHold lands; the hold cancels it (the node no longer
+    /// runs it, and its stored result is gone), the rest stays while held, and once released
+    /// the sweep deletes the rest and leaves nothing of its tasks in `.tasks`.
+    async fn a_hold_cancels_a_real_task_mid_way(distribution: Distribution) {
+        let (client, ns) = setup("es-real-hold").await;
+        let node = tokio::task::spawn_blocking(move || SearchNode::get(distribution))
+            .await
+            .expect("a real node");
+        let url = node.url();
+        let es = EsClient::new(&url, None);
+        let p = node.index_prefix("hold-task");
+        let index = format!("{p}-2026.01.01");
+        seed_many(&es, &index).await;
+        let operator = TestOperator::start(&ns).await;
+        create::<DataStore>(
+            &client,
+            &ns,
+            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": "search"},
+                   "spec": {"elasticsearch": {"url": url, "deleteRequestsPerSecond": 200}}}),
+        )
+        .await;
+        wait_store_ready(&client, &ns, "search", true).await;
+        create::<RetentionPolicy>(
+            &client,
+            &ns,
+            policy_json(
+                "mailer",
+                "30d",
+                json!([{"name": "events", "store": "search",
+                        "elasticsearch": {"index": format!("{p}-*"), "timestampField": "@timestamp"}}]),
+            ),
+        )
+        .await;
+        let waiting = wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "a task to wait on",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.targets
+                        .first()
+                        .is_some_and(|t| t.cursor.as_deref().is_some_and(|c| c.contains("\"t\":")))
+                })
+            },
+        )
+        .await;
+        let cursor = waiting.status.unwrap().targets[0].cursor.clone().unwrap();
+        let task = task_ids(&[cursor]).pop().expect("a task id");
+        let before = wait_mid_way(&es, &task).await;
+
+        hold_policies(&client, &ns, "audit", &["mailer"]).await;
+        wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "the target held, its task cancelled",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.targets
+                        .first()
+                        .is_some_and(|t| t.phase == TargetPhase::Held && t.cursor.is_none())
+                })
+            },
+        )
+        .await;
+        let (status, answer) = es
+            .call(reqwest::Method::GET, &format!("/_tasks/{task}"), None)
+            .await;
+        assert_eq!(
+            status, 404,
+            "the task neither runs nor left its stored result: {answer}"
+        );
+        let left = es.ids(&index).await.len() as u64 - 1;
+        assert!(
+            left > 0 && left <= MANY - before,
+            "cancelled mid-way: {before} deleted when the hold landed, {left} expired left"
+        );
+        assert_eq!(
+            es.ids(&index).await.len() as u64 - 1,
+            left,
+            "nothing more deleted while held"
+        );
+
+        Api::<LegalHold>::namespaced(client.clone(), &ns)
+            .delete("audit", &DeleteParams::default())
+            .await
+            .unwrap();
+        let done = wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "the sweep completed",
+            Duration::from_secs(120),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.current_sweep.is_none()
+                        && s.last_sweep
+                            .as_ref()
+                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        // What the cancelled task deleted before the hold is not in the count (a cancel
+        // drops the cursor); what the sweep deleted after the release is, exactly.
+        assert_eq!(done.last_sweep.unwrap().deleted, left);
+        assert_eq!(es.ids(&index).await, vec!["young".to_string()]);
+        assert_eq!(
+            stored_results_for(&es, &p).await,
+            Vec::<String>::new(),
+            "nothing of the sweep's tasks is left in .tasks"
+        );
+        operator.stop().await;
+        es.delete_index(&index).await;
+    }
 
     #[tokio::test]
     async fn a_hold_landing_while_a_delete_by_query_task_runs_cancels_it_and_holds_win() {

@@ -23,6 +23,8 @@
 //! - `GET _tasks/<id>`: `completed: false` while running, then `completed: true` and
 //!   `response: {total, deleted, version_conflicts, failures, …}`; an unknown id is 404
 //!   `resource_not_found_exception` — .../tasks.html
+//! - `DELETE .tasks/_doc/<id>`: the stored result of a finished task goes (404 `not_found`
+//!   for a running or unknown task), and `GET _tasks/<id>` is 404 after, as on a real node
 //! - `_refresh` (documents indexed without `refresh=true` are searchable only after it) —
 //!   .../indices-refresh.html
 //! - `DELETE /<index>` (wildcards refused, as with `action.destructive_requires_name: true`,
@@ -46,9 +48,25 @@
 //!   scenarios seeded through it never meet the `text` case (the analysed-field refusal is
 //!   tested on the real node without it).
 //! - `wait_for_completion=false` stores each finished delete-by-query task as a document of
-//!   the `.tasks` index (ten after the real-server scenarios; nothing deletes them yet); the
-//!   double keeps no such index. `GET _tasks/<id>` of an unknown task is 404
-//!   `resource_not_found_exception` on both.
+//!   the `.tasks` index; the double keeps the result with the task (`stored_task_results`
+//!   counts them) and answers `DELETE .tasks/_doc/<id>` alike, but has no `.tasks` index to
+//!   search. `GET _tasks/<id>` of an unknown task is 404 `resource_not_found_exception` on
+//!   both.
+//! - A task cancelled from outside: OpenSearch 2.19 completes it with
+//!   `response.canceled: "by user request"` and the count so far in `response.deleted`;
+//!   Elasticsearch 7.17, cancelled while it waits out its `requests_per_second` throttle,
+//!   completes it with no `response` but an `error` (`search_phase_execution_exception`
+//!   caused by `task_cancelled_exception`), the count so far only in `task.status.deleted`
+//!   and `task.status.canceled`. The double answers a cancel the OpenSearch way and, as its
+//!   tasks run no batches before they complete, with nothing deleted.
+//! - A real task deletes in batches (1,000 by default) and, throttled, waits between them,
+//!   so it can be met mid-way (`task.status.deleted` > 0, `completed: false`); the double's
+//!   tasks do everything at the poll that completes them.
+//! - Documents a task deleted stay searchable until the next refresh: a delete-by-query
+//!   submitted right after meets them again and counts them as version conflicts. The
+//!   double removes them at once.
+//! - Version conflicts: a document updated while a real task runs (after the task's scroll
+//!   read it) is counted in `version_conflicts` and left, as the double's snapshot does.
 //! - `DELETE /<pattern>` with a wildcard is accepted by OpenSearch 2.x and Elasticsearch 7.x
 //!   (their default is `action.destructive_requires_name: false`); the double refuses it, as
 //!   Elasticsearch 8.x does by default.
@@ -56,8 +74,10 @@
 //!   answer `_shards: {total: 2, successful: 1}`.
 //!
 //! Faults are injected per request path: any status (401, 429, 5xx, …), version conflicts and
-//! bulk failures inside the next delete-by-query task, and how many polls a task stays
-//! running.
+//! bulk failures inside the next delete-by-query task(s) (the rejected documents stay, the
+//! rest of the batch is deleted, and the task stops), how many polls a task stays running,
+//! and a node restart that loses every running task (`lose_running_tasks`: a real node can
+//! be restarted, but not between two polls of a test on demand, so this stays here).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
