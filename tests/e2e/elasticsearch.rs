@@ -1893,6 +1893,113 @@ async fn es_requests_keep_to_the_stores_rate_limit() {
     );
 }
 
+mod failed_step {
+    use super::*;
+
+    use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
+    use tombstone::api::RetentionPolicy;
+
+    use crate::fixtures::*;
+
+    /// The store stops answering task polls (503, on the double: a real node cannot be made
+    /// to on demand) until the step fails: the failed target keeps the cursor naming the task
+    /// it leaves running, and the next sweep cancels that task before it submits its own, so
+    /// no task is orphaned; that sweep then completes and counts exactly.
+    #[tokio::test]
+    async fn a_failed_sweep_target_keeps_its_task_and_the_next_sweep_cancels_it() {
+        let (client, ns) = setup("es-failed-step").await;
+        let es = EsDouble::start().await;
+        es.seed(
+            "jobs-1",
+            &[
+                ("a", json!({"@timestamp": days_ago(40)})),
+                ("y", json!({"@timestamp": days_ago(1)})),
+            ],
+        );
+        es.set_running_polls(u32::MAX);
+        // Every poll of the task fails: the fifth failure in a row fails the step.
+        es.fail("/_tasks/", 503, 5);
+        let operator = TestOperator::start(&ns).await;
+        super::operator::es_store(&client, &ns, "search", &es.url(), None).await;
+        wait_store_ready(&client, &ns, "search", true).await;
+        create::<RetentionPolicy>(
+            &client,
+            &ns,
+            policy_json(
+                "jobs",
+                "30d",
+                json!([{"name": "jobs", "store": "search",
+                        "elasticsearch": {"index": "jobs-*", "timestampField": "@timestamp"}}]),
+            ),
+        )
+        .await;
+        let failed = wait_policy(
+            &client,
+            &ns,
+            "jobs",
+            "the sweep failed",
+            Duration::from_secs(120),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.last_sweep
+                        .as_ref()
+                        .is_some_and(|l| l.outcome == SweepOutcome::Failed)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        let target = &failed.targets[0];
+        assert_eq!(target.phase, TargetPhase::Failed, "{}", target.message);
+        assert!(
+            target.message.starts_with("Unreachable"),
+            "{}",
+            target.message
+        );
+        assert!(
+            target
+                .cursor
+                .as_deref()
+                .is_some_and(|c| c.contains("\"t\":")),
+            "the failed target still names the task it leaves: {:?}",
+            target.cursor
+        );
+        assert_eq!((es.task_count(), es.cancelled_tasks()), (1, 0));
+
+        // The next sweep (after the retry delay) cancels it, then runs its own task.
+        es.set_running_polls(0);
+        let done = wait_policy(
+            &client,
+            &ns,
+            "jobs",
+            "the next sweep succeeded",
+            Duration::from_secs(120),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.current_sweep.is_none()
+                        && s.last_sweep
+                            .as_ref()
+                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        assert_eq!(
+            (es.task_count(), es.cancelled_tasks()),
+            (2, 1),
+            "the left task was cancelled, one new task submitted"
+        );
+        assert_eq!(done.last_sweep.unwrap().deleted, 1);
+        assert_eq!(done.targets[0].cursor, None);
+        assert_eq!(es.ids("jobs-1"), vec!["y"]);
+        assert_eq!(es.stored_task_results(), 0);
+        operator.stop().await;
+    }
+}
+
 mod hold {
     use super::*;
 
