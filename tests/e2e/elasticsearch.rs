@@ -1288,6 +1288,11 @@ async fn real_server_retention_sweep(distribution: Distribution) {
         .expect("a real server");
     println!("{}", backend.probe().await.expect("probe"));
     retention_scenario(&client, &backend, &prefix).await;
+    assert_eq!(
+        stored_results_for(&client, &prefix).await,
+        Vec::<String>::new(),
+        "nothing of the sweep's tasks is left in .tasks"
+    );
     for suffix in ["2026.01.02", "undated"] {
         client.delete_index(&format!("{prefix}-{suffix}")).await;
     }
@@ -1299,6 +1304,11 @@ async fn real_server_subject_erasure(distribution: Distribution) {
         .await
         .expect("a real server");
     erasure_scenario(&client, &backend, &prefix).await;
+    assert_eq!(
+        stored_results_for(&client, &prefix).await,
+        Vec::<String>::new(),
+        "nothing of the erasure's tasks is left in .tasks"
+    );
     for suffix in ["a", "b"] {
         client.delete_index(&format!("{prefix}-{suffix}")).await;
     }
