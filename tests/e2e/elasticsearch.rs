@@ -612,6 +612,11 @@ async fn es_version_conflicts_are_reported_as_blocked_and_taken_by_the_next_swee
         .await
         .unwrap();
     assert_eq!((done.deleted, done.blocked), (1, 1));
+    assert_eq!(
+        es.stored_task_results(),
+        1,
+        "the result stays until its count is checkpointed"
+    );
     // One more step deletes the task's stored result, its count being checkpointed.
     let Next::Continue(cursor) = done.next else {
         panic!("a clean-up step follows: {:?}", done.next)
@@ -1765,6 +1770,67 @@ mod operator {
                 "{secret} leaked into the operator's trail"
             );
         }
+        operator.stop().await;
+    }
+}
+
+mod erasure_retry {
+    use super::*;
+
+    use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
+    use tombstone::api::RetentionPolicy;
+
+    use crate::erasure::wait_phase;
+    use crate::fixtures::*;
+
+    /// The erasure's first task ends with a bulk failure after deleting two of the subject's
+    /// three documents: the failed step's cursor (with that count) is kept, the retry submits
+    /// a new task from it, and the request completes having erased exactly three.
+    #[tokio::test]
+    async fn an_erasure_whose_task_fails_resumes_from_the_failed_steps_cursor_counting_once() {
+        let (client, ns) = setup("es-erasure-retry").await;
+        let es = EsDouble::start().await;
+        let doc = |email: &str| json!({"@timestamp": days_ago(1), "user": {"email": email}});
+        es.seed(
+            "mailer-events-1",
+            &[
+                ("s1", doc(EMAIL)),
+                ("s2", doc(EMAIL)),
+                ("s3", doc(EMAIL)),
+                ("n1", doc("bob@example.org")),
+            ],
+        );
+        es.inject_task_failures(1);
+        let operator = TestOperator::start(&ns).await;
+        super::operator::es_store(&client, &ns, "search", &es.url(), None).await;
+        let mut policy = policy_json(
+            "mailer",
+            "30d",
+            json!([{"name": "events", "store": "search",
+                    "elasticsearch": {"index": "mailer-events-*", "timestampField": "@timestamp"},
+                    "subject": {"elasticsearch": {"term": {"user.email": "{email}"}}}}]),
+        );
+        policy["spec"]["suspend"] = json!(true);
+        create::<RetentionPolicy>(&client, &ns, policy).await;
+        create_subject_secret(&client, &ns, "dsr-es", json!({"email": EMAIL})).await;
+        request_erasure(&client, &ns, "dsr-es", "dsr-es").await;
+        let done = wait_phase(&client, &ns, "dsr-es", ErasurePhase::Completed).await;
+        let status = done.status.unwrap();
+        let t = &status.targets[0];
+        assert_eq!(
+            (t.phase, t.found, t.erased, t.remaining),
+            (ErasureTargetPhase::Verified, 3, 3, 0),
+            "{}",
+            t.message
+        );
+        assert_eq!(es.ids("mailer-events-1"), vec!["n1"]);
+        assert_eq!(es.task_count(), 2, "submitted again once");
+        assert_eq!(es.stored_task_results(), 0);
+        let metrics = operator.running.metrics.render();
+        assert!(
+            metrics.contains("StoreTaskFailed"),
+            "the failed step was reported with its reason"
+        );
         operator.stop().await;
     }
 }
