@@ -1205,6 +1205,11 @@ async fn real_server_a_task_cancelled_from_outside_is_submitted_again_counting_o
     tasks.sort();
     tasks.dedup();
     assert_eq!(tasks.len(), 2, "submitted again once: {tasks:?}");
+    println!(
+        "{}: cancelled from outside after {before} of {MANY}; the resumed sweep counted {} (the cancelled task's and the next task's)",
+        distribution.name(),
+        rest.deleted
+    );
     assert_eq!(
         stored_results_for(&client, &p).await,
         Vec::<String>::new(),
@@ -1270,6 +1275,10 @@ async fn real_server_documents_changed_while_a_task_runs_are_taken_by_the_next_s
         rest.items.iter().any(|i| i.contains("version conflicts")),
         "{:?}",
         rest.items
+    );
+    println!(
+        "{}: {deleted} deleted, {blocked} version conflicts left for the next sweep",
+        distribution.name()
     );
     let next = sweep(&backend, &t, false).await;
     assert!(next.failure.is_none(), "{:?}", next.failure);
@@ -2182,6 +2191,10 @@ mod hold {
             es.ids(&index).await.len() as u64 - 1,
             left,
             "nothing more deleted while held"
+        );
+        println!(
+            "{}: the hold landed after {before} of {MANY} deleted; {left} left while held",
+            distribution.name()
         );
 
         Api::<LegalHold>::namespaced(client.clone(), &ns)
