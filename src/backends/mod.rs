@@ -57,6 +57,17 @@ pub enum Error {
     /// longer listed), and submitting it again did not hold either.
     #[error("{0}")]
     DeleteRequestLost(String),
+    /// A deletion the store ran by itself ended without doing all of it (failures, an error):
+    /// submitted again a bounded number of times, then this. Names counts and indices only.
+    #[error("{0}")]
+    StoreTaskFailed(String),
+    /// A deletion the store ran by itself was cancelled by someone else.
+    #[error("{0}")]
+    StoreTaskCancelled(String),
+    /// The store no longer knows a deletion it was running (a node restarted): what it did
+    /// before is not known.
+    #[error("{0}")]
+    StoreTaskLost(String),
 }
 
 impl Error {
@@ -73,6 +84,9 @@ impl Error {
             Error::UnparsedCopiesRemain(_) => "UnparsedCopiesRemain",
             Error::DeletionModeFilterOnly(_) => "DeletionModeFilterOnly",
             Error::DeleteRequestLost(_) => "DeleteRequestLost",
+            Error::StoreTaskFailed(_) => "StoreTaskFailed",
+            Error::StoreTaskCancelled(_) => "StoreTaskCancelled",
+            Error::StoreTaskLost(_) => "StoreTaskLost",
         }
     }
 
@@ -351,6 +365,9 @@ pub struct Step {
     /// A failure after some progress: the counts and `next` above are still true and are
     /// checkpointed, so work already done is neither lost nor redone.
     pub failure: Option<Error>,
+    /// A setback the step recovers from by itself (a store task that ended badly and is
+    /// submitted again): the sweep goes on, and status says why it is retrying.
+    pub retrying: Option<Error>,
 }
 
 impl Default for Step {
@@ -366,6 +383,7 @@ impl Default for Step {
             oldest_remaining: None,
             next: Next::Done,
             failure: None,
+            retrying: None,
         }
     }
 }

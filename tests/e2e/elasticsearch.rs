@@ -27,11 +27,15 @@ const EMAIL: &str = "es-subject-7c2e@example.org";
 const USER: &str = "user-47";
 
 fn backend_for(url: &str, auth: HttpAuth) -> ElasticsearchBackend {
+    backend_throttled(url, auth, None)
+}
+
+fn backend_throttled(url: &str, auth: HttpAuth, rate: Option<u32>) -> ElasticsearchBackend {
     ElasticsearchBackend::new(
         ElasticsearchConfig {
             url: url.into(),
             auth,
-            delete_requests_per_second: None,
+            delete_requests_per_second: rate,
         },
         Limits::default(),
     )
@@ -83,6 +87,33 @@ struct Swept {
     cursors: Vec<String>,
     waits: usize,
     failure: Option<Error>,
+    /// Reasons of the setbacks the sweep recovered from (tasks submitted again).
+    retrying: Vec<&'static str>,
+}
+
+impl Swept {
+    /// The distinct delete-by-query tasks its cursors named, in order.
+    fn tasks(&self) -> Vec<String> {
+        task_ids(&self.cursors)
+    }
+}
+
+/// The distinct task ids the cursors name (running, `t`, or finished, `x`), in order.
+fn task_ids(cursors: &[String]) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for c in cursors {
+        let json: Value = serde_json::from_str(c.strip_prefix("es:").expect("an es cursor"))
+            .expect("a JSON cursor");
+        for t in ["t", "x"]
+            .iter()
+            .filter_map(|k| json.get(*k).and_then(Value::as_str))
+        {
+            if !ids.iter().any(|i| i == t) {
+                ids.push(t.to_string());
+            }
+        }
+    }
+    ids
 }
 
 /// Runs a sweep to the end, each step resuming from the cursor the previous one returned (as
@@ -94,6 +125,22 @@ async fn sweep_with(
     dry_run: bool,
     max_time: Duration,
 ) -> Swept {
+    sweep_from(backend, target, cutoff, dry_run, max_time, None, |_| false)
+        .await
+        .0
+}
+
+/// [`sweep_with`] from `cursor`, stopping early (returning the cursor to go on from) after
+/// the first step whose cursor `stop` accepts.
+async fn sweep_from(
+    backend: &ElasticsearchBackend,
+    target: &Target,
+    cutoff: DateTime<Utc>,
+    dry_run: bool,
+    max_time: Duration,
+    mut cursor: Option<String>,
+    stop: impl Fn(&str) -> bool,
+) -> (Swept, Option<String>) {
     let job = SweepJob {
         target: target.clone(),
         retention: "30d".parse().unwrap(),
@@ -102,7 +149,6 @@ async fn sweep_with(
         held: Default::default(),
     };
     let mut swept = Swept::default();
-    let mut cursor: Option<String> = None;
     for _ in 0..1000 {
         let step = backend
             .sweep_step(&job, cursor.as_deref(), &budget(max_time))
@@ -112,12 +158,18 @@ async fn sweep_with(
         swept.deleted += step.deleted;
         swept.blocked += step.blocked;
         swept.items.extend(step.blocked_items);
+        if let Some(r) = &step.retrying {
+            swept.retrying.push(r.reason());
+        }
         if step.failure.is_some() {
+            if let Next::Continue(c) | Next::Wait { cursor: c, .. } = &step.next {
+                swept.cursors.push(c.clone());
+            }
             swept.failure = step.failure;
-            return swept;
+            return (swept, None);
         }
         match step.next {
-            Next::Done => return swept,
+            Next::Done => return (swept, None),
             Next::Continue(c) => {
                 swept.cursors.push(c.clone());
                 cursor = Some(c);
@@ -127,6 +179,9 @@ async fn sweep_with(
                 swept.cursors.push(c.clone());
                 cursor = Some(c);
             }
+        }
+        if cursor.as_deref().is_some_and(&stop) {
+            return (swept, cursor);
         }
     }
     panic!("the sweep did not finish");
@@ -341,7 +396,8 @@ async fn es_sweep_deletes_old_documents_and_whole_expired_indices_only() {
     let requests = es.requests();
     let deletes: Vec<&str> = requests
         .iter()
-        .filter(|r| r.method == "DELETE")
+        // Stored task results are deleted too; indices are what counts here.
+        .filter(|r| r.method == "DELETE" && !r.path.starts_with("/.tasks/"))
         .map(|r| r.path.as_str())
         .collect();
     assert_eq!(deletes, vec!["/logs-2026.01.01"]);
@@ -418,7 +474,7 @@ async fn es_an_index_holding_one_young_document_is_never_deleted_whole() {
     let deletes: Vec<String> = es
         .requests()
         .into_iter()
-        .filter(|r| r.method == "DELETE")
+        .filter(|r| r.method == "DELETE" && !r.path.starts_with("/.tasks/"))
         .map(|r| r.path)
         .collect();
     assert_eq!(deletes, vec!["/app-2026.01.02"]);
@@ -555,10 +611,147 @@ async fn es_version_conflicts_are_reported_as_blocked_and_taken_by_the_next_swee
         .sweep_step(&job, Some(&cursor), &budget(Duration::from_secs(5)))
         .await
         .unwrap();
-    assert_eq!((done.deleted, done.blocked, done.next), (1, 1, Next::Done));
+    assert_eq!((done.deleted, done.blocked), (1, 1));
+    assert_eq!(
+        es.stored_task_results(),
+        1,
+        "the result stays until its count is checkpointed"
+    );
+    // One more step deletes the task's stored result, its count being checkpointed.
+    let Next::Continue(cursor) = done.next else {
+        panic!("a clean-up step follows: {:?}", done.next)
+    };
+    let cleaned = b
+        .sweep_step(&job, Some(&cursor), &budget(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (cleaned.deleted, cleaned.blocked, cleaned.next),
+        (0, 0, Next::Done)
+    );
+    assert_eq!(es.stored_task_results(), 0);
     let last = sweep(&b, &t, false).await;
     assert_eq!((last.deleted, last.blocked), (1, 0));
     assert_eq!(es.ids("orders-1"), vec!["d"]);
+}
+
+/// A task that ends with failures, or that the store no longer knows (a node restarted), is
+/// submitted again from the cursor; what each task deleted is counted once; the stored result
+/// of every finished task is deleted, but only in the step after the one that reported its
+/// count.
+#[tokio::test]
+async fn es_a_task_that_ends_badly_or_vanishes_is_submitted_again_counting_once() {
+    let es = EsDouble::start().await;
+    let old = json!({"@timestamp": days_ago(40)});
+    let seed = |es: &EsDouble| {
+        es.seed(
+            "audit-1",
+            &[
+                ("a", old.clone()),
+                ("b", old.clone()),
+                ("c", old.clone()),
+                ("y", json!({"@timestamp": days_ago(1)})),
+            ],
+        )
+    };
+    seed(&es);
+    let t = target("audit-*", Value::Null);
+    let b = backend(&es);
+    // The first task's bulk rejects one document and deletes the two others.
+    es.inject_task_failures(1);
+    let swept = sweep(&b, &t, false).await;
+    assert!(swept.failure.is_none(), "{:?}", swept.failure);
+    assert_eq!(swept.retrying, vec!["StoreTaskFailed"]);
+    assert_eq!((swept.deleted, swept.blocked), (3, 0), "{swept:?}");
+    assert_eq!(es.task_count(), 2);
+    assert_eq!(es.ids("audit-1"), vec!["y"]);
+    assert_eq!(es.stored_task_results(), 0, "both results deleted");
+    // The step that read a task's count did not delete its result yet.
+    let deletes: Vec<usize> = es
+        .requests()
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.method == "DELETE" && r.path.starts_with("/.tasks/_doc/"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(deletes.len(), 2, "one delete per finished task");
+
+    // A node restart while the task runs: the task is gone; a new one is submitted.
+    seed(&es);
+    es.set_running_polls(1_000);
+    let (first, cursor) = sweep_from(
+        &b,
+        &t,
+        cutoff(),
+        false,
+        Duration::from_millis(1),
+        None,
+        |c| c.contains("\"t\":"),
+    )
+    .await;
+    assert!(first.failure.is_none(), "{:?}", first.failure);
+    es.lose_running_tasks();
+    es.set_running_polls(0);
+    let (rest, _) = sweep_from(
+        &b,
+        &t,
+        cutoff(),
+        false,
+        Duration::from_secs(10),
+        cursor,
+        |_| false,
+    )
+    .await;
+    assert!(rest.failure.is_none(), "{:?}", rest.failure);
+    assert_eq!(rest.retrying, vec!["StoreTaskLost"]);
+    assert_eq!(first.deleted + rest.deleted, 3, "{first:?} {rest:?}");
+    assert_eq!(es.task_count(), 4);
+    assert_eq!(es.ids("audit-1"), vec!["y"]);
+    assert_eq!(es.stored_task_results(), 0);
+
+    // An erasure: the count of the failed task travels in the cursor to the end.
+    es.seed(
+        "audit-1",
+        &[
+            ("s1", json!({"@timestamp": days_ago(1), "user": USER})),
+            ("s2", json!({"@timestamp": days_ago(2), "user": USER})),
+            ("s3", json!({"@timestamp": days_ago(3), "user": USER})),
+        ],
+    );
+    es.inject_task_failures(1);
+    let t = target("audit-*", json!({"user": "{userId}"}));
+    let job = SubjectJob {
+        target: t.clone(),
+        identifiers: ids(&[("userId", USER)]),
+        action: SubjectAction::Erase,
+    };
+    let mut cursor: Option<String> = None;
+    let mut failures = Vec::new();
+    let mut erased = None;
+    for _ in 0..20 {
+        let step = b
+            .subject_step(&job, cursor.as_deref(), &budget(Duration::from_secs(10)))
+            .await
+            .expect("erase step");
+        if let Some(f) = &step.failure {
+            failures.push(f.reason());
+            assert!(!f.to_string().contains(USER), "{f}");
+        }
+        match step.next {
+            Next::Done => {
+                erased = Some(step.count);
+                break;
+            }
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => {
+                assert_eq!(step.count, 0, "counts come with Done only");
+                cursor = Some(c);
+            }
+        }
+    }
+    assert_eq!(failures, vec!["StoreTaskFailed"]);
+    assert_eq!(erased, Some(3), "two by the failed task, one by the next");
+    assert_eq!(es.ids("audit-1"), vec!["y"]);
+    assert_eq!(es.stored_task_results(), 0);
 }
 
 #[tokio::test]
@@ -573,10 +766,15 @@ async fn es_task_failures_and_store_errors_fail_the_step_with_their_category() {
     );
     let t = target("audit-*", Value::Null);
     let b = backend(&es);
-    es.inject_task_failures(1);
+    // Every submission ends with bulk failures: submitted three times, then the step fails.
+    es.inject_failing_tasks(3, 1);
     let swept = sweep(&b, &t, false).await;
-    let failure = swept.failure.expect("bulk failures fail the step");
-    assert_eq!(failure.reason(), "StoreError");
+    let failure = swept
+        .failure
+        .expect("bulk failures fail the step in the end");
+    assert_eq!(failure.reason(), "StoreTaskFailed");
+    assert_eq!(swept.retrying, vec!["StoreTaskFailed", "StoreTaskFailed"]);
+    assert_eq!(es.task_count(), 3, "submitted three times");
     assert!(
         failure
             .to_string()
@@ -584,9 +782,14 @@ async fn es_task_failures_and_store_errors_fail_the_step_with_their_category() {
         "{failure}"
     );
     assert!(
+        failure.to_string().contains("gave up after 3 attempts"),
+        "{failure}"
+    );
+    assert!(
         !failure.to_string().contains("user-47"),
         "no document id: {failure}"
     );
+    assert_eq!(swept.deleted, 0);
 
     for (status, reason) in [
         (401, "AuthenticationFailed"),
@@ -800,6 +1003,15 @@ async fn es_a_term_on_an_analysed_text_field_is_refused_with_the_keyword_advice(
 /// `ELASTICSEARCH_API_KEY`), else the harness's own node of `distribution` (started on first
 /// use; a test fails when neither is available, it never passes without a server).
 fn real_server(distribution: Distribution) -> (EsClient, ElasticsearchBackend, String) {
+    real_server_with(distribution, None)
+}
+
+/// [`real_server`] with a backend whose delete-by-query tasks are throttled to `rate`
+/// documents a second (`requests_per_second`).
+fn real_server_with(
+    distribution: Distribution,
+    rate: Option<u32>,
+) -> (EsClient, ElasticsearchBackend, String) {
     let Some(url) = std::env::var("ELASTICSEARCH_URL")
         .ok()
         .filter(|u| !u.is_empty())
@@ -808,7 +1020,7 @@ fn real_server(distribution: Distribution) -> (EsClient, ElasticsearchBackend, S
         let url = node.url();
         return (
             EsClient::new(&url, None),
-            backend_for(&url, HttpAuth::None),
+            backend_throttled(&url, HttpAuth::None, rate),
             node.index_prefix("es-real"),
         );
     };
@@ -833,7 +1045,255 @@ fn real_server(distribution: Distribution) -> (EsClient, ElasticsearchBackend, S
         "tombstone-test-{}",
         Utc::now().timestamp_nanos_opt().unwrap_or(0)
     );
-    (EsClient::new(&url, header), backend_for(&url, auth), prefix)
+    (
+        EsClient::new(&url, header),
+        backend_throttled(&url, auth, rate),
+        prefix,
+    )
+}
+
+/// Documents per second of the throttled tasks of the tests below: with batches of 1,000 (the
+/// default scroll size) a task deletes its first batch at once and the next ones seconds
+/// apart, so it can be caught mid-way.
+const SLOW: u32 = 400;
+/// Expired documents those tests seed.
+const MANY: u64 = 3000;
+
+/// `MANY` expired documents and a young one in `index` (so it is never deleted whole).
+async fn seed_many(client: &EsClient, index: &str) {
+    let old: Vec<(String, Value)> = (0..MANY)
+        .map(|i| {
+            (
+                format!("o{i}"),
+                json!({"@timestamp": days_ago(40 + (i % 20) as i64)}),
+            )
+        })
+        .collect();
+    let mut docs: Vec<(&str, Value)> = old.iter().map(|(id, d)| (id.as_str(), d.clone())).collect();
+    docs.push(("young", json!({"@timestamp": days_ago(1)})));
+    client.bulk(index, &docs).await;
+}
+
+/// Waits until the node shows the task running with some documents deleted (and not yet
+/// completed); returns how many it has deleted so far.
+async fn wait_mid_way(client: &EsClient, task: &str) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = client
+            .call(reqwest::Method::GET, &format!("/_tasks/{task}"), None)
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["completed"],
+            json!(false),
+            "the task ended before it was caught mid-way: {answer}"
+        );
+        let deleted = answer
+            .pointer("/task/status/deleted")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if deleted > 0 {
+            assert!(deleted < MANY, "{answer}");
+            return deleted;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task deleted nothing in 30 s: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The ids of the stored task results in `.tasks` whose task worked on indices of `prefix`.
+async fn stored_results_for(client: &EsClient, prefix: &str) -> Vec<String> {
+    client
+        .call(reqwest::Method::POST, "/.tasks/_refresh", None)
+        .await;
+    let (status, answer) = client
+        .call(
+            reqwest::Method::POST,
+            "/.tasks/_search",
+            Some(json!({"size": 1000, "query": {"match_all": {}}})),
+        )
+        .await;
+    if status == 404 {
+        return Vec::new();
+    }
+    assert_eq!(status, 200, "{answer}");
+    answer
+        .pointer("/hits/hits")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|h| {
+            h.pointer("/_source/task/description")
+                .and_then(Value::as_str)
+                .is_some_and(|d| d.contains(prefix))
+        })
+        .filter_map(|h| h["_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// On the real node: a throttled task cancelled from outside (`POST _tasks/<id>/_cancel`)
+/// while it is mid-way is submitted again from the cursor; what the cancelled task deleted
+/// and what the next one deleted add up to every expired document, each counted once; no
+/// stored task result of the sweep is left in `.tasks`.
+async fn real_server_a_task_cancelled_from_outside_is_submitted_again_counting_once(
+    distribution: Distribution,
+) {
+    let (client, backend, p) =
+        tokio::task::spawn_blocking(move || real_server_with(distribution, Some(SLOW)))
+            .await
+            .expect("a real server");
+    let index = format!("{p}-2026.01.01");
+    seed_many(&client, &index).await;
+    let t = target(&format!("{p}-*"), Value::Null);
+    let (first, cursor) = sweep_from(
+        &backend,
+        &t,
+        cutoff(),
+        false,
+        Duration::from_millis(1),
+        None,
+        |c| c.contains("\"t\":"),
+    )
+    .await;
+    assert!(first.failure.is_none(), "{:?}", first.failure);
+    let task = first.tasks().pop().expect("a task in the cursor");
+    let before = wait_mid_way(&client, &task).await;
+    let (status, answer) = client
+        .call(
+            reqwest::Method::POST,
+            &format!("/_tasks/{task}/_cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, ended) = client
+        .call(
+            reqwest::Method::GET,
+            &format!("/_tasks/{task}?wait_for_completion=true&timeout=30s"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{ended}");
+    println!("the cancelled task: {ended}");
+    let (rest, _) = sweep_from(
+        &backend,
+        &t,
+        cutoff(),
+        false,
+        Duration::from_secs(10),
+        cursor,
+        |_| false,
+    )
+    .await;
+    assert!(rest.failure.is_none(), "{:?}", rest.failure);
+    assert_eq!(
+        rest.retrying,
+        vec!["StoreTaskCancelled"],
+        "{rest:?}: {ended}"
+    );
+    assert_eq!(
+        (first.deleted + rest.deleted, rest.blocked),
+        (MANY, 0),
+        "each document counted once ({before} deleted before the cancel): {rest:?}"
+    );
+    assert_eq!(client.ids(&index).await, vec!["young"]);
+    let mut tasks = first.tasks();
+    tasks.extend(rest.tasks());
+    tasks.sort();
+    tasks.dedup();
+    assert_eq!(tasks.len(), 2, "submitted again once: {tasks:?}");
+    println!(
+        "{}: cancelled from outside after {before} of {MANY}; the resumed sweep counted {} (the cancelled task's and the next task's)",
+        distribution.name(),
+        rest.deleted
+    );
+    assert_eq!(
+        stored_results_for(&client, &p).await,
+        Vec::<String>::new(),
+        "no stored result of the sweep's tasks is left in .tasks"
+    );
+    client.delete_index(&index).await;
+}
+
+/// On the real node: documents updated while a throttled task runs (`conflicts=proceed`) are
+/// left in place and reported as blocked; the next sweep takes them. Deleted plus blocked is
+/// every expired document, and the two sweeps' deletions add up to exactly that.
+async fn real_server_documents_changed_while_a_task_runs_are_taken_by_the_next_sweep(
+    distribution: Distribution,
+) {
+    let (client, backend, p) =
+        tokio::task::spawn_blocking(move || real_server_with(distribution, Some(SLOW)))
+            .await
+            .expect("a real server");
+    let index = format!("{p}-2026.01.01");
+    seed_many(&client, &index).await;
+    let t = target(&format!("{p}-*"), Value::Null);
+    let (first, cursor) = sweep_from(
+        &backend,
+        &t,
+        cutoff(),
+        false,
+        Duration::from_millis(1),
+        None,
+        |c| c.contains("\"t\":"),
+    )
+    .await;
+    let task = first.tasks().pop().expect("a task in the cursor");
+    wait_mid_way(&client, &task).await;
+    // Every expired document is touched (those deleted already answer 404 and stay gone).
+    let mut updates = String::new();
+    for i in 0..MANY {
+        updates.push_str(&json!({"update": {"_index": index, "_id": format!("o{i}")}}).to_string());
+        updates.push('\n');
+        updates.push_str(&json!({"doc": {"touched": true}}).to_string());
+        updates.push('\n');
+    }
+    let (status, answer) = client.bulk_raw(updates).await;
+    assert_eq!(status, 200, "{answer}");
+    let (rest, _) = sweep_from(
+        &backend,
+        &t,
+        cutoff(),
+        false,
+        Duration::from_secs(10),
+        cursor,
+        |_| false,
+    )
+    .await;
+    assert!(rest.failure.is_none(), "{:?}", rest.failure);
+    assert!(rest.retrying.is_empty(), "{rest:?}");
+    let (deleted, blocked) = (first.deleted + rest.deleted, rest.blocked);
+    assert!(
+        blocked > 0,
+        "the updated documents were version conflicts: {rest:?}"
+    );
+    assert_eq!(deleted + blocked, MANY, "{rest:?}");
+    assert!(
+        rest.items.iter().any(|i| i.contains("version conflicts")),
+        "{:?}",
+        rest.items
+    );
+    println!(
+        "{}: {deleted} deleted, {blocked} version conflicts left for the next sweep",
+        distribution.name()
+    );
+    let next = sweep(&backend, &t, false).await;
+    assert!(next.failure.is_none(), "{:?}", next.failure);
+    assert_eq!(
+        (next.deleted, next.blocked),
+        (blocked, 0),
+        "the next sweep takes exactly what was skipped"
+    );
+    assert_eq!(client.ids(&index).await, vec!["young"]);
+    assert_eq!(
+        stored_results_for(&client, &p).await,
+        Vec::<String>::new(),
+        "no stored result of the sweeps' tasks is left in .tasks"
+    );
+    client.delete_index(&index).await;
 }
 
 async fn real_server_retention_sweep(distribution: Distribution) {
@@ -842,6 +1302,11 @@ async fn real_server_retention_sweep(distribution: Distribution) {
         .expect("a real server");
     println!("{}", backend.probe().await.expect("probe"));
     retention_scenario(&client, &backend, &prefix).await;
+    assert_eq!(
+        stored_results_for(&client, &prefix).await,
+        Vec::<String>::new(),
+        "nothing of the sweep's tasks is left in .tasks"
+    );
     for suffix in ["2026.01.02", "undated"] {
         client.delete_index(&format!("{prefix}-{suffix}")).await;
     }
@@ -853,6 +1318,11 @@ async fn real_server_subject_erasure(distribution: Distribution) {
         .await
         .expect("a real server");
     erasure_scenario(&client, &backend, &prefix).await;
+    assert_eq!(
+        stored_results_for(&client, &prefix).await,
+        Vec::<String>::new(),
+        "nothing of the erasure's tasks is left in .tasks"
+    );
     for suffix in ["a", "b"] {
         client.delete_index(&format!("{prefix}-{suffix}")).await;
     }
@@ -1052,6 +1522,8 @@ on_both_servers!(
     real_server_a_term_on_a_dynamically_mapped_string_is_refused_and_keyword_erases,
     real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once,
     real_server_an_excluded_index_is_never_swept,
+    real_server_a_task_cancelled_from_outside_is_submitted_again_counting_once,
+    real_server_documents_changed_while_a_task_runs_are_taken_by_the_next_sweep,
 );
 
 // -------------------------------------------------------------------------------------
@@ -1311,6 +1783,67 @@ mod operator {
     }
 }
 
+mod erasure_retry {
+    use super::*;
+
+    use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
+    use tombstone::api::RetentionPolicy;
+
+    use crate::erasure::wait_phase;
+    use crate::fixtures::*;
+
+    /// The erasure's first task ends with a bulk failure after deleting two of the subject's
+    /// three documents: the failed step's cursor (with that count) is kept, the retry submits
+    /// a new task from it, and the request completes having erased exactly three.
+    #[tokio::test]
+    async fn an_erasure_whose_task_fails_resumes_from_the_failed_steps_cursor_counting_once() {
+        let (client, ns) = setup("es-erasure-retry").await;
+        let es = EsDouble::start().await;
+        let doc = |email: &str| json!({"@timestamp": days_ago(1), "user": {"email": email}});
+        es.seed(
+            "mailer-events-1",
+            &[
+                ("s1", doc(EMAIL)),
+                ("s2", doc(EMAIL)),
+                ("s3", doc(EMAIL)),
+                ("n1", doc("bob@example.org")),
+            ],
+        );
+        es.inject_task_failures(1);
+        let operator = TestOperator::start(&ns).await;
+        super::operator::es_store(&client, &ns, "search", &es.url(), None).await;
+        let mut policy = policy_json(
+            "mailer",
+            "30d",
+            json!([{"name": "events", "store": "search",
+                    "elasticsearch": {"index": "mailer-events-*", "timestampField": "@timestamp"},
+                    "subject": {"elasticsearch": {"term": {"user.email": "{email}"}}}}]),
+        );
+        policy["spec"]["suspend"] = json!(true);
+        create::<RetentionPolicy>(&client, &ns, policy).await;
+        create_subject_secret(&client, &ns, "dsr-es", json!({"email": EMAIL})).await;
+        request_erasure(&client, &ns, "dsr-es", "dsr-es").await;
+        let done = wait_phase(&client, &ns, "dsr-es", ErasurePhase::Completed).await;
+        let status = done.status.unwrap();
+        let t = &status.targets[0];
+        assert_eq!(
+            (t.phase, t.found, t.erased, t.remaining),
+            (ErasureTargetPhase::Verified, 3, 3, 0),
+            "{}",
+            t.message
+        );
+        assert_eq!(es.ids("mailer-events-1"), vec!["n1"]);
+        assert_eq!(es.task_count(), 2, "submitted again once");
+        assert_eq!(es.stored_task_results(), 0);
+        let metrics = operator.running.metrics.render();
+        assert!(
+            metrics.contains("StoreTaskFailed"),
+            "the failed step was reported with its reason"
+        );
+        operator.stop().await;
+    }
+}
+
 mod restart {
     use super::*;
 
@@ -1445,15 +1978,259 @@ async fn es_requests_keep_to_the_stores_rate_limit() {
     );
 }
 
+mod failed_step {
+    use super::*;
+
+    use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
+    use tombstone::api::RetentionPolicy;
+
+    use crate::fixtures::*;
+
+    /// The store stops answering task polls (503, on the double: a real node cannot be made
+    /// to on demand) until the step fails: the failed target keeps the cursor naming the task
+    /// it leaves running, and the next sweep cancels that task before it submits its own, so
+    /// no task is orphaned; that sweep then completes and counts exactly.
+    #[tokio::test]
+    async fn a_failed_sweep_target_keeps_its_task_and_the_next_sweep_cancels_it() {
+        let (client, ns) = setup("es-failed-step").await;
+        let es = EsDouble::start().await;
+        es.seed(
+            "jobs-1",
+            &[
+                ("a", json!({"@timestamp": days_ago(40)})),
+                ("y", json!({"@timestamp": days_ago(1)})),
+            ],
+        );
+        es.set_running_polls(u32::MAX);
+        // Every poll of the task fails: the fifth failure in a row fails the step.
+        es.fail("/_tasks/", 503, 5);
+        let operator = TestOperator::start(&ns).await;
+        super::operator::es_store(&client, &ns, "search", &es.url(), None).await;
+        wait_store_ready(&client, &ns, "search", true).await;
+        create::<RetentionPolicy>(
+            &client,
+            &ns,
+            policy_json(
+                "jobs",
+                "30d",
+                json!([{"name": "jobs", "store": "search",
+                        "elasticsearch": {"index": "jobs-*", "timestampField": "@timestamp"}}]),
+            ),
+        )
+        .await;
+        let failed = wait_policy(
+            &client,
+            &ns,
+            "jobs",
+            "the sweep failed",
+            Duration::from_secs(120),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.last_sweep
+                        .as_ref()
+                        .is_some_and(|l| l.outcome == SweepOutcome::Failed)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        let target = &failed.targets[0];
+        assert_eq!(target.phase, TargetPhase::Failed, "{}", target.message);
+        assert!(
+            target.message.starts_with("Unreachable"),
+            "{}",
+            target.message
+        );
+        assert!(
+            target
+                .cursor
+                .as_deref()
+                .is_some_and(|c| c.contains("\"t\":")),
+            "the failed target still names the task it leaves: {:?}",
+            target.cursor
+        );
+        assert_eq!((es.task_count(), es.cancelled_tasks()), (1, 0));
+
+        // The next sweep (after the retry delay) cancels it, then runs its own task.
+        es.set_running_polls(0);
+        let done = wait_policy(
+            &client,
+            &ns,
+            "jobs",
+            "the next sweep succeeded",
+            Duration::from_secs(120),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.current_sweep.is_none()
+                        && s.last_sweep
+                            .as_ref()
+                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        assert_eq!(
+            (es.task_count(), es.cancelled_tasks()),
+            (2, 1),
+            "the left task was cancelled, one new task submitted"
+        );
+        assert_eq!(done.last_sweep.unwrap().deleted, 1);
+        assert_eq!(done.targets[0].cursor, None);
+        assert_eq!(es.ids("jobs-1"), vec!["y"]);
+        assert_eq!(es.stored_task_results(), 0);
+        operator.stop().await;
+    }
+}
+
 mod hold {
     use super::*;
 
     use kube::api::{Api, DeleteParams};
 
     use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
-    use tombstone::api::{LegalHold, RetentionPolicy};
+    use tombstone::api::{DataStore, LegalHold, RetentionPolicy};
 
     use crate::fixtures::*;
+
+    #[tokio::test]
+    async fn a_hold_cancels_a_real_task_mid_way_on_opensearch() {
+        a_hold_cancels_a_real_task_mid_way(Distribution::OpenSearch).await
+    }
+
+    #[tokio::test]
+    async fn a_hold_cancels_a_real_task_mid_way_on_elasticsearch() {
+        a_hold_cancels_a_real_task_mid_way(Distribution::Elasticsearch).await
+    }
+
+    /// On the real nodes, through the operator: a DataStore with `deleteRequestsPerSecond`
+    /// throttles the sweep's delete-by-query task so that the node shows it running with some
+    /// documents deleted when a LegalHold lands; the hold cancels it (the node no longer
+    /// runs it, and its stored result is gone), the rest stays while held, and once released
+    /// the sweep deletes the rest and leaves nothing of its tasks in `.tasks`.
+    async fn a_hold_cancels_a_real_task_mid_way(distribution: Distribution) {
+        let (client, ns) = setup("es-real-hold").await;
+        let node = tokio::task::spawn_blocking(move || SearchNode::get(distribution))
+            .await
+            .expect("a real node");
+        let url = node.url();
+        let es = EsClient::new(&url, None);
+        let p = node.index_prefix("hold-task");
+        let index = format!("{p}-2026.01.01");
+        seed_many(&es, &index).await;
+        let operator = TestOperator::start(&ns).await;
+        create::<DataStore>(
+            &client,
+            &ns,
+            json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": "search"},
+                   "spec": {"elasticsearch": {"url": url, "deleteRequestsPerSecond": 200}}}),
+        )
+        .await;
+        wait_store_ready(&client, &ns, "search", true).await;
+        create::<RetentionPolicy>(
+            &client,
+            &ns,
+            policy_json(
+                "mailer",
+                "30d",
+                json!([{"name": "events", "store": "search",
+                        "elasticsearch": {"index": format!("{p}-*"), "timestampField": "@timestamp"}}]),
+            ),
+        )
+        .await;
+        let waiting = wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "a task to wait on",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.targets
+                        .first()
+                        .is_some_and(|t| t.cursor.as_deref().is_some_and(|c| c.contains("\"t\":")))
+                })
+            },
+        )
+        .await;
+        let cursor = waiting.status.unwrap().targets[0].cursor.clone().unwrap();
+        let task = task_ids(&[cursor]).pop().expect("a task id");
+        let before = wait_mid_way(&es, &task).await;
+
+        hold_policies(&client, &ns, "audit", &["mailer"]).await;
+        wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "the target held, its task cancelled",
+            Duration::from_secs(60),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.targets
+                        .first()
+                        .is_some_and(|t| t.phase == TargetPhase::Held && t.cursor.is_none())
+                })
+            },
+        )
+        .await;
+        let (status, answer) = es
+            .call(reqwest::Method::GET, &format!("/_tasks/{task}"), None)
+            .await;
+        assert_eq!(
+            status, 404,
+            "the task neither runs nor left its stored result: {answer}"
+        );
+        let left = es.ids(&index).await.len() as u64 - 1;
+        assert!(
+            left > 0 && left <= MANY - before,
+            "cancelled mid-way: {before} deleted when the hold landed, {left} expired left"
+        );
+        assert_eq!(
+            es.ids(&index).await.len() as u64 - 1,
+            left,
+            "nothing more deleted while held"
+        );
+        println!(
+            "{}: the hold landed after {before} of {MANY} deleted; {left} left while held",
+            distribution.name()
+        );
+
+        Api::<LegalHold>::namespaced(client.clone(), &ns)
+            .delete("audit", &DeleteParams::default())
+            .await
+            .unwrap();
+        let done = wait_policy(
+            &client,
+            &ns,
+            "mailer",
+            "the sweep completed",
+            Duration::from_secs(120),
+            |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.current_sweep.is_none()
+                        && s.last_sweep
+                            .as_ref()
+                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
+                })
+            },
+        )
+        .await
+        .status
+        .unwrap();
+        // What the cancelled task deleted before the hold is not in the count (a cancel
+        // drops the cursor); what the sweep deleted after the release is, exactly.
+        assert_eq!(done.last_sweep.unwrap().deleted, left);
+        assert_eq!(es.ids(&index).await, vec!["young".to_string()]);
+        assert_eq!(
+            stored_results_for(&es, &p).await,
+            Vec::<String>::new(),
+            "nothing of the sweep's tasks is left in .tasks"
+        );
+        operator.stop().await;
+        es.delete_index(&index).await;
+    }
 
     #[tokio::test]
     async fn a_hold_landing_while_a_delete_by_query_task_runs_cancels_it_and_holds_win() {

@@ -23,6 +23,8 @@
 //! - `GET _tasks/<id>`: `completed: false` while running, then `completed: true` and
 //!   `response: {total, deleted, version_conflicts, failures, …}`; an unknown id is 404
 //!   `resource_not_found_exception` — .../tasks.html
+//! - `DELETE .tasks/_doc/<id>`: the stored result of a finished task goes (404 `not_found`
+//!   for a running or unknown task), and `GET _tasks/<id>` is 404 after, as on a real node
 //! - `_refresh` (documents indexed without `refresh=true` are searchable only after it) —
 //!   .../indices-refresh.html
 //! - `DELETE /<index>` (wildcards refused, as with `action.destructive_requires_name: true`,
@@ -46,9 +48,25 @@
 //!   scenarios seeded through it never meet the `text` case (the analysed-field refusal is
 //!   tested on the real node without it).
 //! - `wait_for_completion=false` stores each finished delete-by-query task as a document of
-//!   the `.tasks` index (ten after the real-server scenarios; nothing deletes them yet); the
-//!   double keeps no such index. `GET _tasks/<id>` of an unknown task is 404
-//!   `resource_not_found_exception` on both.
+//!   the `.tasks` index; the double keeps the result with the task (`stored_task_results`
+//!   counts them) and answers `DELETE .tasks/_doc/<id>` alike, but has no `.tasks` index to
+//!   search. `GET _tasks/<id>` of an unknown task is 404 `resource_not_found_exception` on
+//!   both.
+//! - A task cancelled from outside: OpenSearch 2.19 completes it with
+//!   `response.canceled: "by user request"` and the count so far in `response.deleted`;
+//!   Elasticsearch 7.17, cancelled while it waits out its `requests_per_second` throttle,
+//!   completes it with no `response` but an `error` (`search_phase_execution_exception`
+//!   caused by `task_cancelled_exception`), the count so far only in `task.status.deleted`
+//!   and `task.status.canceled`. The double answers a cancel the OpenSearch way and, as its
+//!   tasks run no batches before they complete, with nothing deleted.
+//! - A real task deletes in batches (1,000 by default) and, throttled, waits between them,
+//!   so it can be met mid-way (`task.status.deleted` > 0, `completed: false`); the double's
+//!   tasks do everything at the poll that completes them.
+//! - Documents a task deleted stay searchable until the next refresh: a delete-by-query
+//!   submitted right after meets them again and counts them as version conflicts. The
+//!   double removes them at once.
+//! - Version conflicts: a document updated while a real task runs (after the task's scroll
+//!   read it) is counted in `version_conflicts` and left, as the double's snapshot does.
 //! - `DELETE /<pattern>` with a wildcard is accepted by OpenSearch 2.x and Elasticsearch 7.x
 //!   (their default is `action.destructive_requires_name: false`); the double refuses it, as
 //!   Elasticsearch 8.x does by default.
@@ -56,8 +74,10 @@
 //!   answer `_shards: {total: 2, successful: 1}`.
 //!
 //! Faults are injected per request path: any status (401, 429, 5xx, …), version conflicts and
-//! bulk failures inside the next delete-by-query task, and how many polls a task stays
-//! running.
+//! bulk failures inside the next delete-by-query task(s) (the rejected documents stay, the
+//! rest of the batch is deleted, and the task stops), how many polls a task stays running,
+//! and a node restart that loses every running task (`lose_running_tasks`: a real node can
+//! be restarted, but not between two polls of a test on demand, so this stays here).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -154,6 +174,9 @@ struct Task {
     failures: u64,
     response: Option<Value>,
     start_ms: i64,
+    /// Gone from the store: a node restarted while it ran, or its stored result
+    /// (`.tasks/_doc/<id>`) was deleted. `GET _tasks/<id>` answers 404.
+    gone: bool,
 }
 
 /// One request as the double received it.
@@ -182,6 +205,8 @@ struct State {
     running_polls: u32,
     conflicts_next_task: u64,
     failures_next_task: u64,
+    /// How many tasks after the next one fail the same way.
+    failing_tasks_after: u32,
     faults: VecDeque<Fault>,
     /// Documents a concurrent writer indexes (not yet searchable) right after the next
     /// request whose path contains the key: (path part, index, id, source).
@@ -336,6 +361,32 @@ impl EsDouble {
     /// The next task's first bulk request fails for `n` documents and the task aborts.
     pub fn inject_task_failures(&self, n: u64) {
         self.state().failures_next_task = n;
+    }
+
+    /// The next `tasks` tasks each fail for `n` documents, as [`inject_task_failures`].
+    pub fn inject_failing_tasks(&self, tasks: u32, n: u64) {
+        let mut state = self.state();
+        state.failures_next_task = n;
+        state.failing_tasks_after = tasks.saturating_sub(1);
+    }
+
+    /// A node restart: every task still running is forgotten without finishing (nothing
+    /// more deleted) and `GET _tasks/<id>` answers 404 for it, as a real node does.
+    pub fn lose_running_tasks(&self) {
+        for t in self.state().tasks.values_mut() {
+            if t.response.is_none() {
+                t.gone = true;
+            }
+        }
+    }
+
+    /// Finished tasks whose stored result (the `.tasks` document) is still there.
+    pub fn stored_task_results(&self) -> usize {
+        self.state()
+            .tasks
+            .values()
+            .filter(|t| t.response.is_some() && !t.gone)
+            .count()
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -518,6 +569,7 @@ fn answer(
         ("POST", ["_bulk"]) => bulk(state, None, &body, query),
         ("POST" | "PUT", [index, "_bulk"]) => bulk(state, Some(index), &body, query),
         ("GET", ["_tasks", id]) => task(state, id),
+        ("DELETE", [".tasks", "_doc", id]) => forget_task(state, id),
         ("POST", ["_tasks", id, "_cancel"]) => cancel_task(state, id),
         ("GET", ["_cat", "indices"]) => cat_indices(state, "*", query),
         ("GET", ["_cat", "indices", pattern]) => cat_indices(state, pattern, query),
@@ -1071,7 +1123,12 @@ fn delete_by_query(
         failures: std::mem::take(&mut state.failures_next_task),
         response: None,
         start_ms: Utc::now().timestamp_millis(),
+        gone: false,
     };
+    if task.failures > 0 && state.failing_tasks_after > 0 {
+        state.failing_tasks_after -= 1;
+        state.failures_next_task = task.failures;
+    }
     let proceed = query.get("conflicts").map(String::as_str) == Some("proceed");
     state.tasks.insert(id.clone(), task);
     if query.get("wait_for_completion").map(String::as_str) != Some("false") {
@@ -1091,9 +1148,17 @@ fn finish(state: &mut State, id: &str, proceed: bool) -> Value {
     let mut failures = Vec::new();
     let mut injected_conflicts = task.conflicts;
     if task.failures > 0 {
-        for (index, doc_id, _) in task.snapshot.iter().take(task.failures as usize) {
-            failures.push(json!({"index": index, "id": doc_id, "cause": {"type": "es_rejected_execution_exception",
-                "reason": format!("rejected execution of delete of [{doc_id}]")}, "status": 429}));
+        // One bulk request: its first items are rejected, the others go; then the task stops.
+        for (i, (index, doc_id, version)) in task.snapshot.iter().enumerate() {
+            if i < task.failures as usize {
+                failures.push(json!({"index": index, "id": doc_id, "cause": {"type": "es_rejected_execution_exception",
+                    "reason": format!("rejected execution of delete of [{doc_id}]")}, "status": 429}));
+            } else if let Some(idx) = state.indices.get_mut(index) {
+                if idx.docs.get(doc_id).is_some_and(|d| d.version == *version) {
+                    idx.docs.remove(doc_id);
+                    deleted += 1;
+                }
+            }
         }
     } else {
         for (index, doc_id, version) in &task.snapshot {
@@ -1135,7 +1200,7 @@ fn finish(state: &mut State, id: &str, proceed: bool) -> Value {
 }
 
 fn task(state: &mut State, id: &str) -> Answer {
-    let Some(t) = state.tasks.get_mut(id) else {
+    let Some(t) = state.tasks.get_mut(id).filter(|t| !t.gone) else {
         return error(
             404,
             "resource_not_found_exception",
@@ -1171,12 +1236,31 @@ fn task(state: &mut State, id: &str) -> Answer {
     )
 }
 
+/// `DELETE .tasks/_doc/<id>`: the stored result of a finished task goes, and the task with it
+/// (`GET _tasks/<id>` is 404 after). A running or unknown task has no document: 404
+/// `not_found`, as a real node answers a missing document.
+fn forget_task(state: &mut State, id: &str) -> Answer {
+    match state.tasks.get_mut(id) {
+        Some(t) if t.response.is_some() && !t.gone => {
+            t.gone = true;
+            (
+                StatusCode::OK,
+                json!({"_index": ".tasks", "_id": id, "result": "deleted"}),
+            )
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            json!({"_index": ".tasks", "_id": id, "result": "not_found"}),
+        ),
+    }
+}
+
 /// `POST _tasks/<id>/_cancel`: a running delete-by-query stops before its next batch; here
 /// none has run yet, so nothing is deleted. A finished or unknown task cannot be cancelled.
 /// https://www.elastic.co/guide/en/elasticsearch/reference/current/tasks.html#task-cancellation
 fn cancel_task(state: &mut State, id: &str) -> Answer {
     match state.tasks.get_mut(id) {
-        Some(t) if t.response.is_none() => {
+        Some(t) if t.response.is_none() && !t.gone => {
             t.response = Some(json!({
                 "took": 1, "timed_out": false, "total": t.snapshot.len(), "deleted": 0,
                 "batches": 0, "version_conflicts": 0, "noops": 0, "failures": [],
@@ -1427,6 +1511,23 @@ impl EsClient {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Any request with an optional JSON body; returns the status and answer.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.send(method, path, body.map(|b| b.to_string()), false)
+            .await
+    }
+
+    /// `POST /_bulk` of an NDJSON body as given (any actions); returns the status and answer.
+    pub async fn bulk_raw(&self, ndjson: String) -> (u16, Value) {
+        self.send(reqwest::Method::POST, "/_bulk", Some(ndjson), true)
+            .await
     }
 
     /// Sends a JSON body with PUT; returns the status and answer.

@@ -42,7 +42,7 @@ use super::{
 };
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
-use query::{Cursor, TaskState};
+use query::{Cursor, TaskProblem, TaskState};
 
 /// Consecutive transient failures (429, 5xx, no answer) of a task poll before the step
 /// fails: the task goes on in the store meanwhile, so a short outage only delays the poll.
@@ -223,27 +223,33 @@ impl ElasticsearchBackend {
     }
 
     /// Polls the cursor's task until it completes or the step's time is up. Transient
-    /// failures of the poll are counted in the cursor and retried later.
+    /// failures of the poll are counted in the cursor and retried later. A task the store
+    /// no longer knows (404) is finished, lost.
     async fn poll(&self, cursor: &mut Cursor, deadline: Instant) -> Result<Polled, Error> {
         let task = cursor.task.clone().unwrap_or_default();
         let mut pause = FIRST_INLINE_POLL;
         loop {
-            cursor.polls += 1;
+            cursor.polls = cursor.polls.saturating_add(1);
             let answer = self
                 .send(Method::GET, &["_tasks", &task], &[], None, "_tasks")
                 .await
                 .and_then(|(status, answer)| match status {
-                    200..=299 => Ok(answer),
-                    404 => Err(Error::Store(format!(
-                        "delete-by-query task {task} is no longer known to the store (a node restarted?); the next run submits it again"
-                    ))),
+                    200..=299 => Ok(Some(answer)),
+                    404 => Ok(None),
                     // Task answers name indices and actions, never the query.
                     _ => Err(answer_error("_tasks", status, &answer, Quote::Reason)),
                 });
             let answer = match answer {
-                Ok(a) => a,
+                Ok(Some(a)) => a,
+                Ok(None) => {
+                    return Ok(Polled::Done {
+                        deleted: 0,
+                        version_conflicts: 0,
+                        problem: Some(TaskProblem::Lost),
+                    })
+                }
                 Err(e @ Error::Unreachable(_)) => {
-                    cursor.errors += 1;
+                    cursor.errors = cursor.errors.saturating_add(1);
                     if cursor.errors >= POLL_ERRORS {
                         return Err(e);
                     }
@@ -254,7 +260,17 @@ impl ElasticsearchBackend {
             cursor.errors = 0;
             match query::read_task(&answer) {
                 Some(TaskState::Running) => {}
-                Some(state) => return Ok(Polled::Done(state)),
+                Some(TaskState::Finished {
+                    deleted,
+                    version_conflicts,
+                    problem,
+                }) => {
+                    return Ok(Polled::Done {
+                        deleted,
+                        version_conflicts,
+                        problem,
+                    })
+                }
                 None => {
                     return Err(Error::Store(format!(
                         "_tasks: unexpected answer for task {task}"
@@ -266,6 +282,63 @@ impl ElasticsearchBackend {
             }
             tokio::time::sleep(pause).await;
             pause *= 2;
+        }
+    }
+
+    /// Deletes the stored result of a finished task (`.tasks/_doc/<id>`), which
+    /// `wait_for_completion=false` leaves behind. Already gone is fine; a store that refuses
+    /// (no privilege on the `.tasks` system index) keeps it, with a warning.
+    async fn forget_task(&self, task: &str) -> Result<(), Error> {
+        let (status, answer) = self
+            .send(
+                Method::DELETE,
+                &[".tasks", "_doc", task],
+                &[],
+                None,
+                "DELETE .tasks",
+            )
+            .await?;
+        match status {
+            200..=299 | 404 => Ok(()),
+            401 | 403 => {
+                tracing::warn!(
+                    task,
+                    "not allowed to delete the stored result of a finished task from .tasks: it stays"
+                );
+                Ok(())
+            }
+            _ => Err(answer_error(
+                "DELETE .tasks",
+                status,
+                &answer,
+                Quote::Reason,
+            )),
+        }
+    }
+
+    /// After a cancel: waits a little for the task to stop, then deletes its stored result.
+    /// Best effort: what is left stays in `.tasks` and does no harm.
+    async fn forget_cancelled(&self, task: &str) {
+        let stopped = self
+            .send(
+                Method::GET,
+                &["_tasks", task],
+                &[("wait_for_completion", "true"), ("timeout", "10s")],
+                None,
+                "_tasks",
+            )
+            .await;
+        let forgotten = match stopped {
+            Ok((200..=299, answer))
+                if answer.get("completed").and_then(Value::as_bool) == Some(true) =>
+            {
+                self.forget_task(task).await
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = forgotten {
+            tracing::warn!(task, reason = e.reason(), error = %e, "could not delete the stored result of a cancelled task");
         }
     }
 
@@ -626,6 +699,9 @@ impl ElasticsearchBackend {
             }
         };
         if job.dry_run {
+            if let Some(done) = position.clean.as_deref() {
+                self.forget_task(done).await?;
+            }
             // Switched to a dry run mid-sweep: a block of the operator's own is lifted all
             // the same (that restores the index; it deletes nothing).
             if let Some(index) = position.blocking.as_deref() {
@@ -663,7 +739,11 @@ impl ElasticsearchBackend {
             }
             // Progress already made is kept: the counts and the position move together.
             Err(e)
-                if step.deleted > 0 || position.task.is_some() || position.blocking.is_some() =>
+                if step.deleted > 0
+                    || position.task.is_some()
+                    || position.blocking.is_some()
+                    || position.clean.is_some()
+                    || position.attempts > 0 =>
             {
                 step.failure = Some(e);
                 step.next = Next::Continue(position.encode());
@@ -750,7 +830,22 @@ impl ElasticsearchBackend {
             position.by_query = true;
             position.after = None;
         }
+        if let Some(done) = position.clean.clone() {
+            // The finished task's count is checkpointed (the previous step returned it with
+            // this cursor): its stored result can go.
+            self.forget_task(&done).await?;
+            position.clean = None;
+        }
+        if position.settled {
+            step.next = Next::Done;
+            return Ok(());
+        }
         if position.task.is_none() {
+            if position.attempts > 0 {
+                // What the task before deleted stays searchable until a refresh, and a new
+                // task would count it again as version conflicts.
+                self.refresh(pattern).await?;
+            }
             let task = self.submit(pattern, expired, quote).await?;
             position.task = Some(task);
             position.polls = 0;
@@ -762,28 +857,30 @@ impl ElasticsearchBackend {
                     poll_after: query::poll_delay(position.polls),
                 };
             }
-            Polled::Done(TaskState::Completed {
+            Polled::Done {
                 deleted,
                 version_conflicts,
-                failures,
-            }) => {
-                step.deleted += deleted;
-                if version_conflicts > 0 {
-                    step.blocked += version_conflicts;
+                problem,
+            } => {
+                let settled = query::settle(position, deleted, version_conflicts, problem);
+                // A sweep reports each task's count in the step that reads it, checkpointed
+                // together with this cursor; the cursor need not carry it.
+                position.deleted = 0;
+                step.deleted += settled.deleted;
+                // Conflicts of a task that is submitted again are not reported: the next
+                // task meets those documents again.
+                if settled.retrying.is_none() && settled.version_conflicts > 0 {
+                    let n = settled.version_conflicts;
+                    step.blocked += n;
                     step.blocked_items.push(format!(
-                        "{version_conflicts} documents in {pattern} (changed while delete-by-query ran: version conflicts; the next sweep takes them)"
+                        "{n} documents in {pattern} (changed while delete-by-query ran: version conflicts; the next sweep takes them)"
                     ));
                 }
-                step.next = Next::Done;
-                if !failures.is_empty() {
-                    step.failure = Some(task_failures(&failures));
-                }
+                step.retrying = settled.retrying;
+                step.failure = settled.failed;
+                // Even when done, one more step deletes the task's stored result.
+                step.next = Next::Continue(position.encode());
             }
-            Polled::Done(TaskState::Failed(why)) => {
-                step.next = Next::Done;
-                step.failure = Some(Error::Store(format!("delete-by-query: {why}")));
-            }
-            Polled::Done(TaskState::Running) => unreachable!("poll returns running tasks as Wait"),
         }
         Ok(())
     }
@@ -837,20 +934,23 @@ impl ElasticsearchBackend {
         let deadline = Instant::now() + budget.max_time;
         let mut position = match cursor {
             Some(c) => Cursor::decode(c)?,
-            None => {
-                // A document indexed a moment ago would otherwise escape the deletion.
-                self.refresh(pattern).await?;
-                let task = self.submit(pattern, subject, Quote::TypeOnly).await?;
-                Cursor {
-                    task: Some(task),
-                    ..Default::default()
-                }
-            }
+            None => Cursor::default(),
         };
+        if let Some(done) = position.clean.clone() {
+            // The count of that task is in the checkpointed cursor already.
+            self.forget_task(&done).await?;
+            position.clean = None;
+        }
+        if position.settled {
+            // Documents changed while a task ran stay, and Verify counts them.
+            result.count = position.deleted;
+            return Ok(result);
+        }
         if position.task.is_none() {
-            return Err(Error::InvalidSpec(
-                "an erasure cursor without a task".into(),
-            ));
+            // A document indexed a moment ago would otherwise escape the deletion.
+            self.refresh(pattern).await?;
+            position.task = Some(self.submit(pattern, subject, Quote::TypeOnly).await?);
+            position.polls = 0;
         }
         match self.poll(&mut position, deadline).await {
             Ok(Polled::Wait) => {
@@ -859,20 +959,15 @@ impl ElasticsearchBackend {
                     poll_after: query::poll_delay(position.polls),
                 }
             }
-            Ok(Polled::Done(TaskState::Completed {
-                deleted, failures, ..
-            })) => {
-                // Documents changed while the task ran stay, and Verify counts them.
-                result.count = deleted;
-                if !failures.is_empty() {
-                    result.failure = Some(task_failures(&failures));
-                }
-            }
-            Ok(Polled::Done(TaskState::Failed(why))) => {
-                result.failure = Some(Error::Store(format!("delete-by-query: {why}")))
-            }
-            Ok(Polled::Done(TaskState::Running)) => {
-                unreachable!("poll returns running tasks as Wait")
+            Ok(Polled::Done {
+                deleted,
+                version_conflicts,
+                problem,
+            }) => {
+                // The count travels in the cursor until the step that reports it (Done).
+                let settled = query::settle(&mut position, deleted, version_conflicts, problem);
+                result.failure = settled.retrying.or(settled.failed);
+                result.next = Next::Continue(position.encode());
             }
             Err(e) => {
                 // The task id is kept so a retry polls it rather than submitting again.
@@ -886,7 +981,11 @@ impl ElasticsearchBackend {
 
 enum Polled {
     Wait,
-    Done(TaskState),
+    Done {
+        deleted: u64,
+        version_conflicts: u64,
+        problem: Option<TaskProblem>,
+    },
 }
 
 /// The query of each held subject's documents in the target (from its subject locator).
@@ -925,14 +1024,6 @@ fn held_queries(job: &SweepJob) -> Result<Vec<Value>, Error> {
         .collect()
 }
 
-fn task_failures(failures: &[String]) -> Error {
-    Error::Store(format!(
-        "delete-by-query finished with {} failures, first: {}",
-        failures.len(),
-        failures[0]
-    ))
-}
-
 /// An error answer as an error of the backend's categories. Elasticsearch answers
 /// `{"error": {"type": …, "reason": …}, "status": …}`; the reason is quoted only if the
 /// request carried no identifier.
@@ -966,6 +1057,9 @@ impl Backend for ElasticsearchBackend {
         if let Some(index) = cursor.blocking.as_deref() {
             self.lift_own_block(index).await?;
         }
+        if let Some(done) = cursor.clean.as_deref() {
+            self.forget_task(done).await?;
+        }
         let Some(task) = cursor.task else {
             return Ok(false);
         };
@@ -979,8 +1073,13 @@ impl Backend for ElasticsearchBackend {
             )
             .await?;
         match status {
-            200..=299 => Ok(true),
-            404 => Ok(false),
+            // A task that is not running (finished, or lost) is named under `node_failures`
+            // by some versions: not cancelled, so the caller keeps polling it for its count.
+            200..=299 if answer.get("node_failures").is_none() => {
+                self.forget_cancelled(&task).await;
+                Ok(true)
+            }
+            200..=299 | 404 => Ok(false),
             _ => Err(answer_error(
                 "_tasks/_cancel",
                 status,

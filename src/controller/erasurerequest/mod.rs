@@ -566,7 +566,11 @@ async fn run_actions(
         if let Some(p) = poll_after {
             wait = Some(wait.map_or(p, |w| w.min(p)));
         }
-        if let ActionResult::Failed { reason, message } = &result {
+        if let ActionResult::Failed { reason, message }
+        | ActionResult::FailedAt {
+            reason, message, ..
+        } = &result
+        {
             warn!(target = %status.targets[i].target, reason, %message, "erasure step failed");
             ctx.metrics.reconcile_error(CONTROLLER, reason);
         }
@@ -683,7 +687,21 @@ async fn run_action(
         .await
     {
         Ok(step) => match (step.failure, step.next) {
-            (Some(e), _) => store_failed(e),
+            (Some(e), Next::Continue(cursor) | Next::Wait { cursor, .. }) => {
+                // The retry resumes where the store's step left off: a task submitted is
+                // polled, not submitted again.
+                let (reason, message) = plan::redact(&e);
+                (
+                    ActionResult::FailedAt {
+                        reason,
+                        message,
+                        cursor,
+                    },
+                    Some(kind.as_str()),
+                    None,
+                )
+            }
+            (Some(e), Next::Done) => store_failed(e),
             (None, Next::Wait { cursor, poll_after }) => (
                 ActionResult::InProgress { cursor },
                 Some(kind.as_str()),

@@ -120,7 +120,11 @@ pub fn redact(e: &backends::Error) -> (&'static str, String) {
         | E::IdentifierNotDistinctive(m)
         | E::UnparsedCopiesRemain(m)
         | E::DeletionModeFilterOnly(m)
-        | E::DeleteRequestLost(m) => return (e.reason(), m.clone()),
+        | E::DeleteRequestLost(m)
+        // Built from task answers: counts, index names and error types, never a query.
+        | E::StoreTaskFailed(m)
+        | E::StoreTaskCancelled(m)
+        | E::StoreTaskLost(m) => return (e.reason(), m.clone()),
         E::Unreachable(_) => "cannot reach the store",
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
@@ -183,6 +187,13 @@ pub enum ActionResult {
         reason: &'static str,
         message: String,
     },
+    /// Failed after the store took work on (a task submitted, a task to submit again): the
+    /// retry resumes from `cursor`, the one the store's step returned.
+    FailedAt {
+        reason: &'static str,
+        message: String,
+        cursor: String,
+    },
     /// The store is still working (a deletion it runs by itself): resume from `cursor`.
     InProgress { cursor: String },
     /// Verification found `remaining` copies, all of them under a store lock kept under the
@@ -211,6 +222,15 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
         ActionResult::Failed { reason, message } => {
             target.phase = T::Failed;
             target.message = format!("{reason}: {message}");
+        }
+        ActionResult::FailedAt {
+            reason,
+            message,
+            cursor,
+        } => {
+            target.phase = T::Failed;
+            target.message = format!("{reason}: {message}");
+            target.cursor = Some(cursor);
         }
         ActionResult::Retained {
             remaining,
@@ -657,6 +677,21 @@ mod tests {
             },
         );
         assert_eq!(t.cursor.as_deref(), Some("loki:abc"));
+        // A step that failed after the store took work on hands back a new cursor: kept.
+        apply(
+            &mut t,
+            SubjectAction::Erase,
+            ActionResult::FailedAt {
+                reason: "StoreTaskFailed",
+                message: "submitted again".into(),
+                cursor: "loki:def".into(),
+            },
+        );
+        assert_eq!(
+            (t.phase, t.cursor.as_deref()),
+            (T::Failed, Some("loki:def"))
+        );
+        assert!(t.message.starts_with("StoreTaskFailed: "), "{}", t.message);
         apply(
             &mut t,
             SubjectAction::Erase,

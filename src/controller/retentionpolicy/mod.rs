@@ -102,9 +102,12 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     // 3. Execute one bounded step.
     let mut status = match decision {
         Decision::Start => {
-            if let Some(previous) = policy.status.as_ref().filter(|s| s.current_sweep.is_some()) {
-                // A sweep restarted (spec edit, subject holds changed): what the stores still
-                // run for the old one is cancelled while it can be.
+            if let Some(previous) = policy.status.as_ref().filter(|s| {
+                s.current_sweep.is_some() || s.targets.iter().any(|t| t.cursor.is_some())
+            }) {
+                // A sweep restarted (spec edit, subject holds changed), or a target failed
+                // with a deletion still named: what the stores still run for the old one is
+                // cancelled while it can be (and a write block of the operator's own lifted).
                 cancel_deletions_under_way(&policy, &resolved, previous).await;
             }
             info!(dry_run = policy.spec.dry_run, "sweep started");

@@ -462,13 +462,23 @@ pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, 
             if !dry_run {
                 target.deleted_total += step.deleted;
             }
+            let cursor = match step.next {
+                Next::Continue(cursor) | Next::Wait { cursor, .. } => Some(cursor),
+                Next::Done => None,
+            };
             if let Some(failure) = step.failure {
                 fail(target, failure.reason(), &failure.to_string(), now);
+                // What the store may still run for it (a task, a write block of its own) stays
+                // named, so the next sweep cancels or lifts it instead of orphaning it.
+                target.cursor = cursor;
                 return;
             }
-            match step.next {
-                Next::Continue(cursor) | Next::Wait { cursor, .. } => target.cursor = Some(cursor),
-                Next::Done => {
+            if let Some(setback) = step.retrying {
+                target.message = format!("{}: {setback}", setback.reason());
+            }
+            match cursor {
+                Some(cursor) => target.cursor = Some(cursor),
+                None => {
                     target.phase = TargetPhase::Idle;
                     target.cursor = None;
                     target.last_sweep_time = Some(now);
@@ -1219,6 +1229,34 @@ mod tests {
             status.targets[1].deleted_total, 2,
             "work done before the failure is still counted"
         );
+        assert_eq!(
+            (status.targets[1].phase, status.targets[1].cursor.as_deref()),
+            (TargetPhase::Failed, Some("0:9")),
+            "a failed step keeps the cursor the store returned: what it still runs stays named"
+        );
+        // A setback the store recovers from keeps the target sweeping, saying why.
+        let mut retrying = status.targets[1].clone();
+        retrying.phase = TargetPhase::Sweeping;
+        apply_step(
+            &mut retrying,
+            StepResult::Ran(Step {
+                deleted: 1,
+                next: Next::Continue("es:{}".into()),
+                retrying: Some(backends::Error::StoreTaskLost("gone".into())),
+                ..Step::default()
+            }),
+            false,
+            ts(T0),
+        );
+        assert_eq!(
+            (
+                retrying.phase,
+                retrying.cursor.as_deref(),
+                retrying.deleted_total
+            ),
+            (TargetPhase::Sweeping, Some("es:{}"), 3)
+        );
+        assert_eq!(retrying.message, "StoreTaskLost: gone");
         let done = finish_if_done(
             &mut status,
             &sched(&p).unwrap(),
