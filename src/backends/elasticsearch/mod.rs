@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use super::http::{self, HttpAuth};
 use super::{
-    held_subject_locator, subject_locator, Backend, Error, Limits, Next, Step, StepBudget,
+    held_subject_locator, subject_locator, Backend, Cancel, Error, Limits, Next, Step, StepBudget,
     SubjectAction, SubjectJob, SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::Target;
@@ -959,15 +959,15 @@ impl Backend for ElasticsearchBackend {
 
     /// Cancels a running delete-by-query task; what it deleted before stays deleted.
     /// Lifts the operator's own write block named in the cursor, if any, too.
-    async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
+    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
         let Ok(cursor) = Cursor::decode(cursor) else {
-            return Ok(false);
+            return Ok(Cancel::Nothing);
         };
         if let Some(index) = cursor.blocking.as_deref() {
             self.lift_own_block(index).await?;
         }
         let Some(task) = cursor.task else {
-            return Ok(false);
+            return Ok(Cancel::Nothing);
         };
         let (status, answer) = self
             .send(
@@ -979,8 +979,11 @@ impl Backend for ElasticsearchBackend {
             )
             .await?;
         match status {
-            200..=299 => Ok(true),
-            404 => Ok(false),
+            // A task that finished is no longer running: the answer lists no task and says
+            // why in `node_failures` (or, on some versions, is a 404).
+            200..=299 if cancel_found_no_task(&answer) => Ok(Cancel::TooLate),
+            200..=299 => Ok(Cancel::Cancelled),
+            404 => Ok(Cancel::TooLate),
             _ => Err(answer_error(
                 "_tasks/_cancel",
                 status,
@@ -1021,6 +1024,32 @@ impl Backend for ElasticsearchBackend {
 }
 
 /// `elasticsearch 8.13.0` or `opensearch 2.11.0`, from the answer of `GET /`.
+/// Whether a `_tasks/<id>/_cancel` answer names no cancelled task, only failures: the task
+/// was no longer running (finished, or gone with its node).
+fn cancel_found_no_task(answer: &Value) -> bool {
+    let listed = |key: &str| {
+        answer
+            .get(key)
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    };
+    let cancelled = answer
+        .get("nodes")
+        .and_then(Value::as_object)
+        .is_some_and(|nodes| {
+            nodes.values().any(|n| {
+                n.get("tasks")
+                    .and_then(Value::as_object)
+                    .is_some_and(|t| !t.is_empty())
+            })
+        })
+        || answer
+            .get("tasks")
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty());
+    !cancelled && (listed("node_failures") || listed("task_failures"))
+}
+
 fn describe(root: &Value) -> Option<String> {
     let number = root.pointer("/version/number")?.as_str()?;
     let flavour = match root
