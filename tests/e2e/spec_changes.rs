@@ -425,3 +425,78 @@ async fn a_lengthened_retention_cancels_the_running_delete_by_query_task() {
 async fn deleting_a_policy_cancels_its_running_delete_by_query_task() {
     os_edit_cancels("spec-os-delete", None).await;
 }
+
+/// Asked to stop a delete-by-query task that has already finished, the real node cannot:
+/// the backend says so (`TooLate`), never "cancelled" nor "nothing to cancel".
+#[tokio::test]
+async fn a_finished_delete_by_query_task_is_too_late_to_cancel() {
+    use tombstone::backends::elasticsearch::{ElasticsearchBackend, ElasticsearchConfig};
+    use tombstone::backends::http::HttpAuth;
+    use tombstone::backends::{Backend, Cancel, Limits, Next, StepBudget, SweepJob};
+
+    let node = SearchNode::opensearch();
+    let http = reqwest::Client::new();
+    let index = format!("{}-events", node.index_prefix("spec-finished"));
+    bulk(&http, &node.url(), &index, &[(0, 40), (1, 40), (2, 1)]).await;
+    let backend = ElasticsearchBackend::new(
+        ElasticsearchConfig {
+            url: node.url(),
+            auth: HttpAuth::None,
+            delete_requests_per_second: None,
+        },
+        Limits::default(),
+    );
+    let job = SweepJob {
+        target: serde_json::from_value(json!({"name": "events", "store": "search",
+            "elasticsearch": {"index": index, "timestampField": "@timestamp"}}))
+        .expect("a valid target"),
+        retention: "30d".parse().expect("a duration"),
+        dry_run: false,
+        cutoff: chrono::Utc::now() - chrono::Duration::days(30),
+        held: Default::default(),
+    };
+    // A step hands back the task's cursor as soon as it is submitted.
+    let budget = StepBudget {
+        max_time: Duration::from_millis(1),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        fence: Default::default(),
+    };
+    let mut cursor: Option<String> = None;
+    let waiting = loop {
+        let step = backend
+            .sweep_step(&job, cursor.as_deref(), &budget)
+            .await
+            .expect("a step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        match step.next {
+            Next::Wait { cursor: c, .. } => break c,
+            Next::Continue(c) => cursor = Some(c),
+            Next::Done => panic!("the sweep ended without a task"),
+        }
+    };
+    let task: String = {
+        let json = waiting.strip_prefix("es:").expect("an es cursor");
+        let v: Value = serde_json::from_str(json).expect("cursor JSON");
+        v["t"].as_str().expect("a task in the cursor").to_string()
+    };
+    crate::support::wait_for("the task finished", Duration::from_secs(30), || {
+        let (http, url, task) = (http.clone(), node.url(), task.clone());
+        async move {
+            let v: Value = http
+                .get(format!("{url}/_tasks/{task}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["completed"] == json!(true)).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(count(&http, &node.url(), &index).await, 1);
+    assert_eq!(
+        backend.cancel(&waiting).await.expect("the node answers"),
+        Cancel::TooLate
+    );
+}

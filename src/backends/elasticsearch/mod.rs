@@ -1120,6 +1120,20 @@ mod tests {
     use super::*;
     use crate::api::retentionpolicy::{ElasticsearchSubject, ElasticsearchTarget, SubjectLocator};
 
+    #[test]
+    fn a_cancel_answer_without_a_task_but_with_failures_is_too_late() {
+        let finished = serde_json::json!({"nodes": {}, "node_failures": [{
+            "type": "failed_node_exception",
+            "caused_by": {"type": "resource_not_found_exception", "reason": "task [n:1] is not found"}}]});
+        assert!(cancel_found_no_task(&finished));
+        let cancelled =
+            serde_json::json!({"nodes": {"n": {"tasks": {"n:1": {"cancelled": true}}}}});
+        assert!(!cancel_found_no_task(&cancelled));
+        let grouped = serde_json::json!({"tasks": [{"id": 1}]});
+        assert!(!cancel_found_no_task(&grouped));
+        assert!(!cancel_found_no_task(&serde_json::json!({})));
+    }
+
     fn target(index: &str, terms: &[(&str, &str)]) -> Target {
         Target {
             name: "events".into(),
