@@ -55,7 +55,15 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         return finalize(&api, &policy, &ctx).await;
     }
     if plan::needs_finalizer(&policy) {
-        add_finalizer(&api, &policy, &ctx).await?;
+        match add_finalizer(&api, &policy, &ctx).await {
+            Ok(()) => {}
+            // Stored before the schema was tightened: no write of it is accepted, and the
+            // reconcile goes on to say why (an InvalidSpec Event) instead of retrying.
+            Err(e) if refused_by_schema(&e) => {
+                warn!(reason = e.reason(), error = %e, "the finalizer cannot be added: the stored policy violates the installed CRD schema")
+            }
+            Err(e) => return Err(e),
+        }
     }
     let now = Timestamp::now();
     let created = super::creation_time(&policy, now);
