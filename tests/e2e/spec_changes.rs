@@ -252,6 +252,69 @@ async fn a_store_that_is_gone_releases_the_finalizer_with_a_warning() {
     operator.stop().await;
 }
 
+#[tokio::test]
+async fn a_store_that_refuses_the_cancel_holds_the_finalizer_only_for_a_while() {
+    let (client, ns) = setup("spec-loki-refuses").await;
+    let double = LokiDouble::start().await;
+    let operator = TestOperator::start(&ns).await;
+    let (id, _) = loki_waiting(&client, &ns, &double).await;
+    let cancels = || {
+        double
+            .seen()
+            .iter()
+            .filter(|s| s.method == "DELETE" && s.path == "/loki/api/v1/delete")
+            .count()
+    };
+    double.fail_next(
+        Some(Method::DELETE),
+        "/loki/api/v1/delete",
+        503,
+        "compactor unavailable",
+        10_000,
+    );
+    let api: Api<RetentionPolicy> = Api::namespaced(client.clone(), &ns);
+    api.delete("mailer", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let deleted_at = tokio::time::Instant::now();
+    crate::support::wait_for("a refused cancel", Duration::from_secs(20), || {
+        let n = cancels();
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    assert!(
+        api.get_opt("mailer").await.expect("get").is_some(),
+        "kept while the store may still be asked"
+    );
+    crate::support::wait_for("the policy gone", Duration::from_secs(120), || {
+        let api = api.clone();
+        async move { api.get_opt("mailer").await.ok().filter(Option::is_none) }
+    })
+    .await;
+    let waited = deleted_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(50) && cancels() > 1,
+        "released after {waited:?} and {} attempts",
+        cancels()
+    );
+    wait_event(&client, &ns, "mailer", |(t, r, n)| {
+        t == "Warning" && r == "StoreDeletionNotCancelled" && n.contains("Unreachable")
+    })
+    .await;
+    wait_event(&client, &ns, "mailer", |(t, r, _)| {
+        t == "Warning" && r == "FinalizerReleased"
+    })
+    .await;
+    assert!(
+        double
+            .delete_requests(SINGLE_TENANT)
+            .iter()
+            .any(|r| r.request_id == id),
+        "the store never cancelled it"
+    );
+    operator.stop().await;
+}
+
 // ---- The real OpenSearch node: a throttled delete-by-query task ----
 
 async fn bulk(http: &reqwest::Client, url: &str, index: &str, docs: &[(usize, i64)]) {
