@@ -341,6 +341,19 @@ pub enum Next {
     Done,
 }
 
+/// What became of a deletion the store runs by itself when it was asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// Stopped: what it had not deleted yet stays.
+    Cancelled,
+    /// The cursor names no deletion the store runs by itself (or the store runs none).
+    Nothing,
+    /// Past the point where the store can stop it: a Loki request past its cancel period or
+    /// already processed, an Elasticsearch task already finished. What it covered is (or
+    /// will be) deleted.
+    TooLate,
+}
+
 /// The counts of one step; the engine adds them up.
 #[derive(Debug)]
 pub struct Step {
@@ -478,12 +491,12 @@ pub trait Backend: Send + Sync {
     ) -> Result<Step, Error>;
 
     /// Cancels the deletion the store runs by itself that `cursor` waits on, if it can still
-    /// be cancelled: a LegalHold arrived, and holds win. Returns whether one was cancelled;
-    /// the caller then drops the cursor. Stores whose steps finish before returning have
-    /// nothing to cancel.
-    async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
+    /// be cancelled: a LegalHold arrived (holds win), or the policy it was submitted for
+    /// changed, was suspended or deleted. Unless this fails the caller drops the cursor.
+    /// Stores whose steps finish before returning have nothing to cancel.
+    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
         let _ = cursor;
-        Ok(false)
+        Ok(Cancel::Nothing)
     }
 
     /// The subject's copies the store keeps under a lock of its own (S3 Object Lock retention

@@ -24,6 +24,7 @@ mod opensearch;
 mod operational;
 mod ropa;
 mod s3;
+mod spec_changes;
 mod stale_views;
 mod subject;
 mod sweep;

@@ -41,11 +41,29 @@ async fn wait_holder(leases: &Api<Lease>, identity: &str, timeout: Duration) {
     .await;
 }
 
+/// What changes while the old leader is frozen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum WhileFrozen {
+    /// A LegalHold stops the policy.
+    Hold,
+    /// The policy's retention is lengthened so that no key left is expired any more.
+    LongerRetention,
+}
+
 #[tokio::test]
 async fn a_leader_frozen_past_its_lease_deletes_and_writes_nothing_after_it_thaws() {
+    frozen_leader(WhileFrozen::Hold, "fence").await;
+}
+
+#[tokio::test]
+async fn a_leader_frozen_past_its_lease_deletes_nothing_a_lengthened_retention_keeps() {
+    frozen_leader(WhileFrozen::LongerRetention, "fence-retention").await;
+}
+
+async fn frozen_leader(change: WhileFrozen, prefix: &str) {
     const MATCHING: usize = 80_000;
     const OTHERS: usize = 1_000;
-    let (client, ns) = setup("fence").await;
+    let (client, ns) = setup(prefix).await;
     let redis = RedisServer::start();
     let mut conn = redis_conn(&redis.url()).await;
     seed(&mut conn, "old:", MATCHING).await;
@@ -105,26 +123,49 @@ async fn a_leader_frozen_past_its_lease_deletes_and_writes_nothing_after_it_thaw
     )
     .await;
 
-    // While the old leader is still frozen, a LegalHold stops the policy.
-    hold_policies(&client, &ns, "litigation", &["old"]).await;
-    let held = wait_policy(
-        &client,
-        &ns,
-        "old",
-        "the target held",
-        Duration::from_secs(60),
-        |p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.targets.first())
-                .is_some_and(|t| t.phase == TargetPhase::Held)
-        },
-    )
-    .await
+    // While the old leader is still frozen, a LegalHold stops the policy, or its retention
+    // is lengthened so that the keys left are no longer expired.
+    let held = match change {
+        WhileFrozen::Hold => {
+            hold_policies(&client, &ns, "litigation", &["old"]).await;
+            wait_policy(
+                &client,
+                &ns,
+                "old",
+                "the target held",
+                Duration::from_secs(60),
+                |p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.targets.first())
+                        .is_some_and(|t| t.phase == TargetPhase::Held)
+                },
+            )
+            .await
+        }
+        WhileFrozen::LongerRetention => {
+            patch_spec::<RetentionPolicy>(&client, &ns, "old", json!({"retention": "1h"})).await;
+            wait_policy(
+                &client,
+                &ns,
+                "old",
+                "the sweep under the new retention completed",
+                Duration::from_secs(60),
+                |p| {
+                    p.status.as_ref().is_some_and(|s| {
+                        s.observed_generation == p.metadata.generation
+                            && s.current_sweep.is_none()
+                            && s.last_sweep.is_some()
+                    }) && p.metadata.generation > Some(1)
+                },
+            )
+            .await
+        }
+    }
     .status
     .unwrap();
     let held_keys = count_keys(&mut conn, "old:*").await;
-    assert!(held_keys > 0, "the hold came before the sweep finished");
+    assert!(held_keys > 0, "the change came before the sweep finished");
     assert_eq!(
         held.targets[0].deleted_total as usize,
         MATCHING - held_keys,
@@ -163,6 +204,17 @@ async fn a_leader_frozen_past_its_lease_deletes_and_writes_nothing_after_it_thaw
         ),
         "the thawed leader overwrote the checkpoint; its log:\n{log}"
     );
+    assert_eq!(
+        (after.observed_generation, &after.last_sweep),
+        (held.observed_generation, &held.last_sweep),
+        "the thawed leader overwrote the status; its log:\n{log}"
+    );
+    if change == WhileFrozen::LongerRetention {
+        // The sweep under the new retention deleted nothing: every key left is younger.
+        assert_eq!(held.last_sweep.as_ref().map(|l| l.deleted), Some(0));
+        drop(second);
+        return;
+    }
 
     // Lifted, the hold lets the new leader finish the same sweep, every key counted once.
     Api::<LegalHold>::namespaced(client.clone(), &ns)

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use super::http::{self, HttpAuth};
 use super::{
-    held_subject_locator, subject_locator, Backend, Error, Limits, Next, Step, StepBudget,
+    held_subject_locator, subject_locator, Backend, Cancel, Error, Limits, Next, Step, StepBudget,
     SubjectAction, SubjectJob, SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::Target;
@@ -1050,9 +1050,9 @@ impl Backend for ElasticsearchBackend {
 
     /// Cancels a running delete-by-query task; what it deleted before stays deleted.
     /// Lifts the operator's own write block named in the cursor, if any, too.
-    async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
+    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
         let Ok(cursor) = Cursor::decode(cursor) else {
-            return Ok(false);
+            return Ok(Cancel::Nothing);
         };
         if let Some(index) = cursor.blocking.as_deref() {
             self.lift_own_block(index).await?;
@@ -1061,7 +1061,7 @@ impl Backend for ElasticsearchBackend {
             self.forget_task(done).await?;
         }
         let Some(task) = cursor.task else {
-            return Ok(false);
+            return Ok(Cancel::Nothing);
         };
         let (status, answer) = self
             .send(
@@ -1073,13 +1073,15 @@ impl Backend for ElasticsearchBackend {
             )
             .await?;
         match status {
-            // A task that is not running (finished, or lost) is named under `node_failures`
-            // by some versions: not cancelled, so the caller keeps polling it for its count.
-            200..=299 if answer.get("node_failures").is_none() => {
+            // A task that finished is no longer running: the answer lists no task and says
+            // why in `node_failures` (or, on some versions, is a 404). Not cancelled: a held
+            // target keeps polling it for its count.
+            200..=299 if cancel_found_no_task(&answer) => Ok(Cancel::TooLate),
+            200..=299 => {
                 self.forget_cancelled(&task).await;
-                Ok(true)
+                Ok(Cancel::Cancelled)
             }
-            200..=299 | 404 => Ok(false),
+            404 => Ok(Cancel::TooLate),
             _ => Err(answer_error(
                 "_tasks/_cancel",
                 status,
@@ -1120,6 +1122,32 @@ impl Backend for ElasticsearchBackend {
 }
 
 /// `elasticsearch 8.13.0` or `opensearch 2.11.0`, from the answer of `GET /`.
+/// Whether a `_tasks/<id>/_cancel` answer names no cancelled task, only failures: the task
+/// was no longer running (finished, or gone with its node).
+fn cancel_found_no_task(answer: &Value) -> bool {
+    let listed = |key: &str| {
+        answer
+            .get(key)
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    };
+    let cancelled = answer
+        .get("nodes")
+        .and_then(Value::as_object)
+        .is_some_and(|nodes| {
+            nodes.values().any(|n| {
+                n.get("tasks")
+                    .and_then(Value::as_object)
+                    .is_some_and(|t| !t.is_empty())
+            })
+        })
+        || answer
+            .get("tasks")
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty());
+    !cancelled && (listed("node_failures") || listed("task_failures"))
+}
+
 fn describe(root: &Value) -> Option<String> {
     let number = root.pointer("/version/number")?.as_str()?;
     let flavour = match root
@@ -1189,6 +1217,20 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
 mod tests {
     use super::*;
     use crate::api::retentionpolicy::{ElasticsearchSubject, ElasticsearchTarget, SubjectLocator};
+
+    #[test]
+    fn a_cancel_answer_without_a_task_but_with_failures_is_too_late() {
+        let finished = serde_json::json!({"nodes": {}, "node_failures": [{
+            "type": "failed_node_exception",
+            "caused_by": {"type": "resource_not_found_exception", "reason": "task [n:1] is not found"}}]});
+        assert!(cancel_found_no_task(&finished));
+        let cancelled =
+            serde_json::json!({"nodes": {"n": {"tasks": {"n:1": {"cancelled": true}}}}});
+        assert!(!cancel_found_no_task(&cancelled));
+        let grouped = serde_json::json!({"tasks": [{"id": 1}]});
+        assert!(!cancel_found_no_task(&grouped));
+        assert!(!cancel_found_no_task(&serde_json::json!({})));
+    }
 
     fn target(index: &str, terms: &[(&str, &str)]) -> Target {
         Target {

@@ -51,7 +51,7 @@ use super::http::{self, HttpAuth};
 use super::identifier;
 use super::template;
 use super::{
-    held_subject_locator, subject_locator, Backend, Error, Limits, Next, Step, StepBudget,
+    held_subject_locator, subject_locator, Backend, Cancel, Error, Limits, Next, Step, StepBudget,
     SubjectAction, SubjectJob, SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::Target;
@@ -1126,9 +1126,9 @@ impl Backend for LokiBackend {
     }
 
     /// Cancels a delete request still in its cancel period (`received`).
-    async fn cancel(&self, cursor: &str) -> Result<bool, Error> {
+    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
         let Some(id) = Cursor::decode(cursor).ok().and_then(|c| c.id) else {
-            return Ok(false);
+            return Ok(Cancel::Nothing);
         };
         let what = "DELETE /loki/api/v1/delete";
         let builder = self
@@ -1141,9 +1141,9 @@ impl Backend for LokiBackend {
             .await
             .map_err(|e| http::transport_error(what, &e))?;
         match response.status().as_u16() {
-            200..=299 => Ok(true),
+            200..=299 => Ok(Cancel::Cancelled),
             // Unknown, or already processed: past the point where Loki can cancel it.
-            400 | 404 => Ok(false),
+            400 | 404 => Ok(Cancel::TooLate),
             _ => Err(http::status_error(what, response.status(), "")),
         }
     }

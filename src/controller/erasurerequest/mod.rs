@@ -806,11 +806,11 @@ async fn cancel_held_deletions(
             continue;
         };
         match backend.cancel(&cursor).await {
-            Ok(true) => {
+            Ok(crate::backends::Cancel::Cancelled) => {
                 info!(target = %t.target, "cancelled the store's erasure under way: a LegalHold covers it");
                 t.cursor = None;
             }
-            Ok(false) => {}
+            Ok(_) => {}
             Err(e) => {
                 warn!(target = %t.target, reason = e.reason(), error = %e, "could not cancel the store's erasure under way")
             }

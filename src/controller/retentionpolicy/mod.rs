@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -31,6 +31,11 @@ use std::collections::BTreeMap;
 pub const CONTROLLER: &str = "retentionpolicy";
 /// How soon to look again when a store has not been probed yet.
 const STORE_PENDING_RETRY: Duration = Duration::from_secs(5);
+/// How soon to ask a store again to stop a deletion it could not be asked to stop.
+const STOP_RETRY: Duration = Duration::from_secs(15);
+/// How long a deleted policy keeps its finalizer while a store cannot be reached to cancel
+/// what it runs for the policy; then the finalizer is released with a Warning.
+const FINALIZER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A target with its store resolved, or the reason it cannot run.
 pub(crate) struct ResolvedTarget {
@@ -46,6 +51,20 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         return Ok(Action::await_change());
     };
     let key = object_key(&policy);
+    if policy.metadata.deletion_timestamp.is_some() {
+        return finalize(&api, &policy, &ctx).await;
+    }
+    if plan::needs_finalizer(&policy) {
+        match add_finalizer(&api, &policy, &ctx).await {
+            Ok(()) => {}
+            // Stored before the schema was tightened: no write of it is accepted, and the
+            // reconcile goes on to say why (an InvalidSpec Event) instead of retrying.
+            Err(e) if refused_by_schema(&e) => {
+                warn!(reason = e.reason(), error = %e, "the finalizer cannot be added: the stored policy violates the installed CRD schema")
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let now = Timestamp::now();
     let created = super::creation_time(&policy, now);
     let parsed_schedule = schedule::parse(policy.spec.schedule.as_ref());
@@ -99,17 +118,19 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         decision = Decision::Held;
     }
 
-    // 3. Execute one bounded step.
+    // 3. Execute: stop what the stores still run for a sweep that a spec edit restarts, a
+    // suspension or an invalid spec interrupts (cancelled while it can be, said otherwise);
+    // then one bounded step.
+    let stops = plan::deletions_to_stop(&decision, &policy);
+    let stopped = match &stops {
+        Some((_, cursors)) if !cursors.is_empty() => {
+            ctx.fence.check()?;
+            stop_deletions(&resolved, cursors).await
+        }
+        _ => Vec::new(),
+    };
     let mut status = match decision {
         Decision::Start => {
-            if let Some(previous) = policy.status.as_ref().filter(|s| {
-                s.current_sweep.is_some() || s.targets.iter().any(|t| t.cursor.is_some())
-            }) {
-                // A sweep restarted (spec edit, subject holds changed), or a target failed
-                // with a deletion still named: what the stores still run for the old one is
-                // cancelled while it can be (and a write block of the operator's own lifted).
-                cancel_deletions_under_way(&policy, &resolved, previous).await;
-            }
             info!(dry_run = policy.spec.dry_run, "sweep started");
             let mut status = plan::begin_sweep(&policy, now);
             if let Some(current) = status.current_sweep.as_mut() {
@@ -120,6 +141,13 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         _ => policy.status.clone().unwrap_or_default(),
     };
     status.targets = plan::aligned_targets(&policy, &status.targets);
+    let names: Vec<String> = policy.spec.targets.iter().map(|t| t.name.clone()).collect();
+    let stop_events = stops.map_or_else(Vec::new, |(cause, _)| {
+        plan::record_stops(&mut status, &names, cause, &stopped)
+    });
+    let stop_failed = stopped
+        .iter()
+        .any(|(_, o)| matches!(o, plan::StopOutcome::Failed(_)));
     if matches!(decision, Decision::Invalid(_) | Decision::Suspended) {
         plan::release_targets(&mut status);
     } else {
@@ -195,6 +223,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
             (Err(e), _) => return Err(e),
         }
     }
+    publish_all(&policy, &ctx, "Cancel", stop_events).await;
     report(&policy, &ctx, &previous, &status, completed.as_ref()).await;
     if let Some(done) = &completed {
         if matches!(
@@ -219,6 +248,14 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
                 .unwrap_or(Duration::ZERO);
             Action::requeue(wait + Duration::from_secs(1))
         })
+    } else if decision == Decision::Suspended {
+        // A suspended policy waits for an edit; a deletion its store could not be asked to
+        // stop is asked again.
+        if stop_failed {
+            Action::requeue(STOP_RETRY)
+        } else {
+            Action::await_change()
+        }
     } else if status.current_sweep.is_some() {
         Action::requeue(poll_after.unwrap_or(Duration::ZERO))
     } else if problems.iter().any(|(_, p)| p.transient) {
@@ -522,11 +559,11 @@ async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut Retenti
             continue;
         }
         match backend.cancel(&cursor).await {
-            Ok(true) => {
+            Ok(backends::Cancel::Cancelled) => {
                 info!(target = %target.name, "cancelled the store's deletion under way: a LegalHold covers it");
                 target.cursor = None;
             }
-            Ok(false) => {}
+            Ok(_) => {}
             Err(e) => {
                 warn!(target = %target.name, reason = e.reason(), error = %e, "could not cancel the store's deletion under way")
             }
@@ -534,27 +571,149 @@ async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut Retenti
     }
 }
 
-/// Cancels the deletions stores still run for a sweep that is being restarted.
-async fn cancel_deletions_under_way(
-    policy: &RetentionPolicy,
+/// Asks the stores to stop the deletions they run by themselves under `cursors` (target
+/// index, cursor).
+async fn stop_deletions(
     resolved: &[ResolvedTarget],
-    previous: &RetentionPolicyStatus,
-) {
-    let previous = plan::aligned_targets(policy, &previous.targets);
-    for (target, resolved) in previous.iter().zip(resolved) {
-        let (Some(cursor), Some((backend, _, _))) = (&target.cursor, &resolved.backend) else {
-            continue;
+    cursors: &[(usize, String)],
+) -> Vec<(usize, plan::StopOutcome)> {
+    use plan::StopOutcome;
+    let mut outcomes = Vec::with_capacity(cursors.len());
+    for (i, cursor) in cursors {
+        let outcome = match resolved.get(*i) {
+            Some(ResolvedTarget {
+                backend: Some((backend, _, _)),
+                ..
+            }) => match backend.cancel(cursor).await {
+                Ok(c) => StopOutcome::Stopped(c),
+                Err(e) => StopOutcome::Failed(format!("{}: {e}", e.reason())),
+            },
+            Some(ResolvedTarget {
+                problem: Some(p), ..
+            }) => StopOutcome::StoreGone(format!("{}: {}", p.reason, p.message)),
+            _ => StopOutcome::StoreGone("StoreNotReady: store unresolved".into()),
         };
-        match backend.cancel(cursor).await {
-            Ok(true) => {
-                info!(target = %target.name, "cancelled the store's deletion of the sweep restarted")
+        match &outcome {
+            StopOutcome::Stopped(c) => {
+                info!(target = *i, outcome = ?c, "asked the store to stop its deletion under way")
             }
-            Ok(false) => {}
-            Err(e) => {
-                warn!(target = %target.name, reason = e.reason(), error = %e, "could not cancel the store's deletion of the sweep restarted")
+            StopOutcome::Failed(e) | StopOutcome::StoreGone(e) => {
+                warn!(target = *i, error = %e, "could not cancel the store's deletion under way")
             }
         }
+        outcomes.push((*i, outcome));
     }
+    outcomes
+}
+
+async fn publish_all(
+    policy: &RetentionPolicy,
+    ctx: &Context,
+    action: &str,
+    events: Vec<plan::EventNote>,
+) {
+    for (warning, reason, note) in events {
+        let type_ = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        ctx.publish(policy, type_, reason, action, note).await;
+    }
+}
+
+/// Adds the finalizer when it is missing. A merge patch carrying the resourceVersion read,
+/// so a concurrent change to the finalizers is never overwritten (409, retried). Only while
+/// this instance leads.
+async fn add_finalizer(
+    api: &Api<RetentionPolicy>,
+    policy: &RetentionPolicy,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let Some(finalizers) = plan::with_finalizer(policy.finalizers()) else {
+        return Ok(());
+    };
+    patch_finalizers(api, policy, ctx, finalizers).await
+}
+
+async fn patch_finalizers(
+    api: &Api<RetentionPolicy>,
+    policy: &RetentionPolicy,
+    ctx: &Context,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    ctx.fence.check()?;
+    let patch = serde_json::json!({
+        "metadata": {
+            "resourceVersion": policy.resource_version(),
+            "finalizers": finalizers,
+        }
+    });
+    api.patch(
+        &policy.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// A deleted policy: cancel what its stores still run for it, then release the finalizer.
+/// A store that is gone releases it at once; one that cannot be reached is tried again for
+/// [`FINALIZER_PATIENCE`], then released. Whatever could not be cancelled is said in a
+/// Warning Event.
+async fn finalize(
+    api: &Api<RetentionPolicy>,
+    policy: &RetentionPolicy,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let Some(finalizers) = plan::without_finalizer(policy.finalizers()) else {
+        return Ok(Action::await_change());
+    };
+    let key = object_key(policy);
+    let cursors = policy
+        .status
+        .as_ref()
+        .map(|s| plan::cursors(policy, s))
+        .unwrap_or_default();
+    let mut outcomes = Vec::new();
+    if !cursors.is_empty() {
+        ctx.fence.check()?;
+        let resolved = dereference(policy, ctx).await;
+        outcomes = stop_deletions(&resolved, &cursors).await;
+    }
+    let now = Timestamp::now();
+    let deleted_at = policy
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.0.as_second(), 0))
+        .map_or(now, Timestamp);
+    if !plan::may_release(&outcomes, deleted_at, now, FINALIZER_PATIENCE) {
+        // Nothing is recorded: the cursors stay as they are and are asked about again.
+        return Ok(Action::requeue(ctx.backoff(&key).min(STOP_RETRY)));
+    }
+    let mut status = policy.status.clone().unwrap_or_default();
+    status.targets = plan::aligned_targets(policy, &status.targets);
+    let names: Vec<String> = policy.spec.targets.iter().map(|t| t.name.clone()).collect();
+    let events = plan::record_stops(&mut status, &names, plan::StopCause::Deleted, &outcomes);
+    let unresolved = events.iter().any(|(warning, _, _)| *warning);
+    publish_all(policy, ctx, "Finalize", events).await;
+    if unresolved {
+        ctx.publish(
+            policy,
+            EventType::Warning,
+            "FinalizerReleased",
+            "Finalize",
+            "released the finalizer although a store-side deletion could not be cancelled (see the events before)".into(),
+        )
+        .await;
+    }
+    patch_finalizers(api, policy, ctx, finalizers).await?;
+    ctx.reset_failures(&key);
+    info!("finalizer released");
+    Ok(Action::await_change())
 }
 
 /// Events and metrics for what changed: a completed sweep, a spec that became invalid.

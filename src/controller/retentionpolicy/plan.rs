@@ -425,6 +425,186 @@ pub fn aligned_targets(policy: &RetentionPolicy, existing: &[TargetStatus]) -> V
         .collect()
 }
 
+/// The finalizer a policy carries while a deletion of it must first stop what its stores
+/// still run for it.
+pub const FINALIZER: &str = "tombstone.dev/store-deletions";
+
+/// Why the deletions a store runs for a policy are being stopped, for status and Events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    /// A new sweep starts under a changed spec (retention, dryRun, selectors, subject holds).
+    Restarted,
+    Suspended,
+    Invalid,
+    Deleted,
+}
+
+impl StopCause {
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopCause::Restarted => "the sweep restarted under a changed spec",
+            StopCause::Suspended => "the policy was suspended",
+            StopCause::Invalid => "the policy's spec became invalid",
+            StopCause::Deleted => "the policy was deleted",
+        }
+    }
+}
+
+/// The deletions stores still run for the sweep under way that `decision` stops (pure), by
+/// target index with their cursors, and why: a sweep restarted under a new spec, a policy
+/// suspended or made invalid. Held targets are left to the hold (their cursor resumes when
+/// the hold lifts); a sweep that continues keeps its cursors.
+pub fn deletions_to_stop(
+    decision: &Decision,
+    policy: &RetentionPolicy,
+) -> Option<(StopCause, Vec<(usize, String)>)> {
+    let cause = match decision {
+        Decision::Start => StopCause::Restarted,
+        Decision::Suspended => StopCause::Suspended,
+        Decision::Invalid(_) => StopCause::Invalid,
+        _ => return None,
+    };
+    // A sweep under way, or a target that failed with a deletion still named in its cursor.
+    let previous = policy
+        .status
+        .as_ref()
+        .filter(|s| s.current_sweep.is_some() || s.targets.iter().any(|t| t.cursor.is_some()))?;
+    Some((cause, cursors(policy, previous)))
+}
+
+/// Every target's cursor in `status`, aligned with the spec (pure).
+pub fn cursors(policy: &RetentionPolicy, status: &RetentionPolicyStatus) -> Vec<(usize, String)> {
+    aligned_targets(policy, &status.targets)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.cursor.map(|c| (i, c)))
+        .collect()
+}
+
+/// What became of one deletion the operator asked a store to stop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    Stopped(backends::Cancel),
+    /// The store could not be asked (unreachable, refused): `reason: message`.
+    Failed(String),
+    /// The target's store is gone or cannot be used: `reason: message`.
+    StoreGone(String),
+}
+
+/// A Kubernetes Event to publish: type Warning when true, reason, note.
+pub type EventNote = (bool, &'static str, String);
+
+/// Folds the outcomes of stopping deletions into the status (pure) and says which Events to
+/// publish. A cancelled or finished deletion's cursor is dropped, so no later step adopts it;
+/// one the store could not be asked about keeps its cursor while the sweep it belongs to is
+/// paused (suspended, invalid), so that it is tried again. A deletion that could not be
+/// stopped is never passed over in silence: the target's message and a Warning say so.
+pub fn record_stops(
+    status: &mut RetentionPolicyStatus,
+    names: &[String],
+    cause: StopCause,
+    outcomes: &[(usize, StopOutcome)],
+) -> Vec<EventNote> {
+    let mut events = Vec::new();
+    let why = cause.describe();
+    for (i, outcome) in outcomes {
+        let name = names.get(*i).map_or("?", String::as_str);
+        let target = status.targets.get_mut(*i);
+        let (drop_cursor, note): (bool, Option<EventNote>) = match outcome {
+            StopOutcome::Stopped(backends::Cancel::Cancelled) => (
+                true,
+                Some((
+                    false,
+                    "StoreDeletionCancelled",
+                    format!("target {name}: cancelled the deletion the store was running: {why}"),
+                )),
+            ),
+            StopOutcome::Stopped(backends::Cancel::Nothing) => (true, None),
+            StopOutcome::Stopped(backends::Cancel::TooLate) => (
+                true,
+                Some((
+                    true,
+                    "StoreDeletionNotCancellable",
+                    format!(
+                        "target {name}: {why}, but the store's deletion under way was past the point where it can be cancelled (already processed or finished): what it covered is deleted"
+                    ),
+                )),
+            ),
+            StopOutcome::Failed(e) | StopOutcome::StoreGone(e) => (
+                cause == StopCause::Deleted,
+                Some((
+                    true,
+                    "StoreDeletionNotCancelled",
+                    format!(
+                        "target {name}: {why}, but the store's deletion under way could not be cancelled ({e}); it may still delete what the current spec keeps"
+                    ),
+                )),
+            ),
+        };
+        if let Some(target) = target {
+            let paused = matches!(cause, StopCause::Suspended | StopCause::Invalid);
+            if drop_cursor || !paused {
+                target.cursor = None;
+            }
+            if let Some((true, reason, message)) = &note {
+                target.message = format!("{reason}: {message}");
+            }
+        }
+        events.extend(note);
+    }
+    events
+}
+
+/// Whether a policy needs the finalizer (pure): one of its targets is on a store that runs
+/// deletions by itself after a step returns (Loki delete requests, Elasticsearch tasks),
+/// which must be cancelled when the policy is deleted. Judged by the selectors, before any
+/// deletion is submitted, so none can run unknown to a finalizer.
+pub fn needs_finalizer(policy: &RetentionPolicy) -> bool {
+    policy.spec.targets.iter().any(|t| {
+        matches!(
+            backends::selector_kind(t),
+            Some(StoreKind::Loki | StoreKind::Elasticsearch)
+        )
+    })
+}
+
+/// The finalizers with ours added, None when it is there already (pure).
+pub fn with_finalizer(existing: &[String]) -> Option<Vec<String>> {
+    if existing.iter().any(|f| f == FINALIZER) {
+        return None;
+    }
+    let mut all = existing.to_vec();
+    all.push(FINALIZER.to_string());
+    Some(all)
+}
+
+/// The finalizers with ours removed, None when it is not there (pure).
+pub fn without_finalizer(existing: &[String]) -> Option<Vec<String>> {
+    existing.iter().any(|f| f == FINALIZER).then(|| {
+        existing
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect()
+    })
+}
+
+/// Whether a deleted policy may let go of its finalizer now (pure): every deletion has an
+/// outcome other than a failure to reach the store, or it has tried for `patience` since the
+/// deletion: a store that stays unreachable never blocks the deletion for longer.
+pub fn may_release(
+    outcomes: &[(usize, StopOutcome)],
+    deleted_at: Timestamp,
+    now: Timestamp,
+    patience: std::time::Duration,
+) -> bool {
+    let waited = (now.0 - deleted_at.0).to_std().unwrap_or_default();
+    waited >= patience
+        || !outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, StopOutcome::Failed(_)))
+}
+
 /// Refused items kept by name in a target's status.
 const NAMED_BLOCKED_ITEMS: usize = 5;
 
@@ -1603,5 +1783,165 @@ mod tests {
             subject_holds_tag(&edited, ts(T0)),
             subject_holds_tag(&holds, ts(T0))
         );
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+    use crate::api::retentionpolicy::{CurrentSweep, RetentionPolicySpec};
+    use crate::backends::Cancel;
+
+    fn policy(targets: serde_json::Value, cursors: &[Option<&str>]) -> RetentionPolicy {
+        let spec: RetentionPolicySpec = serde_json::from_value(serde_json::json!({
+            "purpose": "p", "legalBasis": "contract", "retention": "30d",
+            "schedule": {"every": "1h"}, "targets": targets,
+        }))
+        .expect("a valid spec");
+        let mut p = RetentionPolicy::new("logs", spec);
+        p.metadata.generation = Some(2);
+        p.status = Some(RetentionPolicyStatus {
+            current_sweep: Some(CurrentSweep {
+                start_time: Timestamp::now(),
+                dry_run: false,
+                generation: Some(1),
+                subject_holds: None,
+            }),
+            targets: p
+                .spec
+                .targets
+                .iter()
+                .zip(cursors)
+                .map(|(t, c)| TargetStatus {
+                    name: t.name.clone(),
+                    phase: TargetPhase::Sweeping,
+                    cursor: c.map(str::to_string),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        p
+    }
+
+    fn two() -> serde_json::Value {
+        serde_json::json!([
+            {"name": "logs", "store": "loki", "loki": {"selector": "{app=\"a\"}"}},
+            {"name": "events", "store": "es",
+             "elasticsearch": {"index": "ev-*", "timestampField": "@timestamp"}},
+        ])
+    }
+
+    #[test]
+    fn restart_suspension_and_invalid_specs_stop_the_cursors_of_the_sweep_under_way() {
+        let p = policy(two(), &[Some("loki:x"), None]);
+        for (decision, cause) in [
+            (Decision::Start, StopCause::Restarted),
+            (Decision::Suspended, StopCause::Suspended),
+            (Decision::Invalid("bad".into()), StopCause::Invalid),
+        ] {
+            assert_eq!(
+                deletions_to_stop(&decision, &p),
+                Some((cause, vec![(0, "loki:x".to_string())]))
+            );
+        }
+        assert_eq!(deletions_to_stop(&Decision::Continue, &p), None);
+        assert_eq!(deletions_to_stop(&Decision::Held, &p), None);
+        // A finished sweep whose target failed with a deletion still named: stopped too.
+        let mut failed = p.clone();
+        failed.status.as_mut().unwrap().current_sweep = None;
+        assert_eq!(
+            deletions_to_stop(&Decision::Start, &failed),
+            Some((StopCause::Restarted, vec![(0, "loki:x".to_string())]))
+        );
+        let mut idle = policy(two(), &[None, None]);
+        idle.status.as_mut().unwrap().current_sweep = None;
+        assert_eq!(deletions_to_stop(&Decision::Start, &idle), None);
+    }
+
+    #[test]
+    fn a_deletion_that_could_not_be_stopped_is_said_and_a_paused_sweep_keeps_its_cursor() {
+        let p = policy(two(), &[Some("loki:x"), Some("es:y")]);
+        let names = vec!["logs".to_string(), "events".to_string()];
+        let outcomes = vec![
+            (0, StopOutcome::Stopped(Cancel::TooLate)),
+            (1, StopOutcome::Failed("Unreachable: refused".into())),
+        ];
+        let mut status = p.status.clone().unwrap();
+        let events = record_stops(&mut status, &names, StopCause::Suspended, &outcomes);
+        assert_eq!(status.targets[0].cursor, None, "never adopted again");
+        assert!(status.targets[0]
+            .message
+            .starts_with("StoreDeletionNotCancellable: target logs: the policy was suspended"));
+        assert_eq!(
+            status.targets[1].cursor.as_deref(),
+            Some("es:y"),
+            "asked again"
+        );
+        assert!(status.targets[1]
+            .message
+            .starts_with("StoreDeletionNotCancelled:"));
+        assert_eq!(
+            events.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
+            vec![
+                (true, "StoreDeletionNotCancellable"),
+                (true, "StoreDeletionNotCancelled")
+            ]
+        );
+        // A restarted sweep drops every old cursor; a cancelled one is a Normal event.
+        let mut status = p.status.clone().unwrap();
+        let events = record_stops(
+            &mut status,
+            &names,
+            StopCause::Restarted,
+            &[
+                (0, StopOutcome::Stopped(Cancel::Cancelled)),
+                (1, StopOutcome::Failed("Unreachable: refused".into())),
+            ],
+        );
+        assert!(status.targets.iter().all(|t| t.cursor.is_none()));
+        assert_eq!(status.targets[0].message, "");
+        assert_eq!(
+            (events[0].0, events[0].1),
+            (false, "StoreDeletionCancelled")
+        );
+        let none = record_stops(
+            &mut status,
+            &names,
+            StopCause::Restarted,
+            &[(0, StopOutcome::Stopped(Cancel::Nothing))],
+        );
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn the_finalizer_is_for_policies_whose_stores_delete_by_themselves() {
+        let p = policy(two(), &[None, None]);
+        assert!(needs_finalizer(&p));
+        let redis = policy(
+            serde_json::json!([{"name": "s", "store": "r",
+                "redis": {"keyPattern": "s:*", "mode": "idle"}}]),
+            &[None],
+        );
+        assert!(!needs_finalizer(&redis));
+        let other = vec!["other/x".to_string()];
+        let with = with_finalizer(&other).unwrap();
+        assert_eq!(with, vec!["other/x".to_string(), FINALIZER.to_string()]);
+        assert_eq!(with_finalizer(&with), None);
+        assert_eq!(without_finalizer(&with), Some(other.clone()));
+        assert_eq!(without_finalizer(&other), None);
+    }
+
+    #[test]
+    fn an_unreachable_store_holds_the_finalizer_only_for_a_while() {
+        let t0 = Timestamp::now();
+        let later = |s: i64| Timestamp(t0.0 + chrono::Duration::seconds(s));
+        let patience = std::time::Duration::from_secs(60);
+        let failed = vec![(0, StopOutcome::Failed("Unreachable: x".into()))];
+        assert!(!may_release(&failed, t0, later(10), patience));
+        assert!(may_release(&failed, t0, later(61), patience));
+        let gone = vec![(0, StopOutcome::StoreGone("StoreNotFound: x".into()))];
+        assert!(may_release(&gone, t0, t0, patience));
+        assert!(may_release(&[], t0, t0, patience));
     }
 }
