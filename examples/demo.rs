@@ -1,5 +1,7 @@
 //! The local demo behind `hack/demo.sh`: a local control plane (etcd + kube-apiserver), a
-//! redis-server with some personal data in it, the CRDs, the operator (the real `tombstone
+//! redis-server with some personal data in it, S3 (moto), the Loki test double, a real
+//! OpenSearch node (the Elasticsearch test double when Java or its launcher is missing, said
+//! loudly), the CRDs, the operator (the real `tombstone
 //! run` binary, given as TOMBSTONE_BIN) and the samples of config/samples. Waits for the
 //! first sweep and prints what `kubectl get tombstone` shows. With `--keep` it stays up
 //! until Ctrl-C so you can look around with kubectl.
@@ -26,6 +28,133 @@ fn kubectl(cp: &support::ControlPlane, args: &[&str]) -> String {
         );
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The search store of the demo: a real OpenSearch node when Java and its launcher are
+/// there (`hack/setup.sh` provides both), otherwise the Elasticsearch test double.
+enum Search {
+    Real(&'static support::opensearch::SearchNode, reqwest::Client),
+    Double(support::elasticsearch::EsDouble),
+}
+
+impl Search {
+    async fn start() -> Search {
+        let launcher = std::env::var("OPENSEARCH_LAUNCHER_CLASSPATH").unwrap_or_default();
+        let java = std::env::var("OPENSEARCH_JAVA").unwrap_or_else(|_| "java".into());
+        let java_runs = Command::new(&java)
+            .arg("-version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !launcher.is_empty() && java_runs {
+            println!("==> starting OpenSearch (a real node) with delivery events");
+            let node = support::opensearch::SearchNode::opensearch();
+            println!("    OpenSearch {} on {}", node.version(), node.url());
+            return Search::Real(node, reqwest::Client::new());
+        }
+        let why = if launcher.is_empty() {
+            "OPENSEARCH_LAUNCHER_CLASSPATH is not set"
+        } else {
+            "java does not run"
+        };
+        eprintln!();
+        eprintln!("!!! ------------------------------------------------------------------------");
+        eprintln!("!!! NO REAL OPENSEARCH: {why}. The demo falls back to the Elasticsearch");
+        eprintln!("!!! TEST DOUBLE, which only imitates the REST API. Run it through hack/demo.sh");
+        eprintln!("!!! (or eval \"$(hack/setup.sh)\" first) with Java installed for a real node.");
+        eprintln!("!!! ------------------------------------------------------------------------");
+        eprintln!();
+        println!("==> starting Elasticsearch (the test double) with delivery events");
+        Search::Double(support::elasticsearch::EsDouble::start().await)
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Search::Real(..) => "OpenSearch",
+            Search::Double(_) => "Elasticsearch (test double)",
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Search::Real(node, _) => node.url(),
+            Search::Double(es) => es.url(),
+        }
+    }
+
+    async fn seed(&self, index: &str, docs: &[(&str, serde_json::Value)]) {
+        match self {
+            Search::Double(es) => es.seed(index, docs),
+            Search::Real(node, http) => {
+                for (id, source) in docs {
+                    let response = http
+                        .put(format!("{}/{index}/_doc/{id}?refresh=true", node.url()))
+                        .json(source)
+                        .send()
+                        .await
+                        .expect("indexing a document");
+                    assert!(
+                        response.status().is_success(),
+                        "indexing into {index}: {}",
+                        response.status()
+                    );
+                }
+            }
+        }
+    }
+
+    async fn indices(&self) -> Vec<String> {
+        match self {
+            Search::Double(es) => es.indices(),
+            Search::Real(node, http) => {
+                let rows: Vec<serde_json::Value> = http
+                    .get(format!(
+                        "{}/_cat/indices/mailer-events-*?format=json&h=index",
+                        node.url()
+                    ))
+                    .send()
+                    .await
+                    .expect("_cat/indices")
+                    .json()
+                    .await
+                    .expect("_cat/indices answer");
+                let mut names: Vec<String> = rows
+                    .iter()
+                    .filter_map(|r| r["index"].as_str().map(str::to_string))
+                    .collect();
+                names.sort();
+                names
+            }
+        }
+    }
+
+    async fn ids(&self, index: &str) -> Vec<String> {
+        match self {
+            Search::Double(es) => es.ids(index),
+            Search::Real(node, http) => {
+                let answer: serde_json::Value = http
+                    .get(format!(
+                        "{}/{index}/_search?size=100&_source=false&ignore_unavailable=true",
+                        node.url()
+                    ))
+                    .send()
+                    .await
+                    .expect("_search")
+                    .json()
+                    .await
+                    .expect("_search answer");
+                let mut ids: Vec<String> = answer["hits"]["hits"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| h["_id"].as_str().map(str::to_string))
+                    .collect();
+                ids.sort();
+                ids
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -109,11 +238,9 @@ async fn main() {
         }
     }
 
-    // No Loki or Elasticsearch can be installed here: the demo uses the test doubles, which
-    // follow the stores' documented HTTP APIs (delete requests, tasks) and keep state.
-    println!(
-        "==> starting Loki and Elasticsearch (the test doubles) with delivery logs and events"
-    );
+    // No Loki can be installed here: the demo uses its test double, which follows Loki's
+    // documented delete API and keeps state.
+    println!("==> starting Loki (the test double) with delivery logs");
     let loki = support::loki::LokiDouble::start_with(true, None).await;
     let day_ns = 86_400 * 1_000_000_000_i64;
     let now_ns = support::loki::now_ns();
@@ -146,7 +273,7 @@ async fn main() {
         let lines: Vec<(i64, &str)> = lines.iter().map(|(t, l)| (*t, l.as_str())).collect();
         loki.push("shop", &labels, &lines);
     }
-    let es = support::elasticsearch::EsDouble::start().await;
+    let es = Search::start().await;
     let event = |days_ago: i64, email: &str| {
         let at = chrono::Utc::now() - chrono::Duration::days(days_ago);
         serde_json::json!({"@timestamp": at.to_rfc3339(), "user": {"email": email}, "event": "email.delivered"})
@@ -157,7 +284,8 @@ async fn main() {
             ("a", event(50, "user1@example.com")),
             ("b", event(50, "user2@example.com")),
         ],
-    );
+    )
+    .await;
     es.seed(
         "mailer-events-2026.11.22",
         &[
@@ -165,7 +293,8 @@ async fn main() {
             ("d", event(1, "user1@example.com")),
             ("e", event(40, "user2@example.com")),
         ],
-    );
+    )
+    .await;
 
     println!("==> applying config/samples, pointed at these stores");
     kubectl(cp, &["apply", "-n", NAMESPACE, "-k", "config/samples"]);
@@ -349,9 +478,14 @@ async fn main() {
         count(&|l| l.contains("malice@example.com")) == 1
     );
     println!(
-        "    Elasticsearch: indices left (the expired one went whole): {:?}; documents left in it: {:?} (alice's erased, the 40-day-old one swept)",
-        es.indices(),
-        es.ids("mailer-events-2026.11.22")
+        "    {}: indices left: {:?}; documents left in mailer-events-2026.11.22: {:?} (alice's erased, the 40-day-old one swept)",
+        es.name(),
+        es.indices().await,
+        es.ids("mailer-events-2026.11.22").await
+    );
+    println!(
+        "    documents left in the expired mailer-events-2026.10.01: {:?}",
+        es.ids("mailer-events-2026.10.01").await
     );
     for name in ["dsr-2026-0042", "dsr-2026-0043"] {
         println!("\n$ kubectl describe erasurerequest {name} -n {NAMESPACE}");

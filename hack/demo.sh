@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The local demo: a local control plane, Redis, S3 (moto), the Loki and Elasticsearch test
-# doubles, the operator and the samples; prints what `kubectl get tombstone` shows after the
-# first sweeps. `hack/demo.sh --keep` stays up and prints the KUBECONFIG to look around with.
+# The local demo: a local control plane, Redis, S3 (moto), the Loki test double, a real
+# OpenSearch node (the Elasticsearch test double, announced loudly, when Java or the launcher
+# hack/setup.sh builds is missing), the operator and the samples; prints what
+# `kubectl get tombstone` shows after the first sweeps. `hack/demo.sh --keep` stays up and prints the KUBECONFIG to look around with.
 #
 # Installs what it needs first (hack/setup.sh): the first run takes minutes, later ones
 # start in seconds.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, ObjectLockMode, StorageClass};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -526,6 +526,147 @@ async fn s3_records_on_a_versioned_bucket_survive_in_no_older_version() {
         String::from_utf8(server.get("vmail", key).await).unwrap(),
         record("bob@example.org", 2)
     );
+}
+
+/// Runs a sweep to the end with a generous budget. Returns (deleted, unjudged).
+async fn sweep_counts(backend: &S3Backend, target: &Target, cutoff: DateTime<Utc>) -> (u64, u64) {
+    let job = SweepJob {
+        target: target.clone(),
+        retention: "1s".parse().unwrap(),
+        dry_run: false,
+        cutoff,
+        held: Default::default(),
+    };
+    let budget = StepBudget {
+        max_time: Duration::from_secs(60),
+        cancel: CancellationToken::new(),
+        fence: Default::default(),
+    };
+    let (mut deleted, mut unjudged) = (0, 0);
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let step = backend
+            .sweep_step(&job, cursor.as_deref(), &budget)
+            .await
+            .expect("sweep step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        deleted += step.deleted;
+        unjudged += step.unjudged;
+        match step.next {
+            Next::Done => return (deleted, unjudged),
+            Next::Continue(c) => cursor = Some(c),
+            Next::Wait { .. } => panic!("S3 sweeps never wait"),
+        }
+    }
+    panic!("sweep did not finish");
+}
+
+const ORIGINAL_TIME: &str = "tombstone-original-time";
+
+#[tokio::test]
+async fn s3_an_archive_rewritten_for_an_erasure_keeps_its_age_and_expires_on_time() {
+    const CAROL: &str = "carol-77a2@example.org";
+    let server = S3Server::start();
+    let client = server.client();
+    for (bucket, versioned) in [("plain", false), ("versioned", true)] {
+        server.create_bucket(bucket, versioned, false).await;
+        let (old, young, garbled) = (
+            "mailer/logs/old.jsonl",
+            "mailer/logs/young.jsonl",
+            "mailer/logs/garbled.jsonl",
+        );
+        let bob = |n| record("bob@example.org", n);
+        server
+            .put(
+                bucket,
+                old,
+                [record(EMAIL, 1), record(CAROL, 2), bob(3)].concat(),
+            )
+            .await;
+        let head = |key: &'static str| {
+            client
+                .head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .map(|r| r.expect("HeadObject"))
+        };
+        let written = head(old).await.last_modified().copied().unwrap();
+        let written = DateTime::from_timestamp(written.secs(), 0).unwrap();
+        let cutoff = instant_between().await;
+        server
+            .put(bucket, young, [record(EMAIL, 4), bob(5)].concat())
+            .await;
+        // A young archive whose recorded time is not a time: not trusted.
+        client
+            .put_object()
+            .bucket(bucket)
+            .key(garbled)
+            .metadata(ORIGINAL_TIME, "2020-01-01 (roughly)")
+            .body(ByteStream::from(bob(6).into_bytes()))
+            .send()
+            .await
+            .expect("PutObject");
+
+        let backend = backend(&server, bucket);
+        let t = target(json!({
+            "s3": {"prefix": "mailer/"},
+            "subject": {"s3": {"records": {
+                "prefix": "mailer/logs/", "field": "msg.recipient", "equals": "{email}"
+            }}}
+        }));
+        let erased = subject(&backend, &t, SubjectAction::Erase).await;
+        assert_eq!(erased.count, 2, "{bucket}: one record in each archive");
+        // A second erasure, of another subject, rewrites the old archive again later.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let job = SubjectJob {
+            target: t.clone(),
+            identifiers: [("email".to_string(), CAROL.to_string())].into(),
+            action: SubjectAction::Erase,
+        };
+        let budget = StepBudget {
+            max_time: Duration::from_secs(60),
+            cancel: CancellationToken::new(),
+            fence: Default::default(),
+        };
+        let second = backend.subject_step(&job, None, &budget).await.unwrap();
+        assert_eq!((second.count, second.failure.is_none()), (1, true));
+
+        // Its LastModified is the second rewrite's; its recorded time is when it was written.
+        let rewritten = head(old).await;
+        let modified = rewritten.last_modified().unwrap().secs();
+        assert!(
+            modified > cutoff.timestamp(),
+            "{bucket}: the rewrite is young"
+        );
+        assert_eq!(
+            rewritten.metadata().and_then(|m| m.get(ORIGINAL_TIME)),
+            Some(&written.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            "{bucket}: the second rewrite kept the first recorded time"
+        );
+        assert_eq!(
+            String::from_utf8(server.get(bucket, old).await).unwrap(),
+            bob(3)
+        );
+
+        let (deleted, unjudged) = sweep_counts(&backend, &t, cutoff).await;
+        assert_eq!(
+            deleted, 1,
+            "{bucket}: the old archive (one version: the erasures deleted the replaced ones)"
+        );
+        assert_eq!(
+            unjudged, 1,
+            "{bucket}: the garbled time is judged by LastModified"
+        );
+        assert_eq!(
+            server.keys(bucket, "").await,
+            vec![garbled, young],
+            "{bucket}: the young rewritten archive and the garbled one are kept"
+        );
+        let versions = server.versions(bucket, "").await;
+        assert_eq!(versions.len(), 2, "{bucket}: {versions:?}");
+        assert_eq!(sweep_counts(&backend, &t, cutoff).await.0, 0, "{bucket}");
+    }
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use aws_sdk_s3::types::ObjectIdentifier;
 use tokio_util::io::SyncIoBridge;
 
 use super::records::{self, Counts, Matcher};
-use super::sweep::Cursor;
+use super::sweep::{Cursor, Recorded, ORIGINAL_TIME};
 use super::{object_id, sdk_error, S3Backend};
 use crate::api::retentionpolicy::UnparsedLines;
 use crate::api::StoreKind;
@@ -486,13 +486,30 @@ impl From<&aws_sdk_s3::operation::get_object::GetObjectOutput> for Preserved {
             content_disposition: o.content_disposition().map(str::to_string),
             content_language: o.content_language().map(str::to_string),
             cache_control: o.cache_control().map(str::to_string),
-            metadata: o.metadata().cloned(),
+            metadata: Some(original_time_kept(
+                o.metadata().cloned().unwrap_or_default(),
+                super::sweep::to_chrono(o.last_modified()),
+            )),
             storage_class: o.storage_class().cloned(),
             server_side_encryption: o.server_side_encryption().cloned(),
             ssekms_key_id: o.ssekms_key_id().map(str::to_string),
             tagging: None,
         }
     }
+}
+
+/// The archive's user metadata with the time its content was first written recorded (or
+/// kept, on a second rewrite), so that sweeps judge its age by that rather than by the
+/// `LastModified` the rewrite gives it. HTTP dates carry whole seconds.
+fn original_time_kept(
+    mut metadata: std::collections::HashMap<String, String>,
+    last_modified: Option<chrono::DateTime<chrono::Utc>>,
+) -> std::collections::HashMap<String, String> {
+    let recorded = Recorded::parse(metadata.get(ORIGINAL_TIME).map(String::as_str));
+    if let Some(time) = recorded.for_rewrite(last_modified) {
+        metadata.insert(ORIGINAL_TIME.to_string(), time);
+    }
+    metadata
 }
 
 impl Preserved {

@@ -1,13 +1,16 @@
 //! Retention sweeps of a prefix, one listing page at a time, with the listing position
 //! checkpointed after every page.
 
+use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::types::ObjectIdentifier;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::records::{self, Matcher};
 use super::{object_id, sdk_error, Refusal, S3Backend, LIST_PAGE};
+use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
 use crate::backends::identifier;
 use crate::backends::{held_subject_locator, Error, Next, Step, StepBudget, SweepJob};
@@ -17,6 +20,13 @@ const NAMED_REFUSALS: usize = 5;
 /// Delete markers of one key remembered across a page boundary; more are left for the next
 /// sweep (a key with that many markers at a boundary is rare, and the cursor lives in status).
 const CARRIED_MARKERS: usize = 100;
+/// HeadObject requests in flight while reading the recorded age of young archives.
+const HEAD_CONCURRENCY: usize = 16;
+
+/// User metadata (sent as `x-amz-meta-tombstone-original-time`) in which a rewritten archive
+/// keeps the time its content was first written, as RFC 3339: a rewrite gives the object a
+/// fresh `LastModified`, and the archive must still expire when its content does.
+pub(super) const ORIGINAL_TIME: &str = "tombstone-original-time";
 
 /// Where a sweep resumes: the listing position and, on versioned buckets, what is known of
 /// the key that straddles the page boundary.
@@ -167,6 +177,70 @@ fn common_prefix(values: &[String]) -> String {
         );
     }
     first[..end].to_string()
+}
+
+/// The time an archive's content was first written, as recorded in its metadata by a
+/// rewrite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Recorded {
+    /// Never rewritten (or rewritten before times were recorded).
+    Absent,
+    At(DateTime<Utc>),
+    /// There is a value but it is not RFC 3339: not trusted.
+    Unreadable,
+}
+
+impl Recorded {
+    pub fn parse(value: Option<&str>) -> Self {
+        match value {
+            None => Self::Absent,
+            Some(v) => DateTime::parse_from_rfc3339(v.trim())
+                .map_or(Self::Unreadable, |t| Self::At(t.with_timezone(&Utc))),
+        }
+    }
+
+    /// The age to judge a version by: the recorded time where there is one, never later
+    /// than `LastModified`; an unreadable one is ignored (the version is judged by
+    /// `LastModified`, which keeps it at least as long).
+    pub fn judged(self, last_modified: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+        match (self, last_modified) {
+            (Self::At(t), Some(m)) => Some(t.min(m)),
+            (Self::At(t), None) => Some(t),
+            _ => last_modified,
+        }
+    }
+
+    /// The value a rewrite of a version with this metadata and `LastModified` records: an
+    /// existing time is kept (a second rewrite must not make the content younger).
+    pub fn for_rewrite(self, last_modified: Option<DateTime<Utc>>) -> Option<String> {
+        let time = match self {
+            Self::At(_) => self.judged(last_modified),
+            Self::Absent | Self::Unreadable => last_modified,
+        };
+        time.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+    }
+}
+
+/// The part of the target's records prefix before its first placeholder: every archive an
+/// erasure may rewrite is under it. `None` without a records locator: nothing under the
+/// target is ever rewritten.
+pub(super) fn rewritable_prefix(target: &Target) -> Option<String> {
+    let records = target.subject.as_ref()?.s3.as_ref()?.records.as_ref()?;
+    let end = records.prefix.find('{').unwrap_or(records.prefix.len());
+    Some(records.prefix[..end].to_string())
+}
+
+/// Whether a listed version must be read (HeadObject) for its recorded age: a data version
+/// an erasure may have rewritten (under the records prefix) that is not already expired by
+/// its `LastModified`. Everything else is judged from the listing alone.
+pub(super) fn needs_recorded_age(
+    entry: &Entry,
+    rewritable: Option<&str>,
+    cutoff: DateTime<Utc>,
+) -> bool {
+    !entry.delete_marker
+        && rewritable.is_some_and(|p| entry.key.starts_with(p))
+        && entry.last_modified.is_some_and(|t| t >= cutoff)
 }
 
 /// An object with no LastModified cannot be judged old and is kept.
@@ -324,14 +398,20 @@ impl S3Backend {
         step: &mut Step,
         budget: &StepBudget,
     ) -> Result<Option<Cursor>, Error> {
-        let (entries, next) = self.list_objects(prefix, position).await?;
+        let (mut entries, next) = self.list_objects(prefix, position).await?;
         step.scanned += entries.len() as u64;
-        let mut doomed = Vec::new();
-        for e in &entries {
-            if holds.holds_key(&e.key) {
+        entries.retain(|e| {
+            let held = holds.holds_key(&e.key);
+            if held {
                 step.held += 1;
                 keep_oldest(step, e.last_modified);
-            } else if !expired(e.last_modified, job.cutoff) {
+            }
+            !held
+        });
+        self.recorded_ages(&mut entries, job, step).await?;
+        let mut doomed = Vec::new();
+        for e in &entries {
+            if !expired(e.last_modified, job.cutoff) {
                 keep_oldest(step, e.last_modified);
             } else if self.archive_held(holds, &e.key, None).await? {
                 step.held += 1;
@@ -351,6 +431,71 @@ impl S3Backend {
             keep_oldest(step, modified);
         }
         Ok(next)
+    }
+
+    /// Replaces the `LastModified` of the young versions an erasure may have rewritten with
+    /// the time recorded in their metadata (one HeadObject each, several in flight). A value
+    /// that does not parse is not trusted: that version is judged by `LastModified` and
+    /// counted as unjudged, since its real age is unknown.
+    async fn recorded_ages(
+        &self,
+        entries: &mut [Entry],
+        job: &SweepJob,
+        step: &mut Step,
+    ) -> Result<(), Error> {
+        let rewritable = rewritable_prefix(&job.target);
+        let wanted: Vec<usize> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| needs_recorded_age(e, rewritable.as_deref(), job.cutoff))
+            .map(|(i, _)| i)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let heads: Vec<Result<(usize, Recorded), Error>> =
+            futures::stream::iter(wanted.into_iter().map(|i| {
+                let key = entries[i].key.clone();
+                let version = entries[i].version_id.clone();
+                async move {
+                    self.limits.acquire(1).await;
+                    match client
+                        .head_object()
+                        .bucket(&self.config.bucket)
+                        .key(key)
+                        .set_version_id(version)
+                        .send()
+                        .await
+                    {
+                        Ok(head) => Ok((
+                            i,
+                            Recorded::parse(
+                                head.metadata()
+                                    .and_then(|m| m.get(ORIGINAL_TIME))
+                                    .map(String::as_str),
+                            ),
+                        )),
+                        // Gone since the listing: judged as listed (young, so kept).
+                        Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => {
+                            Ok((i, Recorded::Absent))
+                        }
+                        Err(e) => Err(sdk_error(e, "HeadObject")),
+                    }
+                }
+            }))
+            .buffered(HEAD_CONCURRENCY)
+            .collect()
+            .await;
+        for head in heads {
+            let (i, recorded) = head?;
+            let entry = &mut entries[i];
+            if recorded == Recorded::Unreadable {
+                step.unjudged += 1;
+            }
+            entry.last_modified = recorded.judged(entry.last_modified);
+        }
+        Ok(())
     }
 
     /// Whether an expired archive under the held records prefix holds a held subject's record
@@ -458,6 +603,7 @@ impl S3Backend {
         let held_out = (listed - entries.len()) as u64;
         step.held += held_out;
         step.scanned += held_out;
+        self.recorded_ages(&mut entries, job, step).await?;
         let truncated = next.is_some();
         let resume_after = next.as_ref().and_then(|n| n.version_marker.clone());
         let mut plan = plan_versions(
@@ -758,6 +904,92 @@ mod tests {
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         assert!(Cursor::decode("0:1234").is_err());
         assert!(Cursor::decode("s3:{").is_err());
+    }
+
+    #[test]
+    fn a_recorded_original_time_makes_a_rewritten_archive_old_and_garbage_is_not_trusted() {
+        let rewritten = t(NEW);
+        assert_eq!(Recorded::parse(None), Recorded::Absent);
+        assert_eq!(Recorded::parse(Some("not a time")), Recorded::Unreadable);
+        assert_eq!(Recorded::parse(Some("1735689600")), Recorded::Unreadable);
+        let old = Recorded::parse(Some("2026-01-01T00:00:00Z"));
+        assert_eq!(old, Recorded::At(t(OLD).unwrap()));
+        assert_eq!(old.judged(rewritten), t(OLD));
+        assert!(expired(old.judged(rewritten), cutoff()));
+        // Unreadable or absent: judged by LastModified, so the young archive is kept.
+        for r in [Recorded::Absent, Recorded::Unreadable] {
+            assert_eq!(r.judged(rewritten), rewritten);
+            assert!(!expired(r.judged(rewritten), cutoff()));
+        }
+        // A recorded time cannot make a version younger than its LastModified.
+        let later = Recorded::parse(Some("2027-01-01T00:00:00+01:00"));
+        assert_eq!(later.judged(rewritten), rewritten);
+    }
+
+    #[test]
+    fn a_second_rewrite_keeps_the_first_recorded_time() {
+        let first = Recorded::Absent.for_rewrite(t(OLD)).unwrap();
+        assert_eq!(first, "2026-01-01T00:00:00Z");
+        // The second rewrite reads a version whose LastModified is the first rewrite's.
+        let second = Recorded::parse(Some(&first)).for_rewrite(t(NEW));
+        assert_eq!(second.as_deref(), Some("2026-01-01T00:00:00Z"));
+        // Garbage is replaced by the LastModified of the version read.
+        let fixed = Recorded::parse(Some("soon")).for_rewrite(t(NEW));
+        assert_eq!(fixed.as_deref(), Some("2026-11-20T00:00:00Z"));
+        assert_eq!(Recorded::Absent.for_rewrite(None), None);
+    }
+
+    fn records_target(prefix: &str, records: Option<&str>) -> Target {
+        let mut t = serde_json::json!({
+            "name": "archive", "store": "archive", "s3": {"prefix": prefix}
+        });
+        if let Some(r) = records {
+            t["subject"] = serde_json::json!({"s3": {"records": {
+                "prefix": r, "field": "to", "equals": "{email}"
+            }}});
+        }
+        serde_json::from_value(t).unwrap()
+    }
+
+    #[test]
+    fn only_young_data_versions_under_the_records_prefix_are_read_for_their_age() {
+        assert_eq!(rewritable_prefix(&records_target("logs/", None)), None);
+        assert_eq!(
+            rewritable_prefix(&records_target("logs/", Some("logs/mail/"))).as_deref(),
+            Some("logs/mail/")
+        );
+        assert_eq!(
+            rewritable_prefix(&records_target("logs/", Some("logs/{userId}/"))).as_deref(),
+            Some("logs/")
+        );
+        let rewritable = rewritable_prefix(&records_target("logs/", Some("logs/mail/")));
+        let rewritable = rewritable.as_deref();
+        let young = version("logs/mail/a.jsonl", "1", NEW);
+        assert!(needs_recorded_age(&young, rewritable, cutoff()));
+        // Expired by LastModified already: the listing decides.
+        let old = version("logs/mail/b.jsonl", "1", OLD);
+        assert!(!needs_recorded_age(&old, rewritable, cutoff()));
+        // Outside the records prefix nothing is ever rewritten.
+        for key in ["logs/app/a.jsonl", "logs/mai", "logs/mailer.jsonl"] {
+            assert!(!needs_recorded_age(
+                &version(key, "1", NEW),
+                rewritable,
+                cutoff()
+            ));
+        }
+        // No records locator: no HeadObject at all.
+        assert!(!needs_recorded_age(&young, None, cutoff()));
+        // Delete markers and versions without a time are never read.
+        let young_marker = Entry {
+            delete_marker: true,
+            ..young.clone()
+        };
+        assert!(!needs_recorded_age(&young_marker, rewritable, cutoff()));
+        let timeless = Entry {
+            last_modified: None,
+            ..young.clone()
+        };
+        assert!(!needs_recorded_age(&timeless, rewritable, cutoff()));
     }
 
     #[test]
