@@ -271,7 +271,7 @@ async fn main() {
     ));
     for lines in [&old_lines, &new_lines] {
         let lines: Vec<(i64, &str)> = lines.iter().map(|(t, l)| (*t, l.as_str())).collect();
-        loki.push("shop", &labels, &lines);
+        loki.push_flushed("shop", &labels, &lines);
     }
     let es = Search::start().await;
     let event = |days_ago: i64, email: &str| {

@@ -215,7 +215,7 @@ async fn an_address_in_another_case_is_erased_from_loki_elasticsearch_and_archiv
     let (client, ns) = setup("fc-match-case").await;
     let loki = LokiDouble::start().await;
     let now = now_ns();
-    loki.push(
+    loki.push_flushed(
         SINGLE_TENANT,
         &[("app", "mailer")],
         &[
