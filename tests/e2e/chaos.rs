@@ -78,6 +78,11 @@ const NEIGHBOUR_KEYS: usize = 200;
 // S3 sweep on a versioned bucket: expired objects under the prefix, others outside it.
 const S3_EXPIRED: usize = 1_500;
 const S3_OUTSIDE: usize = 20;
+// Erasure of records in JSON-lines archives (each rewritten without the subject's lines).
+const EMAIL: &str = "chaos-subject-5e2a@example.org";
+const ARCHIVES: usize = 16;
+const SUBJECT_LINES: usize = 3;
+const OTHER_LINES: usize = 10;
 
 /// splitmix64: small, seedable, good enough to choose faults and moments.
 struct Rng(u64);
@@ -122,6 +127,7 @@ enum Kind {
     KillMidSweepRedis,
     KillMidErasureRedis,
     KillMidSweepS3Versioned,
+    KillMidArchiveRewrite,
     FreezeLeader,
     RedisRestart,
     MotoStopped,
@@ -133,6 +139,7 @@ enum Work {
     RedisSweep,
     RedisErasure,
     S3Sweep,
+    ArchiveErasure,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -144,10 +151,11 @@ enum Fault {
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::KillMidSweepRedis,
         Kind::KillMidErasureRedis,
         Kind::KillMidSweepS3Versioned,
+        Kind::KillMidArchiveRewrite,
         Kind::FreezeLeader,
         Kind::RedisRestart,
         Kind::MotoStopped,
@@ -159,6 +167,7 @@ impl Kind {
             Kind::KillMidSweepRedis => "kill -9 mid-sweep (Redis)",
             Kind::KillMidErasureRedis => "kill -9 mid-erasure (Redis)",
             Kind::KillMidSweepS3Versioned => "kill -9 mid-sweep (S3 versioned)",
+            Kind::KillMidArchiveRewrite => "kill -9 mid-erasure (S3 archives)",
             Kind::FreezeLeader => "SIGSTOP/SIGCONT leader (Redis)",
             Kind::RedisRestart => "redis-server restarted",
             Kind::MotoStopped => "moto stopped (proxy)",
@@ -169,6 +178,7 @@ impl Kind {
     fn work(self) -> Work {
         match self {
             Kind::KillMidErasureRedis => Work::RedisErasure,
+            Kind::KillMidArchiveRewrite => Work::ArchiveErasure,
             Kind::KillMidSweepS3Versioned | Kind::MotoStopped => Work::S3Sweep,
             _ => Work::RedisSweep,
         }
@@ -176,9 +186,10 @@ impl Kind {
 
     fn fault(self) -> Fault {
         match self {
-            Kind::KillMidSweepRedis | Kind::KillMidErasureRedis | Kind::KillMidSweepS3Versioned => {
-                Fault::Kill
-            }
+            Kind::KillMidSweepRedis
+            | Kind::KillMidErasureRedis
+            | Kind::KillMidSweepS3Versioned
+            | Kind::KillMidArchiveRewrite => Fault::Kill,
             Kind::FreezeLeader => Fault::Freeze,
             Kind::RedisRestart | Kind::MotoStopped => Fault::StoreAway,
             Kind::ApiServerUnreachable => Fault::ApiAway,
@@ -247,7 +258,7 @@ impl CountWatch {
                 max = max.max(count);
             };
             match work {
-                Work::RedisErasure => {
+                Work::RedisErasure | Work::ArchiveErasure => {
                     let api: Api<ErasureRequest> = Api::namespaced(client, &ns);
                     let mut stream = watcher(api, watcher::Config::default().any_semantic())
                         .applied_objects()
@@ -422,14 +433,29 @@ async fn prepare(client: &Client, ns: &str, work: Work) -> Stores {
             }
             Stores::Redis(redis)
         }
-        Work::S3Sweep => {
+        Work::S3Sweep | Work::ArchiveErasure => {
             let server = S3Server::start();
-            server.create_bucket("chaos", true, false).await;
-            put_objects(
-                &server,
-                (0..S3_EXPIRED).map(|i| format!("logs/{i:05}")).collect(),
-            )
-            .await;
+            server
+                .create_bucket("chaos", work == Work::S3Sweep, false)
+                .await;
+            if work == Work::S3Sweep {
+                put_objects(
+                    &server,
+                    (0..S3_EXPIRED).map(|i| format!("logs/{i:05}")).collect(),
+                )
+                .await;
+            } else {
+                futures::stream::iter(0..ARCHIVES)
+                    .for_each_concurrent(8, |i| {
+                        let server = &server;
+                        async move {
+                            server
+                                .put("chaos", &format!("mailer/logs/day{i:02}.jsonl"), archive(i))
+                                .await
+                        }
+                    })
+                    .await;
+            }
             put_objects(
                 &server,
                 (0..S3_OUTSIDE).map(|i| format!("keep/{i}")).collect(),
@@ -459,14 +485,31 @@ async fn prepare(client: &Client, ns: &str, work: Work) -> Stores {
                 &format!("http://127.0.0.1:{}", proxy.port()),
             )
             .await;
-            // One request a second: listing pages of 1000 and their deletions take turns.
+            // Sweep: one request a second, so listing pages of 1000 and their deletions take
+            // turns. Erasure: four a second, for a read and a rewrite of each archive.
+            let rps = if work == Work::S3Sweep { 1 } else { 4 };
             patch_spec::<tombstone::api::DataStore>(
                 client,
                 ns,
                 "archive",
-                json!({"limits": {"requestsPerSecond": 1}}),
+                json!({"limits": {"requestsPerSecond": rps}}),
             )
             .await;
+            if work == Work::ArchiveErasure {
+                let mut policy = policy_json(
+                    "mailer",
+                    "30d",
+                    json!([{"name": "archive", "store": "archive", "s3": {"prefix": "mailer/logs/"},
+                    "subject": {"s3": {"records": {
+                        "prefix": "mailer/logs/", "field": "msg.recipient", "equals": "{email}"
+                    }}}}]),
+                );
+                policy["spec"]["suspend"] = json!(true);
+                create::<RetentionPolicy>(client, ns, policy).await;
+                create_subject_secret(client, ns, "dsr", json!({"email": EMAIL})).await;
+                request_erasure(client, ns, "dsr", "dsr").await;
+                return Stores::S3 { server, proxy };
+            }
             create::<RetentionPolicy>(
                 client,
                 ns,
@@ -510,8 +553,59 @@ async fn remaining(
             };
             size.map(|s| s.saturating_sub(untouched))
         }
+        Stores::S3 { server, .. } if work == Work::ArchiveErasure => {
+            archive_lines(server).await.map(|(subject, _)| subject)
+        }
         Stores::S3 { server, .. } => s3_count(server, "logs/").await,
     }
+}
+
+/// Archive `i`: the subject's records among others'.
+fn archive(i: usize) -> String {
+    let record = |to: &str, n: usize| {
+        format!("{{\"msg\":{{\"recipient\":\"{to}\",\"id\":{n}}},\"status\":\"sent\"}}\n")
+    };
+    (0..SUBJECT_LINES + OTHER_LINES)
+        .map(|n| {
+            if n % 4 == 1 && n / 4 < SUBJECT_LINES {
+                record(EMAIL, i * 100 + n)
+            } else {
+                record(&format!("other-{n}@example.org"), i * 100 + n)
+            }
+        })
+        .collect()
+}
+
+/// Lines of the subject, and of everyone else, in all the archives; None when a read fails.
+async fn archive_lines(server: &S3Server) -> Option<(usize, usize)> {
+    let client = server.client();
+    let counts: Vec<Option<(usize, usize)>> = futures::stream::iter(0..ARCHIVES)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let body = client
+                    .get_object()
+                    .bucket("chaos")
+                    .key(format!("mailer/logs/day{i:02}.jsonl"))
+                    .send()
+                    .await
+                    .ok()?
+                    .body
+                    .collect()
+                    .await
+                    .ok()?
+                    .into_bytes();
+                let text = String::from_utf8_lossy(&body).into_owned();
+                let subject = text.lines().filter(|l| l.contains(EMAIL)).count();
+                Some((subject, text.lines().count() - subject))
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    counts
+        .into_iter()
+        .try_fold((0, 0), |(a, b), c| c.map(|(x, y)| (a + x, b + y)))
 }
 
 fn total_of(work: Work) -> usize {
@@ -519,6 +613,7 @@ fn total_of(work: Work) -> usize {
         Work::RedisSweep => SWEEP_EXPIRED,
         Work::RedisErasure => SUBJECT_KEYS,
         Work::S3Sweep => S3_EXPIRED,
+        Work::ArchiveErasure => ARCHIVES * SUBJECT_LINES,
     }
 }
 
@@ -642,6 +737,44 @@ async fn check_invariants(
                 tolerance,
             );
         }
+        (Work::ArchiveErasure, Stores::S3 { server, .. }) => {
+            f.kept(
+                "objects outside the prefix",
+                s3_count(server, "keep/").await.unwrap_or(0),
+                S3_OUTSIDE,
+            );
+            let (left, others) = archive_lines(server).await.unwrap_or((usize::MAX, 0));
+            f.kept(
+                "records of others in the archives",
+                others,
+                ARCHIVES * OTHER_LINES,
+            );
+            let request = Api::<ErasureRequest>::namespaced(client.clone(), ns)
+                .get("dsr")
+                .await
+                .ok()
+                .and_then(|r| r.status);
+            let phase = request.as_ref().map(|s| s.phase);
+            if phase != Some(ErasurePhase::Completed) {
+                f.violations
+                    .push(format!("the request ended {phase:?}, not Completed"));
+            }
+            if left != 0 {
+                f.violations.push(format!(
+                    "{left} subject records remain in the archives after the request ended {phase:?}"
+                ));
+            }
+            let total = ARCHIVES * SUBJECT_LINES;
+            let erased: u64 = request
+                .as_ref()
+                .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum());
+            f.count(
+                "status.targets[].erased",
+                erased,
+                total - left.min(total),
+                tolerance,
+            );
+        }
         (Work::S3Sweep, Stores::S3 { server, .. }) => {
             f.kept(
                 "objects outside the prefix",
@@ -718,12 +851,14 @@ async fn uncheckpointed(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let lost = total_of(work).saturating_sub(remaining(stores, conn, work).await.unwrap_or(0));
     let counted = match work {
-        Work::RedisErasure => Api::<ErasureRequest>::namespaced(client.clone(), ns)
-            .get("dsr")
-            .await
-            .ok()
-            .and_then(|r| r.status)
-            .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum::<u64>()),
+        Work::RedisErasure | Work::ArchiveErasure => {
+            Api::<ErasureRequest>::namespaced(client.clone(), ns)
+                .get("dsr")
+                .await
+                .ok()
+                .and_then(|r| r.status)
+                .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum::<u64>())
+        }
         Work::RedisSweep | Work::S3Sweep => {
             get_policy(client, ns, "sweep").await.status.map_or(0, |s| {
                 s.targets.iter().map(|t| t.deleted_total).sum::<u64>()
@@ -767,19 +902,21 @@ async fn wait_complete(
     let deadline = tokio::time::Instant::now() + COMPLETION_TIMEOUT;
     loop {
         let done = match work {
-            Work::RedisErasure => Api::<ErasureRequest>::namespaced(client.clone(), ns)
-                .get("dsr")
-                .await
-                .ok()
-                .and_then(|r| r.status)
-                .is_some_and(|s| {
-                    matches!(
-                        s.phase,
-                        ErasurePhase::Completed
-                            | ErasurePhase::CompletedWithExceptions
-                            | ErasurePhase::Failed
-                    )
-                }),
+            Work::RedisErasure | Work::ArchiveErasure => {
+                Api::<ErasureRequest>::namespaced(client.clone(), ns)
+                    .get("dsr")
+                    .await
+                    .ok()
+                    .and_then(|r| r.status)
+                    .is_some_and(|s| {
+                        matches!(
+                            s.phase,
+                            ErasurePhase::Completed
+                                | ErasurePhase::CompletedWithExceptions
+                                | ErasurePhase::Failed
+                        )
+                    })
+            }
             Work::RedisSweep | Work::S3Sweep => {
                 Api::<RetentionPolicy>::namespaced(client.clone(), ns)
                     .get("sweep")
