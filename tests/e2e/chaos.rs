@@ -1291,3 +1291,40 @@ async fn planted_bug_is_reported() {
         );
     }
 }
+
+/// The judgement of counts: exact passes, short within what was uncounted when the fault
+/// struck is known, anything more (or any excess) is a violation.
+#[test]
+fn counts_short_by_more_than_was_uncounted_or_inflated_are_violations() {
+    let mut f = Findings::default();
+    let after_kill = Tolerance {
+        count_loss: 100,
+        sweep_may_fail: false,
+    };
+    f.count("exact", 1000, 1000, after_kill);
+    assert!(f.violations.is_empty() && f.known.is_empty());
+    f.count("short within", 900, 1000, after_kill);
+    assert_eq!((f.violations.len(), f.known.len()), (0, 1));
+    f.count("short beyond", 899, 1000, after_kill);
+    f.count("inflated", 1001, 1000, after_kill);
+    f.count("short, no fault", 999, 1000, Tolerance::default());
+    assert_eq!(
+        (f.violations.len(), f.known.len()),
+        (3, 1),
+        "{:?}",
+        f.violations
+    );
+}
+
+/// A seed replays the same plan: the same kinds in the same order, the same moments.
+#[test]
+fn a_seed_replays_the_same_choices() {
+    let draw = |seed| {
+        let mut rng = Rng(seed);
+        (0..20).map(|_| rng.range(0, 8)).collect::<Vec<_>>()
+    };
+    assert_eq!(draw(42), draw(42));
+    assert_ne!(draw(42), draw(43));
+    assert!(draw(7).iter().all(|n| *n < 8));
+    assert_eq!(Rng(1).range(5, 5), 5, "an empty range gives its start");
+}
