@@ -1228,7 +1228,11 @@ async fn run(
             row.violations
         );
     }
-    let _ = writeln!(out, "replay with CHAOS_SEED={seed}");
+    let _ = writeln!(
+        out,
+        "known/bound: departures within their bound (counts short by what was uncounted when \
+         the fault struck; a sweep Failed while its store was away)\nreplay with CHAOS_SEED={seed}"
+    );
     println!("{out}");
     (out, all)
 }
