@@ -1332,3 +1332,92 @@ fn a_seed_replays_the_same_choices() {
     assert!(draw(7).iter().all(|n| *n < 8));
     assert_eq!(Rng(1).range(5, 5), 5, "an empty range gives its start");
 }
+
+/// Found by the chaos suite's reasoning on "redis-server restarted": a SCAN cursor means
+/// nothing to a restarted server (it hashes with a new random seed), so a sweep resumed from a
+/// checkpoint taken before the restart (an operator restarted while Redis was, too) must start
+/// over rather than skip keys and report success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_sweep_resumed_on_a_restarted_server_leaves_no_expired_key() {
+    use tombstone::backends::redis::{RedisBackend, RedisConfig};
+    use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
+    const KEYS: usize = 20_000;
+    let mut redis = tokio::task::block_in_place(RestartableRedis::start);
+    let mut conn = redis_conn(&redis.url()).await;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(5000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("HSET")
+                .arg(format!("old:{i}"))
+                .arg("createdAt")
+                .arg(1000)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.expect("seed");
+    }
+    let job = SweepJob {
+        target: serde_json::from_value(json!({"name": "t", "store": "s",
+            "redis": {"keyPattern": "old:*", "mode": "timestamp", "timestampField": "createdAt"}}))
+        .expect("a valid target"),
+        retention: "1d".parse().expect("a duration"),
+        dry_run: false,
+        cutoff: chrono::Utc::now() - chrono::Duration::days(1),
+        held: Default::default(),
+    };
+    let budget = |max_time| StepBudget {
+        max_time,
+        cancel: tokio_util::sync::CancellationToken::new(),
+        fence: Default::default(),
+    };
+    let backend = |url: String| {
+        RedisBackend::new(
+            RedisConfig {
+                url,
+                password: None,
+                cluster: false,
+            },
+            Limits::default(),
+        )
+    };
+    // One page, then the checkpoint.
+    let first = backend(redis.url())
+        .sweep_step(&job, None, &budget(Duration::from_millis(1)))
+        .await
+        .expect("a first step");
+    let Next::Continue(cursor) = first.next else {
+        panic!(
+            "one page of 5000 cannot finish {KEYS} keys: {:?}",
+            first.next
+        );
+    };
+    assert!(first.deleted > 0 && (first.deleted as usize) < KEYS);
+
+    // The server restarts with its data; a new operator resumes from the checkpoint.
+    tokio::task::block_in_place(|| {
+        redis.stop();
+        redis.resume();
+    });
+    let resumed = backend(redis.url());
+    let mut cursor = Some(cursor);
+    let mut deleted = first.deleted;
+    for _ in 0..100 {
+        let step = resumed
+            .sweep_step(&job, cursor.as_deref(), &budget(Duration::from_secs(5)))
+            .await
+            .expect("a step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        deleted += step.deleted;
+        match step.next {
+            Next::Continue(c) => cursor = Some(c),
+            _ => {
+                cursor = None;
+                break;
+            }
+        }
+    }
+    assert!(cursor.is_none(), "the sweep finished");
+    let mut conn = redis_conn(&redis.url()).await;
+    let left = count_keys(&mut conn, "old:*").await;
+    assert_eq!(left, 0, "expired keys skipped by the resumed sweep");
+    assert_eq!(deleted as usize, KEYS, "every key counted once");
+}
