@@ -132,6 +132,7 @@ enum Kind {
     KillMidArchiveRewrite,
     FreezeLeader,
     RedisRestart,
+    KillWhileRedisRestarts,
     MotoStopped,
     ApiServerUnreachable,
 }
@@ -147,19 +148,22 @@ enum Work {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
     Kill,
+    /// The operator killed, and the store restarted before the next one starts.
+    KillAndStoreAway,
     Freeze,
     StoreAway,
     ApiAway,
 }
 
 impl Kind {
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 9] = [
         Kind::KillMidSweepRedis,
         Kind::KillMidErasureRedis,
         Kind::KillMidSweepS3Versioned,
         Kind::KillMidArchiveRewrite,
         Kind::FreezeLeader,
         Kind::RedisRestart,
+        Kind::KillWhileRedisRestarts,
         Kind::MotoStopped,
         Kind::ApiServerUnreachable,
     ];
@@ -172,6 +176,7 @@ impl Kind {
             Kind::KillMidArchiveRewrite => "kill -9 mid-erasure (S3 archives)",
             Kind::FreezeLeader => "SIGSTOP/SIGCONT leader (Redis)",
             Kind::RedisRestart => "redis-server restarted",
+            Kind::KillWhileRedisRestarts => "kill -9 + redis-server restarted",
             Kind::MotoStopped => "moto stopped (proxy)",
             Kind::ApiServerUnreachable => "API server unreachable",
         }
@@ -193,6 +198,7 @@ impl Kind {
             | Kind::KillMidSweepS3Versioned
             | Kind::KillMidArchiveRewrite => Fault::Kill,
             Kind::FreezeLeader => Fault::Freeze,
+            Kind::KillWhileRedisRestarts => Fault::KillAndStoreAway,
             Kind::RedisRestart | Kind::MotoStopped => Fault::StoreAway,
             Kind::ApiServerUnreachable => Fault::ApiAway,
         }
@@ -1023,6 +1029,17 @@ async fn iteration(kind: Kind, mut rng: Rng, plant: Option<String>) -> Outcome {
             drop(ops.running.remove(first));
             tolerance.count_loss = uncheckpointed(&client, &ns, work, &stores, &mut conn).await;
             tokio::time::sleep(rng.millis(0, 1000)).await;
+            ops.start();
+        }
+        Fault::KillAndStoreAway => {
+            drop(ops.running.remove(first));
+            tolerance.count_loss = uncheckpointed(&client, &ns, work, &stores, &mut conn).await;
+            let away = rng.millis(0, 1000);
+            if let Stores::Redis(redis) = &mut stores {
+                tokio::task::block_in_place(|| redis.stop());
+                tokio::time::sleep(away).await;
+                tokio::task::block_in_place(|| redis.resume());
+            }
             ops.start();
         }
         Fault::Freeze => {
