@@ -20,3 +20,17 @@ pub mod schedule;
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Test-only: whether the known bug `name` is planted through the environment variable
+/// `TOMBSTONE_TEST_PLANT_BUG` (a comma-separated list), so that the chaos tests can show they
+/// catch it. Honoured only in debug builds: a release build never plants anything.
+#[cfg(debug_assertions)]
+pub fn planted_bug(name: &str) -> bool {
+    std::env::var("TOMBSTONE_TEST_PLANT_BUG").is_ok_and(|v| v.split(',').any(|b| b.trim() == name))
+}
+
+/// Release builds: no bug can be planted.
+#[cfg(not(debug_assertions))]
+pub const fn planted_bug(_name: &str) -> bool {
+    false
+}

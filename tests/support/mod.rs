@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod elasticsearch;
+pub mod faults;
 pub mod loki;
 pub mod opensearch;
 pub mod operator_process;

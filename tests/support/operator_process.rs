@@ -22,7 +22,21 @@ impl OperatorProcess {
     /// integration test) watching `ns`, electing a leader on a Lease in `ns` as `identity`,
     /// with `extra` arguments appended.
     pub fn start(binary: &str, ns: &str, identity: &str, extra: &[&str]) -> Self {
+        Self::start_with(binary, ns, identity, extra, None, &[])
+    }
+
+    /// As [`Self::start`], reaching the API server through `kubeconfig` (default: the test
+    /// control plane's own) and with extra environment variables.
+    pub fn start_with(
+        binary: &str,
+        ns: &str,
+        identity: &str,
+        extra: &[&str],
+        kubeconfig: Option<&std::path::Path>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let cp = ControlPlane::get();
+        let kubeconfig = kubeconfig.unwrap_or(cp.kubeconfig_path());
         let mut child = Command::new(binary)
             .args([
                 "run",
@@ -38,8 +52,9 @@ impl OperatorProcess {
                 "text",
             ])
             .args(extra)
-            .env("KUBECONFIG", cp.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "tombstone=info")
+            .envs(env.iter().copied())
             .env_remove("POD_NAME")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

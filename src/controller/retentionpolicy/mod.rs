@@ -431,7 +431,12 @@ async fn run_steps(
                             )
                             .await
                         {
-                            Ok(step) => {
+                            Ok(mut step) => {
+                                // Test-only (debug builds): count every batch twice, the
+                                // bug the chaos tests must report.
+                                if crate::planted_bug("double-count") {
+                                    step.deleted = step.deleted.saturating_mul(2);
+                                }
                                 if !job.dry_run {
                                     ctx.metrics.deleted(kind.as_str(), step.deleted);
                                 }
