@@ -1250,7 +1250,9 @@ async fn run(
         "known/bound: departures within their bound (counts short by what was uncounted when \
          the fault struck; a sweep Failed while its store was away)\nreplay with CHAOS_SEED={seed}"
     );
-    println!("{out}");
+    // Written to the process's stderr, past the test harness's capture, so the table is in
+    // every CI log and not only in a failure's output.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("\n{out}\n").as_bytes());
     (out, all)
 }
 
