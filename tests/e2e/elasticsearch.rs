@@ -1671,24 +1671,14 @@ mod operator {
 
         patch_spec::<RetentionPolicy>(&client, &ns, "mailer", json!({"dryRun": false})).await;
         // Start times have one-second resolution: wait for the outcome instead.
-        let done = wait_policy(
+        let done = wait_sweep_succeeded(
             &client,
             &ns,
             "mailer",
             "a real sweep",
             Duration::from_secs(60),
-            |p| {
-                p.status.as_ref().is_some_and(|s| {
-                    s.current_sweep.is_none()
-                        && s.last_sweep
-                            .as_ref()
-                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
-                })
-            },
         )
-        .await
-        .status
-        .unwrap();
+        .await;
         let last = done.last_sweep.clone().unwrap();
         assert_eq!(
             (last.outcome, last.deleted),
@@ -2054,24 +2044,14 @@ mod failed_step {
 
         // The next sweep (after the retry delay) cancels it, then runs its own task.
         es.set_running_polls(0);
-        let done = wait_policy(
+        let done = wait_sweep_succeeded(
             &client,
             &ns,
             "jobs",
             "the next sweep succeeded",
             Duration::from_secs(120),
-            |p| {
-                p.status.as_ref().is_some_and(|s| {
-                    s.current_sweep.is_none()
-                        && s.last_sweep
-                            .as_ref()
-                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
-                })
-            },
         )
-        .await
-        .status
-        .unwrap();
+        .await;
         assert_eq!(
             (es.task_count(), es.cancelled_tasks()),
             (2, 1),
@@ -2090,7 +2070,7 @@ mod hold {
 
     use kube::api::{Api, DeleteParams};
 
-    use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
+    use tombstone::api::retentionpolicy::TargetPhase;
     use tombstone::api::{DataStore, LegalHold, RetentionPolicy};
 
     use crate::fixtures::*;
@@ -2201,24 +2181,14 @@ mod hold {
             .delete("audit", &DeleteParams::default())
             .await
             .unwrap();
-        let done = wait_policy(
+        let done = wait_sweep_succeeded(
             &client,
             &ns,
             "mailer",
             "the sweep completed",
             Duration::from_secs(120),
-            |p| {
-                p.status.as_ref().is_some_and(|s| {
-                    s.current_sweep.is_none()
-                        && s.last_sweep
-                            .as_ref()
-                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
-                })
-            },
         )
-        .await
-        .status
-        .unwrap();
+        .await;
         // What the cancelled task deleted before the hold is not in the count (a cancel
         // drops the cursor); what the sweep deleted after the release is, exactly.
         assert_eq!(done.last_sweep.unwrap().deleted, left);
@@ -2313,24 +2283,14 @@ mod hold {
             .delete("audit", &DeleteParams::default())
             .await
             .unwrap();
-        let done = wait_policy(
+        let done = wait_sweep_succeeded(
             &client,
             &ns,
             "mailer",
             "the sweep completed",
             Duration::from_secs(60),
-            |p| {
-                p.status.as_ref().is_some_and(|s| {
-                    s.current_sweep.is_none()
-                        && s.last_sweep
-                            .as_ref()
-                            .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
-                })
-            },
         )
-        .await
-        .status
-        .unwrap();
+        .await;
         assert_eq!(done.last_sweep.unwrap().deleted, 1);
         assert_eq!(
             es.ids("mailer-events-2026.01.02"),

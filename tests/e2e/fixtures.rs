@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use tombstone::api::common::{find_condition, ConditionStatus};
+use tombstone::api::retentionpolicy::{RetentionPolicyStatus, SweepOutcome};
 use tombstone::api::{DataStore, RetentionPolicy};
 use tombstone::controller::Settings;
 use tombstone::leader::LeaderElection;
@@ -189,6 +190,26 @@ pub async fn wait_policy(
         async move { api.get(name).await.ok().filter(|p| pred(p)) }
     })
     .await
+}
+
+/// Waits until no sweep is under way and the last one succeeded; returns the status.
+pub async fn wait_sweep_succeeded(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+) -> RetentionPolicyStatus {
+    let policy = wait_policy(client, ns, name, what, timeout, |p| {
+        p.status.as_ref().is_some_and(|s| {
+            s.current_sweep.is_none()
+                && s.last_sweep
+                    .as_ref()
+                    .is_some_and(|l| l.outcome == SweepOutcome::Succeeded)
+        })
+    })
+    .await;
+    policy.status.unwrap_or_default()
 }
 
 /// Waits until a sweep has completed `n` times in total (by `lastSweep` start times seen).
