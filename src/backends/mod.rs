@@ -344,8 +344,9 @@ pub enum Next {
 /// What became of a deletion the store runs by itself when it was asked to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cancel {
-    /// Stopped: what it had not deleted yet stays.
-    Cancelled,
+    /// Stopped: what it had not deleted yet stays; `deleted` is what it had deleted before
+    /// it stopped (and had not reported yet), so the counts stay exact.
+    Cancelled { deleted: u64 },
     /// The cursor names no deletion the store runs by itself (or the store runs none).
     Nothing,
     /// Past the point where the store can stop it: a Loki request past its cancel period or

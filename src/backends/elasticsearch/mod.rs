@@ -318,7 +318,9 @@ impl ElasticsearchBackend {
 
     /// After a cancel: waits a little for the task to stop, then deletes its stored result.
     /// Best effort: what is left stays in `.tasks` and does no harm.
-    async fn forget_cancelled(&self, task: &str) {
+    /// Waits (briefly) for a cancelled task to stop, deletes its stored result, and returns
+    /// what it deleted before it stopped (as last seen, if it did not stop in time).
+    async fn forget_cancelled(&self, task: &str) -> u64 {
         let stopped = self
             .send(
                 Method::GET,
@@ -328,11 +330,15 @@ impl ElasticsearchBackend {
                 "_tasks",
             )
             .await;
+        let mut deleted = 0;
         let forgotten = match stopped {
-            Ok((200..=299, answer))
-                if answer.get("completed").and_then(Value::as_bool) == Some(true) =>
-            {
-                self.forget_task(task).await
+            Ok((200..=299, answer)) => {
+                deleted = query::deleted_so_far(&answer);
+                if answer.get("completed").and_then(Value::as_bool) == Some(true) {
+                    self.forget_task(task).await
+                } else {
+                    Ok(())
+                }
             }
             Ok(_) => Ok(()),
             Err(e) => Err(e),
@@ -340,6 +346,7 @@ impl ElasticsearchBackend {
         if let Err(e) = forgotten {
             tracing::warn!(task, reason = e.reason(), error = %e, "could not delete the stored result of a cancelled task");
         }
+        deleted
     }
 
     /// The open indices the pattern names itself, in name order.
@@ -1078,8 +1085,10 @@ impl Backend for ElasticsearchBackend {
             // target keeps polling it for its count.
             200..=299 if cancel_found_no_task(&answer) => Ok(Cancel::TooLate),
             200..=299 => {
-                self.forget_cancelled(&task).await;
-                Ok(Cancel::Cancelled)
+                let by_task = self.forget_cancelled(&task).await;
+                Ok(Cancel::Cancelled {
+                    deleted: cursor.deleted.saturating_add(by_task),
+                })
             }
             404 => Ok(Cancel::TooLate),
             _ => Err(answer_error(

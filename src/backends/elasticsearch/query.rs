@@ -373,6 +373,16 @@ impl TaskProblem {
     }
 }
 
+/// What a task (running or not) has deleted so far, by a `GET _tasks/<id>` answer: its
+/// response once it has one, else its status; 0 when the answer says nothing.
+pub fn deleted_so_far(answer: &Value) -> u64 {
+    answer
+        .pointer("/response/deleted")
+        .or_else(|| answer.pointer("/task/status/deleted"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
 /// Reads a `GET _tasks/<id>` answer.
 pub fn read_task(answer: &Value) -> Option<TaskState> {
     if !answer.get("completed")?.as_bool()? {
@@ -692,6 +702,19 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn what_a_cancelled_task_deleted_is_read_from_its_response_or_its_status() {
+        let finished = json!({"completed": true, "response": {"deleted": 7}});
+        let stopping = json!({"completed": false, "task": {"status": {"deleted": 1000}}});
+        assert_eq!(deleted_so_far(&finished), 7);
+        assert_eq!(deleted_so_far(&stopping), 1000);
+        assert_eq!(deleted_so_far(&json!({"completed": true})), 0);
+        assert_eq!(
+            deleted_so_far(&json!({"task": {"status": {"deleted": -1}}})),
+            0
+        );
     }
 
     #[test]

@@ -1141,7 +1141,8 @@ impl Backend for LokiBackend {
             .await
             .map_err(|e| http::transport_error(what, &e))?;
         match response.status().as_u16() {
-            200..=299 => Ok(Cancel::Cancelled),
+            // Loki deletes nothing before a request is processed.
+            200..=299 => Ok(Cancel::Cancelled { deleted: 0 }),
             // Unknown, or already processed: past the point where Loki can cancel it.
             400 | 404 => Ok(Cancel::TooLate),
             _ => Err(http::status_error(what, response.status(), "")),

@@ -806,9 +806,11 @@ async fn cancel_held_deletions(
             continue;
         };
         match backend.cancel(&cursor).await {
-            Ok(crate::backends::Cancel::Cancelled) => {
-                info!(target = %t.target, "cancelled the store's erasure under way: a LegalHold covers it");
+            Ok(crate::backends::Cancel::Cancelled { deleted }) => {
+                info!(target = %t.target, deleted, "cancelled the store's erasure under way: a LegalHold covers it");
                 t.cursor = None;
+                // What it erased before it stopped is erased all the same: counted.
+                t.erased = t.erased.saturating_add(deleted);
             }
             Ok(_) => {}
             Err(e) => {

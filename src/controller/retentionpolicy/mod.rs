@@ -564,9 +564,12 @@ async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut Retenti
             continue;
         }
         match backend.cancel(&cursor).await {
-            Ok(backends::Cancel::Cancelled) => {
-                info!(target = %target.name, "cancelled the store's deletion under way: a LegalHold covers it");
+            Ok(backends::Cancel::Cancelled { deleted }) => {
+                info!(target = %target.name, deleted, "cancelled the store's deletion under way: a LegalHold covers it");
                 target.cursor = None;
+                // What it deleted before it stopped is deleted all the same: counted.
+                target.deleted = target.deleted.saturating_add(deleted);
+                target.deleted_total = target.deleted_total.saturating_add(deleted);
             }
             Ok(_) => {}
             Err(e) => {

@@ -511,12 +511,12 @@ pub fn record_stops(
         let name = names.get(*i).map_or("?", String::as_str);
         let target = status.targets.get_mut(*i);
         let (drop_cursor, note): (bool, Option<EventNote>) = match outcome {
-            StopOutcome::Stopped(backends::Cancel::Cancelled) => (
+            StopOutcome::Stopped(backends::Cancel::Cancelled { deleted }) => (
                 true,
                 Some((
                     false,
                     "StoreDeletionCancelled",
-                    format!("target {name}: cancelled the deletion the store was running: {why}"),
+                    format!("target {name}: cancelled the deletion the store was running ({deleted} deleted before it stopped): {why}"),
                 )),
             ),
             StopOutcome::Stopped(backends::Cancel::Nothing) => (true, None),
@@ -545,6 +545,14 @@ pub fn record_stops(
             let paused = matches!(cause, StopCause::Suspended | StopCause::Invalid);
             if drop_cursor || !paused {
                 target.cursor = None;
+            }
+            if let StopOutcome::Stopped(backends::Cancel::Cancelled { deleted }) = outcome {
+                // Deleted before it stopped, so counted: in the lifetime total, and in the
+                // sweep's own count when the sweep is only paused (a restarted one is new).
+                target.deleted_total = target.deleted_total.saturating_add(*deleted);
+                if paused {
+                    target.deleted = target.deleted.saturating_add(*deleted);
+                }
             }
             if let Some((true, reason, message)) = &note {
                 target.message = format!("{reason}: {message}");
@@ -1895,11 +1903,16 @@ mod stop_tests {
             &names,
             StopCause::Restarted,
             &[
-                (0, StopOutcome::Stopped(Cancel::Cancelled)),
+                (0, StopOutcome::Stopped(Cancel::Cancelled { deleted: 7 })),
                 (1, StopOutcome::Failed("Unreachable: refused".into())),
             ],
         );
         assert!(status.targets.iter().all(|t| t.cursor.is_none()));
+        // What the cancelled deletion did before it stopped stays counted.
+        assert_eq!(
+            status.targets[0].deleted_total,
+            p.status.as_ref().unwrap().targets[0].deleted_total + 7
+        );
         assert_eq!(status.targets[0].message, "");
         assert_eq!(
             (events[0].0, events[0].1),
