@@ -338,8 +338,10 @@ pub async fn seed(conn: &mut MultiplexedConnection, prefix: &str, count: usize) 
 
 /// Keys matching a glob, counted with SCAN.
 pub async fn count_keys(conn: &mut MultiplexedConnection, pattern: &str) -> usize {
+    // SCAN may return a key twice while the server resizes its table (after a mass
+    // deletion): count distinct keys.
     let mut cursor = 0u64;
-    let mut n = 0;
+    let mut seen = std::collections::HashSet::new();
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -350,9 +352,9 @@ pub async fn count_keys(conn: &mut MultiplexedConnection, pattern: &str) -> usiz
             .query_async(conn)
             .await
             .expect("scan");
-        n += keys.len();
+        seen.extend(keys);
         if next == 0 {
-            return n;
+            return seen.len();
         }
         cursor = next;
     }
