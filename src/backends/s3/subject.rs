@@ -304,7 +304,7 @@ impl S3Backend {
     }
 
     /// Counts the subject's records in one object (version), streaming it.
-    async fn scan_object(
+    pub(super) async fn scan_object(
         &self,
         key: &str,
         version_id: Option<&str>,

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::records::{self, Matcher};
+use super::records::Matcher;
 use super::{object_id, sdk_error, Refusal, S3Backend, LIST_PAGE};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
@@ -514,22 +514,7 @@ impl S3Backend {
             return Ok(false);
         }
         for matcher in matchers {
-            let client = self.client().await?;
-            self.limits.acquire(1).await;
-            let object = client
-                .get_object()
-                .bucket(&self.config.bucket)
-                .key(key)
-                .set_version_id(version_id.map(str::to_string))
-                .send()
-                .await
-                .map_err(|e| sdk_error(e, "GetObject"))?;
-            let reader = tokio_util::io::SyncIoBridge::new(object.body.into_async_read());
-            let matcher = matcher.clone();
-            let counts = tokio::task::spawn_blocking(move || records::scan(reader, &matcher))
-                .await
-                .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
-                .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
+            let counts = self.scan_object(key, version_id, matcher).await?;
             if counts.matched > 0 || counts.malformed > 0 {
                 return Ok(true);
             }
