@@ -6,6 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api_load;
 mod chaos;
 mod chart;
 mod crd_validation;
