@@ -166,6 +166,15 @@ async fn run_controllers(
             instance: None,
         },
     );
+    let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);
+
+    let stores: Api<DataStore> = api(&client, &options.namespace);
+    let holds: Api<LegalHold> = api(&client, &options.namespace);
+    let policies: Api<RetentionPolicy> = api(&client, &options.namespace);
+
+    let store_controller =
+        Controller::new(stores.clone(), watcher::Config::default()).with_config(config.clone());
+    let store_cache = store_controller.store();
     let ctx = Arc::new(Context::new(
         client.clone(),
         recorder,
@@ -176,16 +185,8 @@ async fn run_controllers(
         },
         stop.clone(),
         fence,
+        store_cache.clone(),
     ));
-    let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);
-
-    let stores: Api<DataStore> = api(&client, &options.namespace);
-    let holds: Api<LegalHold> = api(&client, &options.namespace);
-    let policies: Api<RetentionPolicy> = api(&client, &options.namespace);
-
-    let store_controller =
-        Controller::new(stores.clone(), watcher::Config::default()).with_config(config.clone());
-    let store_cache = store_controller.store();
     let store_controller =
         store_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache));
     let policy_controller =

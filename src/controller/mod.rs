@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::datastore::DataStore;
 use crate::backends;
 use crate::engine::Engine;
 use crate::leader::Fence;
@@ -141,6 +143,9 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Whether this instance still leads; checked before every status write.
     pub fence: Fence,
+    /// Every DataStore watched, kept up to date by a watch: reconciles read their stores here
+    /// instead of asking the API server at every step.
+    pub stores: Store<DataStore>,
     /// Consecutive failures per object, for exponential backoff; reset on success.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -153,6 +158,7 @@ impl Context {
         settings: Settings,
         shutdown: CancellationToken,
         fence: Fence,
+        stores: Store<DataStore>,
     ) -> Self {
         let engine = Arc::new(Engine::new(
             settings.max_concurrent_jobs,
@@ -167,6 +173,7 @@ impl Context {
             settings,
             shutdown,
             fence,
+            stores,
             failures: Mutex::default(),
         }
     }

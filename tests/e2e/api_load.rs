@@ -102,16 +102,19 @@ fn total(counts: &BTreeMap<String, usize>, verbs: &[&str]) -> usize {
         .sum()
 }
 
-fn reconciliations(operator: &TestOperator) -> u64 {
+fn reconciliations(operator: &TestOperator, controller: &str) -> u64 {
     operator
         .running
         .metrics
         .reconciliations
         .get_or_create(&tombstone::metrics::ControllerLabels {
-            controller: tombstone::controller::retentionpolicy::CONTROLLER.into(),
+            controller: controller.into(),
         })
         .get()
 }
+
+const POLICIES: &str = tombstone::controller::retentionpolicy::CONTROLLER;
+const STORES: &str = tombstone::controller::datastore::CONTROLLER;
 
 #[test]
 fn requests_are_classified_by_verb_and_resource() {
@@ -186,6 +189,7 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
     wait_store_ready(&client, &ns, "cache", true).await;
 
     let before = log.len();
+    let probes_before = reconciliations(&operator, STORES);
     create::<RetentionPolicy>(
         &client,
         &ns,
@@ -219,6 +223,34 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
         table(&sweep)
     );
     let reads = total(&sweep, &["get", "list"]);
+    // A step reads its checkpoint object fresh, the LegalHolds fresh (a hold placed a moment
+    // ago must win) and the credentials Secret (not watched: the RBAC grants no list on
+    // Secrets); its DataStore comes from the watch cache. The DataStore controller's own
+    // probes (each reading its object fresh) are the only DataStore reads.
+    let probes = reconciliations(&operator, STORES) - probes_before;
+    let store_reads = sweep.get("get datastores").copied().unwrap_or(0);
+    assert!(
+        store_reads as u64 <= probes,
+        "{store_reads} DataStore reads for {probes} probes: the sweep's steps read their store from the API server\n{}",
+        table(&sweep)
+    );
+    let allowed = [
+        "get retentionpolicies",
+        "list legalholds",
+        "get secrets",
+        "get datastores",
+    ];
+    let other: Vec<&String> = sweep
+        .keys()
+        .filter(|k| {
+            (k.starts_with("get ") || k.starts_with("list ")) && !allowed.contains(&k.as_str())
+        })
+        .collect();
+    assert!(
+        other.is_empty(),
+        "unexpected reads {other:?}\n{}",
+        table(&sweep)
+    );
     eprintln!(
         "api_load: a sweep of {KEYS} keys made {} requests, {checkpoints} status writes, {reads} reads ({:.1} per status write):\n{}",
         sweep.values().sum::<usize>(),
@@ -230,7 +262,7 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
     // never overlap, so once the second has started the first has ended).
     let quiet = log.len();
     let api = Api::<RetentionPolicy>::namespaced(client.clone(), &ns);
-    let started = reconciliations(&operator);
+    let started = reconciliations(&operator, POLICIES);
     for (i, wanted) in [(1, started + 1), (2, started + 2)] {
         api.patch(
             "sessions",
@@ -240,7 +272,7 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
         .await
         .expect("annotation patch");
         wait_for("a reconcile of the policy", Duration::from_secs(30), || {
-            let seen = reconciliations(&operator);
+            let seen = reconciliations(&operator, POLICIES);
             async move { (seen >= wanted).then_some(()) }
         })
         .await;
