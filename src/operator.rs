@@ -175,6 +175,11 @@ async fn run_controllers(
     let store_controller =
         Controller::new(stores.clone(), watcher::Config::default()).with_config(config.clone());
     let store_cache = store_controller.store();
+    let store_controller =
+        store_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache.clone()));
+    let policy_controller =
+        Controller::new(policies, watcher::Config::default()).with_config(config);
+    let policy_cache = policy_controller.store();
     let ctx = Arc::new(Context::new(
         client.clone(),
         recorder,
@@ -185,15 +190,13 @@ async fn run_controllers(
         },
         stop.clone(),
         fence,
-        store_cache.clone(),
+        crate::controller::Caches {
+            stores: store_cache.clone(),
+            policies: policy_cache.clone(),
+        },
     ));
-    let store_controller =
-        store_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache));
-    let policy_controller =
-        Controller::new(policies, watcher::Config::default()).with_config(config);
-    let policy_cache = policy_controller.store();
-    let policy_controller =
-        policy_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache));
+    let policy_controller = policy_controller
+        .graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache.clone()));
     let policy_index = policy_controller.store();
     let held_policy_index = policy_controller.store();
     // A store that changes (becomes ready, changes limits) re-plans the policies that use it.

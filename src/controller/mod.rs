@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::datastore::DataStore;
+use crate::api::retentionpolicy::RetentionPolicy;
 use crate::backends;
 use crate::engine::Engine;
 use crate::leader::Fence;
@@ -132,6 +133,16 @@ impl Default for Settings {
     }
 }
 
+/// The objects reconciles read from watch caches, kept up to date by the controllers' watches.
+#[derive(Clone)]
+pub struct Caches {
+    /// Every DataStore watched: steps read their stores here.
+    pub stores: Store<DataStore>,
+    /// Every RetentionPolicy watched: erasure steps read their targets here. (The scope of a
+    /// new request is listed fresh: a policy missing from it would go unerased.)
+    pub policies: Store<RetentionPolicy>,
+}
+
 /// Shared by every reconcile: built once.
 pub struct Context {
     pub client: Client,
@@ -143,9 +154,11 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Whether this instance still leads; checked before every status write.
     pub fence: Fence,
-    /// Every DataStore watched, kept up to date by a watch: reconciles read their stores here
-    /// instead of asking the API server at every step.
-    pub stores: Store<DataStore>,
+    /// What reconciles read from watches instead of asking the API server at every step.
+    pub caches: Caches,
+    /// The subject-digest key once read: it never changes while digests made with it exist,
+    /// so it is not read again at every step.
+    pub digest_key: std::sync::OnceLock<crate::audit::DigestKey>,
     /// Consecutive failures per object, for exponential backoff; reset on success.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -158,7 +171,7 @@ impl Context {
         settings: Settings,
         shutdown: CancellationToken,
         fence: Fence,
-        stores: Store<DataStore>,
+        caches: Caches,
     ) -> Self {
         let engine = Arc::new(Engine::new(
             settings.max_concurrent_jobs,
@@ -173,7 +186,8 @@ impl Context {
             settings,
             shutdown,
             fence,
-            stores,
+            caches,
+            digest_key: std::sync::OnceLock::new(),
             failures: Mutex::default(),
         }
     }

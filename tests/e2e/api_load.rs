@@ -8,12 +8,15 @@ use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
+use tombstone::api::erasurerequest::ErasurePhase;
 use tombstone::api::retentionpolicy::RetentionPolicy;
+use tombstone::api::ErasureRequest;
 use tombstone::controller::Settings;
 
 use crate::fixtures::{
-    count_keys, create, create_credentials_secret, fast_settings, policy_json, redis_conn,
-    redis_store, seed, setup, wait_store_ready, wait_sweep_succeeded, TestOperator,
+    count_keys, create, create_credentials_secret, create_subject_secret, fast_settings,
+    policy_json, redis_conn, redis_store, seed, setup, wait_policy, wait_store_ready,
+    wait_sweep_succeeded, TestOperator,
 };
 use crate::support::{wait_for, ControlPlane, RedisServer};
 
@@ -114,7 +117,7 @@ fn reconciliations(operator: &TestOperator, controller: &str) -> u64 {
 }
 
 const POLICIES: &str = tombstone::controller::retentionpolicy::CONTROLLER;
-const STORES: &str = tombstone::controller::datastore::CONTROLLER;
+const STORES_CONTROLLER: &str = tombstone::controller::datastore::CONTROLLER;
 
 #[test]
 fn requests_are_classified_by_verb_and_resource() {
@@ -189,7 +192,7 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
     wait_store_ready(&client, &ns, "cache", true).await;
 
     let before = log.len();
-    let probes_before = reconciliations(&operator, STORES);
+    let probes_before = reconciliations(&operator, STORES_CONTROLLER);
     create::<RetentionPolicy>(
         &client,
         &ns,
@@ -227,7 +230,7 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
     // ago must win) and the credentials Secret (not watched: the RBAC grants no list on
     // Secrets); its DataStore comes from the watch cache. The DataStore controller's own
     // probes (each reading its object fresh) are the only DataStore reads.
-    let probes = reconciliations(&operator, STORES) - probes_before;
+    let probes = reconciliations(&operator, STORES_CONTROLLER) - probes_before;
     let store_reads = sweep.get("get datastores").copied().unwrap_or(0);
     assert!(
         store_reads as u64 <= probes,
@@ -291,6 +294,154 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
         writes.is_empty(),
         "a pass with nothing due wrote:\n{}",
         table(&writes)
+    );
+    operator.stop().await;
+}
+
+/// One erasure over four targets (four DataStores, each with its credentials Secret): the
+/// requests it makes are printed, and its steps read only the request itself, the LegalHolds
+/// and the Secrets they need; policies and stores come from the watch caches.
+#[tokio::test]
+async fn an_erasure_over_four_stores_reads_only_its_request_the_holds_and_its_secrets() {
+    const USER: &str = "u-api-load-4e1d";
+    const STORES: [&str; 4] = ["sessions", "carts", "mail", "prefs"];
+    let (client, ns) = setup("api-load-erasure").await;
+    let redis = RedisServer::start_with_password("api-load-pass");
+    let mut conn = redis_conn(&redis.url()).await;
+    for store in STORES {
+        seed(&mut conn, &format!("{store}:{USER}:"), 50).await;
+        seed(&mut conn, &format!("{store}:other:"), 50).await;
+    }
+    let log = RequestLog::default();
+    let operator =
+        TestOperator::start_with_client(log.client(), &ns, None, None, fast_settings()).await;
+    create_credentials_secret(
+        &client,
+        &ns,
+        "redis-auth",
+        json!({"password": "api-load-pass"}),
+    )
+    .await;
+    let plain = format!("redis://127.0.0.1:{}", redis.port());
+    let mut targets = Vec::new();
+    for store in STORES {
+        redis_store(
+            &client,
+            &ns,
+            store,
+            &plain,
+            json!({"redis": {"passwordSecretRef": {"name": "redis-auth", "key": "password"}}, "insecure": true}),
+        )
+        .await;
+        wait_store_ready(&client, &ns, store, true).await;
+        targets.push(json!({
+            "name": store, "store": store,
+            "redis": {"keyPattern": format!("{store}:*")},
+            "subject": {"redis": {"keys": [format!("{store}:{{userId}}:*")]}}
+        }));
+    }
+    let mut policy = policy_json("shop", "30d", json!(targets));
+    policy["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, policy).await;
+    // Reconciled, so in the operator's cache (its controller reconciles what its watch saw).
+    wait_policy(
+        &client,
+        &ns,
+        "shop",
+        "the policy's status",
+        Duration::from_secs(30),
+        |p| p.status.is_some(),
+    )
+    .await;
+    create_subject_secret(&client, &ns, "dsr", json!({"userId": USER})).await;
+
+    let before = log.len();
+    let probes_before = reconciliations(&operator, STORES_CONTROLLER);
+    create::<ErasureRequest>(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest", "metadata": {"name": "dsr"},
+            "spec": {"subject": {"secretRef": {"name": "dsr"}}, "reason": "consentWithdrawn", "reference": "DSR-API"}
+        }),
+    )
+    .await;
+    let api = Api::<ErasureRequest>::namespaced(client.clone(), &ns);
+    let done = wait_for("the request Completed", Duration::from_secs(120), || {
+        let api = api.clone();
+        async move {
+            api.get("dsr")
+                .await
+                .ok()
+                .and_then(|r| r.status)
+                .filter(|s| s.phase == ErasurePhase::Completed)
+        }
+    })
+    .await;
+    let erasure = log.since(before);
+    let erased: u64 = done.targets.iter().map(|t| t.erased).sum();
+    assert_eq!(erased, 4 * 50);
+    for store in STORES {
+        assert_eq!(count_keys(&mut conn, &format!("{store}:other:*")).await, 50);
+    }
+    let writes = erasure
+        .get("patch erasurerequests/status")
+        .copied()
+        .unwrap_or(0);
+    let reads = total(&erasure, &["get", "list"]);
+    eprintln!(
+        "api_load: an erasure over {} stores made {} requests, {writes} status writes, {reads} reads ({:.1} per status write):\n{}",
+        STORES.len(),
+        erasure.values().sum::<usize>(),
+        reads as f64 / writes.max(1) as f64,
+        table(&erasure)
+    );
+    let probes = reconciliations(&operator, STORES_CONTROLLER) - probes_before;
+    let store_reads = erasure.get("get datastores").copied().unwrap_or(0);
+    assert!(
+        store_reads as u64 <= probes,
+        "{store_reads} DataStore reads for {probes} probes: the erasure read its stores from the API server\n{}",
+        table(&erasure)
+    );
+    assert_eq!(
+        erasure.get("get retentionpolicies"),
+        None,
+        "the erasure read its policies from the API server\n{}",
+        table(&erasure)
+    );
+    // Listed once: the scope of the new request (completeness beats a cache there).
+    assert!(
+        erasure.get("list retentionpolicies").copied().unwrap_or(0) <= 1,
+        "{}",
+        table(&erasure)
+    );
+    // The digest key Secret is read once (made here, on the first request), not at every step.
+    let allowed = [
+        "get erasurerequests",
+        "list legalholds",
+        "get secrets",
+        "get datastores",
+        "list retentionpolicies",
+        "list erasurerequests",
+    ];
+    let other: Vec<&String> = erasure
+        .keys()
+        .filter(|k| {
+            (k.starts_with("get ") || k.starts_with("list ")) && !allowed.contains(&k.as_str())
+        })
+        .collect();
+    assert!(
+        other.is_empty(),
+        "unexpected reads {other:?}\n{}",
+        table(&erasure)
+    );
+    // Per step: the identifiers Secret and one credentials Secret per target, and the digest
+    // key Secret a couple of times while it is made.
+    let secrets = erasure.get("get secrets").copied().unwrap_or(0);
+    assert!(
+        secrets <= writes * (1 + STORES.len()) + 3,
+        "{secrets} Secret reads for {writes} steps\n{}",
+        table(&erasure)
     );
     operator.stop().await;
 }

@@ -308,6 +308,7 @@ pub(crate) async fn resolve_target(
     target: &crate::api::retentionpolicy::Target,
 ) -> Result<ResolvedTarget, Error> {
     let cached = ctx
+        .caches
         .stores
         .get(&ObjectRef::<DataStore>::new(&target.store).within(namespace));
     let store = match cached {
