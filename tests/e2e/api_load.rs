@@ -105,6 +105,21 @@ fn total(counts: &BTreeMap<String, usize>, verbs: &[&str]) -> usize {
         .sum()
 }
 
+/// Fails unless every read (`get`, `list`) in `counts` is of a kind in `allowed`.
+fn assert_reads_only(counts: &BTreeMap<String, usize>, allowed: &[&str]) {
+    let other: Vec<&String> = counts
+        .keys()
+        .filter(|k| {
+            (k.starts_with("get ") || k.starts_with("list ")) && !allowed.contains(&k.as_str())
+        })
+        .collect();
+    assert!(
+        other.is_empty(),
+        "unexpected reads {other:?}\n{}",
+        table(counts)
+    );
+}
+
 fn reconciliations(operator: &TestOperator, controller: &str) -> u64 {
     operator
         .running
@@ -243,17 +258,7 @@ async fn a_sweep_of_100k_keys_costs_a_few_requests_per_step_and_a_quiet_pass_wri
         "get secrets",
         "get datastores",
     ];
-    let other: Vec<&String> = sweep
-        .keys()
-        .filter(|k| {
-            (k.starts_with("get ") || k.starts_with("list ")) && !allowed.contains(&k.as_str())
-        })
-        .collect();
-    assert!(
-        other.is_empty(),
-        "unexpected reads {other:?}\n{}",
-        table(&sweep)
-    );
+    assert_reads_only(&sweep, &allowed);
     eprintln!(
         "api_load: a sweep of {KEYS} keys made {} requests, {checkpoints} status writes, {reads} reads ({:.1} per status write):\n{}",
         sweep.values().sum::<usize>(),
@@ -424,17 +429,7 @@ async fn an_erasure_over_four_stores_reads_only_its_request_the_holds_and_its_se
         "list retentionpolicies",
         "list erasurerequests",
     ];
-    let other: Vec<&String> = erasure
-        .keys()
-        .filter(|k| {
-            (k.starts_with("get ") || k.starts_with("list ")) && !allowed.contains(&k.as_str())
-        })
-        .collect();
-    assert!(
-        other.is_empty(),
-        "unexpected reads {other:?}\n{}",
-        table(&erasure)
-    );
+    assert_reads_only(&erasure, &allowed);
     // Per step: the identifiers Secret and one credentials Secret per target, and the digest
     // key Secret a couple of times while it is made.
     let secrets = erasure.get("get secrets").copied().unwrap_or(0);
