@@ -26,6 +26,7 @@ mod opensearch;
 mod operational;
 mod ropa;
 mod s3;
+mod scale;
 mod spec_changes;
 mod stale_views;
 mod subject;
