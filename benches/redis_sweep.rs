@@ -145,8 +145,8 @@ async fn client_ceiling(conn: &mut MultiplexedConnection, action: Action) -> (Du
         if last {
             break;
         }
-        (cursor, page) = redis::from_redis_value(replies.next().expect("SCAN reply"))
-            .expect("SCAN reply");
+        (cursor, page) =
+            redis::from_redis_value(replies.next().expect("SCAN reply")).expect("SCAN reply");
     }
     (start.elapsed(), done)
 }
@@ -291,9 +291,17 @@ async fn main() {
     );
 
     for (mode, name, how) in [
-        (RedisMode::Idle, "idle", "OBJECT IDLETIME + UNLINK in one script per page"),
+        (
+            RedisMode::Idle,
+            "idle",
+            "OBJECT IDLETIME + UNLINK in one script per page",
+        ),
         (RedisMode::Expire, "expire", "EXPIRE .. LT, pipelined"),
-        (RedisMode::Timestamp, "timestamp", "HGET, then HGET + UNLINK in one script per page"),
+        (
+            RedisMode::Timestamp,
+            "timestamp",
+            "HGET, then HGET + UNLINK in one script per page",
+        ),
     ] {
         let hashes = mode == RedisMode::Timestamp;
         let action = Action::of(mode);
@@ -303,7 +311,10 @@ async fn main() {
                 // Mode expire bounds the TTLs and leaves the keys.
                 Action::Expire => 2 * keys,
             };
-            assert_eq!(conn_keys, expected, "{what} must act on exactly the matching keys");
+            assert_eq!(
+                conn_keys, expected,
+                "{what} must act on exactly the matching keys"
+            );
         };
 
         seed_as(&mut conn, "bench:expired:", keys, hashes).await;
