@@ -304,17 +304,17 @@ async fn run_controllers(
         let policies = policy_controller.store();
         let metrics = ctx.metrics.clone();
         let stop = stop.clone();
+        let stall_after = ctx.settings.stall_after;
         async move {
             loop {
                 let state = requests.state();
                 let all: Vec<&ErasureRequest> = state.iter().map(|r| r.as_ref()).collect();
-                metrics.set_erasure_counts(&erasurerequest::plan::counts(
-                    &all,
-                    crate::api::Timestamp::now(),
-                ));
+                let now = crate::api::Timestamp::now();
+                metrics.set_erasure_counts(&erasurerequest::plan::counts(&all, now, &stall_after));
                 let state = policies.state();
                 let all: Vec<&RetentionPolicy> = state.iter().map(|p| p.as_ref()).collect();
                 metrics.set_policy_compliance(&retentionpolicy::plan::compliance_counts(&all));
+                metrics.set_late_sweeps(retentionpolicy::plan::late_sweeps(&all, now));
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(GAUGE_INTERVAL) => {}

@@ -117,6 +117,8 @@ pub struct Settings {
     pub allow_ambient_credentials: bool,
     /// The namespace watched (None: every namespace): where digests made with the key live.
     pub watch_namespace: Option<String>,
+    /// When an erasure request counts as stalled (the `erasure_requests_stalled` gauge).
+    pub stall_after: erasurerequest::plan::StallAfter,
 }
 
 impl Default for Settings {
@@ -129,6 +131,7 @@ impl Default for Settings {
             operator_namespace: "tombstone-system".into(),
             allow_ambient_credentials: false,
             watch_namespace: None,
+            stall_after: Default::default(),
         }
     }
 }

@@ -29,5 +29,6 @@ mod s3;
 mod scale;
 mod spec_changes;
 mod stale_views;
+mod stalls;
 mod subject;
 mod sweep;

@@ -180,6 +180,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             &request, &status,
         )));
     }
+    plan::stamp_phases(&previous, &mut status, Timestamp::now());
     status.conditions = plan::conditions(
         &request,
         &status,
@@ -850,6 +851,11 @@ async fn wait_on_error(
     spec_ignored: bool,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
+    plan::stamp_phases(
+        &request.status.clone().unwrap_or_default(),
+        &mut status,
+        now,
+    );
     status.conditions = plan::conditions(request, &status, &[], &[], spec_ignored, now);
     if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == "Complete") {
         if c.reason != error.reason() {
