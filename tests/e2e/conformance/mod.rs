@@ -128,8 +128,11 @@ impl Probe {
         Probe {
             subject: owner("Ab47", email.clone()),
             neighbours: vec![
-                owner("Ab4711", format!("x{email}")),
-                owner("xAb47", format!("{email}x")),
+                // Suffix neighbours together and prefix neighbours together, so that a
+                // store matching all of a locator's fields at once (Elasticsearch terms)
+                // is tested on each kind of neighbour too.
+                owner("Ab4711", format!("{email}x")),
+                owner("xAb47", format!("x{email}")),
                 owner("ab47", format!("zq-conf-{tag}-ab@example.org")),
                 owner("AB47", format!("zq-conf-{tag}-up@example.org")),
             ],
