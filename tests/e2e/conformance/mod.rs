@@ -451,7 +451,7 @@ pub async fn subject_to_end<F: Fixture>(
 const ENOUGH: Duration = Duration::from_secs(30);
 
 /// A step given no time, or cancelled, must come back about this soon.
-const PROMPTLY: Duration = Duration::from_secs(5);
+const PROMPTLY: Duration = Duration::from_secs(10);
 
 pub async fn locator_without_identifier_is_refused<F: Fixture>(f: &F) {
     let probe = Probe::new();
