@@ -9,6 +9,7 @@ mod support;
 mod api_load;
 mod chaos;
 mod chart;
+mod conformance;
 mod crd_validation;
 mod datastore;
 mod digest;
