@@ -121,11 +121,6 @@ impl Drop for ElasticsearchFixture {
 
 #[async_trait]
 impl Fixture for ElasticsearchFixture {
-    // Known bugs on main (see the module doc).
-    const FENCED_SUBJECT_STEPS: bool = false;
-    const FENCED_SWEEP_STEPS: bool = false;
-    const CANCELLABLE_SWEEP_STEPS: bool = false;
-
     async fn start() -> Self {
         let node = SearchNode::opensearch();
         Self {
@@ -209,10 +204,4 @@ impl Fixture for ElasticsearchFixture {
     }
 }
 
-crate::conformance!(
-    tests,
-    ElasticsearchFixture,
-    fenced_subject_steps: false,
-    fenced_sweep_steps: false,
-    cancellable_sweep_steps: false
-);
+crate::conformance!(tests, ElasticsearchFixture);

@@ -53,12 +53,8 @@
 //! the fixture's constant agree):
 //! - `bounded_subject_steps: false` (Redis, S3; [`Fixture::BOUNDED_SUBJECT_STEPS`]): their
 //!   subject steps run to the end in one call; enabled once bounded subject steps land.
-//! - `fenced_subject_steps: false` (Redis, S3, Elasticsearch; a bug): their erasing subject
-//!   steps do not check the leadership fence before they act.
-//! - `fenced_sweep_steps: false` (Elasticsearch; a bug): the sweep submits its
-//!   `_delete_by_query` without checking the fence.
-//! - `cancellable_sweep_steps: false` (Elasticsearch; a bug): with its token cancelled a sweep
-//!   step still submits the deletion and polls it until its time is up.
+//! - `fenced_subject_steps: false` (Redis, S3; a bug): their erasing subject steps do not
+//!   check the leadership fence before they act.
 //!
 //! Every test gets its own store instance (Redis server, moto, Loki double, memory store) or,
 //! on the shared OpenSearch node, its own indices.
