@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::retentionpolicy::{SubjectLocator, Target};
 use crate::api::StoreKind;
-use crate::engine::limits::RateLimiter;
+use crate::limits::RateLimiter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,7 +1,9 @@
 //! Runs sweeps as bounded steps: a global cap on concurrent jobs, per-store rate limits and
 //! concurrency, connections cached per store, cancellation on shutdown.
 
-pub mod limits;
+/// The rate limiter lives with the core types (the store drivers use it too); re-exported
+/// here where it used to be.
+pub use crate::limits;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use crate::backends::redis::{RedisBackend, RedisConfig};
 use crate::backends::s3::{S3Backend, S3Config};
 use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::leader::Fence;
-use limits::RateLimiter;
+use crate::limits::RateLimiter;
 
 /// Everything needed to talk to one store, resolved from its DataStore and Secrets. Two equal
 /// connection specs share one backend (connections, rate limiter).
