@@ -12,6 +12,7 @@ use super::{object_key, stores, Context, Error};
 use crate::api::common::{find_condition, merge_conditions, DesiredCondition};
 use crate::api::datastore::{DataStore, DataStoreStatus};
 use crate::api::Timestamp;
+use crate::backends::Category;
 
 pub const CONTROLLER: &str = "datastore";
 /// A probe that takes longer than this counts as unreachable.
@@ -72,20 +73,29 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
         Err(e) => {
             debug!(reason = e.reason(), error = %e, "probe failed");
             ctx.metrics.reconcile_error(CONTROLLER, e.reason());
-            if e.is_retryable() {
-                let failing_since =
-                    find_condition(&status.conditions, "Ready").map(|c| c.last_transition_time);
-                let failing_for = failing_since.map_or(Duration::ZERO, |t| {
-                    (Timestamp::now().0 - t.0)
-                        .to_std()
-                        .unwrap_or(Duration::ZERO)
-                });
-                Action::requeue(retry_delay(failing_for))
-            } else {
-                Action::await_change()
-            }
+            let failing_since =
+                find_condition(&status.conditions, "Ready").map(|c| c.last_transition_time);
+            let failing_for = failing_since.map_or(Duration::ZERO, |t| {
+                (Timestamp::now().0 - t.0)
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+            });
+            next_probe(e.category(), failing_for).map_or(Action::await_change(), Action::requeue)
         }
     })
+}
+
+/// When to probe a store whose probe failed with an error of `category` again (pure): an
+/// invalid spec waits for an edit of the DataStore (None); anything else is probed again
+/// after [`retry_delay`], as it may clear by itself or be fixed where the operator cannot see
+/// (a Secret, the store).
+pub fn next_probe(category: Category, failing_for: Duration) -> Option<Duration> {
+    match category {
+        Category::InvalidSpec => None,
+        Category::Transient | Category::Refused | Category::NeedsAttention => {
+            Some(retry_delay(failing_for))
+        }
+    }
 }
 
 async fn probe(store: &DataStore, ctx: &Context, key: &str) -> Result<String, Error> {

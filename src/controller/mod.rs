@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::backends;
+use crate::backends::{self, Category, Failure};
 use crate::engine::Engine;
 use crate::leader::Fence;
 use crate::metrics::Metrics;
@@ -58,8 +58,8 @@ pub enum Error {
     #[error(transparent)]
     Leadership(#[from] crate::leader::Error),
     /// The subject-digest key could not be loaded or created (reason from `audit::Error`).
-    #[error("{1}")]
-    Digest(&'static str, String),
+    #[error("{2}")]
+    Digest(Category, &'static str, String),
 }
 
 impl Error {
@@ -76,21 +76,40 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Backend(e) => e.reason(),
             Error::Leadership(e) => e.reason(),
-            Error::Digest(reason, _) => reason,
+            Error::Digest(_, reason, _) => reason,
         }
     }
 
-    /// Whether retrying with backoff may help; otherwise wait for a change to the object.
-    pub fn is_retryable(&self) -> bool {
+    /// What kind of failure this is: the planners decide from it alone whether to retry
+    /// with back-off, fail, or wait.
+    pub fn category(&self) -> Category {
         match self {
-            // Wait for the spec to change (or the operator to restart with other flags).
-            Error::InvalidSpec(_)
+            // The API server may answer again; the lease may be won again.
+            Error::Kube(_) | Error::Leadership(_) => Category::Transient,
+            // Secrets are not watched: a Secret created, relabelled or fixed later is only
+            // noticed by trying again, so these are retried with back-off like a store's no.
+            Error::SecretNotFound(_)
+            | Error::SecretKeyMissing { .. }
+            | Error::SecretValueNotText { .. }
+            | Error::CredentialsNotPermitted(_) => Category::Refused,
+            // Wait for the spec to change (or the operator to restart with other flags); a
+            // DataStore created later re-plans the policies that name it.
+            Error::StoreNotFound(_)
+            | Error::InvalidSpec(_)
             | Error::InsecureTransport(_)
-            | Error::AmbientCredentialsNotAllowed(_) => false,
-            Error::Backend(e) => e.is_retryable(),
-            // A missing or unlabelled Secret included: Secrets are not watched, and the
-            // Secret or its label may appear.
-            _ => true,
+            | Error::AmbientCredentialsNotAllowed(_) => Category::InvalidSpec,
+            Error::Backend(e) => e.category(),
+            // Decided where the digest key's error is known (its Secret gone while digests
+            // made with it are in use needs a person).
+            Error::Digest(category, ..) => *category,
+        }
+    }
+
+    /// The error as a value the pure planning code can hold.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Error::Backend(e) => e.failure(),
+            e => Failure::new(e.category(), e.reason(), e.to_string()),
         }
     }
 }

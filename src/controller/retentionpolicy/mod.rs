@@ -22,7 +22,7 @@ use crate::api::retentionpolicy::{
 };
 use crate::api::{StoreKind, Timestamp};
 use crate::audit;
-use crate::backends::{self, Backend, Next, SweepJob};
+use crate::backends::{self, Backend, Category, Failure, Next, SweepJob};
 use crate::schedule;
 use k8s_openapi::api::core::v1::Secret;
 use plan::{Decision, Problem, StepResult};
@@ -81,7 +81,11 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
 
     // 2. Plan.
     let mut decision = plan::decide(&policy, &parsed_schedule, created, now);
-    if decision == Decision::Start && problems.iter().any(|(_, p)| p.transient) {
+    if decision == Decision::Start
+        && problems
+            .iter()
+            .any(|(_, p)| p.category == Category::Transient)
+    {
         // Wait for the stores' first probe rather than fail targets needlessly.
         decision = Decision::Wait(now);
     }
@@ -157,7 +161,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     let mut completed = None;
     let mut poll_after: Option<Duration> = None;
     if matches!(decision, Decision::Start | Decision::Continue) {
-        poll_after = run_steps(&policy, &ctx, &resolved, &held_subjects, &mut status).await;
+        // The policy's consecutive failed tries, this one included if it fails too.
+        let attempt = ctx.failures(&key).saturating_add(1);
+        poll_after = run_steps(
+            &policy,
+            &ctx,
+            &resolved,
+            &held_subjects,
+            &mut status,
+            attempt,
+        )
+        .await;
         if let Ok(parsed) = &parsed_schedule {
             let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
                 .max(Duration::from_secs(30));
@@ -257,8 +271,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
             Action::await_change()
         }
     } else if status.current_sweep.is_some() {
-        Action::requeue(poll_after.unwrap_or(Duration::ZERO))
-    } else if problems.iter().any(|(_, p)| p.transient) {
+        if status.targets.iter().any(plan::retrying) {
+            // A step failed and is retried, with back-off, from where it left off.
+            Action::requeue(ctx.backoff(&key))
+        } else {
+            ctx.reset_failures(&key);
+            Action::requeue(poll_after.unwrap_or(Duration::ZERO))
+        }
+    } else if problems
+        .iter()
+        .any(|(_, p)| p.category == Category::Transient)
+    {
         Action::requeue(STORE_PENDING_RETRY)
     } else if let Some(next) = status.next_sweep_time {
         let wait = (next.0 - Timestamp::now().0)
@@ -291,7 +314,7 @@ async fn dereference(policy: &RetentionPolicy, ctx: &Context) -> Vec<ResolvedTar
                     problem: Some(Problem {
                         reason: e.reason(),
                         message: e.to_string(),
-                        transient: false,
+                        category: e.category(),
                     }),
                 },
             },
@@ -319,13 +342,19 @@ pub(crate) async fn resolve_target(
         .status
         .as_ref()
         .and_then(|s| find_condition(&s.conditions, "Ready"));
+    // Not probed yet: Transient. Probed and not ready: the store said no (the DataStore's
+    // condition says why); its next probe re-plans the policy.
     let problem = |reason: &'static str, message: String, transient: bool| {
         Ok(ResolvedTarget {
             backend: None,
             problem: Some(Problem {
                 reason,
                 message,
-                transient,
+                category: if transient {
+                    Category::Transient
+                } else {
+                    Category::Refused
+                },
             }),
         })
     };
@@ -375,6 +404,7 @@ async fn run_steps(
     resolved: &[ResolvedTarget],
     held: &backends::HeldSubjects,
     status: &mut RetentionPolicyStatus,
+    attempt: u32,
 ) -> Option<Duration> {
     let current = status.current_sweep.clone()?;
     // Checked: validation bounds the retention, and no spec may panic the operator anyway.
@@ -386,13 +416,14 @@ async fn run_steps(
         let now = Timestamp::now();
         for target in &mut status.targets {
             if target.phase == TargetPhase::Sweeping {
-                let result = StepResult::Failed {
-                    reason: "InvalidSpec",
-                    message: format!(
+                let result = StepResult::Failed(Failure::new(
+                    Category::InvalidSpec,
+                    "InvalidSpec",
+                    format!(
                         "retention {} reaches before any date",
                         policy.spec.retention
                     ),
-                };
+                ));
                 plan::apply_step(target, result, current.dry_run, now);
             }
         }
@@ -442,20 +473,15 @@ async fn run_steps(
                                 }
                                 StepResult::Ran(step)
                             }
-                            Err(e) => StepResult::Failed {
-                                reason: e.reason(),
-                                message: e.to_string(),
-                            },
+                            Err(e) => StepResult::Failed(e.failure()),
                         }
                     }
-                    (None, Some(problem)) => StepResult::Failed {
-                        reason: problem.reason,
-                        message: problem.message.clone(),
-                    },
-                    (None, None) => StepResult::Failed {
-                        reason: "StoreNotReady",
-                        message: "store unresolved".into(),
-                    },
+                    (None, Some(problem)) => StepResult::Failed(problem.failure()),
+                    (None, None) => StepResult::Failed(Failure::new(
+                        Category::Transient,
+                        "StoreNotReady",
+                        "store unresolved",
+                    )),
                 };
                 (i, result)
             })
@@ -473,12 +499,18 @@ async fn run_steps(
                 Next::Continue(_) => all_waiting = false,
                 Next::Done => {}
             },
-            StepResult::Failed { reason, message } => {
-                warn!(target = %policy.spec.targets[i].name, reason, %message, "sweep step failed");
-                ctx.metrics.reconcile_error(CONTROLLER, reason);
+            StepResult::Failed(failure) => {
+                warn!(target = %policy.spec.targets[i].name, reason = failure.reason, category = failure.category.as_str(), message = %failure.message, "sweep step failed");
+                ctx.metrics.reconcile_error(CONTROLLER, failure.reason);
             }
         }
-        plan::apply_step(&mut status.targets[i], result, current.dry_run, now);
+        plan::apply_attempt(
+            &mut status.targets[i],
+            result,
+            current.dry_run,
+            now,
+            attempt,
+        );
     }
     if all_waiting {
         poll_after
