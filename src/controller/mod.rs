@@ -160,8 +160,52 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Whether this instance still leads; checked before every status write.
     pub fence: Fence,
-    /// Consecutive failures per object, for exponential backoff; reset on success.
-    failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failures per object, for exponential backoff; reset on success, dropped
+    /// when the object is deleted.
+    failures: FailureCounts,
+}
+
+/// Consecutive failures per object (`namespace/name`).
+#[derive(Debug, Default)]
+pub struct FailureCounts(Mutex<HashMap<String, u32>>);
+
+impl FailureCounts {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records one more failure of `key`; returns how many there are in a row now.
+    pub fn record(&self, key: &str) -> u32 {
+        let mut map = self.map();
+        let n = map.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    pub fn get(&self, key: &str) -> u32 {
+        self.map().get(key).copied().unwrap_or(0)
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.map().remove(key);
+    }
+
+    /// Drops the counts of objects that no longer exist (`exists` says which do); returns
+    /// how many were dropped.
+    pub fn retain(&self, exists: impl Fn(&str) -> bool) -> usize {
+        let mut map = self.map();
+        let before = map.len();
+        map.retain(|key, _| exists(key));
+        before - map.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Context {
@@ -186,7 +230,7 @@ impl Context {
             settings,
             shutdown,
             fence,
-            failures: Mutex::default(),
+            failures: FailureCounts::default(),
         }
     }
 
@@ -213,26 +257,30 @@ impl Context {
     /// Records one more failure of `key` and returns how long to back off: 5s doubling up
     /// to a minute (Secrets are not watched, so a fixed one is noticed within that).
     pub fn backoff(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        backoff_for(*n)
+        backoff_for(self.failures.record(key))
     }
 
     pub fn failures(&self, key: &str) -> u32 {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .copied()
-            .unwrap_or(0)
+        self.failures.get(key)
     }
 
     pub fn reset_failures(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        self.failures.reset(key);
+    }
+
+    /// Forgets what the operator keeps in memory for objects that were deleted: the cached
+    /// backend of each DataStore `store_exists` no longer knows, the failure count of each
+    /// object `object_exists` no longer knows (keys are `namespace/name`).
+    pub fn forget_deleted(
+        &self,
+        store_exists: impl Fn(&str) -> bool,
+        object_exists: impl Fn(&str) -> bool,
+    ) {
+        let backends = self.engine.retain_stores(store_exists);
+        let failures = self.failures.retain(object_exists);
+        if backends + failures > 0 {
+            tracing::debug!(backends, failures, "forgot deleted objects");
+        }
     }
 
     /// Publishes an event on `obj`. Failing to publish is logged, never fatal: events are a
@@ -326,6 +374,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_counts_reset_on_success_and_drop_deleted_objects() {
+        let counts = FailureCounts::default();
+        assert_eq!(counts.record("ns/a"), 1);
+        assert_eq!(counts.record("ns/a"), 2);
+        assert_eq!(counts.record("ns/b"), 1);
+        assert_eq!(counts.record("ns/c"), 1);
+        counts.reset("ns/c");
+        assert_eq!((counts.get("ns/c"), counts.len()), (0, 2));
+        assert_eq!(counts.retain(|k| k == "ns/a"), 1);
+        assert_eq!((counts.get("ns/a"), counts.get("ns/b")), (2, 0));
+        assert_eq!(counts.retain(|_| false), 1);
+        assert!(counts.is_empty());
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

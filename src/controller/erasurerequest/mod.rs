@@ -203,7 +203,10 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     let key = object_key(&request);
     let failing = plan::failure_requeue(&status.targets);
     Ok(match status.phase {
-        ErasurePhase::Completed | ErasurePhase::Failed => Action::await_change(),
+        ErasurePhase::Completed | ErasurePhase::Failed => {
+            ctx.reset_failures(&key);
+            Action::await_change()
+        }
         _ if ctx.shutdown.is_cancelled() => Action::await_change(),
         // Secrets are not watched: look again with backoff until the hold can be evaluated.
         ErasurePhase::Blocked if !unverifiable.is_empty() => Action::requeue(ctx.backoff(&key)),
@@ -675,7 +678,7 @@ async fn run_action(
     };
     match ctx
         .engine
-        .subject_step(&store_key, backend.as_ref(), &job, cursor)
+        .subject_step(&store_key, backend.as_ref(), &job, cursor, &ctx.shutdown)
         .await
     {
         Ok(step) => match (step.failure, step.next) {
