@@ -92,10 +92,11 @@ impl Error {
             | Error::SecretKeyMissing { .. }
             | Error::SecretValueNotText { .. }
             | Error::CredentialsNotPermitted(_) => Category::Refused,
-            // Wait for the spec to change (or the operator to restart with other flags); a
-            // DataStore created later re-plans the policies that name it.
-            Error::StoreNotFound(_)
-            | Error::InvalidSpec(_)
+            // Not there yet, often: objects applied together arrive in any order, so it is
+            // retried like a store's no rather than left until the next scheduled sweep.
+            Error::StoreNotFound(_) => Category::Refused,
+            // Wait for the spec to change (or the operator to restart with other flags).
+            Error::InvalidSpec(_)
             | Error::InsecureTransport(_)
             | Error::AmbientCredentialsNotAllowed(_) => Category::InvalidSpec,
             Error::Backend(e) => e.category(),
@@ -374,6 +375,52 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_controller_error_has_a_category_and_backend_errors_keep_theirs() {
+        use Category::*;
+        let s = || "x".to_string();
+        let cases = [
+            (Error::SecretNotFound(s()), Refused),
+            (
+                Error::SecretKeyMissing {
+                    secret: s(),
+                    key: s(),
+                },
+                Refused,
+            ),
+            (
+                Error::SecretValueNotText {
+                    secret: s(),
+                    key: s(),
+                },
+                Refused,
+            ),
+            (Error::CredentialsNotPermitted(s()), Refused),
+            (Error::StoreNotFound(s()), Refused),
+            (Error::InvalidSpec(s()), InvalidSpec),
+            (Error::InsecureTransport(s()), InvalidSpec),
+            (Error::AmbientCredentialsNotAllowed(s()), InvalidSpec),
+            (
+                Error::Leadership(crate::leader::Error::Expired(10)),
+                Transient,
+            ),
+            (
+                Error::Digest(NeedsAttention, "DigestKeyLost", s()),
+                NeedsAttention,
+            ),
+            (Error::Backend(backends::Error::Unreachable(s())), Transient),
+            (
+                Error::Backend(backends::Error::UnparsedCopiesRemain(s())),
+                NeedsAttention,
+            ),
+        ];
+        for (e, category) in cases {
+            assert_eq!(e.category(), category, "{}", e.reason());
+            let f = e.failure();
+            assert_eq!((f.category, f.reason), (category, e.reason()));
+        }
+    }
 
     #[test]
     fn failure_counts_reset_on_success_and_drop_deleted_objects() {

@@ -491,18 +491,22 @@ async fn run_steps(
     let mut all_waiting = true;
     let now = Timestamp::now();
     for (i, result) in results {
-        match &result {
-            StepResult::Ran(step) => match &step.next {
-                Next::Wait { poll_after: p, .. } => {
-                    poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))
+        let failure = match &result {
+            StepResult::Ran(step) => {
+                match &step.next {
+                    Next::Wait { poll_after: p, .. } => {
+                        poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))
+                    }
+                    Next::Continue(_) => all_waiting = false,
+                    Next::Done => {}
                 }
-                Next::Continue(_) => all_waiting = false,
-                Next::Done => {}
-            },
-            StepResult::Failed(failure) => {
-                warn!(target = %policy.spec.targets[i].name, reason = failure.reason, category = failure.category.as_str(), message = %failure.message, "sweep step failed");
-                ctx.metrics.reconcile_error(CONTROLLER, failure.reason);
+                step.failure.as_ref().map(backends::Error::failure)
             }
+            StepResult::Failed(failure) => Some(failure.clone()),
+        };
+        if let Some(failure) = failure {
+            warn!(target = %policy.spec.targets[i].name, reason = failure.reason, category = failure.category.as_str(), message = %failure.message, "sweep step failed");
+            ctx.metrics.reconcile_error(CONTROLLER, failure.reason);
         }
         plan::apply_attempt(
             &mut status.targets[i],
