@@ -45,8 +45,9 @@ pub enum Error {
     /// Refused: the bucket the DataStore names does not exist (yet).
     #[error("the bucket does not exist: {0}")]
     BucketNotFound(String),
-    /// Transient: the store failed a command; stores answer their own overload and restarts
-    /// this way.
+    /// Refused: the store answered and would not do it (a command it rejects, a 4xx answer,
+    /// deletion disabled for a Loki tenant). Overload and restarts (429, 5xx, timeouts) are
+    /// `Unreachable` instead.
     #[error("the store failed a command: {0}")]
     Store(String),
     /// This instance no longer leads: it stopped before acting on the store. Transient: the
@@ -112,12 +113,13 @@ impl Error {
     /// whether to retry, fail or wait.
     pub fn category(&self) -> Category {
         match self {
-            Error::Unreachable(_) | Error::Store(_) | Error::LeadershipLost => Category::Transient,
+            Error::Unreachable(_) | Error::LeadershipLost => Category::Transient,
             Error::InvalidSpec(_)
             | Error::IdentifierNotDistinctive(_)
             | Error::DeletionModeFilterOnly(_) => Category::InvalidSpec,
             Error::AuthenticationFailed(_)
             | Error::BucketNotFound(_)
+            | Error::Store(_)
             | Error::StoreTaskFailed(_) => Category::Refused,
             Error::UnparsedCopiesRemain(_)
             | Error::DeleteRequestLost(_)
@@ -641,7 +643,7 @@ mod tests {
         let m = || "m".to_string();
         let cases = [
             (Error::Unreachable(m()), Transient),
-            (Error::Store(m()), Transient),
+            (Error::Store(m()), Refused),
             (Error::LeadershipLost, Transient),
             (Error::InvalidSpec(m()), InvalidSpec),
             (Error::IdentifierNotDistinctive(m()), InvalidSpec),

@@ -1590,7 +1590,7 @@ mod tests {
                     cursor: "es:task-1".into(),
                     poll_after: std::time::Duration::from_secs(1),
                 },
-                failure: Some(backends::Error::Store("503".into())),
+                failure: Some(backends::Error::Unreachable("503".into())),
                 ..Step::default()
             }),
             false,
