@@ -161,6 +161,20 @@ pub fn error_policy(store: Arc<DataStore>, error: &Error, ctx: Arc<Context>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_invalid_spec_stops_the_probes() {
+        let after = Duration::from_secs(30);
+        assert_eq!(next_probe(Category::InvalidSpec, after), None);
+        for c in [
+            Category::Transient,
+            Category::Refused,
+            Category::NeedsAttention,
+        ] {
+            assert_eq!(next_probe(c, after), Some(Duration::from_secs(15)), "{c:?}");
+        }
+    }
+
     use crate::api::common::ConditionStatus;
     use crate::api::datastore::{DataStoreSpec, RedisStore};
     use crate::backends;

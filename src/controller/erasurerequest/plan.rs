@@ -526,22 +526,27 @@ pub fn conditions(
             Some((reason, message)) => DesiredCondition::new("Complete", false, reason, message),
             None => DesiredCondition::new("Complete", false, "Failed", failed_message(status)),
         },
-        _ if failure_requeue(&status.targets) == Some(OnFailure::Wait) => DesiredCondition::new(
-            "Complete",
-            false,
-            "NeedsAttention",
-            format!(
-                "{}: waiting for a person: {}",
-                status.phase.as_str(),
-                status
-                    .targets
-                    .iter()
-                    .filter(|t| target_failure(t) == Some(OnFailure::Wait))
-                    .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-        ),
+        phase
+            if phase != ErasurePhase::Blocked
+                && failure_requeue(&status.targets) == Some(OnFailure::Wait) =>
+        {
+            DesiredCondition::new(
+                "Complete",
+                false,
+                "NeedsAttention",
+                format!(
+                    "{}: waiting for a person: {}",
+                    status.phase.as_str(),
+                    status
+                        .targets
+                        .iter()
+                        .filter(|t| target_failure(t) == Some(OnFailure::Wait))
+                        .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+        }
         phase => {
             let what = match phase {
                 ErasurePhase::Erasing => "erasing the subject's data",
