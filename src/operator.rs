@@ -20,7 +20,8 @@ use crate::api::erasurerequest::{ErasurePhase, ErasureRequest};
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::controller::{
-    datastore, erasurerequest, legalhold, object_key, retentionpolicy, Context, Settings,
+    datastore, erasurerequest, failure_key, legalhold, object_key, retentionpolicy, Context,
+    Settings,
 };
 use crate::engine::Engine;
 use crate::http::{self, HttpState};
@@ -379,15 +380,16 @@ async fn run_controllers(
                 _ = synced => {}
             }
             loop {
-                let store_keys: HashSet<String> = stores
-                    .state()
+                let live_stores = stores.state();
+                let store_keys: HashSet<String> =
+                    live_stores.iter().map(|s| object_key(s.as_ref())).collect();
+                let mut keys: HashSet<String> = live_stores
                     .iter()
-                    .map(|s| object_key(s.as_ref()))
+                    .map(|s| failure_key(s.as_ref()))
                     .collect();
-                let mut keys = store_keys.clone();
-                keys.extend(policies.state().iter().map(|p| object_key(p.as_ref())));
-                keys.extend(requests.state().iter().map(|r| object_key(r.as_ref())));
-                keys.extend(holds.state().iter().map(|h| object_key(h.as_ref())));
+                keys.extend(policies.state().iter().map(|p| failure_key(p.as_ref())));
+                keys.extend(requests.state().iter().map(|r| failure_key(r.as_ref())));
+                keys.extend(holds.state().iter().map(|h| failure_key(h.as_ref())));
                 ctx.forget_deleted(|k| store_keys.contains(k), |k| keys.contains(k));
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -8,7 +8,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tracing::{debug, info, instrument, warn};
 
-use super::{object_key, stores, Context, Error};
+use super::{failure_key, object_key, stores, Context, Error};
 use crate::api::common::{find_condition, merge_conditions, DesiredCondition};
 use crate::api::datastore::{DataStore, DataStoreStatus};
 use crate::api::Timestamp;
@@ -67,7 +67,7 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
     }
     Ok(match probe {
         Ok(_) => {
-            ctx.reset_failures(&key);
+            ctx.reset_failures(&failure_key(store.as_ref()));
             Action::requeue(ctx.settings.probe_interval)
         }
         Err(e) => {
@@ -155,7 +155,7 @@ pub fn desired_status(
 pub fn error_policy(store: Arc<DataStore>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(datastore = %object_key(store.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(store.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(store.as_ref())))
 }
 
 #[cfg(test)]

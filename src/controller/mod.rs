@@ -270,8 +270,8 @@ impl Context {
     }
 
     /// Forgets what the operator keeps in memory for objects that were deleted: the cached
-    /// backend of each DataStore `store_exists` no longer knows, the failure count of each
-    /// object `object_exists` no longer knows (keys are `namespace/name`).
+    /// backend of each DataStore `store_exists` no longer knows (keys `namespace/name`), the
+    /// failure count of each object `object_exists` no longer knows (keys [`failure_key`]).
     pub fn forget_deleted(
         &self,
         store_exists: impl Fn(&str) -> bool,
@@ -346,9 +346,15 @@ where
         .map(|fresh| (api, fresh)))
 }
 
-/// `namespace/name`, the key for caches and failure counts.
+/// `namespace/name`, the key for caches and logs.
 pub fn object_key<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// `Kind/namespace/name`, the key of an object's failure count: objects of different kinds
+/// may share a name.
+pub fn failure_key<K: Resource<DynamicType = ()> + ResourceExt>(obj: &K) -> String {
+    format!("{}/{}", K::kind(&()), object_key(obj))
 }
 
 /// Writes `status` with server-side apply. The patch always carries apiVersion and kind.
@@ -435,6 +441,31 @@ mod tests {
         assert_eq!((counts.get("ns/a"), counts.get("ns/b")), (2, 0));
         assert_eq!(counts.retain(|_| false), 1);
         assert!(counts.is_empty());
+    }
+
+    #[test]
+    fn failure_keys_tell_kinds_apart() {
+        use crate::api::{DataStore, RetentionPolicy};
+        let mut store: DataStore = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore",
+            "metadata": {"name": "x", "namespace": "ns"},
+            "spec": {"redis": {"url": "redis://r:6379"}}
+        }))
+        .expect("a DataStore");
+        let policy = RetentionPolicy::new(
+            "x",
+            serde_json::from_value(serde_json::json!({
+                "purpose": "p", "legalBasis": "contract", "dataSubjects": ["c"],
+                "dataCategories": ["d"], "retention": "1d", "targets": []
+            }))
+            .expect("a spec"),
+        );
+        store.metadata.namespace = Some("ns".into());
+        let mut policy = policy;
+        policy.metadata.namespace = Some("ns".into());
+        assert_eq!(object_key(&store), object_key(&policy));
+        assert_eq!(failure_key(&store), "DataStore/ns/x");
+        assert_eq!(failure_key(&policy), "RetentionPolicy/ns/x");
     }
 
     #[test]

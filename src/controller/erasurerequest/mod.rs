@@ -18,7 +18,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::retentionpolicy::{resolve_target, ResolvedTarget};
-use super::{object_key, Context, Error};
+use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{
@@ -200,7 +200,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // 5. Requeue while work remains.
-    let key = object_key(&request);
+    let key = failure_key(&request);
     let failing = plan::failure_requeue(&status.targets);
     Ok(match status.phase {
         ErasurePhase::Completed | ErasurePhase::Failed => {
@@ -847,7 +847,7 @@ async fn wait_on_error(
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     Ok(match plan::on_failure(error.category()) {
         _ if status.phase == ErasurePhase::Failed => Action::await_change(),
-        plan::OnFailure::Retry => Action::requeue(ctx.backoff(&object_key(request))),
+        plan::OnFailure::Retry => Action::requeue(ctx.backoff(&failure_key(request))),
         plan::OnFailure::Wait => Action::requeue(plan::ATTENTION_RECHECK),
         plan::OnFailure::Fail => Action::await_change(),
     })
@@ -969,5 +969,5 @@ async fn report(
 pub fn error_policy(request: Arc<ErasureRequest>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(request = %object_key(request.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(request.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(request.as_ref())))
 }

@@ -13,7 +13,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::{object_key, stores, Context, Error};
+use super::{failure_key, object_key, stores, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::legalhold::{HeldSubject, LegalHold};
@@ -50,7 +50,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     let Some((api, policy)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
-    let key = object_key(&policy);
+    let key = failure_key(&policy);
     if policy.metadata.deletion_timestamp.is_some() {
         return finalize(&api, &policy, &ctx).await;
     }
@@ -715,7 +715,7 @@ async fn finalize(
     let Some(finalizers) = plan::without_finalizer(policy.finalizers()) else {
         return Ok(Action::await_change());
     };
-    let key = object_key(policy);
+    let key = failure_key(policy);
     let cursors = policy
         .status
         .as_ref()
@@ -857,5 +857,5 @@ async fn report(
 pub fn error_policy(policy: Arc<RetentionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(policy = %object_key(policy.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(policy.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(policy.as_ref())))
 }
