@@ -201,18 +201,6 @@ async fn run_controllers(
             instance: None,
         },
     );
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        recorder,
-        metrics,
-        crate::controller::Settings {
-            watch_namespace: options.namespace.clone(),
-            ..options.settings.clone()
-        },
-        stop.clone(),
-        fence,
-    ));
-    let _ = engine.set(ctx.engine.clone());
     let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);
 
     let stores: Api<DataStore> = api(&client, &options.namespace);
@@ -223,12 +211,28 @@ async fn run_controllers(
         Controller::new(stores.clone(), watcher::Config::default()).with_config(config.clone());
     let store_cache = store_controller.store();
     let store_controller =
-        store_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache));
+        store_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache.clone()));
     let policy_controller =
         Controller::new(policies, watcher::Config::default()).with_config(config);
     let policy_cache = policy_controller.store();
-    let policy_controller =
-        policy_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        recorder,
+        metrics,
+        crate::controller::Settings {
+            watch_namespace: options.namespace.clone(),
+            ..options.settings.clone()
+        },
+        stop.clone(),
+        fence,
+        crate::controller::Caches {
+            stores: store_cache.clone(),
+            policies: policy_cache.clone(),
+        },
+    ));
+    let _ = engine.set(ctx.engine.clone());
+    let policy_controller = policy_controller
+        .graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache.clone()));
     let policy_index = policy_controller.store();
     let held_policy_index = policy_controller.store();
     // A store that changes (becomes ready, changes limits) re-plans the policies that use it.
@@ -337,17 +341,17 @@ async fn run_controllers(
         let policies = policy_controller.store();
         let metrics = ctx.metrics.clone();
         let stop = stop.clone();
+        let stall_after = ctx.settings.stall_after;
         async move {
             loop {
                 let state = requests.state();
                 let all: Vec<&ErasureRequest> = state.iter().map(|r| r.as_ref()).collect();
-                metrics.set_erasure_counts(&erasurerequest::plan::counts(
-                    &all,
-                    crate::api::Timestamp::now(),
-                ));
+                let now = crate::api::Timestamp::now();
+                metrics.set_erasure_counts(&erasurerequest::plan::counts(&all, now, &stall_after));
                 let state = policies.state();
                 let all: Vec<&RetentionPolicy> = state.iter().map(|p| p.as_ref()).collect();
                 metrics.set_policy_compliance(&retentionpolicy::plan::compliance_counts(&all));
+                metrics.set_late_sweeps(retentionpolicy::plan::late_sweeps(&all, now));
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(GAUGE_INTERVAL) => {}

@@ -179,6 +179,9 @@ pub struct ErasureTargetStatus {
     pub target: String,
     pub store: String,
     pub phase: ErasureTargetPhase,
+    /// When the target entered its current phase: a target `Failed` for long is a stall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_since: Option<Timestamp>,
     #[serde(default)]
     pub found: u64,
     #[serde(default)]
@@ -223,6 +226,11 @@ pub struct ErasureRequestStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub phase: ErasurePhase,
+    /// When the request entered its current phase: one that stays in a phase for long is
+    /// reported as stalled (the `tombstone_erasure_requests_stalled` metric) before its
+    /// deadline passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_since: Option<Timestamp>,
     /// `hmac-sha256:` keyed digest of the subject; the identifiers never appear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_digest: Option<String>,

@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::datastore::DataStore;
+use crate::api::retentionpolicy::RetentionPolicy;
 use crate::backends::{self, Category, Failure};
 use crate::engine::Engine;
 use crate::leader::Fence;
@@ -134,6 +137,8 @@ pub struct Settings {
     pub allow_ambient_credentials: bool,
     /// The namespace watched (None: every namespace): where digests made with the key live.
     pub watch_namespace: Option<String>,
+    /// When an erasure request counts as stalled (the `erasure_requests_stalled` gauge).
+    pub stall_after: erasurerequest::plan::StallAfter,
 }
 
 impl Default for Settings {
@@ -146,8 +151,19 @@ impl Default for Settings {
             operator_namespace: "tombstone-system".into(),
             allow_ambient_credentials: false,
             watch_namespace: None,
+            stall_after: Default::default(),
         }
     }
+}
+
+/// The objects reconciles read from watch caches, kept up to date by the controllers' watches.
+#[derive(Clone)]
+pub struct Caches {
+    /// Every DataStore watched: steps read their stores here.
+    pub stores: Store<DataStore>,
+    /// Every RetentionPolicy watched: erasure steps read their targets here. (The scope of a
+    /// new request is listed fresh: a policy missing from it would go unerased.)
+    pub policies: Store<RetentionPolicy>,
 }
 
 /// Shared by every reconcile: built once.
@@ -161,6 +177,11 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Whether this instance still leads; checked before every status write.
     pub fence: Fence,
+    /// What reconciles read from watches instead of asking the API server at every step.
+    pub caches: Caches,
+    /// The subject-digest key once read: it never changes while digests made with it exist,
+    /// so it is not read again at every step.
+    pub digest_key: std::sync::OnceLock<crate::audit::DigestKey>,
     /// Consecutive failures per object, for exponential backoff; reset on success, dropped
     /// when the object is deleted.
     failures: FailureCounts,
@@ -217,6 +238,7 @@ impl Context {
         settings: Settings,
         shutdown: CancellationToken,
         fence: Fence,
+        caches: Caches,
     ) -> Self {
         let engine = Arc::new(Engine::new(
             settings.max_concurrent_jobs,
@@ -231,6 +253,8 @@ impl Context {
             settings,
             shutdown,
             fence,
+            caches,
+            digest_key: std::sync::OnceLock::new(),
             failures: FailureCounts::default(),
         }
     }

@@ -64,6 +64,25 @@ impl TestOperator {
         http_addr: Option<std::net::SocketAddr>,
         settings: Settings,
     ) -> Self {
+        Self::start_with_client(
+            ControlPlane::get().client(),
+            ns,
+            leader_election,
+            http_addr,
+            settings,
+        )
+        .await
+    }
+
+    /// As [`Self::start_with`], talking to the API server through `client` (one that counts
+    /// its requests, say).
+    pub async fn start_with_client(
+        client: Client,
+        ns: &str,
+        leader_election: Option<LeaderElection>,
+        http_addr: Option<std::net::SocketAddr>,
+        settings: Settings,
+    ) -> Self {
         let shutdown = CancellationToken::new();
         // The digest key Secret lives in the test's namespace, as in the operator's own.
         let settings = Settings {
@@ -77,10 +96,21 @@ impl TestOperator {
             reporter: "tombstone".into(),
             settings,
         };
-        let running = operator::start(ControlPlane::get().client(), options, shutdown.clone())
+        let running = operator::start(client, options, shutdown.clone())
             .await
             .expect("operator starts");
         Self { shutdown, running }
+    }
+
+    /// Reconciles `controller` (e.g. `retentionpolicy::CONTROLLER`) has started so far.
+    pub fn reconciliations(&self, controller: &str) -> u64 {
+        self.running
+            .metrics
+            .reconciliations
+            .get_or_create(&tombstone::metrics::ControllerLabels {
+                controller: controller.into(),
+            })
+            .get()
     }
 
     /// Graceful stop, as on SIGTERM: running steps checkpoint, then everything ends.

@@ -6,6 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api_load;
 mod chaos;
 mod chart;
 mod crd_validation;
@@ -26,7 +27,9 @@ mod opensearch;
 mod operational;
 mod ropa;
 mod s3;
+mod scale;
 mod spec_changes;
 mod stale_views;
+mod stalls;
 mod subject;
 mod sweep;

@@ -1,18 +1,19 @@
 //! Issue 12: a sweep acts on what it read, never on a view that went stale. Mode `timestamp`
 //! checks and deletes in one server-side script, so a hash refreshed between the sweep's read
-//! and its delete survives, on a standalone server and on a cluster node alike.
+//! and its delete survives, on a standalone server and on a cluster node alike; mode `idle`
+//! judges idleness in the deleting script, on a cluster node too.
 
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tombstone::backends::redis::{unlink_unchanged, RedisBackend, RedisConfig};
+use tombstone::backends::redis::{unlink_idle, unlink_unchanged, RedisBackend, RedisConfig};
 use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
 use tombstone::leader::Fence;
 
 use crate::fixtures::{count_keys, redis_conn};
-use crate::support::{RedisCluster, RedisServer};
+use crate::support::{wait_for, RedisCluster, RedisServer};
 
 const FIELD: &str = "createdAt";
 
@@ -158,6 +159,93 @@ async fn on_a_cluster_node_keys_of_many_slots_are_checked_and_deleted_per_slot()
     for key in &keys {
         let kept = refreshed.contains(&key);
         assert_eq!(exists(&mut conn, key).await, kept, "{key}");
+    }
+}
+
+async fn idle_secs(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("OBJECT")
+        .arg("IDLETIME")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn on_a_cluster_node_idle_keys_of_many_slots_are_judged_and_deleted_in_one_script_per_slot() {
+    // Wide enough that a touched key stays young through the calls below on a loaded machine.
+    const THRESHOLD_SECS: u64 = 4;
+    let cluster = RedisCluster::start(3);
+    let node = 0;
+    let mut conn = redis_conn(&cluster.nodes()[node].url()).await;
+    let keys: Vec<String> = (0..400)
+        .map(|i| format!("idle:{i}"))
+        .filter(|k| cluster.owner_of(cluster.slot_of(k)) == node)
+        .take(40)
+        .collect();
+    assert!(keys.len() > 20, "node 0 serves too few of the probe keys");
+    for key in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Every key idle past the threshold (OBJECT IDLETIME does not touch the key).
+    let probe = redis_conn(&cluster.nodes()[node].url()).await;
+    wait_for(
+        "every key idle past the threshold",
+        Duration::from_secs(30),
+        || {
+            let (mut probe, keys) = (probe.clone(), keys.clone());
+            async move {
+                for key in &keys {
+                    if idle_secs(&mut probe, key).await <= THRESHOLD_SECS {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    // Some keys are read again: no longer idle, they must survive.
+    let touched: Vec<&String> = keys.iter().step_by(5).collect();
+    for key in &touched {
+        let _: String = redis::cmd("GET")
+            .arg(key.as_str())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let raw: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+
+    // One script over keys of several slots is refused by a cluster node (CROSSSLOT).
+    let crossslot = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, false, false).await;
+    assert!(
+        crossslot
+            .as_ref()
+            .is_err_and(|e| e.to_string().to_lowercase().contains("crossslot")),
+        "a cluster node accepted a cross-slot script: {crossslot:?}"
+    );
+    // A dry run runs the same check and deletes nothing.
+    let would = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, true, true)
+        .await
+        .unwrap();
+    assert_eq!(would as usize, keys.len() - touched.len());
+    assert_eq!(count_keys(&mut conn, "idle:*").await, keys.len());
+
+    let removed = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, false, true)
+        .await
+        .unwrap();
+    assert_eq!(removed as usize, keys.len() - touched.len());
+    for key in &keys {
+        assert_eq!(
+            exists(&mut conn, key).await,
+            touched.contains(&key),
+            "{key}"
+        );
     }
 }
 

@@ -2,9 +2,10 @@
 //!
 //! Modes (API.md): `expire` gives every matching key a TTL of at most `retention`
 //! (`EXPIRE … LT`, so keys already bounded are left alone and counts stay exact on re-runs);
-//! `idle` unlinks keys whose OBJECT IDLETIME exceeds `retention`; `timestamp` unlinks hashes
-//! whose timestamp field is older than the cutoff, checked again in the deleting script (one
-//! per slot on a cluster node) so a hash refreshed after the read survives. Counts come from
+//! `idle` unlinks keys whose OBJECT IDLETIME exceeds `retention`, judged in the deleting script
+//! (one per slot on a cluster node) so a key touched meanwhile survives; `timestamp` unlinks
+//! hashes whose timestamp field is older than the cutoff, checked again in the deleting script
+//! so a hash refreshed after the read survives. Counts come from
 //! the replies of the deleting commands, never from what was merely selected, so a resumed
 //! step cannot count a key twice.
 
@@ -509,33 +510,20 @@ impl PageJob {
                     set.iter().filter(|&&s| s == 1).count() as u64
                 }
             }
-            RedisMode::Idle if !self.cluster => {
-                // One script call per page: the idle check and the delete happen atomically
-                // on the server (a key touched in between is never deleted), and a dry run
-                // runs the very same check.
-                let mut invocation = IDLE_SCRIPT.prepare_invoke();
-                for key in &keys {
-                    invocation.key(key);
-                }
-                invocation
-                    .arg(self.retention_secs)
-                    .arg(u8::from(self.dry_run));
+            RedisMode::Idle => {
+                // The idle check and the delete happen atomically on the server (a key touched
+                // in between is never deleted), and a dry run runs the very same check.
                 self.limits.acquire(2 * keys.len() as u32).await;
                 self.may_act().map_err(err)?;
-                invocation
-                    .invoke_async::<u64>(&mut self.conn)
-                    .await
-                    .map_err(|e| idle_error(e, &addr))?
-            }
-            RedisMode::Idle => {
-                // A cluster node refuses multi-key scripts across slots: check, then delete.
-                let idle: Vec<Option<u64>> = self
-                    .pipelined(&["OBJECT", "IDLETIME"], &keys, &[])
-                    .await
-                    .map_err(|e| idle_error(e, &addr))?;
-                let retention_secs = self.retention_secs;
-                let selected = select(keys, idle, |idle| idle.is_some_and(|s| s > retention_secs));
-                self.unlink(selected).await.map_err(err)?
+                unlink_idle(
+                    &mut self.conn,
+                    &keys,
+                    self.retention_secs,
+                    self.dry_run,
+                    self.cluster,
+                )
+                .await
+                .map_err(|e| idle_error(e, &addr))?
             }
             RedisMode::Timestamp => {
                 let mut pipe = redis::pipe();
@@ -620,32 +608,10 @@ impl PageJob {
         }
         pipe.query_async(&mut self.conn).await
     }
-
-    /// Unlinks the keys (one command each, so it works on a cluster node whatever the slots);
-    /// counts what the server says it removed. A dry run counts what would be.
-    async fn unlink(&mut self, keys: Vec<Vec<u8>>) -> RedisResult<u64> {
-        if self.dry_run {
-            return Ok(keys.len() as u64);
-        }
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        if self.cluster {
-            let removed: Vec<u64> = self.pipelined(&["UNLINK"], &keys, &[]).await?;
-            return Ok(removed.iter().sum());
-        }
-        // Standalone: one multi-key command per page.
-        self.limits.acquire(keys.len() as u32).await;
-        self.may_act()?;
-        redis::cmd("UNLINK")
-            .arg(&keys)
-            .query_async(&mut self.conn)
-            .await
-    }
 }
 
-/// Mode idle on a standalone server: unlinks (or, with ARGV[2] = 1, only counts) the keys
-/// idle longer than ARGV[1] seconds; returns how many.
+/// Mode idle: unlinks (or, with ARGV[2] = 1, only counts) the keys idle longer than ARGV[1]
+/// seconds; returns how many.
 static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -657,10 +623,14 @@ for _, key in ipairs(KEYS) do
     expired[#expired + 1] = key
   end
 end
-if ARGV[2] == '1' or #expired == 0 then
+if ARGV[2] == '1' then
   return #expired
 end
-return redis.call('UNLINK', unpack(expired))
+local removed = 0
+for first = 1, #expired, 1000 do
+  removed = removed + redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
+end
+return removed
 ",
     )
 });
@@ -687,38 +657,83 @@ return removed
     )
 });
 
+/// Mode idle: unlinks the keys idle for longer than `threshold_secs`, judged and deleted
+/// atomically on the server (a dry run only counts them); returns how many.
+pub async fn unlink_idle(
+    conn: &mut MultiplexedConnection,
+    keys: &[Vec<u8>],
+    threshold_secs: u64,
+    dry_run: bool,
+    cluster: bool,
+) -> RedisResult<u64> {
+    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
+    per_slot(
+        conn,
+        &IDLE_SCRIPT,
+        &entries,
+        cluster,
+        |invocation, group| {
+            for (key, ()) in group {
+                invocation.key(key);
+            }
+            invocation.arg(threshold_secs).arg(u8::from(dry_run));
+        },
+    )
+    .await
+}
+
 /// Mode timestamp: unlinks each hash of `expired` only if its `field` still holds the value
 /// read for it (`(key, value)`), checked and deleted atomically on the server; returns how
-/// many the server removed. On a cluster node a script may only touch keys of one slot, so
-/// the keys are grouped by slot, one script per group, all in one pipeline.
+/// many the server removed.
 pub async fn unlink_unchanged(
     conn: &mut MultiplexedConnection,
     field: &str,
     expired: &[(Vec<u8>, String)],
     cluster: bool,
 ) -> RedisResult<u64> {
-    if expired.is_empty() {
-        return Ok(0);
-    }
-    let groups = script_groups(expired, cluster);
-    let invocations: Vec<redis::ScriptInvocation<'_>> = groups
-        .iter()
-        .map(|group| {
-            let mut invocation = TIMESTAMP_SCRIPT.prepare_invoke();
+    per_slot(
+        conn,
+        &TIMESTAMP_SCRIPT,
+        expired,
+        cluster,
+        |invocation, group| {
             invocation.arg(field);
             for (key, value) in group {
                 invocation.key(key).arg(value);
             }
+        },
+    )
+    .await
+}
+
+/// Runs `script` over `entries` and adds up the counts it returns. On a cluster node a script
+/// may only touch keys of one slot, so the entries are grouped by slot, one script per group
+/// (`fill` sets its keys and arguments), all in one pipeline.
+async fn per_slot<T>(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    entries: &[(Vec<u8>, T)],
+    cluster: bool,
+    fill: impl Fn(&mut redis::ScriptInvocation<'_>, &[&(Vec<u8>, T)]),
+) -> RedisResult<u64> {
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let invocations: Vec<redis::ScriptInvocation<'_>> = script_groups(entries, cluster)
+        .iter()
+        .map(|group| {
+            let mut invocation = script.prepare_invoke();
+            fill(&mut invocation, group);
             invocation
         })
         .collect();
     let mut pipe = redis::pipe();
-    pipe.load_script(&TIMESTAMP_SCRIPT).ignore();
+    pipe.load_script(script).ignore();
     for invocation in &invocations {
         pipe.invoke_script(invocation);
     }
-    let removed: Vec<u64> = pipe.query_async(conn).await?;
-    Ok(removed.iter().sum())
+    let counts: Vec<u64> = pipe.query_async(conn).await?;
+    Ok(counts.iter().sum())
 }
 
 /// The keys each script call may touch, in the order given: all of them on a standalone

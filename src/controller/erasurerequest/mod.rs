@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
@@ -179,6 +180,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             &request, &status,
         )));
     }
+    plan::stamp_phases(&previous, &mut status, Timestamp::now());
     status.conditions = plan::conditions(
         &request,
         &status,
@@ -294,6 +296,16 @@ async fn secret_identifiers(
 /// requests carry digests made with it, a new key would silently make them unmatchable (a
 /// held subject erased), so the request waits and says to restore the Secret.
 async fn digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
+    if let Some(key) = ctx.digest_key.get() {
+        return Ok(key.clone());
+    }
+    let key = load_digest_key(ctx).await?;
+    Ok(ctx.digest_key.get_or_init(|| key).clone())
+}
+
+/// Reads the digest key Secret; creates it only while no digest made with an earlier key
+/// exists.
+async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
     let namespace = &ctx.settings.operator_namespace;
     match audit::load_key(&ctx.client, namespace).await {
         Ok(key) => return Ok(key),
@@ -615,7 +627,16 @@ async fn run_action(
     cursor: Option<&str>,
 ) -> (ActionResult, Option<&'static str>, Option<Duration>) {
     let failed = |e: Error| (ActionResult::Failed(e.failure()), None, None);
-    let policy = match policies.get_opt(policy_name).await {
+    let cached = ctx
+        .caches
+        .policies
+        .get(&ObjectRef::<RetentionPolicy>::new(policy_name).within(namespace));
+    let policy = match cached {
+        Some(p) => Ok(Some(p)),
+        // Not in the cache yet (created a moment ago): read it.
+        None => policies.get_opt(policy_name).await.map(|p| p.map(Arc::new)),
+    };
+    let policy = match policy {
         Ok(Some(p)) => p,
         Ok(None) => {
             return failed(Error::InvalidSpec(format!(
@@ -823,6 +844,11 @@ async fn wait_on_error(
     spec_ignored: bool,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
+    plan::stamp_phases(
+        &request.status.clone().unwrap_or_default(),
+        &mut status,
+        now,
+    );
     status.conditions = plan::conditions(request, &status, &[], &[], spec_ignored, now);
     if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == "Complete") {
         if c.reason != error.reason() {

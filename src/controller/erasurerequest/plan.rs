@@ -440,8 +440,133 @@ fn next_phase_of(
     }
 }
 
+/// How long a request may go without progress before it counts as stalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StallAfter {
+    /// In one unfinished phase (other than `Blocked` by a LegalHold, which is lawful).
+    pub no_progress: std::time::Duration,
+    /// Blocked by a LegalHold that cannot be evaluated, or with a target `Failed`.
+    pub failing: std::time::Duration,
+}
+
+impl Default for StallAfter {
+    fn default() -> Self {
+        Self {
+            no_progress: std::time::Duration::from_secs(86_400),
+            failing: std::time::Duration::from_secs(3_600),
+        }
+    }
+}
+
+/// The ways a request stalls, as metric labels (every one listed in the gauges).
+pub const STALLS: [&str; 3] = ["NoProgress", "HoldUnverifiable", "TargetFailing"];
+
+/// Phases a request moves on from by itself: time spent in one is time without an answer.
+const UNFINISHED: [ErasurePhase; 5] = [
+    ErasurePhase::Pending,
+    ErasurePhase::Discovering,
+    ErasurePhase::Erasing,
+    ErasurePhase::Verifying,
+    ErasurePhase::Blocked,
+];
+
+/// Whole seconds from `since` to `now` (0 if `since` is later).
+fn seconds_since(since: Timestamp, now: Timestamp) -> i64 {
+    (now.0 - since.0).num_seconds().max(0)
+}
+
+/// When the request entered its phase: `phaseSince`, else (never reconciled) its creation.
+fn in_phase_since(request: &ErasureRequest) -> Option<Timestamp> {
+    request
+        .status
+        .as_ref()
+        .and_then(|s| s.phase_since)
+        .or_else(|| {
+            request
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.0.as_second(), 0))
+                .map(Timestamp)
+        })
+}
+
+/// Why a request counts as stalled at `now`, if it does (pure): a LegalHold that cannot be
+/// evaluated or a target failing for `after.failing`, or one unfinished phase for
+/// `after.no_progress` (a request held by a LegalHold is waiting lawfully, not stalled).
+pub fn stalled(
+    request: &ErasureRequest,
+    now: Timestamp,
+    after: &StallAfter,
+) -> Option<&'static str> {
+    let phase = request
+        .status
+        .as_ref()
+        .map_or(ErasurePhase::Pending, |s| s.phase);
+    if !UNFINISHED.contains(&phase) {
+        return None;
+    }
+    let longer = |since: Timestamp, limit: std::time::Duration| {
+        u64::try_from(seconds_since(since, now)).unwrap_or(0) >= limit.as_secs()
+    };
+    if let Some(status) = &request.status {
+        let unverifiable = status.conditions.iter().any(|c| {
+            c.type_ == "Blocked"
+                && c.status == crate::api::ConditionStatus::True
+                && c.reason == "HoldUnverifiable"
+                && longer(c.last_transition_time, after.failing)
+        });
+        if unverifiable {
+            return Some("HoldUnverifiable");
+        }
+        let failing = status.targets.iter().any(|t| {
+            t.phase == T::Failed
+                && t.phase_since
+                    .is_some_and(|since| longer(since, after.failing))
+        });
+        if failing {
+            return Some("TargetFailing");
+        }
+    }
+    let progressing_lawfully = phase == ErasurePhase::Blocked;
+    match in_phase_since(request) {
+        Some(since) if !progressing_lawfully && longer(since, after.no_progress) => {
+            Some("NoProgress")
+        }
+        _ => None,
+    }
+}
+
+/// Stamps when the request and each of its targets entered their current phase (pure): kept
+/// while the phase stays, `now` when it changed.
+pub fn stamp_phases(
+    previous: &ErasureRequestStatus,
+    status: &mut ErasureRequestStatus,
+    now: Timestamp,
+) {
+    if status.phase != previous.phase || previous.phase_since.is_none() {
+        status.phase_since = Some(now);
+    } else {
+        status.phase_since = previous.phase_since;
+    }
+    for target in &mut status.targets {
+        let before = previous
+            .targets
+            .iter()
+            .find(|p| p.policy == target.policy && p.target == target.target);
+        target.phase_since = match before {
+            Some(p) if p.phase == target.phase && p.phase_since.is_some() => p.phase_since,
+            _ => Some(now),
+        };
+    }
+}
+
 /// The gauges' view of all requests at `now` (pure).
-pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::ErasureCounts {
+pub fn counts(
+    requests: &[&ErasureRequest],
+    now: Timestamp,
+    stall_after: &StallAfter,
+) -> crate::metrics::ErasureCounts {
     use ErasurePhase::*;
     let phase_of = |r: &ErasureRequest| r.status.as_ref().map_or(Pending, |s| s.phase);
     let by_phase = ErasurePhase::ALL
@@ -459,6 +584,27 @@ pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::E
         .filter(|r| !matches!(phase_of(r), Completed | CompletedWithExceptions))
         .filter_map(|r| r.status.as_ref().and_then(|s| s.deadline))
         .collect();
+    let longest_in_phase = UNFINISHED
+        .into_iter()
+        .map(|p| {
+            let longest = requests
+                .iter()
+                .filter(|r| phase_of(r) == p)
+                .filter_map(|r| in_phase_since(r))
+                .map(|since| seconds_since(since, now))
+                .max()
+                .unwrap_or(0);
+            (p.as_str(), longest)
+        })
+        .collect();
+    let stalls: Vec<&'static str> = requests
+        .iter()
+        .filter_map(|r| stalled(r, now, stall_after))
+        .collect();
+    let stalled = STALLS
+        .into_iter()
+        .map(|why| (why, stalls.iter().filter(|s| **s == why).count() as i64))
+        .collect();
     crate::metrics::ErasureCounts {
         by_phase,
         overdue: open_deadlines.iter().filter(|d| now >= **d).count() as i64,
@@ -466,6 +612,8 @@ pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::E
             .iter()
             .filter(|d| now < **d && d.0 - now.0 <= week)
             .count() as i64,
+        longest_in_phase,
+        stalled,
     }
 }
 
@@ -1128,28 +1276,11 @@ mod tests {
 
     #[test]
     fn gauges_count_phases_overdue_and_due_soon() {
-        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec, Subject};
         let request = |phase: ErasurePhase, deadline: &str| {
-            let mut r = ErasureRequest::new(
-                "r",
-                ErasureRequestSpec {
-                    subject: Subject {
-                        secret_ref: None,
-                        identifiers: None,
-                    },
-                    reason: ErasureGround::Objection,
-                    received_at: None,
-                    policies: None,
-                    dry_run: false,
-                    reference: None,
-                    retain_subject_secret: false,
-                },
-            );
-            r.status = Some(ErasureRequestStatus {
-                phase,
-                deadline: Some(ts(deadline)),
-                ..Default::default()
-            });
+            let mut r = in_phase(phase, "2026-11-19T23:00:00Z");
+            if let Some(s) = r.status.as_mut() {
+                s.deadline = Some(ts(deadline));
+            }
             r
         };
         let rs = [
@@ -1158,7 +1289,11 @@ mod tests {
             request(ErasurePhase::Erasing, "2026-11-25T00:00:00Z"),
             request(ErasurePhase::Erasing, "2026-12-20T00:00:00Z"),
         ];
-        let c = counts(&rs.iter().collect::<Vec<_>>(), ts("2026-11-20T00:00:00Z"));
+        let c = counts(
+            &rs.iter().collect::<Vec<_>>(),
+            ts("2026-11-20T00:00:00Z"),
+            &StallAfter::default(),
+        );
         assert_eq!(
             (c.overdue, c.due_soon),
             (1, 1),
@@ -1166,6 +1301,140 @@ mod tests {
         );
         assert!(c.by_phase.contains(&("Erasing", 2)) && c.by_phase.contains(&("Pending", 0)));
         assert_eq!(c.by_phase.len(), 8);
+    }
+
+    fn in_phase(phase: ErasurePhase, since: &str) -> ErasureRequest {
+        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec, Subject};
+        let mut r = ErasureRequest::new(
+            "r",
+            ErasureRequestSpec {
+                subject: Subject {
+                    secret_ref: None,
+                    identifiers: None,
+                },
+                reason: ErasureGround::Objection,
+                received_at: None,
+                policies: None,
+                dry_run: false,
+                reference: None,
+                retain_subject_secret: false,
+            },
+        );
+        r.status = Some(ErasureRequestStatus {
+            phase,
+            phase_since: Some(ts(since)),
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn a_request_stalls_after_a_day_in_one_phase_but_never_while_held_or_finished() {
+        use ErasurePhase::*;
+        let after = StallAfter::default();
+        let now = ts("2026-11-20T12:00:00Z");
+        let day_ago = "2026-11-19T11:00:00Z";
+        let hour_ago = "2026-11-20T11:00:00Z";
+        assert_eq!(
+            stalled(&in_phase(Erasing, day_ago), now, &after),
+            Some("NoProgress")
+        );
+        assert_eq!(
+            stalled(&in_phase(Pending, day_ago), now, &after),
+            Some("NoProgress")
+        );
+        assert_eq!(stalled(&in_phase(Erasing, hour_ago), now, &after), None);
+        assert_eq!(
+            stalled(&in_phase(Blocked, day_ago), now, &after),
+            None,
+            "a LegalHold is lawful"
+        );
+        for done in [Completed, CompletedWithExceptions, Failed] {
+            assert_eq!(stalled(&in_phase(done, day_ago), now, &after), None);
+        }
+
+        // A target failing for an hour, and a hold that cannot be evaluated for an hour.
+        let mut failing = in_phase(Erasing, hour_ago);
+        if let Some(s) = failing.status.as_mut() {
+            s.targets = vec![ErasureTargetStatus {
+                phase: T::Failed,
+                phase_since: Some(ts("2026-11-20T10:59:00Z")),
+                ..Default::default()
+            }];
+        }
+        assert_eq!(stalled(&failing, now, &after), Some("TargetFailing"));
+        let mut unverifiable = in_phase(Blocked, hour_ago);
+        if let Some(s) = unverifiable.status.as_mut() {
+            s.conditions = vec![Condition {
+                type_: "Blocked".into(),
+                status: crate::api::ConditionStatus::True,
+                reason: "HoldUnverifiable".into(),
+                message: String::new(),
+                last_transition_time: ts("2026-11-20T10:00:00Z"),
+                observed_generation: None,
+            }];
+        }
+        assert_eq!(
+            stalled(&unverifiable, now, &after),
+            Some("HoldUnverifiable")
+        );
+
+        let rs = [
+            in_phase(Erasing, day_ago),
+            failing,
+            unverifiable,
+            in_phase(Verifying, hour_ago),
+        ];
+        let c = counts(&rs.iter().collect::<Vec<_>>(), now, &after);
+        assert_eq!(
+            c.stalled,
+            vec![
+                ("NoProgress", 1),
+                ("HoldUnverifiable", 1),
+                ("TargetFailing", 1)
+            ]
+        );
+        assert!(c.longest_in_phase.contains(&("Erasing", 25 * 3600)));
+        assert!(c.longest_in_phase.contains(&("Verifying", 3600)));
+        assert!(c.longest_in_phase.contains(&("Discovering", 0)));
+    }
+
+    #[test]
+    fn phases_are_stamped_when_they_change_and_kept_while_they_stay() {
+        let then = ts("2026-11-20T10:00:00Z");
+        let now = ts("2026-11-20T12:00:00Z");
+        let target = |phase: T, since: Option<Timestamp>| ErasureTargetStatus {
+            policy: "p".into(),
+            target: "t".into(),
+            phase,
+            phase_since: since,
+            ..Default::default()
+        };
+        let previous = ErasureRequestStatus {
+            phase: ErasurePhase::Erasing,
+            phase_since: Some(then),
+            targets: vec![target(T::Found, Some(then))],
+            ..Default::default()
+        };
+        let mut same = previous.clone();
+        stamp_phases(&previous, &mut same, now);
+        assert_eq!(same, previous, "nothing changed, nothing to write");
+
+        let mut moved = previous.clone();
+        moved.phase = ErasurePhase::Verifying;
+        moved.targets[0].phase = T::Erased;
+        stamp_phases(&previous, &mut moved, now);
+        assert_eq!(moved.phase_since, Some(now));
+        assert_eq!(moved.targets[0].phase_since, Some(now));
+
+        // A status written before phases were stamped gets its first stamp.
+        let unstamped = ErasureRequestStatus {
+            phase: ErasurePhase::Erasing,
+            ..Default::default()
+        };
+        let mut first = unstamped.clone();
+        stamp_phases(&unstamped, &mut first, now);
+        assert_eq!(first.phase_since, Some(now));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use futures::future::join_all;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
@@ -329,11 +330,20 @@ pub(crate) async fn resolve_target(
     namespace: &str,
     target: &crate::api::retentionpolicy::Target,
 ) -> Result<ResolvedTarget, Error> {
-    let store = stores_api
-        .get_opt(&target.store)
-        .await
-        .map_err(Error::Kube)?;
-    let store = store.ok_or_else(|| Error::StoreNotFound(target.store.clone()))?;
+    let cached = ctx
+        .caches
+        .stores
+        .get(&ObjectRef::<DataStore>::new(&target.store).within(namespace));
+    let store = match cached {
+        Some(store) => store,
+        // Not in the cache yet (created a moment ago, or the watch is still listing): read it.
+        None => stores_api
+            .get_opt(&target.store)
+            .await
+            .map_err(Error::Kube)?
+            .map(Arc::new)
+            .ok_or_else(|| Error::StoreNotFound(target.store.clone()))?,
+    };
     let kind = store.spec.kind().ok_or_else(|| {
         Error::InvalidSpec(format!("DataStore {} names no store kind", target.store))
     })?;

@@ -812,6 +812,43 @@ pub fn compliance_counts(policies: &[&RetentionPolicy]) -> Vec<(&'static str, i6
         .collect()
 }
 
+/// How many policies have gone more than twice their schedule without completing a sweep
+/// (pure), for the gauge that alerts on it: counted from the last completed sweep, or from
+/// the policy's creation before the first. Suspended, invalid and fully held policies do not
+/// sweep on purpose and are not counted.
+pub fn late_sweeps(policies: &[&RetentionPolicy], now: Timestamp) -> i64 {
+    policies
+        .iter()
+        .filter(|p| !p.spec.suspend)
+        .filter(|p| {
+            let status = p.status.as_ref();
+            let held = status.is_some_and(|s| {
+                !s.targets.is_empty() && s.targets.iter().all(|t| t.phase == TargetPhase::Held)
+            });
+            let invalid = status.is_some_and(|s| {
+                crate::api::common::find_condition(&s.conditions, "Ready").is_some_and(|c| {
+                    c.status == crate::api::ConditionStatus::False && c.reason == "InvalidSpec"
+                })
+            });
+            !held && !invalid
+        })
+        .filter(|p| {
+            let Ok(schedule) = crate::schedule::parse(p.spec.schedule.as_ref()) else {
+                return false;
+            };
+            let since = p
+                .status
+                .as_ref()
+                .and_then(|s| s.last_sweep.as_ref())
+                .map(|l| l.completion_time)
+                .unwrap_or_else(|| super::super::creation_time(**p, now));
+            let allowed = schedule.period_secs(now).saturating_mul(2);
+            let elapsed = u64::try_from((now.0 - since.0).num_seconds()).unwrap_or(0);
+            elapsed > allowed
+        })
+        .count() as i64
+}
+
 /// A sweep that just completed, for events and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completed {
@@ -1200,6 +1237,60 @@ mod tests {
         assert_eq!(
             compliance_counts(&refs),
             vec![("True", 1), ("False", 2), ("Unknown", 1)]
+        );
+    }
+
+    #[test]
+    fn a_sweep_is_late_past_twice_its_schedule_unless_the_policy_is_not_meant_to_sweep() {
+        let now = ts("2026-11-20T12:00:00Z");
+        let created = |p: &mut RetentionPolicy, at: &str| {
+            p.metadata.creation_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at.parse().unwrap()),
+            );
+        };
+        let swept = |completed: &str| {
+            let mut p = policy(&["a"]);
+            created(&mut p, "2026-11-01T00:00:00Z");
+            p.status = Some(RetentionPolicyStatus {
+                last_sweep: Some(crate::api::retentionpolicy::LastSweep {
+                    start_time: ts(completed),
+                    completion_time: ts(completed),
+                    outcome: SweepOutcome::Succeeded,
+                    deleted: 0,
+                    receipt: None,
+                }),
+                ..Default::default()
+            });
+            p
+        };
+        // Every hour: late once more than two hours have passed since the last completion.
+        let on_time = swept("2026-11-20T10:30:00Z");
+        let late = swept("2026-11-20T09:59:00Z");
+        let mut never = policy(&["a"]);
+        created(&mut never, "2026-11-20T09:00:00Z");
+        let mut young = policy(&["a"]);
+        created(&mut young, "2026-11-20T11:00:00Z");
+        let mut suspended = swept("2026-11-01T00:00:00Z");
+        suspended.spec.suspend = true;
+        let mut held = swept("2026-11-01T00:00:00Z");
+        if let Some(s) = held.status.as_mut() {
+            s.targets = vec![TargetStatus {
+                name: "a".into(),
+                phase: TargetPhase::Held,
+                ..Default::default()
+            }];
+        }
+        assert_eq!(late_sweeps(&[&on_time], now), 0);
+        assert_eq!(late_sweeps(&[&late], now), 1);
+        assert_eq!(
+            late_sweeps(&[&never, &young], now),
+            1,
+            "counted from creation before the first sweep"
+        );
+        assert_eq!(
+            late_sweeps(&[&suspended, &held], now),
+            0,
+            "not meant to sweep"
         );
     }
 

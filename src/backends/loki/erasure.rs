@@ -1,0 +1,216 @@
+//! A subject's lines: counted (Find), looked for (Verify), or deleted by a delete request,
+//! checked after processing and submitted again while lines remain in the ingesters (Erase).
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use super::cursor::{Cursor, Stage};
+use super::requests::{covered_until, poll_after, search_from, Polled, Reuse};
+use super::scan::Scan;
+use super::{logql, selector, LokiBackend, DELETE_START};
+use crate::api::StoreKind;
+use crate::backends::{identifier, template};
+use crate::backends::{
+    subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
+};
+
+/// Loki refuses deletes whose end is in the future: a little slack for clock skew.
+const CLOCK_SLACK_SECONDS: i64 = 2;
+/// The longest a job waits on Loki before looking again.
+const MAX_POLL: Duration = Duration::from_secs(300);
+
+impl LokiBackend {
+    pub(super) async fn subject(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
+        let selector = selector(&job.target)?;
+        let locator = subject_locator(&job.target, StoreKind::Loki, |s| s.loki.as_ref())?;
+        let mut step = SubjectStep {
+            count: 0,
+            blocked: 0,
+            malformed: 0,
+            ran: false,
+            skipped: Vec::new(),
+            next: Next::Done,
+            failure: None,
+        };
+        let filled = match identifier::fill(&locator.line_filter, &job.identifiers) {
+            Ok(filled) => filled,
+            Err(template::Error::MissingIdentifier(name)) => {
+                step.skipped.push(format!("lineFilter needs {{{name}}}"));
+                return Ok(step);
+            }
+            Err(template::Error::Malformed) => {
+                return Err(Error::InvalidSpec(format!(
+                    "target {}: subject.loki.lineFilter is not a valid template",
+                    job.target.name
+                )))
+            }
+        };
+        // A value the line filter cannot tell apart from other text fails the target: it is
+        // neither run (it would take other people's lines) nor skipped (and reported erased).
+        filled.check_distinctive().map_err(|e| {
+            Error::IdentifierNotDistinctive(format!(
+                "target {}: subject.loki.lineFilter: {e}; nothing was sent to Loki",
+                job.target.name
+            ))
+        })?;
+        step.ran = true;
+        // Find, erase and verify send this same query.
+        let query = format!("{} {}", selector.render(), logql::subject_filter(&filled));
+        let deadline = Instant::now() + budget.max_time;
+        let now = Utc::now().timestamp();
+        // Searches reach a little past now (clock skew); deletes may not.
+        let search_end = now.saturating_add(CLOCK_SLACK_SECONDS);
+        let delete_end = now.saturating_sub(CLOCK_SLACK_SECONDS);
+        if job.action != SubjectAction::Find {
+            // Erasing would only hide the lines, and Verify would then see none of them.
+            self.check_deletion_mode().await?;
+        }
+        let resumed = match cursor.map(Cursor::decode).transpose()? {
+            // A scan's cursor resumes only the same kind of scan (a failed Erase keeps its
+            // cursor, and the retry may be a Verify).
+            Some(c) if job.action == SubjectAction::Erase => Some(c),
+            Some(c) if job.action == SubjectAction::Find && c.stage == Stage::Counting => Some(c),
+            Some(c) if job.action == SubjectAction::Verify && c.stage == Stage::Checking => {
+                Some(c).filter(|c| c.id.is_none())
+            }
+            _ => None,
+        };
+        let mut c = match resumed {
+            Some(c) => c,
+            None => {
+                // The store's record bounds the range searched: the target's processed sweeps
+                // (its selector), or this subject's own processed erasures (this query).
+                let requests = self.list_deletes().await?;
+                let covered = covered_until(&requests, &selector.render())
+                    .max(covered_until(&requests, &query));
+                let from = search_from(covered, now);
+                let mut c = match job.action {
+                    SubjectAction::Erase => Cursor::counting(DELETE_START, delete_end, from),
+                    _ => Cursor::counting(from, search_end, from),
+                };
+                c.at = Some(search_end);
+                if job.action == SubjectAction::Verify {
+                    c.stage = Stage::Checking;
+                }
+                c
+            }
+        };
+        let pause = |c: &Cursor| Next::Continue(c.encode());
+        match job.action {
+            SubjectAction::Find => {
+                if self
+                    .count_scan(&query, &mut c, false, deadline, true)
+                    .await?
+                {
+                    step.count = c.count;
+                } else {
+                    step.next = pause(&c);
+                }
+            }
+            SubjectAction::Verify => match self.find_scan(&query, &mut c, deadline).await? {
+                // Stopped at the first line: at least one remains (counting them all would
+                // cost the scan this avoids).
+                Scan::Found => step.count = 1,
+                Scan::Empty => step.count = 0,
+                Scan::Paused => step.next = pause(&c),
+            },
+            SubjectAction::Erase => loop {
+                match c.stage {
+                    Stage::Counting => {
+                        if !self
+                            .count_scan(&query, &mut c, false, deadline, true)
+                            .await?
+                        {
+                            step.next = pause(&c);
+                            break;
+                        }
+                        if self
+                            .submit_or_reuse(&mut c, &query, Reuse::SameStart, true, budget)
+                            .await?
+                        {
+                            step.count = c.count;
+                            break;
+                        }
+                        step.next = Next::Wait {
+                            cursor: c.encode(),
+                            poll_after: poll_after(0.0),
+                        };
+                        break;
+                    }
+                    Stage::Waiting => {
+                        match self.poll(&mut c, &query, delete_end, true, budget).await? {
+                            Polled::Pending(wait) => {
+                                step.next = Next::Wait {
+                                    cursor: c.encode(),
+                                    poll_after: wait,
+                                };
+                                break;
+                            }
+                            Polled::Processed => {
+                                // Processed is not gone: look again where lines were.
+                                c.stage = Stage::Checking;
+                                c.from = Some(c.oldest.unwrap_or(search_end).min(search_end));
+                                c.at = Some(search_end);
+                            }
+                        }
+                    }
+                    Stage::Checking => match self.find_scan(&query, &mut c, deadline).await? {
+                        Scan::Paused => {
+                            step.next = pause(&c);
+                            break;
+                        }
+                        Scan::Empty => {
+                            step.count = c.count;
+                            break;
+                        }
+                        Scan::Found => {
+                            let after = self.config.resubmit_after;
+                            c.stage = Stage::Resting;
+                            c.until = Some(now.saturating_add(after.as_secs() as i64));
+                            step.next = Next::Wait {
+                                cursor: c.encode(),
+                                poll_after: after.min(MAX_POLL),
+                            };
+                            break;
+                        }
+                    },
+                    Stage::Resting => {
+                        let until = c.until.unwrap_or(now);
+                        if now < until {
+                            step.next = Next::Wait {
+                                cursor: c.encode(),
+                                poll_after: Duration::from_secs(
+                                    until.saturating_sub(now).max(1) as u64
+                                )
+                                .min(MAX_POLL),
+                            };
+                            break;
+                        }
+                        // Again, up to now: the lines have had time to reach the store.
+                        c.end = delete_end;
+                        c.until = None;
+                        if self
+                            .submit_or_reuse(&mut c, &query, Reuse::SameStart, true, budget)
+                            .await?
+                        {
+                            step.count = c.count;
+                            break;
+                        }
+                        step.next = Next::Wait {
+                            cursor: c.encode(),
+                            poll_after: poll_after(0.0),
+                        };
+                        break;
+                    }
+                }
+            },
+        }
+        Ok(step)
+    }
+}
