@@ -201,6 +201,11 @@ pub struct ErasureTargetStatus {
     /// Copies kept under a store lock and a declared Art. 17(3) ground (phase `Retained`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retained: Option<RetainedCopiesStatus>,
+    /// The category of the target's failure while it is `Failed` (the message starts with
+    /// its reason): `Transient` and `Refused` are retried with back-off, `InvalidSpec` and
+    /// `NeedsAttention` wait for a change and are looked at again now and then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_category: Option<crate::api::common::ErrorCategory>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

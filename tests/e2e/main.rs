@@ -15,6 +15,7 @@ mod datastore;
 mod digest;
 mod elasticsearch;
 mod erasure;
+mod error_categories;
 mod es_fast_path;
 mod fail_closed;
 mod fixtures;

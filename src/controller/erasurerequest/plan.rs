@@ -13,7 +13,7 @@ use crate::api::erasurerequest::{
 };
 use crate::api::retentionpolicy::SubjectLocator;
 use crate::api::{StoreKind, Timestamp};
-use crate::backends::{self, SubjectAction};
+use crate::backends::{self, Category, Failure, SubjectAction};
 
 /// Inline identifiers stay in etcd with the request (and in its backups) for as long as it
 /// exists, so only pseudonymous ones may be given there: no e-mail address (a value with
@@ -110,34 +110,80 @@ pub fn is_marked(labels: Option<&BTreeMap<String, String>>) -> bool {
 
 /// A store's error on a subject path reduced to its kind: stores echo command arguments in
 /// some errors (Redis does), and those arguments are the subject's identifiers, so only the
-/// reason and a fixed message reach status, events and logs. `InvalidSpec` messages are the
-/// operator's own, written from the policy (never from an identifier), and are kept.
-pub fn redact(e: &backends::Error) -> (&'static str, String) {
+/// category, the reason and a fixed message reach status, events and logs. `InvalidSpec`
+/// messages are the operator's own, written from the policy (never from an identifier), and
+/// are kept.
+pub fn redact(e: &backends::Error) -> Failure {
     use backends::Error as E;
     let fixed = match e {
         // The operator's own words, built from the policy and never from a value: what to fix.
-        E::InvalidSpec(m)
-        | E::IdentifierNotDistinctive(m)
-        | E::UnparsedCopiesRemain(m)
-        | E::DeletionModeFilterOnly(m)
-        | E::DeleteRequestLost(m)
+        E::InvalidSpec(_)
+        | E::IdentifierNotDistinctive(_)
+        | E::UnparsedCopiesRemain(_)
+        | E::DeletionModeFilterOnly(_)
+        | E::DeleteRequestLost(_)
         // Built from task answers: counts, index names and error types, never a query.
-        | E::StoreTaskFailed(m)
-        | E::StoreTaskCancelled(m)
-        | E::StoreTaskLost(m) => return (e.reason(), m.clone()),
+        | E::StoreTaskFailed(_)
+        | E::StoreTaskCancelled(_)
+        | E::StoreTaskLost(_)
+        | E::LeadershipLost => return e.failure(),
         E::Unreachable(_) => "cannot reach the store",
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
         E::Store(_) => "the store failed a command",
-        E::LeadershipLost => return (e.reason(), e.to_string()),
     };
-    (
+    Failure::new(
+        e.category(),
         e.reason(),
         format!(
             "{fixed} (the store's own message is withheld on erasure paths: it may echo the \
              identifier; the DataStore's status shows connection problems)"
         ),
     )
+}
+
+/// How soon a request that waits on a person (a target that needs attention, an error that
+/// is not retried with back-off) looks again: Secrets and what is in the stores are not
+/// watched.
+pub const ATTENTION_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a request does about a failure: decided here, from its category alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Retry with back-off, resuming from the target's cursor.
+    Retry,
+    /// Fail: the target is not tried again, and a request with nothing else left to do ends
+    /// `Failed` (file a new one once the spec is fixed).
+    Fail,
+    /// Wait for a person, saying so in the `Complete` condition; looked at again every
+    /// [`ATTENTION_RECHECK`], so that a fix is picked up by itself.
+    Wait,
+}
+
+/// The decision for a failure of `category` (pure).
+pub fn on_failure(category: Category) -> OnFailure {
+    match category {
+        Category::Transient | Category::Refused => OnFailure::Retry,
+        Category::InvalidSpec => OnFailure::Fail,
+        Category::NeedsAttention => OnFailure::Wait,
+    }
+}
+
+/// The decision for a target, if it failed. A failure recorded without a category (by an
+/// earlier version) is retried, as it was then.
+pub fn target_failure(target: &ErasureTargetStatus) -> Option<OnFailure> {
+    (target.phase == T::Failed)
+        .then(|| on_failure(target.failure_category.unwrap_or(Category::Transient)))
+}
+
+/// When to look at a request again because of its failed targets (pure): with back-off
+/// while one is retried, after [`ATTENTION_RECHECK`] while one waits for a person, or not on
+/// their account (None).
+pub fn failure_requeue(targets: &[ErasureTargetStatus]) -> Option<OnFailure> {
+    let decisions: Vec<OnFailure> = targets.iter().filter_map(target_failure).collect();
+    [OnFailure::Retry, OnFailure::Wait]
+        .into_iter()
+        .find(|d| decisions.contains(d))
 }
 
 /// Art. 12(3): one calendar month after receipt (the last day of the next month when it has
@@ -152,12 +198,15 @@ pub fn deadline(received: Timestamp) -> Timestamp {
 }
 
 /// What a target needs while the request is in `phase`, if anything. Failed targets retry
-/// the action of the phase they failed in.
+/// the action of the phase they failed in, unless their failure's category fails them.
 pub fn action_for(
     phase: ErasurePhase,
     target: &ErasureTargetStatus,
     dry_run: bool,
 ) -> Option<SubjectAction> {
+    if target_failure(target) == Some(OnFailure::Fail) {
+        return None;
+    }
     match (phase, target.phase) {
         (ErasurePhase::Discovering, T::Pending | T::Failed) => Some(SubjectAction::Find),
         (ErasurePhase::Erasing, T::Found | T::Failed) if !dry_run => Some(SubjectAction::Erase),
@@ -183,19 +232,17 @@ pub enum ActionResult {
         blocked: u64,
         malformed: u64,
     },
-    Failed {
-        reason: &'static str,
-        message: String,
-    },
+    Failed(Failure),
     /// Failed after the store took work on (a task submitted, a task to submit again): the
     /// retry resumes from `cursor`, the one the store's step returned.
     FailedAt {
-        reason: &'static str,
-        message: String,
+        failure: Failure,
         cursor: String,
     },
     /// The store is still working (a deletion it runs by itself): resume from `cursor`.
-    InProgress { cursor: String },
+    InProgress {
+        cursor: String,
+    },
     /// Verification found `remaining` copies, all of them under a store lock kept under the
     /// target's declared Art. 17(3) ground.
     Retained {
@@ -207,6 +254,7 @@ pub enum ActionResult {
 /// Folds an action's result into the target. A failed action keeps its cursor, so a retry
 /// resumes polling the deletion already submitted instead of submitting another.
 pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: ActionResult) {
+    target.failure_category = None;
     match result {
         ActionResult::InProgress { cursor } => {
             target.message = crate::backends::describe_wait(&cursor).unwrap_or_else(|| {
@@ -219,17 +267,15 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
             });
             target.cursor = Some(cursor);
         }
-        ActionResult::Failed { reason, message } => {
+        ActionResult::Failed(failure) => {
             target.phase = T::Failed;
-            target.message = format!("{reason}: {message}");
+            target.message = failure.to_string();
+            target.failure_category = Some(failure.category);
         }
-        ActionResult::FailedAt {
-            reason,
-            message,
-            cursor,
-        } => {
+        ActionResult::FailedAt { failure, cursor } => {
             target.phase = T::Failed;
-            target.message = format!("{reason}: {message}");
+            target.message = failure.to_string();
+            target.failure_category = Some(failure.category);
             target.cursor = Some(cursor);
         }
         ActionResult::Retained {
@@ -265,6 +311,8 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
                 // target is retried with backoff and the request cannot complete before.
                 target.erased += count;
                 target.phase = T::Failed;
+                // The store said no: retried with back-off until the lock lapses.
+                target.failure_category = Some(Category::Refused);
                 target.message = format!(
                     "ObjectLocked: {blocked} object versions are protected by Object Lock (retention or legal hold) and were not erased; retrying until the lock lapses. No Art. 17(3) ground is declared for locked copies (subject.s3.retainedCopies), so the request stays open"
                 );
@@ -326,6 +374,30 @@ pub fn resume_phase(phase: ErasurePhase, targets: &[ErasureTargetStatus]) -> Era
 
 /// The request's phase once its targets have moved (pure).
 pub fn next_phase(
+    phase: ErasurePhase,
+    targets: &[ErasureTargetStatus],
+    missing: &[String],
+    dry_run: bool,
+) -> ErasurePhase {
+    // Targets that failed for good take no further part: once the others are done, or when
+    // none is left, the request ends Failed (it never completes without them).
+    let (failed, live): (Vec<ErasureTargetStatus>, Vec<ErasureTargetStatus>) = targets
+        .iter()
+        .cloned()
+        .partition(|t| target_failure(t) == Some(OnFailure::Fail));
+    if failed.is_empty() {
+        return next_phase_of(phase, targets, missing, dry_run);
+    }
+    if live.is_empty() {
+        return ErasurePhase::Failed;
+    }
+    match next_phase_of(phase, &live, missing, dry_run) {
+        ErasurePhase::Completed | ErasurePhase::CompletedWithExceptions => ErasurePhase::Failed,
+        other => other,
+    }
+}
+
+fn next_phase_of(
     phase: ErasurePhase,
     targets: &[ErasureTargetStatus],
     missing: &[String],
@@ -602,6 +674,27 @@ pub fn conditions(
             Some((reason, message)) => DesiredCondition::new("Complete", false, reason, message),
             None => DesiredCondition::new("Complete", false, "Failed", failed_message(status)),
         },
+        phase
+            if phase != ErasurePhase::Blocked
+                && failure_requeue(&status.targets) == Some(OnFailure::Wait) =>
+        {
+            DesiredCondition::new(
+                "Complete",
+                false,
+                "NeedsAttention",
+                format!(
+                    "{}: waiting for a person: {}",
+                    status.phase.as_str(),
+                    status
+                        .targets
+                        .iter()
+                        .filter(|t| target_failure(t) == Some(OnFailure::Wait))
+                        .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+        }
         phase => {
             let what = match phase {
                 ErasurePhase::Erasing => "erasing the subject's data",
@@ -819,10 +912,7 @@ mod tests {
         apply(
             &mut t,
             SubjectAction::Erase,
-            ActionResult::Failed {
-                reason: "Unreachable",
-                message: "x".into(),
-            },
+            ActionResult::Failed(Failure::new(Category::Transient, "Unreachable", "x")),
         );
         assert_eq!(t.cursor.as_deref(), Some("loki:abc"));
         // A step that failed after the store took work on hands back a new cursor: kept.
@@ -830,8 +920,7 @@ mod tests {
             &mut t,
             SubjectAction::Erase,
             ActionResult::FailedAt {
-                reason: "StoreTaskFailed",
-                message: "submitted again".into(),
+                failure: Failure::new(Category::Refused, "StoreTaskFailed", "submitted again"),
                 cursor: "loki:def".into(),
             },
         );
@@ -1003,10 +1092,7 @@ mod tests {
         apply(
             &mut t[0],
             SubjectAction::Erase,
-            ActionResult::Failed {
-                reason: "Unreachable",
-                message: "down".into(),
-            },
+            ActionResult::Failed(Failure::new(Category::Transient, "Unreachable", "down")),
         );
         assert_eq!(t[0].erased, 0);
         assert_eq!(
@@ -1036,6 +1122,156 @@ mod tests {
             next_phase(ErasurePhase::Verifying, &v, &[], false),
             ErasurePhase::Erasing
         );
+    }
+
+    fn failed(category: Category, reason: &'static str) -> ActionResult {
+        ActionResult::Failed(Failure::new(category, reason, "m"))
+    }
+
+    fn request() -> ErasureRequest {
+        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec};
+        ErasureRequest::new(
+            "r",
+            ErasureRequestSpec {
+                subject: Subject {
+                    secret_ref: None,
+                    identifiers: None,
+                },
+                reason: ErasureGround::Objection,
+                received_at: None,
+                policies: None,
+                dry_run: false,
+                reference: None,
+                retain_subject_secret: false,
+            },
+        )
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_with_backoff_and_keeps_the_cursor() {
+        let mut t = vec![target(T::Found)];
+        t[0].cursor = Some("es:task-1".into());
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            failed(Category::Transient, "Unreachable"),
+        );
+        assert_eq!(
+            (t[0].phase, t[0].cursor.as_deref(), t[0].failure_category),
+            (T::Failed, Some("es:task-1"), Some(Category::Transient))
+        );
+        assert_eq!(
+            action_for(ErasurePhase::Erasing, &t[0], false),
+            Some(SubjectAction::Erase)
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Retry));
+        // The store said no (Object Lock, credentials): retried the same way.
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            failed(Category::Refused, "AuthenticationFailed"),
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Retry));
+        // Recovered: the category goes with the failure.
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            ActionResult::Done {
+                count: 1,
+                skipped: vec![],
+                ran: true,
+                blocked: 0,
+                malformed: 0,
+            },
+        );
+        assert_eq!((t[0].phase, t[0].failure_category), (T::Erased, None));
+        assert_eq!(failure_requeue(&t), None);
+    }
+
+    #[test]
+    fn an_invalid_spec_fails_the_target_without_retry_and_the_request_once_the_rest_is_done() {
+        let mut t = vec![target(T::Pending), target(T::Pending)];
+        apply(
+            &mut t[0],
+            SubjectAction::Find,
+            failed(Category::InvalidSpec, "IdentifierNotDistinctive"),
+        );
+        assert_eq!(t[0].phase, T::Failed);
+        assert!(t[0].message.starts_with("IdentifierNotDistinctive: "));
+        assert_eq!(action_for(ErasurePhase::Discovering, &t[0], false), None);
+        assert_eq!(action_for(ErasurePhase::Erasing, &t[0], false), None);
+        assert_eq!(failure_requeue(&t), None, "no back-off on its account");
+        // The other target goes on.
+        assert_eq!(
+            next_phase(ErasurePhase::Discovering, &t, &[], false),
+            ErasurePhase::Discovering
+        );
+        t[1].phase = T::Found;
+        assert_eq!(
+            next_phase(ErasurePhase::Discovering, &t, &[], false),
+            ErasurePhase::Erasing
+        );
+        t[1].phase = T::Verified;
+        assert_eq!(
+            next_phase(ErasurePhase::Verifying, &t, &[], false),
+            ErasurePhase::Failed,
+            "never Completed without the failed target"
+        );
+        assert_eq!(
+            next_phase(ErasurePhase::Discovering, &t[..1], &[], false),
+            ErasurePhase::Failed
+        );
+        // A failure recorded by an earlier version (no category) is retried as it was.
+        let mut old = target(T::Failed);
+        old.message = "InvalidSpec: x".into();
+        assert_eq!(target_failure(&old), Some(OnFailure::Retry));
+    }
+
+    #[test]
+    fn a_failure_that_needs_attention_sets_the_condition_and_waits() {
+        let mut t = vec![target(T::Found), target(T::Found)];
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            failed(Category::NeedsAttention, "UnparsedCopiesRemain"),
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Wait));
+        // Looked at again (a fix is picked up by itself), never completed meanwhile.
+        assert_eq!(
+            action_for(ErasurePhase::Erasing, &t[0], false),
+            Some(SubjectAction::Erase)
+        );
+        t[1].phase = T::Erased;
+        assert_eq!(
+            next_phase(ErasurePhase::Erasing, &t, &[], false),
+            ErasurePhase::Erasing
+        );
+        let status = ErasureRequestStatus {
+            phase: ErasurePhase::Erasing,
+            targets: t.clone(),
+            ..Default::default()
+        };
+        let c = conditions(
+            &request(),
+            &status,
+            &[],
+            &[],
+            false,
+            ts("2026-11-20T09:00:00Z"),
+        );
+        let complete = c.iter().find(|c| c.type_ == "Complete").unwrap();
+        assert_eq!(
+            (complete.status, complete.reason.as_str()),
+            (crate::api::ConditionStatus::False, "NeedsAttention")
+        );
+        assert!(complete.message.contains("p/t: UnparsedCopiesRemain: m"));
+        // A retried failure next to it wins the requeue: back-off, not the slow look.
+        apply(
+            &mut t[1],
+            SubjectAction::Verify,
+            failed(Category::Transient, "Unreachable"),
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Retry));
     }
 
     #[test]
@@ -1351,13 +1587,13 @@ mod tests {
             E::AuthenticationFailed(probe.into()),
             E::BucketNotFound(probe.into()),
         ] {
-            let (reason, message) = redact(&e);
-            assert_eq!(reason, e.reason());
-            assert!(!message.contains("probe-5c1"), "{message}");
+            let f = redact(&e);
+            assert_eq!((f.reason, f.category), (e.reason(), e.category()));
+            assert!(!f.message.contains("probe-5c1"), "{}", f.message);
         }
         let spec =
             E::InvalidSpec("target t: subject.s3.keyPrefixes[0] is not a valid template".into());
-        assert_eq!(redact(&spec).1, spec.to_string());
+        assert_eq!(redact(&spec), spec.failure());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::{object_key, stores, Context, Error};
+use super::{failure_key, object_key, stores, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::datastore::DataStore;
 use crate::api::legalhold::{HeldSubject, LegalHold};
@@ -23,7 +23,7 @@ use crate::api::retentionpolicy::{
 };
 use crate::api::{StoreKind, Timestamp};
 use crate::audit;
-use crate::backends::{self, Backend, Next, SweepJob};
+use crate::backends::{self, Backend, Category, Failure, Next, SweepJob};
 use crate::schedule;
 use k8s_openapi::api::core::v1::Secret;
 use plan::{Decision, Problem, StepResult};
@@ -51,7 +51,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     let Some((api, policy)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
-    let key = object_key(&policy);
+    let key = failure_key(&policy);
     if policy.metadata.deletion_timestamp.is_some() {
         return finalize(&api, &policy, &ctx).await;
     }
@@ -82,7 +82,11 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
 
     // 2. Plan.
     let mut decision = plan::decide(&policy, &parsed_schedule, created, now);
-    if decision == Decision::Start && problems.iter().any(|(_, p)| p.transient) {
+    if decision == Decision::Start
+        && problems
+            .iter()
+            .any(|(_, p)| p.category == Category::Transient)
+    {
         // Wait for the stores' first probe rather than fail targets needlessly.
         decision = Decision::Wait(now);
     }
@@ -158,7 +162,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     let mut completed = None;
     let mut poll_after: Option<Duration> = None;
     if matches!(decision, Decision::Start | Decision::Continue) {
-        poll_after = run_steps(&policy, &ctx, &resolved, &held_subjects, &mut status).await;
+        // The policy's consecutive failed tries, this one included if it fails too.
+        let attempt = ctx.failures(&key).saturating_add(1);
+        poll_after = run_steps(
+            &policy,
+            &ctx,
+            &resolved,
+            &held_subjects,
+            &mut status,
+            attempt,
+        )
+        .await;
         if let Ok(parsed) = &parsed_schedule {
             let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
                 .max(Duration::from_secs(30));
@@ -258,8 +272,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
             Action::await_change()
         }
     } else if status.current_sweep.is_some() {
-        Action::requeue(poll_after.unwrap_or(Duration::ZERO))
-    } else if problems.iter().any(|(_, p)| p.transient) {
+        if status.targets.iter().any(plan::retrying) {
+            // A step failed and is retried, with back-off, from where it left off.
+            Action::requeue(ctx.backoff(&key))
+        } else {
+            ctx.reset_failures(&key);
+            Action::requeue(poll_after.unwrap_or(Duration::ZERO))
+        }
+    } else if problems
+        .iter()
+        .any(|(_, p)| p.category == Category::Transient)
+    {
         Action::requeue(STORE_PENDING_RETRY)
     } else if let Some(next) = status.next_sweep_time {
         let wait = (next.0 - Timestamp::now().0)
@@ -292,7 +315,7 @@ async fn dereference(policy: &RetentionPolicy, ctx: &Context) -> Vec<ResolvedTar
                     problem: Some(Problem {
                         reason: e.reason(),
                         message: e.to_string(),
-                        transient: false,
+                        category: e.category(),
                     }),
                 },
             },
@@ -329,13 +352,19 @@ pub(crate) async fn resolve_target(
         .status
         .as_ref()
         .and_then(|s| find_condition(&s.conditions, "Ready"));
+    // Not probed yet: Transient. Probed and not ready: the store said no (the DataStore's
+    // condition says why); its next probe re-plans the policy.
     let problem = |reason: &'static str, message: String, transient: bool| {
         Ok(ResolvedTarget {
             backend: None,
             problem: Some(Problem {
                 reason,
                 message,
-                transient,
+                category: if transient {
+                    Category::Transient
+                } else {
+                    Category::Refused
+                },
             }),
         })
     };
@@ -385,6 +414,7 @@ async fn run_steps(
     resolved: &[ResolvedTarget],
     held: &backends::HeldSubjects,
     status: &mut RetentionPolicyStatus,
+    attempt: u32,
 ) -> Option<Duration> {
     let current = status.current_sweep.clone()?;
     // Checked: validation bounds the retention, and no spec may panic the operator anyway.
@@ -396,13 +426,14 @@ async fn run_steps(
         let now = Timestamp::now();
         for target in &mut status.targets {
             if target.phase == TargetPhase::Sweeping {
-                let result = StepResult::Failed {
-                    reason: "InvalidSpec",
-                    message: format!(
+                let result = StepResult::Failed(Failure::new(
+                    Category::InvalidSpec,
+                    "InvalidSpec",
+                    format!(
                         "retention {} reaches before any date",
                         policy.spec.retention
                     ),
-                };
+                ));
                 plan::apply_step(target, result, current.dry_run, now);
             }
         }
@@ -452,20 +483,15 @@ async fn run_steps(
                                 }
                                 StepResult::Ran(step)
                             }
-                            Err(e) => StepResult::Failed {
-                                reason: e.reason(),
-                                message: e.to_string(),
-                            },
+                            Err(e) => StepResult::Failed(e.failure()),
                         }
                     }
-                    (None, Some(problem)) => StepResult::Failed {
-                        reason: problem.reason,
-                        message: problem.message.clone(),
-                    },
-                    (None, None) => StepResult::Failed {
-                        reason: "StoreNotReady",
-                        message: "store unresolved".into(),
-                    },
+                    (None, Some(problem)) => StepResult::Failed(problem.failure()),
+                    (None, None) => StepResult::Failed(Failure::new(
+                        Category::Transient,
+                        "StoreNotReady",
+                        "store unresolved",
+                    )),
                 };
                 (i, result)
             })
@@ -475,20 +501,30 @@ async fn run_steps(
     let mut all_waiting = true;
     let now = Timestamp::now();
     for (i, result) in results {
-        match &result {
-            StepResult::Ran(step) => match &step.next {
-                Next::Wait { poll_after: p, .. } => {
-                    poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))
+        let failure = match &result {
+            StepResult::Ran(step) => {
+                match &step.next {
+                    Next::Wait { poll_after: p, .. } => {
+                        poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))
+                    }
+                    Next::Continue(_) => all_waiting = false,
+                    Next::Done => {}
                 }
-                Next::Continue(_) => all_waiting = false,
-                Next::Done => {}
-            },
-            StepResult::Failed { reason, message } => {
-                warn!(target = %policy.spec.targets[i].name, reason, %message, "sweep step failed");
-                ctx.metrics.reconcile_error(CONTROLLER, reason);
+                step.failure.as_ref().map(backends::Error::failure)
             }
+            StepResult::Failed(failure) => Some(failure.clone()),
+        };
+        if let Some(failure) = failure {
+            warn!(target = %policy.spec.targets[i].name, reason = failure.reason, category = failure.category.as_str(), message = %failure.message, "sweep step failed");
+            ctx.metrics.reconcile_error(CONTROLLER, failure.reason);
         }
-        plan::apply_step(&mut status.targets[i], result, current.dry_run, now);
+        plan::apply_attempt(
+            &mut status.targets[i],
+            result,
+            current.dry_run,
+            now,
+            attempt,
+        );
     }
     if all_waiting {
         poll_after
@@ -689,7 +725,7 @@ async fn finalize(
     let Some(finalizers) = plan::without_finalizer(policy.finalizers()) else {
         return Ok(Action::await_change());
     };
-    let key = object_key(policy);
+    let key = failure_key(policy);
     let cursors = policy
         .status
         .as_ref()
@@ -831,5 +867,5 @@ async fn report(
 pub fn error_policy(policy: Arc<RetentionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(policy = %object_key(policy.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(policy.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(policy.as_ref())))
 }
