@@ -459,7 +459,11 @@ pub async fn locator_without_identifier_is_refused<F: Fixture>(f: &F) {
         .expect_err("a locator naming no identifier is refused");
     w.error(&err);
     assert_eq!(err.reason(), "InvalidSpec", "{err}");
-    assert!(!err.is_retryable(), "{err}");
+    assert_eq!(
+        err.category(),
+        tombstone::api::common::ErrorCategory::InvalidSpec,
+        "{err}"
+    );
 }
 
 pub async fn neighbours_are_never_touched<F: Fixture>(f: &F) {
