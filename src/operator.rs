@@ -299,27 +299,47 @@ async fn run_controllers(
         ControllerConfig::default().concurrency(options.settings.reconcile_concurrency),
     );
     let request_cache = request_controller.store();
-    let request_index = request_cache.clone();
     let request_controller_cache = request_cache.clone();
+    // The unfinished requests of a namespace that `concerns` (given a request's status).
+    let unfinished = {
+        let index = request_cache.clone();
+        move |namespace: Option<String>, concerns: &dyn Fn(&ErasureRequest) -> bool| {
+            index
+                .state()
+                .into_iter()
+                .filter(|r| r.namespace() == namespace)
+                .filter(|r| {
+                    r.status
+                        .as_ref()
+                        .is_none_or(|s| s.phase != ErasurePhase::Completed)
+                })
+                .filter(|r| concerns(r))
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let unfinished_by_hold = unfinished.clone();
     let request_controller = request_controller
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), request_cache))
         // A hold placed or lifted may block or release any unfinished request in its namespace.
         .watches(
             api::<LegalHold>(&client, &options.namespace),
             watcher::Config::default(),
-            move |hold: LegalHold| {
-                let namespace = hold.namespace();
-                request_index
-                    .state()
-                    .into_iter()
-                    .filter(|r| r.namespace() == namespace)
-                    .filter(|r| {
-                        r.status
-                            .as_ref()
-                            .is_none_or(|s| s.phase != ErasurePhase::Completed)
+            move |hold: LegalHold| unfinished_by_hold(hold.namespace(), &|_| true),
+        )
+        // A store that becomes ready (or changes) lets the requests waiting on it go on at
+        // once, rather than after their back-off: those with a target on it, and those whose
+        // targets are not known yet.
+        .watches(
+            api::<DataStore>(&client, &options.namespace),
+            watcher::Config::default(),
+            move |store: DataStore| {
+                let name = store.name_any();
+                unfinished(store.namespace(), &|r| {
+                    r.status.as_ref().is_none_or(|s| {
+                        s.targets.is_empty() || s.targets.iter().any(|t| t.store == name)
                     })
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
-                    .collect::<Vec<_>>()
+                })
             },
         );
     let request_loop = request_controller
