@@ -3,6 +3,7 @@
 pub mod datastore;
 pub mod erasurerequest;
 pub mod legalhold;
+mod resolve;
 pub mod retentionpolicy;
 pub mod stores;
 

@@ -18,10 +18,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::retentionpolicy::{resolve_target, ResolvedTarget};
+use super::resolve::{resolve_target, ResolvedTarget};
 use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
-use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase, ErasureTargetStatus,
     RetainedCopiesStatus, SubjectSecretFate,
@@ -30,7 +29,7 @@ use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::api::Timestamp;
 use crate::audit::{self, identifier_digests, subject_digest};
-use crate::backends::{Category, Failure, Next, SubjectAction, SubjectJob};
+use crate::backends::{Category, Next, SubjectAction, SubjectJob};
 use plan::ActionResult;
 
 pub const CONTROLLER: &str = "erasurerequest";
@@ -569,18 +568,16 @@ async fn run_actions(
 ) -> Option<Duration> {
     let namespace = request.namespace().unwrap_or_default();
     let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let stores: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
     let phase = status.phase;
     let work = status.targets.iter().enumerate().filter_map(|(i, t)| {
         let action = plan::action_for(phase, t, request.spec.dry_run)?;
-        let (policies, stores, namespace) = (policies.clone(), stores.clone(), namespace.clone());
+        let (policies, namespace) = (policies.clone(), namespace.clone());
         let (policy_name, target_name) = (t.policy.clone(), t.target.clone());
         let cursor = t.cursor.clone();
         Some(async move {
             let (result, kind, poll_after) = run_action(
                 ctx,
                 &policies,
-                &stores,
                 &namespace,
                 &policy_name,
                 &target_name,
@@ -618,7 +615,6 @@ async fn run_actions(
 async fn run_action(
     ctx: &Context,
     policies: &Api<RetentionPolicy>,
-    stores: &Api<DataStore>,
     namespace: &str,
     policy_name: &str,
     target_name: &str,
@@ -650,16 +646,13 @@ async fn run_action(
             "policy {policy_name} has no target {target_name}"
         )));
     };
-    let resolved = match resolve_target(ctx, stores, namespace, target).await {
-        Ok(r) => r,
-        Err(e) => return failed(e),
-    };
-    let Some((backend, kind, store_key)) = resolved.backend else {
-        let failure = resolved.problem.map_or_else(
-            || Failure::new(Category::Transient, "StoreNotReady", "store unresolved"),
-            |p| p.failure(),
-        );
-        return (ActionResult::Failed(failure), None, None);
+    let (backend, kind, store_key) = match resolve_target(ctx, namespace, target).await {
+        ResolvedTarget::Ready {
+            backend,
+            kind,
+            store_key,
+        } => (backend, kind, store_key),
+        ResolvedTarget::Problem(p) => return (ActionResult::Failed(p.failure()), None, None),
     };
     let locator = target
         .subject
@@ -798,7 +791,6 @@ async fn cancel_held_deletions(
 ) {
     let namespace = request.namespace().unwrap_or_default();
     let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let stores: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
     for t in targets.iter_mut() {
         let Some(cursor) = t.cursor.clone() else {
             continue;
@@ -812,10 +804,7 @@ async fn cancel_held_deletions(
         let Some(target) = policy.spec.targets.iter().find(|x| x.name == t.target) else {
             continue;
         };
-        let Ok(ResolvedTarget {
-            backend: Some((backend, _, _)),
-            ..
-        }) = resolve_target(ctx, &stores, &namespace, target).await
+        let ResolvedTarget::Ready { backend, .. } = resolve_target(ctx, &namespace, target).await
         else {
             continue;
         };

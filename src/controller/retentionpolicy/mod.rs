@@ -10,20 +10,19 @@ use futures::future::join_all;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::{failure_key, object_key, stores, Context, Error};
+use super::resolve::{resolve_target, ResolvedTarget};
+use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
-use crate::api::datastore::DataStore;
 use crate::api::legalhold::{HeldSubject, LegalHold};
 use crate::api::retentionpolicy::{
     RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
 };
-use crate::api::{StoreKind, Timestamp};
+use crate::api::Timestamp;
 use crate::audit;
-use crate::backends::{self, Backend, Category, Failure, Next, SweepJob};
+use crate::backends::{self, Category, Failure, Next, SweepJob};
 use crate::schedule;
 use k8s_openapi::api::core::v1::Secret;
 use plan::{Decision, Problem, StepResult};
@@ -37,12 +36,6 @@ const STOP_RETRY: Duration = Duration::from_secs(15);
 /// How long a deleted policy keeps its finalizer while a store cannot be reached to cancel
 /// what it runs for the policy; then the finalizer is released with a Warning.
 const FINALIZER_PATIENCE: Duration = Duration::from_secs(60);
-
-/// A target with its store resolved, or the reason it cannot run.
-pub(crate) struct ResolvedTarget {
-    pub(crate) backend: Option<(Arc<dyn Backend>, StoreKind, String)>,
-    pub(crate) problem: Option<Problem>,
-}
 
 #[instrument(skip_all, fields(policy = %object_key(obj.as_ref())))]
 pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -77,7 +70,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         .targets
         .iter()
         .zip(&resolved)
-        .filter_map(|(t, r)| r.problem.clone().map(|p| (t.name.clone(), p)))
+        .filter_map(|(t, r)| r.problem().cloned().map(|p| (t.name.clone(), p)))
         .collect();
 
     // 2. Plan.
@@ -304,106 +297,11 @@ fn refused_by_schema(e: &Error) -> bool {
 /// Resolves each target's DataStore into a backend.
 async fn dereference(policy: &RetentionPolicy, ctx: &Context) -> Vec<ResolvedTarget> {
     let namespace = policy.namespace().unwrap_or_default();
-    let stores_api: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut resolved = Vec::with_capacity(policy.spec.targets.len());
     for target in &policy.spec.targets {
-        resolved.push(
-            match resolve_target(ctx, &stores_api, &namespace, target).await {
-                Ok(r) => r,
-                Err(e) => ResolvedTarget {
-                    backend: None,
-                    problem: Some(Problem {
-                        reason: e.reason(),
-                        message: e.to_string(),
-                        category: e.category(),
-                    }),
-                },
-            },
-        );
+        resolved.push(resolve_target(ctx, &namespace, target).await);
     }
     resolved
-}
-
-pub(crate) async fn resolve_target(
-    ctx: &Context,
-    stores_api: &Api<DataStore>,
-    namespace: &str,
-    target: &crate::api::retentionpolicy::Target,
-) -> Result<ResolvedTarget, Error> {
-    let cached = ctx
-        .caches
-        .stores
-        .get(&ObjectRef::<DataStore>::new(&target.store).within(namespace));
-    let store = match cached {
-        Some(store) => store,
-        // Not in the cache yet (created a moment ago, or the watch is still listing): read it.
-        None => stores_api
-            .get_opt(&target.store)
-            .await
-            .map_err(Error::Kube)?
-            .map(Arc::new)
-            .ok_or_else(|| Error::StoreNotFound(target.store.clone()))?,
-    };
-    let kind = store.spec.kind().ok_or_else(|| {
-        Error::InvalidSpec(format!("DataStore {} names no store kind", target.store))
-    })?;
-    backends::validate_target(kind, target)?;
-    let ready = store
-        .status
-        .as_ref()
-        .and_then(|s| find_condition(&s.conditions, "Ready"));
-    // Not probed yet: Transient. Probed and not ready: the store said no (the DataStore's
-    // condition says why); its next probe re-plans the policy.
-    let problem = |reason: &'static str, message: String, transient: bool| {
-        Ok(ResolvedTarget {
-            backend: None,
-            problem: Some(Problem {
-                reason,
-                message,
-                category: if transient {
-                    Category::Transient
-                } else {
-                    Category::Refused
-                },
-            }),
-        })
-    };
-    match ready {
-        None => {
-            return problem(
-                "StoreNotReady",
-                format!("DataStore {} has not been probed yet", target.store),
-                true,
-            )
-        }
-        Some(c) if c.status == ConditionStatus::Unknown => {
-            return problem(
-                "StoreNotReady",
-                format!("DataStore {} has not been probed yet", target.store),
-                true,
-            )
-        }
-        Some(c) if c.status == ConditionStatus::False => {
-            return problem(
-                "StoreNotReady",
-                format!(
-                    "DataStore {} is not ready: {}: {}",
-                    target.store, c.reason, c.message
-                ),
-                false,
-            )
-        }
-        Some(_) => {}
-    }
-    let spec = stores::connection_spec(&ctx.client, &store, &ctx.settings).await?;
-    let store_key = format!("{namespace}/{}", target.store);
-    let backend = ctx
-        .engine
-        .backend(&store_key, spec, store.spec.limits.clone());
-    Ok(ResolvedTarget {
-        backend: Some((backend, kind, store_key)),
-        problem: None,
-    })
 }
 
 /// Runs one step of every target still sweeping, concurrently, and folds the results into
@@ -459,8 +357,12 @@ async fn run_steps(
                 held: held.clone(),
             };
             Some(async move {
-                let result = match (&resolved.backend, &resolved.problem) {
-                    (Some((backend, kind, store_key)), _) => {
+                let result = match resolved {
+                    ResolvedTarget::Ready {
+                        backend,
+                        kind,
+                        store_key,
+                    } => {
                         match ctx
                             .engine
                             .sweep_step(
@@ -486,12 +388,7 @@ async fn run_steps(
                             Err(e) => StepResult::Failed(e.failure()),
                         }
                     }
-                    (None, Some(problem)) => StepResult::Failed(problem.failure()),
-                    (None, None) => StepResult::Failed(Failure::new(
-                        Category::Transient,
-                        "StoreNotReady",
-                        "store unresolved",
-                    )),
+                    ResolvedTarget::Problem(problem) => StepResult::Failed(problem.failure()),
                 };
                 (i, result)
             })
@@ -602,8 +499,7 @@ fn secret_identifiers(secret: Secret) -> Option<BTreeMap<String, String>> {
 /// target then starts that work over once released.
 async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut RetentionPolicyStatus) {
     for (target, resolved) in status.targets.iter_mut().zip(resolved) {
-        let (Some(cursor), Some((backend, _, _))) = (target.cursor.clone(), &resolved.backend)
-        else {
+        let (Some(cursor), Some(backend)) = (target.cursor.clone(), resolved.backend()) else {
             continue;
         };
         if target.phase != TargetPhase::Held {
@@ -635,17 +531,14 @@ async fn stop_deletions(
     let mut outcomes = Vec::with_capacity(cursors.len());
     for (i, cursor) in cursors {
         let outcome = match resolved.get(*i) {
-            Some(ResolvedTarget {
-                backend: Some((backend, _, _)),
-                ..
-            }) => match backend.cancel(cursor).await {
+            Some(ResolvedTarget::Ready { backend, .. }) => match backend.cancel(cursor).await {
                 Ok(c) => StopOutcome::Stopped(c),
                 Err(e) => StopOutcome::Failed(format!("{}: {e}", e.reason())),
             },
-            Some(ResolvedTarget {
-                problem: Some(p), ..
-            }) => StopOutcome::StoreGone(format!("{}: {}", p.reason, p.message)),
-            _ => StopOutcome::StoreGone("StoreNotReady: store unresolved".into()),
+            Some(ResolvedTarget::Problem(p)) => {
+                StopOutcome::StoreGone(format!("{}: {}", p.reason, p.message))
+            }
+            None => StopOutcome::StoreGone("StoreNotReady: store unresolved".into()),
         };
         match &outcome {
             StopOutcome::Stopped(c) => {
