@@ -208,6 +208,18 @@ pub struct ErasureTargetStatus {
     pub failure_category: Option<crate::api::common::ErrorCategory>,
 }
 
+/// A dataset in the request's scope that it does not search, and why.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotSearched {
+    pub policy: String,
+    pub target: String,
+    pub store: String,
+    /// `NoSubjectLocator`.
+    pub reason: String,
+    pub message: String,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErasureTotals {
@@ -243,6 +255,11 @@ pub struct ErasureRequestStatus {
     pub completion_time: Option<Timestamp>,
     #[serde(default)]
     pub targets: Vec<ErasureTargetStatus>,
+    /// Datasets in scope that the request does not search, each with why (a target with no
+    /// subject locator, reason `NoSubjectLocator`). Targets it searches, or skips because a
+    /// locator needs an identifier type not given, are in `targets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_searched: Vec<NotSearched>,
     /// Policies named in `spec.policies` that do not exist: the request fails without
     /// erasing anything (`NothingInScope` or `PolicyNotFound`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -27,6 +27,7 @@ pub fn erasure_record(request: &ErasureRequest, status: &ErasureRequestStatus) -
         "deadline": status.deadline,
         "completionTime": status.completion_time,
         "targets": status.targets,
+        "notSearched": status.not_searched,
         "totals": status.totals,
         "subjectSecret": status.subject_secret,
         "queryTextRetainedBy": query_text_retained_by(status),

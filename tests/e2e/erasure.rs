@@ -502,3 +502,47 @@ async fn a_hold_naming_the_subject_by_secret_blocks_the_request() {
     assert_eq!(count_keys(&mut conn, &format!("session:{USER}:*")).await, 4);
     operator.stop().await;
 }
+
+/// The request says what it did not search and why: a target without a subject locator is
+/// listed in `status.notSearched` (and in the receipt), not silently left out.
+#[tokio::test]
+async fn a_target_without_a_subject_locator_is_listed_as_not_searched() {
+    let (client, ns) = setup("erasure-coverage").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let operator = TestOperator::start(&ns).await;
+    redis_store(&client, &ns, "cache", &redis.url(), json!({})).await;
+    wait_store_ready(&client, &ns, "cache", true).await;
+    let mut p = policy_json(
+        "shop",
+        "30d",
+        json!([
+            {"name": "sessions", "store": "cache", "redis": {"keyPattern": "session:*"},
+             "subject": {"redis": {"keys": ["session:{userId}:*"]}}},
+            {"name": "page-views", "store": "cache", "redis": {"keyPattern": "views:*"}}
+        ]),
+    );
+    p["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, p).await;
+    identifiers_secret(&client, &ns, "dsr-c").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-c", "dsr-c", false)).await;
+    let done = wait_phase(&client, &ns, "dsr-c", ErasurePhase::Completed).await;
+    let status = done.status.unwrap();
+    let searched: Vec<&str> = status.targets.iter().map(|t| t.target.as_str()).collect();
+    assert_eq!(searched, ["sessions"]);
+    assert_eq!(status.not_searched.len(), 1, "{:?}", status.not_searched);
+    let missing = &status.not_searched[0];
+    assert_eq!(
+        (
+            missing.policy.as_str(),
+            missing.target.as_str(),
+            missing.reason.as_str()
+        ),
+        ("shop", "page-views", "NoSubjectLocator")
+    );
+    let receipt = status.receipt.expect("a receipt");
+    let record = logged_audit_record(&receipt);
+    assert_eq!(record["notSearched"][0]["target"], "page-views", "{record}");
+    operator.stop().await;
+}

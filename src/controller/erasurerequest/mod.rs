@@ -111,7 +111,9 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         expiry: hold_expiry,
     } = holds(&ctx, &namespace, &key, &identifiers, now).await;
     if status.phase == ErasurePhase::Pending {
-        (status.targets, status.missing_policies) = scope(&ctx, &request).await?;
+        let found = scope(&ctx, &request).await?;
+        (status.targets, status.missing_policies, status.not_searched) =
+            (found.targets, found.missing, found.not_searched);
     }
     for t in &mut status.targets {
         let settled = matches!(
@@ -492,14 +494,10 @@ fn held_policy_names(
 
 /// The targets in scope: the named policies, or every policy in the namespace, keeping the
 /// targets that have a subject locator; and the named policies that do not exist.
-async fn scope(
-    ctx: &Context,
-    request: &ErasureRequest,
-) -> Result<(Vec<ErasureTargetStatus>, Vec<String>), Error> {
+async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<plan::Scope, Error> {
     let namespace = request.namespace().unwrap_or_default();
     let api: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut targets = Vec::new();
-    let mut missing = Vec::new();
+    let mut scope = plan::Scope::default();
     let policies: Vec<(String, Option<RetentionPolicy>)> = match &request.spec.policies {
         Some(names) => {
             let mut found = Vec::new();
@@ -519,9 +517,12 @@ async fn scope(
     };
     for (name, policy) in policies {
         let Some(policy) = policy else {
-            missing.push(name);
+            scope.missing.push(name);
             continue;
         };
+        scope
+            .not_searched
+            .extend(plan::not_searched(&name, &policy.spec.targets));
         // A target of an invalid policy (see the policy's Ready condition) never runs.
         let invalid = super::retentionpolicy::plan::validate(&policy.spec).err();
         for t in policy.spec.targets.iter().filter(|t| t.subject.is_some()) {
@@ -544,7 +545,7 @@ async fn scope(
             };
             let failure_category =
                 (phase == ErasureTargetPhase::Failed).then_some(Category::InvalidSpec);
-            targets.push(ErasureTargetStatus {
+            scope.targets.push(ErasureTargetStatus {
                 policy: name.clone(),
                 target: t.name.clone(),
                 store: t.store.clone(),
@@ -555,7 +556,7 @@ async fn scope(
             });
         }
     }
-    Ok((targets, missing))
+    Ok(scope)
 }
 
 /// Runs the current phase's action on every target that needs it, concurrently. Returns how

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase as T,
-    ErasureTargetStatus, ErasureTotals, RetainedCopiesStatus, Subject, SubjectSecretFate,
-    SUBJECT_IDENTIFIERS_LABEL,
+    ErasureTargetStatus, ErasureTotals, NotSearched, RetainedCopiesStatus, Subject,
+    SubjectSecretFate, SUBJECT_IDENTIFIERS_LABEL,
 };
 use crate::api::retentionpolicy::SubjectLocator;
 use crate::api::{StoreKind, Timestamp};
@@ -438,6 +438,37 @@ fn next_phase_of(
         ErasurePhase::Verifying => ErasurePhase::Verifying,
         other => other,
     }
+}
+
+/// What a request covers, found when it starts: the targets it searches, the datasets it
+/// does not search (with why), and the named policies that do not exist.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scope {
+    pub targets: Vec<ErasureTargetStatus>,
+    pub not_searched: Vec<NotSearched>,
+    pub missing: Vec<String>,
+}
+
+/// The targets of policy `policy` that a request cannot search (pure): those with no subject
+/// locator, whose store holds the dataset but not a way to find one person's data in it.
+pub fn not_searched(
+    policy: &str,
+    targets: &[crate::api::retentionpolicy::Target],
+) -> Vec<NotSearched> {
+    targets
+        .iter()
+        .filter(|t| t.subject.is_none())
+        .map(|t| NotSearched {
+            policy: policy.to_string(),
+            target: t.name.clone(),
+            store: t.store.clone(),
+            reason: "NoSubjectLocator".into(),
+            message: format!(
+                "target {} has no subject locator: a request cannot find one person's data in it; its retention still applies",
+                t.name
+            ),
+        })
+        .collect()
 }
 
 /// How long a request may go without progress before it counts as stalled.
@@ -1397,6 +1428,27 @@ mod tests {
         assert!(c.longest_in_phase.contains(&("Erasing", 25 * 3600)));
         assert!(c.longest_in_phase.contains(&("Verifying", 3600)));
         assert!(c.longest_in_phase.contains(&("Discovering", 0)));
+    }
+
+    #[test]
+    fn targets_without_a_subject_locator_are_listed_as_not_searched() {
+        let targets: Vec<crate::api::retentionpolicy::Target> =
+            serde_json::from_value(serde_json::json!([
+                {"name": "sessions", "store": "cache", "redis": {"keyPattern": "s:*"},
+                 "subject": {"redis": {"keys": ["s:{userId}:*"]}}},
+                {"name": "metrics", "store": "cache", "redis": {"keyPattern": "m:*"}}
+            ]))
+            .unwrap();
+        let missing = not_searched("shop", &targets);
+        assert_eq!(missing.len(), 1);
+        assert_eq!(
+            (
+                missing[0].policy.as_str(),
+                missing[0].target.as_str(),
+                missing[0].reason.as_str()
+            ),
+            ("shop", "metrics", "NoSubjectLocator")
+        );
     }
 
     #[test]
