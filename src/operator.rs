@@ -319,6 +319,8 @@ async fn run_controllers(
         }
     };
     let unfinished_by_hold = unfinished.clone();
+    let unfinished_by_policy = unfinished.clone();
+    let policy_generations = Generations::default();
     let request_controller = request_controller
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), request_cache))
         // A hold placed or lifted may block or release any unfinished request in its namespace.
@@ -326,6 +328,24 @@ async fn run_controllers(
             api::<LegalHold>(&client, &options.namespace),
             watcher::Config::default(),
             move |hold: LegalHold| unfinished_by_hold(hold.namespace(), &|_| true),
+        )
+        // A policy edited (a locator fixed, an archive's lines declared) lets the requests
+        // waiting on its targets go on at once. Only spec changes count: a sweep's status
+        // writes would otherwise wake them at every checkpoint.
+        .watches(
+            api::<RetentionPolicy>(&client, &options.namespace),
+            watcher::Config::default(),
+            move |policy: RetentionPolicy| {
+                if !policy_generations.changed(&policy) {
+                    return Vec::new();
+                }
+                let name = policy.name_any();
+                unfinished_by_policy(policy.namespace(), &|r| {
+                    r.status.as_ref().is_none_or(|s| {
+                        s.targets.is_empty() || s.targets.iter().any(|t| t.policy == name)
+                    })
+                })
+            },
         )
         // A store that becomes ready (or changes) lets the requests waiting on it go on at
         // once, rather than after their back-off: those with a target on it, and those whose
@@ -504,5 +524,47 @@ async fn readiness_until(
     tokio::select! {
         _ = readiness => {}
         _ = stop.cancelled() => {}
+    }
+}
+
+/// The generation last seen of each object (by uid), to tell spec changes from status writes
+/// in a watch. Entries go with their objects.
+#[derive(Default)]
+struct Generations(std::sync::Mutex<std::collections::HashMap<String, Option<i64>>>);
+
+impl Generations {
+    /// Whether `obj` is new, changed its spec, or is going away since last seen.
+    fn changed<K: kube::Resource>(&self, obj: &K) -> bool {
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if obj.meta().deletion_timestamp.is_some() {
+            seen.remove(&uid);
+            return true;
+        }
+        seen.insert(uid, obj.meta().generation) != Some(obj.meta().generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_tell_spec_changes_from_status_writes() {
+        let seen = Generations::default();
+        // Any kind will do: a ConfigMap stands for a policy.
+        let mut policy = k8s_openapi::api::core::v1::ConfigMap::default();
+        policy.metadata.uid = Some("u-1".into());
+        policy.metadata.generation = Some(1);
+        assert!(seen.changed(&policy), "first sight");
+        assert!(!seen.changed(&policy), "a status write");
+        policy.metadata.generation = Some(2);
+        assert!(seen.changed(&policy), "a spec change");
+        policy.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-11-30T00:00:00Z".parse().unwrap(),
+            ));
+        assert!(seen.changed(&policy), "going away");
+        assert!(seen.0.lock().unwrap().is_empty(), "its entry goes with it");
     }
 }
