@@ -287,3 +287,125 @@ async fn an_erasure_request_over_many_redis_keys_checkpoints_and_completes_exact
     );
     operator.stop().await;
 }
+
+const EMAIL: &str = "bounded-5c2e@example.org";
+const ARCHIVES: u32 = 30;
+const PREFIX_OBJECTS: usize = 1_200;
+
+fn archive_record(to: &str, n: u32) -> String {
+    format!("{{\"msg\":{{\"recipient\":\"{to}\",\"id\":{n}}}}}\n")
+}
+
+#[tokio::test]
+async fn an_s3_erasure_takes_bounded_steps_and_rewrites_every_archive_exactly_once() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    let server = crate::support::s3::S3Server::start();
+    server.create_bucket("steps", true, false).await;
+    // Every archive has two versions: the older holds one of the subject's records, the
+    // current one three.
+    for a in 0..ARCHIVES {
+        let key = format!("mail/logs/day{a:02}.jsonl");
+        let v1 = [
+            archive_record(EMAIL, 1),
+            archive_record("bob@example.org", 2),
+        ]
+        .concat();
+        let v2 = [
+            v1.clone(),
+            archive_record(EMAIL, 3),
+            archive_record(EMAIL, 4),
+        ]
+        .concat();
+        server.put("steps", &key, v1).await;
+        server.put("steps", &key, v2).await;
+    }
+    // More than one listing page of the subject's objects, and a neighbour's.
+    let client = server.client();
+    let keys: Vec<String> = (0..PREFIX_OBJECTS)
+        .map(|i| format!("users/47/f{i}"))
+        .chain((0..20).map(|i| format!("users/470/f{i}")))
+        .collect();
+    futures::stream::iter(keys)
+        .map(|key| {
+            let client = client.clone();
+            async move {
+                client
+                    .put_object()
+                    .bucket("steps")
+                    .key(&key)
+                    .body(aws_sdk_s3::primitives::ByteStream::from_static(b"x"))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("PutObject: {e:?}"));
+            }
+        })
+        .buffer_unordered(16)
+        .for_each(|_| async {})
+        .await;
+
+    let writes = Arc::new(AtomicU32::new(0));
+    let counter = writes.clone();
+    let backend =
+        crate::s3::backend(&server, "steps").with_before_write_hook(Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {})
+        }));
+    let target: Target = serde_json::from_value(json!({
+        "name": "archive", "store": "archive", "s3": {"prefix": "mail/"},
+        "subject": {"s3": {
+            "keyPrefixes": ["users/{userId}/"],
+            "records": {"prefix": "mail/logs/", "field": "msg.recipient", "equals": "{email}"}
+        }}
+    }))
+    .unwrap();
+    let ids = [("userId", "47"), ("email", EMAIL)];
+    let records = u64::from(ARCHIVES) * 4;
+    let all = PREFIX_OBJECTS as u64 + records;
+
+    let (found, find_steps) = run_to_done(
+        &backend,
+        &job(target.clone(), &ids, SubjectAction::Find),
+        EMAIL,
+    )
+    .await;
+    assert_eq!(found, all, "found exactly");
+    assert_eq!(writes.load(Ordering::SeqCst), 0, "a find writes nothing");
+    let (erased, erase_steps) = run_to_done(
+        &backend,
+        &job(target.clone(), &ids, SubjectAction::Erase),
+        EMAIL,
+    )
+    .await;
+    assert_eq!(erased, all, "erased exactly what was found");
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        ARCHIVES,
+        "every archive rewritten exactly once"
+    );
+    assert!(
+        find_steps > 3 && erase_steps > ARCHIVES as usize / 2,
+        "a 1 ms budget takes many steps: find {find_steps}, erase {erase_steps}"
+    );
+    let (left, _) = run_to_done(
+        &backend,
+        &job(target.clone(), &ids, SubjectAction::Verify),
+        EMAIL,
+    )
+    .await;
+    assert_eq!(left, 0);
+    assert!(server.keys("steps", "users/47/").await.is_empty());
+    assert_eq!(server.keys("steps", "users/470/").await.len(), 20);
+    assert_eq!(
+        String::from_utf8(server.get("steps", "mail/logs/day07.jsonl").await).unwrap(),
+        archive_record("bob@example.org", 2),
+        "only the subject's records are gone"
+    );
+    let versions = server.versions("steps", "mail/logs/").await;
+    assert_eq!(
+        versions.len(),
+        ARCHIVES as usize,
+        "one clean version of each archive is left"
+    );
+}
