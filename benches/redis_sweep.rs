@@ -1,11 +1,17 @@
-//! Retention sweep throughput on a local redis-server, against the naive shell pipeline
-//! `redis-cli --scan --pattern P | xargs -n 1000 redis-cli unlink`, measured in the same run
-//! on the same data.
+//! Retention sweep throughput on a local redis-server, measured in the same run on the same
+//! data against:
+//! - the naive shell pipeline `redis-cli --scan --pattern P | xargs -n 1000 redis-cli unlink`;
+//! - the client ceiling: a client pipelining `SCAN MATCH P COUNT 5000` with a multi-key `UNLINK`
+//!   (mode `expire`: `EXPIRE` per key) of the page before, with no checks at all;
+//! - the server ceiling: the same loop run inside the server as one Lua script.
+//!
+//! Run:
 //!
 //!     cargo bench --bench redis_sweep            # 1,000,000 matching keys among 2,000,000
 //!     BENCH_KEYS=100000 cargo bench --bench redis_sweep
 //!
-//! Prints keys/s for both and the ratio. Needs `redis-server` and `redis-cli` on PATH.
+//! Prints keys/s for each, per mode, and Tombstone's rate as a fraction of the best ceiling.
+//! Needs `redis-server` and `redis-cli` on PATH.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -22,15 +28,34 @@ use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
 
 const PATTERN: &str = "bench:expired:*";
 
+const TIMESTAMP_FIELD: &str = "createdAt";
+/// What the retention of mode `expire` bounds every TTL to, in seconds (30 days).
+const EXPIRE_SECS: u64 = 30 * 86_400;
+
 async fn seed(conn: &mut MultiplexedConnection, prefix: &str, count: usize) {
+    seed_as(conn, prefix, count, false).await;
+}
+
+/// `count` keys `{prefix}{i}`: strings, or (`hashes`) hashes whose timestamp field is 90 days
+/// old, as mode `timestamp` reads them.
+async fn seed_as(conn: &mut MultiplexedConnection, prefix: &str, count: usize, hashes: bool) {
+    let old = (chrono::Utc::now().timestamp() - 90 * 86_400).to_string();
     let mut i = 0;
     while i < count {
         let mut pipe = redis::pipe();
         for j in i..(i + 10_000).min(count) {
-            pipe.cmd("SET")
-                .arg(format!("{prefix}{j}"))
-                .arg("v")
-                .ignore();
+            if hashes {
+                pipe.cmd("HSET")
+                    .arg(format!("{prefix}{j}"))
+                    .arg(TIMESTAMP_FIELD)
+                    .arg(&old)
+                    .ignore();
+            } else {
+                pipe.cmd("SET")
+                    .arg(format!("{prefix}{j}"))
+                    .arg("v")
+                    .ignore();
+            }
         }
         let _: () = pipe.query_async(conn).await.expect("seeding");
         i += 10_000;
@@ -57,6 +82,115 @@ fn baseline(port: u16) -> Duration {
     start.elapsed()
 }
 
+/// What a ceiling does to every matching key, with no check.
+#[derive(Clone, Copy)]
+enum Action {
+    Unlink,
+    Expire,
+}
+
+impl Action {
+    fn of(mode: RedisMode) -> Action {
+        match mode {
+            RedisMode::Expire => Action::Expire,
+            RedisMode::Idle | RedisMode::Timestamp => Action::Unlink,
+        }
+    }
+}
+
+/// The client ceiling: `SCAN … COUNT 5000` pipelined with the action on the page before
+/// (one multi-key `UNLINK`, or one `EXPIRE` per key), one round trip per page.
+async fn client_ceiling(conn: &mut MultiplexedConnection, action: Action) -> (Duration, u64) {
+    let start = Instant::now();
+    let mut done = 0u64;
+    let (mut cursor, mut page): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg(PATTERN)
+        .arg("COUNT")
+        .arg(5000)
+        .query_async(conn)
+        .await
+        .expect("SCAN");
+    loop {
+        let mut pipe = redis::pipe();
+        match action {
+            Action::Unlink if !page.is_empty() => {
+                pipe.cmd("UNLINK").arg(&page);
+            }
+            Action::Unlink => {}
+            Action::Expire => {
+                for key in &page {
+                    pipe.cmd("EXPIRE").arg(key).arg(EXPIRE_SECS).ignore();
+                }
+                done += page.len() as u64;
+            }
+        }
+        let last = cursor == 0;
+        if !last {
+            pipe.cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(PATTERN)
+                .arg("COUNT")
+                .arg(5000);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(conn).await.expect("pipeline");
+        let mut replies = replies.into_iter();
+        if matches!(action, Action::Unlink) && !page.is_empty() {
+            let removed: u64 = redis::from_redis_value(replies.next().expect("UNLINK reply"))
+                .expect("UNLINK count");
+            done += removed;
+        }
+        if last {
+            break;
+        }
+        (cursor, page) =
+            redis::from_redis_value(replies.next().expect("SCAN reply")).expect("SCAN reply");
+    }
+    (start.elapsed(), done)
+}
+
+/// The server ceiling: the same loop inside the server, as one script (it blocks the server
+/// for its whole run: a measure, not a way to delete).
+async fn server_ceiling(conn: &mut MultiplexedConnection, action: Action) -> (Duration, u64) {
+    let script = redis::Script::new(
+        r"
+local cursor, done = '0', 0
+repeat
+  local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 5000)
+  cursor = reply[1]
+  local keys = reply[2]
+  if #keys > 0 then
+    if ARGV[2] == 'unlink' then
+      for first = 1, #keys, 1000 do
+        done = done + redis.call('UNLINK', unpack(keys, first, math.min(first + 999, #keys)))
+      end
+    else
+      for _, key in ipairs(keys) do
+        done = done + redis.call('EXPIRE', key, ARGV[3])
+      end
+    end
+  end
+until cursor == '0'
+return done
+",
+    );
+    let verb = match action {
+        Action::Unlink => "unlink",
+        Action::Expire => "expire",
+    };
+    let start = Instant::now();
+    let done: u64 = script
+        .arg(PATTERN)
+        .arg(verb)
+        .arg(EXPIRE_SECS)
+        .invoke_async(conn)
+        .await
+        .expect("ceiling script");
+    (start.elapsed(), done)
+}
+
 async fn tombstone_sweep(url: &str, keys: usize, mode: RedisMode) -> (Duration, u64) {
     let backend = RedisBackend::new(
         RedisConfig {
@@ -76,7 +210,7 @@ async fn tombstone_sweep(url: &str, keys: usize, mode: RedisMode) -> (Duration, 
             redis: Some(RedisTarget {
                 key_pattern: PATTERN.into(),
                 mode,
-                timestamp_field: None,
+                timestamp_field: (mode == RedisMode::Timestamp).then(|| TIMESTAMP_FIELD.into()),
             }),
             s3: None,
             loki: None,
@@ -129,9 +263,12 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let redis = support::RedisServer::start();
+    // No response timeout: the server ceiling is one script that runs for seconds.
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
         .await
         .unwrap();
     println!(
@@ -149,55 +286,110 @@ async fn main() {
         "the baseline must leave only the live keys"
     );
 
-    seed(&mut conn, "bench:expired:", keys).await;
-    // Mode idle deletes keys idle longer than the retention (1s).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let (ours, _) = tombstone_sweep(&redis.url(), keys, RedisMode::Idle).await;
-    if std::env::var_os("BENCH_STATS").is_some() {
-        // Where the server spent its time during the sweep.
-        let stats: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        println!("{stats}");
-    }
-    assert_eq!(
-        dbsize(&mut conn).await,
-        keys,
-        "the sweep must leave every live key"
-    );
-
-    // Mode expire (the default) on the same data: every matching key gets a bounded TTL.
-    seed(&mut conn, "bench:expired:", keys).await;
-    let (expire, _) = tombstone_sweep(&redis.url(), keys, RedisMode::Expire).await;
-    let bounded: i64 = redis::cmd("TTL")
-        .arg("bench:expired:0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(bounded > 0, "mode expire must bound the TTL");
-
     let rate = |d: Duration| keys as f64 / d.as_secs_f64();
     println!(
         "baseline  redis-cli --scan | xargs -n 1000 redis-cli unlink: {:>10.0} keys/s ({:.2}s)",
         rate(base),
         base.as_secs_f64()
     );
-    println!("tombstone sweep (mode idle: OBJECT IDLETIME + UNLINK, pipelined): {:>10.0} keys/s ({:.2}s)", rate(ours), ours.as_secs_f64());
-    println!(
-        "ratio: {:.2}x the baseline",
-        base.as_secs_f64() / ours.as_secs_f64()
-    );
-    println!(
-        "tombstone sweep (mode expire: EXPIRE .. LT, pipelined): {:>10.0} keys/s ({:.2}s), {:.2}x the baseline",
-        rate(expire),
-        expire.as_secs_f64(),
-        base.as_secs_f64() / expire.as_secs_f64()
-    );
+
+    for (mode, name, how) in [
+        (
+            RedisMode::Idle,
+            "idle",
+            "OBJECT IDLETIME + UNLINK in one script per page",
+        ),
+        (RedisMode::Expire, "expire", "EXPIRE .. LT, pipelined"),
+        (
+            RedisMode::Timestamp,
+            "timestamp",
+            "HGET, then HGET + UNLINK in one script per page",
+        ),
+    ] {
+        let hashes = mode == RedisMode::Timestamp;
+        let action = Action::of(mode);
+        let check = |conn_keys: usize, what: &str| {
+            let expected = match action {
+                Action::Unlink => keys,
+                // Mode expire bounds the TTLs and leaves the keys.
+                Action::Expire => 2 * keys,
+            };
+            assert_eq!(
+                conn_keys, expected,
+                "{what} must act on exactly the matching keys"
+            );
+        };
+
+        seed_as(&mut conn, "bench:expired:", keys, hashes).await;
+        let (client, n) = client_ceiling(&mut conn, action).await;
+        assert_eq!(n as usize, keys);
+        check(dbsize(&mut conn).await, "the client ceiling");
+
+        seed_as(&mut conn, "bench:expired:", keys, hashes).await;
+        let (server, n) = server_ceiling(&mut conn, action).await;
+        assert_eq!(n as usize, keys);
+        check(dbsize(&mut conn).await, "the server ceiling");
+
+        seed_as(&mut conn, "bench:expired:", keys, hashes).await;
+        if mode == RedisMode::Idle {
+            // Mode idle deletes keys idle longer than the retention (1s).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (ours, _) = tombstone_sweep(&redis.url(), keys, mode).await;
+        if std::env::var_os("BENCH_STATS").is_some() {
+            // Where the server spent its time during the sweep.
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            println!("{stats}");
+        }
+        check(dbsize(&mut conn).await, "the sweep");
+        if mode == RedisMode::Expire {
+            let bounded: i64 = redis::cmd("TTL")
+                .arg("bench:expired:0")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(bounded > 0, "mode expire must bound the TTL");
+            // Leave only the live keys for the next mode.
+            let _: u64 = redis::cmd("EVAL")
+                .arg("local n = 0 repeat local r = redis.call('SCAN', n, 'MATCH', ARGV[1], 'COUNT', 5000) n = tonumber(r[1]) if #r[2] > 0 then redis.call('UNLINK', unpack(r[2])) end until n == 0 return 0")
+                .arg(0)
+                .arg(PATTERN)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+
+        let best = client.min(server);
+        println!("mode {name} ({how}):");
+        println!(
+            "  tombstone sweep        {:>10.0} keys/s ({:.2}s), {:.2}x the baseline, {:.0}% of the best ceiling",
+            rate(ours),
+            ours.as_secs_f64(),
+            base.as_secs_f64() / ours.as_secs_f64(),
+            100.0 * best.as_secs_f64() / ours.as_secs_f64()
+        );
+        println!(
+            "  client ceiling         {:>10.0} keys/s ({:.2}s): SCAN COUNT 5000 pipelined with {}",
+            rate(client),
+            client.as_secs_f64(),
+            match action {
+                Action::Unlink => "one UNLINK per page",
+                Action::Expire => "EXPIRE per key",
+            }
+        );
+        println!(
+            "  server ceiling         {:>10.0} keys/s ({:.2}s): the same loop in one Lua script",
+            rate(server),
+            server.as_secs_f64()
+        );
+    }
 }

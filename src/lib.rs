@@ -9,6 +9,7 @@ pub mod crds;
 pub mod engine;
 pub mod http;
 pub mod leader;
+pub mod limits;
 pub mod metrics;
 pub mod operator;
 pub mod ropa;

@@ -104,6 +104,14 @@ struct RunArgs {
     /// Sweep steps running at once across all policies.
     #[arg(long, default_value_t = 4)]
     max_concurrent_jobs: usize,
+    /// An erasure request in one unfinished phase this long counts as stalled (a request held
+    /// by a LegalHold waits lawfully and never does).
+    #[arg(long, default_value = "24h")]
+    stall_after: tombstone::api::Duration,
+    /// An erasure request blocked by a LegalHold that cannot be evaluated, or with a target
+    /// failing, this long counts as stalled.
+    #[arg(long, default_value = "1h")]
+    stall_failing_after: tombstone::api::Duration,
     /// Let S3 DataStores without a credentials Secret use this operator's own cloud identity
     /// (the default AWS credential chain, e.g. IRSA). Off by default: with it, any namespace
     /// that may create a DataStore reaches every bucket the operator can.
@@ -181,6 +189,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             max_concurrent_jobs: args.max_concurrent_jobs,
             operator_namespace: args.lease_namespace.clone(),
             allow_ambient_credentials: args.allow_ambient_credentials,
+            stall_after: tombstone::controller::erasurerequest::plan::StallAfter {
+                no_progress: args.stall_after.as_std(),
+                failing: args.stall_failing_after.as_std(),
+            },
             ..Default::default()
         },
     };

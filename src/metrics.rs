@@ -34,6 +34,12 @@ pub struct CompliantLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StallLabels {
+    /// `NoProgress`, `HoldUnverifiable` or `TargetFailing`.
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
     pub controller: String,
 }
@@ -50,6 +56,9 @@ pub struct Metrics {
     pub erasure_requests_overdue: Gauge,
     pub erasure_requests_due_soon: Gauge,
     pub retention_policies: Family<CompliantLabels, Gauge>,
+    pub erasure_requests_longest_in_phase: Family<PhaseLabels, Gauge>,
+    pub erasure_requests_stalled: Family<StallLabels, Gauge>,
+    pub retention_policies_sweep_late: Gauge,
 }
 
 /// The state of all erasure requests, for the gauges.
@@ -61,6 +70,11 @@ pub struct ErasureCounts {
     pub overdue: i64,
     /// Not completed, not yet overdue, due within 7 days.
     pub due_soon: i64,
+    /// Per unfinished phase, the longest time a request has been in it (seconds); every
+    /// unfinished phase is listed, with 0 where none is in it.
+    pub longest_in_phase: Vec<(&'static str, i64)>,
+    /// Requests not progressing, per why (every why listed).
+    pub stalled: Vec<(&'static str, i64)>,
 }
 
 impl Default for Metrics {
@@ -126,7 +140,30 @@ impl Default for Metrics {
             "RetentionPolicies by their Compliant condition (True, False, Unknown)",
             retention_policies.clone(),
         );
+        let erasure_requests_longest_in_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "erasure_requests_longest_in_phase_seconds",
+            "Per unfinished phase, the longest any erasure request has been in it",
+            erasure_requests_longest_in_phase.clone(),
+        );
+        let erasure_requests_stalled = Family::<StallLabels, Gauge>::default();
+        registry.register(
+            "erasure_requests_stalled",
+            "Erasure requests not progressing: in one unfinished phase too long (NoProgress), \
+             blocked by a LegalHold that cannot be evaluated (HoldUnverifiable) or with a target \
+             failing (TargetFailing) for too long",
+            erasure_requests_stalled.clone(),
+        );
+        let retention_policies_sweep_late = Gauge::default();
+        registry.register(
+            "retention_policies_sweep_late",
+            "RetentionPolicies whose last sweep completed longer ago than twice their schedule",
+            retention_policies_sweep_late.clone(),
+        );
         Self {
+            erasure_requests_longest_in_phase,
+            erasure_requests_stalled,
+            retention_policies_sweep_late,
             retention_policies,
             erasure_requests,
             erasure_requests_overdue,
@@ -193,6 +230,23 @@ impl Metrics {
         }
         self.erasure_requests_overdue.set(counts.overdue);
         self.erasure_requests_due_soon.set(counts.due_soon);
+        for (phase, seconds) in &counts.longest_in_phase {
+            self.erasure_requests_longest_in_phase
+                .get_or_create(&PhaseLabels {
+                    phase: (*phase).into(),
+                })
+                .set(*seconds);
+        }
+        for (why, n) in &counts.stalled {
+            self.erasure_requests_stalled
+                .get_or_create(&StallLabels { why: (*why).into() })
+                .set(*n);
+        }
+    }
+
+    /// Policies whose sweeps are late (see `retention_policies_sweep_late`).
+    pub fn set_late_sweeps(&self, late: i64) {
+        self.retention_policies_sweep_late.set(late);
     }
 
     /// Policies per status of their `Compliant` condition; every status is listed.

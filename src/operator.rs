@@ -1,9 +1,10 @@
 //! `tombstone run`: leader election, the controllers and the HTTP endpoints, stopped
 //! together by one cancellation token (SIGTERM in `main`, or a test).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use futures::StreamExt;
 use kube::runtime::controller::Config as ControllerConfig;
@@ -18,7 +19,11 @@ use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{ErasurePhase, ErasureRequest};
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
-use crate::controller::{datastore, erasurerequest, legalhold, retentionpolicy, Context, Settings};
+use crate::controller::{
+    datastore, erasurerequest, failure_key, legalhold, object_key, retentionpolicy, Context,
+    Settings,
+};
+use crate::engine::Engine;
 use crate::http::{self, HttpState};
 use crate::leader::{self, Fence, LeaderElection};
 use crate::metrics::Metrics;
@@ -49,6 +54,15 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub task: tokio::task::JoinHandle<Result<(), Error>>,
     pub metrics: Arc<Metrics>,
+    /// The engine, once the controllers run (after leader election).
+    engine: Arc<OnceLock<Arc<Engine>>>,
+}
+
+impl Running {
+    /// How many stores have a cached backend (0 before the controllers run).
+    pub fn cached_backends(&self) -> usize {
+        self.engine.get().map_or(0, |e| e.cached_backends())
+    }
 }
 
 /// Starts the operator; it runs until `shutdown` is cancelled (graceful: running steps
@@ -74,11 +88,20 @@ pub async fn start(
         }
         None => None,
     };
-    let task = tokio::spawn(run(client, options, shutdown, metrics.clone(), ready));
+    let engine = Arc::new(OnceLock::new());
+    let task = tokio::spawn(run(
+        client,
+        options,
+        shutdown,
+        metrics.clone(),
+        ready,
+        engine.clone(),
+    ));
     Ok(Running {
         http_addr,
         task,
         metrics,
+        engine,
     })
 }
 
@@ -88,9 +111,19 @@ async fn run(
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    engine: Arc<OnceLock<Arc<Engine>>>,
 ) -> Result<(), Error> {
     let Some(election) = options.leader_election.clone() else {
-        run_controllers(client, &options, shutdown, metrics, ready, Fence::default()).await;
+        run_controllers(
+            client,
+            &options,
+            shutdown,
+            metrics,
+            ready,
+            Fence::default(),
+            engine,
+        )
+        .await;
         return Ok(());
     };
     election.validate()?;
@@ -111,6 +144,7 @@ async fn run(
         metrics,
         ready,
         fence.clone(),
+        engine,
     );
     // The Lease is renewed until the controllers have stopped, so that a graceful stop can
     // still checkpoint; only then is it released.
@@ -158,6 +192,7 @@ async fn run_controllers(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     fence: Fence,
+    engine: Arc<OnceLock<Arc<Engine>>>,
 ) {
     let recorder = Recorder::new(
         client.clone(),
@@ -195,6 +230,7 @@ async fn run_controllers(
             policies: policy_cache.clone(),
         },
     ));
+    let _ = engine.set(ctx.engine.clone());
     let policy_controller = policy_controller
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache.clone()));
     let policy_index = policy_controller.store();
@@ -247,6 +283,7 @@ async fn run_controllers(
         ControllerConfig::default().concurrency(options.settings.reconcile_concurrency),
     );
     let hold_cache = hold_controller.store();
+    let held_objects = hold_controller.store();
     let hold_controller =
         hold_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), hold_cache));
     let hold_loop = hold_controller
@@ -262,27 +299,47 @@ async fn run_controllers(
         ControllerConfig::default().concurrency(options.settings.reconcile_concurrency),
     );
     let request_cache = request_controller.store();
-    let request_index = request_cache.clone();
     let request_controller_cache = request_cache.clone();
+    // The unfinished requests of a namespace that `concerns` (given a request's status).
+    let unfinished = {
+        let index = request_cache.clone();
+        move |namespace: Option<String>, concerns: &dyn Fn(&ErasureRequest) -> bool| {
+            index
+                .state()
+                .into_iter()
+                .filter(|r| r.namespace() == namespace)
+                .filter(|r| {
+                    r.status
+                        .as_ref()
+                        .is_none_or(|s| s.phase != ErasurePhase::Completed)
+                })
+                .filter(|r| concerns(r))
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let unfinished_by_hold = unfinished.clone();
     let request_controller = request_controller
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), request_cache))
         // A hold placed or lifted may block or release any unfinished request in its namespace.
         .watches(
             api::<LegalHold>(&client, &options.namespace),
             watcher::Config::default(),
-            move |hold: LegalHold| {
-                let namespace = hold.namespace();
-                request_index
-                    .state()
-                    .into_iter()
-                    .filter(|r| r.namespace() == namespace)
-                    .filter(|r| {
-                        r.status
-                            .as_ref()
-                            .is_none_or(|s| s.phase != ErasurePhase::Completed)
+            move |hold: LegalHold| unfinished_by_hold(hold.namespace(), &|_| true),
+        )
+        // A store that becomes ready (or changes) lets the requests waiting on it go on at
+        // once, rather than after their back-off: those with a target on it, and those whose
+        // targets are not known yet.
+        .watches(
+            api::<DataStore>(&client, &options.namespace),
+            watcher::Config::default(),
+            move |store: DataStore| {
+                let name = store.name_any();
+                unfinished(store.namespace(), &|r| {
+                    r.status.as_ref().is_none_or(|s| {
+                        s.targets.is_empty() || s.targets.iter().any(|t| t.store == name)
                     })
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
-                    .collect::<Vec<_>>()
+                })
             },
         );
     let request_loop = request_controller
@@ -304,17 +361,60 @@ async fn run_controllers(
         let policies = policy_controller.store();
         let metrics = ctx.metrics.clone();
         let stop = stop.clone();
+        let stall_after = ctx.settings.stall_after;
         async move {
             loop {
                 let state = requests.state();
                 let all: Vec<&ErasureRequest> = state.iter().map(|r| r.as_ref()).collect();
-                metrics.set_erasure_counts(&erasurerequest::plan::counts(
-                    &all,
-                    crate::api::Timestamp::now(),
-                ));
+                let now = crate::api::Timestamp::now();
+                metrics.set_erasure_counts(&erasurerequest::plan::counts(&all, now, &stall_after));
                 let state = policies.state();
                 let all: Vec<&RetentionPolicy> = state.iter().map(|p| p.as_ref()).collect();
                 metrics.set_policy_compliance(&retentionpolicy::plan::compliance_counts(&all));
+                metrics.set_late_sweeps(retentionpolicy::plan::late_sweeps(&all, now));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+                }
+            }
+        }
+    };
+    // What is kept in memory per object goes when the object does: cached backends of
+    // deleted DataStores, failure counts of any deleted object. Read from the caches once
+    // they are synced, so that an object is never taken for deleted before it was listed.
+    let forget = {
+        let caches = (
+            store_controller.store(),
+            policy_controller.store(),
+            request_controller_cache.clone(),
+            held_objects,
+        );
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        async move {
+            let (stores, policies, requests, holds) = caches;
+            let synced = async {
+                let _ = stores.wait_until_ready().await;
+                let _ = policies.wait_until_ready().await;
+                let _ = requests.wait_until_ready().await;
+                let _ = holds.wait_until_ready().await;
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = synced => {}
+            }
+            loop {
+                let live_stores = stores.state();
+                let store_keys: HashSet<String> =
+                    live_stores.iter().map(|s| object_key(s.as_ref())).collect();
+                let mut keys: HashSet<String> = live_stores
+                    .iter()
+                    .map(|s| failure_key(s.as_ref()))
+                    .collect();
+                keys.extend(policies.state().iter().map(|p| failure_key(p.as_ref())));
+                keys.extend(requests.state().iter().map(|r| failure_key(r.as_ref())));
+                keys.extend(holds.state().iter().map(|h| failure_key(h.as_ref())));
+                ctx.forget_deleted(|k| store_keys.contains(k), |k| keys.contains(k));
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
@@ -364,6 +464,7 @@ async fn run_controllers(
             hold_loop,
             request_loop,
             gauges,
+            forget,
             readiness_until(readiness, stop.clone())
         )
     };

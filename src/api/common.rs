@@ -192,6 +192,37 @@ pub struct SecretRef {
     pub name: String,
 }
 
+/// What kind of failure an error is: it alone decides what the operator does next (retry
+/// with back-off, fail the target, or wait for a person). Shown in status next to the
+/// failure's reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ErrorCategory {
+    /// May clear by itself (the store unreachable or failing, leadership lost): retried with
+    /// back-off, resuming where the failed step left off.
+    Transient,
+    /// The spec (or how the store is set up) cannot run as written: permanent until someone
+    /// edits it. Not retried with back-off.
+    InvalidSpec,
+    /// The store said no (credentials, a missing bucket, a task of its own that failed):
+    /// retried with back-off, as someone may fix it where the operator cannot see.
+    Refused,
+    /// The operator cannot safely go on without a person (copies it cannot parse remain, a
+    /// deletion the store ran was lost or cancelled by someone else): waits and says so in a
+    /// condition.
+    NeedsAttention,
+}
+
+impl ErrorCategory {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCategory::Transient => "Transient",
+            ErrorCategory::InvalidSpec => "InvalidSpec",
+            ErrorCategory::Refused => "Refused",
+            ErrorCategory::NeedsAttention => "NeedsAttention",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ConditionStatus {
     True,

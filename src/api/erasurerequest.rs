@@ -179,6 +179,9 @@ pub struct ErasureTargetStatus {
     pub target: String,
     pub store: String,
     pub phase: ErasureTargetPhase,
+    /// When the target entered its current phase: a target `Failed` for long is a stall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_since: Option<Timestamp>,
     #[serde(default)]
     pub found: u64,
     #[serde(default)]
@@ -198,6 +201,11 @@ pub struct ErasureTargetStatus {
     /// Copies kept under a store lock and a declared Art. 17(3) ground (phase `Retained`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retained: Option<RetainedCopiesStatus>,
+    /// The category of the target's failure while it is `Failed` (the message starts with
+    /// its reason): `Transient` and `Refused` are retried with back-off, `InvalidSpec` and
+    /// `NeedsAttention` wait for a change and are looked at again now and then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_category: Option<crate::api::common::ErrorCategory>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -218,6 +226,11 @@ pub struct ErasureRequestStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub phase: ErasurePhase,
+    /// When the request entered its current phase: one that stays in a phase for long is
+    /// reported as stalled (the `tombstone_erasure_requests_stalled` metric) before its
+    /// deadline passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_since: Option<Timestamp>,
     /// `hmac-sha256:` keyed digest of the subject; the identifiers never appear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_digest: Option<String>,

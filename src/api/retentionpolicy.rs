@@ -440,6 +440,10 @@ pub struct TargetStatus {
     pub cursor: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The category of the target's last failure while it fails or retries one (the message
+    /// starts with its reason); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_category: Option<crate::api::common::ErrorCategory>,
 }
 
 fn is_zero(n: &u64) -> bool {

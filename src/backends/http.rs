@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::Error;
+use super::{Error, Limits};
 
 /// Credentials from a DataStore's Secret.
 #[derive(Clone, PartialEq)]
@@ -53,6 +53,55 @@ pub fn client() -> Result<reqwest::Client, Error> {
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| Error::Store(format!("HTTP client: {e}")))
+}
+
+/// One HTTP store's connection: the client (made on first use, then shared by every job on
+/// the store), its credentials and its request budget. Loki and Elasticsearch build their
+/// URLs and read their answers; sending is done here, once.
+pub struct HttpStore {
+    client: tokio::sync::OnceCell<reqwest::Client>,
+    auth: HttpAuth,
+    limits: Limits,
+}
+
+impl HttpStore {
+    pub fn new(auth: HttpAuth, limits: Limits) -> Self {
+        Self {
+            client: tokio::sync::OnceCell::new(),
+            auth,
+            limits,
+        }
+    }
+
+    /// A request to `url` carrying the store's credentials.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        url: url::Url,
+    ) -> Result<reqwest::RequestBuilder, Error> {
+        let client = self.client.get_or_try_init(|| async { client() }).await?;
+        Ok(self.auth.apply(client.request(method, url)))
+    }
+
+    /// Sends `request` within the store's request budget: the status and body of whatever
+    /// answer came back. Only a request that got no answer is an error here.
+    pub async fn exchange(
+        &self,
+        what: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, String), Error> {
+        self.limits.acquire(1).await;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(what, &e))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| transport_error(what, &e))?;
+        Ok((status, body))
+    }
 }
 
 /// A request that never got an answer.

@@ -24,48 +24,67 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::retentionpolicy::{SubjectLocator, Target};
 use crate::api::StoreKind;
-use crate::engine::limits::RateLimiter;
+use crate::limits::RateLimiter;
 
+pub use crate::api::common::ErrorCategory as Category;
+
+/// A store's failure. Each variant has one [`Category`], which alone decides what the
+/// operator does next, and one stable [`Error::reason`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Transient: the store may answer again (connection refused, timed out, 429 or 5xx).
     #[error("cannot reach the store: {0}")]
     Unreachable(String),
+    /// Refused: the credentials must be fixed where the operator cannot see (a Secret is not
+    /// watched), so it is retried with back-off.
     #[error("the store refused the credentials: {0}")]
     AuthenticationFailed(String),
+    /// InvalidSpec: the selector or locator cannot run as written.
     #[error("{0}")]
     InvalidSpec(String),
+    /// Refused: the bucket the DataStore names does not exist (yet).
     #[error("the bucket does not exist: {0}")]
     BucketNotFound(String),
+    /// Refused: the store answered and would not do it (a command it rejects, a 4xx answer,
+    /// deletion disabled for a Loki tenant). Overload and restarts (429, 5xx, timeouts) are
+    /// `Unreachable` instead.
     #[error("the store failed a command: {0}")]
     Store(String),
-    /// This instance no longer leads: it stopped before acting on the store.
+    /// This instance no longer leads: it stopped before acting on the store. Transient: the
+    /// instance that leads now carries on.
     #[error("leadership lost: stopped before acting on the store")]
     LeadershipLost,
     /// A free-text locator cannot tell this subject's value from other text (too short, only
-    /// digits, not an e-mail address): nothing was run. Never carries the value.
+    /// digits, not an e-mail address): nothing was run. Never carries the value. InvalidSpec:
+    /// the locator must change.
     #[error("{0}")]
     IdentifierNotDistinctive(String),
     /// Archive lines that are not JSON still hold the subject's identifier: copies remain.
-    /// Says where (object keys, line counts), never the identifier.
+    /// Says where (object keys, line counts), never the identifier. NeedsAttention: a person
+    /// decides what becomes of such lines.
     #[error("{0}")]
     UnparsedCopiesRemain(String),
     /// Loki in `deletion_mode: filter-only` hides deleted lines from queries but keeps them
     /// in storage: a deletion would be reported done (and verified) while the data remains.
+    /// InvalidSpec: the store's set-up must change before anything runs.
     #[error("{0}")]
     DeletionModeFilterOnly(String),
     /// The store no longer knows a deletion it was asked to run (a Loki delete request no
-    /// longer listed), and submitting it again did not hold either.
+    /// longer listed), and submitting it again did not hold either. NeedsAttention: someone
+    /// or something removes the store's deletions.
     #[error("{0}")]
     DeleteRequestLost(String),
     /// A deletion the store ran by itself ended without doing all of it (failures, an error):
     /// submitted again a bounded number of times, then this. Names counts and indices only.
+    /// Refused: the store would not do it.
     #[error("{0}")]
     StoreTaskFailed(String),
-    /// A deletion the store ran by itself was cancelled by someone else.
+    /// A deletion the store ran by itself was cancelled by someone else. NeedsAttention:
+    /// submitting it again would fight whoever cancelled it.
     #[error("{0}")]
     StoreTaskCancelled(String),
     /// The store no longer knows a deletion it was running (a node restarted): what it did
-    /// before is not known.
+    /// before is not known. NeedsAttention.
     #[error("{0}")]
     StoreTaskLost(String),
 }
@@ -90,14 +109,53 @@ impl Error {
         }
     }
 
-    /// Whether trying again later may succeed without anyone changing the spec.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
+    /// What kind of failure this is (see each variant): the planners decide from it alone
+    /// whether to retry, fail or wait.
+    pub fn category(&self) -> Category {
+        match self {
+            Error::Unreachable(_) | Error::LeadershipLost => Category::Transient,
             Error::InvalidSpec(_)
-                | Error::IdentifierNotDistinctive(_)
-                | Error::UnparsedCopiesRemain(_)
-        )
+            | Error::IdentifierNotDistinctive(_)
+            | Error::DeletionModeFilterOnly(_) => Category::InvalidSpec,
+            Error::AuthenticationFailed(_)
+            | Error::BucketNotFound(_)
+            | Error::Store(_)
+            | Error::StoreTaskFailed(_) => Category::Refused,
+            Error::UnparsedCopiesRemain(_)
+            | Error::DeleteRequestLost(_)
+            | Error::StoreTaskCancelled(_)
+            | Error::StoreTaskLost(_) => Category::NeedsAttention,
+        }
+    }
+
+    /// The error as a value the pure planning code can hold: category, reason, message.
+    pub fn failure(&self) -> Failure {
+        Failure::new(self.category(), self.reason(), self.to_string())
+    }
+}
+
+/// A failure as the planners see it: what kind it is, its stable reason, and a message that
+/// is safe for status (the caller redacts where a store may echo an identifier).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub category: Category,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(category: Category, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            category,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
     }
 }
 
@@ -577,6 +635,35 @@ mod tests {
             hold_exclusion(&redis, &held(&[("email", "a@b.example")])).is_ok(),
             "the hash key has no placeholder: it is kept whole whatever the field"
         );
+    }
+
+    #[test]
+    fn every_error_has_the_category_its_variant_documents() {
+        use Category::*;
+        let m = || "m".to_string();
+        let cases = [
+            (Error::Unreachable(m()), Transient),
+            (Error::Store(m()), Refused),
+            (Error::LeadershipLost, Transient),
+            (Error::InvalidSpec(m()), InvalidSpec),
+            (Error::IdentifierNotDistinctive(m()), InvalidSpec),
+            (Error::DeletionModeFilterOnly(m()), InvalidSpec),
+            (Error::AuthenticationFailed(m()), Refused),
+            (Error::BucketNotFound(m()), Refused),
+            (Error::StoreTaskFailed(m()), Refused),
+            (Error::UnparsedCopiesRemain(m()), NeedsAttention),
+            (Error::DeleteRequestLost(m()), NeedsAttention),
+            (Error::StoreTaskCancelled(m()), NeedsAttention),
+            (Error::StoreTaskLost(m()), NeedsAttention),
+        ];
+        for (e, category) in cases {
+            assert_eq!(e.category(), category, "{}", e.reason());
+            let f = e.failure();
+            assert_eq!(
+                (f.category, f.reason, f.message.as_str()),
+                (category, e.reason(), e.to_string().as_str())
+            );
+        }
     }
 
     #[test]

@@ -8,10 +8,11 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tracing::{debug, info, instrument, warn};
 
-use super::{object_key, stores, Context, Error};
+use super::{failure_key, object_key, stores, Context, Error};
 use crate::api::common::{find_condition, merge_conditions, DesiredCondition};
 use crate::api::datastore::{DataStore, DataStoreStatus};
 use crate::api::Timestamp;
+use crate::backends::Category;
 
 pub const CONTROLLER: &str = "datastore";
 /// A probe that takes longer than this counts as unreachable.
@@ -66,26 +67,35 @@ pub async fn reconcile(store: Arc<DataStore>, ctx: Arc<Context>) -> Result<Actio
     }
     Ok(match probe {
         Ok(_) => {
-            ctx.reset_failures(&key);
+            ctx.reset_failures(&failure_key(store.as_ref()));
             Action::requeue(ctx.settings.probe_interval)
         }
         Err(e) => {
             debug!(reason = e.reason(), error = %e, "probe failed");
             ctx.metrics.reconcile_error(CONTROLLER, e.reason());
-            if e.is_retryable() {
-                let failing_since =
-                    find_condition(&status.conditions, "Ready").map(|c| c.last_transition_time);
-                let failing_for = failing_since.map_or(Duration::ZERO, |t| {
-                    (Timestamp::now().0 - t.0)
-                        .to_std()
-                        .unwrap_or(Duration::ZERO)
-                });
-                Action::requeue(retry_delay(failing_for))
-            } else {
-                Action::await_change()
-            }
+            let failing_since =
+                find_condition(&status.conditions, "Ready").map(|c| c.last_transition_time);
+            let failing_for = failing_since.map_or(Duration::ZERO, |t| {
+                (Timestamp::now().0 - t.0)
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+            });
+            next_probe(e.category(), failing_for).map_or(Action::await_change(), Action::requeue)
         }
     })
+}
+
+/// When to probe a store whose probe failed with an error of `category` again (pure): an
+/// invalid spec waits for an edit of the DataStore (None); anything else is probed again
+/// after [`retry_delay`], as it may clear by itself or be fixed where the operator cannot see
+/// (a Secret, the store).
+pub fn next_probe(category: Category, failing_for: Duration) -> Option<Duration> {
+    match category {
+        Category::InvalidSpec => None,
+        Category::Transient | Category::Refused | Category::NeedsAttention => {
+            Some(retry_delay(failing_for))
+        }
+    }
 }
 
 async fn probe(store: &DataStore, ctx: &Context, key: &str) -> Result<String, Error> {
@@ -145,12 +155,26 @@ pub fn desired_status(
 pub fn error_policy(store: Arc<DataStore>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(datastore = %object_key(store.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(store.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(store.as_ref())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_invalid_spec_stops_the_probes() {
+        let after = Duration::from_secs(30);
+        assert_eq!(next_probe(Category::InvalidSpec, after), None);
+        for c in [
+            Category::Transient,
+            Category::Refused,
+            Category::NeedsAttention,
+        ] {
+            assert_eq!(next_probe(c, after), Some(Duration::from_secs(15)), "{c:?}");
+        }
+    }
+
     use crate::api::common::ConditionStatus;
     use crate::api::datastore::{DataStoreSpec, RedisStore};
     use crate::backends;

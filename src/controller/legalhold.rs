@@ -8,7 +8,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use tracing::{instrument, warn};
 
-use super::{object_key, Context, Error};
+use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{merge_conditions, DesiredCondition};
 use crate::api::legalhold::{LegalHold, LegalHoldStatus};
 use crate::api::Timestamp;
@@ -73,6 +73,7 @@ pub async fn reconcile(hold: Arc<LegalHold>, ctx: Arc<Context>) -> Result<Action
             Api::namespaced(ctx.client.clone(), &hold.namespace().unwrap_or_default());
         ctx.apply_status(&api, &hold.name_any(), &status).await?;
     }
+    ctx.reset_failures(&failure_key(hold.as_ref()));
     // Wake up when the hold expires, to report it.
     Ok(match hold.spec.expires_at {
         Some(expiry) if expiry > now => Action::requeue(
@@ -85,7 +86,7 @@ pub async fn reconcile(hold: Arc<LegalHold>, ctx: Arc<Context>) -> Result<Action
 pub fn error_policy(hold: Arc<LegalHold>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(hold = %object_key(hold.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(hold.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(hold.as_ref())))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod datastore;
 pub mod erasurerequest;
 pub mod legalhold;
+mod resolve;
 pub mod retentionpolicy;
 pub mod stores;
 
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::datastore::DataStore;
 use crate::api::retentionpolicy::RetentionPolicy;
-use crate::backends;
+use crate::backends::{self, Category, Failure};
 use crate::engine::Engine;
 use crate::leader::Fence;
 use crate::metrics::Metrics;
@@ -61,8 +62,8 @@ pub enum Error {
     #[error(transparent)]
     Leadership(#[from] crate::leader::Error),
     /// The subject-digest key could not be loaded or created (reason from `audit::Error`).
-    #[error("{1}")]
-    Digest(&'static str, String),
+    #[error("{2}")]
+    Digest(Category, &'static str, String),
 }
 
 impl Error {
@@ -79,21 +80,41 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Backend(e) => e.reason(),
             Error::Leadership(e) => e.reason(),
-            Error::Digest(reason, _) => reason,
+            Error::Digest(_, reason, _) => reason,
         }
     }
 
-    /// Whether retrying with backoff may help; otherwise wait for a change to the object.
-    pub fn is_retryable(&self) -> bool {
+    /// What kind of failure this is: the planners decide from it alone whether to retry
+    /// with back-off, fail, or wait.
+    pub fn category(&self) -> Category {
         match self {
+            // The API server may answer again; the lease may be won again.
+            Error::Kube(_) | Error::Leadership(_) => Category::Transient,
+            // Secrets are not watched: a Secret created, relabelled or fixed later is only
+            // noticed by trying again, so these are retried with back-off like a store's no.
+            Error::SecretNotFound(_)
+            | Error::SecretKeyMissing { .. }
+            | Error::SecretValueNotText { .. }
+            | Error::CredentialsNotPermitted(_) => Category::Refused,
+            // Not there yet, often: objects applied together arrive in any order, so it is
+            // retried like a store's no rather than left until the next scheduled sweep.
+            Error::StoreNotFound(_) => Category::Refused,
             // Wait for the spec to change (or the operator to restart with other flags).
             Error::InvalidSpec(_)
             | Error::InsecureTransport(_)
-            | Error::AmbientCredentialsNotAllowed(_) => false,
-            Error::Backend(e) => e.is_retryable(),
-            // A missing or unlabelled Secret included: Secrets are not watched, and the
-            // Secret or its label may appear.
-            _ => true,
+            | Error::AmbientCredentialsNotAllowed(_) => Category::InvalidSpec,
+            Error::Backend(e) => e.category(),
+            // Decided where the digest key's error is known (its Secret gone while digests
+            // made with it are in use needs a person).
+            Error::Digest(category, ..) => *category,
+        }
+    }
+
+    /// The error as a value the pure planning code can hold.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Error::Backend(e) => e.failure(),
+            e => Failure::new(e.category(), e.reason(), e.to_string()),
         }
     }
 }
@@ -117,6 +138,8 @@ pub struct Settings {
     pub allow_ambient_credentials: bool,
     /// The namespace watched (None: every namespace): where digests made with the key live.
     pub watch_namespace: Option<String>,
+    /// When an erasure request counts as stalled (the `erasure_requests_stalled` gauge).
+    pub stall_after: erasurerequest::plan::StallAfter,
 }
 
 impl Default for Settings {
@@ -129,6 +152,7 @@ impl Default for Settings {
             operator_namespace: "tombstone-system".into(),
             allow_ambient_credentials: false,
             watch_namespace: None,
+            stall_after: Default::default(),
         }
     }
 }
@@ -159,8 +183,52 @@ pub struct Context {
     /// The subject-digest key once read: it never changes while digests made with it exist,
     /// so it is not read again at every step.
     pub digest_key: std::sync::OnceLock<crate::audit::DigestKey>,
-    /// Consecutive failures per object, for exponential backoff; reset on success.
-    failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failures per object, for exponential backoff; reset on success, dropped
+    /// when the object is deleted.
+    failures: FailureCounts,
+}
+
+/// Consecutive failures per object (`namespace/name`).
+#[derive(Debug, Default)]
+pub struct FailureCounts(Mutex<HashMap<String, u32>>);
+
+impl FailureCounts {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records one more failure of `key`; returns how many there are in a row now.
+    pub fn record(&self, key: &str) -> u32 {
+        let mut map = self.map();
+        let n = map.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    pub fn get(&self, key: &str) -> u32 {
+        self.map().get(key).copied().unwrap_or(0)
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.map().remove(key);
+    }
+
+    /// Drops the counts of objects that no longer exist (`exists` says which do); returns
+    /// how many were dropped.
+    pub fn retain(&self, exists: impl Fn(&str) -> bool) -> usize {
+        let mut map = self.map();
+        let before = map.len();
+        map.retain(|key, _| exists(key));
+        before - map.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Context {
@@ -188,7 +256,7 @@ impl Context {
             fence,
             caches,
             digest_key: std::sync::OnceLock::new(),
-            failures: Mutex::default(),
+            failures: FailureCounts::default(),
         }
     }
 
@@ -215,26 +283,30 @@ impl Context {
     /// Records one more failure of `key` and returns how long to back off: 5s doubling up
     /// to a minute (Secrets are not watched, so a fixed one is noticed within that).
     pub fn backoff(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        backoff_for(*n)
+        backoff_for(self.failures.record(key))
     }
 
     pub fn failures(&self, key: &str) -> u32 {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .copied()
-            .unwrap_or(0)
+        self.failures.get(key)
     }
 
     pub fn reset_failures(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        self.failures.reset(key);
+    }
+
+    /// Forgets what the operator keeps in memory for objects that were deleted: the cached
+    /// backend of each DataStore `store_exists` no longer knows (keys `namespace/name`), the
+    /// failure count of each object `object_exists` no longer knows (keys [`failure_key`]).
+    pub fn forget_deleted(
+        &self,
+        store_exists: impl Fn(&str) -> bool,
+        object_exists: impl Fn(&str) -> bool,
+    ) {
+        let backends = self.engine.retain_stores(store_exists);
+        let failures = self.failures.retain(object_exists);
+        if backends + failures > 0 {
+            tracing::debug!(backends, failures, "forgot deleted objects");
+        }
     }
 
     /// Publishes an event on `obj`. Failing to publish is logged, never fatal: events are a
@@ -299,9 +371,15 @@ where
         .map(|fresh| (api, fresh)))
 }
 
-/// `namespace/name`, the key for caches and failure counts.
+/// `namespace/name`, the key for caches and logs.
 pub fn object_key<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// `Kind/namespace/name`, the key of an object's failure count: objects of different kinds
+/// may share a name.
+pub fn failure_key<K: Resource<DynamicType = ()> + ResourceExt>(obj: &K) -> String {
+    format!("{}/{}", K::kind(&()), object_key(obj))
 }
 
 /// Writes `status` with server-side apply. The patch always carries apiVersion and kind.
@@ -328,6 +406,92 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_controller_error_has_a_category_and_backend_errors_keep_theirs() {
+        use Category::*;
+        let s = || "x".to_string();
+        let cases = [
+            (Error::SecretNotFound(s()), Refused),
+            (
+                Error::SecretKeyMissing {
+                    secret: s(),
+                    key: s(),
+                },
+                Refused,
+            ),
+            (
+                Error::SecretValueNotText {
+                    secret: s(),
+                    key: s(),
+                },
+                Refused,
+            ),
+            (Error::CredentialsNotPermitted(s()), Refused),
+            (Error::StoreNotFound(s()), Refused),
+            (Error::InvalidSpec(s()), InvalidSpec),
+            (Error::InsecureTransport(s()), InvalidSpec),
+            (Error::AmbientCredentialsNotAllowed(s()), InvalidSpec),
+            (
+                Error::Leadership(crate::leader::Error::Expired(10)),
+                Transient,
+            ),
+            (
+                Error::Digest(NeedsAttention, "DigestKeyLost", s()),
+                NeedsAttention,
+            ),
+            (Error::Backend(backends::Error::Unreachable(s())), Transient),
+            (
+                Error::Backend(backends::Error::UnparsedCopiesRemain(s())),
+                NeedsAttention,
+            ),
+        ];
+        for (e, category) in cases {
+            assert_eq!(e.category(), category, "{}", e.reason());
+            let f = e.failure();
+            assert_eq!((f.category, f.reason), (category, e.reason()));
+        }
+    }
+
+    #[test]
+    fn failure_counts_reset_on_success_and_drop_deleted_objects() {
+        let counts = FailureCounts::default();
+        assert_eq!(counts.record("ns/a"), 1);
+        assert_eq!(counts.record("ns/a"), 2);
+        assert_eq!(counts.record("ns/b"), 1);
+        assert_eq!(counts.record("ns/c"), 1);
+        counts.reset("ns/c");
+        assert_eq!((counts.get("ns/c"), counts.len()), (0, 2));
+        assert_eq!(counts.retain(|k| k == "ns/a"), 1);
+        assert_eq!((counts.get("ns/a"), counts.get("ns/b")), (2, 0));
+        assert_eq!(counts.retain(|_| false), 1);
+        assert!(counts.is_empty());
+    }
+
+    #[test]
+    fn failure_keys_tell_kinds_apart() {
+        use crate::api::{DataStore, RetentionPolicy};
+        let mut store: DataStore = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore",
+            "metadata": {"name": "x", "namespace": "ns"},
+            "spec": {"redis": {"url": "redis://r:6379"}}
+        }))
+        .expect("a DataStore");
+        let policy = RetentionPolicy::new(
+            "x",
+            serde_json::from_value(serde_json::json!({
+                "purpose": "p", "legalBasis": "contract", "dataSubjects": ["c"],
+                "dataCategories": ["d"], "retention": "1d", "targets": []
+            }))
+            .expect("a spec"),
+        );
+        store.metadata.namespace = Some("ns".into());
+        let mut policy = policy;
+        policy.metadata.namespace = Some("ns".into());
+        assert_eq!(object_key(&store), object_key(&policy));
+        assert_eq!(failure_key(&store), "DataStore/ns/x");
+        assert_eq!(failure_key(&policy), "RetentionPolicy/ns/x");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -1,7 +1,9 @@
 //! Runs sweeps as bounded steps: a global cap on concurrent jobs, per-store rate limits and
 //! concurrency, connections cached per store, cancellation on shutdown.
 
-pub mod limits;
+/// The rate limiter lives with the core types (the store drivers use it too); re-exported
+/// here where it used to be.
+pub use crate::limits;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use crate::backends::redis::{RedisBackend, RedisConfig};
 use crate::backends::s3::{S3Backend, S3Config};
 use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::leader::Fence;
-use limits::RateLimiter;
+use crate::limits::RateLimiter;
 
 /// Everything needed to talk to one store, resolved from its DataStore and Secrets. Two equal
 /// connection specs share one backend (connections, rate limiter).
@@ -81,6 +83,23 @@ impl Engine {
         backend
     }
 
+    /// How many stores have a cached backend (for tests and diagnostics).
+    pub fn cached_backends(&self) -> usize {
+        self.backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Drops the cached backends of stores that no longer exist: `exists` says whether the
+    /// DataStore `namespace/name` is still there. Returns how many were dropped.
+    pub fn retain_stores(&self, exists: impl Fn(&str) -> bool) -> usize {
+        let mut cache = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let before = cache.len();
+        cache.retain(|key, _| exists(key));
+        before - cache.len()
+    }
+
     /// Drops a cached backend, e.g. after its connection failed, so the next use reconnects.
     pub fn forget(&self, store_key: &str) {
         self.backends
@@ -126,18 +145,21 @@ impl Engine {
     }
 
     /// Runs one step of finding, erasing or verifying a subject on the store `store_key`.
+    /// The step stops at its next checkpoint when `cancel` (the operator's shutdown) is
+    /// cancelled or leadership is lost, whichever comes first.
     pub async fn subject_step(
         &self,
         store_key: &str,
         backend: &dyn Backend,
         job: &SubjectJob,
         cursor: Option<&str>,
+        cancel: &CancellationToken,
     ) -> Result<SubjectStep, backends::Error> {
         let _slot = self.job_slot().await;
+        let (cancel, _stop_watching) = cancelled_by_either(cancel, self.fence.lost());
         let budget = StepBudget {
             max_time: self.checkpoint_interval,
-            // Steps of an erasure stop when leadership is lost.
-            cancel: self.fence.lost(),
+            cancel,
             fence: self.fence.clone(),
         };
         budget.may_act()?;
@@ -158,6 +180,25 @@ impl Engine {
     }
 }
 
+/// A token cancelled as soon as `first` or `second` is; watching stops when the guard is
+/// dropped (the watcher task then ends without cancelling anything).
+fn cancelled_by_either(
+    first: &CancellationToken,
+    second: CancellationToken,
+) -> (CancellationToken, tokio_util::sync::DropGuard) {
+    let either = first.child_token();
+    let done = CancellationToken::new();
+    let (watched, finished) = (either.clone(), done.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = second.cancelled() => watched.cancel(),
+            _ = finished.cancelled() => {}
+            _ = watched.cancelled() => {}
+        }
+    });
+    (either, done.drop_guard())
+}
+
 fn build_backend(spec: &ConnectionSpec, limits: Option<&StoreLimits>) -> Arc<dyn Backend> {
     let limits = Limits {
         rate: limits
@@ -174,5 +215,134 @@ fn build_backend(spec: &ConnectionSpec, limits: Option<&StoreLimits>) -> Arc<dyn
         ConnectionSpec::Elasticsearch(config) => {
             Arc::new(ElasticsearchBackend::new(config.clone(), limits))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::StoreKind;
+    use crate::backends::{Next, SubjectAction};
+    use async_trait::async_trait;
+
+    /// A store whose subject steps run until their budget is cancelled.
+    struct Endless;
+
+    #[async_trait]
+    impl Backend for Endless {
+        fn kind(&self) -> StoreKind {
+            StoreKind::Redis
+        }
+
+        async fn probe(&self) -> Result<String, backends::Error> {
+            Ok("endless".into())
+        }
+
+        async fn sweep_step(
+            &self,
+            _job: &SweepJob,
+            _cursor: Option<&str>,
+            _budget: &StepBudget,
+        ) -> Result<Step, backends::Error> {
+            Ok(Step::default())
+        }
+
+        async fn subject_step(
+            &self,
+            _job: &SubjectJob,
+            _cursor: Option<&str>,
+            budget: &StepBudget,
+        ) -> Result<SubjectStep, backends::Error> {
+            budget.cancel.cancelled().await;
+            Ok(SubjectStep {
+                count: 0,
+                blocked: 0,
+                malformed: 0,
+                ran: true,
+                skipped: Vec::new(),
+                next: Next::Continue("stopped".into()),
+                failure: None,
+            })
+        }
+    }
+
+    fn job() -> SubjectJob {
+        SubjectJob {
+            target: serde_json::from_value(serde_json::json!(
+                {"name": "t", "store": "s", "redis": {"keyPattern": "k:*", "mode": "idle"}}
+            ))
+            .expect("a valid target"),
+            identifiers: std::collections::BTreeMap::new(),
+            action: SubjectAction::Erase,
+        }
+    }
+
+    fn engine(fence: Fence) -> Engine {
+        // A checkpoint interval far beyond the test: only cancellation can end the step.
+        Engine::new(1, Duration::from_secs(3600), fence)
+    }
+
+    async fn stops_within_a_second(
+        engine: &Engine,
+        shutdown: &CancellationToken,
+    ) -> Result<SubjectStep, backends::Error> {
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            engine.subject_step("ns/s", &Endless, &job(), None, shutdown),
+        )
+        .await
+        .expect("the step ends when cancelled")
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_a_subject_step() {
+        // Without leader election: nothing but the shutdown can cancel the step.
+        let engine = engine(Fence::default());
+        let shutdown = CancellationToken::new();
+        let stopper = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stopper.cancel();
+        });
+        let step = stops_within_a_second(&engine, &shutdown).await.unwrap();
+        assert_eq!(step.next, Next::Continue("stopped".into()));
+        // The job slot is free again.
+        assert_eq!(engine.job_slots.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn lost_leadership_ends_a_subject_step_and_leaves_shutdown_alone() {
+        let fence = Fence::new(Duration::from_secs(60));
+        fence.renewed(tokio::time::Instant::now());
+        let engine = engine(fence.clone());
+        let shutdown = CancellationToken::new();
+        let loser = fence.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            loser.lose();
+        });
+        stops_within_a_second(&engine, &shutdown).await.unwrap();
+        assert!(!shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn cached_backends_of_deleted_stores_are_dropped() {
+        let engine = engine(Fence::default());
+        let spec = |url: &str| {
+            ConnectionSpec::Redis(RedisConfig {
+                url: url.into(),
+                password: None,
+                cluster: false,
+            })
+        };
+        engine.backend("a/one", spec("redis://127.0.0.1:1"), None);
+        engine.backend("a/two", spec("redis://127.0.0.1:2"), None);
+        engine.backend("b/one", spec("redis://127.0.0.1:3"), None);
+        assert_eq!(engine.cached_backends(), 3);
+        assert_eq!(engine.retain_stores(|k| k != "a/two"), 1);
+        assert_eq!(engine.cached_backends(), 2);
+        assert_eq!(engine.retain_stores(|_| true), 0);
+        assert_eq!(engine.retain_stores(|_| false), 2);
+        assert_eq!(engine.cached_backends(), 0);
     }
 }

@@ -378,7 +378,7 @@ fn the_dashboard_queries_only_metrics_the_operator_exports() {
         .iter()
         .map(|p| p["title"].as_str().unwrap())
         .collect();
-    assert_eq!(titles.len(), 8, "{titles:?}");
+    assert_eq!(titles.len(), 11, "{titles:?}");
     let uid = dashboard["uid"].as_str().unwrap();
     assert!(
         !uid.is_empty() && uid.len() <= 40,
@@ -403,6 +403,8 @@ fn the_alerts_use_only_metrics_the_operator_exports() {
     for needed in [
         "tombstone_erasure_requests_overdue",
         "tombstone_erasure_requests_due_soon",
+        "tombstone_erasure_requests_stalled",
+        "tombstone_retention_policies_sweep_late",
         "tombstone_sweeps_total",
     ] {
         assert!(used.contains(needed), "no alert on {needed}");
@@ -790,6 +792,8 @@ async fn the_chart_with_everything_enabled_applies_server_side() {
         "TombstoneErasureRequestDueSoon",
         "TombstoneRetentionPolicyNotCompliant",
         "TombstoneSweepsFailing",
+        "TombstoneErasureRequestStalled",
+        "TombstoneSweepLate",
     ] {
         assert!(alerts.contains(alert), "no alert {alert}: {alerts:?}");
     }

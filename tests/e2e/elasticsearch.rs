@@ -1971,17 +1971,17 @@ async fn es_requests_keep_to_the_stores_rate_limit() {
 mod failed_step {
     use super::*;
 
-    use tombstone::api::retentionpolicy::{SweepOutcome, TargetPhase};
+    use tombstone::api::retentionpolicy::TargetPhase;
     use tombstone::api::RetentionPolicy;
 
     use crate::fixtures::*;
 
     /// The store stops answering task polls (503, on the double: a real node cannot be made
-    /// to on demand) until the step fails: the failed target keeps the cursor naming the task
-    /// it leaves running, and the next sweep cancels that task before it submits its own, so
-    /// no task is orphaned; that sweep then completes and counts exactly.
+    /// to on demand) until the step fails. Unreachable is transient: the target keeps
+    /// sweeping and keeps the cursor naming the task, and the retry (with back-off) polls that
+    /// same task instead of orphaning it; the sweep then completes and counts exactly.
     #[tokio::test]
-    async fn a_failed_sweep_target_keeps_its_task_and_the_next_sweep_cancels_it() {
+    async fn a_transient_step_failure_keeps_its_task_and_the_retry_resumes_it() {
         let (client, ns) = setup("es-failed-step").await;
         let es = EsDouble::start().await;
         es.seed(
@@ -2008,54 +2008,70 @@ mod failed_step {
             ),
         )
         .await;
-        let failed = wait_policy(
+        // A positive sign that the step failed: the error is counted before status is
+        // written. The retry follows at once (our own status write triggers a reconcile) and
+        // finds the task still running, so the failure may already be cleared from status.
+        wait_metric(
+            &operator.running.metrics,
+            "controller=\"retentionpolicy\",reason=\"Unreachable\"",
+        )
+        .await;
+        let retrying = wait_policy(
             &client,
             &ns,
             "jobs",
-            "the sweep failed",
-            Duration::from_secs(120),
+            "the failure written",
+            Duration::from_secs(30),
             |p| {
                 p.status.as_ref().is_some_and(|s| {
-                    s.last_sweep
-                        .as_ref()
-                        .is_some_and(|l| l.outcome == SweepOutcome::Failed)
+                    s.targets.first().is_some_and(|t| {
+                        t.failure_category.is_some()
+                            || t.phase != TargetPhase::Sweeping
+                            || (t.message.is_empty() && t.cursor.is_some())
+                    })
                 })
             },
         )
         .await
         .status
         .unwrap();
-        let target = &failed.targets[0];
-        assert_eq!(target.phase, TargetPhase::Failed, "{}", target.message);
-        assert!(
-            target.message.starts_with("Unreachable"),
-            "{}",
-            target.message
-        );
+        let target = &retrying.targets[0];
+        assert_eq!(target.phase, TargetPhase::Sweeping, "{}", target.message);
         assert!(
             target
                 .cursor
                 .as_deref()
                 .is_some_and(|c| c.contains("\"t\":")),
-            "the failed target still names the task it leaves: {:?}",
+            "the retrying target still names its task: {:?}",
             target.cursor
         );
+        let first_sweep = retrying
+            .current_sweep
+            .as_ref()
+            .expect("the sweep goes on")
+            .start_time;
         assert_eq!((es.task_count(), es.cancelled_tasks()), (1, 0));
 
-        // The next sweep (after the retry delay) cancels it, then runs its own task.
-        es.set_running_polls(0);
+        // The store answers again: the retry polls the same task, which completes.
+        es.complete_tasks();
         let done = wait_sweep_succeeded(
             &client,
             &ns,
             "jobs",
-            "the next sweep succeeded",
+            "the sweep succeeded",
             Duration::from_secs(120),
         )
         .await;
         assert_eq!(
             (es.task_count(), es.cancelled_tasks()),
-            (2, 1),
-            "the left task was cancelled, one new task submitted"
+            (1, 0),
+            "the same task was resumed: none cancelled, none submitted again"
+        );
+        assert_eq!(done.targets[0].failure_category, None);
+        assert_eq!(
+            done.last_sweep.as_ref().map(|l| l.start_time),
+            Some(first_sweep),
+            "the sweep that failed a step is the one that completed"
         );
         assert_eq!(done.last_sweep.unwrap().deleted, 1);
         assert_eq!(done.targets[0].cursor, None);

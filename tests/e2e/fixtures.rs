@@ -102,6 +102,17 @@ impl TestOperator {
         Self { shutdown, running }
     }
 
+    /// Reconciles `controller` (e.g. `retentionpolicy::CONTROLLER`) has started so far.
+    pub fn reconciliations(&self, controller: &str) -> u64 {
+        self.running
+            .metrics
+            .reconciliations
+            .get_or_create(&tombstone::metrics::ControllerLabels {
+                controller: controller.into(),
+            })
+            .get()
+    }
+
     /// Graceful stop, as on SIGTERM: running steps checkpoint, then everything ends.
     pub async fn stop(self) {
         self.shutdown.cancel();

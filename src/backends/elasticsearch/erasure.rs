@@ -98,6 +98,8 @@ impl ElasticsearchBackend {
             result.count = self.count(pattern, subject, Quote::TypeOnly).await?;
             return Ok(result);
         }
+        // Even polling counts what a task erased: a stale instance neither acts nor counts.
+        budget.may_act()?;
         let deadline = Instant::now() + budget.max_time;
         let mut position = match cursor {
             Some(c) => Cursor::decode(c)?,
@@ -114,12 +116,18 @@ impl ElasticsearchBackend {
             return Ok(result);
         }
         if position.task.is_none() {
+            if budget.cancel.is_cancelled() {
+                // Stopped before the store was asked for anything: the next step submits.
+                result.next = Next::Continue(position.encode());
+                return Ok(result);
+            }
+            budget.may_act()?;
             // A document indexed a moment ago would otherwise escape the deletion.
             self.refresh(pattern).await?;
             position.task = Some(self.submit(pattern, subject, Quote::TypeOnly).await?);
             position.polls = 0;
         }
-        match self.poll(&mut position, deadline).await {
+        match self.poll(&mut position, deadline, &budget.cancel).await {
             Ok(Polled::Wait) => {
                 result.next = Next::Wait {
                     cursor: position.encode(),

@@ -37,9 +37,8 @@ mod transport;
 use async_trait::async_trait;
 use reqwest::Method;
 use serde_json::Value;
-use tokio::sync::OnceCell;
 
-use super::http::HttpAuth;
+use super::http::{HttpAuth, HttpStore};
 use super::{Backend, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
@@ -58,16 +57,14 @@ pub struct ElasticsearchConfig {
 
 pub struct ElasticsearchBackend {
     config: ElasticsearchConfig,
-    limits: Limits,
-    client: OnceCell<reqwest::Client>,
+    http: HttpStore,
 }
 
 impl ElasticsearchBackend {
     pub fn new(config: ElasticsearchConfig, limits: Limits) -> Self {
         Self {
+            http: HttpStore::new(config.auth.clone(), limits),
             config,
-            limits,
-            client: OnceCell::new(),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::index_path::FirstLook;
 use super::query::{self, Cursor, TaskProblem, TaskState};
@@ -67,6 +68,7 @@ impl ElasticsearchBackend {
         &self,
         cursor: &mut Cursor,
         deadline: Instant,
+        cancel: &CancellationToken,
     ) -> Result<Polled, Error> {
         let task = cursor.task.clone().unwrap_or_default();
         let mut pause = FIRST_INLINE_POLL;
@@ -119,10 +121,15 @@ impl ElasticsearchBackend {
                     )))
                 }
             }
-            if Instant::now() + pause >= deadline {
+            if Instant::now() + pause >= deadline || cancel.is_cancelled() {
                 return Ok(Polled::Wait);
             }
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                // Shutdown: the task runs on in the store; the cursor names it for the next
+                // step to poll.
+                _ = cancel.cancelled() => return Ok(Polled::Wait),
+            }
             pause *= 2;
         }
     }
@@ -218,6 +225,8 @@ impl ElasticsearchBackend {
         budget: &StepBudget,
     ) -> Result<Step, Error> {
         validate_target(&job.target)?;
+        // Even polling counts what a task deleted: a stale instance neither acts nor counts.
+        budget.may_act()?;
         let es = job
             .target
             .elasticsearch
@@ -410,6 +419,12 @@ impl ElasticsearchBackend {
             return Ok(());
         }
         if position.task.is_none() {
+            if budget.cancel.is_cancelled() {
+                // Stopped before the store was asked for anything: the next step submits.
+                step.next = Next::Continue(position.encode());
+                return Ok(());
+            }
+            budget.may_act()?;
             if position.attempts > 0 {
                 // What the task before deleted stays searchable until a refresh, and a new
                 // task would count it again as version conflicts.
@@ -419,7 +434,7 @@ impl ElasticsearchBackend {
             position.task = Some(task);
             position.polls = 0;
         }
-        match self.poll(position, deadline).await? {
+        match self.poll(position, deadline, &budget.cancel).await? {
             Polled::Wait => {
                 step.next = Next::Wait {
                     cursor: position.encode(),

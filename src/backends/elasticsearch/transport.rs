@@ -54,27 +54,16 @@ impl ElasticsearchBackend {
         body: Option<&Value>,
         what: &str,
     ) -> Result<(u16, Value), Error> {
-        let client = self
-            .client
-            .get_or_try_init(|| async { http::client() })
-            .await?;
         let url = self.url(segments, params)?;
-        let mut request = client.request(method, url);
+        let mut request = self.http.request(method, url).await?;
         if let Some(body) = body {
             request = request.json(body);
         }
-        request = self.config.auth.apply(request);
-        self.limits.acquire(1).await;
-        let response = request
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what, &e))?;
-        let status = response.status().as_u16();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| http::transport_error(what, &e))?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+        let (status, text) = self.http.exchange(what, request).await?;
+        Ok((
+            status.as_u16(),
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+        ))
     }
 
     /// [`send`](Self::send), with anything but a 2xx answer as an error.

@@ -55,9 +55,8 @@ mod transport;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
 
-use super::http::{self, HttpAuth};
+use super::http::{self, HttpAuth, HttpStore};
 use super::template;
 use super::{Backend, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
@@ -99,16 +98,14 @@ pub struct LokiConfig {
 
 pub struct LokiBackend {
     config: LokiConfig,
-    limits: Limits,
-    client: OnceCell<reqwest::Client>,
+    http: HttpStore,
 }
 
 impl LokiBackend {
     pub fn new(config: LokiConfig, limits: Limits) -> Self {
         Self {
+            http: HttpStore::new(config.auth.clone(), limits),
             config,
-            limits,
-            client: OnceCell::new(),
         }
     }
 }
@@ -158,17 +155,13 @@ impl Backend for LokiBackend {
             .request(reqwest::Method::DELETE, "/loki/api/v1/delete")
             .await?
             .query(&[("request_id", id.as_str())]);
-        self.limits.acquire(1).await;
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what, &e))?;
-        match response.status().as_u16() {
+        let (status, _) = self.http.exchange(what, builder).await?;
+        match status.as_u16() {
             // Loki deletes nothing before a request is processed.
             200..=299 => Ok(Cancel::Cancelled { deleted: 0 }),
             // Unknown, or already processed: past the point where Loki can cancel it.
             400 | 404 => Ok(Cancel::TooLate),
-            _ => Err(http::status_error(what, response.status(), "")),
+            _ => Err(http::status_error(what, status, "")),
         }
     }
 
@@ -189,16 +182,19 @@ impl Backend for LokiBackend {
             Err(Error::Store(_)) => "(version unknown)".into(),
             Err(e) => return Err(e),
         };
-        // Proves credentials and tenant, and whether this tenant may delete.
-        let note = match self.list_deletes().await {
-            Ok(_) => String::new(),
-            Err(Error::Store(m)) if m.contains(DELETION_DISABLED) => {
-                format!("; {DELETION_DISABLED}")
-            }
-            Err(Error::Store(m)) if m.contains("HTTP 404") => {
-                "; no delete API at this URL (it must reach the compactor)".into()
-            }
-            Err(e) => return Err(e),
+        // Proves credentials and tenant, and whether this tenant may delete: judged by the
+        // answer's status (and Loki's own message for a refusal), never by an error's text.
+        let what = "GET /loki/api/v1/delete";
+        let listing = self
+            .request(reqwest::Method::GET, "/loki/api/v1/delete")
+            .await?;
+        let (status, body) = self.http.exchange(what, listing).await?;
+        let note = match status.as_u16() {
+            200..=299 => String::new(),
+            403 if body.contains(DELETION_DISABLED) => format!("; {DELETION_DISABLED}"),
+            404 => "; no delete API at this URL (it must reach the compactor)".into(),
+            // The listing holds other requests' queries: its text is not copied.
+            _ => return Err(transport::error_for(what, status, &body, true)),
         };
         Ok(format!("loki {version}{note}"))
     }

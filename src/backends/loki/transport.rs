@@ -37,18 +37,16 @@ impl LokiBackend {
         method: reqwest::Method,
         path: &str,
     ) -> Result<reqwest::RequestBuilder, Error> {
-        let client = self
-            .client
-            .get_or_try_init(|| async { http::client() })
-            .await?;
         let base = url::Url::parse(&self.config.url)
             .map_err(|e| Error::InvalidSpec(format!("invalid Loki url: {e}")))?;
         let url = format!("{}{path}", base.as_str().trim_end_matches('/'));
-        let mut builder = client.request(method, url);
+        let url = url::Url::parse(&url)
+            .map_err(|e| Error::InvalidSpec(format!("invalid Loki url: {e}")))?;
+        let mut builder = self.http.request(method, url).await?;
         if let Some(tenant) = &self.config.tenant {
             builder = builder.header("X-Scope-OrgID", tenant);
         }
-        Ok(self.config.auth.apply(builder))
+        Ok(builder)
     }
 
     /// Sends a request and returns the body of a success. `personal`: the request carries an
@@ -59,16 +57,7 @@ impl LokiBackend {
         builder: reqwest::RequestBuilder,
         personal: bool,
     ) -> Result<String, Error> {
-        self.limits.acquire(1).await;
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| http::transport_error(what, &e))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| http::transport_error(what, &e))?;
+        let (status, body) = self.http.exchange(what, builder).await?;
         if status.is_success() {
             return Ok(body);
         }
@@ -79,17 +68,8 @@ impl LokiBackend {
     /// here (404, or refused by a gateway in front of it).
     async fn get_admin(&self, path: &str) -> Result<Option<String>, Error> {
         let builder = self.request(reqwest::Method::GET, path).await?;
-        self.limits.acquire(1).await;
         let what = format!("GET {path}");
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&what, &e))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| http::transport_error(&what, &e))?;
+        let (status, body) = self.http.exchange(&what, builder).await?;
         match status.as_u16() {
             200..=299 => Ok(Some(body)),
             403..=405 => Ok(None),
@@ -127,7 +107,12 @@ impl LokiBackend {
 
 /// Maps a failed answer. Known Loki messages are named (deletion disabled, missing tenant);
 /// for `personal` requests no other body text is copied.
-fn error_for(what: &str, status: reqwest::StatusCode, body: &str, personal: bool) -> Error {
+pub(super) fn error_for(
+    what: &str,
+    status: reqwest::StatusCode,
+    body: &str,
+    personal: bool,
+) -> Error {
     if status.as_u16() == 403 && body.contains(DELETION_DISABLED) {
         return Error::Store(format!(
             "{what}: HTTP 403: Loki refuses deletion ({DELETION_DISABLED}): run the compactor with retention_enabled: true and set limits_config.deletion_mode to filter-and-delete for this tenant"

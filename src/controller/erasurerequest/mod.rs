@@ -18,10 +18,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::retentionpolicy::{resolve_target, ResolvedTarget};
-use super::{object_key, Context, Error};
+use super::resolve::{resolve_target, ResolvedTarget};
+use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
-use crate::api::datastore::DataStore;
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase, ErasureTargetStatus,
     RetainedCopiesStatus, SubjectSecretFate,
@@ -30,7 +29,7 @@ use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::api::Timestamp;
 use crate::audit::{self, identifier_digests, subject_digest};
-use crate::backends::{Next, SubjectAction, SubjectJob};
+use crate::backends::{Category, Next, SubjectAction, SubjectJob};
 use plan::ActionResult;
 
 pub const CONTROLLER: &str = "erasurerequest";
@@ -180,6 +179,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             &request, &status,
         )));
     }
+    plan::stamp_phases(&previous, &mut status, Timestamp::now());
     status.conditions = plan::conditions(
         &request,
         &status,
@@ -201,13 +201,13 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // 5. Requeue while work remains.
-    let key = object_key(&request);
-    let failing = status
-        .targets
-        .iter()
-        .any(|t| t.phase == ErasureTargetPhase::Failed);
+    let key = failure_key(&request);
+    let failing = plan::failure_requeue(&status.targets);
     Ok(match status.phase {
-        ErasurePhase::Completed | ErasurePhase::Failed => Action::await_change(),
+        ErasurePhase::Completed | ErasurePhase::Failed => {
+            ctx.reset_failures(&key);
+            Action::await_change()
+        }
         _ if ctx.shutdown.is_cancelled() => Action::await_change(),
         // Secrets are not watched: look again with backoff until the hold can be evaluated.
         ErasurePhase::Blocked if !unverifiable.is_empty() => Action::requeue(ctx.backoff(&key)),
@@ -228,7 +228,11 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
                 Action::requeue(w + Duration::from_secs(1))
             })
         }
-        _ if failing => Action::requeue(ctx.backoff(&key)),
+        _ if failing == Some(plan::OnFailure::Retry) => Action::requeue(ctx.backoff(&key)),
+        _ if failing == Some(plan::OnFailure::Wait) => {
+            ctx.reset_failures(&key);
+            Action::requeue(plan::ATTENTION_RECHECK)
+        }
         _ => {
             ctx.reset_failures(&key);
             Action::requeue(poll_after.unwrap_or(Duration::ZERO))
@@ -305,7 +309,7 @@ async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
     match audit::load_key(&ctx.client, namespace).await {
         Ok(key) => return Ok(key),
         Err(audit::Error::NotFound { .. }) => {}
-        Err(e) => return Err(Error::Digest(e.reason(), e.to_string())),
+        Err(e) => return Err(digest_error(e)),
     }
     let users = digest_users(ctx).await.map_err(Error::Kube)?;
     if !users.is_empty() {
@@ -317,6 +321,7 @@ async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
             String::new()
         };
         return Err(Error::Digest(
+            Category::NeedsAttention,
             "DigestKeyLost",
             format!(
                 "Secret {namespace}/{} is missing while {}{more} carry digests made with it; \
@@ -329,7 +334,18 @@ async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
     }
     audit::load_or_create_key(&ctx.client, namespace)
         .await
-        .map_err(|e| Error::Digest(e.reason(), e.to_string()))
+        .map_err(digest_error)
+}
+
+/// A digest key error as the controller's: an invalid key needs a person, the rest (the API
+/// server unavailable, …) may clear by itself.
+fn digest_error(e: audit::Error) -> Error {
+    let category = if e.is_retryable() {
+        Category::Transient
+    } else {
+        Category::NeedsAttention
+    };
+    Error::Digest(category, e.reason(), e.to_string())
 }
 
 /// The LegalHolds and ErasureRequests the operator watches that carry a subject digest.
@@ -526,12 +542,15 @@ async fn scope(
                     ),
                 )
             };
+            let failure_category =
+                (phase == ErasureTargetPhase::Failed).then_some(Category::InvalidSpec);
             targets.push(ErasureTargetStatus {
                 policy: name.clone(),
                 target: t.name.clone(),
                 store: t.store.clone(),
                 phase,
                 message,
+                failure_category,
                 ..Default::default()
             });
         }
@@ -549,18 +568,16 @@ async fn run_actions(
 ) -> Option<Duration> {
     let namespace = request.namespace().unwrap_or_default();
     let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let stores: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
     let phase = status.phase;
     let work = status.targets.iter().enumerate().filter_map(|(i, t)| {
         let action = plan::action_for(phase, t, request.spec.dry_run)?;
-        let (policies, stores, namespace) = (policies.clone(), stores.clone(), namespace.clone());
+        let (policies, namespace) = (policies.clone(), namespace.clone());
         let (policy_name, target_name) = (t.policy.clone(), t.target.clone());
         let cursor = t.cursor.clone();
         Some(async move {
             let (result, kind, poll_after) = run_action(
                 ctx,
                 &policies,
-                &stores,
                 &namespace,
                 &policy_name,
                 &target_name,
@@ -577,13 +594,9 @@ async fn run_actions(
         if let Some(p) = poll_after {
             wait = Some(wait.map_or(p, |w| w.min(p)));
         }
-        if let ActionResult::Failed { reason, message }
-        | ActionResult::FailedAt {
-            reason, message, ..
-        } = &result
-        {
-            warn!(target = %status.targets[i].target, reason, %message, "erasure step failed");
-            ctx.metrics.reconcile_error(CONTROLLER, reason);
+        if let ActionResult::Failed(failure) | ActionResult::FailedAt { failure, .. } = &result {
+            warn!(target = %status.targets[i].target, reason = failure.reason, category = failure.category.as_str(), message = %failure.message, "erasure step failed");
+            ctx.metrics.reconcile_error(CONTROLLER, failure.reason);
         }
         if let (SubjectAction::Erase, ActionResult::Done { count, .. }, Some(kind)) =
             (action, &result, kind)
@@ -602,7 +615,6 @@ async fn run_actions(
 async fn run_action(
     ctx: &Context,
     policies: &Api<RetentionPolicy>,
-    stores: &Api<DataStore>,
     namespace: &str,
     policy_name: &str,
     target_name: &str,
@@ -610,16 +622,7 @@ async fn run_action(
     action: SubjectAction,
     cursor: Option<&str>,
 ) -> (ActionResult, Option<&'static str>, Option<Duration>) {
-    let failed = |e: Error| {
-        (
-            ActionResult::Failed {
-                reason: e.reason(),
-                message: e.to_string(),
-            },
-            None,
-            None,
-        )
-    };
+    let failed = |e: Error| (ActionResult::Failed(e.failure()), None, None);
     let cached = ctx
         .caches
         .policies
@@ -643,26 +646,13 @@ async fn run_action(
             "policy {policy_name} has no target {target_name}"
         )));
     };
-    let resolved = match resolve_target(ctx, stores, namespace, target).await {
-        Ok(r) => r,
-        Err(e) => return failed(e),
-    };
-    let Some((backend, kind, store_key)) = resolved.backend else {
-        let p = resolved
-            .problem
-            .unwrap_or(super::retentionpolicy::plan::Problem {
-                reason: "StoreNotReady",
-                message: "store unresolved".into(),
-                transient: true,
-            });
-        return (
-            ActionResult::Failed {
-                reason: p.reason,
-                message: p.message,
-            },
-            None,
-            None,
-        );
+    let (backend, kind, store_key) = match resolve_target(ctx, namespace, target).await {
+        ResolvedTarget::Ready {
+            backend,
+            kind,
+            store_key,
+        } => (backend, kind, store_key),
+        ResolvedTarget::Problem(p) => return (ActionResult::Failed(p.failure()), None, None),
     };
     let locator = target
         .subject
@@ -694,27 +684,24 @@ async fn run_action(
     // The boundary where a store's errors on a subject path become target status: reduced
     // to their kind, as they may echo the identifier.
     let store_failed = |e: crate::backends::Error| {
-        let (reason, message) = plan::redact(&e);
         (
-            ActionResult::Failed { reason, message },
+            ActionResult::Failed(plan::redact(&e)),
             Some(kind.as_str()),
             None,
         )
     };
     match ctx
         .engine
-        .subject_step(&store_key, backend.as_ref(), &job, cursor)
+        .subject_step(&store_key, backend.as_ref(), &job, cursor, &ctx.shutdown)
         .await
     {
         Ok(step) => match (step.failure, step.next) {
             (Some(e), Next::Continue(cursor) | Next::Wait { cursor, .. }) => {
                 // The retry resumes where the store's step left off: a task submitted is
                 // polled, not submitted again.
-                let (reason, message) = plan::redact(&e);
                 (
                     ActionResult::FailedAt {
-                        reason,
-                        message,
+                        failure: plan::redact(&e),
                         cursor,
                     },
                     Some(kind.as_str()),
@@ -804,7 +791,6 @@ async fn cancel_held_deletions(
 ) {
     let namespace = request.namespace().unwrap_or_default();
     let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let stores: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
     for t in targets.iter_mut() {
         let Some(cursor) = t.cursor.clone() else {
             continue;
@@ -818,10 +804,7 @@ async fn cancel_held_deletions(
         let Some(target) = policy.spec.targets.iter().find(|x| x.name == t.target) else {
             continue;
         };
-        let Ok(ResolvedTarget {
-            backend: Some((backend, _, _)),
-            ..
-        }) = resolve_target(ctx, &stores, &namespace, target).await
+        let ResolvedTarget::Ready { backend, .. } = resolve_target(ctx, &namespace, target).await
         else {
             continue;
         };
@@ -850,6 +833,11 @@ async fn wait_on_error(
     spec_ignored: bool,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
+    plan::stamp_phases(
+        &request.status.clone().unwrap_or_default(),
+        &mut status,
+        now,
+    );
     status.conditions = plan::conditions(request, &status, &[], &[], spec_ignored, now);
     if let Some(c) = status.conditions.iter_mut().find(|c| c.type_ == "Complete") {
         if c.reason != error.reason() {
@@ -872,13 +860,12 @@ async fn wait_on_error(
             .await;
     }
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
-    Ok(
-        if error.is_retryable() && status.phase != ErasurePhase::Failed {
-            Action::requeue(ctx.backoff(&object_key(request)))
-        } else {
-            Action::await_change()
-        },
-    )
+    Ok(match plan::on_failure(error.category()) {
+        _ if status.phase == ErasurePhase::Failed => Action::await_change(),
+        plan::OnFailure::Retry => Action::requeue(ctx.backoff(&failure_key(request))),
+        plan::OnFailure::Wait => Action::requeue(plan::ATTENTION_RECHECK),
+        plan::OnFailure::Fail => Action::await_change(),
+    })
 }
 
 async fn delete_secret(ctx: &Context, namespace: &str, name: &str) {
@@ -997,5 +984,5 @@ async fn report(
 pub fn error_policy(request: Arc<ErasureRequest>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(request = %object_key(request.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(request.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(request.as_ref())))
 }

@@ -13,7 +13,7 @@ use crate::api::erasurerequest::{
 };
 use crate::api::retentionpolicy::SubjectLocator;
 use crate::api::{StoreKind, Timestamp};
-use crate::backends::{self, SubjectAction};
+use crate::backends::{self, Category, Failure, SubjectAction};
 
 /// Inline identifiers stay in etcd with the request (and in its backups) for as long as it
 /// exists, so only pseudonymous ones may be given there: no e-mail address (a value with
@@ -110,34 +110,80 @@ pub fn is_marked(labels: Option<&BTreeMap<String, String>>) -> bool {
 
 /// A store's error on a subject path reduced to its kind: stores echo command arguments in
 /// some errors (Redis does), and those arguments are the subject's identifiers, so only the
-/// reason and a fixed message reach status, events and logs. `InvalidSpec` messages are the
-/// operator's own, written from the policy (never from an identifier), and are kept.
-pub fn redact(e: &backends::Error) -> (&'static str, String) {
+/// category, the reason and a fixed message reach status, events and logs. `InvalidSpec`
+/// messages are the operator's own, written from the policy (never from an identifier), and
+/// are kept.
+pub fn redact(e: &backends::Error) -> Failure {
     use backends::Error as E;
     let fixed = match e {
         // The operator's own words, built from the policy and never from a value: what to fix.
-        E::InvalidSpec(m)
-        | E::IdentifierNotDistinctive(m)
-        | E::UnparsedCopiesRemain(m)
-        | E::DeletionModeFilterOnly(m)
-        | E::DeleteRequestLost(m)
+        E::InvalidSpec(_)
+        | E::IdentifierNotDistinctive(_)
+        | E::UnparsedCopiesRemain(_)
+        | E::DeletionModeFilterOnly(_)
+        | E::DeleteRequestLost(_)
         // Built from task answers: counts, index names and error types, never a query.
-        | E::StoreTaskFailed(m)
-        | E::StoreTaskCancelled(m)
-        | E::StoreTaskLost(m) => return (e.reason(), m.clone()),
+        | E::StoreTaskFailed(_)
+        | E::StoreTaskCancelled(_)
+        | E::StoreTaskLost(_)
+        | E::LeadershipLost => return e.failure(),
         E::Unreachable(_) => "cannot reach the store",
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
         E::Store(_) => "the store failed a command",
-        E::LeadershipLost => return (e.reason(), e.to_string()),
     };
-    (
+    Failure::new(
+        e.category(),
         e.reason(),
         format!(
             "{fixed} (the store's own message is withheld on erasure paths: it may echo the \
              identifier; the DataStore's status shows connection problems)"
         ),
     )
+}
+
+/// How soon a request that waits on a person (a target that needs attention, an error that
+/// is not retried with back-off) looks again: Secrets and what is in the stores are not
+/// watched.
+pub const ATTENTION_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a request does about a failure: decided here, from its category alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Retry with back-off, resuming from the target's cursor.
+    Retry,
+    /// Fail: the target is not tried again, and a request with nothing else left to do ends
+    /// `Failed` (file a new one once the spec is fixed).
+    Fail,
+    /// Wait for a person, saying so in the `Complete` condition; looked at again every
+    /// [`ATTENTION_RECHECK`], so that a fix is picked up by itself.
+    Wait,
+}
+
+/// The decision for a failure of `category` (pure).
+pub fn on_failure(category: Category) -> OnFailure {
+    match category {
+        Category::Transient | Category::Refused => OnFailure::Retry,
+        Category::InvalidSpec => OnFailure::Fail,
+        Category::NeedsAttention => OnFailure::Wait,
+    }
+}
+
+/// The decision for a target, if it failed. A failure recorded without a category (by an
+/// earlier version) is retried, as it was then.
+pub fn target_failure(target: &ErasureTargetStatus) -> Option<OnFailure> {
+    (target.phase == T::Failed)
+        .then(|| on_failure(target.failure_category.unwrap_or(Category::Transient)))
+}
+
+/// When to look at a request again because of its failed targets (pure): with back-off
+/// while one is retried, after [`ATTENTION_RECHECK`] while one waits for a person, or not on
+/// their account (None).
+pub fn failure_requeue(targets: &[ErasureTargetStatus]) -> Option<OnFailure> {
+    let decisions: Vec<OnFailure> = targets.iter().filter_map(target_failure).collect();
+    [OnFailure::Retry, OnFailure::Wait]
+        .into_iter()
+        .find(|d| decisions.contains(d))
 }
 
 /// Art. 12(3): one calendar month after receipt (the last day of the next month when it has
@@ -152,12 +198,15 @@ pub fn deadline(received: Timestamp) -> Timestamp {
 }
 
 /// What a target needs while the request is in `phase`, if anything. Failed targets retry
-/// the action of the phase they failed in.
+/// the action of the phase they failed in, unless their failure's category fails them.
 pub fn action_for(
     phase: ErasurePhase,
     target: &ErasureTargetStatus,
     dry_run: bool,
 ) -> Option<SubjectAction> {
+    if target_failure(target) == Some(OnFailure::Fail) {
+        return None;
+    }
     match (phase, target.phase) {
         (ErasurePhase::Discovering, T::Pending | T::Failed) => Some(SubjectAction::Find),
         (ErasurePhase::Erasing, T::Found | T::Failed) if !dry_run => Some(SubjectAction::Erase),
@@ -183,19 +232,17 @@ pub enum ActionResult {
         blocked: u64,
         malformed: u64,
     },
-    Failed {
-        reason: &'static str,
-        message: String,
-    },
+    Failed(Failure),
     /// Failed after the store took work on (a task submitted, a task to submit again): the
     /// retry resumes from `cursor`, the one the store's step returned.
     FailedAt {
-        reason: &'static str,
-        message: String,
+        failure: Failure,
         cursor: String,
     },
     /// The store is still working (a deletion it runs by itself): resume from `cursor`.
-    InProgress { cursor: String },
+    InProgress {
+        cursor: String,
+    },
     /// Verification found `remaining` copies, all of them under a store lock kept under the
     /// target's declared Art. 17(3) ground.
     Retained {
@@ -207,6 +254,7 @@ pub enum ActionResult {
 /// Folds an action's result into the target. A failed action keeps its cursor, so a retry
 /// resumes polling the deletion already submitted instead of submitting another.
 pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: ActionResult) {
+    target.failure_category = None;
     match result {
         ActionResult::InProgress { cursor } => {
             target.message = crate::backends::describe_wait(&cursor).unwrap_or_else(|| {
@@ -219,17 +267,15 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
             });
             target.cursor = Some(cursor);
         }
-        ActionResult::Failed { reason, message } => {
+        ActionResult::Failed(failure) => {
             target.phase = T::Failed;
-            target.message = format!("{reason}: {message}");
+            target.message = failure.to_string();
+            target.failure_category = Some(failure.category);
         }
-        ActionResult::FailedAt {
-            reason,
-            message,
-            cursor,
-        } => {
+        ActionResult::FailedAt { failure, cursor } => {
             target.phase = T::Failed;
-            target.message = format!("{reason}: {message}");
+            target.message = failure.to_string();
+            target.failure_category = Some(failure.category);
             target.cursor = Some(cursor);
         }
         ActionResult::Retained {
@@ -265,6 +311,8 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
                 // target is retried with backoff and the request cannot complete before.
                 target.erased += count;
                 target.phase = T::Failed;
+                // The store said no: retried with back-off until the lock lapses.
+                target.failure_category = Some(Category::Refused);
                 target.message = format!(
                     "ObjectLocked: {blocked} object versions are protected by Object Lock (retention or legal hold) and were not erased; retrying until the lock lapses. No Art. 17(3) ground is declared for locked copies (subject.s3.retainedCopies), so the request stays open"
                 );
@@ -331,6 +379,30 @@ pub fn next_phase(
     missing: &[String],
     dry_run: bool,
 ) -> ErasurePhase {
+    // Targets that failed for good take no further part: once the others are done, or when
+    // none is left, the request ends Failed (it never completes without them).
+    let (failed, live): (Vec<ErasureTargetStatus>, Vec<ErasureTargetStatus>) = targets
+        .iter()
+        .cloned()
+        .partition(|t| target_failure(t) == Some(OnFailure::Fail));
+    if failed.is_empty() {
+        return next_phase_of(phase, targets, missing, dry_run);
+    }
+    if live.is_empty() {
+        return ErasurePhase::Failed;
+    }
+    match next_phase_of(phase, &live, missing, dry_run) {
+        ErasurePhase::Completed | ErasurePhase::CompletedWithExceptions => ErasurePhase::Failed,
+        other => other,
+    }
+}
+
+fn next_phase_of(
+    phase: ErasurePhase,
+    targets: &[ErasureTargetStatus],
+    missing: &[String],
+    dry_run: bool,
+) -> ErasurePhase {
     let any = |p: T| targets.iter().any(|t| t.phase == p);
     let settled = |done: &[T]| {
         targets
@@ -368,8 +440,133 @@ pub fn next_phase(
     }
 }
 
+/// How long a request may go without progress before it counts as stalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StallAfter {
+    /// In one unfinished phase (other than `Blocked` by a LegalHold, which is lawful).
+    pub no_progress: std::time::Duration,
+    /// Blocked by a LegalHold that cannot be evaluated, or with a target `Failed`.
+    pub failing: std::time::Duration,
+}
+
+impl Default for StallAfter {
+    fn default() -> Self {
+        Self {
+            no_progress: std::time::Duration::from_secs(86_400),
+            failing: std::time::Duration::from_secs(3_600),
+        }
+    }
+}
+
+/// The ways a request stalls, as metric labels (every one listed in the gauges).
+pub const STALLS: [&str; 3] = ["NoProgress", "HoldUnverifiable", "TargetFailing"];
+
+/// Phases a request moves on from by itself: time spent in one is time without an answer.
+const UNFINISHED: [ErasurePhase; 5] = [
+    ErasurePhase::Pending,
+    ErasurePhase::Discovering,
+    ErasurePhase::Erasing,
+    ErasurePhase::Verifying,
+    ErasurePhase::Blocked,
+];
+
+/// Whole seconds from `since` to `now` (0 if `since` is later).
+fn seconds_since(since: Timestamp, now: Timestamp) -> i64 {
+    (now.0 - since.0).num_seconds().max(0)
+}
+
+/// When the request entered its phase: `phaseSince`, else (never reconciled) its creation.
+fn in_phase_since(request: &ErasureRequest) -> Option<Timestamp> {
+    request
+        .status
+        .as_ref()
+        .and_then(|s| s.phase_since)
+        .or_else(|| {
+            request
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.0.as_second(), 0))
+                .map(Timestamp)
+        })
+}
+
+/// Why a request counts as stalled at `now`, if it does (pure): a LegalHold that cannot be
+/// evaluated or a target failing for `after.failing`, or one unfinished phase for
+/// `after.no_progress` (a request held by a LegalHold is waiting lawfully, not stalled).
+pub fn stalled(
+    request: &ErasureRequest,
+    now: Timestamp,
+    after: &StallAfter,
+) -> Option<&'static str> {
+    let phase = request
+        .status
+        .as_ref()
+        .map_or(ErasurePhase::Pending, |s| s.phase);
+    if !UNFINISHED.contains(&phase) {
+        return None;
+    }
+    let longer = |since: Timestamp, limit: std::time::Duration| {
+        u64::try_from(seconds_since(since, now)).unwrap_or(0) >= limit.as_secs()
+    };
+    if let Some(status) = &request.status {
+        let unverifiable = status.conditions.iter().any(|c| {
+            c.type_ == "Blocked"
+                && c.status == crate::api::ConditionStatus::True
+                && c.reason == "HoldUnverifiable"
+                && longer(c.last_transition_time, after.failing)
+        });
+        if unverifiable {
+            return Some("HoldUnverifiable");
+        }
+        let failing = status.targets.iter().any(|t| {
+            t.phase == T::Failed
+                && t.phase_since
+                    .is_some_and(|since| longer(since, after.failing))
+        });
+        if failing {
+            return Some("TargetFailing");
+        }
+    }
+    let progressing_lawfully = phase == ErasurePhase::Blocked;
+    match in_phase_since(request) {
+        Some(since) if !progressing_lawfully && longer(since, after.no_progress) => {
+            Some("NoProgress")
+        }
+        _ => None,
+    }
+}
+
+/// Stamps when the request and each of its targets entered their current phase (pure): kept
+/// while the phase stays, `now` when it changed.
+pub fn stamp_phases(
+    previous: &ErasureRequestStatus,
+    status: &mut ErasureRequestStatus,
+    now: Timestamp,
+) {
+    if status.phase != previous.phase || previous.phase_since.is_none() {
+        status.phase_since = Some(now);
+    } else {
+        status.phase_since = previous.phase_since;
+    }
+    for target in &mut status.targets {
+        let before = previous
+            .targets
+            .iter()
+            .find(|p| p.policy == target.policy && p.target == target.target);
+        target.phase_since = match before {
+            Some(p) if p.phase == target.phase && p.phase_since.is_some() => p.phase_since,
+            _ => Some(now),
+        };
+    }
+}
+
 /// The gauges' view of all requests at `now` (pure).
-pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::ErasureCounts {
+pub fn counts(
+    requests: &[&ErasureRequest],
+    now: Timestamp,
+    stall_after: &StallAfter,
+) -> crate::metrics::ErasureCounts {
     use ErasurePhase::*;
     let phase_of = |r: &ErasureRequest| r.status.as_ref().map_or(Pending, |s| s.phase);
     let by_phase = ErasurePhase::ALL
@@ -387,6 +584,27 @@ pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::E
         .filter(|r| !matches!(phase_of(r), Completed | CompletedWithExceptions))
         .filter_map(|r| r.status.as_ref().and_then(|s| s.deadline))
         .collect();
+    let longest_in_phase = UNFINISHED
+        .into_iter()
+        .map(|p| {
+            let longest = requests
+                .iter()
+                .filter(|r| phase_of(r) == p)
+                .filter_map(|r| in_phase_since(r))
+                .map(|since| seconds_since(since, now))
+                .max()
+                .unwrap_or(0);
+            (p.as_str(), longest)
+        })
+        .collect();
+    let stalls: Vec<&'static str> = requests
+        .iter()
+        .filter_map(|r| stalled(r, now, stall_after))
+        .collect();
+    let stalled = STALLS
+        .into_iter()
+        .map(|why| (why, stalls.iter().filter(|s| **s == why).count() as i64))
+        .collect();
     crate::metrics::ErasureCounts {
         by_phase,
         overdue: open_deadlines.iter().filter(|d| now >= **d).count() as i64,
@@ -394,6 +612,8 @@ pub fn counts(requests: &[&ErasureRequest], now: Timestamp) -> crate::metrics::E
             .iter()
             .filter(|d| now < **d && d.0 - now.0 <= week)
             .count() as i64,
+        longest_in_phase,
+        stalled,
     }
 }
 
@@ -454,6 +674,27 @@ pub fn conditions(
             Some((reason, message)) => DesiredCondition::new("Complete", false, reason, message),
             None => DesiredCondition::new("Complete", false, "Failed", failed_message(status)),
         },
+        phase
+            if phase != ErasurePhase::Blocked
+                && failure_requeue(&status.targets) == Some(OnFailure::Wait) =>
+        {
+            DesiredCondition::new(
+                "Complete",
+                false,
+                "NeedsAttention",
+                format!(
+                    "{}: waiting for a person: {}",
+                    status.phase.as_str(),
+                    status
+                        .targets
+                        .iter()
+                        .filter(|t| target_failure(t) == Some(OnFailure::Wait))
+                        .map(|t| format!("{}/{}: {}", t.policy, t.target, t.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+        }
         phase => {
             let what = match phase {
                 ErasurePhase::Erasing => "erasing the subject's data",
@@ -671,10 +912,7 @@ mod tests {
         apply(
             &mut t,
             SubjectAction::Erase,
-            ActionResult::Failed {
-                reason: "Unreachable",
-                message: "x".into(),
-            },
+            ActionResult::Failed(Failure::new(Category::Transient, "Unreachable", "x")),
         );
         assert_eq!(t.cursor.as_deref(), Some("loki:abc"));
         // A step that failed after the store took work on hands back a new cursor: kept.
@@ -682,8 +920,7 @@ mod tests {
             &mut t,
             SubjectAction::Erase,
             ActionResult::FailedAt {
-                reason: "StoreTaskFailed",
-                message: "submitted again".into(),
+                failure: Failure::new(Category::Refused, "StoreTaskFailed", "submitted again"),
                 cursor: "loki:def".into(),
             },
         );
@@ -855,10 +1092,7 @@ mod tests {
         apply(
             &mut t[0],
             SubjectAction::Erase,
-            ActionResult::Failed {
-                reason: "Unreachable",
-                message: "down".into(),
-            },
+            ActionResult::Failed(Failure::new(Category::Transient, "Unreachable", "down")),
         );
         assert_eq!(t[0].erased, 0);
         assert_eq!(
@@ -890,30 +1124,163 @@ mod tests {
         );
     }
 
+    fn failed(category: Category, reason: &'static str) -> ActionResult {
+        ActionResult::Failed(Failure::new(category, reason, "m"))
+    }
+
+    fn request() -> ErasureRequest {
+        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec};
+        ErasureRequest::new(
+            "r",
+            ErasureRequestSpec {
+                subject: Subject {
+                    secret_ref: None,
+                    identifiers: None,
+                },
+                reason: ErasureGround::Objection,
+                received_at: None,
+                policies: None,
+                dry_run: false,
+                reference: None,
+                retain_subject_secret: false,
+            },
+        )
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_with_backoff_and_keeps_the_cursor() {
+        let mut t = vec![target(T::Found)];
+        t[0].cursor = Some("es:task-1".into());
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            failed(Category::Transient, "Unreachable"),
+        );
+        assert_eq!(
+            (t[0].phase, t[0].cursor.as_deref(), t[0].failure_category),
+            (T::Failed, Some("es:task-1"), Some(Category::Transient))
+        );
+        assert_eq!(
+            action_for(ErasurePhase::Erasing, &t[0], false),
+            Some(SubjectAction::Erase)
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Retry));
+        // The store said no (Object Lock, credentials): retried the same way.
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            failed(Category::Refused, "AuthenticationFailed"),
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Retry));
+        // Recovered: the category goes with the failure.
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            ActionResult::Done {
+                count: 1,
+                skipped: vec![],
+                ran: true,
+                blocked: 0,
+                malformed: 0,
+            },
+        );
+        assert_eq!((t[0].phase, t[0].failure_category), (T::Erased, None));
+        assert_eq!(failure_requeue(&t), None);
+    }
+
+    #[test]
+    fn an_invalid_spec_fails_the_target_without_retry_and_the_request_once_the_rest_is_done() {
+        let mut t = vec![target(T::Pending), target(T::Pending)];
+        apply(
+            &mut t[0],
+            SubjectAction::Find,
+            failed(Category::InvalidSpec, "IdentifierNotDistinctive"),
+        );
+        assert_eq!(t[0].phase, T::Failed);
+        assert!(t[0].message.starts_with("IdentifierNotDistinctive: "));
+        assert_eq!(action_for(ErasurePhase::Discovering, &t[0], false), None);
+        assert_eq!(action_for(ErasurePhase::Erasing, &t[0], false), None);
+        assert_eq!(failure_requeue(&t), None, "no back-off on its account");
+        // The other target goes on.
+        assert_eq!(
+            next_phase(ErasurePhase::Discovering, &t, &[], false),
+            ErasurePhase::Discovering
+        );
+        t[1].phase = T::Found;
+        assert_eq!(
+            next_phase(ErasurePhase::Discovering, &t, &[], false),
+            ErasurePhase::Erasing
+        );
+        t[1].phase = T::Verified;
+        assert_eq!(
+            next_phase(ErasurePhase::Verifying, &t, &[], false),
+            ErasurePhase::Failed,
+            "never Completed without the failed target"
+        );
+        assert_eq!(
+            next_phase(ErasurePhase::Discovering, &t[..1], &[], false),
+            ErasurePhase::Failed
+        );
+        // A failure recorded by an earlier version (no category) is retried as it was.
+        let mut old = target(T::Failed);
+        old.message = "InvalidSpec: x".into();
+        assert_eq!(target_failure(&old), Some(OnFailure::Retry));
+    }
+
+    #[test]
+    fn a_failure_that_needs_attention_sets_the_condition_and_waits() {
+        let mut t = vec![target(T::Found), target(T::Found)];
+        apply(
+            &mut t[0],
+            SubjectAction::Erase,
+            failed(Category::NeedsAttention, "UnparsedCopiesRemain"),
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Wait));
+        // Looked at again (a fix is picked up by itself), never completed meanwhile.
+        assert_eq!(
+            action_for(ErasurePhase::Erasing, &t[0], false),
+            Some(SubjectAction::Erase)
+        );
+        t[1].phase = T::Erased;
+        assert_eq!(
+            next_phase(ErasurePhase::Erasing, &t, &[], false),
+            ErasurePhase::Erasing
+        );
+        let status = ErasureRequestStatus {
+            phase: ErasurePhase::Erasing,
+            targets: t.clone(),
+            ..Default::default()
+        };
+        let c = conditions(
+            &request(),
+            &status,
+            &[],
+            &[],
+            false,
+            ts("2026-11-20T09:00:00Z"),
+        );
+        let complete = c.iter().find(|c| c.type_ == "Complete").unwrap();
+        assert_eq!(
+            (complete.status, complete.reason.as_str()),
+            (crate::api::ConditionStatus::False, "NeedsAttention")
+        );
+        assert!(complete.message.contains("p/t: UnparsedCopiesRemain: m"));
+        // A retried failure next to it wins the requeue: back-off, not the slow look.
+        apply(
+            &mut t[1],
+            SubjectAction::Verify,
+            failed(Category::Transient, "Unreachable"),
+        );
+        assert_eq!(failure_requeue(&t), Some(OnFailure::Retry));
+    }
+
     #[test]
     fn gauges_count_phases_overdue_and_due_soon() {
-        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec, Subject};
         let request = |phase: ErasurePhase, deadline: &str| {
-            let mut r = ErasureRequest::new(
-                "r",
-                ErasureRequestSpec {
-                    subject: Subject {
-                        secret_ref: None,
-                        identifiers: None,
-                    },
-                    reason: ErasureGround::Objection,
-                    received_at: None,
-                    policies: None,
-                    dry_run: false,
-                    reference: None,
-                    retain_subject_secret: false,
-                },
-            );
-            r.status = Some(ErasureRequestStatus {
-                phase,
-                deadline: Some(ts(deadline)),
-                ..Default::default()
-            });
+            let mut r = in_phase(phase, "2026-11-19T23:00:00Z");
+            if let Some(s) = r.status.as_mut() {
+                s.deadline = Some(ts(deadline));
+            }
             r
         };
         let rs = [
@@ -922,7 +1289,11 @@ mod tests {
             request(ErasurePhase::Erasing, "2026-11-25T00:00:00Z"),
             request(ErasurePhase::Erasing, "2026-12-20T00:00:00Z"),
         ];
-        let c = counts(&rs.iter().collect::<Vec<_>>(), ts("2026-11-20T00:00:00Z"));
+        let c = counts(
+            &rs.iter().collect::<Vec<_>>(),
+            ts("2026-11-20T00:00:00Z"),
+            &StallAfter::default(),
+        );
         assert_eq!(
             (c.overdue, c.due_soon),
             (1, 1),
@@ -930,6 +1301,140 @@ mod tests {
         );
         assert!(c.by_phase.contains(&("Erasing", 2)) && c.by_phase.contains(&("Pending", 0)));
         assert_eq!(c.by_phase.len(), 8);
+    }
+
+    fn in_phase(phase: ErasurePhase, since: &str) -> ErasureRequest {
+        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec, Subject};
+        let mut r = ErasureRequest::new(
+            "r",
+            ErasureRequestSpec {
+                subject: Subject {
+                    secret_ref: None,
+                    identifiers: None,
+                },
+                reason: ErasureGround::Objection,
+                received_at: None,
+                policies: None,
+                dry_run: false,
+                reference: None,
+                retain_subject_secret: false,
+            },
+        );
+        r.status = Some(ErasureRequestStatus {
+            phase,
+            phase_since: Some(ts(since)),
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn a_request_stalls_after_a_day_in_one_phase_but_never_while_held_or_finished() {
+        use ErasurePhase::*;
+        let after = StallAfter::default();
+        let now = ts("2026-11-20T12:00:00Z");
+        let day_ago = "2026-11-19T11:00:00Z";
+        let hour_ago = "2026-11-20T11:00:00Z";
+        assert_eq!(
+            stalled(&in_phase(Erasing, day_ago), now, &after),
+            Some("NoProgress")
+        );
+        assert_eq!(
+            stalled(&in_phase(Pending, day_ago), now, &after),
+            Some("NoProgress")
+        );
+        assert_eq!(stalled(&in_phase(Erasing, hour_ago), now, &after), None);
+        assert_eq!(
+            stalled(&in_phase(Blocked, day_ago), now, &after),
+            None,
+            "a LegalHold is lawful"
+        );
+        for done in [Completed, CompletedWithExceptions, Failed] {
+            assert_eq!(stalled(&in_phase(done, day_ago), now, &after), None);
+        }
+
+        // A target failing for an hour, and a hold that cannot be evaluated for an hour.
+        let mut failing = in_phase(Erasing, hour_ago);
+        if let Some(s) = failing.status.as_mut() {
+            s.targets = vec![ErasureTargetStatus {
+                phase: T::Failed,
+                phase_since: Some(ts("2026-11-20T10:59:00Z")),
+                ..Default::default()
+            }];
+        }
+        assert_eq!(stalled(&failing, now, &after), Some("TargetFailing"));
+        let mut unverifiable = in_phase(Blocked, hour_ago);
+        if let Some(s) = unverifiable.status.as_mut() {
+            s.conditions = vec![Condition {
+                type_: "Blocked".into(),
+                status: crate::api::ConditionStatus::True,
+                reason: "HoldUnverifiable".into(),
+                message: String::new(),
+                last_transition_time: ts("2026-11-20T10:00:00Z"),
+                observed_generation: None,
+            }];
+        }
+        assert_eq!(
+            stalled(&unverifiable, now, &after),
+            Some("HoldUnverifiable")
+        );
+
+        let rs = [
+            in_phase(Erasing, day_ago),
+            failing,
+            unverifiable,
+            in_phase(Verifying, hour_ago),
+        ];
+        let c = counts(&rs.iter().collect::<Vec<_>>(), now, &after);
+        assert_eq!(
+            c.stalled,
+            vec![
+                ("NoProgress", 1),
+                ("HoldUnverifiable", 1),
+                ("TargetFailing", 1)
+            ]
+        );
+        assert!(c.longest_in_phase.contains(&("Erasing", 25 * 3600)));
+        assert!(c.longest_in_phase.contains(&("Verifying", 3600)));
+        assert!(c.longest_in_phase.contains(&("Discovering", 0)));
+    }
+
+    #[test]
+    fn phases_are_stamped_when_they_change_and_kept_while_they_stay() {
+        let then = ts("2026-11-20T10:00:00Z");
+        let now = ts("2026-11-20T12:00:00Z");
+        let target = |phase: T, since: Option<Timestamp>| ErasureTargetStatus {
+            policy: "p".into(),
+            target: "t".into(),
+            phase,
+            phase_since: since,
+            ..Default::default()
+        };
+        let previous = ErasureRequestStatus {
+            phase: ErasurePhase::Erasing,
+            phase_since: Some(then),
+            targets: vec![target(T::Found, Some(then))],
+            ..Default::default()
+        };
+        let mut same = previous.clone();
+        stamp_phases(&previous, &mut same, now);
+        assert_eq!(same, previous, "nothing changed, nothing to write");
+
+        let mut moved = previous.clone();
+        moved.phase = ErasurePhase::Verifying;
+        moved.targets[0].phase = T::Erased;
+        stamp_phases(&previous, &mut moved, now);
+        assert_eq!(moved.phase_since, Some(now));
+        assert_eq!(moved.targets[0].phase_since, Some(now));
+
+        // A status written before phases were stamped gets its first stamp.
+        let unstamped = ErasureRequestStatus {
+            phase: ErasurePhase::Erasing,
+            ..Default::default()
+        };
+        let mut first = unstamped.clone();
+        stamp_phases(&unstamped, &mut first, now);
+        assert_eq!(first.phase_since, Some(now));
     }
 
     #[test]
@@ -1082,13 +1587,13 @@ mod tests {
             E::AuthenticationFailed(probe.into()),
             E::BucketNotFound(probe.into()),
         ] {
-            let (reason, message) = redact(&e);
-            assert_eq!(reason, e.reason());
-            assert!(!message.contains("probe-5c1"), "{message}");
+            let f = redact(&e);
+            assert_eq!((f.reason, f.category), (e.reason(), e.category()));
+            assert!(!f.message.contains("probe-5c1"), "{}", f.message);
         }
         let spec =
             E::InvalidSpec("target t: subject.s3.keyPrefixes[0] is not a valid template".into());
-        assert_eq!(redact(&spec).1, spec.to_string());
+        assert_eq!(redact(&spec), spec.failure());
     }
 
     #[test]

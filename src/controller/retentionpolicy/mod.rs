@@ -10,20 +10,19 @@ use futures::future::join_all;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::{object_key, stores, Context, Error};
+use super::resolve::{resolve_target, ResolvedTarget};
+use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
-use crate::api::datastore::DataStore;
 use crate::api::legalhold::{HeldSubject, LegalHold};
 use crate::api::retentionpolicy::{
     RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
 };
-use crate::api::{StoreKind, Timestamp};
+use crate::api::Timestamp;
 use crate::audit;
-use crate::backends::{self, Backend, Next, SweepJob};
+use crate::backends::{self, Category, Failure, Next, SweepJob};
 use crate::schedule;
 use k8s_openapi::api::core::v1::Secret;
 use plan::{Decision, Problem, StepResult};
@@ -38,12 +37,6 @@ const STOP_RETRY: Duration = Duration::from_secs(15);
 /// what it runs for the policy; then the finalizer is released with a Warning.
 const FINALIZER_PATIENCE: Duration = Duration::from_secs(60);
 
-/// A target with its store resolved, or the reason it cannot run.
-pub(crate) struct ResolvedTarget {
-    pub(crate) backend: Option<(Arc<dyn Backend>, StoreKind, String)>,
-    pub(crate) problem: Option<Problem>,
-}
-
 #[instrument(skip_all, fields(policy = %object_key(obj.as_ref())))]
 pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(CONTROLLER);
@@ -51,7 +44,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     let Some((api, policy)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
-    let key = object_key(&policy);
+    let key = failure_key(&policy);
     if policy.metadata.deletion_timestamp.is_some() {
         return finalize(&api, &policy, &ctx).await;
     }
@@ -77,12 +70,16 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         .targets
         .iter()
         .zip(&resolved)
-        .filter_map(|(t, r)| r.problem.clone().map(|p| (t.name.clone(), p)))
+        .filter_map(|(t, r)| r.problem().cloned().map(|p| (t.name.clone(), p)))
         .collect();
 
     // 2. Plan.
     let mut decision = plan::decide(&policy, &parsed_schedule, created, now);
-    if decision == Decision::Start && problems.iter().any(|(_, p)| p.transient) {
+    if decision == Decision::Start
+        && problems
+            .iter()
+            .any(|(_, p)| p.category == Category::Transient)
+    {
         // Wait for the stores' first probe rather than fail targets needlessly.
         decision = Decision::Wait(now);
     }
@@ -158,7 +155,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     let mut completed = None;
     let mut poll_after: Option<Duration> = None;
     if matches!(decision, Decision::Start | Decision::Continue) {
-        poll_after = run_steps(&policy, &ctx, &resolved, &held_subjects, &mut status).await;
+        // The policy's consecutive failed tries, this one included if it fails too.
+        let attempt = ctx.failures(&key).saturating_add(1);
+        poll_after = run_steps(
+            &policy,
+            &ctx,
+            &resolved,
+            &held_subjects,
+            &mut status,
+            attempt,
+        )
+        .await;
         if let Ok(parsed) = &parsed_schedule {
             let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
                 .max(Duration::from_secs(30));
@@ -258,8 +265,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
             Action::await_change()
         }
     } else if status.current_sweep.is_some() {
-        Action::requeue(poll_after.unwrap_or(Duration::ZERO))
-    } else if problems.iter().any(|(_, p)| p.transient) {
+        if status.targets.iter().any(plan::retrying) {
+            // A step failed and is retried, with back-off, from where it left off.
+            Action::requeue(ctx.backoff(&key))
+        } else {
+            ctx.reset_failures(&key);
+            Action::requeue(poll_after.unwrap_or(Duration::ZERO))
+        }
+    } else if problems
+        .iter()
+        .any(|(_, p)| p.category == Category::Transient)
+    {
         Action::requeue(STORE_PENDING_RETRY)
     } else if let Some(next) = status.next_sweep_time {
         let wait = (next.0 - Timestamp::now().0)
@@ -281,100 +297,11 @@ fn refused_by_schema(e: &Error) -> bool {
 /// Resolves each target's DataStore into a backend.
 async fn dereference(policy: &RetentionPolicy, ctx: &Context) -> Vec<ResolvedTarget> {
     let namespace = policy.namespace().unwrap_or_default();
-    let stores_api: Api<DataStore> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut resolved = Vec::with_capacity(policy.spec.targets.len());
     for target in &policy.spec.targets {
-        resolved.push(
-            match resolve_target(ctx, &stores_api, &namespace, target).await {
-                Ok(r) => r,
-                Err(e) => ResolvedTarget {
-                    backend: None,
-                    problem: Some(Problem {
-                        reason: e.reason(),
-                        message: e.to_string(),
-                        transient: false,
-                    }),
-                },
-            },
-        );
+        resolved.push(resolve_target(ctx, &namespace, target).await);
     }
     resolved
-}
-
-pub(crate) async fn resolve_target(
-    ctx: &Context,
-    stores_api: &Api<DataStore>,
-    namespace: &str,
-    target: &crate::api::retentionpolicy::Target,
-) -> Result<ResolvedTarget, Error> {
-    let cached = ctx
-        .caches
-        .stores
-        .get(&ObjectRef::<DataStore>::new(&target.store).within(namespace));
-    let store = match cached {
-        Some(store) => store,
-        // Not in the cache yet (created a moment ago, or the watch is still listing): read it.
-        None => stores_api
-            .get_opt(&target.store)
-            .await
-            .map_err(Error::Kube)?
-            .map(Arc::new)
-            .ok_or_else(|| Error::StoreNotFound(target.store.clone()))?,
-    };
-    let kind = store.spec.kind().ok_or_else(|| {
-        Error::InvalidSpec(format!("DataStore {} names no store kind", target.store))
-    })?;
-    backends::validate_target(kind, target)?;
-    let ready = store
-        .status
-        .as_ref()
-        .and_then(|s| find_condition(&s.conditions, "Ready"));
-    let problem = |reason: &'static str, message: String, transient: bool| {
-        Ok(ResolvedTarget {
-            backend: None,
-            problem: Some(Problem {
-                reason,
-                message,
-                transient,
-            }),
-        })
-    };
-    match ready {
-        None => {
-            return problem(
-                "StoreNotReady",
-                format!("DataStore {} has not been probed yet", target.store),
-                true,
-            )
-        }
-        Some(c) if c.status == ConditionStatus::Unknown => {
-            return problem(
-                "StoreNotReady",
-                format!("DataStore {} has not been probed yet", target.store),
-                true,
-            )
-        }
-        Some(c) if c.status == ConditionStatus::False => {
-            return problem(
-                "StoreNotReady",
-                format!(
-                    "DataStore {} is not ready: {}: {}",
-                    target.store, c.reason, c.message
-                ),
-                false,
-            )
-        }
-        Some(_) => {}
-    }
-    let spec = stores::connection_spec(&ctx.client, &store, &ctx.settings).await?;
-    let store_key = format!("{namespace}/{}", target.store);
-    let backend = ctx
-        .engine
-        .backend(&store_key, spec, store.spec.limits.clone());
-    Ok(ResolvedTarget {
-        backend: Some((backend, kind, store_key)),
-        problem: None,
-    })
 }
 
 /// Runs one step of every target still sweeping, concurrently, and folds the results into
@@ -385,6 +312,7 @@ async fn run_steps(
     resolved: &[ResolvedTarget],
     held: &backends::HeldSubjects,
     status: &mut RetentionPolicyStatus,
+    attempt: u32,
 ) -> Option<Duration> {
     let current = status.current_sweep.clone()?;
     // Checked: validation bounds the retention, and no spec may panic the operator anyway.
@@ -396,13 +324,14 @@ async fn run_steps(
         let now = Timestamp::now();
         for target in &mut status.targets {
             if target.phase == TargetPhase::Sweeping {
-                let result = StepResult::Failed {
-                    reason: "InvalidSpec",
-                    message: format!(
+                let result = StepResult::Failed(Failure::new(
+                    Category::InvalidSpec,
+                    "InvalidSpec",
+                    format!(
                         "retention {} reaches before any date",
                         policy.spec.retention
                     ),
-                };
+                ));
                 plan::apply_step(target, result, current.dry_run, now);
             }
         }
@@ -428,8 +357,12 @@ async fn run_steps(
                 held: held.clone(),
             };
             Some(async move {
-                let result = match (&resolved.backend, &resolved.problem) {
-                    (Some((backend, kind, store_key)), _) => {
+                let result = match resolved {
+                    ResolvedTarget::Ready {
+                        backend,
+                        kind,
+                        store_key,
+                    } => {
                         match ctx
                             .engine
                             .sweep_step(
@@ -452,20 +385,10 @@ async fn run_steps(
                                 }
                                 StepResult::Ran(step)
                             }
-                            Err(e) => StepResult::Failed {
-                                reason: e.reason(),
-                                message: e.to_string(),
-                            },
+                            Err(e) => StepResult::Failed(e.failure()),
                         }
                     }
-                    (None, Some(problem)) => StepResult::Failed {
-                        reason: problem.reason,
-                        message: problem.message.clone(),
-                    },
-                    (None, None) => StepResult::Failed {
-                        reason: "StoreNotReady",
-                        message: "store unresolved".into(),
-                    },
+                    ResolvedTarget::Problem(problem) => StepResult::Failed(problem.failure()),
                 };
                 (i, result)
             })
@@ -475,20 +398,30 @@ async fn run_steps(
     let mut all_waiting = true;
     let now = Timestamp::now();
     for (i, result) in results {
-        match &result {
-            StepResult::Ran(step) => match &step.next {
-                Next::Wait { poll_after: p, .. } => {
-                    poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))
+        let failure = match &result {
+            StepResult::Ran(step) => {
+                match &step.next {
+                    Next::Wait { poll_after: p, .. } => {
+                        poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))
+                    }
+                    Next::Continue(_) => all_waiting = false,
+                    Next::Done => {}
                 }
-                Next::Continue(_) => all_waiting = false,
-                Next::Done => {}
-            },
-            StepResult::Failed { reason, message } => {
-                warn!(target = %policy.spec.targets[i].name, reason, %message, "sweep step failed");
-                ctx.metrics.reconcile_error(CONTROLLER, reason);
+                step.failure.as_ref().map(backends::Error::failure)
             }
+            StepResult::Failed(failure) => Some(failure.clone()),
+        };
+        if let Some(failure) = failure {
+            warn!(target = %policy.spec.targets[i].name, reason = failure.reason, category = failure.category.as_str(), message = %failure.message, "sweep step failed");
+            ctx.metrics.reconcile_error(CONTROLLER, failure.reason);
         }
-        plan::apply_step(&mut status.targets[i], result, current.dry_run, now);
+        plan::apply_attempt(
+            &mut status.targets[i],
+            result,
+            current.dry_run,
+            now,
+            attempt,
+        );
     }
     if all_waiting {
         poll_after
@@ -566,8 +499,7 @@ fn secret_identifiers(secret: Secret) -> Option<BTreeMap<String, String>> {
 /// target then starts that work over once released.
 async fn cancel_held_deletions(resolved: &[ResolvedTarget], status: &mut RetentionPolicyStatus) {
     for (target, resolved) in status.targets.iter_mut().zip(resolved) {
-        let (Some(cursor), Some((backend, _, _))) = (target.cursor.clone(), &resolved.backend)
-        else {
+        let (Some(cursor), Some(backend)) = (target.cursor.clone(), resolved.backend()) else {
             continue;
         };
         if target.phase != TargetPhase::Held {
@@ -599,17 +531,14 @@ async fn stop_deletions(
     let mut outcomes = Vec::with_capacity(cursors.len());
     for (i, cursor) in cursors {
         let outcome = match resolved.get(*i) {
-            Some(ResolvedTarget {
-                backend: Some((backend, _, _)),
-                ..
-            }) => match backend.cancel(cursor).await {
+            Some(ResolvedTarget::Ready { backend, .. }) => match backend.cancel(cursor).await {
                 Ok(c) => StopOutcome::Stopped(c),
                 Err(e) => StopOutcome::Failed(format!("{}: {e}", e.reason())),
             },
-            Some(ResolvedTarget {
-                problem: Some(p), ..
-            }) => StopOutcome::StoreGone(format!("{}: {}", p.reason, p.message)),
-            _ => StopOutcome::StoreGone("StoreNotReady: store unresolved".into()),
+            Some(ResolvedTarget::Problem(p)) => {
+                StopOutcome::StoreGone(format!("{}: {}", p.reason, p.message))
+            }
+            None => StopOutcome::StoreGone("StoreNotReady: store unresolved".into()),
         };
         match &outcome {
             StopOutcome::Stopped(c) => {
@@ -689,7 +618,7 @@ async fn finalize(
     let Some(finalizers) = plan::without_finalizer(policy.finalizers()) else {
         return Ok(Action::await_change());
     };
-    let key = object_key(policy);
+    let key = failure_key(policy);
     let cursors = policy
         .status
         .as_ref()
@@ -831,5 +760,5 @@ async fn report(
 pub fn error_policy(policy: Arc<RetentionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(policy = %object_key(policy.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
-    Action::requeue(ctx.backoff(&object_key(policy.as_ref())))
+    Action::requeue(ctx.backoff(&failure_key(policy.as_ref())))
 }

@@ -10,7 +10,7 @@ use crate::api::retentionpolicy::{
 };
 use crate::api::retentionpolicy::{RetentionPolicySpec, Target};
 use crate::api::{StoreKind, Timestamp};
-use crate::backends::{self, HeldSubjects, Next, Step};
+use crate::backends::{self, Category, Failure, HeldSubjects, Next, Step};
 use crate::schedule;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -20,8 +20,47 @@ use std::collections::BTreeMap;
 pub struct Problem {
     pub reason: &'static str,
     pub message: String,
-    /// Expected to clear by itself soon (the store has not been probed yet).
-    pub transient: bool,
+    /// `Transient`: expected to clear by itself soon (the store has not been probed yet).
+    pub category: Category,
+}
+
+impl Problem {
+    pub fn failure(&self) -> Failure {
+        Failure::new(self.category, self.reason, self.message.clone())
+    }
+}
+
+/// Consecutive failed attempts (see [`apply_attempt`]) after which a `Transient` failure
+/// fails its target for this sweep instead of being retried again.
+pub const TRANSIENT_ATTEMPTS: u32 = 5;
+
+/// What a sweep does about a target's failure: decided here, from its category alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Retry the step with back-off, resuming from the cursor: the target keeps sweeping.
+    Retry,
+    /// The target fails for this sweep; when `retry_sweep`, the next sweep comes early
+    /// (someone may fix it where the operator cannot see), otherwise on schedule or when the
+    /// spec changes.
+    Fail { retry_sweep: bool },
+    /// The target fails and waits for a person: no early sweep; `Degraded` says
+    /// `NeedsAttention`.
+    Wait,
+}
+
+/// The decision for a failure of `category` on its `attempt`-th consecutive try (pure).
+pub fn on_failure(category: Category, attempt: u32) -> OnFailure {
+    match category {
+        Category::Transient if attempt < TRANSIENT_ATTEMPTS => OnFailure::Retry,
+        Category::Transient | Category::Refused => OnFailure::Fail { retry_sweep: true },
+        Category::InvalidSpec => OnFailure::Fail { retry_sweep: false },
+        Category::NeedsAttention => OnFailure::Wait,
+    }
+}
+
+/// Whether a target is retrying a failed step (it keeps sweeping, with back-off).
+pub fn retrying(target: &TargetStatus) -> bool {
+    target.phase == TargetPhase::Sweeping && target.failure_category.is_some()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,6 +241,7 @@ pub fn apply_holds(status: &mut RetentionPolicyStatus, reasons: &[Option<String>
                 {
                     target.phase = TargetPhase::Held;
                     target.message = message.clone();
+                    target.failure_category = None;
                 }
             }
             None => release_target(target, sweeping),
@@ -393,6 +433,7 @@ pub fn begin_sweep(policy: &RetentionPolicy, now: Timestamp) -> RetentionPolicyS
             oldest_remaining: None,
             cursor: None,
             message: String::new(),
+            failure_category: None,
             ..t
         })
         .collect();
@@ -621,15 +662,25 @@ const NAMED_BLOCKED_ITEMS: usize = 5;
 pub enum StepResult {
     Ran(Step),
     /// The target could not run at all (store missing, invalid selector, connection failed).
-    Failed {
-        reason: &'static str,
-        message: String,
-    },
+    Failed(Failure),
+}
+
+/// [`apply_attempt`] for a first attempt.
+pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, now: Timestamp) {
+    apply_attempt(target, result, dry_run, now, 1)
 }
 
 /// Folds one step's result into the target's status. The counts and the cursor move together
-/// in the same status write, which is what makes a resumed sweep count nothing twice.
-pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, now: Timestamp) {
+/// in the same status write, which is what makes a resumed sweep count nothing twice. A
+/// failure is handled as [`on_failure`] decides for its category on this `attempt` (the
+/// consecutive tries of the policy's steps that failed, this one included).
+pub fn apply_attempt(
+    target: &mut TargetStatus,
+    result: StepResult,
+    dry_run: bool,
+    now: Timestamp,
+    attempt: u32,
+) {
     match result {
         StepResult::Ran(step) => {
             target.scanned += step.scanned;
@@ -655,11 +706,27 @@ pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, 
                 Next::Done => None,
             };
             if let Some(failure) = step.failure {
-                fail(target, failure.reason(), &failure.to_string(), now);
+                let failure = failure.failure();
+                // A step that failed with nothing left to resume from cannot be retried
+                // without counting its work twice: it fails.
+                let decision = match cursor {
+                    Some(_) => on_failure(failure.category, attempt),
+                    None => on_failure(failure.category, u32::MAX),
+                };
+                if decision == OnFailure::Retry {
+                    retry(target, &failure);
+                } else {
+                    fail(target, &failure, now);
+                }
                 // What the store may still run for it (a task, a write block of its own) stays
-                // named, so the next sweep cancels or lifts it instead of orphaning it.
+                // named: a retry resumes it, the next sweep cancels or lifts it instead of
+                // orphaning it.
                 target.cursor = cursor;
                 return;
+            }
+            if target.failure_category.take().is_some() {
+                // Recovered from a failure it was retrying.
+                target.message.clear();
             }
             if let Some(setback) = step.retrying {
                 target.message = format!("{}: {setback}", setback.reason());
@@ -674,15 +741,27 @@ pub fn apply_step(target: &mut TargetStatus, result: StepResult, dry_run: bool, 
                 }
             }
         }
-        StepResult::Failed { reason, message } => fail(target, reason, &message, now),
+        StepResult::Failed(failure) => match on_failure(failure.category, attempt) {
+            // Nothing ran: the cursor stays where it was, and the retry resumes from it.
+            OnFailure::Retry => retry(target, &failure),
+            _ => {
+                fail(target, &failure, now);
+                target.cursor = None;
+            }
+        },
     }
 }
 
-fn fail(target: &mut TargetStatus, reason: &str, message: &str, now: Timestamp) {
+fn retry(target: &mut TargetStatus, failure: &Failure) {
+    target.failure_category = Some(failure.category);
+    target.message = format!("{failure} (retried with back-off)");
+}
+
+fn fail(target: &mut TargetStatus, failure: &Failure, now: Timestamp) {
     target.phase = TargetPhase::Failed;
-    target.cursor = None;
+    target.failure_category = Some(failure.category);
     target.last_sweep_time = Some(now);
-    target.message = format!("{reason}: {message}");
+    target.message = failure.to_string();
 }
 
 fn summary(target: &TargetStatus, dry_run: bool) -> String {
@@ -733,6 +812,43 @@ pub fn compliance_counts(policies: &[&RetentionPolicy]) -> Vec<(&'static str, i6
         .collect()
 }
 
+/// How many policies have gone more than twice their schedule without completing a sweep
+/// (pure), for the gauge that alerts on it: counted from the last completed sweep, or from
+/// the policy's creation before the first. Suspended, invalid and fully held policies do not
+/// sweep on purpose and are not counted.
+pub fn late_sweeps(policies: &[&RetentionPolicy], now: Timestamp) -> i64 {
+    policies
+        .iter()
+        .filter(|p| !p.spec.suspend)
+        .filter(|p| {
+            let status = p.status.as_ref();
+            let held = status.is_some_and(|s| {
+                !s.targets.is_empty() && s.targets.iter().all(|t| t.phase == TargetPhase::Held)
+            });
+            let invalid = status.is_some_and(|s| {
+                crate::api::common::find_condition(&s.conditions, "Ready").is_some_and(|c| {
+                    c.status == crate::api::ConditionStatus::False && c.reason == "InvalidSpec"
+                })
+            });
+            !held && !invalid
+        })
+        .filter(|p| {
+            let Ok(schedule) = crate::schedule::parse(p.spec.schedule.as_ref()) else {
+                return false;
+            };
+            let since = p
+                .status
+                .as_ref()
+                .and_then(|s| s.last_sweep.as_ref())
+                .map(|l| l.completion_time)
+                .unwrap_or_else(|| super::super::creation_time(**p, now));
+            let allowed = schedule.period_secs(now).saturating_mul(2);
+            let elapsed = u64::try_from((now.0 - since.0).num_seconds()).unwrap_or(0);
+            elapsed > allowed
+        })
+        .count() as i64
+}
+
 /// A sweep that just completed, for events and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completed {
@@ -779,7 +895,12 @@ pub fn finish_if_done(
     });
     status.current_sweep = None;
     let mut next = schedule.next_after(Some(current.start_time), created);
-    if failed > 0 {
+    let retry_sweep = status.targets.iter().any(|t| {
+        t.phase == TargetPhase::Failed
+            && on_failure(t.failure_category.unwrap_or(Category::Refused), u32::MAX)
+                == (OnFailure::Fail { retry_sweep: true })
+    });
+    if retry_sweep {
         let retry = i64::try_from(retry_after_failure.as_secs())
             .ok()
             .and_then(chrono::Duration::try_seconds)
@@ -846,13 +967,20 @@ pub fn conditions(
         .iter()
         .filter(|t| t.phase == TargetPhase::Failed)
         .collect();
+    let attention = failing
+        .iter()
+        .any(|t| t.failure_category == Some(Category::NeedsAttention));
     let degraded = if failing.is_empty() {
         DesiredCondition::new("Degraded", false, "AllTargetsHealthy", "")
     } else {
         DesiredCondition::new(
             "Degraded",
             true,
-            "TargetFailed",
+            if attention {
+                "NeedsAttention"
+            } else {
+                "TargetFailed"
+            },
             failing
                 .iter()
                 .map(|t| format!("target {}: {}", t.name, t.message))
@@ -1113,6 +1241,60 @@ mod tests {
     }
 
     #[test]
+    fn a_sweep_is_late_past_twice_its_schedule_unless_the_policy_is_not_meant_to_sweep() {
+        let now = ts("2026-11-20T12:00:00Z");
+        let created = |p: &mut RetentionPolicy, at: &str| {
+            p.metadata.creation_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at.parse().unwrap()),
+            );
+        };
+        let swept = |completed: &str| {
+            let mut p = policy(&["a"]);
+            created(&mut p, "2026-11-01T00:00:00Z");
+            p.status = Some(RetentionPolicyStatus {
+                last_sweep: Some(crate::api::retentionpolicy::LastSweep {
+                    start_time: ts(completed),
+                    completion_time: ts(completed),
+                    outcome: SweepOutcome::Succeeded,
+                    deleted: 0,
+                    receipt: None,
+                }),
+                ..Default::default()
+            });
+            p
+        };
+        // Every hour: late once more than two hours have passed since the last completion.
+        let on_time = swept("2026-11-20T10:30:00Z");
+        let late = swept("2026-11-20T09:59:00Z");
+        let mut never = policy(&["a"]);
+        created(&mut never, "2026-11-20T09:00:00Z");
+        let mut young = policy(&["a"]);
+        created(&mut young, "2026-11-20T11:00:00Z");
+        let mut suspended = swept("2026-11-01T00:00:00Z");
+        suspended.spec.suspend = true;
+        let mut held = swept("2026-11-01T00:00:00Z");
+        if let Some(s) = held.status.as_mut() {
+            s.targets = vec![TargetStatus {
+                name: "a".into(),
+                phase: TargetPhase::Held,
+                ..Default::default()
+            }];
+        }
+        assert_eq!(late_sweeps(&[&on_time], now), 0);
+        assert_eq!(late_sweeps(&[&late], now), 1);
+        assert_eq!(
+            late_sweeps(&[&never, &young], now),
+            1,
+            "counted from creation before the first sweep"
+        );
+        assert_eq!(
+            late_sweeps(&[&suspended, &held], now),
+            0,
+            "not meant to sweep"
+        );
+    }
+
+    #[test]
     fn validation_refuses_out_of_bounds_durations_and_duplicate_targets() {
         let mut p = policy(&["a", "b"]);
         assert_eq!(validate(&p.spec), Ok(()));
@@ -1195,10 +1377,7 @@ mod tests {
         let mut status = begin_sweep(&p, ts(T0));
         apply_step(
             &mut status.targets[0],
-            StepResult::Failed {
-                reason: "X",
-                message: "x".into(),
-            },
+            StepResult::Failed(Failure::new(Category::Refused, "X", "x")),
             false,
             Timestamp(DateTime::<Utc>::MAX_UTC),
         );
@@ -1393,15 +1572,17 @@ mod tests {
         let mut status = begin_sweep(&p, ts(T0));
         apply_step(
             &mut status.targets[0],
-            StepResult::Failed {
-                reason: "StoreNotFound",
-                message: "DataStore cache not found".into(),
-            },
+            StepResult::Failed(Failure::new(
+                Category::Refused,
+                "StoreNotFound",
+                "DataStore cache not found",
+            )),
             false,
             ts(T0),
         );
+        // A transient failure on its last attempt.
         let failure = backends::Error::Unreachable("10.0.0.1:6379".into());
-        apply_step(
+        apply_attempt(
             &mut status.targets[1],
             StepResult::Ran(Step {
                 scanned: 5,
@@ -1412,6 +1593,7 @@ mod tests {
             }),
             false,
             ts(T0),
+            TRANSIENT_ATTEMPTS,
         );
         assert_eq!(
             status.targets[1].deleted_total, 2,
@@ -1462,6 +1644,195 @@ mod tests {
         assert_eq!(get("Compliant").reason, "SweepFailed");
     }
 
+    fn transient(reason: &'static str) -> Failure {
+        Failure::new(Category::Transient, reason, "10.0.0.1:6379 refused")
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_and_keeps_the_cursor() {
+        let p = policy(&["a"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        let t = &mut status.targets[0];
+        t.cursor = Some("0:5".into());
+        // Nothing ran: the cursor stays, the target keeps sweeping.
+        apply_attempt(
+            t,
+            StepResult::Failed(transient("Unreachable")),
+            false,
+            ts(T0),
+            1,
+        );
+        assert_eq!(
+            (t.phase, t.cursor.as_deref(), t.failure_category),
+            (
+                TargetPhase::Sweeping,
+                Some("0:5"),
+                Some(Category::Transient)
+            )
+        );
+        assert!(t.message.starts_with("Unreachable: "), "{}", t.message);
+        assert!(retrying(t));
+        // A step that failed after some progress resumes from the cursor it returned.
+        apply_attempt(
+            t,
+            StepResult::Ran(Step {
+                scanned: 3,
+                next: Next::Wait {
+                    cursor: "es:task-1".into(),
+                    poll_after: std::time::Duration::from_secs(1),
+                },
+                failure: Some(backends::Error::Unreachable("503".into())),
+                ..Step::default()
+            }),
+            false,
+            ts(T0),
+            2,
+        );
+        assert_eq!(
+            (t.phase, t.cursor.as_deref(), t.scanned),
+            (TargetPhase::Sweeping, Some("es:task-1"), 3)
+        );
+        // Recovered: the failure is cleared, the sweep goes on.
+        apply_attempt(
+            t,
+            StepResult::Ran(Step {
+                next: Next::Continue("es:task-1".into()),
+                ..Step::default()
+            }),
+            false,
+            ts(T0),
+            3,
+        );
+        assert_eq!((t.failure_category, t.message.as_str()), (None, ""));
+        assert!(!retrying(t));
+        // Retried a bounded number of times, then the target fails for this sweep, and the
+        // next sweep comes early.
+        apply_attempt(
+            t,
+            StepResult::Failed(transient("Unreachable")),
+            false,
+            ts(T0),
+            TRANSIENT_ATTEMPTS,
+        );
+        assert_eq!(t.phase, TargetPhase::Failed);
+        assert_eq!(
+            on_failure(Category::Transient, TRANSIENT_ATTEMPTS),
+            OnFailure::Fail { retry_sweep: true }
+        );
+        finish_if_done(
+            &mut status,
+            &sched(&p).unwrap(),
+            ts(T0),
+            ts(T0),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(status.next_sweep_time, Some(ts("2026-11-20T09:00:30Z")));
+    }
+
+    #[test]
+    fn an_invalid_spec_fails_the_target_without_retry() {
+        let p = policy(&["a"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        status.targets[0].cursor = Some("0:5".into());
+        let invalid = Failure::new(
+            Category::InvalidSpec,
+            "IdentifierNotDistinctive",
+            "subject.loki.lineFilter cannot tell",
+        );
+        assert_eq!(
+            on_failure(Category::InvalidSpec, 1),
+            OnFailure::Fail { retry_sweep: false }
+        );
+        apply_attempt(
+            &mut status.targets[0],
+            StepResult::Failed(invalid),
+            false,
+            ts(T0),
+            1,
+        );
+        let t = &status.targets[0];
+        assert_eq!(
+            (t.phase, t.failure_category),
+            (TargetPhase::Failed, Some(Category::InvalidSpec))
+        );
+        assert!(t.message.starts_with("IdentifierNotDistinctive: "));
+        assert!(!retrying(t));
+        let s = sched(&p).unwrap();
+        let done = finish_if_done(
+            &mut status,
+            &s,
+            ts(T0),
+            ts(T0),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(done.outcome, SweepOutcome::Failed);
+        assert_eq!(
+            status.next_sweep_time,
+            s.next_after(Some(ts(T0)), ts(T0)),
+            "no early retry: the next sweep is the scheduled one"
+        );
+        let c = conditions(&p, &status, None, &[], 3600, ts(T0));
+        let degraded = c.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(degraded.reason, "TargetFailed");
+    }
+
+    #[test]
+    fn a_failure_that_needs_attention_sets_the_condition_and_waits() {
+        let p = policy(&["a"]);
+        let mut status = begin_sweep(&p, ts(T0));
+        apply_attempt(
+            &mut status.targets[0],
+            StepResult::Ran(Step {
+                next: Next::Wait {
+                    cursor: "es:task-1".into(),
+                    poll_after: std::time::Duration::from_secs(1),
+                },
+                failure: Some(backends::Error::StoreTaskCancelled(
+                    "task cancelled by someone else".into(),
+                )),
+                ..Step::default()
+            }),
+            false,
+            ts(T0),
+            1,
+        );
+        let t = &status.targets[0];
+        assert_eq!(
+            (t.phase, t.failure_category, t.cursor.as_deref()),
+            (
+                TargetPhase::Failed,
+                Some(Category::NeedsAttention),
+                Some("es:task-1")
+            ),
+            "not retried; what the store ran stays named"
+        );
+        let s = sched(&p).unwrap();
+        finish_if_done(
+            &mut status,
+            &s,
+            ts(T0),
+            ts(T0),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(
+            status.next_sweep_time,
+            s.next_after(Some(ts(T0)), ts(T0)),
+            "waits: no early retry"
+        );
+        let c = conditions(&p, &status, None, &[], 3600, ts(T0));
+        let degraded = c.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(
+            (degraded.status, degraded.reason.as_str()),
+            (ConditionStatus::True, "NeedsAttention")
+        );
+        assert!(degraded
+            .message
+            .contains("StoreTaskCancelled: task cancelled"));
+    }
+
     #[test]
     fn ready_reports_every_problem_target() {
         let p = policy(&["a", "b"]);
@@ -1470,7 +1841,7 @@ mod tests {
             Problem {
                 reason: "StoreNotFound",
                 message: "DataStore cache not found".into(),
-                transient: false,
+                category: Category::InvalidSpec,
             },
         )];
         let c = conditions(
