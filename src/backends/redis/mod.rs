@@ -322,7 +322,7 @@ impl RedisBackend {
         if job.action == SubjectAction::Erase {
             restart.count = step.count;
         }
-        step.count = restart.count;
+        step.count = 0;
         step.failure = None;
         step.next = Next::Continue(restart.encode(&after.fingerprint));
         Ok(step)

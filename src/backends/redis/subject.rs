@@ -405,7 +405,9 @@ impl RedisBackend {
         };
         Ok(Progress {
             step: SubjectStep {
-                count: pos.count,
+                // As every driver's: an unfinished step reports nothing, the finished one
+                // the whole count (the running total travels in the cursor).
+                count: if finished { pos.count } else { 0 },
                 blocked: 0,
                 malformed: 0,
                 ran,

@@ -322,10 +322,13 @@ impl S3Backend {
         pos.unparsed_objects = tally
             .earlier_objects
             .saturating_add(tally.unparsed.len() as u64);
+        // As every driver's: an unfinished step reports nothing, the finished one the whole
+        // counts (the running totals travel in the cursor).
+        let whole = |n: u64| if finished { n } else { 0 };
         Ok(SubjectStep {
-            count: tally.count,
-            blocked: tally.blocked,
-            malformed: tally.malformed,
+            count: whole(tally.count),
+            blocked: whole(tally.blocked),
+            malformed: whole(tally.malformed),
             ran,
             skipped,
             next: if finished {
