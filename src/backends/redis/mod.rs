@@ -26,7 +26,10 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Backend, Error, Limits, Next, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{
+    Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
+    SweepJob,
+};
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
 use crate::backends::{held_subject_locator, identifier, template};
@@ -287,29 +290,42 @@ impl RedisBackend {
     }
 
     /// One subject step on a topology that held still: the topology is read before and
-    /// after, and the step is run again when a failover or reshard moved slots meanwhile
-    /// (or a command was redirected), so keys moved to another primary are never counted
-    /// as "not there". A slot migration under way fails the step (retried later): keys of a
-    /// migrating slot may be on either side, and neither side answers for the other.
-    async fn subject_on_stable_topology(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
-        const ATTEMPTS: usize = 3;
-        for _ in 0..ATTEMPTS {
-            let before = self.topology().await?;
-            if before.migrating {
-                return Err(Error::Store(
-                    "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
-                ));
-            }
-            let result = self.subject(job).await;
-            let after = self.topology().await?;
-            let redirected = matches!(&result, Err(Error::Store(m)) if is_redirect_message(m));
-            if before.fingerprint == after.fingerprint && !after.migrating && !redirected {
-                return result;
-            }
+    /// after. When a failover or reshard moved slots meanwhile (or a command was
+    /// redirected), keys moved to another primary may have been missed, so the step hands
+    /// back a cursor that starts over the piece it started in (tagged with the new
+    /// topology): a find or verify drops what it counted since, an erase keeps it (UNLINK
+    /// counted keys that are gone). A slot migration under way fails the step (retried
+    /// later): keys of a migrating slot may be on either side, and neither side answers for
+    /// the other.
+    async fn subject_on_stable_topology(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
+        let before = self.topology().await?;
+        if before.migrating {
+            return Err(Error::Store(
+                "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
+            ));
         }
-        Err(Error::Store(format!(
-            "the Redis Cluster's topology changed during each of {ATTEMPTS} attempts; retrying later"
-        )))
+        let progress = self.subject(job, cursor, budget, &before).await?;
+        let after = self.topology().await?;
+        let redirected =
+            matches!(&progress.step.failure, Some(Error::Store(m)) if is_redirect_message(m));
+        if before.fingerprint == after.fingerprint && !after.migrating && !redirected {
+            return Ok(progress.step);
+        }
+        let mut step = progress.step;
+        let mut restart = progress.start;
+        restart.restart_unit(false);
+        if job.action == SubjectAction::Erase {
+            restart.count = step.count;
+        }
+        step.count = 0;
+        step.failure = None;
+        step.next = Next::Continue(restart.encode(&after.fingerprint));
+        Ok(step)
     }
 
     /// Sweeps one node from `scan_cursor` until the node is done, time is up or the step is
@@ -816,15 +832,10 @@ impl Backend for RedisBackend {
     async fn subject_step(
         &self,
         job: &SubjectJob,
-        _cursor: Option<&str>,
-        _budget: &StepBudget,
+        cursor: Option<&str>,
+        budget: &StepBudget,
     ) -> Result<SubjectStep, Error> {
-        // A subject's records are few: one step finds, erases or verifies all of them.
-        if self.config.cluster {
-            self.subject_on_stable_topology(job).await
-        } else {
-            self.subject(job).await
-        }
+        self.subject_on_stable_topology(job, cursor, budget).await
     }
 
     async fn sweep_step(

@@ -4,13 +4,16 @@
 use redis::aio::MultiplexedConnection;
 use redis::RedisResult;
 
-use super::{glob, map_error, Node, RedisBackend, SCAN_COUNT};
-use std::collections::BTreeMap;
+use super::{glob, map_error, Node, RedisBackend, Topology, SCAN_COUNT};
+use std::collections::{BTreeMap, HashSet};
+use tokio::time::Instant;
 
 use crate::api::StoreKind;
 use crate::backends::identifier::{self, exact_forms, Piece};
 use crate::backends::template::{self, escape_glob};
-use crate::backends::{subject_locator, Error, Next, SubjectAction, SubjectJob, SubjectStep};
+use crate::backends::{
+    subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
+};
 
 /// Fills a template with a subject's identifiers, into the forms to look for.
 type Expander = fn(&str, &BTreeMap<String, String>) -> Result<Vec<String>, template::Error>;
@@ -52,121 +55,419 @@ pub(crate) fn key_glob(
     })])
 }
 
-impl RedisBackend {
-    pub(super) async fn subject(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
-        let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
-        let nodes = self.nodes().await?;
-        let nodes = nodes.as_slice();
-        let mut count = 0;
-        let mut skipped = Vec::new();
+/// One piece of a subject's records, in the order steps work through them. Built afresh by
+/// every step from the locator and the identifiers, so a cursor names a piece by its index
+/// and never holds an identifier.
+enum Unit {
+    /// Keys matching a glob, on every node, SCAN page by SCAN page.
+    Glob(String),
+    /// One hash field (HEXISTS / HDEL) on every node.
+    HashField { key: String, field: String },
+    /// One set or sorted-set member on every node.
+    SetMember { key: String, member: String },
+}
 
-        for (i, t) in locator.keys.iter().enumerate() {
-            let Some(patterns) =
-                expand_or_skip(&format!("keys[{i}]"), t, job, key_glob, &mut skipped)?
-            else {
-                continue;
+/// The pieces of a subject's records, the locators skipped (the subject lacks an identifier
+/// they need), and whether any locator ran.
+fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
+    let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
+    let mut units = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, t) in locator.keys.iter().enumerate() {
+        let Some(patterns) = expand_or_skip(&format!("keys[{i}]"), t, job, key_glob, &mut skipped)?
+        else {
+            continue;
+        };
+        for pattern in patterns {
+            if glob::matches_everything(&pattern) || pattern.is_empty() {
+                return Err(Error::InvalidSpec(format!(
+                    "target {}: subject.redis.keys[{i}] would match every key",
+                    job.target.name
+                )));
+            }
+            units.push(Unit::Glob(pattern));
+        }
+    }
+    for (i, hf) in locator.hash_fields.iter().enumerate() {
+        let what = format!("hashFields[{i}]");
+        let Some(keys) = expand_or_skip(&what, &hf.key, job, exact_forms, &mut skipped)? else {
+            continue;
+        };
+        let Some(fields) = expand_or_skip(&what, &hf.field, job, exact_forms, &mut skipped)? else {
+            continue;
+        };
+        for (key, field) in pairs(&keys, &fields) {
+            units.push(Unit::HashField {
+                key: key.clone(),
+                field: field.clone(),
+            });
+        }
+    }
+    for (i, sm) in locator.set_members.iter().enumerate() {
+        let what = format!("setMembers[{i}]");
+        let Some(keys) = expand_or_skip(&what, &sm.key, job, exact_forms, &mut skipped)? else {
+            continue;
+        };
+        let Some(members) = expand_or_skip(&what, &sm.member, job, exact_forms, &mut skipped)?
+        else {
+            continue;
+        };
+        for (key, member) in pairs(&keys, &members) {
+            units.push(Unit::SetMember {
+                key: key.clone(),
+                member: member.clone(),
+            });
+        }
+    }
+    skipped.dedup();
+    let locators = locator.keys.len() + locator.hash_fields.len() + locator.set_members.len();
+    let ran = skipped.len() < locators;
+    Ok((units, skipped, ran))
+}
+
+/// Where a subject step resumes. The engine keeps only the cursor of an unfinished step
+/// (not its counts), so the running total travels in the cursor and a finished step
+/// reports the whole count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Position {
+    /// The action the position belongs to: a cursor of another action (a failed erase
+    /// retried as a verify) starts over.
+    pub(super) action: Option<SubjectAction>,
+    /// The index of the piece ([`Unit`]) being worked on.
+    pub(super) unit: usize,
+    /// Within a glob: the node, and the SCAN cursor on it.
+    pub(super) node: usize,
+    pub(super) scan: u64,
+    /// Records counted so far, all pieces together.
+    pub(super) count: u64,
+    /// Of `count`, those counted in the current glob: a find or verify that must start the
+    /// glob over (another topology) takes them back. An erase keeps them: UNLINK counted
+    /// keys that are gone.
+    pub(super) in_unit: u64,
+}
+
+const CURSOR_PREFIX: &str = "subject:";
+
+fn action_code(action: SubjectAction) -> &'static str {
+    match action {
+        SubjectAction::Find => "f",
+        SubjectAction::Erase => "e",
+        SubjectAction::Verify => "v",
+    }
+}
+
+impl Position {
+    fn start(action: SubjectAction) -> Self {
+        Self {
+            action: Some(action),
+            ..Self::default()
+        }
+    }
+
+    /// `subject:{action}:{unit}:{node}:{scan}:{count}:{in_unit}`, and `:{topology}` when
+    /// the node index is only meaningful on one topology ([`super::topology_tag`]). Indexes
+    /// and counts only: never a key, so never an identifier.
+    pub(super) fn encode(&self, fingerprint: &str) -> String {
+        let action = self.action.map_or("f", action_code);
+        let base = format!(
+            "{CURSOR_PREFIX}{action}:{}:{}:{}:{}:{}",
+            self.unit, self.node, self.scan, self.count, self.in_unit
+        );
+        if fingerprint.is_empty() {
+            base
+        } else {
+            format!("{base}:{}", super::topology_tag(fingerprint))
+        }
+    }
+
+    /// Reads a cursor for `action` on a deployment of `nodes` nodes whose topology is
+    /// `fingerprint`, with `units` pieces to work through. A malformed cursor is refused; a
+    /// cursor of another action starts over; a position past the pieces (the locator
+    /// changed) starts over, keeping an erase's count (what it unlinked is gone); a cursor
+    /// taken on another topology (or another run of a standalone server, whose SCAN
+    /// cursors mean nothing now) starts the current glob over, so no node is skipped.
+    pub(super) fn parse(
+        cursor: Option<&str>,
+        action: SubjectAction,
+        nodes: usize,
+        fingerprint: &str,
+        units: usize,
+    ) -> Result<Self, Error> {
+        let Some(cursor) = cursor else {
+            return Ok(Self::start(action));
+        };
+        // The cursor holds only digits, letters and a topology tag: quoting it is safe.
+        let bad = || {
+            Error::InvalidSpec(format!(
+                "checkpoint cursor {cursor:?} is not a Redis subject cursor"
+            ))
+        };
+        let rest = cursor.strip_prefix(CURSOR_PREFIX).ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split(':').collect();
+        if !(6..=7).contains(&parts.len()) {
+            return Err(bad());
+        }
+        let number = |s: &str| s.parse::<u64>().map_err(|_| bad());
+        let index = |s: &str| s.parse::<usize>().map_err(|_| bad());
+        let code = parts[0];
+        if !["f", "e", "v"].contains(&code) {
+            return Err(bad());
+        }
+        let mut p = Self {
+            action: Some(action),
+            unit: index(parts[1])?,
+            node: index(parts[2])?,
+            scan: number(parts[3])?,
+            count: number(parts[4])?,
+            in_unit: number(parts[5])?,
+        };
+        let tag = parts.get(6).copied();
+        if p.in_unit > p.count {
+            return Err(bad());
+        }
+        if code != action_code(action) {
+            return Ok(Self::start(action));
+        }
+        let erase = action == SubjectAction::Erase;
+        if p.unit > units {
+            let count = if erase { p.count } else { 0 };
+            return Ok(Self {
+                count,
+                ..Self::start(action)
+            });
+        }
+        let same_topology = match tag {
+            Some(tag) => !fingerprint.is_empty() && tag == super::topology_tag(fingerprint),
+            None => fingerprint.is_empty(),
+        };
+        if p.node >= nodes.max(1) || !same_topology {
+            p.restart_unit(erase);
+        }
+        Ok(p)
+    }
+
+    /// Starts the current piece over on the first node.
+    pub(super) fn restart_unit(&mut self, erase: bool) {
+        if !erase {
+            self.count = self.count.saturating_sub(self.in_unit);
+        }
+        self.in_unit = 0;
+        self.node = 0;
+        self.scan = 0;
+    }
+
+    fn add(&mut self, n: u64) {
+        self.count = self.count.saturating_add(n);
+        self.in_unit = self.in_unit.saturating_add(n);
+    }
+
+    fn next_unit(&mut self) {
+        self.unit += 1;
+        self.node = 0;
+        self.scan = 0;
+        self.in_unit = 0;
+    }
+}
+
+/// Keys already counted in the current glob on the current node by a find or verify: SCAN
+/// may return a key twice (the table was resized between calls). Bounded: past this many
+/// keys a duplicate is counted again, and so is one returned again in a later step (the
+/// set is not carried in the cursor, which must hold no key). An erase needs no such set:
+/// its counts are UNLINK's replies, and a key unlinked is not unlinked again.
+const SEEN_LIMIT: usize = 100_000;
+
+/// What one subject step did: the step, and where it started (to start a piece over when
+/// the cluster's topology changed under it).
+pub(super) struct Progress {
+    pub step: SubjectStep,
+    pub start: Position,
+}
+
+impl RedisBackend {
+    /// One bounded step of finding, erasing or verifying a subject on `topology`: works
+    /// through the pieces from `cursor` until all are done, `budget.max_time` is spent or
+    /// `budget.cancel` is cancelled (then hands back a cursor). At least one SCAN page (or
+    /// one hash field or member) is done per step unless the step is cancelled before it
+    /// starts, so steps always progress. A failure after some progress is returned with
+    /// the cursor before the piece that failed, so counts are kept and nothing is redone.
+    pub(super) async fn subject(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+        topology: &Topology,
+    ) -> Result<Progress, Error> {
+        let (units, skipped, ran) = units(job)?;
+        let nodes = topology.nodes.as_slice();
+        let start = Position::parse(
+            cursor,
+            job.action,
+            nodes.len(),
+            &topology.fingerprint,
+            units.len(),
+        )?;
+        let deadline = Instant::now() + budget.max_time;
+        let mut pos = start.clone();
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut worked = false;
+        let mut failure = None;
+        while let Some(unit) = units.get(pos.unit) {
+            if budget.cancel.is_cancelled() || (worked && Instant::now() >= deadline) {
+                break;
+            }
+            worked = true;
+            let done = match unit {
+                Unit::Glob(pattern) => {
+                    let Some(node) = nodes.get(pos.node) else {
+                        pos.next_unit();
+                        continue;
+                    };
+                    match self
+                        .subject_page(node, pattern, pos.scan, job.action, budget, &mut seen)
+                        .await
+                    {
+                        Ok((next, n)) => {
+                            pos.add(n);
+                            if next == 0 {
+                                seen.clear();
+                                pos.node += 1;
+                                pos.scan = 0;
+                            } else {
+                                pos.scan = next;
+                            }
+                            pos.node >= nodes.len()
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                Unit::HashField { key, field } => {
+                    let command = if job.action == SubjectAction::Erase {
+                        "HDEL"
+                    } else {
+                        "HEXISTS"
+                    };
+                    let mut n = 0u64;
+                    for node in nodes {
+                        let r = async {
+                            if job.action == SubjectAction::Erase {
+                                budget.may_act()?;
+                            }
+                            self.single_key(node, redis::cmd(command).arg(key).arg(field))
+                                .await
+                        }
+                        .await;
+                        match r {
+                            Ok(k) => n = n.saturating_add(k),
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    // A hash field removed on one node before another failed is gone: its
+                    // count is kept, and the retry finds nothing more there.
+                    pos.add(n);
+                    if failure.is_some() {
+                        break;
+                    }
+                    true
+                }
+                Unit::SetMember { key, member } => {
+                    let mut n = 0u64;
+                    for node in nodes {
+                        match self.set_member(node, key, member, job.action, budget).await {
+                            Ok(k) => n = n.saturating_add(k),
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    pos.add(n);
+                    if failure.is_some() {
+                        break;
+                    }
+                    true
+                }
             };
-            for pattern in patterns {
-                if glob::matches_everything(&pattern) || pattern.is_empty() {
-                    return Err(Error::InvalidSpec(format!(
-                        "target {}: subject.redis.keys[{i}] would match every key",
-                        job.target.name
-                    )));
-                }
-                for node in nodes {
-                    count += self.subject_keys(node, &pattern, job.action).await?;
-                }
+            if done {
+                pos.next_unit();
             }
         }
-        for (i, hf) in locator.hash_fields.iter().enumerate() {
-            let what = format!("hashFields[{i}]");
-            let Some(keys) = expand_or_skip(&what, &hf.key, job, exact_forms, &mut skipped)? else {
-                continue;
-            };
-            let Some(fields) = expand_or_skip(&what, &hf.field, job, exact_forms, &mut skipped)?
-            else {
-                continue;
-            };
-            let command = if job.action == SubjectAction::Erase {
-                "HDEL"
-            } else {
-                "HEXISTS"
-            };
-            for (key, field) in pairs(&keys, &fields) {
-                for node in nodes {
-                    count += self
-                        .single_key(node, redis::cmd(command).arg(key).arg(field))
-                        .await?;
-                }
-            }
-        }
-        for (i, sm) in locator.set_members.iter().enumerate() {
-            let what = format!("setMembers[{i}]");
-            let Some(keys) = expand_or_skip(&what, &sm.key, job, exact_forms, &mut skipped)? else {
-                continue;
-            };
-            let Some(members) = expand_or_skip(&what, &sm.member, job, exact_forms, &mut skipped)?
-            else {
-                continue;
-            };
-            for (key, member) in pairs(&keys, &members) {
-                for node in nodes {
-                    count += self.set_member(node, key, member, job.action).await?;
-                }
-            }
-        }
-        skipped.dedup();
-        let locators = locator.keys.len() + locator.hash_fields.len() + locator.set_members.len();
-        Ok(SubjectStep {
-            count,
-            blocked: 0,
-            malformed: 0,
-            ran: skipped.len() < locators,
-            skipped,
-            next: Next::Done,
-            failure: None,
+        let finished = pos.unit >= units.len() && failure.is_none();
+        let next = if finished {
+            Next::Done
+        } else {
+            Next::Continue(pos.encode(&topology.fingerprint))
+        };
+        Ok(Progress {
+            step: SubjectStep {
+                // As every driver's: an unfinished step reports nothing, the finished one
+                // the whole count (the running total travels in the cursor).
+                count: if finished { pos.count } else { 0 },
+                blocked: 0,
+                malformed: 0,
+                ran,
+                skipped,
+                next,
+                failure,
+            },
+            start,
         })
     }
 
-    /// Keys matching `pattern` on one node: counted, or unlinked and counted.
-    async fn subject_keys(
+    /// One SCAN page of keys matching `pattern` on one node: counted, or unlinked and
+    /// counted. Returns the next SCAN cursor (0: the node is done) and the count.
+    async fn subject_page(
         &self,
         node: &Node,
         pattern: &str,
+        cursor: u64,
         action: SubjectAction,
-    ) -> Result<u64, Error> {
+        budget: &StepBudget,
+        seen: &mut HashSet<Vec<u8>>,
+    ) -> Result<(u64, u64), Error> {
         let mut conn = node.conn.clone();
         let err = |e| map_error(e, &node.addr);
-        let mut cursor = 0u64;
-        let mut count = 0;
-        loop {
-            self.limits.acquire(1).await;
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await
-                .map_err(err)?;
-            let keys: Vec<Vec<u8>> = keys
-                .into_iter()
-                .filter(|k| glob::matches(pattern.as_bytes(), k))
-                .collect();
-            if !keys.is_empty() {
-                count += match action {
-                    SubjectAction::Find | SubjectAction::Verify => keys.len() as u64,
-                    SubjectAction::Erase => {
-                        unlink_each(&mut conn, &keys, self).await.map_err(err)?
-                    }
-                };
-            }
-            if next == 0 {
-                return Ok(count);
-            }
-            cursor = next;
+        self.limits.acquire(1).await;
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut conn)
+            .await
+            .map_err(err)?;
+        let keys: Vec<Vec<u8>> = keys
+            .into_iter()
+            .filter(|k| glob::matches(pattern.as_bytes(), k))
+            .collect();
+        if keys.is_empty() {
+            return Ok((next, 0));
         }
+        let count = match action {
+            SubjectAction::Find | SubjectAction::Verify => {
+                let mut n = 0u64;
+                for key in keys {
+                    if seen.contains(&key) {
+                        continue;
+                    }
+                    n += 1;
+                    if seen.len() < SEEN_LIMIT {
+                        seen.insert(key);
+                    }
+                }
+                n
+            }
+            SubjectAction::Erase => unlink_each(&mut conn, &keys, self, budget)
+                .await
+                .map_err(err)?,
+        };
+        Ok((next, count))
     }
 
     /// A command on one key that answers an integer. On a cluster node that does not own the
@@ -188,6 +489,7 @@ impl RedisBackend {
         key: &str,
         member: &str,
         action: SubjectAction,
+        budget: &StepBudget,
     ) -> Result<u64, Error> {
         let mut conn = node.conn.clone();
         self.limits.acquire(1).await;
@@ -197,6 +499,9 @@ impl RedisBackend {
             Err(e) => return Err(map_error(e, &node.addr)),
         };
         let erase = action == SubjectAction::Erase;
+        if erase {
+            budget.may_act()?;
+        }
         match kind.as_str() {
             "set" => {
                 self.single_key(
@@ -238,16 +543,144 @@ async fn unlink_each(
     conn: &mut MultiplexedConnection,
     keys: &[Vec<u8>],
     backend: &RedisBackend,
+    budget: &StepBudget,
 ) -> RedisResult<u64> {
     let mut pipe = redis::pipe();
     for key in keys {
         pipe.cmd("UNLINK").arg(key);
     }
-    backend.limits.acquire(keys.len() as u32).await;
+    backend
+        .limits
+        .acquire(u32::try_from(keys.len()).unwrap_or(u32::MAX))
+        .await;
+    // Right before the destructive batch, after the rate-limit wait.
+    if budget.may_act().is_err() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            super::LEADERSHIP_LOST,
+        )));
+    }
     let removed: Vec<u64> = pipe.query_async(conn).await?;
     Ok(removed.iter().sum())
 }
 
 fn is_not_here(e: &redis::RedisError) -> bool {
     matches!(e.code(), Some("MOVED") | Some("ASK"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIND: SubjectAction = SubjectAction::Find;
+    const ERASE: SubjectAction = SubjectAction::Erase;
+
+    fn at(
+        action: SubjectAction,
+        unit: usize,
+        node: usize,
+        scan: u64,
+        count: u64,
+        in_unit: u64,
+    ) -> Position {
+        Position {
+            action: Some(action),
+            unit,
+            node,
+            scan,
+            count,
+            in_unit,
+        }
+    }
+
+    #[test]
+    fn a_cursor_resumes_where_it_stopped_and_names_no_key() {
+        let p = at(ERASE, 2, 1, 4711, 20_000, 300);
+        let standalone = p.encode("");
+        assert_eq!(standalone, "subject:e:2:1:4711:20000:300");
+        assert_eq!(
+            Position::parse(Some(&standalone), ERASE, 2, "", 5).unwrap(),
+            p
+        );
+        let cluster = p.encode("a b c");
+        assert_eq!(
+            Position::parse(Some(&cluster), ERASE, 3, "a b c", 5).unwrap(),
+            p
+        );
+        assert_eq!(
+            Position::parse(None, FIND, 3, "", 5).unwrap(),
+            Position::start(FIND)
+        );
+    }
+
+    #[test]
+    fn malformed_cursors_are_refused_never_a_panic() {
+        for bad in [
+            "",
+            "subject:",
+            "subject:e:1:0:0:5",
+            "subject:x:1:0:0:5:0",
+            "subject:e:-1:0:0:5:0",
+            "subject:e:1:0:0:5:0:tag:more",
+            "subject:e:1:0:99999999999999999999999:5:0",
+            "subject:e:1:0:0:5:6",
+            "0:0",
+            "s3:{}",
+            "subject:e:1:0:0:5:0:\u{e9}",
+        ] {
+            let e = Position::parse(Some(bad), ERASE, 1, "", 3);
+            if bad.ends_with('\u{e9}') {
+                // Well-formed but from another topology: the glob starts over.
+                assert_eq!(e.unwrap(), at(ERASE, 1, 0, 0, 5, 0));
+                continue;
+            }
+            let e = e.unwrap_err();
+            assert_eq!(e.reason(), "InvalidSpec", "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn another_topology_starts_the_glob_over_and_only_a_find_takes_its_count_back() {
+        let find = at(FIND, 1, 1, 99, 50, 20).encode("old");
+        assert_eq!(
+            Position::parse(Some(&find), FIND, 2, "new", 3).unwrap(),
+            at(FIND, 1, 0, 0, 30, 0)
+        );
+        let erase = at(ERASE, 1, 1, 99, 50, 20).encode("old");
+        assert_eq!(
+            Position::parse(Some(&erase), ERASE, 2, "new", 3).unwrap(),
+            at(ERASE, 1, 0, 0, 50, 0)
+        );
+        // A standalone server that restarted, and a node index past the nodes.
+        let standalone = at(FIND, 0, 0, 99, 10, 10).encode("run_id 1");
+        assert_eq!(
+            Position::parse(Some(&standalone), FIND, 1, "run_id 2", 3).unwrap(),
+            at(FIND, 0, 0, 0, 0, 0)
+        );
+        let past = at(FIND, 0, 4, 99, 10, 4).encode("");
+        assert_eq!(
+            Position::parse(Some(&past), FIND, 1, "", 3).unwrap(),
+            at(FIND, 0, 0, 0, 6, 0)
+        );
+    }
+
+    #[test]
+    fn a_cursor_of_another_action_or_a_changed_locator_starts_over() {
+        let erase = at(ERASE, 1, 0, 9, 7, 1).encode("");
+        assert_eq!(
+            Position::parse(Some(&erase), SubjectAction::Verify, 1, "", 3).unwrap(),
+            Position::start(SubjectAction::Verify)
+        );
+        let beyond = at(ERASE, 9, 0, 9, 7, 1).encode("");
+        assert_eq!(
+            Position::parse(Some(&beyond), ERASE, 1, "", 3).unwrap(),
+            at(ERASE, 0, 0, 0, 7, 0),
+            "an erase keeps the count of keys it unlinked"
+        );
+        let beyond = at(FIND, 9, 0, 9, 7, 1).encode("");
+        assert_eq!(
+            Position::parse(Some(&beyond), FIND, 1, "", 3).unwrap(),
+            Position::start(FIND)
+        );
+    }
 }

@@ -377,10 +377,10 @@ impl Backend for S3Backend {
     async fn subject_step(
         &self,
         job: &SubjectJob,
-        _cursor: Option<&str>,
-        _budget: &StepBudget,
+        cursor: Option<&str>,
+        budget: &StepBudget,
     ) -> Result<SubjectStep, Error> {
-        self.subject(job).await
+        self.subject(job, cursor, budget).await
     }
 
     async fn locked_copies(

@@ -9,56 +9,240 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ObjectIdentifier;
 use tokio_util::io::SyncIoBridge;
 
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
 use super::records::{self, Counts, Matcher};
-use super::sweep::{Cursor, Recorded, ORIGINAL_TIME};
+use super::sweep::{Cursor, Entry, Recorded, ORIGINAL_TIME};
 use super::{object_id, sdk_error, S3Backend};
 use crate::api::retentionpolicy::UnparsedLines;
 use crate::api::StoreKind;
 use crate::backends::identifier;
 use crate::backends::template;
 use crate::backends::{
-    subject_locator, Error, LockedCopies, Next, SubjectAction, SubjectJob, SubjectStep,
+    subject_locator, Error, LockedCopies, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
 
 /// Attempts at a conditional write before giving up on an archive that keeps changing.
 const WRITE_ATTEMPTS: u32 = 5;
 
-/// Running totals of one subject step.
+/// Running totals of one subject step, from those the cursor carried.
 #[derive(Default)]
 struct Tally {
     count: u64,
     blocked: u64,
     malformed: u64,
     /// Objects (key, and whether an older version) with lines that are not JSON but hold
-    /// the identifier, and how many.
+    /// the identifier, and how many, found in this step.
     unparsed: Vec<(String, bool, u64)>,
+    /// Such lines and objects found in earlier steps (only counted: a cursor holds no key).
+    earlier_lines: u64,
+    earlier_objects: u64,
 }
 
 /// How many archive objects with unparsed copies a message names.
 const NAMED_OBJECTS: usize = 5;
 
+/// The phases of a subject step, in order.
+const PREFIXES: u8 = 0;
+/// Erase only: every current archive rewritten without the subject's records.
+const REWRITE: u8 = 1;
+/// Every version of every archive read: counted (find, verify), or, if it is an older
+/// version still holding records, deleted (erase).
+const VERSIONS: u8 = 2;
+
+const CURSOR_PREFIX: &str = "s3-subject:";
+
+/// Where a subject step resumes, and the totals so far (the engine keeps only the cursor of
+/// an unfinished step, so a finished step reports the whole count).
+///
+/// The listing position is not a key or a ListObjectVersions marker: keys under a
+/// subject's prefix (`users/{userId}/…`) hold the identifier, and a cursor lives in status.
+/// It is the number of entries of the current prefix's listing already dealt with that are
+/// still listed, counted apart for versions and for delete markers (each in the listing's
+/// own order, whatever its pages): a resumed step lists from the start and passes over
+/// them. Erasing deletes what it deals with, so for an erase these are the versions the
+/// store refused to delete. Version ids are the store's own opaque names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Position {
+    /// The action (`f`, `e`, `v`): a cursor of another action starts over.
+    #[serde(rename = "a")]
+    action: String,
+    #[serde(rename = "p", default)]
+    phase: u8,
+    /// The index of the prefix (of the phase's list) being worked on.
+    #[serde(rename = "u", default)]
+    unit: usize,
+    #[serde(rename = "sv", default)]
+    skip: u64,
+    #[serde(rename = "sm", default)]
+    skip_markers: u64,
+    #[serde(rename = "c", default)]
+    count: u64,
+    #[serde(rename = "b", default)]
+    blocked: u64,
+    #[serde(rename = "m", default)]
+    malformed: u64,
+    #[serde(rename = "ul", default)]
+    unparsed_lines: u64,
+    #[serde(rename = "uo", default)]
+    unparsed_objects: u64,
+    /// Versions an archive rewrite replaced that the store refused to delete (Object
+    /// Lock): already counted, so the versions pass leaves them alone.
+    #[serde(rename = "k", default, skip_serializing_if = "Vec::is_empty")]
+    kept: Vec<String>,
+}
+
+fn action_code(action: SubjectAction) -> &'static str {
+    match action {
+        SubjectAction::Find => "f",
+        SubjectAction::Erase => "e",
+        SubjectAction::Verify => "v",
+    }
+}
+
+impl Position {
+    fn start(action: SubjectAction) -> Self {
+        Self {
+            action: action_code(action).into(),
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn encode(&self) -> String {
+        // Serialising numbers and plain strings cannot fail.
+        format!(
+            "{CURSOR_PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    /// Reads a cursor for `action`. A malformed cursor is refused; one of another action
+    /// starts over.
+    pub(super) fn parse(cursor: Option<&str>, action: SubjectAction) -> Result<Self, Error> {
+        let Some(text) = cursor else {
+            return Ok(Self::start(action));
+        };
+        let bad = || Error::InvalidSpec("checkpoint cursor is not an S3 subject cursor".into());
+        let p: Self = text
+            .strip_prefix(CURSOR_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .ok_or_else(bad)?;
+        if !["f", "e", "v"].contains(&p.action.as_str()) || p.phase > VERSIONS {
+            return Err(bad());
+        }
+        if p.action != action_code(action) {
+            return Ok(Self::start(action));
+        }
+        Ok(p)
+    }
+
+    fn next_unit(&mut self) {
+        self.unit += 1;
+        self.skip = 0;
+        self.skip_markers = 0;
+    }
+
+    fn next_phase(&mut self) {
+        self.phase += 1;
+        self.unit = 0;
+        self.skip = 0;
+        self.skip_markers = 0;
+    }
+}
+
+/// One prefix's listing within a step: the page position, and the entries already dealt
+/// with in earlier steps still to pass over.
+#[derive(Default)]
+struct Walk {
+    listing: Cursor,
+    skip: u64,
+    skip_markers: u64,
+    /// Erase, versioned: the version the listing resumes after, deleted once the listing
+    /// is done or the step ends (some servers cannot resume after a version that no longer
+    /// exists).
+    deferred: Vec<ObjectIdentifier>,
+}
+
+impl Walk {
+    fn at(pos: &Position) -> Self {
+        Self {
+            skip: pos.skip,
+            skip_markers: pos.skip_markers,
+            ..Self::default()
+        }
+    }
+
+    /// The entries of a page not dealt with yet.
+    fn fresh(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
+        entries
+            .into_iter()
+            .filter(|e| {
+                let left = if e.delete_marker {
+                    &mut self.skip_markers
+                } else {
+                    &mut self.skip
+                };
+                if *left > 0 {
+                    *left -= 1;
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect()
+    }
+}
+
+/// When a step hands back control: once it did some work and its time is spent, or as soon
+/// as it is cancelled.
+struct Clock<'a> {
+    budget: &'a StepBudget,
+    deadline: Instant,
+    worked: bool,
+}
+
+impl Clock<'_> {
+    fn stop(&self) -> bool {
+        self.budget.cancel.is_cancelled() || (self.worked && Instant::now() >= self.deadline)
+    }
+}
+
+/// The records locator, ready to run.
+struct Records {
+    prefixes: Vec<String>,
+    matcher: Matcher,
+    not_distinctive: Option<identifier::NotDistinctive>,
+    drop: bool,
+}
+
 impl S3Backend {
-    pub(super) async fn subject(&self, job: &SubjectJob) -> Result<SubjectStep, Error> {
+    /// One bounded step: key prefixes page by page, then (erase) archives rewritten one by
+    /// one, then archive versions read one by one, until done, the step's time is spent or
+    /// it is cancelled; never in the middle of an archive's rewrite. A failure after some
+    /// progress is returned with the cursor of what was done, so counts are kept.
+    pub(super) async fn subject(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
         let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3.as_ref())?;
         let mut skipped = Vec::new();
-        let mut tally = Tally::default();
         let mut ran = false;
-        let versioned = self.versioned().await?;
+        let mut prefixes = Vec::new();
         for (i, t) in locator.key_prefixes.iter().enumerate() {
-            let Some(prefixes) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? else {
-                continue;
-            };
-            ran = true;
-            for prefix in prefixes {
-                self.prefix_objects(&prefix, versioned, job.action, &mut tally)
-                    .await?;
+            if let Some(forms) = expand(&format!("keyPrefixes[{i}]"), t, job, &mut skipped)? {
+                ran = true;
+                prefixes.extend(forms);
             }
         }
-        let mut failure = None;
+        let mut records = None;
         if let Some(spec) = &locator.records {
-            let prefixes = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
+            let forms = expand("records.prefix", &spec.prefix, job, &mut skipped)?;
             let equals = fill_equals(&spec.equals, job, &mut skipped)?;
-            if let (Some(prefixes), Some(equals)) = (prefixes, equals) {
+            if let (Some(forms), Some(equals)) = (forms, equals) {
                 ran = true;
                 // Lines that are not JSON are only dropped when the value can be told apart
                 // from other text (the same rule as a Loki line filter's bare placeholder).
@@ -66,22 +250,387 @@ impl S3Backend {
                 let drop = spec.unparsed_lines == UnparsedLines::DropMatching;
                 let matcher = Matcher::new(&spec.field, &equals)
                     .dropping_unparsed(drop && distinctive.is_ok());
-                for prefix in prefixes {
-                    self.archive_records(&prefix, &matcher, versioned, job.action, &mut tally)
-                        .await?;
-                }
-                failure = unparsed_failure(job, &tally, distinctive.err(), drop);
+                records = Some(Records {
+                    prefixes: forms,
+                    matcher,
+                    not_distinctive: distinctive.err(),
+                    drop,
+                });
             }
         }
+        let mut pos = Position::parse(cursor, job.action)?;
+        let versioned = self.versioned().await?;
+        let mut tally = Tally {
+            count: pos.count,
+            blocked: pos.blocked,
+            malformed: pos.malformed,
+            unparsed: Vec::new(),
+            earlier_lines: pos.unparsed_lines,
+            earlier_objects: pos.unparsed_objects,
+        };
+        let mut clock = Clock {
+            budget,
+            deadline: Instant::now() + budget.max_time,
+            worked: false,
+        };
+        let mut walk = Walk::at(&pos);
+        // Archive versions replaced (rewrite) or to delete (versions pass) in this step.
+        let mut replaced: Vec<(String, String)> = Vec::new();
+        let mut doomed: Vec<ObjectIdentifier> = Vec::new();
+        let run = self
+            .subject_phases(
+                job,
+                versioned,
+                &prefixes,
+                records.as_ref(),
+                &mut pos,
+                &mut walk,
+                &mut clock,
+                &mut tally,
+                &mut replaced,
+                &mut doomed,
+            )
+            .await;
+        // What this step left to delete is deleted before it returns: the next step lists
+        // afresh.
+        let flushed = self
+            .flush(
+                &mut pos,
+                &mut walk,
+                &mut tally,
+                &mut replaced,
+                &mut doomed,
+                budget,
+            )
+            .await;
+        let (finished, failure) = match (run, flushed) {
+            (Ok(finished), Ok(())) => (finished, None),
+            (Err(e), _) | (Ok(_), Err(e)) => (false, Some(e)),
+        };
+        let failure = match (&failure, &records) {
+            (None, Some(r)) if finished => {
+                unparsed_failure(job, &tally, r.not_distinctive.clone(), r.drop)
+            }
+            _ => failure,
+        };
+        pos.count = tally.count;
+        pos.blocked = tally.blocked;
+        pos.malformed = tally.malformed;
+        pos.unparsed_lines = tally
+            .earlier_lines
+            .saturating_add(tally.unparsed.iter().map(|(_, _, n)| n).sum());
+        pos.unparsed_objects = tally
+            .earlier_objects
+            .saturating_add(tally.unparsed.len() as u64);
+        // As every driver's: an unfinished step reports nothing, the finished one the whole
+        // counts (the running totals travel in the cursor).
+        let whole = |n: u64| if finished { n } else { 0 };
         Ok(SubjectStep {
-            count: tally.count,
-            blocked: tally.blocked,
-            malformed: tally.malformed,
+            count: whole(tally.count),
+            blocked: whole(tally.blocked),
+            malformed: whole(tally.malformed),
             ran,
             skipped,
-            next: Next::Done,
+            next: if finished {
+                Next::Done
+            } else {
+                Next::Continue(pos.encode())
+            },
             failure,
         })
+    }
+
+    /// Works through the phases from `pos`; true once all are done.
+    #[allow(clippy::too_many_arguments)]
+    async fn subject_phases(
+        &self,
+        job: &SubjectJob,
+        versioned: bool,
+        prefixes: &[String],
+        records: Option<&Records>,
+        pos: &mut Position,
+        walk: &mut Walk,
+        clock: &mut Clock<'_>,
+        tally: &mut Tally,
+        replaced: &mut Vec<(String, String)>,
+        doomed: &mut Vec<ObjectIdentifier>,
+    ) -> Result<bool, Error> {
+        let erase = job.action == SubjectAction::Erase;
+        loop {
+            let (list, skip_phase) = match pos.phase {
+                PREFIXES => (prefixes, false),
+                REWRITE => (
+                    records.map_or(&[][..], |r| &r.prefixes[..]),
+                    !erase || records.is_none(),
+                ),
+                _ => (
+                    records.map_or(&[][..], |r| &r.prefixes[..]),
+                    records.is_none() || (erase && !versioned),
+                ),
+            };
+            let Some(prefix) = list.get(pos.unit).filter(|_| !skip_phase) else {
+                if pos.phase == REWRITE {
+                    self.flush(pos, walk, tally, replaced, doomed, clock.budget)
+                        .await?;
+                }
+                if pos.phase >= VERSIONS {
+                    return Ok(true);
+                }
+                pos.next_phase();
+                *walk = Walk::default();
+                continue;
+            };
+            if clock.stop() {
+                return Ok(false);
+            }
+            let done = match pos.phase {
+                PREFIXES => {
+                    let budget = clock.budget;
+                    self.prefix_page(
+                        prefix,
+                        versioned,
+                        job.action,
+                        pos,
+                        walk,
+                        tally,
+                        budget,
+                        &mut clock.worked,
+                    )
+                    .await?
+                }
+                REWRITE => {
+                    let Some(r) = records else { return Ok(true) };
+                    self.rewrite_archives(prefix, &r.matcher, pos, walk, clock, tally, replaced)
+                        .await?
+                }
+                _ => {
+                    let Some(r) = records else { return Ok(true) };
+                    self.archive_versions(
+                        prefix, &r.matcher, versioned, job.action, pos, walk, clock, tally, doomed,
+                    )
+                    .await?
+                }
+            };
+            if !done && pos.phase == PREFIXES {
+                // One page done: the clock says whether the next one is.
+                continue;
+            }
+            if !done {
+                return Ok(false);
+            }
+            self.flush(pos, walk, tally, replaced, doomed, clock.budget)
+                .await?;
+            pos.next_unit();
+            *walk = Walk::default();
+        }
+    }
+
+    /// Deletes what the step has left to delete: the version a prefix listing resumes
+    /// after, archive versions a rewrite replaced (refusals are remembered, by version id),
+    /// older archive versions holding records (those deleted no longer count as listed).
+    async fn flush(
+        &self,
+        pos: &mut Position,
+        walk: &mut Walk,
+        tally: &mut Tally,
+        replaced: &mut Vec<(String, String)>,
+        doomed: &mut Vec<ObjectIdentifier>,
+        budget: &StepBudget,
+    ) -> Result<(), Error> {
+        if !walk.deferred.is_empty() {
+            budget.may_act()?;
+            let done = self
+                .delete_batch(std::mem::take(&mut walk.deferred))
+                .await?;
+            tally.count += done.deleted;
+            tally.blocked += done.refused.len() as u64;
+            pos.skip += done.refused.len() as u64;
+        }
+        if !replaced.is_empty() {
+            budget.may_act()?;
+            let versions = std::mem::take(replaced);
+            let mut ids = Vec::with_capacity(versions.len());
+            for (key, version) in &versions {
+                ids.push(object_id(key, Some(version))?);
+            }
+            let done = self.delete_batch(ids).await?;
+            tally.blocked += done.refused.len() as u64;
+            for (key, version) in versions {
+                if done.refused.iter().any(|r| r.key == key) {
+                    pos.kept.push(version);
+                }
+            }
+        }
+        if !doomed.is_empty() {
+            budget.may_act()?;
+            let done = self.delete_batch(std::mem::take(doomed)).await?;
+            tally.blocked += done.refused.len() as u64;
+            pos.skip = pos.skip.saturating_sub(done.deleted);
+        }
+        Ok(())
+    }
+
+    /// One listing page of objects, versions and delete markers under a key prefix:
+    /// counted, or deleted. True once the prefix is done.
+    #[allow(clippy::too_many_arguments)]
+    async fn prefix_page(
+        &self,
+        prefix: &str,
+        versioned: bool,
+        action: SubjectAction,
+        pos: &mut Position,
+        walk: &mut Walk,
+        tally: &mut Tally,
+        budget: &StepBudget,
+        worked: &mut bool,
+    ) -> Result<bool, Error> {
+        let (entries, next) = if versioned {
+            self.list_versions(prefix, &walk.listing).await?
+        } else {
+            self.list_objects(prefix, &walk.listing).await?
+        };
+        // A page passed over whole (done by earlier steps) is no work: the step goes on.
+        let entries = walk.fresh(entries);
+        *worked |= !entries.is_empty();
+        if action == SubjectAction::Erase {
+            let resume_after = next
+                .as_ref()
+                .map(|n| (n.key_marker.as_deref(), n.version_marker.as_deref()));
+            let mut now = Vec::with_capacity(entries.len());
+            for e in &entries {
+                let id = object_id(&e.key, e.version_id.as_deref())?;
+                if versioned
+                    && resume_after == Some((Some(e.key.as_str()), e.version_id.as_deref()))
+                {
+                    walk.deferred.push(id);
+                } else {
+                    now.push(id);
+                }
+            }
+            if !now.is_empty() {
+                budget.may_act()?;
+            }
+            let done = self.delete_batch(now).await?;
+            tally.count += done.deleted;
+            tally.blocked += done.refused.len() as u64;
+            // Delete markers are never refused: what is refused is a version, still listed.
+            pos.skip += done.refused.len() as u64;
+        } else {
+            tally.count += entries.len() as u64;
+            let markers = entries.iter().filter(|e| e.delete_marker).count() as u64;
+            pos.skip_markers += markers;
+            pos.skip += entries.len() as u64 - markers;
+        }
+        match next {
+            Some(n) => {
+                walk.listing = n;
+                Ok(false)
+            }
+            None => Ok(true),
+        }
+    }
+
+    /// Rewrites the current archives under `prefix` one by one, from where the cursor
+    /// stands, until the prefix is done (true) or the step's time is spent. Rewriting
+    /// leaves the listing as it was, so the position is the number of archives done.
+    #[allow(clippy::too_many_arguments)]
+    async fn rewrite_archives(
+        &self,
+        prefix: &str,
+        matcher: &Matcher,
+        pos: &mut Position,
+        walk: &mut Walk,
+        clock: &mut Clock<'_>,
+        tally: &mut Tally,
+        replaced: &mut Vec<(String, String)>,
+    ) -> Result<bool, Error> {
+        loop {
+            let (entries, next) = self.list_objects(prefix, &walk.listing).await?;
+            for entry in walk.fresh(entries) {
+                if clock.stop() {
+                    return Ok(false);
+                }
+                clock.worked = true;
+                clock.budget.may_act()?;
+                let rewrite = self.rewrite_current(&entry.key, matcher).await?;
+                tally.count += copies(&rewrite.counts, matcher);
+                tally.malformed += rewrite.counts.malformed;
+                if rewrite.counts.unparsed > 0 {
+                    tally
+                        .unparsed
+                        .push((entry.key.clone(), false, rewrite.counts.unparsed));
+                }
+                if let Some(v) = rewrite.replaced_version {
+                    replaced.push((entry.key.clone(), v));
+                }
+                pos.skip += 1;
+            }
+            match next {
+                Some(n) => walk.listing = n,
+                None => return Ok(true),
+            }
+        }
+    }
+
+    /// Reads every version of every archive under `prefix` one by one (counted; an erase
+    /// deletes the older versions still holding records, and leaves the current ones, just
+    /// rewritten, and the replaced versions the store kept), until the prefix is done
+    /// (true) or the step's time is spent. The position counts versions (delete markers
+    /// are passed over).
+    #[allow(clippy::too_many_arguments)]
+    async fn archive_versions(
+        &self,
+        prefix: &str,
+        matcher: &Matcher,
+        versioned: bool,
+        action: SubjectAction,
+        pos: &mut Position,
+        walk: &mut Walk,
+        clock: &mut Clock<'_>,
+        tally: &mut Tally,
+        doomed: &mut Vec<ObjectIdentifier>,
+    ) -> Result<bool, Error> {
+        loop {
+            let (entries, next) = if versioned {
+                self.list_versions(prefix, &walk.listing).await?
+            } else {
+                self.list_objects(prefix, &walk.listing).await?
+            };
+            for entry in walk.fresh(entries) {
+                if entry.delete_marker {
+                    continue;
+                }
+                if clock.stop() {
+                    return Ok(false);
+                }
+                let version = entry.version_id.as_deref();
+                let kept = version.is_some_and(|v| pos.kept.iter().any(|k| k == v));
+                if action == SubjectAction::Erase && (entry.latest || kept) {
+                    pos.skip += 1;
+                    continue;
+                }
+                clock.worked = true;
+                let counts = self.scan_object(&entry.key, version, matcher).await?;
+                tally.malformed += counts.malformed;
+                if counts.unparsed > 0 {
+                    tally
+                        .unparsed
+                        .push((entry.key.clone(), !entry.latest, counts.unparsed));
+                }
+                let copies = copies(&counts, matcher);
+                if copies > 0 {
+                    tally.count += copies;
+                    if action == SubjectAction::Erase {
+                        doomed.push(object_id(&entry.key, version)?);
+                    }
+                }
+                pos.skip += 1;
+            }
+            match next {
+                Some(n) => walk.listing = n,
+                None => return Ok(true),
+            }
+        }
     }
 
     /// The subject's copies in versions under Object Lock (retention not yet lapsed, or a
@@ -160,147 +709,6 @@ impl S3Backend {
         let until = super::sweep::to_chrono(head.object_lock_retain_until_date())
             .filter(|u| *u > chrono::Utc::now() && head.object_lock_mode().is_some());
         Ok((held || until.is_some()).then_some((until, held)))
-    }
-
-    /// Every object, version and delete marker under `prefix`: counted, or deleted.
-    async fn prefix_objects(
-        &self,
-        prefix: &str,
-        versioned: bool,
-        action: SubjectAction,
-        tally: &mut Tally,
-    ) -> Result<(), Error> {
-        let mut position = Cursor::default();
-        // The version a listing resumes after is deleted only once the listing is done: some
-        // servers cannot resume after a version that no longer exists.
-        let mut deferred: Vec<ObjectIdentifier> = Vec::new();
-        loop {
-            let (entries, next) = if versioned {
-                self.list_versions(prefix, &position).await?
-            } else {
-                self.list_objects(prefix, &position).await?
-            };
-            if action == SubjectAction::Erase {
-                let resume_after = next
-                    .as_ref()
-                    .map(|n| (n.key_marker.as_deref(), n.version_marker.as_deref()));
-                let mut now = Vec::with_capacity(entries.len());
-                for e in &entries {
-                    let id = object_id(&e.key, e.version_id.as_deref())?;
-                    if versioned
-                        && resume_after == Some((Some(e.key.as_str()), e.version_id.as_deref()))
-                    {
-                        deferred.push(id);
-                    } else {
-                        now.push(id);
-                    }
-                }
-                self.delete_tallied(now, tally).await?;
-            } else {
-                tally.count += entries.len() as u64;
-            }
-            match next {
-                Some(n) => position = n,
-                None => break,
-            }
-        }
-        self.delete_tallied(deferred, tally).await
-    }
-
-    async fn delete_tallied(
-        &self,
-        objects: Vec<ObjectIdentifier>,
-        tally: &mut Tally,
-    ) -> Result<(), Error> {
-        let done = self.delete_batch(objects).await?;
-        tally.count += done.deleted;
-        tally.blocked += done.refused.len() as u64;
-        Ok(())
-    }
-
-    /// The subject's records in every archive under `prefix` (every version of it on a
-    /// versioned bucket): counted, or removed.
-    async fn archive_records(
-        &self,
-        prefix: &str,
-        matcher: &Matcher,
-        versioned: bool,
-        action: SubjectAction,
-        tally: &mut Tally,
-    ) -> Result<(), Error> {
-        // Erasing: first every current archive is rewritten without the records.
-        let mut replaced: Vec<(String, String)> = Vec::new();
-        if action == SubjectAction::Erase {
-            let mut position = Cursor::default();
-            loop {
-                let (entries, next) = self.list_objects(prefix, &position).await?;
-                for entry in &entries {
-                    let rewrite = self.rewrite_current(&entry.key, matcher).await?;
-                    tally.count += copies(&rewrite.counts, matcher);
-                    tally.malformed += rewrite.counts.malformed;
-                    if rewrite.counts.unparsed > 0 {
-                        tally
-                            .unparsed
-                            .push((entry.key.clone(), false, rewrite.counts.unparsed));
-                    }
-                    if let Some(v) = rewrite.replaced_version {
-                        replaced.push((entry.key.clone(), v));
-                    }
-                }
-                match next {
-                    Some(n) => position = n,
-                    None => break,
-                }
-            }
-            if !versioned {
-                return Ok(());
-            }
-        }
-        // Then every version is read: counted (find, verify), or, if it is an older version
-        // still holding records, deleted. The versions just replaced hold exactly the records
-        // counted above; they are deleted without being counted twice.
-        let mut doomed: Vec<ObjectIdentifier> = Vec::new();
-        for (key, version) in &replaced {
-            doomed.push(object_id(key, Some(version))?);
-        }
-        let mut position = Cursor::default();
-        loop {
-            let (entries, next) = if versioned {
-                self.list_versions(prefix, &position).await?
-            } else {
-                self.list_objects(prefix, &position).await?
-            };
-            for entry in entries.iter().filter(|e| !e.delete_marker) {
-                let version = entry.version_id.as_deref();
-                let was_replaced = replaced
-                    .iter()
-                    .any(|(k, v)| k == &entry.key && Some(v.as_str()) == version);
-                if action == SubjectAction::Erase && (entry.latest || was_replaced) {
-                    continue;
-                }
-                let counts = self.scan_object(&entry.key, version, matcher).await?;
-                tally.malformed += counts.malformed;
-                if counts.unparsed > 0 {
-                    tally
-                        .unparsed
-                        .push((entry.key.clone(), !entry.latest, counts.unparsed));
-                }
-                let copies = copies(&counts, matcher);
-                if copies > 0 {
-                    tally.count += copies;
-                    if action == SubjectAction::Erase {
-                        doomed.push(object_id(&entry.key, version)?);
-                    }
-                }
-            }
-            match next {
-                Some(n) => position = n,
-                None => break,
-            }
-        }
-        let done = self.delete_batch(doomed).await?;
-        tally.blocked += done.refused.len() as u64;
-        Ok(())
     }
 
     /// Counts the subject's records in one object (version), streaming it.
@@ -584,7 +992,7 @@ fn copies(counts: &Counts, matcher: &Matcher) -> u64 {
 
 /// Where unparsed copies are, for a status message: object keys (those holding an identifier
 /// are not named) and line counts, the first few; never the identifier.
-fn unparsed_places(job: &SubjectJob, unparsed: &[(String, bool, u64)]) -> String {
+fn unparsed_places(job: &SubjectJob, unparsed: &[(String, bool, u64)], earlier: u64) -> String {
     let values: Vec<String> = job
         .identifiers
         .iter()
@@ -609,11 +1017,12 @@ fn unparsed_places(job: &SubjectJob, unparsed: &[(String, bool, u64)]) -> String
             format!("{key}{version}: {lines} line{plural}")
         })
         .collect();
-    if unparsed.len() > NAMED_OBJECTS {
-        named.push(format!(
-            "and {} more objects",
-            unparsed.len() - NAMED_OBJECTS
-        ));
+    // Objects found by earlier steps are counted, not named: a cursor holds no key.
+    let more = (unparsed.len() as u64)
+        .saturating_add(earlier)
+        .saturating_sub(named.len() as u64);
+    if more > 0 {
+        named.push(format!("and {more} more objects"));
     }
     named.join(", ")
 }
@@ -627,11 +1036,18 @@ fn unparsed_failure(
     not_distinctive: Option<identifier::NotDistinctive>,
     drop: bool,
 ) -> Option<Error> {
-    if tally.unparsed.is_empty() || job.action == SubjectAction::Erase {
+    if (tally.unparsed.is_empty() && tally.earlier_objects == 0)
+        || job.action == SubjectAction::Erase
+    {
         return None;
     }
-    let lines: u64 = tally.unparsed.iter().map(|(_, _, n)| n).sum();
-    let places = unparsed_places(job, &tally.unparsed);
+    let lines: u64 = tally
+        .unparsed
+        .iter()
+        .map(|(_, _, n)| n)
+        .sum::<u64>()
+        .saturating_add(tally.earlier_lines);
+    let places = unparsed_places(job, &tally.unparsed, tally.earlier_objects);
     let target = &job.target.name;
     match not_distinctive {
         // Dropped with the records, and counted with them.
@@ -721,7 +1137,52 @@ mod tests {
         let many: Vec<(String, bool, u64)> = (0..7)
             .map(|i| (format!("logs/{i}.log"), false, 1))
             .collect();
-        let places = unparsed_places(&find, &many);
+        let places = unparsed_places(&find, &many, 0);
         assert!(places.ends_with("and 2 more objects"), "{places}");
+    }
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips_and_holds_no_key() {
+        let mut p = Position::start(SubjectAction::Erase);
+        p.phase = REWRITE;
+        p.unit = 1;
+        p.skip = 12;
+        p.count = 90;
+        p.kept = vec!["3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY".into()];
+        let text = p.encode();
+        assert!(text.starts_with("s3-subject:"), "{text}");
+        assert_eq!(
+            Position::parse(Some(&text), SubjectAction::Erase).unwrap(),
+            p
+        );
+        // Another action starts over.
+        assert_eq!(
+            Position::parse(Some(&text), SubjectAction::Verify).unwrap(),
+            Position::start(SubjectAction::Verify)
+        );
+    }
+
+    #[test]
+    fn malformed_cursors_are_refused_never_a_panic() {
+        for bad in [
+            "",
+            "s3-subject:",
+            "s3-subject:{}",
+            "s3-subject:{\"a\":\"x\"}",
+            "s3-subject:{\"a\":\"e\",\"p\":3}",
+            "s3-subject:{\"a\":\"e\",\"u\":-1}",
+            "s3-subject:{\"a\":\"e\",\"key\":\"users/47/\"}",
+            "s3:{\"t\":\"abc\"}",
+            "subject:e:0:0:0:0:0",
+        ] {
+            let e = Position::parse(Some(bad), SubjectAction::Erase).unwrap_err();
+            assert_eq!(e.reason(), "InvalidSpec", "{bad}");
+            assert!(!e.to_string().contains("users/47"), "{e}");
+        }
     }
 }

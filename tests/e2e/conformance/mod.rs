@@ -51,9 +51,9 @@
 //! Where a driver does not meet a clause yet, its `conformance!` line names the flag and
 //! the macro instantiates that check `#[ignore]`d with the reason (a test checks the line and
 //! the fixture's constant agree):
-//! - `bounded_subject_steps: false` (Redis, S3; [`Fixture::BOUNDED_SUBJECT_STEPS`]): their
-//!   subject steps run to the end in one call; enabled once bounded subject steps land.
-//! - `fenced_subject_steps: false` (Redis, S3; a bug): their erasing subject steps do not
+//! - `bounded_subject_steps: false` ([`Fixture::BOUNDED_SUBJECT_STEPS`]): its
+//!   subject steps run to the end in one call.
+//! - `fenced_subject_steps: false` (a bug): its erasing subject steps do not
 //!   check the leadership fence before they act.
 //!
 //! Every test gets its own store instance (Redis server, moto, Loki double, memory store) or,

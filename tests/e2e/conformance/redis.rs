@@ -37,11 +37,6 @@ impl RedisFixture {
 
 #[async_trait]
 impl Fixture for RedisFixture {
-    // On main a subject step runs to its end in one call.
-    const BOUNDED_SUBJECT_STEPS: bool = false;
-    // A known bug on main: the subject step erases without checking the fence.
-    const FENCED_SUBJECT_STEPS: bool = false;
-
     async fn start() -> Self {
         let server = RedisServer::start();
         let conn = redis_conn(&server.url()).await;
@@ -109,4 +104,4 @@ impl Fixture for RedisFixture {
     }
 }
 
-crate::conformance!(tests, RedisFixture, bounded_subject_steps: false, fenced_subject_steps: false);
+crate::conformance!(tests, RedisFixture);

@@ -53,11 +53,6 @@ impl S3Fixture {
 
 #[async_trait]
 impl Fixture for S3Fixture {
-    // On main a subject step runs to its end in one call.
-    const BOUNDED_SUBJECT_STEPS: bool = false;
-    // A known bug on main: the subject step erases without checking the fence.
-    const FENCED_SUBJECT_STEPS: bool = false;
-
     async fn start() -> Self {
         let server = S3Server::start();
         server.create_bucket(BUCKET, false, false).await;
@@ -134,4 +129,4 @@ impl Fixture for S3Fixture {
     }
 }
 
-crate::conformance!(tests, S3Fixture, bounded_subject_steps: false, fenced_subject_steps: false);
+crate::conformance!(tests, S3Fixture);
