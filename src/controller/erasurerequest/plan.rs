@@ -1335,22 +1335,7 @@ mod tests {
     }
 
     fn in_phase(phase: ErasurePhase, since: &str) -> ErasureRequest {
-        use crate::api::erasurerequest::{ErasureGround, ErasureRequestSpec, Subject};
-        let mut r = ErasureRequest::new(
-            "r",
-            ErasureRequestSpec {
-                subject: Subject {
-                    secret_ref: None,
-                    identifiers: None,
-                },
-                reason: ErasureGround::Objection,
-                received_at: None,
-                policies: None,
-                dry_run: false,
-                reference: None,
-                retain_subject_secret: false,
-            },
-        );
+        let mut r = request();
         r.status = Some(ErasureRequestStatus {
             phase,
             phase_since: Some(ts(since)),
