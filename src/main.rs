@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+
+mod kubectl;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -29,6 +31,9 @@ enum Command {
     Digest(DigestArgs),
     /// Print the Art. 30 register of processing activities, from the cluster or YAML files.
     Ropa(RopaArgs),
+    /// The `kubectl tombstone` plugin's commands (erase, status, hold), as when this binary
+    /// is installed as `kubectl-tombstone`.
+    Kubectl(kubectl::PluginCli),
 }
 
 #[derive(clap::Args)]
@@ -131,11 +136,20 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     tombstone::install_crypto_provider();
+    // Installed (or linked) as `kubectl-tombstone`, kubectl runs it as `kubectl tombstone`.
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if invoked_as.is_some_and(|name| name.starts_with(kubectl::PLUGIN_BINARY)) {
+        return kubectl::run(kubectl::PluginCli::parse());
+    }
     match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Crds { write } => print_or_write_crds(write),
         Command::Digest(args) => print_digest(args),
         Command::Ropa(args) => print_ropa(args),
+        Command::Kubectl(cli) => kubectl::run(cli),
     }
 }
 
