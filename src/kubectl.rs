@@ -62,6 +62,15 @@ pub struct EraseArgs {
     /// Find and count only.
     #[arg(long)]
     dry_run: bool,
+    /// One request for the whole organisation: it searches every namespace that has not
+    /// opted out. It is filed, with its identifiers Secret, in the operator's namespace
+    /// (`--operator-namespace`), and the identifiers go nowhere else. `--policy` then takes
+    /// `namespace/name`.
+    #[arg(long, conflicts_with = "namespace")]
+    cluster_wide: bool,
+    /// Namespace of the operator, where cluster-wide requests are filed.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tombstone-system")]
+    operator_namespace: String,
     /// How long to wait for the operator to take the request; 0s does not wait.
     #[arg(long, default_value = "30s")]
     wait: tombstone::api::Duration,
@@ -161,8 +170,14 @@ pub async fn run(cli: PluginCli) -> anyhow::Result<()> {
     match cli.command {
         PluginCommand::Erase(args) => {
             let identifiers = read_identifiers(&args.from_file)?;
+            let request_namespace = if args.cluster_wide {
+                args.operator_namespace
+            } else {
+                namespace(args.namespace)
+            };
             let options = plugin::erase::EraseOptions {
-                namespace: namespace(args.namespace),
+                namespace: request_namespace,
+                cluster_wide: args.cluster_wide,
                 name: args.name,
                 ground: args.ground,
                 reference: args.reference,

@@ -12,7 +12,8 @@ use kube::{Api, Client, Resource};
 use super::{api_error, generated_name, Error};
 use crate::api::common::{SecretRef, Timestamp};
 use crate::api::erasurerequest::{
-    ErasureGround, ErasurePhase, ErasureRequestSpec, Subject, SUBJECT_IDENTIFIERS_LABEL,
+    ErasureGround, ErasurePhase, ErasureRequestSpec, RequestScope, Subject,
+    SUBJECT_IDENTIFIERS_LABEL,
 };
 use crate::api::ErasureRequest;
 
@@ -26,6 +27,9 @@ pub struct EraseOptions {
     pub reference: Option<String>,
     pub policies: Option<Vec<String>>,
     pub dry_run: bool,
+    /// Search every namespace (the request and its Secret go into `namespace`, which must be
+    /// the operator's).
+    pub cluster_wide: bool,
     /// How long to wait for the operator's digest and deadline; zero: do not wait.
     pub wait: Duration,
 }
@@ -116,6 +120,7 @@ pub async fn erase(
             dry_run: options.dry_run,
             reference: options.reference.clone(),
             retain_subject_secret: false,
+            scope: options.cluster_wide.then_some(RequestScope::Cluster),
         },
     );
     let created = match requests.create(&PostParams::default(), &request).await {

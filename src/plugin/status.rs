@@ -221,6 +221,7 @@ mod tests {
                 dry_run: false,
                 reference: None,
                 retain_subject_secret: false,
+                scope: None,
             },
         );
         r.metadata.namespace = Some("shop".into());

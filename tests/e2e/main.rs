@@ -10,6 +10,7 @@ mod api_load;
 mod bounded_steps;
 mod chaos;
 mod chart;
+mod cluster_wide;
 mod conformance;
 mod crd_validation;
 mod datastore;

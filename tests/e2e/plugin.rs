@@ -19,19 +19,28 @@ use crate::support::{ControlPlane, RedisServer};
 
 /// The plugin installed as kubectl finds it: a `kubectl-tombstone` on the PATH (here a
 /// link to the built binary in a temporary directory).
-struct Plugin {
+pub(crate) struct Plugin {
     dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
 }
 
 impl Plugin {
-    fn install() -> Self {
+    pub(crate) fn install() -> Self {
+        Self::install_for(ControlPlane::get().kubeconfig_path())
+    }
+
+    /// Talking to the cluster of `kubeconfig`.
+    pub(crate) fn install_for(kubeconfig: &Path) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         std::os::unix::fs::symlink(
             env!("CARGO_BIN_EXE_tombstone"),
             dir.path().join("kubectl-tombstone"),
         )
         .expect("link kubectl-tombstone");
-        Plugin { dir }
+        Plugin {
+            dir,
+            kubeconfig: kubeconfig.to_path_buf(),
+        }
     }
 
     fn path(&self) -> PathBuf {
@@ -39,15 +48,15 @@ impl Plugin {
     }
 
     /// Runs `kubectl tombstone ARGS` with `stdin` as its input.
-    async fn run(&self, args: &[&str], stdin: &str) -> Output {
-        run_with(&self.path(), args, stdin).await
+    pub(crate) async fn run(&self, args: &[&str], stdin: &str) -> Output {
+        run_with(&self.path(), &self.kubeconfig, args, stdin).await
     }
 }
 
-async fn run_with(program: &Path, args: &[&str], stdin: &str) -> Output {
+async fn run_with(program: &Path, kubeconfig: &Path, args: &[&str], stdin: &str) -> Output {
     let mut child = tokio::process::Command::new(program)
         .args(args)
-        .env("KUBECONFIG", ControlPlane::get().kubeconfig_path())
+        .env("KUBECONFIG", kubeconfig)
         .env_remove("POD_NAMESPACE")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("RUST_LOG")
@@ -76,7 +85,7 @@ fn text(output: &Output) -> (String, String) {
     )
 }
 
-fn succeeded(output: &Output) -> String {
+pub(crate) fn succeeded(output: &Output) -> String {
     let (stdout, stderr) = text(output);
     assert!(
         output.status.success(),
@@ -93,11 +102,11 @@ async fn secret(client: &kube::Client, ns: &str, name: &str) -> Option<Secret> {
         .expect("read Secret")
 }
 
-fn identifiers() -> String {
+pub(crate) fn identifiers() -> String {
     format!("# the subject of DSR-9\nemail={EMAIL}\nuserId={USER}\n")
 }
 
-fn assert_no_identifier(output: &Output) {
+pub(crate) fn assert_no_identifier(output: &Output) {
     let (stdout, stderr) = text(output);
     for probe in [EMAIL, USER] {
         assert!(
