@@ -309,8 +309,7 @@ async fn run_controllers(
             let searches = |r: &ErasureRequest| {
                 erasurerequest::plan::cluster_wide(r)
                     && r.status.as_ref().is_none_or(|s| {
-                        s.targets.is_empty()
-                            || s.targets.iter().any(|t| t.namespace == namespace)
+                        s.targets.is_empty() || s.targets.iter().any(|t| t.namespace == namespace)
                     })
             };
             index

@@ -245,8 +245,10 @@ pub struct NotSearched {
     pub policy: String,
     pub target: String,
     pub store: String,
-    /// `NoSubjectLocator`, or `NamespaceOptedOut` (a cluster-wide request, in a namespace
-    /// that opted out; the message gives its reason).
+    /// `NoSubjectLocator`; `NamespaceOptedOut` (a cluster-wide request, in a namespace that
+    /// opted out; the message gives its reason); while it lasts, `IdentifierNotGiven` (a
+    /// `Skipped` target: its locator needs an identifier type the subject was not given) or
+    /// `StoreNotReady` (its store was not ready before it found anything).
     pub reason: String,
     pub message: String,
 }
@@ -309,9 +311,10 @@ pub struct ErasureRequestStatus {
     pub completion_time: Option<Timestamp>,
     #[serde(default)]
     pub targets: Vec<ErasureTargetStatus>,
-    /// Datasets in scope that the request does not search, each with why (a target with no
-    /// subject locator, reason `NoSubjectLocator`). Targets it searches, or skips because a
-    /// locator needs an identifier type not given, are in `targets`.
+    /// Datasets in scope that the request does not search, each with why (see `reason`): a
+    /// target with no subject locator, a namespace opted out of a cluster-wide request, and,
+    /// while so, a target skipped because its locator needs an identifier type not given or
+    /// whose store is not ready (those are in `targets` too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_searched: Vec<NotSearched>,
     /// Policies named in `spec.policies` that do not exist: the request fails without

@@ -212,6 +212,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         }
     }
     status.totals = Some(plan::totals(&status.targets));
+    status.not_searched = plan::coverage(&status.not_searched, &status.targets);
     status.namespaces = plan::namespace_progress(&status.targets, &status.not_searched);
     let completed = status.phase == ErasurePhase::Completed;
     let with_exceptions = status.phase == ErasurePhase::CompletedWithExceptions

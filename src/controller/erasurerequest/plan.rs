@@ -474,6 +474,42 @@ pub fn not_searched(
         .collect()
 }
 
+/// Why a searched target was not searched after all, while that lasts: a locator needing an
+/// identifier type the subject was not given (`Skipped`), or a store not ready before the
+/// target found anything.
+const PASSING_GAPS: [&str; 2] = ["IdentifierNotGiven", "StoreNotReady"];
+
+/// The datasets not searched (pure): those known when the scope was taken (no subject
+/// locator, namespace opted out), kept, and those of `targets` that could not be searched
+/// now, derived anew each time (so a store that becomes ready leaves the list).
+pub fn coverage(not_searched: &[NotSearched], targets: &[ErasureTargetStatus]) -> Vec<NotSearched> {
+    let mut all: Vec<NotSearched> = not_searched
+        .iter()
+        .filter(|n| !PASSING_GAPS.contains(&n.reason.as_str()))
+        .cloned()
+        .collect();
+    for t in targets {
+        let reason = match t.phase {
+            T::Skipped => "IdentifierNotGiven",
+            T::Failed
+                if t.message.starts_with("StoreNotReady") && t.found == 0 && t.erased == 0 =>
+            {
+                "StoreNotReady"
+            }
+            _ => continue,
+        };
+        all.push(NotSearched {
+            namespace: t.namespace.clone(),
+            policy: t.policy.clone(),
+            target: t.target.clone(),
+            store: t.store.clone(),
+            reason: reason.into(),
+            message: t.message.clone(),
+        });
+    }
+    all
+}
+
 /// Whether the request is cluster-wide.
 pub fn cluster_wide(request: &ErasureRequest) -> bool {
     request.spec.scope == Some(RequestScope::Cluster)
@@ -1916,5 +1952,59 @@ mod tests {
             namespace_progress(&targets[3..], &[]).is_empty(),
             "a namespaced request has none"
         );
+    }
+
+    #[test]
+    fn skipped_targets_and_stores_not_ready_are_listed_as_not_searched_while_so() {
+        let kept = NotSearched {
+            policy: "p".into(),
+            target: "metrics".into(),
+            reason: "NoSubjectLocator".into(),
+            ..Default::default()
+        };
+        let target = |name: &str, phase, message: &str, found| ErasureTargetStatus {
+            policy: "p".into(),
+            target: name.into(),
+            phase,
+            message: message.into(),
+            found,
+            ..Default::default()
+        };
+        let targets = [
+            target("a", T::Skipped, "skipped: keys[0] needs {userId}", 0),
+            target(
+                "b",
+                T::Failed,
+                "StoreNotReady: DataStore cache is not ready",
+                0,
+            ),
+            target(
+                "c",
+                T::Failed,
+                "StoreNotReady: DataStore cache is not ready",
+                3,
+            ),
+            target("d", T::Failed, "StoreError: the store failed", 0),
+            target("e", T::Verified, "", 2),
+        ];
+        let first = coverage(std::slice::from_ref(&kept), &targets);
+        let reasons: Vec<(&str, &str)> = first
+            .iter()
+            .map(|n| (n.target.as_str(), n.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("metrics", "NoSubjectLocator"),
+                ("a", "IdentifierNotGiven"),
+                ("b", "StoreNotReady")
+            ]
+        );
+        // Once the store is ready and the target found its data, it leaves the list.
+        let mut later = targets.clone();
+        later[1] = target("b", T::Verified, "", 1);
+        let second = coverage(&first, &later);
+        assert_eq!(second.len(), 2, "{second:?}");
+        assert!(second.iter().all(|n| n.target != "b"));
     }
 }
