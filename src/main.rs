@@ -106,7 +106,8 @@ struct RunArgs {
     /// How long a sweep step may run before its progress is checkpointed in status.
     #[arg(long, default_value = "2s")]
     checkpoint_interval: tombstone::api::Duration,
-    /// Sweep steps running at once across all policies.
+    /// Store steps (sweeps and erasures) running at once; an erasure due within 7 days goes
+    /// first, then the policy or request running the fewest.
     #[arg(long, default_value_t = 4)]
     max_concurrent_jobs: usize,
     /// An erasure request in one unfinished phase this long counts as stalled (a request held

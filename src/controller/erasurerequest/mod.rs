@@ -30,6 +30,7 @@ use crate::api::retentionpolicy::RetentionPolicy;
 use crate::api::Timestamp;
 use crate::audit::{self, identifier_digests, subject_digest};
 use crate::backends::{Category, Next, SubjectAction, SubjectJob};
+use crate::engine::Claim;
 use plan::ActionResult;
 
 pub const CONTROLLER: &str = "erasurerequest";
@@ -668,17 +669,19 @@ async fn run_actions(
     identifiers: &BTreeMap<String, String>,
     status: &mut ErasureRequestStatus,
 ) -> Option<Duration> {
-    let namespace = request.namespace().unwrap_or_default();
+    let request_namespace = request.namespace().unwrap_or_default();
     let phase = status.phase;
     let work = status.targets.iter().enumerate().filter_map(|(i, t)| {
         let action = plan::action_for(phase, t, request.spec.dry_run)?;
-        let namespace = target_namespace(&namespace, t).to_string();
+        let namespace = target_namespace(&request_namespace, t).to_string();
         let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
         let (policy_name, target_name) = (t.policy.clone(), t.target.clone());
         let cursor = t.cursor.clone();
+        let claim = Claim::erasure(&request_namespace, &request.name_any(), status.deadline);
         Some(async move {
             let (result, kind, poll_after) = run_action(
                 ctx,
+                claim,
                 &policies,
                 &namespace,
                 &policy_name,
@@ -716,6 +719,7 @@ async fn run_actions(
 #[allow(clippy::too_many_arguments)]
 async fn run_action(
     ctx: &Context,
+    claim: Claim,
     policies: &Api<RetentionPolicy>,
     namespace: &str,
     policy_name: &str,
@@ -794,7 +798,14 @@ async fn run_action(
     };
     match ctx
         .engine
-        .subject_step(&store_key, backend.as_ref(), &job, cursor, &ctx.shutdown)
+        .subject_step(
+            claim,
+            &store_key,
+            backend.as_ref(),
+            &job,
+            cursor,
+            &ctx.shutdown,
+        )
         .await
     {
         Ok(step) => match (step.failure, step.next) {
