@@ -18,6 +18,7 @@ pub mod faults;
 pub mod loki;
 pub mod opensearch;
 pub mod operator_process;
+pub mod request_log;
 pub mod s3;
 
 use std::env;
