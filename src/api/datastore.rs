@@ -143,6 +143,14 @@ pub enum StoreKind {
 }
 
 impl StoreKind {
+    /// Every kind (each has a driver in `backends::registry`).
+    pub const ALL: [StoreKind; 4] = [
+        StoreKind::Redis,
+        StoreKind::S3,
+        StoreKind::Loki,
+        StoreKind::Elasticsearch,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             StoreKind::Redis => "redis",

@@ -28,6 +28,7 @@
 //! whole-index deletion, `sweep` the delete-by-query sweep and its task, `erasure` a
 //! subject's documents; `query` builds the queries and reads the answers (pure).
 
+pub mod driver;
 mod erasure;
 mod index_path;
 pub mod query;

@@ -45,6 +45,7 @@
 //! `sweep` and `erasure`; `logql` builds the queries.
 
 mod cursor;
+pub mod driver;
 mod erasure;
 pub mod logql;
 mod requests;

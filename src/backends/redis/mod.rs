@@ -9,6 +9,7 @@
 //! the replies of the deleting commands, never from what was merely selected, so a resumed
 //! step cannot count a key twice.
 
+pub mod driver;
 pub mod glob;
 pub(crate) mod subject;
 

@@ -9,6 +9,7 @@
 //! Erasure: every object and version under the subject's key prefixes, and the subject's
 //! records inside JSON-lines archives (see `subject.rs` and `records.rs`).
 
+pub mod driver;
 pub mod records;
 mod subject;
 mod sweep;
