@@ -27,14 +27,11 @@ pub fn for_target(target: &Target) -> Result<&'static dyn Driver, String> {
     let mut selecting = DRIVERS.iter().copied().filter(|d| d.selects(target));
     match (selecting.next(), selecting.next()) {
         (Some(one), None) => Ok(one),
-        (None, _) => Err(format!(
-            "target {} has no selector ({})",
+        // A target stored with several selectors reads as having none.
+        _ => Err(format!(
+            "target {} has no selector, or more than one: it needs exactly one of {}; give each store its own target",
             target.name,
             names("or")
-        )),
-        (Some(_), Some(_)) => Err(format!(
-            "target {} has more than one selector; give each store its own target",
-            target.name
         )),
     }
 }
@@ -86,17 +83,23 @@ mod tests {
         let one = t(serde_json::json!({"name": "a", "store": "s", "s3": {"prefix": "p/"}}));
         assert_eq!(for_target(&one).map(|d| d.kind()), Ok(StoreKind::S3));
         let none = t(serde_json::json!({"name": "a", "store": "s"}));
-        assert_eq!(
-            for_target(&none).err().as_deref(),
-            Some("target a has no selector (redis, s3, loki or elasticsearch)")
-        );
+        let why = "target a has no selector, or more than one: it needs exactly one of redis, s3, loki or elasticsearch; give each store its own target";
+        assert_eq!(for_target(&none).err().as_deref(), Some(why));
+        // Stored before the schema refused it: read as no selector, and refused.
         let two = t(
             serde_json::json!({"name": "a", "store": "s", "s3": {"prefix": "p/"},
             "loki": {"selector": "{a=\"b\"}"}}),
         );
-        assert!(for_target(&two)
-            .err()
-            .is_some_and(|m| m.contains("more than one selector")));
+        assert_eq!(two.selector, None);
+        assert_eq!(for_target(&two).err().as_deref(), Some(why));
+        // A selector that is there but malformed is an error, as before.
+        let bad = serde_json::from_value::<Target>(
+            serde_json::json!({"name": "a", "store": "s", "s3": {"prefix": 7}}),
+        );
+        assert!(bad.is_err());
+        // The same JSON comes back out.
+        let json = serde_json::json!({"name": "a", "store": "s", "s3": {"prefix": "p/"}});
+        assert_eq!(serde_json::to_value(t(json.clone())).ok(), Some(json));
     }
 
     #[test]

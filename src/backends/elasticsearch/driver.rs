@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::api::datastore::{DataStoreSpec, ElasticsearchStore};
+use crate::api::datastore::{DataStoreSpec, ElasticsearchStore, StoreSection};
 use crate::api::retentionpolicy::{
-    ElasticsearchSubject, ElasticsearchTarget, SubjectLocator, Target,
+    ElasticsearchSubject, ElasticsearchTarget, Selector, SubjectLocator, Target,
 };
 use crate::api::StoreKind;
 use crate::backends::driver::{
@@ -34,11 +34,17 @@ impl StoreDriver for ElasticsearchDriver {
     }
 
     fn section(spec: &DataStoreSpec) -> Option<&ElasticsearchStore> {
-        spec.elasticsearch.as_ref()
+        match &spec.store {
+            Some(StoreSection::Elasticsearch(section)) => Some(section),
+            _ => None,
+        }
     }
 
     fn selector(target: &Target) -> Option<&ElasticsearchTarget> {
-        target.elasticsearch.as_ref()
+        match &target.selector {
+            Some(Selector::Elasticsearch(selector)) => Some(selector),
+            _ => None,
+        }
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&ElasticsearchSubject> {

@@ -9,6 +9,7 @@ use super::sweep::Polled;
 use super::transport::{answer_error, Quote, LENIENT};
 use super::{validate_target, ElasticsearchBackend};
 use crate::api::StoreKind;
+use crate::backends::driver::StoreDriver;
 use crate::backends::{
     subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
@@ -60,10 +61,7 @@ impl ElasticsearchBackend {
     ) -> Result<SubjectStep, Error> {
         validate_target(&job.target)?;
         let name = &job.target.name;
-        let pattern = job
-            .target
-            .elasticsearch
-            .as_ref()
+        let pattern = <super::driver::ElasticsearchDriver as StoreDriver>::selector(&job.target)
             .map(|e| e.index.as_str())
             .ok_or_else(|| {
                 Error::InvalidSpec(format!("target {name} has no elasticsearch selector"))

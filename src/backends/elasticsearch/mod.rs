@@ -194,7 +194,8 @@ fn describe(root: &Value) -> Option<String> {
 /// selector).
 pub fn validate_target(target: &Target) -> Result<(), Error> {
     let invalid = |m: String| Err(Error::InvalidSpec(format!("target {}: {m}", target.name)));
-    let Some(es) = &target.elasticsearch else {
+    let Some(es) = <driver::ElasticsearchDriver as super::driver::StoreDriver>::selector(target)
+    else {
         return invalid("needs an elasticsearch selector for an elasticsearch store".into());
     };
     if query::matches_everything(&es.index) || query::unanchored_inclusion(&es.index).is_some() {
@@ -268,13 +269,12 @@ mod tests {
         Target {
             name: "events".into(),
             store: "search".into(),
-            redis: None,
-            s3: None,
-            loki: None,
-            elasticsearch: Some(ElasticsearchTarget {
-                index: index.into(),
-                timestamp_field: "@timestamp".into(),
-            }),
+            selector: Some(crate::api::retentionpolicy::Selector::Elasticsearch(
+                ElasticsearchTarget {
+                    index: index.into(),
+                    timestamp_field: "@timestamp".into(),
+                },
+            )),
             subject: (!terms.is_empty()).then(|| SubjectLocator {
                 elasticsearch: Some(ElasticsearchSubject {
                     term: terms
@@ -328,7 +328,7 @@ mod tests {
             assert!(validate_target(&target("logs-*", bad)).is_err(), "{bad:?}");
         }
         let mut no_es = target("logs-*", &[]);
-        no_es.elasticsearch = None;
+        no_es.selector = None;
         assert!(validate_target(&no_es).is_err());
     }
 

@@ -14,6 +14,7 @@ use super::query::{self, Cursor, TaskProblem, TaskState};
 use super::transport::{answer_error, Quote, LENIENT};
 use super::{validate_target, ElasticsearchBackend};
 use crate::api::StoreKind;
+use crate::backends::driver::StoreDriver;
 use crate::backends::{held_subject_locator, Error, Next, Step, StepBudget, SweepJob};
 
 /// Consecutive transient failures (429, 5xx, no answer) of a task poll before the step
@@ -227,10 +228,7 @@ impl ElasticsearchBackend {
         validate_target(&job.target)?;
         // Even polling counts what a task deleted: a stale instance neither acts nor counts.
         budget.may_act()?;
-        let es = job
-            .target
-            .elasticsearch
-            .as_ref()
+        let es = <super::driver::ElasticsearchDriver as StoreDriver>::selector(&job.target)
             .ok_or_else(|| Error::InvalidSpec("target has no elasticsearch selector".into()))?;
         let (pattern, field) = (es.index.as_str(), es.timestamp_field.as_str());
         let deadline = Instant::now() + budget.max_time;

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::api::datastore::{DataStoreSpec, LokiStore};
-use crate::api::retentionpolicy::{LokiSubject, LokiTarget, SubjectLocator, Target};
+use crate::api::datastore::{DataStoreSpec, LokiStore, StoreSection};
+use crate::api::retentionpolicy::{LokiSubject, LokiTarget, Selector, SubjectLocator, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{
     http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
@@ -33,11 +33,17 @@ impl StoreDriver for LokiDriver {
     }
 
     fn section(spec: &DataStoreSpec) -> Option<&LokiStore> {
-        spec.loki.as_ref()
+        match &spec.store {
+            Some(StoreSection::Loki(section)) => Some(section),
+            _ => None,
+        }
     }
 
     fn selector(target: &Target) -> Option<&LokiTarget> {
-        target.loki.as_ref()
+        match &target.selector {
+            Some(Selector::Loki(selector)) => Some(selector),
+            _ => None,
+        }
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&LokiSubject> {

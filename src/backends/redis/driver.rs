@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::api::datastore::{DataStoreSpec, RedisStore};
-use crate::api::retentionpolicy::{RedisSubject, RedisTarget, SubjectLocator, Target};
+use crate::api::datastore::{DataStoreSpec, RedisStore, StoreSection};
+use crate::api::retentionpolicy::{RedisSubject, RedisTarget, Selector, SubjectLocator, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
 use crate::backends::{Backend, Error, Limits};
@@ -30,11 +30,17 @@ impl StoreDriver for RedisDriver {
     }
 
     fn section(spec: &DataStoreSpec) -> Option<&RedisStore> {
-        spec.redis.as_ref()
+        match &spec.store {
+            Some(StoreSection::Redis(section)) => Some(section),
+            _ => None,
+        }
     }
 
     fn selector(target: &Target) -> Option<&RedisTarget> {
-        target.redis.as_ref()
+        match &target.selector {
+            Some(Selector::Redis(selector)) => Some(selector),
+            _ => None,
+        }
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&RedisSubject> {

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::api::datastore::{DataStoreSpec, S3Store};
-use crate::api::retentionpolicy::{S3Subject, S3Target, SubjectLocator, Target};
+use crate::api::datastore::{DataStoreSpec, S3Store, StoreSection};
+use crate::api::retentionpolicy::{S3Subject, S3Target, Selector, SubjectLocator, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
 use crate::backends::{Backend, Error, Limits};
@@ -30,11 +30,17 @@ impl StoreDriver for S3Driver {
     }
 
     fn section(spec: &DataStoreSpec) -> Option<&S3Store> {
-        spec.s3.as_ref()
+        match &spec.store {
+            Some(StoreSection::S3(section)) => Some(section),
+            _ => None,
+        }
     }
 
     fn selector(target: &Target) -> Option<&S3Target> {
-        target.s3.as_ref()
+        match &target.selector {
+            Some(Selector::S3(selector)) => Some(selector),
+            _ => None,
+        }
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&S3Subject> {

@@ -1137,14 +1137,11 @@ mod tests {
         Target {
             name: name.into(),
             store: "cache".into(),
-            redis: Some(RedisTarget {
+            selector: Some(crate::api::retentionpolicy::Selector::Redis(RedisTarget {
                 key_pattern: format!("{name}:*"),
                 mode: RedisMode::Idle,
                 timestamp_field: None,
-            }),
-            s3: None,
-            loki: None,
-            elasticsearch: None,
+            })),
             subject: None,
             allow_match_all: false,
         }
@@ -1323,7 +1320,11 @@ mod tests {
         p.spec.targets[1].subject = Some(
             serde_json::from_value(serde_json::json!({"redis": {"keys": ["session:*"]}})).unwrap(),
         );
-        p.spec.targets[0].redis.as_mut().unwrap().key_pattern = "*:*".into();
+        if let Some(crate::api::retentionpolicy::Selector::Redis(r)) =
+            p.spec.targets[0].selector.as_mut()
+        {
+            r.key_pattern = "*:*".into();
+        }
         let errors = validate(&p.spec).unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].target.as_deref(), Some("a"));
@@ -1331,7 +1332,7 @@ mod tests {
         assert_eq!(errors[1].target.as_deref(), Some("b"));
         assert!(errors[1].message.contains("keys[0] \"session:*\""));
         let mut none = policy(&["a"]);
-        none.spec.targets[0].redis = None;
+        none.spec.targets[0].selector = None;
         assert!(validate(&none.spec).unwrap_err()[0]
             .message
             .contains("no selector"));

@@ -39,7 +39,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::time::Instant;
 
-use tombstone::api::retentionpolicy::Target;
+use tombstone::api::retentionpolicy::{Selector, Target};
 use tombstone::api::StoreKind;
 use tombstone::backends::identifier;
 use tombstone::backends::template::{self, Syntax};
@@ -116,11 +116,11 @@ fn decode(cursor: Option<&str>) -> Result<Option<&str>, Error> {
 }
 
 fn dataset(target: &Target) -> Result<&str, Error> {
-    target
-        .elasticsearch
-        .as_ref()
-        .map(|e| e.index.as_str())
-        .ok_or_else(|| Error::InvalidSpec(format!("target {} has no selector", target.name)))
+    match &target.selector {
+        Some(Selector::Elasticsearch(e)) => Some(e.index.as_str()),
+        _ => None,
+    }
+    .ok_or_else(|| Error::InvalidSpec(format!("target {} has no selector", target.name)))
 }
 
 /// The pure check of a target: a dataset, and a subject locator whose every field names an
