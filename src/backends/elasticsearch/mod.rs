@@ -26,13 +26,19 @@
 //!
 //! `transport` sends the requests and maps the answers to errors, `index_path` is the
 //! whole-index deletion, `sweep` the delete-by-query sweep and its task, `erasure` a
-//! subject's documents; `query` builds the queries and reads the answers (pure).
+//! subject's documents. Pure: `query` builds the queries (ranges, subject terms) and reads
+//! mappings, `indices` checks and matches index patterns and makes the fast-path decision,
+//! `task` reads and settles delete-by-query tasks, `cursor` is where a step resumes;
+//! `driver` registers the kind.
 
+mod cursor;
 pub mod driver;
 mod erasure;
 mod index_path;
+pub mod indices;
 pub mod query;
 mod sweep;
+pub mod task;
 mod transport;
 
 use async_trait::async_trait;
@@ -43,7 +49,7 @@ use super::http::{HttpAuth, HttpStore};
 use super::{Backend, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
-use query::Cursor;
+use cursor::Cursor;
 use transport::{answer_error, Quote};
 
 /// How to reach one Elasticsearch, resolved from a DataStore and its Secret.
@@ -198,7 +204,8 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
     else {
         return invalid("needs an elasticsearch selector for an elasticsearch store".into());
     };
-    if query::matches_everything(&es.index) || query::unanchored_inclusion(&es.index).is_some() {
+    if indices::matches_everything(&es.index) || indices::unanchored_inclusion(&es.index).is_some()
+    {
         if !target.allow_match_all {
             return invalid(format!(
                 "index {:?} selects every index in the cluster (or every hidden one): each index it names needs a literal prefix with a letter or digit, such as \"logs-*\"; set allowMatchAll: true if that is really meant",
@@ -209,7 +216,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
             return invalid("the index pattern is empty".into());
         }
     }
-    if let Err(m) = query::check_pattern(&es.index) {
+    if let Err(m) = indices::check_pattern(&es.index) {
         return invalid(m);
     }
     if es.timestamp_field.trim().is_empty() {
