@@ -274,7 +274,7 @@ impl<D: StoreDriver> Driver for Registered<D> {
         let kind = D::KIND.as_str();
         let selector = D::selector(target).ok_or_else(|| {
             Error::InvalidSpec(format!(
-                "target {}: needs a {kind} selector for a {kind} store",
+                "target {}: its store is of kind {kind}, and the target has no {kind} selector",
                 target.name
             ))
         })?;

@@ -103,6 +103,30 @@ mod tests {
     }
 
     #[test]
+    fn a_datastore_has_exactly_one_section() {
+        let spec = |v: serde_json::Value| -> DataStoreSpec {
+            serde_json::from_value(v).expect("a DataStore spec")
+        };
+        let json = serde_json::json!({"loki": {"url": "http://loki:3100", "tenant": "t"},
+            "limits": {"concurrency": 2}, "insecure": true});
+        let one = spec(json.clone());
+        assert_eq!(for_store(&one).map(|d| d.kind()), Some(StoreKind::Loki));
+        assert_eq!(one.kind(), Some(StoreKind::Loki));
+        assert_eq!(serde_json::to_value(&one).ok(), Some(json));
+        let with_null =
+            spec(serde_json::json!({"redis": null, "loki": {"url": "http://loki:3100"}}));
+        assert_eq!(with_null.kind(), Some(StoreKind::Loki));
+        // Stored before the schema refused them: read as no section, and refused.
+        for v in [
+            serde_json::json!({"redis": {"url": "redis://r:6379"}, "s3": {"bucket": "bkt"}}),
+            serde_json::json!({"limits": {"concurrency": 2}}),
+        ] {
+            let s = spec(v.clone());
+            assert!(s.store.is_none() && for_store(&s).is_none(), "{v}");
+        }
+    }
+
+    #[test]
     fn only_stores_that_run_deletions_by_themselves_can_cancel() {
         let cancels: Vec<&str> = DRIVERS
             .iter()
