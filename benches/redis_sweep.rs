@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
-use tombstone::api::retentionpolicy::{RedisMode, RedisTarget, Target};
+use tombstone::api::retentionpolicy::{RedisMode, RedisTarget, Selector, Target};
 use tombstone::backends::redis::{RedisBackend, RedisConfig};
 use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
 
@@ -207,14 +207,11 @@ async fn tombstone_sweep(url: &str, keys: usize, mode: RedisMode) -> (Duration, 
         target: Target {
             name: "bench".into(),
             store: "bench".into(),
-            redis: Some(RedisTarget {
+            selector: Some(Selector::Redis(RedisTarget {
                 key_pattern: PATTERN.into(),
                 mode,
                 timestamp_field: (mode == RedisMode::Timestamp).then(|| TIMESTAMP_FIELD.into()),
-            }),
-            s3: None,
-            loki: None,
-            elasticsearch: None,
+            })),
             subject: None,
             allow_match_all: false,
         },

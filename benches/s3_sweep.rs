@@ -35,7 +35,7 @@ use flate2::Compression;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use tombstone::api::retentionpolicy::{S3Target, Target};
+use tombstone::api::retentionpolicy::{S3Target, Selector, Target};
 use tombstone::backends::s3::records::{self, Matcher};
 use tombstone::backends::s3::{S3Backend, S3Config, S3Credentials};
 use tombstone::backends::{identifier, Backend, Limits, Next, StepBudget, SweepJob};
@@ -272,12 +272,9 @@ async fn tombstone_sweep(server: &S3Server, objects: usize) -> (Duration, usize)
         target: Target {
             name: "bench".into(),
             store: "bench".into(),
-            redis: None,
-            s3: Some(S3Target {
+            selector: Some(Selector::S3(S3Target {
                 prefix: PREFIX.into(),
-            }),
-            loki: None,
-            elasticsearch: None,
+            })),
             subject: None,
             allow_match_all: false,
         },

@@ -319,6 +319,34 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     find_condition(conditions, type_).is_some_and(|c| c.status == ConditionStatus::True)
 }
 
+/// Deserializes a store-kind section (an externally tagged enum flattened into its parent,
+/// such as a DataStore's `redis`) from the parent's keys: the section when exactly one store
+/// kind's key is there (and not `null`), None when none or several are (the schema refuses
+/// both; an object stored before it is refused by validation instead of making its whole
+/// list unreadable).
+/// A section that is there but malformed is an error, as any malformed field is.
+pub(crate) fn one_kind<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let fields = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    let mut kinds = fields
+        .into_iter()
+        // A section written as `null` (the schema let it be, before) is no section.
+        .filter(|(key, value)| {
+            !value.is_null() && super::StoreKind::ALL.iter().any(|k| k.as_str() == key)
+        });
+    match (kinds.next(), kinds.next()) {
+        (Some(one), None) => {
+            serde_json::from_value(serde_json::Value::Object([one].into_iter().collect()))
+                .map(Some)
+                .map_err(serde::de::Error::custom)
+        }
+        _ => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

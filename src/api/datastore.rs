@@ -22,18 +22,13 @@ use super::common::{Condition, Duration, SecretKeyRef, SecretRef};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("oneOf" = [
-    {"required": ["redis"]}, {"required": ["s3"]}, {"required": ["loki"]}, {"required": ["elasticsearch"]}
-]))]
 pub struct DataStoreSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redis: Option<RedisStore>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3: Option<S3Store>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loki: Option<LokiStore>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub elasticsearch: Option<ElasticsearchStore>,
+    /// The store: exactly one of `redis`, `s3`, `loki`, `elasticsearch` (the schema's
+    /// `oneOf`). None only for an object stored with none or several, which the operator
+    /// refuses.
+    #[serde(flatten, deserialize_with = "super::common::one_kind")]
+    #[schemars(required)]
+    pub store: Option<StoreSection>,
     /// Optional limits protecting the store from the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<StoreLimits>,
@@ -43,6 +38,30 @@ pub struct DataStoreSpec {
     /// `InsecureTransport`); TLS (`rediss://`, `https://`) never needs it. Shown in status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insecure: Option<bool>,
+}
+
+// (Not a doc comment: flattened into its parent, it would become the parent's schema
+// description.)
+// A DataStore's connection section: one variant per store kind, serialized as the kind's
+// key (`{"redis": {...}}`) beside the DataStore's other fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StoreSection {
+    Redis(RedisStore),
+    S3(S3Store),
+    Loki(LokiStore),
+    Elasticsearch(ElasticsearchStore),
+}
+
+impl StoreSection {
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            StoreSection::Redis(_) => StoreKind::Redis,
+            StoreSection::S3(_) => StoreKind::S3,
+            StoreSection::Loki(_) => StoreKind::Loki,
+            StoreSection::Elasticsearch(_) => StoreKind::Elasticsearch,
+        }
+    }
 }
 
 /// A Redis server (`redis://`, or `rediss://` for TLS) or, with `cluster`, a Redis Cluster.
@@ -143,6 +162,14 @@ pub enum StoreKind {
 }
 
 impl StoreKind {
+    /// Every kind (each has a driver in `backends::registry`).
+    pub const ALL: [StoreKind; 4] = [
+        StoreKind::Redis,
+        StoreKind::S3,
+        StoreKind::Loki,
+        StoreKind::Elasticsearch,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             StoreKind::Redis => "redis",
@@ -157,21 +184,7 @@ impl DataStoreSpec {
     /// The kind of store, when exactly one is set (the schema enforces it; this guards
     /// objects written before the schema or by a lenient server).
     pub fn kind(&self) -> Option<StoreKind> {
-        let kinds: Vec<StoreKind> = [
-            self.redis.as_ref().map(|_| StoreKind::Redis),
-            self.s3.as_ref().map(|_| StoreKind::S3),
-            self.loki.as_ref().map(|_| StoreKind::Loki),
-            self.elasticsearch
-                .as_ref()
-                .map(|_| StoreKind::Elasticsearch),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        match kinds.as_slice() {
-            [one] => Some(*one),
-            _ => None,
-        }
+        self.store.as_ref().map(StoreSection::kind)
     }
 }
 

@@ -87,23 +87,18 @@ pub struct Schedule {
 /// One place the dataset lives: a store and what in it belongs to the dataset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("oneOf" = [
-    {"required": ["redis"]}, {"required": ["s3"]}, {"required": ["loki"]}, {"required": ["elasticsearch"]}
-]))]
 pub struct Target {
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
     pub name: String,
     /// A DataStore in the same namespace.
     #[schemars(length(min = 1))]
     pub store: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redis: Option<RedisTarget>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3: Option<S3Target>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loki: Option<LokiTarget>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub elasticsearch: Option<ElasticsearchTarget>,
+    /// What in the store belongs to the dataset: exactly one of `redis`, `s3`, `loki`,
+    /// `elasticsearch` (the schema's `oneOf`). None only for an object stored with none or
+    /// several, which the operator refuses.
+    #[serde(flatten, deserialize_with = "super::common::one_kind")]
+    #[schemars(required)]
+    pub selector: Option<Selector>,
     /// How to find one data subject's records in this dataset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<SubjectLocator>,
@@ -111,6 +106,31 @@ pub struct Target {
     /// refused unless this is true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_match_all: bool,
+}
+
+// (Not a doc comment: flattened into its parent, it would become the parent's schema
+// description.)
+// A target's selector: one variant per store kind, serialized as the kind's key
+// (`{"s3": {"prefix": "logs/"}}`) beside the target's other fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Selector {
+    Redis(RedisTarget),
+    S3(S3Target),
+    Loki(LokiTarget),
+    Elasticsearch(ElasticsearchTarget),
+}
+
+impl Selector {
+    pub fn kind(&self) -> crate::api::StoreKind {
+        use crate::api::StoreKind;
+        match self {
+            Selector::Redis(_) => StoreKind::Redis,
+            Selector::S3(_) => StoreKind::S3,
+            Selector::Loki(_) => StoreKind::Loki,
+            Selector::Elasticsearch(_) => StoreKind::Elasticsearch,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

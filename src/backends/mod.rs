@@ -6,11 +6,13 @@
 //! engine checkpoints the cursor in status after every step, so a restarted operator resumes
 //! instead of starting over, and long-running deletions are submitted once and then polled.
 
+pub mod driver;
 pub mod elasticsearch;
 pub mod http;
 pub mod identifier;
 pub mod loki;
 pub mod redis;
+pub mod registry;
 pub mod s3;
 pub mod template;
 
@@ -187,7 +189,7 @@ impl Limits {
 /// What the deletion a cursor stands for waits on, for status messages, where the store's
 /// cursor can tell (never an identifier).
 pub fn describe_wait(cursor: &str) -> Option<String> {
-    loki::describe_wait(cursor)
+    registry::describe_wait(cursor)
 }
 
 /// One retention sweep of one target, fixed when the sweep starts.
@@ -276,27 +278,16 @@ pub(crate) fn held_subject_locator<'a, T>(
     })
 }
 
-/// The store kind a target's selector is written for (the one of `redis`, `s3`, `loki`,
-/// `elasticsearch` it sets).
+/// The store kind a target's selector is written for (the one selector it sets).
 pub fn selector_kind(target: &Target) -> Option<StoreKind> {
-    match (
-        &target.redis,
-        &target.s3,
-        &target.loki,
-        &target.elasticsearch,
-    ) {
-        (Some(_), None, None, None) => Some(StoreKind::Redis),
-        (None, Some(_), None, None) => Some(StoreKind::S3),
-        (None, None, Some(_), None) => Some(StoreKind::Loki),
-        (None, None, None, Some(_)) => Some(StoreKind::Elasticsearch),
-        _ => None,
-    }
+    registry::for_target(target).ok().map(|d| d.kind())
 }
 
 /// Whether a sweep of `target` can leave every held subject's data in place (pure). `Err`
 /// says why not, without any identifier value: the target has no subject locator for its
 /// store kind, or a held subject lacks an identifier type one of its templates needs. The
-/// whole target is then held. Templates used: Redis `keys` and the keys of `hashFields` and
+/// whole target is then held. The templates are the driver's
+/// ([`driver::StoreDriver::hold_templates`]): Redis `keys` and the keys of `hashFields` and
 /// `setMembers` (those keys are skipped whole), S3 `keyPrefixes` and the `records` prefix and
 /// value, the Loki `lineFilter`, every Elasticsearch `term`.
 pub fn hold_exclusion(target: &Target, held: &HeldSubjects) -> Result<(), String> {
@@ -307,42 +298,8 @@ pub fn hold_exclusion(target: &Target, held: &HeldSubjects) -> Result<(), String
         )
     };
     let locator = target.subject.as_ref().ok_or_else(none)?;
-    let mut templates: Vec<(String, &str)> = Vec::new();
-    match selector_kind(target) {
-        Some(StoreKind::Redis) => {
-            let r = locator.redis.as_ref().ok_or_else(none)?;
-            for (i, k) in r.keys.iter().enumerate() {
-                templates.push((format!("subject.redis.keys[{i}]"), k));
-            }
-            for (i, h) in r.hash_fields.iter().enumerate() {
-                templates.push((format!("subject.redis.hashFields[{i}].key"), &h.key));
-            }
-            for (i, m) in r.set_members.iter().enumerate() {
-                templates.push((format!("subject.redis.setMembers[{i}].key"), &m.key));
-            }
-        }
-        Some(StoreKind::S3) => {
-            let s = locator.s3.as_ref().ok_or_else(none)?;
-            for (i, p) in s.key_prefixes.iter().enumerate() {
-                templates.push((format!("subject.s3.keyPrefixes[{i}]"), p));
-            }
-            if let Some(r) = &s.records {
-                templates.push(("subject.s3.records.prefix".into(), &r.prefix));
-                templates.push(("subject.s3.records.equals".into(), &r.equals));
-            }
-        }
-        Some(StoreKind::Loki) => {
-            let l = locator.loki.as_ref().ok_or_else(none)?;
-            templates.push(("subject.loki.lineFilter".into(), &l.line_filter));
-        }
-        Some(StoreKind::Elasticsearch) => {
-            let e = locator.elasticsearch.as_ref().ok_or_else(none)?;
-            for (field, t) in &e.term {
-                templates.push((format!("subject.elasticsearch.term[{field}]"), t));
-            }
-        }
-        None => return Err(none()),
-    }
+    let driver = registry::for_target(target).map_err(|_| none())?;
+    let templates = driver.hold_templates(locator).ok_or_else(none)?;
     if templates.is_empty() {
         return Err(none());
     }
@@ -578,12 +535,9 @@ pub trait Backend: Send + Sync {
 /// The selector of a target for its store kind, checked before anything runs: the target
 /// must select data in the store kind it names (invariant 1: never outside the selector).
 pub fn validate_target(kind: StoreKind, target: &Target) -> Result<(), Error> {
-    match kind {
-        StoreKind::Redis => redis::validate_target(target),
-        StoreKind::S3 => s3::validate_target(target),
-        StoreKind::Loki => loki::validate_target(target),
-        StoreKind::Elasticsearch => elasticsearch::validate_target(target),
-    }
+    registry::driver(kind)
+        .ok_or_else(|| Error::InvalidSpec(format!("no driver for {} stores", kind.as_str())))?
+        .validate(target)
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::api::StoreKind;
+use crate::backends::Error as StoreError;
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// The subject has no identifier of this type; the locator is skipped.
@@ -182,6 +185,57 @@ pub fn expand(
     Ok(out)
 }
 
+/// One subject's identifiers applied to the templates of one target's locator, the same way
+/// for every driver: a template is filled by the driver's `fill` (which decides the forms and
+/// the escaping); a template needing an identifier the subject lacks is skipped, and the
+/// reason kept without any value (`keys[1] needs {email}`); a malformed one is `InvalidSpec`,
+/// naming the target and the field (`target t: subject.loki.lineFilter is not a valid
+/// template`).
+pub struct Locating<'a> {
+    target: &'a str,
+    kind: StoreKind,
+    identifiers: &'a BTreeMap<String, String>,
+    /// Why templates were skipped, in the order they were met.
+    pub skipped: Vec<String>,
+}
+
+impl<'a> Locating<'a> {
+    pub fn new(
+        target: &'a str,
+        kind: StoreKind,
+        identifiers: &'a BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            target,
+            kind,
+            identifiers,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// The template `what` (a path inside the kind's locator section, such as `keys[0]`)
+    /// filled for the subject; None when it is skipped.
+    pub fn fill<T>(
+        &mut self,
+        what: &str,
+        template: &str,
+        fill: impl FnOnce(&str, &BTreeMap<String, String>) -> Result<T, Error>,
+    ) -> Result<Option<T>, StoreError> {
+        match fill(template, self.identifiers) {
+            Ok(filled) => Ok(Some(filled)),
+            Err(Error::MissingIdentifier(name)) => {
+                self.skipped.push(format!("{what} needs {{{name}}}"));
+                Ok(None)
+            }
+            Err(Error::Malformed) => Err(StoreError::InvalidSpec(format!(
+                "target {}: subject.{}.{what} is not a valid template",
+                self.target,
+                self.kind.as_str()
+            ))),
+        }
+    }
+}
+
 /// Escapes Redis glob metacharacters so the value matches only itself.
 pub fn escape_glob(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -209,6 +263,25 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn every_driver_skips_and_refuses_templates_alike() {
+        let ids = ids(&[("userId", "47")]);
+        let mut locating = Locating::new("t", StoreKind::Loki, &ids);
+        let filled = locating.fill("lineFilter", "uid={userId} ", |t, i| expand(t, i, literal));
+        assert_eq!(filled.ok().flatten().as_deref(), Some("uid=47 "));
+        let skipped = locating.fill("term[a]", "{email}", |t, i| expand(t, i, literal));
+        assert!(matches!(skipped, Ok(None)));
+        assert_eq!(locating.skipped, ["term[a] needs {email}"]);
+        let bad = locating.fill("keys[1]", "{userId", |t, i| expand(t, i, literal));
+        assert_eq!(
+            bad.err().map(|e| (e.reason(), e.to_string())),
+            Some((
+                "InvalidSpec",
+                "target t: subject.loki.keys[1] is not a valid template".to_string()
+            ))
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@ use tracing::{debug, info, instrument, warn};
 
 use super::{failure_key, object_key, stores, Context, Error};
 use crate::api::common::{find_condition, merge_conditions, DesiredCondition};
+#[cfg(test)]
+use crate::api::datastore::StoreSection;
 use crate::api::datastore::{DataStore, DataStoreStatus};
 use crate::api::Timestamp;
 use crate::backends::Category;
@@ -183,14 +185,11 @@ mod tests {
         let mut s = DataStore::new(
             "cache",
             DataStoreSpec {
-                redis: Some(RedisStore {
+                store: Some(StoreSection::Redis(RedisStore {
                     url: "redis://r:6379".into(),
                     password_secret_ref: None,
                     cluster: None,
-                }),
-                s3: None,
-                loki: None,
-                elasticsearch: None,
+                })),
                 limits: None,
                 insecure: None,
             },
@@ -246,7 +245,7 @@ mod tests {
         let mut s = store();
         let ok: Result<String, Error> = Ok("redis 7.0.15".into());
         assert!(!desired_status(&s, &ok, Timestamp::now()).insecure);
-        if let Some(r) = s.spec.redis.as_mut() {
+        if let Some(StoreSection::Redis(r)) = s.spec.store.as_mut() {
             r.password_secret_ref = Some(crate::api::common::SecretKeyRef {
                 name: "auth".into(),
                 key: "password".into(),
@@ -258,7 +257,7 @@ mod tests {
         let down = Err(Error::SecretNotFound("auth".into()));
         assert!(!desired_status(&s, &down, Timestamp::now()).insecure);
         // TLS: nothing in plain text, whatever the flag says.
-        if let Some(r) = s.spec.redis.as_mut() {
+        if let Some(StoreSection::Redis(r)) = s.spec.store.as_mut() {
             r.url = "rediss://r:6380".into();
         }
         assert!(!desired_status(&s, &ok, Timestamp::now()).insecure);

@@ -14,7 +14,8 @@ use kube::{Api, Client, ResourceExt};
 
 use super::{Error, Settings};
 use crate::api::datastore::{DataStore, DataStoreSpec};
-use crate::backends::http::HttpAuth;
+use crate::backends::driver::{MissingKey, SecretKeys};
+use crate::backends::registry;
 use crate::engine::ConnectionSpec;
 
 /// A Secret is read as store credentials only if it carries this label with the value
@@ -61,15 +62,6 @@ fn secret_key(secret: &Secret, name: &str, key: &str) -> Result<String, Error> {
         .ok_or_else(missing)
 }
 
-/// An optional key: absent is `None`, anything else wrong is an error.
-fn optional_key(secret: &Secret, name: &str, key: &str) -> Result<Option<String>, Error> {
-    match secret_key(secret, name, key) {
-        Ok(v) => Ok(Some(v)),
-        Err(Error::SecretKeyMissing { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// What carries a store's credentials, from its spec alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum CredentialSource {
@@ -100,44 +92,19 @@ fn url_has_credentials(url: &str) -> bool {
     url::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
 }
 
-/// The store's transport (is it plain text?) and where its credentials come from.
+/// The store's transport (is it plain text?) and where its credentials come from, from what
+/// its kind's driver says of its section.
 fn transport(spec: &DataStoreSpec) -> Option<(bool, CredentialSource)> {
-    let from_url = |url: &str, secret: Option<&str>| {
-        let source = match secret {
-            Some(name) => CredentialSource::Secret(name.to_string()),
-            None if url_has_credentials(url) => CredentialSource::Url,
-            None => CredentialSource::None,
-        };
-        (!verified_tls(url), source)
+    let t = registry::for_store(spec)?.transport(spec)?;
+    let source = match (t.secret, t.endpoint) {
+        (Some(name), _) => CredentialSource::Secret(name.to_string()),
+        (None, _) if t.ambient_without_secret => CredentialSource::Ambient,
+        (None, Some(url)) if url_has_credentials(url) => CredentialSource::Url,
+        (None, _) => CredentialSource::None,
     };
-    if let Some(r) = &spec.redis {
-        return Some(from_url(
-            &r.url,
-            r.password_secret_ref.as_ref().map(|s| s.name.as_str()),
-        ));
-    }
-    if let Some(s3) = &spec.s3 {
-        // No endpoint: AWS itself, always over HTTPS.
-        let plaintext = s3.endpoint.as_deref().is_some_and(|e| !verified_tls(e));
-        let source = match &s3.credentials_secret_ref {
-            Some(r) => CredentialSource::Secret(r.name.clone()),
-            None => CredentialSource::Ambient,
-        };
-        return Some((plaintext, source));
-    }
-    if let Some(l) = &spec.loki {
-        return Some(from_url(
-            &l.url,
-            l.credentials_secret_ref.as_ref().map(|s| s.name.as_str()),
-        ));
-    }
-    if let Some(e) = &spec.elasticsearch {
-        return Some(from_url(
-            &e.url,
-            e.credentials_secret_ref.as_ref().map(|s| s.name.as_str()),
-        ));
-    }
-    None
+    // No endpoint: the provider's own, always over HTTPS.
+    let plaintext = t.endpoint.is_some_and(|url| !verified_tls(url));
+    Some((plaintext, source))
 }
 
 /// Whether the operator may send this store's credentials where its spec says, before any
@@ -187,110 +154,43 @@ pub async fn connection_spec(
     settings: &Settings,
 ) -> Result<ConnectionSpec, Error> {
     check_transport(&store.spec, settings.allow_ambient_credentials)?;
+    let exactly_one = || {
+        Error::InvalidSpec(format!(
+            "exactly one of {} must be set",
+            registry::names("or")
+        ))
+    };
+    let driver = registry::for_store(&store.spec).ok_or_else(exactly_one)?;
     let namespace = store.namespace().unwrap_or_default();
-    if let Some(redis) = &store.spec.redis {
-        let password = match &redis.password_secret_ref {
-            Some(r) => {
-                let secret = credentials_secret(client, &namespace, &r.name).await?;
-                Some(secret_key(&secret, &r.name, &r.key)?)
-            }
-            None => None,
-        };
-        return Ok(ConnectionSpec::Redis(crate::backends::redis::RedisConfig {
-            url: redis.url.clone(),
-            password,
-            cluster: redis.cluster.unwrap_or(false),
-        }));
-    }
-    if let Some(s3) = &store.spec.s3 {
-        let credentials = match &s3.credentials_secret_ref {
-            Some(r) => {
-                let secret = credentials_secret(client, &namespace, &r.name).await?;
-                Some(crate::backends::s3::S3Credentials {
-                    access_key_id: secret_key(&secret, &r.name, "accessKeyId")?,
-                    secret_access_key: secret_key(&secret, &r.name, "secretAccessKey")?,
-                    session_token: optional_key(&secret, &r.name, "sessionToken")?,
-                })
-            }
-            None => None,
-        };
-        return Ok(ConnectionSpec::S3(crate::backends::s3::S3Config {
-            bucket: s3.bucket.clone(),
-            region: s3.region.clone(),
-            endpoint: s3.endpoint.clone(),
-            force_path_style: s3.force_path_style.unwrap_or(false),
-            credentials,
-        }));
-    }
-    if let Some(loki) = &store.spec.loki {
-        let auth = http_auth(
-            client,
-            &namespace,
-            loki.credentials_secret_ref.as_ref(),
-            "token",
-        )
-        .await?;
-        return Ok(ConnectionSpec::Loki(crate::backends::loki::LokiConfig {
-            url: loki.url.clone(),
-            tenant: loki.tenant.clone(),
-            auth,
-            resubmit_after: loki
-                .resubmit_after
-                .map_or(crate::backends::loki::DEFAULT_RESUBMIT_AFTER, |d| {
-                    std::time::Duration::from_secs(d.as_secs())
-                }),
-        }));
-    }
-    if let Some(es) = &store.spec.elasticsearch {
-        let auth = http_auth(
-            client,
-            &namespace,
-            es.credentials_secret_ref.as_ref(),
-            "apiKey",
-        )
-        .await?;
-        return Ok(ConnectionSpec::Elasticsearch(
-            crate::backends::elasticsearch::ElasticsearchConfig {
-                url: es.url.clone(),
-                auth,
-                delete_requests_per_second: es.delete_requests_per_second,
-            },
-        ));
-    }
-    Err(Error::InvalidSpec(
-        "exactly one of redis, s3, loki, elasticsearch must be set".into(),
-    ))
+    let secret_name = driver
+        .transport(&store.spec)
+        .and_then(|t| t.secret.map(str::to_string));
+    let secret = match &secret_name {
+        Some(name) => Some(credentials_secret(client, &namespace, name).await?),
+        None => None,
+    };
+    let keys = secret
+        .as_ref()
+        .zip(secret_name.as_deref())
+        .map(|(secret, name)| ReadSecret { secret, name });
+    driver
+        .connection(&store.spec, keys.as_ref().map(|k| k as &dyn SecretKeys))
+        .ok_or_else(exactly_one)?
+        .map_err(|MissingKey(key)| Error::SecretKeyMissing {
+            secret: secret_name.unwrap_or_default(),
+            key,
+        })
 }
 
-/// Credentials for an HTTP store: `username` and `password`, or the single `token_key`
-/// (`token` for Loki, `apiKey` for Elasticsearch); no Secret, no credentials.
-async fn http_auth(
-    client: &Client,
-    namespace: &str,
-    secret: Option<&crate::api::common::SecretRef>,
-    token_key: &str,
-) -> Result<HttpAuth, Error> {
-    let Some(secret) = secret else {
-        return Ok(HttpAuth::None);
-    };
-    let name = secret.name.as_str();
-    let secret = credentials_secret(client, namespace, name).await?;
-    if let Some(token) = optional_key(&secret, name, token_key)? {
-        return Ok(if token_key == "apiKey" {
-            HttpAuth::ApiKey(token)
-        } else {
-            HttpAuth::Bearer(token)
-        });
-    }
-    match optional_key(&secret, name, "username")? {
-        Some(username) => Ok(HttpAuth::Basic {
-            username,
-            password: secret_key(&secret, name, "password")?,
-        }),
-        None => Err(Error::SecretKeyMissing {
-            secret: name.to_string(),
-            key: format!("{token_key} (or username and password)"),
-        }),
+/// A Secret already read, as its store's driver reads it.
+struct ReadSecret<'a> {
+    secret: &'a Secret,
+    name: &'a str,
+}
+
+impl SecretKeys for ReadSecret<'_> {
+    fn get(&self, key: &str) -> Option<String> {
+        secret_key(self.secret, self.name, key).ok()
     }
 }
 

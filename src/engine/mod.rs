@@ -16,23 +16,14 @@ use slots::JobSlots;
 pub use slots::{Claim, SlotPermit};
 
 use crate::api::datastore::StoreLimits;
-use crate::backends::elasticsearch::{ElasticsearchBackend, ElasticsearchConfig};
-use crate::backends::loki::{LokiBackend, LokiConfig};
-use crate::backends::redis::{RedisBackend, RedisConfig};
-use crate::backends::s3::{S3Backend, S3Config};
 use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::leader::Fence;
 use crate::limits::RateLimiter;
 
-/// Everything needed to talk to one store, resolved from its DataStore and Secrets. Two equal
-/// connection specs share one backend (connections, rate limiter).
-#[derive(Clone, Debug, PartialEq)]
-pub enum ConnectionSpec {
-    Redis(RedisConfig),
-    S3(S3Config),
-    Loki(LokiConfig),
-    Elasticsearch(ElasticsearchConfig),
-}
+/// Everything needed to talk to one store, resolved from its DataStore and Secrets by the
+/// store kind's driver. Two equal connection specs share one backend (connections, rate
+/// limiter).
+pub use crate::backends::driver::ConnectionSpec;
 
 struct CachedBackend {
     spec: ConnectionSpec,
@@ -209,20 +200,15 @@ fn build_backend(spec: &ConnectionSpec, limits: Option<&StoreLimits>) -> Arc<dyn
             .and_then(|l| l.concurrency)
             .map_or(Limits::default().concurrency, |c| c as usize),
     };
-    match spec {
-        ConnectionSpec::Redis(config) => Arc::new(RedisBackend::new(config.clone(), limits)),
-        ConnectionSpec::S3(config) => Arc::new(S3Backend::new(config.clone(), limits)),
-        ConnectionSpec::Loki(config) => Arc::new(LokiBackend::new(config.clone(), limits)),
-        ConnectionSpec::Elasticsearch(config) => {
-            Arc::new(ElasticsearchBackend::new(config.clone(), limits))
-        }
-    }
+    spec.connect(limits)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::StoreKind;
+    use crate::backends::redis::driver::RedisDriver;
+    use crate::backends::redis::RedisConfig;
     use crate::backends::{Next, SubjectAction};
     use async_trait::async_trait;
 
@@ -337,7 +323,7 @@ mod tests {
     async fn cached_backends_of_deleted_stores_are_dropped() {
         let engine = engine(Fence::default());
         let spec = |url: &str| {
-            ConnectionSpec::Redis(RedisConfig {
+            ConnectionSpec::new::<RedisDriver>(RedisConfig {
                 url: url.into(),
                 password: None,
                 cluster: false,

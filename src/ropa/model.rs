@@ -163,72 +163,20 @@ pub fn duration_text(d: Duration) -> String {
     format!("{secs} second{}", if secs == 1 { "" } else { "s" })
 }
 
-fn target_kind(t: &Target) -> Option<StoreKind> {
-    if t.redis.is_some() {
-        Some(StoreKind::Redis)
-    } else if t.s3.is_some() {
-        Some(StoreKind::S3)
-    } else if t.loki.is_some() {
-        Some(StoreKind::Loki)
-    } else if t.elasticsearch.is_some() {
-        Some(StoreKind::Elasticsearch)
-    } else {
-        None
-    }
-}
-
 /// Describes where a target keeps its data: kind, bucket or tenant, what it selects, and the
 /// DataStore by name. Never a URL, an endpoint or a Secret.
 fn storage(target: &Target, store: Option<&&DataStore>) -> Storage {
     let spec = store.map(|s| &s.spec);
-    let kind = target_kind(target).or_else(|| spec.and_then(|s| s.kind()));
-    let mut parts: Vec<String> = Vec::new();
-    match kind {
-        Some(StoreKind::Redis) => {
-            let cluster = spec
-                .and_then(|s| s.redis.as_ref())
-                .and_then(|r| r.cluster)
-                .unwrap_or(false);
-            parts.push(if cluster { "redis cluster" } else { "redis" }.to_string());
-            if let Some(r) = &target.redis {
-                parts.push(format!("keys {}", r.key_pattern));
-            }
-        }
-        Some(StoreKind::S3) => {
-            let mut head = "s3".to_string();
-            if let Some(s3) = spec.and_then(|s| s.s3.as_ref()) {
-                head.push_str(&format!(" bucket {}", s3.bucket));
-                if let Some(region) = &s3.region {
-                    head.push_str(&format!(" in {region}"));
-                }
-            }
-            parts.push(head);
-            if let Some(prefix) = target.s3.as_ref().map(|t| &t.prefix) {
-                if !prefix.is_empty() {
-                    parts.push(format!("prefix {prefix}"));
-                }
-            }
-        }
-        Some(StoreKind::Loki) => {
-            let mut head = "loki".to_string();
-            if let Some(tenant) = spec
-                .and_then(|s| s.loki.as_ref())
-                .and_then(|l| l.tenant.as_ref())
-            {
-                head.push_str(&format!(" tenant {tenant}"));
-            }
-            parts.push(head);
-            if let Some(l) = &target.loki {
-                parts.push(format!("streams {}", l.selector));
-            }
-        }
-        Some(StoreKind::Elasticsearch) => {
-            parts.push("elasticsearch".to_string());
-            if let Some(e) = &target.elasticsearch {
-                parts.push(format!("index {}", e.index));
-            }
-        }
-        None => parts.push("unknown store".to_string()),
+    let driver = crate::backends::registry::for_target(target)
+        .ok()
+        .or_else(|| spec.and_then(crate::backends::registry::for_store));
+    let kind = driver.map(|d| d.kind());
+    let mut parts = match driver {
+        Some(d) => d.describe(spec, target),
+        None => vec!["unknown store".to_string()],
+    };
+    if parts.is_empty() {
+        parts.push(kind.map_or("unknown store", |k| k.as_str()).to_string());
     }
     // "redis keys session:*", but "s3 bucket b in r, prefix p".
     let separator = if parts[0].contains(' ') { ", " } else { " " };

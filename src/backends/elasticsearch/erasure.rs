@@ -4,11 +4,13 @@
 use reqwest::Method;
 use tokio::time::Instant;
 
-use super::query::{self, Cursor};
+use super::cursor::Cursor;
 use super::sweep::Polled;
 use super::transport::{answer_error, Quote, LENIENT};
+use super::{query, task};
 use super::{validate_target, ElasticsearchBackend};
 use crate::api::StoreKind;
+use crate::backends::driver::StoreDriver;
 use crate::backends::{
     subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
@@ -60,10 +62,7 @@ impl ElasticsearchBackend {
     ) -> Result<SubjectStep, Error> {
         validate_target(&job.target)?;
         let name = &job.target.name;
-        let pattern = job
-            .target
-            .elasticsearch
-            .as_ref()
+        let pattern = <super::driver::ElasticsearchDriver as StoreDriver>::selector(&job.target)
             .map(|e| e.index.as_str())
             .ok_or_else(|| {
                 Error::InvalidSpec(format!("target {name} has no elasticsearch selector"))
@@ -80,7 +79,7 @@ impl ElasticsearchBackend {
             next: Next::Done,
             failure: None,
         };
-        let terms = match query::expand_terms(&locator.term, &job.identifiers)? {
+        let terms = match query::expand_terms(name, &locator.term, &job.identifiers)? {
             Ok(terms) => terms,
             Err(skipped) => {
                 result.skipped = skipped;
@@ -131,7 +130,7 @@ impl ElasticsearchBackend {
             Ok(Polled::Wait) => {
                 result.next = Next::Wait {
                     cursor: position.encode(),
-                    poll_after: query::poll_delay(position.polls),
+                    poll_after: task::poll_delay(position.polls),
                 }
             }
             Ok(Polled::Done {
@@ -140,7 +139,7 @@ impl ElasticsearchBackend {
                 problem,
             }) => {
                 // The count travels in the cursor until the step that reports it (Done).
-                let settled = query::settle(&mut position, deleted, version_conflicts, problem);
+                let settled = task::settle(&mut position, deleted, version_conflicts, problem);
                 result.failure = settled.retrying.or(settled.failed);
                 result.next = Next::Continue(position.encode());
             }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::query;
+use super::indices;
 use super::transport::{answer_error, Quote};
 use super::ElasticsearchBackend;
 use crate::backends::{Error, StepBudget};
@@ -44,7 +44,7 @@ impl ElasticsearchBackend {
             .iter()
             .filter(|row| row.get("status").and_then(Value::as_str) == Some("open"))
             .filter_map(|row| row.get("index").and_then(Value::as_str))
-            .filter(|name| query::index_matches(pattern, name))
+            .filter(|name| indices::index_matches(pattern, name))
             .map(str::to_string)
             .collect();
         names.sort();
@@ -55,18 +55,18 @@ impl ElasticsearchBackend {
         &self,
         index: &str,
         field: &str,
-    ) -> Result<Option<query::IndexAges>, Error> {
+    ) -> Result<Option<indices::IndexAges>, Error> {
         let answer = self
             .call(
                 Method::POST,
                 &[index, "_search"],
                 &[],
-                Some(&query::ages_search(field)),
+                Some(&indices::ages_search(field)),
                 "_search",
                 Quote::Reason,
             )
             .await?;
-        Ok(query::read_ages(&answer))
+        Ok(indices::read_ages(&answer))
     }
 
     /// Whether `index.blocks.write` is set on the index.
@@ -151,7 +151,7 @@ impl ElasticsearchBackend {
                 ))
             }
         };
-        Ok(Some(query::write_indices(&aliases, &streams)))
+        Ok(Some(indices::write_indices(&aliases, &streams)))
     }
 
     /// First look at one index for the fast path (no change made).
@@ -192,7 +192,7 @@ impl ElasticsearchBackend {
         let Some(ages) = self.ages(index, field).await? else {
             return Ok(None);
         };
-        if !query::whole_index_expired(&ages, cutoff) {
+        if !indices::whole_index_expired(&ages, cutoff) {
             return Ok(None);
         }
         if self
@@ -268,7 +268,7 @@ pub(super) enum FirstLook {
     NeedsBlock,
 }
 
-fn all_expired(ages: &Option<query::IndexAges>, cutoff: chrono::DateTime<chrono::Utc>) -> bool {
+fn all_expired(ages: &Option<indices::IndexAges>, cutoff: chrono::DateTime<chrono::Utc>) -> bool {
     ages.as_ref()
-        .is_some_and(|a| query::whole_index_expired(a, cutoff))
+        .is_some_and(|a| indices::whole_index_expired(a, cutoff))
 }

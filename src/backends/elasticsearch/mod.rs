@@ -26,12 +26,19 @@
 //!
 //! `transport` sends the requests and maps the answers to errors, `index_path` is the
 //! whole-index deletion, `sweep` the delete-by-query sweep and its task, `erasure` a
-//! subject's documents; `query` builds the queries and reads the answers (pure).
+//! subject's documents. Pure: `query` builds the queries (ranges, subject terms) and reads
+//! mappings, `indices` checks and matches index patterns and makes the fast-path decision,
+//! `task` reads and settles delete-by-query tasks, `cursor` is where a step resumes;
+//! `driver` registers the kind.
 
+mod cursor;
+pub mod driver;
 mod erasure;
 mod index_path;
+pub mod indices;
 pub mod query;
 mod sweep;
+pub mod task;
 mod transport;
 
 use async_trait::async_trait;
@@ -42,7 +49,7 @@ use super::http::{HttpAuth, HttpStore};
 use super::{Backend, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
-use query::Cursor;
+use cursor::Cursor;
 use transport::{answer_error, Quote};
 
 /// How to reach one Elasticsearch, resolved from a DataStore and its Secret.
@@ -193,10 +200,12 @@ fn describe(root: &Value) -> Option<String> {
 /// selector).
 pub fn validate_target(target: &Target) -> Result<(), Error> {
     let invalid = |m: String| Err(Error::InvalidSpec(format!("target {}: {m}", target.name)));
-    let Some(es) = &target.elasticsearch else {
+    let Some(es) = <driver::ElasticsearchDriver as super::driver::StoreDriver>::selector(target)
+    else {
         return invalid("needs an elasticsearch selector for an elasticsearch store".into());
     };
-    if query::matches_everything(&es.index) || query::unanchored_inclusion(&es.index).is_some() {
+    if indices::matches_everything(&es.index) || indices::unanchored_inclusion(&es.index).is_some()
+    {
         if !target.allow_match_all {
             return invalid(format!(
                 "index {:?} selects every index in the cluster (or every hidden one): each index it names needs a literal prefix with a letter or digit, such as \"logs-*\"; set allowMatchAll: true if that is really meant",
@@ -207,7 +216,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
             return invalid("the index pattern is empty".into());
         }
     }
-    if let Err(m) = query::check_pattern(&es.index) {
+    if let Err(m) = indices::check_pattern(&es.index) {
         return invalid(m);
     }
     if es.timestamp_field.trim().is_empty() {
@@ -267,13 +276,12 @@ mod tests {
         Target {
             name: "events".into(),
             store: "search".into(),
-            redis: None,
-            s3: None,
-            loki: None,
-            elasticsearch: Some(ElasticsearchTarget {
-                index: index.into(),
-                timestamp_field: "@timestamp".into(),
-            }),
+            selector: Some(crate::api::retentionpolicy::Selector::Elasticsearch(
+                ElasticsearchTarget {
+                    index: index.into(),
+                    timestamp_field: "@timestamp".into(),
+                },
+            )),
             subject: (!terms.is_empty()).then(|| SubjectLocator {
                 elasticsearch: Some(ElasticsearchSubject {
                     term: terms
@@ -327,7 +335,7 @@ mod tests {
             assert!(validate_target(&target("logs-*", bad)).is_err(), "{bad:?}");
         }
         let mut no_es = target("logs-*", &[]);
-        no_es.elasticsearch = None;
+        no_es.selector = None;
         assert!(validate_target(&no_es).is_err());
     }
 

@@ -9,11 +9,14 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cursor::Cursor;
 use super::index_path::FirstLook;
-use super::query::{self, Cursor, TaskProblem, TaskState};
+use super::task::{self, TaskProblem, TaskState};
 use super::transport::{answer_error, Quote, LENIENT};
+use super::{indices, query};
 use super::{validate_target, ElasticsearchBackend};
 use crate::api::StoreKind;
+use crate::backends::driver::StoreDriver;
 use crate::backends::{held_subject_locator, Error, Next, Step, StepBudget, SweepJob};
 
 /// Consecutive transient failures (429, 5xx, no answer) of a task poll before the step
@@ -56,7 +59,7 @@ impl ElasticsearchBackend {
         answer
             .get("task")
             .and_then(Value::as_str)
-            .filter(|t| query::valid_task_id(t))
+            .filter(|t| task::valid_task_id(t))
             .map(str::to_string)
             .ok_or_else(|| Error::Store("_delete_by_query: the answer has no task id".into()))
     }
@@ -102,7 +105,7 @@ impl ElasticsearchBackend {
                 Err(e) => return Err(e),
             };
             cursor.errors = 0;
-            match query::read_task(&answer) {
+            match task::read_task(&answer) {
                 Some(TaskState::Running) => {}
                 Some(TaskState::Finished {
                     deleted,
@@ -181,7 +184,7 @@ impl ElasticsearchBackend {
         let mut deleted = 0;
         let forgotten = match stopped {
             Ok((200..=299, answer)) => {
-                deleted = query::deleted_so_far(&answer);
+                deleted = task::deleted_so_far(&answer);
                 if answer.get("completed").and_then(Value::as_bool) == Some(true) {
                     self.forget_task(task).await
                 } else {
@@ -227,10 +230,7 @@ impl ElasticsearchBackend {
         validate_target(&job.target)?;
         // Even polling counts what a task deleted: a stale instance neither acts nor counts.
         budget.may_act()?;
-        let es = job
-            .target
-            .elasticsearch
-            .as_ref()
+        let es = <super::driver::ElasticsearchDriver as StoreDriver>::selector(&job.target)
             .ok_or_else(|| Error::InvalidSpec("target has no elasticsearch selector".into()))?;
         let (pattern, field) = (es.index.as_str(), es.timestamp_field.as_str());
         let deadline = Instant::now() + budget.max_time;
@@ -283,7 +283,7 @@ impl ElasticsearchBackend {
             // Switched to a dry run mid-sweep: a block of the operator's own is lifted all
             // the same (that restores the index; it deletes nothing).
             if let Some(index) = position.blocking.as_deref() {
-                if query::index_matches(pattern, index) {
+                if indices::index_matches(pattern, index) {
                     self.own_block(index, field, job.cutoff, budget, false)
                         .await?;
                 }
@@ -346,7 +346,7 @@ impl ElasticsearchBackend {
         if let Some(index) = position.blocking.clone() {
             // The operator's own block, named in the checkpoint before it was set: judge the
             // index again (or, the fast path being over, only lift the block).
-            if !query::index_matches(pattern, &index) {
+            if !indices::index_matches(pattern, &index) {
                 return Err(Error::InvalidSpec(format!(
                     "the cursor names index {index}, which the pattern does not"
                 )));
@@ -438,7 +438,7 @@ impl ElasticsearchBackend {
             Polled::Wait => {
                 step.next = Next::Wait {
                     cursor: position.encode(),
-                    poll_after: query::poll_delay(position.polls),
+                    poll_after: task::poll_delay(position.polls),
                 };
             }
             Polled::Done {
@@ -446,7 +446,7 @@ impl ElasticsearchBackend {
                 version_conflicts,
                 problem,
             } => {
-                let settled = query::settle(position, deleted, version_conflicts, problem);
+                let settled = task::settle(position, deleted, version_conflicts, problem);
                 // A sweep reports each task's count in the step that reads it, checkpointed
                 // together with this cursor; the cursor need not carry it.
                 position.deleted = 0;
@@ -490,7 +490,7 @@ fn held_queries(job: &SweepJob) -> Result<Vec<Value>, Error> {
     job.held
         .0
         .iter()
-        .map(|ids| match query::expand_terms(&locator.term, ids)? {
+        .map(|ids| match query::expand_terms(&job.target.name, &locator.term, ids)? {
             Ok(terms) if !terms.is_empty() => Ok(query::subject_query(&terms)),
             _ => Err(Error::InvalidSpec(format!(
                 "target {}: a subject held by a LegalHold cannot be excluded (the locator needs an identifier they lack); the target must be held",

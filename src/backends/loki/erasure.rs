@@ -10,7 +10,8 @@ use super::requests::{covered_until, poll_after, search_from, Polled, Reuse};
 use super::scan::Scan;
 use super::{logql, selector, LokiBackend, DELETE_START};
 use crate::api::StoreKind;
-use crate::backends::{identifier, template};
+use crate::backends::identifier;
+use crate::backends::template::Locating;
 use crate::backends::{
     subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
@@ -38,18 +39,11 @@ impl LokiBackend {
             next: Next::Done,
             failure: None,
         };
-        let filled = match identifier::fill(&locator.line_filter, &job.identifiers) {
-            Ok(filled) => filled,
-            Err(template::Error::MissingIdentifier(name)) => {
-                step.skipped.push(format!("lineFilter needs {{{name}}}"));
-                return Ok(step);
-            }
-            Err(template::Error::Malformed) => {
-                return Err(Error::InvalidSpec(format!(
-                    "target {}: subject.loki.lineFilter is not a valid template",
-                    job.target.name
-                )))
-            }
+        let mut locating = Locating::new(&job.target.name, StoreKind::Loki, &job.identifiers);
+        let Some(filled) = locating.fill("lineFilter", &locator.line_filter, identifier::fill)?
+        else {
+            step.skipped = locating.skipped;
+            return Ok(step);
         };
         // A value the line filter cannot tell apart from other text fails the target: it is
         // neither run (it would take other people's lines) nor skipped (and reported erased).

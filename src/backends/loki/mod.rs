@@ -45,6 +45,7 @@
 //! `sweep` and `erasure`; `logql` builds the queries.
 
 mod cursor;
+pub mod driver;
 mod erasure;
 pub mod logql;
 mod requests;
@@ -112,12 +113,13 @@ impl LokiBackend {
 
 /// The target's stream selector, checked.
 fn selector(target: &Target) -> Result<logql::Selector, Error> {
-    let loki = target.loki.as_ref().ok_or_else(|| {
-        Error::InvalidSpec(format!(
-            "target {}: needs a loki selector for a loki store",
-            target.name
-        ))
-    })?;
+    let loki =
+        <driver::LokiDriver as super::driver::StoreDriver>::selector(target).ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "target {}: needs a loki selector for a loki store",
+                target.name
+            ))
+        })?;
     let selector = logql::parse_selector(&loki.selector).map_err(|e| {
         Error::InvalidSpec(format!(
             "target {}: loki.selector is not a LogQL stream selector: {e}",

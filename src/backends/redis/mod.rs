@@ -9,6 +9,7 @@
 //! the replies of the deleting commands, never from what was merely selected, so a resumed
 //! step cannot count a key twice.
 
+pub mod driver;
 pub mod glob;
 pub(crate) mod subject;
 
@@ -32,6 +33,7 @@ use super::{
 };
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
+use crate::backends::driver::StoreDriver;
 use crate::backends::{held_subject_locator, identifier, template};
 
 /// Keys asked for per SCAN call.
@@ -844,10 +846,7 @@ impl Backend for RedisBackend {
         cursor: Option<&str>,
         budget: &StepBudget,
     ) -> Result<Step, Error> {
-        let target = job
-            .target
-            .redis
-            .as_ref()
+        let target = <driver::RedisDriver as StoreDriver>::selector(&job.target)
             .ok_or_else(|| Error::InvalidSpec("target has no redis selector".into()))?;
         let held = std::sync::Arc::new(held_globs(job)?);
         let topology = self.topology().await?;
@@ -1085,7 +1084,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 pub fn validate_target(target: &Target) -> Result<(), Error> {
-    let redis = target.redis.as_ref().ok_or_else(|| {
+    let redis = <driver::RedisDriver as StoreDriver>::selector(target).ok_or_else(|| {
         Error::InvalidSpec(format!(
             "target {} needs a redis selector for a redis store",
             target.name
@@ -1298,14 +1297,11 @@ e1 127.0.0.1:7006@17006 master - 0 0 5 connected
         Target {
             name: "t".into(),
             store: "cache".into(),
-            redis: Some(RedisTarget {
+            selector: Some(crate::api::retentionpolicy::Selector::Redis(RedisTarget {
                 key_pattern: pattern.into(),
                 mode,
                 timestamp_field: field.map(Into::into),
-            }),
-            s3: None,
-            loki: None,
-            elasticsearch: None,
+            })),
             subject: None,
             allow_match_all: allow,
         }

@@ -9,6 +9,7 @@
 //! Erasure: every object and version under the subject's key prefixes, and the subject's
 //! records inside JSON-lines archives (see `subject.rs` and `records.rs`).
 
+pub mod driver;
 pub mod records;
 mod subject;
 mod sweep;
@@ -394,7 +395,7 @@ impl Backend for S3Backend {
 /// Checks an S3 target before anything runs (invariant 1: never outside the selector).
 pub fn validate_target(target: &Target) -> Result<(), Error> {
     let invalid = |m: String| Err(Error::InvalidSpec(format!("target {}: {m}", target.name)));
-    let Some(s3) = &target.s3 else {
+    let Some(s3) = <driver::S3Driver as super::driver::StoreDriver>::selector(target) else {
         return invalid("needs an s3 selector for an s3 store".into());
     };
     if s3.prefix.is_empty() && !target.allow_match_all {
@@ -464,12 +465,9 @@ mod tests {
         Target {
             name: "archive".into(),
             store: "archive".into(),
-            redis: None,
-            s3: Some(S3Target {
+            selector: Some(crate::api::retentionpolicy::Selector::S3(S3Target {
                 prefix: prefix.into(),
-            }),
-            loki: None,
-            elasticsearch: None,
+            })),
             subject: subject.map(|s3| SubjectLocator {
                 s3: Some(s3),
                 ..Default::default()

@@ -12,6 +12,7 @@ use super::records::Matcher;
 use super::{object_id, sdk_error, Refusal, S3Backend, LIST_PAGE};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
+use crate::backends::driver::StoreDriver;
 use crate::backends::identifier;
 use crate::backends::{held_subject_locator, Error, Next, Step, StepBudget, SweepJob};
 
@@ -346,10 +347,7 @@ impl S3Backend {
         cursor: Option<&str>,
         budget: &StepBudget,
     ) -> Result<Step, Error> {
-        let prefix = job
-            .target
-            .s3
-            .as_ref()
+        let prefix = <super::driver::S3Driver as StoreDriver>::selector(&job.target)
             .map(|s| s.prefix.clone())
             .ok_or_else(|| Error::InvalidSpec("target has no s3 selector".into()))?;
         let holds = Holds::of(job)?;

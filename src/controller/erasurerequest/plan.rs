@@ -346,12 +346,7 @@ pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: Ac
 
 /// Whether the locator says how to find a subject in a store of this kind.
 pub fn locates_in(locator: &SubjectLocator, kind: StoreKind) -> bool {
-    match kind {
-        StoreKind::Redis => locator.redis.is_some(),
-        StoreKind::S3 => locator.s3.is_some(),
-        StoreKind::Loki => locator.loki.is_some(),
-        StoreKind::Elasticsearch => locator.elasticsearch.is_some(),
-    }
+    crate::backends::registry::driver(kind).is_some_and(|d| d.locates(locator))
 }
 
 /// The phase to work in before acting: a new request starts discovering; targets that a

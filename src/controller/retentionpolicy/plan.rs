@@ -292,26 +292,7 @@ impl std::fmt::Display for Invalid {
 
 /// The store kind a target selects, from the one selector it has.
 pub fn target_kind(target: &Target) -> Result<StoreKind, String> {
-    let kinds: Vec<StoreKind> = [
-        (target.redis.is_some(), StoreKind::Redis),
-        (target.s3.is_some(), StoreKind::S3),
-        (target.loki.is_some(), StoreKind::Loki),
-        (target.elasticsearch.is_some(), StoreKind::Elasticsearch),
-    ]
-    .into_iter()
-    .filter_map(|(set, kind)| set.then_some(kind))
-    .collect();
-    match kinds.as_slice() {
-        [kind] => Ok(*kind),
-        [] => Err(format!(
-            "target {} has no selector (redis, s3, loki or elasticsearch)",
-            target.name
-        )),
-        _ => Err(format!(
-            "target {} has more than one selector; give each store its own target",
-            target.name
-        )),
-    }
+    crate::backends::registry::for_target(target).map(|d| d.kind())
 }
 
 /// Everything wrong with a spec (pure), checked before anything is swept or erased and
@@ -348,8 +329,8 @@ pub fn validate(spec: &RetentionPolicySpec) -> Result<(), Vec<Invalid>> {
             });
             continue;
         }
-        let checked = target_kind(target)
-            .and_then(|kind| backends::validate_target(kind, target).map_err(|e| e.to_string()));
+        let checked = crate::backends::registry::for_target(target)
+            .and_then(|driver| driver.validate(target).map_err(|e| e.to_string()));
         if let Err(message) = checked {
             errors.push(Invalid {
                 target: Some(target.name.clone()),
@@ -609,12 +590,11 @@ pub fn record_stops(
 /// which must be cancelled when the policy is deleted. Judged by the selectors, before any
 /// deletion is submitted, so none can run unknown to a finalizer.
 pub fn needs_finalizer(policy: &RetentionPolicy) -> bool {
-    policy.spec.targets.iter().any(|t| {
-        matches!(
-            backends::selector_kind(t),
-            Some(StoreKind::Loki | StoreKind::Elasticsearch)
-        )
-    })
+    policy
+        .spec
+        .targets
+        .iter()
+        .any(|t| crate::backends::registry::for_target(t).is_ok_and(|d| d.capabilities().cancel))
 }
 
 /// The finalizers with ours added, None when it is there already (pure).
@@ -1157,14 +1137,11 @@ mod tests {
         Target {
             name: name.into(),
             store: "cache".into(),
-            redis: Some(RedisTarget {
+            selector: Some(crate::api::retentionpolicy::Selector::Redis(RedisTarget {
                 key_pattern: format!("{name}:*"),
                 mode: RedisMode::Idle,
                 timestamp_field: None,
-            }),
-            s3: None,
-            loki: None,
-            elasticsearch: None,
+            })),
             subject: None,
             allow_match_all: false,
         }
@@ -1343,7 +1320,11 @@ mod tests {
         p.spec.targets[1].subject = Some(
             serde_json::from_value(serde_json::json!({"redis": {"keys": ["session:*"]}})).unwrap(),
         );
-        p.spec.targets[0].redis.as_mut().unwrap().key_pattern = "*:*".into();
+        if let Some(crate::api::retentionpolicy::Selector::Redis(r)) =
+            p.spec.targets[0].selector.as_mut()
+        {
+            r.key_pattern = "*:*".into();
+        }
         let errors = validate(&p.spec).unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].target.as_deref(), Some("a"));
@@ -1351,7 +1332,7 @@ mod tests {
         assert_eq!(errors[1].target.as_deref(), Some("b"));
         assert!(errors[1].message.contains("keys[0] \"session:*\""));
         let mut none = policy(&["a"]);
-        none.spec.targets[0].redis = None;
+        none.spec.targets[0].selector = None;
         assert!(validate(&none.spec).unwrap_err()[0]
             .message
             .contains("no selector"));

@@ -1,0 +1,139 @@
+//! Where a sweep or an erasure resumes, as stored in status (`es:` and JSON).
+
+use serde::{Deserialize, Serialize};
+
+use super::indices::valid_index_name;
+use super::task::valid_task_id;
+use crate::backends::Error;
+
+/// Where a sweep or an erasure resumes. Holds index names, task ids and counts, never a
+/// query: queries of erasures carry identifiers, and the cursor is stored in status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Sweep, fast path: the last index judged (indices are taken in name order).
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Sweep: the fast path is over.
+    #[serde(rename = "q", default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_query: bool,
+    /// Sweep, fast path: the index whose writes the operator blocks (named here, and
+    /// checkpointed, before the block is set) to judge it again. The next step lifts the
+    /// block unless it deletes the index, also when it resumes after a crash.
+    #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
+    pub blocking: Option<String>,
+    /// The delete-by-query task being polled.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Polls of the task so far (for the back-off).
+    #[serde(rename = "p", default, skip_serializing_if = "is_zero")]
+    pub polls: u32,
+    /// Consecutive polls that failed for a transient reason.
+    #[serde(rename = "e", default, skip_serializing_if = "is_zero")]
+    pub errors: u32,
+    /// Tasks of this deletion that ended badly and were submitted again (see [`settle`]).
+    #[serde(rename = "n", default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Erasure: documents deleted by the finished tasks of this erasure, reported when it
+    /// is done. (A sweep reports each task's count in the step that reads it.)
+    #[serde(rename = "d", default, skip_serializing_if = "is_zero_u64")]
+    pub deleted: u64,
+    /// A finished task whose stored result (`.tasks/_doc/<id>`) is deleted by the next step:
+    /// only after its count is checkpointed, so a crash in between cannot lose the count.
+    #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
+    pub clean: Option<String>,
+    /// The deletion is over: the next step only cleans up and finishes.
+    #[serde(rename = "s", default, skip_serializing_if = "std::ops::Not::not")]
+    pub settled: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+const CURSOR_PREFIX: &str = "es:";
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        // Plain strings and numbers: serialising cannot fail.
+        format!(
+            "{CURSOR_PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    pub fn decode(text: &str) -> Result<Self, Error> {
+        let cursor: Cursor = text
+            .strip_prefix(CURSOR_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .ok_or_else(|| {
+                Error::InvalidSpec(format!("unreadable Elasticsearch cursor {text:?}"))
+            })?;
+        if let Some(index) = &cursor.blocking {
+            if !valid_index_name(index) {
+                return Err(Error::InvalidSpec(format!(
+                    "unreadable Elasticsearch index name {index:?} in cursor"
+                )));
+            }
+        }
+        for task in [&cursor.task, &cursor.clean].into_iter().flatten() {
+            if !valid_task_id(task) {
+                return Err(Error::InvalidSpec(format!(
+                    "unreadable Elasticsearch task id {task:?} in cursor"
+                )));
+            }
+        }
+        Ok(cursor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::elasticsearch::task::{poll_delay, valid_task_id};
+    use serde_json::json;
+
+    #[test]
+    fn a_cursor_names_one_concrete_index_to_unblock() {
+        let cursor = Cursor {
+            blocking: Some("events-2020.01.01".into()),
+            ..Cursor::default()
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()).unwrap(), cursor);
+        for bad in ["", "events-*", "a,b", "_all", "-x", "..", "a/b", "a b"] {
+            assert!(!valid_index_name(bad), "{bad:?}");
+            let encoded = format!("es:{}", json!({"b": bad}));
+            assert!(Cursor::decode(&encoded).is_err(), "{bad:?}");
+        }
+        assert!(valid_index_name(".ds-metrics-000001"));
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_what_they_never_hold() {
+        let c = Cursor {
+            after: Some("logs-2026.01.01".into()),
+            by_query: true,
+            blocking: None,
+            task: Some("oTUltX4IQMOUUVeiohTt8A:12345".into()),
+            polls: 3,
+            errors: 1,
+            attempts: 2,
+            deleted: 7,
+            clean: Some("oTUltX4IQMOUUVeiohTt8A:12344".into()),
+            settled: true,
+        };
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        assert!(Cursor::decode(r#"es:{"x":"_all"}"#).is_err());
+        assert_eq!(Cursor::default().encode(), "es:{}");
+        assert!(Cursor::decode("s3:{}").is_err());
+        assert!(Cursor::decode(r#"es:{"t":"../../_all"}"#).is_err());
+        assert!(valid_task_id("node_1-x:7"));
+        assert!(!valid_task_id("node:"));
+        assert!(!valid_task_id("node/x:1"));
+        assert_eq!(poll_delay(0).as_secs(), 1);
+        assert_eq!(poll_delay(10).as_secs(), 30);
+    }
+}

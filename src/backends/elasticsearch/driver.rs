@@ -1,0 +1,105 @@
+//! Elasticsearch and OpenSearch as a registered store kind: its typed parts and how its
+//! DataStore section becomes a connection.
+
+use std::sync::Arc;
+
+use crate::api::datastore::{DataStoreSpec, ElasticsearchStore, StoreSection};
+use crate::api::retentionpolicy::{
+    ElasticsearchSubject, ElasticsearchTarget, Selector, SubjectLocator, Target,
+};
+use crate::api::StoreKind;
+use crate::backends::driver::{
+    http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
+};
+use crate::backends::{Backend, Error, Limits};
+
+use super::{ElasticsearchBackend, ElasticsearchConfig};
+
+pub struct ElasticsearchDriver;
+
+impl StoreDriver for ElasticsearchDriver {
+    const KIND: StoreKind = StoreKind::Elasticsearch;
+    type Section = ElasticsearchStore;
+    type Config = ElasticsearchConfig;
+    type Selector = ElasticsearchTarget;
+    type Locator = ElasticsearchSubject;
+
+    fn capabilities() -> Capabilities {
+        Capabilities {
+            verify: true,
+            cancel: true,
+            exact_dry_run: true,
+            record_level_erasure: true,
+        }
+    }
+
+    fn section(spec: &DataStoreSpec) -> Option<&ElasticsearchStore> {
+        match &spec.store {
+            Some(StoreSection::Elasticsearch(section)) => Some(section),
+            _ => None,
+        }
+    }
+
+    fn selector(target: &Target) -> Option<&ElasticsearchTarget> {
+        match &target.selector {
+            Some(Selector::Elasticsearch(selector)) => Some(selector),
+            _ => None,
+        }
+    }
+
+    fn locator(subject: &SubjectLocator) -> Option<&ElasticsearchSubject> {
+        subject.elasticsearch.as_ref()
+    }
+
+    fn transport(section: &ElasticsearchStore) -> Transport<'_> {
+        Transport {
+            endpoint: Some(&section.url),
+            secret: section
+                .credentials_secret_ref
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            ambient_without_secret: false,
+        }
+    }
+
+    fn config(
+        section: &ElasticsearchStore,
+        secret: Option<&dyn SecretKeys>,
+    ) -> Result<ElasticsearchConfig, MissingKey> {
+        Ok(ElasticsearchConfig {
+            url: section.url.clone(),
+            auth: http_auth(secret, "apiKey")?,
+            delete_requests_per_second: section.delete_requests_per_second,
+        })
+    }
+
+    fn connect(config: ElasticsearchConfig, limits: Limits) -> Arc<dyn Backend> {
+        Arc::new(ElasticsearchBackend::new(config, limits))
+    }
+
+    fn validate(
+        target: &Target,
+        _selector: &ElasticsearchTarget,
+        _locator: Option<&ElasticsearchSubject>,
+    ) -> Result<(), Error> {
+        super::validate_target(target)
+    }
+
+    fn hold_templates(e: &ElasticsearchSubject) -> Vec<(String, &str)> {
+        e.term
+            .iter()
+            .map(|(field, t)| (format!("subject.elasticsearch.term[{field}]"), t.as_str()))
+            .collect()
+    }
+
+    fn describe(
+        _section: Option<&ElasticsearchStore>,
+        selector: Option<&ElasticsearchTarget>,
+    ) -> Vec<String> {
+        let mut parts = vec!["elasticsearch".to_string()];
+        if let Some(e) = selector {
+            parts.push(format!("index {}", e.index));
+        }
+        parts
+    }
+}

@@ -1,0 +1,109 @@
+//! Loki as a registered store kind: its typed parts and how its DataStore section becomes a
+//! connection.
+
+use std::sync::Arc;
+
+use crate::api::datastore::{DataStoreSpec, LokiStore, StoreSection};
+use crate::api::retentionpolicy::{LokiSubject, LokiTarget, Selector, SubjectLocator, Target};
+use crate::api::StoreKind;
+use crate::backends::driver::{
+    http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
+};
+use crate::backends::{Backend, Error, Limits};
+
+use super::{LokiBackend, LokiConfig, DEFAULT_RESUBMIT_AFTER};
+
+pub struct LokiDriver;
+
+impl StoreDriver for LokiDriver {
+    const KIND: StoreKind = StoreKind::Loki;
+    type Section = LokiStore;
+    type Config = LokiConfig;
+    type Selector = LokiTarget;
+    type Locator = LokiSubject;
+
+    fn capabilities() -> Capabilities {
+        Capabilities {
+            verify: true,
+            cancel: true,
+            // Lines still in the ingesters are counted but not yet deletable.
+            exact_dry_run: false,
+            record_level_erasure: true,
+        }
+    }
+
+    fn section(spec: &DataStoreSpec) -> Option<&LokiStore> {
+        match &spec.store {
+            Some(StoreSection::Loki(section)) => Some(section),
+            _ => None,
+        }
+    }
+
+    fn selector(target: &Target) -> Option<&LokiTarget> {
+        match &target.selector {
+            Some(Selector::Loki(selector)) => Some(selector),
+            _ => None,
+        }
+    }
+
+    fn locator(subject: &SubjectLocator) -> Option<&LokiSubject> {
+        subject.loki.as_ref()
+    }
+
+    fn transport(section: &LokiStore) -> Transport<'_> {
+        Transport {
+            endpoint: Some(&section.url),
+            secret: section
+                .credentials_secret_ref
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            ambient_without_secret: false,
+        }
+    }
+
+    fn config(
+        section: &LokiStore,
+        secret: Option<&dyn SecretKeys>,
+    ) -> Result<LokiConfig, MissingKey> {
+        Ok(LokiConfig {
+            url: section.url.clone(),
+            tenant: section.tenant.clone(),
+            auth: http_auth(secret, "token")?,
+            resubmit_after: section.resubmit_after.map_or(DEFAULT_RESUBMIT_AFTER, |d| {
+                std::time::Duration::from_secs(d.as_secs())
+            }),
+        })
+    }
+
+    fn connect(config: LokiConfig, limits: Limits) -> Arc<dyn Backend> {
+        Arc::new(LokiBackend::new(config, limits))
+    }
+
+    fn validate(
+        target: &Target,
+        _selector: &LokiTarget,
+        _locator: Option<&LokiSubject>,
+    ) -> Result<(), Error> {
+        super::validate_target(target)
+    }
+
+    fn hold_templates(l: &LokiSubject) -> Vec<(String, &str)> {
+        vec![("subject.loki.lineFilter".into(), &l.line_filter)]
+    }
+
+    fn describe(section: Option<&LokiStore>, selector: Option<&LokiTarget>) -> Vec<String> {
+        let mut head = "loki".to_string();
+        if let Some(tenant) = section.and_then(|l| l.tenant.as_ref()) {
+            head.push_str(&format!(" tenant {tenant}"));
+        }
+        let mut parts = vec![head];
+        if let Some(l) = selector {
+            parts.push(format!("streams {}", l.selector));
+        }
+        parts
+    }
+
+    fn describe_wait(cursor: &str) -> Option<String> {
+        super::describe_wait(cursor)
+    }
+}

@@ -1,0 +1,119 @@
+//! S3 as a registered store kind: its typed parts and how its DataStore section becomes a
+//! connection.
+
+use std::sync::Arc;
+
+use crate::api::datastore::{DataStoreSpec, S3Store, StoreSection};
+use crate::api::retentionpolicy::{S3Subject, S3Target, Selector, SubjectLocator, Target};
+use crate::api::StoreKind;
+use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
+use crate::backends::{Backend, Error, Limits};
+
+use super::{S3Backend, S3Config, S3Credentials};
+
+pub struct S3Driver;
+
+impl StoreDriver for S3Driver {
+    const KIND: StoreKind = StoreKind::S3;
+    type Section = S3Store;
+    type Config = S3Config;
+    type Selector = S3Target;
+    type Locator = S3Subject;
+
+    fn capabilities() -> Capabilities {
+        Capabilities {
+            verify: true,
+            cancel: false,
+            exact_dry_run: true,
+            record_level_erasure: true,
+        }
+    }
+
+    fn section(spec: &DataStoreSpec) -> Option<&S3Store> {
+        match &spec.store {
+            Some(StoreSection::S3(section)) => Some(section),
+            _ => None,
+        }
+    }
+
+    fn selector(target: &Target) -> Option<&S3Target> {
+        match &target.selector {
+            Some(Selector::S3(selector)) => Some(selector),
+            _ => None,
+        }
+    }
+
+    fn locator(subject: &SubjectLocator) -> Option<&S3Subject> {
+        subject.s3.as_ref()
+    }
+
+    fn transport(section: &S3Store) -> Transport<'_> {
+        Transport {
+            endpoint: section.endpoint.as_deref(),
+            secret: section
+                .credentials_secret_ref
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            ambient_without_secret: true,
+        }
+    }
+
+    fn config(section: &S3Store, secret: Option<&dyn SecretKeys>) -> Result<S3Config, MissingKey> {
+        let credentials = match (&section.credentials_secret_ref, secret) {
+            (Some(_), Some(secret)) => Some(S3Credentials {
+                access_key_id: secret.required("accessKeyId")?,
+                secret_access_key: secret.required("secretAccessKey")?,
+                session_token: secret.get("sessionToken"),
+            }),
+            _ => None,
+        };
+        Ok(S3Config {
+            bucket: section.bucket.clone(),
+            region: section.region.clone(),
+            endpoint: section.endpoint.clone(),
+            force_path_style: section.force_path_style.unwrap_or(false),
+            credentials,
+        })
+    }
+
+    fn connect(config: S3Config, limits: Limits) -> Arc<dyn Backend> {
+        Arc::new(S3Backend::new(config, limits))
+    }
+
+    fn validate(
+        target: &Target,
+        _selector: &S3Target,
+        _locator: Option<&S3Subject>,
+    ) -> Result<(), Error> {
+        super::validate_target(target)
+    }
+
+    fn hold_templates(s: &S3Subject) -> Vec<(String, &str)> {
+        let mut templates: Vec<(String, &str)> = Vec::new();
+        for (i, p) in s.key_prefixes.iter().enumerate() {
+            templates.push((format!("subject.s3.keyPrefixes[{i}]"), p));
+        }
+        if let Some(r) = &s.records {
+            templates.push(("subject.s3.records.prefix".into(), &r.prefix));
+            templates.push(("subject.s3.records.equals".into(), &r.equals));
+        }
+        templates
+    }
+
+    fn describe(section: Option<&S3Store>, selector: Option<&S3Target>) -> Vec<String> {
+        let mut head = "s3".to_string();
+        if let Some(s3) = section {
+            head.push_str(&format!(" bucket {}", s3.bucket));
+            if let Some(region) = &s3.region {
+                head.push_str(&format!(" in {region}"));
+            }
+        }
+        let mut parts = vec![head];
+        if let Some(prefix) = selector.map(|t| &t.prefix) {
+            if !prefix.is_empty() {
+                parts.push(format!("prefix {prefix}"));
+            }
+        }
+        parts
+    }
+}
