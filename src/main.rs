@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CRD as YAML, or write them into the repository's CRD directories.
     Crds {
         /// Write crds/, config/crd/bases/ and charts/tombstone/crds/ under this root.
@@ -67,6 +67,55 @@ struct DigestArgs {
     /// Read the raw key bytes from this file instead of the cluster's Secret.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+}
+
+/// Where the receipt sink keeps receipts, for the operator and for `receipts verify` alike.
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// The sink's bucket (default: the DataStore's).
+    #[arg(long = "receipt-sink-bucket", env = "RECEIPT_SINK_BUCKET")]
+    bucket: Option<String>,
+    /// Prepended to every receipt's key.
+    #[arg(
+        long = "receipt-sink-prefix",
+        env = "RECEIPT_SINK_PREFIX",
+        default_value = tombstone::audit::sink::DEFAULT_PREFIX
+    )]
+    prefix: String,
+    /// Object Lock mode of receipts, where the bucket has Object Lock.
+    #[arg(
+        long = "receipt-lock-mode",
+        env = "RECEIPT_LOCK_MODE",
+        value_enum,
+        default_value = "compliance"
+    )]
+    lock_mode: tombstone::audit::sink::LockMode,
+    /// How long each receipt is locked, where the bucket has Object Lock.
+    #[arg(
+        long = "receipt-lock-period",
+        env = "RECEIPT_LOCK_PERIOD",
+        default_value = tombstone::audit::sink::DEFAULT_LOCK_PERIOD
+    )]
+    lock_period: tombstone::api::Duration,
+}
+
+impl SinkArgs {
+    fn settings(
+        &self,
+        datastore: String,
+        namespace: &str,
+        allow_ambient_credentials: bool,
+    ) -> tombstone::audit::sink::SinkSettings {
+        tombstone::audit::sink::SinkSettings {
+            datastore,
+            namespace: namespace.to_string(),
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            lock_mode: self.lock_mode,
+            lock_period: self.lock_period.as_std(),
+            allow_ambient_credentials,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -124,6 +173,16 @@ struct RunArgs {
         action = clap::ArgAction::Set
     )]
     allow_ambient_credentials: bool,
+    /// The receipt sink: a DataStore of kind s3 in the operator's namespace. Every receipt is
+    /// also written there, one object per receipt. Unset: receipts go to the audit log only.
+    #[arg(long, env = "RECEIPT_SINK_DATASTORE")]
+    receipt_sink_datastore: Option<String>,
+    #[command(flatten)]
+    sink: SinkArgs,
+    /// How long a Completed erasure request is kept once its receipts are in the sink; then
+    /// the operator deletes it (with an Event). Without a sink nothing is deleted.
+    #[arg(long, default_value = "30d")]
+    completed_request_ttl: tombstone::api::Duration,
     /// Log format: json (default) or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -132,7 +191,7 @@ struct RunArgs {
 fn main() -> anyhow::Result<()> {
     tombstone::install_crypto_provider();
     match Cli::parse().command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Crds { write } => print_or_write_crds(write),
         Command::Digest(args) => print_digest(args),
         Command::Ropa(args) => print_ropa(args),
@@ -193,6 +252,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 no_progress: args.stall_after.as_std(),
                 failing: args.stall_failing_after.as_std(),
             },
+            receipt_sink: args.receipt_sink_datastore.clone().map(|store| {
+                args.sink
+                    .settings(store, &args.lease_namespace, args.allow_ambient_credentials)
+            }),
+            completed_request_ttl: args.completed_request_ttl.as_std(),
             ..Default::default()
         },
     };

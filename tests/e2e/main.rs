@@ -27,6 +27,7 @@ mod loki;
 mod one_actor;
 mod opensearch;
 mod operational;
+mod receipts;
 mod ropa;
 mod s3;
 mod scale;

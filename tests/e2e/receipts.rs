@@ -1,0 +1,353 @@
+//! Durable, chained receipts: every sweep and erasure receipt also written to an S3 sink
+//! (moto), one object per receipt, chained per stream; Object Lock retention where the
+//! bucket has it; a sink that is down keeps receipts pending in status until it is back.
+
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use tombstone::api::erasurerequest::ErasurePhase;
+use tombstone::api::{ErasureRequest, RetentionPolicy};
+use tombstone::audit::chain::{self, Head, Stored, StreamKind};
+use tombstone::audit::sink::{LockMode, Sink, SinkSettings};
+use tombstone::controller::Settings;
+
+use crate::erasure::wait_phase;
+use crate::fixtures::*;
+use crate::s3::s3_store;
+use crate::support::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+use crate::support::RedisServer;
+
+/// Identifiers no other test uses: none may reach the sink.
+const PROBE_EMAIL: &str = "receipt-probe-5c1e9d@example.org";
+const PROBE_USER: &str = "rcpt-probe-8a2f";
+const PREFIX: &str = "audit/";
+
+fn sink_settings(ns: &str, lock_mode: LockMode) -> SinkSettings {
+    SinkSettings {
+        datastore: "sink".into(),
+        namespace: ns.into(),
+        bucket: None,
+        prefix: PREFIX.into(),
+        lock_mode,
+        lock_period: Duration::from_secs(86_400),
+        allow_ambient_credentials: false,
+    }
+}
+
+/// The sink's DataStore (bucket `receipts` at `endpoint`) and its credentials.
+async fn sink_store(client: &kube::Client, ns: &str, endpoint: &str) {
+    create_credentials_secret(
+        client,
+        ns,
+        "sink-creds",
+        json!({"accessKeyId": ACCESS_KEY_ID, "secretAccessKey": SECRET_ACCESS_KEY}),
+    )
+    .await;
+    s3_store(client, ns, "sink", "receipts", endpoint).await;
+}
+
+async fn start_with_sink(ns: &str, lock_mode: LockMode, ttl: Option<Duration>) -> TestOperator {
+    let mut settings = Settings {
+        receipt_sink: Some(sink_settings(ns, lock_mode)),
+        ..fast_settings()
+    };
+    if let Some(ttl) = ttl {
+        settings.completed_request_ttl = ttl;
+    }
+    TestOperator::start_with(ns, None, None, settings).await
+}
+
+/// A policy on Redis that sweeps every second (and finds nothing old enough to delete), with
+/// a subject locator.
+async fn sweeping_policy(client: &kube::Client, ns: &str, redis: &RedisServer) {
+    redis_store(client, ns, "cache", &redis.url(), json!({})).await;
+    let mut p = policy_json(
+        "sessions",
+        "30d",
+        json!([{
+            "name": "sessions", "store": "cache",
+            "redis": {"keyPattern": "session:*"},
+            "subject": {"redis": {"keys": ["session:{userId}:*"]}}
+        }]),
+    );
+    p["spec"]["schedule"] = json!({"every": "1s"});
+    create::<RetentionPolicy>(client, ns, p).await;
+}
+
+/// Waits until the policy's chain has at least `n` receipts, all of them in the sink.
+async fn wait_policy_receipts(client: &kube::Client, ns: &str, n: u64) -> RetentionPolicy {
+    wait_policy(
+        client,
+        ns,
+        "sessions",
+        &format!("{n} sweep receipts in the sink"),
+        Duration::from_secs(90),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.receipts.as_ref())
+                .is_some_and(|r| r.sequence >= n && r.pending_upload.is_empty())
+        },
+    )
+    .await
+}
+
+/// Suspends the policy and waits until it has no sweep under way and nothing pending: its
+/// chain no longer moves.
+async fn suspend(client: &kube::Client, ns: &str) -> RetentionPolicy {
+    patch_spec::<RetentionPolicy>(client, ns, "sessions", json!({"suspend": true})).await;
+    wait_policy(
+        client,
+        ns,
+        "sessions",
+        "the suspended policy at rest",
+        Duration::from_secs(60),
+        |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.observed_generation == p.metadata.generation
+                    && s.current_sweep.is_none()
+                    && s.receipts
+                        .as_ref()
+                        .is_some_and(|r| r.pending_upload.is_empty())
+            })
+        },
+    )
+    .await
+}
+
+async fn erase_probe(client: &kube::Client, ns: &str, redis: &RedisServer, name: &str) {
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("session:{PROBE_USER}:1"))
+        .arg("t")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    create_subject_secret(
+        client,
+        ns,
+        name,
+        json!({"email": PROBE_EMAIL, "userId": PROBE_USER}),
+    )
+    .await;
+    request_erasure(client, ns, name, name).await;
+}
+
+fn test_sink(server: &S3Server) -> Sink {
+    Sink::new(
+        server.client(),
+        "receipts".into(),
+        PREFIX.into(),
+        LockMode::Governance,
+        Duration::from_secs(60),
+    )
+}
+
+#[tokio::test]
+async fn receipts_land_in_the_sink_as_one_locked_object_each_chained_per_stream_without_identifiers(
+) {
+    let (client, ns) = setup("rcpt-chain").await;
+    let server = S3Server::start();
+    server.create_bucket("receipts", true, true).await;
+    let redis = RedisServer::start();
+    let operator = start_with_sink(&ns, LockMode::Compliance, None).await;
+    sink_store(&client, &ns, &server.endpoint()).await;
+    sweeping_policy(&client, &ns, &redis).await;
+    wait_policy_receipts(&client, &ns, 3).await;
+    let policy = suspend(&client, &ns).await;
+    erase_probe(&client, &ns, &redis, "dsr-probe").await;
+    let done = wait_phase(&client, &ns, "dsr-probe", ErasurePhase::Completed).await;
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    let request = wait_for_request(&api, "dsr-probe", |s| {
+        s.receipts
+            .as_ref()
+            .is_some_and(|r| r.pending_upload.is_empty())
+    })
+    .await;
+    let status = request.status.clone().unwrap();
+    let head = status.receipts.clone().unwrap();
+    assert_eq!(head.sequence, 1);
+    assert_eq!(status.receipt.as_deref(), Some(head.digest.as_str()));
+    assert_eq!(done.metadata.uid, request.metadata.uid);
+
+    // One object per receipt, keyed by stream and sequence; the request's is what was logged.
+    let keys = server.keys("receipts", PREFIX).await;
+    let policy_uid = policy.metadata.uid.clone().unwrap();
+    let request_uid = request.metadata.uid.clone().unwrap();
+    let policy_keys: Vec<&String> = keys.iter().filter(|k| k.contains(&policy_uid)).collect();
+    let policy_head = policy.status.unwrap().receipts.unwrap();
+    assert_eq!(policy_keys.len() as u64, policy_head.sequence, "{keys:?}");
+    let request_key = format!("{PREFIX}requests/{ns}/dsr-probe/{request_uid}/000000000001.json");
+    assert!(keys.contains(&request_key), "{keys:?}");
+    let body = String::from_utf8(server.get("receipts", &request_key).await).unwrap();
+    let logged = logged_audit_record(&head.digest);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        logged
+    );
+    assert_eq!(logged["kind"], "ErasureReceipt");
+    assert_eq!(logged["subjectDigest"], json!(status.subject_digest));
+
+    // Object Lock: every receipt carries a retention in the configured mode.
+    let head_object = server
+        .client()
+        .head_object()
+        .bucket("receipts")
+        .key(&request_key)
+        .send()
+        .await
+        .expect("HeadObject");
+    assert_eq!(
+        head_object.object_lock_mode().map(|m| m.as_str()),
+        Some("COMPLIANCE"),
+        "{head_object:?}"
+    );
+    let until = head_object
+        .object_lock_retain_until_date()
+        .expect("a retain-until date");
+    assert!(
+        until.secs() > chrono::Utc::now().timestamp() + 3600,
+        "{head_object:?}"
+    );
+
+    // No identifier reaches the sink.
+    for key in &keys {
+        let body = String::from_utf8(server.get("receipts", key).await).unwrap();
+        for probe in [PROBE_EMAIL, PROBE_USER] {
+            assert!(!body.contains(probe), "{key} holds an identifier: {body}");
+            assert!(!key.contains(probe), "{key} names an identifier");
+        }
+    }
+
+    // Every chain is unbroken and its head is the one status keeps.
+    let sink = test_sink(&server);
+    let reports = tombstone::audit::sink::verify(&sink, Some(&client), None)
+        .await
+        .expect("verify");
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for r in &reports {
+        assert!(r.intact(), "{}", chain::table(&reports));
+        assert_eq!(r.head, "Status");
+    }
+    let policy_report = reports
+        .iter()
+        .find(|r| r.stream.kind == StreamKind::Policy)
+        .unwrap();
+    assert!(policy_report.last >= 3);
+    operator.stop().await;
+}
+
+async fn wait_for_request(
+    api: &Api<ErasureRequest>,
+    name: &str,
+    pred: impl Fn(&tombstone::api::ErasureRequestStatus) -> bool,
+) -> ErasureRequest {
+    crate::support::wait_for(name, Duration::from_secs(60), || async {
+        api.get(name)
+            .await
+            .ok()
+            .filter(|r| r.status.as_ref().is_some_and(&pred))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_sink_that_is_down_keeps_the_receipt_pending_and_takes_it_when_back() {
+    let (client, ns) = setup("rcpt-down").await;
+    let server = S3Server::start();
+    server.create_bucket("receipts", false, false).await;
+    let redis = RedisServer::start();
+    let operator = start_with_sink(&ns, LockMode::Governance, None).await;
+    // The sink's endpoint: a port nothing listens on.
+    let closed = format!("http://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    sink_store(&client, &ns, &closed).await;
+    let mut p = policy_json(
+        "sessions",
+        "30d",
+        json!([{"name": "sessions", "store": "cache", "redis": {"keyPattern": "session:*"}}]),
+    );
+    p["spec"]["schedule"] = json!({"every": "1h"});
+    redis_store(&client, &ns, "cache", &redis.url(), json!({})).await;
+    create::<RetentionPolicy>(&client, &ns, p).await;
+
+    let pending = wait_policy(
+        &client,
+        &ns,
+        "sessions",
+        "a receipt pending upload",
+        Duration::from_secs(60),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.receipts.as_ref())
+                .is_some_and(|r| r.pending_upload.len() == 1)
+        },
+    )
+    .await;
+    wait_event(&client, &ns, "sessions", |(t, reason, _)| {
+        t == "Warning" && reason == "ReceiptUploadFailed"
+    })
+    .await;
+    wait_metric(
+        &operator.running.metrics,
+        "tombstone_receipt_upload_failures_total{reason=\"Unreachable\"}",
+    )
+    .await;
+    wait_metric(
+        &operator.running.metrics,
+        "tombstone_receipts_pending_upload 1",
+    )
+    .await;
+    let head = pending.status.unwrap().receipts.unwrap();
+    assert!(server.keys("receipts", "").await.is_empty());
+
+    // The sink comes back (here: its DataStore is pointed at it).
+    Api::<tombstone::api::DataStore>::namespaced(client.clone(), &ns)
+        .patch(
+            "sink",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"s3": {"endpoint": server.endpoint()}}})),
+        )
+        .await
+        .expect("patch the sink");
+    let uploaded = wait_policy(
+        &client,
+        &ns,
+        "sessions",
+        "the pending receipt uploaded",
+        Duration::from_secs(120),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.receipts.as_ref())
+                .is_some_and(|r| r.pending_upload.is_empty())
+        },
+    )
+    .await;
+    let after = uploaded.status.unwrap().receipts.unwrap();
+    assert_eq!(
+        (after.sequence, &after.digest),
+        (head.sequence, &head.digest)
+    );
+    let keys = server.keys("receipts", PREFIX).await;
+    assert_eq!(keys, vec![head.pending_upload[0].key.clone()]);
+    let body = String::from_utf8(server.get("receipts", &keys[0]).await).unwrap();
+    assert_eq!(
+        body, head.pending_upload[0].body,
+        "uploaded as it was logged"
+    );
+    let stream =
+        tombstone::audit::receipt::policy_stream(&get_policy(&client, &ns, "sessions").await);
+    let report = chain::verify_stream(
+        &stream,
+        &[Stored { sequence: 1, body }],
+        &Head::Status(Some(after)),
+    );
+    assert!(report.intact(), "{report:?}");
+    operator.stop().await;
+}
