@@ -67,6 +67,12 @@ impl fmt::Display for Stream {
     }
 }
 
+/// The folder of the receipts of every stream of the object `kind` `namespace/name` (one per
+/// uid: a name may be used again).
+pub fn object_folder(prefix: &str, kind: StreamKind, namespace: &str, name: &str) -> String {
+    format!("{prefix}{}/{namespace}/{name}/", kind.folder())
+}
+
 /// The folder of a stream's receipts under `prefix`.
 pub fn stream_folder(prefix: &str, stream: &Stream) -> String {
     format!(

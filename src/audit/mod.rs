@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod digest;
 pub mod key;
+pub mod proof;
 pub mod receipt;
 pub mod sink;
 

@@ -249,17 +249,12 @@ impl Sink {
         Ok(String::from_utf8_lossy(&bytes.into_bytes()).into_owned())
     }
 
-    /// Every stream under the prefix (or under `only`'s folder) with its receipts.
-    pub async fn streams(
-        &self,
-        only: Option<&Stream>,
-    ) -> Result<Vec<(Stream, Vec<Stored>)>, Error> {
-        let folder = only.map_or_else(
-            || self.prefix.clone(),
-            |s| chain::stream_folder(&self.prefix, s),
-        );
+    /// Every stream under the prefix (or under `folder`, a folder below it) with its
+    /// receipts.
+    pub async fn streams(&self, folder: Option<&str>) -> Result<Vec<(Stream, Vec<Stored>)>, Error> {
+        let folder = folder.unwrap_or(&self.prefix);
         let mut streams: std::collections::BTreeMap<Stream, Vec<Stored>> = Default::default();
-        for key in self.list(&folder).await? {
+        for key in self.list(folder).await? {
             let Some((stream, sequence)) = chain::parse_key(&self.prefix, &key) else {
                 continue;
             };
@@ -297,12 +292,12 @@ pub async fn head_in_cluster(client: &kube::Client, stream: &Stream) -> Result<H
     }
 }
 
-/// Verifies every stream in the sink (or one): hashes, links, gaps and, with a cluster, each
-/// head against the status of its object.
+/// Verifies every stream in the sink (or those under `folder`): hashes, links, gaps and,
+/// with a cluster, each head against the status of its object.
 pub async fn verify(
     sink: &Sink,
     cluster: Option<&kube::Client>,
-    only: Option<&Stream>,
+    folder: Option<&str>,
 ) -> Result<Vec<StreamReport>, Error> {
     let mut reports = Vec::new();
     let head_of = |stream: &Stream| {
@@ -316,7 +311,7 @@ pub async fn verify(
             }
         }
     };
-    for (stream, stored) in sink.streams(only).await? {
+    for (stream, stored) in sink.streams(folder).await? {
         // Read after the sink: the operator writes a receipt, then the status naming it.
         let mut report = chain::verify_stream(&stream, &stored, &head_of(&stream).await?);
         if report

@@ -351,3 +351,151 @@ async fn a_sink_that_is_down_keeps_the_receipt_pending_and_takes_it_when_back() 
     assert!(report.intact(), "{report:?}");
     operator.stop().await;
 }
+
+/// `tombstone receipts verify` against the test API server and the sink; (exit code, output).
+fn verify_cli(ns: &str, extra: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tombstone"))
+        .args([
+            "receipts",
+            "verify",
+            "--namespace",
+            ns,
+            "--receipt-sink-datastore",
+            "sink",
+            "--receipt-sink-prefix",
+            PREFIX,
+        ])
+        .args(extra)
+        .env(
+            "KUBECONFIG",
+            crate::support::ControlPlane::get().kubeconfig_path(),
+        )
+        .env_remove("POD_NAMESPACE")
+        .env_remove("RECEIPT_SINK_DATASTORE")
+        .output()
+        .expect("tombstone runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn receipts_verify_passes_then_detects_an_edited_a_deleted_middle_and_a_deleted_last_receipt()
+{
+    let (client, ns) = setup("rcpt-verify").await;
+    let server = S3Server::start();
+    // No Object Lock here: the test plays the one who alters the sink.
+    server.create_bucket("receipts", false, false).await;
+    let redis = RedisServer::start();
+    let operator = start_with_sink(&ns, LockMode::Governance, None).await;
+    sink_store(&client, &ns, &server.endpoint()).await;
+    sweeping_policy(&client, &ns, &redis).await;
+    wait_policy_receipts(&client, &ns, 4).await;
+    let policy = suspend(&client, &ns).await;
+    erase_probe(&client, &ns, &redis, "dsr-verify").await;
+    wait_phase(&client, &ns, "dsr-verify", ErasurePhase::Completed).await;
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    wait_for_request(&api, "dsr-verify", |s| {
+        s.receipts
+            .as_ref()
+            .is_some_and(|r| r.pending_upload.is_empty())
+    })
+    .await;
+    operator.stop().await;
+
+    let (code, out) = verify_cli(&ns, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 chains verified"), "{out}");
+
+    // The proof of the request, as the plugin prints it.
+    let sink = test_sink(&server);
+    let proof = tombstone::audit::proof::proof(client.clone(), &sink, &ns, "dsr-verify")
+        .await
+        .expect("proof");
+    assert!(proof.verified(), "{proof}");
+    let summary = proof.to_string();
+    let digest = api.get("dsr-verify").await.unwrap().status.unwrap();
+    assert!(summary.contains("Result: VERIFIED"), "{summary}");
+    assert!(
+        summary.contains(digest.subject_digest.as_deref().unwrap()),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(digest.receipt.as_deref().unwrap()),
+        "{summary}"
+    );
+    assert!(!summary.contains(PROBE_EMAIL) && !summary.contains(PROBE_USER));
+
+    let head = policy.status.unwrap().receipts.unwrap();
+    let stream =
+        tombstone::audit::receipt::policy_stream(&get_policy(&client, &ns, "sessions").await);
+    let key = |n: u64| chain::object_key(PREFIX, &stream, n);
+    let policy_arg = format!("{ns}/sessions");
+    let only_policy = ["--policy", policy_arg.as_str()];
+    let original = server.get("receipts", &key(2)).await;
+
+    // (a) An edited receipt.
+    let edited = String::from_utf8(original.clone())
+        .unwrap()
+        .replace("\"scanned\":0", "\"scanned\":1");
+    assert_ne!(
+        edited.as_bytes(),
+        original.as_slice(),
+        "the edit changes something"
+    );
+    server.put("receipts", &key(2), edited).await;
+    let (code, out) = verify_cli(&ns, &only_policy);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BROKEN (ReceiptEdited)"), "{out}");
+    assert!(out.contains("receipt 2 was altered"), "{out}");
+    server.put("receipts", &key(2), original.clone()).await;
+    assert_eq!(verify_cli(&ns, &only_policy).0, 0);
+
+    // (b) A receipt deleted from the middle.
+    delete(&server, &key(2)).await;
+    let (code, out) = verify_cli(&ns, &only_policy);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("ReceiptMissing"), "{out}");
+    assert!(out.contains("receipt 2 is missing"), "{out}");
+    server.put("receipts", &key(2), original).await;
+
+    // (c) The last receipt deleted: only status can tell.
+    delete(&server, &key(head.sequence)).await;
+    let (code, out) = verify_cli(&ns, &only_policy);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("LastReceiptMissing"), "{out}");
+    assert!(out.contains("the last receipt is missing"), "{out}");
+
+    // The request's receipt edited: its proof no longer verifies.
+    let uid = api.get("dsr-verify").await.unwrap().metadata.uid.unwrap();
+    let request_key = format!("{PREFIX}requests/{ns}/dsr-verify/{uid}/000000000001.json");
+    let body = String::from_utf8(server.get("receipts", &request_key).await).unwrap();
+    server
+        .put(
+            "receipts",
+            &request_key,
+            body.replace("\"erased\":1", "\"erased\":2"),
+        )
+        .await;
+    let proof = tombstone::audit::proof::proof(client.clone(), &sink, &ns, "dsr-verify")
+        .await
+        .expect("proof");
+    assert!(!proof.verified());
+    let summary = proof.to_string();
+    assert!(summary.contains("Result: BROKEN"), "{summary}");
+    assert!(summary.contains("ReceiptEdited"), "{summary}");
+}
+
+async fn delete(server: &S3Server, key: &str) {
+    server
+        .client()
+        .delete_object()
+        .bucket("receipts")
+        .key(key)
+        .send()
+        .await
+        .expect("DeleteObject");
+}
