@@ -231,6 +231,31 @@ impl Sink {
         Ok(keys)
     }
 
+    /// The body of one object; None when there is none under `key`.
+    pub async fn get_opt(&self, key: &str) -> Result<Option<String>, Error> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let bytes = out.body.collect().await.map_err(|e| {
+                    Error::Store(crate::backends::Error::Unreachable(format!(
+                        "GetObject: reading the body: {e}"
+                    )))
+                })?;
+                Ok(Some(
+                    String::from_utf8_lossy(&bytes.into_bytes()).into_owned(),
+                ))
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(Error::Store(sdk_error(e, "GetObject"))),
+        }
+    }
+
     /// The body of one object.
     pub async fn get(&self, key: &str) -> Result<String, Error> {
         let out = self
@@ -347,6 +372,27 @@ impl SinkHandle {
         &self.settings
     }
 
+    /// The sink, resolved now unless it already is.
+    async fn sink(&self, client: &kube::Client) -> Result<Arc<Sink>, Error> {
+        let mut resolved = self.resolved.lock().await;
+        if let Some(s) = resolved.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Sink::resolve(client, &self.settings).await?);
+        *resolved = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The receipt under `key` in the sink, None when there is none.
+    pub async fn fetch(&self, client: &kube::Client, key: &str) -> Result<Option<String>, Error> {
+        let sink = self.sink(client).await?;
+        let got = sink.get_opt(key).await;
+        if got.is_err() {
+            *self.resolved.lock().await = None;
+        }
+        got
+    }
+
     /// Writes the receipts in order, up to the first failure; returns how many were written
     /// and the failure, if any.
     pub async fn upload(
@@ -357,19 +403,9 @@ impl SinkHandle {
         if pending.is_empty() {
             return (0, None);
         }
-        let sink = {
-            let mut resolved = self.resolved.lock().await;
-            match resolved.as_ref() {
-                Some(s) => s.clone(),
-                None => match Sink::resolve(client, &self.settings).await {
-                    Ok(s) => {
-                        let s = Arc::new(s);
-                        *resolved = Some(s.clone());
-                        s
-                    }
-                    Err(e) => return (0, Some(e)),
-                },
-            }
+        let sink = match self.sink(client).await {
+            Ok(s) => s,
+            Err(e) => return (0, Some(e)),
         };
         for (i, receipt) in pending.iter().enumerate() {
             if let Err(e) = sink.put(&receipt.key, &receipt.body).await {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
 use serde_json::json;
 
 use tombstone::api::erasurerequest::ErasurePhase;
@@ -498,4 +499,174 @@ async fn delete(server: &S3Server, key: &str) {
         .send()
         .await
         .expect("DeleteObject");
+}
+
+/// The request's receipts in the sink, parsed, in sequence order.
+async fn request_receipts(
+    server: &S3Server,
+    ns: &str,
+    name: &str,
+) -> Vec<(String, serde_json::Value)> {
+    let folder = chain::object_folder(PREFIX, StreamKind::Request, ns, name);
+    let mut out = Vec::new();
+    for key in server.keys("receipts", &folder).await {
+        let body = String::from_utf8(server.get("receipts", &key).await).unwrap();
+        out.push((key, serde_json::from_str(&body).unwrap()));
+    }
+    out
+}
+
+async fn wait_gone(api: &Api<ErasureRequest>, name: &str) {
+    crate::support::wait_for(
+        &format!("{name} to be deleted"),
+        Duration::from_secs(90),
+        || async {
+            api.get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_completed_request_is_deleted_after_its_time_only_with_a_sink() {
+    let (client, ns) = setup("rcpt-ttl").await;
+    let (_, bare) = setup("rcpt-ttl-nosink").await;
+    let server = S3Server::start();
+    server.create_bucket("receipts", false, false).await;
+    let redis = RedisServer::start();
+    let ttl = Duration::from_secs(3);
+    let operator = start_with_sink(&ns, LockMode::Governance, Some(ttl)).await;
+    let without_sink = TestOperator::start_with(
+        &bare,
+        None,
+        None,
+        Settings {
+            completed_request_ttl: ttl,
+            ..fast_settings()
+        },
+    )
+    .await;
+    sink_store(&client, &ns, &server.endpoint()).await;
+    for namespace in [&ns, &bare] {
+        sweeping_policy(&client, namespace, &redis).await;
+        patch_spec::<RetentionPolicy>(&client, namespace, "sessions", json!({"suspend": true}))
+            .await;
+        erase_probe(&client, namespace, &redis, "dsr-ttl").await;
+    }
+
+    // With a sink: deleted after its time, with an Event, its chain closed in the sink.
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    let done = wait_phase(&client, &ns, "dsr-ttl", ErasurePhase::Completed).await;
+    assert!(
+        done.finalizers()
+            .contains(&tombstone::controller::erasurerequest::lifecycle::FINALIZER.to_string()),
+        "{:?}",
+        done.finalizers()
+    );
+    wait_gone(&api, "dsr-ttl").await;
+    wait_event(&client, &ns, "dsr-ttl", |(t, reason, note)| {
+        t == "Normal" && reason == "ErasureRequestExpired" && note.contains("sha256:")
+    })
+    .await;
+    let receipts = request_receipts(&server, &ns, "dsr-ttl").await;
+    let kinds: Vec<&str> = receipts
+        .iter()
+        .map(|(_, r)| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["ErasureReceipt", "ErasureRequestClosed"]);
+    assert_eq!(receipts[1].1["deletedBy"], "Lifecycle");
+    let folder = chain::object_folder(PREFIX, StreamKind::Request, &ns, "dsr-ttl");
+    let reports = tombstone::audit::sink::verify(&test_sink(&server), Some(&client), Some(&folder))
+        .await
+        .unwrap();
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].intact(), "{reports:?}");
+    assert_eq!(reports[0].head, "Closed");
+
+    // Without a sink: kept. The positive sign that the operator looked at it after its time:
+    // an edit reported as ignored, then one more reconcile.
+    let kept: Api<ErasureRequest> = Api::namespaced(client.clone(), &bare);
+    wait_phase(&client, &bare, "dsr-ttl", ErasurePhase::Completed).await;
+    tokio::time::sleep(ttl + Duration::from_secs(1)).await;
+    patch_spec::<ErasureRequest>(&client, &bare, "dsr-ttl", json!({"reference": "edited"})).await;
+    wait_for_request(&kept, "dsr-ttl", |s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == "SpecChangeIgnored" && c.status == tombstone::api::ConditionStatus::True
+        })
+    })
+    .await;
+    let seen = without_sink.reconciliations("erasurerequest");
+    kept.patch(
+        "dsr-ttl",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"poke": "1"}}})),
+    )
+    .await
+    .unwrap();
+    crate::support::wait_for("one more reconcile", Duration::from_secs(30), || async {
+        (without_sink.reconciliations("erasurerequest") > seen).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        kept.get_opt("dsr-ttl").await.unwrap().is_some(),
+        "without a sink nothing is deleted"
+    );
+    without_sink.stop().await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn an_unfinished_request_deleted_by_a_user_leaves_an_abandonment_receipt() {
+    let (client, ns) = setup("rcpt-abandon").await;
+    let server = S3Server::start();
+    server.create_bucket("receipts", false, false).await;
+    let operator = start_with_sink(&ns, LockMode::Governance, None).await;
+    sink_store(&client, &ns, &server.endpoint()).await;
+    // Its identifiers Secret does not exist: the request waits, unfinished.
+    request_erasure(&client, &ns, "dsr-gone", "no-such-secret").await;
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    let waiting = wait_for_request(&api, "dsr-gone", |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Complete" && c.reason == "SecretNotFound")
+    })
+    .await;
+    assert!(
+        waiting
+            .finalizers()
+            .contains(&tombstone::controller::erasurerequest::lifecycle::FINALIZER.to_string()),
+        "{:?}",
+        waiting.finalizers()
+    );
+    api.delete("dsr-gone", &Default::default()).await.unwrap();
+    wait_gone(&api, "dsr-gone").await;
+    wait_event(&client, &ns, "dsr-gone", |(t, reason, _)| {
+        t == "Warning" && reason == "ErasureAbandoned"
+    })
+    .await;
+    let receipts = request_receipts(&server, &ns, "dsr-gone").await;
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+    let (key, abandoned) = &receipts[0];
+    assert_eq!(abandoned["kind"], "ErasureAbandoned");
+    assert_eq!(abandoned["deletedBy"], "User");
+    assert_eq!(abandoned["phase"], "Pending");
+    // The same receipt in the audit log.
+    let body = String::from_utf8(server.get("receipts", key).await).unwrap();
+    let logged = logged_audit_record(&tombstone::audit::receipt::receipt_digest(&body));
+    assert_eq!(&logged, abandoned);
+    let folder = chain::object_folder(PREFIX, StreamKind::Request, &ns, "dsr-gone");
+    let reports = tombstone::audit::sink::verify(&test_sink(&server), Some(&client), Some(&folder))
+        .await
+        .unwrap();
+    assert!(
+        reports[0].intact() && reports[0].head == "Closed",
+        "{reports:?}"
+    );
+    operator.stop().await;
 }

@@ -3,6 +3,7 @@
 //! (pure) → write status if it changed → requeue while work remains. Identifiers live only in
 //! memory for the length of a reconcile; status, events, logs and receipts carry the digest.
 
+pub mod lifecycle;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,6 +42,10 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     let Some((api, request)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
+    if request.metadata.deletion_timestamp.is_some() {
+        return lifecycle::close(&ctx, &api, &request).await;
+    }
+    lifecycle::ensure_finalizer(&ctx, &api, &request).await?;
     let previous = request.status.clone().unwrap_or_default();
     let now = Timestamp::now();
     if previous.phase == ErasurePhase::Completed {
@@ -58,6 +63,10 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             return Ok(Action::requeue(ctx.backoff(&receipts_key(&request))));
         }
         ctx.reset_failures(&receipts_key(&request));
+        // Its time up, and its receipts in the sink: deleted.
+        if let Some(action) = lifecycle::expire(&ctx, &api, &request, &status, now).await? {
+            return Ok(action);
+        }
         return Ok(Action::await_change());
     }
     let started = previous.subject_digest.is_some();
