@@ -34,6 +34,8 @@ pub struct Proof {
     pub uid: Option<String>,
     /// The digest the request's status keeps, while it exists.
     pub status_digest: Option<String>,
+    /// Receipts that wait in the request's status for the sink.
+    pub pending: usize,
     pub streams: Vec<StreamReport>,
     /// Every receipt, stream by stream, in sequence order.
     pub receipts: Vec<ProofReceipt>,
@@ -89,6 +91,13 @@ impl fmt::Display for Proof {
                 f,
                 "Request: deleted; its chain must end with a closing receipt"
             )?,
+        }
+        if self.pending > 0 {
+            writeln!(
+                f,
+                "Pending: {} receipt(s) wait in the request's status for the sink; prove again once written",
+                self.pending
+            )?;
         }
         if let Some(e) = self.erasure() {
             writeln!(f, "Subject (keyed digest): {}", field(e, "subjectDigest"))?;
@@ -166,6 +175,7 @@ pub async fn proof(
         .as_ref()
         .and_then(|r| r.status.as_ref())
         .and_then(|s| s.receipt.clone());
+    let pending = head.as_ref().map_or(0, |h| h.pending_upload.len());
     let folder = chain::object_folder(sink.prefix(), StreamKind::Request, namespace, request);
     let mut streams = Vec::new();
     let mut receipts = Vec::new();
@@ -218,7 +228,97 @@ pub async fn proof(
         location: format!("s3://{}/{folder}", sink.bucket()),
         uid,
         status_digest,
+        pending,
         streams,
         receipts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::{seal, verify_stream, Stored, Stream};
+    use serde_json::json;
+
+    fn proof_of(bodies: &[(&str, Value)], head_ok: bool) -> Proof {
+        let stream = Stream {
+            kind: StreamKind::Request,
+            namespace: "shop".into(),
+            name: "dsr-1".into(),
+            uid: "u-1".into(),
+        };
+        let mut head = None;
+        let mut stored = Vec::new();
+        let mut receipts = Vec::new();
+        for (kind, record) in bodies {
+            let sealed = seal(record, &stream, head.as_ref(), "p/");
+            stored.push(Stored {
+                sequence: sealed.sequence,
+                body: sealed.body.clone(),
+            });
+            receipts.push(ProofReceipt {
+                sequence: sealed.sequence,
+                kind: (*kind).into(),
+                digest: sealed.digest.clone(),
+                key: sealed.key.clone(),
+                record: serde_json::from_str(&sealed.body).ok(),
+            });
+            head = Some(chain::advance(head, &sealed, false));
+        }
+        let mut head = head.unwrap_or_default();
+        if !head_ok {
+            head.sequence += 1;
+        }
+        Proof {
+            namespace: "shop".into(),
+            request: "dsr-1".into(),
+            location: "s3://b/p/requests/shop/dsr-1/".into(),
+            uid: Some("u-1".into()),
+            status_digest: Some(head.digest.clone()),
+            pending: 0,
+            streams: vec![verify_stream(&stream, &stored, &Head::Status(Some(head)))],
+            receipts,
+        }
+    }
+
+    #[test]
+    fn the_summary_says_what_was_erased_and_whether_the_chain_holds() {
+        let record = json!({"kind": "ErasureReceipt", "subjectDigest": "hmac-sha256:abc",
+            "ground": "objection", "totals": {"found": 3, "erased": 3, "retained": 0},
+            "targets": [{}, {}], "notSearched": [{}], "subjectSecret": "Deleted"});
+        let proof = proof_of(&[("ErasureReceipt", record.clone())], true);
+        assert!(proof.verified());
+        let text = proof.to_string();
+        for needle in [
+            "Proof of erasure: ErasureRequest shop/dsr-1",
+            "Result: VERIFIED",
+            "Subject (keyed digest): hmac-sha256:abc",
+            "Records: found 3, erased 3, retained under a declared ground 0, in 2 target(s)",
+            "Datasets in scope not searched: 1",
+            "Identifiers Secret: Deleted",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in\n{text}");
+        }
+        let broken = proof_of(&[("ErasureReceipt", record)], false);
+        assert!(!broken.verified());
+        let text = broken.to_string();
+        assert!(text.contains("Result: BROKEN"), "{text}");
+        assert!(text.contains("Break: LastReceiptMissing"), "{text}");
+    }
+
+    #[test]
+    fn no_receipt_is_no_proof() {
+        let proof = Proof {
+            namespace: "shop".into(),
+            request: "dsr-1".into(),
+            location: "s3://b/p/".into(),
+            uid: None,
+            status_digest: None,
+            pending: 0,
+            streams: Vec::new(),
+            receipts: Vec::new(),
+        };
+        assert!(!proof.verified());
+        assert!(proof.to_string().contains("NOT VERIFIED"));
+    }
 }
