@@ -358,6 +358,22 @@ pub async fn verify(
 pub struct SinkHandle {
     settings: SinkSettings,
     resolved: Mutex<Option<Arc<Sink>>>,
+    /// After a failed upload, no other is tried before this instant (5s doubling up to a
+    /// minute, reset by a success): a sink that is down must not slow every sweep step down by
+    /// a connection timeout.
+    breaker: std::sync::Mutex<Breaker>,
+}
+
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    until: Option<std::time::Instant>,
+}
+
+/// How long uploads pause after `failures` failures in a row (pure).
+fn pause_after(failures: u32) -> std::time::Duration {
+    let secs = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(6));
+    std::time::Duration::from_secs(secs.min(60))
 }
 
 impl SinkHandle {
@@ -365,6 +381,28 @@ impl SinkHandle {
         Self {
             settings,
             resolved: Mutex::new(None),
+            breaker: Default::default(),
+        }
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether uploads pause after a recent failure.
+    pub fn deferred(&self) -> bool {
+        self.breaker()
+            .until
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    fn record(&self, ok: bool) {
+        let mut breaker = self.breaker();
+        if ok {
+            *breaker = Breaker::default();
+        } else {
+            breaker.failures = breaker.failures.saturating_add(1);
+            breaker.until = Some(std::time::Instant::now() + pause_after(breaker.failures));
         }
     }
 
@@ -405,14 +443,49 @@ impl SinkHandle {
         }
         let sink = match self.sink(client).await {
             Ok(s) => s,
-            Err(e) => return (0, Some(e)),
+            Err(e) => {
+                self.record(false);
+                return (0, Some(e));
+            }
         };
         for (i, receipt) in pending.iter().enumerate() {
             if let Err(e) = sink.put(&receipt.key, &receipt.body).await {
                 *self.resolved.lock().await = None;
+                self.record(false);
                 return (i, Some(e));
             }
         }
+        self.record(true);
         (pending.len(), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> SinkHandle {
+        SinkHandle::new(SinkSettings {
+            datastore: "sink".into(),
+            namespace: "ns".into(),
+            bucket: None,
+            prefix: DEFAULT_PREFIX.into(),
+            lock_mode: LockMode::Compliance,
+            lock_period: std::time::Duration::from_secs(60),
+            allow_ambient_credentials: false,
+        })
+    }
+
+    #[test]
+    fn uploads_pause_after_a_failure_longer_each_time_and_resume_after_a_success() {
+        assert_eq!(pause_after(1).as_secs(), 5);
+        assert_eq!(pause_after(2).as_secs(), 10);
+        assert_eq!(pause_after(40).as_secs(), 60);
+        let h = handle();
+        assert!(!h.deferred());
+        h.record(false);
+        assert!(h.deferred());
+        h.record(true);
+        assert!(!h.deferred());
     }
 }

@@ -316,7 +316,8 @@ impl Context {
         if head.pending_upload.is_empty() {
             return false;
         }
-        if self.fence.check().is_err() {
+        // A sink that failed a moment ago is given time first; only the leader writes.
+        if sink.deferred() || self.fence.check().is_err() {
             return true;
         }
         let (written, failure) = sink.upload(&self.client, &head.pending_upload).await;
