@@ -12,6 +12,7 @@ pub mod leader;
 pub mod limits;
 pub mod metrics;
 pub mod operator;
+pub mod plugin;
 pub mod ropa;
 pub mod schedule;
 

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+
+mod kubectl;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -32,6 +34,9 @@ enum Command {
     /// Check the receipts in the receipt sink.
     #[command(subcommand)]
     Receipts(ReceiptsCommand),
+    /// The `kubectl tombstone` plugin's commands (erase, status, hold), as when this binary
+    /// is installed as `kubectl-tombstone`.
+    Kubectl(kubectl::PluginCli),
 }
 
 #[derive(Subcommand)]
@@ -217,7 +222,8 @@ struct RunArgs {
     /// How long a sweep step may run before its progress is checkpointed in status.
     #[arg(long, default_value = "2s")]
     checkpoint_interval: tombstone::api::Duration,
-    /// Sweep steps running at once across all policies.
+    /// Store steps (sweeps and erasures) running at once; an erasure due within 7 days goes
+    /// first, then the policy or request running the fewest.
     #[arg(long, default_value_t = 4)]
     max_concurrent_jobs: usize,
     /// An erasure request in one unfinished phase this long counts as stalled (a request held
@@ -257,6 +263,14 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     tombstone::install_crypto_provider();
+    // Installed (or linked) as `kubectl-tombstone`, kubectl runs it as `kubectl tombstone`.
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if invoked_as.is_some_and(|name| name.starts_with(kubectl::PLUGIN_BINARY)) {
+        return kubectl::run(kubectl::PluginCli::parse());
+    }
     match Cli::parse().command {
         Command::Run(args) => run(*args),
         Command::Crds { write } => print_or_write_crds(write),
@@ -264,6 +278,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ropa(args) => print_ropa(args),
         Command::Receipts(ReceiptsCommand::Verify(args)) => verify_receipts(args),
         Command::Receipts(ReceiptsCommand::Proof(args)) => print_proof(args),
+        Command::Kubectl(cli) => kubectl::run(cli),
     }
 }
 

@@ -300,14 +300,22 @@ async fn run_controllers(
     );
     let request_cache = request_controller.store();
     let request_controller_cache = request_cache.clone();
-    // The unfinished requests of a namespace that `concerns` (given a request's status).
+    // The unfinished requests of a namespace that `concerns` (given a request's status); a
+    // cluster-wide request counts in every namespace it searches (or may search, before its
+    // targets are known).
     let unfinished = {
         let index = request_cache.clone();
         move |namespace: Option<String>, concerns: &dyn Fn(&ErasureRequest) -> bool| {
+            let searches = |r: &ErasureRequest| {
+                erasurerequest::plan::cluster_wide(r)
+                    && r.status.as_ref().is_none_or(|s| {
+                        s.targets.is_empty() || s.targets.iter().any(|t| t.namespace == namespace)
+                    })
+            };
             index
                 .state()
                 .into_iter()
-                .filter(|r| r.namespace() == namespace)
+                .filter(|r| r.namespace() == namespace || searches(r))
                 .filter(|r| {
                     r.status
                         .as_ref()

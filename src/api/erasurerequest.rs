@@ -46,7 +46,31 @@ pub struct ErasureRequestSpec {
     /// always kept).
     #[serde(default)]
     pub retain_subject_secret: bool,
+    /// `Namespace` (default): the policies of the request's namespace. `Cluster`: the
+    /// policies of every namespace (but those opted out, see `tombstone.dev/erasure-opt-out`),
+    /// for one request per person across the organisation; accepted only in the operator's
+    /// namespace, where the identifiers Secret stays (it is never copied elsewhere). With
+    /// `Cluster`, `policies` names them as `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RequestScope>,
 }
+
+/// Which namespaces' datasets a request searches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RequestScope {
+    /// The request's own namespace.
+    #[default]
+    Namespace,
+    /// Every namespace that has not opted out.
+    Cluster,
+}
+
+/// The label by which a namespace opts out of cluster-wide erasure requests. It counts only
+/// with a reason in the annotation [`ERASURE_OPT_OUT_REASON_ANNOTATION`]; the reason is
+/// written into every cluster-wide request's `notSearched` (and so its receipt).
+pub const ERASURE_OPT_OUT_LABEL: &str = "tombstone.dev/erasure-opt-out";
+/// Why a namespace opted out (for the DPO and the auditor: e.g. "holds no personal data").
+pub const ERASURE_OPT_OUT_REASON_ANNOTATION: &str = "tombstone.dev/erasure-opt-out-reason";
 
 /// Who is to be erased: identifiers from a Secret (each key an identifier type) and/or
 /// inline, for pseudonymous identifiers only (an internal user id): an inline value stays in
@@ -175,6 +199,9 @@ pub struct RetainedCopiesStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErasureTargetStatus {
+    /// The policy's namespace, in a cluster-wide request (omitted: the request's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub policy: String,
     pub target: String,
     pub store: String,
@@ -212,12 +239,41 @@ pub struct ErasureTargetStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NotSearched {
+    /// The policy's namespace, in a cluster-wide request (omitted: the request's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub policy: String,
     pub target: String,
     pub store: String,
-    /// `NoSubjectLocator`.
+    /// `NoSubjectLocator`; `NamespaceOptedOut` (a cluster-wide request, in a namespace that
+    /// opted out; the message gives its reason); while it lasts, `IdentifierNotGiven` (a
+    /// `Skipped` target: its locator needs an identifier type the subject was not given) or
+    /// `StoreNotReady` (its store was not ready before it found anything).
     pub reason: String,
     pub message: String,
+}
+
+/// One namespace of a cluster-wide request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceProgress {
+    pub namespace: String,
+    /// Targets searched in it, and how many of them are done (verified, nothing found,
+    /// skipped or retained).
+    pub targets: u32,
+    pub done: u32,
+    /// Targets blocked by a LegalHold, and failing.
+    #[serde(default)]
+    pub blocked: u32,
+    #[serde(default)]
+    pub failed: u32,
+    #[serde(default)]
+    pub found: u64,
+    #[serde(default)]
+    pub erased: u64,
+    /// Datasets of the namespace not searched (see `notSearched`).
+    #[serde(default)]
+    pub not_searched: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -255,9 +311,10 @@ pub struct ErasureRequestStatus {
     pub completion_time: Option<Timestamp>,
     #[serde(default)]
     pub targets: Vec<ErasureTargetStatus>,
-    /// Datasets in scope that the request does not search, each with why (a target with no
-    /// subject locator, reason `NoSubjectLocator`). Targets it searches, or skips because a
-    /// locator needs an identifier type not given, are in `targets`.
+    /// Datasets in scope that the request does not search, each with why (see `reason`): a
+    /// target with no subject locator, a namespace opted out of a cluster-wide request, and,
+    /// while so, a target skipped because its locator needs an identifier type not given or
+    /// whose store is not ready (those are in `targets` too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_searched: Vec<NotSearched>,
     /// Policies named in `spec.policies` that do not exist: the request fails without
@@ -266,6 +323,10 @@ pub struct ErasureRequestStatus {
     pub missing_policies: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<ErasureTotals>,
+    /// A cluster-wide request's progress per namespace (derived from `targets` and
+    /// `notSearched`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<NamespaceProgress>,
     /// What became of the identifiers Secret once the request completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_secret: Option<SubjectSecretFate>,

@@ -9,8 +9,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+pub mod slots;
+use slots::JobSlots;
+pub use slots::{Claim, SlotPermit};
 
 use crate::api::datastore::StoreLimits;
 use crate::backends::elasticsearch::{ElasticsearchBackend, ElasticsearchConfig};
@@ -38,7 +41,7 @@ struct CachedBackend {
 }
 
 pub struct Engine {
-    job_slots: Arc<Semaphore>,
+    job_slots: JobSlots,
     backends: Mutex<HashMap<String, CachedBackend>>,
     /// How long one step may run before its progress is checkpointed.
     pub checkpoint_interval: Duration,
@@ -50,7 +53,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(max_concurrent_jobs: usize, checkpoint_interval: Duration, fence: Fence) -> Self {
         Self {
-            job_slots: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))),
+            job_slots: JobSlots::new(max_concurrent_jobs),
             backends: Mutex::new(HashMap::new()),
             checkpoint_interval,
             fence,
@@ -108,26 +111,23 @@ impl Engine {
             .remove(store_key);
     }
 
-    /// Waits for a free job slot; the permit is held for the duration of one step.
-    pub async fn job_slot(&self) -> OwnedSemaphorePermit {
-        // The semaphore is never closed, so acquiring cannot fail.
-        self.job_slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("job semaphore is never closed")
+    /// Waits for a job slot (see [`slots`] for who goes first); the permit is held for the
+    /// duration of one step.
+    pub async fn job_slot(&self, claim: Claim) -> SlotPermit {
+        self.job_slots.acquire(claim).await
     }
 
     /// Runs one bounded step of a sweep job on the store `store_key`.
     pub async fn sweep_step(
         &self,
+        claim: Claim,
         store_key: &str,
         backend: &dyn Backend,
         job: &SweepJob,
         cursor: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<Step, backends::Error> {
-        let _slot = self.job_slot().await;
+        let _slot = self.job_slot(claim).await;
         let budget = StepBudget {
             max_time: self.checkpoint_interval,
             cancel: cancel.clone(),
@@ -149,13 +149,14 @@ impl Engine {
     /// cancelled or leadership is lost, whichever comes first.
     pub async fn subject_step(
         &self,
+        claim: Claim,
         store_key: &str,
         backend: &dyn Backend,
         job: &SubjectJob,
         cursor: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<SubjectStep, backends::Error> {
-        let _slot = self.job_slot().await;
+        let _slot = self.job_slot(claim).await;
         let (cancel, _stop_watching) = cancelled_by_either(cancel, self.fence.lost());
         let budget = StepBudget {
             max_time: self.checkpoint_interval,
@@ -288,7 +289,14 @@ mod tests {
     ) -> Result<SubjectStep, backends::Error> {
         tokio::time::timeout(
             Duration::from_secs(1),
-            engine.subject_step("ns/s", &Endless, &job(), None, shutdown),
+            engine.subject_step(
+                Claim::sweep("ns", "p"),
+                "ns/s",
+                &Endless,
+                &job(),
+                None,
+                shutdown,
+            ),
         )
         .await
         .expect("the step ends when cancelled")
@@ -307,7 +315,7 @@ mod tests {
         let step = stops_within_a_second(&engine, &shutdown).await.unwrap();
         assert_eq!(step.next, Next::Continue("stopped".into()));
         // The job slot is free again.
-        assert_eq!(engine.job_slots.available_permits(), 1);
+        assert_eq!(engine.job_slots.available(), 1);
     }
 
     #[tokio::test]

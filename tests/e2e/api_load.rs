@@ -3,7 +3,6 @@
 //! nothing to do can be shown to write nothing.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
@@ -18,76 +17,9 @@ use crate::fixtures::{
     policy_json, redis_conn, redis_store, seed, setup, wait_policy, wait_store_ready,
     wait_sweep_succeeded, TestOperator,
 };
-use crate::support::{wait_for, ControlPlane, RedisServer};
+use crate::support::{wait_for, RedisServer};
 
-/// Every request a client made, as "VERB resource[/subresource]" (`get`, `list`, `watch`,
-/// `create`, `patch`, `update`, `delete`), in order.
-#[derive(Clone, Default)]
-pub struct RequestLog(Arc<Mutex<Vec<String>>>);
-
-impl RequestLog {
-    /// A client of the test API server that records its requests here.
-    pub fn client(&self) -> kube::Client {
-        let log = self.clone();
-        let layer =
-            tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
-                log.record(request.method(), request.uri());
-                request
-            });
-        kube::client::ClientBuilder::try_from(ControlPlane::get().config())
-            .expect("client builder")
-            .with_layer(&layer)
-            .build()
-    }
-
-    fn record(&self, method: &http::Method, uri: &http::Uri) {
-        let kind = request_kind(method, uri.path(), uri.query().unwrap_or(""));
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(kind);
-    }
-
-    /// How many requests were made so far (a mark for [`Self::since`]).
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// The requests made since `mark`, counted by kind.
-    pub fn since(&self, mark: usize) -> BTreeMap<String, usize> {
-        let log = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut counts = BTreeMap::new();
-        for kind in log.iter().skip(mark) {
-            *counts.entry(kind.clone()).or_insert(0) += 1;
-        }
-        counts
-    }
-}
-
-/// "VERB resource[/subresource]" of one request: `/api/v1/namespaces/ns/secrets/s` read with
-/// GET is `get secrets`; a GET of a collection is `list` (or `watch` with `watch=true`).
-fn request_kind(method: &http::Method, path: &str, query: &str) -> String {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // After the group/version (api/v1 or apis/group/version) and any namespaces/<ns>.
-    let mut rest: &[&str] = match parts.first() {
-        Some(&"api") => parts.get(2..).unwrap_or(&[]),
-        _ => parts.get(3..).unwrap_or(&[]),
-    };
-    if rest.first() == Some(&"namespaces") && rest.len() > 2 {
-        rest = &rest[2..];
-    }
-    let resource = rest.first().copied().unwrap_or("");
-    let named = rest.len() > 1;
-    let sub = rest.get(2).map(|s| format!("/{s}")).unwrap_or_default();
-    let verb = match (method.as_str(), named) {
-        ("GET", _) if query.split('&').any(|q| q == "watch=true") => "watch",
-        ("GET", true) => "get",
-        ("GET", false) => "list",
-        ("POST", _) => "create",
-        ("PATCH", _) => "patch",
-        ("PUT", _) => "update",
-        ("DELETE", _) => "delete",
-        (other, _) => other,
-    };
-    format!("{verb} {resource}{sub}")
-}
+pub use crate::support::request_log::{request_kind, RequestLog};
 
 fn table(counts: &BTreeMap<String, usize>) -> String {
     counts

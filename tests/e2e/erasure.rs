@@ -546,3 +546,85 @@ async fn a_target_without_a_subject_locator_is_listed_as_not_searched() {
     assert_eq!(record["notSearched"][0]["target"], "page-views", "{record}");
     operator.stop().await;
 }
+
+/// A target skipped for want of an identifier type, and one whose store is not ready, are
+/// listed as not searched, the latter only until its store is ready and it has run.
+#[tokio::test]
+async fn skipped_targets_and_stores_not_ready_are_listed_as_not_searched_while_so() {
+    let (client, ns) = setup("erasure-gaps").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    let operator = TestOperator::start(&ns).await;
+    redis_store(&client, &ns, "cache", &redis.url(), json!({})).await;
+    wait_store_ready(&client, &ns, "cache", true).await;
+    // The later store's server is down at first.
+    let mut later = crate::support::faults::RestartableRedis::start();
+    later.stop();
+    redis_store(&client, &ns, "later", &later.url(), json!({})).await;
+    wait_store_ready(&client, &ns, "later", false).await;
+    let mut p = policy_json(
+        "shop",
+        "30d",
+        json!([
+            {"name": "sessions", "store": "cache", "redis": {"keyPattern": "session:*"},
+             "subject": {"redis": {"keys": ["session:{userId}:*"]}}},
+            {"name": "newsletter", "store": "cache", "redis": {"keyPattern": "newsletter*"},
+             "subject": {"redis": {"setMembers": [{"key": "newsletter", "member": "{email}"}]}}},
+            {"name": "archive", "store": "later", "redis": {"keyPattern": "session:*"},
+             "subject": {"redis": {"keys": ["session:{userId}:*"]}}}
+        ]),
+    );
+    p["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, p).await;
+    // Only the user id is given: the newsletter's locator needs the e-mail address.
+    create_subject_secret(&client, &ns, "dsr-g", json!({"userId": USER})).await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-g", "dsr-g", false)).await;
+
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    let gaps = |status: &tombstone::api::ErasureRequestStatus| {
+        let mut gaps: Vec<(String, String)> = status
+            .not_searched
+            .iter()
+            .map(|n| (n.target.clone(), n.reason.clone()))
+            .collect();
+        gaps.sort();
+        gaps
+    };
+    let status = wait_for("both gaps listed", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let status = api.get("dsr-g").await.ok()?.status?;
+            (gaps(&status).len() == 2).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(
+        gaps(&status),
+        [
+            ("archive".to_string(), "StoreNotReady".to_string()),
+            ("newsletter".to_string(), "IdentifierNotGiven".to_string())
+        ]
+    );
+    let skipped = status
+        .not_searched
+        .iter()
+        .find(|n| n.target == "newsletter")
+        .unwrap();
+    assert!(skipped.message.contains("{email}"), "{}", skipped.message);
+
+    // The store comes up on its address: the target runs and leaves the list.
+    later.resume();
+    let done = wait_phase(&client, &ns, "dsr-g", ErasurePhase::Completed).await;
+    let status = done.status.unwrap();
+    assert_eq!(
+        gaps(&status),
+        [("newsletter".to_string(), "IdentifierNotGiven".to_string())]
+    );
+    let record = logged_audit_record(status.receipt.as_deref().expect("receipt"));
+    assert_eq!(
+        record["notSearched"][0]["reason"], "IdentifierNotGiven",
+        "{record}"
+    );
+    operator.stop().await;
+}

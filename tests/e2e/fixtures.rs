@@ -102,6 +102,26 @@ impl TestOperator {
         Self { shutdown, running }
     }
 
+    /// An operator watching every namespace of `client`'s cluster (a private control plane:
+    /// the shared one has other tests' objects), with its own namespace `operator_ns`.
+    pub async fn start_watching_all(client: Client, operator_ns: &str, settings: Settings) -> Self {
+        let shutdown = CancellationToken::new();
+        let options = Options {
+            namespace: None,
+            leader_election: None,
+            http_addr: None,
+            reporter: "tombstone".into(),
+            settings: Settings {
+                operator_namespace: operator_ns.to_string(),
+                ..settings
+            },
+        };
+        let running = operator::start(client, options, shutdown.clone())
+            .await
+            .expect("operator starts");
+        Self { shutdown, running }
+    }
+
     /// Reconciles `controller` (e.g. `retentionpolicy::CONTROLLER`) has started so far.
     pub fn reconciliations(&self, controller: &str) -> u64 {
         self.running

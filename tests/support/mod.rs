@@ -18,6 +18,7 @@ pub mod faults;
 pub mod loki;
 pub mod opensearch;
 pub mod operator_process;
+pub mod request_log;
 pub mod s3;
 
 use std::env;
@@ -232,6 +233,13 @@ impl ControlPlane {
         &CONTROL_PLANE
     }
 
+    /// A control plane of the caller's own, for a test that needs every namespace to itself
+    /// (an operator watching the whole cluster); stopped and removed when dropped.
+    pub fn start_private() -> ControlPlane {
+        tombstone::install_crypto_provider();
+        Self::start()
+    }
+
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
         &self.url
@@ -308,6 +316,13 @@ impl ControlPlane {
         if *installed {
             return;
         }
+        self.apply_crds().await;
+        *installed = true;
+    }
+
+    /// Applies every CRD and waits until each is Established (for a private control plane;
+    /// the shared one uses [`Self::install_crds`]).
+    pub async fn apply_crds(&self) {
         let crds: Api<CustomResourceDefinition> = Api::all(self.client());
         let params = PatchParams::apply("tombstone-tests").force();
         let crd_list = tombstone::crds::all();
@@ -326,7 +341,6 @@ impl ControlPlane {
             .unwrap_or_else(|_| panic!("CRD {name} not Established within 30s"))
             .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
         }
-        *installed = true;
     }
 
     fn start() -> ControlPlane {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -24,13 +24,14 @@ use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase, ErasureTargetStatus,
-    RetainedCopiesStatus, SubjectSecretFate,
+    RetainedCopiesStatus, SubjectSecretFate, ERASURE_OPT_OUT_LABEL,
 };
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::api::Timestamp;
 use crate::audit::{self, identifier_digests, subject_digest};
 use crate::backends::{Category, Next, SubjectAction, SubjectJob};
+use crate::engine::Claim;
 use plan::ActionResult;
 
 pub const CONTROLLER: &str = "erasurerequest";
@@ -82,7 +83,9 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // 0. Validate (pure): inline identifiers are pseudonymous ones only.
-    if let Err(message) = plan::validate_subject(&request.spec.subject) {
+    let valid = plan::validate_subject(&request.spec.subject)
+        .and_then(|()| plan::validate_scope(&request, &ctx.settings.operator_namespace));
+    if let Err(message) = valid {
         status.phase = ErasurePhase::Failed;
         let e = Error::InvalidSpec(message);
         return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await;
@@ -117,19 +120,57 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     status.received_at = Some(received);
     status.deadline = Some(plan::deadline(received));
 
-    // 2. Holds: on the subject (the whole request) or on policies (their targets). A hold
-    // that cannot be evaluated blocks the whole request (fail closed).
-    let Holds {
-        subject: subject_holds,
-        policies: held_policies,
-        unverifiable,
-        expiry: hold_expiry,
-    } = holds(&ctx, &namespace, &key, &identifiers, now).await;
     if status.phase == ErasurePhase::Pending {
         let found = scope(&ctx, &request).await?;
         (status.targets, status.missing_policies, status.not_searched) =
             (found.targets, found.missing, found.not_searched);
     }
+
+    // 2. Holds: on the subject (the whole request) or on policies (their targets). A hold
+    // that cannot be evaluated blocks the whole request (fail closed). In a cluster-wide
+    // request, the holds of each namespace searched bear on that namespace's targets: one
+    // on the subject there holds all of them.
+    let Holds {
+        subject: subject_holds,
+        policies: held_policies,
+        mut unverifiable,
+        expiry: mut hold_expiry,
+    } = holds(&ctx, &namespace, &key, &identifiers, now).await;
+    let mut held: BTreeMap<(String, String), String> = held_policies
+        .into_iter()
+        .map(|(policy, hold)| ((namespace.clone(), policy), hold))
+        .collect();
+    let mut held_namespaces: BTreeMap<String, String> = BTreeMap::new();
+    let others: BTreeSet<String> = status
+        .targets
+        .iter()
+        .map(|t| target_namespace(&namespace, t).to_string())
+        .filter(|ns| *ns != namespace)
+        .collect();
+    for ns in others {
+        let theirs = holds(&ctx, &ns, &key, &identifiers, now).await;
+        if let Some(first) = theirs.subject.first() {
+            held_namespaces.insert(ns.clone(), format!("{ns}/{first}"));
+        }
+        for (policy, hold) in theirs.policies {
+            held.insert((ns.clone(), policy), format!("{ns}/{hold}"));
+        }
+        unverifiable.extend(
+            theirs
+                .unverifiable
+                .into_iter()
+                .map(|u| format!("namespace {ns}: {u}")),
+        );
+        if let Some(e) = theirs.expiry {
+            hold_expiry = Some(hold_expiry.map_or(e, |x| x.min(e)));
+        }
+    }
+    let hold_on = |t: &ErasureTargetStatus| -> Option<String> {
+        let ns = target_namespace(&namespace, t).to_string();
+        held.get(&(ns.clone(), t.policy.clone()))
+            .or_else(|| held_namespaces.get(&ns))
+            .cloned()
+    };
     for t in &mut status.targets {
         let settled = matches!(
             t.phase,
@@ -137,10 +178,15 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
                 | ErasureTargetPhase::NothingFound
                 | ErasureTargetPhase::Skipped
         );
-        if held_policies.contains_key(&t.policy) && !settled {
+        let hold = hold_on(t);
+        if let (Some(hold), false) = (&hold, settled) {
             t.phase = ErasureTargetPhase::Blocked;
-            t.message = format!("policy {} is held by a LegalHold", t.policy);
-        } else if t.phase == ErasureTargetPhase::Blocked && !held_policies.contains_key(&t.policy) {
+            t.message = if held_namespaces.contains_key(target_namespace(&namespace, t)) {
+                format!("the subject is held in this namespace by LegalHold {hold}")
+            } else {
+                format!("policy {} is held by a LegalHold", t.policy)
+            };
+        } else if t.phase == ErasureTargetPhase::Blocked && hold.is_none() {
             t.phase = ErasureTargetPhase::Pending;
             t.message.clear();
             t.cursor = None;
@@ -149,7 +195,13 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     let whole_request_held = !subject_holds.is_empty() || !unverifiable.is_empty();
     cancel_held_deletions(&ctx, &request, &mut status.targets, whole_request_held).await;
     let mut blocked_by = subject_holds.clone();
-    blocked_by.extend(held_policy_names(&status.targets, &held_policies));
+    blocked_by.extend(
+        status
+            .targets
+            .iter()
+            .filter(|t| t.phase == ErasureTargetPhase::Blocked)
+            .filter_map(&hold_on),
+    );
     blocked_by.sort();
     blocked_by.dedup();
 
@@ -176,6 +228,8 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         }
     }
     status.totals = Some(plan::totals(&status.targets));
+    status.not_searched = plan::coverage(&status.not_searched, &status.targets);
+    status.namespaces = plan::namespace_progress(&status.targets, &status.not_searched);
     let completed = status.phase == ErasurePhase::Completed;
     let with_exceptions = status.phase == ErasurePhase::CompletedWithExceptions
         && previous.phase != ErasurePhase::CompletedWithExceptions;
@@ -510,48 +564,75 @@ async fn holds(
     found
 }
 
-fn held_policy_names(
-    targets: &[ErasureTargetStatus],
-    held: &BTreeMap<String, String>,
-) -> Vec<String> {
-    targets
-        .iter()
-        .filter(|t| t.phase == ErasureTargetPhase::Blocked)
-        .filter_map(|t| held.get(&t.policy).cloned())
-        .collect()
-}
-
-/// The targets in scope: the named policies, or every policy in the namespace, keeping the
-/// targets that have a subject locator; and the named policies that do not exist.
+/// The targets in scope: the named policies, or every policy in the namespace (every
+/// namespace, for a cluster-wide request, but those opted out), keeping the targets that
+/// have a subject locator; and the named policies that do not exist.
 async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<plan::Scope, Error> {
     let namespace = request.namespace().unwrap_or_default();
-    let api: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut scope = plan::Scope::default();
-    let policies: Vec<(String, Option<RetentionPolicy>)> = match &request.spec.policies {
+    let cluster = plan::cluster_wide(request);
+    // (namespace, name) → the policy, if it exists.
+    let mut policies: Vec<(String, String, Option<RetentionPolicy>)> = Vec::new();
+    match &request.spec.policies {
         Some(names) => {
-            let mut found = Vec::new();
             for name in names {
-                found.push((name.clone(), api.get_opt(name).await.map_err(Error::Kube)?));
+                let (ns, policy) = if cluster {
+                    // Validated before: every name is namespace/name.
+                    plan::qualified_policy(name).unwrap_or((&namespace, name))
+                } else {
+                    (namespace.as_str(), name.as_str())
+                };
+                let api: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), ns);
+                let found = api.get_opt(policy).await.map_err(Error::Kube)?;
+                policies.push((ns.to_string(), policy.to_string(), found));
             }
-            found
         }
-        None => api
-            .list(&ListParams::default())
-            .await
-            .map_err(Error::Kube)?
-            .items
-            .into_iter()
-            .map(|p| (p.name_any(), Some(p)))
-            .collect(),
+        None => {
+            let api: Api<RetentionPolicy> = match (cluster, &ctx.settings.watch_namespace) {
+                (true, None) => Api::all(ctx.client.clone()),
+                (true, Some(watched)) => Api::namespaced(ctx.client.clone(), watched),
+                (false, _) => Api::namespaced(ctx.client.clone(), &namespace),
+            };
+            for p in api
+                .list(&ListParams::default())
+                .await
+                .map_err(Error::Kube)?
+                .items
+            {
+                let ns = p.namespace().unwrap_or_default();
+                policies.push((ns, p.name_any(), Some(p)));
+            }
+        }
+    }
+    let opted_out = if cluster {
+        opted_out_namespaces(ctx).await?
+    } else {
+        BTreeMap::new()
     };
-    for (name, policy) in policies {
+    let mut scope = plan::Scope::default();
+    for (ns, name, policy) in policies {
+        let shown = |name: &str| {
+            if cluster {
+                format!("{ns}/{name}")
+            } else {
+                name.to_string()
+            }
+        };
         let Some(policy) = policy else {
-            scope.missing.push(name);
+            scope.missing.push(shown(&name));
             continue;
         };
-        scope
-            .not_searched
-            .extend(plan::not_searched(&name, &policy.spec.targets));
+        let target_namespace = cluster.then(|| ns.clone());
+        if let Some(reason) = opted_out.get(&ns) {
+            scope
+                .not_searched
+                .extend(plan::opted_out(&ns, reason, &name, &policy.spec.targets));
+            continue;
+        }
+        scope.not_searched.extend(plan::not_searched(
+            target_namespace.as_deref(),
+            &name,
+            &policy.spec.targets,
+        ));
         // A target of an invalid policy (see the policy's Ready condition) never runs.
         let invalid = super::retentionpolicy::plan::validate(&policy.spec).err();
         for t in policy.spec.targets.iter().filter(|t| t.subject.is_some()) {
@@ -567,7 +648,8 @@ async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<plan::Scope, E
                 (
                     ErasureTargetPhase::Failed,
                     format!(
-                        "InvalidSpec: RetentionPolicy {name} is invalid: {}",
+                        "InvalidSpec: RetentionPolicy {} is invalid: {}",
+                        shown(&name),
                         problems.join("; ")
                     ),
                 )
@@ -575,6 +657,7 @@ async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<plan::Scope, E
             let failure_category =
                 (phase == ErasureTargetPhase::Failed).then_some(Category::InvalidSpec);
             scope.targets.push(ErasureTargetStatus {
+                namespace: target_namespace.clone(),
                 policy: name.clone(),
                 target: t.name.clone(),
                 store: t.store.clone(),
@@ -588,6 +671,25 @@ async fn scope(ctx: &Context, request: &ErasureRequest) -> Result<plan::Scope, E
     Ok(scope)
 }
 
+/// Namespaces that opted out of cluster-wide requests, with their reasons.
+async fn opted_out_namespaces(ctx: &Context) -> Result<BTreeMap<String, String>, Error> {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let listed = namespaces
+        .list(&ListParams::default().labels(&format!("{ERASURE_OPT_OUT_LABEL}=true")))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(listed
+        .items
+        .iter()
+        .filter_map(|n| Some((n.name_any(), plan::opt_out_reason(n)?)))
+        .collect())
+}
+
+/// The namespace a target's policy lives in.
+fn target_namespace<'a>(request_namespace: &'a str, target: &'a ErasureTargetStatus) -> &'a str {
+    target.namespace.as_deref().unwrap_or(request_namespace)
+}
+
 /// Runs the current phase's action on every target that needs it, concurrently. Returns how
 /// long to wait before polling again when a store is working on a deletion of its own.
 async fn run_actions(
@@ -596,17 +698,19 @@ async fn run_actions(
     identifiers: &BTreeMap<String, String>,
     status: &mut ErasureRequestStatus,
 ) -> Option<Duration> {
-    let namespace = request.namespace().unwrap_or_default();
-    let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let request_namespace = request.namespace().unwrap_or_default();
     let phase = status.phase;
     let work = status.targets.iter().enumerate().filter_map(|(i, t)| {
         let action = plan::action_for(phase, t, request.spec.dry_run)?;
-        let (policies, namespace) = (policies.clone(), namespace.clone());
+        let namespace = target_namespace(&request_namespace, t).to_string();
+        let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
         let (policy_name, target_name) = (t.policy.clone(), t.target.clone());
         let cursor = t.cursor.clone();
+        let claim = Claim::erasure(&request_namespace, &request.name_any(), status.deadline);
         Some(async move {
             let (result, kind, poll_after) = run_action(
                 ctx,
+                claim,
                 &policies,
                 &namespace,
                 &policy_name,
@@ -644,6 +748,7 @@ async fn run_actions(
 #[allow(clippy::too_many_arguments)]
 async fn run_action(
     ctx: &Context,
+    claim: Claim,
     policies: &Api<RetentionPolicy>,
     namespace: &str,
     policy_name: &str,
@@ -722,7 +827,14 @@ async fn run_action(
     };
     match ctx
         .engine
-        .subject_step(&store_key, backend.as_ref(), &job, cursor, &ctx.shutdown)
+        .subject_step(
+            claim,
+            &store_key,
+            backend.as_ref(),
+            &job,
+            cursor,
+            &ctx.shutdown,
+        )
         .await
     {
         Ok(step) => match (step.failure, step.next) {
@@ -819,12 +931,13 @@ async fn cancel_held_deletions(
     targets: &mut [ErasureTargetStatus],
     whole_request_held: bool,
 ) {
-    let namespace = request.namespace().unwrap_or_default();
-    let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let request_namespace = request.namespace().unwrap_or_default();
     for t in targets.iter_mut() {
         let Some(cursor) = t.cursor.clone() else {
             continue;
         };
+        let namespace = target_namespace(&request_namespace, t).to_string();
+        let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
         if !whole_request_held && t.phase != ErasureTargetPhase::Blocked {
             continue;
         }

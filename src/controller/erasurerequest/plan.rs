@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 
 use crate::api::erasurerequest::{
     ErasurePhase, ErasureRequest, ErasureRequestStatus, ErasureTargetPhase as T,
-    ErasureTargetStatus, ErasureTotals, NotSearched, RetainedCopiesStatus, Subject,
-    SubjectSecretFate, SUBJECT_IDENTIFIERS_LABEL,
+    ErasureTargetStatus, ErasureTotals, NamespaceProgress, NotSearched, RequestScope,
+    RetainedCopiesStatus, Subject, SubjectSecretFate, ERASURE_OPT_OUT_LABEL,
+    ERASURE_OPT_OUT_REASON_ANNOTATION, SUBJECT_IDENTIFIERS_LABEL,
 };
 use crate::api::retentionpolicy::SubjectLocator;
 use crate::api::{StoreKind, Timestamp};
@@ -452,6 +453,7 @@ pub struct Scope {
 /// The targets of policy `policy` that a request cannot search (pure): those with no subject
 /// locator, whose store holds the dataset but not a way to find one person's data in it.
 pub fn not_searched(
+    namespace: Option<&str>,
     policy: &str,
     targets: &[crate::api::retentionpolicy::Target],
 ) -> Vec<NotSearched> {
@@ -459,6 +461,7 @@ pub fn not_searched(
         .iter()
         .filter(|t| t.subject.is_none())
         .map(|t| NotSearched {
+            namespace: namespace.map(str::to_string),
             policy: policy.to_string(),
             target: t.name.clone(),
             store: t.store.clone(),
@@ -469,6 +472,162 @@ pub fn not_searched(
             ),
         })
         .collect()
+}
+
+/// Why a searched target was not searched after all, while that lasts: a locator needing an
+/// identifier type the subject was not given (`Skipped`), or a store not ready before the
+/// target found anything.
+const PASSING_GAPS: [&str; 2] = ["IdentifierNotGiven", "StoreNotReady"];
+
+/// The datasets not searched (pure): those known when the scope was taken (no subject
+/// locator, namespace opted out), kept, and those of `targets` that could not be searched
+/// now, derived anew each time (so a store that becomes ready leaves the list).
+pub fn coverage(not_searched: &[NotSearched], targets: &[ErasureTargetStatus]) -> Vec<NotSearched> {
+    let mut all: Vec<NotSearched> = not_searched
+        .iter()
+        .filter(|n| !PASSING_GAPS.contains(&n.reason.as_str()))
+        .cloned()
+        .collect();
+    for t in targets {
+        let reason = match t.phase {
+            T::Skipped => "IdentifierNotGiven",
+            T::Failed
+                if t.message.starts_with("StoreNotReady") && t.found == 0 && t.erased == 0 =>
+            {
+                "StoreNotReady"
+            }
+            _ => continue,
+        };
+        all.push(NotSearched {
+            namespace: t.namespace.clone(),
+            policy: t.policy.clone(),
+            target: t.target.clone(),
+            store: t.store.clone(),
+            reason: reason.into(),
+            message: t.message.clone(),
+        });
+    }
+    all
+}
+
+/// Whether the request is cluster-wide.
+pub fn cluster_wide(request: &ErasureRequest) -> bool {
+    request.spec.scope == Some(RequestScope::Cluster)
+}
+
+/// A cluster-wide request is accepted only in the operator's namespace, where its
+/// identifiers Secret stays; and its `policies` are `namespace/name` (pure). The message
+/// names no identifier.
+pub fn validate_scope(request: &ErasureRequest, operator_namespace: &str) -> Result<(), String> {
+    if !cluster_wide(request) {
+        return Ok(());
+    }
+    let namespace = request.metadata.namespace.as_deref().unwrap_or_default();
+    if namespace != operator_namespace {
+        return Err(format!(
+            "a cluster-wide request (scope: Cluster) is accepted only in the operator's \
+             namespace {operator_namespace}, where its identifiers stay; this one is in {namespace}"
+        ));
+    }
+    for name in request.spec.policies.iter().flatten() {
+        if qualified_policy(name).is_none() {
+            return Err(format!(
+                "spec.policies of a cluster-wide request names policies as namespace/name; \
+                 {name:?} is not"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `namespace/name` split, both parts non-empty.
+pub fn qualified_policy(name: &str) -> Option<(&str, &str)> {
+    let (namespace, policy) = name.split_once('/')?;
+    (!namespace.is_empty() && !policy.is_empty() && !policy.contains('/'))
+        .then_some((namespace, policy))
+}
+
+/// Why a namespace opted out of cluster-wide requests, if it did (pure): the label
+/// `tombstone.dev/erasure-opt-out: "true"` together with a non-empty reason annotation. A
+/// label without a reason does not count (the namespace is searched).
+pub fn opt_out_reason(namespace: &k8s_openapi::api::core::v1::Namespace) -> Option<String> {
+    let labelled = namespace
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ERASURE_OPT_OUT_LABEL))
+        .is_some_and(|v| v == "true");
+    let reason = namespace
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ERASURE_OPT_OUT_REASON_ANNOTATION))
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty());
+    labelled.then_some(reason).flatten()
+}
+
+/// Every target of a policy in a namespace that opted out, as not searched (pure).
+pub fn opted_out(
+    namespace: &str,
+    reason: &str,
+    policy: &str,
+    targets: &[crate::api::retentionpolicy::Target],
+) -> Vec<NotSearched> {
+    targets
+        .iter()
+        .map(|t| NotSearched {
+            namespace: Some(namespace.to_string()),
+            policy: policy.to_string(),
+            target: t.name.clone(),
+            store: t.store.clone(),
+            reason: "NamespaceOptedOut".into(),
+            message: format!(
+                "namespace {namespace} opted out of cluster-wide erasure requests: {reason}"
+            ),
+        })
+        .collect()
+}
+
+/// A cluster-wide request's progress per namespace, sorted by name (pure).
+pub fn namespace_progress(
+    targets: &[ErasureTargetStatus],
+    not_searched: &[NotSearched],
+) -> Vec<NamespaceProgress> {
+    let mut by: BTreeMap<String, NamespaceProgress> = BTreeMap::new();
+    let entry = |by: &mut BTreeMap<String, NamespaceProgress>, ns: &str| {
+        by.entry(ns.to_string())
+            .or_insert_with(|| NamespaceProgress {
+                namespace: ns.to_string(),
+                ..Default::default()
+            })
+            .namespace
+            .clone()
+    };
+    for t in targets {
+        let Some(ns) = &t.namespace else { continue };
+        let key = entry(&mut by, ns);
+        if let Some(p) = by.get_mut(&key) {
+            p.targets = p.targets.saturating_add(1);
+            let done = matches!(
+                t.phase,
+                T::Verified | T::NothingFound | T::Skipped | T::Retained
+            );
+            p.done = p.done.saturating_add(u32::from(done));
+            p.blocked = p.blocked.saturating_add(u32::from(t.phase == T::Blocked));
+            p.failed = p.failed.saturating_add(u32::from(t.phase == T::Failed));
+            p.found = p.found.saturating_add(t.found);
+            p.erased = p.erased.saturating_add(t.erased);
+        }
+    }
+    for n in not_searched {
+        let Some(ns) = &n.namespace else { continue };
+        let key = entry(&mut by, ns);
+        if let Some(p) = by.get_mut(&key) {
+            p.not_searched = p.not_searched.saturating_add(1);
+        }
+    }
+    by.into_values().collect()
 }
 
 /// How long a request may go without progress before it counts as stalled.
@@ -1174,6 +1333,7 @@ mod tests {
                 dry_run: false,
                 reference: None,
                 retain_subject_secret: false,
+                scope: None,
             },
         )
     }
@@ -1424,7 +1584,7 @@ mod tests {
                 {"name": "metrics", "store": "cache", "redis": {"keyPattern": "m:*"}}
             ]))
             .unwrap();
-        let missing = not_searched("shop", &targets);
+        let missing = not_searched(None, "shop", &targets);
         assert_eq!(missing.len(), 1);
         assert_eq!(
             (
@@ -1703,5 +1863,148 @@ mod tests {
         );
         assert_eq!((t[0].phase, t[0].retained.as_ref()), (T::Found, None));
         assert_eq!(next_phase(Verifying, &t, &[], false), Erasing);
+    }
+
+    #[test]
+    fn a_cluster_wide_request_is_taken_only_in_the_operators_namespace_with_qualified_policies() {
+        let mut r = request();
+        r.metadata.namespace = Some("shop".into());
+        assert!(
+            validate_scope(&r, "tombstone-system").is_ok(),
+            "namespaced: anywhere"
+        );
+        r.spec.scope = Some(RequestScope::Cluster);
+        let refused = validate_scope(&r, "tombstone-system").unwrap_err();
+        assert!(
+            refused.contains("tombstone-system") && refused.contains("shop"),
+            "{refused}"
+        );
+        r.metadata.namespace = Some("tombstone-system".into());
+        assert!(validate_scope(&r, "tombstone-system").is_ok());
+        r.spec.policies = Some(vec!["mail/sessions".into(), "sessions".into()]);
+        assert!(validate_scope(&r, "tombstone-system")
+            .unwrap_err()
+            .contains("\"sessions\""));
+        assert_eq!(
+            qualified_policy("mail/sessions"),
+            Some(("mail", "sessions"))
+        );
+        for bad in ["/x", "x/", "a/b/c", "plain"] {
+            assert_eq!(qualified_policy(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_namespace_opts_out_only_with_the_label_and_a_reason() {
+        let ns = |labels: serde_json::Value, annotations: serde_json::Value| {
+            serde_json::from_value::<k8s_openapi::api::core::v1::Namespace>(serde_json::json!({
+                "metadata": {"name": "legacy", "labels": labels, "annotations": annotations}
+            }))
+            .unwrap()
+        };
+        let label = serde_json::json!({"tombstone.dev/erasure-opt-out": "true"});
+        let reason =
+            serde_json::json!({"tombstone.dev/erasure-opt-out-reason": " No personal data "});
+        assert_eq!(
+            opt_out_reason(&ns(label.clone(), reason.clone())).as_deref(),
+            Some("No personal data")
+        );
+        assert_eq!(
+            opt_out_reason(&ns(label.clone(), serde_json::json!({}))),
+            None
+        );
+        let blank = serde_json::json!({"tombstone.dev/erasure-opt-out-reason": "  "});
+        assert_eq!(opt_out_reason(&ns(label, blank)), None);
+        let off = serde_json::json!({"tombstone.dev/erasure-opt-out": "false"});
+        assert_eq!(opt_out_reason(&ns(off, reason)), None);
+    }
+
+    #[test]
+    fn progress_is_summed_per_namespace() {
+        let target = |ns: Option<&str>, phase, erased| ErasureTargetStatus {
+            namespace: ns.map(str::to_string),
+            phase,
+            found: erased,
+            erased,
+            ..Default::default()
+        };
+        let targets = [
+            target(Some("shop"), T::Verified, 4),
+            target(Some("shop"), T::Failed, 0),
+            target(Some("mail"), T::Blocked, 0),
+            target(None, T::Verified, 9),
+        ];
+        let not_searched = [NotSearched {
+            namespace: Some("legacy".into()),
+            reason: "NamespaceOptedOut".into(),
+            ..Default::default()
+        }];
+        let progress = namespace_progress(&targets, &not_searched);
+        let names: Vec<&str> = progress.iter().map(|p| p.namespace.as_str()).collect();
+        assert_eq!(names, ["legacy", "mail", "shop"]);
+        let shop = &progress[2];
+        assert_eq!(
+            (shop.targets, shop.done, shop.failed, shop.erased),
+            (2, 1, 1, 4)
+        );
+        assert_eq!((progress[1].blocked, progress[0].not_searched), (1, 1));
+        assert!(
+            namespace_progress(&targets[3..], &[]).is_empty(),
+            "a namespaced request has none"
+        );
+    }
+
+    #[test]
+    fn skipped_targets_and_stores_not_ready_are_listed_as_not_searched_while_so() {
+        let kept = NotSearched {
+            policy: "p".into(),
+            target: "metrics".into(),
+            reason: "NoSubjectLocator".into(),
+            ..Default::default()
+        };
+        let target = |name: &str, phase, message: &str, found| ErasureTargetStatus {
+            policy: "p".into(),
+            target: name.into(),
+            phase,
+            message: message.into(),
+            found,
+            ..Default::default()
+        };
+        let targets = [
+            target("a", T::Skipped, "skipped: keys[0] needs {userId}", 0),
+            target(
+                "b",
+                T::Failed,
+                "StoreNotReady: DataStore cache is not ready",
+                0,
+            ),
+            target(
+                "c",
+                T::Failed,
+                "StoreNotReady: DataStore cache is not ready",
+                3,
+            ),
+            target("d", T::Failed, "StoreError: the store failed", 0),
+            target("e", T::Verified, "", 2),
+        ];
+        let first = coverage(std::slice::from_ref(&kept), &targets);
+        let reasons: Vec<(&str, &str)> = first
+            .iter()
+            .map(|n| (n.target.as_str(), n.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("metrics", "NoSubjectLocator"),
+                ("a", "IdentifierNotGiven"),
+                ("b", "StoreNotReady")
+            ]
+        );
+        // Once the store is ready and the target found its data, it leaves the list.
+        let mut later = targets.clone();
+        later[1] = target("b", T::Verified, "", 1);
+        let second = coverage(&first, &later);
+        assert_eq!(second.len(), 2, "{second:?}");
+        assert!(second.iter().all(|n| n.target != "b"));
     }
 }

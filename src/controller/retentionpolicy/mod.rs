@@ -23,6 +23,7 @@ use crate::api::retentionpolicy::{
 use crate::api::Timestamp;
 use crate::audit;
 use crate::backends::{self, Category, Failure, Next, SweepJob};
+use crate::engine::Claim;
 use crate::schedule;
 use k8s_openapi::api::core::v1::Secret;
 use plan::{Decision, Problem, StepResult};
@@ -352,6 +353,7 @@ async fn run_steps(
         }
         return None;
     };
+    let claim = Claim::sweep(&policy.namespace().unwrap_or_default(), &policy.name_any());
     let steps = policy
         .spec
         .targets
@@ -371,6 +373,7 @@ async fn run_steps(
                 cutoff,
                 held: held.clone(),
             };
+            let claim = claim.clone();
             Some(async move {
                 let result = match resolved {
                     ResolvedTarget::Ready {
@@ -381,6 +384,7 @@ async fn run_steps(
                         match ctx
                             .engine
                             .sweep_step(
+                                claim,
                                 store_key,
                                 backend.as_ref(),
                                 &job,
