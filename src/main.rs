@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CRD as YAML, or write them into the repository's CRD directories.
     Crds {
         /// Write crds/, config/crd/bases/ and charts/tombstone/crds/ under this root.
@@ -31,9 +31,76 @@ enum Command {
     Digest(DigestArgs),
     /// Print the Art. 30 register of processing activities, from the cluster or YAML files.
     Ropa(RopaArgs),
+    /// Check the receipts in the receipt sink.
+    #[command(subcommand)]
+    Receipts(ReceiptsCommand),
     /// The `kubectl tombstone` plugin's commands (erase, status, hold), as when this binary
     /// is installed as `kubectl-tombstone`.
     Kubectl(kubectl::PluginCli),
+}
+
+#[derive(Subcommand)]
+enum ReceiptsCommand {
+    /// Walk every chain of receipts in the sink (or one object's): recompute every hash, check
+    /// each link, the sequence for gaps and, for objects still in the cluster, the head
+    /// against their status. Prints a table; exits 1 on any break.
+    Verify(VerifyArgs),
+    /// Print the proof of one erasure request: its receipts, the chain checked, and a summary
+    /// an auditor can keep. Exits 1 unless it verifies.
+    Proof(ProofArgs),
+}
+
+/// Where the sink is: the operator's own settings (same flags and environment variables).
+#[derive(clap::Args)]
+struct SinkLocation {
+    /// Namespace of the operator, where the sink's DataStore lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tombstone-system")]
+    namespace: String,
+    /// The sink's DataStore, as given to the operator.
+    #[arg(long, env = "RECEIPT_SINK_DATASTORE")]
+    receipt_sink_datastore: String,
+    #[command(flatten)]
+    sink: SinkArgs,
+    /// Let a sink DataStore without a credentials Secret use this process's cloud identity.
+    #[arg(long, env = "ALLOW_AMBIENT_CREDENTIALS", default_value_t = false)]
+    allow_ambient_credentials: bool,
+}
+
+impl SinkLocation {
+    async fn resolve(&self, client: &kube::Client) -> anyhow::Result<tombstone::audit::sink::Sink> {
+        let settings = self.sink.settings(
+            self.receipt_sink_datastore.clone(),
+            &self.namespace,
+            self.allow_ambient_credentials,
+        );
+        tombstone::audit::sink::Sink::resolve(client, &settings)
+            .await
+            .context("resolving the receipt sink")
+    }
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    location: SinkLocation,
+    /// Only the receipts of this RetentionPolicy (NAMESPACE/NAME).
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "request")]
+    policy: Option<String>,
+    /// Only the receipts of this ErasureRequest (NAMESPACE/NAME).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    request: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ProofArgs {
+    #[command(flatten)]
+    location: SinkLocation,
+    /// The request's namespace.
+    #[arg(long = "request-namespace", short = 'r')]
+    request_namespace: String,
+    /// The request.
+    #[arg(value_name = "REQUEST")]
+    request: String,
 }
 
 #[derive(clap::Args)]
@@ -72,6 +139,55 @@ struct DigestArgs {
     /// Read the raw key bytes from this file instead of the cluster's Secret.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
+}
+
+/// Where the receipt sink keeps receipts, for the operator and for `receipts verify` alike.
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// The sink's bucket (default: the DataStore's).
+    #[arg(long = "receipt-sink-bucket", env = "RECEIPT_SINK_BUCKET")]
+    bucket: Option<String>,
+    /// Prepended to every receipt's key.
+    #[arg(
+        long = "receipt-sink-prefix",
+        env = "RECEIPT_SINK_PREFIX",
+        default_value = tombstone::audit::sink::DEFAULT_PREFIX
+    )]
+    prefix: String,
+    /// Object Lock mode of receipts, where the bucket has Object Lock.
+    #[arg(
+        long = "receipt-lock-mode",
+        env = "RECEIPT_LOCK_MODE",
+        value_enum,
+        default_value = "compliance"
+    )]
+    lock_mode: tombstone::audit::sink::LockMode,
+    /// How long each receipt is locked, where the bucket has Object Lock.
+    #[arg(
+        long = "receipt-lock-period",
+        env = "RECEIPT_LOCK_PERIOD",
+        default_value = tombstone::audit::sink::DEFAULT_LOCK_PERIOD
+    )]
+    lock_period: tombstone::api::Duration,
+}
+
+impl SinkArgs {
+    fn settings(
+        &self,
+        datastore: String,
+        namespace: &str,
+        allow_ambient_credentials: bool,
+    ) -> tombstone::audit::sink::SinkSettings {
+        tombstone::audit::sink::SinkSettings {
+            datastore,
+            namespace: namespace.to_string(),
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            lock_mode: self.lock_mode,
+            lock_period: self.lock_period.as_std(),
+            allow_ambient_credentials,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -130,6 +246,16 @@ struct RunArgs {
         action = clap::ArgAction::Set
     )]
     allow_ambient_credentials: bool,
+    /// The receipt sink: a DataStore of kind s3 in the operator's namespace. Every receipt is
+    /// also written there, one object per receipt. Unset: receipts go to the audit log only.
+    #[arg(long, env = "RECEIPT_SINK_DATASTORE")]
+    receipt_sink_datastore: Option<String>,
+    #[command(flatten)]
+    sink: SinkArgs,
+    /// How long a Completed erasure request is kept once its receipts are in the sink; then
+    /// the operator deletes it (with an Event). Without a sink nothing is deleted.
+    #[arg(long, default_value = "30d")]
+    completed_request_ttl: tombstone::api::Duration,
     /// Log format: json (default) or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -146,10 +272,12 @@ fn main() -> anyhow::Result<()> {
         return kubectl::run(kubectl::PluginCli::parse());
     }
     match Cli::parse().command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Crds { write } => print_or_write_crds(write),
         Command::Digest(args) => print_digest(args),
         Command::Ropa(args) => print_ropa(args),
+        Command::Receipts(ReceiptsCommand::Verify(args)) => verify_receipts(args),
+        Command::Receipts(ReceiptsCommand::Proof(args)) => print_proof(args),
         Command::Kubectl(cli) => kubectl::run(cli),
     }
 }
@@ -208,6 +336,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 no_progress: args.stall_after.as_std(),
                 failing: args.stall_failing_after.as_std(),
             },
+            receipt_sink: args.receipt_sink_datastore.clone().map(|store| {
+                args.sink
+                    .settings(store, &args.lease_namespace, args.allow_ambient_credentials)
+            }),
+            completed_request_ttl: args.completed_request_ttl.as_std(),
             ..Default::default()
         },
     };
@@ -301,5 +434,64 @@ async fn print_ropa(args: RopaArgs) -> anyhow::Result<()> {
     };
     std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
         .context("writing the register")?;
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn verify_receipts(args: VerifyArgs) -> anyhow::Result<()> {
+    use tombstone::audit::chain::{self, StreamKind};
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let sink = args.location.resolve(&client).await?;
+    let only = match (&args.policy, &args.request) {
+        (Some(p), _) => Some((StreamKind::Policy, p)),
+        (None, Some(r)) => Some((StreamKind::Request, r)),
+        (None, None) => None,
+    };
+    let folder = match only {
+        Some((kind, object)) => {
+            let (namespace, name) = object.split_once('/').context("expected NAMESPACE/NAME")?;
+            Some(chain::object_folder(sink.prefix(), kind, namespace, name))
+        }
+        None => None,
+    };
+    let reports = tombstone::audit::sink::verify(&sink, Some(&client), folder.as_deref())
+        .await
+        .context("reading the receipts")?;
+    print!("{}", chain::table(&reports));
+    let broken = reports.iter().filter(|r| !r.intact()).count();
+    if reports.is_empty() {
+        println!(
+            "no receipts found in s3://{}/{}",
+            sink.bucket(),
+            folder.as_deref().unwrap_or(sink.prefix())
+        );
+        if only.is_some() {
+            std::process::exit(1);
+        }
+    } else if broken > 0 {
+        println!("{broken} of {} chains are broken", reports.len());
+        std::process::exit(1);
+    } else {
+        println!("{} chains verified", reports.len());
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn print_proof(args: ProofArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let sink = args.location.resolve(&client).await?;
+    let proof =
+        tombstone::audit::proof::proof(client, &sink, &args.request_namespace, &args.request)
+            .await
+            .context("reading the receipts")?;
+    print!("{proof}");
+    if !proof.verified() {
+        std::process::exit(1);
+    }
     Ok(())
 }

@@ -40,6 +40,11 @@ pub struct StallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
     pub controller: String,
 }
@@ -59,6 +64,8 @@ pub struct Metrics {
     pub erasure_requests_longest_in_phase: Family<PhaseLabels, Gauge>,
     pub erasure_requests_stalled: Family<StallLabels, Gauge>,
     pub retention_policies_sweep_late: Gauge,
+    pub receipt_upload_failures: Family<ReasonLabels, Counter>,
+    pub receipts_pending_upload: Gauge,
 }
 
 /// The state of all erasure requests, for the gauges.
@@ -160,7 +167,21 @@ impl Default for Metrics {
             "RetentionPolicies whose last sweep completed longer ago than twice their schedule",
             retention_policies_sweep_late.clone(),
         );
+        let receipt_upload_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "receipt_upload_failures",
+            "Failed attempts to write receipts to the receipt sink, by stable reason",
+            receipt_upload_failures.clone(),
+        );
+        let receipts_pending_upload = Gauge::default();
+        registry.register(
+            "receipts_pending_upload",
+            "Receipts logged and kept in status but not yet written to the receipt sink",
+            receipts_pending_upload.clone(),
+        );
         Self {
+            receipt_upload_failures,
+            receipts_pending_upload,
             erasure_requests_longest_in_phase,
             erasure_requests_stalled,
             retention_policies_sweep_late,
@@ -245,6 +266,14 @@ impl Metrics {
     }
 
     /// Policies whose sweeps are late (see `retention_policies_sweep_late`).
+    pub fn receipt_upload_failed(&self, reason: &str) {
+        self.receipt_upload_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     pub fn set_late_sweeps(&self, late: i64) {
         self.retention_policies_sweep_late.set(late);
     }

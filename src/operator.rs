@@ -396,8 +396,23 @@ async fn run_controllers(
                 let all: Vec<&ErasureRequest> = state.iter().map(|r| r.as_ref()).collect();
                 let now = crate::api::Timestamp::now();
                 metrics.set_erasure_counts(&erasurerequest::plan::counts(&all, now, &stall_after));
+                let waiting = |h: Option<&crate::api::receipts::ReceiptChainStatus>| {
+                    h.map_or(0, |h| h.pending_upload.len())
+                };
+                let mut pending: usize = all
+                    .iter()
+                    .map(|r| waiting(r.status.as_ref().and_then(|s| s.receipts.as_ref())))
+                    .sum();
                 let state = policies.state();
                 let all: Vec<&RetentionPolicy> = state.iter().map(|p| p.as_ref()).collect();
+                pending = pending.saturating_add(
+                    all.iter()
+                        .map(|p| waiting(p.status.as_ref().and_then(|s| s.receipts.as_ref())))
+                        .sum(),
+                );
+                metrics
+                    .receipts_pending_upload
+                    .set(i64::try_from(pending).unwrap_or(i64::MAX));
                 metrics.set_policy_compliance(&retentionpolicy::plan::compliance_counts(&all));
                 metrics.set_late_sweeps(retentionpolicy::plan::late_sweeps(&all, now));
                 tokio::select! {

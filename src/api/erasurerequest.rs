@@ -335,4 +335,7 @@ pub struct ErasureRequestStatus {
     pub receipt: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The head of this request's receipt chain, and receipts not yet in the sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts: Option<crate::api::receipts::ReceiptChainStatus>,
 }

@@ -4,6 +4,7 @@ pub mod common;
 pub mod datastore;
 pub mod erasurerequest;
 pub mod legalhold;
+pub mod receipts;
 pub mod retentionpolicy;
 
 pub use common::{Condition, ConditionStatus, Duration, Timestamp};

@@ -358,6 +358,9 @@ pub struct RetentionPolicyStatus {
     pub targets: Vec<TargetStatus>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The head of this policy's chain of sweep receipts, and receipts not yet in the sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipts: Option<crate::api::receipts::ReceiptChainStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -1,11 +1,14 @@
-//! Receipts: the audit record of a completed erasure or sweep, written as one JSON line on the log
-//! under the tracing target `audit`, and its SHA-256 in status. The record carries the
-//! subject's keyed digest, counts and times, never the identifiers.
+//! Receipts: the audit record of a completed erasure or sweep, chained into its stream (see
+//! `chain`), written as one JSON line on the log under the tracing target `audit`, with its
+//! SHA-256 in status, and, with a sink configured, as one object in the sink (see `sink`). The
+//! record carries the subject's keyed digest, counts and times, never the identifiers.
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::chain::{self, Stream, StreamKind};
 use crate::api::erasurerequest::{ErasureRequest, ErasureRequestStatus};
+use crate::api::receipts::ReceiptChainStatus;
 use crate::api::retentionpolicy::{RetentionPolicy, RetentionPolicyStatus};
 
 /// The tracing target receipts are logged under; a log pipeline keeps these lines.
@@ -103,12 +106,69 @@ pub fn receipt_digest(canonical: &str) -> String {
     )
 }
 
-/// Logs the record on the `audit` target and returns its receipt digest.
-pub fn emit(record: &Value) -> String {
-    let line = canonical(record);
-    let digest = receipt_digest(&line);
-    tracing::info!(target: AUDIT_TARGET, receipt = %digest, record = %line, "audit record");
-    digest
+/// The stream of a policy's sweep receipts.
+pub fn policy_stream(policy: &RetentionPolicy) -> Stream {
+    Stream {
+        kind: StreamKind::Policy,
+        namespace: policy.metadata.namespace.clone().unwrap_or_default(),
+        name: policy.metadata.name.clone().unwrap_or_default(),
+        uid: policy.metadata.uid.clone().unwrap_or_default(),
+    }
+}
+
+/// The stream of a request's receipts.
+pub fn request_stream(request: &ErasureRequest) -> Stream {
+    Stream {
+        kind: StreamKind::Request,
+        namespace: request.metadata.namespace.clone().unwrap_or_default(),
+        name: request.metadata.name.clone().unwrap_or_default(),
+        uid: request.metadata.uid.clone().unwrap_or_default(),
+    }
+}
+
+/// The receipt that closes a request's stream when the request is deleted: `kind` is
+/// `ErasureAbandoned` (deleted before it finished) or `ErasureRequestClosed` (deleted after,
+/// by its owner or when its time was up); `by` says which (`User`, `Lifecycle`).
+pub fn closing_record(
+    request: &ErasureRequest,
+    status: &ErasureRequestStatus,
+    kind: &str,
+    by: &str,
+) -> Value {
+    json!({
+        "kind": kind,
+        "operatorVersion": env!("CARGO_PKG_VERSION"),
+        "namespace": request.metadata.namespace,
+        "request": request.metadata.name,
+        "uid": request.metadata.uid,
+        "deletedBy": by,
+        "phase": status.phase,
+        "subjectDigest": status.subject_digest,
+        "receivedAt": status.received_at,
+        "deadline": status.deadline,
+        "completionTime": status.completion_time,
+        "totals": status.totals,
+        "closedAt": crate::api::Timestamp::now(),
+    })
+}
+
+/// Seals `record` as the next receipt of `stream` after `head`, logs it on the `audit`
+/// target, and returns the new head: its digest is the receipt, and with a sink (`sink_prefix`)
+/// the receipt waits in it for upload.
+pub fn emit(
+    record: &Value,
+    stream: &Stream,
+    head: Option<ReceiptChainStatus>,
+    sink_prefix: Option<&str>,
+) -> ReceiptChainStatus {
+    let sealed = chain::seal(
+        record,
+        stream,
+        head.as_ref(),
+        sink_prefix.unwrap_or_default(),
+    );
+    tracing::info!(target: AUDIT_TARGET, receipt = %sealed.digest, stream = %stream.uid, sequence = sealed.sequence, record = %sealed.body, "audit record");
+    chain::advance(head, &sealed, sink_prefix.is_some())
 }
 
 #[cfg(test)]

@@ -190,6 +190,12 @@ impl ConnectionSpec {
     pub fn connect(&self, limits: Limits) -> Arc<dyn Backend> {
         self.0.connect(limits)
     }
+
+    /// The typed configuration, if this is a connection of kind `D` (for code that uses one
+    /// kind's client directly, as the receipt sink uses S3's).
+    pub fn config<D: StoreDriver>(&self) -> Option<&D::Config> {
+        self.0.as_any().downcast_ref::<D::Config>()
+    }
 }
 
 impl PartialEq for ConnectionSpec {

@@ -140,6 +140,11 @@ pub struct Settings {
     pub watch_namespace: Option<String>,
     /// When an erasure request counts as stalled (the `erasure_requests_stalled` gauge).
     pub stall_after: erasurerequest::plan::StallAfter,
+    /// Where every receipt is also written; None: the audit log only.
+    pub receipt_sink: Option<crate::audit::sink::SinkSettings>,
+    /// How long a Completed erasure request is kept once its receipts are in the sink; then
+    /// the operator deletes it. Without a sink nothing is deleted.
+    pub completed_request_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -153,6 +158,8 @@ impl Default for Settings {
             allow_ambient_credentials: false,
             watch_namespace: None,
             stall_after: Default::default(),
+            receipt_sink: None,
+            completed_request_ttl: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -183,6 +190,8 @@ pub struct Context {
     /// The subject-digest key once read: it never changes while digests made with it exist,
     /// so it is not read again at every step.
     pub digest_key: std::sync::OnceLock<crate::audit::DigestKey>,
+    /// The receipt sink, when one is configured.
+    pub sink: Option<crate::audit::sink::SinkHandle>,
     /// Consecutive failures per object, for exponential backoff; reset on success, dropped
     /// when the object is deleted.
     failures: FailureCounts,
@@ -246,6 +255,10 @@ impl Context {
             settings.checkpoint_interval,
             fence.clone(),
         ));
+        let sink = settings
+            .receipt_sink
+            .clone()
+            .map(crate::audit::sink::SinkHandle::new);
         Self {
             client,
             recorder,
@@ -256,6 +269,7 @@ impl Context {
             fence,
             caches,
             digest_key: std::sync::OnceLock::new(),
+            sink,
             failures: FailureCounts::default(),
         }
     }
@@ -278,6 +292,54 @@ impl Context {
             self.fence.check()?;
         }
         apply_status(api, name, status).await
+    }
+
+    /// The key prefix of receipts in the sink; None without a sink.
+    pub fn sink_prefix(&self) -> Option<&str> {
+        self.sink.as_ref().map(|s| s.settings().prefix.as_str())
+    }
+
+    /// Writes the receipts waiting in `chain` to the sink, oldest first; those written leave
+    /// it. A failure is told in a Warning Event on `obj` and counted; the rest wait for the
+    /// next try. Returns whether any still wait.
+    pub async fn upload_receipts<K>(
+        &self,
+        obj: &K,
+        chain: &mut Option<crate::api::receipts::ReceiptChainStatus>,
+    ) -> bool
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let (Some(sink), Some(head)) = (&self.sink, chain.as_mut()) else {
+            return false;
+        };
+        if head.pending_upload.is_empty() {
+            return false;
+        }
+        // A sink that failed a moment ago is given time first; only the leader writes.
+        if sink.deferred() || self.fence.check().is_err() {
+            return true;
+        }
+        let (written, failure) = sink.upload(&self.client, &head.pending_upload).await;
+        head.pending_upload
+            .drain(..written.min(head.pending_upload.len()));
+        if let Some(e) = failure {
+            tracing::warn!(reason = e.reason(), error = %e, pending = head.pending_upload.len(), "could not write receipts to the sink; they wait in status");
+            self.metrics.receipt_upload_failed(e.reason());
+            let note = format!(
+                "{} receipt(s) wait in status for the sink: {e}",
+                head.pending_upload.len()
+            );
+            self.publish(
+                obj,
+                EventType::Warning,
+                "ReceiptUploadFailed",
+                "Audit",
+                note,
+            )
+            .await;
+        }
+        !head.pending_upload.is_empty()
     }
 
     /// Records one more failure of `key` and returns how long to back off: 5s doubling up

@@ -34,6 +34,8 @@ const EVERYTHING: &[&str] = &[
     "metrics.prometheusRule.enabled=true",
     "dashboard.enabled=true",
     "networkPolicy.enabled=true",
+    "receipts.dataStore=receipts",
+    "receipts.bucket=audit-receipts",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -448,6 +450,8 @@ fn the_chart_lints_and_its_schema_rejects_bad_values() {
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("checkpointInterval=soon", "checkpointInterval"),
         ("service.port=70000", "port"),
+        ("receipts.lockMode=forever", "lockMode"),
+        ("completedRequestTTL=a-month", "completedRequestTTL"),
     ] {
         let err = helm
             .template("tombstone-system", &[set])
@@ -725,6 +729,22 @@ async fn the_chart_with_everything_enabled_applies_server_side() {
         Some("shop")
     );
     assert_eq!(env_var(c, "LOG_FORMAT")["value"].as_str(), Some("text"));
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for arg in [
+        "--receipt-sink-datastore=receipts",
+        "--receipt-sink-bucket=audit-receipts",
+        "--receipt-sink-prefix=tombstone-receipts/",
+        "--receipt-lock-mode=compliance",
+        "--receipt-lock-period=2190d",
+        "--completed-request-ttl=30d",
+    ] {
+        assert!(args.contains(&arg), "{arg} not in {args:?}");
+    }
     let selector = &deployment["spec"]["selector"]["matchLabels"];
 
     // The dashboard: labelled for the Grafana sidecar, the JSON shipped unchanged.

@@ -29,6 +29,7 @@ mod one_actor;
 mod opensearch;
 mod operational;
 mod plugin;
+mod receipts;
 mod ropa;
 mod s3;
 mod scale;

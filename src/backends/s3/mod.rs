@@ -102,7 +102,7 @@ impl S3Backend {
         &self.config.bucket
     }
 
-    async fn client(&self) -> Result<&Client, Error> {
+    pub async fn client(&self) -> Result<&Client, Error> {
         self.client
             .get_or_try_init(|| async {
                 let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
@@ -256,7 +256,7 @@ fn object_id(key: &str, version_id: Option<&str>) -> Result<ObjectIdentifier, Er
 
 /// Maps an SDK error to the backend's categories. `what` is the operation's name only:
 /// object keys may carry identifiers and never go into a message.
-fn sdk_error<E>(err: SdkError<E, HttpResponse>, what: &str) -> Error
+pub(crate) fn sdk_error<E>(err: SdkError<E, HttpResponse>, what: &str) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {

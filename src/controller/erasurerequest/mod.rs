@@ -3,6 +3,7 @@
 //! (pure) → write status if it changed → requeue while work remains. Identifiers live only in
 //! memory for the length of a reconcile; status, events, logs and receipts carry the digest.
 
+pub mod lifecycle;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,16 +43,30 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     let Some((api, request)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
+    if request.metadata.deletion_timestamp.is_some() {
+        return lifecycle::close(&ctx, &api, &request).await;
+    }
+    lifecycle::ensure_finalizer(&ctx, &api, &request).await?;
     let previous = request.status.clone().unwrap_or_default();
     let now = Timestamp::now();
     if previous.phase == ErasurePhase::Completed {
-        // Final: nothing runs again; an edit since is only reported.
+        // Final: nothing runs again; an edit since is only reported. Receipts still waiting
+        // for the sink are written.
+        let mut status = previous.clone();
         if previous.observed_generation != request.metadata.generation {
-            let mut status = previous.clone();
             status.conditions = plan::conditions(&request, &status, &[], &[], true, now);
-            if status != previous {
-                ctx.apply_status(&api, &request.name_any(), &status).await?;
-            }
+        }
+        let receipts_waiting = ctx.upload_receipts(&request, &mut status.receipts).await;
+        if status != previous {
+            ctx.apply_status(&api, &request.name_any(), &status).await?;
+        }
+        if receipts_waiting && !ctx.shutdown.is_cancelled() {
+            return Ok(Action::requeue(ctx.backoff(&receipts_key(&request))));
+        }
+        ctx.reset_failures(&receipts_key(&request));
+        // Its time up, and its receipts in the sink: deleted.
+        if let Some(action) = lifecycle::expire(&ctx, &api, &request, &status, now).await? {
+            return Ok(action);
         }
         return Ok(Action::await_change());
     }
@@ -231,9 +246,14 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
                 )
             }
         });
-        status.receipt = Some(audit::receipt::emit(&audit::receipt::erasure_record(
-            &request, &status,
-        )));
+        let head = audit::receipt::emit(
+            &audit::receipt::erasure_record(&request, &status),
+            &audit::receipt::request_stream(&request),
+            status.receipts.take(),
+            ctx.sink_prefix(),
+        );
+        status.receipt = Some(head.digest.clone());
+        status.receipts = Some(head);
     }
     plan::stamp_phases(&previous, &mut status, Timestamp::now());
     status.conditions = plan::conditions(
@@ -245,7 +265,8 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         Timestamp::now(),
     );
 
-    // 4. Write, tell, clean up.
+    // 4. Write (the receipts waiting for the sink, then status), tell, clean up.
+    let receipts_waiting = ctx.upload_receipts(&request, &mut status.receipts).await;
     if request.status.as_ref() != Some(&status) {
         ctx.apply_status(&api, &request.name_any(), &status).await?;
     }
@@ -260,6 +281,9 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     let key = failure_key(&request);
     let failing = plan::failure_requeue(&status.targets);
     Ok(match status.phase {
+        _ if receipts_waiting && !ctx.shutdown.is_cancelled() => {
+            Action::requeue(ctx.backoff(&receipts_key(&request)))
+        }
         ErasurePhase::Completed | ErasurePhase::Failed => {
             ctx.reset_failures(&key);
             Action::await_change()
@@ -294,6 +318,11 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             Action::requeue(poll_after.unwrap_or(Duration::ZERO))
         }
     })
+}
+
+/// The failure count of a request's receipt uploads, apart from its erasure's.
+fn receipts_key(request: &ErasureRequest) -> String {
+    format!("{}/receipts", failure_key(request))
 }
 
 fn until(t: Timestamp, now: Timestamp) -> Duration {

@@ -173,10 +173,16 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
             completed = plan::finish_if_done(&mut status, parsed, created, Timestamp::now(), retry);
         }
         if completed.is_some() {
-            let receipt = audit::receipt::emit(&audit::receipt::sweep_record(&policy, &status));
+            let head = audit::receipt::emit(
+                &audit::receipt::sweep_record(&policy, &status),
+                &audit::receipt::policy_stream(&policy),
+                status.receipts.take(),
+                ctx.sink_prefix(),
+            );
             if let Some(last) = status.last_sweep.as_mut() {
-                last.receipt = Some(receipt);
+                last.receipt = Some(head.digest.clone());
             }
+            status.receipts = Some(head);
         }
     }
 
@@ -206,7 +212,9 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         Timestamp::now(),
     );
 
-    // 5. Write it if it changed, and tell what happened.
+    // 5. Write the receipts waiting for the sink, then status if it changed, and tell what
+    // happened.
+    let receipts_waiting = ctx.upload_receipts(&policy, &mut status.receipts).await;
     let previous = policy.status.clone().unwrap_or_default();
     if policy.status.as_ref() != Some(&status) {
         match (
@@ -245,7 +253,14 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         }
     }
 
-    // 6. Requeue while work remains; otherwise wake up when the next sweep is due.
+    // 6. Requeue while work remains; otherwise wake up when the next sweep is due. Receipts
+    // waiting for the sink are tried again with back-off whatever else waits.
+    let receipts_key = format!("{key}/receipts");
+    if !receipts_waiting {
+        ctx.reset_failures(&receipts_key);
+    } else if status.current_sweep.is_none() && !ctx.shutdown.is_cancelled() {
+        return Ok(Action::requeue(ctx.backoff(&receipts_key)));
+    }
     Ok(if ctx.shutdown.is_cancelled() || invalid.is_some() {
         // An invalid spec waits for an edit; a sweep it interrupted is not polled.
         Action::await_change()
