@@ -17,7 +17,7 @@ pub const PLUGIN_BINARY: &str = "kubectl-tombstone";
     name = "kubectl tombstone",
     bin_name = "kubectl tombstone",
     version,
-    about = "The Data Protection Officer's commands: file erasures, see where they stand, hold subjects"
+    about = "The Data Protection Officer's commands: file erasures, see where they stand, hold subjects, prove an erasure"
 )]
 pub struct PluginCli {
     #[command(subcommand)]
@@ -35,6 +35,31 @@ pub enum PluginCommand {
     /// Put a data subject under a LegalHold, by digest (as `erase` or `tombstone digest`
     /// print it) or by identifiers read like `erase` reads them.
     Hold(HoldArgs),
+    /// The proof of one erasure request for an auditor: its receipts fetched from the
+    /// receipt sink, each hash recomputed, the chain and the digest in status checked, and a
+    /// summary to keep. Exits 1 unless it verifies.
+    Proof(ProofArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ProofArgs {
+    /// The erasure request.
+    #[arg(value_name = "REQUEST")]
+    request: String,
+    /// Its namespace (default: the kubeconfig context's).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Namespace of the operator, where the sink's DataStore lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tombstone-system")]
+    operator_namespace: String,
+    /// The sink's DataStore, as the operator is given it.
+    #[arg(long, env = "RECEIPT_SINK_DATASTORE")]
+    receipt_sink_datastore: String,
+    #[command(flatten)]
+    sink: super::SinkArgs,
+    /// Let a sink DataStore without a credentials Secret use this process's cloud identity.
+    #[arg(long, env = "ALLOW_AMBIENT_CREDENTIALS", default_value_t = false)]
+    allow_ambient_credentials: bool,
 }
 
 #[derive(clap::Args)]
@@ -224,6 +249,25 @@ pub async fn run(cli: PluginCli) -> anyhow::Result<()> {
             println!("legalhold {}/{name} created, holding:", options.namespace);
             for digest in &digests {
                 println!("  {digest}");
+            }
+        }
+        PluginCommand::Proof(args) => {
+            let settings = args.sink.settings(
+                args.receipt_sink_datastore.clone(),
+                &args.operator_namespace,
+                args.allow_ambient_credentials,
+            );
+            let sink = tombstone::audit::sink::Sink::resolve(&client, &settings)
+                .await
+                .context("resolving the receipt sink")?;
+            let namespace = namespace(args.namespace);
+            let proof =
+                tombstone::audit::proof::proof(client.clone(), &sink, &namespace, &args.request)
+                    .await
+                    .context("reading the receipts")?;
+            print!("{proof}");
+            if !proof.verified() {
+                std::process::exit(1);
             }
         }
     }

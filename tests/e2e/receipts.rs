@@ -429,6 +429,22 @@ async fn receipts_verify_passes_then_detects_an_edited_a_deleted_middle_and_a_de
         "{summary}"
     );
     assert!(!summary.contains(PROBE_EMAIL) && !summary.contains(PROBE_USER));
+    // The same proof from `kubectl tombstone proof`, as an auditor would ask for it.
+    let plugin = crate::plugin::Plugin::install();
+    let proof_args = [
+        "proof",
+        "dsr-verify",
+        "-n",
+        ns.as_str(),
+        "--operator-namespace",
+        ns.as_str(),
+        "--receipt-sink-datastore",
+        "sink",
+        "--receipt-sink-prefix",
+        PREFIX,
+    ];
+    let printed = crate::plugin::succeeded(&plugin.run(&proof_args, "").await);
+    assert_eq!(printed, summary, "the plugin prints the proof");
 
     let head = policy.status.unwrap().receipts.unwrap();
     let stream =
@@ -488,6 +504,13 @@ async fn receipts_verify_passes_then_detects_an_edited_a_deleted_middle_and_a_de
     let summary = proof.to_string();
     assert!(summary.contains("Result: BROKEN"), "{summary}");
     assert!(summary.contains("ReceiptEdited"), "{summary}");
+    let broken = plugin.run(&proof_args, "").await;
+    assert_eq!(
+        broken.status.code(),
+        Some(1),
+        "a broken proof fails the command"
+    );
+    assert!(String::from_utf8_lossy(&broken.stdout).contains("Result: BROKEN"));
 }
 
 async fn delete(server: &S3Server, key: &str) {
