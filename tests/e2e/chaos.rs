@@ -1342,11 +1342,21 @@ async fn a_redis_sweep_resumed_on_a_restarted_server_leaves_no_expired_key() {
             Limits::default(),
         )
     };
-    // One page, then the checkpoint.
-    let first = backend(redis.url())
+    // One page, then the checkpoint (after the step that only names the run's ledger).
+    let named = backend(redis.url())
         .sweep_step(&job, None, &budget(Duration::from_millis(1)))
         .await
         .expect("a first step");
+    let Next::Continue(named) = named.next else {
+        panic!(
+            "the first step of a sweep only names its ledger: {:?}",
+            named.next
+        );
+    };
+    let first = backend(redis.url())
+        .sweep_step(&job, Some(&named), &budget(Duration::from_millis(1)))
+        .await
+        .expect("a first page");
     let Next::Continue(cursor) = first.next else {
         panic!(
             "one page of 5000 cannot finish {KEYS} keys: {:?}",

@@ -109,19 +109,6 @@ pub fn new_run() -> String {
     hex::encode(bytes)
 }
 
-/// The run id of a sweep: derived from what fixes the sweep (target, selector, mode and
-/// cutoff), so that the first step of a sweep and its repetition after a lost checkpoint write
-/// the same ledger.
-pub fn sweep_run(target: &str, pattern: &str, mode: &str, cutoff_nanos: i64) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for part in [target, pattern, mode, &cutoff_nanos.to_string()] {
-        h.update(part.as_bytes());
-        h.update([0]);
-    }
-    hex::encode(&h.finalize()[..6])
-}
-
 /// A run id is hex digits only, so it can sit in a key and a cursor unquoted.
 pub fn valid_run(run: &str) -> bool {
     !run.is_empty() && run.len() <= 32 && run.bytes().all(|b| b.is_ascii_hexdigit())
@@ -258,20 +245,10 @@ mod tests {
     }
 
     #[test]
-    fn runs_are_hex_and_sweep_runs_are_stable() {
+    fn runs_are_random_hex() {
         let a = new_run();
         assert!(valid_run(&a) && a.len() == 12, "{a}");
         assert_ne!(a, new_run());
-        let s = sweep_run("old", "old:*", "timestamp", 1_700_000_000_000_000_000);
-        assert_eq!(
-            s,
-            sweep_run("old", "old:*", "timestamp", 1_700_000_000_000_000_000)
-        );
-        assert_ne!(
-            s,
-            sweep_run("old", "old:*", "timestamp", 1_700_000_000_000_000_001)
-        );
-        assert!(valid_run(&s));
         assert!(!valid_run("") && !valid_run("ab:cd") && !valid_run("ab.cd"));
     }
 

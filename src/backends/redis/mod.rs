@@ -1003,16 +1003,31 @@ impl Backend for RedisBackend {
         let nodes = topology.nodes.as_slice();
         let (position, tally) = split_cursor(cursor)?;
         // A dry run deletes nothing, so it keeps no ledger.
-        let mut tally = (!job.dry_run).then(|| {
-            tally.unwrap_or_else(|| {
-                ledger::Tally::new(ledger::sweep_run(
-                    &job.target.name,
-                    &target.key_pattern,
-                    &format!("{:?}", target.mode),
-                    job.cutoff.timestamp_nanos_opt().unwrap_or_default(),
-                ))
-            })
-        });
+        let mut tally = if job.dry_run {
+            None
+        } else if let Some(tally) = tally {
+            Some(tally)
+        } else {
+            let tally = ledger::Tally::new(ledger::new_run());
+            if position.is_none() {
+                // The first step of a run only names its ledger: that name is checkpointed
+                // before anything is deleted under it, so the step that repeats a lost one
+                // records into the same ledger. (A sweep that starts over before its first
+                // checkpoint starts a new run: nothing was deleted under the old name.)
+                return Ok(Step {
+                    next: Next::Continue(format!(
+                        "{};{}",
+                        encode_cursor(0, 0, &topology.fingerprint),
+                        tally.encode()
+                    )),
+                    // An instance that no longer leads says so at once, as a page would.
+                    failure: budget.may_act().err(),
+                    ..Step::default()
+                });
+            }
+            // A checkpoint written before ledgers existed: counted from here on.
+            Some(tally)
+        };
         if let Some(t) = tally.as_ref().filter(|t| t.settled) {
             // The ledger was read and its reading checkpointed: only its removal is left.
             self.remove_ledger(&topology, &t.run).await?;
