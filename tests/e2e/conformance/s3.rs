@@ -53,6 +53,11 @@ impl S3Fixture {
 
 #[async_trait]
 impl Fixture for S3Fixture {
+    /// Known gap: a `DeleteObjects` batch (a sweep page, an erasure's key prefix) is not
+    /// recorded with the batch, so what it deleted goes uncounted when its step's outcome is
+    /// lost. (Archive rewrites are exact: `exact_counts::an_archive_rewrite_…`.)
+    const EXACT_LOST_STEPS: bool = false;
+
     async fn start() -> Self {
         let server = S3Server::start();
         server.create_bucket(BUCKET, false, false).await;
@@ -129,4 +134,4 @@ impl Fixture for S3Fixture {
     }
 }
 
-crate::conformance!(tests, S3Fixture);
+crate::conformance!(tests, S3Fixture, exact_lost_steps: false);
