@@ -53,9 +53,11 @@ impl S3Fixture {
 
 #[async_trait]
 impl Fixture for S3Fixture {
-    /// Known gap: a `DeleteObjects` batch (a sweep page, an erasure's key prefix) is not
-    /// recorded with the batch, so what it deleted goes uncounted when its step's outcome is
-    /// lost. (Archive rewrites are exact: `exact_counts::an_archive_rewrite_…`.)
+    /// Known gap: an erasure's own `DeleteObjects` batches (key prefixes, older archive
+    /// versions) are not journalled, so what they deleted goes uncounted when the step's
+    /// outcome is lost. Sweeps write an intent before each batch and pass
+    /// `lost_sweep_step_is_counted` (run it with `--include-ignored`); archive rewrites are
+    /// exact (`exact_counts::an_archive_rewrite_…`).
     const EXACT_LOST_STEPS: bool = false;
 
     async fn start() -> Self {
