@@ -544,3 +544,24 @@ pub async fn request_erasure(client: &Client, ns: &str, name: &str, secret: &str
     )
     .await;
 }
+
+/// Runs subject steps of `job` from the start until one is done (or fails, or returns
+/// `Wait`), and returns that step: its count is the job's. An erase takes at least two steps
+/// where the driver checkpoints the id of its ledger before it erases anything.
+pub async fn subject_until_done(
+    backend: &dyn tombstone::backends::Backend,
+    job: &tombstone::backends::SubjectJob,
+    budget: &tombstone::backends::StepBudget,
+) -> Result<tombstone::backends::SubjectStep, tombstone::backends::Error> {
+    let mut cursor: Option<String> = None;
+    for _ in 0..10_000 {
+        let step = backend.subject_step(job, cursor.as_deref(), budget).await?;
+        match &step.next {
+            tombstone::backends::Next::Continue(c) if step.failure.is_none() => {
+                cursor = Some(c.clone())
+            }
+            _ => return Ok(step),
+        }
+    }
+    panic!("the subject job did not finish in 10,000 steps");
+}

@@ -19,6 +19,7 @@ mod elasticsearch;
 mod erasure;
 mod error_categories;
 mod es_fast_path;
+mod exact_counts;
 mod fail_closed;
 mod fixtures;
 mod harness;

@@ -295,10 +295,14 @@ async fn a_sweep_step_past_the_renew_deadline_deletes_nothing() {
         );
         assert_eq!(step.deleted, 0, "{mode}");
         assert_ne!(step.next, Next::Done, "{mode}: the page is retried");
+        // Resumed from the failed step's cursor, as the engine does.
+        let Next::Continue(resume) = step.next else {
+            panic!("{mode}: a failed step keeps its cursor");
+        };
         let fence = Fence::new(Duration::from_secs(10));
         fence.renewed(tokio::time::Instant::now());
         let step = backend
-            .sweep_step(&job, None, &budget(fence))
+            .sweep_step(&job, Some(&resume), &budget(fence))
             .await
             .expect("a step");
         assert!(step.failure.is_none(), "{mode}: {:?}", step.failure);
@@ -328,10 +332,14 @@ async fn a_sweep_step_past_the_renew_deadline_deletes_nothing() {
     );
     assert_eq!(step.deleted, 0);
     assert_eq!(server.keys("fenced", "logs/").await.len(), 20);
+    // Resumed from the failed step's cursor, as the engine does.
+    let Next::Continue(resume) = step.next else {
+        panic!("a failed step keeps its cursor");
+    };
     let fence = Fence::new(Duration::from_secs(10));
     fence.renewed(tokio::time::Instant::now());
     let step = backend
-        .sweep_step(&job, None, &budget(fence))
+        .sweep_step(&job, Some(&resume), &budget(fence))
         .await
         .expect("a step");
     assert!(step.failure.is_none(), "{:?}", step.failure);

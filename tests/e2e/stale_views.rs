@@ -82,7 +82,7 @@ async fn a_hash_refreshed_after_the_read_survives_the_delete() {
         .await
         .unwrap();
 
-    let removed = unlink_unchanged(&mut conn, FIELD, &view, false)
+    let removed = unlink_unchanged(&mut conn, FIELD, &view, false, "0a1b2c")
         .await
         .unwrap();
 
@@ -101,7 +101,7 @@ async fn a_hash_refreshed_after_the_read_survives_the_delete() {
     );
     // Re-running on the same stale view deletes and counts nothing more.
     assert_eq!(
-        unlink_unchanged(&mut conn, FIELD, &view, false)
+        unlink_unchanged(&mut conn, FIELD, &view, false, "0a1b2c")
             .await
             .unwrap(),
         0
@@ -144,7 +144,7 @@ async fn on_a_cluster_node_keys_of_many_slots_are_checked_and_deleted_per_slot()
 
     // One script over keys of several slots is refused by a cluster node (CROSSSLOT): the
     // grouping by slot is what makes the atomic delete possible there.
-    let crossslot = unlink_unchanged(&mut conn, FIELD, &view, false).await;
+    let crossslot = unlink_unchanged(&mut conn, FIELD, &view, false, "0a1b2c").await;
     assert!(
         crossslot
             .as_ref()
@@ -152,7 +152,7 @@ async fn on_a_cluster_node_keys_of_many_slots_are_checked_and_deleted_per_slot()
         "a cluster node accepted a cross-slot script: {crossslot:?}"
     );
 
-    let removed = unlink_unchanged(&mut conn, FIELD, &view, true)
+    let removed = unlink_unchanged(&mut conn, FIELD, &view, true, "0a1b2c")
         .await
         .unwrap();
     assert_eq!(removed as usize, keys.len() - refreshed.len());
@@ -222,7 +222,7 @@ async fn on_a_cluster_node_idle_keys_of_many_slots_are_judged_and_deleted_in_one
     let raw: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
 
     // One script over keys of several slots is refused by a cluster node (CROSSSLOT).
-    let crossslot = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, false, false).await;
+    let crossslot = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, false, false, "0a1b2c").await;
     assert!(
         crossslot
             .as_ref()
@@ -230,13 +230,13 @@ async fn on_a_cluster_node_idle_keys_of_many_slots_are_judged_and_deleted_in_one
         "a cluster node accepted a cross-slot script: {crossslot:?}"
     );
     // A dry run runs the same check and deletes nothing.
-    let would = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, true, true)
+    let would = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, true, true, "0a1b2c")
         .await
         .unwrap();
     assert_eq!(would as usize, keys.len() - touched.len());
     assert_eq!(count_keys(&mut conn, "idle:*").await, keys.len());
 
-    let removed = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, false, true)
+    let removed = unlink_idle(&mut conn, &raw, THRESHOLD_SECS, false, true, "0a1b2c")
         .await
         .unwrap();
     assert_eq!(removed as usize, keys.len() - touched.len());

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use tombstone::api::retentionpolicy::Target;
 use tombstone::backends::redis::{RedisBackend, RedisConfig};
-use tombstone::backends::{Backend, Limits, StepBudget, SubjectAction, SubjectJob};
+use tombstone::backends::{Limits, StepBudget, SubjectAction, SubjectJob};
 
 use crate::fixtures::{count_keys, redis_conn};
 use crate::support::{RedisCluster, RedisServer};
@@ -44,8 +44,7 @@ async fn run(
         cancel: CancellationToken::new(),
         fence: Default::default(),
     };
-    let step = backend
-        .subject_step(&job, None, &budget)
+    let step = crate::fixtures::subject_until_done(backend, &job, &budget)
         .await
         .expect("subject step");
     assert!(step.failure.is_none());

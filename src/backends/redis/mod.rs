@@ -11,6 +11,7 @@
 
 pub mod driver;
 pub mod glob;
+pub mod ledger;
 pub(crate) mod subject;
 
 use std::time::Duration;
@@ -66,6 +67,8 @@ struct Node {
     version: String,
     /// `run_id` from `INFO server`: new each time the server starts.
     run_id: String,
+    /// Cluster only: the slots this primary serves (first, last), where its ledger keys are.
+    slots: Vec<(u16, u16)>,
 }
 
 pub struct RedisBackend {
@@ -98,6 +101,8 @@ pub struct ClusterView {
     pub migrating: bool,
     /// Every primary's id, address and slots, sorted: equal fingerprints, same routing.
     pub fingerprint: String,
+    /// The slot ranges (first, last) each primary serves, by address.
+    pub served: std::collections::BTreeMap<(String, u16), Vec<(u16, u16)>>,
 }
 
 /// The number of hash slots of a Redis Cluster.
@@ -109,6 +114,7 @@ pub fn cluster_view(listing: &str) -> ClusterView {
     let mut covered = 0u32;
     let mut migrating = false;
     let mut lines: Vec<String> = Vec::new();
+    let mut served: std::collections::BTreeMap<(String, u16), Vec<(u16, u16)>> = Default::default();
     for line in listing.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (Some(id), Some(addr), Some(flags)) = (fields.first(), fields.get(1), fields.get(2))
@@ -122,6 +128,7 @@ pub fn cluster_view(listing: &str) -> ClusterView {
         if slots.is_empty() {
             continue;
         }
+        let mut ranges = Vec::new();
         for slot in slots {
             if slot.starts_with('[') {
                 migrating = true;
@@ -130,6 +137,11 @@ pub fn cluster_view(listing: &str) -> ClusterView {
             let (from, to) = slot.split_once('-').unwrap_or((slot, slot));
             if let (Ok(from), Ok(to)) = (from.parse::<u32>(), to.parse::<u32>()) {
                 covered = covered.saturating_add(to.saturating_sub(from).saturating_add(1));
+            }
+            if let (Ok(from), Ok(to)) = (from.parse::<u16>(), to.parse::<u16>()) {
+                if from <= to && to < ledger_slots() {
+                    ranges.push((from, to));
+                }
             }
         }
         lines.push(format!("{id} {addr} {}", slots.join(" ")));
@@ -142,6 +154,7 @@ pub fn cluster_view(listing: &str) -> ClusterView {
         if let Ok(port) = port.parse::<u16>() {
             if !host.is_empty() && port != 0 {
                 primaries.push((host.to_string(), port));
+                served.insert((host.to_string(), port), ranges);
             }
         }
     }
@@ -152,7 +165,13 @@ pub fn cluster_view(listing: &str) -> ClusterView {
         covered_slots: covered,
         migrating,
         fingerprint: lines.join("\n"),
+        served,
     }
+}
+
+/// The number of slots, as the slot ranges' type.
+const fn ledger_slots() -> u16 {
+    16384
 }
 
 impl RedisBackend {
@@ -234,6 +253,11 @@ impl RedisBackend {
         }
         let mut nodes = Vec::new();
         for (host, port) in view.primaries {
+            let slots = view
+                .served
+                .get(&(host.clone(), port))
+                .cloned()
+                .unwrap_or_default();
             let addr = match seed_info.addr() {
                 ConnectionAddr::TcpTls {
                     insecure,
@@ -247,7 +271,9 @@ impl RedisBackend {
                 },
                 _ => ConnectionAddr::Tcp(host, port),
             };
-            nodes.push(connect(seed_info.clone().set_addr(addr)).await?);
+            let mut node = connect(seed_info.clone().set_addr(addr)).await?;
+            node.slots = slots;
+            nodes.push(node);
         }
         if nodes.is_empty() {
             return Err(Error::Store(
@@ -320,10 +346,9 @@ impl RedisBackend {
         }
         let mut step = progress.step;
         let mut restart = progress.start;
-        restart.restart_unit(false);
-        if job.action == SubjectAction::Erase {
-            restart.count = step.count;
-        }
+        // An erase keeps the count it started with: what this step erased is in its ledger,
+        // and counted when the erase ends.
+        restart.restart_unit(job.action == SubjectAction::Erase);
         step.count = 0;
         step.failure = None;
         step.next = Next::Continue(restart.encode(&after.fingerprint));
@@ -344,6 +369,7 @@ impl RedisBackend {
         deadline: Instant,
         budget: &StepBudget,
         held: &std::sync::Arc<Vec<String>>,
+        run: &str,
     ) -> (NodeProgress, Option<Error>) {
         let page_job = PageJob {
             conn: node.conn.clone(),
@@ -355,10 +381,10 @@ impl RedisBackend {
             retention_secs: job.retention.as_secs(),
             cutoff: job.cutoff,
             dry_run: job.dry_run,
-            major_version: node.major_version,
             cluster: self.config.cluster,
             fence: budget.fence.clone(),
             held: held.clone(),
+            run: run.to_string(),
         };
         let only_hashes = target.mode == RedisMode::Timestamp && node.major_version >= 6;
         let concurrency = self.limits.concurrency.max(1);
@@ -443,13 +469,14 @@ struct PageJob {
     retention_secs: u64,
     cutoff: DateTime<Utc>,
     dry_run: bool,
-    major_version: u32,
     /// Talking to one node of a Redis Cluster: multi-key commands must stay within a slot.
     cluster: bool,
     /// Checked right before each destructive command, after its rate-limit wait.
     fence: crate::leader::Fence,
     /// Globs of the keys of subjects held by a LegalHold: such keys are left alone.
     held: std::sync::Arc<Vec<String>>,
+    /// The run whose ledger records every destructive batch (unused in a dry run).
+    run: String,
 }
 
 /// The counts of one page (and, added up, of one node).
@@ -483,9 +510,10 @@ impl PageCounts {
 impl PageJob {
     /// Acts on one page; returns its counts.
     async fn run(mut self, keys: Vec<Vec<u8>>) -> Result<PageCounts, Error> {
+        // The operator's own ledger keys are never swept, whatever the pattern.
         let keys: Vec<Vec<u8>> = keys
             .into_iter()
-            .filter(|k| glob::matches(self.pattern.as_bytes(), k))
+            .filter(|k| selectable(&self.pattern, k))
             .collect();
         let mut counts = PageCounts {
             scanned: keys.len() as u64,
@@ -501,31 +529,34 @@ impl PageJob {
         let addr = self.addr.clone();
         let err = |e| map_error(e, &addr);
         let deleted = match self.mode {
-            RedisMode::Expire if !self.dry_run && self.major_version >= 7 => {
-                let set: Vec<i64> = self
-                    .pipelined(
-                        &["EXPIRE"],
-                        &keys,
-                        &[&self.retention_secs.to_string(), "LT"],
-                    )
-                    .await
-                    .map_err(err)?;
-                set.iter().filter(|&&s| s == 1).count() as u64
-            }
             RedisMode::Expire => {
                 // Keys without a TTL (-1) or with a longer one need bounding; -2 is gone.
                 let retention_ms =
                     i64::try_from(self.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-                let ttls: Vec<i64> = self.pipelined(&["PTTL"], &keys, &[]).await.map_err(err)?;
-                let selected = select(keys, ttls, |ttl| ttl == -1 || ttl > retention_ms);
                 if self.dry_run {
-                    selected.len() as u64
+                    let ttls: Vec<i64> =
+                        self.pipelined(&["PTTL"], &keys, &[]).await.map_err(err)?;
+                    select(keys, ttls, |ttl| ttl == -1 || ttl > retention_ms).len() as u64
                 } else {
-                    let set: Vec<i64> = self
-                        .pipelined(&["PEXPIRE"], &selected, &[&retention_ms.to_string()])
-                        .await
-                        .map_err(err)?;
-                    set.iter().filter(|&&s| s == 1).count() as u64
+                    // Judged, recorded in the ledger and bounded in one script per slot.
+                    self.limits.acquire(2 * keys.len() as u32).await;
+                    self.may_act().map_err(err)?;
+                    let entries: Vec<(Vec<u8>, ())> = keys.into_iter().map(|k| (k, ())).collect();
+                    per_slot(
+                        &mut self.conn,
+                        &EXPIRE_SCRIPT,
+                        &entries,
+                        self.cluster,
+                        &self.run,
+                        |invocation, group| {
+                            for (key, ()) in group {
+                                invocation.key(key);
+                            }
+                            invocation.arg(retention_ms);
+                        },
+                    )
+                    .await
+                    .map_err(err)?
                 }
             }
             RedisMode::Idle => {
@@ -539,6 +570,7 @@ impl PageJob {
                     self.retention_secs,
                     self.dry_run,
                     self.cluster,
+                    &self.run,
                 )
                 .await
                 .map_err(|e| idle_error(e, &addr))?
@@ -582,6 +614,7 @@ impl PageJob {
                         &self.timestamp_field,
                         &expired,
                         self.cluster,
+                        &self.run,
                     )
                     .await
                     .map_err(err)?
@@ -628,61 +661,161 @@ impl PageJob {
     }
 }
 
-/// Mode idle: unlinks (or, with ARGV[2] = 1, only counts) the keys idle longer than ARGV[1]
-/// seconds; returns how many.
+/// A destructive script: [`ledger::LUA_SETTLE`] and then `body`. `KEYS[1]` is the run's
+/// ledger key (in the slot of the other keys), `ARGV[1]` its time to live.
+fn ledger_script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{}{body}", ledger::LUA_SETTLE))
+}
+
+/// Mode idle: unlinks (or, with ARGV[2] = 1, only counts) the keys `KEYS[2..]` idle longer
+/// than ARGV[3] seconds, recording them in the ledger first; returns how many.
 static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
+    ledger_script(
         r"
-local threshold = tonumber(ARGV[1])
-local expired = {}
-for _, key in ipairs(KEYS) do
-  local idle = redis.call('OBJECT', 'IDLETIME', key)
-  if idle and idle > threshold then
-    expired[#expired + 1] = key
+local threshold = tonumber(ARGV[3])
+local expired, seen = {}, {}
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  if not seen[key] then
+    seen[key] = true
+    local idle = redis.call('OBJECT', 'IDLETIME', key)
+    if idle and idle > threshold then
+      expired[#expired + 1] = key
+    end
   end
 end
 if ARGV[2] == '1' then
   return #expired
 end
-local removed = 0
+settle(#expired)
 for first = 1, #expired, 1000 do
-  removed = removed + redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
+  redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
 end
-return removed
+return #expired
 ",
     )
 });
 
-/// Mode timestamp: unlinks (KEYS) the hashes whose field ARGV[1] still holds the value
-/// ARGV[i + 1] the sweep read and judged expired; returns how many. Check and delete run as
-/// one script, so a hash refreshed (or replaced by another type) after the read is kept.
+/// Mode timestamp: unlinks the hashes `KEYS[i]` (i >= 2) whose field ARGV[2] still holds the
+/// value ARGV[i + 1] the sweep read and judged expired, recording them in the ledger first;
+/// returns how many. Check and delete run as one script, so a hash refreshed (or replaced by
+/// another type) after the read is kept.
 static TIMESTAMP_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
+    ledger_script(
         r"
-local field = ARGV[1]
-local expired = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('TYPE', key).ok == 'hash' and redis.call('HGET', key, field) == ARGV[i + 1] then
+local field = ARGV[2]
+local expired, seen = {}, {}
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  if not seen[key] and redis.call('TYPE', key).ok == 'hash' and redis.call('HGET', key, field) == ARGV[i + 1] then
+    seen[key] = true
     expired[#expired + 1] = key
   end
 end
-local removed = 0
+settle(#expired)
 for first = 1, #expired, 1000 do
-  removed = removed + redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
+  redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
 end
-return removed
+return #expired
 ",
     )
 });
 
-/// Mode idle: unlinks the keys idle for longer than `threshold_secs`, judged and deleted
-/// atomically on the server (a dry run only counts them); returns how many.
+/// Mode expire: gives the keys `KEYS[2..]` without a TTL, or with one longer than ARGV[2]
+/// milliseconds, a TTL of ARGV[2] milliseconds, recording them in the ledger first; returns
+/// how many. Judged and bounded in one script, so a key bounded meanwhile is not counted.
+static EXPIRE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    ledger_script(
+        r"
+local limit = tonumber(ARGV[2])
+local selected, seen = {}, {}
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  if not seen[key] then
+    seen[key] = true
+    local ttl = redis.call('PTTL', key)
+    if ttl == -1 or ttl > limit then
+      selected[#selected + 1] = key
+    end
+  end
+end
+settle(#selected)
+for _, key in ipairs(selected) do
+  redis.call('PEXPIRE', key, ARGV[2])
+end
+return #selected
+",
+    )
+});
+
+/// Erasure: unlinks the keys `KEYS[2..]` that exist, recording them in the ledger first;
+/// returns how many.
+pub(crate) static UNLINK_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| {
+        ledger_script(
+            r"
+local present, seen = {}, {}
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  if not seen[key] and redis.call('EXISTS', key) == 1 then
+    seen[key] = true
+    present[#present + 1] = key
+  end
+end
+settle(#present)
+for first = 1, #present, 1000 do
+  redis.call('UNLINK', unpack(present, first, math.min(first + 999, #present)))
+end
+return #present
+",
+        )
+    });
+
+/// Erasure: removes field ARGV[2] from the hash `KEYS[2]`, recorded in the ledger first;
+/// returns 1 when it was there.
+pub(crate) static HDEL_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| {
+        ledger_script(
+            r"
+if redis.call('TYPE', KEYS[2]).ok ~= 'hash' or redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+  return 0
+end
+settle(1)
+return redis.call('HDEL', KEYS[2], ARGV[2])
+",
+        )
+    });
+
+/// Erasure: removes member ARGV[2] from the set or sorted set `KEYS[2]`, recorded in the
+/// ledger first; returns 1 when it was there (0 for any other type or an absent key).
+pub(crate) static MEMBER_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| {
+        ledger_script(
+            r"
+local kind = redis.call('TYPE', KEYS[2]).ok
+if kind == 'set' and redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then
+  settle(1)
+  return redis.call('SREM', KEYS[2], ARGV[2])
+end
+if kind == 'zset' and redis.call('ZSCORE', KEYS[2], ARGV[2]) then
+  settle(1)
+  return redis.call('ZREM', KEYS[2], ARGV[2])
+end
+return 0
+",
+        )
+    });
+
+/// Mode idle: unlinks the keys idle for longer than `threshold_secs`, judged, recorded in the
+/// ledger of `run` and deleted atomically on the server (a dry run only counts them);
+/// returns how many.
 pub async fn unlink_idle(
     conn: &mut MultiplexedConnection,
     keys: &[Vec<u8>],
     threshold_secs: u64,
     dry_run: bool,
     cluster: bool,
+    run: &str,
 ) -> RedisResult<u64> {
     let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
     per_slot(
@@ -690,30 +823,33 @@ pub async fn unlink_idle(
         &IDLE_SCRIPT,
         &entries,
         cluster,
+        run,
         |invocation, group| {
             for (key, ()) in group {
                 invocation.key(key);
             }
-            invocation.arg(threshold_secs).arg(u8::from(dry_run));
+            invocation.arg(u8::from(dry_run)).arg(threshold_secs);
         },
     )
     .await
 }
 
 /// Mode timestamp: unlinks each hash of `expired` only if its `field` still holds the value
-/// read for it (`(key, value)`), checked and deleted atomically on the server; returns how
-/// many the server removed.
+/// read for it (`(key, value)`), checked, recorded in the ledger of `run` and deleted
+/// atomically on the server; returns how many the server removed.
 pub async fn unlink_unchanged(
     conn: &mut MultiplexedConnection,
     field: &str,
     expired: &[(Vec<u8>, String)],
     cluster: bool,
+    run: &str,
 ) -> RedisResult<u64> {
     per_slot(
         conn,
         &TIMESTAMP_SCRIPT,
         expired,
         cluster,
+        run,
         |invocation, group| {
             invocation.arg(field);
             for (key, value) in group {
@@ -726,12 +862,14 @@ pub async fn unlink_unchanged(
 
 /// Runs `script` over `entries` and adds up the counts it returns. On a cluster node a script
 /// may only touch keys of one slot, so the entries are grouped by slot, one script per group
-/// (`fill` sets its keys and arguments), all in one pipeline.
-async fn per_slot<T>(
+/// (`fill` sets its keys and arguments after the ledger key of `run` in the group's slot and
+/// the ledger's time to live), all in one pipeline.
+pub(crate) async fn per_slot<T>(
     conn: &mut MultiplexedConnection,
     script: &redis::Script,
     entries: &[(Vec<u8>, T)],
     cluster: bool,
+    run: &str,
     fill: impl Fn(&mut redis::ScriptInvocation<'_>, &[&(Vec<u8>, T)]),
 ) -> RedisResult<u64> {
     if entries.is_empty() {
@@ -741,6 +879,11 @@ async fn per_slot<T>(
         .iter()
         .map(|group| {
             let mut invocation = script.prepare_invoke();
+            let slot = group
+                .first()
+                .filter(|_| cluster)
+                .map(|(key, _)| ledger::slot_of(key));
+            invocation.key(ledger::key(run, slot)).arg(ledger::TTL_SECS);
             fill(&mut invocation, group);
             invocation
         })
@@ -751,7 +894,7 @@ async fn per_slot<T>(
         pipe.invoke_script(invocation);
     }
     let counts: Vec<u64> = pipe.query_async(conn).await?;
-    Ok(counts.iter().sum())
+    Ok(counts.iter().fold(0u64, |a, &b| a.saturating_add(b)))
 }
 
 /// The keys each script call may touch, in the order given: all of them on a standalone
@@ -784,6 +927,12 @@ fn idle_error(e: redis::RedisError, addr: &str) -> Error {
     } else {
         map_error(e, addr)
     }
+}
+
+/// Whether a sweep with `pattern` may touch `key`: it matches, and it is not one of the
+/// operator's own ledger keys (which `*` would match).
+fn selectable(pattern: &str, key: &[u8]) -> bool {
+    glob::matches(pattern.as_bytes(), key) && !ledger::is_ledger_key(key)
 }
 
 /// Pages being processed, each with the SCAN cursor that follows it.
@@ -851,10 +1000,43 @@ impl Backend for RedisBackend {
         let held = std::sync::Arc::new(held_globs(job)?);
         let topology = self.topology().await?;
         let nodes = topology.nodes.as_slice();
+        let (position, tally) = split_cursor(cursor)?;
+        // A dry run deletes nothing, so it keeps no ledger.
+        let mut tally = if job.dry_run {
+            None
+        } else if let Some(tally) = tally {
+            Some(tally)
+        } else {
+            let tally = ledger::Tally::new(ledger::new_run());
+            if position.is_none() {
+                // The first step of a run only names its ledger: that name is checkpointed
+                // before anything is deleted under it, so the step that repeats a lost one
+                // records into the same ledger. (A sweep that starts over before its first
+                // checkpoint starts a new run: nothing was deleted under the old name.)
+                return Ok(Step {
+                    next: Next::Continue(format!(
+                        "{};{}",
+                        encode_cursor(0, 0, &topology.fingerprint),
+                        tally.encode()
+                    )),
+                    // An instance that no longer leads says so at once, as a page would.
+                    failure: budget.may_act().err(),
+                    ..Step::default()
+                });
+            }
+            // A checkpoint written before ledgers existed: counted from here on.
+            Some(tally)
+        };
+        if let Some(t) = tally.as_ref().filter(|t| t.settled) {
+            // The ledger was read and its reading checkpointed: only its removal is left.
+            self.remove_ledger(&topology, &t.run).await?;
+            return Ok(Step::default());
+        }
         let (mut node_index, mut scan_cursor) =
-            parse_cursor(cursor, nodes.len(), &topology.fingerprint)?;
+            parse_cursor(position, nodes.len(), &topology.fingerprint)?;
         let deadline = Instant::now() + budget.max_time;
         let mut step = Step::default();
+        let run = tally.as_ref().map(|t| t.run.clone()).unwrap_or_default();
         while node_index < nodes.len() {
             let (progress, failure) = self
                 .sweep_node(
@@ -865,13 +1047,14 @@ impl Backend for RedisBackend {
                     deadline,
                     budget,
                     &held,
+                    &run,
                 )
                 .await;
             let counts = progress.counts;
-            step.scanned += counts.scanned;
-            step.deleted += counts.deleted;
-            step.held += counts.held;
-            step.unjudged += counts.unjudged;
+            step.scanned = step.scanned.saturating_add(counts.scanned);
+            step.deleted = step.deleted.saturating_add(counts.deleted);
+            step.held = step.held.saturating_add(counts.held);
+            step.unjudged = step.unjudged.saturating_add(counts.unjudged);
             step.oldest_remaining = match (step.oldest_remaining, counts.oldest) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -889,14 +1072,116 @@ impl Backend for RedisBackend {
                 break;
             }
         }
-        if node_index < nodes.len() {
-            step.next = Next::Continue(encode_cursor(
-                node_index,
-                scan_cursor,
-                &topology.fingerprint,
+        let Some(tally) = tally.as_mut() else {
+            if node_index < nodes.len() {
+                step.next = Next::Continue(encode_cursor(
+                    node_index,
+                    scan_cursor,
+                    &topology.fingerprint,
+                ));
+            }
+            return Ok(step);
+        };
+        tally.add(step.deleted);
+        if node_index >= nodes.len() && step.failure.is_none() {
+            // Every node is done: what the ledger holds beyond what status counts was deleted
+            // by a batch whose checkpoint was lost. Counted now; the ledger is removed by the
+            // next step, once this count is checkpointed.
+            match self.ledger_total(&topology, &tally.run).await {
+                Ok(total) => step.deleted = step.deleted.saturating_add(tally.settle(total)),
+                Err(e) => step.failure = Some(e),
+            }
+        }
+        step.next = Next::Continue(format!(
+            "{};{}",
+            encode_cursor(node_index, scan_cursor, &topology.fingerprint),
+            tally.encode()
+        ));
+        Ok(step)
+    }
+}
+
+impl RedisBackend {
+    /// The ledger keys of `run` that `node` may hold: the one key of a standalone server, one
+    /// per slot the node serves on a cluster.
+    fn ledger_keys(&self, node: &Node, run: &str) -> Vec<String> {
+        if !self.config.cluster {
+            return vec![ledger::key(run, None)];
+        }
+        node.slots
+            .iter()
+            .flat_map(|&(first, last)| first..=last)
+            .map(|slot| ledger::key(run, Some(slot)))
+            .collect()
+    }
+
+    /// What the ledger of `run` holds, all nodes together. A slot being migrated fails the
+    /// read (its key may be on either side); it is retried.
+    async fn ledger_total(&self, topology: &Topology, run: &str) -> Result<u64, Error> {
+        if topology.migrating {
+            return Err(Error::Store(
+                "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
             ));
         }
-        Ok(step)
+        let mut total = 0u64;
+        for node in topology.nodes.iter() {
+            for chunk in self.ledger_keys(node, run).chunks(LEDGER_CHUNK) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("GET").arg(key);
+                }
+                self.limits.acquire(1).await;
+                let values: Vec<Option<u64>> = pipe
+                    .query_async(&mut node.conn.clone())
+                    .await
+                    .map_err(|e| map_error(e, &node.addr))?;
+                total = values
+                    .into_iter()
+                    .flatten()
+                    .fold(total, u64::saturating_add);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Removes the ledger of `run` from every node (its reading is checkpointed).
+    async fn remove_ledger(&self, topology: &Topology, run: &str) -> Result<(), Error> {
+        for node in topology.nodes.iter() {
+            for chunk in self.ledger_keys(node, run).chunks(LEDGER_CHUNK) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("UNLINK").arg(key).ignore();
+                }
+                self.limits.acquire(1).await;
+                let () = pipe
+                    .query_async(&mut node.conn.clone())
+                    .await
+                    .map_err(|e| map_error(e, &node.addr))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ledger keys read or removed per pipeline (a cluster node has one per slot it serves).
+const LEDGER_CHUNK: usize = 2048;
+
+/// A sweep cursor's position and, after `;`, its ledger tally (absent in a dry run and in
+/// cursors written before the ledger existed).
+fn split_cursor(cursor: Option<&str>) -> Result<(Option<&str>, Option<ledger::Tally>), Error> {
+    let Some(cursor) = cursor else {
+        return Ok((None, None));
+    };
+    match cursor.split_once(';') {
+        None => Ok((Some(cursor), None)),
+        Some((position, tally)) => {
+            let tally = ledger::Tally::parse(tally).ok_or_else(|| {
+                Error::InvalidSpec(format!(
+                    "checkpoint cursor {cursor:?} is not a Redis cursor"
+                ))
+            })?;
+            Ok((Some(position), Some(tally)))
+        }
     }
 }
 
@@ -943,6 +1228,7 @@ async fn connect(info: ConnectionInfo) -> Result<Node, Error> {
         major_version,
         version,
         run_id,
+        slots: Vec::new(),
     })
 }
 
@@ -1018,7 +1304,9 @@ fn parse_cursor(
         Some(tag) => !fingerprint.is_empty() && tag == topology_tag(fingerprint),
         None => fingerprint.is_empty() || nodes == 1,
     };
-    if node >= nodes || !same_topology {
+    // `nodes:0` on the same topology: every node is done.
+    let done = node == nodes && scan == 0;
+    if (node >= nodes && !done) || !same_topology {
         return Ok((0, 0));
     }
     Ok((node, scan))
@@ -1056,6 +1344,14 @@ fn map_error(e: redis::RedisError, addr: &str) -> Error {
     if matches!(code, "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") {
         // The slot moved (failover, reshard): the caller reads the topology again.
         return Error::Store(format!("{addr}: {code} (cluster redirection)"));
+    }
+    if code == "NOPERM" {
+        // An ACL that lets the operator delete but not record what it deletes: the ledger
+        // write comes first in every destructive script, so nothing was deleted.
+        return Error::Store(format!(
+            "{addr}: NOPERM: the Redis user may not run a command or touch a key the operator needs; it needs the keys it deletes and its ledger keys {}* (see the README's Redis ACL)",
+            ledger::PREFIX
+        ));
     }
     if e.kind() == redis::ErrorKind::AuthenticationFailed || code == "NOAUTH" || code == "WRONGPASS"
     {
@@ -1181,6 +1477,43 @@ mod tests {
     }
 
     #[test]
+    fn sweeps_never_select_ledger_keys() {
+        for pattern in ["*", "tombstone:*", "t*", "*ledger*"] {
+            assert!(
+                !selectable(pattern, b"tombstone:ledger:0a1b2c"),
+                "{pattern}"
+            );
+            assert!(
+                !selectable(pattern, b"tombstone:ledger:0a1b2c:{7}"),
+                "{pattern}"
+            );
+        }
+        assert!(selectable("*", b"tombstone:other"));
+        assert!(selectable("*", b"session:1"));
+        assert!(!selectable("session:*", b"cart:1"));
+    }
+
+    #[test]
+    fn sweep_cursors_carry_the_ledger_tally() {
+        assert_eq!(split_cursor(None).unwrap(), (None, None));
+        assert_eq!(split_cursor(Some("0:17")).unwrap(), (Some("0:17"), None));
+        let (position, tally) = split_cursor(Some("1:17:ab12cd34;0a1b2c.5000")).unwrap();
+        assert_eq!(position, Some("1:17:ab12cd34"));
+        let tally = tally.unwrap();
+        assert_eq!((tally.run.as_str(), tally.counted), ("0a1b2c", 5000));
+        for bad in ["0:17;", "0:17;x.1", "0:17;0a.1;0a.2", "0:17;0a.-5"] {
+            assert_eq!(
+                split_cursor(Some(bad)).unwrap_err().reason(),
+                "InvalidSpec",
+                "{bad}"
+            );
+        }
+        // Past the last node: every node is done (the ledger still to be read).
+        assert_eq!(parse_cursor(Some("1:0"), 1, "").unwrap(), (1, 0));
+        assert_eq!(parse_cursor(Some("1:5"), 1, "").unwrap(), (0, 0));
+    }
+
+    #[test]
     fn a_cluster_cursor_from_another_topology_starts_the_sweep_over() {
         let cursor = encode_cursor(2, 77, "a 1.1.1.1:1 0-16383");
         assert_eq!(
@@ -1232,7 +1565,12 @@ r1 127.0.0.1:7004@17004 slave a1 0 0 1 connected
 f1 127.0.0.1:7005@17005 master,fail - 0 0 4 disconnected 1-2
 e1 127.0.0.1:7006@17006 master - 0 0 5 connected
 ";
-        let primaries = cluster_view(listing).primaries;
+        let view = cluster_view(listing);
+        assert_eq!(
+            view.served.get(&("127.0.0.1".to_string(), 7002)),
+            Some(&vec![(5461, 10922)])
+        );
+        let primaries = view.primaries;
         assert_eq!(
             primaries,
             vec![

@@ -4,7 +4,7 @@
 use redis::aio::MultiplexedConnection;
 use redis::RedisResult;
 
-use super::{glob, map_error, Node, RedisBackend, Topology, SCAN_COUNT};
+use super::{glob, ledger, map_error, per_slot, Node, RedisBackend, Topology, SCAN_COUNT};
 use std::collections::{BTreeMap, HashSet};
 use tokio::time::Instant;
 
@@ -144,6 +144,9 @@ pub(super) struct Position {
     /// glob over (another topology) takes them back. An erase keeps them: UNLINK counted
     /// keys that are gone.
     pub(super) in_unit: u64,
+    /// An erase's ledger ([`ledger`]): every record it removes is recorded there first, so
+    /// the final count includes a batch whose checkpoint was lost.
+    pub(super) tally: Option<ledger::Tally>,
 }
 
 const CURSOR_PREFIX: &str = "subject:";
@@ -165,18 +168,21 @@ impl Position {
     }
 
     /// `subject:{action}:{unit}:{node}:{scan}:{count}:{in_unit}`, and `:{topology}` when
-    /// the node index is only meaningful on one topology ([`super::topology_tag`]). Indexes
-    /// and counts only: never a key, so never an identifier.
+    /// the node index is only meaningful on one topology ([`super::topology_tag`]), and
+    /// `;{tally}` for an erase ([`ledger::Tally::encode`]). Indexes, counts and a random run
+    /// id only: never a key, so never an identifier.
     pub(super) fn encode(&self, fingerprint: &str) -> String {
         let action = self.action.map_or("f", action_code);
-        let base = format!(
+        let mut base = format!(
             "{CURSOR_PREFIX}{action}:{}:{}:{}:{}:{}",
             self.unit, self.node, self.scan, self.count, self.in_unit
         );
-        if fingerprint.is_empty() {
-            base
-        } else {
-            format!("{base}:{}", super::topology_tag(fingerprint))
+        if !fingerprint.is_empty() {
+            base = format!("{base}:{}", super::topology_tag(fingerprint));
+        }
+        match &self.tally {
+            Some(tally) => format!("{base};{}", tally.encode()),
+            None => base,
         }
     }
 
@@ -203,6 +209,10 @@ impl Position {
             ))
         };
         let rest = cursor.strip_prefix(CURSOR_PREFIX).ok_or_else(bad)?;
+        let (rest, tally) = match rest.split_once(';') {
+            Some((rest, tally)) => (rest, Some(ledger::Tally::parse(tally).ok_or_else(bad)?)),
+            None => (rest, None),
+        };
         let parts: Vec<&str> = rest.split(':').collect();
         if !(6..=7).contains(&parts.len()) {
             return Err(bad());
@@ -220,6 +230,7 @@ impl Position {
             scan: number(parts[3])?,
             count: number(parts[4])?,
             in_unit: number(parts[5])?,
+            tally: None,
         };
         let tag = parts.get(6).copied();
         if p.in_unit > p.count {
@@ -229,10 +240,14 @@ impl Position {
             return Ok(Self::start(action));
         }
         let erase = action == SubjectAction::Erase;
+        if erase {
+            p.tally = tally;
+        }
         if p.unit > units {
             let count = if erase { p.count } else { 0 };
             return Ok(Self {
                 count,
+                tally: p.tally,
                 ..Self::start(action)
             });
         }
@@ -306,8 +321,54 @@ impl RedisBackend {
             &topology.fingerprint,
             units.len(),
         )?;
-        let deadline = Instant::now() + budget.max_time;
+        let erase = job.action == SubjectAction::Erase;
         let mut pos = start.clone();
+        if erase && pos.tally.is_none() {
+            // The run's ledger id is checkpointed before anything is erased under it, so the
+            // step that repeats a lost one records into the same ledger.
+            let mut tally = ledger::Tally::new(ledger::new_run());
+            tally.counted = pos.count;
+            pos.tally = Some(tally);
+            if cursor.is_none() {
+                // Erases nothing yet, but an instance that no longer leads does not start.
+                budget.may_act()?;
+                return Ok(Progress {
+                    step: SubjectStep {
+                        count: 0,
+                        blocked: 0,
+                        malformed: 0,
+                        ran,
+                        skipped,
+                        next: Next::Continue(pos.encode(&topology.fingerprint)),
+                        failure: None,
+                    },
+                    start,
+                });
+            }
+        }
+        if let Some(tally) = pos.tally.as_ref().filter(|t| t.settled) {
+            // The ledger was read and the count it completed is checkpointed: only the
+            // ledger's removal is left.
+            self.remove_ledger(topology, &tally.run).await?;
+            return Ok(Progress {
+                step: SubjectStep {
+                    count: pos.count,
+                    blocked: 0,
+                    malformed: 0,
+                    ran,
+                    skipped,
+                    next: Next::Done,
+                    failure: None,
+                },
+                start,
+            });
+        }
+        let run = pos
+            .tally
+            .as_ref()
+            .map(|t| t.run.clone())
+            .unwrap_or_default();
+        let deadline = Instant::now() + budget.max_time;
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut worked = false;
         let mut failure = None;
@@ -323,7 +384,7 @@ impl RedisBackend {
                         continue;
                     };
                     match self
-                        .subject_page(node, pattern, pos.scan, job.action, budget, &mut seen)
+                        .subject_page(node, pattern, pos.scan, job.action, budget, &mut seen, &run)
                         .await
                     {
                         Ok((next, n)) => {
@@ -344,19 +405,17 @@ impl RedisBackend {
                     }
                 }
                 Unit::HashField { key, field } => {
-                    let command = if job.action == SubjectAction::Erase {
-                        "HDEL"
-                    } else {
-                        "HEXISTS"
-                    };
                     let mut n = 0u64;
                     for node in nodes {
                         let r = async {
-                            if job.action == SubjectAction::Erase {
+                            if erase {
                                 budget.may_act()?;
+                                self.erase_one(node, &super::HDEL_SCRIPT, key, field, &run)
+                                    .await
+                            } else {
+                                self.single_key(node, redis::cmd("HEXISTS").arg(key).arg(field))
+                                    .await
                             }
-                            self.single_key(node, redis::cmd(command).arg(key).arg(field))
-                                .await
                         }
                         .await;
                         match r {
@@ -378,7 +437,10 @@ impl RedisBackend {
                 Unit::SetMember { key, member } => {
                     let mut n = 0u64;
                     for node in nodes {
-                        match self.set_member(node, key, member, job.action, budget).await {
+                        match self
+                            .set_member(node, key, member, job.action, budget, &run)
+                            .await
+                        {
                             Ok(k) => n = n.saturating_add(k),
                             Err(e) => {
                                 failure = Some(e);
@@ -397,7 +459,23 @@ impl RedisBackend {
                 pos.next_unit();
             }
         }
-        let finished = pos.unit >= units.len() && failure.is_none();
+        let mut finished = pos.unit >= units.len() && failure.is_none();
+        if let (true, Some(tally)) = (finished, pos.tally.as_mut()) {
+            // Every piece is done: what the ledger holds beyond what the cursor counts was
+            // erased by a batch whose checkpoint was lost. Counted into the cursor, reported
+            // by the next step, which removes the ledger once this is checkpointed.
+            finished = false;
+            tally.counted = pos.count;
+            match self.ledger_total(topology, &tally.run).await {
+                Ok(total) => {
+                    let missing = tally.settle(total);
+                    pos.count = pos.count.saturating_add(missing);
+                }
+                Err(e) => failure = Some(e),
+            }
+        } else if let Some(tally) = pos.tally.as_mut() {
+            tally.counted = pos.count;
+        }
         let next = if finished {
             Next::Done
         } else {
@@ -421,6 +499,7 @@ impl RedisBackend {
 
     /// One SCAN page of keys matching `pattern` on one node: counted, or unlinked and
     /// counted. Returns the next SCAN cursor (0: the node is done) and the count.
+    #[allow(clippy::too_many_arguments)]
     async fn subject_page(
         &self,
         node: &Node,
@@ -429,6 +508,7 @@ impl RedisBackend {
         action: SubjectAction,
         budget: &StepBudget,
         seen: &mut HashSet<Vec<u8>>,
+        run: &str,
     ) -> Result<(u64, u64), Error> {
         let mut conn = node.conn.clone();
         let err = |e| map_error(e, &node.addr);
@@ -444,7 +524,7 @@ impl RedisBackend {
             .map_err(err)?;
         let keys: Vec<Vec<u8>> = keys
             .into_iter()
-            .filter(|k| glob::matches(pattern.as_bytes(), k))
+            .filter(|k| glob::matches(pattern.as_bytes(), k) && !ledger::is_ledger_key(k))
             .collect();
         if keys.is_empty() {
             return Ok((next, 0));
@@ -463,7 +543,7 @@ impl RedisBackend {
                 }
                 n
             }
-            SubjectAction::Erase => unlink_each(&mut conn, &keys, self, budget)
+            SubjectAction::Erase => unlink_each(&mut conn, &keys, self, budget, run)
                 .await
                 .map_err(err)?,
         };
@@ -482,6 +562,39 @@ impl RedisBackend {
         }
     }
 
+    /// One key's record erased by `script` (`KEYS[2]` = `key`, `ARGV[2]` = `item`), recorded
+    /// in the ledger of `run` first. On a cluster node that does not own the key: 0.
+    async fn erase_one(
+        &self,
+        node: &Node,
+        script: &redis::Script,
+        key: &str,
+        item: &str,
+        run: &str,
+    ) -> Result<u64, Error> {
+        let mut conn = node.conn.clone();
+        self.limits.acquire(1).await;
+        let entries = [(key.as_bytes().to_vec(), item)];
+        match per_slot(
+            &mut conn,
+            script,
+            &entries,
+            self.config.cluster,
+            run,
+            |invocation, group| {
+                for (key, item) in group {
+                    invocation.key(key).arg(*item);
+                }
+            },
+        )
+        .await
+        {
+            Ok(n) => Ok(n),
+            Err(e) if is_not_here(&e) => Ok(0),
+            Err(e) => Err(map_error(e, &node.addr)),
+        }
+    }
+
     /// A member of a set (SISMEMBER / SREM) or sorted set (ZSCORE / ZREM).
     async fn set_member(
         &self,
@@ -490,7 +603,15 @@ impl RedisBackend {
         member: &str,
         action: SubjectAction,
         budget: &StepBudget,
+        run: &str,
     ) -> Result<u64, Error> {
+        if action == SubjectAction::Erase {
+            budget.may_act()?;
+            // Type check, membership, ledger and removal in one script.
+            return self
+                .erase_one(node, &super::MEMBER_SCRIPT, key, member, run)
+                .await;
+        }
         let mut conn = node.conn.clone();
         self.limits.acquire(1).await;
         let kind: String = match redis::cmd("TYPE").arg(key).query_async(&mut conn).await {
@@ -498,22 +619,9 @@ impl RedisBackend {
             Err(e) if is_not_here(&e) => return Ok(0),
             Err(e) => return Err(map_error(e, &node.addr)),
         };
-        let erase = action == SubjectAction::Erase;
-        if erase {
-            budget.may_act()?;
-        }
         match kind.as_str() {
             "set" => {
-                self.single_key(
-                    node,
-                    redis::cmd(if erase { "SREM" } else { "SISMEMBER" })
-                        .arg(key)
-                        .arg(member),
-                )
-                .await
-            }
-            "zset" if erase => {
-                self.single_key(node, redis::cmd("ZREM").arg(key).arg(member))
+                self.single_key(node, redis::cmd("SISMEMBER").arg(key).arg(member))
                     .await
             }
             "zset" => {
@@ -539,16 +647,15 @@ fn pairs<'a>(keys: &'a [String], items: &'a [String]) -> Vec<(&'a String, &'a St
         .collect()
 }
 
+/// Unlinks the keys of one SCAN page that still exist, recorded in the ledger of `run` first
+/// (one script per slot on a cluster node); returns how many.
 async fn unlink_each(
     conn: &mut MultiplexedConnection,
     keys: &[Vec<u8>],
     backend: &RedisBackend,
     budget: &StepBudget,
+    run: &str,
 ) -> RedisResult<u64> {
-    let mut pipe = redis::pipe();
-    for key in keys {
-        pipe.cmd("UNLINK").arg(key);
-    }
     backend
         .limits
         .acquire(u32::try_from(keys.len()).unwrap_or(u32::MAX))
@@ -560,8 +667,20 @@ async fn unlink_each(
             super::LEADERSHIP_LOST,
         )));
     }
-    let removed: Vec<u64> = pipe.query_async(conn).await?;
-    Ok(removed.iter().sum())
+    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
+    per_slot(
+        conn,
+        &super::UNLINK_SCRIPT,
+        &entries,
+        backend.config.cluster,
+        run,
+        |invocation, group| {
+            for (key, ()) in group {
+                invocation.key(key);
+            }
+        },
+    )
+    .await
 }
 
 fn is_not_here(e: &redis::RedisError) -> bool {
@@ -590,6 +709,7 @@ mod tests {
             scan,
             count,
             in_unit,
+            tally: None,
         }
     }
 
@@ -611,6 +731,32 @@ mod tests {
             Position::parse(None, FIND, 3, "", 5).unwrap(),
             Position::start(FIND)
         );
+    }
+
+    #[test]
+    fn an_erase_cursor_carries_its_ledger_and_other_actions_drop_it() {
+        let mut p = at(ERASE, 2, 0, 99, 300, 10);
+        p.tally = Some(ledger::Tally {
+            run: "0a1b2c3d4e5f".into(),
+            counted: 300,
+            settled: false,
+        });
+        let c = p.encode("");
+        assert_eq!(c, "subject:e:2:0:99:300:10;0a1b2c3d4e5f.300");
+        assert_eq!(Position::parse(Some(&c), ERASE, 1, "", 5).unwrap(), p);
+        // Past the pieces (the locator changed): the ledger stays with the erase.
+        let beyond = Position::parse(Some(&c), ERASE, 1, "", 1).unwrap();
+        assert_eq!(beyond.tally, p.tally);
+        assert_eq!(
+            Position::parse(Some(&c), FIND, 1, "", 5).unwrap(),
+            Position::start(FIND)
+        );
+        for bad in ["subject:e:2:0:99:300:10;", "subject:e:2:0:99:300:10;zz.1"] {
+            assert!(
+                Position::parse(Some(bad), ERASE, 1, "", 5).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

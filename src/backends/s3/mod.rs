@@ -10,6 +10,7 @@
 //! records inside JSON-lines archives (see `subject.rs` and `records.rs`).
 
 pub mod driver;
+pub mod intent;
 pub mod records;
 mod subject;
 mod sweep;
@@ -218,6 +219,115 @@ impl S3Backend {
             result.deleted += (chunk.len() - refused) as u64;
         }
         Ok(result)
+    }
+}
+
+impl S3Backend {
+    /// Writes the intent of the batch `objects` under the journal's next number, before the
+    /// batch is sent.
+    async fn write_intent(
+        &self,
+        journal: &mut intent::Journal,
+        objects: &[ObjectIdentifier],
+    ) -> Result<(), Error> {
+        let body = intent::Intent {
+            objects: objects
+                .iter()
+                .map(|o| (o.key().to_string(), o.version_id().map(str::to_string)))
+                .collect(),
+        }
+        .encode();
+        let seq = journal.take_seq();
+        let key = intent::key(&journal.run, seq);
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        client
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .body(aws_sdk_s3::primitives::ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "PutObject (intent)"))?;
+        Ok(())
+    }
+
+    /// Settles the journal's intents: those below its number back counts already
+    /// checkpointed and are removed; those at or above it were written by a step whose
+    /// outcome was lost: what of their objects is gone is returned (counted by the caller),
+    /// and the journal's number moves past them (they are removed once that count is
+    /// checkpointed).
+    async fn settle_intents(&self, journal: &mut intent::Journal) -> Result<u64, Error> {
+        let prefix = intent::run_prefix(&journal.run);
+        let mut listing = sweep::Cursor::default();
+        let mut stale = Vec::new();
+        let mut lost = 0u64;
+        let mut next_seq = journal.seq;
+        loop {
+            let (entries, next) = self.list_versions(&prefix, &listing).await?;
+            for entry in entries {
+                let Some(seq) = intent::seq_of(&journal.run, &entry.key) else {
+                    continue;
+                };
+                if seq < journal.seq || entry.delete_marker {
+                    stale.push(object_id(&entry.key, entry.version_id.as_deref())?);
+                } else if entry.latest {
+                    lost = lost.saturating_add(self.gone_of_intent(&entry.key).await?);
+                    next_seq = next_seq.max(seq.saturating_add(1));
+                }
+            }
+            match next {
+                Some(n) => listing = n,
+                None => break,
+            }
+        }
+        journal.seq = next_seq;
+        self.delete_batch(stale).await?;
+        Ok(lost)
+    }
+
+    /// How many objects of the intent at `key` are gone (HEAD answers 404).
+    async fn gone_of_intent(&self, key: &str) -> Result<u64, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let body = client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "GetObject (intent)"))?
+            .body
+            .collect()
+            .await
+            .map_err(|e| Error::Unreachable(format!("GetObject (intent): {e}")))?
+            .into_bytes();
+        let Some(batch) = intent::Intent::decode(&body) else {
+            return Err(Error::Store(
+                "an intent of this run is unreadable; its batch cannot be counted".into(),
+            ));
+        };
+        let mut gone = 0u64;
+        for (object, version) in batch.objects {
+            self.limits.acquire(1).await;
+            match client
+                .head_object()
+                .bucket(&self.config.bucket)
+                .key(object)
+                .set_version_id(version)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => {
+                    gone = gone.saturating_add(1)
+                }
+                // A delete marker still there (405): not deleted.
+                Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 405 => {}
+                Err(e) => return Err(sdk_error(e, "HeadObject (intent)")),
+            }
+        }
+        Ok(gone)
     }
 }
 

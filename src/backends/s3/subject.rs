@@ -92,6 +92,69 @@ pub(super) struct Position {
     /// Lock): already counted, so the versions pass leaves them alone.
     #[serde(rename = "k", default, skip_serializing_if = "Vec::is_empty")]
     kept: Vec<String>,
+    /// An erase of archive records: its run, named in the metadata of every archive it
+    /// rewrites with how many records it dropped there ([`DROPPED`]), so that a step
+    /// repeating a lost one counts what that one dropped. Random, never an identifier.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    run: Option<String>,
+}
+
+/// User metadata (sent as `x-amz-meta-tombstone-dropped`) in which a rewritten archive
+/// records which erasure runs dropped how many records from it: `run:n`, newest first, a few
+/// runs at most, within the 2 KB S3 allows for all user metadata.
+pub(super) const DROPPED: &str = "tombstone-dropped";
+/// Runs kept in [`DROPPED`] besides the newest.
+const DROPPED_EARLIER: usize = 4;
+/// What S3 allows for all user metadata of an object (keys and values), in bytes.
+const METADATA_LIMIT: usize = 2048;
+
+/// How many records `run` dropped, as recorded in a [`DROPPED`] value (0 if it did not).
+fn dropped_by(value: Option<&str>, run: &str) -> u64 {
+    value
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .filter_map(|entry| entry.trim().split_once(':'))
+        .filter(|(r, _)| *r == run)
+        .filter_map(|(_, n)| n.parse::<u64>().ok())
+        .fold(0, u64::saturating_add)
+}
+
+/// The [`DROPPED`] value after `run` dropped (in all) `n` records: its entry first, then up
+/// to [`DROPPED_EARLIER`] entries of other runs, as many as fit in `room` bytes. None when
+/// not even the run's own entry fits.
+fn dropped_value(earlier: Option<&str>, run: &str, n: u64, room: usize) -> Option<String> {
+    let mut value = format!("{run}:{n}");
+    if value.len() > room {
+        return None;
+    }
+    let others = earlier
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| {
+            e.split_once(':')
+                .is_some_and(|(r, c)| r != run && !r.is_empty() && c.parse::<u64>().is_ok())
+        })
+        .take(DROPPED_EARLIER);
+    for entry in others {
+        if value.len() + 1 + entry.len() > room {
+            break;
+        }
+        value.push(',');
+        value.push_str(entry);
+    }
+    Some(value)
+}
+
+/// Records in `metadata` that `run` dropped `n` records in all, within the metadata limit
+/// (an archive whose other metadata leaves no room goes without the record).
+fn record_dropped(metadata: &mut std::collections::HashMap<String, String>, run: &str, n: u64) {
+    let earlier = metadata.remove(DROPPED);
+    let used: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let room = METADATA_LIMIT.saturating_sub(used.saturating_add(DROPPED.len()));
+    if let Some(value) = dropped_value(earlier.as_deref(), run, n, room) {
+        metadata.insert(DROPPED.to_string(), value);
+    }
 }
 
 fn action_code(action: SubjectAction) -> &'static str {
@@ -259,6 +322,24 @@ impl S3Backend {
             }
         }
         let mut pos = Position::parse(cursor, job.action)?;
+        if job.action == SubjectAction::Erase && records.is_some() && pos.run.is_none() {
+            pos.run = Some(crate::backends::redis::ledger::new_run());
+            if cursor.is_none() {
+                // The run is checkpointed before any archive is rewritten under its name, so
+                // that a step repeating a lost one knows its own rewrites. Nothing erased yet,
+                // but an instance that no longer leads does not start.
+                budget.may_act()?;
+                return Ok(SubjectStep {
+                    count: 0,
+                    blocked: 0,
+                    malformed: 0,
+                    ran,
+                    skipped,
+                    next: Next::Continue(pos.encode()),
+                    failure: None,
+                });
+            }
+        }
         let versioned = self.versioned().await?;
         let mut tally = Tally {
             count: pos.count,
@@ -552,8 +633,10 @@ impl S3Backend {
                 }
                 clock.worked = true;
                 clock.budget.may_act()?;
-                let rewrite = self.rewrite_current(&entry.key, matcher).await?;
-                tally.count += copies(&rewrite.counts, matcher);
+                let run = pos.run.clone().unwrap_or_default();
+                let rewrite = self.rewrite_current(&entry.key, matcher, &run).await?;
+                // What a lost step of this run dropped from this archive is counted now.
+                tally.count += copies(&rewrite.counts, matcher).saturating_add(rewrite.earlier);
                 tally.malformed += rewrite.counts.malformed;
                 if rewrite.counts.unparsed > 0 {
                     tally
@@ -738,8 +821,15 @@ impl S3Backend {
 
     /// Reads the current version, writes it back without the subject's records if any were
     /// there, only if nobody wrote in between (`If-Match`); on a conflict, starts again from
-    /// a fresh read.
-    async fn rewrite_current(&self, key: &str, matcher: &Matcher) -> Result<Rewrite, Error> {
+    /// a fresh read. The rewritten archive records that `run` dropped the records (with what
+    /// it dropped there before); `earlier` is what it had dropped there before, found in the
+    /// archive's metadata (only a step whose outcome was lost leaves that behind).
+    async fn rewrite_current(
+        &self,
+        key: &str,
+        matcher: &Matcher,
+        run: &str,
+    ) -> Result<Rewrite, Error> {
         let client = self.client().await?;
         let mut last_conflict = None;
         for _ in 0..WRITE_ATTEMPTS {
@@ -756,6 +846,17 @@ impl S3Backend {
                 Error::Store("GetObject returned no ETag; a safe rewrite needs one".into())
             })?;
             let read_version = object.version_id().map(str::to_string);
+            let earlier = if run.is_empty() {
+                0
+            } else {
+                dropped_by(
+                    object
+                        .metadata()
+                        .and_then(|m| m.get(DROPPED))
+                        .map(String::as_str),
+                    run,
+                )
+            };
             let mut metadata = Preserved::from(&object);
             if object.tag_count().is_some_and(|n| n > 0) {
                 metadata.tagging = Some(self.tagging(key, read_version.as_deref()).await?);
@@ -773,11 +874,16 @@ impl S3Backend {
             .await
             .map_err(|e| Error::Store(format!("archive rewrite task failed: {e}")))?
             .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
-            if copies(&counts, matcher) == 0 {
+            let dropped = copies(&counts, matcher);
+            if dropped == 0 {
                 return Ok(Rewrite {
                     counts,
                     replaced_version: None,
+                    earlier,
                 });
+            }
+            if let (false, Some(m)) = (run.is_empty(), metadata.metadata.as_mut()) {
+                record_dropped(m, run, earlier.saturating_add(dropped));
             }
             if let Some(hook) = &self.before_write {
                 hook().await;
@@ -813,6 +919,7 @@ impl S3Backend {
                     return Ok(Rewrite {
                         counts,
                         replaced_version: read_version,
+                        earlier,
                     })
                 }
                 Err(e) if is_conflict(&e) => {
@@ -853,6 +960,8 @@ struct Rewrite {
     counts: Counts,
     /// The version that was read and replaced (versioned buckets): it still holds the records.
     replaced_version: Option<String>,
+    /// Records this run had dropped from the archive before, in a step whose outcome was lost.
+    earlier: u64,
 }
 
 /// Whether a write failed only because the object changed since it was read.
@@ -1145,6 +1254,53 @@ mod tests {
 #[cfg(test)]
 mod cursor_tests {
     use super::*;
+
+    #[test]
+    fn archives_record_which_run_dropped_how_many_within_the_metadata_limit() {
+        assert_eq!(dropped_by(None, "0a1b"), 0);
+        assert_eq!(dropped_by(Some("0a1b:3"), "0a1b"), 3);
+        assert_eq!(dropped_by(Some("ffee:9, 0a1b:3"), "0a1b"), 3);
+        assert_eq!(dropped_by(Some("ffee:9,garbage,0a1b:x"), "0a1b"), 0);
+        assert_eq!(
+            dropped_value(Some("ffee:9,0a1b:3"), "0a1b", 5, 2048).as_deref(),
+            Some("0a1b:5,ffee:9"),
+            "the run's entry replaced, first"
+        );
+        let many = (0..10)
+            .map(|i| format!("r{i}:1"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            dropped_value(Some(&many), "0a1b", 2, 2048).as_deref(),
+            Some("0a1b:2,r0:1,r1:1,r2:1,r3:1"),
+            "a few earlier runs at most"
+        );
+        assert_eq!(
+            dropped_value(Some(&many), "0a1b", 2, 12).as_deref(),
+            Some("0a1b:2,r0:1")
+        );
+        assert_eq!(dropped_value(None, "0a1b", 2, 5), None);
+        let mut metadata = std::collections::HashMap::from([
+            (
+                "tombstone-original-time".to_string(),
+                "2026-01-01T00:00:00Z".to_string(),
+            ),
+            ("big".to_string(), "x".repeat(1900)),
+        ]);
+        record_dropped(&mut metadata, "0a1b", u64::MAX);
+        let used: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(used <= METADATA_LIMIT, "{used}");
+        assert_eq!(
+            dropped_by(metadata.get(DROPPED).map(String::as_str), "0a1b"),
+            u64::MAX
+        );
+        let mut full = std::collections::HashMap::from([("big".to_string(), "x".repeat(2040))]);
+        record_dropped(&mut full, "0a1b", 7);
+        assert!(
+            !full.contains_key(DROPPED),
+            "no room: written without the record"
+        );
+    }
 
     #[test]
     fn a_cursor_round_trips_and_holds_no_key() {

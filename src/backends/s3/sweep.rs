@@ -46,6 +46,9 @@ pub(super) struct Cursor {
     pub version_marker: Option<String>,
     #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
     pub carry: Option<Carry>,
+    /// A real sweep's write-ahead intents ([`super::intent`]): absent in a dry run.
+    #[serde(rename = "j", default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<super::intent::Journal>,
 }
 
 /// The key whose versions continue on the next page. Its delete markers can only be judged
@@ -244,6 +247,12 @@ pub(super) fn needs_recorded_age(
         && entry.last_modified.is_some_and(|t| t >= cutoff)
 }
 
+/// The operator's own objects ([`super::intent::PREFIX`]) are listed only to the operator
+/// itself, when it lists that prefix: no sweep or erasure ever selects them.
+fn reserved_visible(prefix: &str, key: &str) -> bool {
+    !super::intent::is_reserved(key) || super::intent::is_reserved(prefix)
+}
+
 /// An object with no LastModified cannot be judged old and is kept.
 fn expired(last_modified: Option<DateTime<Utc>>, cutoff: DateTime<Utc>) -> bool {
     last_modified.is_some_and(|t| t < cutoff)
@@ -358,35 +367,90 @@ impl S3Backend {
                 ..Default::default()
             },
         };
-        let deadline = Instant::now() + budget.max_time;
+        let mut journal = position.journal.take().filter(|_| !job.dry_run);
+        if journal.is_none() && !job.dry_run {
+            let fresh = super::intent::Journal {
+                run: crate::backends::redis::ledger::new_run(),
+                ..Default::default()
+            };
+            if cursor.is_none() {
+                // The first step of a run only names its intents, checkpointed before any
+                // batch is written under that name.
+                position.journal = Some(fresh);
+                return Ok(Step {
+                    next: Next::Continue(position.encode()),
+                    failure: budget.may_act().err(),
+                    ..Step::default()
+                });
+            }
+            journal = Some(fresh);
+        }
+        let encode = |position: &Cursor, journal: &Option<super::intent::Journal>| {
+            let mut p = position.clone();
+            p.journal = journal.clone();
+            p.encode()
+        };
         let mut step = Step::default();
+        if let Some(j) = journal.as_mut() {
+            // Batches of a step whose outcome was lost are counted now; intents of counted
+            // batches are removed.
+            step.deleted = self.settle_intents(j).await?;
+            if j.settled {
+                return Ok(step);
+            }
+        }
+        let deadline = Instant::now() + budget.max_time;
         loop {
             let page = if position.versions {
-                self.versions_page(job, &prefix, &position, &holds, &mut step, budget)
-                    .await
+                self.versions_page(
+                    job,
+                    &prefix,
+                    &position,
+                    &holds,
+                    &mut step,
+                    budget,
+                    journal.as_mut(),
+                )
+                .await
             } else {
-                self.objects_page(job, &prefix, &position, &holds, &mut step, budget)
-                    .await
+                self.objects_page(
+                    job,
+                    &prefix,
+                    &position,
+                    &holds,
+                    &mut step,
+                    budget,
+                    journal.as_mut(),
+                )
+                .await
             };
             match page {
                 Ok(Some(next)) => position = next,
-                Ok(None) => return Ok(step),
+                Ok(None) => {
+                    if let Some(j) = journal.as_mut() {
+                        // Done: the next step removes the intents once this is checkpointed.
+                        j.settled = true;
+                        step.next = Next::Continue(encode(&position, &journal));
+                    }
+                    return Ok(step);
+                }
                 Err(e) => {
                     // The page is retried from its start: what it deleted is gone and is not
                     // counted twice.
                     step.failure = Some(e);
-                    step.next = Next::Continue(position.encode());
+                    step.next = Next::Continue(encode(&position, &journal));
                     return Ok(step);
                 }
             }
             if Instant::now() >= deadline || budget.cancel.is_cancelled() {
-                step.next = Next::Continue(position.encode());
+                step.next = Next::Continue(encode(&position, &journal));
                 return Ok(step);
             }
         }
     }
 
     /// One ListObjectsV2 page: expired objects deleted. Returns where to continue.
+    #[allow(clippy::too_many_arguments)]
     async fn objects_page(
         &self,
         job: &SweepJob,
@@ -395,6 +459,7 @@ impl S3Backend {
         holds: &Holds,
         step: &mut Step,
         budget: &StepBudget,
+        journal: Option<&mut super::intent::Journal>,
     ) -> Result<Option<Cursor>, Error> {
         let (mut entries, next) = self.list_objects(prefix, position).await?;
         step.scanned += entries.len() as u64;
@@ -419,7 +484,7 @@ impl S3Backend {
             }
         }
         let refused = self
-            .delete_counted(doomed, job.dry_run, false, step, budget)
+            .delete_counted(doomed, job.dry_run, false, step, budget, journal)
             .await?;
         for r in &refused {
             let modified = entries
@@ -542,7 +607,9 @@ impl S3Backend {
             .contents()
             .iter()
             .filter_map(|o| {
-                let key = o.key().filter(|k| k.starts_with(prefix))?;
+                let key = o
+                    .key()
+                    .filter(|k| k.starts_with(prefix) && reserved_visible(prefix, k))?;
                 Some(Entry {
                     key: key.to_string(),
                     version_id: None,
@@ -569,6 +636,7 @@ impl S3Backend {
 
     /// One ListObjectVersions page: expired versions deleted by version id, then the delete
     /// markers left with nothing behind them.
+    #[allow(clippy::too_many_arguments)]
     async fn versions_page(
         &self,
         job: &SweepJob,
@@ -577,6 +645,7 @@ impl S3Backend {
         holds: &Holds,
         step: &mut Step,
         budget: &StepBudget,
+        mut journal: Option<&mut super::intent::Journal>,
     ) -> Result<Option<Cursor>, Error> {
         let (mut entries, next) = self.list_versions(prefix, position).await?;
         // A held subject's keys are left out of the plan: none of their versions or markers
@@ -616,7 +685,14 @@ impl S3Backend {
         let versions = version_ids(&plan.versions)?;
         let predict_locks = job.dry_run && self.object_lock_enabled().await;
         let refused = self
-            .delete_counted(versions, job.dry_run, predict_locks, step, budget)
+            .delete_counted(
+                versions,
+                job.dry_run,
+                predict_locks,
+                step,
+                budget,
+                journal.as_deref_mut(),
+            )
             .await?;
         // A refused version stays, so its key's delete markers must stay too: removing them
         // would make the locked data current again.
@@ -626,7 +702,7 @@ impl S3Backend {
             carry.survivor |= refused.iter().any(|r| r.key == carry.key);
         }
         let markers = version_ids(&plan.markers)?;
-        self.delete_counted(markers, job.dry_run, false, step, budget)
+        self.delete_counted(markers, job.dry_run, false, step, budget, journal)
             .await?;
         Ok(next.map(|n| Cursor {
             versions: true,
@@ -670,7 +746,7 @@ impl S3Backend {
         });
         let mut entries: Vec<Entry> = versions
             .chain(markers)
-            .filter(|e| e.key.starts_with(prefix))
+            .filter(|e| e.key.starts_with(prefix) && reserved_visible(prefix, &e.key))
             .collect();
         // Stable: within a key the server's newest-first order is kept.
         entries.sort_by(|a, b| a.key.cmp(&b.key));
@@ -701,10 +777,15 @@ impl S3Backend {
         predict_locks: bool,
         step: &mut Step,
         budget: &StepBudget,
+        journal: Option<&mut super::intent::Journal>,
     ) -> Result<Vec<Refusal>, Error> {
         let done = if !dry_run {
             if !objects.is_empty() {
                 budget.may_act()?;
+                if let Some(journal) = journal {
+                    // Written ahead, so a lost outcome of this batch is counted later.
+                    self.write_intent(journal, &objects).await?;
+                }
             }
             self.delete_batch(objects).await?
         } else if predict_locks {
@@ -781,6 +862,32 @@ impl S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweeps_never_select_the_operators_intents() {
+        for prefix in ["", ".", ".tomb", "logs/"] {
+            assert!(
+                !reserved_visible(prefix, ".tombstone/intents/0a1b/00000000000000000001"),
+                "{prefix:?}"
+            );
+        }
+        assert!(reserved_visible("", "logs/1"));
+        assert!(reserved_visible("", ".tombstoned"));
+        assert!(reserved_visible(
+            ".tombstone/intents/0a1b/",
+            ".tombstone/intents/0a1b/00000000000000000001"
+        ));
+        let c = Cursor {
+            journal: Some(super::super::intent::Journal {
+                run: "0a1b".into(),
+                seq: 7,
+                settled: true,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(c.encode(), r#"s3:{"j":{"r":"0a1b","q":7,"z":true}}"#);
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+    }
 
     fn t(s: &str) -> Option<DateTime<Utc>> {
         Some(s.parse().unwrap())

@@ -707,8 +707,7 @@ async fn a_redis_cluster_reshard_is_followed_by_erasures_and_sweeps() {
         let backend = &backend;
         let job = job(action);
         async move {
-            backend
-                .subject_step(&job, None, &budget())
+            crate::fixtures::subject_until_done(backend, &job, &budget())
                 .await
                 .expect("subject step")
         }
@@ -866,10 +865,10 @@ async fn a_redis_cluster_failover_is_followed_by_erasures_and_sweeps() {
         identifiers: BTreeMap::from([("userId".to_string(), HELD.to_string())]),
         action,
     };
-    let erased = backend
-        .subject_step(&job(SubjectAction::Erase), None, &budget())
-        .await
-        .expect("the erasure follows the new primary");
+    let erased =
+        crate::fixtures::subject_until_done(&backend, &job(SubjectAction::Erase), &budget())
+            .await
+            .expect("the erasure follows the new primary");
     assert_eq!(erased.count, 1);
     let verified = backend
         .subject_step(&job(SubjectAction::Verify), None, &budget())

@@ -1,0 +1,226 @@
+//! Counts stay exact when a step's outcome is lost: the operator killed (or fenced out) after
+//! the store deleted and before the checkpoint. Each test drives `Backend` steps directly,
+//! throws away the outcome of the first step after which the store has lost records, resumes
+//! from the previous cursor with a fresh backend (as after a restart), and checks that the
+//! counts of the job equal what the store lost. (The conformance suite checks the same for the
+//! sweep and key paths of every driver.)
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use tombstone::api::retentionpolicy::Target;
+use tombstone::backends::{Backend, Next, StepBudget, SubjectAction, SubjectJob};
+
+use crate::support::s3::S3Server;
+
+const EMAIL: &str = "exact-3f9a@example.org";
+const ARCHIVES: usize = 8;
+const SUBJECT_LINES: usize = 2;
+
+fn record(to: &str, n: usize) -> String {
+    format!("{{\"msg\":{{\"recipient\":\"{to}\",\"id\":{n}}}}}\n")
+}
+
+fn budget() -> StepBudget {
+    StepBudget {
+        max_time: Duration::from_millis(1),
+        cancel: CancellationToken::new(),
+        fence: Default::default(),
+    }
+}
+
+/// The subject's records left in the archives.
+async fn subject_lines(server: &S3Server) -> usize {
+    let mut n = 0;
+    for a in 0..ARCHIVES {
+        let body = server
+            .get("lost", &format!("mail/logs/day{a:02}.jsonl"))
+            .await;
+        n += String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.contains(EMAIL))
+            .count();
+    }
+    n
+}
+
+/// An archive rewritten by a step whose outcome is lost records in its metadata that the
+/// run dropped its records; the step that repeats it counts them instead of 0.
+#[tokio::test]
+async fn an_archive_rewrite_whose_step_is_lost_is_counted_by_the_step_that_repeats_it() {
+    let server = S3Server::start();
+    server.create_bucket("lost", false, false).await;
+    for a in 0..ARCHIVES {
+        let body: String = (0..SUBJECT_LINES)
+            .map(|i| record(EMAIL, a * 10 + i))
+            .chain(std::iter::once(record("other@example.org", a * 10 + 9)))
+            .collect();
+        server
+            .put("lost", &format!("mail/logs/day{a:02}.jsonl"), body)
+            .await;
+    }
+    let target: Target = serde_json::from_value(json!({
+        "name": "archive", "store": "archive", "s3": {"prefix": "mail/"},
+        "subject": {"s3": {"records": {
+            "prefix": "mail/logs/", "field": "msg.recipient", "equals": "{email}"
+        }}}
+    }))
+    .unwrap();
+    let job = SubjectJob {
+        target,
+        identifiers: BTreeMap::from([("email".to_string(), EMAIL.to_string())]),
+        action: SubjectAction::Erase,
+    };
+    let seeded = ARCHIVES * SUBJECT_LINES;
+    let (mut cursor, mut erased, mut lost) = (None::<String>, 0u64, None);
+    for steps in 0.. {
+        assert!(steps < 1000, "the erasure did not finish");
+        // A fresh backend per step, as after a restart.
+        let backend = crate::s3::backend(&server, "lost");
+        let step = backend
+            .subject_step(&job, cursor.as_deref(), &budget())
+            .await
+            .expect("a subject step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        if lost.is_none() {
+            let left = subject_lines(&server).await;
+            if left < seeded {
+                // Killed before the checkpoint: nothing of this step is kept.
+                lost = Some(seeded - left);
+                continue;
+            }
+        }
+        erased += step.count;
+        match step.next {
+            Next::Done => break,
+            Next::Continue(c) => {
+                assert!(!c.contains(EMAIL), "{c}");
+                cursor = Some(c);
+            }
+            Next::Wait { .. } => panic!("S3 steps never wait"),
+        }
+    }
+    let lost = lost.expect("no step erased anything");
+    assert_eq!(subject_lines(&server).await, 0);
+    assert_eq!(
+        erased, seeded as u64,
+        "the {lost} records dropped by the lost step are counted once by the step after it"
+    );
+}
+
+/// The ACL rules the README documents for the operator's Redis user (target `session:*`),
+/// without the password.
+const README_ACL: &str = "resetkeys ~session:* ~user:* ~tombstone:ledger:* resetchannels -@all \
+    +ping +info +cluster|nodes +scan +type +exists +get +hget +hexists +pttl +object|idletime \
+    +sismember +zscore +eval +evalsha +script|load +unlink +pexpire +hdel +srem +zrem +incrby \
+    +expire";
+
+/// Sweeps `job` to its end (or its first failure) with a fresh backend per step; returns
+/// what the steps counted and the failure, if any.
+async fn sweep_to_end(
+    config: &tombstone::backends::redis::RedisConfig,
+    job: &tombstone::backends::SweepJob,
+) -> (u64, Option<tombstone::backends::Error>) {
+    let (mut cursor, mut deleted) = (None::<String>, 0u64);
+    for _ in 0..1000 {
+        let backend = tombstone::backends::redis::RedisBackend::new(
+            config.clone(),
+            tombstone::backends::Limits::default(),
+        );
+        let step = match backend.sweep_step(job, cursor.as_deref(), &budget()).await {
+            Ok(step) => step,
+            Err(e) => return (deleted, Some(e)),
+        };
+        deleted += step.deleted;
+        if step.failure.is_some() {
+            return (deleted, step.failure);
+        }
+        match step.next {
+            Next::Done => return (deleted, None),
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+        }
+    }
+    panic!("the sweep did not finish");
+}
+
+/// The README's ACL lets the operator sweep with exact counts; without its ledger pattern
+/// the first destructive script is refused before it deletes anything, and the step says
+/// what the user lacks.
+#[tokio::test]
+async fn a_redis_user_that_may_not_write_the_ledger_deletes_nothing_and_says_why() {
+    use tombstone::backends::redis::RedisConfig;
+    let server = crate::support::RedisServer::start();
+    let mut conn = crate::fixtures::redis_conn(&server.url()).await;
+    let old = chrono::Utc::now().timestamp() - 90 * 86_400;
+    let mut pipe = redis::pipe();
+    for i in 0..50 {
+        pipe.cmd("HSET")
+            .arg(format!("session:{i}"))
+            .arg("createdAt")
+            .arg(old)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.expect("seed");
+    let acl = |user: &str, rules: &str| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg(user).arg("on").arg(">pw-7d1");
+        for rule in rules.split_whitespace() {
+            cmd.arg(rule);
+        }
+        cmd
+    };
+    let without_ledger = README_ACL.replace(" ~tombstone:ledger:*", "");
+    let _: () = acl("limited", &without_ledger)
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER limited");
+    let _: () = acl("tombstone", README_ACL)
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER tombstone");
+    let config = |user: &str| RedisConfig {
+        url: format!("redis://{user}@127.0.0.1:{}", server.port()),
+        password: Some("pw-7d1".into()),
+        cluster: false,
+    };
+    let job = tombstone::backends::SweepJob {
+        target: serde_json::from_value(json!({"name": "s", "store": "cache",
+            "redis": {"keyPattern": "session:*", "mode": "timestamp", "timestampField": "createdAt"}}))
+        .unwrap(),
+        retention: "1d".parse().unwrap(),
+        dry_run: false,
+        cutoff: chrono::Utc::now() - chrono::Duration::days(1),
+        held: Default::default(),
+    };
+
+    let (deleted, failure) = sweep_to_end(&config("limited"), &job).await;
+    let failure = failure.expect("a user without the ledger pattern is refused");
+    assert_eq!(
+        (failure.reason(), failure.category()),
+        ("StoreError", tombstone::backends::Category::Refused),
+        "{failure}"
+    );
+    let message = failure.to_string();
+    assert!(
+        message.contains("NOPERM") && message.contains("tombstone:ledger:"),
+        "{message}"
+    );
+    assert_eq!(deleted, 0);
+    assert_eq!(
+        crate::fixtures::count_keys(&mut conn, "session:*").await,
+        50
+    );
+
+    let (deleted, failure) = sweep_to_end(&config("tombstone"), &job).await;
+    assert!(failure.is_none(), "{failure:?}");
+    assert_eq!(deleted, 50);
+    assert_eq!(crate::fixtures::count_keys(&mut conn, "session:*").await, 0);
+    assert_eq!(
+        crate::fixtures::count_keys(&mut conn, "tombstone:ledger:*").await,
+        0,
+        "the run's ledger is removed once its reading is checkpointed"
+    );
+}
