@@ -23,6 +23,12 @@
 //! - `GET _tasks/<id>`: `completed: false` while running, then `completed: true` and
 //!   `response: {total, deleted, version_conflicts, failures, …}`; an unknown id is 404
 //!   `resource_not_found_exception` — .../tasks.html
+//! - `GET _tasks?actions=*/delete/byquery&detailed=true&group_by=parents`: the running tasks
+//!   by id, each with `headers` (the submission's `X-Opaque-Id`) and a `description` that
+//!   names the indices only, as both real nodes answer (seen on OpenSearch 2.19.1 and
+//!   Elasticsearch 7.17.29) — .../tasks.html
+//! - `POST .tasks/_refresh`, `POST .tasks/_search`: see below; 404 before any result is
+//!   stored, as a real node answers while `.tasks` does not exist
 //! - `DELETE .tasks/_doc/<id>`: the stored result of a finished task goes (404 `not_found`
 //!   for a running or unknown task), and `GET _tasks/<id>` is 404 after, as on a real node
 //! - `_refresh` (documents indexed without `refresh=true` are searchable only after it) —
@@ -49,9 +55,11 @@
 //!   tested on the real node without it).
 //! - `wait_for_completion=false` stores each finished delete-by-query task as a document of
 //!   the `.tasks` index; the double keeps the result with the task (`stored_task_results`
-//!   counts them) and answers `DELETE .tasks/_doc/<id>` alike, but has no `.tasks` index to
-//!   search. `GET _tasks/<id>` of an unknown task is 404 `resource_not_found_exception` on
-//!   both.
+//!   counts them), answers `DELETE .tasks/_doc/<id>` alike, and searches them for
+//!   `POST .tasks/_search` by `task.action` and `task.start_time_in_millis` only (the
+//!   driver's search; `task.headers` is `enabled: false` in the real mapping of both, so the
+//!   driver matches the `X-Opaque-Id` in the hits). `GET _tasks/<id>` of an unknown task is
+//!   404 `resource_not_found_exception` on both.
 //! - A task cancelled from outside: OpenSearch 2.19 completes it with
 //!   `response.canceled: "by user request"` and the count so far in `response.deleted`;
 //!   Elasticsearch 7.17, cancelled while it waits out its `requests_per_second` throttle,
@@ -174,6 +182,8 @@ struct Task {
     failures: u64,
     response: Option<Value>,
     start_ms: i64,
+    /// The `X-Opaque-Id` header of the submission, if it had one.
+    opaque_id: Option<String>,
     /// Gone from the store: a node restarted while it ran, or its stored result
     /// (`.tasks/_doc/<id>`) was deleted. `GET _tasks/<id>` answers 404.
     gone: bool,
@@ -568,7 +578,15 @@ fn answer(
         ("GET", []) => root(options),
         ("POST", ["_bulk"]) => bulk(state, None, &body, query),
         ("POST" | "PUT", [index, "_bulk"]) => bulk(state, Some(index), &body, query),
+        ("GET", ["_tasks"]) => list_tasks(state, query),
         ("GET", ["_tasks", id]) => task(state, id),
+        ("GET" | "POST", [".tasks", "_refresh"]) if stored_results(state) > 0 => (
+            StatusCode::OK,
+            json!({"_shards": {"total": 1, "successful": 1, "failed": 0}}),
+        ),
+        ("GET" | "POST", [".tasks", "_search"]) if stored_results(state) > 0 => {
+            search_stored_tasks(state, &body)
+        }
         ("DELETE", [".tasks", "_doc", id]) => forget_task(state, id),
         ("POST", ["_tasks", id, "_cancel"]) => cancel_task(state, id),
         ("GET", ["_cat", "indices"]) => cat_indices(state, "*", query),
@@ -592,7 +610,13 @@ fn answer(
         },
         ("GET" | "POST", [pattern, "_count"]) => count(state, pattern, query, &body),
         ("GET" | "POST", [pattern, "_search"]) => search(state, pattern, query, &body),
-        ("POST", [pattern, "_delete_by_query"]) => delete_by_query(state, pattern, query, &body),
+        ("POST", [pattern, "_delete_by_query"]) => {
+            let opaque_id = headers
+                .get("x-opaque-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            delete_by_query(state, pattern, query, &body, opaque_id)
+        }
         ("GET", [index, "_settings"]) => get_settings(state, index),
         ("GET", [pattern, "_mapping", "field", fields]) => {
             field_mapping(state, pattern, fields, query)
@@ -1098,6 +1122,7 @@ fn delete_by_query(
     pattern: &str,
     query: &BTreeMap<String, String>,
     body: &Value,
+    opaque_id: Option<String>,
 ) -> Answer {
     if body.get("query").is_none() {
         return error(
@@ -1123,6 +1148,7 @@ fn delete_by_query(
         failures: std::mem::take(&mut state.failures_next_task),
         response: None,
         start_ms: Utc::now().timestamp_millis(),
+        opaque_id,
         gone: false,
     };
     if task.failures > 0 && state.failing_tasks_after > 0 {
@@ -1207,21 +1233,9 @@ fn task(state: &mut State, id: &str) -> Answer {
             &format!("task [{id}] isn't running and hasn't stored its results"),
         );
     };
-    let description = format!("delete-by-query [{}]", t.index_pattern);
-    let info = |t: &Task, deleted: u64| {
-        json!({
-            "node": NODE, "id": id.rsplit(':').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
-            "type": "transport", "action": "indices:data/write/delete/byquery",
-            "status": {"total": t.snapshot.len(), "updated": 0, "created": 0, "deleted": deleted, "batches": 1,
-                        "version_conflicts": 0, "noops": 0, "retries": {"bulk": 0, "search": 0},
-                        "throttled_millis": 0, "requests_per_second": -1.0, "throttled_until_millis": 0},
-            "description": description, "start_time_in_millis": t.start_ms,
-            "running_time_in_nanos": 1_000_000, "cancellable": true, "cancelled": false, "headers": {}
-        })
-    };
     if t.response.is_none() && t.running_polls > 0 {
         t.running_polls -= 1;
-        let running = info(t, 0);
+        let running = task_info(id, t, 0);
         return (StatusCode::OK, json!({"completed": false, "task": running}));
     }
     if t.response.is_none() {
@@ -1232,7 +1246,127 @@ fn task(state: &mut State, id: &str) -> Answer {
     let deleted = response.get("deleted").and_then(Value::as_u64).unwrap_or(0);
     (
         StatusCode::OK,
-        json!({"completed": true, "task": info(t, deleted), "response": response}),
+        json!({"completed": true, "task": task_info(id, t, deleted), "response": response}),
+    )
+}
+
+/// A task as `_tasks` shows it (and `.tasks` stores it): the description names the indices,
+/// not the query (as on OpenSearch 2.19 and Elasticsearch 7.17); the headers hold the
+/// submission's `X-Opaque-Id`.
+fn task_info(id: &str, t: &Task, deleted: u64) -> Value {
+    let headers = match &t.opaque_id {
+        Some(o) => json!({"X-Opaque-Id": o}),
+        None => json!({}),
+    };
+    json!({
+        "node": NODE, "id": id.rsplit(':').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
+        "type": "transport", "action": "indices:data/write/delete/byquery",
+        "status": {"total": t.snapshot.len(), "updated": 0, "created": 0, "deleted": deleted, "batches": 1,
+                    "version_conflicts": 0, "noops": 0, "retries": {"bulk": 0, "search": 0},
+                    "throttled_millis": 0, "requests_per_second": -1.0, "throttled_until_millis": 0},
+        "description": format!("delete-by-query [{}]", t.index_pattern),
+        "start_time_in_millis": t.start_ms,
+        "running_time_in_nanos": 1_000_000, "cancellable": true, "cancelled": false, "headers": headers
+    })
+}
+
+/// Finished tasks whose result is stored (the documents of `.tasks`; the index exists once
+/// the first is stored: before, `.tasks/_search` is 404 `index_not_found_exception`).
+fn stored_results(state: &State) -> usize {
+    state
+        .tasks
+        .values()
+        .filter(|t| t.response.is_some() && !t.gone)
+        .count()
+}
+
+/// `GET _tasks?actions=*/delete/byquery&detailed=true&group_by=parents`: the running tasks
+/// (the double's tasks have no slices, so every one is a parent), by id.
+fn list_tasks(state: &State, query: &BTreeMap<String, String>) -> Answer {
+    if query.get("group_by").map(String::as_str) != Some("parents")
+        || query.get("detailed").map(String::as_str) != Some("true")
+    {
+        return error(
+            400,
+            "illegal_argument_exception",
+            "the double lists tasks only with detailed=true&group_by=parents",
+        );
+    }
+    let tasks: serde_json::Map<String, Value> = state
+        .tasks
+        .iter()
+        .filter(|(_, t)| t.response.is_none() && !t.gone)
+        .map(|(id, t)| (id.clone(), task_info(id, t, 0)))
+        .collect();
+    (StatusCode::OK, json!({"tasks": tasks}))
+}
+
+/// `POST .tasks/_search` as the driver sends it: a `term` on `task.action` and a `range`
+/// (`gte`) on `task.start_time_in_millis` in a bool filter, sorted by start time, node and
+/// id, `size` and `search_after`. `headers` are stored, not indexed (`enabled: false` in the
+/// real mapping): a query on them is refused here, where a real node would match nothing.
+fn search_stored_tasks(state: &State, body: &Value) -> Answer {
+    let filters = body
+        .pointer("/query/bool/filter")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let (mut action, mut since) = (None, i64::MIN);
+    for f in &filters {
+        if let Some(a) = f.pointer("/term/task.action").and_then(Value::as_str) {
+            action = Some(a.to_string());
+        } else if let Some(gte) = f
+            .pointer("/range/task.start_time_in_millis/gte")
+            .and_then(Value::as_i64)
+        {
+            since = gte;
+        } else {
+            return error(
+                400,
+                "parsing_exception",
+                &format!("the double searches .tasks only by task.action and task.start_time_in_millis, not {f}"),
+            );
+        }
+    }
+    let size = body.get("size").and_then(Value::as_u64).unwrap_or(10) as usize;
+    let after = body
+        .get("search_after")
+        .and_then(Value::as_array)
+        .and_then(|a| Some((a.first()?.as_i64()?, a.get(2)?.as_u64()?)));
+    let mut hits: Vec<(i64, u64, Value)> = state
+        .tasks
+        .iter()
+        .filter(|(_, t)| t.response.is_some() && !t.gone)
+        .filter(|_| {
+            action
+                .as_deref()
+                .is_none_or(|a| a == "indices:data/write/delete/byquery")
+        })
+        .filter(|(_, t)| t.start_ms >= since)
+        .map(|(id, t)| {
+            let deleted = t
+                .response
+                .as_ref()
+                .and_then(|r| r.get("deleted"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let info = task_info(id, t, deleted);
+            let n = info["id"].as_u64().unwrap_or(0);
+            let hit = json!({"_index": ".tasks", "_id": id, "_score": null,
+                "_source": {"completed": true, "task": info, "response": t.response},
+                "sort": [t.start_ms, NODE, n]});
+            (t.start_ms, n, hit)
+        })
+        .filter(|(ms, n, _)| after.is_none_or(|a| (*ms, *n) > a))
+        .collect();
+    hits.sort_by_key(|(ms, n, _)| (*ms, *n));
+    let total = hits.len();
+    let page: Vec<Value> = hits.into_iter().take(size).map(|(_, _, h)| h).collect();
+    (
+        StatusCode::OK,
+        json!({"took": 1, "timed_out": false,
+            "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0},
+            "hits": {"total": {"value": total, "relation": "eq"}, "max_score": null, "hits": page}}),
     )
 }
 

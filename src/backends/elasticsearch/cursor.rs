@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::indices::valid_index_name;
-use super::task::valid_task_id;
+use super::task::{valid_marker, valid_task_id};
 use crate::backends::Error;
 
 /// Where a sweep or an erasure resumes. Holds index names, task ids and counts, never a
@@ -21,6 +21,12 @@ pub struct Cursor {
     /// block unless it deletes the index, also when it resumes after a crash.
     #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
     pub blocking: Option<String>,
+    /// The name of the next submission (sent as its `X-Opaque-Id`), checkpointed by a step
+    /// of its own before the task is submitted: a step that resumes with a marker and no
+    /// task looks for the task by it (running or finished) and adopts it rather than
+    /// submitting another, so what a submission whose step was lost deletes is counted.
+    #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
     /// The delete-by-query task being polled.
     #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
@@ -79,6 +85,13 @@ impl Cursor {
                 )));
             }
         }
+        if let Some(marker) = &cursor.marker {
+            if !valid_marker(marker) {
+                return Err(Error::InvalidSpec(format!(
+                    "unreadable Elasticsearch submission marker {marker:?} in cursor"
+                )));
+            }
+        }
         for task in [&cursor.task, &cursor.clean].into_iter().flatten() {
             if !valid_task_id(task) {
                 return Err(Error::InvalidSpec(format!(
@@ -117,6 +130,7 @@ mod tests {
             after: Some("logs-2026.01.01".into()),
             by_query: true,
             blocking: None,
+            marker: Some("tombstone-1767225600000-0123456789abcdef".into()),
             task: Some("oTUltX4IQMOUUVeiohTt8A:12345".into()),
             polls: 3,
             errors: 1,
@@ -130,6 +144,7 @@ mod tests {
         assert_eq!(Cursor::default().encode(), "es:{}");
         assert!(Cursor::decode("s3:{}").is_err());
         assert!(Cursor::decode(r#"es:{"t":"../../_all"}"#).is_err());
+        assert!(Cursor::decode(r#"es:{"m":"x\r\nAuthorization: y"}"#).is_err());
         assert!(valid_task_id("node_1-x:7"));
         assert!(!valid_task_id("node:"));
         assert!(!valid_task_id("node/x:1"));

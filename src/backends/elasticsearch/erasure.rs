@@ -122,9 +122,23 @@ impl ElasticsearchBackend {
             }
             budget.may_act()?;
             // A document indexed a moment ago would otherwise escape the deletion.
-            self.refresh(pattern).await?;
-            position.task = Some(self.submit(pattern, subject, Quote::TypeOnly).await?);
-            position.polls = 0;
+            match self
+                .adopt_or_submit(&mut position, pattern, subject, Quote::TypeOnly, true)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    // The submission is named, and checkpointed before it is made.
+                    result.next = Next::Continue(position.encode());
+                    return Ok(result);
+                }
+                // The marker is kept: a submission that was made after all is found by it.
+                Err(e) => {
+                    result.failure = Some(e);
+                    result.next = Next::Continue(position.encode());
+                    return Ok(result);
+                }
+            }
         }
         match self.poll(&mut position, deadline, &budget.cancel).await {
             Ok(Polled::Wait) => {

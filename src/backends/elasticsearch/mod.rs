@@ -94,8 +94,14 @@ impl Backend for ElasticsearchBackend {
         if let Some(done) = cursor.clean.as_deref() {
             self.forget_task(done).await?;
         }
-        let Some(task) = cursor.task else {
-            return Ok(Cancel::Nothing);
+        // A submission whose step was lost is found by its marker.
+        let task = match (cursor.task, cursor.marker.as_deref()) {
+            (Some(task), _) => task,
+            (None, Some(marker)) => match self.find_submitted(marker).await? {
+                Some(task) => task,
+                None => return Ok(Cancel::Nothing),
+            },
+            (None, None) => return Ok(Cancel::Nothing),
         };
         let (status, answer) = self
             .send(

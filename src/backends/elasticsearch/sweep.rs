@@ -24,14 +24,154 @@ use crate::backends::{held_subject_locator, Error, Next, Step, StepBudget, Sweep
 const POLL_ERRORS: u32 = 5;
 /// Wait between task polls within one step (doubling).
 const FIRST_INLINE_POLL: Duration = Duration::from_millis(100);
+/// Pages of delete-by-query results in `.tasks` read to find a submission's task.
+const STORED_PAGES: usize = 20;
+const STORED_PAGE: usize = 500;
 
 impl ElasticsearchBackend {
-    /// Submits a delete-by-query task and returns its id.
-    pub(super) async fn submit(
+    /// Gives the cursor's deletion a task: with no marker in the cursor, only makes one
+    /// (false: the step returns the cursor to be checkpointed before anything is
+    /// submitted); with one, adopts the task submitted with that marker if the store has
+    /// it (a step whose outcome was lost submitted it) or else submits one with it (after
+    /// a refresh if `refresh`). True: `position.task` is set.
+    pub(super) async fn adopt_or_submit(
+        &self,
+        position: &mut Cursor,
+        pattern: &str,
+        query: Value,
+        quote: Quote,
+        refresh: bool,
+    ) -> Result<bool, Error> {
+        let Some(marker) = position.marker.clone() else {
+            let mut random = [0u8; 8];
+            getrandom::fill(&mut random)
+                .map_err(|e| Error::Store(format!("no randomness for a submission marker: {e}")))?;
+            position.marker = Some(task::new_marker(
+                chrono::Utc::now().timestamp_millis(),
+                random,
+            ));
+            return Ok(false);
+        };
+        let task = match self.find_submitted(&marker).await? {
+            Some(task) => {
+                tracing::info!(
+                    task,
+                    "adopting the delete-by-query task an interrupted step submitted"
+                );
+                task
+            }
+            None => {
+                if refresh {
+                    self.refresh(pattern).await?;
+                }
+                self.submit(pattern, query, quote, &marker).await?
+            }
+        };
+        position.task = Some(task);
+        position.polls = 0;
+        Ok(true)
+    }
+
+    /// The delete-by-query task submitted with `marker`, if the store has it: running (the
+    /// task list, which shows each task's `X-Opaque-Id`) or finished (its stored result in
+    /// `.tasks`, which keeps the header in its source but does not index it, so the
+    /// delete-by-query results stored since the marker was made are read page by page).
+    /// Not allowed to read `.tasks`: only running tasks are found (with a warning).
+    pub(super) async fn find_submitted(&self, marker: &str) -> Result<Option<String>, Error> {
+        let running = self
+            .call(
+                Method::GET,
+                &["_tasks"],
+                &[
+                    ("actions", "*/delete/byquery"),
+                    ("detailed", "true"),
+                    ("group_by", "parents"),
+                ],
+                None,
+                "_tasks",
+                Quote::Reason,
+            )
+            .await?;
+        if let Some(found) = task::running_with_marker(&running, marker) {
+            return Ok(Some(found));
+        }
+        // A result is stored without a refresh: searchable only after one.
+        let (status, answer) = self
+            .send(
+                Method::POST,
+                &[".tasks", "_refresh"],
+                &[],
+                None,
+                "POST .tasks/_refresh",
+            )
+            .await?;
+        match status {
+            200..=299 | 404 | 401 | 403 => {}
+            _ => {
+                return Err(answer_error(
+                    "POST .tasks/_refresh",
+                    status,
+                    &answer,
+                    Quote::Reason,
+                ))
+            }
+        }
+        let since = task::marker_time_ms(marker)
+            .unwrap_or(0)
+            .saturating_sub(task::MARKER_CLOCK_SKEW_MS);
+        let mut after = None;
+        for _ in 0..STORED_PAGES {
+            let body = task::stored_tasks_search(since, STORED_PAGE, after.as_ref());
+            let (status, answer) = self
+                .send(
+                    Method::POST,
+                    &[".tasks", "_search"],
+                    &[],
+                    Some(&body),
+                    "POST .tasks/_search",
+                )
+                .await?;
+            match status {
+                200..=299 => {}
+                // No task result was ever stored.
+                404 => return Ok(None),
+                401 | 403 => {
+                    tracing::warn!(
+                        "not allowed to search .tasks: a finished task of an interrupted step is not found, and what it deleted is not counted"
+                    );
+                    return Ok(None);
+                }
+                _ => {
+                    return Err(answer_error(
+                        "POST .tasks/_search",
+                        status,
+                        &answer,
+                        Quote::Reason,
+                    ))
+                }
+            }
+            let (found, next) = task::stored_with_marker(&answer, marker, STORED_PAGE);
+            if found.is_some() {
+                return Ok(found);
+            }
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok(None),
+            }
+        }
+        Err(Error::Store(format!(
+            "more than {} delete-by-query results stored in .tasks since the submission was named: cannot tell whether it was made",
+            STORED_PAGES * STORED_PAGE
+        )))
+    }
+
+    /// Submits a delete-by-query task named by `marker` and returns its id.
+    async fn submit(
         &self,
         pattern: &str,
         query: Value,
         quote: Quote,
+        marker: &str,
     ) -> Result<String, Error> {
         let mut params = vec![
             ("wait_for_completion", "false"),
@@ -46,16 +186,19 @@ impl ElasticsearchBackend {
             params.push(("requests_per_second", rate));
         }
         params.extend(LENIENT);
-        let answer = self
-            .call(
+        let (status, answer) = self
+            .send_named(
                 Method::POST,
                 &[pattern, "_delete_by_query"],
                 &params,
                 Some(&json!({"query": query})),
                 "_delete_by_query",
-                quote,
+                Some(marker),
             )
             .await?;
+        if !(200..300).contains(&status) {
+            return Err(answer_error("_delete_by_query", status, &answer, quote));
+        }
         answer
             .get("task")
             .and_then(Value::as_str)
@@ -319,6 +462,7 @@ impl ElasticsearchBackend {
             Err(e)
                 if step.deleted > 0
                     || position.task.is_some()
+                    || position.marker.is_some()
                     || position.blocking.is_some()
                     || position.clean.is_some()
                     || position.attempts > 0 =>
@@ -425,14 +569,17 @@ impl ElasticsearchBackend {
                 return Ok(());
             }
             budget.may_act()?;
-            if position.attempts > 0 {
-                // What the task before deleted stays searchable until a refresh, and a new
-                // task would count it again as version conflicts.
-                self.refresh(pattern).await?;
+            // What the task before deleted stays searchable until a refresh, and a new
+            // task would count it again as version conflicts.
+            let refresh = position.attempts > 0;
+            if !self
+                .adopt_or_submit(position, pattern, expired, quote, refresh)
+                .await?
+            {
+                // The submission is named, and checkpointed before it is made.
+                step.next = Next::Continue(position.encode());
+                return Ok(());
             }
-            let task = self.submit(pattern, expired, quote).await?;
-            position.task = Some(task);
-            position.polls = 0;
         }
         match self.poll(position, deadline, &budget.cancel).await? {
             Polled::Wait => {

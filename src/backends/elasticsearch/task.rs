@@ -181,6 +181,8 @@ pub fn settle(
     problem: Option<TaskProblem>,
 ) -> Settled {
     let task = cursor.task.take();
+    // The next submission (if any) gets a marker of its own.
+    cursor.marker = None;
     if problem != Some(TaskProblem::Lost) {
         cursor.clean = task;
     }
@@ -226,6 +228,109 @@ pub fn valid_task_id(id: &str) -> bool {
     }
 }
 
+/// The action of a delete-by-query task, as `_tasks` and `.tasks` name it.
+pub const DELETE_BY_QUERY_ACTION: &str = "indices:data/write/delete/byquery";
+
+/// How far before its marker was made a task named by it is looked for in `.tasks`: the
+/// marker's time is the operator's clock, the task's start time the node's.
+pub const MARKER_CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
+
+/// A submission's marker: `tombstone-<unix ms>-<16 hex>`, random, made before the
+/// submission and sent as its `X-Opaque-Id`. The time bounds the search of `.tasks`.
+pub fn new_marker(now_ms: i64, random: [u8; 8]) -> String {
+    format!("tombstone-{}-{}", now_ms.max(0), hex::encode(random))
+}
+
+/// Whether `marker` is one [`new_marker`] makes (a cursor is read back from status, and a
+/// marker goes into a header).
+pub fn valid_marker(marker: &str) -> bool {
+    marker_time_ms(marker).is_some()
+}
+
+/// When the marker was made (unix ms), if it is a marker.
+pub fn marker_time_ms(marker: &str) -> Option<i64> {
+    let rest = marker.strip_prefix("tombstone-")?;
+    let (ms, random) = rest.split_once('-')?;
+    let valid = !ms.is_empty()
+        && ms.len() <= 15
+        && ms.bytes().all(|b| b.is_ascii_digit())
+        && random.len() == 16
+        && random
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    valid.then(|| ms.parse().ok()).flatten()
+}
+
+fn opaque_id(task: &Value) -> Option<&str> {
+    task.pointer("/headers/X-Opaque-Id").and_then(Value::as_str)
+}
+
+/// The running delete-by-query task submitted with `marker`, from a
+/// `GET _tasks?actions=*/delete/byquery&detailed=true&group_by=parents` answer (top-level
+/// tasks only: the slices of a task are its children, and carry the header too).
+pub fn running_with_marker(answer: &Value, marker: &str) -> Option<String> {
+    answer
+        .get("tasks")?
+        .as_object()?
+        .iter()
+        .find(|(id, t)| {
+            valid_task_id(id) && t.get("parent_task_id").is_none() && opaque_id(t) == Some(marker)
+        })
+        .map(|(id, _)| id.clone())
+}
+
+/// The body of one page of the search of `.tasks` for delete-by-query tasks started since
+/// `since_ms` (the marker's time less [`MARKER_CLOCK_SKEW_MS`]), after `after` (the sort
+/// values of the last hit of the page before). The headers are not indexed
+/// (`enabled: false`), so they are matched by [`stored_with_marker`] in the answer.
+pub fn stored_tasks_search(since_ms: i64, page: usize, after: Option<&Value>) -> Value {
+    let mut body = serde_json::json!({
+        "size": page,
+        "query": {"bool": {"filter": [
+            {"term": {"task.action": DELETE_BY_QUERY_ACTION}},
+            {"range": {"task.start_time_in_millis": {"gte": since_ms}}}
+        ]}},
+        "_source": ["task.node", "task.id", "task.headers", "task.parent_task_id"],
+        "sort": [
+            {"task.start_time_in_millis": "asc"},
+            {"task.node": "asc"},
+            {"task.id": "asc"}
+        ]
+    });
+    if let Some(after) = after {
+        body["search_after"] = after.clone();
+    }
+    body
+}
+
+/// In one page of [`stored_tasks_search`]: the id of the finished task submitted with
+/// `marker`, if there, and the sort values to ask the next page after (`None`: this page
+/// was the last, it held fewer hits than `page`).
+pub fn stored_with_marker(
+    answer: &Value,
+    marker: &str,
+    page: usize,
+) -> (Option<String>, Option<Value>) {
+    let hits = answer
+        .pointer("/hits/hits")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let found = hits.iter().find_map(|hit| {
+        let task = hit.pointer("/_source/task")?;
+        if task.get("parent_task_id").is_some() || opaque_id(task) != Some(marker) {
+            return None;
+        }
+        let node = task.get("node").and_then(Value::as_str)?;
+        let id = task.get("id").and_then(Value::as_u64)?;
+        Some(format!("{node}:{id}")).filter(|t| valid_task_id(t))
+    });
+    let next = (hits.len() >= page)
+        .then(|| hits.last().and_then(|h| h.get("sort")).cloned())
+        .flatten();
+    (found, next)
+}
+
 /// How long to wait before the next poll of a task: 1 s, doubling, at most 30 s.
 pub fn poll_delay(polls: u32) -> std::time::Duration {
     std::time::Duration::from_secs(1u64 << polls.min(5)).min(std::time::Duration::from_secs(30))
@@ -236,6 +341,63 @@ mod tests {
     use super::*;
     use crate::backends::elasticsearch::indices::{read_ages, IndexAges};
     use serde_json::json;
+
+    #[test]
+    fn markers_name_submissions_and_find_their_tasks_running_or_stored() {
+        let marker = new_marker(1_767_225_600_000, [0xab; 8]);
+        assert_eq!(marker, "tombstone-1767225600000-abababababababab");
+        assert!(valid_marker(&marker));
+        assert_eq!(marker_time_ms(&marker), Some(1_767_225_600_000));
+        for bad in [
+            "",
+            "tombstone-",
+            "tombstone-1-abc",
+            "tombstone-x-abababababababab",
+            "tombstone-1-ABABABABABABABAB",
+            "tombstone-1-abababababababab\r\nX: y",
+            "other-1-abababababababab",
+        ] {
+            assert!(!valid_marker(bad), "{bad:?}");
+        }
+        // `GET _tasks?…&group_by=parents` of OpenSearch 2.19 / Elasticsearch 7.17.
+        let running = json!({"tasks": {
+            "n:7": {"node": "n", "id": 7, "action": DELETE_BY_QUERY_ACTION,
+                    "headers": {"X-Opaque-Id": "tombstone-1-0000000000000000"}},
+            "n:24": {"node": "n", "id": 24, "action": DELETE_BY_QUERY_ACTION,
+                     "description": "delete-by-query [logs]", "headers": {"X-Opaque-Id": marker}},
+            "n:25": {"node": "n", "id": 25, "parent_task_id": "n:24",
+                     "headers": {"X-Opaque-Id": marker}}
+        }});
+        assert_eq!(
+            running_with_marker(&running, &marker).as_deref(),
+            Some("n:24")
+        );
+        assert_eq!(running_with_marker(&json!({"tasks": {}}), &marker), None);
+        assert_eq!(running_with_marker(&json!({}), &marker), None);
+        // A `.tasks` search answer (the headers are in `_source`, not indexed).
+        let hit = |id: u64, opaque: &str| {
+            json!({"_id": format!("n:{id}"), "sort": [id, "n", id],
+                   "_source": {"task": {"node": "n", "id": id, "headers": {"X-Opaque-Id": opaque}}}})
+        };
+        let page = json!({"hits": {"hits": [hit(3, "x"), hit(4, &marker)]}});
+        assert_eq!(
+            stored_with_marker(&page, &marker, 2),
+            (Some("n:4".into()), Some(json!([4, "n", 4])))
+        );
+        assert_eq!(
+            stored_with_marker(&page, &marker, 3),
+            (Some("n:4".into()), None)
+        );
+        let other = json!({"hits": {"hits": [hit(3, "x")]}});
+        assert_eq!(
+            stored_with_marker(&other, &marker, 1),
+            (None, Some(json!([3, "n", 3])))
+        );
+        assert_eq!(stored_with_marker(&json!({}), &marker, 1), (None, None));
+        let body = stored_tasks_search(5, 500, Some(&json!([3, "n", 3])));
+        assert_eq!(body["search_after"], json!([3, "n", 3]));
+        assert_eq!(body["size"], 500);
+    }
 
     #[test]
     fn what_a_cancelled_task_deleted_is_read_from_its_response_or_its_status() {
@@ -341,6 +503,7 @@ mod tests {
         let failures = || Some(TaskProblem::Failures(vec!["logs-1: x (429)".into()]));
         let mut c = Cursor {
             by_query: true,
+            marker: Some(new_marker(1, [1; 8])),
             task: task(1),
             polls: 4,
             errors: 1,
@@ -370,6 +533,7 @@ mod tests {
             (None, Some("node:1"), 1, 3, 0, 0),
             "the finished task's result is cleaned next, its count kept once"
         );
+        assert_eq!(c.marker, None, "the next submission is named afresh");
         assert!(!c.settled, "submitted again");
         // A lost task has no stored result to clean and no count.
         c.clean = None;

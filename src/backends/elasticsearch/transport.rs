@@ -54,8 +54,26 @@ impl ElasticsearchBackend {
         body: Option<&Value>,
         what: &str,
     ) -> Result<(u16, Value), Error> {
+        self.send_named(method, segments, params, body, what, None)
+            .await
+    }
+
+    /// [`send`](Self::send), with an `X-Opaque-Id` header if `opaque_id` is given (a task
+    /// started by the request carries it in `_tasks` and in its stored result).
+    pub(super) async fn send_named(
+        &self,
+        method: Method,
+        segments: &[&str],
+        params: &[(&str, &str)],
+        body: Option<&Value>,
+        what: &str,
+        opaque_id: Option<&str>,
+    ) -> Result<(u16, Value), Error> {
         let url = self.url(segments, params)?;
         let mut request = self.http.request(method, url).await?;
+        if let Some(id) = opaque_id {
+            request = request.header("X-Opaque-Id", id);
+        }
         if let Some(body) = body {
             request = request.json(body);
         }

@@ -1,5 +1,6 @@
-//! The Elasticsearch driver against the real OpenSearch node of the harness (shared: each
-//! test has its own indices `<prefix>-<dataset>`, small, deleted when the test ends).
+//! The Elasticsearch driver against the real OpenSearch 2.19 node of the harness (`tests`)
+//! and the real Elasticsearch 7.17 node (`elasticsearch7`), each shared: each test has its
+//! own indices `<prefix>-<dataset>`, small, deleted when the test ends.
 //! Documents `{"kind": "old"|"new", "@timestamp"}` 90 days old or now; a subject's documents
 //! carry `user` and `mail` (keyword fields, as the driver's `term` locator needs).
 
@@ -18,14 +19,18 @@ use tombstone::backends::{Backend, Limits};
 use super::{Fixture, Owner};
 use crate::support::opensearch::SearchNode;
 
-pub struct ElasticsearchFixture {
+/// The fixture on the OpenSearch node (`ES7: false`) or the Elasticsearch 7.17 node.
+pub struct SearchFixture<const ES7: bool> {
     node: &'static SearchNode,
     prefix: String,
     http: reqwest::Client,
     created: Mutex<HashSet<String>>,
 }
 
-impl ElasticsearchFixture {
+pub type ElasticsearchFixture = SearchFixture<false>;
+pub type Elasticsearch7Fixture = SearchFixture<true>;
+
+impl<const ES7: bool> SearchFixture<ES7> {
     fn index(&self, dataset: &str) -> String {
         format!("{}-{dataset}", self.prefix)
     }
@@ -102,7 +107,7 @@ impl ElasticsearchFixture {
     }
 }
 
-impl Drop for ElasticsearchFixture {
+impl<const ES7: bool> Drop for SearchFixture<ES7> {
     fn drop(&mut self) {
         let url = format!("{}/{}-*", self.node.url(), self.prefix);
         // Not on the test's runtime, which may be shutting down.
@@ -120,13 +125,13 @@ impl Drop for ElasticsearchFixture {
 }
 
 #[async_trait]
-impl Fixture for ElasticsearchFixture {
-    // Known bug: when the step that submits the `_delete_by_query` task is the one lost, the
-    // task id goes with it and what the task deleted is never counted (seen in CI: 0 of 150).
-    const EXACT_LOST_STEPS: bool = false;
-
+impl<const ES7: bool> Fixture for SearchFixture<ES7> {
     async fn start() -> Self {
-        let node = SearchNode::opensearch();
+        let node = if ES7 {
+            SearchNode::elasticsearch()
+        } else {
+            SearchNode::opensearch()
+        };
         Self {
             node,
             prefix: node.index_prefix("conformance"),
@@ -208,4 +213,5 @@ impl Fixture for ElasticsearchFixture {
     }
 }
 
-crate::conformance!(tests, ElasticsearchFixture, exact_lost_steps: false);
+crate::conformance!(tests, ElasticsearchFixture);
+crate::conformance!(elasticsearch7, Elasticsearch7Fixture);

@@ -596,54 +596,20 @@ pub async fn interrupted_sweep_counts_each_item_once<F: Fixture>(f: &F) {
 
 /// The operator dies (or is fenced out) after the store deleted in a step and before that
 /// step's checkpoint: the step's counts and cursor are lost, and a fresh backend resumes from
-/// the previous cursor. The first step after which the store has lost items is the one lost.
+/// the previous cursor. The step lost is the first after which the store has lost items or,
+/// in a store that deletes by itself ([`Fixture::defers_deletion`]), the first that left a
+/// deletion running there (`Wait`): the step that submitted it, whose cursor alone named it.
 pub async fn lost_sweep_step_is_counted<F: Fixture>(f: &F) {
     let probe = Probe::new();
     let w = Witness::new(&probe);
     let many = f.many();
     let cutoff = f.seed("events", many, 5).await;
     let job = sweep_job(f.target("events"), cutoff, false);
-    let (mut cursor, mut deleted, mut lost, mut steps) = (None::<String>, 0u64, None, 0);
-    let started = Instant::now();
-    loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "the sweep did not finish ({steps} steps)"
-        );
-        steps += 1;
-        let step = sweep_step(
-            f,
-            &w,
-            &job,
-            cursor.as_deref(),
-            &budget(Duration::from_millis(5)),
-        )
-        .await
-        .expect("a sweep step");
-        assert!(step.failure.is_none(), "{:?}", step.failure);
-        if lost.is_none() {
-            let (left, _) = f.count("events", cutoff).await;
-            if left < many as u64 {
-                // Killed before the checkpoint: nothing of this step is kept.
-                lost = Some(many as u64 - left);
-                continue;
-            }
-        }
-        deleted += step.deleted;
-        match step.next {
-            Next::Done => break,
-            Next::Continue(c) => cursor = Some(c),
-            Next::Wait { cursor: c, .. } => {
-                cursor = Some(c);
-                tokio::time::sleep(f.poll_interval()).await;
-            }
-        }
-    }
-    let lost = lost.expect("no step deleted anything");
+    let (deleted, lost) = run_losing_a_step(f, &w, &Losing::Sweep(&job, cutoff), many as u64).await;
     assert_eq!(f.count("events", cutoff).await, (0, 5));
     assert_eq!(
         deleted, many as u64,
-        "the {lost} items deleted by the lost step are counted once by the steps after it"
+        "what the lost step deleted ({lost} items when it was lost) is counted once by the steps after it"
     );
 }
 
@@ -655,33 +621,84 @@ pub async fn lost_subject_step_is_counted<F: Fixture>(f: &F) {
     let neighbour = &probe.neighbours[0];
     let theirs = f.seed_owner("people", neighbour, 3).await;
     let job = subject_job(f.target("people"), &probe.subject, SubjectAction::Erase);
-    let (mut cursor, mut erased, mut lost, mut steps) = (None::<String>, 0u64, None, 0);
+    let (erased, lost) =
+        run_losing_a_step(f, &w, &Losing::Erase(&job, &probe.subject), seeded).await;
+    assert_eq!(f.count_owner("people", &probe.subject).await, 0);
+    assert_eq!(f.count_owner("people", neighbour).await, theirs);
+    assert_eq!(
+        erased, seeded,
+        "what the lost step erased ({lost} records when it was lost) is counted once by the steps after it"
+    );
+}
+
+/// A job of the lost-step checks: a sweep of `events` (with its cutoff) or an erasure of
+/// an owner in `people`.
+enum Losing<'a> {
+    Sweep(&'a SweepJob, DateTime<Utc>),
+    Erase(&'a SubjectJob, &'a Owner),
+}
+
+impl Losing<'_> {
+    /// One step with a tiny budget: what it counted and where it goes next.
+    async fn step<F: Fixture>(&self, f: &F, w: &Witness, cursor: Option<&str>) -> (u64, Next) {
+        let budget = budget(Duration::from_millis(5));
+        match self {
+            Losing::Sweep(job, _) => {
+                let step = sweep_step(f, w, job, cursor, &budget)
+                    .await
+                    .expect("a sweep step");
+                assert!(step.failure.is_none(), "{:?}", step.failure);
+                (step.deleted, step.next)
+            }
+            Losing::Erase(job, _) => {
+                let step = subject_step(f, w, job, cursor, &budget)
+                    .await
+                    .expect("a subject step");
+                assert!(step.failure.is_none(), "{:?}", step.failure);
+                assert!(step.ran, "the locator ran");
+                (step.count, step.next)
+            }
+        }
+    }
+
+    /// The job's items still in the store.
+    async fn left<F: Fixture>(&self, f: &F) -> u64 {
+        match self {
+            Losing::Sweep(_, cutoff) => f.count("events", *cutoff).await.0,
+            Losing::Erase(_, owner) => f.count_owner("people", owner).await,
+        }
+    }
+}
+
+/// Runs `job` (over `before` items) to its end, losing one step as
+/// [`lost_sweep_step_is_counted`] says; returns what the other steps counted and how many
+/// items the store had lost when the step was lost.
+async fn run_losing_a_step<F: Fixture>(
+    f: &F,
+    w: &Witness,
+    job: &Losing<'_>,
+    before: u64,
+) -> (u64, u64) {
+    let (mut cursor, mut counted, mut lost, mut steps) = (None::<String>, 0u64, None, 0);
     let started = Instant::now();
     loop {
         assert!(
             started.elapsed() < Duration::from_secs(90),
-            "the erasure did not finish ({steps} steps)"
+            "the job did not finish ({steps} steps)"
         );
         steps += 1;
-        let step = subject_step(
-            f,
-            &w,
-            &job,
-            cursor.as_deref(),
-            &budget(Duration::from_millis(5)),
-        )
-        .await
-        .expect("a subject step");
-        assert!(step.failure.is_none(), "{:?}", step.failure);
+        let (count, next) = job.step(f, w, cursor.as_deref()).await;
         if lost.is_none() {
-            let left = f.count_owner("people", &probe.subject).await;
-            if left < seeded {
-                lost = Some(seeded - left);
+            let left = job.left(f).await;
+            let submitted = f.defers_deletion() && matches!(next, Next::Wait { .. });
+            if left < before || submitted {
+                // Killed before the checkpoint: nothing of this step is kept.
+                lost = Some(before.saturating_sub(left));
                 continue;
             }
         }
-        erased += step.count;
-        match step.next {
+        counted += count;
+        match next {
             Next::Done => break,
             Next::Continue(c) => cursor = Some(c),
             Next::Wait { cursor: c, .. } => {
@@ -690,13 +707,7 @@ pub async fn lost_subject_step_is_counted<F: Fixture>(f: &F) {
             }
         }
     }
-    let lost = lost.expect("no step erased anything");
-    assert_eq!(f.count_owner("people", &probe.subject).await, 0);
-    assert_eq!(f.count_owner("people", neighbour).await, theirs);
-    assert_eq!(
-        erased, seeded,
-        "the {lost} records erased by the lost step are counted once by the steps after it"
-    );
+    (counted, lost.expect("no step deleted anything"))
 }
 
 pub async fn sweep_step_honours_budget<F: Fixture>(f: &F) {
