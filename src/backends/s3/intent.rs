@@ -1,6 +1,9 @@
-//! Write-ahead intents that keep a sweep's counts exact when a step's checkpoint is lost.
+//! Write-ahead intents that keep a sweep's and an erasure's counts exact when a step's
+//! checkpoint is lost.
 //!
-//! Before each `DeleteObjects` batch of a sweep the driver writes a small object under a
+//! Before each counted `DeleteObjects` batch of a sweep or an erasure (key-prefix objects,
+//! older archive versions holding records; each weighed by what it counts for) the driver
+//! writes a small object under a
 //! reserved prefix that sweeps never select, `.tombstone/intents/<run>/<seq>`, listing the
 //! batch's keys and version ids. The checkpoint carries the run and the next sequence number:
 //! intents below it belong to batches status already counts and are removed; intents at or
@@ -34,14 +37,45 @@ pub fn seq_of(run: &str, key: &str) -> Option<u64> {
     key.strip_prefix(&run_prefix(run))?.parse().ok()
 }
 
+/// The longest common prefix of `a` and `b` (on a char boundary).
+pub fn common_prefix(a: &str, b: &str) -> String {
+    a.chars()
+        .zip(b.chars())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x)
+        .collect()
+}
+
+/// A listing marker after which `key` is listed (a listing starts after its marker): the
+/// key without its last character, which sorts before it; `None` (from the start) for a
+/// one-character key.
+pub fn listed_before(key: &str) -> Option<String> {
+    let mut chars = key.chars();
+    chars.next_back()?;
+    Some(chars.as_str().to_string()).filter(|k| !k.is_empty())
+}
+
 /// One batch: (key, version id) pairs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
     #[serde(rename = "o")]
     pub objects: Vec<(String, Option<String>)>,
+    /// What each object counts for once gone, in the order of `objects` (an erasure counts
+    /// an older archive version by the subject's records in it); empty: 1 each.
+    #[serde(rename = "w", default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<u64>,
 }
 
 impl Intent {
+    /// What the `i`-th object counts for once gone.
+    pub fn weight(&self, i: usize) -> u64 {
+        if self.weights.is_empty() {
+            1
+        } else {
+            self.weights.get(i).copied().unwrap_or(0)
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Serialising strings cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
@@ -52,7 +86,7 @@ impl Intent {
     }
 }
 
-/// Where a sweep's intents stand, as its cursor carries them.
+/// Where a sweep's or an erasure's intents stand, as its cursor carries them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Journal {
     #[serde(rename = "r")]
@@ -87,8 +121,19 @@ mod tests {
                 ("logs/a\nb".into(), Some("v1".into())),
                 ("logs/c".into(), None),
             ],
+            weights: Vec::new(),
         };
-        assert_eq!(Intent::decode(&i.encode()), Some(i));
+        assert_eq!(Intent::decode(&i.encode()), Some(i.clone()));
+        assert_eq!((i.weight(0), i.weight(1)), (1, 1));
+        let weighed = Intent {
+            weights: vec![3, 7],
+            ..i
+        };
+        assert_eq!(Intent::decode(&weighed.encode()), Some(weighed.clone()));
+        assert_eq!(
+            (weighed.weight(0), weighed.weight(1), weighed.weight(2)),
+            (3, 7, 0)
+        );
         assert_eq!(Intent::decode(b"not json"), None);
         assert!(key("0a1b", 9) < key("0a1b", 10));
         assert_eq!(seq_of("0a1b", &key("0a1b", 42)), Some(42));
@@ -96,6 +141,18 @@ mod tests {
         assert_eq!(seq_of("0a1b", ".tombstone/intents/0a1b/x"), None);
         assert!(is_reserved(&key("0a1b", 0)));
         assert!(!is_reserved("logs/.tombstone/x"));
+    }
+
+    #[test]
+    fn a_batch_is_listed_from_just_before_its_first_key() {
+        assert_eq!(common_prefix("logs/2026/a", "logs/2027/b"), "logs/202");
+        assert_eq!(common_prefix("ü/a", "ü/b"), "ü/");
+        assert_eq!(common_prefix("a", "b"), "");
+        assert_eq!(listed_before("logs/a").as_deref(), Some("logs/"));
+        assert_eq!(listed_before("logs/ü").as_deref(), Some("logs/"));
+        assert!(listed_before("logs/a").unwrap().as_str() < "logs/a");
+        assert_eq!(listed_before("a"), None);
+        assert_eq!(listed_before(""), None);
     }
 
     #[test]

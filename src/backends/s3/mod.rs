@@ -225,16 +225,19 @@ impl S3Backend {
 impl S3Backend {
     /// Writes the intent of the batch `objects` under the journal's next number, before the
     /// batch is sent.
+    /// `weights` (empty: 1 each) is what each object counts for once gone.
     async fn write_intent(
         &self,
         journal: &mut intent::Journal,
         objects: &[ObjectIdentifier],
+        weights: Vec<u64>,
     ) -> Result<(), Error> {
         let body = intent::Intent {
             objects: objects
                 .iter()
                 .map(|o| (o.key().to_string(), o.version_id().map(str::to_string)))
                 .collect(),
+            weights,
         }
         .encode();
         let seq = journal.take_seq();
@@ -250,6 +253,20 @@ impl S3Backend {
             .await
             .map_err(|e| sdk_error(e, "PutObject (intent)"))?;
         Ok(())
+    }
+
+    /// Deletes `objects` (counted: `weights`, empty for 1 each), the batch's intent written
+    /// ahead when there is a journal.
+    async fn delete_journalled(
+        &self,
+        journal: Option<&mut intent::Journal>,
+        objects: Vec<ObjectIdentifier>,
+        weights: Vec<u64>,
+    ) -> Result<Deleted, Error> {
+        if let Some(journal) = journal.filter(|_| !objects.is_empty()) {
+            self.write_intent(journal, &objects, weights).await?;
+        }
+        self.delete_batch(objects).await
     }
 
     /// Settles the journal's intents: those below its number back counts already
@@ -286,7 +303,11 @@ impl S3Backend {
         Ok(lost)
     }
 
-    /// How many objects of the intent at `key` are gone (HEAD answers 404).
+    /// What the objects of the intent at `key` that are gone count for. Gone is judged by
+    /// listing the batch's key range (ListObjectVersions from just before its first key,
+    /// under the keys' common prefix, until past its last: a page or two per batch, where a
+    /// HEAD per object took a request each): a version id no longer listed, or a key
+    /// without version id no longer listed as current.
     async fn gone_of_intent(&self, key: &str) -> Result<u64, Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
@@ -307,24 +328,47 @@ impl S3Backend {
                 "an intent of this run is unreadable; its batch cannot be counted".into(),
             ));
         };
-        let mut gone = 0u64;
-        for (object, version) in batch.objects {
-            self.limits.acquire(1).await;
-            match client
-                .head_object()
-                .bucket(&self.config.bucket)
-                .key(object)
-                .set_version_id(version)
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => {
-                    gone = gone.saturating_add(1)
+        let wanted: std::collections::BTreeSet<&str> =
+            batch.objects.iter().map(|(k, _)| k.as_str()).collect();
+        let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
+            return Ok(0);
+        };
+        let prefix = intent::common_prefix(first, last);
+        let mut listing = sweep::Cursor {
+            versions: true,
+            key_marker: intent::listed_before(first),
+            ..Default::default()
+        };
+        let mut versions = std::collections::HashSet::new();
+        let mut current = std::collections::HashSet::new();
+        loop {
+            let (entries, next) = self.list_versions(&prefix, &listing).await?;
+            let mut past = false;
+            for e in entries {
+                if e.key.as_str() > *last {
+                    past = true;
+                } else if wanted.contains(e.key.as_str()) {
+                    if e.latest && !e.delete_marker {
+                        current.insert(e.key.clone());
+                    }
+                    if let Some(v) = e.version_id {
+                        versions.insert((e.key, v));
+                    }
                 }
-                // A delete marker still there (405): not deleted.
-                Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 405 => {}
-                Err(e) => return Err(sdk_error(e, "HeadObject (intent)")),
+            }
+            match next {
+                Some(n) if !past => listing = n,
+                _ => break,
+            }
+        }
+        let mut gone = 0u64;
+        for (i, (object, version)) in batch.objects.iter().enumerate() {
+            let present = match version {
+                Some(v) => versions.contains(&(object.clone(), v.clone())),
+                None => current.contains(object),
+            };
+            if !present {
+                gone = gone.saturating_add(batch.weight(i));
             }
         }
         Ok(gone)

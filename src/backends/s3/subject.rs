@@ -97,6 +97,12 @@ pub(super) struct Position {
     /// repeating a lost one counts what that one dropped. Random, never an identifier.
     #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
     run: Option<String>,
+    /// An erase's write-ahead intents ([`super::intent`]), one before each counted
+    /// `DeleteObjects` batch (key-prefix objects, older archive versions holding records),
+    /// so that what a batch of a step whose outcome was lost deleted is counted by the
+    /// step that resumes. Named, and checkpointed, before the first batch.
+    #[serde(rename = "j", default, skip_serializing_if = "Option::is_none")]
+    journal: Option<super::intent::Journal>,
 }
 
 /// User metadata (sent as `x-amz-meta-tombstone-dropped`) in which a rewritten archive
@@ -322,12 +328,23 @@ impl S3Backend {
             }
         }
         let mut pos = Position::parse(cursor, job.action)?;
-        if job.action == SubjectAction::Erase && records.is_some() && pos.run.is_none() {
-            pos.run = Some(crate::backends::redis::ledger::new_run());
+        let erase = job.action == SubjectAction::Erase;
+        let unnamed = (records.is_some() && pos.run.is_none()) || pos.journal.is_none();
+        if erase && unnamed {
+            if records.is_some() && pos.run.is_none() {
+                pos.run = Some(crate::backends::redis::ledger::new_run());
+            }
+            if pos.journal.is_none() {
+                pos.journal = Some(super::intent::Journal {
+                    run: crate::backends::redis::ledger::new_run(),
+                    ..Default::default()
+                });
+            }
             if cursor.is_none() {
-                // The run is checkpointed before any archive is rewritten under its name, so
-                // that a step repeating a lost one knows its own rewrites. Nothing erased yet,
-                // but an instance that no longer leads does not start.
+                // The run and the journal are checkpointed before any archive is rewritten or
+                // any intent written under their names, so that a step repeating a lost one
+                // knows its own rewrites and batches. Nothing erased yet, but an instance
+                // that no longer leads does not start.
                 budget.may_act()?;
                 return Ok(SubjectStep {
                     count: 0,
@@ -341,6 +358,14 @@ impl S3Backend {
             }
         }
         let versioned = self.versioned().await?;
+        let mut lost = 0u64;
+        if let Some(journal) = pos.journal.as_mut().filter(|_| erase) {
+            // Batches of a step whose outcome was lost are counted now; intents of counted
+            // batches are removed.
+            lost = self.settle_intents(journal).await?;
+        }
+        let settled = erase && pos.journal.as_ref().is_some_and(|j| j.settled);
+        pos.count = pos.count.saturating_add(lost);
         let mut tally = Tally {
             count: pos.count,
             blocked: pos.blocked,
@@ -357,9 +382,13 @@ impl S3Backend {
         let mut walk = Walk::at(&pos);
         // Archive versions replaced (rewrite) or to delete (versions pass) in this step.
         let mut replaced: Vec<(String, String)> = Vec::new();
-        let mut doomed: Vec<ObjectIdentifier> = Vec::new();
-        let run = self
-            .subject_phases(
+        // Older archive versions to delete, each with the subject's records it holds.
+        let mut doomed: Vec<(ObjectIdentifier, u64)> = Vec::new();
+        let run = if settled {
+            // Everything is done and counted; the intents are removed (above).
+            Ok(true)
+        } else {
+            self.subject_phases(
                 job,
                 versioned,
                 &prefixes,
@@ -371,7 +400,8 @@ impl S3Backend {
                 &mut replaced,
                 &mut doomed,
             )
-            .await;
+            .await
+        };
         // What this step left to delete is deleted before it returns: the next step lists
         // afresh.
         let flushed = self
@@ -384,10 +414,17 @@ impl S3Backend {
                 budget,
             )
             .await;
-        let (finished, failure) = match (run, flushed) {
+        let (mut finished, failure) = match (run, flushed) {
             (Ok(finished), Ok(())) => (finished, None),
             (Err(e), _) | (Ok(_), Err(e)) => (false, Some(e)),
         };
+        if let Some(journal) = pos.journal.as_mut().filter(|j| finished && !j.settled) {
+            if journal.seq > 0 {
+                // Done: one more step removes this run's intents once this is checkpointed.
+                journal.settled = true;
+                finished = false;
+            }
+        }
         let failure = match (&failure, &records) {
             (None, Some(r)) if finished => {
                 unparsed_failure(job, &tally, r.not_distinctive.clone(), r.drop)
@@ -434,7 +471,7 @@ impl S3Backend {
         clock: &mut Clock<'_>,
         tally: &mut Tally,
         replaced: &mut Vec<(String, String)>,
-        doomed: &mut Vec<ObjectIdentifier>,
+        doomed: &mut Vec<(ObjectIdentifier, u64)>,
     ) -> Result<bool, Error> {
         let erase = job.action == SubjectAction::Erase;
         loop {
@@ -515,13 +552,17 @@ impl S3Backend {
         walk: &mut Walk,
         tally: &mut Tally,
         replaced: &mut Vec<(String, String)>,
-        doomed: &mut Vec<ObjectIdentifier>,
+        doomed: &mut Vec<(ObjectIdentifier, u64)>,
         budget: &StepBudget,
     ) -> Result<(), Error> {
         if !walk.deferred.is_empty() {
             budget.may_act()?;
             let done = self
-                .delete_batch(std::mem::take(&mut walk.deferred))
+                .delete_journalled(
+                    pos.journal.as_mut(),
+                    std::mem::take(&mut walk.deferred),
+                    Vec::new(),
+                )
                 .await?;
             tally.count += done.deleted;
             tally.blocked += done.refused.len() as u64;
@@ -544,7 +585,12 @@ impl S3Backend {
         }
         if !doomed.is_empty() {
             budget.may_act()?;
-            let done = self.delete_batch(std::mem::take(doomed)).await?;
+            // Their records were counted when they were read: a lost step's are counted
+            // from the intent.
+            let (ids, weights): (Vec<_>, Vec<_>) = std::mem::take(doomed).into_iter().unzip();
+            let done = self
+                .delete_journalled(pos.journal.as_mut(), ids, weights)
+                .await?;
             tally.blocked += done.refused.len() as u64;
             pos.skip = pos.skip.saturating_sub(done.deleted);
         }
@@ -591,7 +637,9 @@ impl S3Backend {
             if !now.is_empty() {
                 budget.may_act()?;
             }
-            let done = self.delete_batch(now).await?;
+            let done = self
+                .delete_journalled(pos.journal.as_mut(), now, Vec::new())
+                .await?;
             tally.count += done.deleted;
             tally.blocked += done.refused.len() as u64;
             // Delete markers are never refused: what is refused is a version, still listed.
@@ -671,7 +719,7 @@ impl S3Backend {
         walk: &mut Walk,
         clock: &mut Clock<'_>,
         tally: &mut Tally,
-        doomed: &mut Vec<ObjectIdentifier>,
+        doomed: &mut Vec<(ObjectIdentifier, u64)>,
     ) -> Result<bool, Error> {
         loop {
             let (entries, next) = if versioned {
@@ -704,7 +752,7 @@ impl S3Backend {
                 if copies > 0 {
                     tally.count += copies;
                     if action == SubjectAction::Erase {
-                        doomed.push(object_id(&entry.key, version)?);
+                        doomed.push((object_id(&entry.key, version)?, copies));
                     }
                 }
                 pos.skip += 1;

@@ -784,7 +784,7 @@ impl S3Backend {
                 budget.may_act()?;
                 if let Some(journal) = journal {
                     // Written ahead, so a lost outcome of this batch is counted later.
-                    self.write_intent(journal, &objects).await?;
+                    self.write_intent(journal, &objects, Vec::new()).await?;
                 }
             }
             self.delete_batch(objects).await?

@@ -53,13 +53,6 @@ impl S3Fixture {
 
 #[async_trait]
 impl Fixture for S3Fixture {
-    /// Known gap: an erasure's own `DeleteObjects` batches (key prefixes, older archive
-    /// versions) are not journalled, so what they deleted goes uncounted when the step's
-    /// outcome is lost. Sweeps write an intent before each batch and pass
-    /// `lost_sweep_step_is_counted` (run it with `--include-ignored`); archive rewrites are
-    /// exact (`exact_counts::an_archive_rewrite_…`).
-    const EXACT_LOST_STEPS: bool = false;
-
     async fn start() -> Self {
         let server = S3Server::start();
         server.create_bucket(BUCKET, false, false).await;
@@ -136,4 +129,4 @@ impl Fixture for S3Fixture {
     }
 }
 
-crate::conformance!(tests, S3Fixture, exact_lost_steps: false);
+crate::conformance!(tests, S3Fixture);
