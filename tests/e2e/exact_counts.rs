@@ -111,6 +111,194 @@ async fn an_archive_rewrite_whose_step_is_lost_is_counted_by_the_step_that_repea
     );
 }
 
+/// The subject's records in versions of the archives that are not current (with their
+/// version ids), in the versioned bucket `older`.
+async fn older_subject_lines(server: &S3Server) -> usize {
+    let out = server
+        .client()
+        .list_object_versions()
+        .bucket("older")
+        .prefix("mail/logs/")
+        .send()
+        .await
+        .expect("ListObjectVersions");
+    let mut n = 0;
+    for v in out.versions() {
+        if v.is_latest() == Some(true) {
+            continue;
+        }
+        let body = server
+            .client()
+            .get_object()
+            .bucket("older")
+            .key(v.key().unwrap_or_default())
+            .version_id(v.version_id().unwrap_or_default())
+            .send()
+            .await
+            .expect("GetObject")
+            .body
+            .collect()
+            .await
+            .expect("a body")
+            .into_bytes();
+        n += String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.contains(EMAIL))
+            .count();
+    }
+    n
+}
+
+/// On a versioned bucket an erasure deletes the older archive versions that hold the
+/// subject's records, counting those records: when the step that deleted some is lost,
+/// the step resumed before it counts them from its intent (weighed by the records each
+/// version held), once.
+#[tokio::test]
+async fn older_archive_versions_deleted_by_a_lost_step_are_counted_by_the_step_after_it() {
+    let server = S3Server::start();
+    server.create_bucket("older", true, false).await;
+    for version in 0..2 {
+        for a in 0..ARCHIVES {
+            let body: String = (0..SUBJECT_LINES)
+                .map(|i| record(EMAIL, version * 100 + a * 10 + i))
+                .chain(std::iter::once(record("other@example.org", a * 10 + 9)))
+                .collect();
+            server
+                .put("older", &format!("mail/logs/day{a:02}.jsonl"), body)
+                .await;
+        }
+    }
+    let older = older_subject_lines(&server).await;
+    assert_eq!(older, ARCHIVES * SUBJECT_LINES);
+    let target: Target = serde_json::from_value(json!({
+        "name": "archive", "store": "archive", "s3": {"prefix": "mail/"},
+        "subject": {"s3": {"records": {
+            "prefix": "mail/logs/", "field": "msg.recipient", "equals": "{email}"
+        }}}
+    }))
+    .unwrap();
+    let job = SubjectJob {
+        target,
+        identifiers: BTreeMap::from([("email".to_string(), EMAIL.to_string())]),
+        action: SubjectAction::Erase,
+    };
+    // Every record: the current versions' (rewritten) and the older versions'.
+    let seeded = 2 * ARCHIVES * SUBJECT_LINES;
+    let (mut cursor, mut erased, mut lost) = (None::<String>, 0u64, None);
+    for steps in 0.. {
+        assert!(steps < 1000, "the erasure did not finish");
+        let backend = crate::s3::backend(&server, "older");
+        let step = backend
+            .subject_step(&job, cursor.as_deref(), &budget())
+            .await
+            .expect("a subject step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        if lost.is_none() {
+            // Rewrites replace current versions (and delete the replaced ones at once): the
+            // older versions' records only go when the versions pass deletes them.
+            let left = older_subject_lines(&server).await;
+            if left < older {
+                lost = Some(older - left);
+                continue;
+            }
+        }
+        erased += step.count;
+        match step.next {
+            Next::Done => break,
+            Next::Continue(c) => {
+                assert!(!c.contains(EMAIL), "{c}");
+                cursor = Some(c);
+            }
+            Next::Wait { .. } => panic!("S3 steps never wait"),
+        }
+    }
+    let lost = lost.expect("no step deleted an older version");
+    assert_eq!(older_subject_lines(&server).await, 0);
+    assert_eq!(
+        erased, seeded as u64,
+        "the {lost} records of the older versions deleted by the lost step are counted once"
+    );
+}
+
+/// Intents of a run abandoned long ago (its policy deleted, its spec changed) are removed by
+/// the next job that finishes in the bucket; a recent intent of another run, which a live
+/// cursor may still need, is kept, and so are none of the sweep's own.
+#[tokio::test]
+async fn abandoned_intents_are_removed_and_recent_ones_of_other_runs_kept() {
+    let server = S3Server::start();
+    server.create_bucket("tidy", false, false).await;
+    let old = ".tombstone/intents/0a0a0a0a0a0a0a0a/00000000000000000000";
+    let recent = ".tombstone/intents/0b0b0b0b0b0b0b0b/00000000000000000003";
+    server.put("tidy", old, r#"{"o":[]}"#).await;
+    let modified = |key: &'static str| {
+        let client = server.client();
+        async move {
+            client
+                .head_object()
+                .bucket("tidy")
+                .key(key)
+                .send()
+                .await
+                .expect("HeadObject")
+                .last_modified()
+                .copied()
+                .expect("LastModified")
+        }
+    };
+    let old_at = modified(old).await;
+    // LastModified has whole seconds: the recent intent is written again until the server
+    // stamps it later than the old one.
+    let started = std::time::Instant::now();
+    let recent_at = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the server clock stands still"
+        );
+        server.put("tidy", recent, r#"{"o":[]}"#).await;
+        let at = modified(recent).await;
+        if at.secs() > old_at.secs() {
+            break at;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // "Abandoned" is judged by the recent intent's time: the old one is before it.
+    let before = chrono::DateTime::from_timestamp(recent_at.secs(), 0).expect("a time");
+    server.put("tidy", "logs/a", "x").await;
+    let target: Target = serde_json::from_value(json!({
+        "name": "logs", "store": "archive", "s3": {"prefix": "logs/"}
+    }))
+    .unwrap();
+    let job = tombstone::backends::SweepJob {
+        target,
+        retention: "1s".parse().expect("a duration"),
+        dry_run: false,
+        cutoff: chrono::Utc::now() + chrono::Duration::days(1),
+        held: Default::default(),
+    };
+    let (mut cursor, mut deleted) = (None::<String>, 0u64);
+    for steps in 0.. {
+        assert!(steps < 100, "the sweep did not finish");
+        let backend = crate::s3::backend(&server, "tidy").with_abandoned_intents_before(before);
+        let step = backend
+            .sweep_step(&job, cursor.as_deref(), &budget())
+            .await
+            .expect("a sweep step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        deleted += step.deleted;
+        match step.next {
+            Next::Done => break,
+            Next::Continue(c) => cursor = Some(c),
+            Next::Wait { .. } => panic!("S3 steps never wait"),
+        }
+    }
+    assert_eq!(deleted, 1, "the sweep ran");
+    assert_eq!(
+        server.keys("tidy", ".tombstone/").await,
+        vec![recent.to_string()],
+        "the abandoned intent is gone, the recent one of another run kept, the sweep's own removed"
+    );
+}
+
 /// The ACL rules the README documents for the operator's Redis user (target `session:*`),
 /// without the password.
 const README_ACL: &str = "resetkeys ~session:* ~user:* ~tombstone:ledger:* resetchannels -@all \

@@ -17,6 +17,16 @@ use serde::{Deserialize, Serialize};
 /// Every intent is under this prefix; listings never return such keys to a sweep or erasure.
 pub const PREFIX: &str = ".tombstone/";
 
+/// Where every run's intents are.
+pub const INTENTS: &str = ".tombstone/intents/";
+
+/// Intents last modified longer ago than this belong to runs abandoned long ago (the Redis
+/// ledger's expiry): removed by the next job that finishes in the bucket.
+pub const ABANDONED_AFTER: chrono::Duration = chrono::Duration::days(7);
+
+/// Listing pages of intents (1,000 each) a finished job looks through for abandoned ones.
+pub const ABANDONED_PAGES: usize = 10;
+
 /// Whether `key` is one of the operator's own objects.
 pub fn is_reserved(key: &str) -> bool {
     key.starts_with(PREFIX)
@@ -24,7 +34,7 @@ pub fn is_reserved(key: &str) -> bool {
 
 /// The prefix of one run's intents.
 pub fn run_prefix(run: &str) -> String {
-    format!("{PREFIX}intents/{run}/")
+    format!("{INTENTS}{run}/")
 }
 
 /// The key of a run's intent number `seq` (zero-padded, so listings sort by number).

@@ -81,6 +81,8 @@ pub struct S3Backend {
     limits: Limits,
     client: OnceCell<Client>,
     before_write: Option<BeforeWriteHook>,
+    /// Intents last modified before this are abandoned (tests); unset: seven days ago.
+    abandoned_before: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl S3Backend {
@@ -90,7 +92,15 @@ impl S3Backend {
             limits,
             client: OnceCell::new(),
             before_write: None,
+            abandoned_before: None,
         }
+    }
+
+    /// Judges intents last modified before `t` abandoned, rather than those older than
+    /// [`intent::ABANDONED_AFTER`] (for tests, which cannot wait a week).
+    pub fn with_abandoned_intents_before(mut self, t: chrono::DateTime<chrono::Utc>) -> Self {
+        self.abandoned_before = Some(t);
+        self
     }
 
     /// Runs `hook` before every conditional write of a rewritten archive.
@@ -253,6 +263,50 @@ impl S3Backend {
             .await
             .map_err(|e| sdk_error(e, "PutObject (intent)"))?;
         Ok(())
+    }
+
+    /// Removes the intents of other runs abandoned long ago (a run given up after a spec
+    /// change, a policy deleted, a request withdrawn): those last modified more than
+    /// [`intent::ABANDONED_AFTER`] ago, which no cursor resumes any more (a checkpoint that
+    /// old is as stale as an expired Redis ledger). Bounded: [`intent::ABANDONED_PAGES`]
+    /// listing pages per call, one call per finished job. Returns how many went.
+    async fn remove_abandoned_intents(&self, own_run: &str) -> Result<u64, Error> {
+        let before = self
+            .abandoned_before
+            .unwrap_or_else(|| chrono::Utc::now() - intent::ABANDONED_AFTER);
+        let own = intent::run_prefix(own_run);
+        let mut listing = sweep::Cursor {
+            versions: true,
+            ..Default::default()
+        };
+        let mut old = Vec::new();
+        for _ in 0..intent::ABANDONED_PAGES {
+            let (entries, next) = self.list_versions(intent::INTENTS, &listing).await?;
+            for e in entries {
+                if !e.key.starts_with(&own) && e.last_modified.is_some_and(|t| t < before) {
+                    old.push(object_id(&e.key, e.version_id.as_deref())?);
+                }
+            }
+            match next {
+                Some(n) => listing = n,
+                None => break,
+            }
+        }
+        Ok(self.delete_batch(old).await?.deleted)
+    }
+
+    /// [`Self::remove_abandoned_intents`], best effort: a failure is logged, the job goes on.
+    async fn tidy_abandoned_intents(&self, own_run: &str) {
+        match self.remove_abandoned_intents(own_run).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                intents = n,
+                "removed abandoned intents of runs given up long ago"
+            ),
+            Err(e) => {
+                tracing::warn!(reason = e.reason(), error = %e, "could not remove abandoned intents")
+            }
+        }
     }
 
     /// Deletes `objects` (counted: `weights`, empty for 1 each), the batch's intent written

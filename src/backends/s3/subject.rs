@@ -386,6 +386,9 @@ impl S3Backend {
         let mut doomed: Vec<(ObjectIdentifier, u64)> = Vec::new();
         let run = if settled {
             // Everything is done and counted; the intents are removed (above).
+            if let Some(j) = &pos.journal {
+                self.tidy_abandoned_intents(&j.run).await;
+            }
             Ok(true)
         } else {
             self.subject_phases(

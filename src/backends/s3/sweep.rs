@@ -396,6 +396,7 @@ impl S3Backend {
             // batches are removed.
             step.deleted = self.settle_intents(j).await?;
             if j.settled {
+                self.tidy_abandoned_intents(&j.run).await;
                 return Ok(step);
             }
         }

@@ -1,4 +1,5 @@
-//! The S3 driver against moto (one server per test), on a plain bucket: objects
+//! The S3 driver against moto (one server per test), on a plain bucket (`tests`) and on a
+//! versioned one (`versioned`: sweeps and erasures delete versions by id): objects
 //! `<dataset>/s/old-<n>` put before the cutoff and `<dataset>/s/new-<n>` after it (moto
 //! stamps LastModified itself, so the fixture waits across the cutoff); a subject's objects
 //! are under `<dataset>/u/<userId>/` and `<dataset>/m/<email>/`.
@@ -20,11 +21,15 @@ use crate::support::s3::S3Server;
 
 const BUCKET: &str = "conformance";
 
-pub struct S3Fixture {
+/// The fixture on a plain bucket (`VERSIONED: false`) or a versioned one.
+pub struct BucketFixture<const VERSIONED: bool> {
     server: S3Server,
 }
 
-impl S3Fixture {
+pub type S3Fixture = BucketFixture<false>;
+pub type S3VersionedFixture = BucketFixture<true>;
+
+impl<const VERSIONED: bool> BucketFixture<VERSIONED> {
     async fn put_many(&self, keys: Vec<String>) {
         let client = self.server.client();
         futures::stream::iter(keys)
@@ -52,10 +57,10 @@ impl S3Fixture {
 }
 
 #[async_trait]
-impl Fixture for S3Fixture {
+impl<const VERSIONED: bool> Fixture for BucketFixture<VERSIONED> {
     async fn start() -> Self {
         let server = S3Server::start();
-        server.create_bucket(BUCKET, false, false).await;
+        server.create_bucket(BUCKET, VERSIONED, false).await;
         Self { server }
     }
 
@@ -130,3 +135,4 @@ impl Fixture for S3Fixture {
 }
 
 crate::conformance!(tests, S3Fixture);
+crate::conformance!(versioned, S3VersionedFixture);
