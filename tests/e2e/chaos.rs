@@ -1,5 +1,7 @@
 //! The chaos suite: real `tombstone run` processes doing real work (a Redis sweep, a Redis
-//! erasure, a sweep of a versioned S3 bucket) while a seeded random fault hits them at a seeded
+//! erasure, a sweep of a versioned S3 bucket, an erasure of a subject's objects and their
+//! versions under a key prefix of a versioned S3 bucket, an erasure of records in S3
+//! archives) while a seeded random fault hits them at a seeded
 //! moment, then the invariants checked once the work has completed:
 //!
 //! - nothing outside the selectors was deleted (sentinels in every store, and in-selector items
@@ -15,7 +17,8 @@
 //!   the current leader's checkpoint; its deletions would show as a count that no longer
 //!   matches the store.
 //!
-//! Faults: `kill -9` of the operator mid-sweep and mid-erasure (restarted after the kill, as
+//! Faults: `kill -9` of the operator mid-sweep and mid-erasure (Redis, S3 key prefix on a
+//! versioned bucket, archive rewrite; restarted after the kill, as
 //! its Deployment would); SIGSTOP of the leader with a standby running, SIGCONT once the
 //! standby took over and made progress; the store going away and coming back (redis-server
 //! stopped with `SHUTDOWN SAVE` and started again on the same port with its data; for S3,
@@ -82,6 +85,10 @@ const NEIGHBOUR_KEYS: usize = 200;
 // S3 sweep on a versioned bucket: expired objects under the prefix, others outside it.
 const S3_EXPIRED: usize = 1_500;
 const S3_OUTSIDE: usize = 20;
+// Erasure under a key prefix of a versioned bucket: the subject's objects (the first ones
+// written twice, so each has an older version), a neighbour's, and objects outside.
+const S3_SUBJECT_OBJECTS: usize = 1_200;
+const S3_SUBJECT_TWICE: usize = 300;
 // Erasure of records in JSON-lines archives (each rewritten without the subject's lines).
 const EMAIL: &str = "chaos-subject-5e2a@example.org";
 const ARCHIVES: usize = 16;
@@ -132,6 +139,7 @@ enum Kind {
     KillMidErasureRedis,
     KillMidSweepS3Versioned,
     KillMidArchiveRewrite,
+    KillMidErasureS3Versioned,
     FreezeLeader,
     RedisRestart,
     KillWhileRedisRestarts,
@@ -145,6 +153,7 @@ enum Work {
     RedisErasure,
     S3Sweep,
     ArchiveErasure,
+    S3KeyErasure,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -158,11 +167,12 @@ enum Fault {
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::KillMidSweepRedis,
         Kind::KillMidErasureRedis,
         Kind::KillMidSweepS3Versioned,
         Kind::KillMidArchiveRewrite,
+        Kind::KillMidErasureS3Versioned,
         Kind::FreezeLeader,
         Kind::RedisRestart,
         Kind::KillWhileRedisRestarts,
@@ -176,6 +186,7 @@ impl Kind {
             Kind::KillMidErasureRedis => "kill -9 mid-erasure (Redis)",
             Kind::KillMidSweepS3Versioned => "kill -9 mid-sweep (S3 versioned)",
             Kind::KillMidArchiveRewrite => "kill -9 mid-erasure (S3 archives)",
+            Kind::KillMidErasureS3Versioned => "kill -9 mid-erasure (S3 versioned keys)",
             Kind::FreezeLeader => "SIGSTOP/SIGCONT leader (Redis)",
             Kind::RedisRestart => "redis-server restarted",
             Kind::KillWhileRedisRestarts => "kill -9 + redis-server restarted",
@@ -188,6 +199,7 @@ impl Kind {
         match self {
             Kind::KillMidErasureRedis => Work::RedisErasure,
             Kind::KillMidArchiveRewrite => Work::ArchiveErasure,
+            Kind::KillMidErasureS3Versioned => Work::S3KeyErasure,
             Kind::KillMidSweepS3Versioned | Kind::MotoStopped => Work::S3Sweep,
             _ => Work::RedisSweep,
         }
@@ -198,7 +210,8 @@ impl Kind {
             Kind::KillMidSweepRedis
             | Kind::KillMidErasureRedis
             | Kind::KillMidSweepS3Versioned
-            | Kind::KillMidArchiveRewrite => Fault::Kill,
+            | Kind::KillMidArchiveRewrite
+            | Kind::KillMidErasureS3Versioned => Fault::Kill,
             Kind::FreezeLeader => Fault::Freeze,
             Kind::KillWhileRedisRestarts => Fault::KillAndStoreAway,
             Kind::RedisRestart | Kind::MotoStopped => Fault::StoreAway,
@@ -281,7 +294,7 @@ impl CountWatch {
                 max = max.max(count);
             };
             match work {
-                Work::RedisErasure | Work::ArchiveErasure => {
+                Work::RedisErasure | Work::ArchiveErasure | Work::S3KeyErasure => {
                     let api: Api<ErasureRequest> = Api::namespaced(client, &ns);
                     let mut stream = watcher(api, watcher::Config::default().any_semantic())
                         .applied_objects()
@@ -359,6 +372,13 @@ async fn s3_count(server: &S3Server, prefix: &str) -> Option<usize> {
 
 /// Versions and delete markers under `prefix`, every page.
 async fn s3_versions(server: &S3Server, prefix: &str) -> usize {
+    s3_versions_of(server, prefix)
+        .await
+        .expect("ListObjectVersions")
+}
+
+/// [`s3_versions`]; None when the listing fails (the store is away).
+async fn s3_versions_of(server: &S3Server, prefix: &str) -> Option<usize> {
     let client = server.client();
     let (mut key, mut version) = (None::<String>, None::<String>);
     let mut n = 0;
@@ -371,10 +391,10 @@ async fn s3_versions(server: &S3Server, prefix: &str) -> usize {
             .set_version_id_marker(version.clone())
             .send()
             .await
-            .expect("ListObjectVersions");
+            .ok()?;
         n += out.versions().len() + out.delete_markers().len();
         if !out.is_truncated().unwrap_or(false) {
-            return n;
+            return Some(n);
         }
         key = out.next_key_marker().map(String::from);
         version = out.next_version_id_marker().map(String::from);
@@ -456,12 +476,21 @@ async fn prepare(client: &Client, ns: &str, work: Work) -> Stores {
             }
             Stores::Redis(redis)
         }
-        Work::S3Sweep | Work::ArchiveErasure => {
+        Work::S3Sweep | Work::ArchiveErasure | Work::S3KeyErasure => {
             let server = tokio::task::block_in_place(S3Server::start);
             server
-                .create_bucket("chaos", work == Work::S3Sweep, false)
+                .create_bucket("chaos", work != Work::ArchiveErasure, false)
                 .await;
-            if work == Work::S3Sweep {
+            if work == Work::S3KeyErasure {
+                // Every object once, the first ones twice (an older version each), and a
+                // neighbouring subject's objects.
+                let keys = |user: &str, n: usize| -> Vec<String> {
+                    (0..n).map(|i| format!("users/{user}/{i:05}")).collect()
+                };
+                put_objects(&server, keys(SUBJECT, S3_SUBJECT_OBJECTS)).await;
+                put_objects(&server, keys(SUBJECT, S3_SUBJECT_TWICE)).await;
+                put_objects(&server, keys(NEIGHBOUR, S3_OUTSIDE)).await;
+            } else if work == Work::S3Sweep {
                 put_objects(
                     &server,
                     (0..S3_EXPIRED).map(|i| format!("logs/{i:05}")).collect(),
@@ -510,7 +539,7 @@ async fn prepare(client: &Client, ns: &str, work: Work) -> Stores {
             .await;
             // Sweep: one request a second, so listing pages of 1000 and their deletions take
             // turns. Erasure: four a second, for a read and a rewrite of each archive.
-            let rps = if work == Work::S3Sweep { 1 } else { 4 };
+            let rps = if work == Work::ArchiveErasure { 4 } else { 1 };
             patch_spec::<tombstone::api::DataStore>(
                 client,
                 ns,
@@ -530,6 +559,19 @@ async fn prepare(client: &Client, ns: &str, work: Work) -> Stores {
                 policy["spec"]["suspend"] = json!(true);
                 create::<RetentionPolicy>(client, ns, policy).await;
                 create_subject_secret(client, ns, "dsr", json!({"email": EMAIL})).await;
+                request_erasure(client, ns, "dsr", "dsr").await;
+                return Stores::S3 { server, proxy };
+            }
+            if work == Work::S3KeyErasure {
+                let mut policy = policy_json(
+                    "users",
+                    "30d",
+                    json!([{"name": "archive", "store": "archive", "s3": {"prefix": "users/"},
+                    "subject": {"s3": {"keyPrefixes": ["users/{userId}/"]}}}]),
+                );
+                policy["spec"]["suspend"] = json!(true);
+                create::<RetentionPolicy>(client, ns, policy).await;
+                create_subject_secret(client, ns, "dsr", json!({"userId": SUBJECT})).await;
                 request_erasure(client, ns, "dsr", "dsr").await;
                 return Stores::S3 { server, proxy };
             }
@@ -578,6 +620,9 @@ async fn remaining(
         }
         Stores::S3 { server, .. } if work == Work::ArchiveErasure => {
             archive_lines(server).await.map(|(subject, _)| subject)
+        }
+        Stores::S3 { server, .. } if work == Work::S3KeyErasure => {
+            s3_versions_of(server, &format!("users/{SUBJECT}/")).await
         }
         Stores::S3 { server, .. } => s3_count(server, "logs/").await,
     }
@@ -637,6 +682,7 @@ fn total_of(work: Work) -> usize {
         Work::RedisErasure => SUBJECT_KEYS,
         Work::S3Sweep => S3_EXPIRED,
         Work::ArchiveErasure => ARCHIVES * SUBJECT_LINES,
+        Work::S3KeyErasure => S3_SUBJECT_OBJECTS + S3_SUBJECT_TWICE,
     }
 }
 
@@ -780,6 +826,41 @@ async fn check_invariants(
                 .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum());
             f.count("status.targets[].erased", erased, total - left.min(total));
         }
+        (Work::S3KeyErasure, Stores::S3 { server, .. }) => {
+            f.kept(
+                "objects of another subject",
+                s3_count(server, &format!("users/{NEIGHBOUR}/"))
+                    .await
+                    .unwrap_or(0),
+                S3_OUTSIDE,
+            );
+            f.kept(
+                "objects outside the prefix",
+                s3_count(server, "keep/").await.unwrap_or(0),
+                S3_OUTSIDE,
+            );
+            let left = s3_versions(server, &format!("users/{SUBJECT}/")).await;
+            let request = Api::<ErasureRequest>::namespaced(client.clone(), ns)
+                .get("dsr")
+                .await
+                .ok()
+                .and_then(|r| r.status);
+            let phase = request.as_ref().map(|s| s.phase);
+            if phase != Some(ErasurePhase::Completed) {
+                f.violations
+                    .push(format!("the request ended {phase:?}, not Completed"));
+            }
+            if left != 0 {
+                f.violations.push(format!(
+                    "{left} versions or markers of the subject's objects remain after the request ended {phase:?}"
+                ));
+            }
+            let total = total_of(work);
+            let erased: u64 = request
+                .as_ref()
+                .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum());
+            f.count("status.targets[].erased", erased, total - left.min(total));
+        }
         (Work::S3Sweep, Stores::S3 { server, .. }) => {
             f.kept(
                 "objects outside the prefix",
@@ -891,7 +972,7 @@ async fn wait_complete(
     let deadline = tokio::time::Instant::now() + COMPLETION_TIMEOUT;
     loop {
         let done = match work {
-            Work::RedisErasure | Work::ArchiveErasure => {
+            Work::RedisErasure | Work::ArchiveErasure | Work::S3KeyErasure => {
                 Api::<ErasureRequest>::namespaced(client.clone(), ns)
                     .get("dsr")
                     .await
