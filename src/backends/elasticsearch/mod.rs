@@ -4,7 +4,10 @@
 //! the sweep's cutoff are deleted with `_delete_by_query` (a `range` `lt` the absolute
 //! cutoff), submitted with `wait_for_completion=false&conflicts=proceed&slices=auto` and then
 //! polled through `_tasks/<id>`: the task id travels in the cursor, so a restarted operator
-//! polls the same task instead of submitting another. Before that, each index the pattern
+//! polls the same task instead of submitting another; and each submission is named first (a
+//! random marker, checkpointed by a step of its own, sent as the `X-Opaque-Id`), so a step
+//! resuming after a lost submitting step finds that task (the task list, or `.tasks`) and
+//! adopts it rather than submitting another. Before that, each index the pattern
 //! names whose every document is older than the cutoff (a `max` aggregation, no document
 //! without the field) is deleted whole — the fast path for daily indices — but only after
 //! its writes are blocked and it is refreshed and judged again, so a document written in the

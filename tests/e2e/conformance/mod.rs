@@ -61,11 +61,10 @@
 //! - `fenced_subject_steps: false` (a bug): its erasing subject steps do not
 //!   check the leadership fence before they act.
 //! - `exact_lost_steps: false` ([`Fixture::EXACT_LOST_STEPS`], a bug): what a step whose
-//!   outcome is lost deleted goes uncounted (S3 `DeleteObjects` batches; the test-only memory
-//!   driver).
+//!   outcome is lost deleted goes uncounted (no driver declares it now).
 //!
 //! Every test gets its own store instance (Redis server, moto, Loki double, memory store) or,
-//! on the shared OpenSearch node, its own indices.
+//! on the shared OpenSearch and Elasticsearch 7.17 nodes, its own indices.
 
 pub mod elasticsearch;
 pub mod loki;
