@@ -1302,13 +1302,13 @@ async fn run(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<34} {:>10} {:>8} {:>11} {:>10}",
+        "{:<41} {:>10} {:>8} {:>11} {:>10}",
         "fault kind", "iterations", "mid-work", "known/bound", "violations"
     );
     for (kind, row) in &table {
         let _ = writeln!(
             out,
-            "{:<34} {:>10} {:>8} {:>11} {:>10}",
+            "{:<41} {:>10} {:>8} {:>11} {:>10}",
             kind.name(),
             row.iterations,
             row.mid_work,
