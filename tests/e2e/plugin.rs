@@ -116,17 +116,49 @@ pub(crate) fn assert_no_identifier(output: &Output) {
     }
 }
 
+/// A namespace with the shop's subjects seeded in Redis, its policy, the operator
+/// watching it, and the plugin installed. Bind every field (`_redis` too): a field left
+/// out of the pattern would be dropped at once, and with it the server.
+struct Shop {
+    client: kube::Client,
+    ns: String,
+    _redis: RedisServer,
+    conn: redis::aio::MultiplexedConnection,
+    operator: TestOperator,
+    plugin: Plugin,
+}
+
+impl Shop {
+    async fn open(name: &str) -> Self {
+        let (client, ns) = setup(name).await;
+        let redis = RedisServer::start();
+        let mut conn = redis_conn(&redis.url()).await;
+        seed_subjects(&mut conn).await;
+        let operator = TestOperator::start(&ns).await;
+        shop(&client, &ns, &redis).await;
+        Shop {
+            client,
+            ns,
+            _redis: redis,
+            conn,
+            operator,
+            plugin: Plugin::install(),
+        }
+    }
+}
+
 /// `erase` files the labelled identifiers Secret and the request, prints the digest and
 /// deadline the operator gave it, and the operator erases the subject.
 #[tokio::test]
 async fn erase_files_a_request_the_operator_completes_and_prints_its_digest_and_deadline() {
-    let (client, ns) = setup("plugin-erase").await;
-    let redis = RedisServer::start();
-    let mut conn = redis_conn(&redis.url()).await;
-    seed_subjects(&mut conn).await;
-    let operator = TestOperator::start(&ns).await;
-    shop(&client, &ns, &redis).await;
-    let plugin = Plugin::install();
+    let Shop {
+        client,
+        ns,
+        mut conn,
+        operator,
+        plugin,
+        _redis,
+    } = Shop::open("plugin-erase").await;
 
     let output = plugin
         .run(
@@ -274,13 +306,14 @@ async fn erase_refuses_malformed_identifiers_without_echoing_them_or_creating_an
 /// `hold` by digest stores exactly that digest, and a malformed one is refused.
 #[tokio::test]
 async fn hold_puts_a_subject_under_a_legal_hold_that_blocks_their_erasure() {
-    let (client, ns) = setup("plugin-hold").await;
-    let redis = RedisServer::start();
-    let mut conn = redis_conn(&redis.url()).await;
-    seed_subjects(&mut conn).await;
-    let operator = TestOperator::start(&ns).await;
-    shop(&client, &ns, &redis).await;
-    let plugin = Plugin::install();
+    let Shop {
+        client,
+        ns,
+        mut conn,
+        operator,
+        plugin,
+        _redis,
+    } = Shop::open("plugin-hold").await;
     // The operator creates its digest key when it first needs it; so may anyone first.
     let key = load_or_create_key(&client, &ns).await.expect("digest key");
 
