@@ -52,6 +52,11 @@ pub enum Error {
     /// `Unreachable` instead.
     #[error("the store failed a command: {0}")]
     Store(String),
+    /// A Redis Cluster node redirected a command (`MOVED`, `ASK`, `TRYAGAIN`,
+    /// `CLUSTERDOWN`): a failover or reshard moved the key's slot. Transient: the next step
+    /// reads the topology again.
+    #[error("the store redirected a command: {0}")]
+    ClusterRedirect(String),
     /// This instance no longer leads: it stopped before acting on the store. Transient: the
     /// instance that leads now carries on.
     #[error("leadership lost: stopped before acting on the store")]
@@ -100,6 +105,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
+            Error::ClusterRedirect(_) => "ClusterRedirect",
             Error::LeadershipLost => "LeadershipLost",
             Error::IdentifierNotDistinctive(_) => "IdentifierNotDistinctive",
             Error::UnparsedCopiesRemain(_) => "UnparsedCopiesRemain",
@@ -115,7 +121,9 @@ impl Error {
     /// whether to retry, fail or wait.
     pub fn category(&self) -> Category {
         match self {
-            Error::Unreachable(_) | Error::LeadershipLost => Category::Transient,
+            Error::Unreachable(_) | Error::ClusterRedirect(_) | Error::LeadershipLost => {
+                Category::Transient
+            }
             Error::InvalidSpec(_)
             | Error::IdentifierNotDistinctive(_)
             | Error::DeletionModeFilterOnly(_) => Category::InvalidSpec,
@@ -599,6 +607,7 @@ mod tests {
             (Error::Unreachable(m()), Transient),
             (Error::Store(m()), Refused),
             (Error::LeadershipLost, Transient),
+            (Error::ClusterRedirect(m()), Transient),
             (Error::InvalidSpec(m()), InvalidSpec),
             (Error::IdentifierNotDistinctive(m()), InvalidSpec),
             (Error::DeletionModeFilterOnly(m()), InvalidSpec),

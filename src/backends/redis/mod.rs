@@ -339,8 +339,7 @@ impl RedisBackend {
         }
         let progress = self.subject(job, cursor, budget, &before).await?;
         let after = self.topology().await?;
-        let redirected =
-            matches!(&progress.step.failure, Some(Error::Store(m)) if is_redirect_message(m));
+        let redirected = matches!(&progress.step.failure, Some(Error::ClusterRedirect(_)));
         if before.fingerprint == after.fingerprint && !after.migrating && !redirected {
             return Ok(progress.step);
         }
@@ -534,26 +533,19 @@ impl PageJob {
                 let retention_ms =
                     i64::try_from(self.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
                 if self.dry_run {
-                    let ttls: Vec<i64> =
-                        self.pipelined(&["PTTL"], &keys, &[]).await.map_err(err)?;
+                    let ttls: Vec<i64> = self.pipelined(&["PTTL"], &keys, &[]).await?;
                     select(keys, ttls, |ttl| ttl == -1 || ttl > retention_ms).len() as u64
                 } else {
                     // Judged, recorded in the ledger and bounded in one script per slot.
                     self.limits.acquire(2 * keys.len() as u32).await;
-                    self.may_act().map_err(err)?;
-                    let entries: Vec<(Vec<u8>, ())> = keys.into_iter().map(|k| (k, ())).collect();
-                    per_slot(
+                    self.may_act()?;
+                    keys_per_slot(
                         &mut self.conn,
                         &EXPIRE_SCRIPT,
-                        &entries,
+                        &keys,
                         self.cluster,
                         &self.run,
-                        |invocation, group| {
-                            for (key, ()) in group {
-                                invocation.key(key);
-                            }
-                            invocation.arg(retention_ms);
-                        },
+                        &[retention_ms],
                     )
                     .await
                     .map_err(err)?
@@ -563,7 +555,7 @@ impl PageJob {
                 // The idle check and the delete happen atomically on the server (a key touched
                 // in between is never deleted), and a dry run runs the very same check.
                 self.limits.acquire(2 * keys.len() as u32).await;
-                self.may_act().map_err(err)?;
+                self.may_act()?;
                 unlink_idle(
                     &mut self.conn,
                     &keys,
@@ -608,7 +600,7 @@ impl PageJob {
                     // The delete is conditional on the server: a hash whose timestamp changed
                     // since it was read (refreshed in between) is kept.
                     self.limits.acquire(2 * expired.len() as u32).await;
-                    self.may_act().map_err(err)?;
+                    self.may_act()?;
                     unlink_unchanged(
                         &mut self.conn,
                         &self.timestamp_field,
@@ -626,15 +618,12 @@ impl PageJob {
     }
 
     /// Whether this instance may still delete (a dry run deletes nothing, so always may).
-    fn may_act(&self) -> RedisResult<()> {
+    fn may_act(&self) -> Result<(), Error> {
         // Test-only (debug builds): skip the lease check, the bug the chaos tests must report.
         if self.dry_run || self.fence.is_valid() || crate::planted_bug("skip-lease-check") {
             Ok(())
         } else {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                LEADERSHIP_LOST,
-            )))
+            Err(Error::LeadershipLost)
         }
     }
 
@@ -645,7 +634,7 @@ impl PageJob {
         command: &[&str],
         keys: &[Vec<u8>],
         args: &[&str],
-    ) -> RedisResult<Vec<T>> {
+    ) -> Result<Vec<T>, Error> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -657,7 +646,9 @@ impl PageJob {
         if matches!(command[0], "EXPIRE" | "PEXPIRE" | "UNLINK") {
             self.may_act()?;
         }
-        pipe.query_async(&mut self.conn).await
+        pipe.query_async(&mut self.conn)
+            .await
+            .map_err(|e| map_error(e, &self.addr))
     }
 }
 
@@ -668,17 +659,20 @@ fn ledger_script(body: &str) -> redis::Script {
 }
 
 /// Mode idle: unlinks (or, with ARGV[2] = 1, only counts) the keys `KEYS[2..]` idle longer
-/// than ARGV[3] seconds, recording them in the ledger first; returns how many.
-static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    ledger_script(
-        r"
+/// than ARGV[3] seconds, recording them in the ledger first; returns how many. When the
+/// server does not track idle time (an LFU maxmemory-policy) the script answers with the
+/// error code [`NO_IDLETIME`], before anything is recorded or deleted.
+const IDLE_SOURCE: &str = r"
 local threshold = tonumber(ARGV[3])
 local expired, seen = {}, {}
 for i = 2, #KEYS do
   local key = KEYS[i]
   if not seen[key] then
     seen[key] = true
-    local idle = redis.call('OBJECT', 'IDLETIME', key)
+    local idle = redis.pcall('OBJECT', 'IDLETIME', key)
+    if type(idle) == 'table' and idle.err then
+      return redis.error_reply('NOIDLETIME OBJECT IDLETIME is not available')
+    end
     if idle and idle > threshold then
       expired[#expired + 1] = key
     end
@@ -692,9 +686,9 @@ for first = 1, #expired, 1000 do
   redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
 end
 return #expired
-",
-    )
-});
+";
+static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| ledger_script(IDLE_SOURCE));
 
 /// Mode timestamp: unlinks the hashes `KEYS[i]` (i >= 2) whose field ARGV[2] still holds the
 /// value ARGV[i + 1] the sweep read and judged expired, recording them in the ledger first;
@@ -817,20 +811,37 @@ pub async fn unlink_idle(
     cluster: bool,
     run: &str,
 ) -> RedisResult<u64> {
-    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
-    per_slot(
+    let threshold = i64::try_from(threshold_secs).unwrap_or(i64::MAX);
+    keys_per_slot(
         conn,
         &IDLE_SCRIPT,
-        &entries,
+        keys,
         cluster,
         run,
-        |invocation, group| {
-            for (key, ()) in group {
-                invocation.key(key);
-            }
-            invocation.arg(u8::from(dry_run)).arg(threshold_secs);
-        },
+        &[i64::from(dry_run), threshold],
     )
+    .await
+}
+
+/// [`per_slot`] for a script whose arguments are `keys`, then the same `args` for every
+/// group (after the ledger's): the shape of every script but the timestamp check.
+pub(crate) async fn keys_per_slot(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    keys: &[Vec<u8>],
+    cluster: bool,
+    run: &str,
+    args: &[i64],
+) -> RedisResult<u64> {
+    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
+    per_slot(conn, script, &entries, cluster, run, |invocation, group| {
+        for (key, ()) in group {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+    })
     .await
 }
 
@@ -918,8 +929,26 @@ fn script_groups<T>(entries: &[(Vec<u8>, T)], cluster: bool) -> Vec<Vec<&(Vec<u8
     groups
 }
 
+/// The error code [`IDLE_SCRIPT`] answers with when the server tracks no idle time.
+const NO_IDLETIME: &str = "NOIDLETIME";
+
+/// Whether the server answered `code` (`MOVED`, or a code a script sets), to a single
+/// command or to any command of a pipeline.
+fn has_code(e: &redis::RedisError, codes: &[&str]) -> bool {
+    if e.code().is_some_and(|c| codes.contains(&c)) {
+        return true;
+    }
+    e.clone()
+        .into_server_errors()
+        .is_some_and(|all| all.iter().any(|(_, s)| codes.contains(&s.code())))
+}
+
+/// The codes with which a cluster node redirects a command (the key's slot moved, or is
+/// moving, or the cluster is not serving it now).
+const REDIRECT_CODES: &[&str] = &["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"];
+
 fn idle_error(e: redis::RedisError, addr: &str) -> Error {
-    if e.to_string().contains("LFU") {
+    if has_code(&e, &[NO_IDLETIME]) {
         Error::InvalidSpec(
             "mode idle needs OBJECT IDLETIME, which Redis refuses under an LFU maxmemory-policy"
                 .into(),
@@ -1312,13 +1341,6 @@ fn parse_cursor(
     Ok((node, scan))
 }
 
-/// Whether a store error is a cluster redirection (the key's slot moved).
-fn is_redirect_message(message: &str) -> bool {
-    ["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"]
-        .iter()
-        .any(|code| message.contains(code))
-}
-
 /// Unix seconds (integer or fractional) or RFC 3339.
 pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
     let s = s.trim();
@@ -1333,19 +1355,14 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// The description of the client-side error [`PageJob::may_act`] raises.
-const LEADERSHIP_LOST: &str = "leadership lost";
-
+/// The store's failure by its kind and code (never by its text).
 fn map_error(e: redis::RedisError, addr: &str) -> Error {
-    if e.kind() == redis::ErrorKind::Client && e.to_string().contains(LEADERSHIP_LOST) {
-        return Error::LeadershipLost;
+    if let Some(code) = REDIRECT_CODES.iter().find(|c| has_code(&e, &[c])) {
+        // The slot moved (failover, reshard): the caller reads the topology again.
+        return Error::ClusterRedirect(format!("{addr}: {code} (cluster redirection)"));
     }
     let code = e.code().unwrap_or_default();
-    if matches!(code, "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") {
-        // The slot moved (failover, reshard): the caller reads the topology again.
-        return Error::Store(format!("{addr}: {code} (cluster redirection)"));
-    }
-    if code == "NOPERM" {
+    if has_code(&e, &["NOPERM"]) {
         // An ACL that lets the operator delete but not record what it deletes: the ledger
         // write comes first in every destructive script, so nothing was deleted.
         return Error::Store(format!(
@@ -1465,6 +1482,44 @@ fn validate_subject(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_are_classified_by_kind_and_code_never_by_text() {
+        use redis::{ErrorKind, ServerErrorKind};
+        let addr = "10.0.0.1:6379";
+        let reason = |e: redis::RedisError| map_error(e, addr).reason();
+        // Redirects by their code: the caller reads the topology again.
+        for kind in [
+            ServerErrorKind::Moved,
+            ServerErrorKind::Ask,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::ClusterDown,
+        ] {
+            let e = redis::RedisError::from((ErrorKind::Server(kind), "redirected"));
+            assert_eq!(reason(e), "ClusterRedirect", "{kind:?}");
+        }
+        // Text that merely mentions a code, or the old leadership message, is no such thing.
+        let mentions = redis::make_extension_error(
+            "ERR".into(),
+            Some("MOVED ASK NOPERM leadership lost LFU".into()),
+        );
+        assert_eq!(reason(mentions.clone()), "StoreError");
+        assert_eq!(idle_error(mentions, addr).reason(), "StoreError");
+        let client = redis::RedisError::from((ErrorKind::Client, "leadership lost"));
+        assert_eq!(reason(client), "StoreError");
+        // The code the idle script sets, and the server's own codes.
+        let no_idle = redis::make_extension_error(NO_IDLETIME.into(), Some("x".into()));
+        assert_eq!(idle_error(no_idle, addr).reason(), "InvalidSpec");
+        let noperm = redis::RedisError::from((ErrorKind::Server(ServerErrorKind::NoPerm), "x"));
+        assert!(map_error(noperm, addr).to_string().contains("ledger keys"));
+        let auth = redis::make_extension_error("WRONGPASS".into(), None);
+        assert_eq!(reason(auth), "AuthenticationFailed");
+    }
+
+    #[test]
+    fn the_idle_script_answers_with_the_code_it_is_matched_by() {
+        assert!(IDLE_SOURCE.contains(&format!("error_reply('{NO_IDLETIME} ")));
+    }
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {

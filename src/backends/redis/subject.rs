@@ -2,9 +2,10 @@
 //! set or sorted-set members (SREM / ZREM), found, erased and verified with the same queries.
 
 use redis::aio::MultiplexedConnection;
-use redis::RedisResult;
 
-use super::{glob, ledger, map_error, per_slot, Node, RedisBackend, Topology, SCAN_COUNT};
+use super::{
+    glob, keys_per_slot, ledger, map_error, per_slot, Node, RedisBackend, Topology, SCAN_COUNT,
+};
 use std::collections::{BTreeMap, HashSet};
 use tokio::time::Instant;
 
@@ -543,9 +544,9 @@ impl RedisBackend {
                 }
                 n
             }
-            SubjectAction::Erase => unlink_each(&mut conn, &keys, self, budget, run)
-                .await
-                .map_err(err)?,
+            SubjectAction::Erase => {
+                unlink_each(&mut conn, &keys, self, budget, run, &node.addr).await?
+            }
         };
         Ok((next, count))
     }
@@ -655,36 +656,28 @@ async fn unlink_each(
     backend: &RedisBackend,
     budget: &StepBudget,
     run: &str,
-) -> RedisResult<u64> {
+    addr: &str,
+) -> Result<u64, Error> {
     backend
         .limits
         .acquire(u32::try_from(keys.len()).unwrap_or(u32::MAX))
         .await;
     // Right before the destructive batch, after the rate-limit wait.
-    if budget.may_act().is_err() {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            super::LEADERSHIP_LOST,
-        )));
-    }
-    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
-    per_slot(
+    budget.may_act()?;
+    keys_per_slot(
         conn,
         &super::UNLINK_SCRIPT,
-        &entries,
+        keys,
         backend.config.cluster,
         run,
-        |invocation, group| {
-            for (key, ()) in group {
-                invocation.key(key);
-            }
-        },
+        &[],
     )
     .await
+    .map_err(|e| map_error(e, addr))
 }
 
 fn is_not_here(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("MOVED") | Some("ASK"))
+    super::has_code(e, &["MOVED", "ASK"])
 }
 
 #[cfg(test)]

@@ -132,6 +132,7 @@ pub fn redact(e: &backends::Error) -> Failure {
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
         E::Store(_) => "the store failed a command",
+        E::ClusterRedirect(_) => "a cluster node redirected a command (a slot moved)",
     };
     Failure::new(
         e.category(),
