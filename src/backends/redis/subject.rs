@@ -11,34 +11,10 @@ use tokio::time::Instant;
 
 use crate::api::StoreKind;
 use crate::backends::identifier::{self, exact_forms, Piece};
-use crate::backends::template::{self, escape_glob};
+use crate::backends::template::{self, escape_glob, Locating};
 use crate::backends::{
     subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
-
-/// Fills a template with a subject's identifiers, into the forms to look for.
-type Expander = fn(&str, &BTreeMap<String, String>) -> Result<Vec<String>, template::Error>;
-
-/// What a template expansion came to: the forms to use, or a reason to skip the locator.
-fn expand_or_skip(
-    what: &str,
-    template: &str,
-    job: &SubjectJob,
-    expand: Expander,
-    skipped: &mut Vec<String>,
-) -> Result<Option<Vec<String>>, Error> {
-    match expand(template, &job.identifiers) {
-        Ok(v) => Ok(Some(v)),
-        Err(template::Error::MissingIdentifier(name)) => {
-            skipped.push(format!("{what} needs {{{name}}}"));
-            Ok(None)
-        }
-        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
-            "target {}: subject.redis.{what} is not a valid template",
-            job.target.name
-        ))),
-    }
-}
 
 /// A key template as one glob: the template's own text is a glob, identifier values are
 /// canonical and escaped, and e-mail values match in any (ASCII) case (`[bB][oO][bB]@…`).
@@ -72,11 +48,10 @@ enum Unit {
 /// they need), and whether any locator ran.
 fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
     let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
+    let mut locating = Locating::new(&job.target.name, StoreKind::Redis, &job.identifiers);
     let mut units = Vec::new();
-    let mut skipped = Vec::new();
     for (i, t) in locator.keys.iter().enumerate() {
-        let Some(patterns) = expand_or_skip(&format!("keys[{i}]"), t, job, key_glob, &mut skipped)?
-        else {
+        let Some(patterns) = locating.fill(&format!("keys[{i}]"), t, key_glob)? else {
             continue;
         };
         for pattern in patterns {
@@ -91,10 +66,10 @@ fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
     }
     for (i, hf) in locator.hash_fields.iter().enumerate() {
         let what = format!("hashFields[{i}]");
-        let Some(keys) = expand_or_skip(&what, &hf.key, job, exact_forms, &mut skipped)? else {
+        let Some(keys) = locating.fill(&what, &hf.key, exact_forms)? else {
             continue;
         };
-        let Some(fields) = expand_or_skip(&what, &hf.field, job, exact_forms, &mut skipped)? else {
+        let Some(fields) = locating.fill(&what, &hf.field, exact_forms)? else {
             continue;
         };
         for (key, field) in pairs(&keys, &fields) {
@@ -106,11 +81,10 @@ fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
     }
     for (i, sm) in locator.set_members.iter().enumerate() {
         let what = format!("setMembers[{i}]");
-        let Some(keys) = expand_or_skip(&what, &sm.key, job, exact_forms, &mut skipped)? else {
+        let Some(keys) = locating.fill(&what, &sm.key, exact_forms)? else {
             continue;
         };
-        let Some(members) = expand_or_skip(&what, &sm.member, job, exact_forms, &mut skipped)?
-        else {
+        let Some(members) = locating.fill(&what, &sm.member, exact_forms)? else {
             continue;
         };
         for (key, member) in pairs(&keys, &members) {
@@ -120,6 +94,7 @@ fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
             });
         }
     }
+    let mut skipped = locating.skipped;
     skipped.dedup();
     let locators = locator.keys.len() + locator.hash_fields.len() + locator.set_members.len();
     let ran = skipped.len() < locators;
@@ -704,6 +679,33 @@ mod tests {
             in_unit,
             tally: None,
         }
+    }
+
+    #[test]
+    fn locators_are_filled_skipped_and_refused_as_every_drivers() {
+        let job = |subject: serde_json::Value| SubjectJob {
+            target: serde_json::from_value(serde_json::json!({"name": "t", "store": "s",
+                "redis": {"keyPattern": "s:*"}, "subject": {"redis": subject}}))
+            .expect("a target"),
+            identifiers: [("userId".to_string(), "47".to_string())].into(),
+            action: FIND,
+        };
+        let (found, skipped, ran) = units(&job(serde_json::json!({
+            "keys": ["s:{userId}:*", "m:{email}:*"],
+            "hashFields": [{"key": "h", "field": "{email}"}]})))
+        .expect("units");
+        assert_eq!((found.len(), ran), (1, true));
+        assert_eq!(
+            skipped,
+            ["keys[1] needs {email}", "hashFields[0] needs {email}"]
+        );
+        let bad = units(&job(
+            serde_json::json!({"setMembers": [{"key": "k", "member": "{userId"}]}),
+        ));
+        assert_eq!(
+            bad.err().map(|e| e.to_string()),
+            Some("target t: subject.redis.setMembers[0] is not a valid template".to_string())
+        );
     }
 
     #[test]

@@ -1056,17 +1056,14 @@ fn expand(
     job: &SubjectJob,
     skipped: &mut Vec<String>,
 ) -> Result<Option<Vec<String>>, Error> {
-    match identifier::exact_forms(t, &job.identifiers) {
-        Ok(v) => Ok(Some(v)),
-        Err(template::Error::MissingIdentifier(name)) => {
-            skipped.push(format!("{what} needs {{{name}}}"));
-            Ok(None)
-        }
-        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
-            "target {}: subject.s3.{what} is not a valid template",
-            job.target.name
-        ))),
-    }
+    template::fill_or_skip(
+        job,
+        StoreKind::S3,
+        what,
+        t,
+        identifier::exact_forms,
+        skipped,
+    )
 }
 
 /// The records locator's `equals` filled with canonical values, the one form every records
@@ -1076,17 +1073,14 @@ fn fill_equals(
     job: &SubjectJob,
     skipped: &mut Vec<String>,
 ) -> Result<Option<identifier::Filled>, Error> {
-    match identifier::fill(t, &job.identifiers) {
-        Ok(filled) => Ok(Some(filled)),
-        Err(template::Error::MissingIdentifier(name)) => {
-            skipped.push(format!("records.equals needs {{{name}}}"));
-            Ok(None)
-        }
-        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
-            "target {}: subject.s3.records.equals is not a valid template",
-            job.target.name
-        ))),
-    }
+    template::fill_or_skip(
+        job,
+        StoreKind::S3,
+        "records.equals",
+        t,
+        identifier::fill,
+        skipped,
+    )
 }
 
 /// The copies of the subject's data a pass over one object found (or removed): its records,
