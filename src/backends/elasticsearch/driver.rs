@@ -1,8 +1,6 @@
 //! Elasticsearch and OpenSearch as a registered store kind: its typed parts and how its
 //! DataStore section becomes a connection.
 
-use std::sync::Arc;
-
 use crate::api::datastore::{DataStoreSpec, ElasticsearchStore, StoreSection};
 use crate::api::retentionpolicy::{
     ElasticsearchSubject, ElasticsearchTarget, Selector, SubjectLocator, Target,
@@ -11,7 +9,7 @@ use crate::api::StoreKind;
 use crate::backends::driver::{
     http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
-use crate::backends::{Backend, Error, Limits};
+use crate::backends::{Error, Limits};
 
 use super::{ElasticsearchBackend, ElasticsearchConfig};
 
@@ -23,6 +21,8 @@ impl StoreDriver for ElasticsearchDriver {
     type Config = ElasticsearchConfig;
     type Selector = ElasticsearchTarget;
     type Locator = ElasticsearchSubject;
+    type Cursor = crate::backends::driver::JsonCursor;
+    type Backend = ElasticsearchBackend;
 
     fn capabilities() -> Capabilities {
         Capabilities {
@@ -73,8 +73,8 @@ impl StoreDriver for ElasticsearchDriver {
         })
     }
 
-    fn connect(config: ElasticsearchConfig, limits: Limits) -> Arc<dyn Backend> {
-        Arc::new(ElasticsearchBackend::new(config, limits))
+    fn connect(config: ElasticsearchConfig, limits: Limits) -> ElasticsearchBackend {
+        ElasticsearchBackend::new(config, limits)
     }
 
     fn validate(
@@ -101,5 +101,39 @@ impl StoreDriver for ElasticsearchDriver {
             parts.push(format!("index {}", e.index));
         }
         parts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::driver::{decode_cursor, encode_cursor, Decoded};
+
+    #[test]
+    fn cursors_of_the_previous_version_resume_in_the_common_format() {
+        let old = r#"es:{"a":"logs-2026.01.01","t":"oTUltX4IQMOUUVeiohTt8A:12345","p":3}"#;
+        let Decoded::Resume {
+            cursor,
+            upgraded: true,
+        } = decode_cursor::<ElasticsearchBackend>(Some(old))
+        else {
+            panic!("{old} does not resume");
+        };
+        let text = encode_cursor::<ElasticsearchBackend>(Some(&cursor));
+        assert_eq!(
+            text,
+            r#"v1:elasticsearch:{"a":"logs-2026.01.01","p":3,"t":"oTUltX4IQMOUUVeiohTt8A:12345"}"#
+        );
+        assert!(matches!(
+            decode_cursor::<ElasticsearchBackend>(Some(&text)),
+            Decoded::Resume {
+                upgraded: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode_cursor::<ElasticsearchBackend>(Some("s3:{}")),
+            Decoded::Restart(_)
+        ));
     }
 }

@@ -78,6 +78,7 @@ impl ElasticsearchBackend {
             skipped: Vec::new(),
             next: Next::Done,
             failure: None,
+            notices: Vec::new(),
         };
         let terms = match query::expand_terms(name, &locator.term, &job.identifiers)? {
             Ok(terms) => terms,

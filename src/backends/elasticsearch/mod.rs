@@ -45,8 +45,9 @@ use async_trait::async_trait;
 use reqwest::Method;
 use serde_json::Value;
 
+use super::driver::{JsonCursor, StoreBackend};
 use super::http::{HttpAuth, HttpStore};
-use super::{Backend, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
 use cursor::Cursor;
@@ -76,16 +77,23 @@ impl ElasticsearchBackend {
     }
 }
 
+/// How the steps write their cursor ([`Cursor`]) as text; in status it is
+/// `v1:elasticsearch:{…}`, and this form is the previous version's there.
+const TEXT: &str = "es:";
+
 #[async_trait]
-impl Backend for ElasticsearchBackend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::Elasticsearch
+impl StoreBackend for ElasticsearchBackend {
+    const KIND: StoreKind = StoreKind::Elasticsearch;
+    type Cursor = JsonCursor;
+
+    fn legacy_cursor(text: &str) -> Option<JsonCursor> {
+        JsonCursor::from_text(text, TEXT)
     }
 
     /// Cancels a running delete-by-query task; what it deleted before stays deleted.
     /// Lifts the operator's own write block named in the cursor, if any, too.
-    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
-        let Ok(cursor) = Cursor::decode(cursor) else {
+    async fn cancel_deletion(&self, cursor: JsonCursor) -> Result<Cancel, Error> {
+        let Ok(cursor) = Cursor::decode(&cursor.to_text(TEXT)) else {
             return Ok(Cancel::Nothing);
         };
         if let Some(index) = cursor.blocking.as_deref() {
@@ -127,7 +135,7 @@ impl Backend for ElasticsearchBackend {
         }
     }
 
-    async fn probe(&self) -> Result<String, Error> {
+    async fn probe_store(&self) -> Result<String, Error> {
         let answer = self
             .call(Method::GET, &[], &[], None, "GET /", Quote::Reason)
             .await?;
@@ -138,23 +146,36 @@ impl Backend for ElasticsearchBackend {
         })
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<JsonCursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
-        self.sweep(job, cursor, budget).await
+    ) -> Result<Step<JsonCursor>, Error> {
+        let text = cursor.map(|c| c.to_text(TEXT));
+        ElasticsearchBackend::sweep(self, job, text.as_deref(), budget)
+            .await?
+            .try_map_cursor(read_back)
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<JsonCursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
-        self.subject(job, cursor, budget).await
+    ) -> Result<SubjectStep<JsonCursor>, Error> {
+        let text = cursor.map(|c| c.to_text(TEXT));
+        ElasticsearchBackend::subject(self, job, text.as_deref(), budget)
+            .await?
+            .try_map_cursor(read_back)
     }
+}
+
+/// The steps' text cursor as the typed one.
+fn read_back(text: String) -> Result<JsonCursor, Error> {
+    JsonCursor::from_text(&text, TEXT).ok_or_else(|| {
+        Error::Store("an Elasticsearch step returned a cursor it cannot read back".into())
+    })
 }
 
 /// Whether a `_tasks/<id>/_cancel` answer names no cancelled task, only failures: the task

@@ -1,15 +1,13 @@
 //! Loki as a registered store kind: its typed parts and how its DataStore section becomes a
 //! connection.
 
-use std::sync::Arc;
-
 use crate::api::datastore::{DataStoreSpec, LokiStore, StoreSection};
 use crate::api::retentionpolicy::{LokiSubject, LokiTarget, Selector, SubjectLocator, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{
     http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
-use crate::backends::{Backend, Error, Limits};
+use crate::backends::{Error, Limits};
 
 use super::{LokiBackend, LokiConfig, DEFAULT_RESUBMIT_AFTER};
 
@@ -21,6 +19,8 @@ impl StoreDriver for LokiDriver {
     type Config = LokiConfig;
     type Selector = LokiTarget;
     type Locator = LokiSubject;
+    type Cursor = super::Cursor;
+    type Backend = LokiBackend;
 
     fn capabilities() -> Capabilities {
         Capabilities {
@@ -75,8 +75,8 @@ impl StoreDriver for LokiDriver {
         })
     }
 
-    fn connect(config: LokiConfig, limits: Limits) -> Arc<dyn Backend> {
-        Arc::new(LokiBackend::new(config, limits))
+    fn connect(config: LokiConfig, limits: Limits) -> LokiBackend {
+        LokiBackend::new(config, limits)
     }
 
     fn validate(
@@ -101,9 +101,5 @@ impl StoreDriver for LokiDriver {
             parts.push(format!("streams {}", l.selector));
         }
         parts
-    }
-
-    fn describe_wait(cursor: &str) -> Option<String> {
-        super::describe_wait(cursor)
     }
 }

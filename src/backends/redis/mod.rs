@@ -12,7 +12,7 @@
 pub mod driver;
 pub mod glob;
 pub mod ledger;
-pub(crate) mod subject;
+pub mod subject;
 
 use std::time::Duration;
 
@@ -29,13 +29,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
-    SweepJob,
+    Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
-use crate::backends::driver::StoreDriver;
+use crate::backends::driver::{StoreBackend, StoreDriver};
 use crate::backends::{held_subject_locator, identifier, template};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Keys asked for per SCAN call.
 const SCAN_COUNT: usize = 5000;
@@ -328,9 +329,9 @@ impl RedisBackend {
     async fn subject_on_stable_topology(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<subject::Position>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
+    ) -> Result<SubjectStep<RedisCursor>, Error> {
         let before = self.topology().await?;
         if before.migrating {
             return Err(Error::Store(
@@ -350,7 +351,7 @@ impl RedisBackend {
         restart.restart_unit(job.action == SubjectAction::Erase);
         step.count = 0;
         step.failure = None;
-        step.next = Next::Continue(restart.encode(&after.fingerprint));
+        step.next = Next::Continue(RedisCursor::Subject(restart.checkpoint(&after.fingerprint)));
         Ok(step)
     }
 
@@ -980,13 +981,79 @@ fn select<T>(keys: Vec<Vec<u8>>, replies: Vec<T>, mut keep: impl FnMut(T) -> boo
         .collect()
 }
 
-#[async_trait]
-impl Backend for RedisBackend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::Redis
+/// Where a Redis job resumes: SCAN positions, node indexes, counts, a topology tag and a
+/// ledger run id. Never a key, so never an identifier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "job", rename_all = "camelCase")]
+pub enum RedisCursor {
+    Sweep(SweepPosition),
+    Subject(subject::Position),
+}
+
+/// Where a sweep resumes: the node (an index into the primaries of the topology the tag
+/// names) and its SCAN cursor, and a real sweep's ledger tally.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SweepPosition {
+    pub node: usize,
+    pub scan: u64,
+    /// [`topology_tag`] of the topology the node index counts (absent on a server without
+    /// a run id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
+    /// The ledger tally (`run.counted`, `.s` once settled); absent in a dry run.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "ledger::as_text"
+    )]
+    #[schemars(with = "Option<String>")]
+    pub ledger: Option<ledger::Tally>,
+}
+
+impl SweepPosition {
+    fn at(node: usize, scan: u64, fingerprint: &str, ledger: Option<ledger::Tally>) -> Self {
+        Self {
+            node,
+            scan,
+            topology: (!fingerprint.is_empty()).then(|| topology_tag(fingerprint)),
+            ledger,
+        }
     }
 
-    async fn probe(&self) -> Result<String, Error> {
+    /// A sweep cursor as the previous version wrote it: `node:scan[:topology][;tally]`.
+    fn legacy(text: &str) -> Option<Self> {
+        let (position, tally) = split_cursor(Some(text)).ok()?;
+        let mut parts = position?.split(':');
+        let node = parts.next()?.parse().ok()?;
+        let scan = parts.next()?.parse().ok()?;
+        let topology = parts.next().map(str::to_string);
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Self {
+            node,
+            scan,
+            topology,
+            ledger: tally,
+        })
+    }
+}
+
+#[async_trait]
+impl StoreBackend for RedisBackend {
+    const KIND: StoreKind = StoreKind::Redis;
+    type Cursor = RedisCursor;
+
+    fn legacy_cursor(text: &str) -> Option<RedisCursor> {
+        if text.starts_with(subject::CURSOR_PREFIX) {
+            subject::Position::legacy(text).map(RedisCursor::Subject)
+        } else {
+            SweepPosition::legacy(text).map(RedisCursor::Sweep)
+        }
+    }
+
+    async fn probe_store(&self) -> Result<String, Error> {
         let nodes = self.nodes().await?;
         for node in nodes.iter() {
             let mut conn = node.conn.clone();
@@ -1009,27 +1076,46 @@ impl Backend for RedisBackend {
         })
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<RedisCursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
-        self.subject_on_stable_topology(job, cursor, budget).await
+    ) -> Result<SubjectStep<RedisCursor>, Error> {
+        let position = match cursor {
+            None => None,
+            Some(RedisCursor::Subject(p)) => Some(p),
+            Some(RedisCursor::Sweep(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is a Redis sweep cursor, not an erasure's".into(),
+                ))
+            }
+        };
+        self.subject_on_stable_topology(job, position, budget).await
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<RedisCursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
+    ) -> Result<Step<RedisCursor>, Error> {
         let target = <driver::RedisDriver as StoreDriver>::selector(&job.target)
             .ok_or_else(|| Error::InvalidSpec("target has no redis selector".into()))?;
         let held = std::sync::Arc::new(held_globs(job)?);
         let topology = self.topology().await?;
         let nodes = topology.nodes.as_slice();
-        let (position, tally) = split_cursor(cursor)?;
+        let fingerprint = topology.fingerprint.as_str();
+        let position = match cursor {
+            None => None,
+            Some(RedisCursor::Sweep(p)) => Some(p),
+            Some(RedisCursor::Subject(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is a Redis erasure cursor, not a sweep's".into(),
+                ))
+            }
+        };
+        let tally = position.as_ref().and_then(|p| p.ledger.clone());
         // A dry run deletes nothing, so it keeps no ledger.
         let mut tally = if job.dry_run {
             None
@@ -1043,11 +1129,12 @@ impl Backend for RedisBackend {
                 // records into the same ledger. (A sweep that starts over before its first
                 // checkpoint starts a new run: nothing was deleted under the old name.)
                 return Ok(Step {
-                    next: Next::Continue(format!(
-                        "{};{}",
-                        encode_cursor(0, 0, &topology.fingerprint),
-                        tally.encode()
-                    )),
+                    next: Next::Continue(RedisCursor::Sweep(SweepPosition::at(
+                        0,
+                        0,
+                        fingerprint,
+                        Some(tally),
+                    ))),
                     // An instance that no longer leads says so at once, as a page would.
                     failure: budget.may_act().err(),
                     ..Step::default()
@@ -1061,8 +1148,15 @@ impl Backend for RedisBackend {
             self.remove_ledger(&topology, &t.run).await?;
             return Ok(Step::default());
         }
-        let (mut node_index, mut scan_cursor) =
-            parse_cursor(position, nodes.len(), &topology.fingerprint)?;
+        let (mut node_index, mut scan_cursor) = position.as_ref().map_or((0, 0), |p| {
+            resume_at(
+                p.node,
+                p.scan,
+                p.topology.as_deref(),
+                nodes.len(),
+                fingerprint,
+            )
+        });
         let deadline = Instant::now() + budget.max_time;
         let mut step = Step::default();
         let run = tally.as_ref().map(|t| t.run.clone()).unwrap_or_default();
@@ -1103,11 +1197,12 @@ impl Backend for RedisBackend {
         }
         let Some(tally) = tally.as_mut() else {
             if node_index < nodes.len() {
-                step.next = Next::Continue(encode_cursor(
+                step.next = Next::Continue(RedisCursor::Sweep(SweepPosition::at(
                     node_index,
                     scan_cursor,
-                    &topology.fingerprint,
-                ));
+                    fingerprint,
+                    None,
+                )));
             }
             return Ok(step);
         };
@@ -1121,11 +1216,12 @@ impl Backend for RedisBackend {
                 Err(e) => step.failure = Some(e),
             }
         }
-        step.next = Next::Continue(format!(
-            "{};{}",
-            encode_cursor(node_index, scan_cursor, &topology.fingerprint),
-            tally.encode()
-        ));
+        step.next = Next::Continue(RedisCursor::Sweep(SweepPosition::at(
+            node_index,
+            scan_cursor,
+            fingerprint,
+            Some(tally.clone()),
+        )));
         Ok(step)
     }
 }
@@ -1297,38 +1393,17 @@ fn topology_tag(fingerprint: &str) -> String {
     hex::encode(&sha2::Sha256::digest(fingerprint.as_bytes())[..4])
 }
 
-/// `node:scan_cursor`, and on a cluster `:topology` (the primaries the node index counts).
-fn encode_cursor(node: usize, scan: u64, fingerprint: &str) -> String {
-    if fingerprint.is_empty() {
-        format!("{node}:{scan}")
-    } else {
-        format!("{node}:{scan}:{}", topology_tag(fingerprint))
-    }
-}
-
-/// Reads a cursor; None starts at the first node. A cursor taken on another topology (a
-/// failover or reshard since: the node index may name another primary) starts the sweep
-/// over, so that no primary is skipped; what was deleted is gone and not counted twice.
-fn parse_cursor(
-    cursor: Option<&str>,
+/// Where a sweep checkpointed at `node`/`scan` on the topology tagged `tag` resumes. A
+/// cursor taken on another topology (a failover or reshard since: the node index may name
+/// another primary) starts the sweep over, so that no primary is skipped; what was deleted
+/// is gone and not counted twice.
+fn resume_at(
+    node: usize,
+    scan: u64,
+    tag: Option<&str>,
     nodes: usize,
     fingerprint: &str,
-) -> Result<(usize, u64), Error> {
-    let Some(cursor) = cursor else {
-        return Ok((0, 0));
-    };
-    let bad = || {
-        Error::InvalidSpec(format!(
-            "checkpoint cursor {cursor:?} is not a Redis cursor"
-        ))
-    };
-    let mut parts = cursor.split(':');
-    let node: usize = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-    let scan: u64 = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-    let tag = parts.next();
-    if parts.next().is_some() {
-        return Err(bad());
-    }
+) -> (usize, u64) {
     let same_topology = match tag {
         Some(tag) => !fingerprint.is_empty() && tag == topology_tag(fingerprint),
         None => fingerprint.is_empty() || nodes == 1,
@@ -1336,9 +1411,9 @@ fn parse_cursor(
     // `nodes:0` on the same topology: every node is done.
     let done = node == nodes && scan == 0;
     if (node >= nodes && !done) || !same_topology {
-        return Ok((0, 0));
+        return (0, 0);
     }
-    Ok((node, scan))
+    (node, scan)
 }
 
 /// Unix seconds (integer or fractional) or RFC 3339.
@@ -1482,6 +1557,61 @@ fn validate_subject(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep cursor in the previous version's text, read as an upgrade reads it.
+    fn parse_cursor(text: Option<&str>, nodes: usize, fp: &str) -> Result<(usize, u64), ()> {
+        let Some(text) = text else {
+            return Ok((0, 0));
+        };
+        let p = SweepPosition::legacy(text).ok_or(())?;
+        Ok(resume_at(p.node, p.scan, p.topology.as_deref(), nodes, fp))
+    }
+
+    /// `node:scan[:topology]`, as the previous version wrote it.
+    fn encode_cursor(node: usize, scan: u64, fp: &str) -> String {
+        match SweepPosition::at(node, scan, fp, None).topology {
+            Some(tag) => format!("{node}:{scan}:{tag}"),
+            None => format!("{node}:{scan}"),
+        }
+    }
+
+    #[test]
+    fn sweep_cursors_of_the_previous_version_resume() {
+        let tally = ledger::Tally::parse("0a1b2c.5000");
+        assert_eq!(
+            RedisBackend::legacy_cursor("1:17:ab12cd34;0a1b2c.5000"),
+            Some(RedisCursor::Sweep(SweepPosition {
+                node: 1,
+                scan: 17,
+                topology: Some("ab12cd34".into()),
+                ledger: tally.clone(),
+            }))
+        );
+        assert_eq!(
+            RedisBackend::legacy_cursor("0:99"),
+            Some(RedisCursor::Sweep(SweepPosition {
+                node: 0,
+                scan: 99,
+                topology: None,
+                ledger: None,
+            }))
+        );
+        for bad in ["", "x:1", "0:17;x.1", "1:2:3:4", "es:{}", "v1:redis:{}"] {
+            assert_eq!(RedisBackend::legacy_cursor(bad), None, "{bad}");
+        }
+        // In the common format, with the tally in its text form (checked when read).
+        let cursor = RedisCursor::Sweep(SweepPosition::at(2, 5, "", tally));
+        let text = crate::backends::driver::encode_cursor::<RedisBackend>(Some(&cursor));
+        assert_eq!(
+            text,
+            r#"v1:redis:{"job":"sweep","node":2,"scan":5,"ledger":"0a1b2c.5000"}"#
+        );
+        let bad_run = r#"v1:redis:{"job":"sweep","node":2,"scan":5,"ledger":"../x.1"}"#;
+        assert!(matches!(
+            crate::backends::driver::decode_cursor::<RedisBackend>(Some(bad_run)),
+            crate::backends::driver::Decoded::Restart(_)
+        ));
+    }
 
     #[test]
     fn errors_are_classified_by_kind_and_code_never_by_text() {

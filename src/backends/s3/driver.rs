@@ -1,13 +1,11 @@
 //! S3 as a registered store kind: its typed parts and how its DataStore section becomes a
 //! connection.
 
-use std::sync::Arc;
-
 use crate::api::datastore::{DataStoreSpec, S3Store, StoreSection};
 use crate::api::retentionpolicy::{S3Subject, S3Target, Selector, SubjectLocator, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
-use crate::backends::{Backend, Error, Limits};
+use crate::backends::{Error, Limits};
 
 use super::{S3Backend, S3Config, S3Credentials};
 
@@ -19,6 +17,8 @@ impl StoreDriver for S3Driver {
     type Config = S3Config;
     type Selector = S3Target;
     type Locator = S3Subject;
+    type Cursor = super::S3Cursor;
+    type Backend = S3Backend;
 
     fn capabilities() -> Capabilities {
         Capabilities {
@@ -76,8 +76,8 @@ impl StoreDriver for S3Driver {
         })
     }
 
-    fn connect(config: S3Config, limits: Limits) -> Arc<dyn Backend> {
-        Arc::new(S3Backend::new(config, limits))
+    fn connect(config: S3Config, limits: Limits) -> S3Backend {
+        S3Backend::new(config, limits)
     }
 
     fn validate(
@@ -115,5 +115,53 @@ impl StoreDriver for S3Driver {
             }
         }
         parts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::driver::{decode_cursor, encode_cursor, Decoded};
+
+    #[test]
+    fn cursors_of_the_previous_version_resume_in_the_common_format() {
+        let old = r#"s3:{"t":"token-1","v":true}"#;
+        let Decoded::Resume {
+            cursor,
+            upgraded: true,
+        } = decode_cursor::<S3Backend>(Some(old))
+        else {
+            panic!("{old} does not resume");
+        };
+        let text = encode_cursor::<S3Backend>(Some(&cursor));
+        assert_eq!(text, r#"v1:s3:{"sweep":{"t":"token-1","v":true}}"#);
+        assert!(matches!(
+            decode_cursor::<S3Backend>(Some(&text)),
+            Decoded::Resume {
+                upgraded: false,
+                ..
+            }
+        ));
+        let old = r#"s3-subject:{"a":"e","p":1,"u":2}"#;
+        let Decoded::Resume {
+            cursor,
+            upgraded: true,
+        } = decode_cursor::<S3Backend>(Some(old))
+        else {
+            panic!("{old} does not resume");
+        };
+        let text = encode_cursor::<S3Backend>(Some(&cursor));
+        assert_eq!(text, r#"v1:s3:{"subject":{"a":"e","p":1,"u":2}}"#);
+        assert!(matches!(
+            decode_cursor::<S3Backend>(Some(&text)),
+            Decoded::Resume {
+                upgraded: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode_cursor::<S3Backend>(Some("es:{}")),
+            Decoded::Restart(_)
+        ));
     }
 }

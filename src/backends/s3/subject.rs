@@ -337,6 +337,7 @@ impl S3Backend {
                     skipped,
                     next: Next::Continue(pos.encode()),
                     failure: None,
+                    notices: Vec::new(),
                 });
             }
         }
@@ -418,6 +419,7 @@ impl S3Backend {
                 Next::Continue(pos.encode())
             },
             failure,
+            notices: Vec::new(),
         })
     }
 

@@ -43,11 +43,14 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
 
 use tombstone::api::retentionpolicy::{Selector, Target};
 use tombstone::api::StoreKind;
+use tombstone::backends::driver::StoreBackend;
 use tombstone::backends::identifier;
 use tombstone::backends::template::{self, Syntax};
 use tombstone::backends::{
@@ -107,19 +110,21 @@ impl MemoryBackend {
     }
 }
 
-/// The cursor: the last key handled, prefixed so that a cursor of another driver is refused.
-fn encode(key: &str) -> String {
-    format!("mem:{key}")
+/// Where a step resumes: the last key handled (`<dataset>/<n>`: never an identifier). The
+/// driver only says what it is; the adapter writes it to status (`v1:<kind>:{"after":…}`),
+/// reads it back, and restarts the job with a Warning Event if it cannot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MemoryCursor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    after: Option<String>,
 }
 
-fn decode(cursor: Option<&str>) -> Result<Option<&str>, Error> {
-    cursor
-        .map(|c| {
-            c.strip_prefix("mem:")
-                .ok_or_else(|| Error::InvalidSpec("not a memory cursor".into()))
-        })
-        .transpose()
-        .map(|c| c.filter(|c| !c.is_empty()))
+impl MemoryCursor {
+    fn at(after: &Option<String>) -> Self {
+        Self {
+            after: after.clone(),
+        }
+    }
 }
 
 fn dataset(target: &Target) -> Result<&str, Error> {
@@ -202,29 +207,28 @@ fn matches(
 }
 
 #[async_trait]
-impl Backend for MemoryBackend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::Elasticsearch
-    }
+impl StoreBackend for MemoryBackend {
+    const KIND: StoreKind = StoreKind::Elasticsearch;
+    type Cursor = MemoryCursor;
 
-    async fn probe(&self) -> Result<String, Error> {
+    async fn probe_store(&self) -> Result<String, Error> {
         Ok("memory".into())
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<MemoryCursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
+    ) -> Result<Step<MemoryCursor>, Error> {
         validate_target(&job.target)?;
         let dataset = dataset(&job.target)?;
-        let mut cursor = decode(cursor)?.map(str::to_string);
+        let mut cursor = cursor.and_then(|c| c.after);
         let deadline = Instant::now() + budget.max_time;
         let mut step = Step::default();
         loop {
             if Instant::now() >= deadline || budget.cancel.is_cancelled() {
-                step.next = Next::Continue(encode(cursor.as_deref().unwrap_or("")));
+                step.next = Next::Continue(MemoryCursor::at(&cursor));
                 return Ok(step);
             }
             let page = self.page(dataset, cursor.as_deref(), BATCH)?;
@@ -239,7 +243,7 @@ impl Backend for MemoryBackend {
                 .collect();
             if !job.dry_run {
                 if let Err(e) = budget.may_act() {
-                    step.next = Next::Continue(encode(cursor.as_deref().unwrap_or("")));
+                    step.next = Next::Continue(MemoryCursor::at(&cursor));
                     step.failure = Some(e);
                     return Ok(step);
                 }
@@ -254,12 +258,12 @@ impl Backend for MemoryBackend {
         }
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<MemoryCursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
+    ) -> Result<SubjectStep<MemoryCursor>, Error> {
         validate_target(&job.target)?;
         let dataset = dataset(&job.target)?;
         let terms = job
@@ -275,20 +279,15 @@ impl Backend for MemoryBackend {
                 job.target.name
             )));
         }
-        let mut cursor = decode(cursor)?.map(str::to_string);
+        let mut cursor = cursor.and_then(|c| c.after);
         let deadline = Instant::now() + budget.max_time;
         let mut step = SubjectStep {
-            count: 0,
-            blocked: 0,
-            malformed: 0,
             ran: true,
-            skipped: Vec::new(),
-            next: Next::Done,
-            failure: None,
+            ..SubjectStep::default()
         };
         loop {
             if Instant::now() >= deadline || budget.cancel.is_cancelled() {
-                step.next = Next::Continue(encode(cursor.as_deref().unwrap_or("")));
+                step.next = Next::Continue(MemoryCursor::at(&cursor));
                 return Ok(step);
             }
             let page = self.page(dataset, cursor.as_deref(), BATCH)?;
@@ -309,7 +308,7 @@ impl Backend for MemoryBackend {
             }
             if job.action == SubjectAction::Erase {
                 if let Err(e) = budget.may_act() {
-                    step.next = Next::Continue(encode(cursor.as_deref().unwrap_or("")));
+                    step.next = Next::Continue(MemoryCursor::at(&cursor));
                     step.failure = Some(e);
                     return Ok(step);
                 }
