@@ -619,6 +619,14 @@ impl<D: StoreDriver> Driver for Registered<D> {
                 target.name
             ))
         })?;
+        if let Some(problem) = target
+            .subject
+            .as_ref()
+            .and_then(|s| s.problem(&target.name, Some(D::KIND)))
+        {
+            // Stored before the schema refused it: this policy is refused, not every one.
+            return Err(Error::InvalidSpec(problem));
+        }
         let locator = target.subject.as_ref().and_then(D::locator);
         D::validate(target, selector, locator)
     }

@@ -103,6 +103,20 @@ mod tests {
     }
 
     #[test]
+    fn a_target_whose_locator_was_stored_with_several_sections_is_invalid() {
+        let t: Target = serde_json::from_value(serde_json::json!({"name": "a", "store": "s",
+            "s3": {"prefix": "p/"},
+            "subject": {"s3": {"keyPrefixes": ["u/{userId}/"]}, "loki": {"lineFilter": "uid={userId} "}}}))
+        .expect("a stored target is read");
+        let e = for_target(&t)
+            .expect("a driver")
+            .validate(&t)
+            .expect_err("refused");
+        assert_eq!(e.reason(), "InvalidSpec");
+        assert!(e.to_string().contains("keep subject.s3"), "{e}");
+    }
+
+    #[test]
     fn a_datastore_has_exactly_one_section() {
         let spec = |v: serde_json::Value| -> DataStoreSpec {
             serde_json::from_value(v).expect("a DataStore spec")

@@ -48,7 +48,7 @@ impl StoreDriver for ElasticsearchDriver {
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&ElasticsearchSubject> {
-        subject.elasticsearch.as_ref()
+        subject.elasticsearch()
     }
 
     fn transport(section: &ElasticsearchStore) -> Transport<'_> {

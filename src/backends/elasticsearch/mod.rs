@@ -243,11 +243,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
     if es.timestamp_field.trim().is_empty() {
         return invalid("timestampField is empty".into());
     }
-    let Some(subject) = target
-        .subject
-        .as_ref()
-        .and_then(|s| s.elasticsearch.as_ref())
-    else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.elasticsearch()) else {
         return Ok(());
     };
     if subject.term.is_empty() {
@@ -303,14 +299,13 @@ mod tests {
                     timestamp_field: "@timestamp".into(),
                 },
             )),
-            subject: (!terms.is_empty()).then(|| SubjectLocator {
-                elasticsearch: Some(ElasticsearchSubject {
+            subject: (!terms.is_empty()).then(|| {
+                SubjectLocator::Elasticsearch(ElasticsearchSubject {
                     term: terms
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
-                }),
-                ..Default::default()
+                })
             }),
             allow_match_all: false,
         }

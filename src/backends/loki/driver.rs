@@ -47,7 +47,7 @@ impl StoreDriver for LokiDriver {
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&LokiSubject> {
-        subject.loki.as_ref()
+        subject.loki()
     }
 
     fn transport(section: &LokiStore) -> Transport<'_> {

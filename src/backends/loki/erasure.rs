@@ -29,7 +29,7 @@ impl LokiBackend {
         budget: &StepBudget,
     ) -> Result<SubjectStep<Cursor>, Error> {
         let selector = selector(&job.target)?;
-        let locator = subject_locator(&job.target, StoreKind::Loki, |s| s.loki.as_ref())?;
+        let locator = subject_locator(&job.target, StoreKind::Loki, |s| s.loki())?;
         let mut step: SubjectStep<Cursor> = SubjectStep {
             count: 0,
             blocked: 0,

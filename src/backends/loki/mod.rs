@@ -230,7 +230,7 @@ impl StoreBackend for LokiBackend {
 /// Checks a loki target before anything runs (invariant 1: never outside the selector).
 pub fn validate_target(target: &Target) -> Result<(), Error> {
     selector(target)?;
-    let Some(subject) = target.subject.as_ref().and_then(|s| s.loki.as_ref()) else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.loki()) else {
         return Ok(());
     };
     match template::check_bounded(&subject.line_filter, template::Syntax::FreeText) {

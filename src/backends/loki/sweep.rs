@@ -107,7 +107,7 @@ fn held_filters(job: &SweepJob) -> Result<String, Error> {
     if job.held.is_empty() {
         return Ok(String::new());
     }
-    let locator = held_subject_locator(&job.target, StoreKind::Loki, |s| s.loki.as_ref())?;
+    let locator = held_subject_locator(&job.target, StoreKind::Loki, |s| s.loki())?;
     let filled =
         job.held
             .expand_all("subject.loki.lineFilter", &locator.line_filter, |t, ids| {

@@ -44,7 +44,7 @@ impl StoreDriver for RedisDriver {
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&RedisSubject> {
-        subject.redis.as_ref()
+        subject.redis()
     }
 
     fn transport(section: &RedisStore) -> Transport<'_> {

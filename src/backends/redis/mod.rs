@@ -1364,7 +1364,7 @@ fn held_globs(job: &SweepJob) -> Result<Vec<String>, Error> {
     if job.held.is_empty() {
         return Ok(Vec::new());
     }
-    let locator = held_subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
+    let locator = held_subject_locator(&job.target, StoreKind::Redis, |s| s.redis())?;
     let mut globs = Vec::new();
     for (i, k) in locator.keys.iter().enumerate() {
         globs.extend(job.held.expand_all(
@@ -1490,7 +1490,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
             target.name, redis.key_pattern
         )));
     }
-    if let Some(subject) = target.subject.as_ref().and_then(|s| s.redis.as_ref()) {
+    if let Some(subject) = target.subject.as_ref().and_then(|s| s.redis()) {
         validate_subject(&target.name, subject)?;
     }
     match (redis.mode, redis.timestamp_field.as_deref()) {

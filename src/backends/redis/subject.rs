@@ -51,7 +51,7 @@ enum Unit {
 /// The pieces of a subject's records, the locators skipped (the subject lacks an identifier
 /// they need), and whether any locator ran.
 fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
-    let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
+    let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis())?;
     let mut locating = Locating::new(&job.target.name, StoreKind::Redis, &job.identifiers);
     let mut units = Vec::new();
     for (i, t) in locator.keys.iter().enumerate() {

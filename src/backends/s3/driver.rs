@@ -44,7 +44,7 @@ impl StoreDriver for S3Driver {
     }
 
     fn locator(subject: &SubjectLocator) -> Option<&S3Subject> {
-        subject.s3.as_ref()
+        subject.s3()
     }
 
     fn transport(section: &S3Store) -> Transport<'_> {

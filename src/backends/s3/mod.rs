@@ -564,7 +564,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
                 .into(),
         );
     }
-    let Some(subject) = target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.s3()) else {
         return Ok(());
     };
     for (i, prefix) in subject.key_prefixes.iter().enumerate() {
@@ -628,10 +628,7 @@ mod tests {
             selector: Some(crate::api::retentionpolicy::Selector::S3(S3Target {
                 prefix: prefix.into(),
             })),
-            subject: subject.map(|s3| SubjectLocator {
-                s3: Some(s3),
-                ..Default::default()
-            }),
+            subject: subject.map(SubjectLocator::S3),
             allow_match_all: false,
         }
     }

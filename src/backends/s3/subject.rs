@@ -291,7 +291,7 @@ impl S3Backend {
         cursor: Option<&str>,
         budget: &StepBudget,
     ) -> Result<SubjectStep, Error> {
-        let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3.as_ref())?;
+        let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3())?;
         let mut skipped = Vec::new();
         let mut ran = false;
         let mut prefixes = Vec::new();
@@ -726,7 +726,7 @@ impl S3Backend {
         job: &SubjectJob,
     ) -> Result<LockedCopies, Error> {
         let mut locked = LockedCopies::default();
-        let Some(locator) = job.target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+        let Some(locator) = job.target.subject.as_ref().and_then(|s| s.s3()) else {
             return Ok(locked);
         };
         if !self.versioned().await? {

@@ -875,7 +875,7 @@ async fn run_action(
                     let ground = target
                         .subject
                         .as_ref()
-                        .and_then(|s| s.s3.as_ref())
+                        .and_then(|s| s.s3())
                         .and_then(|s| s.retained_copies.as_ref());
                     let mut blocked = step.blocked;
                     if let (Some(ground), SubjectAction::Erase) = (ground, action) {

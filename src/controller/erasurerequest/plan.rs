@@ -1650,10 +1650,7 @@ mod tests {
 
     #[test]
     fn a_locator_for_another_store_kind_does_not_count() {
-        let locator = SubjectLocator {
-            redis: Some(crate::api::retentionpolicy::RedisSubject::default()),
-            ..Default::default()
-        };
+        let locator = SubjectLocator::Redis(crate::api::retentionpolicy::RedisSubject::default());
         assert!(locates_in(&locator, StoreKind::Redis));
         assert!(!locates_in(&locator, StoreKind::S3));
     }

@@ -145,11 +145,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
             target.name
         )));
     }
-    let Some(subject) = target
-        .subject
-        .as_ref()
-        .and_then(|s| s.elasticsearch.as_ref())
-    else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.elasticsearch()) else {
         return Ok(());
     };
     for (field, t) in &subject.term {
@@ -270,7 +266,7 @@ impl StoreBackend for MemoryBackend {
             .target
             .subject
             .as_ref()
-            .and_then(|s| s.elasticsearch.as_ref())
+            .and_then(|s| s.elasticsearch())
             .map(|e| e.term.clone())
             .unwrap_or_default();
         if terms.is_empty() {
