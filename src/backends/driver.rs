@@ -93,6 +93,51 @@ pub fn http_auth(secret: Option<&dyn SecretKeys>, token_key: &str) -> Result<Htt
     }
 }
 
+/// The three lookups every driver would write the same way, by its variant name in the
+/// CRD's enums (`StoreSection`, `Selector`, `SubjectLocator`): `section`, `selector` and
+/// `locator` of [`StoreDriver`]. Used inside `impl StoreDriver for …`:
+/// `store_sections!(Redis);`.
+#[macro_export]
+macro_rules! store_sections {
+    ($variant:ident) => {
+        fn section(spec: &$crate::api::datastore::DataStoreSpec) -> Option<&Self::Section> {
+            match &spec.store {
+                Some($crate::api::datastore::StoreSection::$variant(section)) => Some(section),
+                _ => None,
+            }
+        }
+
+        fn selector(target: &$crate::api::retentionpolicy::Target) -> Option<&Self::Selector> {
+            match &target.selector {
+                Some($crate::api::retentionpolicy::Selector::$variant(selector)) => Some(selector),
+                _ => None,
+            }
+        }
+
+        fn locator(
+            subject: &$crate::api::retentionpolicy::SubjectLocator,
+        ) -> Option<&Self::Locator> {
+            match subject {
+                $crate::api::retentionpolicy::SubjectLocator::$variant(locator) => Some(locator),
+                _ => None,
+            }
+        }
+    };
+}
+
+/// Where an HTTP store's credentials go (its `url`) and come from (its
+/// `credentialsSecretRef`), for [`StoreDriver::transport`].
+pub fn http_transport<'a>(
+    url: &'a str,
+    secret: Option<&'a crate::api::common::SecretRef>,
+) -> Transport<'a> {
+    Transport {
+        endpoint: Some(url),
+        secret: secret.map(|s| s.name.as_str()),
+        ambient_without_secret: false,
+    }
+}
+
 /// One store kind, typed. Implemented once per kind, in the kind's own module.
 pub trait StoreDriver: Send + Sync + 'static {
     const KIND: StoreKind;

@@ -141,6 +141,56 @@ mod tests {
     }
 
     #[test]
+    fn every_driver_finds_its_own_sections_and_transport() {
+        let spec = |v: serde_json::Value| -> DataStoreSpec {
+            serde_json::from_value(v).expect("a DataStore spec")
+        };
+        for (kind, section, url) in [
+            (
+                "loki",
+                serde_json::json!({"url": "http://loki:3100"}),
+                Some("http://loki:3100"),
+            ),
+            (
+                "elasticsearch",
+                serde_json::json!({"url": "https://es:9200"}),
+                Some("https://es:9200"),
+            ),
+            (
+                "redis",
+                serde_json::json!({"url": "redis://r:6379"}),
+                Some("redis://r:6379"),
+            ),
+            ("s3", serde_json::json!({"bucket": "b"}), None),
+        ] {
+            let mut section = section;
+            section["credentialsSecretRef"] = serde_json::json!({"name": "creds"});
+            section["passwordSecretRef"] = serde_json::json!({"name": "creds", "key": "p"});
+            let spec = spec(serde_json::json!({ kind: section }));
+            let driver = for_store(&spec).expect("a driver");
+            assert_eq!(driver.kind().as_str(), kind);
+            let transport = driver.transport(&spec).expect("its section");
+            assert_eq!(
+                (transport.endpoint, transport.secret),
+                (url, Some("creds")),
+                "{kind}"
+            );
+            for other in DRIVERS.iter().filter(|d| d.kind() != driver.kind()) {
+                assert!(other.transport(&spec).is_none(), "{kind}");
+            }
+        }
+        let subject: crate::api::retentionpolicy::SubjectLocator =
+            serde_json::from_value(serde_json::json!({"loki": {"lineFilter": "uid={userId} "}}))
+                .expect("a locator");
+        let locating: Vec<&str> = DRIVERS
+            .iter()
+            .filter(|d| d.locates(&subject))
+            .map(|d| d.kind().as_str())
+            .collect();
+        assert_eq!(locating, ["loki"]);
+    }
+
+    #[test]
     fn only_stores_that_run_deletions_by_themselves_can_cancel() {
         let cancels: Vec<&str> = DRIVERS
             .iter()

@@ -1,13 +1,11 @@
 //! Elasticsearch and OpenSearch as a registered store kind: its typed parts and how its
 //! DataStore section becomes a connection.
 
-use crate::api::datastore::{DataStoreSpec, ElasticsearchStore, StoreSection};
-use crate::api::retentionpolicy::{
-    ElasticsearchSubject, ElasticsearchTarget, Selector, SubjectLocator, Target,
-};
+use crate::api::datastore::ElasticsearchStore;
+use crate::api::retentionpolicy::{ElasticsearchSubject, ElasticsearchTarget, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{
-    http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
+    http_auth, http_transport, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
 use crate::backends::{Error, Limits};
 
@@ -33,33 +31,10 @@ impl StoreDriver for ElasticsearchDriver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&ElasticsearchStore> {
-        match &spec.store {
-            Some(StoreSection::Elasticsearch(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&ElasticsearchTarget> {
-        match &target.selector {
-            Some(Selector::Elasticsearch(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&ElasticsearchSubject> {
-        subject.elasticsearch()
-    }
+    crate::store_sections!(Elasticsearch);
 
     fn transport(section: &ElasticsearchStore) -> Transport<'_> {
-        Transport {
-            endpoint: Some(&section.url),
-            secret: section
-                .credentials_secret_ref
-                .as_ref()
-                .map(|s| s.name.as_str()),
-            ambient_without_secret: false,
-        }
+        http_transport(&section.url, section.credentials_secret_ref.as_ref())
     }
 
     fn config(

@@ -1,11 +1,11 @@
 //! Loki as a registered store kind: its typed parts and how its DataStore section becomes a
 //! connection.
 
-use crate::api::datastore::{DataStoreSpec, LokiStore, StoreSection};
-use crate::api::retentionpolicy::{LokiSubject, LokiTarget, Selector, SubjectLocator, Target};
+use crate::api::datastore::LokiStore;
+use crate::api::retentionpolicy::{LokiSubject, LokiTarget, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{
-    http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
+    http_auth, http_transport, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
 use crate::backends::{Error, Limits};
 
@@ -32,33 +32,10 @@ impl StoreDriver for LokiDriver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&LokiStore> {
-        match &spec.store {
-            Some(StoreSection::Loki(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&LokiTarget> {
-        match &target.selector {
-            Some(Selector::Loki(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&LokiSubject> {
-        subject.loki()
-    }
+    crate::store_sections!(Loki);
 
     fn transport(section: &LokiStore) -> Transport<'_> {
-        Transport {
-            endpoint: Some(&section.url),
-            secret: section
-                .credentials_secret_ref
-                .as_ref()
-                .map(|s| s.name.as_str()),
-            ambient_without_secret: false,
-        }
+        http_transport(&section.url, section.credentials_secret_ref.as_ref())
     }
 
     fn config(

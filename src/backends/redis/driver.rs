@@ -1,8 +1,8 @@
 //! Redis as a registered store kind: its typed parts and how its DataStore section becomes
 //! a connection.
 
-use crate::api::datastore::{DataStoreSpec, RedisStore, StoreSection};
-use crate::api::retentionpolicy::{RedisSubject, RedisTarget, Selector, SubjectLocator, Target};
+use crate::api::datastore::RedisStore;
+use crate::api::retentionpolicy::{RedisSubject, RedisTarget, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
 use crate::backends::{Error, Limits};
@@ -29,23 +29,7 @@ impl StoreDriver for RedisDriver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&RedisStore> {
-        match &spec.store {
-            Some(StoreSection::Redis(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&RedisTarget> {
-        match &target.selector {
-            Some(Selector::Redis(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&RedisSubject> {
-        subject.redis()
-    }
+    crate::store_sections!(Redis);
 
     fn transport(section: &RedisStore) -> Transport<'_> {
         Transport {

@@ -1,8 +1,8 @@
 //! S3 as a registered store kind: its typed parts and how its DataStore section becomes a
 //! connection.
 
-use crate::api::datastore::{DataStoreSpec, S3Store, StoreSection};
-use crate::api::retentionpolicy::{S3Subject, S3Target, Selector, SubjectLocator, Target};
+use crate::api::datastore::S3Store;
+use crate::api::retentionpolicy::{S3Subject, S3Target, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
 use crate::backends::{Error, Limits};
@@ -29,23 +29,7 @@ impl StoreDriver for S3Driver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&S3Store> {
-        match &spec.store {
-            Some(StoreSection::S3(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&S3Target> {
-        match &target.selector {
-            Some(Selector::S3(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&S3Subject> {
-        subject.s3()
-    }
+    crate::store_sections!(S3);
 
     fn transport(section: &S3Store) -> Transport<'_> {
         Transport {
