@@ -1,11 +1,14 @@
 //! The contract a store kind implements once: [`StoreDriver`], with its typed parts (the
 //! DataStore's connection section and the connection it resolves to, the target's selector,
-//! the subject locator), a pure `validate`, and what it can do ([`Capabilities`]).
+//! the subject locator, the cursor), a pure `validate`, and what it can do
+//! ([`Capabilities`]); and [`StoreBackend`], its steps over its typed cursor.
 //!
 //! The rest of the operator never sees a concrete driver: [`Registered`] turns a typed driver
-//! into the object-safe [`Driver`], and [`super::registry`] maps a [`StoreKind`] to it. The
-//! engine, the controllers and the record of processing ask the registry, never `match` on a
-//! kind, so adding a kind means adding its module, its CRD sections and one registry line.
+//! into the object-safe [`Driver`], the blanket `impl Backend for StoreBackend` (the adapter)
+//! turns its backend into the object-safe [`Backend`] with cursors encoded in status, and
+//! [`super::registry`] maps a [`StoreKind`] to it. The engine, the controllers and the record
+//! of processing ask the registry, never `match` on a kind, so adding a kind means adding its
+//! module, its CRD sections and one registry line.
 
 use std::any::Any;
 use std::marker::PhantomData;

@@ -1,10 +1,13 @@
-//! One module per store behind one trait. The trait is the only thing the engine knows.
+//! One module per store behind one trait. [`Backend`] is the only thing the engine knows.
 //!
-//! Every operation is a bounded *step* that returns where to resume: a Redis SCAN cursor, an
-//! S3 continuation token, or the id of a deletion the store runs on its own (a Loki delete
-//! request, an Elasticsearch task) together with how long to wait before polling it. The
-//! engine checkpoints the cursor in status after every step, so a restarted operator resumes
-//! instead of starting over, and long-running deletions are submitted once and then polled.
+//! Every operation is a bounded *step* that returns where to resume: a Redis SCAN position,
+//! an S3 listing position, or the id of a deletion the store runs on its own (a Loki delete
+//! request, an Elasticsearch task) together with how long to wait before polling it. A driver
+//! writes its steps with its own typed cursor ([`driver::StoreBackend`]); the one adapter in
+//! [`driver`] encodes it in status (`v1:<kind>:<json>`) and reads it back, so [`Backend`]'s
+//! cursors are strings. The engine checkpoints the cursor in status after every step, so a
+//! restarted (or upgraded) operator resumes instead of starting over, and long-running
+//! deletions are submitted once and then polled.
 
 pub mod driver;
 pub mod elasticsearch;

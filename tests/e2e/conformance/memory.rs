@@ -3,7 +3,10 @@
 //! costs. Items are kept in a `Mutex<BTreeMap<String, Item>>` (key `<dataset>/<n>`), each with
 //! a timestamp and its owner's identifiers as fields.
 //!
-//! This file and its `mod memory;` line are all the test driver needs. It reuses the
+//! This file and its `mod memory;` line are all the test driver needs. It is what a driver
+//! writes: a `StoreBackend` with its cursor type ([`MemoryCursor`]) and its steps, which take
+//! the cursor they returned before and return the next one. The adapter does the rest (the
+//! cursor's format in status, reading it back, cancellation before a step, budget overruns). It reuses the
 //! `elasticsearch` sections of `Target` (an `index` naming the dataset, `term` fields to
 //! match) and answers `StoreKind::Elasticsearch`. It cannot register as a kind of its own
 //! from the tests: a kind is a variant of `StoreKind` and of the CRD's tagged enums (closed
@@ -14,8 +17,10 @@
 //! `grep -rlE 'StoreKind::Loki|LokiTarget|LokiSubject|LokiConfig|LokiStore|Selector::Loki|StoreSection::Loki|\.loki\b|loki::' src/`
 //! and read; files that name `loki` only in comments or test values are left out):
 //! - its own module `src/backends/<kind>/` (Loki: 9 files), with `driver.rs` implementing
-//!   `StoreDriver` (its DataStore section, connection, selector, locator, validate, hold
-//!   templates, capabilities, register description), and its conformance instance
+//!   `StoreDriver` (its DataStore section, connection, selector, locator and cursor types —
+//!   the lookups by one `store_sections!` line —, validate, hold templates, capabilities,
+//!   register description), its backend implementing `StoreBackend` (typed steps, the
+//!   previous cursor format if it had one), and its conformance instance
 //!   `tests/e2e/conformance/<kind>.rs` with its `mod` line;
 //! - 4 more source files:
 //!   1. `src/backends/mod.rs`: the `mod` line;
