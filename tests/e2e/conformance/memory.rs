@@ -27,8 +27,8 @@
 //!   2. `src/backends/registry.rs`: one line in `DRIVERS`;
 //!   3. `src/api/datastore.rs`: its connection section, a `StoreSection` variant, a
 //!      `StoreKind` variant (and their names);
-//!   4. `src/api/retentionpolicy.rs`: its selector and a `Selector` variant, its section of
-//!      `SubjectLocator`;
+//!   4. `src/api/retentionpolicy.rs`: its selector and a `Selector` variant, its locator and
+//!      a `SubjectLocator` variant (with its key in that enum's reading and writing);
 //! - 6 generated CRD files (`crds/`, `charts/tombstone/crds/`, `config/crd/bases/`, for
 //!   DataStore and RetentionPolicy), the README, and a sample in `config/samples/`.
 //!
