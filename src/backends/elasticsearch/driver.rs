@@ -4,12 +4,24 @@
 use crate::api::datastore::ElasticsearchStore;
 use crate::api::retentionpolicy::{ElasticsearchSubject, ElasticsearchTarget, Target};
 use crate::api::StoreKind;
+use crate::backends::driver::JsonCursor;
 use crate::backends::driver::{
     http_auth, http_transport, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
 use crate::backends::{Error, Limits};
 
 use super::{ElasticsearchBackend, ElasticsearchConfig};
+
+/// How the steps write their cursor ([`super::cursor::Cursor`]) as text; in status it is
+/// `v1:elasticsearch:{…}`, and this form is the previous version's there.
+pub(super) const TEXT: &str = "es:";
+
+/// The steps' text cursor as the typed one.
+pub(super) fn read_back(text: String) -> Result<JsonCursor, Error> {
+    JsonCursor::from_text(&text, TEXT).ok_or_else(|| {
+        Error::Store("an Elasticsearch step returned a cursor it cannot read back".into())
+    })
+}
 
 pub struct ElasticsearchDriver;
 
@@ -19,7 +31,7 @@ impl StoreDriver for ElasticsearchDriver {
     type Config = ElasticsearchConfig;
     type Selector = ElasticsearchTarget;
     type Locator = ElasticsearchSubject;
-    type Cursor = crate::backends::driver::JsonCursor;
+    type Cursor = JsonCursor;
     type Backend = ElasticsearchBackend;
 
     fn capabilities() -> Capabilities {

@@ -51,6 +51,7 @@ use super::{Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, Sw
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
 use cursor::Cursor;
+use driver::{read_back, TEXT};
 use transport::{answer_error, Quote};
 
 /// How to reach one Elasticsearch, resolved from a DataStore and its Secret.
@@ -76,10 +77,6 @@ impl ElasticsearchBackend {
         }
     }
 }
-
-/// How the steps write their cursor ([`Cursor`]) as text; in status it is
-/// `v1:elasticsearch:{…}`, and this form is the previous version's there.
-const TEXT: &str = "es:";
 
 #[async_trait]
 impl StoreBackend for ElasticsearchBackend {
@@ -169,13 +166,6 @@ impl StoreBackend for ElasticsearchBackend {
             .await?
             .try_map_cursor(read_back)
     }
-}
-
-/// The steps' text cursor as the typed one.
-fn read_back(text: String) -> Result<JsonCursor, Error> {
-    JsonCursor::from_text(&text, TEXT).ok_or_else(|| {
-        Error::Store("an Elasticsearch step returned a cursor it cannot read back".into())
-    })
 }
 
 /// Whether a `_tasks/<id>/_cancel` answer names no cancelled task, only failures: the task

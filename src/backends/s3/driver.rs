@@ -4,10 +4,35 @@
 use crate::api::datastore::S3Store;
 use crate::api::retentionpolicy::{S3Subject, S3Target, Target};
 use crate::api::StoreKind;
+use crate::backends::driver::JsonCursor;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
 use crate::backends::{Error, Limits};
 
 use super::{S3Backend, S3Config, S3Credentials};
+
+/// Where an S3 job resumes: a sweep's listing position or an erasure's, each the JSON its
+/// steps write (`s3:{…}`, `s3-subject:{…}` inside the driver and in the previous version's
+/// status; `v1:s3:{"sweep":{…}}` in status now).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum S3Cursor {
+    Sweep(JsonCursor),
+    Subject(JsonCursor),
+}
+
+pub(super) const SWEEP_TEXT: &str = "s3:";
+pub(super) const SUBJECT_TEXT: &str = "s3-subject:";
+
+/// A step's text cursor as the typed one (`wrap` says whose).
+pub(super) fn read_back(
+    text: String,
+    prefix: &str,
+    wrap: fn(JsonCursor) -> S3Cursor,
+) -> Result<S3Cursor, Error> {
+    JsonCursor::from_text(&text, prefix)
+        .map(wrap)
+        .ok_or_else(|| Error::Store("an S3 step returned a cursor it cannot read back".into()))
+}
 
 pub struct S3Driver;
 
@@ -17,7 +42,7 @@ impl StoreDriver for S3Driver {
     type Config = S3Config;
     type Selector = S3Target;
     type Locator = S3Subject;
-    type Cursor = super::S3Cursor;
+    type Cursor = S3Cursor;
     type Backend = S3Backend;
 
     fn capabilities() -> Capabilities {

@@ -30,6 +30,7 @@ use super::template::{self, Syntax};
 use super::{Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
+use driver::{read_back, S3Cursor, SUBJECT_TEXT, SWEEP_TEXT};
 
 /// Keys per `DeleteObjects` request: the S3 maximum.
 const DELETE_BATCH: usize = 1000;
@@ -434,30 +435,6 @@ fn classify(code: Option<&str>, message: Option<&str>, status: u16, what: &str) 
             _ => Error::Store(detail),
         },
     }
-}
-
-/// Where an S3 job resumes: a sweep's listing position or an erasure's, each the JSON its
-/// steps write (`s3:{…}`, `s3-subject:{…}` inside the driver and in the previous version's
-/// status; `v1:s3:{"sweep":{…}}` in status now).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum S3Cursor {
-    Sweep(JsonCursor),
-    Subject(JsonCursor),
-}
-
-const SWEEP_TEXT: &str = "s3:";
-const SUBJECT_TEXT: &str = "s3-subject:";
-
-/// A step's text cursor as the typed one (`wrap` says whose).
-fn read_back(
-    text: String,
-    prefix: &str,
-    wrap: fn(JsonCursor) -> S3Cursor,
-) -> Result<S3Cursor, Error> {
-    JsonCursor::from_text(&text, prefix)
-        .map(wrap)
-        .ok_or_else(|| Error::Store("an S3 step returned a cursor it cannot read back".into()))
 }
 
 #[async_trait]

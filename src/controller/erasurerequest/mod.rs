@@ -827,7 +827,7 @@ async fn run_action(
             None,
         )
     };
-    match ctx
+    let result = ctx
         .engine
         .subject_step(
             claim,
@@ -837,98 +837,96 @@ async fn run_action(
             cursor,
             &ctx.shutdown,
         )
-        .await
-    {
-        Ok(step) => {
-            // What the adapter tells besides the counts (a checkpoint it could not read and
-            // started over from, a step far beyond its budget): a Warning Event each.
-            for notice in &step.notices {
-                let note = format!("target {policy_name}/{target_name}: {}", notice.message);
-                ctx.publish(request, EventType::Warning, notice.reason, "Erase", note)
-                    .await;
+        .await;
+    // What the adapter tells besides the counts (a checkpoint it could not read and started
+    // over from, a step far beyond its budget): a Warning Event each.
+    for notice in result.iter().flat_map(|step| &step.notices) {
+        let note = format!("target {policy_name}/{target_name}: {}", notice.message);
+        ctx.publish(request, EventType::Warning, notice.reason, "Erase", note)
+            .await;
+    }
+    match result {
+        Ok(step) => match (step.failure, step.next) {
+            (Some(e), Next::Continue(cursor) | Next::Wait { cursor, .. }) => {
+                // The retry resumes where the store's step left off: a task submitted is
+                // polled, not submitted again.
+                (
+                    ActionResult::FailedAt {
+                        failure: plan::redact(&e),
+                        cursor,
+                    },
+                    Some(kind.as_str()),
+                    None,
+                )
             }
-            match (step.failure, step.next) {
-                (Some(e), Next::Continue(cursor) | Next::Wait { cursor, .. }) => {
-                    // The retry resumes where the store's step left off: a task submitted is
-                    // polled, not submitted again.
-                    (
-                        ActionResult::FailedAt {
-                            failure: plan::redact(&e),
-                            cursor,
-                        },
-                        Some(kind.as_str()),
-                        None,
-                    )
-                }
-                (Some(e), Next::Done) => store_failed(e),
-                (None, Next::Wait { cursor, poll_after }) => (
-                    ActionResult::InProgress { cursor },
-                    Some(kind.as_str()),
-                    Some(poll_after),
-                ),
-                (None, Next::Continue(cursor)) => (
-                    ActionResult::InProgress { cursor },
-                    Some(kind.as_str()),
-                    Some(Duration::ZERO),
-                ),
-                (None, Next::Done) => {
-                    let ground = target
-                        .subject
-                        .as_ref()
-                        .and_then(|s| s.s3())
-                        .and_then(|s| s.retained_copies.as_ref());
-                    let mut blocked = step.blocked;
-                    if let (Some(ground), SubjectAction::Erase) = (ground, action) {
-                        if blocked > 0 {
-                            // Declared as kept by law: verification tells what is left, and
-                            // whether all of it is locked.
-                            info!(target = %target.name, blocked, ground = ground.ground.article(), "object versions under Object Lock are retained under a declared ground");
-                            blocked = 0;
-                        }
+            (Some(e), Next::Done) => store_failed(e),
+            (None, Next::Wait { cursor, poll_after }) => (
+                ActionResult::InProgress { cursor },
+                Some(kind.as_str()),
+                Some(poll_after),
+            ),
+            (None, Next::Continue(cursor)) => (
+                ActionResult::InProgress { cursor },
+                Some(kind.as_str()),
+                Some(Duration::ZERO),
+            ),
+            (None, Next::Done) => {
+                let ground = target
+                    .subject
+                    .as_ref()
+                    .and_then(|s| s.s3())
+                    .and_then(|s| s.retained_copies.as_ref());
+                let mut blocked = step.blocked;
+                if let (Some(ground), SubjectAction::Erase) = (ground, action) {
+                    if blocked > 0 {
+                        // Declared as kept by law: verification tells what is left, and
+                        // whether all of it is locked.
+                        info!(target = %target.name, blocked, ground = ground.ground.article(), "object versions under Object Lock are retained under a declared ground");
+                        blocked = 0;
                     }
-                    if let (Some(ground), SubjectAction::Verify, true) =
-                        (ground, action, step.count > 0)
-                    {
-                        match backend.locked_copies(&job).await {
-                            Ok(locked) if locked.count >= step.count => {
-                                return (
-                                    ActionResult::Retained {
-                                        remaining: step.count,
-                                        retained: RetainedCopiesStatus {
-                                            count: locked.count,
-                                            ground: ground.ground,
-                                            description: ground.description.clone(),
-                                            earliest_retain_until: locked
-                                                .earliest_until
-                                                .map(Timestamp::truncate),
-                                            latest_retain_until: locked
-                                                .latest_until
-                                                .map(Timestamp::truncate),
-                                            legal_holds: locked.legal_holds,
-                                        },
+                }
+                if let (Some(ground), SubjectAction::Verify, true) =
+                    (ground, action, step.count > 0)
+                {
+                    match backend.locked_copies(&job).await {
+                        Ok(locked) if locked.count >= step.count => {
+                            return (
+                                ActionResult::Retained {
+                                    remaining: step.count,
+                                    retained: RetainedCopiesStatus {
+                                        count: locked.count,
+                                        ground: ground.ground,
+                                        description: ground.description.clone(),
+                                        earliest_retain_until: locked
+                                            .earliest_until
+                                            .map(Timestamp::truncate),
+                                        latest_retain_until: locked
+                                            .latest_until
+                                            .map(Timestamp::truncate),
+                                        legal_holds: locked.legal_holds,
                                     },
-                                    Some(kind.as_str()),
-                                    None,
-                                );
-                            }
-                            Ok(_) => {}
-                            Err(e) => return store_failed(e),
+                                },
+                                Some(kind.as_str()),
+                                None,
+                            );
                         }
+                        Ok(_) => {}
+                        Err(e) => return store_failed(e),
                     }
-                    (
-                        ActionResult::Done {
-                            count: step.count,
-                            ran: step.ran,
-                            skipped: step.skipped,
-                            blocked,
-                            malformed: step.malformed,
-                        },
-                        Some(kind.as_str()),
-                        None,
-                    )
                 }
+                (
+                    ActionResult::Done {
+                        count: step.count,
+                        ran: step.ran,
+                        skipped: step.skipped,
+                        blocked,
+                        malformed: step.malformed,
+                    },
+                    Some(kind.as_str()),
+                    None,
+                )
             }
-        }
+        },
         Err(e) => store_failed(e),
     }
 }
