@@ -99,7 +99,8 @@ pub struct Target {
     #[serde(flatten, deserialize_with = "super::common::one_kind")]
     #[schemars(required)]
     pub selector: Option<Selector>,
-    /// How to find one data subject's records in this dataset.
+    /// How to find one data subject's records in this dataset: one section, for the
+    /// store's kind (`redis`, `s3`, `loki` or `elasticsearch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<SubjectLocator>,
     /// A selector that matches everything in the store (`*`, an empty prefix, `{}`) is
@@ -185,18 +186,130 @@ pub struct ElasticsearchTarget {
     pub timestamp_field: String,
 }
 
-/// Templates over identifier types (`{email}`, `{userId}`, …) that find one subject.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Templates over identifier types (`{email}`, `{userId}`, …) that find one subject: one
+/// section, for the target's store kind (the schema's `oneOf`: exactly one of `redis`, `s3`,
+/// `loki`, `elasticsearch`).
+///
+/// Objects stored before the schema said so may carry several sections (or none). They are
+/// still read, as [`SubjectLocator::Several`], so that one such object cannot stop the
+/// operator's watch of every policy; validation then refuses that policy alone
+/// (`InvalidSpec`), saying which section to keep. New ones are refused at admission.
+#[derive(Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct SubjectLocator {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redis: Option<RedisSubject>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3: Option<S3Subject>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loki: Option<LokiSubject>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub elasticsearch: Option<ElasticsearchSubject>,
+pub enum SubjectLocator {
+    Redis(RedisSubject),
+    S3(S3Subject),
+    Loki(LokiSubject),
+    Elasticsearch(ElasticsearchSubject),
+    /// Read only: the sections of an object stored with none or several, as stored.
+    #[schemars(skip)]
+    Several(BTreeMap<String, serde_json::Value>),
+}
+
+impl SubjectLocator {
+    pub fn redis(&self) -> Option<&RedisSubject> {
+        match self {
+            SubjectLocator::Redis(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn s3(&self) -> Option<&S3Subject> {
+        match self {
+            SubjectLocator::S3(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn loki(&self) -> Option<&LokiSubject> {
+        match self {
+            SubjectLocator::Loki(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    pub fn elasticsearch(&self) -> Option<&ElasticsearchSubject> {
+        match self {
+            SubjectLocator::Elasticsearch(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Why this locator cannot be used by a target of store kind `kind`: it was stored with
+    /// no section or several (which to keep), or its one section is for another kind. None
+    /// when it is usable.
+    pub fn problem(&self, target: &str, kind: Option<crate::api::StoreKind>) -> Option<String> {
+        let SubjectLocator::Several(sections) = self else {
+            return None;
+        };
+        let names: Vec<&str> = sections.keys().map(String::as_str).collect();
+        let keep = match kind {
+            Some(k) if names.contains(&k.as_str()) => format!(
+                "keep subject.{} (the target's store kind) and remove the others",
+                k.as_str()
+            ),
+            Some(k) => format!("give it one subject.{} section", k.as_str()),
+            None => "keep the section of the target's store kind".into(),
+        };
+        Some(if names.is_empty() {
+            format!("target {target}: subject has no section; {keep}, or remove subject")
+        } else {
+            format!(
+                "target {target}: subject has {} sections ({}), and a locator has exactly one; {keep}",
+                names.len(),
+                names.join(", ")
+            )
+        })
+    }
+}
+
+impl Serialize for SubjectLocator {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        match self {
+            SubjectLocator::Redis(r) => map.serialize_entry("redis", r)?,
+            SubjectLocator::S3(s) => map.serialize_entry("s3", s)?,
+            SubjectLocator::Loki(l) => map.serialize_entry("loki", l)?,
+            SubjectLocator::Elasticsearch(e) => map.serialize_entry("elasticsearch", e)?,
+            SubjectLocator::Several(sections) => {
+                for (k, v) in sections {
+                    map.serialize_entry(k, v)?;
+                }
+            }
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for SubjectLocator {
+    /// One section (written `null`, a section is absent, as before): that kind's locator; a
+    /// section that is there but malformed is an error, as any malformed field is. None or
+    /// several: [`SubjectLocator::Several`].
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let fields = BTreeMap::<String, serde_json::Value>::deserialize(deserializer)?;
+        let sections: BTreeMap<String, serde_json::Value> =
+            fields.into_iter().filter(|(_, v)| !v.is_null()).collect();
+        let mut iter = sections.iter();
+        let (Some((key, value)), None) = (iter.next(), iter.next()) else {
+            return Ok(SubjectLocator::Several(sections));
+        };
+        let value = value.clone();
+        match key.as_str() {
+            "redis" => serde_json::from_value(value).map(SubjectLocator::Redis),
+            "s3" => serde_json::from_value(value).map(SubjectLocator::S3),
+            "loki" => serde_json::from_value(value).map(SubjectLocator::Loki),
+            "elasticsearch" => serde_json::from_value(value).map(SubjectLocator::Elasticsearch),
+            other => {
+                return Err(D::Error::unknown_variant(
+                    other,
+                    &["redis", "s3", "loki", "elasticsearch"],
+                ))
+            }
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -471,4 +584,71 @@ pub struct TargetStatus {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+#[cfg(test)]
+mod locator_tests {
+    use super::*;
+
+    fn target(subject: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"name": "t", "store": "s", "s3": {"prefix": "p/"}, "subject": subject})
+    }
+
+    #[test]
+    fn a_locator_is_one_section_in_the_same_json() {
+        let json = target(serde_json::json!({"s3": {"keyPrefixes": ["u/{userId}/"]}}));
+        let t: Target = serde_json::from_value(json.clone()).expect("a target");
+        assert!(matches!(t.subject, Some(SubjectLocator::S3(_))));
+        assert_eq!(serde_json::to_value(&t).ok(), Some(json));
+        // A section written `null` is no section, as before.
+        let with_null = target(serde_json::json!({"redis": null, "s3": {"keyPrefixes": []}}));
+        let t: Target = serde_json::from_value(with_null).expect("a target");
+        assert!(matches!(t.subject, Some(SubjectLocator::S3(_))));
+        // A section that is there but malformed is an error, as any malformed field is.
+        let bad = target(serde_json::json!({"s3": {"keyPrefixes": 7}}));
+        assert!(serde_json::from_value::<Target>(bad).is_err());
+    }
+
+    #[test]
+    fn a_locator_stored_with_several_sections_is_read_and_refused_by_validation_alone() {
+        let several = serde_json::json!({"redis": {"keys": ["k:{userId}"]},
+            "s3": {"keyPrefixes": ["u/{userId}/"]}});
+        // A list holding one such object is still read: the watch of every policy goes on.
+        let list = serde_json::json!([
+            target(several.clone()),
+            target(serde_json::json!({"s3": {"keyPrefixes": ["u/{userId}/"]}})),
+        ]);
+        let targets: Vec<Target> = serde_json::from_value(list).expect("the list is read");
+        let Some(SubjectLocator::Several(sections)) = &targets[0].subject else {
+            panic!("not read as several: {:?}", targets[0].subject);
+        };
+        assert_eq!(sections.len(), 2);
+        // Written back as it was stored.
+        assert_eq!(
+            serde_json::to_value(&targets[0]).ok(),
+            Some(target(several))
+        );
+        let locator = targets[0].subject.as_ref().expect("a locator");
+        assert_eq!(locator.s3(), None);
+        assert_eq!(
+            locator.problem("t", Some(crate::api::StoreKind::S3)).as_deref(),
+            Some("target t: subject has 2 sections (redis, s3), and a locator has exactly one; keep subject.s3 (the target's store kind) and remove the others")
+        );
+        assert_eq!(
+            locator.problem("t", Some(crate::api::StoreKind::Loki)).as_deref(),
+            Some("target t: subject has 2 sections (redis, s3), and a locator has exactly one; give it one subject.loki section")
+        );
+        let empty: Target = serde_json::from_value(target(serde_json::json!({}))).expect("read");
+        assert!(empty
+            .subject
+            .and_then(|s| s.problem("t", Some(crate::api::StoreKind::S3)))
+            .is_some_and(|p| p.contains("no section")));
+        assert_eq!(
+            targets[1]
+                .subject
+                .as_ref()
+                .and_then(|s| s.problem("t", None)),
+            None
+        );
+    }
 }

@@ -1,22 +1,34 @@
 //! The contract a store kind implements once: [`StoreDriver`], with its typed parts (the
 //! DataStore's connection section and the connection it resolves to, the target's selector,
-//! the subject locator), a pure `validate`, and what it can do ([`Capabilities`]).
+//! the subject locator, the cursor), a pure `validate`, and what it can do
+//! ([`Capabilities`]); and [`StoreBackend`], its steps over its typed cursor.
 //!
 //! The rest of the operator never sees a concrete driver: [`Registered`] turns a typed driver
-//! into the object-safe [`Driver`], and [`super::registry`] maps a [`StoreKind`] to it. The
-//! engine, the controllers and the record of processing ask the registry, never `match` on a
-//! kind, so adding a kind means adding its module, its CRD sections and one registry line.
+//! into the object-safe [`Driver`], the blanket `impl Backend for StoreBackend` (the adapter)
+//! turns its backend into the object-safe [`Backend`] with cursors encoded in status, and
+//! [`super::registry`] maps a [`StoreKind`] to it. The engine, the controllers and the record
+//! of processing ask the registry, never `match` on a kind, so adding a kind means adding its
+//! module, its CRD sections and one registry line.
 
 use std::any::Any;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::api::datastore::DataStoreSpec;
 use crate::api::retentionpolicy::{SubjectLocator, Target};
 use crate::api::StoreKind;
 
 use super::http::HttpAuth;
-use super::{Backend, Error, Limits};
+use super::{
+    Backend, Cancel, Error, Limits, LockedCopies, Next, Notice, Step, StepBudget, SubjectJob,
+    SubjectStep, SweepJob,
+};
 
 /// What a store kind can do, for the planners (never a `match` on the kind).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,6 +96,51 @@ pub fn http_auth(secret: Option<&dyn SecretKeys>, token_key: &str) -> Result<Htt
     }
 }
 
+/// The three lookups every driver would write the same way, by its variant name in the
+/// CRD's enums (`StoreSection`, `Selector`, `SubjectLocator`): `section`, `selector` and
+/// `locator` of [`StoreDriver`]. Used inside `impl StoreDriver for …`:
+/// `store_sections!(Redis);`.
+#[macro_export]
+macro_rules! store_sections {
+    ($variant:ident) => {
+        fn section(spec: &$crate::api::datastore::DataStoreSpec) -> Option<&Self::Section> {
+            match &spec.store {
+                Some($crate::api::datastore::StoreSection::$variant(section)) => Some(section),
+                _ => None,
+            }
+        }
+
+        fn selector(target: &$crate::api::retentionpolicy::Target) -> Option<&Self::Selector> {
+            match &target.selector {
+                Some($crate::api::retentionpolicy::Selector::$variant(selector)) => Some(selector),
+                _ => None,
+            }
+        }
+
+        fn locator(
+            subject: &$crate::api::retentionpolicy::SubjectLocator,
+        ) -> Option<&Self::Locator> {
+            match subject {
+                $crate::api::retentionpolicy::SubjectLocator::$variant(locator) => Some(locator),
+                _ => None,
+            }
+        }
+    };
+}
+
+/// Where an HTTP store's credentials go (its `url`) and come from (its
+/// `credentialsSecretRef`), for [`StoreDriver::transport`].
+pub fn http_transport<'a>(
+    url: &'a str,
+    secret: Option<&'a crate::api::common::SecretRef>,
+) -> Transport<'a> {
+    Transport {
+        endpoint: Some(url),
+        secret: secret.map(|s| s.name.as_str()),
+        ambient_without_secret: false,
+    }
+}
+
 /// One store kind, typed. Implemented once per kind, in the kind's own module.
 pub trait StoreDriver: Send + Sync + 'static {
     const KIND: StoreKind;
@@ -96,6 +153,10 @@ pub trait StoreDriver: Send + Sync + 'static {
     type Selector;
     /// The subject locator's section for this kind.
     type Locator;
+    /// Where a step resumes: the driver's own typed cursor. The adapter encodes it in status.
+    type Cursor: CursorType;
+    /// The backend the steps run on, with its typed steps.
+    type Backend: StoreBackend<Cursor = Self::Cursor>;
 
     fn capabilities() -> Capabilities;
 
@@ -113,7 +174,7 @@ pub trait StoreDriver: Send + Sync + 'static {
     ) -> Result<Self::Config, MissingKey>;
 
     /// The backend the engine runs steps on.
-    fn connect(config: Self::Config, limits: Limits) -> Arc<dyn Backend>;
+    fn connect(config: Self::Config, limits: Limits) -> Self::Backend;
 
     /// Checks a target before anything runs (pure; invariant 1: never outside the selector).
     fn validate(
@@ -129,11 +190,333 @@ pub trait StoreDriver: Send + Sync + 'static {
     /// Where the data lives, for the record of processing: never a URL or a Secret
     /// (`["redis", "keys session:*"]`, `["s3 bucket b in r", "prefix p"]`).
     fn describe(section: Option<&Self::Section>, selector: Option<&Self::Selector>) -> Vec<String>;
+}
+
+/// What a driver's cursor must be: plain data the adapter can write to status and read back
+/// (serde), describe ([`JsonSchema`]) and log. Its `Debug` must show no identifier: a cursor
+/// holds positions, counts, task ids and digests, never a key or a query of a subject.
+pub trait CursorType:
+    Serialize + DeserializeOwned + JsonSchema + std::fmt::Debug + Clone + Send + Sync + 'static
+{
+}
+
+impl<T> CursorType for T where
+    T: Serialize + DeserializeOwned + JsonSchema + std::fmt::Debug + Clone + Send + Sync + 'static
+{
+}
+
+/// One store kind's backend with typed steps: what a driver writes. Its steps take the
+/// cursor they returned before (`None`: start) and return their next one; the one adapter
+/// (the [`Backend`] every `StoreBackend` gets, below) owns everything around them, so that no
+/// driver re-implements it:
+/// - the cursor's encoding in status, one format for every kind ([`encode_cursor`]:
+///   `v1:<kind>:<json>`), and reading it back: a checkpoint of the previous version's format
+///   goes through [`StoreBackend::legacy_cursor`] and resumes; one that cannot be read (or
+///   is of another kind) restarts the job, with a `CursorRestarted` [`Notice`] (a Warning
+///   Event), never an error loop;
+/// - cancellation, checked before the step (a cancelled step hands back its cursor
+///   untouched), and the time budget: a step that runs far beyond it ([`overran`]) is
+///   reported with a `StepOverran` notice and a warning in the log;
+/// - errors keep their [`Error`] variant (its category and reason) all the way up.
+#[async_trait]
+pub trait StoreBackend: Send + Sync + 'static {
+    const KIND: StoreKind;
+    type Cursor: CursorType;
+
+    /// Connects and authenticates; returns a short description such as `redis 7.0.15`.
+    async fn probe_store(&self) -> Result<String, Error>;
+
+    /// One bounded step of a retention sweep from `cursor` (None: start).
+    async fn sweep(
+        &self,
+        job: &SweepJob,
+        cursor: Option<Self::Cursor>,
+        budget: &StepBudget,
+    ) -> Result<Step<Self::Cursor>, Error>;
+
+    /// One bounded step of finding, erasing or verifying one subject's records.
+    async fn subject(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<Self::Cursor>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep<Self::Cursor>, Error>;
+
+    /// Cancels the deletion the store runs by itself that `cursor` waits on (see
+    /// [`Backend::cancel`]).
+    async fn cancel_deletion(&self, cursor: Self::Cursor) -> Result<Cancel, Error> {
+        let _ = cursor;
+        Ok(Cancel::Nothing)
+    }
+
+    /// See [`Backend::locked_copies`].
+    async fn locked(&self, job: &SubjectJob) -> Result<LockedCopies, Error> {
+        let _ = job;
+        Ok(LockedCopies::default())
+    }
+
+    /// A cursor as the version before the common format wrote it in status (`es:{…}`,
+    /// `loki:{…}`, Redis `node:scan:topology;ledger`, …): read, so that work in flight
+    /// resumes after an upgrade. None: not one (the job restarts, with a notice).
+    fn legacy_cursor(text: &str) -> Option<Self::Cursor> {
+        let _ = text;
+        None
+    }
 
     /// What the deletion a cursor waits on is, where the cursor can tell (no identifier).
-    fn describe_wait(cursor: &str) -> Option<String> {
+    fn describe_wait(cursor: &Self::Cursor) -> Option<String> {
         let _ = cursor;
         None
+    }
+}
+
+/// A cursor kept as the JSON object its driver's steps read and write (`<prefix>{…}` inside
+/// the driver, `v1:<kind>:{…}` in status): for drivers whose steps still speak their own
+/// text. `Debug` shows the field names only.
+#[derive(Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct JsonCursor(pub serde_json::Map<String, serde_json::Value>);
+
+impl std::fmt::Debug for JsonCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("JsonCursor")
+            .field(&self.0.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl JsonCursor {
+    /// `<prefix>{json}` read; None when it is not one (also the previous version's cursor
+    /// in status, for [`StoreBackend::legacy_cursor`]).
+    pub fn from_text(text: &str, prefix: &str) -> Option<Self> {
+        text.strip_prefix(prefix)
+            .and_then(|json| serde_json::from_str(json).ok())
+            .map(Self)
+    }
+
+    /// `<prefix>{json}`, as the driver's steps read it.
+    pub fn to_text(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}{}",
+            serde_json::to_string(&self.0).unwrap_or_else(|_| "{}".into())
+        )
+    }
+}
+
+/// The version tag of the cursor format in status.
+pub const CURSOR_FORMAT: &str = "v1";
+
+/// A cursor as status holds it: `v1:<kind>:<json>`; `null` for a job not started yet.
+pub fn encode_cursor<B: StoreBackend>(cursor: Option<&B::Cursor>) -> String {
+    // Plain data (the bound on cursors): serialising cannot fail; if it did, the job would
+    // restart (with a notice) rather than resume from something else.
+    let json = serde_json::to_string(&cursor).unwrap_or_else(|_| "null".into());
+    format!("{CURSOR_FORMAT}:{}:{json}", B::KIND.as_str())
+}
+
+/// A cursor read back from status.
+#[derive(Debug, PartialEq)]
+pub enum Decoded<C> {
+    /// No cursor, or one of a job not started yet: start.
+    Start,
+    /// Resume here (`upgraded`: from a cursor in the previous version's format).
+    Resume { cursor: C, upgraded: bool },
+    /// Unreadable, or of another store kind: start over, and say so.
+    Restart(Notice),
+}
+
+/// The reason of the notice a job that starts over because its checkpoint could not be
+/// read carries.
+pub const CURSOR_RESTARTED: &str = "CursorRestarted";
+
+/// Reads a cursor from status (see [`StoreBackend`]). Never fails: what cannot be read
+/// restarts the job with a notice. The notice does not quote the cursor (it could be
+/// anything someone wrote into status).
+pub fn decode_cursor<B: StoreBackend>(text: Option<&str>) -> Decoded<B::Cursor> {
+    let Some(text) = text else {
+        return Decoded::Start;
+    };
+    let kind = B::KIND.as_str();
+    let restart = |why: &str| {
+        Decoded::Restart(Notice {
+            reason: CURSOR_RESTARTED,
+            message: format!(
+                "the checkpoint {why}; the job started over from the beginning (what was deleted before is gone and is not counted again)"
+            ),
+        })
+    };
+    if let Some(rest) = text
+        .strip_prefix(CURSOR_FORMAT)
+        .and_then(|r| r.strip_prefix(':'))
+    {
+        let Some((of, json)) = rest.split_once(':') else {
+            return restart("is not a cursor this version can read");
+        };
+        if of != kind {
+            return restart(&format!(
+                "is a cursor of another store kind ({}), not of {kind}",
+                short(of)
+            ));
+        }
+        return match serde_json::from_str::<Option<B::Cursor>>(json) {
+            Ok(Some(cursor)) => Decoded::Resume {
+                cursor,
+                upgraded: false,
+            },
+            Ok(None) => Decoded::Start,
+            Err(_) => restart(&format!("is not a {kind} cursor this version can read")),
+        };
+    }
+    match B::legacy_cursor(text) {
+        Some(cursor) => Decoded::Resume {
+            cursor,
+            upgraded: true,
+        },
+        None => restart(&format!(
+            "is not a {kind} cursor this version can read (written by another version, or by hand)"
+        )),
+    }
+}
+
+/// A store kind's name as quoted in a notice: short, and only if it is one.
+fn short(of: &str) -> &str {
+    StoreKind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .find(|k| *k == of)
+        .unwrap_or("unknown")
+}
+
+/// Whether a step that took `took` ran far beyond its budget `max_time`: more than three
+/// times it and 10 s more (a step always finishes the batch under way, and the first batch
+/// of a step with no time at all).
+pub fn overran(took: Duration, max_time: Duration) -> bool {
+    took > max_time
+        .saturating_mul(3)
+        .saturating_add(Duration::from_secs(10))
+}
+
+/// The reason of the notice of a step that [`overran`] its budget.
+pub const STEP_OVERRAN: &str = "StepOverran";
+
+fn overrun_notice(kind: StoreKind, took: Duration, max_time: Duration) -> Notice {
+    tracing::warn!(
+        kind = kind.as_str(),
+        took_ms = took.as_millis() as u64,
+        budget_ms = max_time.as_millis() as u64,
+        "a step ran far beyond its time budget"
+    );
+    Notice {
+        reason: STEP_OVERRAN,
+        message: format!(
+            "a {} step ran {:.1} s against a budget of {:.1} s: the store answered slowly, or a batch was too large",
+            kind.as_str(),
+            took.as_secs_f64(),
+            max_time.as_secs_f64()
+        ),
+    }
+}
+
+/// The adapter: every typed backend is a [`Backend`] with cursors encoded in status.
+#[async_trait]
+impl<B: StoreBackend> Backend for B {
+    fn kind(&self) -> StoreKind {
+        B::KIND
+    }
+
+    async fn probe(&self) -> Result<String, Error> {
+        self.probe_store().await
+    }
+
+    async fn sweep_step(
+        &self,
+        job: &SweepJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<Step, Error> {
+        let (cursor, notices) = resume::<B>(cursor);
+        if budget.cancel.is_cancelled() {
+            return Ok(Step {
+                next: Next::Continue(encode_cursor::<B>(cursor.as_ref())),
+                notices,
+                ..Step::default()
+            });
+        }
+        let started = tokio::time::Instant::now();
+        let step = self.sweep(job, cursor, budget).await?;
+        let mut step = step.map_cursor(|c| encode_cursor::<B>(Some(&c)));
+        step.notices.extend(notices);
+        let took = started.elapsed();
+        if overran(took, budget.max_time) {
+            step.notices
+                .push(overrun_notice(B::KIND, took, budget.max_time));
+        }
+        Ok(step)
+    }
+
+    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
+        match decode_cursor::<B>(Some(cursor)) {
+            Decoded::Resume { cursor, .. } => self.cancel_deletion(cursor).await,
+            Decoded::Start | Decoded::Restart(_) => Ok(Cancel::Nothing),
+        }
+    }
+
+    async fn locked_copies(&self, job: &SubjectJob) -> Result<LockedCopies, Error> {
+        self.locked(job).await
+    }
+
+    async fn subject_step(
+        &self,
+        job: &SubjectJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<SubjectStep, Error> {
+        let (cursor, notices) = resume::<B>(cursor);
+        if budget.cancel.is_cancelled() {
+            return Ok(SubjectStep {
+                // Nothing was looked at: whether a locator would run is not known yet, and
+                // a cancelled step's answer is only its cursor.
+                ran: true,
+                next: Next::Continue(encode_cursor::<B>(cursor.as_ref())),
+                notices,
+                ..SubjectStep::default()
+            });
+        }
+        let started = tokio::time::Instant::now();
+        let step = self.subject(job, cursor, budget).await?;
+        let mut step = step.map_cursor(|c| encode_cursor::<B>(Some(&c)));
+        step.notices.extend(notices);
+        let took = started.elapsed();
+        if overran(took, budget.max_time) {
+            step.notices
+                .push(overrun_notice(B::KIND, took, budget.max_time));
+        }
+        Ok(step)
+    }
+}
+
+/// The typed cursor to resume from, and the notices reading it gave.
+fn resume<B: StoreBackend>(text: Option<&str>) -> (Option<B::Cursor>, Vec<Notice>) {
+    match decode_cursor::<B>(text) {
+        Decoded::Start => (None, Vec::new()),
+        Decoded::Resume { cursor, upgraded } => {
+            if upgraded {
+                tracing::info!(
+                    kind = B::KIND.as_str(),
+                    "resuming from a checkpoint in the previous cursor format"
+                );
+            }
+            (Some(cursor), Vec::new())
+        }
+        Decoded::Restart(notice) => {
+            tracing::warn!(
+                kind = B::KIND.as_str(),
+                reason = notice.reason,
+                "{}",
+                notice.message
+            );
+            (None, vec![notice])
+        }
     }
 }
 
@@ -157,7 +540,7 @@ impl<D: StoreDriver> Connection for Typed<D> {
     }
 
     fn connect(&self, limits: Limits) -> Arc<dyn Backend> {
-        D::connect(self.0.clone(), limits)
+        Arc::new(D::connect(self.0.clone(), limits))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -284,6 +667,14 @@ impl<D: StoreDriver> Driver for Registered<D> {
                 target.name
             ))
         })?;
+        if let Some(problem) = target
+            .subject
+            .as_ref()
+            .and_then(|s| s.problem(&target.name, Some(D::KIND)))
+        {
+            // Stored before the schema refused it: this policy is refused, not every one.
+            return Err(Error::InvalidSpec(problem));
+        }
         let locator = target.subject.as_ref().and_then(D::locator);
         D::validate(target, selector, locator)
     }
@@ -297,6 +688,217 @@ impl<D: StoreDriver> Driver for Registered<D> {
     }
 
     fn describe_wait(&self, cursor: &str) -> Option<String> {
-        D::describe_wait(cursor)
+        match decode_cursor::<D::Backend>(Some(cursor)) {
+            Decoded::Resume { cursor, .. } => D::Backend::describe_wait(&cursor),
+            Decoded::Start | Decoded::Restart(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio_util::sync::CancellationToken;
+
+    /// A typed backend whose cursor counts its steps; a step takes `takes` (paused clock).
+    #[derive(Default)]
+    struct Counting {
+        steps: AtomicU32,
+        takes: Duration,
+    }
+
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, JsonSchema)]
+    struct Steps {
+        done: u32,
+    }
+
+    #[async_trait]
+    impl StoreBackend for Counting {
+        const KIND: StoreKind = StoreKind::Redis;
+        type Cursor = Steps;
+
+        fn legacy_cursor(text: &str) -> Option<Steps> {
+            text.strip_prefix("old:")?
+                .parse()
+                .ok()
+                .map(|done| Steps { done })
+        }
+
+        async fn probe_store(&self) -> Result<String, Error> {
+            Ok("counting".into())
+        }
+
+        async fn sweep(
+            &self,
+            _job: &SweepJob,
+            cursor: Option<Steps>,
+            _budget: &StepBudget,
+        ) -> Result<Step<Steps>, Error> {
+            self.steps.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.takes).await;
+            let done = cursor.map_or(0, |c| c.done) + 1;
+            Ok(Step {
+                deleted: 1,
+                next: Next::Continue(Steps { done }),
+                ..Step::default()
+            })
+        }
+
+        async fn subject(
+            &self,
+            _job: &SubjectJob,
+            _cursor: Option<Steps>,
+            _budget: &StepBudget,
+        ) -> Result<SubjectStep<Steps>, Error> {
+            Ok(SubjectStep::default())
+        }
+    }
+
+    fn job() -> SweepJob {
+        SweepJob {
+            target: serde_json::from_value(serde_json::json!(
+                {"name": "t", "store": "s", "redis": {"keyPattern": "k:*"}}
+            ))
+            .expect("a target"),
+            retention: "1d".parse().expect("a duration"),
+            dry_run: false,
+            cutoff: chrono::Utc::now(),
+            held: Default::default(),
+        }
+    }
+
+    fn budget(max_time: Duration) -> StepBudget {
+        StepBudget {
+            max_time,
+            cancel: CancellationToken::new(),
+            fence: Default::default(),
+        }
+    }
+
+    fn decoded(text: &str) -> Decoded<Steps> {
+        decode_cursor::<Counting>(Some(text))
+    }
+
+    #[test]
+    fn one_format_in_status_and_the_previous_one_resumes() {
+        let text = encode_cursor::<Counting>(Some(&Steps { done: 4 }));
+        assert_eq!(text, r#"v1:redis:{"done":4}"#);
+        assert_eq!(
+            decoded(&text),
+            Decoded::Resume {
+                cursor: Steps { done: 4 },
+                upgraded: false
+            }
+        );
+        assert_eq!(encode_cursor::<Counting>(None), "v1:redis:null");
+        assert_eq!(decoded("v1:redis:null"), Decoded::Start);
+        assert_eq!(decode_cursor::<Counting>(None), Decoded::Start);
+        assert_eq!(
+            decoded("old:7"),
+            Decoded::Resume {
+                cursor: Steps { done: 7 },
+                upgraded: true
+            }
+        );
+    }
+
+    #[test]
+    fn an_unreadable_checkpoint_restarts_with_a_notice_that_does_not_quote_it() {
+        for (text, says) in [
+            (r#"v1:s3:{"done":4}"#, "another store kind (s3)"),
+            (
+                r#"v1:nosuchkind-4711:{"done":4}"#,
+                "another store kind (unknown)",
+            ),
+            (r#"v1:redis:{"done":"x4711"}"#, "not a redis cursor"),
+            ("v1:redis", "not a cursor"),
+            ("es:{\"t\":\"x4711\"}", "not a redis cursor"),
+            ("old:x4711", "not a redis cursor"),
+            ("", "not a redis cursor"),
+        ] {
+            let Decoded::Restart(notice) = decoded(text) else {
+                panic!("{text:?} did not restart");
+            };
+            assert_eq!(notice.reason, CURSOR_RESTARTED);
+            assert!(
+                notice.message.contains(says),
+                "{text:?}: {}",
+                notice.message
+            );
+            assert!(!notice.message.contains("4711"), "{}", notice.message);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_adapter_encodes_resumes_and_restarts_for_the_driver() {
+        let backend = Counting::default();
+        let step = backend
+            .sweep_step(&job(), Some("old:2"), &budget(Duration::from_secs(5)))
+            .await
+            .expect("a step");
+        assert_eq!(step.next, Next::Continue(r#"v1:redis:{"done":3}"#.into()));
+        assert!(step.notices.is_empty());
+        let step = backend
+            .sweep_step(&job(), Some("garbage"), &budget(Duration::from_secs(5)))
+            .await
+            .expect("a step");
+        assert_eq!(step.next, Next::Continue(r#"v1:redis:{"done":1}"#.into()));
+        assert_eq!(step.notices.len(), 1);
+        assert_eq!(step.notices[0].reason, "CursorRestarted");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_step_hands_back_its_cursor_without_running() {
+        let backend = Counting::default();
+        let cancelled = budget(Duration::from_secs(5));
+        cancelled.cancel.cancel();
+        let text = r#"v1:redis:{"done":9}"#;
+        let step = backend
+            .sweep_step(&job(), Some(text), &cancelled)
+            .await
+            .expect("a step");
+        assert_eq!(step.next, Next::Continue(text.into()));
+        assert_eq!(step.deleted, 0);
+        let fresh = backend
+            .sweep_step(&job(), None, &cancelled)
+            .await
+            .expect("a step");
+        assert_eq!(fresh.next, Next::Continue("v1:redis:null".into()));
+        assert_eq!(
+            backend.steps.load(Ordering::SeqCst),
+            0,
+            "the driver never ran"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_far_beyond_its_budget_is_reported() {
+        let slow = Counting {
+            takes: Duration::from_secs(60),
+            ..Counting::default()
+        };
+        let step = slow
+            .sweep_step(&job(), None, &budget(Duration::from_secs(5)))
+            .await
+            .expect("a step");
+        assert_eq!(step.notices.len(), 1);
+        assert_eq!(step.notices[0].reason, STEP_OVERRAN);
+        assert!(
+            step.notices[0].message.contains("60.0 s"),
+            "{:?}",
+            step.notices
+        );
+        let on_time = Counting {
+            takes: Duration::from_secs(20),
+            ..Counting::default()
+        };
+        let step = on_time
+            .sweep_step(&job(), None, &budget(Duration::from_secs(5)))
+            .await
+            .expect("a step");
+        assert!(step.notices.is_empty(), "within 3 × 5 s + 10 s");
+        assert!(!overran(Duration::from_secs(9), Duration::ZERO));
+        assert!(overran(Duration::from_secs(11), Duration::ZERO));
     }
 }

@@ -1,10 +1,13 @@
-//! One module per store behind one trait. The trait is the only thing the engine knows.
+//! One module per store behind one trait. [`Backend`] is the only thing the engine knows.
 //!
-//! Every operation is a bounded *step* that returns where to resume: a Redis SCAN cursor, an
-//! S3 continuation token, or the id of a deletion the store runs on its own (a Loki delete
-//! request, an Elasticsearch task) together with how long to wait before polling it. The
-//! engine checkpoints the cursor in status after every step, so a restarted operator resumes
-//! instead of starting over, and long-running deletions are submitted once and then polled.
+//! Every operation is a bounded *step* that returns where to resume: a Redis SCAN position,
+//! an S3 listing position, or the id of a deletion the store runs on its own (a Loki delete
+//! request, an Elasticsearch task) together with how long to wait before polling it. A driver
+//! writes its steps with its own typed cursor ([`driver::StoreBackend`]); the one adapter in
+//! [`driver`] encodes it in status (`v1:<kind>:<json>`) and reads it back, so [`Backend`]'s
+//! cursors are strings. The engine checkpoints the cursor in status after every step, so a
+//! restarted (or upgraded) operator resumes instead of starting over, and long-running
+//! deletions are submitted once and then polled.
 
 pub mod driver;
 pub mod elasticsearch;
@@ -52,6 +55,11 @@ pub enum Error {
     /// `Unreachable` instead.
     #[error("the store failed a command: {0}")]
     Store(String),
+    /// A Redis Cluster node redirected a command (`MOVED`, `ASK`, `TRYAGAIN`,
+    /// `CLUSTERDOWN`): a failover or reshard moved the key's slot. Transient: the next step
+    /// reads the topology again.
+    #[error("the store redirected a command: {0}")]
+    ClusterRedirect(String),
     /// This instance no longer leads: it stopped before acting on the store. Transient: the
     /// instance that leads now carries on.
     #[error("leadership lost: stopped before acting on the store")]
@@ -100,6 +108,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::BucketNotFound(_) => "BucketNotFound",
             Error::Store(_) => "StoreError",
+            Error::ClusterRedirect(_) => "ClusterRedirect",
             Error::LeadershipLost => "LeadershipLost",
             Error::IdentifierNotDistinctive(_) => "IdentifierNotDistinctive",
             Error::UnparsedCopiesRemain(_) => "UnparsedCopiesRemain",
@@ -115,7 +124,9 @@ impl Error {
     /// whether to retry, fail or wait.
     pub fn category(&self) -> Category {
         match self {
-            Error::Unreachable(_) | Error::LeadershipLost => Category::Transient,
+            Error::Unreachable(_) | Error::ClusterRedirect(_) | Error::LeadershipLost => {
+                Category::Transient
+            }
             Error::InvalidSpec(_)
             | Error::IdentifierNotDistinctive(_)
             | Error::DeletionModeFilterOnly(_) => Category::InvalidSpec,
@@ -343,17 +354,55 @@ impl StepBudget {
     }
 }
 
-/// What is left of a job after a step.
+/// What is left of a job after a step. `C` is the cursor: a driver's own typed cursor
+/// ([`driver::StoreBackend::Cursor`]), or its encoding in status (`String`, what the engine
+/// and the controllers see through [`Backend`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Next {
+pub enum Next<C = String> {
     /// More to do: call again with this cursor.
-    Continue(String),
+    Continue(C),
     /// The store is working on a deletion of its own; poll again with this cursor later.
     Wait {
-        cursor: String,
+        cursor: C,
         poll_after: Duration,
     },
     Done,
+}
+
+impl<C> Next<C> {
+    /// The same answer with its cursor turned into another form, or the error doing so.
+    pub fn try_map<D, E>(self, f: impl FnOnce(C) -> Result<D, E>) -> Result<Next<D>, E> {
+        Ok(match self {
+            Next::Continue(c) => Next::Continue(f(c)?),
+            Next::Wait { cursor, poll_after } => Next::Wait {
+                cursor: f(cursor)?,
+                poll_after,
+            },
+            Next::Done => Next::Done,
+        })
+    }
+
+    /// The same answer with its cursor turned into another form.
+    pub fn map<D>(self, f: impl FnOnce(C) -> D) -> Next<D> {
+        match self {
+            Next::Continue(c) => Next::Continue(f(c)),
+            Next::Wait { cursor, poll_after } => Next::Wait {
+                cursor: f(cursor),
+                poll_after,
+            },
+            Next::Done => Next::Done,
+        }
+    }
+}
+
+/// Something about a step besides its counts and failure, told by the one adapter
+/// ([`driver::StoreBackend`]) for every driver: a checkpoint it could not read (the job
+/// started over), a step that ran far beyond its time budget. The controllers publish each
+/// as a Warning Event with `reason`. Never an identifier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub reason: &'static str,
+    pub message: String,
 }
 
 /// What became of a deletion the store runs by itself when it was asked to stop.
@@ -372,7 +421,7 @@ pub enum Cancel {
 
 /// The counts of one step; the engine adds them up.
 #[derive(Debug)]
-pub struct Step {
+pub struct Step<C = String> {
     pub scanned: u64,
     /// Deleted (or, in a dry run, would be deleted); in Redis mode `expire`, keys given a TTL.
     pub deleted: u64,
@@ -390,16 +439,45 @@ pub struct Step {
     pub unjudged: u64,
     /// The oldest item the sweep saw and left in place, where the store can tell.
     pub oldest_remaining: Option<DateTime<Utc>>,
-    pub next: Next,
+    pub next: Next<C>,
     /// A failure after some progress: the counts and `next` above are still true and are
     /// checkpointed, so work already done is neither lost nor redone.
     pub failure: Option<Error>,
     /// A setback the step recovers from by itself (a store task that ended badly and is
     /// submitted again): the sweep goes on, and status says why it is retrying.
     pub retrying: Option<Error>,
+    /// What the adapter tells about the step (filled by it; drivers leave it empty).
+    pub notices: Vec<Notice>,
 }
 
-impl Default for Step {
+impl<C> Step<C> {
+    /// The same step with its cursor turned into another form, or the error doing so.
+    pub fn try_map_cursor<D, E>(self, f: impl FnOnce(C) -> Result<D, E>) -> Result<Step<D>, E> {
+        Ok(Step {
+            scanned: self.scanned,
+            deleted: self.deleted,
+            blocked: self.blocked,
+            blocked_items: self.blocked_items,
+            held: self.held,
+            unjudged: self.unjudged,
+            oldest_remaining: self.oldest_remaining,
+            next: self.next.try_map(f)?,
+            failure: self.failure,
+            retrying: self.retrying,
+            notices: self.notices,
+        })
+    }
+
+    /// The same step with its cursor turned into another form.
+    pub fn map_cursor<D>(self, f: impl FnOnce(C) -> D) -> Step<D> {
+        match self.try_map_cursor(|c| Ok::<D, std::convert::Infallible>(f(c))) {
+            Ok(step) => step,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl<C> Default for Step<C> {
     /// Nothing done, nothing left.
     fn default() -> Self {
         Self {
@@ -413,13 +491,17 @@ impl Default for Step {
             next: Next::Done,
             failure: None,
             retrying: None,
+            notices: Vec::new(),
         }
     }
 }
 
 /// What an erasure does in one target: find and count (also what a dry run does), erase, or
 /// verify that nothing remains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
 pub enum SubjectAction {
     Find,
     Erase,
@@ -450,7 +532,7 @@ impl std::fmt::Debug for SubjectJob {
 
 /// The result of one subject step.
 #[derive(Debug)]
-pub struct SubjectStep {
+pub struct SubjectStep<C = String> {
     /// Records found (Find), erased (Erase) or still present (Verify).
     pub count: u64,
     /// Records the store refused to erase (Object Lock retention or legal hold).
@@ -462,8 +544,53 @@ pub struct SubjectStep {
     /// Locators not run because the subject lacks an identifier they need, described
     /// without any identifier value (e.g. `keys[1] needs {email}`).
     pub skipped: Vec<String>,
-    pub next: Next,
+    pub next: Next<C>,
     pub failure: Option<Error>,
+    /// What the adapter tells about the step (filled by it; drivers leave it empty).
+    pub notices: Vec<Notice>,
+}
+
+impl<C> SubjectStep<C> {
+    /// The same step with its cursor turned into another form, or the error doing so.
+    pub fn try_map_cursor<D, E>(
+        self,
+        f: impl FnOnce(C) -> Result<D, E>,
+    ) -> Result<SubjectStep<D>, E> {
+        Ok(SubjectStep {
+            count: self.count,
+            blocked: self.blocked,
+            malformed: self.malformed,
+            ran: self.ran,
+            skipped: self.skipped,
+            next: self.next.try_map(f)?,
+            failure: self.failure,
+            notices: self.notices,
+        })
+    }
+
+    /// The same step with its cursor turned into another form.
+    pub fn map_cursor<D>(self, f: impl FnOnce(C) -> D) -> SubjectStep<D> {
+        match self.try_map_cursor(|c| Ok::<D, std::convert::Infallible>(f(c))) {
+            Ok(step) => step,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl<C> Default for SubjectStep<C> {
+    /// Nothing found, nothing left; no locator ran.
+    fn default() -> Self {
+        Self {
+            count: 0,
+            blocked: 0,
+            malformed: 0,
+            ran: false,
+            skipped: Vec::new(),
+            next: Next::Done,
+            failure: None,
+            notices: Vec::new(),
+        }
+    }
 }
 
 /// A subject's copies a store keeps under a lock of its own until it lapses: how many, the
@@ -599,6 +726,7 @@ mod tests {
             (Error::Unreachable(m()), Transient),
             (Error::Store(m()), Refused),
             (Error::LeadershipLost, Transient),
+            (Error::ClusterRedirect(m()), Transient),
             (Error::InvalidSpec(m()), InvalidSpec),
             (Error::IdentifierNotDistinctive(m()), InvalidSpec),
             (Error::DeletionModeFilterOnly(m()), InvalidSpec),

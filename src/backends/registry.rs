@@ -103,6 +103,20 @@ mod tests {
     }
 
     #[test]
+    fn a_target_whose_locator_was_stored_with_several_sections_is_invalid() {
+        let t: Target = serde_json::from_value(serde_json::json!({"name": "a", "store": "s",
+            "s3": {"prefix": "p/"},
+            "subject": {"s3": {"keyPrefixes": ["u/{userId}/"]}, "loki": {"lineFilter": "uid={userId} "}}}))
+        .expect("a stored target is read");
+        let e = for_target(&t)
+            .expect("a driver")
+            .validate(&t)
+            .expect_err("refused");
+        assert_eq!(e.reason(), "InvalidSpec");
+        assert!(e.to_string().contains("keep subject.s3"), "{e}");
+    }
+
+    #[test]
     fn a_datastore_has_exactly_one_section() {
         let spec = |v: serde_json::Value| -> DataStoreSpec {
             serde_json::from_value(v).expect("a DataStore spec")
@@ -124,6 +138,56 @@ mod tests {
             let s = spec(v.clone());
             assert!(s.store.is_none() && for_store(&s).is_none(), "{v}");
         }
+    }
+
+    #[test]
+    fn every_driver_finds_its_own_sections_and_transport() {
+        let spec = |v: serde_json::Value| -> DataStoreSpec {
+            serde_json::from_value(v).expect("a DataStore spec")
+        };
+        for (kind, section, url) in [
+            (
+                "loki",
+                serde_json::json!({"url": "http://loki:3100"}),
+                Some("http://loki:3100"),
+            ),
+            (
+                "elasticsearch",
+                serde_json::json!({"url": "https://es:9200"}),
+                Some("https://es:9200"),
+            ),
+            (
+                "redis",
+                serde_json::json!({"url": "redis://r:6379"}),
+                Some("redis://r:6379"),
+            ),
+            ("s3", serde_json::json!({"bucket": "b"}), None),
+        ] {
+            let mut section = section;
+            section["credentialsSecretRef"] = serde_json::json!({"name": "creds"});
+            section["passwordSecretRef"] = serde_json::json!({"name": "creds", "key": "p"});
+            let spec = spec(serde_json::json!({ kind: section }));
+            let driver = for_store(&spec).expect("a driver");
+            assert_eq!(driver.kind().as_str(), kind);
+            let transport = driver.transport(&spec).expect("its section");
+            assert_eq!(
+                (transport.endpoint, transport.secret),
+                (url, Some("creds")),
+                "{kind}"
+            );
+            for other in DRIVERS.iter().filter(|d| d.kind() != driver.kind()) {
+                assert!(other.transport(&spec).is_none(), "{kind}");
+            }
+        }
+        let subject: crate::api::retentionpolicy::SubjectLocator =
+            serde_json::from_value(serde_json::json!({"loki": {"lineFilter": "uid={userId} "}}))
+                .expect("a locator");
+        let locating: Vec<&str> = DRIVERS
+            .iter()
+            .filter(|d| d.locates(&subject))
+            .map(|d| d.kind().as_str())
+            .collect();
+        assert_eq!(locating, ["loki"]);
     }
 
     #[test]

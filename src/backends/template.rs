@@ -236,6 +236,23 @@ impl<'a> Locating<'a> {
     }
 }
 
+/// [`Locating::fill`] for a driver that collects the skipped templates itself: one template
+/// of `job`'s locator section for `kind`, filled or skipped (the reason appended to
+/// `skipped`), the same way and with the same errors.
+pub fn fill_or_skip<T>(
+    job: &crate::backends::SubjectJob,
+    kind: StoreKind,
+    what: &str,
+    template: &str,
+    fill: impl FnOnce(&str, &BTreeMap<String, String>) -> Result<T, Error>,
+    skipped: &mut Vec<String>,
+) -> Result<Option<T>, StoreError> {
+    let mut locating = Locating::new(&job.target.name, kind, &job.identifiers);
+    let filled = locating.fill(what, template, fill);
+    skipped.append(&mut locating.skipped);
+    filled
+}
+
 /// Escapes Redis glob metacharacters so the value matches only itself.
 pub fn escape_glob(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -281,6 +298,51 @@ mod tests {
                 "InvalidSpec",
                 "target t: subject.loki.keys[1] is not a valid template".to_string()
             ))
+        );
+    }
+
+    #[test]
+    fn a_driver_collecting_its_own_skips_gets_the_same_answers() {
+        let job = crate::backends::SubjectJob {
+            target: serde_json::from_value(serde_json::json!(
+                {"name": "t", "store": "s", "s3": {"prefix": "p/"}}
+            ))
+            .expect("a target"),
+            identifiers: ids(&[("userId", "47")]),
+            action: crate::backends::SubjectAction::Find,
+        };
+        let mut skipped = vec!["earlier".to_string()];
+        let exact = |t: &str, i: &BTreeMap<String, String>| expand(t, i, literal);
+        let filled = fill_or_skip(
+            &job,
+            StoreKind::S3,
+            "keyPrefixes[0]",
+            "u/{userId}/",
+            exact,
+            &mut skipped,
+        );
+        assert_eq!(filled.ok().flatten().as_deref(), Some("u/47/"));
+        let none = fill_or_skip(
+            &job,
+            StoreKind::S3,
+            "records.equals",
+            "{email}",
+            exact,
+            &mut skipped,
+        );
+        assert!(matches!(none, Ok(None)));
+        assert_eq!(skipped, ["earlier", "records.equals needs {email}"]);
+        let bad = fill_or_skip(
+            &job,
+            StoreKind::S3,
+            "records.prefix",
+            "a{",
+            exact,
+            &mut skipped,
+        );
+        assert_eq!(
+            bad.err().map(|e| e.to_string()),
+            Some("target t: subject.s3.records.prefix is not a valid template".to_string())
         );
     }
 

@@ -249,6 +249,7 @@ mod tests {
                 skipped: Vec::new(),
                 next: Next::Continue("stopped".into()),
                 failure: None,
+                notices: Vec::new(),
             })
         }
     }

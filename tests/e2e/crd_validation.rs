@@ -333,6 +333,31 @@ async fn rejects_a_target_with_two_store_kinds() {
 }
 
 #[tokio::test]
+async fn rejects_a_subject_locator_with_two_store_kinds() {
+    let (client, ns) = setup("locator-two-kinds").await;
+    let mut policy = carts();
+    policy["spec"]["targets"][0]["subject"] = json!({
+        "redis": {"keys": ["cart:{userId}"]},
+        "s3": {"keyPrefixes": ["users/{userId}/"]},
+    });
+    let mentions = [
+        r#""spec.targets.subject" must validate one and only one schema"#,
+        "Found 2 valid",
+    ];
+    assert_invalid(&client, &ns, policy, &mentions).await;
+    // One section is accepted and kept as sent.
+    let mut one = carts();
+    one["spec"]["targets"][0]["subject"] = json!({"redis": {"keys": ["cart:{userId}"]}});
+    let stored = create(&client, &ns, &one)
+        .await
+        .expect("one section is accepted");
+    assert_eq!(
+        stored.data["spec"]["targets"][0]["subject"],
+        one["spec"]["targets"][0]["subject"]
+    );
+}
+
+#[tokio::test]
 async fn rejects_a_datastore_with_two_store_kinds() {
     let (client, ns) = setup("store-two-kinds").await;
     let store = object(

@@ -102,8 +102,9 @@ impl Swept {
 fn task_ids(cursors: &[String]) -> Vec<String> {
     let mut ids: Vec<String> = Vec::new();
     for c in cursors {
-        let json: Value = serde_json::from_str(c.strip_prefix("es:").expect("an es cursor"))
-            .expect("a JSON cursor");
+        let json: Value =
+            serde_json::from_str(c.strip_prefix("v1:elasticsearch:").expect("an es cursor"))
+                .expect("a JSON cursor");
         for t in ["t", "x"]
             .iter()
             .filter_map(|k| json.get(*k).and_then(Value::as_str))
@@ -535,7 +536,7 @@ async fn es_sweep_waits_on_its_task_and_resumes_from_the_cursor_counting_once() 
     assert!(first
         .cursors
         .iter()
-        .any(|c| c.starts_with("es:") && c.contains("\"t\":")));
+        .any(|c| c.starts_with("v1:elasticsearch:") && c.contains("\"t\":")));
     assert_eq!(es.ids("events-1"), vec!["c"]);
     assert_eq!(es.ids("events-2"), vec!["e"]);
 
@@ -919,7 +920,10 @@ async fn es_erasure_is_exact_injection_proof_and_waits_for_its_task() {
     assert_eq!(done.count, 1);
     assert!(cursors.len() >= 2, "{cursors:?}");
     for c in &cursors {
-        assert!(c.starts_with("es:") && !c.contains("user-47"), "{c}");
+        assert!(
+            c.starts_with("v1:elasticsearch:") && !c.contains("user-47"),
+            "{c}"
+        );
     }
     let dbq = es
         .requests()
@@ -1423,7 +1427,7 @@ async fn real_server_a_sweep_resumes_its_task_from_the_cursor_and_counts_once(
             && swept
                 .cursors
                 .iter()
-                .any(|c| c.starts_with("es:") && c.contains("\"t\":")),
+                .any(|c| c.starts_with("v1:elasticsearch:") && c.contains("\"t\":")),
         "the task was polled from its cursor: {:?}",
         swept.cursors
     );
@@ -1886,9 +1890,9 @@ mod restart {
             |p| {
                 p.status.as_ref().is_some_and(|s| {
                     s.targets.first().is_some_and(|t| {
-                        t.cursor
-                            .as_deref()
-                            .is_some_and(|c| c.starts_with("es:") && c.contains("\"t\":"))
+                        t.cursor.as_deref().is_some_and(|c| {
+                            c.starts_with("v1:elasticsearch:") && c.contains("\"t\":")
+                        })
                     })
                 })
             },

@@ -122,3 +122,68 @@ async fn an_invalid_spec_target_fails_the_request_once_the_rest_is_erased() {
     );
     operator.stop().await;
 }
+
+/// A Redis server under an LFU maxmemory-policy tracks no idle time: the idle-mode script
+/// answers with the error code it sets for that (matched as a code, not as text), so the
+/// sweep fails as InvalidSpec (the policy or the server must change) and deletes nothing.
+#[tokio::test]
+async fn mode_idle_under_an_lfu_policy_is_an_invalid_spec_known_by_its_code() {
+    use tombstone::backends::redis::{RedisBackend, RedisConfig};
+    use tombstone::backends::{Backend, Limits, StepBudget, SweepJob};
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lfu")
+        .query_async(&mut conn)
+        .await
+        .expect("config set");
+    seed(&mut conn, "idle:", 50).await;
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: redis.url(),
+            password: None,
+            cluster: false,
+        },
+        Limits::default(),
+    );
+    let job = SweepJob {
+        target: serde_json::from_value(json!({"name": "t", "store": "s",
+            "redis": {"keyPattern": "idle:*", "mode": "idle"}}))
+        .expect("a valid target"),
+        retention: "1s".parse().expect("a duration"),
+        dry_run: false,
+        cutoff: chrono::Utc::now(),
+        held: Default::default(),
+    };
+    let budget = StepBudget {
+        max_time: Duration::from_secs(10),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        fence: Default::default(),
+    };
+    let mut cursor: Option<String> = None;
+    let mut failure = None;
+    for _ in 0..10 {
+        let step = match backend.sweep_step(&job, cursor.as_deref(), &budget).await {
+            Ok(step) => step,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        if step.failure.is_some() {
+            failure = step.failure;
+            break;
+        }
+        match step.next {
+            tombstone::backends::Next::Continue(c) => cursor = Some(c),
+            other => panic!("the sweep ended without failing: {other:?}"),
+        }
+    }
+    let failure = failure.expect("the sweep fails");
+    assert_eq!(failure.reason(), "InvalidSpec", "{failure}");
+    assert_eq!(failure.category(), ErrorCategory::InvalidSpec);
+    assert!(failure.to_string().contains("LFU"), "{failure}");
+    assert_eq!(count_keys(&mut conn, "idle:*").await, 50);
+}

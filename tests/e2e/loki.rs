@@ -246,7 +246,7 @@ async fn loki_sweep_deletes_old_lines_of_the_selected_streams_once_loki_has_proc
     let Next::Wait { cursor, poll_after } = first.next else {
         panic!("expected to wait on Loki, got {:?}", first.next)
     };
-    assert!(cursor.starts_with("loki:{\"id\":"), "{cursor}");
+    assert!(cursor.starts_with("v1:loki:{\"id\":"), "{cursor}");
     assert!(
         !cursor.contains("mailer"),
         "no query in the cursor: {cursor}"
@@ -1037,9 +1037,11 @@ async fn a_loki_sweep_waiting_on_loki_survives_an_operator_restart_without_a_sec
         Duration::from_secs(60),
         |p| {
             p.status.as_ref().is_some_and(|s| {
-                s.targets
-                    .first()
-                    .is_some_and(|t| t.cursor.as_deref().is_some_and(|c| c.starts_with("loki:")))
+                s.targets.first().is_some_and(|t| {
+                    t.cursor
+                        .as_deref()
+                        .is_some_and(|c| c.starts_with("v1:loki:"))
+                })
             })
         },
     )

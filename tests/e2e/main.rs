@@ -13,6 +13,7 @@ mod chart;
 mod cluster_wide;
 mod conformance;
 mod crd_validation;
+mod cursor_upgrade;
 mod datastore;
 mod digest;
 mod elasticsearch;

@@ -1178,7 +1178,7 @@ async fn an_s3_sweep_stopped_midway_resumes_from_the_listing_position_in_status(
         |p| {
             p.status.as_ref().is_some_and(|s| {
                 s.targets.first().is_some_and(|t| {
-                    t.cursor.as_deref().is_some_and(|c| c.starts_with("s3:")) && t.deleted > 0
+                    t.cursor.as_deref().is_some_and(|c| c.starts_with("v1:s3:")) && t.deleted > 0
                 })
             })
         },

@@ -68,7 +68,7 @@ async fn loki_waiting(
         "mailer",
         "a cursor holding the delete request",
         Duration::from_secs(60),
-        |p| cursor(p).is_some_and(|c| c.starts_with("loki:")),
+        |p| cursor(p).is_some_and(|c| c.starts_with("v1:loki:")),
     )
     .await;
     let requests = double.delete_requests(SINGLE_TENANT);
@@ -538,7 +538,9 @@ async fn a_finished_delete_by_query_task_is_too_late_to_cancel() {
         }
     };
     let task: String = {
-        let json = waiting.strip_prefix("es:").expect("an es cursor");
+        let json = waiting
+            .strip_prefix("v1:elasticsearch:")
+            .expect("an es cursor");
         let v: Value = serde_json::from_str(json).expect("cursor JSON");
         v["t"].as_str().expect("a task in the cursor").to_string()
     };

@@ -117,7 +117,7 @@ async fn a_policy_whose_sweep_does_not_complete_is_reported_late() {
                     && s.targets
                         .first()
                         .and_then(|t| t.cursor.as_deref())
-                        .is_some_and(|c| c.starts_with("loki:"))
+                        .is_some_and(|c| c.starts_with("v1:loki:"))
             })
         },
     )

@@ -1,19 +1,27 @@
 //! Elasticsearch and OpenSearch as a registered store kind: its typed parts and how its
 //! DataStore section becomes a connection.
 
-use std::sync::Arc;
-
-use crate::api::datastore::{DataStoreSpec, ElasticsearchStore, StoreSection};
-use crate::api::retentionpolicy::{
-    ElasticsearchSubject, ElasticsearchTarget, Selector, SubjectLocator, Target,
-};
+use crate::api::datastore::ElasticsearchStore;
+use crate::api::retentionpolicy::{ElasticsearchSubject, ElasticsearchTarget, Target};
 use crate::api::StoreKind;
+use crate::backends::driver::JsonCursor;
 use crate::backends::driver::{
-    http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
+    http_auth, http_transport, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
-use crate::backends::{Backend, Error, Limits};
+use crate::backends::{Error, Limits};
 
 use super::{ElasticsearchBackend, ElasticsearchConfig};
+
+/// How the steps write their cursor ([`super::cursor::Cursor`]) as text; in status it is
+/// `v1:elasticsearch:{…}`, and this form is the previous version's there.
+pub(super) const TEXT: &str = "es:";
+
+/// The steps' text cursor as the typed one.
+pub(super) fn read_back(text: String) -> Result<JsonCursor, Error> {
+    JsonCursor::from_text(&text, TEXT).ok_or_else(|| {
+        Error::Store("an Elasticsearch step returned a cursor it cannot read back".into())
+    })
+}
 
 pub struct ElasticsearchDriver;
 
@@ -23,6 +31,8 @@ impl StoreDriver for ElasticsearchDriver {
     type Config = ElasticsearchConfig;
     type Selector = ElasticsearchTarget;
     type Locator = ElasticsearchSubject;
+    type Cursor = JsonCursor;
+    type Backend = ElasticsearchBackend;
 
     fn capabilities() -> Capabilities {
         Capabilities {
@@ -33,33 +43,10 @@ impl StoreDriver for ElasticsearchDriver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&ElasticsearchStore> {
-        match &spec.store {
-            Some(StoreSection::Elasticsearch(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&ElasticsearchTarget> {
-        match &target.selector {
-            Some(Selector::Elasticsearch(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&ElasticsearchSubject> {
-        subject.elasticsearch.as_ref()
-    }
+    crate::store_sections!(Elasticsearch);
 
     fn transport(section: &ElasticsearchStore) -> Transport<'_> {
-        Transport {
-            endpoint: Some(&section.url),
-            secret: section
-                .credentials_secret_ref
-                .as_ref()
-                .map(|s| s.name.as_str()),
-            ambient_without_secret: false,
-        }
+        http_transport(&section.url, section.credentials_secret_ref.as_ref())
     }
 
     fn config(
@@ -73,8 +60,8 @@ impl StoreDriver for ElasticsearchDriver {
         })
     }
 
-    fn connect(config: ElasticsearchConfig, limits: Limits) -> Arc<dyn Backend> {
-        Arc::new(ElasticsearchBackend::new(config, limits))
+    fn connect(config: ElasticsearchConfig, limits: Limits) -> ElasticsearchBackend {
+        ElasticsearchBackend::new(config, limits)
     }
 
     fn validate(
@@ -101,5 +88,39 @@ impl StoreDriver for ElasticsearchDriver {
             parts.push(format!("index {}", e.index));
         }
         parts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::driver::{decode_cursor, encode_cursor, Decoded};
+
+    #[test]
+    fn cursors_of_the_previous_version_resume_in_the_common_format() {
+        let old = r#"es:{"a":"logs-2026.01.01","t":"oTUltX4IQMOUUVeiohTt8A:12345","p":3}"#;
+        let Decoded::Resume {
+            cursor,
+            upgraded: true,
+        } = decode_cursor::<ElasticsearchBackend>(Some(old))
+        else {
+            panic!("{old} does not resume");
+        };
+        let text = encode_cursor::<ElasticsearchBackend>(Some(&cursor));
+        assert_eq!(
+            text,
+            r#"v1:elasticsearch:{"a":"logs-2026.01.01","p":3,"t":"oTUltX4IQMOUUVeiohTt8A:12345"}"#
+        );
+        assert!(matches!(
+            decode_cursor::<ElasticsearchBackend>(Some(&text)),
+            Decoded::Resume {
+                upgraded: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode_cursor::<ElasticsearchBackend>(Some("s3:{}")),
+            Decoded::Restart(_)
+        ));
     }
 }

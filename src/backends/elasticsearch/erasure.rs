@@ -67,9 +67,8 @@ impl ElasticsearchBackend {
             .ok_or_else(|| {
                 Error::InvalidSpec(format!("target {name} has no elasticsearch selector"))
             })?;
-        let locator = subject_locator(&job.target, StoreKind::Elasticsearch, |s| {
-            s.elasticsearch.as_ref()
-        })?;
+        let locator =
+            subject_locator(&job.target, StoreKind::Elasticsearch, |s| s.elasticsearch())?;
         let mut result = SubjectStep {
             count: 0,
             blocked: 0,
@@ -78,6 +77,7 @@ impl ElasticsearchBackend {
             skipped: Vec::new(),
             next: Next::Done,
             failure: None,
+            notices: Vec::new(),
         };
         let terms = match query::expand_terms(name, &locator.term, &job.identifiers)? {
             Ok(terms) => terms,

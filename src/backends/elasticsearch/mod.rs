@@ -48,11 +48,13 @@ use async_trait::async_trait;
 use reqwest::Method;
 use serde_json::Value;
 
+use super::driver::{JsonCursor, StoreBackend};
 use super::http::{HttpAuth, HttpStore};
-use super::{Backend, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
 use cursor::Cursor;
+use driver::{read_back, TEXT};
 use transport::{answer_error, Quote};
 
 /// How to reach one Elasticsearch, resolved from a DataStore and its Secret.
@@ -80,15 +82,18 @@ impl ElasticsearchBackend {
 }
 
 #[async_trait]
-impl Backend for ElasticsearchBackend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::Elasticsearch
+impl StoreBackend for ElasticsearchBackend {
+    const KIND: StoreKind = StoreKind::Elasticsearch;
+    type Cursor = JsonCursor;
+
+    fn legacy_cursor(text: &str) -> Option<JsonCursor> {
+        JsonCursor::from_text(text, TEXT)
     }
 
     /// Cancels a running delete-by-query task; what it deleted before stays deleted.
     /// Lifts the operator's own write block named in the cursor, if any, too.
-    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
-        let Ok(cursor) = Cursor::decode(cursor) else {
+    async fn cancel_deletion(&self, cursor: JsonCursor) -> Result<Cancel, Error> {
+        let Ok(cursor) = Cursor::decode(&cursor.to_text(TEXT)) else {
             return Ok(Cancel::Nothing);
         };
         if let Some(index) = cursor.blocking.as_deref() {
@@ -136,7 +141,7 @@ impl Backend for ElasticsearchBackend {
         }
     }
 
-    async fn probe(&self) -> Result<String, Error> {
+    async fn probe_store(&self) -> Result<String, Error> {
         let answer = self
             .call(Method::GET, &[], &[], None, "GET /", Quote::Reason)
             .await?;
@@ -147,22 +152,28 @@ impl Backend for ElasticsearchBackend {
         })
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<JsonCursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
-        self.sweep(job, cursor, budget).await
+    ) -> Result<Step<JsonCursor>, Error> {
+        let text = cursor.map(|c| c.to_text(TEXT));
+        ElasticsearchBackend::sweep(self, job, text.as_deref(), budget)
+            .await?
+            .try_map_cursor(read_back)
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<JsonCursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
-        self.subject(job, cursor, budget).await
+    ) -> Result<SubjectStep<JsonCursor>, Error> {
+        let text = cursor.map(|c| c.to_text(TEXT));
+        ElasticsearchBackend::subject(self, job, text.as_deref(), budget)
+            .await?
+            .try_map_cursor(read_back)
     }
 }
 
@@ -231,11 +242,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
     if es.timestamp_field.trim().is_empty() {
         return invalid("timestampField is empty".into());
     }
-    let Some(subject) = target
-        .subject
-        .as_ref()
-        .and_then(|s| s.elasticsearch.as_ref())
-    else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.elasticsearch()) else {
         return Ok(());
     };
     if subject.term.is_empty() {
@@ -291,14 +298,13 @@ mod tests {
                     timestamp_field: "@timestamp".into(),
                 },
             )),
-            subject: (!terms.is_empty()).then(|| SubjectLocator {
-                elasticsearch: Some(ElasticsearchSubject {
+            subject: (!terms.is_empty()).then(|| {
+                SubjectLocator::Elasticsearch(ElasticsearchSubject {
                     term: terms
                         .iter()
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
-                }),
-                ..Default::default()
+                })
             }),
             allow_match_all: false,
         }

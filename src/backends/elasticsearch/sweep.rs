@@ -631,9 +631,8 @@ fn held_queries(job: &SweepJob) -> Result<Vec<Value>, Error> {
     if job.held.is_empty() {
         return Ok(Vec::new());
     }
-    let locator = held_subject_locator(&job.target, StoreKind::Elasticsearch, |s| {
-        s.elasticsearch.as_ref()
-    })?;
+    let locator =
+        held_subject_locator(&job.target, StoreKind::Elasticsearch, |s| s.elasticsearch())?;
     job.held
         .0
         .iter()

@@ -1,6 +1,7 @@
 //! Where a Loki job stands, kept in status between steps: the delete request's id and range,
 //! the lines counted, and where a scan resumes. Never the query.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::MAX_LOST;
@@ -9,9 +10,9 @@ use crate::backends::Error;
 const CURSOR_PREFIX: &str = "loki:";
 
 /// Where a job stands in a Loki cursor.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub(super) enum Stage {
+pub enum Stage {
     /// Waiting for the delete request to be processed (every cursor of earlier versions).
     #[default]
     Waiting,
@@ -36,8 +37,8 @@ fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
 /// Where a job stands, kept in status: Loki's request id and its time range, the lines
 /// counted before it was submitted, and where a scan in progress resumes. No query: it may
 /// hold an identifier.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(super) struct Cursor {
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Cursor {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The delete request's range (for Find, the range counted).
@@ -68,6 +69,11 @@ pub(super) struct Cursor {
 }
 
 impl Cursor {
+    /// A cursor as the previous version wrote it in status (`loki:{…}`).
+    pub fn legacy(text: &str) -> Option<Cursor> {
+        Self::decode(text).ok()
+    }
+
     /// A count of (from, end] not yet started; the request will cover [start, end].
     pub fn counting(start: i64, end: i64, from: i64) -> Cursor {
         Cursor {
@@ -104,9 +110,8 @@ impl Cursor {
 }
 
 /// What a Loki cursor waits for, for the target's status message (no identifier: request
-/// ids and times only). None for text that is not a Loki cursor.
-pub fn describe_wait(text: &str) -> Option<String> {
-    let cursor = Cursor::decode(text).ok()?;
+/// ids and times only).
+pub fn describe_wait(cursor: &Cursor) -> Option<String> {
     let time = |t: i64| {
         chrono::DateTime::from_timestamp(t, 0)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -149,18 +154,38 @@ mod tests {
             (Stage::Waiting, Some("ab4aefd4"), 3)
         );
         assert_eq!((c.from, c.at, c.oldest, c.lost), (None, None, None, 0));
-        assert!(describe_wait(old).unwrap().contains("ab4aefd4"));
+        assert!(describe_wait(&c).unwrap().contains("ab4aefd4"));
         let mut resting = c.clone();
         resting.stage = Stage::Resting;
         resting.until = Some(1_795_365_277);
         let text = resting.encode();
         assert_eq!(Cursor::decode(&text).unwrap(), resting);
-        let note = describe_wait(&text).unwrap();
+        let note = describe_wait(&resting).unwrap();
         assert!(
             note.starts_with("LinesInIngesters") && note.contains("2026-11-22T16:34:37Z"),
             "{note}"
         );
-        assert_eq!(describe_wait("s3:{}"), None);
+    }
+
+    #[test]
+    fn the_adapter_resumes_the_previous_versions_cursor() {
+        use crate::backends::driver::{decode_cursor, encode_cursor, Decoded};
+        use crate::backends::loki::LokiBackend;
+        let old = r#"loki:{"id":"ab4aefd4","start":1000000000,"end":1795361677,"count":3}"#;
+        let Decoded::Resume { cursor, upgraded } = decode_cursor::<LokiBackend>(Some(old)) else {
+            panic!("an old Loki cursor does not resume");
+        };
+        assert!(upgraded);
+        assert_eq!(cursor, Cursor::decode(old).unwrap());
+        let text = encode_cursor::<LokiBackend>(Some(&cursor));
+        assert_eq!(
+            text,
+            r#"v1:loki:{"id":"ab4aefd4","start":1000000000,"end":1795361677,"count":3}"#
+        );
+        assert!(matches!(
+            decode_cursor::<LokiBackend>(Some(r#"loki:{"start":"#)),
+            Decoded::Restart(_)
+        ));
     }
 
     #[test]

@@ -1,15 +1,13 @@
 //! Loki as a registered store kind: its typed parts and how its DataStore section becomes a
 //! connection.
 
-use std::sync::Arc;
-
-use crate::api::datastore::{DataStoreSpec, LokiStore, StoreSection};
-use crate::api::retentionpolicy::{LokiSubject, LokiTarget, Selector, SubjectLocator, Target};
+use crate::api::datastore::LokiStore;
+use crate::api::retentionpolicy::{LokiSubject, LokiTarget, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{
-    http_auth, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
+    http_auth, http_transport, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
-use crate::backends::{Backend, Error, Limits};
+use crate::backends::{Error, Limits};
 
 use super::{LokiBackend, LokiConfig, DEFAULT_RESUBMIT_AFTER};
 
@@ -21,6 +19,8 @@ impl StoreDriver for LokiDriver {
     type Config = LokiConfig;
     type Selector = LokiTarget;
     type Locator = LokiSubject;
+    type Cursor = super::Cursor;
+    type Backend = LokiBackend;
 
     fn capabilities() -> Capabilities {
         Capabilities {
@@ -32,33 +32,10 @@ impl StoreDriver for LokiDriver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&LokiStore> {
-        match &spec.store {
-            Some(StoreSection::Loki(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&LokiTarget> {
-        match &target.selector {
-            Some(Selector::Loki(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&LokiSubject> {
-        subject.loki.as_ref()
-    }
+    crate::store_sections!(Loki);
 
     fn transport(section: &LokiStore) -> Transport<'_> {
-        Transport {
-            endpoint: Some(&section.url),
-            secret: section
-                .credentials_secret_ref
-                .as_ref()
-                .map(|s| s.name.as_str()),
-            ambient_without_secret: false,
-        }
+        http_transport(&section.url, section.credentials_secret_ref.as_ref())
     }
 
     fn config(
@@ -75,8 +52,8 @@ impl StoreDriver for LokiDriver {
         })
     }
 
-    fn connect(config: LokiConfig, limits: Limits) -> Arc<dyn Backend> {
-        Arc::new(LokiBackend::new(config, limits))
+    fn connect(config: LokiConfig, limits: Limits) -> LokiBackend {
+        LokiBackend::new(config, limits)
     }
 
     fn validate(
@@ -101,9 +78,5 @@ impl StoreDriver for LokiDriver {
             parts.push(format!("streams {}", l.selector));
         }
         parts
-    }
-
-    fn describe_wait(cursor: &str) -> Option<String> {
-        super::describe_wait(cursor)
     }
 }

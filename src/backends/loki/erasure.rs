@@ -25,12 +25,12 @@ impl LokiBackend {
     pub(super) async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
+    ) -> Result<SubjectStep<Cursor>, Error> {
         let selector = selector(&job.target)?;
-        let locator = subject_locator(&job.target, StoreKind::Loki, |s| s.loki.as_ref())?;
-        let mut step = SubjectStep {
+        let locator = subject_locator(&job.target, StoreKind::Loki, |s| s.loki())?;
+        let mut step: SubjectStep<Cursor> = SubjectStep {
             count: 0,
             blocked: 0,
             malformed: 0,
@@ -38,6 +38,7 @@ impl LokiBackend {
             skipped: Vec::new(),
             next: Next::Done,
             failure: None,
+            notices: Vec::new(),
         };
         let mut locating = Locating::new(&job.target.name, StoreKind::Loki, &job.identifiers);
         let Some(filled) = locating.fill("lineFilter", &locator.line_filter, identifier::fill)?
@@ -65,7 +66,7 @@ impl LokiBackend {
             // Erasing would only hide the lines, and Verify would then see none of them.
             self.check_deletion_mode().await?;
         }
-        let resumed = match cursor.map(Cursor::decode).transpose()? {
+        let resumed = match cursor {
             // A scan's cursor resumes only the same kind of scan (a failed Erase keeps its
             // cursor, and the retry may be a Verify).
             Some(c) if job.action == SubjectAction::Erase => Some(c),
@@ -95,7 +96,7 @@ impl LokiBackend {
                 c
             }
         };
-        let pause = |c: &Cursor| Next::Continue(c.encode());
+        let pause = |c: &Cursor| Next::Continue(c.clone());
         match job.action {
             SubjectAction::Find => {
                 if self
@@ -132,7 +133,7 @@ impl LokiBackend {
                             break;
                         }
                         step.next = Next::Wait {
-                            cursor: c.encode(),
+                            cursor: c.clone(),
                             poll_after: poll_after(0.0),
                         };
                         break;
@@ -141,7 +142,7 @@ impl LokiBackend {
                         match self.poll(&mut c, &query, delete_end, true, budget).await? {
                             Polled::Pending(wait) => {
                                 step.next = Next::Wait {
-                                    cursor: c.encode(),
+                                    cursor: c.clone(),
                                     poll_after: wait,
                                 };
                                 break;
@@ -168,7 +169,7 @@ impl LokiBackend {
                             c.stage = Stage::Resting;
                             c.until = Some(now.saturating_add(after.as_secs() as i64));
                             step.next = Next::Wait {
-                                cursor: c.encode(),
+                                cursor: c.clone(),
                                 poll_after: after.min(MAX_POLL),
                             };
                             break;
@@ -178,7 +179,7 @@ impl LokiBackend {
                         let until = c.until.unwrap_or(now);
                         if now < until {
                             step.next = Next::Wait {
-                                cursor: c.encode(),
+                                cursor: c.clone(),
                                 poll_after: Duration::from_secs(
                                     until.saturating_sub(now).max(1) as u64
                                 )
@@ -197,7 +198,7 @@ impl LokiBackend {
                             break;
                         }
                         step.next = Next::Wait {
-                            cursor: c.encode(),
+                            cursor: c.clone(),
                             poll_after: poll_after(0.0),
                         };
                         break;

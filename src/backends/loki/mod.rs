@@ -44,7 +44,7 @@
 //! finding lines with the query API, window by window), `cursor` (where a job stands),
 //! `sweep` and `erasure`; `logql` builds the queries.
 
-mod cursor;
+pub mod cursor;
 pub mod driver;
 mod erasure;
 pub mod logql;
@@ -57,13 +57,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::driver::StoreBackend;
 use super::http::{self, HttpAuth, HttpStore};
 use super::template;
-use super::{Backend, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
-pub use cursor::describe_wait;
-use cursor::Cursor;
+pub use cursor::Cursor;
 use transport::DELETION_DISABLED;
 
 /// The start of every first delete request: Loki wants 10-digit unix seconds (so not 0);
@@ -142,14 +142,21 @@ fn selector(target: &Target) -> Result<logql::Selector, Error> {
 }
 
 #[async_trait]
-impl Backend for LokiBackend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::Loki
+impl StoreBackend for LokiBackend {
+    const KIND: StoreKind = StoreKind::Loki;
+    type Cursor = Cursor;
+
+    fn legacy_cursor(text: &str) -> Option<Cursor> {
+        Cursor::legacy(text)
+    }
+
+    fn describe_wait(cursor: &Cursor) -> Option<String> {
+        cursor::describe_wait(cursor)
     }
 
     /// Cancels a delete request still in its cancel period (`received`).
-    async fn cancel(&self, cursor: &str) -> Result<Cancel, Error> {
-        let Some(id) = Cursor::decode(cursor).ok().and_then(|c| c.id) else {
+    async fn cancel_deletion(&self, cursor: Cursor) -> Result<Cancel, Error> {
+        let Some(id) = cursor.id else {
             return Ok(Cancel::Nothing);
         };
         let what = "DELETE /loki/api/v1/delete";
@@ -167,7 +174,7 @@ impl Backend for LokiBackend {
         }
     }
 
-    async fn probe(&self) -> Result<String, Error> {
+    async fn probe_store(&self) -> Result<String, Error> {
         let builder = self
             .request(reqwest::Method::GET, "/loki/api/v1/status/buildinfo")
             .await?;
@@ -201,29 +208,29 @@ impl Backend for LokiBackend {
         Ok(format!("loki {version}{note}"))
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
-        self.sweep(job, cursor, budget).await
+    ) -> Result<Step<Cursor>, Error> {
+        LokiBackend::sweep(self, job, cursor, budget).await
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
-        self.subject(job, cursor, budget).await
+    ) -> Result<SubjectStep<Cursor>, Error> {
+        LokiBackend::subject(self, job, cursor, budget).await
     }
 }
 
 /// Checks a loki target before anything runs (invariant 1: never outside the selector).
 pub fn validate_target(target: &Target) -> Result<(), Error> {
     selector(target)?;
-    let Some(subject) = target.subject.as_ref().and_then(|s| s.loki.as_ref()) else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.loki()) else {
         return Ok(());
     };
     match template::check_bounded(&subject.line_filter, template::Syntax::FreeText) {

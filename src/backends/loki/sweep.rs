@@ -14,9 +14,9 @@ impl LokiBackend {
     pub(super) async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
+    ) -> Result<Step<Cursor>, Error> {
         let held = held_filters(job)?;
         // With held subjects the query carries identifiers: it is personal.
         let personal = !held.is_empty();
@@ -24,7 +24,7 @@ impl LokiBackend {
         let deadline = Instant::now() + budget.max_time;
         let mut step = Step::default();
         let mut c = match cursor {
-            Some(text) => Cursor::decode(text)?,
+            Some(c) => c,
             None => {
                 let end = job.cutoff.timestamp();
                 // Not the past again: from where this query's processed requests reach.
@@ -42,7 +42,7 @@ impl LokiBackend {
                         .count_scan(&query, &mut c, false, deadline, personal)
                         .await?
                     {
-                        step.next = Next::Continue(c.encode());
+                        step.next = Next::Continue(c.clone());
                         return Ok(step);
                     }
                     if job.dry_run {
@@ -58,7 +58,7 @@ impl LokiBackend {
                         return Ok(step);
                     }
                     step.next = Next::Wait {
-                        cursor: c.encode(),
+                        cursor: c.clone(),
                         poll_after: poll_after(0.0),
                     };
                     return Ok(step);
@@ -68,7 +68,7 @@ impl LokiBackend {
                     match self.poll(&mut c, &query, end, personal, budget).await? {
                         Polled::Pending(wait) => {
                             step.next = Next::Wait {
-                                cursor: c.encode(),
+                                cursor: c.clone(),
                                 poll_after: wait,
                             };
                             return Ok(step);
@@ -87,7 +87,7 @@ impl LokiBackend {
                         .count_scan(&query, &mut c, true, deadline, personal)
                         .await?
                     {
-                        step.next = Next::Continue(c.encode());
+                        step.next = Next::Continue(c.clone());
                         return Ok(step);
                     }
                     step.scanned = c.count;
@@ -107,7 +107,7 @@ fn held_filters(job: &SweepJob) -> Result<String, Error> {
     if job.held.is_empty() {
         return Ok(String::new());
     }
-    let locator = held_subject_locator(&job.target, StoreKind::Loki, |s| s.loki.as_ref())?;
+    let locator = held_subject_locator(&job.target, StoreKind::Loki, |s| s.loki())?;
     let filled =
         job.held
             .expand_all("subject.loki.lineFilter", &locator.line_filter, |t, ids| {

@@ -1,13 +1,11 @@
 //! Redis as a registered store kind: its typed parts and how its DataStore section becomes
 //! a connection.
 
-use std::sync::Arc;
-
-use crate::api::datastore::{DataStoreSpec, RedisStore, StoreSection};
-use crate::api::retentionpolicy::{RedisSubject, RedisTarget, Selector, SubjectLocator, Target};
+use crate::api::datastore::RedisStore;
+use crate::api::retentionpolicy::{RedisSubject, RedisTarget, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
-use crate::backends::{Backend, Error, Limits};
+use crate::backends::{Error, Limits};
 
 use super::{RedisBackend, RedisConfig};
 
@@ -19,6 +17,8 @@ impl StoreDriver for RedisDriver {
     type Config = RedisConfig;
     type Selector = RedisTarget;
     type Locator = RedisSubject;
+    type Cursor = super::RedisCursor;
+    type Backend = RedisBackend;
 
     fn capabilities() -> Capabilities {
         Capabilities {
@@ -29,23 +29,7 @@ impl StoreDriver for RedisDriver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&RedisStore> {
-        match &spec.store {
-            Some(StoreSection::Redis(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&RedisTarget> {
-        match &target.selector {
-            Some(Selector::Redis(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&RedisSubject> {
-        subject.redis.as_ref()
-    }
+    crate::store_sections!(Redis);
 
     fn transport(section: &RedisStore) -> Transport<'_> {
         Transport {
@@ -73,8 +57,8 @@ impl StoreDriver for RedisDriver {
         })
     }
 
-    fn connect(config: RedisConfig, limits: Limits) -> Arc<dyn Backend> {
-        Arc::new(RedisBackend::new(config, limits))
+    fn connect(config: RedisConfig, limits: Limits) -> RedisBackend {
+        RedisBackend::new(config, limits)
     }
 
     fn validate(

@@ -124,6 +124,30 @@ pub struct Tally {
     pub settled: bool,
 }
 
+/// A tally in a typed cursor: its text form ([`Tally::encode`]), read back through
+/// [`Tally::parse`], so a run id is checked before it names a key.
+pub mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Tally;
+
+    pub fn serialize<S: Serializer>(tally: &Option<Tally>, s: S) -> Result<S::Ok, S::Error> {
+        match tally {
+            Some(t) => s.serialize_some(&t.encode()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Tally>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => Tally::parse(&text)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom("not a ledger tally")),
+        }
+    }
+}
+
 impl Tally {
     pub fn new(run: String) -> Self {
         Self {

@@ -12,7 +12,7 @@
 pub mod driver;
 pub mod glob;
 pub mod ledger;
-pub(crate) mod subject;
+pub mod subject;
 
 use std::time::Duration;
 
@@ -29,13 +29,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    Backend, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep,
-    SweepJob,
+    Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
-use crate::backends::driver::StoreDriver;
+use crate::backends::driver::{StoreBackend, StoreDriver};
 use crate::backends::{held_subject_locator, identifier, template};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Keys asked for per SCAN call.
 const SCAN_COUNT: usize = 5000;
@@ -328,9 +329,9 @@ impl RedisBackend {
     async fn subject_on_stable_topology(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<subject::Position>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
+    ) -> Result<SubjectStep<RedisCursor>, Error> {
         let before = self.topology().await?;
         if before.migrating {
             return Err(Error::Store(
@@ -339,8 +340,7 @@ impl RedisBackend {
         }
         let progress = self.subject(job, cursor, budget, &before).await?;
         let after = self.topology().await?;
-        let redirected =
-            matches!(&progress.step.failure, Some(Error::Store(m)) if is_redirect_message(m));
+        let redirected = matches!(&progress.step.failure, Some(Error::ClusterRedirect(_)));
         if before.fingerprint == after.fingerprint && !after.migrating && !redirected {
             return Ok(progress.step);
         }
@@ -351,7 +351,7 @@ impl RedisBackend {
         restart.restart_unit(job.action == SubjectAction::Erase);
         step.count = 0;
         step.failure = None;
-        step.next = Next::Continue(restart.encode(&after.fingerprint));
+        step.next = Next::Continue(RedisCursor::Subject(restart.checkpoint(&after.fingerprint)));
         Ok(step)
     }
 
@@ -534,26 +534,19 @@ impl PageJob {
                 let retention_ms =
                     i64::try_from(self.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
                 if self.dry_run {
-                    let ttls: Vec<i64> =
-                        self.pipelined(&["PTTL"], &keys, &[]).await.map_err(err)?;
+                    let ttls: Vec<i64> = self.pipelined(&["PTTL"], &keys, &[]).await?;
                     select(keys, ttls, |ttl| ttl == -1 || ttl > retention_ms).len() as u64
                 } else {
                     // Judged, recorded in the ledger and bounded in one script per slot.
                     self.limits.acquire(2 * keys.len() as u32).await;
-                    self.may_act().map_err(err)?;
-                    let entries: Vec<(Vec<u8>, ())> = keys.into_iter().map(|k| (k, ())).collect();
-                    per_slot(
+                    self.may_act()?;
+                    keys_per_slot(
                         &mut self.conn,
                         &EXPIRE_SCRIPT,
-                        &entries,
+                        &keys,
                         self.cluster,
                         &self.run,
-                        |invocation, group| {
-                            for (key, ()) in group {
-                                invocation.key(key);
-                            }
-                            invocation.arg(retention_ms);
-                        },
+                        &[retention_ms],
                     )
                     .await
                     .map_err(err)?
@@ -563,7 +556,7 @@ impl PageJob {
                 // The idle check and the delete happen atomically on the server (a key touched
                 // in between is never deleted), and a dry run runs the very same check.
                 self.limits.acquire(2 * keys.len() as u32).await;
-                self.may_act().map_err(err)?;
+                self.may_act()?;
                 unlink_idle(
                     &mut self.conn,
                     &keys,
@@ -608,7 +601,7 @@ impl PageJob {
                     // The delete is conditional on the server: a hash whose timestamp changed
                     // since it was read (refreshed in between) is kept.
                     self.limits.acquire(2 * expired.len() as u32).await;
-                    self.may_act().map_err(err)?;
+                    self.may_act()?;
                     unlink_unchanged(
                         &mut self.conn,
                         &self.timestamp_field,
@@ -626,15 +619,12 @@ impl PageJob {
     }
 
     /// Whether this instance may still delete (a dry run deletes nothing, so always may).
-    fn may_act(&self) -> RedisResult<()> {
+    fn may_act(&self) -> Result<(), Error> {
         // Test-only (debug builds): skip the lease check, the bug the chaos tests must report.
         if self.dry_run || self.fence.is_valid() || crate::planted_bug("skip-lease-check") {
             Ok(())
         } else {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                LEADERSHIP_LOST,
-            )))
+            Err(Error::LeadershipLost)
         }
     }
 
@@ -645,7 +635,7 @@ impl PageJob {
         command: &[&str],
         keys: &[Vec<u8>],
         args: &[&str],
-    ) -> RedisResult<Vec<T>> {
+    ) -> Result<Vec<T>, Error> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -657,7 +647,9 @@ impl PageJob {
         if matches!(command[0], "EXPIRE" | "PEXPIRE" | "UNLINK") {
             self.may_act()?;
         }
-        pipe.query_async(&mut self.conn).await
+        pipe.query_async(&mut self.conn)
+            .await
+            .map_err(|e| map_error(e, &self.addr))
     }
 }
 
@@ -668,17 +660,20 @@ fn ledger_script(body: &str) -> redis::Script {
 }
 
 /// Mode idle: unlinks (or, with ARGV[2] = 1, only counts) the keys `KEYS[2..]` idle longer
-/// than ARGV[3] seconds, recording them in the ledger first; returns how many.
-static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    ledger_script(
-        r"
+/// than ARGV[3] seconds, recording them in the ledger first; returns how many. When the
+/// server does not track idle time (an LFU maxmemory-policy) the script answers with the
+/// error code [`NO_IDLETIME`], before anything is recorded or deleted.
+const IDLE_SOURCE: &str = r"
 local threshold = tonumber(ARGV[3])
 local expired, seen = {}, {}
 for i = 2, #KEYS do
   local key = KEYS[i]
   if not seen[key] then
     seen[key] = true
-    local idle = redis.call('OBJECT', 'IDLETIME', key)
+    local idle = redis.pcall('OBJECT', 'IDLETIME', key)
+    if type(idle) == 'table' and idle.err then
+      return redis.error_reply('NOIDLETIME OBJECT IDLETIME is not available')
+    end
     if idle and idle > threshold then
       expired[#expired + 1] = key
     end
@@ -692,9 +687,9 @@ for first = 1, #expired, 1000 do
   redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
 end
 return #expired
-",
-    )
-});
+";
+static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| ledger_script(IDLE_SOURCE));
 
 /// Mode timestamp: unlinks the hashes `KEYS[i]` (i >= 2) whose field ARGV[2] still holds the
 /// value ARGV[i + 1] the sweep read and judged expired, recording them in the ledger first;
@@ -817,20 +812,37 @@ pub async fn unlink_idle(
     cluster: bool,
     run: &str,
 ) -> RedisResult<u64> {
-    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
-    per_slot(
+    let threshold = i64::try_from(threshold_secs).unwrap_or(i64::MAX);
+    keys_per_slot(
         conn,
         &IDLE_SCRIPT,
-        &entries,
+        keys,
         cluster,
         run,
-        |invocation, group| {
-            for (key, ()) in group {
-                invocation.key(key);
-            }
-            invocation.arg(u8::from(dry_run)).arg(threshold_secs);
-        },
+        &[i64::from(dry_run), threshold],
     )
+    .await
+}
+
+/// [`per_slot`] for a script whose arguments are `keys`, then the same `args` for every
+/// group (after the ledger's): the shape of every script but the timestamp check.
+pub(crate) async fn keys_per_slot(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    keys: &[Vec<u8>],
+    cluster: bool,
+    run: &str,
+    args: &[i64],
+) -> RedisResult<u64> {
+    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
+    per_slot(conn, script, &entries, cluster, run, |invocation, group| {
+        for (key, ()) in group {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+    })
     .await
 }
 
@@ -918,8 +930,26 @@ fn script_groups<T>(entries: &[(Vec<u8>, T)], cluster: bool) -> Vec<Vec<&(Vec<u8
     groups
 }
 
+/// The error code [`IDLE_SCRIPT`] answers with when the server tracks no idle time.
+const NO_IDLETIME: &str = "NOIDLETIME";
+
+/// Whether the server answered `code` (`MOVED`, or a code a script sets), to a single
+/// command or to any command of a pipeline.
+fn has_code(e: &redis::RedisError, codes: &[&str]) -> bool {
+    if e.code().is_some_and(|c| codes.contains(&c)) {
+        return true;
+    }
+    e.clone()
+        .into_server_errors()
+        .is_some_and(|all| all.iter().any(|(_, s)| codes.contains(&s.code())))
+}
+
+/// The codes with which a cluster node redirects a command (the key's slot moved, or is
+/// moving, or the cluster is not serving it now).
+const REDIRECT_CODES: &[&str] = &["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"];
+
 fn idle_error(e: redis::RedisError, addr: &str) -> Error {
-    if e.to_string().contains("LFU") {
+    if has_code(&e, &[NO_IDLETIME]) {
         Error::InvalidSpec(
             "mode idle needs OBJECT IDLETIME, which Redis refuses under an LFU maxmemory-policy"
                 .into(),
@@ -951,13 +981,79 @@ fn select<T>(keys: Vec<Vec<u8>>, replies: Vec<T>, mut keep: impl FnMut(T) -> boo
         .collect()
 }
 
-#[async_trait]
-impl Backend for RedisBackend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::Redis
+/// Where a Redis job resumes: SCAN positions, node indexes, counts, a topology tag and a
+/// ledger run id. Never a key, so never an identifier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "job", rename_all = "camelCase")]
+pub enum RedisCursor {
+    Sweep(SweepPosition),
+    Subject(subject::Position),
+}
+
+/// Where a sweep resumes: the node (an index into the primaries of the topology the tag
+/// names) and its SCAN cursor, and a real sweep's ledger tally.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SweepPosition {
+    pub node: usize,
+    pub scan: u64,
+    /// [`topology_tag`] of the topology the node index counts (absent on a server without
+    /// a run id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
+    /// The ledger tally (`run.counted`, `.s` once settled); absent in a dry run.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "ledger::as_text"
+    )]
+    #[schemars(with = "Option<String>")]
+    pub ledger: Option<ledger::Tally>,
+}
+
+impl SweepPosition {
+    fn at(node: usize, scan: u64, fingerprint: &str, ledger: Option<ledger::Tally>) -> Self {
+        Self {
+            node,
+            scan,
+            topology: (!fingerprint.is_empty()).then(|| topology_tag(fingerprint)),
+            ledger,
+        }
     }
 
-    async fn probe(&self) -> Result<String, Error> {
+    /// A sweep cursor as the previous version wrote it: `node:scan[:topology][;tally]`.
+    fn legacy(text: &str) -> Option<Self> {
+        let (position, tally) = split_cursor(Some(text)).ok()?;
+        let mut parts = position?.split(':');
+        let node = parts.next()?.parse().ok()?;
+        let scan = parts.next()?.parse().ok()?;
+        let topology = parts.next().map(str::to_string);
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Self {
+            node,
+            scan,
+            topology,
+            ledger: tally,
+        })
+    }
+}
+
+#[async_trait]
+impl StoreBackend for RedisBackend {
+    const KIND: StoreKind = StoreKind::Redis;
+    type Cursor = RedisCursor;
+
+    fn legacy_cursor(text: &str) -> Option<RedisCursor> {
+        if text.starts_with(subject::CURSOR_PREFIX) {
+            subject::Position::legacy(text).map(RedisCursor::Subject)
+        } else {
+            SweepPosition::legacy(text).map(RedisCursor::Sweep)
+        }
+    }
+
+    async fn probe_store(&self) -> Result<String, Error> {
         let nodes = self.nodes().await?;
         for node in nodes.iter() {
             let mut conn = node.conn.clone();
@@ -980,27 +1076,46 @@ impl Backend for RedisBackend {
         })
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<RedisCursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
-        self.subject_on_stable_topology(job, cursor, budget).await
+    ) -> Result<SubjectStep<RedisCursor>, Error> {
+        let position = match cursor {
+            None => None,
+            Some(RedisCursor::Subject(p)) => Some(p),
+            Some(RedisCursor::Sweep(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is a Redis sweep cursor, not an erasure's".into(),
+                ))
+            }
+        };
+        self.subject_on_stable_topology(job, position, budget).await
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<RedisCursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
+    ) -> Result<Step<RedisCursor>, Error> {
         let target = <driver::RedisDriver as StoreDriver>::selector(&job.target)
             .ok_or_else(|| Error::InvalidSpec("target has no redis selector".into()))?;
         let held = std::sync::Arc::new(held_globs(job)?);
         let topology = self.topology().await?;
         let nodes = topology.nodes.as_slice();
-        let (position, tally) = split_cursor(cursor)?;
+        let fingerprint = topology.fingerprint.as_str();
+        let position = match cursor {
+            None => None,
+            Some(RedisCursor::Sweep(p)) => Some(p),
+            Some(RedisCursor::Subject(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is a Redis erasure cursor, not a sweep's".into(),
+                ))
+            }
+        };
+        let tally = position.as_ref().and_then(|p| p.ledger.clone());
         // A dry run deletes nothing, so it keeps no ledger.
         let mut tally = if job.dry_run {
             None
@@ -1014,11 +1129,12 @@ impl Backend for RedisBackend {
                 // records into the same ledger. (A sweep that starts over before its first
                 // checkpoint starts a new run: nothing was deleted under the old name.)
                 return Ok(Step {
-                    next: Next::Continue(format!(
-                        "{};{}",
-                        encode_cursor(0, 0, &topology.fingerprint),
-                        tally.encode()
-                    )),
+                    next: Next::Continue(RedisCursor::Sweep(SweepPosition::at(
+                        0,
+                        0,
+                        fingerprint,
+                        Some(tally),
+                    ))),
                     // An instance that no longer leads says so at once, as a page would.
                     failure: budget.may_act().err(),
                     ..Step::default()
@@ -1032,8 +1148,15 @@ impl Backend for RedisBackend {
             self.remove_ledger(&topology, &t.run).await?;
             return Ok(Step::default());
         }
-        let (mut node_index, mut scan_cursor) =
-            parse_cursor(position, nodes.len(), &topology.fingerprint)?;
+        let (mut node_index, mut scan_cursor) = position.as_ref().map_or((0, 0), |p| {
+            resume_at(
+                p.node,
+                p.scan,
+                p.topology.as_deref(),
+                nodes.len(),
+                fingerprint,
+            )
+        });
         let deadline = Instant::now() + budget.max_time;
         let mut step = Step::default();
         let run = tally.as_ref().map(|t| t.run.clone()).unwrap_or_default();
@@ -1074,11 +1197,12 @@ impl Backend for RedisBackend {
         }
         let Some(tally) = tally.as_mut() else {
             if node_index < nodes.len() {
-                step.next = Next::Continue(encode_cursor(
+                step.next = Next::Continue(RedisCursor::Sweep(SweepPosition::at(
                     node_index,
                     scan_cursor,
-                    &topology.fingerprint,
-                ));
+                    fingerprint,
+                    None,
+                )));
             }
             return Ok(step);
         };
@@ -1092,11 +1216,12 @@ impl Backend for RedisBackend {
                 Err(e) => step.failure = Some(e),
             }
         }
-        step.next = Next::Continue(format!(
-            "{};{}",
-            encode_cursor(node_index, scan_cursor, &topology.fingerprint),
-            tally.encode()
-        ));
+        step.next = Next::Continue(RedisCursor::Sweep(SweepPosition::at(
+            node_index,
+            scan_cursor,
+            fingerprint,
+            Some(tally.clone()),
+        )));
         Ok(step)
     }
 }
@@ -1239,7 +1364,7 @@ fn held_globs(job: &SweepJob) -> Result<Vec<String>, Error> {
     if job.held.is_empty() {
         return Ok(Vec::new());
     }
-    let locator = held_subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
+    let locator = held_subject_locator(&job.target, StoreKind::Redis, |s| s.redis())?;
     let mut globs = Vec::new();
     for (i, k) in locator.keys.iter().enumerate() {
         globs.extend(job.held.expand_all(
@@ -1268,38 +1393,17 @@ fn topology_tag(fingerprint: &str) -> String {
     hex::encode(&sha2::Sha256::digest(fingerprint.as_bytes())[..4])
 }
 
-/// `node:scan_cursor`, and on a cluster `:topology` (the primaries the node index counts).
-fn encode_cursor(node: usize, scan: u64, fingerprint: &str) -> String {
-    if fingerprint.is_empty() {
-        format!("{node}:{scan}")
-    } else {
-        format!("{node}:{scan}:{}", topology_tag(fingerprint))
-    }
-}
-
-/// Reads a cursor; None starts at the first node. A cursor taken on another topology (a
-/// failover or reshard since: the node index may name another primary) starts the sweep
-/// over, so that no primary is skipped; what was deleted is gone and not counted twice.
-fn parse_cursor(
-    cursor: Option<&str>,
+/// Where a sweep checkpointed at `node`/`scan` on the topology tagged `tag` resumes. A
+/// cursor taken on another topology (a failover or reshard since: the node index may name
+/// another primary) starts the sweep over, so that no primary is skipped; what was deleted
+/// is gone and not counted twice.
+fn resume_at(
+    node: usize,
+    scan: u64,
+    tag: Option<&str>,
     nodes: usize,
     fingerprint: &str,
-) -> Result<(usize, u64), Error> {
-    let Some(cursor) = cursor else {
-        return Ok((0, 0));
-    };
-    let bad = || {
-        Error::InvalidSpec(format!(
-            "checkpoint cursor {cursor:?} is not a Redis cursor"
-        ))
-    };
-    let mut parts = cursor.split(':');
-    let node: usize = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-    let scan: u64 = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-    let tag = parts.next();
-    if parts.next().is_some() {
-        return Err(bad());
-    }
+) -> (usize, u64) {
     let same_topology = match tag {
         Some(tag) => !fingerprint.is_empty() && tag == topology_tag(fingerprint),
         None => fingerprint.is_empty() || nodes == 1,
@@ -1307,16 +1411,9 @@ fn parse_cursor(
     // `nodes:0` on the same topology: every node is done.
     let done = node == nodes && scan == 0;
     if (node >= nodes && !done) || !same_topology {
-        return Ok((0, 0));
+        return (0, 0);
     }
-    Ok((node, scan))
-}
-
-/// Whether a store error is a cluster redirection (the key's slot moved).
-fn is_redirect_message(message: &str) -> bool {
-    ["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"]
-        .iter()
-        .any(|code| message.contains(code))
+    (node, scan)
 }
 
 /// Unix seconds (integer or fractional) or RFC 3339.
@@ -1333,19 +1430,14 @@ pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// The description of the client-side error [`PageJob::may_act`] raises.
-const LEADERSHIP_LOST: &str = "leadership lost";
-
+/// The store's failure by its kind and code (never by its text).
 fn map_error(e: redis::RedisError, addr: &str) -> Error {
-    if e.kind() == redis::ErrorKind::Client && e.to_string().contains(LEADERSHIP_LOST) {
-        return Error::LeadershipLost;
+    if let Some(code) = REDIRECT_CODES.iter().find(|c| has_code(&e, &[c])) {
+        // The slot moved (failover, reshard): the caller reads the topology again.
+        return Error::ClusterRedirect(format!("{addr}: {code} (cluster redirection)"));
     }
     let code = e.code().unwrap_or_default();
-    if matches!(code, "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") {
-        // The slot moved (failover, reshard): the caller reads the topology again.
-        return Error::Store(format!("{addr}: {code} (cluster redirection)"));
-    }
-    if code == "NOPERM" {
+    if has_code(&e, &["NOPERM"]) {
         // An ACL that lets the operator delete but not record what it deletes: the ledger
         // write comes first in every destructive script, so nothing was deleted.
         return Error::Store(format!(
@@ -1398,7 +1490,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
             target.name, redis.key_pattern
         )));
     }
-    if let Some(subject) = target.subject.as_ref().and_then(|s| s.redis.as_ref()) {
+    if let Some(subject) = target.subject.as_ref().and_then(|s| s.redis()) {
         validate_subject(&target.name, subject)?;
     }
     match (redis.mode, redis.timestamp_field.as_deref()) {
@@ -1465,6 +1557,99 @@ fn validate_subject(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep cursor in the previous version's text, read as an upgrade reads it.
+    fn parse_cursor(text: Option<&str>, nodes: usize, fp: &str) -> Result<(usize, u64), ()> {
+        let Some(text) = text else {
+            return Ok((0, 0));
+        };
+        let p = SweepPosition::legacy(text).ok_or(())?;
+        Ok(resume_at(p.node, p.scan, p.topology.as_deref(), nodes, fp))
+    }
+
+    /// `node:scan[:topology]`, as the previous version wrote it.
+    fn encode_cursor(node: usize, scan: u64, fp: &str) -> String {
+        match SweepPosition::at(node, scan, fp, None).topology {
+            Some(tag) => format!("{node}:{scan}:{tag}"),
+            None => format!("{node}:{scan}"),
+        }
+    }
+
+    #[test]
+    fn sweep_cursors_of_the_previous_version_resume() {
+        let tally = ledger::Tally::parse("0a1b2c.5000");
+        assert_eq!(
+            RedisBackend::legacy_cursor("1:17:ab12cd34;0a1b2c.5000"),
+            Some(RedisCursor::Sweep(SweepPosition {
+                node: 1,
+                scan: 17,
+                topology: Some("ab12cd34".into()),
+                ledger: tally.clone(),
+            }))
+        );
+        assert_eq!(
+            RedisBackend::legacy_cursor("0:99"),
+            Some(RedisCursor::Sweep(SweepPosition {
+                node: 0,
+                scan: 99,
+                topology: None,
+                ledger: None,
+            }))
+        );
+        for bad in ["", "x:1", "0:17;x.1", "1:2:3:4", "es:{}", "v1:redis:{}"] {
+            assert_eq!(RedisBackend::legacy_cursor(bad), None, "{bad}");
+        }
+        // In the common format, with the tally in its text form (checked when read).
+        let cursor = RedisCursor::Sweep(SweepPosition::at(2, 5, "", tally));
+        let text = crate::backends::driver::encode_cursor::<RedisBackend>(Some(&cursor));
+        assert_eq!(
+            text,
+            r#"v1:redis:{"job":"sweep","node":2,"scan":5,"ledger":"0a1b2c.5000"}"#
+        );
+        let bad_run = r#"v1:redis:{"job":"sweep","node":2,"scan":5,"ledger":"../x.1"}"#;
+        assert!(matches!(
+            crate::backends::driver::decode_cursor::<RedisBackend>(Some(bad_run)),
+            crate::backends::driver::Decoded::Restart(_)
+        ));
+    }
+
+    #[test]
+    fn errors_are_classified_by_kind_and_code_never_by_text() {
+        use redis::{ErrorKind, ServerErrorKind};
+        let addr = "10.0.0.1:6379";
+        let reason = |e: redis::RedisError| map_error(e, addr).reason();
+        // Redirects by their code: the caller reads the topology again.
+        for kind in [
+            ServerErrorKind::Moved,
+            ServerErrorKind::Ask,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::ClusterDown,
+        ] {
+            let e = redis::RedisError::from((ErrorKind::Server(kind), "redirected"));
+            assert_eq!(reason(e), "ClusterRedirect", "{kind:?}");
+        }
+        // Text that merely mentions a code, or the old leadership message, is no such thing.
+        let mentions = redis::make_extension_error(
+            "ERR".into(),
+            Some("MOVED ASK NOPERM leadership lost LFU".into()),
+        );
+        assert_eq!(reason(mentions.clone()), "StoreError");
+        assert_eq!(idle_error(mentions, addr).reason(), "StoreError");
+        let client = redis::RedisError::from((ErrorKind::Client, "leadership lost"));
+        assert_eq!(reason(client), "StoreError");
+        // The code the idle script sets, and the server's own codes.
+        let no_idle = redis::make_extension_error(NO_IDLETIME.into(), Some("x".into()));
+        assert_eq!(idle_error(no_idle, addr).reason(), "InvalidSpec");
+        let noperm = redis::RedisError::from((ErrorKind::Server(ServerErrorKind::NoPerm), "x"));
+        assert!(map_error(noperm, addr).to_string().contains("ledger keys"));
+        let auth = redis::make_extension_error("WRONGPASS".into(), None);
+        assert_eq!(reason(auth), "AuthenticationFailed");
+    }
+
+    #[test]
+    fn the_idle_script_answers_with_the_code_it_is_matched_by() {
+        assert!(IDLE_SOURCE.contains(&format!("error_reply('{NO_IDLETIME} ")));
+    }
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {

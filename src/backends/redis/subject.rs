@@ -2,42 +2,23 @@
 //! set or sorted-set members (SREM / ZREM), found, erased and verified with the same queries.
 
 use redis::aio::MultiplexedConnection;
-use redis::RedisResult;
 
-use super::{glob, ledger, map_error, per_slot, Node, RedisBackend, Topology, SCAN_COUNT};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    glob, keys_per_slot, ledger, map_error, per_slot, Node, RedisBackend, RedisCursor, Topology,
+    SCAN_COUNT,
+};
 use std::collections::{BTreeMap, HashSet};
 use tokio::time::Instant;
 
 use crate::api::StoreKind;
 use crate::backends::identifier::{self, exact_forms, Piece};
-use crate::backends::template::{self, escape_glob};
+use crate::backends::template::{self, escape_glob, Locating};
 use crate::backends::{
     subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
-
-/// Fills a template with a subject's identifiers, into the forms to look for.
-type Expander = fn(&str, &BTreeMap<String, String>) -> Result<Vec<String>, template::Error>;
-
-/// What a template expansion came to: the forms to use, or a reason to skip the locator.
-fn expand_or_skip(
-    what: &str,
-    template: &str,
-    job: &SubjectJob,
-    expand: Expander,
-    skipped: &mut Vec<String>,
-) -> Result<Option<Vec<String>>, Error> {
-    match expand(template, &job.identifiers) {
-        Ok(v) => Ok(Some(v)),
-        Err(template::Error::MissingIdentifier(name)) => {
-            skipped.push(format!("{what} needs {{{name}}}"));
-            Ok(None)
-        }
-        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
-            "target {}: subject.redis.{what} is not a valid template",
-            job.target.name
-        ))),
-    }
-}
 
 /// A key template as one glob: the template's own text is a glob, identifier values are
 /// canonical and escaped, and e-mail values match in any (ASCII) case (`[bB][oO][bB]@…`).
@@ -70,12 +51,11 @@ enum Unit {
 /// The pieces of a subject's records, the locators skipped (the subject lacks an identifier
 /// they need), and whether any locator ran.
 fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
-    let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis.as_ref())?;
+    let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis())?;
+    let mut locating = Locating::new(&job.target.name, StoreKind::Redis, &job.identifiers);
     let mut units = Vec::new();
-    let mut skipped = Vec::new();
     for (i, t) in locator.keys.iter().enumerate() {
-        let Some(patterns) = expand_or_skip(&format!("keys[{i}]"), t, job, key_glob, &mut skipped)?
-        else {
+        let Some(patterns) = locating.fill(&format!("keys[{i}]"), t, key_glob)? else {
             continue;
         };
         for pattern in patterns {
@@ -90,10 +70,10 @@ fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
     }
     for (i, hf) in locator.hash_fields.iter().enumerate() {
         let what = format!("hashFields[{i}]");
-        let Some(keys) = expand_or_skip(&what, &hf.key, job, exact_forms, &mut skipped)? else {
+        let Some(keys) = locating.fill(&what, &hf.key, exact_forms)? else {
             continue;
         };
-        let Some(fields) = expand_or_skip(&what, &hf.field, job, exact_forms, &mut skipped)? else {
+        let Some(fields) = locating.fill(&what, &hf.field, exact_forms)? else {
             continue;
         };
         for (key, field) in pairs(&keys, &fields) {
@@ -105,11 +85,10 @@ fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
     }
     for (i, sm) in locator.set_members.iter().enumerate() {
         let what = format!("setMembers[{i}]");
-        let Some(keys) = expand_or_skip(&what, &sm.key, job, exact_forms, &mut skipped)? else {
+        let Some(keys) = locating.fill(&what, &sm.key, exact_forms)? else {
             continue;
         };
-        let Some(members) = expand_or_skip(&what, &sm.member, job, exact_forms, &mut skipped)?
-        else {
+        let Some(members) = locating.fill(&what, &sm.member, exact_forms)? else {
             continue;
         };
         for (key, member) in pairs(&keys, &members) {
@@ -119,6 +98,7 @@ fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
             });
         }
     }
+    let mut skipped = locating.skipped;
     skipped.dedup();
     let locators = locator.keys.len() + locator.hash_fields.len() + locator.set_members.len();
     let ran = skipped.len() < locators;
@@ -128,8 +108,9 @@ fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
 /// Where a subject step resumes. The engine keeps only the cursor of an unfinished step
 /// (not its counts), so the running total travels in the cursor and a finished step
 /// reports the whole count.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(super) struct Position {
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Position {
     /// The action the position belongs to: a cursor of another action (a failed erase
     /// retried as a verify) starts over.
     pub(super) action: Option<SubjectAction>,
@@ -146,11 +127,23 @@ pub(super) struct Position {
     pub(super) in_unit: u64,
     /// An erase's ledger ([`ledger`]): every record it removes is recorded there first, so
     /// the final count includes a batch whose checkpoint was lost.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "ledger::as_text"
+    )]
+    #[schemars(with = "Option<String>")]
     pub(super) tally: Option<ledger::Tally>,
+    /// In a checkpoint: the tag of the topology the node index counts
+    /// ([`super::topology_tag`]; absent on a server without a run id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) topology: Option<String>,
 }
 
-const CURSOR_PREFIX: &str = "subject:";
+/// How the previous version's subject cursors began.
+pub(super) const CURSOR_PREFIX: &str = "subject:";
 
+#[cfg(test)]
 fn action_code(action: SubjectAction) -> &'static str {
     match action {
         SubjectAction::Find => "f",
@@ -167,10 +160,17 @@ impl Position {
         }
     }
 
-    /// `subject:{action}:{unit}:{node}:{scan}:{count}:{in_unit}`, and `:{topology}` when
-    /// the node index is only meaningful on one topology ([`super::topology_tag`]), and
-    /// `;{tally}` for an erase ([`ledger::Tally::encode`]). Indexes, counts and a random run
-    /// id only: never a key, so never an identifier.
+    /// The position as a checkpoint, tagged with the topology `fingerprint` it was taken on.
+    pub(super) fn checkpoint(&self, fingerprint: &str) -> Self {
+        Self {
+            topology: (!fingerprint.is_empty()).then(|| super::topology_tag(fingerprint)),
+            ..self.clone()
+        }
+    }
+
+    /// `subject:{action}:{unit}:{node}:{scan}:{count}:{in_unit}`, `:{topology}` on a
+    /// topology with a fingerprint, `;{tally}` for an erase: the previous version's text.
+    #[cfg(test)]
     pub(super) fn encode(&self, fingerprint: &str) -> String {
         let action = self.action.map_or("f", action_code);
         let mut base = format!(
@@ -186,12 +186,38 @@ impl Position {
         }
     }
 
-    /// Reads a cursor for `action` on a deployment of `nodes` nodes whose topology is
-    /// `fingerprint`, with `units` pieces to work through. A malformed cursor is refused; a
-    /// cursor of another action starts over; a position past the pieces (the locator
-    /// changed) starts over, keeping an erase's count (what it unlinked is gone); a cursor
-    /// taken on another topology (or another run of a standalone server, whose SCAN
-    /// cursors mean nothing now) starts the current glob over, so no node is skipped.
+    /// A cursor as the previous version wrote it (see [`Self::encode`]); None when it is
+    /// not one.
+    pub(super) fn legacy(cursor: &str) -> Option<Self> {
+        let rest = cursor.strip_prefix(CURSOR_PREFIX)?;
+        let (rest, tally) = match rest.split_once(';') {
+            Some((rest, tally)) => (rest, Some(ledger::Tally::parse(tally)?)),
+            None => (rest, None),
+        };
+        let parts: Vec<&str> = rest.split(':').collect();
+        if !(6..=7).contains(&parts.len()) {
+            return None;
+        }
+        let action = match parts[0] {
+            "f" => SubjectAction::Find,
+            "e" => SubjectAction::Erase,
+            "v" => SubjectAction::Verify,
+            _ => return None,
+        };
+        Some(Self {
+            action: Some(action),
+            unit: parts[1].parse().ok()?,
+            node: parts[2].parse().ok()?,
+            scan: parts[3].parse().ok()?,
+            count: parts[4].parse().ok()?,
+            in_unit: parts[5].parse().ok()?,
+            tally,
+            topology: parts.get(6).map(|t| t.to_string()),
+        })
+    }
+
+    /// The previous version's text read for `action` (see [`Self::resume`]).
+    #[cfg(test)]
     pub(super) fn parse(
         cursor: Option<&str>,
         action: SubjectAction,
@@ -199,49 +225,44 @@ impl Position {
         fingerprint: &str,
         units: usize,
     ) -> Result<Self, Error> {
-        let Some(cursor) = cursor else {
+        let position = match cursor {
+            None => None,
+            Some(text) => Some(Self::legacy(text).ok_or_else(|| {
+                Error::InvalidSpec("checkpoint cursor is not a Redis subject cursor".into())
+            })?),
+        };
+        Self::resume(position, action, nodes, fingerprint, units)
+    }
+
+    /// Where a job for `action` resumes from a checkpoint, on a deployment of `nodes`
+    /// nodes whose topology is `fingerprint`, with `units` pieces to work through. An
+    /// inconsistent checkpoint is refused; one of another action starts over; a position
+    /// past the pieces (the locator changed) starts over, keeping an erase's count (what it
+    /// unlinked is gone); one taken on another topology (or another run of a standalone
+    /// server, whose SCAN cursors mean nothing now) starts the current glob over, so no
+    /// node is skipped.
+    pub(super) fn resume(
+        cursor: Option<Self>,
+        action: SubjectAction,
+        nodes: usize,
+        fingerprint: &str,
+        units: usize,
+    ) -> Result<Self, Error> {
+        let Some(mut p) = cursor else {
             return Ok(Self::start(action));
         };
-        // The cursor holds only digits, letters and a topology tag: quoting it is safe.
-        let bad = || {
-            Error::InvalidSpec(format!(
-                "checkpoint cursor {cursor:?} is not a Redis subject cursor"
-            ))
-        };
-        let rest = cursor.strip_prefix(CURSOR_PREFIX).ok_or_else(bad)?;
-        let (rest, tally) = match rest.split_once(';') {
-            Some((rest, tally)) => (rest, Some(ledger::Tally::parse(tally).ok_or_else(bad)?)),
-            None => (rest, None),
-        };
-        let parts: Vec<&str> = rest.split(':').collect();
-        if !(6..=7).contains(&parts.len()) {
-            return Err(bad());
-        }
-        let number = |s: &str| s.parse::<u64>().map_err(|_| bad());
-        let index = |s: &str| s.parse::<usize>().map_err(|_| bad());
-        let code = parts[0];
-        if !["f", "e", "v"].contains(&code) {
-            return Err(bad());
-        }
-        let mut p = Self {
-            action: Some(action),
-            unit: index(parts[1])?,
-            node: index(parts[2])?,
-            scan: number(parts[3])?,
-            count: number(parts[4])?,
-            in_unit: number(parts[5])?,
-            tally: None,
-        };
-        let tag = parts.get(6).copied();
         if p.in_unit > p.count {
-            return Err(bad());
+            return Err(Error::InvalidSpec(
+                "checkpoint cursor is not a Redis subject cursor (it counts more in its piece than in all)".into(),
+            ));
         }
-        if code != action_code(action) {
+        if p.action != Some(action) {
             return Ok(Self::start(action));
         }
+        let tag = p.topology.take();
         let erase = action == SubjectAction::Erase;
-        if erase {
-            p.tally = tally;
+        if !erase {
+            p.tally = None;
         }
         if p.unit > units {
             let count = if erase { p.count } else { 0 };
@@ -251,7 +272,7 @@ impl Position {
                 ..Self::start(action)
             });
         }
-        let same_topology = match tag {
+        let same_topology = match tag.as_deref() {
             Some(tag) => !fingerprint.is_empty() && tag == super::topology_tag(fingerprint),
             None => fingerprint.is_empty(),
         };
@@ -294,7 +315,7 @@ const SEEN_LIMIT: usize = 100_000;
 /// What one subject step did: the step, and where it started (to start a piece over when
 /// the cluster's topology changed under it).
 pub(super) struct Progress {
-    pub step: SubjectStep,
+    pub step: SubjectStep<RedisCursor>,
     pub start: Position,
 }
 
@@ -308,13 +329,14 @@ impl RedisBackend {
     pub(super) async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<Position>,
         budget: &StepBudget,
         topology: &Topology,
     ) -> Result<Progress, Error> {
         let (units, skipped, ran) = units(job)?;
         let nodes = topology.nodes.as_slice();
-        let start = Position::parse(
+        let fresh = cursor.is_none();
+        let start = Position::resume(
             cursor,
             job.action,
             nodes.len(),
@@ -329,7 +351,7 @@ impl RedisBackend {
             let mut tally = ledger::Tally::new(ledger::new_run());
             tally.counted = pos.count;
             pos.tally = Some(tally);
-            if cursor.is_none() {
+            if fresh {
                 // Erases nothing yet, but an instance that no longer leads does not start.
                 budget.may_act()?;
                 return Ok(Progress {
@@ -339,8 +361,11 @@ impl RedisBackend {
                         malformed: 0,
                         ran,
                         skipped,
-                        next: Next::Continue(pos.encode(&topology.fingerprint)),
+                        next: Next::Continue(RedisCursor::Subject(
+                            pos.checkpoint(&topology.fingerprint),
+                        )),
                         failure: None,
+                        notices: Vec::new(),
                     },
                     start,
                 });
@@ -359,6 +384,7 @@ impl RedisBackend {
                     skipped,
                     next: Next::Done,
                     failure: None,
+                    notices: Vec::new(),
                 },
                 start,
             });
@@ -479,7 +505,7 @@ impl RedisBackend {
         let next = if finished {
             Next::Done
         } else {
-            Next::Continue(pos.encode(&topology.fingerprint))
+            Next::Continue(RedisCursor::Subject(pos.checkpoint(&topology.fingerprint)))
         };
         Ok(Progress {
             step: SubjectStep {
@@ -492,6 +518,7 @@ impl RedisBackend {
                 skipped,
                 next,
                 failure,
+                notices: Vec::new(),
             },
             start,
         })
@@ -543,9 +570,9 @@ impl RedisBackend {
                 }
                 n
             }
-            SubjectAction::Erase => unlink_each(&mut conn, &keys, self, budget, run)
-                .await
-                .map_err(err)?,
+            SubjectAction::Erase => {
+                unlink_each(&mut conn, &keys, self, budget, run, &node.addr).await?
+            }
         };
         Ok((next, count))
     }
@@ -655,36 +682,28 @@ async fn unlink_each(
     backend: &RedisBackend,
     budget: &StepBudget,
     run: &str,
-) -> RedisResult<u64> {
+    addr: &str,
+) -> Result<u64, Error> {
     backend
         .limits
         .acquire(u32::try_from(keys.len()).unwrap_or(u32::MAX))
         .await;
     // Right before the destructive batch, after the rate-limit wait.
-    if budget.may_act().is_err() {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            super::LEADERSHIP_LOST,
-        )));
-    }
-    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
-    per_slot(
+    budget.may_act()?;
+    keys_per_slot(
         conn,
         &super::UNLINK_SCRIPT,
-        &entries,
+        keys,
         backend.config.cluster,
         run,
-        |invocation, group| {
-            for (key, ()) in group {
-                invocation.key(key);
-            }
-        },
+        &[],
     )
     .await
+    .map_err(|e| map_error(e, addr))
 }
 
 fn is_not_here(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("MOVED") | Some("ASK"))
+    super::has_code(e, &["MOVED", "ASK"])
 }
 
 #[cfg(test)]
@@ -710,7 +729,75 @@ mod tests {
             count,
             in_unit,
             tally: None,
+            topology: None,
         }
+    }
+
+    #[test]
+    fn subject_cursors_of_the_previous_version_resume() {
+        use crate::backends::driver::{decode_cursor, encode_cursor, Decoded, StoreBackend};
+        let mut p = at(ERASE, 2, 1, 4711, 20_000, 300);
+        p.tally = ledger::Tally::parse("0a1b2c3d4e5f.300");
+        let old = "subject:e:2:1:4711:20000:300:ab12cd34;0a1b2c3d4e5f.300";
+        let Decoded::Resume { cursor, upgraded } = decode_cursor::<RedisBackend>(Some(old)) else {
+            panic!("an old subject cursor does not resume");
+        };
+        assert!(upgraded);
+        let mut tagged = p.clone();
+        tagged.topology = Some("ab12cd34".into());
+        assert_eq!(cursor, RedisCursor::Subject(tagged.clone()));
+        // Written again in the common format, it reads back the same.
+        let text = encode_cursor::<RedisBackend>(Some(&cursor));
+        assert!(
+            text.starts_with(r#"v1:redis:{"job":"subject","action":"erase","#),
+            "{text}"
+        );
+        assert_eq!(
+            decode_cursor::<RedisBackend>(Some(&text)),
+            Decoded::Resume {
+                cursor,
+                upgraded: false
+            }
+        );
+        // Resumed on the topology it names, it is where it stopped.
+        let RedisCursor::Subject(position) = RedisBackend::legacy_cursor(old).expect("old") else {
+            panic!("not a subject cursor");
+        };
+        let fp = "the fingerprint";
+        let mut on = tagged.clone();
+        on.topology = Some(super::super::topology_tag(fp));
+        assert_eq!(Position::resume(Some(on), ERASE, 2, fp, 5).unwrap(), p);
+        assert_ne!(
+            Position::resume(Some(position), ERASE, 2, fp, 5).unwrap(),
+            p
+        );
+    }
+
+    #[test]
+    fn locators_are_filled_skipped_and_refused_as_every_drivers() {
+        let job = |subject: serde_json::Value| SubjectJob {
+            target: serde_json::from_value(serde_json::json!({"name": "t", "store": "s",
+                "redis": {"keyPattern": "s:*"}, "subject": {"redis": subject}}))
+            .expect("a target"),
+            identifiers: [("userId".to_string(), "47".to_string())].into(),
+            action: FIND,
+        };
+        let (found, skipped, ran) = units(&job(serde_json::json!({
+            "keys": ["s:{userId}:*", "m:{email}:*"],
+            "hashFields": [{"key": "h", "field": "{email}"}]})))
+        .expect("units");
+        assert_eq!((found.len(), ran), (1, true));
+        assert_eq!(
+            skipped,
+            ["keys[1] needs {email}", "hashFields[0] needs {email}"]
+        );
+        let bad = units(&job(
+            serde_json::json!({"setMembers": [{"key": "k", "member": "{userId"}]}),
+        ));
+        assert_eq!(
+            bad.err().map(|e| e.to_string()),
+            Some("target t: subject.redis.setMembers[0] is not a valid template".to_string())
+        );
     }
 
     #[test]

@@ -1,15 +1,38 @@
 //! S3 as a registered store kind: its typed parts and how its DataStore section becomes a
 //! connection.
 
-use std::sync::Arc;
-
-use crate::api::datastore::{DataStoreSpec, S3Store, StoreSection};
-use crate::api::retentionpolicy::{S3Subject, S3Target, Selector, SubjectLocator, Target};
+use crate::api::datastore::S3Store;
+use crate::api::retentionpolicy::{S3Subject, S3Target, Target};
 use crate::api::StoreKind;
+use crate::backends::driver::JsonCursor;
 use crate::backends::driver::{Capabilities, MissingKey, SecretKeys, StoreDriver, Transport};
-use crate::backends::{Backend, Error, Limits};
+use crate::backends::{Error, Limits};
 
 use super::{S3Backend, S3Config, S3Credentials};
+
+/// Where an S3 job resumes: a sweep's listing position or an erasure's, each the JSON its
+/// steps write (`s3:{…}`, `s3-subject:{…}` inside the driver and in the previous version's
+/// status; `v1:s3:{"sweep":{…}}` in status now).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum S3Cursor {
+    Sweep(JsonCursor),
+    Subject(JsonCursor),
+}
+
+pub(super) const SWEEP_TEXT: &str = "s3:";
+pub(super) const SUBJECT_TEXT: &str = "s3-subject:";
+
+/// A step's text cursor as the typed one (`wrap` says whose).
+pub(super) fn read_back(
+    text: String,
+    prefix: &str,
+    wrap: fn(JsonCursor) -> S3Cursor,
+) -> Result<S3Cursor, Error> {
+    JsonCursor::from_text(&text, prefix)
+        .map(wrap)
+        .ok_or_else(|| Error::Store("an S3 step returned a cursor it cannot read back".into()))
+}
 
 pub struct S3Driver;
 
@@ -19,6 +42,8 @@ impl StoreDriver for S3Driver {
     type Config = S3Config;
     type Selector = S3Target;
     type Locator = S3Subject;
+    type Cursor = S3Cursor;
+    type Backend = S3Backend;
 
     fn capabilities() -> Capabilities {
         Capabilities {
@@ -29,23 +54,7 @@ impl StoreDriver for S3Driver {
         }
     }
 
-    fn section(spec: &DataStoreSpec) -> Option<&S3Store> {
-        match &spec.store {
-            Some(StoreSection::S3(section)) => Some(section),
-            _ => None,
-        }
-    }
-
-    fn selector(target: &Target) -> Option<&S3Target> {
-        match &target.selector {
-            Some(Selector::S3(selector)) => Some(selector),
-            _ => None,
-        }
-    }
-
-    fn locator(subject: &SubjectLocator) -> Option<&S3Subject> {
-        subject.s3.as_ref()
-    }
+    crate::store_sections!(S3);
 
     fn transport(section: &S3Store) -> Transport<'_> {
         Transport {
@@ -76,8 +85,8 @@ impl StoreDriver for S3Driver {
         })
     }
 
-    fn connect(config: S3Config, limits: Limits) -> Arc<dyn Backend> {
-        Arc::new(S3Backend::new(config, limits))
+    fn connect(config: S3Config, limits: Limits) -> S3Backend {
+        S3Backend::new(config, limits)
     }
 
     fn validate(
@@ -115,5 +124,53 @@ impl StoreDriver for S3Driver {
             }
         }
         parts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::driver::{decode_cursor, encode_cursor, Decoded};
+
+    #[test]
+    fn cursors_of_the_previous_version_resume_in_the_common_format() {
+        let old = r#"s3:{"t":"token-1","v":true}"#;
+        let Decoded::Resume {
+            cursor,
+            upgraded: true,
+        } = decode_cursor::<S3Backend>(Some(old))
+        else {
+            panic!("{old} does not resume");
+        };
+        let text = encode_cursor::<S3Backend>(Some(&cursor));
+        assert_eq!(text, r#"v1:s3:{"sweep":{"t":"token-1","v":true}}"#);
+        assert!(matches!(
+            decode_cursor::<S3Backend>(Some(&text)),
+            Decoded::Resume {
+                upgraded: false,
+                ..
+            }
+        ));
+        let old = r#"s3-subject:{"a":"e","p":1,"u":2}"#;
+        let Decoded::Resume {
+            cursor,
+            upgraded: true,
+        } = decode_cursor::<S3Backend>(Some(old))
+        else {
+            panic!("{old} does not resume");
+        };
+        let text = encode_cursor::<S3Backend>(Some(&cursor));
+        assert_eq!(text, r#"v1:s3:{"subject":{"a":"e","p":1,"u":2}}"#);
+        assert!(matches!(
+            decode_cursor::<S3Backend>(Some(&text)),
+            Decoded::Resume {
+                upgraded: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode_cursor::<S3Backend>(Some("es:{}")),
+            Decoded::Restart(_)
+        ));
     }
 }

@@ -25,10 +25,12 @@ use aws_sdk_s3::types::{BucketVersioningStatus, Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
 use tokio::sync::OnceCell;
 
+use super::driver::{JsonCursor, StoreBackend};
 use super::template::{self, Syntax};
-use super::{Backend, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
+use driver::{read_back, S3Cursor, SUBJECT_TEXT, SWEEP_TEXT};
 
 /// Keys per `DeleteObjects` request: the S3 maximum.
 const DELETE_BATCH: usize = 1000;
@@ -561,12 +563,18 @@ fn classify(code: Option<&str>, message: Option<&str>, status: u16, what: &str) 
 }
 
 #[async_trait]
-impl Backend for S3Backend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::S3
+impl StoreBackend for S3Backend {
+    const KIND: StoreKind = StoreKind::S3;
+    type Cursor = S3Cursor;
+
+    fn legacy_cursor(text: &str) -> Option<S3Cursor> {
+        // `s3-subject:` first: `s3:` is not its prefix, but be explicit about the order.
+        JsonCursor::from_text(text, SUBJECT_TEXT)
+            .map(S3Cursor::Subject)
+            .or_else(|| JsonCursor::from_text(text, SWEEP_TEXT).map(S3Cursor::Sweep))
     }
 
-    async fn probe(&self) -> Result<String, Error> {
+    async fn probe_store(&self) -> Result<String, Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         let head = client
@@ -601,28 +609,47 @@ impl Backend for S3Backend {
         Ok(format!("s3 bucket {}{versioning}", self.config.bucket))
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<S3Cursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
-        self.sweep(job, cursor, budget).await
+    ) -> Result<Step<S3Cursor>, Error> {
+        let text = match cursor {
+            None => None,
+            Some(S3Cursor::Sweep(c)) => Some(c.to_text(SWEEP_TEXT)),
+            Some(S3Cursor::Subject(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is an S3 erasure cursor, not a sweep's".into(),
+                ))
+            }
+        };
+        S3Backend::sweep(self, job, text.as_deref(), budget)
+            .await?
+            .try_map_cursor(|t| read_back(t, SWEEP_TEXT, S3Cursor::Sweep))
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<S3Cursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
-        self.subject(job, cursor, budget).await
+    ) -> Result<SubjectStep<S3Cursor>, Error> {
+        let text = match cursor {
+            None => None,
+            Some(S3Cursor::Subject(c)) => Some(c.to_text(SUBJECT_TEXT)),
+            Some(S3Cursor::Sweep(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is an S3 sweep cursor, not an erasure's".into(),
+                ))
+            }
+        };
+        S3Backend::subject(self, job, text.as_deref(), budget)
+            .await?
+            .try_map_cursor(|t| read_back(t, SUBJECT_TEXT, S3Cursor::Subject))
     }
 
-    async fn locked_copies(
-        &self,
-        job: &SubjectJob,
-    ) -> Result<crate::backends::LockedCopies, Error> {
+    async fn locked(&self, job: &SubjectJob) -> Result<crate::backends::LockedCopies, Error> {
         self.subject_locked_copies(job).await
     }
 }
@@ -639,7 +666,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
                 .into(),
         );
     }
-    let Some(subject) = target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.s3()) else {
         return Ok(());
     };
     for (i, prefix) in subject.key_prefixes.iter().enumerate() {
@@ -703,10 +730,7 @@ mod tests {
             selector: Some(crate::api::retentionpolicy::Selector::S3(S3Target {
                 prefix: prefix.into(),
             })),
-            subject: subject.map(|s3| SubjectLocator {
-                s3: Some(s3),
-                ..Default::default()
-            }),
+            subject: subject.map(SubjectLocator::S3),
             allow_match_all: false,
         }
     }

@@ -297,7 +297,7 @@ impl S3Backend {
         cursor: Option<&str>,
         budget: &StepBudget,
     ) -> Result<SubjectStep, Error> {
-        let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3.as_ref())?;
+        let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3())?;
         let mut skipped = Vec::new();
         let mut ran = false;
         let mut prefixes = Vec::new();
@@ -354,6 +354,7 @@ impl S3Backend {
                     skipped,
                     next: Next::Continue(pos.encode()),
                     failure: None,
+                    notices: Vec::new(),
                 });
             }
         }
@@ -458,6 +459,7 @@ impl S3Backend {
                 Next::Continue(pos.encode())
             },
             failure,
+            notices: Vec::new(),
         })
     }
 
@@ -775,7 +777,7 @@ impl S3Backend {
         job: &SubjectJob,
     ) -> Result<LockedCopies, Error> {
         let mut locked = LockedCopies::default();
-        let Some(locator) = job.target.subject.as_ref().and_then(|s| s.s3.as_ref()) else {
+        let Some(locator) = job.target.subject.as_ref().and_then(|s| s.s3()) else {
             return Ok(locked);
         };
         if !self.versioned().await? {
@@ -1107,17 +1109,14 @@ fn expand(
     job: &SubjectJob,
     skipped: &mut Vec<String>,
 ) -> Result<Option<Vec<String>>, Error> {
-    match identifier::exact_forms(t, &job.identifiers) {
-        Ok(v) => Ok(Some(v)),
-        Err(template::Error::MissingIdentifier(name)) => {
-            skipped.push(format!("{what} needs {{{name}}}"));
-            Ok(None)
-        }
-        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
-            "target {}: subject.s3.{what} is not a valid template",
-            job.target.name
-        ))),
-    }
+    template::fill_or_skip(
+        job,
+        StoreKind::S3,
+        what,
+        t,
+        identifier::exact_forms,
+        skipped,
+    )
 }
 
 /// The records locator's `equals` filled with canonical values, the one form every records
@@ -1127,17 +1126,14 @@ fn fill_equals(
     job: &SubjectJob,
     skipped: &mut Vec<String>,
 ) -> Result<Option<identifier::Filled>, Error> {
-    match identifier::fill(t, &job.identifiers) {
-        Ok(filled) => Ok(Some(filled)),
-        Err(template::Error::MissingIdentifier(name)) => {
-            skipped.push(format!("records.equals needs {{{name}}}"));
-            Ok(None)
-        }
-        Err(template::Error::Malformed) => Err(Error::InvalidSpec(format!(
-            "target {}: subject.s3.records.equals is not a valid template",
-            job.target.name
-        ))),
-    }
+    template::fill_or_skip(
+        job,
+        StoreKind::S3,
+        "records.equals",
+        t,
+        identifier::fill,
+        skipped,
+    )
 }
 
 /// The copies of the subject's data a pass over one object found (or removed): its records,

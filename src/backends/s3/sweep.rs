@@ -121,7 +121,7 @@ impl Holds {
         if job.held.is_empty() {
             return Ok(Self::default());
         }
-        let locator = held_subject_locator(&job.target, StoreKind::S3, |s| s.s3.as_ref())?;
+        let locator = held_subject_locator(&job.target, StoreKind::S3, |s| s.s3())?;
         let mut holds = Self::default();
         for (i, p) in locator.key_prefixes.iter().enumerate() {
             holds.prefixes.extend(job.held.expand_all(
@@ -229,7 +229,7 @@ impl Recorded {
 /// erasure may rewrite is under it. `None` without a records locator: nothing under the
 /// target is ever rewritten.
 pub(super) fn rewritable_prefix(target: &Target) -> Option<String> {
-    let records = target.subject.as_ref()?.s3.as_ref()?.records.as_ref()?;
+    let records = target.subject.as_ref()?.s3()?.records.as_ref()?;
     let end = records.prefix.find('{').unwrap_or(records.prefix.len());
     Some(records.prefix[..end].to_string())
 }

@@ -710,6 +710,7 @@ async fn run_actions(
         Some(async move {
             let (result, kind, poll_after) = run_action(
                 ctx,
+                request,
                 claim,
                 &policies,
                 &namespace,
@@ -748,6 +749,7 @@ async fn run_actions(
 #[allow(clippy::too_many_arguments)]
 async fn run_action(
     ctx: &Context,
+    request: &ErasureRequest,
     claim: Claim,
     policies: &Api<RetentionPolicy>,
     namespace: &str,
@@ -825,7 +827,7 @@ async fn run_action(
             None,
         )
     };
-    match ctx
+    let result = ctx
         .engine
         .subject_step(
             claim,
@@ -835,8 +837,15 @@ async fn run_action(
             cursor,
             &ctx.shutdown,
         )
-        .await
-    {
+        .await;
+    // What the adapter tells besides the counts (a checkpoint it could not read and started
+    // over from, a step far beyond its budget): a Warning Event each.
+    for notice in result.iter().flat_map(|step| &step.notices) {
+        let note = format!("target {policy_name}/{target_name}: {}", notice.message);
+        ctx.publish(request, EventType::Warning, notice.reason, "Erase", note)
+            .await;
+    }
+    match result {
         Ok(step) => match (step.failure, step.next) {
             (Some(e), Next::Continue(cursor) | Next::Wait { cursor, .. }) => {
                 // The retry resumes where the store's step left off: a task submitted is
@@ -865,7 +874,7 @@ async fn run_action(
                 let ground = target
                     .subject
                     .as_ref()
-                    .and_then(|s| s.s3.as_ref())
+                    .and_then(|s| s.s3())
                     .and_then(|s| s.retained_copies.as_ref());
                 let mut blocked = step.blocked;
                 if let (Some(ground), SubjectAction::Erase) = (ground, action) {

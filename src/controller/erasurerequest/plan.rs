@@ -132,6 +132,7 @@ pub fn redact(e: &backends::Error) -> Failure {
         E::AuthenticationFailed(_) => "the store refused the credentials",
         E::BucketNotFound(_) => "the bucket does not exist",
         E::Store(_) => "the store failed a command",
+        E::ClusterRedirect(_) => "a cluster node redirected a command (a slot moved)",
     };
     Failure::new(
         e.category(),
@@ -1649,10 +1650,7 @@ mod tests {
 
     #[test]
     fn a_locator_for_another_store_kind_does_not_count() {
-        let locator = SubjectLocator {
-            redis: Some(crate::api::retentionpolicy::RedisSubject::default()),
-            ..Default::default()
-        };
+        let locator = SubjectLocator::Redis(crate::api::retentionpolicy::RedisSubject::default());
         assert!(locates_in(&locator, StoreKind::Redis));
         assert!(!locates_in(&locator, StoreKind::S3));
     }

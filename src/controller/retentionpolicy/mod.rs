@@ -419,6 +419,14 @@ async fn run_steps(
     for (i, result) in results {
         let failure = match &result {
             StepResult::Ran(step) => {
+                // What the adapter tells besides the counts (a checkpoint it could not read
+                // and started over from, a step far beyond its budget): a Warning Event each.
+                for notice in &step.notices {
+                    let target = &policy.spec.targets[i].name;
+                    let note = format!("target {target}: {}", notice.message);
+                    ctx.publish(policy, EventType::Warning, notice.reason, "Sweep", note)
+                        .await;
+                }
                 match &step.next {
                     Next::Wait { poll_after: p, .. } => {
                         poll_after = Some(poll_after.map_or(*p, |w| w.min(*p)))

@@ -160,7 +160,9 @@ impl<const ES7: bool> Fixture for SearchFixture<ES7> {
 
     fn target_without_identifier(&self, dataset: &str) -> Target {
         let mut t = self.target(dataset);
-        if let Some(e) = t.subject.as_mut().and_then(|s| s.elasticsearch.as_mut()) {
+        if let Some(tombstone::api::retentionpolicy::SubjectLocator::Elasticsearch(e)) =
+            t.subject.as_mut()
+        {
             e.term = [("user".to_string(), "everyone".to_string())].into();
         }
         t

@@ -75,7 +75,7 @@ impl Fixture for LokiFixture {
 
     fn target_without_identifier(&self, dataset: &str) -> Target {
         let mut t = self.target(dataset);
-        if let Some(l) = t.subject.as_mut().and_then(|s| s.loki.as_mut()) {
+        if let Some(tombstone::api::retentionpolicy::SubjectLocator::Loki(l)) = t.subject.as_mut() {
             l.line_filter = "user=everyone ".into();
         }
         t

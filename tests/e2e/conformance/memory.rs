@@ -3,7 +3,10 @@
 //! costs. Items are kept in a `Mutex<Store>` (key `<dataset>/<n>`), each with a timestamp
 //! and its owner's identifiers as fields, beside a ledger of what each run deleted.
 //!
-//! This file and its `mod memory;` line are all the test driver needs. It reuses the
+//! This file and its `mod memory;` line are all the test driver needs. It is what a driver
+//! writes: a `StoreBackend` with its cursor type ([`MemoryCursor`]) and its steps, which take
+//! the cursor they returned before and return the next one. The adapter does the rest (the
+//! cursor's format in status, reading it back, cancellation before a step, budget overruns). It reuses the
 //! `elasticsearch` sections of `Target` (an `index` naming the dataset, `term` fields to
 //! match) and answers `StoreKind::Elasticsearch`. It cannot register as a kind of its own
 //! from the tests: a kind is a variant of `StoreKind` and of the CRD's tagged enums (closed
@@ -14,16 +17,18 @@
 //! `grep -rlE 'StoreKind::Loki|LokiTarget|LokiSubject|LokiConfig|LokiStore|Selector::Loki|StoreSection::Loki|\.loki\b|loki::' src/`
 //! and read; files that name `loki` only in comments or test values are left out):
 //! - its own module `src/backends/<kind>/` (Loki: 9 files), with `driver.rs` implementing
-//!   `StoreDriver` (its DataStore section, connection, selector, locator, validate, hold
-//!   templates, capabilities, register description), and its conformance instance
+//!   `StoreDriver` (its DataStore section, connection, selector, locator and cursor types —
+//!   the lookups by one `store_sections!` line —, validate, hold templates, capabilities,
+//!   register description), its backend implementing `StoreBackend` (typed steps, the
+//!   previous cursor format if it had one), and its conformance instance
 //!   `tests/e2e/conformance/<kind>.rs` with its `mod` line;
 //! - 4 more source files:
 //!   1. `src/backends/mod.rs`: the `mod` line;
 //!   2. `src/backends/registry.rs`: one line in `DRIVERS`;
 //!   3. `src/api/datastore.rs`: its connection section, a `StoreSection` variant, a
 //!      `StoreKind` variant (and their names);
-//!   4. `src/api/retentionpolicy.rs`: its selector and a `Selector` variant, its section of
-//!      `SubjectLocator`;
+//!   4. `src/api/retentionpolicy.rs`: its selector and a `Selector` variant, its locator and
+//!      a `SubjectLocator` variant (with its key in that enum's reading and writing);
 //! - 6 generated CRD files (`crds/`, `charts/tombstone/crds/`, `config/crd/bases/`, for
 //!   DataStore and RetentionPolicy), the README, and a sample in `config/samples/`.
 //!
@@ -43,11 +48,14 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
 
 use tombstone::api::retentionpolicy::{Selector, Target};
 use tombstone::api::StoreKind;
+use tombstone::backends::driver::StoreBackend;
 use tombstone::backends::identifier;
 use tombstone::backends::template::{self, Syntax};
 use tombstone::backends::{
@@ -140,39 +148,39 @@ impl MemoryBackend {
     }
 }
 
-/// Where a job resumes: its run, what of the run's ledger is counted, the last key handled.
-#[derive(Clone, Debug, Default)]
-struct Cursor {
+/// Where a job resumes: its run (named, and checkpointed, before anything is deleted under
+/// it), what of the run's ledger status already counts, and the last key handled
+/// (`<dataset>/<n>`: never an identifier). The driver only says what it is; the adapter
+/// writes it to status (`v1:<kind>:{…}`), reads it back, and restarts the job with a
+/// Warning Event if it cannot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MemoryCursor {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     run: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
     counted: u64,
-    last: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    after: Option<String>,
 }
 
-impl Cursor {
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl MemoryCursor {
     /// A job's first cursor: a run named afresh, nothing counted or handled.
-    fn named() -> Cursor {
+    fn named() -> Self {
         let n = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        Cursor {
+        Self {
             run: format!(
                 "{:x}{:x}",
                 n,
                 RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ),
-            ..Cursor::default()
+            ..Self::default()
         }
-    }
-
-    /// `mem:<run>:<counted>:<last key>`, prefixed so that a cursor of another driver is
-    /// refused.
-    fn encode(&self) -> String {
-        format!(
-            "mem:{}:{}:{}",
-            self.run,
-            self.counted,
-            self.last.as_deref().unwrap_or("")
-        )
     }
 
     /// What the ledger gained since the count this cursor carries (taken as counted).
@@ -184,26 +192,6 @@ impl Cursor {
 }
 
 static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn decode(cursor: Option<&str>) -> Result<Option<Cursor>, Error> {
-    let Some(c) = cursor else {
-        return Ok(None);
-    };
-    let bad = || Error::InvalidSpec("not a memory cursor".into());
-    let rest = c.strip_prefix("mem:").ok_or_else(bad)?;
-    let mut parts = rest.splitn(3, ':');
-    let (Some(run), Some(counted), Some(last)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad());
-    };
-    if run.is_empty() || !run.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(bad());
-    }
-    Ok(Some(Cursor {
-        run: run.to_string(),
-        counted: counted.parse().map_err(|_| bad())?,
-        last: Some(last.to_string()).filter(|l| !l.is_empty()),
-    }))
-}
 
 fn dataset(target: &Target) -> Result<&str, Error> {
     match &target.selector {
@@ -223,11 +211,7 @@ pub fn validate_target(target: &Target) -> Result<(), Error> {
             target.name
         )));
     }
-    let Some(subject) = target
-        .subject
-        .as_ref()
-        .and_then(|s| s.elasticsearch.as_ref())
-    else {
+    let Some(subject) = target.subject.as_ref().and_then(|s| s.elasticsearch()) else {
         return Ok(());
     };
     for (field, t) in &subject.term {
@@ -285,27 +269,26 @@ fn matches(
 }
 
 #[async_trait]
-impl Backend for MemoryBackend {
-    fn kind(&self) -> StoreKind {
-        StoreKind::Elasticsearch
-    }
+impl StoreBackend for MemoryBackend {
+    const KIND: StoreKind = StoreKind::Elasticsearch;
+    type Cursor = MemoryCursor;
 
-    async fn probe(&self) -> Result<String, Error> {
+    async fn probe_store(&self) -> Result<String, Error> {
         Ok("memory".into())
     }
 
-    async fn sweep_step(
+    async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<MemoryCursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
+    ) -> Result<Step<MemoryCursor>, Error> {
         validate_target(&job.target)?;
         let dataset = dataset(&job.target)?;
-        let Some(mut cursor) = decode(cursor)? else {
+        let Some(mut cursor) = cursor.filter(|c| !c.run.is_empty()) else {
             // The run is named, and checkpointed, before anything is deleted under it.
             return Ok(Step {
-                next: Next::Continue(Cursor::named().encode()),
+                next: Next::Continue(MemoryCursor::named()),
                 failure: budget.may_act().err().filter(|_| !job.dry_run),
                 ..Step::default()
             });
@@ -318,10 +301,10 @@ impl Backend for MemoryBackend {
         };
         loop {
             if Instant::now() >= deadline || budget.cancel.is_cancelled() {
-                step.next = Next::Continue(cursor.encode());
+                step.next = Next::Continue(cursor.clone());
                 return Ok(step);
             }
-            let page = self.page(dataset, cursor.last.as_deref(), BATCH)?;
+            let page = self.page(dataset, cursor.after.as_deref(), BATCH)?;
             let Some((last, _)) = page.last() else {
                 return Ok(step);
             };
@@ -333,7 +316,7 @@ impl Backend for MemoryBackend {
                 .collect();
             if !job.dry_run {
                 if let Err(e) = budget.may_act() {
-                    step.next = Next::Continue(cursor.encode());
+                    step.next = Next::Continue(cursor.clone());
                     step.failure = Some(e);
                     return Ok(step);
                 }
@@ -345,23 +328,23 @@ impl Backend for MemoryBackend {
                 self.remove(&cursor.run, &expired)?;
                 step.deleted += cursor.count_since(self.deleted_by(&cursor.run)?);
             }
-            cursor.last = Some(last);
+            cursor.after = Some(last);
         }
     }
 
-    async fn subject_step(
+    async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<MemoryCursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
+    ) -> Result<SubjectStep<MemoryCursor>, Error> {
         validate_target(&job.target)?;
         let dataset = dataset(&job.target)?;
         let terms = job
             .target
             .subject
             .as_ref()
-            .and_then(|s| s.elasticsearch.as_ref())
+            .and_then(|s| s.elasticsearch())
             .map(|e| e.term.clone())
             .unwrap_or_default();
         if terms.is_empty() {
@@ -371,25 +354,20 @@ impl Backend for MemoryBackend {
             )));
         }
         let mut step = SubjectStep {
-            count: 0,
-            blocked: 0,
-            malformed: 0,
             ran: true,
-            skipped: Vec::new(),
-            next: Next::Done,
-            failure: None,
+            ..SubjectStep::default()
         };
         let erase = job.action == SubjectAction::Erase;
-        let mut cursor = match decode(cursor)? {
-            Some(c) => c,
-            None if erase => {
+        let mut cursor = match cursor {
+            Some(c) if !erase || !c.run.is_empty() => c,
+            _ if erase => {
                 // The run is named, and checkpointed, before anything is erased under it;
                 // an instance that no longer leads does not start.
                 budget.may_act()?;
-                step.next = Next::Continue(Cursor::named().encode());
+                step.next = Next::Continue(MemoryCursor::named());
                 return Ok(step);
             }
-            None => Cursor::default(),
+            _ => MemoryCursor::default(),
         };
         let deadline = Instant::now() + budget.max_time;
         if erase {
@@ -398,10 +376,10 @@ impl Backend for MemoryBackend {
         }
         loop {
             if Instant::now() >= deadline || budget.cancel.is_cancelled() {
-                step.next = Next::Continue(cursor.encode());
+                step.next = Next::Continue(cursor.clone());
                 return Ok(step);
             }
-            let page = self.page(dataset, cursor.last.as_deref(), BATCH)?;
+            let page = self.page(dataset, cursor.after.as_deref(), BATCH)?;
             let Some((last, _)) = page.last() else {
                 return Ok(step);
             };
@@ -419,7 +397,7 @@ impl Backend for MemoryBackend {
             }
             if erase {
                 if let Err(e) = budget.may_act() {
-                    step.next = Next::Continue(cursor.encode());
+                    step.next = Next::Continue(cursor.clone());
                     step.failure = Some(e);
                     return Ok(step);
                 }
@@ -428,7 +406,7 @@ impl Backend for MemoryBackend {
             } else {
                 step.count += theirs.len() as u64;
             }
-            cursor.last = Some(last);
+            cursor.after = Some(last);
         }
     }
 }

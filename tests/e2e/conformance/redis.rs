@@ -67,7 +67,8 @@ impl Fixture for RedisFixture {
 
     fn target_without_identifier(&self, dataset: &str) -> Target {
         let mut t = self.target(dataset);
-        if let Some(r) = t.subject.as_mut().and_then(|s| s.redis.as_mut()) {
+        if let Some(tombstone::api::retentionpolicy::SubjectLocator::Redis(r)) = t.subject.as_mut()
+        {
             r.keys = vec![format!("{dataset}:u:everyone:*")];
         }
         t

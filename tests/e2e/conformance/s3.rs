@@ -80,7 +80,7 @@ impl<const VERSIONED: bool> Fixture for BucketFixture<VERSIONED> {
 
     fn target_without_identifier(&self, dataset: &str) -> Target {
         let mut t = self.target(dataset);
-        if let Some(s) = t.subject.as_mut().and_then(|s| s.s3.as_mut()) {
+        if let Some(tombstone::api::retentionpolicy::SubjectLocator::S3(s)) = t.subject.as_mut() {
             s.key_prefixes = vec![format!("{dataset}/u/everyone/")];
         }
         t
