@@ -2,6 +2,7 @@
 
 pub mod datastore;
 pub mod erasurerequest;
+pub mod fresh;
 pub mod legalhold;
 mod resolve;
 pub mod retentionpolicy;
@@ -195,7 +196,13 @@ pub struct Context {
     /// Consecutive failures per object, for exponential backoff; reset on success, dropped
     /// when the object is deleted.
     failures: FailureCounts,
+    /// The LegalHolds of each namespace, listed fresh and shared by the reconciles that ask
+    /// at the same moment.
+    holds: fresh::FreshReads<HoldList>,
 }
+
+/// The LegalHolds of a namespace as listed, or why they could not be.
+pub type HoldList = Result<Arc<Vec<crate::api::legalhold::LegalHold>>, Arc<kube::Error>>;
 
 /// Consecutive failures per object (`namespace/name`).
 #[derive(Debug, Default)]
@@ -271,7 +278,23 @@ impl Context {
             digest_key: std::sync::OnceLock::new(),
             sink,
             failures: FailureCounts::default(),
+            holds: fresh::FreshReads::default(),
         }
+    }
+
+    /// The LegalHolds of `namespace`, from a LIST sent after this call began (never an older
+    /// one: a hold placed a moment ago wins), shared with the reconciles that ask meanwhile.
+    pub async fn legal_holds(&self, namespace: &str) -> HoldList {
+        self.holds
+            .get(namespace, || async {
+                let api: Api<crate::api::legalhold::LegalHold> =
+                    Api::namespaced(self.client.clone(), namespace);
+                api.list(&kube::api::ListParams::default())
+                    .await
+                    .map(|l| Arc::new(l.items))
+                    .map_err(Arc::new)
+            })
+            .await
     }
 
     /// Writes `status` (see [`apply_status`]) only while this instance still leads by its
@@ -366,6 +389,7 @@ impl Context {
     ) {
         let backends = self.engine.retain_stores(store_exists);
         let failures = self.failures.retain(object_exists);
+        self.holds.forget_idle();
         if backends + failures > 0 {
             tracing::debug!(backends, failures, "forgot deleted objects");
         }
@@ -431,6 +455,36 @@ where
         .await
         .map_err(Error::Kube)?
         .map(|fresh| (api, fresh)))
+}
+
+/// An API error shared by several callers (a read they shared), as one of their own: the
+/// API server's answer as it was, any other failure by its message.
+pub fn shared_error(e: &kube::Error) -> kube::Error {
+    match e {
+        kube::Error::Api(status) => kube::Error::Api(status.clone()),
+        other => kube::Error::Service(other.to_string().into()),
+    }
+}
+
+/// The finalizers with `finalizer` added, None when it is there already (pure).
+pub fn with_finalizer(existing: &[String], finalizer: &str) -> Option<Vec<String>> {
+    if existing.iter().any(|f| f == finalizer) {
+        return None;
+    }
+    let mut all = existing.to_vec();
+    all.push(finalizer.to_string());
+    Some(all)
+}
+
+/// The finalizers with `finalizer` removed, None when it is not there (pure).
+pub fn without_finalizer(existing: &[String], finalizer: &str) -> Option<Vec<String>> {
+    existing.iter().any(|f| f == finalizer).then(|| {
+        existing
+            .iter()
+            .filter(|f| *f != finalizer)
+            .cloned()
+            .collect()
+    })
 }
 
 /// `namespace/name`, the key for caches and logs.
@@ -553,6 +607,21 @@ mod tests {
         assert_eq!(object_key(&store), object_key(&policy));
         assert_eq!(failure_key(&store), "DataStore/ns/x");
         assert_eq!(failure_key(&policy), "RetentionPolicy/ns/x");
+    }
+
+    #[test]
+    fn a_finalizer_is_added_once_and_removed_alone() {
+        for ours in [
+            erasurerequest::lifecycle::FINALIZER,
+            retentionpolicy::plan::FINALIZER,
+        ] {
+            let others = vec!["other/x".to_string()];
+            let with = with_finalizer(&others, ours).unwrap();
+            assert_eq!(with, vec!["other/x".to_string(), ours.to_string()]);
+            assert_eq!(with_finalizer(&with, ours), None);
+            assert_eq!(without_finalizer(&with, ours), Some(others.clone()));
+            assert_eq!(without_finalizer(&others, ours), None);
+        }
     }
 
     #[test]
