@@ -597,27 +597,6 @@ pub fn needs_finalizer(policy: &RetentionPolicy) -> bool {
         .any(|t| crate::backends::registry::for_target(t).is_ok_and(|d| d.capabilities().cancel))
 }
 
-/// The finalizers with ours added, None when it is there already (pure).
-pub fn with_finalizer(existing: &[String]) -> Option<Vec<String>> {
-    if existing.iter().any(|f| f == FINALIZER) {
-        return None;
-    }
-    let mut all = existing.to_vec();
-    all.push(FINALIZER.to_string());
-    Some(all)
-}
-
-/// The finalizers with ours removed, None when it is not there (pure).
-pub fn without_finalizer(existing: &[String]) -> Option<Vec<String>> {
-    existing.iter().any(|f| f == FINALIZER).then(|| {
-        existing
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect()
-    })
-}
-
 /// Whether a deleted policy may let go of its finalizer now (pure): every deletion has an
 /// outcome other than a failure to reach the store, or it has tried for `patience` since the
 /// deletion: a store that stays unreachable never blocks the deletion for longer.
@@ -2289,12 +2268,6 @@ mod stop_tests {
             &[None],
         );
         assert!(!needs_finalizer(&redis));
-        let other = vec!["other/x".to_string()];
-        let with = with_finalizer(&other).unwrap();
-        assert_eq!(with, vec!["other/x".to_string(), FINALIZER.to_string()]);
-        assert_eq!(with_finalizer(&with), None);
-        assert_eq!(without_finalizer(&with), Some(other.clone()));
-        assert_eq!(without_finalizer(&other), None);
     }
 
     #[test]
