@@ -17,16 +17,16 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use tombstone::api::erasurerequest::ErasurePhase;
 use tombstone::api::{DataStore, ErasureRequest, RetentionPolicy};
 use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
 use support::request_log::RequestLog;
+use support::scale::handled;
 use support::{ControlPlane, RedisServer};
 
 const CREATE_CONCURRENCY: usize = 32;
@@ -92,42 +92,6 @@ async fn create_all(client: &kube::Client, ns: &str, n: usize) {
             }
         })
         .await;
-}
-
-/// Policies with a status for their generation, and requests Completed.
-async fn handled(client: &kube::Client, ns: &str) -> (usize, usize) {
-    let policies = Api::<RetentionPolicy>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.observed_generation)
-                        .is_some()
-                        && p.status.as_ref().and_then(|s| s.observed_generation)
-                            == p.metadata.generation
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    let requests = Api::<ErasureRequest>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|r| {
-                    r.status
-                        .as_ref()
-                        .is_some_and(|s| s.phase == ErasurePhase::Completed)
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    (policies, requests)
 }
 
 fn settings(ns: &str) -> Settings {

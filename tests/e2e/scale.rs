@@ -5,9 +5,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Api, ListParams};
 use serde_json::json;
-use tombstone::api::erasurerequest::ErasurePhase;
 use tombstone::api::{ErasureRequest, RetentionPolicy};
 use tombstone::controller::{erasurerequest, retentionpolicy};
 
@@ -15,47 +13,13 @@ use crate::api_load::RequestLog;
 use crate::fixtures::{
     create, fast_settings, policy_json, redis_store, setup, wait_store_ready, TestOperator,
 };
+use crate::support::scale::handled;
 use crate::support::{wait_for, RedisServer};
 
 const POLICIES: usize = 1_000;
 const REQUESTS: usize = 1_000;
 /// Objects created at once.
 const CREATE_CONCURRENCY: usize = 16;
-
-/// How many of the namespace's policies and requests have been handled: a policy once its
-/// status observed its generation, a request once it is in a final phase.
-async fn handled(client: &kube::Client, ns: &str) -> (usize, usize) {
-    let policies = Api::<RetentionPolicy>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|p| {
-                    p.status.as_ref().is_some_and(|s| {
-                        s.observed_generation.is_some()
-                            && s.observed_generation == p.metadata.generation
-                    })
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    let requests = Api::<ErasureRequest>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|r| {
-                    r.status
-                        .as_ref()
-                        .is_some_and(|s| s.phase == ErasurePhase::Completed)
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    (policies, requests)
-}
 
 fn rss_mib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
