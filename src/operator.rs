@@ -219,7 +219,7 @@ async fn run_controllers(
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache.clone()));
     let ctx = Arc::new(Context::new(
         client.clone(),
-        recorder,
+        (recorder, options.reporter.clone()),
         metrics,
         crate::controller::Settings {
             watch_namespace: options.namespace.clone(),

@@ -179,6 +179,8 @@ pub struct Caches {
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    /// The name events are reported under (the recorder's controller).
+    pub reporter: String,
     pub metrics: Arc<Metrics>,
     pub engine: Arc<Engine>,
     pub settings: Settings,
@@ -250,7 +252,7 @@ impl FailureCounts {
 impl Context {
     pub fn new(
         client: Client,
-        recorder: Recorder,
+        (recorder, reporter): (Recorder, String),
         metrics: Arc<Metrics>,
         settings: Settings,
         shutdown: CancellationToken,
@@ -269,6 +271,7 @@ impl Context {
         Self {
             client,
             recorder,
+            reporter,
             metrics,
             engine,
             settings,
@@ -407,16 +410,69 @@ impl Context {
     ) where
         K: Resource<DynamicType = ()>,
     {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
+        let reference = obj.object_ref(&());
+        let published = if type_ == EventType::Normal {
+            // A Normal Event tells of one transition, made with the status write that makes
+            // the object's version new: never a repeat to fold into a series. Created directly,
+            // it is not kept in the recorder's cache (one entry per Event for minutes, which at
+            // thousands of requests is memory and a scan at every publish).
+            self.create_event(reason, action, note, reference).await
+        } else {
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: action.into(),
+                secondary: None,
+            };
+            self.recorder.publish(&event, &reference).await
         };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = published {
             tracing::warn!(error = %e, reason, "failed to publish event");
         }
+    }
+
+    /// Creates a Normal Event as the recorder would (same fields, same naming), without
+    /// caching it.
+    async fn create_event(
+        &self,
+        reason: &str,
+        action: &str,
+        note: String,
+        reference: k8s_openapi::api::core::v1::ObjectReference,
+    ) -> Result<(), kube::Error> {
+        use k8s_openapi::api::events::v1::Event as K8sEvent;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+        let now = jiff::Timestamp::now();
+        let namespace = reference
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
+        let controller = &self.reporter;
+        let event = K8sEvent {
+            action: Some(action.into()),
+            reason: Some(reason.into()),
+            event_time: Some(MicroTime(now)),
+            note: Some(note),
+            metadata: ObjectMeta {
+                namespace: reference.namespace.clone(),
+                name: Some(format!(
+                    "{}.{:x}",
+                    reference.name.as_deref().unwrap_or(controller),
+                    now.as_nanosecond()
+                )),
+                ..Default::default()
+            },
+            regarding: Some(reference),
+            reporting_controller: Some(controller.clone()),
+            reporting_instance: Some(controller.clone()),
+            type_: Some("Normal".into()),
+            ..Default::default()
+        };
+        Api::<K8sEvent>::namespaced(self.client.clone(), &namespace)
+            .create(&kube::api::PostParams::default(), &event)
+            .await
+            .map(|_| ())
     }
 }
 
