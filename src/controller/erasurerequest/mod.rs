@@ -28,7 +28,7 @@ use crate::api::erasurerequest::{
 };
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
-use crate::api::Timestamp;
+use crate::api::{StoreKind, Timestamp};
 use crate::audit::{self, identifier_digests, subject_digest};
 use crate::backends::{Category, Next, SubjectAction, SubjectJob};
 use crate::engine::Claim;
@@ -136,6 +136,9 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     // write and one Event for the whole move, however many phases it passes.
     let mut checked = check_holds(&ctx, &namespace, &key, &identifiers, now, &mut status).await;
     let mut poll_after = None;
+    // Each target's store resolved once per reconcile (its credentials Secret read once),
+    // whatever the phases it passes.
+    let resolved = Resolved::default();
     for pass in 0..MAX_PHASES_PER_RECONCILE {
         if pass > 0 {
             checked = check_holds(&ctx, &namespace, &key, &identifiers, now, &mut status).await;
@@ -156,7 +159,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             break;
         }
         let before = status.phase;
-        poll_after = run_actions(&ctx, &request, &identifiers, &mut status).await;
+        poll_after = run_actions(&ctx, &request, &identifiers, &resolved, &mut status).await;
         status.phase = plan::next_phase(
             status.phase,
             &status.targets,
@@ -753,10 +756,16 @@ fn target_namespace<'a>(request_namespace: &'a str, target: &'a ErasureTargetSta
 
 /// Runs the current phase's action on every target that needs it, concurrently. Returns how
 /// long to wait before polling again when a store is working on a deletion of its own.
+/// The stores resolved in one reconcile, by `namespace/policy/target`.
+type Resolved = std::sync::Mutex<
+    std::collections::HashMap<String, (Arc<dyn crate::backends::Backend>, StoreKind, String)>,
+>;
+
 async fn run_actions(
     ctx: &Context,
     request: &ErasureRequest,
     identifiers: &BTreeMap<String, String>,
+    resolved: &Resolved,
     status: &mut ErasureRequestStatus,
 ) -> Option<Duration> {
     let request_namespace = request.namespace().unwrap_or_default();
@@ -777,6 +786,7 @@ async fn run_actions(
                 &policy_name,
                 &target_name,
                 identifiers,
+                resolved,
                 action,
                 cursor.as_deref(),
             )
@@ -815,6 +825,7 @@ async fn run_action(
     policy_name: &str,
     target_name: &str,
     identifiers: &BTreeMap<String, String>,
+    resolved: &Resolved,
     action: SubjectAction,
     cursor: Option<&str>,
 ) -> (ActionResult, Option<&'static str>, Option<Duration>) {
@@ -842,13 +853,29 @@ async fn run_action(
             "policy {policy_name} has no target {target_name}"
         )));
     };
-    let (backend, kind, store_key) = match resolve_target(ctx, namespace, target).await {
-        ResolvedTarget::Ready {
-            backend,
-            kind,
-            store_key,
-        } => (backend, kind, store_key),
-        ResolvedTarget::Problem(p) => return (ActionResult::Failed(p.failure()), None, None),
+    let memo = format!("{namespace}/{policy_name}/{target_name}");
+    let known = resolved
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&memo)
+        .cloned();
+    let (backend, kind, store_key) = match known {
+        Some(known) => known,
+        None => match resolve_target(ctx, namespace, target).await {
+            ResolvedTarget::Ready {
+                backend,
+                kind,
+                store_key,
+            } => {
+                let ready = (backend, kind, store_key);
+                resolved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(memo, ready.clone());
+                ready
+            }
+            ResolvedTarget::Problem(p) => return (ActionResult::Failed(p.failure()), None, None),
+        },
     };
     let locator = target
         .subject
