@@ -6,7 +6,8 @@
 //! and what one costs), and, for a second operator over the same objects with nothing due,
 //! the writes it made (none is the goal: no reconcile storm).
 //!
-//! `SCALE_OBJECTS` sets N (default 10,000). Needs the environment of `hack/setup.sh`
+//! `SCALE_OBJECTS` sets N (default 10,000); `SCALE_RECONCILE_CONCURRENCY` the reconciles run
+//! at once per controller (default: the operator's). Needs the environment of `hack/setup.sh`
 //! (`KUBEBUILDER_ASSETS`) and `redis-server`. Run: `cargo bench --bench controller_scale`.
 
 #[path = "../tests/support/mod.rs"]
@@ -94,10 +95,17 @@ async fn create_all(client: &kube::Client, ns: &str, n: usize) {
         .await;
 }
 
+/// The operator's defaults; `SCALE_RECONCILE_CONCURRENCY` overrides the reconciles run at
+/// once per controller, to compare.
 fn settings(ns: &str) -> Settings {
+    let defaults = Settings::default();
     Settings {
         operator_namespace: ns.to_string(),
-        ..Default::default()
+        reconcile_concurrency: std::env::var("SCALE_RECONCILE_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.reconcile_concurrency),
+        ..defaults
     }
 }
 
