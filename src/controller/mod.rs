@@ -153,7 +153,7 @@ impl Default for Settings {
         Self {
             checkpoint_interval: Duration::from_secs(2),
             max_concurrent_jobs: 4,
-            reconcile_concurrency: 8,
+            reconcile_concurrency: 16,
             probe_interval: Duration::from_secs(300),
             operator_namespace: "tombstone-system".into(),
             allow_ambient_credentials: false,
