@@ -7,7 +7,8 @@
 //! the writes it made (none is the goal: no reconcile storm).
 //!
 //! `SCALE_OBJECTS` sets N (default 10,000); `SCALE_RECONCILE_CONCURRENCY` the reconciles run
-//! at once per controller (default: the operator's). Needs the environment of `hack/setup.sh`
+//! at once per controller and `SCALE_MAX_CONCURRENT_JOBS` the store steps run at once
+//! (default: the operator's), to compare. Needs the environment of `hack/setup.sh`
 //! (`KUBEBUILDER_ASSETS`) and `redis-server`. Run: `cargo bench --bench controller_scale`.
 
 #[path = "../tests/support/mod.rs"]
@@ -95,8 +96,8 @@ async fn create_all(client: &kube::Client, ns: &str, n: usize) {
         .await;
 }
 
-/// The operator's defaults; `SCALE_RECONCILE_CONCURRENCY` overrides the reconciles run at
-/// once per controller, to compare.
+/// The operator's defaults, but for what `SCALE_RECONCILE_CONCURRENCY` and
+/// `SCALE_MAX_CONCURRENT_JOBS` set.
 fn settings(ns: &str) -> Settings {
     let defaults = Settings::default();
     Settings {
@@ -105,6 +106,10 @@ fn settings(ns: &str) -> Settings {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(defaults.reconcile_concurrency),
+        max_concurrent_jobs: std::env::var("SCALE_MAX_CONCURRENT_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.max_concurrent_jobs),
         ..defaults
     }
 }

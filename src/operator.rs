@@ -661,6 +661,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cached_objects_lose_managed_fields_and_kubectls_copy_and_keep_the_rest() {
+        let mut cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": "x",
+                    "annotations": {LAST_APPLIED: "{\"big\": true}", "team": "mail"},
+                    "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+                },
+                "data": {"k": "v"}
+            }))
+            .expect("a ConfigMap");
+        strip(&mut cm);
+        assert_eq!(cm.metadata.managed_fields, None);
+        let annotations = cm.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations.get("team").map(String::as_str), Some("mail"));
+        assert_eq!(
+            cm.data.unwrap_or_default().get("k").map(String::as_str),
+            Some("v")
+        );
+        let mut only_kubectl: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "y", "annotations": {LAST_APPLIED: "{}"}}
+            }))
+            .expect("a ConfigMap");
+        strip(&mut only_kubectl);
+        assert_eq!(only_kubectl.metadata.annotations, None);
+    }
+
+    #[test]
     fn generations_tell_spec_changes_from_status_writes() {
         let seen = Generations::default();
         // Any kind will do: a ConfigMap stands for a policy.
