@@ -1,6 +1,6 @@
 //! Many objects at once: a thousand RetentionPolicies and a thousand ErasureRequests are each
-//! reconciled and given a status with few requests to the API server (one status write and
-//! one Event per request), and an operator that starts over them afterwards (every object
+//! reconciled and given a status with few requests to the API server (one status write per
+//! request), and an operator that starts over them afterwards (every object
 //! reconciled once more, nothing due) writes nothing: no reconcile storm.
 
 use std::time::{Duration, Instant};
@@ -105,9 +105,9 @@ async fn a_thousand_policies_and_requests_are_all_reconciled_and_a_second_pass_w
     first.stop().await;
     let made = first_log.since(0);
     eprintln!("scale: the first operator made {made:?}");
-    // Each request passes its quick phases in one reconcile: one status write and one Event
-    // (three and two when each phase took a reconcile), and LegalHold lists are shared by the
-    // reconciles asking at the same moment (not one per reconcile and phase).
+    // Each request passes its quick phases in one reconcile: one status write (three when each
+    // phase took a reconcile) and no more than one Event, and LegalHold lists are shared by
+    // the reconciles asking at the same moment (not one per reconcile and phase).
     let of = |kind: &str| made.get(kind).copied().unwrap_or(0);
     assert!(
         of("patch erasurerequests/status") < REQUESTS * 3 / 2,
