@@ -6,7 +6,9 @@
 //! and what one costs), and, for a second operator over the same objects with nothing due,
 //! the writes it made (none is the goal: no reconcile storm).
 //!
-//! `SCALE_OBJECTS` sets N (default 10,000). Needs the environment of `hack/setup.sh`
+//! `SCALE_OBJECTS` sets N (default 10,000); `SCALE_RECONCILE_CONCURRENCY` the reconciles run
+//! at once per controller and `SCALE_MAX_CONCURRENT_JOBS` the store steps run at once
+//! (default: the operator's), to compare. Needs the environment of `hack/setup.sh`
 //! (`KUBEBUILDER_ASSETS`) and `redis-server`. Run: `cargo bench --bench controller_scale`.
 
 #[path = "../tests/support/mod.rs"]
@@ -17,16 +19,16 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use tombstone::api::erasurerequest::ErasurePhase;
 use tombstone::api::{DataStore, ErasureRequest, RetentionPolicy};
 use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
 use support::request_log::RequestLog;
+use support::scale::handled;
 use support::{ControlPlane, RedisServer};
 
 const CREATE_CONCURRENCY: usize = 32;
@@ -94,46 +96,21 @@ async fn create_all(client: &kube::Client, ns: &str, n: usize) {
         .await;
 }
 
-/// Policies with a status for their generation, and requests Completed.
-async fn handled(client: &kube::Client, ns: &str) -> (usize, usize) {
-    let policies = Api::<RetentionPolicy>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.observed_generation)
-                        .is_some()
-                        && p.status.as_ref().and_then(|s| s.observed_generation)
-                            == p.metadata.generation
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    let requests = Api::<ErasureRequest>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|r| {
-                    r.status
-                        .as_ref()
-                        .is_some_and(|s| s.phase == ErasurePhase::Completed)
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    (policies, requests)
-}
-
+/// The operator's defaults, but for what `SCALE_RECONCILE_CONCURRENCY` and
+/// `SCALE_MAX_CONCURRENT_JOBS` set.
 fn settings(ns: &str) -> Settings {
+    let defaults = Settings::default();
     Settings {
         operator_namespace: ns.to_string(),
-        ..Default::default()
+        reconcile_concurrency: std::env::var("SCALE_RECONCILE_CONCURRENCY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.reconcile_concurrency),
+        max_concurrent_jobs: std::env::var("SCALE_MAX_CONCURRENT_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.max_concurrent_jobs),
+        ..defaults
     }
 }
 

@@ -226,6 +226,10 @@ struct RunArgs {
     /// first, then the policy or request running the fewest.
     #[arg(long, default_value_t = 4)]
     max_concurrent_jobs: usize,
+    /// Reconciles running at once per controller (policies, requests, stores, holds). Most
+    /// of a reconcile is waiting for the API server and the stores, so more than the cores.
+    #[arg(long, default_value_t = tombstone::controller::Settings::default().reconcile_concurrency)]
+    reconcile_concurrency: u16,
     /// An erasure request in one unfinished phase this long counts as stalled (a request held
     /// by a LegalHold waits lawfully and never does).
     #[arg(long, default_value = "24h")]
@@ -330,6 +334,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         settings: tombstone::controller::Settings {
             checkpoint_interval: args.checkpoint_interval.as_std(),
             max_concurrent_jobs: args.max_concurrent_jobs,
+            reconcile_concurrency: args.reconcile_concurrency,
             operator_namespace: args.lease_namespace.clone(),
             allow_ambient_credentials: args.allow_ambient_credentials,
             stall_after: tombstone::controller::erasurerequest::plan::StallAfter {

@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use futures::channel::mpsc;
 use futures::StreamExt;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -203,21 +204,22 @@ async fn run_controllers(
     );
     let config = ControllerConfig::default().concurrency(options.settings.reconcile_concurrency);
 
-    let stores: Api<DataStore> = api(&client, &options.namespace);
-    let holds: Api<LegalHold> = api(&client, &options.namespace);
-    let policies: Api<RetentionPolicy> = api(&client, &options.namespace);
+    // One watch per kind, shared by the controllers that need it.
+    let mut stores = Source::new(api::<DataStore>(&client, &options.namespace));
+    let mut holds = Source::new(api::<LegalHold>(&client, &options.namespace));
+    let mut policies = Source::new(api::<RetentionPolicy>(&client, &options.namespace));
+    let mut requests = Source::new(api::<ErasureRequest>(&client, &options.namespace));
+    let store_cache = stores.cache.clone();
+    let policy_cache = policies.cache.clone();
+    let hold_cache = holds.cache.clone();
+    let request_cache = requests.cache.clone();
 
-    let store_controller =
-        Controller::new(stores.clone(), watcher::Config::default()).with_config(config.clone());
-    let store_cache = store_controller.store();
-    let store_controller =
-        store_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache.clone()));
-    let policy_controller =
-        Controller::new(policies, watcher::Config::default()).with_config(config);
-    let policy_cache = policy_controller.store();
+    let store_controller = Controller::for_shared_stream(stores.applied(), store_cache.clone())
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache.clone()));
     let ctx = Arc::new(Context::new(
         client.clone(),
-        recorder,
+        (recorder, options.reporter.clone()),
         metrics,
         crate::controller::Settings {
             watch_namespace: options.namespace.clone(),
@@ -231,15 +233,14 @@ async fn run_controllers(
         },
     ));
     let _ = engine.set(ctx.engine.clone());
-    let policy_controller = policy_controller
+    let policy_controller = Controller::for_shared_stream(policies.applied(), policy_cache.clone())
+        .with_config(config.clone())
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache.clone()));
-    let policy_index = policy_controller.store();
-    let held_policy_index = policy_controller.store();
+    let policy_index = policy_cache.clone();
+    let held_policy_index = policy_cache.clone();
     // A store that changes (becomes ready, changes limits) re-plans the policies that use it.
-    let policy_controller = policy_controller.watches(
-        stores,
-        watcher::Config::default(),
-        move |store: DataStore| {
+    let policy_controller =
+        policy_controller.watches_shared_stream(stores.touched(), move |store: Arc<DataStore>| {
             let namespace = store.namespace();
             let name = store.name_any();
             policy_index
@@ -250,22 +251,19 @@ async fn run_controllers(
                 })
                 .map(|p| ObjectRef::from_obj(p.as_ref()))
                 .collect::<Vec<_>>()
-        },
-    );
+        });
 
     // A hold placed, lifted or changed re-plans the policies it names; a hold on subjects
     // re-plans every policy of its namespace (sweeps leave held subjects' data alone).
-    let policy_controller = policy_controller.watches(
-        holds.clone(),
-        watcher::Config::default(),
-        move |hold: LegalHold| {
+    let policy_controller =
+        policy_controller.watches_shared_stream(holds.touched(), move |hold: Arc<LegalHold>| {
             let namespace = hold.namespace().unwrap_or_default();
             let mut refs: Vec<ObjectRef<RetentionPolicy>> = hold
                 .spec
                 .policies
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| ObjectRef::<RetentionPolicy>::new(&p).within(&namespace))
+                .iter()
+                .flatten()
+                .map(|p| ObjectRef::<RetentionPolicy>::new(p).within(&namespace))
                 .collect();
             if hold.spec.subjects.as_ref().is_some_and(|s| !s.is_empty()) {
                 refs.extend(
@@ -277,15 +275,10 @@ async fn run_controllers(
                 );
             }
             refs
-        },
-    );
-    let hold_controller = Controller::new(holds, watcher::Config::default()).with_config(
-        ControllerConfig::default().concurrency(options.settings.reconcile_concurrency),
-    );
-    let hold_cache = hold_controller.store();
-    let held_objects = hold_controller.store();
-    let hold_controller =
-        hold_controller.graceful_shutdown_on(shutdown_trigger(stop.clone(), hold_cache));
+        });
+    let hold_controller = Controller::for_shared_stream(holds.applied(), hold_cache.clone())
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown_trigger(stop.clone(), hold_cache.clone()));
     let hold_loop = hold_controller
         .run(legalhold::reconcile, legalhold::error_policy, ctx.clone())
         .for_each(|r| {
@@ -294,12 +287,9 @@ async fn run_controllers(
             }
             futures::future::ready(())
         });
-    let requests: Api<ErasureRequest> = api(&client, &options.namespace);
-    let request_controller = Controller::new(requests, watcher::Config::default()).with_config(
-        ControllerConfig::default().concurrency(options.settings.reconcile_concurrency),
-    );
-    let request_cache = request_controller.store();
-    let request_controller_cache = request_cache.clone();
+    let request_controller =
+        Controller::for_shared_stream(requests.applied(), request_cache.clone())
+            .with_config(config);
     // The unfinished requests of a namespace that `concerns` (given a request's status); a
     // cluster-wide request counts in every namespace it searches (or may search, before its
     // targets are known).
@@ -330,46 +320,40 @@ async fn run_controllers(
     let unfinished_by_policy = unfinished.clone();
     let policy_generations = Generations::default();
     let request_controller = request_controller
-        .graceful_shutdown_on(shutdown_trigger(stop.clone(), request_cache))
+        .graceful_shutdown_on(shutdown_trigger(stop.clone(), request_cache.clone()))
         // A hold placed or lifted may block or release any unfinished request in its namespace.
-        .watches(
-            api::<LegalHold>(&client, &options.namespace),
-            watcher::Config::default(),
-            move |hold: LegalHold| unfinished_by_hold(hold.namespace(), &|_| true),
-        )
+        .watches_shared_stream(holds.touched(), move |hold: Arc<LegalHold>| {
+            unfinished_by_hold(hold.namespace(), &|_| true)
+        })
         // A policy edited (a locator fixed, an archive's lines declared) lets the requests
         // waiting on its targets go on at once. Only spec changes count: a sweep's status
         // writes would otherwise wake them at every checkpoint.
-        .watches(
-            api::<RetentionPolicy>(&client, &options.namespace),
-            watcher::Config::default(),
-            move |policy: RetentionPolicy| {
-                if !policy_generations.changed(&policy) {
-                    return Vec::new();
-                }
-                let name = policy.name_any();
-                unfinished_by_policy(policy.namespace(), &|r| {
-                    r.status.as_ref().is_none_or(|s| {
-                        s.targets.is_empty() || s.targets.iter().any(|t| t.policy == name)
-                    })
+        .watches_shared_stream(policies.touched(), move |policy: Arc<RetentionPolicy>| {
+            if !policy_generations.changed(policy.as_ref()) {
+                return Vec::new();
+            }
+            let name = policy.name_any();
+            unfinished_by_policy(policy.namespace(), &|r| {
+                r.status.as_ref().is_none_or(|s| {
+                    s.targets.is_empty() || s.targets.iter().any(|t| t.policy == name)
                 })
-            },
-        )
+            })
+        })
         // A store that becomes ready (or changes) lets the requests waiting on it go on at
         // once, rather than after their back-off: those with a target on it, and those whose
         // targets are not known yet.
-        .watches(
-            api::<DataStore>(&client, &options.namespace),
-            watcher::Config::default(),
-            move |store: DataStore| {
-                let name = store.name_any();
-                unfinished(store.namespace(), &|r| {
-                    r.status.as_ref().is_none_or(|s| {
-                        s.targets.is_empty() || s.targets.iter().any(|t| t.store == name)
-                    })
+        .watches_shared_stream(stores.touched(), move |store: Arc<DataStore>| {
+            let name = store.name_any();
+            unfinished(store.namespace(), &|r| {
+                r.status.as_ref().is_none_or(|s| {
+                    s.targets.is_empty() || s.targets.iter().any(|t| t.store == name)
                 })
-            },
-        );
+            })
+        });
+    // The watches run until the controllers have stopped (below).
+    let watches = async move {
+        tokio::join!(stores.run(), holds.run(), policies.run(), requests.run());
+    };
     let request_loop = request_controller
         .run(
             erasurerequest::reconcile,
@@ -385,8 +369,8 @@ async fn run_controllers(
     // The erasure and compliance gauges are a view over all requests and policies:
     // recomputed from the caches.
     let gauges = {
-        let requests = request_controller_cache.clone();
-        let policies = policy_controller.store();
+        let requests = request_cache.clone();
+        let policies = policy_cache.clone();
         let metrics = ctx.metrics.clone();
         let stop = stop.clone();
         let stall_after = ctx.settings.stall_after;
@@ -427,10 +411,10 @@ async fn run_controllers(
     // they are synced, so that an object is never taken for deleted before it was listed.
     let forget = {
         let caches = (
-            store_controller.store(),
-            policy_controller.store(),
-            request_controller_cache.clone(),
-            held_objects,
+            store_cache.clone(),
+            policy_cache.clone(),
+            request_cache.clone(),
+            hold_cache,
         );
         let ctx = ctx.clone();
         let stop = stop.clone();
@@ -465,8 +449,8 @@ async fn run_controllers(
             }
         }
     };
-    let stores_ready = store_controller.store();
-    let policies_ready = policy_controller.store();
+    let stores_ready = store_cache;
+    let policies_ready = policy_cache;
     let readiness = {
         let ready = ready.clone();
         async move {
@@ -513,12 +497,116 @@ async fn run_controllers(
     };
     tokio::select! {
         _ = controllers => {}
+        _ = watches => {}
         _ = async { stop.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
             warn!("controllers did not stop within {}s; abandoning running reconciles", SHUTDOWN_GRACE.as_secs());
         }
     }
     ready.store(false, Ordering::Relaxed);
     info!("controllers stopped");
+}
+
+/// One watch of a kind, shared by every controller that needs it: one cache (without what
+/// no reconcile reads) and one stream of the objects seen, handed to each subscriber.
+struct Source<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    api: Api<K>,
+    cache: Store<K>,
+    writer: Writer<K>,
+    /// Each subscriber, and whether it is told of deletions too.
+    subscribers: Vec<(bool, mpsc::UnboundedSender<Arc<K>>)>,
+}
+
+impl<K> Source<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    fn new(api: Api<K>) -> Self {
+        let (cache, writer) = reflector::store();
+        Self {
+            api,
+            cache,
+            writer,
+            subscribers: Vec::new(),
+        }
+    }
+
+    /// The objects created or changed (the trigger of the kind's own controller).
+    fn applied(&mut self) -> mpsc::UnboundedReceiver<Arc<K>> {
+        self.subscribe(false)
+    }
+
+    /// The objects created, changed or deleted (a trigger of another kind's controller).
+    fn touched(&mut self) -> mpsc::UnboundedReceiver<Arc<K>> {
+        self.subscribe(true)
+    }
+
+    fn subscribe(&mut self, deletions: bool) -> mpsc::UnboundedReceiver<Arc<K>> {
+        let (tx, rx) = mpsc::unbounded();
+        self.subscribers.push((deletions, tx));
+        rx
+    }
+
+    /// Runs the watch: fills the cache and tells the subscribers, until dropped.
+    fn run(self) -> impl std::future::Future<Output = ()> + Send {
+        let Self {
+            api,
+            writer,
+            subscribers,
+            ..
+        } = self;
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(strip::<K>)
+            .reflect(writer)
+            .for_each(move |event| {
+                let (object, deleted) = match event {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
+                    Ok(watcher::Event::Delete(o)) => (o, true),
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => {
+                        return futures::future::ready(())
+                    }
+                    Err(e) => {
+                        tracing::debug!(kind = %K::kind(&()), error = %e, "watch error; retried with back-off");
+                        return futures::future::ready(());
+                    }
+                };
+                let object = Arc::new(object);
+                for (deletions, tx) in &subscribers {
+                    if *deletions || !deleted {
+                        // A subscriber gone (its controller stopped) needs nothing more.
+                        let _ = tx.unbounded_send(object.clone());
+                    }
+                }
+                futures::future::ready(())
+            })
+    }
+}
+
+/// The annotation `kubectl apply` keeps its last input in: never read by the operator.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from a watched object what no reconcile reads, before it is cached: who manages
+/// which field (`managedFields`, often as large as the spec) and `kubectl apply`'s copy of
+/// the object. Reconciles that act on an object read it fresh from the API server.
+fn strip<K: kube::Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
 }
 
 /// How often the erasure and compliance gauges are recomputed.
@@ -571,6 +659,36 @@ impl Generations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_objects_lose_managed_fields_and_kubectls_copy_and_keep_the_rest() {
+        let mut cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": "x",
+                    "annotations": {LAST_APPLIED: "{\"big\": true}", "team": "mail"},
+                    "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+                },
+                "data": {"k": "v"}
+            }))
+            .expect("a ConfigMap");
+        strip(&mut cm);
+        assert_eq!(cm.metadata.managed_fields, None);
+        let annotations = cm.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(annotations.get("team").map(String::as_str), Some("mail"));
+        assert_eq!(
+            cm.data.unwrap_or_default().get("k").map(String::as_str),
+            Some("v")
+        );
+        let mut only_kubectl: k8s_openapi::api::core::v1::ConfigMap =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "y", "annotations": {LAST_APPLIED: "{}"}}
+            }))
+            .expect("a ConfigMap");
+        strip(&mut only_kubectl);
+        assert_eq!(only_kubectl.metadata.annotations, None);
+    }
 
     #[test]
     fn generations_tell_spec_changes_from_status_writes() {

@@ -2,6 +2,7 @@
 
 pub mod datastore;
 pub mod erasurerequest;
+pub mod fresh;
 pub mod legalhold;
 mod resolve;
 pub mod retentionpolicy;
@@ -152,7 +153,7 @@ impl Default for Settings {
         Self {
             checkpoint_interval: Duration::from_secs(2),
             max_concurrent_jobs: 4,
-            reconcile_concurrency: 8,
+            reconcile_concurrency: 16,
             probe_interval: Duration::from_secs(300),
             operator_namespace: "tombstone-system".into(),
             allow_ambient_credentials: false,
@@ -178,6 +179,8 @@ pub struct Caches {
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    /// The name events are reported under (the recorder's controller).
+    pub reporter: String,
     pub metrics: Arc<Metrics>,
     pub engine: Arc<Engine>,
     pub settings: Settings,
@@ -195,7 +198,13 @@ pub struct Context {
     /// Consecutive failures per object, for exponential backoff; reset on success, dropped
     /// when the object is deleted.
     failures: FailureCounts,
+    /// The LegalHolds of each namespace, listed fresh and shared by the reconciles that ask
+    /// at the same moment.
+    holds: fresh::FreshReads<HoldList>,
 }
+
+/// The LegalHolds of a namespace as listed, or why they could not be.
+pub type HoldList = Result<Arc<Vec<crate::api::legalhold::LegalHold>>, Arc<kube::Error>>;
 
 /// Consecutive failures per object (`namespace/name`).
 #[derive(Debug, Default)]
@@ -243,7 +252,7 @@ impl FailureCounts {
 impl Context {
     pub fn new(
         client: Client,
-        recorder: Recorder,
+        (recorder, reporter): (Recorder, String),
         metrics: Arc<Metrics>,
         settings: Settings,
         shutdown: CancellationToken,
@@ -262,6 +271,7 @@ impl Context {
         Self {
             client,
             recorder,
+            reporter,
             metrics,
             engine,
             settings,
@@ -271,7 +281,23 @@ impl Context {
             digest_key: std::sync::OnceLock::new(),
             sink,
             failures: FailureCounts::default(),
+            holds: fresh::FreshReads::default(),
         }
+    }
+
+    /// The LegalHolds of `namespace`, from a LIST sent after this call began (never an older
+    /// one: a hold placed a moment ago wins), shared with the reconciles that ask meanwhile.
+    pub async fn legal_holds(&self, namespace: &str) -> HoldList {
+        self.holds
+            .get(namespace, || async {
+                let api: Api<crate::api::legalhold::LegalHold> =
+                    Api::namespaced(self.client.clone(), namespace);
+                api.list(&kube::api::ListParams::default())
+                    .await
+                    .map(|l| Arc::new(l.items))
+                    .map_err(Arc::new)
+            })
+            .await
     }
 
     /// Writes `status` (see [`apply_status`]) only while this instance still leads by its
@@ -366,6 +392,7 @@ impl Context {
     ) {
         let backends = self.engine.retain_stores(store_exists);
         let failures = self.failures.retain(object_exists);
+        self.holds.forget_idle();
         if backends + failures > 0 {
             tracing::debug!(backends, failures, "forgot deleted objects");
         }
@@ -383,16 +410,69 @@ impl Context {
     ) where
         K: Resource<DynamicType = ()>,
     {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
+        let reference = obj.object_ref(&());
+        let published = if type_ == EventType::Normal {
+            // A Normal Event tells of one transition, made with the status write that makes
+            // the object's version new: never a repeat to fold into a series. Created directly,
+            // it is not kept in the recorder's cache (one entry per Event for minutes, which at
+            // thousands of requests is memory and a scan at every publish).
+            self.create_event(reason, action, note, reference).await
+        } else {
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: action.into(),
+                secondary: None,
+            };
+            self.recorder.publish(&event, &reference).await
         };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = published {
             tracing::warn!(error = %e, reason, "failed to publish event");
         }
+    }
+
+    /// Creates a Normal Event as the recorder would (same fields, same naming), without
+    /// caching it.
+    async fn create_event(
+        &self,
+        reason: &str,
+        action: &str,
+        note: String,
+        reference: k8s_openapi::api::core::v1::ObjectReference,
+    ) -> Result<(), kube::Error> {
+        use k8s_openapi::api::events::v1::Event as K8sEvent;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+        let now = jiff::Timestamp::now();
+        let namespace = reference
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
+        let controller = &self.reporter;
+        let event = K8sEvent {
+            action: Some(action.into()),
+            reason: Some(reason.into()),
+            event_time: Some(MicroTime(now)),
+            note: Some(note),
+            metadata: ObjectMeta {
+                namespace: reference.namespace.clone(),
+                name: Some(format!(
+                    "{}.{:x}",
+                    reference.name.as_deref().unwrap_or(controller),
+                    now.as_nanosecond()
+                )),
+                ..Default::default()
+            },
+            regarding: Some(reference),
+            reporting_controller: Some(controller.clone()),
+            reporting_instance: Some(controller.clone()),
+            type_: Some("Normal".into()),
+            ..Default::default()
+        };
+        Api::<K8sEvent>::namespaced(self.client.clone(), &namespace)
+            .create(&kube::api::PostParams::default(), &event)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -431,6 +511,36 @@ where
         .await
         .map_err(Error::Kube)?
         .map(|fresh| (api, fresh)))
+}
+
+/// An API error shared by several callers (a read they shared), as one of their own: the
+/// API server's answer as it was, any other failure by its message.
+pub fn shared_error(e: &kube::Error) -> kube::Error {
+    match e {
+        kube::Error::Api(status) => kube::Error::Api(status.clone()),
+        other => kube::Error::Service(other.to_string().into()),
+    }
+}
+
+/// The finalizers with `finalizer` added, None when it is there already (pure).
+pub fn with_finalizer(existing: &[String], finalizer: &str) -> Option<Vec<String>> {
+    if existing.iter().any(|f| f == finalizer) {
+        return None;
+    }
+    let mut all = existing.to_vec();
+    all.push(finalizer.to_string());
+    Some(all)
+}
+
+/// The finalizers with `finalizer` removed, None when it is not there (pure).
+pub fn without_finalizer(existing: &[String], finalizer: &str) -> Option<Vec<String>> {
+    existing.iter().any(|f| f == finalizer).then(|| {
+        existing
+            .iter()
+            .filter(|f| *f != finalizer)
+            .cloned()
+            .collect()
+    })
 }
 
 /// `namespace/name`, the key for caches and logs.
@@ -553,6 +663,21 @@ mod tests {
         assert_eq!(object_key(&store), object_key(&policy));
         assert_eq!(failure_key(&store), "DataStore/ns/x");
         assert_eq!(failure_key(&policy), "RetentionPolicy/ns/x");
+    }
+
+    #[test]
+    fn a_finalizer_is_added_once_and_removed_alone() {
+        for ours in [
+            erasurerequest::lifecycle::FINALIZER,
+            retentionpolicy::plan::FINALIZER,
+        ] {
+            let others = vec!["other/x".to_string()];
+            let with = with_finalizer(&others, ours).unwrap();
+            assert_eq!(with, vec!["other/x".to_string(), ours.to_string()]);
+            assert_eq!(with_finalizer(&with, ours), None);
+            assert_eq!(without_finalizer(&with, ours), Some(others.clone()));
+            assert_eq!(without_finalizer(&others, ours), None);
+        }
     }
 
     #[test]

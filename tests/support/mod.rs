@@ -20,6 +20,7 @@ pub mod opensearch;
 pub mod operator_process;
 pub mod request_log;
 pub mod s3;
+pub mod scale;
 
 use std::env;
 use std::fs;

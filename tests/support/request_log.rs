@@ -9,7 +9,15 @@ use super::ControlPlane;
 /// Every request a client made, as "VERB resource[/subresource]" (`get`, `list`, `watch`,
 /// `create`, `patch`, `update`, `delete`), in order.
 #[derive(Clone, Default)]
-pub struct RequestLog(Arc<Mutex<Vec<String>>>);
+pub struct RequestLog(Arc<Mutex<Log>>);
+
+/// Each kind once, and the requests as indices into them: a benchmark's hundreds of
+/// thousands of requests take little of the memory it measures.
+#[derive(Default)]
+pub struct Log {
+    kinds: Vec<String>,
+    requests: Vec<u32>,
+}
 
 impl RequestLog {
     /// A client of the test API server that records its requests here.
@@ -33,20 +41,33 @@ impl RequestLog {
 
     fn record(&self, method: &http::Method, uri: &http::Uri) {
         let kind = request_kind(method, uri.path(), uri.query().unwrap_or(""));
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(kind);
+        let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let index = match log.kinds.iter().position(|k| *k == kind) {
+            Some(i) => i,
+            None => {
+                log.kinds.push(kind);
+                log.kinds.len() - 1
+            }
+        };
+        log.requests.push(u32::try_from(index).unwrap_or(u32::MAX));
     }
 
     /// How many requests were made so far (a mark for [`Self::since`]).
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .requests
+            .len()
     }
 
     /// The requests made since `mark`, counted by kind.
     pub fn since(&self, mark: usize) -> BTreeMap<String, usize> {
         let log = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut counts = BTreeMap::new();
-        for kind in log.iter().skip(mark) {
-            *counts.entry(kind.clone()).or_insert(0) += 1;
+        for &index in log.requests.iter().skip(mark) {
+            let kind = log.kinds.get(index as usize).cloned().unwrap_or_default();
+            *counts.entry(kind).or_insert(0) += 1;
         }
         counts
     }

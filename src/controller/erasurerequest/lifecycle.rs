@@ -19,7 +19,7 @@ use crate::api::erasurerequest::{ErasurePhase, ErasureRequest, ErasureRequestSta
 use crate::api::receipts::ReceiptChainStatus;
 use crate::api::Timestamp;
 use crate::audit::{chain, receipt};
-use crate::controller::{Context, Error};
+use crate::controller::{with_finalizer, without_finalizer, Context, Error};
 
 /// Held by every request until its closing receipt is recorded.
 pub const FINALIZER: &str = "tombstone.dev/closing-receipt";
@@ -28,27 +28,6 @@ pub const ABANDONED: &str = "ErasureAbandoned";
 pub const CLOSED: &str = "ErasureRequestClosed";
 /// How soon to look again at a request whose receipts are not (yet) found in the sink.
 const NOT_IN_SINK_RECHECK: Duration = Duration::from_secs(3600);
-
-/// The finalizers with ours added, None when it is there already (pure).
-pub fn with_finalizer(existing: &[String]) -> Option<Vec<String>> {
-    if existing.iter().any(|f| f == FINALIZER) {
-        return None;
-    }
-    let mut all = existing.to_vec();
-    all.push(FINALIZER.to_string());
-    Some(all)
-}
-
-/// The finalizers with ours removed, None when it is not there (pure).
-pub fn without_finalizer(existing: &[String]) -> Option<Vec<String>> {
-    existing.iter().any(|f| f == FINALIZER).then(|| {
-        existing
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect()
-    })
-}
 
 /// The closing receipt's kind for a request deleted in `phase` (pure): a request that reached
 /// a final phase (Completed, or Failed) is closed; any other is abandoned.
@@ -85,7 +64,7 @@ pub async fn ensure_finalizer(
     api: &Api<ErasureRequest>,
     request: &ErasureRequest,
 ) -> Result<(), Error> {
-    let Some(finalizers) = with_finalizer(request.finalizers()) else {
+    let Some(finalizers) = with_finalizer(request.finalizers(), FINALIZER) else {
         return Ok(());
     };
     patch_finalizers(ctx, api, request, finalizers).await
@@ -138,7 +117,7 @@ pub async fn close(
     api: &Api<ErasureRequest>,
     request: &ErasureRequest,
 ) -> Result<Action, Error> {
-    let Some(finalizers) = without_finalizer(request.finalizers()) else {
+    let Some(finalizers) = without_finalizer(request.finalizers(), FINALIZER) else {
         return Ok(Action::await_change());
     };
     let previous = request.status.clone().unwrap_or_default();
@@ -255,7 +234,7 @@ pub async fn expire(
     )
     .await;
     // The chain is closed: the finalizer has nothing left to record.
-    if let Some(finalizers) = without_finalizer(request.finalizers()) {
+    if let Some(finalizers) = without_finalizer(request.finalizers(), FINALIZER) {
         patch_finalizers(ctx, api, request, finalizers).await?;
     }
     ctx.fence.check()?;
@@ -279,16 +258,6 @@ pub async fn expire(
 mod tests {
     use super::*;
     use crate::api::receipts::PendingReceipt;
-
-    #[test]
-    fn the_finalizer_is_added_once_and_removed_alone() {
-        let others = vec!["other/x".to_string()];
-        let with = with_finalizer(&others).unwrap();
-        assert_eq!(with, vec!["other/x".to_string(), FINALIZER.to_string()]);
-        assert_eq!(with_finalizer(&with), None);
-        assert_eq!(without_finalizer(&with), Some(others.clone()));
-        assert_eq!(without_finalizer(&others), None);
-    }
 
     #[test]
     fn unfinished_requests_are_abandoned_final_ones_closed() {

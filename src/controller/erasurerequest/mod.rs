@@ -28,7 +28,7 @@ use crate::api::erasurerequest::{
 };
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
-use crate::api::Timestamp;
+use crate::api::{StoreKind, Timestamp};
 use crate::audit::{self, identifier_digests, subject_digest};
 use crate::backends::{Category, Next, SubjectAction, SubjectJob};
 use crate::engine::Claim;
@@ -39,6 +39,10 @@ pub const CONTROLLER: &str = "erasurerequest";
 #[instrument(skip_all, fields(request = %object_key(obj.as_ref())))]
 pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(CONTROLLER);
+    if plan::settled_as_cached(&obj, lifecycle::FINALIZER, ctx.sink.is_some()) {
+        // Final, and nothing waits: not even read again.
+        return Ok(Action::await_change());
+    }
     let namespace = obj.namespace().unwrap_or_default();
     let Some((api, request)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
@@ -126,90 +130,24 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             (found.targets, found.missing, found.not_searched);
     }
 
-    // 2. Holds: on the subject (the whole request) or on policies (their targets). A hold
-    // that cannot be evaluated blocks the whole request (fail closed). In a cluster-wide
-    // request, the holds of each namespace searched bear on that namespace's targets: one
-    // on the subject there holds all of them.
-    let Holds {
-        subject: subject_holds,
-        policies: held_policies,
-        mut unverifiable,
-        expiry: mut hold_expiry,
-    } = holds(&ctx, &namespace, &key, &identifiers, now).await;
-    let mut held: BTreeMap<(String, String), String> = held_policies
-        .into_iter()
-        .map(|(policy, hold)| ((namespace.clone(), policy), hold))
-        .collect();
-    let mut held_namespaces: BTreeMap<String, String> = BTreeMap::new();
-    let others: BTreeSet<String> = status
-        .targets
-        .iter()
-        .map(|t| target_namespace(&namespace, t).to_string())
-        .filter(|ns| *ns != namespace)
-        .collect();
-    for ns in others {
-        let theirs = holds(&ctx, &ns, &key, &identifiers, now).await;
-        if let Some(first) = theirs.subject.first() {
-            held_namespaces.insert(ns.clone(), format!("{ns}/{first}"));
-        }
-        for (policy, hold) in theirs.policies {
-            held.insert((ns.clone(), policy), format!("{ns}/{hold}"));
-        }
-        unverifiable.extend(
-            theirs
-                .unverifiable
-                .into_iter()
-                .map(|u| format!("namespace {ns}: {u}")),
-        );
-        if let Some(e) = theirs.expiry {
-            hold_expiry = Some(hold_expiry.map_or(e, |x| x.min(e)));
-        }
-    }
-    let hold_on = |t: &ErasureTargetStatus| -> Option<String> {
-        let ns = target_namespace(&namespace, t).to_string();
-        held.get(&(ns.clone(), t.policy.clone()))
-            .or_else(|| held_namespaces.get(&ns))
-            .cloned()
-    };
-    for t in &mut status.targets {
-        let settled = matches!(
-            t.phase,
-            ErasureTargetPhase::Verified
-                | ErasureTargetPhase::NothingFound
-                | ErasureTargetPhase::Skipped
-        );
-        let hold = hold_on(t);
-        if let (Some(hold), false) = (&hold, settled) {
-            t.phase = ErasureTargetPhase::Blocked;
-            t.message = if held_namespaces.contains_key(target_namespace(&namespace, t)) {
-                format!("the subject is held in this namespace by LegalHold {hold}")
-            } else {
-                format!("policy {} is held by a LegalHold", t.policy)
-            };
-        } else if t.phase == ErasureTargetPhase::Blocked && hold.is_none() {
-            t.phase = ErasureTargetPhase::Pending;
-            t.message.clear();
-            t.cursor = None;
-        }
-    }
-    let whole_request_held = !subject_holds.is_empty() || !unverifiable.is_empty();
-    cancel_held_deletions(&ctx, &request, &mut status.targets, whole_request_held).await;
-    let mut blocked_by = subject_holds.clone();
-    blocked_by.extend(
-        status
-            .targets
-            .iter()
-            .filter(|t| t.phase == ErasureTargetPhase::Blocked)
-            .filter_map(&hold_on),
-    );
-    blocked_by.sort();
-    blocked_by.dedup();
-
-    // 3. One action per target for the current phase, then the phase that follows.
+    // 2. Holds, then 3. one action per target for the current phase and the phase that
+    // follows. Where the next phase can start at once (nothing waits on a store, nothing
+    // failed), it runs in this same reconcile, holds read fresh again first: one status
+    // write and one Event for the whole move, however many phases it passes.
+    let mut checked = check_holds(&ctx, &namespace, &key, &identifiers, now, &mut status).await;
     let mut poll_after = None;
-    if whole_request_held {
-        status.phase = ErasurePhase::Blocked;
-    } else {
+    // Each target's store resolved once per reconcile (its credentials Secret read once),
+    // whatever the phases it passes.
+    let resolved = Resolved::default();
+    for pass in 0..MAX_PHASES_PER_RECONCILE {
+        if pass > 0 {
+            checked = check_holds(&ctx, &namespace, &key, &identifiers, now, &mut status).await;
+        }
+        // 3. One action per target for the current phase, then the phase that follows.
+        if checked.whole_request_held {
+            status.phase = ErasurePhase::Blocked;
+            break;
+        }
         if status.phase == ErasurePhase::CompletedWithExceptions
             && plan::retained_due(&status.targets, now)
         {
@@ -217,16 +155,30 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             status.phase = ErasurePhase::Verifying;
         }
         status.phase = plan::resume_phase(status.phase, &status.targets);
-        if status.phase != ErasurePhase::Blocked {
-            poll_after = run_actions(&ctx, &request, &identifiers, &mut status).await;
-            status.phase = plan::next_phase(
-                status.phase,
-                &status.targets,
-                &status.missing_policies,
-                request.spec.dry_run,
-            );
+        if status.phase == ErasurePhase::Blocked {
+            break;
+        }
+        let before = status.phase;
+        poll_after = run_actions(&ctx, &request, &identifiers, &resolved, &mut status).await;
+        status.phase = plan::next_phase(
+            status.phase,
+            &status.targets,
+            &status.missing_policies,
+            request.spec.dry_run,
+        );
+        let moves_on = plan::moves_on_at_once(before, status.phase, &status.targets)
+            && poll_after.is_none()
+            && !ctx.shutdown.is_cancelled();
+        if !moves_on {
+            break;
         }
     }
+    let HoldCheck {
+        blocked_by,
+        unverifiable,
+        expiry: hold_expiry,
+        ..
+    } = checked;
     status.totals = Some(plan::totals(&status.targets));
     status.not_searched = plan::coverage(&status.not_searched, &status.targets);
     status.namespaces = plan::namespace_progress(&status.targets, &status.not_searched);
@@ -318,6 +270,119 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             Action::requeue(poll_after.unwrap_or(Duration::ZERO))
         }
     })
+}
+
+/// How many phases one reconcile may pass through before it writes status and requeues.
+const MAX_PHASES_PER_RECONCILE: usize = 4;
+
+/// The holds bearing on a request, as read for one step.
+struct HoldCheck {
+    /// The holds that block the request or some of its targets, named.
+    blocked_by: Vec<String>,
+    /// Holds that could not be evaluated, each with why: the whole request waits.
+    unverifiable: Vec<String>,
+    /// The earliest expiry among the holds that bear on the request.
+    expiry: Option<Timestamp>,
+    /// Whether the whole request waits (a hold on the subject, or one not evaluated).
+    whole_request_held: bool,
+}
+
+/// Reads the holds fresh (shared with the reconciles asking at the same moment, never older
+/// than this call) and marks the targets they block, or releases those they no longer do.
+async fn check_holds(
+    ctx: &Context,
+    namespace: &str,
+    key: &audit::DigestKey,
+    identifiers: &BTreeMap<String, String>,
+    now: Timestamp,
+    status: &mut ErasureRequestStatus,
+) -> HoldCheck {
+    let namespace = namespace.to_string();
+    // 2. Holds: on the subject (the whole request) or on policies (their targets). A hold
+    // that cannot be evaluated blocks the whole request (fail closed). In a cluster-wide
+    // request, the holds of each namespace searched bear on that namespace's targets: one
+    // on the subject there holds all of them.
+    let Holds {
+        subject: subject_holds,
+        policies: held_policies,
+        mut unverifiable,
+        expiry: mut hold_expiry,
+    } = holds(ctx, &namespace, key, identifiers, now).await;
+    let mut held: BTreeMap<(String, String), String> = held_policies
+        .into_iter()
+        .map(|(policy, hold)| ((namespace.clone(), policy), hold))
+        .collect();
+    let mut held_namespaces: BTreeMap<String, String> = BTreeMap::new();
+    let others: BTreeSet<String> = status
+        .targets
+        .iter()
+        .map(|t| target_namespace(&namespace, t).to_string())
+        .filter(|ns| *ns != namespace)
+        .collect();
+    for ns in others {
+        let theirs = holds(ctx, &ns, key, identifiers, now).await;
+        if let Some(first) = theirs.subject.first() {
+            held_namespaces.insert(ns.clone(), format!("{ns}/{first}"));
+        }
+        for (policy, hold) in theirs.policies {
+            held.insert((ns.clone(), policy), format!("{ns}/{hold}"));
+        }
+        unverifiable.extend(
+            theirs
+                .unverifiable
+                .into_iter()
+                .map(|u| format!("namespace {ns}: {u}")),
+        );
+        if let Some(e) = theirs.expiry {
+            hold_expiry = Some(hold_expiry.map_or(e, |x| x.min(e)));
+        }
+    }
+    let hold_on = |t: &ErasureTargetStatus| -> Option<String> {
+        let ns = target_namespace(&namespace, t).to_string();
+        held.get(&(ns.clone(), t.policy.clone()))
+            .or_else(|| held_namespaces.get(&ns))
+            .cloned()
+    };
+    for t in &mut status.targets {
+        let settled = matches!(
+            t.phase,
+            ErasureTargetPhase::Verified
+                | ErasureTargetPhase::NothingFound
+                | ErasureTargetPhase::Skipped
+        );
+        let hold = hold_on(t);
+        if let (Some(hold), false) = (&hold, settled) {
+            t.phase = ErasureTargetPhase::Blocked;
+            t.message = if held_namespaces.contains_key(target_namespace(&namespace, t)) {
+                format!("the subject is held in this namespace by LegalHold {hold}")
+            } else {
+                format!("policy {} is held by a LegalHold", t.policy)
+            };
+        } else if t.phase == ErasureTargetPhase::Blocked && hold.is_none() {
+            t.phase = ErasureTargetPhase::Pending;
+            t.message.clear();
+            t.cursor = None;
+        }
+    }
+    let whole_request_held = !subject_holds.is_empty() || !unverifiable.is_empty();
+    cancel_held_deletions(ctx, &namespace, &mut status.targets, whole_request_held).await;
+    let mut blocked_by = subject_holds.clone();
+    blocked_by.extend(
+        status
+            .targets
+            .iter()
+            .filter(|t| t.phase == ErasureTargetPhase::Blocked)
+            .filter_map(&hold_on),
+    );
+    blocked_by.sort();
+    blocked_by.dedup();
+
+    HoldCheck {
+        blocked_by,
+        unverifiable,
+        expiry: hold_expiry,
+        whole_request_held,
+    }
 }
 
 /// The failure count of a request's receipt uploads, apart from its erasure's.
@@ -484,7 +549,6 @@ async fn holds(
     identifiers: &BTreeMap<String, String>,
     now: Timestamp,
 ) -> Holds {
-    let api: Api<LegalHold> = Api::namespaced(ctx.client.clone(), namespace);
     let ours: BTreeSet<String> = identifier_digests(key, identifiers);
     let whole = subject_digest(key, identifiers);
     let mut found = Holds {
@@ -493,10 +557,10 @@ async fn holds(
         unverifiable: Vec::new(),
         expiry: None,
     };
-    let list = match api.list(&ListParams::default()).await {
-        Ok(list) => list.items,
+    let list = match ctx.legal_holds(namespace).await {
+        Ok(list) => list,
         Err(e) => {
-            let e = Error::Kube(e);
+            let e = Error::Kube(super::shared_error(&e));
             warn!(reason = e.reason(), error = %e, "cannot list LegalHolds");
             found.unverifiable.push(format!(
                 "the LegalHolds of the namespace cannot be listed ({})",
@@ -505,8 +569,8 @@ async fn holds(
             return found;
         }
     };
-    for hold in list {
-        if !super::legalhold::is_active(&hold, now) {
+    for hold in list.iter() {
+        if !super::legalhold::is_active(hold, now) {
             continue;
         }
         let name = hold.name_any();
@@ -692,10 +756,16 @@ fn target_namespace<'a>(request_namespace: &'a str, target: &'a ErasureTargetSta
 
 /// Runs the current phase's action on every target that needs it, concurrently. Returns how
 /// long to wait before polling again when a store is working on a deletion of its own.
+/// The stores resolved in one reconcile, by `namespace/policy/target`.
+type Resolved = std::sync::Mutex<
+    std::collections::HashMap<String, (Arc<dyn crate::backends::Backend>, StoreKind, String)>,
+>;
+
 async fn run_actions(
     ctx: &Context,
     request: &ErasureRequest,
     identifiers: &BTreeMap<String, String>,
+    resolved: &Resolved,
     status: &mut ErasureRequestStatus,
 ) -> Option<Duration> {
     let request_namespace = request.namespace().unwrap_or_default();
@@ -717,6 +787,7 @@ async fn run_actions(
                 &policy_name,
                 &target_name,
                 identifiers,
+                resolved,
                 action,
                 cursor.as_deref(),
             )
@@ -756,6 +827,7 @@ async fn run_action(
     policy_name: &str,
     target_name: &str,
     identifiers: &BTreeMap<String, String>,
+    resolved: &Resolved,
     action: SubjectAction,
     cursor: Option<&str>,
 ) -> (ActionResult, Option<&'static str>, Option<Duration>) {
@@ -783,13 +855,29 @@ async fn run_action(
             "policy {policy_name} has no target {target_name}"
         )));
     };
-    let (backend, kind, store_key) = match resolve_target(ctx, namespace, target).await {
-        ResolvedTarget::Ready {
-            backend,
-            kind,
-            store_key,
-        } => (backend, kind, store_key),
-        ResolvedTarget::Problem(p) => return (ActionResult::Failed(p.failure()), None, None),
+    let memo = format!("{namespace}/{policy_name}/{target_name}");
+    let known = resolved
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&memo)
+        .cloned();
+    let (backend, kind, store_key) = match known {
+        Some(known) => known,
+        None => match resolve_target(ctx, namespace, target).await {
+            ResolvedTarget::Ready {
+                backend,
+                kind,
+                store_key,
+            } => {
+                let ready = (backend, kind, store_key);
+                resolved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(memo, ready.clone());
+                ready
+            }
+            ResolvedTarget::Problem(p) => return (ActionResult::Failed(p.failure()), None, None),
+        },
     };
     let locator = target
         .subject
@@ -936,16 +1024,15 @@ async fn run_action(
 /// over once the hold is lifted.
 async fn cancel_held_deletions(
     ctx: &Context,
-    request: &ErasureRequest,
+    request_namespace: &str,
     targets: &mut [ErasureTargetStatus],
     whole_request_held: bool,
 ) {
-    let request_namespace = request.namespace().unwrap_or_default();
     for t in targets.iter_mut() {
         let Some(cursor) = t.cursor.clone() else {
             continue;
         };
-        let namespace = target_namespace(&request_namespace, t).to_string();
+        let namespace = target_namespace(request_namespace, t).to_string();
         let policies: Api<RetentionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
         if !whole_request_held && t.phase != ErasureTargetPhase::Blocked {
             continue;
@@ -1046,7 +1133,11 @@ async fn report(
     let totals = status.totals.clone().unwrap_or_default();
     if previous.phase != status.phase {
         match status.phase {
-            ErasurePhase::Discovering if previous.phase == ErasurePhase::Pending => {
+            // One Event per reconcile that moves: a request that passed several phases at
+            // once is told by where it arrived.
+            ErasurePhase::Discovering | ErasurePhase::Erasing | ErasurePhase::Verifying
+                if previous.phase == ErasurePhase::Pending =>
+            {
                 let note = format!("Erasure started across {} targets", status.targets.len());
                 ctx.publish(request, EventType::Normal, "ErasureStarted", "Erase", note)
                     .await;

@@ -369,6 +369,40 @@ pub fn resume_phase(phase: ErasurePhase, targets: &[ErasureTargetStatus]) -> Era
     }
 }
 
+/// Whether a request that moved from `before` to `after` may run the next phase at once, in
+/// the same reconcile (pure): it moved to a working phase, and no target failed or is held
+/// (those wait: a retry has its back-off, a hold its lifting). The caller also requires that
+/// no store is still working on a step of its own.
+pub fn moves_on_at_once(
+    before: ErasurePhase,
+    after: ErasurePhase,
+    targets: &[ErasureTargetStatus],
+) -> bool {
+    let working = matches!(
+        after,
+        ErasurePhase::Discovering | ErasurePhase::Erasing | ErasurePhase::Verifying
+    );
+    let waiting = targets
+        .iter()
+        .any(|t| matches!(t.phase, T::Failed | T::Blocked) || t.cursor.is_some());
+    before != after && working && !waiting && failure_requeue(targets).is_none()
+}
+
+/// Whether a request as cached needs no reconcile at all (pure): Completed (final) for its
+/// current generation, carrying the finalizer, not being deleted, and without a receipt sink
+/// (with one, receipts may wait for upload and the request expires). Reading it fresh would
+/// find the same: a Completed request never leaves that phase, and a change to it (an edit,
+/// a deletion) arrives as a watch event of its own.
+pub fn settled_as_cached(request: &ErasureRequest, finalizer: &str, sink: bool) -> bool {
+    let meta = &request.metadata;
+    !sink
+        && meta.deletion_timestamp.is_none()
+        && meta.finalizers.iter().flatten().any(|f| f == finalizer)
+        && request.status.as_ref().is_some_and(|s| {
+            s.phase == ErasurePhase::Completed && s.observed_generation == meta.generation
+        })
+}
+
 /// The request's phase once its targets have moved (pure).
 pub fn next_phase(
     phase: ErasurePhase,
@@ -1062,6 +1096,89 @@ mod tests {
             phase,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn only_a_completed_request_of_its_generation_is_skipped_as_cached() {
+        let mut r: ErasureRequest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
+            "metadata": {"name": "r", "namespace": "ns", "generation": 1, "finalizers": ["f"]},
+            "spec": {"subject": {"identifiers": {"userId": "u"}}, "reason": "consentWithdrawn"}
+        }))
+        .expect("a request");
+        r.status = Some(ErasureRequestStatus {
+            phase: ErasurePhase::Completed,
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        assert!(settled_as_cached(&r, "f", false));
+        assert!(
+            !settled_as_cached(&r, "f", true),
+            "receipts may wait for a sink"
+        );
+        assert!(
+            !settled_as_cached(&r, "other", false),
+            "the finalizer is missing"
+        );
+        let mut edited = r.clone();
+        edited.metadata.generation = Some(2);
+        assert!(
+            !settled_as_cached(&edited, "f", false),
+            "an edit is reported"
+        );
+        let mut deleted = r.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-11-30T00:00:00Z".parse().unwrap(),
+            ));
+        assert!(
+            !settled_as_cached(&deleted, "f", false),
+            "a deletion closes it"
+        );
+        for phase in [
+            ErasurePhase::Pending,
+            ErasurePhase::Verifying,
+            ErasurePhase::CompletedWithExceptions,
+            ErasurePhase::Failed,
+        ] {
+            let mut open = r.clone();
+            open.status.as_mut().unwrap().phase = phase;
+            assert!(!settled_as_cached(&open, "f", false), "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_passes_its_quick_phases_at_once_but_waits_on_failures_holds_and_stores() {
+        use ErasurePhase::*;
+        let nothing = [target(T::NothingFound)];
+        assert!(moves_on_at_once(Discovering, Erasing, &nothing));
+        assert!(moves_on_at_once(Erasing, Verifying, &nothing));
+        assert!(moves_on_at_once(Verifying, Erasing, &[target(T::Found)]));
+        // Not moved, or arrived at a phase that waits or ends.
+        assert!(!moves_on_at_once(Discovering, Discovering, &nothing));
+        for end in [Completed, CompletedWithExceptions, Failed, Blocked, Pending] {
+            assert!(!moves_on_at_once(Verifying, end, &nothing), "{end:?}");
+        }
+        // A target failing (retried with back-off), held, or a step the store still runs.
+        let failing = ErasureTargetStatus {
+            failure_category: Some(Category::Transient),
+            ..target(T::Failed)
+        };
+        assert!(!moves_on_at_once(
+            Discovering,
+            Erasing,
+            &[target(T::Found), failing]
+        ));
+        assert!(!moves_on_at_once(
+            Discovering,
+            Erasing,
+            &[target(T::Found), target(T::Blocked)]
+        ));
+        let running = ErasureTargetStatus {
+            cursor: Some("task-1".into()),
+            ..target(T::Found)
+        };
+        assert!(!moves_on_at_once(Discovering, Erasing, &[running]));
     }
 
     #[test]

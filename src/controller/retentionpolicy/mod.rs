@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -16,7 +16,7 @@ use tracing::{info, instrument, warn};
 use super::resolve::{resolve_target, ResolvedTarget};
 use super::{failure_key, object_key, Context, Error};
 use crate::api::common::{find_condition, ConditionStatus};
-use crate::api::legalhold::{HeldSubject, LegalHold};
+use crate::api::legalhold::HeldSubject;
 use crate::api::retentionpolicy::{
     RetentionPolicy, RetentionPolicyStatus, SweepOutcome, TargetPhase,
 };
@@ -84,18 +84,17 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
         // Wait for the stores' first probe rather than fail targets needlessly.
         decision = Decision::Wait(now);
     }
-    let holds: Api<LegalHold> = Api::namespaced(ctx.client.clone(), &namespace);
-    let holds = holds
-        .list(&ListParams::default())
+    let holds = ctx
+        .legal_holds(&namespace)
         .await
-        .map_err(Error::Kube)?;
-    let (held_by, policy_hold_expiry) = plan::holds_on(&policy.name_any(), &holds.items, now);
-    let (subject_holds, subject_hold_expiry) = plan::subject_holds(&holds.items, now);
+        .map_err(|e| Error::Kube(super::shared_error(&e)))?;
+    let (held_by, policy_hold_expiry) = plan::holds_on(&policy.name_any(), &holds, now);
+    let (subject_holds, subject_hold_expiry) = plan::subject_holds(&holds, now);
     let hold_expiry = [policy_hold_expiry, subject_hold_expiry]
         .into_iter()
         .flatten()
         .min();
-    let holds_tag = plan::subject_holds_tag(&holds.items, now);
+    let holds_tag = plan::subject_holds_tag(&holds, now);
     if decision == Decision::Continue
         && policy
             .status
@@ -158,15 +157,34 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     if matches!(decision, Decision::Start | Decision::Continue) {
         // The policy's consecutive failed tries, this one included if it fails too.
         let attempt = ctx.failures(&key).saturating_add(1);
-        poll_after = run_steps(
-            &policy,
-            &ctx,
-            &resolved,
-            &held_subjects,
-            &mut status,
-            attempt,
-        )
-        .await;
+        let began = std::time::Instant::now();
+        loop {
+            poll_after = run_steps(
+                &policy,
+                &ctx,
+                &resolved,
+                &held_subjects,
+                &mut status,
+                attempt,
+            )
+            .await;
+            // A step that ended early (a phase of the store's scan done) is followed at once
+            // by the next, in this reconcile, while the checkpoint interval lasts: only where
+            // no LegalHold is in force in the namespace, as planned and as read fresh again
+            // before the next step (a hold placed meanwhile is left to the next reconcile).
+            let more = plan::steps_continue(&status)
+                && poll_after.is_none()
+                && began.elapsed() < ctx.settings.checkpoint_interval
+                && !ctx.shutdown.is_cancelled()
+                && plan::no_hold_in_force(&holds, now);
+            if !more {
+                break;
+            }
+            match ctx.legal_holds(&namespace).await {
+                Ok(fresh) if plan::no_hold_in_force(&fresh, Timestamp::now()) => {}
+                _ => break,
+            }
+        }
         if let Ok(parsed) = &parsed_schedule {
             let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
                 .max(Duration::from_secs(30));
@@ -604,7 +622,7 @@ async fn add_finalizer(
     policy: &RetentionPolicy,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let Some(finalizers) = plan::with_finalizer(policy.finalizers()) else {
+    let Some(finalizers) = super::with_finalizer(policy.finalizers(), plan::FINALIZER) else {
         return Ok(());
     };
     patch_finalizers(api, policy, ctx, finalizers).await
@@ -642,7 +660,7 @@ async fn finalize(
     policy: &RetentionPolicy,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    let Some(finalizers) = plan::without_finalizer(policy.finalizers()) else {
+    let Some(finalizers) = super::without_finalizer(policy.finalizers(), plan::FINALIZER) else {
         return Ok(Action::await_change());
     };
     let key = failure_key(policy);

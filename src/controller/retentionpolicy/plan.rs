@@ -63,6 +63,24 @@ pub fn retrying(target: &TargetStatus) -> bool {
     target.phase == TargetPhase::Sweeping && target.failure_category.is_some()
 }
 
+/// Whether the sweep under way has another step to run at once (pure): a target still
+/// sweeping, none of them retrying a failure.
+pub fn steps_continue(status: &RetentionPolicyStatus) -> bool {
+    status.current_sweep.is_some()
+        && status
+            .targets
+            .iter()
+            .any(|t| t.phase == TargetPhase::Sweeping)
+        && !status.targets.iter().any(retrying)
+}
+
+/// Whether no LegalHold of the namespace is in force at `now` (pure).
+pub fn no_hold_in_force(holds: &[LegalHold], now: Timestamp) -> bool {
+    !holds
+        .iter()
+        .any(|h| crate::controller::legalhold::is_active(h, now))
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// The spec cannot run (e.g. an unparseable cron); nothing is swept.
@@ -597,27 +615,6 @@ pub fn needs_finalizer(policy: &RetentionPolicy) -> bool {
         .any(|t| crate::backends::registry::for_target(t).is_ok_and(|d| d.capabilities().cancel))
 }
 
-/// The finalizers with ours added, None when it is there already (pure).
-pub fn with_finalizer(existing: &[String]) -> Option<Vec<String>> {
-    if existing.iter().any(|f| f == FINALIZER) {
-        return None;
-    }
-    let mut all = existing.to_vec();
-    all.push(FINALIZER.to_string());
-    Some(all)
-}
-
-/// The finalizers with ours removed, None when it is not there (pure).
-pub fn without_finalizer(existing: &[String]) -> Option<Vec<String>> {
-    existing.iter().any(|f| f == FINALIZER).then(|| {
-        existing
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect()
-    })
-}
-
 /// Whether a deleted policy may let go of its finalizer now (pure): every deletion has an
 /// outcome other than a failure to reach the store, or it has tried for `patience` since the
 /// deletion: a store that stays unreachable never blocks the deletion for longer.
@@ -1131,6 +1128,59 @@ mod tests {
 
     fn ts(s: &str) -> Timestamp {
         Timestamp(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
+    }
+
+    #[test]
+    fn a_sweep_steps_on_at_once_only_while_a_target_sweeps_without_failing_and_no_hold_is_in_force()
+    {
+        let sweeping = |failure: Option<Category>| TargetStatus {
+            name: "a".into(),
+            phase: TargetPhase::Sweeping,
+            failure_category: failure,
+            ..Default::default()
+        };
+        let idle = TargetStatus {
+            name: "b".into(),
+            phase: TargetPhase::Idle,
+            ..Default::default()
+        };
+        let mut status = RetentionPolicyStatus {
+            current_sweep: Some(CurrentSweep {
+                start_time: ts("2026-11-20T10:00:00Z"),
+                dry_run: false,
+                generation: Some(1),
+                subject_holds: None,
+            }),
+            targets: vec![sweeping(None), idle.clone()],
+            ..Default::default()
+        };
+        assert!(steps_continue(&status));
+        status.targets = vec![sweeping(Some(Category::Transient)), idle.clone()];
+        assert!(
+            !steps_continue(&status),
+            "a failing target waits for its back-off"
+        );
+        status.targets = vec![idle];
+        assert!(!steps_continue(&status), "nothing sweeps");
+        status.current_sweep = None;
+        status.targets = vec![sweeping(None)];
+        assert!(!steps_continue(&status), "no sweep under way");
+
+        let now = ts("2026-11-20T10:00:00Z");
+        let hold = |expires: &str| -> LegalHold {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold",
+                "metadata": {"name": "h", "namespace": "ns"},
+                "spec": {"reason": "litigation", "policies": ["p"], "expiresAt": expires}
+            }))
+            .expect("a hold")
+        };
+        assert!(no_hold_in_force(&[], now));
+        assert!(!no_hold_in_force(&[hold("2026-12-01T00:00:00Z")], now));
+        assert!(
+            no_hold_in_force(&[hold("2026-11-01T00:00:00Z")], now),
+            "expired"
+        );
     }
 
     fn target(name: &str) -> Target {
@@ -2289,12 +2339,6 @@ mod stop_tests {
             &[None],
         );
         assert!(!needs_finalizer(&redis));
-        let other = vec!["other/x".to_string()];
-        let with = with_finalizer(&other).unwrap();
-        assert_eq!(with, vec!["other/x".to_string(), FINALIZER.to_string()]);
-        assert_eq!(with_finalizer(&with), None);
-        assert_eq!(without_finalizer(&with), Some(other.clone()));
-        assert_eq!(without_finalizer(&other), None);
     }
 
     #[test]

@@ -1,0 +1,53 @@
+//! What the scale test and the scale benchmark count as handled.
+
+use kube::api::{Api, ListParams};
+use tombstone::api::erasurerequest::ErasurePhase;
+use tombstone::api::{ErasureRequest, RetentionPolicy};
+
+/// Objects listed at once: a page at a time, so that polling thousands of objects adds
+/// little to the memory the benchmark measures in the same process.
+const PAGE: u32 = 500;
+
+/// How many objects of `api` pass `counts`, listed page by page; 0 if a list fails.
+async fn count<K>(api: Api<K>, counts: impl Fn(&K) -> bool) -> usize
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut n = 0;
+    let mut token: Option<String> = None;
+    loop {
+        let mut lp = ListParams::default().limit(PAGE);
+        if let Some(t) = &token {
+            lp = lp.continue_token(t);
+        }
+        let Ok(page) = api.list(&lp).await else {
+            return 0;
+        };
+        n += page.items.iter().filter(|o| counts(o)).count();
+        match page.metadata.continue_ {
+            Some(t) if !t.is_empty() => token = Some(t),
+            _ => return n,
+        }
+    }
+}
+
+/// How many of the namespace's policies and requests have been handled: a policy once its
+/// status observed its generation, a request once it is Completed.
+pub async fn handled(client: &kube::Client, ns: &str) -> (usize, usize) {
+    let policies = count(
+        Api::<RetentionPolicy>::namespaced(client.clone(), ns),
+        |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.observed_generation.is_some() && s.observed_generation == p.metadata.generation
+            })
+        },
+    )
+    .await;
+    let requests = count(Api::<ErasureRequest>::namespaced(client.clone(), ns), |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.phase == ErasurePhase::Completed)
+    })
+    .await;
+    (policies, requests)
+}
