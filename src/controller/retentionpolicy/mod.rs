@@ -157,34 +157,15 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
     if matches!(decision, Decision::Start | Decision::Continue) {
         // The policy's consecutive failed tries, this one included if it fails too.
         let attempt = ctx.failures(&key).saturating_add(1);
-        let began = std::time::Instant::now();
-        loop {
-            poll_after = run_steps(
-                &policy,
-                &ctx,
-                &resolved,
-                &held_subjects,
-                &mut status,
-                attempt,
-            )
-            .await;
-            // A step that ended early (a phase of the store's scan done) is followed at once
-            // by the next, in this reconcile, while the checkpoint interval lasts: only where
-            // no LegalHold is in force in the namespace, as planned and as read fresh again
-            // before the next step (a hold placed meanwhile is left to the next reconcile).
-            let more = plan::steps_continue(&status)
-                && poll_after.is_none()
-                && began.elapsed() < ctx.settings.checkpoint_interval
-                && !ctx.shutdown.is_cancelled()
-                && plan::no_hold_in_force(&holds, now);
-            if !more {
-                break;
-            }
-            match ctx.legal_holds(&namespace).await {
-                Ok(fresh) if plan::no_hold_in_force(&fresh, Timestamp::now()) => {}
-                _ => break,
-            }
-        }
+        poll_after = run_steps(
+            &policy,
+            &ctx,
+            &resolved,
+            &held_subjects,
+            &mut status,
+            attempt,
+        )
+        .await;
         if let Ok(parsed) = &parsed_schedule {
             let retry = super::backoff_for(ctx.failures(&key).saturating_add(1))
                 .max(Duration::from_secs(30));

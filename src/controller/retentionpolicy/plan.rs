@@ -63,24 +63,6 @@ pub fn retrying(target: &TargetStatus) -> bool {
     target.phase == TargetPhase::Sweeping && target.failure_category.is_some()
 }
 
-/// Whether the sweep under way has another step to run at once (pure): a target still
-/// sweeping, none of them retrying a failure.
-pub fn steps_continue(status: &RetentionPolicyStatus) -> bool {
-    status.current_sweep.is_some()
-        && status
-            .targets
-            .iter()
-            .any(|t| t.phase == TargetPhase::Sweeping)
-        && !status.targets.iter().any(retrying)
-}
-
-/// Whether no LegalHold of the namespace is in force at `now` (pure).
-pub fn no_hold_in_force(holds: &[LegalHold], now: Timestamp) -> bool {
-    !holds
-        .iter()
-        .any(|h| crate::controller::legalhold::is_active(h, now))
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// The spec cannot run (e.g. an unparseable cron); nothing is swept.
@@ -1128,59 +1110,6 @@ mod tests {
 
     fn ts(s: &str) -> Timestamp {
         Timestamp(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc))
-    }
-
-    #[test]
-    fn a_sweep_steps_on_at_once_only_while_a_target_sweeps_without_failing_and_no_hold_is_in_force()
-    {
-        let sweeping = |failure: Option<Category>| TargetStatus {
-            name: "a".into(),
-            phase: TargetPhase::Sweeping,
-            failure_category: failure,
-            ..Default::default()
-        };
-        let idle = TargetStatus {
-            name: "b".into(),
-            phase: TargetPhase::Idle,
-            ..Default::default()
-        };
-        let mut status = RetentionPolicyStatus {
-            current_sweep: Some(CurrentSweep {
-                start_time: ts("2026-11-20T10:00:00Z"),
-                dry_run: false,
-                generation: Some(1),
-                subject_holds: None,
-            }),
-            targets: vec![sweeping(None), idle.clone()],
-            ..Default::default()
-        };
-        assert!(steps_continue(&status));
-        status.targets = vec![sweeping(Some(Category::Transient)), idle.clone()];
-        assert!(
-            !steps_continue(&status),
-            "a failing target waits for its back-off"
-        );
-        status.targets = vec![idle];
-        assert!(!steps_continue(&status), "nothing sweeps");
-        status.current_sweep = None;
-        status.targets = vec![sweeping(None)];
-        assert!(!steps_continue(&status), "no sweep under way");
-
-        let now = ts("2026-11-20T10:00:00Z");
-        let hold = |expires: &str| -> LegalHold {
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold",
-                "metadata": {"name": "h", "namespace": "ns"},
-                "spec": {"reason": "litigation", "policies": ["p"], "expiresAt": expires}
-            }))
-            .expect("a hold")
-        };
-        assert!(no_hold_in_force(&[], now));
-        assert!(!no_hold_in_force(&[hold("2026-12-01T00:00:00Z")], now));
-        assert!(
-            no_hold_in_force(&[hold("2026-11-01T00:00:00Z")], now),
-            "expired"
-        );
     }
 
     fn target(name: &str) -> Target {
