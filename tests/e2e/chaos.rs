@@ -724,6 +724,37 @@ impl Findings {
 }
 
 /// The invariants of a completed piece of work.
+/// The request `dsr` ended Completed with none of its subject's `what` left (`left` of
+/// `total`), and counted exactly what went.
+async fn request_ended(
+    f: &mut Findings,
+    client: &Client,
+    ns: &str,
+    left: usize,
+    total: usize,
+    what: &str,
+) {
+    let request = Api::<ErasureRequest>::namespaced(client.clone(), ns)
+        .get("dsr")
+        .await
+        .ok()
+        .and_then(|r| r.status);
+    let phase = request.as_ref().map(|s| s.phase);
+    if phase != Some(ErasurePhase::Completed) {
+        f.violations
+            .push(format!("the request ended {phase:?}, not Completed"));
+    }
+    if left != 0 {
+        f.violations.push(format!(
+            "{left} {what} remain after the request ended {phase:?}"
+        ));
+    }
+    let erased: u64 = request
+        .as_ref()
+        .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum());
+    f.count("status.targets[].erased", erased, total - left.min(total));
+}
+
 async fn check_invariants(
     client: &Client,
     ns: &str,
@@ -769,29 +800,7 @@ async fn check_invariants(
                 count_keys(&mut conn, "keep:*").await,
                 SWEEP_OUTSIDE,
             );
-            let request = Api::<ErasureRequest>::namespaced(client.clone(), ns)
-                .get("dsr")
-                .await
-                .ok()
-                .and_then(|r| r.status);
-            let phase = request.as_ref().map(|s| s.phase);
-            if phase != Some(ErasurePhase::Completed) {
-                f.violations
-                    .push(format!("the request ended {phase:?}, not Completed"));
-            }
-            if left != 0 {
-                f.violations.push(format!(
-                    "{left} subject keys remain after the request ended {phase:?}"
-                ));
-            }
-            let erased: u64 = request
-                .as_ref()
-                .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum());
-            f.count(
-                "status.targets[].erased",
-                erased,
-                SUBJECT_KEYS - left.min(SUBJECT_KEYS),
-            );
+            request_ended(&mut f, client, ns, left, SUBJECT_KEYS, "subject keys").await;
         }
         (Work::ArchiveErasure, Stores::S3 { server, .. }) => {
             f.kept(
@@ -805,26 +814,15 @@ async fn check_invariants(
                 others,
                 ARCHIVES * OTHER_LINES,
             );
-            let request = Api::<ErasureRequest>::namespaced(client.clone(), ns)
-                .get("dsr")
-                .await
-                .ok()
-                .and_then(|r| r.status);
-            let phase = request.as_ref().map(|s| s.phase);
-            if phase != Some(ErasurePhase::Completed) {
-                f.violations
-                    .push(format!("the request ended {phase:?}, not Completed"));
-            }
-            if left != 0 {
-                f.violations.push(format!(
-                    "{left} subject records remain in the archives after the request ended {phase:?}"
-                ));
-            }
-            let total = ARCHIVES * SUBJECT_LINES;
-            let erased: u64 = request
-                .as_ref()
-                .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum());
-            f.count("status.targets[].erased", erased, total - left.min(total));
+            request_ended(
+                &mut f,
+                client,
+                ns,
+                left,
+                ARCHIVES * SUBJECT_LINES,
+                "subject records in the archives",
+            )
+            .await;
         }
         (Work::S3KeyErasure, Stores::S3 { server, .. }) => {
             f.kept(
@@ -840,26 +838,15 @@ async fn check_invariants(
                 S3_OUTSIDE,
             );
             let left = s3_versions(server, &format!("users/{SUBJECT}/")).await;
-            let request = Api::<ErasureRequest>::namespaced(client.clone(), ns)
-                .get("dsr")
-                .await
-                .ok()
-                .and_then(|r| r.status);
-            let phase = request.as_ref().map(|s| s.phase);
-            if phase != Some(ErasurePhase::Completed) {
-                f.violations
-                    .push(format!("the request ended {phase:?}, not Completed"));
-            }
-            if left != 0 {
-                f.violations.push(format!(
-                    "{left} versions or markers of the subject's objects remain after the request ended {phase:?}"
-                ));
-            }
-            let total = total_of(work);
-            let erased: u64 = request
-                .as_ref()
-                .map_or(0, |s| s.targets.iter().map(|t| t.erased).sum());
-            f.count("status.targets[].erased", erased, total - left.min(total));
+            request_ended(
+                &mut f,
+                client,
+                ns,
+                left,
+                total_of(work),
+                "versions or markers of the subject's objects",
+            )
+            .await;
         }
         (Work::S3Sweep, Stores::S3 { server, .. }) => {
             f.kept(

@@ -47,6 +47,66 @@ async fn subject_lines(server: &S3Server) -> usize {
     n
 }
 
+/// The erasure of `EMAIL`'s records from the archives under `mail/logs/`.
+fn archive_erasure() -> SubjectJob {
+    let target: Target = serde_json::from_value(json!({
+        "name": "archive", "store": "archive", "s3": {"prefix": "mail/"},
+        "subject": {"s3": {"records": {
+            "prefix": "mail/logs/", "field": "msg.recipient", "equals": "{email}"
+        }}}
+    }))
+    .unwrap();
+    SubjectJob {
+        target,
+        identifiers: BTreeMap::from([("email".to_string(), EMAIL.to_string())]),
+        action: SubjectAction::Erase,
+    }
+}
+
+/// Runs [`archive_erasure`] on `bucket` step by step, each on a fresh backend (as after a
+/// restart), and throws away the outcome of the first step after which `left()` fell, as if
+/// the operator was killed before its checkpoint. Returns what the steps counted and how
+/// many records the lost step took.
+async fn erase_losing_one_step<F, Fut>(server: &S3Server, bucket: &str, left: F) -> (u64, usize)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
+    let job = archive_erasure();
+    let before = left().await;
+    let (mut cursor, mut erased, mut lost) = (None::<String>, 0u64, None);
+    for steps in 0.. {
+        assert!(steps < 1000, "the erasure did not finish");
+        let backend = crate::s3::backend(server, bucket);
+        let step = backend
+            .subject_step(&job, cursor.as_deref(), &budget())
+            .await
+            .expect("a subject step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        if lost.is_none() {
+            let now = left().await;
+            if now < before {
+                // Killed before the checkpoint: nothing of this step is kept.
+                lost = Some(before - now);
+                continue;
+            }
+        }
+        erased += step.count;
+        match step.next {
+            Next::Done => break,
+            Next::Continue(c) => {
+                assert!(!c.contains(EMAIL), "{c}");
+                cursor = Some(c);
+            }
+            Next::Wait { .. } => panic!("S3 steps never wait"),
+        }
+    }
+    (
+        erased,
+        lost.expect("no step deleted any of the records watched"),
+    )
+}
+
 /// An archive rewritten by a step whose outcome is lost records in its metadata that the
 /// run dropped its records; the step that repeats it counts them instead of 0.
 #[tokio::test]
@@ -62,48 +122,8 @@ async fn an_archive_rewrite_whose_step_is_lost_is_counted_by_the_step_that_repea
             .put("lost", &format!("mail/logs/day{a:02}.jsonl"), body)
             .await;
     }
-    let target: Target = serde_json::from_value(json!({
-        "name": "archive", "store": "archive", "s3": {"prefix": "mail/"},
-        "subject": {"s3": {"records": {
-            "prefix": "mail/logs/", "field": "msg.recipient", "equals": "{email}"
-        }}}
-    }))
-    .unwrap();
-    let job = SubjectJob {
-        target,
-        identifiers: BTreeMap::from([("email".to_string(), EMAIL.to_string())]),
-        action: SubjectAction::Erase,
-    };
     let seeded = ARCHIVES * SUBJECT_LINES;
-    let (mut cursor, mut erased, mut lost) = (None::<String>, 0u64, None);
-    for steps in 0.. {
-        assert!(steps < 1000, "the erasure did not finish");
-        // A fresh backend per step, as after a restart.
-        let backend = crate::s3::backend(&server, "lost");
-        let step = backend
-            .subject_step(&job, cursor.as_deref(), &budget())
-            .await
-            .expect("a subject step");
-        assert!(step.failure.is_none(), "{:?}", step.failure);
-        if lost.is_none() {
-            let left = subject_lines(&server).await;
-            if left < seeded {
-                // Killed before the checkpoint: nothing of this step is kept.
-                lost = Some(seeded - left);
-                continue;
-            }
-        }
-        erased += step.count;
-        match step.next {
-            Next::Done => break,
-            Next::Continue(c) => {
-                assert!(!c.contains(EMAIL), "{c}");
-                cursor = Some(c);
-            }
-            Next::Wait { .. } => panic!("S3 steps never wait"),
-        }
-    }
-    let lost = lost.expect("no step erased anything");
+    let (erased, lost) = erase_losing_one_step(&server, "lost", || subject_lines(&server)).await;
     assert_eq!(subject_lines(&server).await, 0);
     assert_eq!(
         erased, seeded as u64,
@@ -170,49 +190,12 @@ async fn older_archive_versions_deleted_by_a_lost_step_are_counted_by_the_step_a
     }
     let older = older_subject_lines(&server).await;
     assert_eq!(older, ARCHIVES * SUBJECT_LINES);
-    let target: Target = serde_json::from_value(json!({
-        "name": "archive", "store": "archive", "s3": {"prefix": "mail/"},
-        "subject": {"s3": {"records": {
-            "prefix": "mail/logs/", "field": "msg.recipient", "equals": "{email}"
-        }}}
-    }))
-    .unwrap();
-    let job = SubjectJob {
-        target,
-        identifiers: BTreeMap::from([("email".to_string(), EMAIL.to_string())]),
-        action: SubjectAction::Erase,
-    };
     // Every record: the current versions' (rewritten) and the older versions'.
     let seeded = 2 * ARCHIVES * SUBJECT_LINES;
-    let (mut cursor, mut erased, mut lost) = (None::<String>, 0u64, None);
-    for steps in 0.. {
-        assert!(steps < 1000, "the erasure did not finish");
-        let backend = crate::s3::backend(&server, "older");
-        let step = backend
-            .subject_step(&job, cursor.as_deref(), &budget())
-            .await
-            .expect("a subject step");
-        assert!(step.failure.is_none(), "{:?}", step.failure);
-        if lost.is_none() {
-            // Rewrites replace current versions (and delete the replaced ones at once): the
-            // older versions' records only go when the versions pass deletes them.
-            let left = older_subject_lines(&server).await;
-            if left < older {
-                lost = Some(older - left);
-                continue;
-            }
-        }
-        erased += step.count;
-        match step.next {
-            Next::Done => break,
-            Next::Continue(c) => {
-                assert!(!c.contains(EMAIL), "{c}");
-                cursor = Some(c);
-            }
-            Next::Wait { .. } => panic!("S3 steps never wait"),
-        }
-    }
-    let lost = lost.expect("no step deleted an older version");
+    // Rewrites replace current versions (and delete the replaced ones at once): the older
+    // versions' records only go when the versions pass deletes them.
+    let (erased, lost) =
+        erase_losing_one_step(&server, "older", || older_subject_lines(&server)).await;
     assert_eq!(older_subject_lines(&server).await, 0);
     assert_eq!(
         erased, seeded as u64,

@@ -256,8 +256,14 @@ pub enum ActionResult {
 /// Folds an action's result into the target. A failed action keeps its cursor, so a retry
 /// resumes polling the deletion already submitted instead of submitting another.
 pub fn apply(target: &mut ErasureTargetStatus, action: SubjectAction, result: ActionResult) {
-    target.failure_category = None;
+    let retried_category = target.failure_category.take();
     match result {
+        ActionResult::InProgress { cursor } if target.phase == T::Failed => {
+            // A retry under way: the target stays failed, with the failure it retries, until
+            // the retry ends one way or the other.
+            target.failure_category = retried_category;
+            target.cursor = Some(cursor);
+        }
         ActionResult::InProgress { cursor } => {
             target.message = crate::backends::describe_wait(&cursor).unwrap_or_else(|| {
                 match action {
@@ -1179,6 +1185,25 @@ mod tests {
             ..target(T::Found)
         };
         assert!(!moves_on_at_once(Discovering, Erasing, &[running]));
+    }
+
+    #[test]
+    fn a_failed_target_under_retry_keeps_its_failure_until_the_retry_ends() {
+        let mut t = ErasureTargetStatus {
+            phase: T::Failed,
+            message: "ObjectLocked: 1 object versions are protected".into(),
+            failure_category: Some(Category::Refused),
+            ..Default::default()
+        };
+        let step = ActionResult::InProgress {
+            cursor: "v1:s3:{}".into(),
+        };
+        apply(&mut t, SubjectAction::Erase, step);
+        assert_eq!(
+            (t.phase, t.failure_category, t.cursor.as_deref()),
+            (T::Failed, Some(Category::Refused), Some("v1:s3:{}"))
+        );
+        assert!(t.message.starts_with("ObjectLocked"), "{}", t.message);
     }
 
     #[test]
