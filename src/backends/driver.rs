@@ -270,39 +270,6 @@ pub trait StoreBackend: Send + Sync + 'static {
     }
 }
 
-/// A cursor kept as the JSON object its driver's steps read and write (`<prefix>{…}` inside
-/// the driver, `v1:<kind>:{…}` in status): for drivers whose steps still speak their own
-/// text. `Debug` shows the field names only.
-#[derive(Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
-#[serde(transparent)]
-pub struct JsonCursor(pub serde_json::Map<String, serde_json::Value>);
-
-impl std::fmt::Debug for JsonCursor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("JsonCursor")
-            .field(&self.0.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-impl JsonCursor {
-    /// `<prefix>{json}` read; None when it is not one (also the previous version's cursor
-    /// in status, for [`StoreBackend::legacy_cursor`]).
-    pub fn from_text(text: &str, prefix: &str) -> Option<Self> {
-        text.strip_prefix(prefix)
-            .and_then(|json| serde_json::from_str(json).ok())
-            .map(Self)
-    }
-
-    /// `<prefix>{json}`, as the driver's steps read it.
-    pub fn to_text(&self, prefix: &str) -> String {
-        format!(
-            "{prefix}{}",
-            serde_json::to_string(&self.0).unwrap_or_else(|_| "{}".into())
-        )
-    }
-}
-
 /// The version tag of the cursor format in status.
 pub const CURSOR_FORMAT: &str = "v1";
 

@@ -1,5 +1,7 @@
-//! Where a sweep or an erasure resumes, as stored in status (`es:` and JSON).
+//! Where a sweep or an erasure resumes, as stored in status (`v1:elasticsearch:` and its
+//! JSON; `es:` and the same JSON in the previous version).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::indices::valid_index_name;
@@ -8,7 +10,7 @@ use crate::backends::Error;
 
 /// Where a sweep or an erasure resumes. Holds index names, task ids and counts, never a
 /// query: queries of erasures carry identifiers, and the cursor is stored in status.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Cursor {
     /// Sweep, fast path: the last index judged (indices are taken in name order).
     #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
@@ -60,46 +62,42 @@ fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
-const CURSOR_PREFIX: &str = "es:";
+/// How the previous version wrote a cursor in status.
+const LEGACY_PREFIX: &str = "es:";
 
 impl Cursor {
-    pub fn encode(&self) -> String {
-        // Plain strings and numbers: serialising cannot fail.
-        format!(
-            "{CURSOR_PREFIX}{}",
-            serde_json::to_string(self).unwrap_or_default()
-        )
+    /// A cursor as the previous version wrote it in status (`es:{…}`); not yet checked
+    /// ([`Cursor::validate`] is, before a step or a cancellation uses it).
+    pub fn legacy(text: &str) -> Option<Self> {
+        text.strip_prefix(LEGACY_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
     }
 
-    pub fn decode(text: &str) -> Result<Self, Error> {
-        let cursor: Cursor = text
-            .strip_prefix(CURSOR_PREFIX)
-            .and_then(|json| serde_json::from_str(json).ok())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!("unreadable Elasticsearch cursor {text:?}"))
-            })?;
-        if let Some(index) = &cursor.blocking {
+    /// Refuses what a cursor the steps write never holds: it is read back from status,
+    /// where anyone with access can write, and its names go into request paths.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(index) = &self.blocking {
             if !valid_index_name(index) {
                 return Err(Error::InvalidSpec(format!(
                     "unreadable Elasticsearch index name {index:?} in cursor"
                 )));
             }
         }
-        if let Some(marker) = &cursor.marker {
+        if let Some(marker) = &self.marker {
             if !valid_marker(marker) {
                 return Err(Error::InvalidSpec(format!(
                     "unreadable Elasticsearch submission marker {marker:?} in cursor"
                 )));
             }
         }
-        for task in [&cursor.task, &cursor.clean].into_iter().flatten() {
+        for task in [&self.task, &self.clean].into_iter().flatten() {
             if !valid_task_id(task) {
                 return Err(Error::InvalidSpec(format!(
                     "unreadable Elasticsearch task id {task:?} in cursor"
                 )));
             }
         }
-        Ok(cursor)
+        Ok(())
     }
 }
 
@@ -115,11 +113,11 @@ mod tests {
             blocking: Some("events-2020.01.01".into()),
             ..Cursor::default()
         };
-        assert_eq!(Cursor::decode(&cursor.encode()).unwrap(), cursor);
+        assert!(cursor.validate().is_ok());
         for bad in ["", "events-*", "a,b", "_all", "-x", "..", "a/b", "a b"] {
             assert!(!valid_index_name(bad), "{bad:?}");
-            let encoded = format!("es:{}", json!({"b": bad}));
-            assert!(Cursor::decode(&encoded).is_err(), "{bad:?}");
+            let read: Cursor = serde_json::from_value(json!({"b": bad})).unwrap();
+            assert!(read.validate().is_err(), "{bad:?}");
         }
         assert!(valid_index_name(".ds-metrics-000001"));
     }
@@ -139,12 +137,25 @@ mod tests {
             clean: Some("oTUltX4IQMOUUVeiohTt8A:12344".into()),
             settled: true,
         };
-        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
-        assert!(Cursor::decode(r#"es:{"x":"_all"}"#).is_err());
-        assert_eq!(Cursor::default().encode(), "es:{}");
-        assert!(Cursor::decode("s3:{}").is_err());
-        assert!(Cursor::decode(r#"es:{"t":"../../_all"}"#).is_err());
-        assert!(Cursor::decode(r#"es:{"m":"x\r\nAuthorization: y"}"#).is_err());
+        let json = serde_json::to_string(&c).unwrap();
+        let read: Cursor = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, c);
+        assert!(read.validate().is_ok());
+        assert_eq!(Cursor::legacy(&format!("es:{json}")), Some(c));
+        assert_eq!(serde_json::to_string(&Cursor::default()).unwrap(), "{}");
+        assert_eq!(Cursor::legacy("s3:{}"), None);
+        for bad in [
+            r#"{"x":"_all"}"#,
+            r#"{"t":"../../_all"}"#,
+            r#"{"m":"x\r\nAuthorization: y"}"#,
+        ] {
+            let read: Cursor = serde_json::from_str(bad).unwrap();
+            assert!(read.validate().is_err(), "{bad}");
+            assert!(Cursor::legacy(&format!("es:{bad}"))
+                .unwrap()
+                .validate()
+                .is_err());
+        }
         assert!(valid_task_id("node_1-x:7"));
         assert!(!valid_task_id("node:"));
         assert!(!valid_task_id("node/x:1"));

@@ -4,24 +4,12 @@
 use crate::api::datastore::ElasticsearchStore;
 use crate::api::retentionpolicy::{ElasticsearchSubject, ElasticsearchTarget, Target};
 use crate::api::StoreKind;
-use crate::backends::driver::JsonCursor;
 use crate::backends::driver::{
     http_auth, http_transport, Capabilities, MissingKey, SecretKeys, StoreDriver, Transport,
 };
 use crate::backends::{Error, Limits};
 
 use super::{ElasticsearchBackend, ElasticsearchConfig};
-
-/// How the steps write their cursor ([`super::cursor::Cursor`]) as text; in status it is
-/// `v1:elasticsearch:{…}`, and this form is the previous version's there.
-pub(super) const TEXT: &str = "es:";
-
-/// The steps' text cursor as the typed one.
-pub(super) fn read_back(text: String) -> Result<JsonCursor, Error> {
-    JsonCursor::from_text(&text, TEXT).ok_or_else(|| {
-        Error::Store("an Elasticsearch step returned a cursor it cannot read back".into())
-    })
-}
 
 pub struct ElasticsearchDriver;
 
@@ -31,7 +19,7 @@ impl StoreDriver for ElasticsearchDriver {
     type Config = ElasticsearchConfig;
     type Selector = ElasticsearchTarget;
     type Locator = ElasticsearchSubject;
-    type Cursor = JsonCursor;
+    type Cursor = super::Cursor;
     type Backend = ElasticsearchBackend;
 
     fn capabilities() -> Capabilities {
@@ -109,7 +97,7 @@ mod tests {
         let text = encode_cursor::<ElasticsearchBackend>(Some(&cursor));
         assert_eq!(
             text,
-            r#"v1:elasticsearch:{"a":"logs-2026.01.01","p":3,"t":"oTUltX4IQMOUUVeiohTt8A:12345"}"#
+            r#"v1:elasticsearch:{"a":"logs-2026.01.01","t":"oTUltX4IQMOUUVeiohTt8A:12345","p":3}"#
         );
         assert!(matches!(
             decode_cursor::<ElasticsearchBackend>(Some(&text)),
@@ -122,5 +110,42 @@ mod tests {
             decode_cursor::<ElasticsearchBackend>(Some("s3:{}")),
             Decoded::Restart(_)
         ));
+    }
+
+    /// A checkpoint as the version before typed steps wrote it in status (the JSON object
+    /// with its keys in alphabetical order) resumes where it was.
+    #[test]
+    fn cursors_in_status_before_typed_steps_resume() {
+        let main = r#"v1:elasticsearch:{"a":"logs-2026.01.01","b":"logs-2026.01.02","d":7,"e":1,"m":"tombstone-1767225600000-0123456789abcdef","n":2,"p":3,"q":true,"s":true,"t":"oTUltX4IQMOUUVeiohTt8A:12345","x":"oTUltX4IQMOUUVeiohTt8A:12344"}"#;
+        let Decoded::Resume {
+            cursor,
+            upgraded: false,
+        } = decode_cursor::<ElasticsearchBackend>(Some(main))
+        else {
+            panic!("{main} does not resume");
+        };
+        assert_eq!(
+            cursor,
+            super::super::Cursor {
+                after: Some("logs-2026.01.01".into()),
+                by_query: true,
+                blocking: Some("logs-2026.01.02".into()),
+                marker: Some("tombstone-1767225600000-0123456789abcdef".into()),
+                task: Some("oTUltX4IQMOUUVeiohTt8A:12345".into()),
+                polls: 3,
+                errors: 1,
+                attempts: 2,
+                deleted: 7,
+                clean: Some("oTUltX4IQMOUUVeiohTt8A:12344".into()),
+                settled: true,
+            }
+        );
+        assert!(cursor.validate().is_ok());
+        let Decoded::Resume { cursor, .. } =
+            decode_cursor::<ElasticsearchBackend>(Some("v1:elasticsearch:{}"))
+        else {
+            panic!("an empty cursor does not resume");
+        };
+        assert_eq!(cursor, super::super::Cursor::default());
     }
 }

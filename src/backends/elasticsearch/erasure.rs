@@ -57,9 +57,9 @@ impl ElasticsearchBackend {
     pub(super) async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
+    ) -> Result<SubjectStep<Cursor>, Error> {
         validate_target(&job.target)?;
         let name = &job.target.name;
         let pattern = <super::driver::ElasticsearchDriver as StoreDriver>::selector(&job.target)
@@ -100,10 +100,7 @@ impl ElasticsearchBackend {
         // Even polling counts what a task erased: a stale instance neither acts nor counts.
         budget.may_act()?;
         let deadline = Instant::now() + budget.max_time;
-        let mut position = match cursor {
-            Some(c) => Cursor::decode(c)?,
-            None => Cursor::default(),
-        };
+        let mut position = cursor.unwrap_or_default();
         if let Some(done) = position.clean.clone() {
             // The count of that task is in the checkpointed cursor already.
             self.forget_task(&done).await?;
@@ -117,7 +114,7 @@ impl ElasticsearchBackend {
         if position.task.is_none() {
             if budget.cancel.is_cancelled() {
                 // Stopped before the store was asked for anything: the next step submits.
-                result.next = Next::Continue(position.encode());
+                result.next = Next::Continue(position.clone());
                 return Ok(result);
             }
             budget.may_act()?;
@@ -129,13 +126,13 @@ impl ElasticsearchBackend {
                 Ok(true) => {}
                 Ok(false) => {
                     // The submission is named, and checkpointed before it is made.
-                    result.next = Next::Continue(position.encode());
+                    result.next = Next::Continue(position.clone());
                     return Ok(result);
                 }
                 // The marker is kept: a submission that was made after all is found by it.
                 Err(e) => {
                     result.failure = Some(e);
-                    result.next = Next::Continue(position.encode());
+                    result.next = Next::Continue(position.clone());
                     return Ok(result);
                 }
             }
@@ -143,7 +140,7 @@ impl ElasticsearchBackend {
         match self.poll(&mut position, deadline, &budget.cancel).await {
             Ok(Polled::Wait) => {
                 result.next = Next::Wait {
-                    cursor: position.encode(),
+                    cursor: position.clone(),
                     poll_after: task::poll_delay(position.polls),
                 }
             }
@@ -155,12 +152,12 @@ impl ElasticsearchBackend {
                 // The count travels in the cursor until the step that reports it (Done).
                 let settled = task::settle(&mut position, deleted, version_conflicts, problem);
                 result.failure = settled.retrying.or(settled.failed);
-                result.next = Next::Continue(position.encode());
+                result.next = Next::Continue(position.clone());
             }
             Err(e) => {
                 // The task id is kept so a retry polls it rather than submitting again.
                 result.failure = Some(e);
-                result.next = Next::Continue(position.encode());
+                result.next = Next::Continue(position.clone());
             }
         }
         Ok(result)

@@ -48,13 +48,12 @@ use async_trait::async_trait;
 use reqwest::Method;
 use serde_json::Value;
 
-use super::driver::{JsonCursor, StoreBackend};
+use super::driver::StoreBackend;
 use super::http::{HttpAuth, HttpStore};
 use super::{Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
-use cursor::Cursor;
-use driver::{read_back, TEXT};
+pub use cursor::Cursor;
 use transport::{answer_error, Quote};
 
 /// How to reach one Elasticsearch, resolved from a DataStore and its Secret.
@@ -84,18 +83,18 @@ impl ElasticsearchBackend {
 #[async_trait]
 impl StoreBackend for ElasticsearchBackend {
     const KIND: StoreKind = StoreKind::Elasticsearch;
-    type Cursor = JsonCursor;
+    type Cursor = Cursor;
 
-    fn legacy_cursor(text: &str) -> Option<JsonCursor> {
-        JsonCursor::from_text(text, TEXT)
+    fn legacy_cursor(text: &str) -> Option<Cursor> {
+        Cursor::legacy(text)
     }
 
     /// Cancels a running delete-by-query task; what it deleted before stays deleted.
     /// Lifts the operator's own write block named in the cursor, if any, too.
-    async fn cancel_deletion(&self, cursor: JsonCursor) -> Result<Cancel, Error> {
-        let Ok(cursor) = Cursor::decode(&cursor.to_text(TEXT)) else {
+    async fn cancel_deletion(&self, cursor: Cursor) -> Result<Cancel, Error> {
+        if cursor.validate().is_err() {
             return Ok(Cancel::Nothing);
-        };
+        }
         if let Some(index) = cursor.blocking.as_deref() {
             self.lift_own_block(index).await?;
         }
@@ -155,25 +154,25 @@ impl StoreBackend for ElasticsearchBackend {
     async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<JsonCursor>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<Step<JsonCursor>, Error> {
-        let text = cursor.map(|c| c.to_text(TEXT));
-        ElasticsearchBackend::sweep(self, job, text.as_deref(), budget)
-            .await?
-            .try_map_cursor(read_back)
+    ) -> Result<Step<Cursor>, Error> {
+        if let Some(c) = &cursor {
+            c.validate()?;
+        }
+        ElasticsearchBackend::sweep(self, job, cursor, budget).await
     }
 
     async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<JsonCursor>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep<JsonCursor>, Error> {
-        let text = cursor.map(|c| c.to_text(TEXT));
-        ElasticsearchBackend::subject(self, job, text.as_deref(), budget)
-            .await?
-            .try_map_cursor(read_back)
+    ) -> Result<SubjectStep<Cursor>, Error> {
+        if let Some(c) = &cursor {
+            c.validate()?;
+        }
+        ElasticsearchBackend::subject(self, job, cursor, budget).await
     }
 }
 

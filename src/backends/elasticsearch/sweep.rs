@@ -367,9 +367,9 @@ impl ElasticsearchBackend {
     pub(super) async fn sweep(
         &self,
         job: &SweepJob,
-        cursor: Option<&str>,
+        cursor: Option<Cursor>,
         budget: &StepBudget,
-    ) -> Result<Step, Error> {
+    ) -> Result<Step<Cursor>, Error> {
         validate_target(&job.target)?;
         // Even polling counts what a task deleted: a stale instance neither acts nor counts.
         budget.may_act()?;
@@ -387,7 +387,7 @@ impl ElasticsearchBackend {
         };
         let expired = query::older_than_except(field, job.cutoff, &held);
         let mut position = match cursor {
-            Some(c) => Cursor::decode(c)?,
+            Some(c) => c,
             None => {
                 // What is indexed but not yet searchable counts too, in both runs alike.
                 self.refresh(pattern).await?;
@@ -468,7 +468,7 @@ impl ElasticsearchBackend {
                     || position.attempts > 0 =>
             {
                 step.failure = Some(e);
-                step.next = Next::Continue(position.encode());
+                step.next = Next::Continue(position.clone());
                 Ok(step)
             }
             Err(e) => Err(e),
@@ -479,7 +479,7 @@ impl ElasticsearchBackend {
     async fn sweep_from(
         &self,
         position: &mut Cursor,
-        step: &mut Step,
+        step: &mut Step<Cursor>,
         pattern: &str,
         field: &str,
         job: &SweepJob,
@@ -522,7 +522,7 @@ impl ElasticsearchBackend {
                 }
                 // One index per step at least, so that even a tiny budget makes progress.
                 if judged && (Instant::now() >= deadline || budget.cancel.is_cancelled()) {
-                    step.next = Next::Continue(position.encode());
+                    step.next = Next::Continue(position.clone());
                     return Ok(());
                 }
                 match self
@@ -542,7 +542,7 @@ impl ElasticsearchBackend {
                         // The index is named in the checkpoint before its writes are blocked,
                         // so a crash after the block leaves a cursor that lifts it.
                         position.blocking = Some(index);
-                        step.next = Next::Continue(position.encode());
+                        step.next = Next::Continue(position.clone());
                         return Ok(());
                     }
                 }
@@ -565,7 +565,7 @@ impl ElasticsearchBackend {
         if position.task.is_none() {
             if budget.cancel.is_cancelled() {
                 // Stopped before the store was asked for anything: the next step submits.
-                step.next = Next::Continue(position.encode());
+                step.next = Next::Continue(position.clone());
                 return Ok(());
             }
             budget.may_act()?;
@@ -577,14 +577,14 @@ impl ElasticsearchBackend {
                 .await?
             {
                 // The submission is named, and checkpointed before it is made.
-                step.next = Next::Continue(position.encode());
+                step.next = Next::Continue(position.clone());
                 return Ok(());
             }
         }
         match self.poll(position, deadline, &budget.cancel).await? {
             Polled::Wait => {
                 step.next = Next::Wait {
-                    cursor: position.encode(),
+                    cursor: position.clone(),
                     poll_after: task::poll_delay(position.polls),
                 };
             }
@@ -610,7 +610,7 @@ impl ElasticsearchBackend {
                 step.retrying = settled.retrying;
                 step.failure = settled.failed;
                 // Even when done, one more step deletes the task's stored result.
-                step.next = Next::Continue(position.encode());
+                step.next = Next::Continue(position.clone());
             }
         }
         Ok(())

@@ -575,6 +575,8 @@ mod tests {
             (c.clean.as_deref(), c.attempts, c.deleted, c.settled),
             (Some("node:4"), 0, 6, true)
         );
-        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Cursor>(&json).unwrap(), c);
+        assert!(c.validate().is_ok());
     }
 }

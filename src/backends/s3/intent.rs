@@ -97,7 +97,7 @@ impl Intent {
 }
 
 /// Where a sweep's or an erasure's intents stand, as its cursor carries them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Journal {
     #[serde(rename = "r")]
     pub run: String,

@@ -25,12 +25,14 @@ use aws_sdk_s3::types::{BucketVersioningStatus, Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
 use tokio::sync::OnceCell;
 
-use super::driver::{JsonCursor, StoreBackend};
+use super::driver::StoreBackend;
 use super::template::{self, Syntax};
 use super::{Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
-use driver::{read_back, S3Cursor, SUBJECT_TEXT, SWEEP_TEXT};
+use driver::S3Cursor;
+pub use subject::Position as SubjectCursor;
+pub use sweep::Cursor as SweepCursor;
 
 /// Keys per `DeleteObjects` request: the S3 maximum.
 const DELETE_BATCH: usize = 1000;
@@ -569,9 +571,9 @@ impl StoreBackend for S3Backend {
 
     fn legacy_cursor(text: &str) -> Option<S3Cursor> {
         // `s3-subject:` first: `s3:` is not its prefix, but be explicit about the order.
-        JsonCursor::from_text(text, SUBJECT_TEXT)
+        SubjectCursor::legacy(text)
             .map(S3Cursor::Subject)
-            .or_else(|| JsonCursor::from_text(text, SWEEP_TEXT).map(S3Cursor::Sweep))
+            .or_else(|| SweepCursor::legacy(text).map(S3Cursor::Sweep))
     }
 
     async fn probe_store(&self) -> Result<String, Error> {
@@ -615,18 +617,18 @@ impl StoreBackend for S3Backend {
         cursor: Option<S3Cursor>,
         budget: &StepBudget,
     ) -> Result<Step<S3Cursor>, Error> {
-        let text = match cursor {
+        let cursor = match cursor {
             None => None,
-            Some(S3Cursor::Sweep(c)) => Some(c.to_text(SWEEP_TEXT)),
+            Some(S3Cursor::Sweep(c)) => Some(c),
             Some(S3Cursor::Subject(_)) => {
                 return Err(Error::InvalidSpec(
                     "the checkpoint is an S3 erasure cursor, not a sweep's".into(),
                 ))
             }
         };
-        S3Backend::sweep(self, job, text.as_deref(), budget)
+        Ok(S3Backend::sweep(self, job, cursor, budget)
             .await?
-            .try_map_cursor(|t| read_back(t, SWEEP_TEXT, S3Cursor::Sweep))
+            .map_cursor(S3Cursor::Sweep))
     }
 
     async fn subject(
@@ -635,18 +637,21 @@ impl StoreBackend for S3Backend {
         cursor: Option<S3Cursor>,
         budget: &StepBudget,
     ) -> Result<SubjectStep<S3Cursor>, Error> {
-        let text = match cursor {
+        let cursor = match cursor {
             None => None,
-            Some(S3Cursor::Subject(c)) => Some(c.to_text(SUBJECT_TEXT)),
+            Some(S3Cursor::Subject(c)) => {
+                c.validate()?;
+                Some(c)
+            }
             Some(S3Cursor::Sweep(_)) => {
                 return Err(Error::InvalidSpec(
                     "the checkpoint is an S3 sweep cursor, not an erasure's".into(),
                 ))
             }
         };
-        S3Backend::subject(self, job, text.as_deref(), budget)
+        Ok(S3Backend::subject(self, job, cursor, budget)
             .await?
-            .try_map_cursor(|t| read_back(t, SUBJECT_TEXT, S3Cursor::Subject))
+            .map_cursor(S3Cursor::Subject))
     }
 
     async fn locked(&self, job: &SubjectJob) -> Result<crate::backends::LockedCopies, Error> {

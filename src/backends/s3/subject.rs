@@ -9,6 +9,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ObjectIdentifier;
 use tokio_util::io::SyncIoBridge;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -51,7 +52,8 @@ const REWRITE: u8 = 1;
 /// version still holding records, deleted (erase).
 const VERSIONS: u8 = 2;
 
-const CURSOR_PREFIX: &str = "s3-subject:";
+/// How the previous version wrote a cursor in status.
+const LEGACY_PREFIX: &str = "s3-subject:";
 
 /// Where a subject step resumes, and the totals so far (the engine keeps only the cursor of
 /// an unfinished step, so a finished step reports the whole count).
@@ -63,9 +65,9 @@ const CURSOR_PREFIX: &str = "s3-subject:";
 /// own order, whatever its pages): a resumed step lists from the start and passes over
 /// them. Erasing deletes what it deals with, so for an erase these are the versions the
 /// store refused to delete. Version ids are the store's own opaque names.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct Position {
+pub struct Position {
     /// The action (`f`, `e`, `v`): a cursor of another action starts over.
     #[serde(rename = "a")]
     action: String,
@@ -179,32 +181,29 @@ impl Position {
         }
     }
 
-    pub(super) fn encode(&self) -> String {
-        // Serialising numbers and plain strings cannot fail.
-        format!(
-            "{CURSOR_PREFIX}{}",
-            serde_json::to_string(self).unwrap_or_default()
-        )
+    /// A cursor as the previous version wrote it in status (`s3-subject:{…}`); not yet
+    /// checked ([`Position::validate`] is, before a step uses it).
+    pub(super) fn legacy(text: &str) -> Option<Self> {
+        text.strip_prefix(LEGACY_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
     }
 
-    /// Reads a cursor for `action`. A malformed cursor is refused; one of another action
-    /// starts over.
-    pub(super) fn parse(cursor: Option<&str>, action: SubjectAction) -> Result<Self, Error> {
-        let Some(text) = cursor else {
-            return Ok(Self::start(action));
-        };
-        let bad = || Error::InvalidSpec("checkpoint cursor is not an S3 subject cursor".into());
-        let p: Self = text
-            .strip_prefix(CURSOR_PREFIX)
-            .and_then(|json| serde_json::from_str(json).ok())
-            .ok_or_else(bad)?;
-        if !["f", "e", "v"].contains(&p.action.as_str()) || p.phase > VERSIONS {
-            return Err(bad());
+    /// Refuses what a cursor the steps write never holds (it is read back from status).
+    pub(super) fn validate(&self) -> Result<(), Error> {
+        if !["f", "e", "v"].contains(&self.action.as_str()) || self.phase > VERSIONS {
+            return Err(Error::InvalidSpec(
+                "checkpoint cursor is not an S3 subject cursor".into(),
+            ));
         }
-        if p.action != action_code(action) {
-            return Ok(Self::start(action));
+        Ok(())
+    }
+
+    /// Where a step for `action` resumes: one of another action starts over.
+    fn resume(cursor: Option<Self>, action: SubjectAction) -> Self {
+        match cursor {
+            Some(p) if p.action == action_code(action) => p,
+            _ => Self::start(action),
         }
-        Ok(p)
     }
 
     fn next_unit(&mut self) {
@@ -294,9 +293,9 @@ impl S3Backend {
     pub(super) async fn subject(
         &self,
         job: &SubjectJob,
-        cursor: Option<&str>,
+        cursor: Option<Position>,
         budget: &StepBudget,
-    ) -> Result<SubjectStep, Error> {
+    ) -> Result<SubjectStep<Position>, Error> {
         let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3())?;
         let mut skipped = Vec::new();
         let mut ran = false;
@@ -327,7 +326,8 @@ impl S3Backend {
                 });
             }
         }
-        let mut pos = Position::parse(cursor, job.action)?;
+        let first_step = cursor.is_none();
+        let mut pos = Position::resume(cursor, job.action);
         let erase = job.action == SubjectAction::Erase;
         let unnamed = (records.is_some() && pos.run.is_none()) || pos.journal.is_none();
         if erase && unnamed {
@@ -340,7 +340,7 @@ impl S3Backend {
                     ..Default::default()
                 });
             }
-            if cursor.is_none() {
+            if first_step {
                 // The run and the journal are checkpointed before any archive is rewritten or
                 // any intent written under their names, so that a step repeating a lost one
                 // knows its own rewrites and batches. Nothing erased yet, but an instance
@@ -352,7 +352,7 @@ impl S3Backend {
                     malformed: 0,
                     ran,
                     skipped,
-                    next: Next::Continue(pos.encode()),
+                    next: Next::Continue(pos.clone()),
                     failure: None,
                     notices: Vec::new(),
                 });
@@ -456,7 +456,7 @@ impl S3Backend {
             next: if finished {
                 Next::Done
             } else {
-                Next::Continue(pos.encode())
+                Next::Continue(pos.clone())
             },
             failure,
             notices: Vec::new(),
@@ -1357,33 +1357,43 @@ mod cursor_tests {
         p.skip = 12;
         p.count = 90;
         p.kept = vec!["3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY".into()];
-        let text = p.encode();
-        assert!(text.starts_with("s3-subject:"), "{text}");
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains("users/"), "{json}");
+        let read: Position = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, p);
+        assert!(read.validate().is_ok());
         assert_eq!(
-            Position::parse(Some(&text), SubjectAction::Erase).unwrap(),
-            p
+            Position::legacy(&format!("s3-subject:{json}")),
+            Some(p.clone())
         );
+        assert_eq!(Position::resume(Some(read), SubjectAction::Erase), p);
         // Another action starts over.
         assert_eq!(
-            Position::parse(Some(&text), SubjectAction::Verify).unwrap(),
+            Position::resume(Some(p), SubjectAction::Verify),
             Position::start(SubjectAction::Verify)
         );
     }
 
     #[test]
     fn malformed_cursors_are_refused_never_a_panic() {
+        // Not a subject cursor at all: not read (the adapter restarts the job).
         for bad in [
             "",
             "s3-subject:",
             "s3-subject:{}",
-            "s3-subject:{\"a\":\"x\"}",
-            "s3-subject:{\"a\":\"e\",\"p\":3}",
             "s3-subject:{\"a\":\"e\",\"u\":-1}",
             "s3-subject:{\"a\":\"e\",\"key\":\"users/47/\"}",
             "s3:{\"t\":\"abc\"}",
             "subject:e:0:0:0:0:0",
         ] {
-            let e = Position::parse(Some(bad), SubjectAction::Erase).unwrap_err();
+            assert_eq!(Position::legacy(bad), None, "{bad}");
+        }
+        // Read, but holding what no step writes: refused.
+        for bad in [
+            "s3-subject:{\"a\":\"x\"}",
+            "s3-subject:{\"a\":\"e\",\"p\":3}",
+        ] {
+            let e = Position::legacy(bad).unwrap().validate().unwrap_err();
             assert_eq!(e.reason(), "InvalidSpec", "{bad}");
             assert!(!e.to_string().contains("users/47"), "{e}");
         }
