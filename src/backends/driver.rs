@@ -412,12 +412,8 @@ impl<B: StoreBackend> Backend for B {
         let started = tokio::time::Instant::now();
         let step = self.sweep(job, cursor, budget).await?;
         let mut step = step.map_cursor(|c| encode_cursor::<B>(Some(&c)));
-        step.notices.extend(notices);
-        let took = started.elapsed();
-        if overran(took, budget.max_time) {
-            step.notices
-                .push(overrun_notice(B::KIND, took, budget.max_time));
-        }
+        step.notices
+            .extend(after_step::<B>(notices, started, budget.max_time));
         Ok(step)
     }
 
@@ -452,14 +448,24 @@ impl<B: StoreBackend> Backend for B {
         let started = tokio::time::Instant::now();
         let step = self.subject(job, cursor, budget).await?;
         let mut step = step.map_cursor(|c| encode_cursor::<B>(Some(&c)));
-        step.notices.extend(notices);
-        let took = started.elapsed();
-        if overran(took, budget.max_time) {
-            step.notices
-                .push(overrun_notice(B::KIND, took, budget.max_time));
-        }
+        step.notices
+            .extend(after_step::<B>(notices, started, budget.max_time));
         Ok(step)
     }
+}
+
+/// What the adapter adds to a step's own notices: those reading its cursor gave, and a
+/// step that ran far beyond its budget.
+fn after_step<B: StoreBackend>(
+    mut notices: Vec<Notice>,
+    started: tokio::time::Instant,
+    budget: Duration,
+) -> Vec<Notice> {
+    let took = started.elapsed();
+    if overran(took, budget) {
+        notices.push(overrun_notice(B::KIND, took, budget));
+    }
+    notices
 }
 
 /// The typed cursor to resume from, and the notices reading it gave.
