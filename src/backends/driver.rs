@@ -26,8 +26,8 @@ use crate::api::StoreKind;
 
 use super::http::HttpAuth;
 use super::{
-    Backend, Cancel, Error, Limits, LockedCopies, Next, Notice, Step, StepBudget, SubjectJob,
-    SubjectStep, SweepJob,
+    Backend, BatchJob, BatchStep, Cancel, Error, Limits, LockedCopies, Next, Notice, Step,
+    StepBudget, SubjectJob, SubjectStep, SweepJob,
 };
 
 /// What a store kind can do, for the planners (never a `match` on the kind).
@@ -242,6 +242,28 @@ pub trait StoreBackend: Send + Sync + 'static {
         budget: &StepBudget,
     ) -> Result<SubjectStep<Self::Cursor>, Error>;
 
+    /// Whether [`StoreBackend::subjects`] works many subjects in one pass.
+    const BATCHES: bool = false;
+
+    /// One bounded step of finding, erasing or verifying many subjects' records in one pass
+    /// (see [`BatchJob`]): one scan or rewrite serves every member, each match is attributed
+    /// to its member, and the gate is asked before every destructive commit. The cursor
+    /// holds shared positions only (the batcher keeps each member's counts); a step repeated
+    /// from an older cursor after its checkpoint was lost must count what it had deleted,
+    /// as [`StoreBackend::subject`] does. Only called when [`StoreBackend::BATCHES`].
+    async fn subjects(
+        &self,
+        job: &BatchJob,
+        cursor: Option<Self::Cursor>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep<Self::Cursor>, Error> {
+        let _ = (job, cursor, budget);
+        Err(Error::InvalidSpec(format!(
+            "a {} store does not work subjects in batches",
+            Self::KIND.as_str()
+        )))
+    }
+
     /// Cancels the deletion the store runs by itself that `cursor` waits on (see
     /// [`Backend::cancel`]).
     async fn cancel_deletion(&self, cursor: Self::Cursor) -> Result<Cancel, Error> {
@@ -447,6 +469,40 @@ impl<B: StoreBackend> Backend for B {
         }
         let started = tokio::time::Instant::now();
         let step = self.subject(job, cursor, budget).await?;
+        let mut step = step.map_cursor(|c| encode_cursor::<B>(Some(&c)));
+        step.notices
+            .extend(after_step::<B>(notices, started, budget.max_time));
+        Ok(step)
+    }
+    fn batches(&self) -> bool {
+        B::BATCHES
+    }
+
+    async fn batch_step(
+        &self,
+        job: &BatchJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep, Error> {
+        let (cursor, notices) = resume::<B>(cursor);
+        if budget.cancel.is_cancelled() {
+            let mut step = BatchStep::empty(
+                job.members.len(),
+                Next::Continue(encode_cursor::<B>(cursor.as_ref())),
+            );
+            step.notices = notices;
+            return Ok(step);
+        }
+        let started = tokio::time::Instant::now();
+        let step = self.subjects(job, cursor, budget).await?;
+        if step.members.len() != job.members.len() {
+            return Err(Error::InvalidSpec(format!(
+                "a {} batch step answered for {} members of {}",
+                B::KIND.as_str(),
+                step.members.len(),
+                job.members.len()
+            )));
+        }
         let mut step = step.map_cursor(|c| encode_cursor::<B>(Some(&c)));
         step.notices
             .extend(after_step::<B>(notices, started, budget.max_time));

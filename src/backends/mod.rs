@@ -19,7 +19,7 @@ pub mod registry;
 pub mod s3;
 pub mod template;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -593,6 +593,141 @@ impl<C> Default for SubjectStep<C> {
     }
 }
 
+/// Many data subjects in one target, worked in one pass (a batch): one scan, one rewrite,
+/// one store-side deletion serve all of them, and every match is attributed to the subject
+/// it belongs to. Built by the engine's batcher from the requests ready at the same time.
+#[derive(Clone)]
+pub struct BatchJob {
+    pub target: Target,
+    pub action: SubjectAction,
+    /// The subjects, in a fixed order: results are given by index.
+    pub members: Vec<BatchMember>,
+    /// Asked right before every destructive commit (each archive rewrite written, each
+    /// DeleteObjects or UNLINK batch, each store-side submission): which members may no
+    /// longer be erased (a LegalHold arrived). Their records are left out of that commit
+    /// and every later one of the step.
+    pub gate: Arc<dyn HoldGate>,
+}
+
+impl std::fmt::Debug for BatchJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchJob")
+            .field("target", &self.target.name)
+            .field("action", &self.action)
+            .field("members", &self.members.len())
+            .finish()
+    }
+}
+
+/// One subject of a batch.
+#[derive(Clone)]
+pub struct BatchMember {
+    /// A stable name of the member that holds no identifier (its keyed subject digest): for
+    /// what a driver must record in the store to count a lost step per member (a ledger,
+    /// a journal). The same member keeps it across the steps and batches it is part of.
+    pub id: String,
+    /// The subject's identifiers (type → value): used to build store queries, never logged
+    /// or returned.
+    pub identifiers: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for BatchMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchMember")
+            .field("id", &self.id)
+            .field(
+                "identifier_types",
+                &self.identifiers.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl BatchMember {
+    /// The member as a one-subject job (for locators a driver fills per subject).
+    pub fn job(&self, batch: &BatchJob) -> SubjectJob {
+        SubjectJob {
+            target: batch.target.clone(),
+            identifiers: self.identifiers.clone(),
+            action: batch.action,
+        }
+    }
+}
+
+/// Which members of a batch are held now (see [`BatchJob::gate`]).
+#[async_trait]
+pub trait HoldGate: Send + Sync {
+    /// The indices of the members that must not be erased any more. An error (the holds
+    /// cannot be read) means nothing may be committed: the step stops without committing.
+    async fn held(&self) -> Result<BTreeSet<usize>, Error>;
+}
+
+/// A gate that never holds anyone (Find and Verify, which delete nothing; tests).
+pub struct NoHolds;
+
+#[async_trait]
+impl HoldGate for NoHolds {
+    async fn held(&self) -> Result<BTreeSet<usize>, Error> {
+        Ok(BTreeSet::new())
+    }
+}
+
+/// What one batch step did for one member: counts of this step only (the batcher adds
+/// them up), and which of its locators ran.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberStep {
+    /// Records found (Find), erased (Erase) or still present (Verify) in this step.
+    pub count: u64,
+    /// Records the store refused to erase (Object Lock retention or legal hold).
+    pub blocked: u64,
+    /// Whether any of the member's locators ran (false: it lacks every identifier needed).
+    pub ran: bool,
+    /// Locators not run for this member (see [`SubjectStep::skipped`]).
+    pub skipped: Vec<String>,
+}
+
+/// The result of one batch step.
+#[derive(Debug)]
+pub struct BatchStep<C = String> {
+    /// One entry per member of the job, in its order.
+    pub members: Vec<MemberStep>,
+    /// Members the gate held at a commit point of this step: left out of every commit from
+    /// then on; the batcher takes them out of the batch.
+    pub held: BTreeSet<usize>,
+    /// Lines of archives that are not JSON, left as they were (the batch's, not a member's).
+    pub malformed: u64,
+    pub next: Next<C>,
+    pub failure: Option<Error>,
+    /// What the adapter tells about the step (filled by it; drivers leave it empty).
+    pub notices: Vec<Notice>,
+}
+
+impl<C> BatchStep<C> {
+    /// An empty step for `members` members that goes on to `next`.
+    pub fn empty(members: usize, next: Next<C>) -> Self {
+        Self {
+            members: vec![MemberStep::default(); members],
+            held: BTreeSet::new(),
+            malformed: 0,
+            next,
+            failure: None,
+            notices: Vec::new(),
+        }
+    }
+
+    /// The same step with its cursor turned into another form.
+    pub fn map_cursor<D>(self, f: impl FnOnce(C) -> D) -> BatchStep<D> {
+        BatchStep {
+            members: self.members,
+            held: self.held,
+            malformed: self.malformed,
+            next: self.next.map(f),
+            failure: self.failure,
+            notices: self.notices,
+        }
+    }
+}
+
 /// A subject's copies a store keeps under a lock of its own until it lapses: how many, the
 /// earliest and latest retain-until dates, and how many are under a legal hold (no date).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -657,6 +792,26 @@ pub trait Backend: Send + Sync {
         cursor: Option<&str>,
         budget: &StepBudget,
     ) -> Result<SubjectStep, Error>;
+
+    /// Whether the store works many subjects in one pass ([`Backend::batch_step`]).
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// Runs one bounded step of finding, erasing or verifying many subjects' records in one
+    /// pass. Only called when [`Backend::batches`].
+    async fn batch_step(
+        &self,
+        job: &BatchJob,
+        cursor: Option<&str>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep, Error> {
+        let _ = (job, cursor, budget);
+        Err(Error::InvalidSpec(format!(
+            "a {} store does not work subjects in batches",
+            self.kind().as_str()
+        )))
+    }
 }
 
 /// The selector of a target for its store kind, checked before anything runs: the target

@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+pub mod batch;
 pub mod slots;
 use slots::JobSlots;
 pub use slots::{Claim, SlotPermit};
 
 use crate::api::datastore::StoreLimits;
-use crate::backends::{self, Backend, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use crate::backends::{
+    self, Backend, BatchJob, BatchStep, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob,
+};
 use crate::leader::Fence;
 use crate::limits::RateLimiter;
 
@@ -156,6 +159,34 @@ impl Engine {
         };
         budget.may_act()?;
         let result = backend.subject_step(job, cursor, &budget).await;
+        let failure = match &result {
+            Ok(step) => step.failure.as_ref(),
+            Err(e) => Some(e),
+        };
+        self.forget_if_broken(store_key, failure);
+        result
+    }
+
+    /// Runs one step of finding, erasing or verifying many subjects in one pass (a batch;
+    /// see [`batch`]) on the store `store_key`; stops as [`Engine::subject_step`] does.
+    pub async fn batch_step(
+        &self,
+        claim: Claim,
+        store_key: &str,
+        backend: &dyn Backend,
+        job: &BatchJob,
+        cursor: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<BatchStep, backends::Error> {
+        let _slot = self.job_slot(claim).await;
+        let (cancel, _stop_watching) = cancelled_by_either(cancel, self.fence.lost());
+        let budget = StepBudget {
+            max_time: self.checkpoint_interval,
+            cancel,
+            fence: self.fence.clone(),
+        };
+        budget.may_act()?;
+        let result = backend.batch_step(job, cursor, &budget).await;
         let failure = match &result {
             Ok(step) => step.failure.as_ref(),
             Err(e) => Some(e),
