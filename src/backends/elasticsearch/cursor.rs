@@ -1,6 +1,8 @@
 //! Where a sweep or an erasure resumes, as stored in status (`v1:elasticsearch:` and its
 //! JSON; `es:` and the same JSON in the previous version).
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,36 @@ pub struct Cursor {
     /// The deletion is over: the next step only cleans up and finishes.
     #[serde(rename = "s", default, skip_serializing_if = "std::ops::Not::not")]
     pub settled: bool,
+    /// A batch of subjects: where it stands (the fields above are its chunk's deletion).
+    #[serde(rename = "B", default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchPosition>,
+}
+
+/// Where a batch stands. Members are taken in the order of their ids (digests, never an
+/// identifier), so positions hold for any subset of the members a batch started with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BatchPosition {
+    /// Every member whose id sorts up to this one is done.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Erase: the chunk being deleted holds the members after `after` up to this id.
+    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
+    pub upto: Option<String>,
+    /// Erase: the documents of each member of the chunk, counted right before its
+    /// submission and reported once its task has finished (by member id; zero counts are
+    /// left out).
+    #[serde(rename = "c", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// Whether a member id is one a batch could have (a digest such as `hmac-sha256:<hex>`): it
+/// is read back from status.
+pub fn valid_member_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 200
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_:.+/=".contains(&b))
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -88,6 +120,18 @@ impl Cursor {
                 return Err(Error::InvalidSpec(format!(
                     "unreadable Elasticsearch submission marker {marker:?} in cursor"
                 )));
+            }
+        }
+        if let Some(batch) = &self.batch {
+            let ids = batch
+                .after
+                .iter()
+                .chain(&batch.upto)
+                .chain(batch.counts.keys());
+            if ids.into_iter().any(|id| !valid_member_id(id)) {
+                return Err(Error::InvalidSpec(
+                    "unreadable batch member id in an Elasticsearch cursor".into(),
+                ));
             }
         }
         for task in [&self.task, &self.clean].into_iter().flatten() {
@@ -136,6 +180,11 @@ mod tests {
             deleted: 7,
             clean: Some("oTUltX4IQMOUUVeiohTt8A:12344".into()),
             settled: true,
+            batch: Some(BatchPosition {
+                after: Some("hmac-sha256:0a".into()),
+                upto: Some("hmac-sha256:ff".into()),
+                counts: [("hmac-sha256:0b".to_string(), 3)].into(),
+            }),
         };
         let json = serde_json::to_string(&c).unwrap();
         let read: Cursor = serde_json::from_str(&json).unwrap();
@@ -148,6 +197,8 @@ mod tests {
             r#"{"x":"_all"}"#,
             r#"{"t":"../../_all"}"#,
             r#"{"m":"x\r\nAuthorization: y"}"#,
+            r#"{"B":{"a":"a b"}}"#,
+            r#"{"B":{"c":{"":1}}}"#,
         ] {
             let read: Cursor = serde_json::from_str(bad).unwrap();
             assert!(read.validate().is_err(), "{bad}");

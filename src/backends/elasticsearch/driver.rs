@@ -138,6 +138,7 @@ mod tests {
                 deleted: 7,
                 clean: Some("oTUltX4IQMOUUVeiohTt8A:12344".into()),
                 settled: true,
+                batch: None,
             }
         );
         assert!(cursor.validate().is_ok());

@@ -18,7 +18,11 @@ use crate::backends::{
 impl ElasticsearchBackend {
     /// Refuses a locator whose `term` field is analysed (`text`) in some index of the
     /// pattern: the term would silently miss the subject's documents.
-    async fn check_term_fields(&self, pattern: &str, fields: &[&String]) -> Result<(), Error> {
+    pub(super) async fn check_term_fields(
+        &self,
+        pattern: &str,
+        fields: &[&String],
+    ) -> Result<(), Error> {
         let joined = fields
             .iter()
             .map(|f| f.as_str())

@@ -34,6 +34,7 @@
 //! `task` reads and settles delete-by-query tasks, `cursor` is where a step resumes;
 //! `driver` registers the kind.
 
+mod batch;
 mod cursor;
 pub mod driver;
 mod erasure;
@@ -50,7 +51,9 @@ use serde_json::Value;
 
 use super::driver::StoreBackend;
 use super::http::{HttpAuth, HttpStore};
-use super::{Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{
+    BatchJob, BatchStep, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob,
+};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
 pub use cursor::Cursor;
@@ -173,6 +176,20 @@ impl StoreBackend for ElasticsearchBackend {
             c.validate()?;
         }
         ElasticsearchBackend::subject(self, job, cursor, budget).await
+    }
+
+    const BATCHES: bool = true;
+
+    async fn subjects(
+        &self,
+        job: &BatchJob,
+        cursor: Option<Cursor>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep<Cursor>, Error> {
+        if let Some(c) = &cursor {
+            c.validate()?;
+        }
+        ElasticsearchBackend::subjects(self, job, cursor, budget).await
     }
 }
 

@@ -77,15 +77,120 @@ pub fn older_than_held(timestamp_field: &str, cutoff: DateTime<Utc>, held: &[Val
 pub fn subject_query(terms: &BTreeMap<String, Term>) -> Value {
     let filters: Vec<Value> = terms
         .iter()
-        .map(|(field, term)| {
-            if term.case_insensitive {
-                json!({"term": {field: {"value": term.value, "case_insensitive": true}}})
-            } else {
-                json!({"term": {field: {"value": term.value}}})
-            }
-        })
+        .map(|(field, term)| term_query(field, term))
         .collect();
     json!({"bool": {"filter": filters}})
+}
+
+fn term_query(field: &str, term: &Term) -> Value {
+    if term.case_insensitive {
+        json!({"term": {field: {"value": term.value, "case_insensitive": true}}})
+    } else {
+        json!({"term": {field: {"value": term.value}}})
+    }
+}
+
+/// A batch's chunk of members whose query is a `terms` query: far below Elasticsearch's
+/// `index.max_terms_count` (65,536).
+pub const TERMS_CHUNK: usize = 1000;
+/// Clauses of a chunk whose query is a `bool` of each member's terms: half of the smallest
+/// default `indices.query.bool.max_clause_count` (1,024, which Lucene 9 counts over the whole
+/// query).
+pub const SHOULD_CLAUSES: usize = 500;
+
+/// How many members of `members` (each one's filled-in terms, all of one locator) one query
+/// may take, by the shape [`chunk_query`] gives them.
+pub fn chunk_limit(members: &[&BTreeMap<String, Term>]) -> usize {
+    match shape(members) {
+        Shape::Terms(_) => TERMS_CHUNK,
+        Shape::Each => {
+            let fields = members.first().map_or(1, |m| m.len());
+            (SHOULD_CLAUSES / fields.saturating_add(1)).max(1)
+        }
+    }
+}
+
+/// How a chunk's members combine into one query.
+enum Shape<'a> {
+    /// They differ in this one field, compared with case: a `terms` query over its values,
+    /// and the fields they share as `term`s.
+    Terms(&'a str),
+    /// Any other case (several fields differ, or one compared without case, which `terms`
+    /// cannot do): a `bool` `should` of each member's [`subject_query`].
+    Each,
+}
+
+fn shape<'a>(members: &[&'a BTreeMap<String, Term>]) -> Shape<'a> {
+    let Some(first) = members.first() else {
+        return Shape::Each;
+    };
+    if members.iter().any(|m| m.len() != first.len()) {
+        return Shape::Each;
+    }
+    let varying: Vec<&String> = first
+        .iter()
+        .filter(|(field, term)| members.iter().any(|m| m.get(*field) != Some(*term)))
+        .map(|(field, _)| field)
+        .collect();
+    match varying.as_slice() {
+        [field]
+            if members
+                .iter()
+                .all(|m| m.get(*field).is_some_and(|t| !t.case_insensitive)) =>
+        {
+            Shape::Terms(field)
+        }
+        _ => Shape::Each,
+    }
+}
+
+/// The documents of any member of a chunk (each member's filled-in terms, all of one
+/// locator): the same documents as the `bool` `should` of every member's [`subject_query`].
+pub fn chunk_query(members: &[&BTreeMap<String, Term>]) -> Value {
+    match (shape(members), members.first()) {
+        (Shape::Terms(field), Some(first)) => {
+            let mut filters: Vec<Value> = first
+                .iter()
+                .filter(|(f, _)| f.as_str() != field)
+                .map(|(f, term)| term_query(f, term))
+                .collect();
+            let values: std::collections::BTreeSet<&str> = members
+                .iter()
+                .filter_map(|m| m.get(field).map(|t| t.value.as_str()))
+                .collect();
+            filters.push(json!({"terms": {field: values}}));
+            json!({"bool": {"filter": filters}})
+        }
+        _ => {
+            let mut each: Vec<Value> = members.iter().map(|m| subject_query(m)).collect();
+            each.dedup();
+            json!({"bool": {"should": each, "minimum_should_match": 1}})
+        }
+    }
+}
+
+/// One search counting each member's documents among a chunk's: a `filters` aggregation
+/// with one filter per member (keyed by its place in `members`), so a document of two
+/// members counts for both.
+pub fn member_counts_search(members: &[&BTreeMap<String, Term>]) -> Value {
+    let filters: serde_json::Map<String, Value> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (i.to_string(), subject_query(m)))
+        .collect();
+    json!({
+        "size": 0,
+        "query": chunk_query(members),
+        "aggs": {"members": {"filters": {"filters": filters}}},
+    })
+}
+
+/// The counts of a [`member_counts_search`] answer for its `n` members, in their order.
+pub fn read_member_counts(answer: &Value, n: usize) -> Option<Vec<u64>> {
+    let buckets = answer.pointer("/aggregations/members/buckets")?;
+    (0..n)
+        .map(|i| buckets.get(i.to_string())?.get("doc_count")?.as_u64())
+        .collect()
 }
 
 /// Fills in the locator's value templates with canonical identifier values
@@ -285,5 +390,84 @@ mod tests {
             &json!({"x": {"mappings": {"id": {"mapping": {"id": {"type": "keyword"}}}}}})
         )
         .is_empty());
+    }
+
+    fn filled(locator: &[(&str, &str)], identifiers: &[(&str, &str)]) -> BTreeMap<String, Term> {
+        expand_terms("t", &ids(locator), &ids(identifiers))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_chunk_differing_in_one_exact_field_is_one_terms_query() {
+        let locator = [("user.id", "{userId}"), ("tenant", "shop")];
+        let members: Vec<BTreeMap<String, Term>> = ["u-2", "u-1", "u-2", "a\"b"]
+            .iter()
+            .map(|u| filled(&locator, &[("userId", u)]))
+            .collect();
+        let refs: Vec<&BTreeMap<String, Term>> = members.iter().collect();
+        assert_eq!(
+            chunk_query(&refs),
+            json!({"bool": {"filter": [
+                {"term": {"tenant": {"value": "shop"}}},
+                {"terms": {"user.id": ["a\"b", "u-1", "u-2"]}},
+            ]}}),
+            "the values sorted, each once; the shared field a term"
+        );
+        assert_eq!(chunk_limit(&refs), TERMS_CHUNK);
+        // The same chunk in another order gives the same query.
+        let reversed: Vec<&BTreeMap<String, Term>> = members.iter().rev().collect();
+        assert_eq!(chunk_query(&reversed), chunk_query(&refs));
+    }
+
+    #[test]
+    fn chunks_a_terms_query_cannot_express_are_each_members_query() {
+        // Two fields differ: a terms query per field would also match one member's user
+        // with another's address.
+        let locator = [("user", "{userId}"), ("mail", "{email}")];
+        let a = filled(&locator, &[("userId", "A1"), ("email", "a@x.org")]);
+        let b = filled(&locator, &[("userId", "B2"), ("email", "b@x.org")]);
+        let query = chunk_query(&[&a, &b]);
+        assert_eq!(
+            query,
+            json!({"bool": {"should": [subject_query(&a), subject_query(&b)], "minimum_should_match": 1}})
+        );
+        assert_eq!(chunk_limit(&[&a, &b]), SHOULD_CLAUSES / 3);
+        // One field, but compared without case (addresses): terms cannot fold case.
+        let m = |e: &str| filled(&[("mail", "{email}")], &[("email", e)]);
+        let (x, y) = (m("x@a.org"), m("Y@a.org"));
+        assert!(chunk_query(&[&x, &y]).pointer("/bool/should").is_some());
+        assert_eq!(chunk_limit(&[&x, &y]), SHOULD_CLAUSES / 2);
+        // Within the clause limit for any number of fields.
+        let wide: BTreeMap<String, Term> = (0..600)
+            .map(|n| {
+                (
+                    format!("f{n}"),
+                    Term {
+                        value: "v".into(),
+                        case_insensitive: false,
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(chunk_limit(&[&wide, &a]), 1);
+    }
+
+    #[test]
+    fn member_counts_are_one_filter_per_member_read_in_order() {
+        let m = |u: &str| filled(&[("user", "{userId}")], &[("userId", u)]);
+        let (a, b) = (m("A1"), m("B2"));
+        let search = member_counts_search(&[&a, &b]);
+        assert_eq!(search["size"], 0);
+        assert_eq!(search["query"], chunk_query(&[&a, &b]));
+        assert_eq!(
+            search.pointer("/aggs/members/filters/filters/1"),
+            Some(&subject_query(&b))
+        );
+        let answer = json!({"aggregations": {"members": {"buckets": {
+            "0": {"doc_count": 3}, "1": {"doc_count": 0}}}}});
+        assert_eq!(read_member_counts(&answer, 2), Some(vec![3, 0]));
+        assert_eq!(read_member_counts(&answer, 3), None);
+        assert_eq!(read_member_counts(&json!({}), 1), None);
     }
 }

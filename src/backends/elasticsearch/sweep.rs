@@ -166,7 +166,7 @@ impl ElasticsearchBackend {
     }
 
     /// Submits a delete-by-query task named by `marker` and returns its id.
-    async fn submit(
+    pub(super) async fn submit(
         &self,
         pattern: &str,
         query: Value,
