@@ -225,24 +225,35 @@ impl ElasticsearchBackend {
                 return Ok(());
             }
             budget.may_act()?;
-            match self.find_submitted(&marker).await? {
+            let submitted = self.find_submitted(&marker).await?;
+            match job.gate.held().await {
+                Ok(held) => excluded.extend(held),
+                Err(e) => {
+                    step.next = Next::Continue(position.clone());
+                    step.failure = Some(e);
+                    return Ok(());
+                }
+            }
+            step.held.clone_from(&excluded);
+            match submitted {
                 Some(task) => {
                     tracing::info!(
                         task,
                         "adopting the delete-by-query task an interrupted step submitted"
                     );
+                    // That step left the members held then out, and holds stay: the
+                    // members held now had nothing deleted (the counts are the naming
+                    // step's, the documents being gone from a new count).
+                    if let Some(b) = position.batch.as_mut() {
+                        for i in &excluded {
+                            if let Some(member) = job.members.get(*i) {
+                                b.counts.remove(&member.id);
+                            }
+                        }
+                    }
                     position.task = Some(task);
                 }
                 None => {
-                    match job.gate.held().await {
-                        Ok(held) => excluded.extend(held),
-                        Err(e) => {
-                            step.next = Next::Continue(position.clone());
-                            step.failure = Some(e);
-                            return Ok(());
-                        }
-                    }
-                    step.held.clone_from(&excluded);
                     let chunk: Vec<&Running> = running
                         .iter()
                         .filter(|(i, _)| in_chunk(*i) && !excluded.contains(i))

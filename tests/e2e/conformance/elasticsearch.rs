@@ -217,3 +217,23 @@ impl<const ES7: bool> Fixture for SearchFixture<ES7> {
 
 crate::conformance!(tests, ElasticsearchFixture);
 crate::conformance!(elasticsearch7, Elasticsearch7Fixture);
+crate::batch_checks!(tests_batch, super::ElasticsearchFixture);
+crate::batch_checks!(elasticsearch7_batch, super::Elasticsearch7Fixture);
+
+/// A locator of one field compared with case: each chunk is one `terms` query.
+#[tokio::test]
+async fn a_batch_of_one_exact_field_is_deleted_by_terms() {
+    super::batch::exact_counts_and_holds_in::<ElasticsearchFixture>(
+        super::batch::ORDINARY,
+        |f, dataset| {
+            let mut t = f.target(dataset);
+            if let Some(tombstone::api::retentionpolicy::SubjectLocator::Elasticsearch(e)) =
+                t.subject.as_mut()
+            {
+                e.term = [("user".to_string(), "{userId}".to_string())].into();
+            }
+            t
+        },
+    )
+    .await;
+}

@@ -66,6 +66,7 @@
 //! Every test gets its own store instance (Redis server, moto, Loki double, memory store) or,
 //! on the shared OpenSearch and Elasticsearch 7.17 nodes, its own indices.
 
+pub mod batch;
 pub mod elasticsearch;
 pub mod loki;
 pub mod memory;
