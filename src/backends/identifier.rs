@@ -225,6 +225,49 @@ pub fn regex_escape(value: &str) -> String {
     out
 }
 
+/// `body` with a boundary before it (`start`) and after it (`end`): the character next to
+/// it there must not be a letter, digit or `_`.
+fn bounded(start: bool, body: &str, end: bool) -> String {
+    let mut pattern = String::new();
+    if start {
+        pattern.push_str(&format!("(?:^|[^{WORD}])"));
+    }
+    pattern.push_str(body);
+    if end {
+        pattern.push_str(&format!("(?:$|[^{WORD}])"));
+    }
+    pattern
+}
+
+/// One RE2 pattern finding what any of `filled` finds ([`Filled::re2_pattern`]): the
+/// members that need the same boundaries share them (`B(?:a|b)B`), each set of them an
+/// alternative. The same members in any order give the same pattern; one member gives its
+/// own pattern.
+pub fn re2_alternation(filled: &[&Filled]) -> String {
+    let mut groups: BTreeMap<(bool, bool), std::collections::BTreeSet<String>> = BTreeMap::new();
+    for f in filled {
+        groups.entry(f.edges()).or_default().insert(f.re2_body());
+    }
+    let parts: Vec<String> = groups
+        .into_iter()
+        .map(|((start, end), bodies)| {
+            let bodies: Vec<String> = bodies.into_iter().collect();
+            match bodies.as_slice() {
+                [one] => bounded(start, one, end),
+                _ => bounded(start, &format!("(?:{})", bodies.join("|")), end),
+            }
+        })
+        .collect();
+    match parts.as_slice() {
+        [one] => one.clone(),
+        _ => parts
+            .iter()
+            .map(|p| format!("(?:{p})"))
+            .collect::<Vec<_>>()
+            .join("|"),
+    }
+}
+
 impl Filled {
     /// The filled text: literal pieces as written, identifiers canonical.
     pub fn text(&self) -> String {
@@ -294,10 +337,12 @@ impl Filled {
     /// digit or `_`.
     pub fn re2_pattern(&self) -> String {
         let (start, end) = self.edges();
+        bounded(start, &self.re2_body(), end)
+    }
+
+    /// [`Self::re2_pattern`] without its boundaries.
+    fn re2_body(&self) -> String {
         let mut pattern = String::new();
-        if start {
-            pattern.push_str(&format!("(?:^|[^{WORD}])"));
-        }
         for p in &self.pieces {
             match p {
                 Piece::Literal(l) => pattern.push_str(&regex_escape(l)),
@@ -310,9 +355,6 @@ impl Filled {
                     }
                 }
             }
-        }
-        if end {
-            pattern.push_str(&format!("(?:$|[^{WORD}])"));
         }
         pattern
     }

@@ -37,7 +37,8 @@
 //!   double counts the sub-queries ([`LokiDouble::sub_queries`]): a metric query costs its
 //!   range divided by the interval; a log query stops at the first piece (newest first for
 //!   `direction=backward`) that fills its `limit`;
-//! - a query whose range exceeds `max_query_length` (721h) is refused with 400;
+//! - a query whose range exceeds `max_query_length` (721h) is refused with 400, and so is a
+//!   query (or a delete request's query) of 5,120 bytes or more, as Loki's LogQL parser does;
 //! - `end` in the future is refused (400 `deletes in the future are not allowed`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -1072,7 +1073,24 @@ fn parse_log_expr(lx: &mut Lexer) -> Result<LogQuery, String> {
     Ok(LogQuery { matchers, filters })
 }
 
+/// Loki's LogQL parser refuses a query of this many bytes or more (`maxInputSize` in its
+/// `pkg/logql/syntax/parser.go`), whatever the API it came through: queries answer 400
+/// `parse error : input size too long (N > 5120)`, delete requests 400 `invalid query
+/// expression`.
+pub const MAX_QUERY_BYTES: usize = 5120;
+
+fn check_size(text: &str) -> Result<(), String> {
+    if text.len() >= MAX_QUERY_BYTES {
+        return Err(format!(
+            "input size too long ({} > {MAX_QUERY_BYTES})",
+            text.len()
+        ));
+    }
+    Ok(())
+}
+
 pub fn parse_log_query(text: &str) -> Result<LogQuery, String> {
+    check_size(text)?;
     let mut lx = Lexer::new(text);
     let q = parse_log_expr(&mut lx)?;
     if !lx.done() {
@@ -1098,6 +1116,7 @@ fn duration_ns(text: &str) -> Option<i64> {
 
 /// `sum(count_over_time(LOG [D]))` or `count_over_time(LOG [D])`: (summed?, LOG, D in ns).
 pub fn parse_metric_query(text: &str) -> Result<(bool, LogQuery, i64), String> {
+    check_size(text)?;
     let mut lx = Lexer::new(text);
     let sum = lx.eat("sum") && {
         if !lx.eat("(") {

@@ -299,6 +299,32 @@ pub fn subject_filter(filled: &identifier::Filled) -> String {
     format!("|~ {}", quote(&filled.re2_pattern()))
 }
 
+/// The line filter selecting the lines of any of several subjects (a batch's chunk): one
+/// regex, an alternation of each subject's [`subject_filter`] pattern, escaped the same way.
+/// For one subject, exactly its [`subject_filter`].
+pub fn subjects_filter(filled: &[&identifier::Filled]) -> String {
+    format!("|~ {}", quote(&identifier::re2_alternation(filled)))
+}
+
+/// The longest LogQL query a batch sends, in bytes: Loki's parser refuses queries of 5,120
+/// bytes or more (`maxInputSize`), counted on the whole query text (a count's
+/// `sum(count_over_time(…))` too).
+pub const MAX_QUERY_BYTES: usize = 4096;
+
+/// How many of `filled` (at least one), from the front, one query under `selector` may take:
+/// the longest query made of them, a window's count, stays within [`MAX_QUERY_BYTES`].
+pub fn chunk_len(selector: &str, filled: &[&identifier::Filled]) -> usize {
+    let fits = |k: usize| {
+        let log_query = format!("{selector} {}", subjects_filter(&filled[..k]));
+        count_query(&log_query, super::WINDOW_SECONDS).len() <= MAX_QUERY_BYTES
+    };
+    let mut k = 1.min(filled.len());
+    while k < filled.len() && fits(k + 1) {
+        k += 1;
+    }
+    k
+}
+
 /// A metric query counting the lines of `log_query` in the `seconds` before its time.
 pub fn count_query(log_query: &str, seconds: i64) -> String {
     format!("sum(count_over_time({log_query} [{seconds}s]))")
@@ -400,5 +426,100 @@ mod tests {
             count_query(r#"{a="b"}"#, 60),
             r#"sum(count_over_time({a="b"} [60s]))"#
         );
+    }
+
+    fn filled(template: &str, pairs: &[(&str, &str)]) -> identifier::Filled {
+        let ids = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        identifier::fill(template, &ids).unwrap()
+    }
+
+    #[test]
+    fn an_alternation_finds_what_each_subjects_filter_finds_and_nothing_else() {
+        let members = [
+            filled("{userId}", &[("userId", "user-47")]),
+            filled("{userId}", &[("userId", "<a|b>.*")]),
+            filled("{email}", &[("email", "Bob@Example.org")]),
+            filled("{userId}", &[("userId", "x\"}y\\")]),
+        ];
+        let refs: Vec<&identifier::Filled> = members.iter().collect();
+        let pattern = identifier::re2_alternation(&refs);
+        let re = regex::Regex::new(&pattern).unwrap();
+        let each: Vec<regex::Regex> = members
+            .iter()
+            .map(|m| regex::Regex::new(&m.re2_pattern()).unwrap())
+            .collect();
+        for line in [
+            "id=user-47 ok",
+            "id=user-4711",
+            "xuser-47",
+            "<a|b>.* here",
+            "<a|b>xx",
+            "to: BOB@example.ORG",
+            "to: bob@example.org.au",
+            "x\"}y\\ end",
+            "nothing",
+            "a",
+        ] {
+            assert_eq!(
+                re.is_match(line),
+                each.iter().any(|r| r.is_match(line)),
+                "{line}: {pattern}"
+            );
+        }
+        // Order does not matter; one subject's filter is the single path's.
+        let reversed: Vec<&identifier::Filled> = members.iter().rev().collect();
+        assert_eq!(identifier::re2_alternation(&reversed), pattern);
+        assert_eq!(subjects_filter(&refs[..1]), subject_filter(&members[0]));
+        // The filter stays one string literal whatever the identifiers hold.
+        let filter = subjects_filter(&refs);
+        let mut p = Parser {
+            chars: filter.strip_prefix("|~ ").unwrap().chars().collect(),
+            at: 0,
+        };
+        assert_eq!(p.string().unwrap(), pattern);
+        assert_eq!(p.at, p.chars.len());
+    }
+
+    #[test]
+    fn chunks_keep_every_query_under_lokis_parser_limit() {
+        let members: Vec<identifier::Filled> = (0..500)
+            .map(|n| {
+                filled(
+                    "user={userId} mail={email} ",
+                    &[
+                        ("userId", &format!("member-{n}")),
+                        ("email", &format!("member-{n}@example.org")),
+                    ],
+                )
+            })
+            .collect();
+        let refs: Vec<&identifier::Filled> = members.iter().collect();
+        let selector = r#"{app="mailer"}"#;
+        let mut at = 0;
+        let mut chunks = 0;
+        while at < refs.len() {
+            let k = chunk_len(selector, &refs[at..]);
+            assert!(k >= 1);
+            let query = format!("{selector} {}", subjects_filter(&refs[at..at + k]));
+            let count = count_query(&query, crate::backends::loki::WINDOW_SECONDS);
+            assert!(count.len() <= MAX_QUERY_BYTES && MAX_QUERY_BYTES < 5120);
+            if at + k < refs.len() {
+                let more = format!("{selector} {}", subjects_filter(&refs[at..at + k + 1]));
+                assert!(
+                    count_query(&more, crate::backends::loki::WINDOW_SECONDS).len()
+                        > MAX_QUERY_BYTES
+                );
+            }
+            at += k;
+            chunks += 1;
+        }
+        assert!((5..50).contains(&chunks), "{chunks} chunks");
+        assert_eq!(chunk_len(selector, &[]), 0);
+        // A subject too long for any query still gets a chunk of its own.
+        let long = filled("{userId}", &[("userId", &"x".repeat(6000))]);
+        assert_eq!(chunk_len(selector, &[&long, &members[0]]), 1);
     }
 }
