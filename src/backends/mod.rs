@@ -9,6 +9,7 @@
 //! restarted (or upgraded) operator resumes instead of starting over, and long-running
 //! deletions are submitted once and then polled.
 
+pub mod chunks;
 pub mod driver;
 pub mod elasticsearch;
 pub mod http;

@@ -1,13 +1,12 @@
 //! Where a sweep or an erasure resumes, as stored in status (`v1:elasticsearch:` and its
 //! JSON; `es:` and the same JSON in the previous version).
 
-use std::collections::BTreeMap;
-
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::indices::valid_index_name;
 use super::task::{valid_marker, valid_task_id};
+pub use crate::backends::chunks::BatchPosition;
 use crate::backends::Error;
 
 /// Where a sweep or an erasure resumes. Holds index names, task ids and counts, never a
@@ -59,33 +58,6 @@ pub struct Cursor {
     pub batch: Option<BatchPosition>,
 }
 
-/// Where a batch stands. Members are taken in the order of their ids (digests, never an
-/// identifier), so positions hold for any subset of the members a batch started with.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct BatchPosition {
-    /// Every member whose id sorts up to this one is done.
-    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
-    pub after: Option<String>,
-    /// Erase: the chunk being deleted holds the members after `after` up to this id.
-    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
-    pub upto: Option<String>,
-    /// Erase: the documents of each member of the chunk, counted right before its
-    /// submission and reported once its task has finished (by member id; zero counts are
-    /// left out).
-    #[serde(rename = "c", default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub counts: BTreeMap<String, u64>,
-}
-
-/// Whether a member id is one a batch could have (a digest such as `hmac-sha256:<hex>`): it
-/// is read back from status.
-pub fn valid_member_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 200
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_:.+/=".contains(&b))
-}
-
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
@@ -123,12 +95,7 @@ impl Cursor {
             }
         }
         if let Some(batch) = &self.batch {
-            let ids = batch
-                .after
-                .iter()
-                .chain(&batch.upto)
-                .chain(batch.counts.keys());
-            if ids.into_iter().any(|id| !valid_member_id(id)) {
+            if !batch.is_valid() {
                 return Err(Error::InvalidSpec(
                     "unreadable batch member id in an Elasticsearch cursor".into(),
                 ));

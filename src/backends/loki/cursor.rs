@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::MAX_LOST;
+use crate::backends::chunks::BatchPosition;
 use crate::backends::Error;
 
 const CURSOR_PREFIX: &str = "loki:";
@@ -66,6 +67,9 @@ pub struct Cursor {
     /// `Resting`: when to submit again (unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<i64>,
+    /// A batch of subjects: where it stands (the fields above are its chunk's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchPosition>,
 }
 
 impl Cursor {
@@ -88,6 +92,7 @@ impl Cursor {
             left: 0,
             lost: 0,
             until: None,
+            batch: None,
         }
     }
 

@@ -44,6 +44,7 @@
 //! finding lines with the query API, window by window), `cursor` (where a job stands),
 //! `sweep` and `erasure`; `logql` builds the queries.
 
+mod batch;
 pub mod cursor;
 pub mod driver;
 mod erasure;
@@ -60,7 +61,9 @@ use async_trait::async_trait;
 use super::driver::StoreBackend;
 use super::http::{self, HttpAuth, HttpStore};
 use super::template;
-use super::{Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{
+    BatchJob, BatchStep, Cancel, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob,
+};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
 pub use cursor::Cursor;
@@ -224,6 +227,17 @@ impl StoreBackend for LokiBackend {
         budget: &StepBudget,
     ) -> Result<SubjectStep<Cursor>, Error> {
         LokiBackend::subject(self, job, cursor, budget).await
+    }
+
+    const BATCHES: bool = true;
+
+    async fn subjects(
+        &self,
+        job: &BatchJob,
+        cursor: Option<Cursor>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep<Cursor>, Error> {
+        LokiBackend::subjects(self, job, cursor, budget).await
     }
 }
 

@@ -54,7 +54,7 @@ pub(super) enum Scan {
 
 impl LokiBackend {
     /// `sum(count_over_time(…))` over (at - range, at]: one query, `range` at most a window.
-    async fn count_window(
+    pub(super) async fn count_window(
         &self,
         log_query: &str,
         at: i64,

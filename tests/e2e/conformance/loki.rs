@@ -133,3 +133,5 @@ impl Fixture for LokiFixture {
 }
 
 crate::conformance!(tests, LokiFixture);
+
+crate::batch_checks!(tests_batch, super::LokiFixture);
