@@ -135,3 +135,95 @@ impl Fixture for LokiFixture {
 crate::conformance!(tests, LokiFixture);
 
 crate::batch_checks!(tests_batch, super::LokiFixture);
+
+/// Loki's parser refuses queries of 5,120 bytes or more, and the double does too; a batch
+/// of 150 members, far more than one query can name, is cut into chunks that stay under it.
+#[tokio::test]
+async fn a_batch_too_long_for_one_query_is_chunked_under_lokis_limit() {
+    use std::collections::BTreeSet;
+    use tombstone::backends::{BatchJob, BatchMember, Next, NoHolds, SubjectAction};
+
+    let f = LokiFixture::start().await;
+    let long = format!("{{ds=\"big\"}} |= \"{}\"", "x".repeat(5120));
+    let refused = reqwest::Client::new()
+        .get(format!("{}/loki/api/v1/query_range", f.double.url()))
+        .query(&[("query", long.as_str())])
+        .send()
+        .await
+        .expect("a query");
+    assert_eq!(refused.status().as_u16(), 400);
+    assert!(refused
+        .text()
+        .await
+        .expect("a body")
+        .contains("input size too long"));
+
+    let owners: Vec<Owner> = (0..150)
+        .map(|n| Owner {
+            user_id: format!("Big{n}u"),
+            email: format!("big-{n}@example.org"),
+        })
+        .collect();
+    for owner in &owners {
+        f.seed_owner("big", owner, 1).await;
+    }
+    let job = |action| BatchJob {
+        target: f.target("big"),
+        action,
+        members: owners
+            .iter()
+            .enumerate()
+            .map(|(n, o)| BatchMember {
+                id: format!("hmac-sha256:{n:064x}"),
+                identifiers: o.identifiers(),
+            })
+            .collect(),
+        gate: Arc::new(NoHolds),
+    };
+    let run = |action| {
+        let job = job(action);
+        let backend = f.backend();
+        async move {
+            let mut totals = vec![0u64; 150];
+            let mut cursor: Option<String> = None;
+            for _ in 0..500 {
+                let step = backend
+                    .batch_step(
+                        &job,
+                        cursor.as_deref(),
+                        &super::budget(Duration::from_secs(5)),
+                    )
+                    .await
+                    .expect("a batch step");
+                assert!(step.failure.is_none(), "{:?}", step.failure);
+                for (t, m) in totals.iter_mut().zip(&step.members) {
+                    *t += m.count;
+                }
+                match step.next {
+                    Next::Done => return totals,
+                    Next::Continue(c) => cursor = Some(c),
+                    Next::Wait { cursor: c, .. } => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        cursor = Some(c);
+                    }
+                }
+            }
+            panic!("the batch did not finish");
+        }
+    };
+    assert_eq!(run(SubjectAction::Find).await, vec![1; 150]);
+    assert_eq!(run(SubjectAction::Erase).await, vec![1; 150]);
+    assert_eq!(run(SubjectAction::Verify).await, vec![0; 150]);
+    assert!(f.lines("big").is_empty());
+    let queries: BTreeSet<String> = f
+        .double
+        .delete_requests(SINGLE_TENANT)
+        .into_iter()
+        .map(|r| r.query)
+        .collect();
+    assert!(
+        queries.len() >= 2,
+        "one delete request per chunk: {}",
+        queries.len()
+    );
+}
