@@ -202,6 +202,25 @@ mod tests {
             r#"loki:{"id":"ab4aefd4","start":1000000000,"end":1795361677,"count":42}"#
         );
         assert_eq!(Cursor::decode(&text).unwrap(), c);
+        assert_eq!(
+            c.batch, None,
+            "a cursor of one subject has no batch position"
+        );
+        // A batch's chunk: member ids and counts, still no query.
+        let mut chunk = c.clone();
+        chunk.batch = Some(BatchPosition {
+            after: Some("hmac-sha256:0a".into()),
+            upto: Some("hmac-sha256:0f".into()),
+            counts: [("hmac-sha256:0c".to_string(), 4)].into(),
+        });
+        let text = chunk.encode();
+        assert!(
+            text.ends_with(
+                r#""batch":{"a":"hmac-sha256:0a","u":"hmac-sha256:0f","c":{"hmac-sha256:0c":4}}}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(Cursor::decode(&text).unwrap(), chunk);
         assert!(Cursor::decode("s3:{}").is_err());
         assert!(Cursor::decode("loki:{").is_err());
     }
