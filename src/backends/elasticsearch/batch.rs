@@ -10,15 +10,12 @@ use reqwest::Method;
 use tokio::time::Instant;
 
 use super::cursor::{BatchPosition, Cursor};
+use super::erasure::pattern_and_locator;
 use super::query::{self, Term};
 use super::sweep::Polled;
 use super::transport::{Quote, LENIENT};
-use super::{task, validate_target, ElasticsearchBackend};
-use crate::api::StoreKind;
-use crate::backends::driver::StoreDriver;
-use crate::backends::{
-    subject_locator, BatchJob, BatchStep, Error, Next, StepBudget, SubjectAction,
-};
+use super::{task, ElasticsearchBackend};
+use crate::backends::{BatchJob, BatchStep, Error, Next, StepBudget, SubjectAction};
 
 /// Members of one deleted chunk at most: their counts travel in the cursor (by member id)
 /// from before the submission until its task has finished.
@@ -54,15 +51,8 @@ impl ElasticsearchBackend {
         cursor: Option<Cursor>,
         budget: &StepBudget,
     ) -> Result<BatchStep<Cursor>, Error> {
-        validate_target(&job.target)?;
+        let (pattern, locator) = pattern_and_locator(&job.target)?;
         let name = &job.target.name;
-        let pattern = <super::driver::ElasticsearchDriver as StoreDriver>::selector(&job.target)
-            .map(|e| e.index.as_str())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!("target {name} has no elasticsearch selector"))
-            })?;
-        let locator =
-            subject_locator(&job.target, StoreKind::Elasticsearch, |s| s.elasticsearch())?;
         let mut step = BatchStep::empty(job.members.len(), Next::Done);
         let mut running: Vec<Running> = Vec::new();
         for (i, member) in job.members.iter().enumerate() {
@@ -294,12 +284,7 @@ impl ElasticsearchBackend {
             position.polls = 0;
         }
         match self.poll(position, deadline, &budget.cancel).await? {
-            Polled::Wait => {
-                step.next = Next::Wait {
-                    cursor: position.clone(),
-                    poll_after: task::poll_delay(position.polls),
-                };
-            }
+            Polled::Wait => step.next = task::wait(position),
             Polled::Done {
                 deleted,
                 version_conflicts,

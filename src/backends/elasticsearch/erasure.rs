@@ -9,11 +9,27 @@ use super::sweep::Polled;
 use super::transport::{answer_error, Quote, LENIENT};
 use super::{query, task};
 use super::{validate_target, ElasticsearchBackend};
+use crate::api::retentionpolicy::{ElasticsearchSubject, Target};
 use crate::api::StoreKind;
 use crate::backends::driver::StoreDriver;
 use crate::backends::{
     subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
+
+/// A subject target's index pattern and locator, the target checked.
+pub(super) fn pattern_and_locator(target: &Target) -> Result<(&str, &ElasticsearchSubject), Error> {
+    validate_target(target)?;
+    let pattern = <super::driver::ElasticsearchDriver as StoreDriver>::selector(target)
+        .map(|e| e.index.as_str())
+        .ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "target {} has no elasticsearch selector",
+                target.name
+            ))
+        })?;
+    let locator = subject_locator(target, StoreKind::Elasticsearch, |s| s.elasticsearch())?;
+    Ok((pattern, locator))
+}
 
 impl ElasticsearchBackend {
     /// Refuses a locator whose `term` field is analysed (`text`) in some index of the
@@ -64,15 +80,8 @@ impl ElasticsearchBackend {
         cursor: Option<Cursor>,
         budget: &StepBudget,
     ) -> Result<SubjectStep<Cursor>, Error> {
-        validate_target(&job.target)?;
+        let (pattern, locator) = pattern_and_locator(&job.target)?;
         let name = &job.target.name;
-        let pattern = <super::driver::ElasticsearchDriver as StoreDriver>::selector(&job.target)
-            .map(|e| e.index.as_str())
-            .ok_or_else(|| {
-                Error::InvalidSpec(format!("target {name} has no elasticsearch selector"))
-            })?;
-        let locator =
-            subject_locator(&job.target, StoreKind::Elasticsearch, |s| s.elasticsearch())?;
         let mut result = SubjectStep {
             count: 0,
             blocked: 0,
@@ -142,12 +151,7 @@ impl ElasticsearchBackend {
             }
         }
         match self.poll(&mut position, deadline, &budget.cancel).await {
-            Ok(Polled::Wait) => {
-                result.next = Next::Wait {
-                    cursor: position.clone(),
-                    poll_after: task::poll_delay(position.polls),
-                }
-            }
+            Ok(Polled::Wait) => result.next = task::wait(&position),
             Ok(Polled::Done {
                 deleted,
                 version_conflicts,

@@ -582,12 +582,7 @@ impl ElasticsearchBackend {
             }
         }
         match self.poll(position, deadline, &budget.cancel).await? {
-            Polled::Wait => {
-                step.next = Next::Wait {
-                    cursor: position.clone(),
-                    poll_after: task::poll_delay(position.polls),
-                };
-            }
+            Polled::Wait => step.next = task::wait(position),
             Polled::Done {
                 deleted,
                 version_conflicts,

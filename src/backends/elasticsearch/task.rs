@@ -331,6 +331,14 @@ pub fn stored_with_marker(
     (found, next)
 }
 
+/// The answer of a step whose task is still running: poll it again after a while.
+pub fn wait(position: &Cursor) -> crate::backends::Next<Cursor> {
+    crate::backends::Next::Wait {
+        cursor: position.clone(),
+        poll_after: poll_delay(position.polls),
+    }
+}
+
 /// How long to wait before the next poll of a task: 1 s, doubling, at most 30 s.
 pub fn poll_delay(polls: u32) -> std::time::Duration {
     std::time::Duration::from_secs(1u64 << polls.min(5)).min(std::time::Duration::from_secs(30))

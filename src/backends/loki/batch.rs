@@ -246,6 +246,8 @@ impl LokiBackend {
         let delete_end = run.now.saturating_sub(CLOCK_SLACK_SECONDS);
         let mut excluded: BTreeSet<usize> = BTreeSet::new();
         let mut worked = false;
+        // The chunk is counted: submitted next.
+        let mut counted = false;
         loop {
             if c.batch.as_ref().is_none_or(|b| b.upto.is_none()) {
                 if worked && (Instant::now() >= run.deadline || budget.cancel.is_cancelled()) {
@@ -256,9 +258,10 @@ impl LokiBackend {
                     step.next = Next::Done;
                     return Ok(());
                 }
+                counted = false;
             }
             worked = true;
-            if c.stage != Stage::Counting {
+            if c.stage != Stage::Counting || counted {
                 // Each of these stages may submit (again): the members held now are left
                 // out of the chunk's query from here on.
                 if !self.ask_gate(run, &mut excluded, c, step).await {
@@ -273,33 +276,29 @@ impl LokiBackend {
             }
             let (query, members) = run.queries(&chunk);
             match c.stage {
-                Stage::Counting => {
-                    let mut counted = c.batch.clone().unwrap_or_default().counts;
+                Stage::Counting if !counted => {
+                    let mut counts = c.batch.clone().unwrap_or_default().counts;
                     let done = self
                         .chunk_count_scan(&query, &members, c, run.deadline, &mut |k, n| {
                             if let Some((i, _)) = chunk.get(k) {
                                 let id = run.job.members[*i].id.clone();
-                                let total = counted.entry(id).or_default();
+                                let total = counts.entry(id).or_default();
                                 *total = total.saturating_add(n);
                             }
                         })
                         .await?;
                     if let Some(b) = c.batch.as_mut() {
-                        b.counts = counted;
+                        b.counts = counts;
                     }
                     if !done || budget.cancel.is_cancelled() {
                         step.next = Next::Continue(c.clone());
                         return Ok(());
                     }
-                    if !self.ask_gate(run, &mut excluded, c, step).await {
-                        return Ok(());
-                    }
-                    let chunk = run.chunk(c, &excluded);
-                    if chunk.is_empty() {
-                        finish_chunk(c);
-                        continue;
-                    }
-                    let (query, _) = run.queries(&chunk);
+                    // Round again: the gate is asked, and the chunk's query made without
+                    // the members held now.
+                    counted = true;
+                }
+                Stage::Counting => {
                     let settled = self
                         .submit_or_reuse(c, &query, Reuse::SameStart, true, budget)
                         .await?;
