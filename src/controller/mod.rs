@@ -281,7 +281,6 @@ impl Context {
             client,
             recorder,
             reporter,
-            metrics,
             engine,
             shutdown,
             fence,
@@ -290,7 +289,8 @@ impl Context {
             sink,
             failures: FailureCounts::default(),
             holds: fresh::FreshReads::default(),
-            batcher: crate::engine::batch::Batcher::new(settings.batches),
+            batcher: crate::engine::batch::Batcher::new(settings.batches, metrics.clone()),
+            metrics,
             request_permits: Arc::new(tokio::sync::Semaphore::new(
                 usize::from(settings.reconcile_concurrency).max(1),
             )),

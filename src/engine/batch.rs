@@ -188,6 +188,7 @@ struct Waiter {
 /// runs (then newcomers wait for the next).
 pub struct Batcher {
     settings: BatchSettings,
+    metrics: Arc<crate::metrics::Metrics>,
     queues: Mutex<HashMap<BatchKey, Queue>>,
 }
 
@@ -198,9 +199,10 @@ struct Queue {
 }
 
 impl Batcher {
-    pub fn new(settings: BatchSettings) -> Arc<Self> {
+    pub fn new(settings: BatchSettings, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            metrics,
             queues: Mutex::new(HashMap::new()),
         })
     }
@@ -258,6 +260,12 @@ impl Batcher {
                 }
                 take_batch(&mut queue.waiting, self.settings.max_members)
             };
+            let action = match key.action {
+                SubjectAction::Find => "find",
+                SubjectAction::Erase => "erase",
+                SubjectAction::Verify => "verify",
+            };
+            self.metrics.batch_started(action, members.len());
             run_batch(&key, members).await;
         }
     }
@@ -696,7 +704,7 @@ mod tests {
     #[tokio::test]
     async fn a_member_alone_runs_as_one_subject() {
         let backend = Arc::new(Scripted::default());
-        let batcher = Batcher::new(BatchSettings::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
         let cp = saved(&backend);
         let outcome = batcher
             .join(
@@ -720,7 +728,7 @@ mod tests {
             hold_step: Some(release.clone()),
             ..Scripted::default()
         });
-        let batcher = Batcher::new(BatchSettings::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
         let first = saved(&backend);
         // A batch resuming at "0" with two members runs (and waits in its first step).
         let resume = || {
@@ -799,7 +807,7 @@ mod tests {
     #[tokio::test]
     async fn a_held_member_leaves_and_the_others_are_checkpointed_before_the_next_step() {
         let backend = Arc::new(Scripted::default());
-        let batcher = Batcher::new(BatchSettings::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
         let cps: Vec<Arc<Saved>> = (0..3).map(|_| saved(&backend)).collect();
         // Queue all three before the batch can start: the first join starts it.
         let joins = ["a", "b", "c"].iter().zip(&cps).map(|(id, cp)| {
@@ -853,7 +861,7 @@ mod tests {
             fail_second: true,
             ..Scripted::default()
         });
-        let batcher = Batcher::new(BatchSettings::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
         let cp = saved(&backend);
         let joins = ["a", "b"].map(|id| {
             batcher.join(
