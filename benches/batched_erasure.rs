@@ -8,6 +8,8 @@
 //!   batched): the time of `BENCH_SERIAL` requests filed at once, per request, and what N
 //!   would take at that rate.
 //!
+//! Run:
+//!
 //!     cargo bench --bench batched_erasure          # 1,000 requests, 200 MB of logs, 1,000,000 keys
 //!     BENCH_REQUESTS=100 BENCH_LOGS_MB=20 BENCH_KEYS=100000 cargo bench --bench batched_erasure
 //!
