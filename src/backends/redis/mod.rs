@@ -9,6 +9,7 @@
 //! the replies of the deleting commands, never from what was merely selected, so a resumed
 //! step cannot count a key twice.
 
+pub mod batch;
 pub mod driver;
 pub mod glob;
 pub mod ledger;
@@ -29,7 +30,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep, SweepJob,
+    BatchJob, BatchStep, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob,
+    SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
@@ -988,6 +990,7 @@ fn select<T>(keys: Vec<Vec<u8>>, replies: Vec<T>, mut keep: impl FnMut(T) -> boo
 pub enum RedisCursor {
     Sweep(SweepPosition),
     Subject(subject::Position),
+    Batch(batch::BatchPosition),
 }
 
 /// Where a sweep resumes: the node (an index into the primaries of the topology the tag
@@ -1085,13 +1088,33 @@ impl StoreBackend for RedisBackend {
         let position = match cursor {
             None => None,
             Some(RedisCursor::Subject(p)) => Some(p),
-            Some(RedisCursor::Sweep(_)) => {
+            Some(RedisCursor::Sweep(_) | RedisCursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
-                    "the checkpoint is a Redis sweep cursor, not an erasure's".into(),
+                    "the checkpoint is not a Redis erasure cursor of one subject".into(),
                 ))
             }
         };
         self.subject_on_stable_topology(job, position, budget).await
+    }
+
+    const BATCHES: bool = true;
+
+    async fn subjects(
+        &self,
+        job: &BatchJob,
+        cursor: Option<RedisCursor>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep<RedisCursor>, Error> {
+        let position = match cursor {
+            None => None,
+            Some(RedisCursor::Batch(p)) => Some(p),
+            Some(RedisCursor::Sweep(_) | RedisCursor::Subject(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is not a Redis batch cursor".into(),
+                ))
+            }
+        };
+        self.batch(job, position, budget).await
     }
 
     async fn sweep(
@@ -1109,7 +1132,7 @@ impl StoreBackend for RedisBackend {
         let position = match cursor {
             None => None,
             Some(RedisCursor::Sweep(p)) => Some(p),
-            Some(RedisCursor::Subject(_)) => {
+            Some(RedisCursor::Subject(_) | RedisCursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
                     "the checkpoint is a Redis erasure cursor, not a sweep's".into(),
                 ))

@@ -39,7 +39,7 @@ pub(crate) fn key_glob(
 /// One piece of a subject's records, in the order steps work through them. Built afresh by
 /// every step from the locator and the identifiers, so a cursor names a piece by its index
 /// and never holds an identifier.
-enum Unit {
+pub(super) enum Unit {
     /// Keys matching a glob, on every node, SCAN page by SCAN page.
     Glob(String),
     /// One hash field (HEXISTS / HDEL) on every node.
@@ -50,7 +50,7 @@ enum Unit {
 
 /// The pieces of a subject's records, the locators skipped (the subject lacks an identifier
 /// they need), and whether any locator ran.
-fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
+pub(super) fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
     let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis())?;
     let mut locating = Locating::new(&job.target.name, StoreKind::Redis, &job.identifiers);
     let mut units = Vec::new();
@@ -310,7 +310,7 @@ impl Position {
 /// keys a duplicate is counted again, and so is one returned again in a later step (the
 /// set is not carried in the cursor, which must hold no key). An erase needs no such set:
 /// its counts are UNLINK's replies, and a key unlinked is not unlinked again.
-const SEEN_LIMIT: usize = 100_000;
+pub(super) const SEEN_LIMIT: usize = 100_000;
 
 /// What one subject step did: the step, and where it started (to start a piece over when
 /// the cluster's topology changed under it).
