@@ -518,11 +518,16 @@ impl RedisBackend {
                             run.as_deref(),
                         )
                         .await?;
+                    pos.scan = next;
                     if next == 0 {
                         seen.clear();
                         pos.node += 1;
+                        if pos.node >= nodes.len() {
+                            // A cursor past the nodes would read as another topology's.
+                            pos.phase = Phase::Records;
+                            pos.node = 0;
+                        }
                     }
-                    pos.scan = next;
                 }
                 Phase::Records => {
                     worked = true;
