@@ -2,6 +2,7 @@
 //! and verified in one pass, each record counted for the member(s) it belongs to.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,22 @@ use tombstone::backends::{
 use crate::conformance::{budget, Owner, Probe};
 use crate::fixtures::{count_keys, redis_conn};
 use crate::support::RedisServer;
+
+/// A gate that cannot be read from its `fails_at`-th question on.
+struct Failing {
+    fails_at: usize,
+    asked: AtomicUsize,
+}
+
+#[async_trait]
+impl HoldGate for Failing {
+    async fn held(&self) -> Result<BTreeSet<usize>, Error> {
+        if self.asked.fetch_add(1, Ordering::Relaxed) + 1 >= self.fails_at {
+            return Err(Error::Unreachable("the holds cannot be read".into()));
+        }
+        Ok(BTreeSet::new())
+    }
+}
 
 /// A gate that holds the same members at every commit.
 struct Holds(BTreeSet<usize>);
@@ -133,11 +150,21 @@ async fn to_end(
     server: &RedisServer,
     job: &BatchJob,
     max_time: Duration,
+    lose: impl FnMut(&BatchStep) -> bool,
+) -> (Vec<u64>, BTreeSet<usize>, usize) {
+    resume(server, job, None, max_time, lose).await
+}
+
+/// [`to_end`] from `cursor`.
+async fn resume(
+    server: &RedisServer,
+    job: &BatchJob,
+    mut cursor: Option<String>,
+    max_time: Duration,
     mut lose: impl FnMut(&BatchStep) -> bool,
 ) -> (Vec<u64>, BTreeSet<usize>, usize) {
     let mut totals = vec![0u64; job.members.len()];
     let mut held = BTreeSet::new();
-    let mut cursor: Option<String> = None;
     for steps in 1..=500 {
         let step = backend(server)
             .batch_step(job, cursor.as_deref(), &budget(max_time))
@@ -302,4 +329,57 @@ async fn zero_budget_steps_and_lost_steps_still_count_each_member_exactly() {
         vec![0; 5]
     );
     assert_eq!(count_keys(&mut conn, "tombstone:ledger:*").await, 0);
+}
+
+#[tokio::test]
+async fn a_gate_that_cannot_be_read_stops_the_commits_and_the_batch_resumes_exactly() {
+    let server = RedisServer::start();
+    let mut conn = redis_conn(&server.url()).await;
+    let probe = Probe::new();
+    let (owners, sizes) = owners(&probe);
+    for (o, &n) in owners.iter().zip(&sizes) {
+        seed_keys(&mut conn, o, n).await;
+    }
+    seed_filler(&mut conn, 20_000).await;
+    let mut seeded = 0;
+    for o in &owners {
+        seeded += keys_of(&mut conn, o).await;
+    }
+    let target = target(false);
+    let mut erase = job(&target, &owners, SubjectAction::Erase);
+    erase.gate = Arc::new(Failing {
+        fails_at: 2,
+        asked: AtomicUsize::new(0),
+    });
+    let mut cursor = None;
+    let failed = loop {
+        let step = backend(&server)
+            .batch_step(&erase, cursor.as_deref(), &budget(ENOUGH))
+            .await
+            .expect("a batch step");
+        let Next::Continue(c) = &step.next else {
+            panic!("the batch ended without asking the gate twice");
+        };
+        cursor = Some(c.clone());
+        if step.failure.is_some() {
+            break step;
+        }
+    };
+    assert_eq!(failed.failure.map(|e| e.reason()), Some("Unreachable"));
+    assert!(
+        failed.members.iter().all(|m| m.count == 0),
+        "reported later"
+    );
+    let mut left = 0;
+    for o in &owners {
+        left += keys_of(&mut conn, o).await;
+    }
+    assert!(left < seeded, "the first commit was made");
+    assert!(left > 0, "nothing was committed after the gate failed");
+    erase.gate = Arc::new(NoHolds);
+    let (erased, _, _) = resume(&server, &erase, cursor, ENOUGH, |_| false).await;
+    assert_eq!(erased, vec![6, 100, 800, 2, 55]);
+    for o in &owners {
+        assert_eq!(keys_of(&mut conn, o).await, 0);
+    }
 }
