@@ -189,41 +189,66 @@ async fn resume(
     panic!("the batch did not end in 500 steps");
 }
 
-/// Members with 3, 50, 400 and 1 keys of each kind, and one that shares the user id of the
-/// second (its `ds:u:` keys count for both); the probe's neighbours next to the first.
-fn owners(probe: &Probe) -> (Vec<Owner>, Vec<usize>) {
-    let tag = &probe.subject.email;
-    let other = |n: &str| Owner {
-        user_id: format!("{n}-{}", tag.len()),
-        email: format!("{n}-{tag}"),
-    };
-    let mut shared = other("share");
-    shared.user_id = other("m1").user_id;
-    let owners = vec![
-        probe.subject.clone(),
-        other("m1"),
-        other("m2"),
-        other("m3"),
-        shared,
-    ];
-    (owners, vec![3, 50, 400, 1, 5])
+/// A redis-server with five members' keys (3, 50, 400, 1 and 5 of each kind; the fifth
+/// shares the user id of the second, so its `ds:u:` keys count for both), the probe's
+/// neighbours' (2 of each kind), `filler` other keys under the pattern, and with `records`
+/// a hash field, set member and sorted-set member of each member and neighbour.
+struct World {
+    server: RedisServer,
+    conn: MultiplexedConnection,
+    probe: Probe,
+    owners: Vec<Owner>,
+}
+
+impl World {
+    async fn new(records: bool, filler: usize) -> World {
+        let server = RedisServer::start();
+        let mut conn = redis_conn(&server.url()).await;
+        let probe = Probe::new();
+        let tag = &probe.subject.email;
+        let other = |n: &str| Owner {
+            user_id: format!("{n}-{}", tag.len()),
+            email: format!("{n}-{tag}"),
+        };
+        let mut shared = other("share");
+        shared.user_id = other("m1").user_id;
+        let owners = vec![
+            probe.subject.clone(),
+            other("m1"),
+            other("m2"),
+            other("m3"),
+            shared,
+        ];
+        let seeded = owners
+            .iter()
+            .zip([3, 50, 400, 1, 5])
+            .chain(probe.neighbours.iter().map(|n| (n, 2)));
+        for (o, n) in seeded {
+            seed_keys(&mut conn, o, n).await;
+            if records {
+                seed_records(&mut conn, o).await;
+            }
+        }
+        seed_filler(&mut conn, filler).await;
+        World {
+            server,
+            conn,
+            probe,
+            owners,
+        }
+    }
 }
 
 const ENOUGH: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_batch_counts_each_member_exactly_and_keeps_a_held_members_keys() {
-    let server = RedisServer::start();
-    let mut conn = redis_conn(&server.url()).await;
-    let probe = Probe::new();
-    let (owners, sizes) = owners(&probe);
-    for (o, &n) in owners.iter().zip(&sizes) {
-        seed_keys(&mut conn, o, n).await;
-    }
-    for n in &probe.neighbours {
-        seed_keys(&mut conn, n, 2).await;
-    }
-    seed_filler(&mut conn, 300).await;
+    let World {
+        server,
+        mut conn,
+        probe,
+        owners,
+    } = World::new(false, 300).await;
     let target = target(false);
     // Member 4 shares member 1's user keys: 50 of them, and its own 5 e-mail keys.
     let expected = vec![6, 100, 800, 2, 55];
@@ -256,20 +281,13 @@ async fn a_batch_counts_each_member_exactly_and_keeps_a_held_members_keys() {
 
 #[tokio::test]
 async fn zero_budget_steps_and_lost_steps_still_count_each_member_exactly() {
-    let server = RedisServer::start();
-    let mut conn = redis_conn(&server.url()).await;
-    let probe = Probe::new();
-    let (owners, sizes) = owners(&probe);
-    for (o, &n) in owners.iter().zip(&sizes) {
-        seed_keys(&mut conn, o, n).await;
-        seed_records(&mut conn, o).await;
-    }
-    for n in &probe.neighbours {
-        seed_keys(&mut conn, n, 2).await;
-        seed_records(&mut conn, n).await;
-    }
     // Enough keys under the scan pattern for several SCAN pages.
-    seed_filler(&mut conn, 20_000).await;
+    let World {
+        server,
+        mut conn,
+        probe,
+        owners,
+    } = World::new(true, 20_000).await;
     let target = target(true);
     // Keys, plus a hash field, a set member and a sorted-set member each; member 4 shares
     // member 1's user id, so its profile field and rank member too.
@@ -333,14 +351,12 @@ async fn zero_budget_steps_and_lost_steps_still_count_each_member_exactly() {
 
 #[tokio::test]
 async fn a_gate_that_cannot_be_read_stops_the_commits_and_the_batch_resumes_exactly() {
-    let server = RedisServer::start();
-    let mut conn = redis_conn(&server.url()).await;
-    let probe = Probe::new();
-    let (owners, sizes) = owners(&probe);
-    for (o, &n) in owners.iter().zip(&sizes) {
-        seed_keys(&mut conn, o, n).await;
-    }
-    seed_filler(&mut conn, 20_000).await;
+    let World {
+        server,
+        mut conn,
+        owners,
+        ..
+    } = World::new(false, 20_000).await;
     let mut seeded = 0;
     for o in &owners {
         seeded += keys_of(&mut conn, o).await;

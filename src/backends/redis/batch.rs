@@ -379,12 +379,7 @@ impl RedisBackend {
         cursor: Option<BatchPosition>,
         budget: &StepBudget,
     ) -> Result<BatchStep<RedisCursor>, Error> {
-        let before = self.topology().await?;
-        if before.migrating {
-            return Err(Error::Store(
-                "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
-            ));
-        }
+        let before = self.settled_topology().await?;
         let plan = Plan::build(job)?;
         let fingerprint = before.fingerprint.as_str();
         let erase = job.action == SubjectAction::Erase;
@@ -556,17 +551,7 @@ impl RedisBackend {
         seen: &mut HashSet<Vec<u8>>,
         run: Option<&str>,
     ) -> Result<u64, Error> {
-        let mut conn = node.conn.clone();
-        self.limits.acquire(1).await;
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(super::SCAN_COUNT)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| map_error(e, &node.addr))?;
+        let (next, keys) = self.scan_page(node, pattern, cursor).await?;
         let mut entries = Vec::new();
         for key in keys {
             if ledger::is_ledger_key(&key) {

@@ -172,6 +172,13 @@ pub fn cluster_view(listing: &str) -> ClusterView {
     }
 }
 
+/// A step refused while a Redis Cluster slot is being migrated (retried later).
+fn migrating() -> Error {
+    Error::Store(
+        "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
+    )
+}
+
 /// The number of slots, as the slot ranges' type.
 const fn ledger_slots() -> u16 {
     16384
@@ -214,6 +221,36 @@ impl RedisBackend {
     /// every slot (a failover under way) is an error, never "nothing there".
     async fn nodes(&self) -> Result<Arc<Vec<Node>>, Error> {
         Ok(self.topology().await?.nodes)
+    }
+
+    /// The topology, refused while a slot is being migrated: keys of a migrating slot may be
+    /// on either side, and neither side answers for the other.
+    async fn settled_topology(&self) -> Result<Topology, Error> {
+        let topology = self.topology().await?;
+        if topology.migrating {
+            return Err(migrating());
+        }
+        Ok(topology)
+    }
+
+    /// One SCAN page of the keys matching `pattern` on `node` from `cursor`: the next SCAN
+    /// cursor (0: the node is done) and the keys.
+    async fn scan_page(
+        &self,
+        node: &Node,
+        pattern: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<Vec<u8>>), Error> {
+        self.limits.acquire(1).await;
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut node.conn.clone())
+            .await
+            .map_err(|e| map_error(e, &node.addr))
     }
 
     async fn topology(&self) -> Result<Topology, Error> {
@@ -334,12 +371,7 @@ impl RedisBackend {
         cursor: Option<subject::Position>,
         budget: &StepBudget,
     ) -> Result<SubjectStep<RedisCursor>, Error> {
-        let before = self.topology().await?;
-        if before.migrating {
-            return Err(Error::Store(
-                "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
-            ));
-        }
+        let before = self.settled_topology().await?;
         let progress = self.subject(job, cursor, budget, &before).await?;
         let after = self.topology().await?;
         let redirected = matches!(&progress.step.failure, Some(Error::ClusterRedirect(_)));
@@ -1267,9 +1299,7 @@ impl RedisBackend {
     /// read (its key may be on either side); it is retried.
     async fn ledger_total(&self, topology: &Topology, run: &str) -> Result<u64, Error> {
         if topology.migrating {
-            return Err(Error::Store(
-                "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
-            ));
+            return Err(migrating());
         }
         let mut total = 0u64;
         for node in topology.nodes.iter() {

@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     glob, keys_per_slot, ledger, map_error, per_slot, Node, RedisBackend, RedisCursor, Topology,
-    SCAN_COUNT,
 };
 use std::collections::{BTreeMap, HashSet};
 use tokio::time::Instant;
@@ -537,18 +536,7 @@ impl RedisBackend {
         seen: &mut HashSet<Vec<u8>>,
         run: &str,
     ) -> Result<(u64, u64), Error> {
-        let mut conn = node.conn.clone();
-        let err = |e| map_error(e, &node.addr);
-        self.limits.acquire(1).await;
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut conn)
-            .await
-            .map_err(err)?;
+        let (next, keys) = self.scan_page(node, pattern, cursor).await?;
         let keys: Vec<Vec<u8>> = keys
             .into_iter()
             .filter(|k| glob::matches(pattern.as_bytes(), k) && !ledger::is_ledger_key(k))
@@ -571,7 +559,7 @@ impl RedisBackend {
                 n
             }
             SubjectAction::Erase => {
-                unlink_each(&mut conn, &keys, self, budget, run, &node.addr).await?
+                unlink_each(&mut node.conn.clone(), &keys, self, budget, run, &node.addr).await?
             }
         };
         Ok((next, count))
