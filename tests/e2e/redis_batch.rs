@@ -19,7 +19,7 @@ use tombstone::backends::{
 
 use crate::conformance::{budget, Owner, Probe};
 use crate::fixtures::{count_keys, redis_conn};
-use crate::support::RedisServer;
+use crate::support::{RedisCluster, RedisServer};
 
 /// A gate that cannot be read from its `fails_at`-th question on.
 struct Failing {
@@ -398,4 +398,128 @@ async fn a_gate_that_cannot_be_read_stops_the_commits_and_the_batch_resumes_exac
     for o in &owners {
         assert_eq!(keys_of(&mut conn, o).await, 0);
     }
+}
+
+#[tokio::test]
+async fn a_batch_over_a_cluster_counts_each_member_exactly_with_a_lost_step() {
+    let cluster = RedisCluster::start(3);
+    let urls: Vec<String> = cluster.nodes().iter().map(|n| n.url()).collect();
+    let client = redis::cluster::ClusterClient::new(urls.clone()).expect("a cluster client");
+    let mut conn = client
+        .get_async_connection()
+        .await
+        .expect("a cluster connection");
+    let probe = Probe::new();
+    let owners: Vec<Owner> = std::iter::once(probe.subject.clone())
+        .chain(probe.neighbours[..2].iter().cloned())
+        .collect();
+    let neighbours = &probe.neighbours[2..];
+    let sizes = [40, 7, 1];
+    let seeded = owners
+        .iter()
+        .zip(sizes)
+        .chain(neighbours.iter().map(|n| (n, 3)));
+    for (o, n) in seeded {
+        // One command at a time: the keys are in many slots.
+        for i in 0..n {
+            for key in [
+                format!("ds:u:{}:{i}", o.user_id),
+                format!("ds:m:{}:{i}", o.email),
+            ] {
+                let () = redis::cmd("SET")
+                    .arg(key)
+                    .arg("v")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SET");
+            }
+        }
+        let () = redis::cmd("HSET")
+            .arg("ds:profiles")
+            .arg(&o.user_id)
+            .arg("{}")
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+        let () = redis::cmd("SADD")
+            .arg("ds:emails")
+            .arg(&o.email)
+            .query_async(&mut conn)
+            .await
+            .expect("SADD");
+    }
+    let target = target(true);
+    let cluster_backend = || {
+        RedisBackend::new(
+            RedisConfig {
+                url: cluster.seed_url(),
+                password: None,
+                cluster: true,
+            },
+            Limits::default(),
+        )
+    };
+    let run = |job: BatchJob, lose_one: bool| {
+        let backend = &cluster_backend;
+        async move {
+            let mut totals = vec![0u64; job.members.len()];
+            let mut cursor: Option<String> = None;
+            let mut lost = !lose_one;
+            loop {
+                let step = backend()
+                    .batch_step(&job, cursor.as_deref(), &budget(Duration::ZERO))
+                    .await
+                    .expect("a batch step");
+                assert!(step.failure.is_none(), "{:?}", step.failure);
+                if !lost && step.members.iter().any(|m| m.count > 0) {
+                    lost = true;
+                    continue;
+                }
+                for (t, m) in totals.iter_mut().zip(&step.members) {
+                    *t += m.count;
+                }
+                match step.next {
+                    Next::Continue(c) => cursor = Some(c),
+                    _ => return (totals, lost),
+                }
+            }
+        }
+    };
+    // Keys of each kind, a profile field and an e-mail in the set.
+    let expected: Vec<u64> = sizes.iter().map(|n| 2 * n + 2).collect();
+    let find = job(&target, &owners, SubjectAction::Find);
+    assert_eq!(run(find, false).await.0, expected);
+    let (erased, lost) = run(job(&target, &owners, SubjectAction::Erase), true).await;
+    assert!(lost, "a step with erasures was lost");
+    assert_eq!(erased, expected);
+    assert_eq!(
+        run(job(&target, &owners, SubjectAction::Verify), false)
+            .await
+            .0,
+        vec![0; 3]
+    );
+    let mut left = 0;
+    for url in &urls {
+        let mut node = redis_conn(url).await;
+        for o in owners.iter().chain(neighbours) {
+            left += keys_of(&mut node, o).await;
+        }
+        assert_eq!(count_keys(&mut node, "tombstone:ledger:*").await, 0);
+    }
+    assert_eq!(
+        left,
+        2 * 3 * neighbours.len(),
+        "only the neighbours' keys are left"
+    );
+    let fields: u64 = redis::cmd("HLEN")
+        .arg("ds:profiles")
+        .query_async(&mut conn)
+        .await
+        .expect("HLEN");
+    let emails: u64 = redis::cmd("SCARD")
+        .arg("ds:emails")
+        .query_async(&mut conn)
+        .await
+        .expect("SCARD");
+    assert_eq!((fields, emails), (2, 2), "the neighbours' records are left");
 }
