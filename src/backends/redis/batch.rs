@@ -425,7 +425,8 @@ impl RedisBackend {
                 ..start
             };
         }
-        let outcome = if moved { Ok(()) } else { outcome };
+        // A redirect only said that the topology moved: the restarted phase deals with it.
+        let outcome = if redirected { Ok(()) } else { outcome };
         if !erase {
             if moved {
                 for m in &mut step.members {
