@@ -7,6 +7,7 @@
 mod support;
 
 mod api_load;
+mod batched;
 mod bounded_steps;
 mod chaos;
 mod chart;
@@ -32,6 +33,7 @@ mod opensearch;
 mod operational;
 mod plugin;
 mod receipts;
+mod redis_batch;
 mod ropa;
 mod s3;
 mod scale;

@@ -1,9 +1,16 @@
-//! Batch steps (`Backend::batch_step`) of a driver against its real server, over the same
-//! [`Fixture`]s as the rest of the suite: five members with different record counts (one a
-//! second request for the same subject, so its records are two members'), the neighbours
-//! of the first (`Probe`) seeded alongside; exact per-member counts for Find and Erase, a
-//! member held by the gate keeps its records and is reported held, Verify finds 0 for the
-//! others afterwards, and steps without time, or whose outcome is lost, still count exactly.
+//! The batch clauses of the conformance suite: a driver that works many subjects in one
+//! pass ([`Backend::batch_step`]) must give each member exactly what its own erasure would.
+//! - [`batch_counts_each_member`]: find, erase and verify over several members with
+//!   different record counts count each member's records exactly, and the subjects' close
+//!   neighbours that are not members keep theirs.
+//! - [`batch_leaves_a_held_member`]: a member the hold gate names keeps its records and is
+//!   reported held; the others are erased. The batch then goes on without it, from the same
+//!   cursor (a cursor is valid for any subset of its members).
+//! - [`batch_resumes_exactly`]: steps with no time, each on a fresh backend (as after a
+//!   restart), end with exact counts for every member.
+//!
+//! A driver that does not batch (`Fixture::BATCHES` false) must say so: `batches()` false and
+//! a batch step refused as `InvalidSpec` (the batcher then works its subjects one at a time).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -11,262 +18,283 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use tombstone::api::retentionpolicy::Target;
 use tombstone::backends::{
     BatchJob, BatchMember, BatchStep, Error, HoldGate, Next, NoHolds, SubjectAction,
 };
 
-use super::{budget, Fixture, Owner, Probe};
+use super::{budget, Fixture, Owner, Probe, Witness, ENOUGH};
 
-/// Holds a fixed set of members.
-struct Holding(BTreeSet<usize>);
+/// A gate that holds the members at these indices, and counts how often it was asked.
+struct Holding {
+    held: BTreeSet<usize>,
+    asked: std::sync::atomic::AtomicUsize,
+}
 
 #[async_trait]
 impl HoldGate for Holding {
     async fn held(&self) -> Result<BTreeSet<usize>, Error> {
-        Ok(self.0.clone())
+        self.asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.held.clone())
     }
 }
 
-/// The members of a test and the records seeded for each.
-struct Members {
-    probe: Probe,
-    owners: Vec<Owner>,
-    seeded: Vec<u64>,
-}
-
-/// Five members: the probe's subject (3 records), three more subjects (1, 4 and 6), and a
-/// second member for the probe's subject (the same identifiers, another id). Member ids are
-/// not in the members' order, so a driver that sorts by them is tested on a shuffle.
-async fn seed<F: Fixture>(f: &F, dataset: &str) -> Members {
-    let probe = Probe::new();
-    let tag = probe
-        .subject
-        .email
-        .trim_end_matches("@example.org")
-        .to_string();
-    let mut owners = vec![probe.subject.clone()];
-    for k in 1..4 {
-        owners.push(Owner {
-            user_id: format!("Bm{k}x{}", tag.len()),
-            email: format!("{tag}-m{k}@example.org"),
-        });
-    }
-    owners.push(probe.subject.clone());
-    let mut seeded = Vec::new();
-    for (owner, n) in owners.iter().take(4).zip([3usize, 1, 4, 6]) {
-        seeded.push(f.seed_owner(dataset, owner, n).await);
-    }
-    seeded.push(seeded[0]);
-    for neighbour in &probe.neighbours {
-        f.seed_owner(dataset, neighbour, 2).await;
-    }
-    Members {
-        probe,
-        owners,
-        seeded,
+fn member(owner: &Owner, n: usize) -> BatchMember {
+    BatchMember {
+        id: format!("member-{n}"),
+        identifiers: owner.identifiers(),
     }
 }
 
-fn job(target: &Target, m: &Members, action: SubjectAction, gate: Arc<dyn HoldGate>) -> BatchJob {
+fn job<F: Fixture>(
+    f: &F,
+    members: &[BatchMember],
+    action: SubjectAction,
+    gate: Arc<dyn HoldGate>,
+) -> BatchJob {
     BatchJob {
-        target: target.clone(),
+        target: f.target("people"),
         action,
-        members: m
-            .owners
-            .iter()
-            .enumerate()
-            .map(|(k, o)| BatchMember {
-                id: format!("hmac-sha256:{:064x}", (k * 7 + 3) % 5),
-                identifiers: o.identifiers(),
-            })
-            .collect(),
+        members: members.to_vec(),
         gate,
     }
 }
 
-/// No identifier value of the members (or the probe's neighbours) in a step's messages.
-fn witness(m: &Members, step: &BatchStep) {
-    let mut text = format!("{step:?}");
-    if let Some(e) = &step.failure {
-        text.push_str(&e.to_string());
-    }
-    let text = text.to_lowercase();
-    for o in m.owners.iter().chain(&m.probe.neighbours) {
-        for v in [&o.user_id, &o.email] {
-            assert!(
-                !text.contains(&v.to_lowercase()),
-                "an identifier in a batch step: {text}"
-            );
+fn witness_batch(w: &Witness, step: &BatchStep) {
+    for m in &step.members {
+        for s in &m.skipped {
+            w.note(s.clone());
         }
     }
+    if let Some(e) = &step.failure {
+        w.note(format!("{} [{}]", e, e.reason()));
+        w.note(format!("{e:?}"));
+    }
+    match &step.next {
+        Next::Continue(c) | Next::Wait { cursor: c, .. } => w.note(c.clone()),
+        Next::Done => {}
+    }
+    w.note(format!("{step:?}"));
 }
 
-/// How a batch is run to its end.
-#[derive(Clone, Copy)]
-pub struct Run {
-    /// The time of each step.
-    step_time: Duration,
-    /// Each step is run twice from the same cursor by fresh backends, and only the second
-    /// outcome kept: the first is lost (as when the operator is killed after the store
-    /// acted and before the checkpoint).
-    lose_each: bool,
-}
-
-/// Runs `job` to its end, one fresh backend per step; each member's counts added up, and
-/// the members the steps reported held.
-async fn run<F: Fixture>(
+/// Runs a batch to its end from `cursor`, each step on a fresh backend with `max_time`;
+/// returns each member's total (by member id) and the members held on the way. Held
+/// members leave the batch after the step that held them, as the batcher takes them out.
+async fn batch_to_end<F: Fixture>(
     f: &F,
-    m: &Members,
-    job: &BatchJob,
-    how: Run,
-) -> (Vec<u64>, BTreeSet<usize>) {
-    let mut totals = vec![0u64; job.members.len()];
+    w: &Witness,
+    mut job: BatchJob,
+    max_time: Duration,
+) -> (std::collections::BTreeMap<String, u64>, BTreeSet<String>) {
+    let mut totals: std::collections::BTreeMap<String, u64> =
+        job.members.iter().map(|m| (m.id.clone(), 0)).collect();
     let mut held = BTreeSet::new();
     let mut cursor: Option<String> = None;
     let started = Instant::now();
-    let mut steps = 0;
     loop {
         assert!(
-            started.elapsed() < Duration::from_secs(240) && steps < 2000,
-            "the batch did not finish ({steps} steps)"
+            started.elapsed() < Duration::from_secs(120),
+            "the batch did not finish"
         );
-        steps += 1;
-        let mut step = f
-            .backend()
-            .batch_step(job, cursor.as_deref(), &budget(how.step_time))
+        let backend = f.backend();
+        assert!(backend.batches(), "the driver says it batches");
+        let step = backend
+            .batch_step(&job, cursor.as_deref(), &budget(max_time))
             .await
-            .expect("a batch step");
-        witness(m, &step);
-        if how.lose_each {
-            step = f
-                .backend()
-                .batch_step(job, cursor.as_deref(), &budget(how.step_time))
-                .await
-                .expect("the batch step again");
-            witness(m, &step);
-        }
+            .unwrap_or_else(|e| panic!("a batch step failed: {} [{}]", e, e.reason()));
+        witness_batch(w, &step);
         assert!(step.failure.is_none(), "{:?}", step.failure);
-        assert_eq!(step.members.len(), job.members.len());
-        for (total, member) in totals.iter_mut().zip(&step.members) {
-            assert!(member.ran, "every member has the locator's identifiers");
-            *total += member.count;
+        assert_eq!(
+            step.members.len(),
+            job.members.len(),
+            "one answer per member"
+        );
+        for (m, s) in job.members.iter().zip(&step.members) {
+            *totals.entry(m.id.clone()).or_default() += s.count;
         }
-        held.extend(step.held.iter().copied());
+        let mut left_out = Vec::new();
+        for i in step.held.iter().rev() {
+            let m = job.members.remove(*i);
+            held.insert(m.id.clone());
+            left_out.push(m.id);
+        }
+        if !left_out.is_empty() {
+            // The rest of the batch must not hold anyone again.
+            job.gate = Arc::new(NoHolds);
+        }
         match step.next {
-            Next::Done => return (totals, held),
+            Next::Done => break,
             Next::Continue(c) => cursor = Some(c),
-            Next::Wait {
-                cursor: c,
-                poll_after,
-            } => {
-                tokio::time::sleep(poll_after.min(f.poll_interval())).await;
+            Next::Wait { cursor: c, .. } => {
                 cursor = Some(c);
+                tokio::time::sleep(f.poll_interval()).await;
             }
         }
+        if job.members.is_empty() {
+            break;
+        }
     }
+    (totals, held)
 }
 
-async fn counts_left<F: Fixture>(f: &F, dataset: &str, owners: &[Owner]) -> Vec<u64> {
-    let mut left = Vec::new();
-    for o in owners {
-        left.push(f.count_owner(dataset, o).await);
+/// A driver that does not batch says so, and refuses a batch step.
+async fn refuses_batches<F: Fixture>(f: &F) {
+    let backend = f.backend();
+    assert!(!backend.batches());
+    let probe = Probe::new();
+    let members = [member(&probe.subject, 0)];
+    let job = job(f, &members, SubjectAction::Find, Arc::new(NoHolds));
+    let refused = backend
+        .batch_step(&job, None, &budget(ENOUGH))
+        .await
+        .expect_err("a batch step of a driver that does not batch");
+    assert!(matches!(refused, Error::InvalidSpec(_)), "{refused:?}");
+}
+
+/// Four members of different sizes, and the subject's other close neighbours as
+/// non-members: each member's find, erase and verify counts are its own.
+pub async fn batch_counts_each_member<F: Fixture>(f: &F) {
+    if !F::BATCHES {
+        return refuses_batches(f).await;
     }
-    left
-}
+    let probe = Probe::new();
+    let w = Witness::new(&probe);
+    let owners: Vec<&Owner> = std::iter::once(&probe.subject)
+        .chain(&probe.neighbours)
+        .collect();
+    let (members_of, outsiders) = owners.split_at(3);
+    let mut seeded = std::collections::BTreeMap::new();
+    let mut members = Vec::new();
+    for (n, owner) in members_of.iter().enumerate() {
+        let count = f.seed_owner("people", owner, 2 + 3 * n).await;
+        let m = member(owner, n);
+        seeded.insert(m.id.clone(), count);
+        members.push(m);
+    }
+    let mut kept = Vec::new();
+    for owner in outsiders {
+        kept.push((*owner, f.seed_owner("people", owner, 3).await));
+    }
+    let zero: std::collections::BTreeMap<String, u64> =
+        members.iter().map(|m| (m.id.clone(), 0)).collect();
 
-/// Find counts each member's records; Erase with member 2 held erases the others' (the
-/// duplicate member's records counted for both) and reports 2 held; its records and the
-/// neighbours' stay; Verify finds 0 for the others.
-pub async fn exact_counts_and_holds<F: Fixture>(how: Run) {
-    exact_counts_and_holds_in::<F>(how, F::target).await;
-}
-
-/// [`exact_counts_and_holds`] with the fixture's target as `target` makes it.
-pub async fn exact_counts_and_holds_in<F: Fixture>(how: Run, target: impl Fn(&F, &str) -> Target) {
-    let f = F::start().await;
-    let m = seed(&f, "batch").await;
-    let target = target(&f, "batch");
-    let none: Arc<dyn HoldGate> = Arc::new(NoHolds);
-    let (found, _) = run(
-        &f,
-        &m,
-        &job(&target, &m, SubjectAction::Find, none.clone()),
-        how,
+    let found = batch_to_end(
+        f,
+        &w,
+        job(f, &members, SubjectAction::Find, Arc::new(NoHolds)),
+        ENOUGH,
     )
     .await;
-    assert_eq!(found, m.seeded, "Find counts each member's records");
-    let gate: Arc<dyn HoldGate> = Arc::new(Holding([2].into()));
-    let erase = job(&target, &m, SubjectAction::Erase, gate);
-    let (erased, held) = run(&f, &m, &erase, how).await;
-    let mut expected = m.seeded.clone();
-    expected[2] = 0;
-    assert_eq!(erased, expected, "Erase counts each member's records once");
-    assert_eq!(held, BTreeSet::from([2]), "the held member is reported");
-    let left = counts_left(&f, "batch", &m.owners).await;
-    assert_eq!(
-        left,
-        vec![0, 0, m.seeded[2], 0, 0],
-        "only the held member's records stay"
-    );
-    for neighbour in &m.probe.neighbours {
-        assert_eq!(
-            f.count_owner("batch", neighbour).await,
-            2,
-            "a neighbour keeps its records"
+    assert_eq!(found.0, seeded, "find counts each member's records");
+    let verify = job(f, &members, SubjectAction::Verify, Arc::new(NoHolds));
+    let before = batch_to_end(f, &w, verify.clone(), ENOUGH).await.0;
+    if F::EXACT_VERIFY_COUNT {
+        assert_eq!(before, seeded, "verify counts what is still there");
+    } else {
+        assert!(
+            before.values().all(|n| *n > 0),
+            "verify finds each member's records"
         );
     }
-    let (verified, _) = run(&f, &m, &job(&target, &m, SubjectAction::Verify, none), how).await;
-    assert_eq!(verified[0..2], [0, 0]);
-    assert_eq!(verified[3..], [0, 0]);
-    if F::EXACT_VERIFY_COUNT {
-        assert_eq!(verified[2], m.seeded[2]);
-    } else {
-        assert!(verified[2] >= 1, "Verify finds what the held member keeps");
+    let gate = Arc::new(Holding {
+        held: BTreeSet::new(),
+        asked: Default::default(),
+    });
+    let erased = batch_to_end(
+        f,
+        &w,
+        job(f, &members, SubjectAction::Erase, gate.clone()),
+        ENOUGH,
+    )
+    .await;
+    assert_eq!(erased.0, seeded, "erase counts each member's records");
+    assert!(erased.1.is_empty());
+    assert!(
+        gate.asked.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the gate is asked before the batch commits"
+    );
+    for (owner, n) in &kept {
+        assert_eq!(
+            f.count_owner("people", owner).await,
+            *n,
+            "a non-member keeps its records"
+        );
     }
+    for owner in members_of {
+        assert_eq!(f.count_owner("people", owner).await, 0);
+    }
+    assert_eq!(batch_to_end(f, &w, verify, ENOUGH).await.0, zero);
+    let again = batch_to_end(
+        f,
+        &w,
+        job(f, &members, SubjectAction::Erase, Arc::new(NoHolds)),
+        ENOUGH,
+    )
+    .await;
+    assert_eq!(again.0, zero, "erasing again erases nothing");
+    assert!(w.checked() > 0);
 }
 
-/// The ordinary run: steps of a few seconds.
-pub const ORDINARY: Run = Run {
-    step_time: Duration::from_secs(5),
-    lose_each: false,
-};
+/// The gate holds one member of three: it keeps everything, the others are erased.
+pub async fn batch_leaves_a_held_member<F: Fixture>(f: &F) {
+    if !F::BATCHES {
+        return refuses_batches(f).await;
+    }
+    let probe = Probe::new();
+    let w = Witness::new(&probe);
+    let owners = [&probe.subject, &probe.neighbours[0], &probe.neighbours[1]];
+    let mut members = Vec::new();
+    let mut seeded = Vec::new();
+    for (n, owner) in owners.iter().enumerate() {
+        seeded.push(f.seed_owner("people", owner, 3 + n).await);
+        members.push(member(owner, n));
+    }
+    let gate = Arc::new(Holding {
+        held: BTreeSet::from([1]),
+        asked: Default::default(),
+    });
+    let (totals, held) =
+        batch_to_end(f, &w, job(f, &members, SubjectAction::Erase, gate), ENOUGH).await;
+    assert_eq!(
+        held,
+        BTreeSet::from(["member-1".to_string()]),
+        "the held member is reported"
+    );
+    assert_eq!(totals["member-0"], seeded[0]);
+    assert_eq!(
+        totals["member-1"], 0,
+        "nothing of the held member is erased"
+    );
+    assert_eq!(totals["member-2"], seeded[2]);
+    assert_eq!(f.count_owner("people", owners[0]).await, 0);
+    assert_eq!(f.count_owner("people", owners[1]).await, seeded[1]);
+    assert_eq!(f.count_owner("people", owners[2]).await, 0);
+}
 
-/// Steps without time, each resumed by a fresh backend.
-pub const ZERO_BUDGET: Run = Run {
-    step_time: Duration::ZERO,
-    lose_each: false,
-};
-
-/// Steps without time whose every outcome is lost once.
-pub const LOSING: Run = Run {
-    step_time: Duration::ZERO,
-    lose_each: true,
-};
-
-/// Instantiates the batch checks for a fixture.
-#[macro_export]
-macro_rules! batch_checks {
-    ($name:ident, $fixture:ty) => {
-        mod $name {
-            use $crate::conformance::batch::{
-                exact_counts_and_holds, LOSING, ORDINARY, ZERO_BUDGET,
-            };
-
-            #[tokio::test]
-            async fn batch_counts_each_member_and_leaves_the_held_one() {
-                exact_counts_and_holds::<$fixture>(ORDINARY).await;
-            }
-
-            #[tokio::test]
-            async fn batch_steps_without_time_resume_with_exact_counts() {
-                exact_counts_and_holds::<$fixture>(ZERO_BUDGET).await;
-            }
-
-            #[tokio::test]
-            async fn batch_steps_whose_outcome_is_lost_count_once() {
-                exact_counts_and_holds::<$fixture>(LOSING).await;
-            }
-        }
-    };
+/// Steps without time, each on a fresh backend: every member's count is exact.
+pub async fn batch_resumes_exactly<F: Fixture>(f: &F) {
+    if !F::BATCHES {
+        return refuses_batches(f).await;
+    }
+    let probe = Probe::new();
+    let w = Witness::new(&probe);
+    let many = f.many();
+    let owners = [&probe.subject, &probe.neighbours[1]];
+    let mut members = Vec::new();
+    let mut seeded = std::collections::BTreeMap::new();
+    for (n, owner) in owners.iter().enumerate() {
+        let count = f.seed_owner("people", owner, many / (n + 1)).await;
+        let m = member(owner, n);
+        seeded.insert(m.id.clone(), count);
+        members.push(m);
+    }
+    let erase = job(f, &members, SubjectAction::Erase, Arc::new(NoHolds));
+    let (totals, _) = batch_to_end(f, &w, erase, Duration::ZERO).await;
+    assert_eq!(
+        totals, seeded,
+        "resumed step after step, each member counted once"
+    );
+    for owner in owners {
+        assert_eq!(f.count_owner("people", owner).await, 0);
+    }
 }

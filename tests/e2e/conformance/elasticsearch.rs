@@ -223,8 +223,8 @@ crate::batch_checks!(elasticsearch7_batch, super::Elasticsearch7Fixture);
 /// A locator of one field compared with case: each chunk is one `terms` query.
 #[tokio::test]
 async fn a_batch_of_one_exact_field_is_deleted_by_terms() {
-    super::batch::exact_counts_and_holds_in::<ElasticsearchFixture>(
-        super::batch::ORDINARY,
+    super::batch_members::exact_counts_and_holds_in::<ElasticsearchFixture>(
+        super::batch_members::ORDINARY,
         |f, dataset| {
             let mut t = f.target(dataset);
             if let Some(tombstone::api::retentionpolicy::SubjectLocator::Elasticsearch(e)) =
