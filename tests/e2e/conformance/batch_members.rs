@@ -226,6 +226,76 @@ pub async fn exact_counts_and_holds_in<F: Fixture>(how: Run, target: impl Fn(&F,
     }
 }
 
+/// Fails the first time it is asked (the holds cannot be read), then holds no one.
+struct FailingOnce(std::sync::atomic::AtomicBool);
+
+#[async_trait]
+impl HoldGate for FailingOnce {
+    async fn held(&self) -> Result<BTreeSet<usize>, Error> {
+        if self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Unreachable("the holds cannot be listed".into()));
+        }
+        Ok(BTreeSet::new())
+    }
+}
+
+/// A gate that cannot be read stops the step before it submits anything: the step says
+/// why, erases nothing and hands back a cursor from which the batch ends with exact counts.
+pub async fn a_gate_failure_commits_nothing_and_resumes<F: Fixture>() {
+    let f = F::start().await;
+    let m = seed(&f, "batch").await;
+    let gate = Arc::new(FailingOnce(true.into()));
+    let erase = job(&f.target("batch"), &m, SubjectAction::Erase, gate.clone());
+    let mut totals = vec![0u64; erase.members.len()];
+    let mut cursor: Option<String> = None;
+    let started = Instant::now();
+    let mut failed = false;
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the batch did not finish"
+        );
+        let step = f
+            .backend()
+            .batch_step(&erase, cursor.as_deref(), &budget(Duration::from_secs(5)))
+            .await
+            .expect("a batch step");
+        witness(&m, &step);
+        if let Some(e) = &step.failure {
+            assert!(!failed, "the gate fails once: {e}");
+            failed = true;
+            assert_eq!(e.reason(), "Unreachable");
+            assert!(step.members.iter().all(|s| s.count == 0), "nothing counted");
+            assert_eq!(
+                counts_left(&f, "batch", &m.owners).await,
+                m.seeded,
+                "nothing erased"
+            );
+            assert!(
+                matches!(step.next, Next::Continue(_)),
+                "a cursor to resume from"
+            );
+        }
+        for (total, member) in totals.iter_mut().zip(&step.members) {
+            *total += member.count;
+        }
+        match step.next {
+            Next::Done => break,
+            Next::Continue(c) => cursor = Some(c),
+            Next::Wait {
+                cursor: c,
+                poll_after,
+            } => {
+                tokio::time::sleep(poll_after.min(f.poll_interval())).await;
+                cursor = Some(c);
+            }
+        }
+    }
+    assert!(failed, "the gate was asked before the submission");
+    assert_eq!(totals, m.seeded);
+    assert_eq!(counts_left(&f, "batch", &m.owners).await, vec![0; 5]);
+}
+
 /// The ordinary run: steps of a few seconds.
 pub const ORDINARY: Run = Run {
     step_time: Duration::from_secs(5),
@@ -250,8 +320,14 @@ macro_rules! batch_checks {
     ($name:ident, $fixture:ty) => {
         mod $name {
             use $crate::conformance::batch_members::{
-                exact_counts_and_holds, LOSING, ORDINARY, ZERO_BUDGET,
+                a_gate_failure_commits_nothing_and_resumes, exact_counts_and_holds, LOSING,
+                ORDINARY, ZERO_BUDGET,
             };
+
+            #[tokio::test]
+            async fn batch_gate_failure_commits_nothing_and_resumes() {
+                a_gate_failure_commits_nothing_and_resumes::<$fixture>().await;
+            }
 
             #[tokio::test]
             async fn batch_counts_each_member_and_leaves_the_held_one() {
