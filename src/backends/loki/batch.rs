@@ -195,6 +195,31 @@ impl LokiBackend {
         Ok(true)
     }
 
+    /// Makes sure a chunk is under way in `c`, starting the next one when none is (unless
+    /// the step's time is up after some `worked`): whether it started one; None when the
+    /// step ends here, `step.next` said (done, or continued).
+    async fn chunk_under_way(
+        &self,
+        run: &Run<'_>,
+        c: &mut Cursor,
+        step: &mut BatchStep<Cursor>,
+        budget: &StepBudget,
+        worked: bool,
+    ) -> Result<Option<bool>, Error> {
+        if c.batch.as_ref().is_some_and(|b| b.upto.is_some()) {
+            return Ok(Some(false));
+        }
+        if worked && (Instant::now() >= run.deadline || budget.cancel.is_cancelled()) {
+            step.next = Next::Continue(c.clone());
+            return Ok(None);
+        }
+        if !self.start_chunk(run, c).await? {
+            step.next = Next::Done;
+            return Ok(None);
+        }
+        Ok(Some(true))
+    }
+
     /// Find and Verify: each chunk's members counted, chunk after chunk within the step's
     /// time (one window at least). Verify counts what remains exactly.
     async fn count_batch(
@@ -206,15 +231,12 @@ impl LokiBackend {
     ) -> Result<(), Error> {
         let mut worked = false;
         loop {
-            if c.batch.as_ref().is_none_or(|b| b.upto.is_none()) {
-                if worked && (Instant::now() >= run.deadline || budget.cancel.is_cancelled()) {
-                    step.next = Next::Continue(c.clone());
-                    return Ok(());
-                }
-                if !self.start_chunk(run, c).await? {
-                    step.next = Next::Done;
-                    return Ok(());
-                }
+            if self
+                .chunk_under_way(run, c, step, budget, worked)
+                .await?
+                .is_none()
+            {
+                return Ok(());
             }
             let chunk = run.chunk(c, &BTreeSet::new());
             worked = true;
@@ -249,16 +271,10 @@ impl LokiBackend {
         // The chunk is counted: submitted next.
         let mut counted = false;
         loop {
-            if c.batch.as_ref().is_none_or(|b| b.upto.is_none()) {
-                if worked && (Instant::now() >= run.deadline || budget.cancel.is_cancelled()) {
-                    step.next = Next::Continue(c.clone());
-                    return Ok(());
-                }
-                if !self.start_chunk(run, c).await? {
-                    step.next = Next::Done;
-                    return Ok(());
-                }
-                counted = false;
+            match self.chunk_under_way(run, c, step, budget, worked).await? {
+                None => return Ok(()),
+                Some(true) => counted = false,
+                Some(false) => {}
             }
             worked = true;
             if c.stage != Stage::Counting || counted {
