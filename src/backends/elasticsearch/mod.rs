@@ -29,7 +29,8 @@
 //!
 //! `transport` sends the requests and maps the answers to errors, `index_path` is the
 //! whole-index deletion, `sweep` the delete-by-query sweep and its task, `erasure` a
-//! subject's documents. Pure: `query` builds the queries (ranges, subject terms) and reads
+//! subject's documents, `batch` many subjects' in one pass (a chunk of members counted by one
+//! search and deleted by one task). Pure: `query` builds the queries (ranges, subject terms) and reads
 //! mappings, `indices` checks and matches index patterns and makes the fast-path decision,
 //! `task` reads and settles delete-by-query tasks, `cursor` is where a step resumes;
 //! `driver` registers the kind.

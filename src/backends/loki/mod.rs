@@ -42,7 +42,8 @@
 //! other files: `transport` (HTTP, error answers, the deletion-mode check), `requests` (the
 //! delete-request API and the store's record of processed requests), `scan` (counting and
 //! finding lines with the query API, window by window), `cursor` (where a job stands),
-//! `sweep` and `erasure`; `logql` builds the queries.
+//! `sweep` and `erasure`, and `batch` (many subjects in one pass: a chunk of members under one
+//! line filter, counted per member, deleted by one request); `logql` builds the queries.
 
 mod batch;
 pub mod cursor;
