@@ -203,6 +203,11 @@ impl ElasticsearchBackend {
             return Ok(());
         };
         let in_chunk = |i: usize| later(i) && id(i) <= upto.as_str();
+        if position.settled {
+            // The chunk's task finished and the step that saw it failed after: report.
+            self.finish_chunk(position, running, step, job, &in_chunk);
+            return Ok(());
+        }
         if position.task.is_none() {
             let Some(marker) = position.marker.clone() else {
                 // A task of this chunk ended badly: the next submission is named afresh.
@@ -293,6 +298,22 @@ impl ElasticsearchBackend {
                 let settled = task::settle(position, deleted, version_conflicts, problem);
                 step.failure = settled.retrying.or(settled.failed);
                 if position.settled {
+                    if settled.version_conflicts > 0 {
+                        // Documents changed while the task ran stay (Verify finds them, and
+                        // they are erased again): not counted as erased now.
+                        self.refresh(pattern).await?;
+                        let chunk = running.iter().filter(|(i, _)| in_chunk(*i));
+                        let left = self
+                            .counts_by_id(pattern, chunk.map(|(i, t)| (id(*i), t)))
+                            .await?;
+                        if let Some(b) = position.batch.as_mut() {
+                            for (member, n) in left {
+                                if let Some(count) = b.counts.get_mut(&member) {
+                                    *count = count.saturating_sub(n);
+                                }
+                            }
+                        }
+                    }
                     // Reported with the cursor that cleans the task's result up next.
                     self.finish_chunk(position, running, step, job, &in_chunk);
                 } else {
@@ -310,6 +331,9 @@ impl ElasticsearchBackend {
         members: impl Iterator<Item = (&'a str, &'a BTreeMap<String, Term>)>,
     ) -> Result<BTreeMap<String, u64>, Error> {
         let (ids, terms): (Vec<&str>, Vec<&BTreeMap<String, Term>>) = members.unzip();
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
         let counts = self.member_counts(pattern, &terms).await?;
         Ok(ids
             .into_iter()
