@@ -50,6 +50,20 @@ fn finish_chunk(c: &mut Cursor) {
     *c = next_chunk(pos.upto.or(pos.after));
 }
 
+/// After a submission: the chunk is done when nothing needs waiting for (`settled`: a
+/// processed request covers it), else the step waits for the request (false).
+fn submitted(c: &mut Cursor, settled: bool, step: &mut BatchStep<Cursor>) -> bool {
+    if settled {
+        finish_chunk(c);
+        return true;
+    }
+    step.next = Next::Wait {
+        cursor: c.clone(),
+        poll_after: poll_after(0.0),
+    };
+    false
+}
+
 impl LokiBackend {
     /// Each window of (from, at] counted for the chunk's `query`; where it has lines, each
     /// member's query too (`add(k, n)`: member `k` of `members` has `n` there). True once
@@ -332,15 +346,9 @@ impl LokiBackend {
                             step.members[*i].count = step.members[*i].count.saturating_add(*n);
                         }
                     }
-                    if settled {
-                        finish_chunk(c);
-                        continue;
+                    if !submitted(c, settled, step) {
+                        return Ok(());
                     }
-                    step.next = Next::Wait {
-                        cursor: c.clone(),
-                        poll_after: poll_after(0.0),
-                    };
-                    return Ok(());
                 }
                 Stage::Waiting => match self.poll(c, &query, delete_end, true, budget).await? {
                     Polled::Pending(wait) => {
@@ -389,18 +397,12 @@ impl LokiBackend {
                     // Again, up to now: the lines have had time to reach the store.
                     c.end = delete_end;
                     c.until = None;
-                    if self
+                    let settled = self
                         .submit_or_reuse(c, &query, Reuse::SameStart, true, budget)
-                        .await?
-                    {
-                        finish_chunk(c);
-                        continue;
+                        .await?;
+                    if !submitted(c, settled, step) {
+                        return Ok(());
                     }
-                    step.next = Next::Wait {
-                        cursor: c.clone(),
-                        poll_after: poll_after(0.0),
-                    };
-                    return Ok(());
                 }
             }
         }

@@ -153,16 +153,21 @@ async fn run<F: Fixture>(
             *total += member.count;
         }
         held.extend(step.held.iter().copied());
-        match step.next {
-            Next::Done => return (totals, held),
-            Next::Continue(c) => cursor = Some(c),
-            Next::Wait {
-                cursor: c,
-                poll_after,
-            } => {
-                tokio::time::sleep(poll_after.min(f.poll_interval())).await;
-                cursor = Some(c);
-            }
+        match follow(f, step.next).await {
+            None => return (totals, held),
+            next => cursor = next,
+        }
+    }
+}
+
+/// The cursor to go on from (after the wait a store asks for); None when the batch is done.
+async fn follow<F: Fixture>(f: &F, next: Next) -> Option<String> {
+    match next {
+        Next::Done => None,
+        Next::Continue(c) => Some(c),
+        Next::Wait { cursor, poll_after } => {
+            tokio::time::sleep(poll_after.min(f.poll_interval())).await;
+            Some(cursor)
         }
     }
 }
@@ -279,16 +284,9 @@ pub async fn a_gate_failure_commits_nothing_and_resumes<F: Fixture>() {
         for (total, member) in totals.iter_mut().zip(&step.members) {
             *total += member.count;
         }
-        match step.next {
-            Next::Done => break,
-            Next::Continue(c) => cursor = Some(c),
-            Next::Wait {
-                cursor: c,
-                poll_after,
-            } => {
-                tokio::time::sleep(poll_after.min(f.poll_interval())).await;
-                cursor = Some(c);
-            }
+        match follow(&f, step.next).await {
+            None => break,
+            next => cursor = next,
         }
     }
     assert!(failed, "the gate was asked before the submission");
