@@ -246,23 +246,25 @@ impl S3Backend {
         objects: &[ObjectIdentifier],
         weights: Vec<u64>,
     ) -> Result<(), Error> {
-        let body = intent::Intent {
-            objects: objects
-                .iter()
-                .map(|o| (o.key().to_string(), o.version_id().map(str::to_string)))
-                .collect(),
+        let batch = intent::Intent {
+            objects: intent_objects(objects),
             weights,
-        }
-        .encode();
+            ..intent::Intent::default()
+        };
         let seq = journal.take_seq();
-        let key = intent::key(&journal.run, seq);
+        self.put_intent(&intent::key(&journal.run, seq), &batch)
+            .await
+    }
+
+    /// Writes an intent at `key`.
+    async fn put_intent(&self, key: &str, batch: &intent::Intent) -> Result<(), Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         client
             .put_object()
             .bucket(&self.config.bucket)
             .key(key)
-            .body(aws_sdk_s3::primitives::ByteStream::from(body))
+            .body(aws_sdk_s3::primitives::ByteStream::from(batch.encode()))
             .send()
             .await
             .map_err(|e| sdk_error(e, "PutObject (intent)"))?;
@@ -333,10 +335,26 @@ impl S3Backend {
     /// and the journal's number moves past them (they are removed once that count is
     /// checkpointed).
     async fn settle_intents(&self, journal: &mut intent::Journal) -> Result<u64, Error> {
+        let mut lost = 0u64;
+        for key in self.lost_intents(journal).await? {
+            let batch = self.read_intent(&key).await?;
+            let gone = self.gone_in(&batch).await?;
+            for (i, gone) in gone.into_iter().enumerate() {
+                if gone {
+                    lost = lost.saturating_add(batch.weight(i));
+                }
+            }
+        }
+        Ok(lost)
+    }
+
+    /// The keys of the journal's intents written by a step whose outcome was lost (at or
+    /// above its number), whose number it moves past them; those below it are removed.
+    async fn lost_intents(&self, journal: &mut intent::Journal) -> Result<Vec<String>, Error> {
         let prefix = intent::run_prefix(&journal.run);
         let mut listing = sweep::Cursor::default();
         let mut stale = Vec::new();
-        let mut lost = 0u64;
+        let mut lost = Vec::new();
         let mut next_seq = journal.seq;
         loop {
             let (entries, next) = self.list_versions(&prefix, &listing).await?;
@@ -347,7 +365,7 @@ impl S3Backend {
                 if seq < journal.seq || entry.delete_marker {
                     stale.push(object_id(&entry.key, entry.version_id.as_deref())?);
                 } else if entry.latest {
-                    lost = lost.saturating_add(self.gone_of_intent(&entry.key).await?);
+                    lost.push(entry.key);
                     next_seq = next_seq.max(seq.saturating_add(1));
                 }
             }
@@ -361,12 +379,8 @@ impl S3Backend {
         Ok(lost)
     }
 
-    /// What the objects of the intent at `key` that are gone count for. Gone is judged by
-    /// listing the batch's key range (ListObjectVersions from just before its first key,
-    /// under the keys' common prefix, until past its last: a page or two per batch, where a
-    /// HEAD per object took a request each): a version id no longer listed, or a key
-    /// without version id no longer listed as current; the first key's by `HeadObject`.
-    async fn gone_of_intent(&self, key: &str) -> Result<u64, Error> {
+    /// The intent at `key`.
+    async fn read_intent(&self, key: &str) -> Result<intent::Intent, Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         let body = client
@@ -381,15 +395,21 @@ impl S3Backend {
             .await
             .map_err(|e| Error::Unreachable(format!("GetObject (intent): {e}")))?
             .into_bytes();
-        let Some(batch) = intent::Intent::decode(&body) else {
-            return Err(Error::Store(
-                "an intent of this run is unreadable; its batch cannot be counted".into(),
-            ));
-        };
+        intent::Intent::decode(&body).ok_or_else(|| {
+            Error::Store("an intent of this run is unreadable; its batch cannot be counted".into())
+        })
+    }
+
+    /// Which objects of an intent's batch are gone. Gone is judged by
+    /// listing the batch's key range (ListObjectVersions from just before its first key,
+    /// under the keys' common prefix, until past its last: a page or two per batch, where a
+    /// HEAD per object took a request each): a version id no longer listed, or a key
+    /// without version id no longer listed as current; the first key's by `HeadObject`.
+    async fn gone_in(&self, batch: &intent::Intent) -> Result<Vec<bool>, Error> {
         let wanted: std::collections::BTreeSet<&str> =
             batch.objects.iter().map(|(k, _)| k.as_str()).collect();
         let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let prefix = intent::common_prefix(first, last);
         let mut listing = sweep::Cursor {
@@ -419,8 +439,8 @@ impl S3Backend {
                 _ => break,
             }
         }
-        let mut gone = 0u64;
-        for (i, (object, version)) in batch.objects.iter().enumerate() {
+        let mut gone = Vec::with_capacity(batch.objects.len());
+        for (object, version) in &batch.objects {
             // A listing after a key marker may leave out the first entry at or after it
             // (moto does, where S3 starts strictly after the marker): the first key's
             // versions are asked for one by one.
@@ -432,9 +452,7 @@ impl S3Backend {
                     None => current.contains(object),
                 }
             };
-            if !present {
-                gone = gone.saturating_add(batch.weight(i));
-            }
+            gone.push(!present);
         }
         Ok(gone)
     }
@@ -458,6 +476,14 @@ impl S3Backend {
             Err(e) => Err(sdk_error(e, "HeadObject (intent)")),
         }
     }
+}
+
+/// A batch's objects as an intent lists them.
+fn intent_objects(objects: &[ObjectIdentifier]) -> Vec<(String, Option<String>)> {
+    objects
+        .iter()
+        .map(|o| (o.key().to_string(), o.version_id().map(str::to_string)))
+        .collect()
 }
 
 /// Whether a GetBucketVersioning document says Enabled or Suspended.

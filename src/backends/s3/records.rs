@@ -549,6 +549,12 @@ pub trait Filter {
     fn judge(&mut self, line: &[u8]) -> Outcome;
 }
 
+impl Filter for Matcher {
+    fn judge(&mut self, line: &[u8]) -> Outcome {
+        (&*self).judge(line)
+    }
+}
+
 impl Filter for &Matcher {
     fn judge(&mut self, line: &[u8]) -> Outcome {
         match self.verdict(line) {

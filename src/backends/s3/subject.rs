@@ -883,50 +883,16 @@ impl S3Backend {
         matcher: &Matcher,
         run: &str,
     ) -> Result<Rewrite, Error> {
-        let client = self.client().await?;
         let mut last_conflict = None;
         for _ in 0..WRITE_ATTEMPTS {
             // A scan first: archives without the subject are never rewritten.
-            self.limits.acquire(1).await;
-            let object = client
-                .get_object()
-                .bucket(&self.config.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| sdk_error(e, "GetObject"))?;
-            let etag = object.e_tag().map(str::to_string).ok_or_else(|| {
-                Error::Store("GetObject returned no ETag; a safe rewrite needs one".into())
-            })?;
-            let read_version = object.version_id().map(str::to_string);
+            let mut fetched = self.fetch_current(key).await?;
             let earlier = if run.is_empty() {
                 0
             } else {
-                dropped_by(
-                    object
-                        .metadata()
-                        .and_then(|m| m.get(DROPPED))
-                        .map(String::as_str),
-                    run,
-                )
+                dropped_by(fetched.dropped.as_deref(), run)
             };
-            let mut metadata = Preserved::from(&object);
-            if object.tag_count().is_some_and(|n| n > 0) {
-                metadata.tagging = Some(self.tagging(key, read_version.as_deref()).await?);
-            }
-            let spool = tempfile::tempfile()
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            let writer = spool
-                .try_clone()
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            let reader = SyncIoBridge::new(object.body.into_async_read());
-            let matcher_owned = matcher.clone();
-            let counts = tokio::task::spawn_blocking(move || {
-                records::rewrite(reader, &matcher_owned, writer)
-            })
-            .await
-            .map_err(|e| Error::Store(format!("archive rewrite task failed: {e}")))?
-            .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
+            let (counts, _, spool) = filter_to_spool(fetched.body, matcher.clone()).await?;
             let dropped = copies(&counts, matcher);
             if dropped == 0 {
                 return Ok(Rewrite {
@@ -935,56 +901,136 @@ impl S3Backend {
                     earlier,
                 });
             }
-            if let (false, Some(m)) = (run.is_empty(), metadata.metadata.as_mut()) {
+            if let (false, Some(m)) = (run.is_empty(), fetched.metadata.metadata.as_mut()) {
                 record_dropped(m, run, earlier.saturating_add(dropped));
             }
-            if let Some(hook) = &self.before_write {
-                hook().await;
-            }
-            // The writer shared the file's offset: read it back from the start.
-            let mut spool = spool;
-            std::io::Seek::rewind(&mut spool)
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            let length = spool
-                .metadata()
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?
-                .len();
-            let body = ByteStream::read_from()
-                .file(tokio::fs::File::from_std(spool))
-                .length(aws_sdk_s3::primitives::Length::Exact(length))
-                .build()
-                .await
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            self.limits.acquire(1).await;
-            let put = metadata
-                .apply(client.put_object())
-                .bucket(&self.config.bucket)
-                .key(key)
-                .if_match(&etag)
-                // Buckets with Object Lock refuse writes without a checksum.
-                .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
-                .content_length(length as i64)
-                .body(body)
-                .send()
-                .await;
-            match put {
-                Ok(_) => {
+            match self
+                .put_conditional(key, spool, fetched.metadata, &fetched.etag)
+                .await?
+            {
+                None => {
                     return Ok(Rewrite {
                         counts,
-                        replaced_version: read_version,
+                        replaced_version: fetched.version,
                         earlier,
                     })
                 }
-                Err(e) if is_conflict(&e) => {
-                    last_conflict = Some(sdk_error(e, "PutObject"));
-                    continue;
-                }
-                Err(e) => return Err(sdk_error(e, "PutObject")),
+                Some(conflict) => last_conflict = Some(conflict),
             }
         }
         Err(last_conflict
             .unwrap_or_else(|| Error::Store("an archive kept changing during its rewrite".into())))
     }
+
+    /// Reads an archive's current version for a rewrite: its body, its ETag (a rewrite is
+    /// written only if it is still the current one), its version and what it keeps.
+    pub(super) async fn fetch_current(&self, key: &str) -> Result<Fetched, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let object = client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "GetObject"))?;
+        let etag = object.e_tag().map(str::to_string).ok_or_else(|| {
+            Error::Store("GetObject returned no ETag; a safe rewrite needs one".into())
+        })?;
+        let version = object.version_id().map(str::to_string);
+        let dropped = object
+            .metadata()
+            .and_then(|m| m.get(DROPPED))
+            .map(String::to_string);
+        let mut metadata = Preserved::from(&object);
+        if object.tag_count().is_some_and(|n| n > 0) {
+            metadata.tagging = Some(self.tagging(key, version.as_deref()).await?);
+        }
+        Ok(Fetched {
+            etag,
+            version,
+            metadata,
+            body: object.body,
+            dropped,
+        })
+    }
+
+    /// Writes `spool` (from its start) as the archive's new content, only if its current
+    /// version still has `etag` (`If-Match`). `Some`: it had changed (a conflict; read it
+    /// again).
+    pub(super) async fn put_conditional(
+        &self,
+        key: &str,
+        mut spool: std::fs::File,
+        metadata: Preserved,
+        etag: &str,
+    ) -> Result<Option<Error>, Error> {
+        if let Some(hook) = &self.before_write {
+            hook().await;
+        }
+        let client = self.client().await?;
+        // The writer shared the file's offset: read it back from the start.
+        std::io::Seek::rewind(&mut spool)
+            .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+        let length = spool
+            .metadata()
+            .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?
+            .len();
+        let body = ByteStream::read_from()
+            .file(tokio::fs::File::from_std(spool))
+            .length(aws_sdk_s3::primitives::Length::Exact(length))
+            .build()
+            .await
+            .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+        self.limits.acquire(1).await;
+        let put = metadata
+            .apply(client.put_object())
+            .bucket(&self.config.bucket)
+            .key(key)
+            .if_match(etag)
+            // Buckets with Object Lock refuse writes without a checksum.
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+            .content_length(length as i64)
+            .body(body)
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(None),
+            Err(e) if is_conflict(&e) => Ok(Some(sdk_error(e, "PutObject"))),
+            Err(e) => Err(sdk_error(e, "PutObject")),
+        }
+    }
+}
+
+/// An archive's current version, read for a rewrite ([`S3Backend::fetch_current`]).
+pub(super) struct Fetched {
+    pub etag: String,
+    pub version: Option<String>,
+    pub metadata: Preserved,
+    pub body: ByteStream,
+    /// Its [`DROPPED`] metadata: which runs dropped how many records from it.
+    pub dropped: Option<String>,
+}
+
+/// Runs `filter` over an archive's body on a blocking thread, writing what it keeps to a
+/// temporary file; gives back the counts, the filter (with what it tallied) and the file.
+pub(super) async fn filter_to_spool<F: records::Filter + Send + 'static>(
+    body: ByteStream,
+    mut filter: F,
+) -> Result<(Counts, F, std::fs::File), Error> {
+    let spool = tempfile::tempfile()
+        .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+    let writer = spool
+        .try_clone()
+        .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+    let reader = SyncIoBridge::new(body.into_async_read());
+    let (counts, filter) = tokio::task::spawn_blocking(move || {
+        records::rewrite_with(reader, &mut filter, writer).map(|counts| (counts, filter))
+    })
+    .await
+    .map_err(|e| Error::Store(format!("archive rewrite task failed: {e}")))?
+    .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
+    Ok((counts, filter, spool))
 }
 
 impl S3Backend {
@@ -1034,7 +1080,7 @@ fn is_conflict<E: aws_sdk_s3::error::ProvideErrorMetadata>(
 }
 
 /// The attributes a rewritten archive keeps from the original.
-struct Preserved {
+pub(super) struct Preserved {
     content_type: Option<String>,
     content_encoding: Option<String>,
     content_disposition: Option<String>,
