@@ -9,13 +9,15 @@ use crate::backends::{Error, Limits};
 
 use super::{S3Backend, S3Config, S3Credentials};
 
-/// Where an S3 job resumes: a sweep's listing position or an erasure's (`v1:s3:{"sweep":{…}}`
+/// Where an S3 job resumes: a sweep's listing position, an erasure's or a batch's (`v1:s3:{"sweep":{…}}`
 /// in status; `s3:{…}` and `s3-subject:{…}` in the previous version's status).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum S3Cursor {
     Sweep(super::SweepCursor),
     Subject(super::SubjectCursor),
+    /// Many subjects in one pass (`v1:s3:{"batch":{…}}`).
+    Batch(super::BatchCursor),
 }
 
 pub struct S3Driver;

@@ -174,7 +174,10 @@ mod tests {
         // A batch's intent: per object, the members it counts for.
         let batch = Intent {
             objects: vec![("logs/a".into(), Some("v1".into())), ("u/b".into(), None)],
-            members: vec![vec![("m1".into(), 3), ("m2".into(), 1)], vec![("m2".into(), 1)]],
+            members: vec![
+                vec![("m1".into(), 3), ("m2".into(), 1)],
+                vec![("m2".into(), 1)],
+            ],
             ..Intent::default()
         };
         let read = Intent::decode(&batch.encode()).unwrap();

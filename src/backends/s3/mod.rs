@@ -9,6 +9,7 @@
 //! Erasure: every object and version under the subject's key prefixes, and the subject's
 //! records inside JSON-lines archives (see `subject.rs` and `records.rs`).
 
+mod batch;
 pub mod driver;
 pub mod intent;
 pub mod records;
@@ -27,9 +28,12 @@ use tokio::sync::OnceCell;
 
 use super::driver::StoreBackend;
 use super::template::{self, Syntax};
-use super::{Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{
+    BatchJob, BatchStep, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob,
+};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
+pub use batch::BatchPosition as BatchCursor;
 use driver::S3Cursor;
 pub use subject::Position as SubjectCursor;
 pub use sweep::Cursor as SweepCursor;
@@ -479,7 +483,7 @@ impl S3Backend {
 }
 
 /// A batch's objects as an intent lists them.
-fn intent_objects(objects: &[ObjectIdentifier]) -> Vec<(String, Option<String>)> {
+pub(super) fn intent_objects(objects: &[ObjectIdentifier]) -> Vec<(String, Option<String>)> {
     objects
         .iter()
         .map(|o| (o.key().to_string(), o.version_id().map(str::to_string)))
@@ -493,15 +497,15 @@ fn versioning_status_in(document: &str) -> bool {
 
 /// What one `DeleteObjects` call did.
 #[derive(Debug, Default)]
-struct Deleted {
-    deleted: u64,
-    refused: Vec<Refusal>,
+pub(super) struct Deleted {
+    pub deleted: u64,
+    pub refused: Vec<Refusal>,
 }
 
 /// One object or version the store would not delete, with its message.
 #[derive(Clone, Debug)]
-struct Refusal {
-    key: String,
+pub(super) struct Refusal {
+    pub key: String,
     reason: String,
 }
 
@@ -646,7 +650,7 @@ impl StoreBackend for S3Backend {
         let cursor = match cursor {
             None => None,
             Some(S3Cursor::Sweep(c)) => Some(c),
-            Some(S3Cursor::Subject(_)) => {
+            Some(S3Cursor::Subject(_) | S3Cursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
                     "the checkpoint is an S3 erasure cursor, not a sweep's".into(),
                 ))
@@ -669,15 +673,40 @@ impl StoreBackend for S3Backend {
                 c.validate()?;
                 Some(c)
             }
-            Some(S3Cursor::Sweep(_)) => {
+            Some(S3Cursor::Sweep(_) | S3Cursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
-                    "the checkpoint is an S3 sweep cursor, not an erasure's".into(),
+                    "the checkpoint is not an S3 erasure cursor of one subject".into(),
                 ))
             }
         };
         Ok(S3Backend::subject(self, job, cursor, budget)
             .await?
             .map_cursor(S3Cursor::Subject))
+    }
+
+    const BATCHES: bool = true;
+
+    async fn subjects(
+        &self,
+        job: &BatchJob,
+        cursor: Option<S3Cursor>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep<S3Cursor>, Error> {
+        let cursor = match cursor {
+            None => None,
+            Some(S3Cursor::Batch(c)) => {
+                c.validate()?;
+                Some(c)
+            }
+            Some(S3Cursor::Sweep(_) | S3Cursor::Subject(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is not an S3 batch cursor".into(),
+                ))
+            }
+        };
+        Ok(S3Backend::subjects(self, job, cursor, budget)
+            .await?
+            .map_cursor(S3Cursor::Batch))
     }
 
     async fn locked(&self, job: &SubjectJob) -> Result<crate::backends::LockedCopies, Error> {

@@ -307,7 +307,10 @@ pub struct MemberPass {
 }
 
 impl MemberPass {
-    pub fn new(lookup: std::sync::Arc<MemberLookup>, excluded: &std::collections::BTreeSet<usize>) -> Self {
+    pub fn new(
+        lookup: std::sync::Arc<MemberLookup>,
+        excluded: &std::collections::BTreeSet<usize>,
+    ) -> Self {
         let size = lookup.free.len();
         Self {
             excluded: (0..size).map(|i| excluded.contains(&i)).collect(),
@@ -328,7 +331,11 @@ impl MemberPass {
         } else {
             0
         };
-        self.found.get(m).copied().unwrap_or(0).saturating_add(unparsed)
+        self.found
+            .get(m)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(unparsed)
     }
 
     /// The member's copies this pass removed.
@@ -339,7 +346,10 @@ impl MemberPass {
 
     /// Whether the pass removed anything.
     pub fn removed_any(&self) -> bool {
-        self.removed.iter().chain(&self.unparsed_removed).any(|n| *n > 0)
+        self.removed
+            .iter()
+            .chain(&self.unparsed_removed)
+            .any(|n| *n > 0)
     }
 
     fn bump(counts: &mut [u64], m: usize) {
@@ -540,7 +550,9 @@ pub enum Outcome {
     /// Not a JSON value: kept as it is, and counted.
     Malformed,
     /// Not a JSON value, and it holds an identifier; dropped when `drop`.
-    Unparsed { drop: bool },
+    Unparsed {
+        drop: bool,
+    },
 }
 
 /// Decides line by line what a pass over an archive keeps: one subject's [`Matcher`], or
@@ -827,13 +839,15 @@ mod tests {
         std::sync::Arc::new(MemberLookup::new(
             field,
             members.len(),
-            members.iter().zip(&filled).enumerate().map(|(index, ((_, _, drop), equals))| {
-                LookupMember {
+            members
+                .iter()
+                .zip(&filled)
+                .enumerate()
+                .map(|(index, ((_, _, drop), equals))| LookupMember {
                     index,
                     equals,
                     drop_unparsed: *drop,
-                }
-            }),
+                }),
         ))
     }
 
@@ -864,7 +878,11 @@ mod tests {
         let mut pass = MemberPass::new(lookup.clone(), &Default::default());
         let mut out = Vec::new();
         let counts = rewrite_with(MANY.as_bytes(), &mut pass, &mut out).unwrap();
-        assert_eq!(pass.found, vec![3, 2, 0, 0], "the last of duplicate keys counts");
+        assert_eq!(
+            pass.found,
+            vec![3, 2, 0, 0],
+            "the last of duplicate keys counts"
+        );
         assert_eq!(pass.removed, pass.found);
         assert_eq!(pass.unparsed, vec![0, 1, 0, 0]);
         assert_eq!(pass.unparsed_removed, vec![0, 1, 0, 0], "bob's are dropped");
@@ -872,20 +890,28 @@ mod tests {
             (0..4).map(|m| pass.removed_copies(m)).collect::<Vec<_>>(),
             vec![3, 3, 0, 0]
         );
-        assert_eq!((counts.matched, counts.malformed, counts.unparsed), (5, 1, 1));
+        assert_eq!(
+            (counts.matched, counts.malformed, counts.unparsed),
+            (5, 1, 1)
+        );
         let expected: String = MANY
             .split_inclusive('\n')
             .filter(|l| {
-                !["\"n\":1}", "\"n\":2}", "\"n\":4}", "\"n\":5}", "Bob@", "\"n\":8}"]
-                    .iter()
-                    .any(|m| l.contains(m))
+                ![
+                    "\"n\":1}", "\"n\":2}", "\"n\":4}", "\"n\":5}", "Bob@", "\"n\":8}",
+                ]
+                .iter()
+                .any(|m| l.contains(m))
             })
             .collect();
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         // The same verdicts as one member's matcher, member by member.
         for (m, who) in ["alice@example.com", "bob@example.com"].iter().enumerate() {
             let single = email_matcher("msg.to", who);
-            assert_eq!(scan(MANY.as_bytes(), &single).unwrap().matched, pass.found[m]);
+            assert_eq!(
+                scan(MANY.as_bytes(), &single).unwrap().matched,
+                pass.found[m]
+            );
         }
         // Gzip in, gzip out, the same lines.
         let mut again = MemberPass::new(lookup, &Default::default());
@@ -898,7 +924,11 @@ mod tests {
     fn a_record_of_two_members_is_dropped_once_and_counted_for_both() {
         let lookup = lookup(
             "userId",
-            &[("userId", "47", false), ("userId", "47", false), ("userId", "4711", false)],
+            &[
+                ("userId", "47", false),
+                ("userId", "47", false),
+                ("userId", "4711", false),
+            ],
         );
         let lines = "{\"userId\":47}\n{\"userId\":\"4711\"}\n{\"userId\":470}\n";
         let mut pass = MemberPass::new(lookup.clone(), &Default::default());
@@ -916,7 +946,11 @@ mod tests {
     fn an_excluded_members_records_are_kept_unless_another_member_owns_them() {
         let lookup = lookup(
             "to",
-            &[("email", "a@example.com", true), ("email", "b@example.com", true), ("email", "a@example.com", true)],
+            &[
+                ("email", "a@example.com", true),
+                ("email", "b@example.com", true),
+                ("email", "a@example.com", true),
+            ],
         );
         let lines = concat!(
             "{\"to\":\"a@example.com\"}\n",
@@ -946,7 +980,10 @@ mod tests {
 
     #[test]
     fn the_lookup_reads_values_as_the_single_matcher_does() {
-        let lookup = lookup("a.b", &[("userId", "AbC-47", false), ("userId", "1.5", false)]);
+        let lookup = lookup(
+            "a.b",
+            &[("userId", "AbC-47", false), ("userId", "1.5", false)],
+        );
         let mut pass = MemberPass::new(lookup, &Default::default());
         for (line, outcome) in [
             (&b"{\"a\":{\"b\":\"AbC-47\"}}"[..], Outcome::Drop),
@@ -962,7 +999,12 @@ mod tests {
             (b"[1,2", Outcome::Malformed),
             (b"   ", Outcome::Keep),
         ] {
-            assert_eq!(pass.judge(line), outcome, "{}", String::from_utf8_lossy(line));
+            assert_eq!(
+                pass.judge(line),
+                outcome,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
         assert_eq!(pass.found, vec![2, 1]);
         assert_eq!(pass.unparsed, vec![1, 0]);

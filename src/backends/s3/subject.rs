@@ -25,7 +25,7 @@ use crate::backends::{
 };
 
 /// Attempts at a conditional write before giving up on an archive that keeps changing.
-const WRITE_ATTEMPTS: u32 = 5;
+pub(super) const WRITE_ATTEMPTS: u32 = 5;
 
 /// Running totals of one subject step, from those the cursor carried.
 #[derive(Default)]
@@ -117,7 +117,7 @@ const DROPPED_EARLIER: usize = 4;
 const METADATA_LIMIT: usize = 2048;
 
 /// How many records `run` dropped, as recorded in a [`DROPPED`] value (0 if it did not).
-fn dropped_by(value: Option<&str>, run: &str) -> u64 {
+pub(super) fn dropped_by(value: Option<&str>, run: &str) -> u64 {
     value
         .into_iter()
         .flat_map(|v| v.split(','))
@@ -156,7 +156,11 @@ fn dropped_value(earlier: Option<&str>, run: &str, n: u64, room: usize) -> Optio
 
 /// Records in `metadata` that `run` dropped `n` records in all, within the metadata limit
 /// (an archive whose other metadata leaves no room goes without the record).
-fn record_dropped(metadata: &mut std::collections::HashMap<String, String>, run: &str, n: u64) {
+pub(super) fn record_dropped(
+    metadata: &mut std::collections::HashMap<String, String>,
+    run: &str,
+    n: u64,
+) {
     let earlier = metadata.remove(DROPPED);
     let used: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
     let room = METADATA_LIMIT.saturating_sub(used.saturating_add(DROPPED.len()));
@@ -165,7 +169,7 @@ fn record_dropped(metadata: &mut std::collections::HashMap<String, String>, run:
     }
 }
 
-fn action_code(action: SubjectAction) -> &'static str {
+pub(super) fn action_code(action: SubjectAction) -> &'static str {
     match action {
         SubjectAction::Find => "f",
         SubjectAction::Erase => "e",
@@ -223,14 +227,14 @@ impl Position {
 /// One prefix's listing within a step: the page position, and the entries already dealt
 /// with in earlier steps still to pass over.
 #[derive(Default)]
-struct Walk {
-    listing: Cursor,
-    skip: u64,
-    skip_markers: u64,
+pub(super) struct Walk {
+    pub listing: Cursor,
+    pub skip: u64,
+    pub skip_markers: u64,
     /// Erase, versioned: the version the listing resumes after, deleted once the listing
     /// is done or the step ends (some servers cannot resume after a version that no longer
     /// exists).
-    deferred: Vec<ObjectIdentifier>,
+    pub deferred: Vec<ObjectIdentifier>,
 }
 
 impl Walk {
@@ -243,7 +247,7 @@ impl Walk {
     }
 
     /// The entries of a page not dealt with yet.
-    fn fresh(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
+    pub fn fresh(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
         entries
             .into_iter()
             .filter(|e| {
@@ -265,14 +269,14 @@ impl Walk {
 
 /// When a step hands back control: once it did some work and its time is spent, or as soon
 /// as it is cancelled.
-struct Clock<'a> {
-    budget: &'a StepBudget,
-    deadline: Instant,
-    worked: bool,
+pub(super) struct Clock<'a> {
+    pub budget: &'a StepBudget,
+    pub deadline: Instant,
+    pub worked: bool,
 }
 
 impl Clock<'_> {
-    fn stop(&self) -> bool {
+    pub fn stop(&self) -> bool {
         self.budget.cancel.is_cancelled() || (self.worked && Instant::now() >= self.deadline)
     }
 }
@@ -1086,7 +1090,7 @@ pub(super) struct Preserved {
     content_disposition: Option<String>,
     content_language: Option<String>,
     cache_control: Option<String>,
-    metadata: Option<std::collections::HashMap<String, String>>,
+    pub metadata: Option<std::collections::HashMap<String, String>>,
     storage_class: Option<aws_sdk_s3::types::StorageClass>,
     server_side_encryption: Option<aws_sdk_s3::types::ServerSideEncryption>,
     ssekms_key_id: Option<String>,
@@ -1149,7 +1153,7 @@ impl Preserved {
 /// Fills in a template with canonical identifier values used literally (S3 prefixes are not
 /// patterns): every exact form ([`identifier::exact_forms`]), or records why the locator is
 /// skipped.
-fn expand(
+pub(super) fn expand(
     what: &str,
     t: &str,
     job: &SubjectJob,
@@ -1167,7 +1171,7 @@ fn expand(
 
 /// The records locator's `equals` filled with canonical values, the one form every records
 /// pass compares with; None (recorded in `skipped`) when the subject lacks an identifier.
-fn fill_equals(
+pub(super) fn fill_equals(
     t: &str,
     job: &SubjectJob,
     skipped: &mut Vec<String>,
