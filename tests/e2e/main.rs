@@ -34,6 +34,7 @@ mod plugin;
 mod receipts;
 mod ropa;
 mod s3;
+mod s3_batch;
 mod scale;
 mod spec_changes;
 mod stale_views;
