@@ -230,6 +230,14 @@ struct RunArgs {
     /// of a reconcile is waiting for the API server and the stores, so more than the cores.
     #[arg(long, default_value_t = tombstone::controller::Settings::default().reconcile_concurrency)]
     reconcile_concurrency: u16,
+    /// Erasure requests whose targets are ready at the same time are worked together, up to
+    /// this many subjects per target in one pass (one scan, one rewrite, one store-side
+    /// deletion); 1: one request at a time.
+    #[arg(long, default_value_t = tombstone::engine::batch::BatchSettings::default().max_members, value_parser = clap::value_parser!(usize))]
+    erasure_batch_size: usize,
+    /// How long a batch waits for more requests to join before it starts (0s: at once).
+    #[arg(long, default_value = "0s")]
+    erasure_batch_wait: tombstone::api::Duration,
     /// An erasure request in one unfinished phase this long counts as stalled (a request held
     /// by a LegalHold waits lawfully and never does).
     #[arg(long, default_value = "24h")]
@@ -346,6 +354,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .settings(store, &args.lease_namespace, args.allow_ambient_credentials)
             }),
             completed_request_ttl: args.completed_request_ttl.as_std(),
+            batches: tombstone::engine::batch::BatchSettings {
+                max_members: args.erasure_batch_size.max(1),
+                wait: args.erasure_batch_wait.as_std(),
+            },
             ..Default::default()
         },
     };

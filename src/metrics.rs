@@ -49,8 +49,15 @@ pub struct ControllerLabels {
     pub controller: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub erasure_batches: Family<ActionLabels, Counter>,
+    pub erasure_batch_members: Family<ActionLabels, Counter>,
     pub sweeps: Family<OutcomeLabels, Counter>,
     pub items_deleted: Family<StoreKindLabels, Counter>,
     pub items_erased: Family<StoreKindLabels, Counter>,
@@ -179,7 +186,21 @@ impl Default for Metrics {
             "Receipts logged and kept in status but not yet written to the receipt sink",
             receipts_pending_upload.clone(),
         );
+        let erasure_batches = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "erasure_batches",
+            "Batches of erasure targets worked in one pass (a request alone counts as one), by action",
+            erasure_batches.clone(),
+        );
+        let erasure_batch_members = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "erasure_batch_members",
+            "Erasure targets worked in batches, by action: divided by erasure_batches, the mean batch size",
+            erasure_batch_members.clone(),
+        );
         Self {
+            erasure_batches,
+            erasure_batch_members,
             receipt_upload_failures,
             receipts_pending_upload,
             erasure_requests_longest_in_phase,
@@ -215,6 +236,17 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// A batch of `members` erasure targets starts `action` (`find`, `erase`, `verify`).
+    pub fn batch_started(&self, action: &str, members: usize) {
+        let labels = ActionLabels {
+            action: action.to_string(),
+        };
+        self.erasure_batches.get_or_create(&labels).inc();
+        self.erasure_batch_members
+            .get_or_create(&labels)
+            .inc_by(members as u64);
     }
 
     pub fn reconciled(&self, controller: &str) {

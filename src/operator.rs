@@ -289,7 +289,10 @@ async fn run_controllers(
         });
     let request_controller =
         Controller::for_shared_stream(requests.applied(), request_cache.clone())
-            .with_config(config);
+            // Unbounded here: the requests of one batch wait in it together; the reconciles
+            // take `request_permits` (as many as `reconcile_concurrency`) while they talk to
+            // the API server.
+            .with_config(config.clone().concurrency(0));
     // The unfinished requests of a namespace that `concerns` (given a request's status); a
     // cluster-wide request counts in every namespace it searches (or may search, before its
     // targets are known).

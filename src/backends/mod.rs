@@ -499,7 +499,15 @@ impl<C> Default for Step<C> {
 /// What an erasure does in one target: find and count (also what a dry run does), erase, or
 /// verify that nothing remains.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "camelCase")]
 pub enum SubjectAction {

@@ -146,6 +146,8 @@ pub struct Settings {
     /// How long a Completed erasure request is kept once its receipts are in the sink; then
     /// the operator deletes it. Without a sink nothing is deleted.
     pub completed_request_ttl: Duration,
+    /// How erasure requests ready at the same time are batched per target.
+    pub batches: crate::engine::batch::BatchSettings,
 }
 
 impl Default for Settings {
@@ -161,6 +163,7 @@ impl Default for Settings {
             stall_after: Default::default(),
             receipt_sink: None,
             completed_request_ttl: Duration::from_secs(30 * 86_400),
+            batches: Default::default(),
         }
     }
 }
@@ -201,6 +204,12 @@ pub struct Context {
     /// The LegalHolds of each namespace, listed fresh and shared by the reconciles that ask
     /// at the same moment.
     holds: fresh::FreshReads<HoldList>,
+    /// Erasure requests ready at the same time, worked together per target.
+    pub batcher: Arc<crate::engine::batch::Batcher>,
+    /// Erasure reconciles talking to the API server at once (`reconcile_concurrency`). A
+    /// reconcile gives its permit back while its targets are in a store step or a batch, so
+    /// that the requests of one batch can all wait in it.
+    pub request_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// The LegalHolds of a namespace as listed, or why they could not be.
@@ -272,9 +281,7 @@ impl Context {
             client,
             recorder,
             reporter,
-            metrics,
             engine,
-            settings,
             shutdown,
             fence,
             caches,
@@ -282,6 +289,12 @@ impl Context {
             sink,
             failures: FailureCounts::default(),
             holds: fresh::FreshReads::default(),
+            batcher: crate::engine::batch::Batcher::new(settings.batches, metrics.clone()),
+            metrics,
+            request_permits: Arc::new(tokio::sync::Semaphore::new(
+                usize::from(settings.reconcile_concurrency).max(1),
+            )),
+            settings,
         }
     }
 

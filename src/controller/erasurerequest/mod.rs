@@ -3,6 +3,7 @@
 //! (pure) → write status if it changed → requeue while work remains. Identifiers live only in
 //! memory for the length of a reconcile; status, events, logs and receipts carry the digest.
 
+mod batch;
 pub mod lifecycle;
 pub mod plan;
 
@@ -43,6 +44,9 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         // Final, and nothing waits: not even read again.
         return Ok(Action::await_change());
     }
+    // This reconcile's turn to talk to the API server; given back while its targets are in
+    // store steps or batches.
+    let mut permit = ctx.request_permits.clone().acquire_owned().await.ok();
     let namespace = obj.namespace().unwrap_or_default();
     let Some((api, request)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
         return Ok(Action::await_change());
@@ -159,7 +163,9 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             break;
         }
         let before = status.phase;
-        poll_after = run_actions(&ctx, &request, &identifiers, &resolved, &mut status).await;
+        drop(permit.take());
+        poll_after = run_actions(&ctx, &request, &key, &identifiers, &resolved, &mut status).await;
+        permit = ctx.request_permits.clone().acquire_owned().await.ok();
         status.phase = plan::next_phase(
             status.phase,
             &status.targets,
@@ -762,14 +768,17 @@ type Resolved = std::sync::Mutex<
 >;
 
 async fn run_actions(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     request: &ErasureRequest,
+    key: &audit::DigestKey,
     identifiers: &BTreeMap<String, String>,
     resolved: &Resolved,
     status: &mut ErasureRequestStatus,
 ) -> Option<Duration> {
     let request_namespace = request.namespace().unwrap_or_default();
     let phase = status.phase;
+    // What a batch checkpoints into while the targets run (each its own target).
+    let shared: batch::SharedStatus = Arc::new(tokio::sync::Mutex::new(status.clone()));
     let work = status.targets.iter().enumerate().filter_map(|(i, t)| {
         let action = plan::action_for(phase, t, request.spec.dry_run)?;
         let namespace = target_namespace(&request_namespace, t).to_string();
@@ -777,15 +786,21 @@ async fn run_actions(
         let (policy_name, target_name) = (t.policy.clone(), t.target.clone());
         let cursor = t.cursor.clone();
         let claim = Claim::erasure(&request_namespace, &request.name_any(), status.deadline);
+        let at = Place {
+            policies,
+            namespace,
+            policy: policy_name,
+            target: target_name,
+            index: i,
+            status: shared.clone(),
+        };
         Some(async move {
             let (result, kind, poll_after) = run_action(
                 ctx,
                 request,
                 claim,
-                &policies,
-                &namespace,
-                &policy_name,
-                &target_name,
+                &at,
+                key,
                 identifiers,
                 resolved,
                 action,
@@ -817,20 +832,34 @@ async fn run_actions(
     wait
 }
 
+/// Where one target of a request is: its policy, and its place in the request's status.
+struct Place {
+    policies: Api<RetentionPolicy>,
+    namespace: String,
+    policy: String,
+    target: String,
+    index: usize,
+    status: batch::SharedStatus,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_action(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     request: &ErasureRequest,
     claim: Claim,
-    policies: &Api<RetentionPolicy>,
-    namespace: &str,
-    policy_name: &str,
-    target_name: &str,
+    at: &Place,
+    key: &audit::DigestKey,
     identifiers: &BTreeMap<String, String>,
     resolved: &Resolved,
     action: SubjectAction,
     cursor: Option<&str>,
 ) -> (ActionResult, Option<&'static str>, Option<Duration>) {
+    let (policies, namespace, policy_name, target_name) = (
+        &at.policies,
+        at.namespace.as_str(),
+        at.policy.as_str(),
+        at.target.as_str(),
+    );
     let failed = |e: Error| (ActionResult::Failed(e.failure()), None, None);
     let cached = ctx
         .caches
@@ -915,17 +944,40 @@ async fn run_action(
             None,
         )
     };
-    let result = ctx
-        .engine
-        .subject_step(
-            claim,
-            &store_key,
-            backend.as_ref(),
-            &job,
-            cursor,
-            &ctx.shutdown,
-        )
-        .await;
+    let result = match batch::batched(ctx, backend.as_ref(), cursor) {
+        Some(resume) => {
+            let member = batch::Member {
+                request,
+                claim,
+                namespace,
+                policy: policy_name,
+                target,
+                key,
+                identifiers,
+                action,
+                backend: backend.clone(),
+                store_key: &store_key,
+                index: at.index,
+                status: at.status.clone(),
+            };
+            match batch::join(ctx, member, resume).await {
+                Ok(result) => result,
+                Err(ended) => return (ended, Some(kind.as_str()), None),
+            }
+        }
+        None => {
+            ctx.engine
+                .subject_step(
+                    claim,
+                    &store_key,
+                    backend.as_ref(),
+                    &job,
+                    cursor,
+                    &ctx.shutdown,
+                )
+                .await
+        }
+    };
     // What the adapter tells besides the counts (a checkpoint it could not read and started
     // over from, a step far beyond its budget): a Warning Event each.
     for notice in result.iter().flat_map(|step| &step.notices) {

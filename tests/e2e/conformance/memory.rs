@@ -434,6 +434,9 @@ impl MemoryFixture {
 
 #[async_trait]
 impl Fixture for MemoryFixture {
+    // The memory driver shows the least a driver needs: it works subjects one at a time.
+    const BATCHES: bool = false;
+
     async fn start() -> Self {
         Self {
             items: Arc::default(),

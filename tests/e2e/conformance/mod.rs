@@ -32,6 +32,8 @@
 //!   checkpoint: its counts and cursor thrown away, the job resumed from the previous cursor by
 //!   a fresh backend) is counted by the steps that follow, once: the counts of the job equal
 //!   what the store lost.
+//! - The batch clauses (`batch.rs`): a batch of members counts each member's records
+//!   exactly, leaves a member the hold gate names alone, and resumes exactly.
 //! - No identifier in any message: every check passes each `Err`'s Display and Debug, every
 //!   step's `failure`/`retrying`, `blocked_items`, `skipped`, cursors, the steps' and
 //!   `SubjectJob`'s Debug through a [`Witness`] that fails the test if a probe value (the
@@ -66,6 +68,7 @@
 //! Every test gets its own store instance (Redis server, moto, Loki double, memory store) or,
 //! on the shared OpenSearch and Elasticsearch 7.17 nodes, its own indices.
 
+pub mod batch;
 pub mod elasticsearch;
 pub mod loki;
 pub mod memory;
@@ -216,6 +219,10 @@ pub trait Fixture: Send + Sync + Sized + 'static {
     /// Whether Verify counts every item still present; false: it only finds whether some
     /// remain (at least 1 while any does, 0 once none does).
     const EXACT_VERIFY_COUNT: bool = true;
+
+    /// Whether the driver works many subjects in one pass (the `batch` clauses); one that
+    /// does not must refuse batch steps.
+    const BATCHES: bool = true;
 
     /// Whether the store runs deletions by itself after a step submitted them.
     fn defers_deletion(&self) -> bool {
@@ -455,7 +462,7 @@ pub async fn subject_to_end<F: Fixture>(
     panic!("the subject action did not finish within a minute");
 }
 
-const ENOUGH: Duration = Duration::from_secs(30);
+pub(crate) const ENOUGH: Duration = Duration::from_secs(30);
 
 /// A step given no time, or cancelled, must come back about this soon.
 const PROMPTLY: Duration = Duration::from_secs(10);
@@ -1048,6 +1055,18 @@ macro_rules! conformance {
             #[tokio::test]
             async fn verify_after_erase_finds_zero() {
                 $crate::conformance::verify_after_erase_finds_zero(&F::start().await).await;
+            }
+            #[tokio::test]
+            async fn batch_counts_each_member() {
+                $crate::conformance::batch::batch_counts_each_member(&F::start().await).await;
+            }
+            #[tokio::test]
+            async fn batch_leaves_a_held_member() {
+                $crate::conformance::batch::batch_leaves_a_held_member(&F::start().await).await;
+            }
+            #[tokio::test]
+            async fn batch_resumes_exactly() {
+                $crate::conformance::batch::batch_resumes_exactly(&F::start().await).await;
             }
             #[tokio::test]
             async fn no_identifier_in_any_message() {
