@@ -219,17 +219,25 @@ impl World {
     }
 }
 
-/// A gate that holds whom the test says.
+/// A gate that holds whom the test says: `held` from the start, `later` from that step on.
 #[derive(Default)]
 struct Gate {
     held: Mutex<BTreeSet<String>>,
+    later: Mutex<Option<(usize, String)>>,
+    step: std::sync::atomic::AtomicUsize,
     ids: Mutex<Vec<String>>,
 }
 
 #[async_trait]
 impl HoldGate for Gate {
     async fn held(&self) -> Result<BTreeSet<usize>, Error> {
-        let held = self.held.lock().expect("gate").clone();
+        let mut held = self.held.lock().expect("gate").clone();
+        let step = self.step.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some((from, id)) = self.later.lock().expect("gate").clone() {
+            if step >= from {
+                held.insert(id);
+            }
+        }
         let ids = self.ids.lock().expect("gate").clone();
         Ok(ids
             .iter()
@@ -275,6 +283,8 @@ async fn run(
     let mut tally = Tally::default();
     for _ in 0..5000 {
         *gate.ids.lock().expect("gate") = present.iter().map(|k| world.ids[*k].clone()).collect();
+        gate.step
+            .store(tally.steps + 1, std::sync::atomic::Ordering::Relaxed);
         let job = world.job(action, &present, gate.clone());
         let backend = crate::s3::backend(server, BUCKET);
         let step = backend
@@ -474,4 +484,42 @@ async fn s3_batch_lost_erase_steps_are_counted_per_member_whichever_step_is_lost
         );
         world.neighbours_untouched(&server).await;
     }
+}
+
+#[tokio::test]
+async fn s3_batch_a_member_held_midway_keeps_what_was_not_erased_yet() {
+    let (server, world) = world(false).await;
+    // From step 8 on (the second archive's rewrite) member 1 is held: its objects and its
+    // records in the first archive are gone, those in the other two archives stay.
+    let gate = Arc::new(Gate::default());
+    *gate.later.lock().unwrap() = Some((8, world.ids[1].clone()));
+    let erased = run(
+        &server,
+        &world,
+        SubjectAction::Erase,
+        &ALL,
+        gate,
+        Duration::ZERO,
+        None,
+    )
+    .await;
+    assert_eq!(erased.held, BTreeSet::from([1]));
+    let per_archive = world.records[1] / ARCHIVES as u64;
+    let mut want = expected(&world, &[0, 2, 3, 4]);
+    want.insert(1, world.objects[1] + per_archive);
+    assert_eq!(erased.counts, want, "{erased:?}");
+    world.neighbours_untouched(&server).await;
+    let verified = run(
+        &server,
+        &world,
+        SubjectAction::Verify,
+        &ALL,
+        Arc::new(Gate::default()),
+        Duration::ZERO,
+        None,
+    )
+    .await;
+    let mut left: BTreeMap<usize, u64> = ALL.iter().map(|k| (*k, 0)).collect();
+    left.insert(1, world.records[1] - per_archive);
+    assert_eq!(verified.counts, left);
 }
