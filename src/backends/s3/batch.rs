@@ -902,7 +902,7 @@ impl S3Backend {
                 }
                 clock.worked = true;
                 let pass = MemberPass::new(Arc::clone(lookup), &BTreeSet::new());
-                let (counts, pass) = self.scan_for_batch(&entry.key, version, pass).await?;
+                let (counts, pass) = self.scan_filter(&entry.key, version, pass).await?;
                 run.malformed = run.malformed.saturating_add(counts.malformed);
                 note_unparsed(run, unit, &pass);
                 let found: Vec<(usize, u64)> = unit
@@ -924,32 +924,6 @@ impl S3Backend {
                 None => return Ok(true),
             }
         }
-    }
-
-    /// Runs a member pass over one object (version), streaming it.
-    async fn scan_for_batch(
-        &self,
-        key: &str,
-        version_id: Option<&str>,
-        mut pass: MemberPass,
-    ) -> Result<(super::records::Counts, MemberPass), Error> {
-        let client = self.client().await?;
-        self.limits.acquire(1).await;
-        let object = client
-            .get_object()
-            .bucket(&self.config.bucket)
-            .key(key)
-            .set_version_id(version_id.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| super::sdk_error(e, "GetObject"))?;
-        let reader = tokio_util::io::SyncIoBridge::new(object.body.into_async_read());
-        tokio::task::spawn_blocking(move || {
-            super::records::scan_with(reader, &mut pass).map(|counts| (counts, pass))
-        })
-        .await
-        .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
-        .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))
     }
 
     /// Settles the journal's intents (see [`S3Backend::settle_intents`]): what the lost

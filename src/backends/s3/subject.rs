@@ -858,6 +858,17 @@ impl S3Backend {
         version_id: Option<&str>,
         matcher: &Matcher,
     ) -> Result<Counts, Error> {
+        Ok(self.scan_filter(key, version_id, matcher.clone()).await?.0)
+    }
+
+    /// Runs `filter` over one object (version), streaming it; gives back the counts and
+    /// the filter (with what it tallied).
+    pub(super) async fn scan_filter<F: records::Filter + Send + 'static>(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        mut filter: F,
+    ) -> Result<(Counts, F), Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         let object = client
@@ -869,11 +880,12 @@ impl S3Backend {
             .await
             .map_err(|e| sdk_error(e, "GetObject"))?;
         let reader = SyncIoBridge::new(object.body.into_async_read());
-        let matcher = matcher.clone();
-        tokio::task::spawn_blocking(move || records::scan(reader, &matcher))
-            .await
-            .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
-            .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))
+        tokio::task::spawn_blocking(move || {
+            records::scan_with(reader, &mut filter).map(|counts| (counts, filter))
+        })
+        .await
+        .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
+        .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))
     }
 
     /// Reads the current version, writes it back without the subject's records if any were
