@@ -891,10 +891,11 @@ mod tests {
     #[tokio::test]
     async fn a_batch_takes_at_most_its_size_most_urgent_first() {
         let backend = Arc::new(Scripted::default());
-        let batcher = Batcher::new(BatchSettings {
+        let settings = BatchSettings {
             max_members: 2,
             wait: Duration::ZERO,
-        });
+        };
+        let batcher = Batcher::new(settings, Default::default());
         let cp = saved(&backend);
         let resume = Some(MemberCursor {
             at: Some("0".into()),
