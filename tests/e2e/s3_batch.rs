@@ -226,6 +226,9 @@ struct Gate {
     later: Mutex<Option<(usize, String)>>,
     step: std::sync::atomic::AtomicUsize,
     ids: Mutex<Vec<String>>,
+    /// The question (counted from 1) the gate cannot answer.
+    fails_at: Mutex<Option<usize>>,
+    asked: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
@@ -233,6 +236,13 @@ impl HoldGate for Gate {
     async fn held(&self) -> Result<BTreeSet<usize>, Error> {
         let mut held = self.held.lock().expect("gate").clone();
         let step = self.step.load(std::sync::atomic::Ordering::Relaxed);
+        let asked = self
+            .asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if *self.fails_at.lock().expect("gate") == Some(asked) {
+            return Err(Error::Unreachable("the holds cannot be read".into()));
+        }
         if let Some((from, id)) = self.later.lock().expect("gate").clone() {
             if step >= from {
                 held.insert(id);
@@ -264,6 +274,8 @@ struct Tally {
     steps: usize,
     /// What the lost step had counted (for each member) when it was lost.
     lost: u64,
+    /// Steps that failed.
+    failed: usize,
 }
 
 /// Runs a batch of `members` to its end, each step by a fresh backend with `max_time`;
@@ -291,9 +303,15 @@ async fn run(
             .batch_step(&job, cursor.as_deref(), &budget(max_time))
             .await
             .expect("a batch step");
-        assert!(step.failure.is_none(), "{:?}", step.failure);
         assert_eq!(step.members.len(), present.len());
         tally.steps += 1;
+        if let Some(failure) = &step.failure {
+            // Only the gate fails here: nothing more is committed, nothing counted, and the
+            // batch resumes from the cursor the step hands back.
+            assert_eq!(failure.reason(), "Unreachable", "{failure}");
+            assert!(step.members.iter().all(|m| m.count == 0), "{step:?}");
+            tally.failed += 1;
+        }
         if lose == Some(tally.steps) {
             tally.lost = step.members.iter().map(|m| m.count).sum();
             continue;
@@ -482,6 +500,7 @@ async fn s3_batch_lost_erase_steps_are_counted_per_member_whichever_step_is_lost
             expected(&world, &ALL),
             "step {lost} lost: {erased:?}"
         );
+        assert!(erased.lost > 0, "step {lost} removed something");
         world.neighbours_untouched(&server).await;
     }
 }
@@ -522,4 +541,30 @@ async fn s3_batch_a_member_held_midway_keeps_what_was_not_erased_yet() {
     let mut left: BTreeMap<usize, u64> = ALL.iter().map(|k| (*k, 0)).collect();
     left.insert(1, world.records[1] - per_archive);
     assert_eq!(verified.counts, left);
+}
+
+#[tokio::test]
+async fn s3_batch_step_whose_gate_fails_commits_nothing_more_and_is_counted_by_the_next() {
+    // Given time, the step deletes the members' objects (the gate's first question) and
+    // rewrites the first archive (the second), then the gate fails before the second
+    // archive's rewrite: what the step did is counted by the next one, from its intents.
+    // With no time, the question fails in a step of its own.
+    for (fails_at, max_time) in [(3, Duration::from_secs(30)), (4, Duration::ZERO)] {
+        let (server, world) = world(false).await;
+        let gate = Arc::new(Gate::default());
+        *gate.fails_at.lock().unwrap() = Some(fails_at);
+        let erased = run(
+            &server,
+            &world,
+            SubjectAction::Erase,
+            &ALL,
+            gate,
+            max_time,
+            None,
+        )
+        .await;
+        assert_eq!(erased.failed, 1, "{erased:?}");
+        assert_eq!(erased.counts, expected(&world, &ALL), "{erased:?}");
+        world.neighbours_untouched(&server).await;
+    }
 }

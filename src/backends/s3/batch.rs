@@ -369,7 +369,6 @@ impl S3Backend {
         budget: &StepBudget,
     ) -> Result<BatchStep<BatchPosition>, Error> {
         let plan = plan(job)?;
-        let first_step = cursor.is_none();
         let start = BatchPosition::resume(cursor, job.action);
         let erase = job.action == SubjectAction::Erase;
         let mut pos = start.clone();
@@ -382,11 +381,10 @@ impl S3Backend {
                 run: crate::backends::redis::ledger::new_run(),
                 ..Default::default()
             });
-            if first_step {
-                // Checkpointed before any intent is written under its name.
-                budget.may_act()?;
-                return Ok(answer(plan.members.clone(), Next::Continue(pos)));
-            }
+            // Checkpointed before any intent is written under its name (also when a cursor
+            // of another action was handed in and the erase starts over).
+            budget.may_act()?;
+            return Ok(answer(plan.members.clone(), Next::Continue(pos)));
         }
         let versioned = self.versioned().await?;
         let mut counts = plan.members.clone();
