@@ -161,6 +161,16 @@ mod tests {
             decode_cursor::<S3Backend>(Some("es:{}")),
             Decoded::Restart(_)
         ));
+        // A batch's cursor is a variant of its own beside them.
+        let batch = r#"v1:s3:{"batch":{"a":"e","p":1,"at":"5f0c","u":0,"sv":2,"sm":0,"j":{"r":"0a1b","q":3}}}"#;
+        let Decoded::Resume {
+            cursor: cursor @ S3Cursor::Batch(_),
+            upgraded: false,
+        } = decode_cursor::<S3Backend>(Some(batch))
+        else {
+            panic!("{batch} does not resume");
+        };
+        assert_eq!(encode_cursor::<S3Backend>(Some(&cursor)), batch);
     }
 
     /// Checkpoints as the version before typed steps wrote them in status (each JSON object
