@@ -814,12 +814,7 @@ impl S3Backend {
                 continue;
             }
             attempts += 1;
-            let removed: Vec<(usize, u64)> = unit
-                .owners
-                .iter()
-                .map(|m| (*m, pass.removed_copies(*m)))
-                .filter(|(_, n)| *n > 0)
-                .collect();
+            let removed = per_owner(unit, |m| pass.removed_copies(m));
             let total = removed
                 .iter()
                 .map(|(_, n)| *n)
@@ -903,12 +898,7 @@ impl S3Backend {
                 let (counts, pass) = self.scan_filter(&entry.key, version, pass).await?;
                 run.malformed = run.malformed.saturating_add(counts.malformed);
                 note_unparsed(run, unit, &pass);
-                let found: Vec<(usize, u64)> = unit
-                    .owners
-                    .iter()
-                    .map(|m| (*m, pass.found_copies(*m)))
-                    .filter(|(_, n)| *n > 0)
-                    .collect();
+                let found = per_owner(unit, |m| pass.found_copies(m));
                 for (m, n) in &found {
                     Run::add(&mut run.counts, *m, *n, false);
                 }
@@ -985,6 +975,15 @@ fn walk_at(pos: &BatchPosition) -> Walk {
         skip_markers: pos.skip_markers,
         ..Walk::default()
     }
+}
+
+/// The unit's owners with a count that is not zero, each with it.
+fn per_owner(unit: &Unit, count: impl Fn(usize) -> u64) -> Vec<(usize, u64)> {
+    unit.owners
+        .iter()
+        .map(|m| (*m, count(*m)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Refused keys, each as often as refused.
