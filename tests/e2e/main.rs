@@ -33,6 +33,7 @@ mod opensearch;
 mod operational;
 mod plugin;
 mod receipts;
+mod redis_batch;
 mod ropa;
 mod s3;
 mod s3_batch;

@@ -9,6 +9,7 @@
 //! the replies of the deleting commands, never from what was merely selected, so a resumed
 //! step cannot count a key twice.
 
+pub mod batch;
 pub mod driver;
 pub mod glob;
 pub mod ledger;
@@ -29,7 +30,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{
-    Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob, SubjectStep, SweepJob,
+    BatchJob, BatchStep, Error, Limits, Next, Step, StepBudget, SubjectAction, SubjectJob,
+    SubjectStep, SweepJob,
 };
 use crate::api::retentionpolicy::{RedisMode, RedisTarget, Target};
 use crate::api::StoreKind;
@@ -170,6 +172,13 @@ pub fn cluster_view(listing: &str) -> ClusterView {
     }
 }
 
+/// A step refused while a Redis Cluster slot is being migrated (retried later).
+fn migrating() -> Error {
+    Error::Store(
+        "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
+    )
+}
+
 /// The number of slots, as the slot ranges' type.
 const fn ledger_slots() -> u16 {
     16384
@@ -212,6 +221,36 @@ impl RedisBackend {
     /// every slot (a failover under way) is an error, never "nothing there".
     async fn nodes(&self) -> Result<Arc<Vec<Node>>, Error> {
         Ok(self.topology().await?.nodes)
+    }
+
+    /// The topology, refused while a slot is being migrated: keys of a migrating slot may be
+    /// on either side, and neither side answers for the other.
+    async fn settled_topology(&self) -> Result<Topology, Error> {
+        let topology = self.topology().await?;
+        if topology.migrating {
+            return Err(migrating());
+        }
+        Ok(topology)
+    }
+
+    /// One SCAN page of the keys matching `pattern` on `node` from `cursor`: the next SCAN
+    /// cursor (0: the node is done) and the keys.
+    async fn scan_page(
+        &self,
+        node: &Node,
+        pattern: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<Vec<u8>>), Error> {
+        self.limits.acquire(1).await;
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut node.conn.clone())
+            .await
+            .map_err(|e| map_error(e, &node.addr))
     }
 
     async fn topology(&self) -> Result<Topology, Error> {
@@ -332,12 +371,7 @@ impl RedisBackend {
         cursor: Option<subject::Position>,
         budget: &StepBudget,
     ) -> Result<SubjectStep<RedisCursor>, Error> {
-        let before = self.topology().await?;
-        if before.migrating {
-            return Err(Error::Store(
-                "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
-            ));
-        }
+        let before = self.settled_topology().await?;
         let progress = self.subject(job, cursor, budget, &before).await?;
         let after = self.topology().await?;
         let redirected = matches!(&progress.step.failure, Some(Error::ClusterRedirect(_)));
@@ -988,6 +1022,7 @@ fn select<T>(keys: Vec<Vec<u8>>, replies: Vec<T>, mut keep: impl FnMut(T) -> boo
 pub enum RedisCursor {
     Sweep(SweepPosition),
     Subject(subject::Position),
+    Batch(batch::BatchPosition),
 }
 
 /// Where a sweep resumes: the node (an index into the primaries of the topology the tag
@@ -1085,13 +1120,33 @@ impl StoreBackend for RedisBackend {
         let position = match cursor {
             None => None,
             Some(RedisCursor::Subject(p)) => Some(p),
-            Some(RedisCursor::Sweep(_)) => {
+            Some(RedisCursor::Sweep(_) | RedisCursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
-                    "the checkpoint is a Redis sweep cursor, not an erasure's".into(),
+                    "the checkpoint is not a Redis erasure cursor of one subject".into(),
                 ))
             }
         };
         self.subject_on_stable_topology(job, position, budget).await
+    }
+
+    const BATCHES: bool = true;
+
+    async fn subjects(
+        &self,
+        job: &BatchJob,
+        cursor: Option<RedisCursor>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep<RedisCursor>, Error> {
+        let position = match cursor {
+            None => None,
+            Some(RedisCursor::Batch(p)) => Some(p),
+            Some(RedisCursor::Sweep(_) | RedisCursor::Subject(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is not a Redis batch cursor".into(),
+                ))
+            }
+        };
+        self.batch(job, position, budget).await
     }
 
     async fn sweep(
@@ -1109,7 +1164,7 @@ impl StoreBackend for RedisBackend {
         let position = match cursor {
             None => None,
             Some(RedisCursor::Sweep(p)) => Some(p),
-            Some(RedisCursor::Subject(_)) => {
+            Some(RedisCursor::Subject(_) | RedisCursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
                     "the checkpoint is a Redis erasure cursor, not a sweep's".into(),
                 ))
@@ -1244,9 +1299,7 @@ impl RedisBackend {
     /// read (its key may be on either side); it is retried.
     async fn ledger_total(&self, topology: &Topology, run: &str) -> Result<u64, Error> {
         if topology.migrating {
-            return Err(Error::Store(
-                "a Redis Cluster slot is being migrated between primaries; retrying once it is done".into(),
-            ));
+            return Err(migrating());
         }
         let mut total = 0u64;
         for node in topology.nodes.iter() {

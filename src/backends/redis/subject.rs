@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     glob, keys_per_slot, ledger, map_error, per_slot, Node, RedisBackend, RedisCursor, Topology,
-    SCAN_COUNT,
 };
 use std::collections::{BTreeMap, HashSet};
 use tokio::time::Instant;
@@ -39,7 +38,7 @@ pub(crate) fn key_glob(
 /// One piece of a subject's records, in the order steps work through them. Built afresh by
 /// every step from the locator and the identifiers, so a cursor names a piece by its index
 /// and never holds an identifier.
-enum Unit {
+pub(super) enum Unit {
     /// Keys matching a glob, on every node, SCAN page by SCAN page.
     Glob(String),
     /// One hash field (HEXISTS / HDEL) on every node.
@@ -50,7 +49,7 @@ enum Unit {
 
 /// The pieces of a subject's records, the locators skipped (the subject lacks an identifier
 /// they need), and whether any locator ran.
-fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
+pub(super) fn units(job: &SubjectJob) -> Result<(Vec<Unit>, Vec<String>, bool), Error> {
     let locator = subject_locator(&job.target, StoreKind::Redis, |s| s.redis())?;
     let mut locating = Locating::new(&job.target.name, StoreKind::Redis, &job.identifiers);
     let mut units = Vec::new();
@@ -310,7 +309,7 @@ impl Position {
 /// keys a duplicate is counted again, and so is one returned again in a later step (the
 /// set is not carried in the cursor, which must hold no key). An erase needs no such set:
 /// its counts are UNLINK's replies, and a key unlinked is not unlinked again.
-const SEEN_LIMIT: usize = 100_000;
+pub(super) const SEEN_LIMIT: usize = 100_000;
 
 /// What one subject step did: the step, and where it started (to start a piece over when
 /// the cluster's topology changed under it).
@@ -537,18 +536,7 @@ impl RedisBackend {
         seen: &mut HashSet<Vec<u8>>,
         run: &str,
     ) -> Result<(u64, u64), Error> {
-        let mut conn = node.conn.clone();
-        let err = |e| map_error(e, &node.addr);
-        self.limits.acquire(1).await;
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut conn)
-            .await
-            .map_err(err)?;
+        let (next, keys) = self.scan_page(node, pattern, cursor).await?;
         let keys: Vec<Vec<u8>> = keys
             .into_iter()
             .filter(|k| glob::matches(pattern.as_bytes(), k) && !ledger::is_ledger_key(k))
@@ -571,7 +559,7 @@ impl RedisBackend {
                 n
             }
             SubjectAction::Erase => {
-                unlink_each(&mut conn, &keys, self, budget, run, &node.addr).await?
+                unlink_each(&mut node.conn.clone(), &keys, self, budget, run, &node.addr).await?
             }
         };
         Ok((next, count))
