@@ -36,6 +36,7 @@ mod receipts;
 mod redis_batch;
 mod ropa;
 mod s3;
+mod s3_batch;
 mod scale;
 mod spec_changes;
 mod stale_views;

@@ -9,13 +9,15 @@ use crate::backends::{Error, Limits};
 
 use super::{S3Backend, S3Config, S3Credentials};
 
-/// Where an S3 job resumes: a sweep's listing position or an erasure's (`v1:s3:{"sweep":{…}}`
+/// Where an S3 job resumes: a sweep's listing position, an erasure's or a batch's (`v1:s3:{"sweep":{…}}`
 /// in status; `s3:{…}` and `s3-subject:{…}` in the previous version's status).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum S3Cursor {
     Sweep(super::SweepCursor),
     Subject(super::SubjectCursor),
+    /// Many subjects in one pass (`v1:s3:{"batch":{…}}`).
+    Batch(super::BatchCursor),
 }
 
 pub struct S3Driver;
@@ -159,6 +161,16 @@ mod tests {
             decode_cursor::<S3Backend>(Some("es:{}")),
             Decoded::Restart(_)
         ));
+        // A batch's cursor is a variant of its own beside them.
+        let batch = r#"v1:s3:{"batch":{"a":"e","p":1,"at":"5f0c","u":0,"sv":2,"sm":0,"j":{"r":"0a1b","q":3}}}"#;
+        let Decoded::Resume {
+            cursor: cursor @ S3Cursor::Batch(_),
+            upgraded: false,
+        } = decode_cursor::<S3Backend>(Some(batch))
+        else {
+            panic!("{batch} does not resume");
+        };
+        assert_eq!(encode_cursor::<S3Backend>(Some(&cursor)), batch);
     }
 
     /// Checkpoints as the version before typed steps wrote them in status (each JSON object

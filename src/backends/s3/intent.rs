@@ -74,6 +74,15 @@ pub struct Intent {
     /// an older archive version by the subject's records in it); empty: 1 each.
     #[serde(rename = "w", default, skip_serializing_if = "Vec::is_empty")]
     pub weights: Vec<u64>,
+    /// A batch's: for each object, in the order of `objects`, the members it counts for
+    /// once gone (by [`crate::backends::BatchMember::id`], a digest) and how much.
+    #[serde(rename = "a", default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Vec<(String, u64)>>,
+    /// A batch's archive rewrite rather than a deletion: its one object is the archive,
+    /// and it was written when the archive's current version records this intent
+    /// ([`Intent::marker`]) among the runs that dropped records from it.
+    #[serde(rename = "x", default, skip_serializing_if = "std::ops::Not::not")]
+    pub rewrite: bool,
 }
 
 impl Intent {
@@ -83,6 +92,23 @@ impl Intent {
             1
         } else {
             self.weights.get(i).copied().unwrap_or(0)
+        }
+    }
+
+    /// The name a rewrite under intent `seq` of `run` records in the archive it writes.
+    pub fn marker(run: &str, seq: u64) -> String {
+        format!("{run}.{seq}")
+    }
+
+    /// Adds what the objects marked `gone` count for to each member's total (by id).
+    pub fn attribute(&self, gone: &[bool], totals: &mut std::collections::BTreeMap<String, u64>) {
+        for (counts, gone) in self.members.iter().zip(gone) {
+            if *gone {
+                for (id, n) in counts {
+                    let total = totals.entry(id.clone()).or_default();
+                    *total = total.saturating_add(*n);
+                }
+            }
         }
     }
 
@@ -131,7 +157,7 @@ mod tests {
                 ("logs/a\nb".into(), Some("v1".into())),
                 ("logs/c".into(), None),
             ],
-            weights: Vec::new(),
+            ..Intent::default()
         };
         assert_eq!(Intent::decode(&i.encode()), Some(i.clone()));
         assert_eq!((i.weight(0), i.weight(1)), (1, 1));
@@ -145,6 +171,27 @@ mod tests {
             (3, 7, 0)
         );
         assert_eq!(Intent::decode(b"not json"), None);
+        // A batch's intent: per object, the members it counts for.
+        let batch = Intent {
+            objects: vec![("logs/a".into(), Some("v1".into())), ("u/b".into(), None)],
+            members: vec![
+                vec![("m1".into(), 3), ("m2".into(), 1)],
+                vec![("m2".into(), 1)],
+            ],
+            ..Intent::default()
+        };
+        let read = Intent::decode(&batch.encode()).unwrap();
+        assert_eq!(read, batch);
+        let mut totals = std::collections::BTreeMap::new();
+        read.attribute(&[true, false], &mut totals);
+        read.attribute(&[false, true], &mut totals);
+        assert_eq!(totals, [("m1".into(), 3), ("m2".into(), 2)].into());
+        assert_eq!(Intent::marker("0a1b", 7), "0a1b.7");
+        // An intent the single path wrote reads as one with no members.
+        assert_eq!(
+            Intent::decode(br#"{"o":[["k",null]]}"#).map(|i| (i.members.len(), i.rewrite)),
+            Some((0, false))
+        );
         assert!(key("0a1b", 9) < key("0a1b", 10));
         assert_eq!(seq_of("0a1b", &key("0a1b", 42)), Some(42));
         assert_eq!(seq_of("0a1b", &key("ffff", 42)), None);

@@ -9,6 +9,7 @@
 //! Erasure: every object and version under the subject's key prefixes, and the subject's
 //! records inside JSON-lines archives (see `subject.rs` and `records.rs`).
 
+mod batch;
 pub mod driver;
 pub mod intent;
 pub mod records;
@@ -27,9 +28,12 @@ use tokio::sync::OnceCell;
 
 use super::driver::StoreBackend;
 use super::template::{self, Syntax};
-use super::{Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob};
+use super::{
+    BatchJob, BatchStep, Error, Limits, Step, StepBudget, SubjectJob, SubjectStep, SweepJob,
+};
 use crate::api::retentionpolicy::Target;
 use crate::api::StoreKind;
+pub use batch::BatchPosition as BatchCursor;
 use driver::S3Cursor;
 pub use subject::Position as SubjectCursor;
 pub use sweep::Cursor as SweepCursor;
@@ -246,23 +250,25 @@ impl S3Backend {
         objects: &[ObjectIdentifier],
         weights: Vec<u64>,
     ) -> Result<(), Error> {
-        let body = intent::Intent {
-            objects: objects
-                .iter()
-                .map(|o| (o.key().to_string(), o.version_id().map(str::to_string)))
-                .collect(),
+        let batch = intent::Intent {
+            objects: intent_objects(objects),
             weights,
-        }
-        .encode();
+            ..intent::Intent::default()
+        };
         let seq = journal.take_seq();
-        let key = intent::key(&journal.run, seq);
+        self.put_intent(&intent::key(&journal.run, seq), &batch)
+            .await
+    }
+
+    /// Writes an intent at `key`.
+    async fn put_intent(&self, key: &str, batch: &intent::Intent) -> Result<(), Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         client
             .put_object()
             .bucket(&self.config.bucket)
             .key(key)
-            .body(aws_sdk_s3::primitives::ByteStream::from(body))
+            .body(aws_sdk_s3::primitives::ByteStream::from(batch.encode()))
             .send()
             .await
             .map_err(|e| sdk_error(e, "PutObject (intent)"))?;
@@ -333,10 +339,26 @@ impl S3Backend {
     /// and the journal's number moves past them (they are removed once that count is
     /// checkpointed).
     async fn settle_intents(&self, journal: &mut intent::Journal) -> Result<u64, Error> {
+        let mut lost = 0u64;
+        for key in self.lost_intents(journal).await? {
+            let batch = self.read_intent(&key).await?;
+            let gone = self.gone_in(&batch).await?;
+            for (i, gone) in gone.into_iter().enumerate() {
+                if gone {
+                    lost = lost.saturating_add(batch.weight(i));
+                }
+            }
+        }
+        Ok(lost)
+    }
+
+    /// The keys of the journal's intents written by a step whose outcome was lost (at or
+    /// above its number), whose number it moves past them; those below it are removed.
+    async fn lost_intents(&self, journal: &mut intent::Journal) -> Result<Vec<String>, Error> {
         let prefix = intent::run_prefix(&journal.run);
         let mut listing = sweep::Cursor::default();
         let mut stale = Vec::new();
-        let mut lost = 0u64;
+        let mut lost = Vec::new();
         let mut next_seq = journal.seq;
         loop {
             let (entries, next) = self.list_versions(&prefix, &listing).await?;
@@ -347,7 +369,7 @@ impl S3Backend {
                 if seq < journal.seq || entry.delete_marker {
                     stale.push(object_id(&entry.key, entry.version_id.as_deref())?);
                 } else if entry.latest {
-                    lost = lost.saturating_add(self.gone_of_intent(&entry.key).await?);
+                    lost.push(entry.key);
                     next_seq = next_seq.max(seq.saturating_add(1));
                 }
             }
@@ -361,12 +383,8 @@ impl S3Backend {
         Ok(lost)
     }
 
-    /// What the objects of the intent at `key` that are gone count for. Gone is judged by
-    /// listing the batch's key range (ListObjectVersions from just before its first key,
-    /// under the keys' common prefix, until past its last: a page or two per batch, where a
-    /// HEAD per object took a request each): a version id no longer listed, or a key
-    /// without version id no longer listed as current; the first key's by `HeadObject`.
-    async fn gone_of_intent(&self, key: &str) -> Result<u64, Error> {
+    /// The intent at `key`.
+    async fn read_intent(&self, key: &str) -> Result<intent::Intent, Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         let body = client
@@ -381,15 +399,21 @@ impl S3Backend {
             .await
             .map_err(|e| Error::Unreachable(format!("GetObject (intent): {e}")))?
             .into_bytes();
-        let Some(batch) = intent::Intent::decode(&body) else {
-            return Err(Error::Store(
-                "an intent of this run is unreadable; its batch cannot be counted".into(),
-            ));
-        };
+        intent::Intent::decode(&body).ok_or_else(|| {
+            Error::Store("an intent of this run is unreadable; its batch cannot be counted".into())
+        })
+    }
+
+    /// Which objects of an intent's batch are gone. Gone is judged by
+    /// listing the batch's key range (ListObjectVersions from just before its first key,
+    /// under the keys' common prefix, until past its last: a page or two per batch, where a
+    /// HEAD per object took a request each): a version id no longer listed, or a key
+    /// without version id no longer listed as current; the first key's by `HeadObject`.
+    async fn gone_in(&self, batch: &intent::Intent) -> Result<Vec<bool>, Error> {
         let wanted: std::collections::BTreeSet<&str> =
             batch.objects.iter().map(|(k, _)| k.as_str()).collect();
         let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let prefix = intent::common_prefix(first, last);
         let mut listing = sweep::Cursor {
@@ -419,8 +443,8 @@ impl S3Backend {
                 _ => break,
             }
         }
-        let mut gone = 0u64;
-        for (i, (object, version)) in batch.objects.iter().enumerate() {
+        let mut gone = Vec::with_capacity(batch.objects.len());
+        for (object, version) in &batch.objects {
             // A listing after a key marker may leave out the first entry at or after it
             // (moto does, where S3 starts strictly after the marker): the first key's
             // versions are asked for one by one.
@@ -432,9 +456,7 @@ impl S3Backend {
                     None => current.contains(object),
                 }
             };
-            if !present {
-                gone = gone.saturating_add(batch.weight(i));
-            }
+            gone.push(!present);
         }
         Ok(gone)
     }
@@ -460,6 +482,14 @@ impl S3Backend {
     }
 }
 
+/// A batch's objects as an intent lists them.
+pub(super) fn intent_objects(objects: &[ObjectIdentifier]) -> Vec<(String, Option<String>)> {
+    objects
+        .iter()
+        .map(|o| (o.key().to_string(), o.version_id().map(str::to_string)))
+        .collect()
+}
+
 /// Whether a GetBucketVersioning document says Enabled or Suspended.
 fn versioning_status_in(document: &str) -> bool {
     document.contains("<Status>Enabled</Status>") || document.contains("<Status>Suspended</Status>")
@@ -467,15 +497,15 @@ fn versioning_status_in(document: &str) -> bool {
 
 /// What one `DeleteObjects` call did.
 #[derive(Debug, Default)]
-struct Deleted {
-    deleted: u64,
-    refused: Vec<Refusal>,
+pub(super) struct Deleted {
+    pub deleted: u64,
+    pub refused: Vec<Refusal>,
 }
 
 /// One object or version the store would not delete, with its message.
 #[derive(Clone, Debug)]
-struct Refusal {
-    key: String,
+pub(super) struct Refusal {
+    pub key: String,
     reason: String,
 }
 
@@ -620,7 +650,7 @@ impl StoreBackend for S3Backend {
         let cursor = match cursor {
             None => None,
             Some(S3Cursor::Sweep(c)) => Some(c),
-            Some(S3Cursor::Subject(_)) => {
+            Some(S3Cursor::Subject(_) | S3Cursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
                     "the checkpoint is an S3 erasure cursor, not a sweep's".into(),
                 ))
@@ -643,15 +673,40 @@ impl StoreBackend for S3Backend {
                 c.validate()?;
                 Some(c)
             }
-            Some(S3Cursor::Sweep(_)) => {
+            Some(S3Cursor::Sweep(_) | S3Cursor::Batch(_)) => {
                 return Err(Error::InvalidSpec(
-                    "the checkpoint is an S3 sweep cursor, not an erasure's".into(),
+                    "the checkpoint is not an S3 erasure cursor of one subject".into(),
                 ))
             }
         };
         Ok(S3Backend::subject(self, job, cursor, budget)
             .await?
             .map_cursor(S3Cursor::Subject))
+    }
+
+    const BATCHES: bool = true;
+
+    async fn subjects(
+        &self,
+        job: &BatchJob,
+        cursor: Option<S3Cursor>,
+        budget: &StepBudget,
+    ) -> Result<BatchStep<S3Cursor>, Error> {
+        let cursor = match cursor {
+            None => None,
+            Some(S3Cursor::Batch(c)) => {
+                c.validate()?;
+                Some(c)
+            }
+            Some(S3Cursor::Sweep(_) | S3Cursor::Subject(_)) => {
+                return Err(Error::InvalidSpec(
+                    "the checkpoint is not an S3 batch cursor".into(),
+                ))
+            }
+        };
+        Ok(S3Backend::subjects(self, job, cursor, budget)
+            .await?
+            .map_cursor(S3Cursor::Batch))
     }
 
     async fn locked(&self, job: &SubjectJob) -> Result<crate::backends::LockedCopies, Error> {

@@ -156,6 +156,357 @@ impl Matcher {
     }
 }
 
+/// Many subjects' records at once: one lookup from a record's field value (trimmed, and
+/// lower-cased when every identifier of `equals` is an e-mail address, as [`Matcher`]
+/// compares) to the members whose filled `equals` it is, built once per step. A line is
+/// parsed once, only down to the field, and costs one hash lookup whatever the number of
+/// members. Lines that are not JSON are searched for every member's text at once
+/// (Aho-Corasick), each hit confirmed by that member's [`FreeText`].
+pub struct MemberLookup {
+    path: Vec<String>,
+    fold: bool,
+    by_value: std::collections::HashMap<String, Vec<usize>>,
+    /// Finds any member's filled text in a line (ASCII letters in any case).
+    texts: Option<aho_corasick::AhoCorasick>,
+    /// The member of each of `texts`' patterns.
+    pattern_member: Vec<usize>,
+    /// Members whose text a case-insensitive ASCII search cannot find (non-ASCII letters
+    /// matched without case): always confirmed.
+    always: Vec<usize>,
+    /// Per member index: its free-text matcher (None: not in this lookup).
+    free: Vec<Option<FreeText>>,
+    /// Per member index: whether its unparsed copies are dropped with its records.
+    drop_unparsed: Vec<bool>,
+}
+
+/// One member of a [`MemberLookup`]: its index in the batch, its filled `equals`, and
+/// whether lines that are not JSON but hold its identifier are dropped.
+pub struct LookupMember<'a> {
+    pub index: usize,
+    pub equals: &'a Filled,
+    pub drop_unparsed: bool,
+}
+
+impl MemberLookup {
+    /// The lookup for `members` (indices below `size`) of one records `field`.
+    pub fn new<'a>(
+        field: &str,
+        size: usize,
+        members: impl IntoIterator<Item = LookupMember<'a>>,
+    ) -> Self {
+        let mut lookup = Self {
+            path: field.split('.').map(str::to_string).collect(),
+            fold: false,
+            by_value: std::collections::HashMap::new(),
+            texts: None,
+            pattern_member: Vec::new(),
+            always: Vec::new(),
+            free: vec![None; size],
+            drop_unparsed: vec![false; size],
+        };
+        let mut patterns = Vec::new();
+        for m in members {
+            if m.index >= size {
+                continue;
+            }
+            // Every member fills the same template: its identifier types, hence `fold`, are
+            // the same for all.
+            lookup.fold = m.equals.folds_whole_value();
+            let text = m.equals.text();
+            let value = if lookup.fold {
+                text.to_lowercase()
+            } else {
+                text.clone()
+            };
+            let owners = lookup.by_value.entry(value).or_default();
+            if !owners.contains(&m.index) {
+                owners.push(m.index);
+            }
+            let folds_non_ascii = m.equals.pieces.iter().any(|p| {
+                matches!(p, crate::backends::identifier::Piece::Value { value, fold: true, .. }
+                    if !value.is_ascii())
+            });
+            if folds_non_ascii {
+                lookup.always.push(m.index);
+            } else {
+                patterns.push(text);
+                lookup.pattern_member.push(m.index);
+            }
+            lookup.free[m.index] = Some(m.equals.free_text());
+            lookup.drop_unparsed[m.index] = m.drop_unparsed;
+        }
+        if !patterns.is_empty() {
+            lookup.texts = aho_corasick::AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .build(&patterns)
+                .ok();
+            if lookup.texts.is_none() {
+                // Too large to build: every member is confirmed on its own instead.
+                lookup.always.append(&mut lookup.pattern_member);
+            }
+        }
+        lookup
+    }
+
+    /// The members whose records the field value `text` marks.
+    fn owners(&self, text: &str) -> &[usize] {
+        let text = text.trim();
+        let found = if self.fold {
+            self.by_value.get(&text.to_lowercase())
+        } else {
+            self.by_value.get(text)
+        };
+        found.map_or(&[], Vec::as_slice)
+    }
+
+    /// The members whose identifier a line that is not JSON holds (each once), into `out`.
+    fn in_free_text(&self, line: &[u8], out: &mut Vec<usize>) {
+        out.clear();
+        let mut candidates: Vec<usize> = self.always.clone();
+        if let Some(texts) = &self.texts {
+            candidates.extend(
+                texts
+                    .find_overlapping_iter(line)
+                    .filter_map(|m| self.pattern_member.get(m.pattern().as_usize()).copied()),
+            );
+        }
+        if candidates.is_empty() {
+            return;
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let text = String::from_utf8_lossy(line);
+        for m in candidates {
+            if self
+                .free
+                .get(m)
+                .and_then(Option::as_ref)
+                .is_some_and(|f| f.is_in(&text))
+            {
+                out.push(m);
+            }
+        }
+    }
+}
+
+/// One pass of a [`MemberLookup`] over one object: per member, what it found and (when
+/// writing) removed. `excluded` members' records are kept: a record is dropped when a
+/// member that is not excluded owns it, and then counts for every member that owns it.
+pub struct MemberPass {
+    lookup: std::sync::Arc<MemberLookup>,
+    excluded: Vec<bool>,
+    /// Per member: its records in the object.
+    pub found: Vec<u64>,
+    /// Per member: its records dropped.
+    pub removed: Vec<u64>,
+    /// Per member: lines that are not JSON holding its identifier.
+    pub unparsed: Vec<u64>,
+    /// Per member: such lines dropped.
+    pub unparsed_removed: Vec<u64>,
+    scratch: Vec<usize>,
+}
+
+impl MemberPass {
+    pub fn new(
+        lookup: std::sync::Arc<MemberLookup>,
+        excluded: &std::collections::BTreeSet<usize>,
+    ) -> Self {
+        let size = lookup.free.len();
+        Self {
+            excluded: (0..size).map(|i| excluded.contains(&i)).collect(),
+            lookup,
+            found: vec![0; size],
+            removed: vec![0; size],
+            unparsed: vec![0; size],
+            unparsed_removed: vec![0; size],
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The member's copies found: its records, and its unparsed lines when those are
+    /// dropped with them.
+    pub fn found_copies(&self, m: usize) -> u64 {
+        let unparsed = if self.lookup.drop_unparsed.get(m) == Some(&true) {
+            self.unparsed.get(m).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        self.found
+            .get(m)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(unparsed)
+    }
+
+    /// The member's copies this pass removed.
+    pub fn removed_copies(&self, m: usize) -> u64 {
+        let records = self.removed.get(m).copied().unwrap_or(0);
+        records.saturating_add(self.unparsed_removed.get(m).copied().unwrap_or(0))
+    }
+
+    /// Whether the pass removed anything.
+    pub fn removed_any(&self) -> bool {
+        self.removed
+            .iter()
+            .chain(&self.unparsed_removed)
+            .any(|n| *n > 0)
+    }
+
+    fn bump(counts: &mut [u64], m: usize) {
+        if let Some(n) = counts.get_mut(m) {
+            *n = n.saturating_add(1);
+        }
+    }
+}
+
+impl Filter for MemberPass {
+    fn judge(&mut self, line: &[u8]) -> Outcome {
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() {
+            return Outcome::Keep;
+        }
+        let mut de = serde_json::Deserializer::from_slice(trimmed);
+        let parsed = serde::de::DeserializeSeed::deserialize(Field(&self.lookup.path), &mut de)
+            .and_then(|leaf| de.end().map(|()| leaf));
+        match parsed {
+            Ok(leaf) => {
+                let owners = leaf.as_deref().map_or(&[][..], |t| self.lookup.owners(t));
+                if owners.is_empty() {
+                    return Outcome::Keep;
+                }
+                let drop = owners.iter().any(|m| !self.excluded[*m]);
+                for m in owners {
+                    Self::bump(&mut self.found, *m);
+                    if drop {
+                        Self::bump(&mut self.removed, *m);
+                    }
+                }
+                if drop {
+                    Outcome::Drop
+                } else {
+                    Outcome::Keep
+                }
+            }
+            Err(_) => {
+                let mut hits = std::mem::take(&mut self.scratch);
+                self.lookup.in_free_text(trimmed, &mut hits);
+                let drop = hits
+                    .iter()
+                    .any(|m| !self.excluded[*m] && self.lookup.drop_unparsed[*m]);
+                for m in &hits {
+                    Self::bump(&mut self.unparsed, *m);
+                    if drop && self.lookup.drop_unparsed[*m] {
+                        Self::bump(&mut self.unparsed_removed, *m);
+                    }
+                }
+                let outcome = if hits.is_empty() {
+                    Outcome::Malformed
+                } else {
+                    Outcome::Unparsed { drop }
+                };
+                self.scratch = hits;
+                outcome
+            }
+        }
+    }
+}
+
+/// Reads a JSON value down to the field at a dotted path only: its text when it is a string
+/// or a number (as [`Matcher`] reads it: the last of duplicate keys), None otherwise;
+/// everything else is validated and passed over.
+struct Field<'p>(&'p [String]);
+
+/// Whether a map key is the one looked for, without allocating it.
+struct KeyIs<'p>(&'p str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a map key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Field<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Field<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.is_empty().then(|| v.to_string()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(self.0.is_empty().then(|| v.to_string()))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(self.0.is_empty().then(|| v.to_string()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(self
+            .0
+            .is_empty()
+            .then(|| serde_json::Number::from_f64(v).map(|n| n.to_string()))
+            .flatten())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let Some((first, rest)) = self.0.split_first() else {
+            while map
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            return Ok(None);
+        };
+        let mut found = None;
+        while let Some(ours) = map.next_key_seed(KeyIs(first))? {
+            if ours {
+                found = map.next_value_seed(Field(rest))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// The counts of one pass over one object.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -190,15 +541,59 @@ fn sniff<R: Read>(mut input: R) -> io::Result<(bool, Sniffed<R>)> {
     Ok((gzip, io::Cursor::new(head).chain(input)))
 }
 
+/// What a filter decided for one line, for [`filter_lines`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Keep,
+    /// A record dropped (counted in [`Counts::matched`]).
+    Drop,
+    /// Not a JSON value: kept as it is, and counted.
+    Malformed,
+    /// Not a JSON value, and it holds an identifier; dropped when `drop`.
+    Unparsed {
+        drop: bool,
+    },
+}
+
+/// Decides line by line what a pass over an archive keeps: one subject's [`Matcher`], or
+/// many subjects' [`MemberPass`].
+pub trait Filter {
+    fn judge(&mut self, line: &[u8]) -> Outcome;
+}
+
+impl Filter for Matcher {
+    fn judge(&mut self, line: &[u8]) -> Outcome {
+        (&*self).judge(line)
+    }
+}
+
+impl Filter for &Matcher {
+    fn judge(&mut self, line: &[u8]) -> Outcome {
+        match self.verdict(line) {
+            Verdict::Keep => Outcome::Keep,
+            Verdict::Drop => Outcome::Drop,
+            Verdict::Malformed => Outcome::Malformed,
+            Verdict::UnparsedCopy => Outcome::Unparsed {
+                drop: self.drop_unparsed,
+            },
+        }
+    }
+}
+
 /// Counts the subject's records in an object, reading it once.
 pub fn scan(input: impl Read, matcher: &Matcher) -> io::Result<Counts> {
+    scan_with(input, &mut { matcher })
+}
+
+/// Runs `filter` over every line of an object without writing anything, reading it once.
+pub fn scan_with(input: impl Read, filter: &mut impl Filter) -> io::Result<Counts> {
     let (gzip, input) = sniff(input)?;
     let input = BufReader::with_capacity(256 * 1024, input);
     if gzip {
         let decoded = BufReader::with_capacity(256 * 1024, MultiGzDecoder::new(input));
-        filter_lines(decoded, matcher, None::<&mut io::Sink>)
+        filter_lines(decoded, filter, None::<&mut io::Sink>)
     } else {
-        filter_lines(input, matcher, None::<&mut io::Sink>)
+        filter_lines(input, filter, None::<&mut io::Sink>)
     }
 }
 
@@ -209,11 +604,20 @@ pub fn rewrite(
     matcher: &Matcher,
     output: impl Write + Send,
 ) -> io::Result<Counts> {
+    rewrite_with(input, &mut { matcher }, output)
+}
+
+/// [`rewrite`] with any [`Filter`]: what it drops is left out, every other byte kept.
+pub fn rewrite_with(
+    input: impl Read,
+    filter: &mut impl Filter,
+    output: impl Write + Send,
+) -> io::Result<Counts> {
     let (gzip, input) = sniff(input)?;
     let input = BufReader::with_capacity(256 * 1024, input);
     if !gzip {
         let mut output = io::BufWriter::with_capacity(256 * 1024, output);
-        let counts = filter_lines(input, matcher, Some(&mut output))?;
+        let counts = filter_lines(input, filter, Some(&mut output))?;
         output.flush()?;
         return Ok(counts);
     }
@@ -231,7 +635,7 @@ pub fn rewrite(
             sender,
             buffer: Vec::with_capacity(CHUNK),
         };
-        let filtered = filter_lines(decoded, matcher, Some(&mut chunks)).and_then(|counts| {
+        let filtered = filter_lines(decoded, filter, Some(&mut chunks)).and_then(|counts| {
             chunks.flush()?;
             Ok(counts)
         });
@@ -276,7 +680,7 @@ impl Write for ChunkSender {
 /// Reads line by line (keeping each line's own ending), writes every kept line to `output`.
 fn filter_lines<W: Write>(
     mut input: impl BufRead,
-    matcher: &Matcher,
+    filter: &mut impl Filter,
     mut output: Option<&mut W>,
 ) -> io::Result<Counts> {
     let mut counts = Counts::default();
@@ -289,20 +693,20 @@ fn filter_lines<W: Write>(
         }
         counts.lines += 1;
         counts.bytes += n as u64;
-        match matcher.verdict(&line) {
-            Verdict::Drop => {
+        match filter.judge(&line) {
+            Outcome::Drop => {
                 counts.matched += 1;
                 continue;
             }
-            Verdict::Malformed => counts.malformed += 1,
-            Verdict::UnparsedCopy => {
+            Outcome::Malformed => counts.malformed += 1,
+            Outcome::Unparsed { drop } => {
                 counts.malformed += 1;
                 counts.unparsed += 1;
-                if matcher.drops_unparsed() {
+                if drop {
                     continue;
                 }
             }
-            Verdict::Keep => {}
+            Outcome::Keep => {}
         }
         if let Some(out) = output.as_deref_mut() {
             out.write_all(&line)?;
@@ -428,6 +832,182 @@ mod tests {
         let id = id_matcher("userId", "AbC-47\n");
         assert_eq!(id.verdict(b"{\"userId\":\"AbC-47\"}"), Verdict::Drop);
         assert_eq!(id.verdict(b"{\"userId\":\"abc-47\"}"), Verdict::Keep);
+    }
+
+    fn lookup(field: &str, members: &[(&str, &str, bool)]) -> std::sync::Arc<MemberLookup> {
+        let filled: Vec<Filled> = members.iter().map(|(t, v, _)| filled(t, v)).collect();
+        std::sync::Arc::new(MemberLookup::new(
+            field,
+            members.len(),
+            members
+                .iter()
+                .zip(&filled)
+                .enumerate()
+                .map(|(index, ((_, _, drop), equals))| LookupMember {
+                    index,
+                    equals,
+                    drop_unparsed: *drop,
+                }),
+        ))
+    }
+
+    const MANY: &str = concat!(
+        "{\"msg\":{\"to\":\"alice@example.com\"},\"n\":1}\n",
+        "{\"msg\":{\"to\":\"bob@example.com\"},\"n\":2}\n",
+        "{\"msg\":{\"to\":\"carol@example.com\"},\"n\":3}\n",
+        "{\"msg\":{\"to\":\"ALICE@example.com \"},\"n\":4}\r\n",
+        "not json, sent to Bob@Example.com\n",
+        "{\"msg\":{\"to\":\"al\\u0069ce@example.com\"},\"n\":5}\n",
+        "\n",
+        "{\"msg\":{\"to\":\"alice@example.com.evil\"},\"n\":6}\n",
+        "{\"msg\":{\"to\":\"dave@example.com\"},\"msg\":{\"to\":\"x\"},\"n\":7}\n",
+        "{\"msg\":{\"to\":\"bob@example.com\"},\"n\":8}"
+    );
+
+    #[test]
+    fn one_pass_attributes_each_record_to_its_member_and_keeps_the_rest_byte_for_byte() {
+        let lookup = lookup(
+            "msg.to",
+            &[
+                ("email", "Alice@Example.com", false),
+                ("email", "bob@example.com", true),
+                ("email", "dave@example.com", false),
+                ("email", "nobody@example.com", false),
+            ],
+        );
+        let mut pass = MemberPass::new(lookup.clone(), &Default::default());
+        let mut out = Vec::new();
+        let counts = rewrite_with(MANY.as_bytes(), &mut pass, &mut out).unwrap();
+        assert_eq!(
+            pass.found,
+            vec![3, 2, 0, 0],
+            "the last of duplicate keys counts"
+        );
+        assert_eq!(pass.removed, pass.found);
+        assert_eq!(pass.unparsed, vec![0, 1, 0, 0]);
+        assert_eq!(pass.unparsed_removed, vec![0, 1, 0, 0], "bob's are dropped");
+        assert_eq!(
+            (0..4).map(|m| pass.removed_copies(m)).collect::<Vec<_>>(),
+            vec![3, 3, 0, 0]
+        );
+        assert_eq!(
+            (counts.matched, counts.malformed, counts.unparsed),
+            (5, 1, 1)
+        );
+        let expected: String = MANY
+            .split_inclusive('\n')
+            .filter(|l| {
+                ![
+                    "\"n\":1}", "\"n\":2}", "\"n\":4}", "\"n\":5}", "Bob@", "\"n\":8}",
+                ]
+                .iter()
+                .any(|m| l.contains(m))
+            })
+            .collect();
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        // The same verdicts as one member's matcher, member by member.
+        for (m, who) in ["alice@example.com", "bob@example.com"].iter().enumerate() {
+            let single = email_matcher("msg.to", who);
+            assert_eq!(
+                scan(MANY.as_bytes(), &single).unwrap().matched,
+                pass.found[m]
+            );
+        }
+        // Gzip in, gzip out, the same lines.
+        let mut again = MemberPass::new(lookup, &Default::default());
+        let mut zipped = Vec::new();
+        rewrite_with(&gzip(MANY.as_bytes())[..], &mut again, &mut zipped).unwrap();
+        assert_eq!(gunzip(&zipped), expected.as_bytes());
+    }
+
+    #[test]
+    fn a_record_of_two_members_is_dropped_once_and_counted_for_both() {
+        let lookup = lookup(
+            "userId",
+            &[
+                ("userId", "47", false),
+                ("userId", "47", false),
+                ("userId", "4711", false),
+            ],
+        );
+        let lines = "{\"userId\":47}\n{\"userId\":\"4711\"}\n{\"userId\":470}\n";
+        let mut pass = MemberPass::new(lookup.clone(), &Default::default());
+        let mut out = Vec::new();
+        let counts = rewrite_with(lines.as_bytes(), &mut pass, &mut out).unwrap();
+        assert_eq!(counts.matched, 2, "each line dropped once");
+        assert_eq!(pass.removed, vec![1, 1, 1]);
+        assert_eq!(String::from_utf8(out).unwrap(), "{\"userId\":470}\n");
+        let mut found = MemberPass::new(lookup, &Default::default());
+        let counts = scan_with(lines.as_bytes(), &mut found).unwrap();
+        assert_eq!((found.found.clone(), counts.lines), (vec![1, 1, 1], 3));
+    }
+
+    #[test]
+    fn an_excluded_members_records_are_kept_unless_another_member_owns_them() {
+        let lookup = lookup(
+            "to",
+            &[
+                ("email", "a@example.com", true),
+                ("email", "b@example.com", true),
+                ("email", "a@example.com", true),
+            ],
+        );
+        let lines = concat!(
+            "{\"to\":\"a@example.com\"}\n",
+            "{\"to\":\"b@example.com\"}\n",
+            "free text for b@example.com\n",
+            "{\"to\":\"c@example.com\"}\n",
+        );
+        let held = [1].into_iter().collect();
+        let mut pass = MemberPass::new(lookup.clone(), &held);
+        let mut out = Vec::new();
+        rewrite_with(lines.as_bytes(), &mut pass, &mut out).unwrap();
+        assert_eq!(pass.removed_copies(1), 0);
+        assert_eq!((pass.removed_copies(0), pass.removed_copies(2)), (1, 1));
+        assert_eq!(pass.found_copies(1), 2, "found, and kept");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            lines.split_inclusive('\n').skip(1).collect::<String>()
+        );
+        // Excluding one of two owners of a record still drops it: the other owns it too.
+        let held = [0].into_iter().collect();
+        let mut pass = MemberPass::new(lookup, &held);
+        let mut out = Vec::new();
+        rewrite_with(lines.as_bytes(), &mut pass, &mut out).unwrap();
+        assert_eq!(pass.removed, vec![1, 1, 1]);
+        assert!(!String::from_utf8(out).unwrap().contains("a@example.com"));
+    }
+
+    #[test]
+    fn the_lookup_reads_values_as_the_single_matcher_does() {
+        let lookup = lookup(
+            "a.b",
+            &[("userId", "AbC-47", false), ("userId", "1.5", false)],
+        );
+        let mut pass = MemberPass::new(lookup, &Default::default());
+        for (line, outcome) in [
+            (&b"{\"a\":{\"b\":\"AbC-47\"}}"[..], Outcome::Drop),
+            (b"{\"a\":{\"b\":\" AbC-47 \"}}", Outcome::Drop),
+            (b"{\"a\":{\"b\":\"abc-47\"}}", Outcome::Keep),
+            (b"{\"a\":{\"b\":1.5}}", Outcome::Drop),
+            (b"{\"a\":[{\"b\":\"AbC-47\"}]}", Outcome::Keep),
+            (b"{\"a\":{\"b\":[\"AbC-47\"]}}", Outcome::Keep),
+            (
+                b"{\"a\":{\"b\":\"AbC-47\"}} trailing",
+                Outcome::Unparsed { drop: false },
+            ),
+            (b"[1,2", Outcome::Malformed),
+            (b"   ", Outcome::Keep),
+        ] {
+            assert_eq!(
+                pass.judge(line),
+                outcome,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(pass.found, vec![2, 1]);
+        assert_eq!(pass.unparsed, vec![1, 0]);
     }
 
     const UNPARSED: &str = concat!(

@@ -25,7 +25,7 @@ use crate::backends::{
 };
 
 /// Attempts at a conditional write before giving up on an archive that keeps changing.
-const WRITE_ATTEMPTS: u32 = 5;
+pub(super) const WRITE_ATTEMPTS: u32 = 5;
 
 /// Running totals of one subject step, from those the cursor carried.
 #[derive(Default)]
@@ -117,7 +117,7 @@ const DROPPED_EARLIER: usize = 4;
 const METADATA_LIMIT: usize = 2048;
 
 /// How many records `run` dropped, as recorded in a [`DROPPED`] value (0 if it did not).
-fn dropped_by(value: Option<&str>, run: &str) -> u64 {
+pub(super) fn dropped_by(value: Option<&str>, run: &str) -> u64 {
     value
         .into_iter()
         .flat_map(|v| v.split(','))
@@ -156,7 +156,11 @@ fn dropped_value(earlier: Option<&str>, run: &str, n: u64, room: usize) -> Optio
 
 /// Records in `metadata` that `run` dropped `n` records in all, within the metadata limit
 /// (an archive whose other metadata leaves no room goes without the record).
-fn record_dropped(metadata: &mut std::collections::HashMap<String, String>, run: &str, n: u64) {
+pub(super) fn record_dropped(
+    metadata: &mut std::collections::HashMap<String, String>,
+    run: &str,
+    n: u64,
+) {
     let earlier = metadata.remove(DROPPED);
     let used: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
     let room = METADATA_LIMIT.saturating_sub(used.saturating_add(DROPPED.len()));
@@ -165,7 +169,7 @@ fn record_dropped(metadata: &mut std::collections::HashMap<String, String>, run:
     }
 }
 
-fn action_code(action: SubjectAction) -> &'static str {
+pub(super) fn action_code(action: SubjectAction) -> &'static str {
     match action {
         SubjectAction::Find => "f",
         SubjectAction::Erase => "e",
@@ -223,14 +227,14 @@ impl Position {
 /// One prefix's listing within a step: the page position, and the entries already dealt
 /// with in earlier steps still to pass over.
 #[derive(Default)]
-struct Walk {
-    listing: Cursor,
-    skip: u64,
-    skip_markers: u64,
+pub(super) struct Walk {
+    pub listing: Cursor,
+    pub skip: u64,
+    pub skip_markers: u64,
     /// Erase, versioned: the version the listing resumes after, deleted once the listing
     /// is done or the step ends (some servers cannot resume after a version that no longer
     /// exists).
-    deferred: Vec<ObjectIdentifier>,
+    pub deferred: Vec<ObjectIdentifier>,
 }
 
 impl Walk {
@@ -243,7 +247,7 @@ impl Walk {
     }
 
     /// The entries of a page not dealt with yet.
-    fn fresh(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
+    pub fn fresh(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
         entries
             .into_iter()
             .filter(|e| {
@@ -265,14 +269,14 @@ impl Walk {
 
 /// When a step hands back control: once it did some work and its time is spent, or as soon
 /// as it is cancelled.
-struct Clock<'a> {
-    budget: &'a StepBudget,
-    deadline: Instant,
-    worked: bool,
+pub(super) struct Clock<'a> {
+    pub budget: &'a StepBudget,
+    pub deadline: Instant,
+    pub worked: bool,
 }
 
 impl Clock<'_> {
-    fn stop(&self) -> bool {
+    pub fn stop(&self) -> bool {
         self.budget.cancel.is_cancelled() || (self.worked && Instant::now() >= self.deadline)
     }
 }
@@ -854,6 +858,17 @@ impl S3Backend {
         version_id: Option<&str>,
         matcher: &Matcher,
     ) -> Result<Counts, Error> {
+        Ok(self.scan_filter(key, version_id, matcher.clone()).await?.0)
+    }
+
+    /// Runs `filter` over one object (version), streaming it; gives back the counts and
+    /// the filter (with what it tallied).
+    pub(super) async fn scan_filter<F: records::Filter + Send + 'static>(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        mut filter: F,
+    ) -> Result<(Counts, F), Error> {
         let client = self.client().await?;
         self.limits.acquire(1).await;
         let object = client
@@ -865,11 +880,12 @@ impl S3Backend {
             .await
             .map_err(|e| sdk_error(e, "GetObject"))?;
         let reader = SyncIoBridge::new(object.body.into_async_read());
-        let matcher = matcher.clone();
-        tokio::task::spawn_blocking(move || records::scan(reader, &matcher))
-            .await
-            .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
-            .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))
+        tokio::task::spawn_blocking(move || {
+            records::scan_with(reader, &mut filter).map(|counts| (counts, filter))
+        })
+        .await
+        .map_err(|e| Error::Store(format!("archive scan task failed: {e}")))?
+        .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))
     }
 
     /// Reads the current version, writes it back without the subject's records if any were
@@ -883,50 +899,16 @@ impl S3Backend {
         matcher: &Matcher,
         run: &str,
     ) -> Result<Rewrite, Error> {
-        let client = self.client().await?;
         let mut last_conflict = None;
         for _ in 0..WRITE_ATTEMPTS {
             // A scan first: archives without the subject are never rewritten.
-            self.limits.acquire(1).await;
-            let object = client
-                .get_object()
-                .bucket(&self.config.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| sdk_error(e, "GetObject"))?;
-            let etag = object.e_tag().map(str::to_string).ok_or_else(|| {
-                Error::Store("GetObject returned no ETag; a safe rewrite needs one".into())
-            })?;
-            let read_version = object.version_id().map(str::to_string);
+            let mut fetched = self.fetch_current(key).await?;
             let earlier = if run.is_empty() {
                 0
             } else {
-                dropped_by(
-                    object
-                        .metadata()
-                        .and_then(|m| m.get(DROPPED))
-                        .map(String::as_str),
-                    run,
-                )
+                dropped_by(fetched.dropped.as_deref(), run)
             };
-            let mut metadata = Preserved::from(&object);
-            if object.tag_count().is_some_and(|n| n > 0) {
-                metadata.tagging = Some(self.tagging(key, read_version.as_deref()).await?);
-            }
-            let spool = tempfile::tempfile()
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            let writer = spool
-                .try_clone()
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            let reader = SyncIoBridge::new(object.body.into_async_read());
-            let matcher_owned = matcher.clone();
-            let counts = tokio::task::spawn_blocking(move || {
-                records::rewrite(reader, &matcher_owned, writer)
-            })
-            .await
-            .map_err(|e| Error::Store(format!("archive rewrite task failed: {e}")))?
-            .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
+            let (counts, _, spool) = filter_to_spool(fetched.body, matcher.clone()).await?;
             let dropped = copies(&counts, matcher);
             if dropped == 0 {
                 return Ok(Rewrite {
@@ -935,56 +917,136 @@ impl S3Backend {
                     earlier,
                 });
             }
-            if let (false, Some(m)) = (run.is_empty(), metadata.metadata.as_mut()) {
+            if let (false, Some(m)) = (run.is_empty(), fetched.metadata.metadata.as_mut()) {
                 record_dropped(m, run, earlier.saturating_add(dropped));
             }
-            if let Some(hook) = &self.before_write {
-                hook().await;
-            }
-            // The writer shared the file's offset: read it back from the start.
-            let mut spool = spool;
-            std::io::Seek::rewind(&mut spool)
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            let length = spool
-                .metadata()
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?
-                .len();
-            let body = ByteStream::read_from()
-                .file(tokio::fs::File::from_std(spool))
-                .length(aws_sdk_s3::primitives::Length::Exact(length))
-                .build()
-                .await
-                .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
-            self.limits.acquire(1).await;
-            let put = metadata
-                .apply(client.put_object())
-                .bucket(&self.config.bucket)
-                .key(key)
-                .if_match(&etag)
-                // Buckets with Object Lock refuse writes without a checksum.
-                .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
-                .content_length(length as i64)
-                .body(body)
-                .send()
-                .await;
-            match put {
-                Ok(_) => {
+            match self
+                .put_conditional(key, spool, fetched.metadata, &fetched.etag)
+                .await?
+            {
+                None => {
                     return Ok(Rewrite {
                         counts,
-                        replaced_version: read_version,
+                        replaced_version: fetched.version,
                         earlier,
                     })
                 }
-                Err(e) if is_conflict(&e) => {
-                    last_conflict = Some(sdk_error(e, "PutObject"));
-                    continue;
-                }
-                Err(e) => return Err(sdk_error(e, "PutObject")),
+                Some(conflict) => last_conflict = Some(conflict),
             }
         }
         Err(last_conflict
             .unwrap_or_else(|| Error::Store("an archive kept changing during its rewrite".into())))
     }
+
+    /// Reads an archive's current version for a rewrite: its body, its ETag (a rewrite is
+    /// written only if it is still the current one), its version and what it keeps.
+    pub(super) async fn fetch_current(&self, key: &str) -> Result<Fetched, Error> {
+        let client = self.client().await?;
+        self.limits.acquire(1).await;
+        let object = client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "GetObject"))?;
+        let etag = object.e_tag().map(str::to_string).ok_or_else(|| {
+            Error::Store("GetObject returned no ETag; a safe rewrite needs one".into())
+        })?;
+        let version = object.version_id().map(str::to_string);
+        let dropped = object
+            .metadata()
+            .and_then(|m| m.get(DROPPED))
+            .map(String::to_string);
+        let mut metadata = Preserved::from(&object);
+        if object.tag_count().is_some_and(|n| n > 0) {
+            metadata.tagging = Some(self.tagging(key, version.as_deref()).await?);
+        }
+        Ok(Fetched {
+            etag,
+            version,
+            metadata,
+            body: object.body,
+            dropped,
+        })
+    }
+
+    /// Writes `spool` (from its start) as the archive's new content, only if its current
+    /// version still has `etag` (`If-Match`). `Some`: it had changed (a conflict; read it
+    /// again).
+    pub(super) async fn put_conditional(
+        &self,
+        key: &str,
+        mut spool: std::fs::File,
+        metadata: Preserved,
+        etag: &str,
+    ) -> Result<Option<Error>, Error> {
+        if let Some(hook) = &self.before_write {
+            hook().await;
+        }
+        let client = self.client().await?;
+        // The writer shared the file's offset: read it back from the start.
+        std::io::Seek::rewind(&mut spool)
+            .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+        let length = spool
+            .metadata()
+            .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?
+            .len();
+        let body = ByteStream::read_from()
+            .file(tokio::fs::File::from_std(spool))
+            .length(aws_sdk_s3::primitives::Length::Exact(length))
+            .build()
+            .await
+            .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+        self.limits.acquire(1).await;
+        let put = metadata
+            .apply(client.put_object())
+            .bucket(&self.config.bucket)
+            .key(key)
+            .if_match(etag)
+            // Buckets with Object Lock refuse writes without a checksum.
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+            .content_length(length as i64)
+            .body(body)
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(None),
+            Err(e) if is_conflict(&e) => Ok(Some(sdk_error(e, "PutObject"))),
+            Err(e) => Err(sdk_error(e, "PutObject")),
+        }
+    }
+}
+
+/// An archive's current version, read for a rewrite ([`S3Backend::fetch_current`]).
+pub(super) struct Fetched {
+    pub etag: String,
+    pub version: Option<String>,
+    pub metadata: Preserved,
+    pub body: ByteStream,
+    /// Its [`DROPPED`] metadata: which runs dropped how many records from it.
+    pub dropped: Option<String>,
+}
+
+/// Runs `filter` over an archive's body on a blocking thread, writing what it keeps to a
+/// temporary file; gives back the counts, the filter (with what it tallied) and the file.
+pub(super) async fn filter_to_spool<F: records::Filter + Send + 'static>(
+    body: ByteStream,
+    mut filter: F,
+) -> Result<(Counts, F, std::fs::File), Error> {
+    let spool = tempfile::tempfile()
+        .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+    let writer = spool
+        .try_clone()
+        .map_err(|e| Error::Store(format!("temporary file for a rewrite: {e}")))?;
+    let reader = SyncIoBridge::new(body.into_async_read());
+    let (counts, filter) = tokio::task::spawn_blocking(move || {
+        records::rewrite_with(reader, &mut filter, writer).map(|counts| (counts, filter))
+    })
+    .await
+    .map_err(|e| Error::Store(format!("archive rewrite task failed: {e}")))?
+    .map_err(|e| Error::Store(format!("GetObject: reading the archive: {e}")))?;
+    Ok((counts, filter, spool))
 }
 
 impl S3Backend {
@@ -1034,13 +1096,13 @@ fn is_conflict<E: aws_sdk_s3::error::ProvideErrorMetadata>(
 }
 
 /// The attributes a rewritten archive keeps from the original.
-struct Preserved {
+pub(super) struct Preserved {
     content_type: Option<String>,
     content_encoding: Option<String>,
     content_disposition: Option<String>,
     content_language: Option<String>,
     cache_control: Option<String>,
-    metadata: Option<std::collections::HashMap<String, String>>,
+    pub metadata: Option<std::collections::HashMap<String, String>>,
     storage_class: Option<aws_sdk_s3::types::StorageClass>,
     server_side_encryption: Option<aws_sdk_s3::types::ServerSideEncryption>,
     ssekms_key_id: Option<String>,
@@ -1103,7 +1165,7 @@ impl Preserved {
 /// Fills in a template with canonical identifier values used literally (S3 prefixes are not
 /// patterns): every exact form ([`identifier::exact_forms`]), or records why the locator is
 /// skipped.
-fn expand(
+pub(super) fn expand(
     what: &str,
     t: &str,
     job: &SubjectJob,
@@ -1121,7 +1183,7 @@ fn expand(
 
 /// The records locator's `equals` filled with canonical values, the one form every records
 /// pass compares with; None (recorded in `skipped`) when the subject lacks an identifier.
-fn fill_equals(
+pub(super) fn fill_equals(
     t: &str,
     job: &SubjectJob,
     skipped: &mut Vec<String>,
