@@ -693,6 +693,10 @@ pub struct MemberStep {
     pub ran: bool,
     /// Locators not run for this member (see [`SubjectStep::skipped`]).
     pub skipped: Vec<String>,
+    /// Why this member alone cannot be worked (its identifier cannot be told apart from
+    /// other text, say): it leaves the batch with this failure, and the others go on. The
+    /// message must be fit for status as it is (built from the policy, never from a value).
+    pub failure: Option<Failure>,
 }
 
 /// The result of one batch step.

@@ -422,7 +422,15 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
             l.totals.malformed = l.totals.malformed.saturating_add(malformed);
             l.ran |= s.ran;
             l.skipped = s.skipped;
-            if held.contains(&i) {
+            if let Some(failure) = s.failure {
+                l.finish(
+                    End::Failed {
+                        failure,
+                        cursor: None,
+                    },
+                    &notices,
+                );
+            } else if held.contains(&i) {
                 let restart = l.cursor(None);
                 l.finish(End::Held(restart), &notices);
             } else {

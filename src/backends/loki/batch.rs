@@ -127,13 +127,16 @@ impl LokiBackend {
                 continue;
             };
             // As for one subject: a value the filter cannot tell from other text fails the
-            // target rather than take other people's lines or be reported erased.
-            filled.check_distinctive().map_err(|e| {
-                Error::IdentifierNotDistinctive(format!(
+            // member's target rather than take other people's lines or be reported erased;
+            // its batch-mates go on.
+            if let Err(e) = filled.check_distinctive() {
+                let failure = Error::IdentifierNotDistinctive(format!(
                     "target {}: subject.loki.lineFilter: {e}; nothing was sent to Loki",
                     job.target.name
-                ))
-            })?;
+                ));
+                step.members[i].failure = Some(failure.failure());
+                continue;
+            }
             step.members[i].ran = true;
             running.push((i, filled));
         }
