@@ -71,15 +71,14 @@ pub(super) async fn join(
     resume: Option<MemberCursor>,
 ) -> Result<Result<SubjectStep, backends::Error>, ActionResult> {
     let request_namespace = member.request.namespace().unwrap_or_default();
-    let key = BatchKey {
-        store_key: member.store_key.to_string(),
-        target: format!(
-            "{}/{}/{}",
-            member.namespace, member.policy, member.target.name
-        ),
-        action: member.action,
-        at: resume.as_ref().and_then(|r| r.at.clone()),
-    };
+    let key = batch_key(
+        member.store_key,
+        member.namespace,
+        member.policy,
+        member.target,
+        member.action,
+        resume.as_ref(),
+    );
     let joining =
         Joining {
             member: BatchMember {
@@ -151,6 +150,31 @@ pub(super) async fn join(
                 } => Err(ActionResult::Failed(failure.clone())),
             }
         }
+    }
+}
+
+/// The batch a target joins. The target's spec is part of it: requests that read their
+/// policy before and after an edit must not share a pass, for the batch works every member
+/// with one spec (a member verified under another pattern than its own could pass while its
+/// records remain).
+fn batch_key(
+    store_key: &str,
+    namespace: &str,
+    policy: &str,
+    target: &Target,
+    action: SubjectAction,
+    resume: Option<&MemberCursor>,
+) -> BatchKey {
+    use sha2::Digest;
+    // Plain data: serialising cannot fail; if it did, all such targets would share the key
+    // of their names alone, as before.
+    let spec = serde_json::to_string(target).unwrap_or_default();
+    let spec = hex::encode(&sha2::Sha256::digest(spec.as_bytes())[..8]);
+    BatchKey {
+        store_key: store_key.to_string(),
+        target: format!("{namespace}/{policy}/{}@{spec}", target.name),
+        action,
+        at: resume.and_then(|r| r.at.clone()),
     }
 }
 
@@ -228,5 +252,43 @@ impl MemberCheckpoint for StatusCheckpoint {
                     ),
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(pattern: &str) -> Target {
+        serde_json::from_value(serde_json::json!({
+            "name": "sessions", "store": "cache",
+            "redis": {"keyPattern": pattern, "mode": "idle"},
+            "subject": {"redis": {"keys": ["session:{userId}:*"]}},
+        }))
+        .expect("a valid target")
+    }
+
+    /// Two requests that read one policy target before and after an edit are not one batch;
+    /// the same spec at the same position is.
+    #[test]
+    fn the_batch_key_tells_a_target_edited_between_its_members_apart() {
+        let key = |t: &Target, at: Option<&str>| {
+            let resume = at.map(|a| MemberCursor {
+                at: Some(a.into()),
+                ..MemberCursor::default()
+            });
+            batch_key(
+                "shop/cache",
+                "shop",
+                "sessions",
+                t,
+                SubjectAction::Verify,
+                resume.as_ref(),
+            )
+        };
+        let (before, after) = (target("session:*"), target("sess*"));
+        assert_eq!(key(&before, None), key(&before.clone(), None));
+        assert_ne!(key(&before, None), key(&after, None));
+        assert_ne!(key(&before, Some("1")), key(&before, None));
     }
 }
