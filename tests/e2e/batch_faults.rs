@@ -1,12 +1,14 @@
 //! A batch of erasure requests against one Redis target when the operator is killed (SIGKILL)
 //! while the batch erases, before a step's checkpoint: the operator comes back and every
 //! request completes, each subject's keys are gone and every neighbour's kept, and each
-//! request counts exactly the records its subject had.
+//! request counts exactly the records its subject had. And a request deleted while its
+//! batch erases leaves the batch at the next checkpoint (nothing more is started for it)
+//! and is closed, and its batch-mate completes.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kube::api::ListParams;
+use kube::api::{DeleteParams, ListParams};
 use kube::Api;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
@@ -18,7 +20,7 @@ use tombstone::engine::batch::MemberCursor;
 use crate::erasure::wait_phase;
 use crate::fixtures::*;
 use crate::support::operator_process::OperatorProcess;
-use crate::support::RedisServer;
+use crate::support::{wait_for, RedisServer};
 
 const TOMBSTONE: &str = env!("CARGO_BIN_EXE_tombstone");
 /// Short leases, so that the restarted operator leads within seconds; the shortest steps,
@@ -199,4 +201,68 @@ async fn a_batch_killed_mid_erase_completes_every_request_with_exact_counts() {
     assert!(short.is_empty(), "counts short after the kill: {short:?}");
     assert_eq!(ledgers, 0, "every ledger is removed once all are done");
     drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_deleted_mid_batch_leaves_it_and_is_closed_while_its_mate_completes() {
+    let (client, ns) = setup("batchdel").await;
+    let redis = tokio::task::block_in_place(RedisServer::start);
+    let mut conn = redis_conn(&redis.url()).await;
+    seed(&mut conn).await;
+    // About 60 keys a second removed: the erase of two subjects takes several seconds.
+    redis_store(
+        &client,
+        &ns,
+        "cache",
+        &redis.url(),
+        json!({"limits": {"requestsPerSecond": 60, "concurrency": 2}}),
+    )
+    .await;
+    let mut policy = policy_json(
+        "sessions",
+        "30d",
+        json!([{"name": "users", "store": "cache", "redis": {"keyPattern": "user:*"},
+                "subject": {"redis": {"keys": ["user:{userId}:*"]}}}]),
+    );
+    policy["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(&client, &ns, policy).await;
+    let settings = tombstone::controller::Settings {
+        batches: tombstone::engine::batch::BatchSettings {
+            max_members: 1000,
+            wait: Duration::from_millis(500),
+        },
+        ..fast_settings()
+    };
+    let _operator = TestOperator::start_with(&ns, None, None, settings).await;
+    for i in 0..2 {
+        let name = format!("dsr-{i}");
+        create_subject_secret(&client, &ns, &name, json!({"userId": format!("bf{i}")})).await;
+        request_erasure(&client, &ns, &name, &name).await;
+    }
+    let api: Api<ErasureRequest> = Api::namespaced(client.clone(), &ns);
+    wait_for("the batch to erase", Duration::from_secs(40), || async {
+        erasing(&api).await.1.then_some(())
+    })
+    .await;
+    api.delete("dsr-0", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_for(
+        "the deleted request to be closed",
+        Duration::from_secs(30),
+        || async { api.get_opt("dsr-0").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    let done = wait_phase(&client, &ns, "dsr-1", ErasurePhase::Completed).await;
+    assert_eq!(
+        done.status.expect("a status").targets[0].erased,
+        keys_of(1) as u64
+    );
+    assert_eq!(count_keys(&mut conn, "user:bf1:*").await, 0);
+    let left = count_keys(&mut conn, "user:bf0:*").await;
+    assert!(
+        left > 0,
+        "the batch stopped erasing for the deleted request once it was deleted"
+    );
+    eprintln!("the deleted request's keys left: {left} of {}", keys_of(0));
 }

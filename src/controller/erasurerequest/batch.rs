@@ -239,7 +239,8 @@ impl MemberCheckpoint for StatusCheckpoint {
                 cursor: cursor.to_string(),
             },
         );
-        self.ctx
+        let written = self
+            .ctx
             .apply_status(&self.api, &self.name, &*status)
             .await
             .map_err(|e| {
@@ -251,7 +252,17 @@ impl MemberCheckpoint for StatusCheckpoint {
                         e.reason()
                     ),
                 )
-            })
+            })?;
+        if written.metadata.deletion_timestamp.is_some() {
+            // Deleted: nothing more is started for it. It leaves the batch here, and its
+            // reconcile, no longer waiting, closes it with its receipt.
+            return Err(Failure::new(
+                backends::Category::Transient,
+                "RequestDeleted",
+                "the request is being deleted: its batch goes on without it",
+            ));
+        }
+        Ok(())
     }
 }
 
