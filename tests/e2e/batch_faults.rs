@@ -17,24 +17,13 @@ use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
 use tombstone::api::{ErasureRequest, RetentionPolicy};
 use tombstone::engine::batch::MemberCursor;
 
+use crate::chaos::OPERATOR_ARGS;
 use crate::erasure::wait_phase;
 use crate::fixtures::*;
 use crate::support::operator_process::OperatorProcess;
 use crate::support::{wait_for, RedisServer};
 
 const TOMBSTONE: &str = env!("CARGO_BIN_EXE_tombstone");
-/// Short leases, so that the restarted operator leads within seconds; the shortest steps,
-/// so that the erase takes several.
-const OPERATOR_ARGS: &[&str] = &[
-    "--lease-duration",
-    "3s",
-    "--renew-deadline",
-    "2s",
-    "--lease-retry-period",
-    "1s",
-    "--checkpoint-interval",
-    "1s",
-];
 const SUBJECTS: usize = 10;
 const NEIGHBOUR_KEYS: usize = 100;
 /// Keys under the target's pattern that belong to no one: every pass scans them.
@@ -59,6 +48,27 @@ async fn seed(conn: &mut MultiplexedConnection) {
         }
         let _: () = pipe.query_async(conn).await.expect("seeded");
     }
+}
+
+/// The Redis DataStore, removing at most `per_second` keys a second, and a suspended policy
+/// whose target selects every subject's keys by `userId`.
+async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer, per_second: u32) {
+    redis_store(
+        client,
+        ns,
+        "cache",
+        &redis.url(),
+        json!({"limits": {"requestsPerSecond": per_second, "concurrency": 2}}),
+    )
+    .await;
+    let mut policy = policy_json(
+        "sessions",
+        "30d",
+        json!([{"name": "users", "store": "cache", "redis": {"keyPattern": "user:*"},
+                "subject": {"redis": {"keys": ["user:{userId}:*"]}}}]),
+    );
+    policy["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(client, ns, policy).await;
 }
 
 /// The batch positions of the requests erasing now, and whether one has erased something
@@ -92,22 +102,7 @@ async fn a_batch_killed_mid_erase_completes_every_request_with_exact_counts() {
     let mut conn = redis_conn(&redis.url()).await;
     seed(&mut conn).await;
     // About 400 keys a second removed: the batch's erase takes several one-second steps.
-    redis_store(
-        &client,
-        &ns,
-        "cache",
-        &redis.url(),
-        json!({"limits": {"requestsPerSecond": 400, "concurrency": 2}}),
-    )
-    .await;
-    let mut policy = policy_json(
-        "sessions",
-        "30d",
-        json!([{"name": "users", "store": "cache", "redis": {"keyPattern": "user:*"},
-                "subject": {"redis": {"keys": ["user:{userId}:*"]}}}]),
-    );
-    policy["spec"]["suspend"] = json!(true);
-    create::<RetentionPolicy>(&client, &ns, policy).await;
+    shop(&client, &ns, &redis, 400).await;
 
     let first = OperatorProcess::start(TOMBSTONE, &ns, "batch-fault-1", OPERATOR_ARGS);
     for i in 0..SUBJECTS {
@@ -210,22 +205,7 @@ async fn a_request_deleted_mid_batch_leaves_it_and_is_closed_while_its_mate_comp
     let mut conn = redis_conn(&redis.url()).await;
     seed(&mut conn).await;
     // About 60 keys a second removed: the erase of two subjects takes several seconds.
-    redis_store(
-        &client,
-        &ns,
-        "cache",
-        &redis.url(),
-        json!({"limits": {"requestsPerSecond": 60, "concurrency": 2}}),
-    )
-    .await;
-    let mut policy = policy_json(
-        "sessions",
-        "30d",
-        json!([{"name": "users", "store": "cache", "redis": {"keyPattern": "user:*"},
-                "subject": {"redis": {"keys": ["user:{userId}:*"]}}}]),
-    );
-    policy["spec"]["suspend"] = json!(true);
-    create::<RetentionPolicy>(&client, &ns, policy).await;
+    shop(&client, &ns, &redis, 60).await;
     let settings = tombstone::controller::Settings {
         batches: tombstone::engine::batch::BatchSettings {
             max_members: 1000,

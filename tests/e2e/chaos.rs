@@ -56,8 +56,8 @@ use crate::support::operator_process::OperatorProcess;
 use crate::support::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 
 const TOMBSTONE: &str = env!("CARGO_BIN_EXE_tombstone");
-/// Short Lease timings, so that takeovers happen within seconds.
-const OPERATOR_ARGS: &[&str] = &[
+/// Short Lease timings, so that takeovers happen within seconds, and the shortest steps.
+pub(crate) const OPERATOR_ARGS: &[&str] = &[
     "--lease-duration",
     "3s",
     "--renew-deadline",

@@ -753,11 +753,7 @@ impl RedisBackend {
                 for key in chunk {
                     pipe.cmd("EXISTS").arg(key);
                 }
-                self.limits.acquire(1).await;
-                let exists: Vec<bool> = pipe
-                    .query_async(&mut node.conn.clone())
-                    .await
-                    .map_err(|e| map_error(e, &node.addr))?;
+                let exists: Vec<bool> = self.on_node(node, &pipe).await?;
                 let mut pipe = redis::pipe();
                 let existing = chunk.iter().zip(exists).filter(|(_, e)| *e);
                 for (key, _) in existing {
@@ -768,11 +764,7 @@ impl RedisBackend {
                 if pipe.cmd_iter().next().is_none() {
                     continue;
                 }
-                self.limits.acquire(1).await;
-                let () = pipe
-                    .query_async(&mut node.conn.clone())
-                    .await
-                    .map_err(|e| map_error(e, &node.addr))?;
+                let () = self.on_node(node, &pipe).await?;
             }
         }
         Ok(())
