@@ -73,6 +73,7 @@ pub(super) async fn join(
     let request_namespace = member.request.namespace().unwrap_or_default();
     let key = batch_key(
         member.store_key,
+        backend_id(&member.backend),
         member.namespace,
         member.policy,
         member.target,
@@ -153,12 +154,20 @@ pub(super) async fn join(
     }
 }
 
-/// The batch a target joins. The target's spec is part of it: requests that read their
-/// policy before and after an edit must not share a pass, for the batch works every member
-/// with one spec (a member verified under another pattern than its own could pass while its
-/// records remain).
+/// Which backend a member resolved its store to: the engine builds a new one when the
+/// DataStore's spec changes, and the members alive with one share its allocation.
+fn backend_id(backend: &Arc<dyn Backend>) -> usize {
+    Arc::as_ptr(backend).cast::<()>() as usize
+}
+
+/// The batch a target joins. The target's spec and the store's backend are part of it:
+/// requests that read their policy or DataStore before and after an edit must not share a
+/// pass, for the batch works every member with one spec and one connection (a member
+/// verified under another pattern, or on the server the DataStore named before, could pass
+/// while its records remain).
 fn batch_key(
     store_key: &str,
+    backend: usize,
     namespace: &str,
     policy: &str,
     target: &Target,
@@ -172,7 +181,7 @@ fn batch_key(
     let spec = hex::encode(&sha2::Sha256::digest(spec.as_bytes())[..8]);
     BatchKey {
         store_key: store_key.to_string(),
-        target: format!("{namespace}/{policy}/{}@{spec}", target.name),
+        target: format!("{namespace}/{policy}/{}@{spec}#{backend:x}", target.name),
         action,
         at: resume.and_then(|r| r.at.clone()),
     }
@@ -279,17 +288,18 @@ mod tests {
         .expect("a valid target")
     }
 
-    /// Two requests that read one policy target before and after an edit are not one batch;
-    /// the same spec at the same position is.
+    /// Two requests that read one policy target, or its DataStore, before and after an edit
+    /// are not one batch; the same spec and backend at the same position is.
     #[test]
-    fn the_batch_key_tells_a_target_edited_between_its_members_apart() {
-        let key = |t: &Target, at: Option<&str>| {
+    fn the_batch_key_tells_a_target_or_store_edited_between_its_members_apart() {
+        let keyed = |t: &Target, at: Option<&str>, backend: usize| {
             let resume = at.map(|a| MemberCursor {
                 at: Some(a.into()),
                 ..MemberCursor::default()
             });
             batch_key(
                 "shop/cache",
+                backend,
                 "shop",
                 "sessions",
                 t,
@@ -297,9 +307,15 @@ mod tests {
                 resume.as_ref(),
             )
         };
+        let key = |t: &Target, at: Option<&str>| keyed(t, at, 1);
         let (before, after) = (target("session:*"), target("sess*"));
         assert_eq!(key(&before, None), key(&before.clone(), None));
         assert_ne!(key(&before, None), key(&after, None));
         assert_ne!(key(&before, Some("1")), key(&before, None));
+        assert_ne!(
+            keyed(&before, None, 1),
+            keyed(&before, None, 2),
+            "the DataStore was edited between them"
+        );
     }
 }
