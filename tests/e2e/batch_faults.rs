@@ -14,10 +14,10 @@ use redis::aio::MultiplexedConnection;
 use serde_json::json;
 
 use tombstone::api::erasurerequest::{ErasurePhase, ErasureTargetPhase};
-use tombstone::api::{ErasureRequest, RetentionPolicy};
+use tombstone::api::ErasureRequest;
 use tombstone::engine::batch::MemberCursor;
 
-use crate::chaos::OPERATOR_ARGS;
+use crate::chaos::{users_policy, OPERATOR_ARGS};
 use crate::erasure::wait_phase;
 use crate::fixtures::*;
 use crate::support::operator_process::OperatorProcess;
@@ -61,14 +61,7 @@ async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer, per_second: 
         json!({"limits": {"requestsPerSecond": per_second, "concurrency": 2}}),
     )
     .await;
-    let mut policy = policy_json(
-        "sessions",
-        "30d",
-        json!([{"name": "users", "store": "cache", "redis": {"keyPattern": "user:*"},
-                "subject": {"redis": {"keys": ["user:{userId}:*"]}}}]),
-    );
-    policy["spec"]["suspend"] = json!(true);
-    create::<RetentionPolicy>(client, ns, policy).await;
+    users_policy(client, ns).await;
 }
 
 /// The batch positions of the requests erasing now, and whether one has erased something
