@@ -315,13 +315,9 @@ impl Context {
 
     /// Writes `status` (see [`apply_status`]) only while this instance still leads by its
     /// monotonic clock: a process that was frozen and thawed after another instance took
-    /// over must not overwrite the new leader's checkpoint with its stale one.
-    pub async fn apply_status<K, S>(
-        &self,
-        api: &Api<K>,
-        name: &str,
-        status: &S,
-    ) -> Result<(), Error>
+    /// over must not overwrite the new leader's checkpoint with its stale one. Returns the
+    /// object as written.
+    pub async fn apply_status<K, S>(&self, api: &Api<K>, name: &str, status: &S) -> Result<K, Error>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
         S: Serialize,
@@ -568,7 +564,7 @@ pub fn failure_key<K: Resource<DynamicType = ()> + ResourceExt>(obj: &K) -> Stri
 }
 
 /// Writes `status` with server-side apply. The patch always carries apiVersion and kind.
-pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), Error>
+pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<K, Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
@@ -584,8 +580,7 @@ where
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    .map_err(Error::Kube)
 }
 
 #[cfg(test)]

@@ -236,7 +236,7 @@ impl Batcher {
                 failure: Failure::new(
                     backends::Category::Transient,
                     "BatchInterrupted",
-                    "the batch this target was part of ended without an answer (the operator is stopping)",
+                    "the batch this target was part of ended without an answer (the operator is stopping, or the batch broke off)",
                 ),
                 cursor: None,
             }))
@@ -266,7 +266,11 @@ impl Batcher {
                 SubjectAction::Verify => "verify",
             };
             self.metrics.batch_started(action, members.len());
-            run_batch(&key, members).await;
+            // Its own task: a batch that panics drops its members' replies (each then fails
+            // and retries) instead of taking this loop down, which would leave the key
+            // marked running and every later member of it waiting forever.
+            let batch_key = key.clone();
+            let _ = tokio::spawn(async move { run_batch(&batch_key, members).await }).await;
         }
     }
 }
@@ -350,7 +354,15 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
     let Some(work) = members.first().map(|w| w.work.clone()) else {
         return;
     };
-    if members.len() == 1 && key.at.is_none() {
+    // A lone member that carries counts (it restarts after a hold) runs as a batch of one,
+    // which keeps them; the one-subject step would start them from zero.
+    let fresh = members.first().is_some_and(|m| {
+        m.joining
+            .resume
+            .as_ref()
+            .is_none_or(|r| *r == MemberCursor::default())
+    });
+    if members.len() == 1 && key.at.is_none() && fresh {
         if let Some(alone) = members.into_iter().next() {
             run_alone(alone, &work).await;
         }
@@ -431,7 +443,12 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
                     &notices,
                 );
             } else if held.contains(&i) {
-                let restart = l.cursor(None);
+                // What it erased stays erased and counted; records found or left to verify
+                // are found again when it starts over, so those counts start from zero.
+                let restart = match work.action {
+                    SubjectAction::Erase => l.cursor(None),
+                    SubjectAction::Find | SubjectAction::Verify => MemberCursor::default().encode(),
+                };
                 l.finish(End::Held(restart), &notices);
             } else {
                 kept.push(l);
@@ -559,6 +576,8 @@ mod tests {
         hold_step: Option<Arc<Notify>>,
         /// Fail the step after the first.
         fail_second: bool,
+        /// Panic in the next batch step (then no more).
+        panic_once: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
@@ -601,6 +620,9 @@ mod tests {
         ) -> Result<BatchStep, backends::Error> {
             if let Some(gate) = &self.hold_step {
                 gate.notified().await;
+            }
+            if self.panic_once.swap(false, Ordering::SeqCst) {
+                panic!("a driver bug");
             }
             let ids = job.members.iter().map(|m| m.id.clone()).collect();
             self.steps.lock().unwrap().push(ids);
@@ -663,6 +685,10 @@ mod tests {
     }
 
     fn work(backend: Arc<Scripted>) -> Work {
+        work_for(backend, SubjectAction::Erase)
+    }
+
+    fn work_for(backend: Arc<Scripted>, action: SubjectAction) -> Work {
         Work {
             engine: Arc::new(Engine::new(4, Duration::from_secs(60), Fence::default())),
             backend,
@@ -671,7 +697,7 @@ mod tests {
                 {"name": "t", "store": "s", "redis": {"keyPattern": "k:*", "mode": "idle"}}
             ))
             .expect("a valid target"),
-            action: SubjectAction::Erase,
+            action,
             cancel: CancellationToken::new(),
             redact: |e| e.failure(),
         }
@@ -929,6 +955,101 @@ mod tests {
         assert!(steps.iter().all(|s| s.len() <= 2), "{steps:?}");
         assert_eq!(steps.iter().map(Vec::len).sum::<usize>(), 3);
         assert_eq!(steps[0][0], "urgent", "the nearest deadline goes first");
+    }
+
+    /// A batch that breaks off (a driver panics) answers its members with a failure they
+    /// retry, and the next batch of its key still runs.
+    #[tokio::test]
+    async fn a_batch_that_panics_fails_its_members_and_the_next_batch_of_its_key_runs() {
+        let backend = Arc::new(Scripted::default());
+        backend.panic_once.store(true, Ordering::SeqCst);
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
+        let cp = saved(&backend);
+        let first = ["a", "b"].map(|id| {
+            batcher.join(
+                key(None),
+                joining(id, false, cp.clone(), None),
+                work(backend.clone()),
+            )
+        });
+        for e in join_all(first).await.into_iter().map(end) {
+            assert!(
+                matches!(e.end, End::Failed { ref failure, cursor: None } if failure.reason == "BatchInterrupted"),
+                "{e:?}"
+            );
+        }
+        let next = ["c", "d"].map(|id| {
+            batcher.join(
+                key(None),
+                joining(id, false, cp.clone(), None),
+                work(backend.clone()),
+            )
+        });
+        let ends = tokio::time::timeout(Duration::from_secs(10), join_all(next))
+            .await
+            .expect("the key's next batch runs");
+        for e in ends.into_iter().map(end) {
+            assert_eq!(e.end, End::Done);
+            assert_eq!(e.count, 2);
+        }
+    }
+
+    /// A member that starts over alone after a hold, with what it erased before, keeps
+    /// those counts.
+    #[tokio::test]
+    async fn a_lone_member_starting_over_after_a_hold_keeps_its_counts() {
+        let backend = Arc::new(Scripted::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
+        let restart = MemberCursor {
+            at: None,
+            count: 5,
+            ..Default::default()
+        };
+        let outcome = batcher
+            .join(
+                key(None),
+                joining("a", false, saved(&backend), Some(restart)),
+                work(backend.clone()),
+            )
+            .await;
+        let e = end(outcome);
+        assert_eq!(e.end, End::Done);
+        assert_eq!(e.count, 5 + 2, "its counts before the hold and both steps'");
+    }
+
+    /// A member held while verifying starts over with no count: what it had found
+    /// remaining is found again on the next pass, and must not be counted twice.
+    #[tokio::test]
+    async fn a_member_held_while_verifying_starts_over_from_zero() {
+        let backend = Arc::new(Scripted::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
+        let resume = Some(MemberCursor {
+            at: Some("0".into()),
+            count: 3,
+            ..Default::default()
+        });
+        let verify = || BatchKey {
+            action: SubjectAction::Verify,
+            ..key(Some("0"))
+        };
+        let cp = saved(&backend);
+        let joins = [("a", false), ("b", true)].map(|(id, held)| {
+            batcher.join(
+                verify(),
+                joining(id, held, cp.clone(), resume.clone()),
+                work_for(backend.clone(), SubjectAction::Verify),
+            )
+        });
+        let ends: Vec<MemberEnd> = join_all(joins).await.into_iter().map(end).collect();
+        assert_eq!(ends[0].end, End::Done);
+        match &ends[1].end {
+            End::Held(cursor) => assert_eq!(
+                MemberCursor::decode(cursor),
+                Some(MemberCursor::default()),
+                "a verification starts over from no count"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

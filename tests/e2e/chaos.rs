@@ -56,8 +56,8 @@ use crate::support::operator_process::OperatorProcess;
 use crate::support::s3::{S3Server, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 
 const TOMBSTONE: &str = env!("CARGO_BIN_EXE_tombstone");
-/// Short Lease timings, so that takeovers happen within seconds.
-const OPERATOR_ARGS: &[&str] = &[
+/// Short Lease timings, so that takeovers happen within seconds, and the shortest steps.
+pub(crate) const OPERATOR_ARGS: &[&str] = &[
     "--lease-duration",
     "3s",
     "--renew-deadline",
@@ -67,6 +67,19 @@ const OPERATOR_ARGS: &[&str] = &[
     "--checkpoint-interval",
     "1s",
 ];
+/// A suspended policy (no sweep) of `user:*` keys in the DataStore `cache`, whose subject's
+/// keys are `user:{userId}:*`.
+pub(crate) async fn users_policy(client: &Client, ns: &str) {
+    let mut policy = policy_json(
+        "sessions",
+        "30d",
+        json!([{"name": "users", "store": "cache", "redis": {"keyPattern": "user:*"},
+                "subject": {"redis": {"keys": ["user:{userId}:*"]}}}]),
+    );
+    policy["spec"]["suspend"] = json!(true);
+    create::<RetentionPolicy>(client, ns, policy).await;
+}
+
 /// How long the work of one iteration may take, faults included.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a first Lease, a first sign of work or a takeover may take on a loaded machine.
@@ -463,14 +476,7 @@ async fn prepare(client: &Client, ns: &str, work: Work) -> Stores {
                 )
                 .await;
             } else {
-                let mut policy = policy_json(
-                    "sessions",
-                    "30d",
-                    json!([{"name": "users", "store": "cache", "redis": {"keyPattern": "user:*"},
-                            "subject": {"redis": {"keys": ["user:{userId}:*"]}}}]),
-                );
-                policy["spec"]["suspend"] = json!(true);
-                create::<RetentionPolicy>(client, ns, policy).await;
+                users_policy(client, ns).await;
                 create_subject_secret(client, ns, "dsr", json!({"userId": SUBJECT})).await;
                 request_erasure(client, ns, "dsr", "dsr").await;
             }

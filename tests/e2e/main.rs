@@ -7,6 +7,7 @@
 mod support;
 
 mod api_load;
+mod batch_faults;
 mod batched;
 mod bounded_steps;
 mod chaos;

@@ -279,6 +279,86 @@ async fn a_batch_counts_each_member_exactly_and_keeps_a_held_members_keys() {
     assert_eq!(count_keys(&mut conn, "tombstone:ledger:*").await, 0);
 }
 
+/// The members of `job` at `indices`, keeping their ids (as a batch resumes with some of its
+/// members).
+fn part(job: &BatchJob, indices: &[usize]) -> BatchJob {
+    BatchJob {
+        target: job.target.clone(),
+        action: job.action,
+        members: indices.iter().map(|&i| job.members[i].clone()).collect(),
+        gate: Arc::new(NoHolds),
+    }
+}
+
+/// The operator dies while a step's new position is being checkpointed: some members hold
+/// it, the others the position before, and they resume as two batches. The batch ahead goes
+/// on (past the ledger of the step the others repeat); the batch behind repeats that step
+/// and still counts what the lost attempt erased of its members.
+#[tokio::test]
+async fn members_resuming_from_two_checkpoints_of_one_step_each_count_exactly() {
+    let World {
+        server,
+        mut conn,
+        owners,
+        ..
+    } = World::new(false, 20_000).await;
+    let target = target(false);
+    let expected = [6, 100, 800, 2, 55];
+    let erase = job(&target, &owners, SubjectAction::Erase);
+    let step = |cursor: Option<String>| {
+        let (server, erase) = (&server, &erase);
+        async move {
+            backend(server)
+                .batch_step(erase, cursor.as_deref(), &budget(Duration::ZERO))
+                .await
+                .expect("a batch step")
+        }
+    };
+    // The run is named, then one SCAN page is erased: its result reaches members 0 and 2.
+    let Next::Continue(named) = step(None).await.next else {
+        panic!("an erase names its run first");
+    };
+    let first = step(Some(named.clone())).await;
+    let Next::Continue(ahead_at) = first.next.clone() else {
+        panic!("more than one page");
+    };
+    let (ahead, behind) = ([0, 2], [1, 3, 4]);
+    assert!(
+        behind.iter().any(|&i| first.members[i].count > 0),
+        "the lost attempt erased records of the members behind"
+    );
+    let (ahead_counts, _, _) = resume(
+        &server,
+        &part(&erase, &ahead),
+        Some(ahead_at),
+        Duration::ZERO,
+        |_| false,
+    )
+    .await;
+    let (behind_counts, _, _) = resume(
+        &server,
+        &part(&erase, &behind),
+        Some(named),
+        Duration::ZERO,
+        |_| false,
+    )
+    .await;
+    for (k, &i) in ahead.iter().enumerate() {
+        assert_eq!(
+            first.members[i].count + ahead_counts[k],
+            expected[i],
+            "member {i} (ahead)"
+        );
+    }
+    for (k, &i) in behind.iter().enumerate() {
+        assert_eq!(behind_counts[k], expected[i], "member {i} (behind)");
+    }
+    for o in &owners {
+        assert_eq!(keys_of(&mut conn, o).await, 0);
+    }
+    assert_eq!(count_keys(&mut conn, "tombstone:ledger:*").await, 0);
+}
+
 #[tokio::test]
 async fn zero_budget_steps_and_lost_steps_still_count_each_member_exactly() {
     // Enough keys under the scan pattern for several SCAN pages.

@@ -6,7 +6,9 @@
 //! count, written by the same script that removes the record), and reports what that ledger
 //! holds. A step repeated from an older cursor (the result of an earlier attempt was lost)
 //! has the same step number, so it reads the same ledger: what the lost attempt removed is
-//! counted, once, for the member it belonged to.
+//! counted, once, for the member it belonged to. The step after takes only its own members'
+//! entries out of that ledger: members of the same run whose checkpoint of it was lost
+//! resume apart from them (from the cursor before) and still find theirs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::LazyLock;
@@ -109,6 +111,9 @@ impl BatchPosition {
         })
     }
 }
+
+/// Member ids taken out of a ledger key per command.
+const RELEASE_CHUNK: usize = 1000;
 
 /// The name of the ledger step `step` of `run` records into (one key per slot on a
 /// cluster, see [`ledger::key`]): a hash of member id → records removed.
@@ -400,8 +405,11 @@ impl RedisBackend {
         let run = pos.run.clone().unwrap_or_default();
         if erase {
             if let Some(previous) = pos.step.checked_sub(1) {
-                // The step before this cursor is checkpointed, with what its ledger held.
-                self.remove_ledger(&before, &ledger_name(&run, previous))
+                // The step before this cursor is checkpointed, with what its ledger held, for
+                // these members; not for members of the run behind them (whose checkpoint
+                // was lost), who repeat that step and read their entries.
+                let ids: Vec<&str> = job.members.iter().map(|m| m.id.as_str()).collect();
+                self.release_ledger(&before, &ledger_name(&run, previous), &ids)
                     .await?;
             }
             if pos.phase == Phase::Done {
@@ -726,6 +734,40 @@ impl RedisBackend {
             }
         }
         Ok(hits)
+    }
+
+    /// Takes the entries of `ids` out of the ledger `name`; Redis removes a hash whose last
+    /// entry goes. On a cluster most slots have no ledger key: which exist is asked first.
+    async fn release_ledger(
+        &self,
+        topology: &Topology,
+        name: &str,
+        ids: &[&str],
+    ) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for node in topology.nodes.iter() {
+            for chunk in self.ledger_keys(node, name).chunks(super::LEDGER_CHUNK) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("EXISTS").arg(key);
+                }
+                let exists: Vec<bool> = self.on_node(node, &pipe).await?;
+                let mut pipe = redis::pipe();
+                let existing = chunk.iter().zip(exists).filter(|(_, e)| *e);
+                for (key, _) in existing {
+                    for some in ids.chunks(RELEASE_CHUNK) {
+                        pipe.cmd("HDEL").arg(key).arg(some).ignore();
+                    }
+                }
+                if pipe.cmd_iter().next().is_none() {
+                    continue;
+                }
+                let () = self.on_node(node, &pipe).await?;
+            }
+        }
+        Ok(())
     }
 
     /// What the ledger `name` holds, member id → records removed, all nodes together.

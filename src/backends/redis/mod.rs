@@ -1330,14 +1330,22 @@ impl RedisBackend {
                 for key in chunk {
                     pipe.cmd("UNLINK").arg(key).ignore();
                 }
-                self.limits.acquire(1).await;
-                let () = pipe
-                    .query_async(&mut node.conn.clone())
-                    .await
-                    .map_err(|e| map_error(e, &node.addr))?;
+                let () = self.on_node(node, &pipe).await?;
             }
         }
         Ok(())
+    }
+
+    /// Sends `pipe` to `node`, within the store's request rate.
+    async fn on_node<T: redis::FromRedisValue>(
+        &self,
+        node: &Node,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, Error> {
+        self.limits.acquire(1).await;
+        pipe.query_async(&mut node.conn.clone())
+            .await
+            .map_err(|e| map_error(e, &node.addr))
     }
 }
 

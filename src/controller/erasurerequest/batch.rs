@@ -71,15 +71,15 @@ pub(super) async fn join(
     resume: Option<MemberCursor>,
 ) -> Result<Result<SubjectStep, backends::Error>, ActionResult> {
     let request_namespace = member.request.namespace().unwrap_or_default();
-    let key = BatchKey {
-        store_key: member.store_key.to_string(),
-        target: format!(
-            "{}/{}/{}",
-            member.namespace, member.policy, member.target.name
-        ),
-        action: member.action,
-        at: resume.as_ref().and_then(|r| r.at.clone()),
-    };
+    let key = batch_key(
+        member.store_key,
+        backend_id(&member.backend),
+        member.namespace,
+        member.policy,
+        member.target,
+        member.action,
+        resume.as_ref(),
+    );
     let joining =
         Joining {
             member: BatchMember {
@@ -154,6 +154,39 @@ pub(super) async fn join(
     }
 }
 
+/// Which backend a member resolved its store to: the engine builds a new one when the
+/// DataStore's spec changes, and the members alive with one share its allocation.
+fn backend_id(backend: &Arc<dyn Backend>) -> usize {
+    Arc::as_ptr(backend).cast::<()>() as usize
+}
+
+/// The batch a target joins. The target's spec and the store's backend are part of it:
+/// requests that read their policy or DataStore before and after an edit must not share a
+/// pass, for the batch works every member with one spec and one connection (a member
+/// verified under another pattern, or on the server the DataStore named before, could pass
+/// while its records remain).
+fn batch_key(
+    store_key: &str,
+    backend: usize,
+    namespace: &str,
+    policy: &str,
+    target: &Target,
+    action: SubjectAction,
+    resume: Option<&MemberCursor>,
+) -> BatchKey {
+    use sha2::Digest;
+    // Plain data: serialising cannot fail; if it did, all such targets would share the key
+    // of their names alone, as before.
+    let spec = serde_json::to_string(target).unwrap_or_default();
+    let spec = hex::encode(&sha2::Sha256::digest(spec.as_bytes())[..8]);
+    BatchKey {
+        store_key: store_key.to_string(),
+        target: format!("{namespace}/{policy}/{}@{spec}#{backend:x}", target.name),
+        action,
+        at: resume.and_then(|r| r.at.clone()),
+    }
+}
+
 /// The holds bearing on one target of one request, read afresh (the list shared with the
 /// reconciles asking at the same moment, never older than the question): a hold on the
 /// subject or on the target's policy, in the request's namespace or the policy's; a hold
@@ -215,7 +248,8 @@ impl MemberCheckpoint for StatusCheckpoint {
                 cursor: cursor.to_string(),
             },
         );
-        self.ctx
+        let written = self
+            .ctx
             .apply_status(&self.api, &self.name, &*status)
             .await
             .map_err(|e| {
@@ -227,6 +261,61 @@ impl MemberCheckpoint for StatusCheckpoint {
                         e.reason()
                     ),
                 )
-            })
+            })?;
+        if written.metadata.deletion_timestamp.is_some() {
+            // Deleted: nothing more is started for it. It leaves the batch here, and its
+            // reconcile, no longer waiting, closes it with its receipt.
+            return Err(Failure::new(
+                backends::Category::Transient,
+                "RequestDeleted",
+                "the request is being deleted: its batch goes on without it",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(pattern: &str) -> Target {
+        serde_json::from_value(serde_json::json!({
+            "name": "sessions", "store": "cache",
+            "redis": {"keyPattern": pattern, "mode": "idle"},
+            "subject": {"redis": {"keys": ["session:{userId}:*"]}},
+        }))
+        .expect("a valid target")
+    }
+
+    /// Two requests that read one policy target, or its DataStore, before and after an edit
+    /// are not one batch; the same spec and backend at the same position is.
+    #[test]
+    fn the_batch_key_tells_a_target_or_store_edited_between_its_members_apart() {
+        let keyed = |t: &Target, at: Option<&str>, backend: usize| {
+            let resume = at.map(|a| MemberCursor {
+                at: Some(a.into()),
+                ..MemberCursor::default()
+            });
+            batch_key(
+                "shop/cache",
+                backend,
+                "shop",
+                "sessions",
+                t,
+                SubjectAction::Verify,
+                resume.as_ref(),
+            )
+        };
+        let key = |t: &Target, at: Option<&str>| keyed(t, at, 1);
+        let (before, after) = (target("session:*"), target("sess*"));
+        assert_eq!(key(&before, None), key(&before.clone(), None));
+        assert_ne!(key(&before, None), key(&after, None));
+        assert_ne!(key(&before, Some("1")), key(&before, None));
+        assert_ne!(
+            keyed(&before, None, 1),
+            keyed(&before, None, 2),
+            "the DataStore was edited between them"
+        );
     }
 }

@@ -220,7 +220,7 @@ pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<A
             ctx.apply_status(&api, &policy.name_any(), &status).await,
             invalid,
         ) {
-            (Ok(()), _) => {}
+            (Ok(_), _) => {}
             (Err(e), Some(message)) if refused_by_schema(&e) => {
                 // Stored before the schema was tightened (no validation ratcheting before
                 // Kubernetes 1.28): the API server refuses every status write on it. Say so
