@@ -29,7 +29,7 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,7 @@ use tombstone::engine::batch::BatchSettings;
 use tombstone::operator::{self, Options};
 
 use support::s3::S3Server;
+use support::scale::create_retrying;
 use support::{ControlPlane, RedisServer};
 
 const BUCKET: &str = "mail-archive";
@@ -146,41 +147,23 @@ async fn seed_redis(url: &str, keys: usize, subjects: usize) {
     let _: () = pipe.query_async(&mut conn).await.expect("SET");
 }
 
-async fn create<K>(api: &Api<K>, value: serde_json::Value)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(value).expect("valid object");
-    for attempt in 0.. {
-        match api.create(&PostParams::default(), &object).await {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 409 => return,
-            Err(e) if attempt < 5 => {
-                eprintln!("retrying a create: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("create failed: {e}"),
-        }
-    }
-}
-
 /// The stores and the policy with the two targets every request erases from.
 async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer, s3: &S3Server) {
     let stores: Api<DataStore> = Api::namespaced(client.clone(), ns);
-    create(
+    create_retrying(
         &stores,
         json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore",
         "metadata": {"name": "cache"}, "spec": {"redis": {"url": redis.url()}}}),
     )
     .await;
-    create(
+    create_retrying(
         &Api::<Secret>::namespaced(client.clone(), ns),
         json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "archive-creds"},
         "stringData": {"accessKeyId": "bench", "secretAccessKey": "bench"}}),
     )
     .await;
-    create(
+    create_retrying(
         &stores,
         json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore",
         "metadata": {"name": "archive"},
@@ -189,7 +172,7 @@ async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer, s3: &S3Serve
                  "insecure": true}}),
     )
     .await;
-    create(
+    create_retrying(
         &Api::<RetentionPolicy>::namespaced(client.clone(), ns),
         json!({
             "apiVersion": "tombstone.dev/v1alpha1", "kind": "RetentionPolicy",
@@ -224,11 +207,11 @@ async fn erase(
         .for_each_concurrent(32, |i| {
             let (secrets, requests) = (secrets.clone(), requests.clone());
             async move {
-                create(&secrets, json!({"apiVersion": "v1", "kind": "Secret",
+                create_retrying(&secrets, json!({"apiVersion": "v1", "kind": "Secret",
                     "metadata": {"name": format!("dsr-{i}"), "labels": {"tombstone.dev/subject-identifiers": "true"}},
                     "stringData": {"userId": user(i), "email": email(i)}}))
                 .await;
-                create(&requests, json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
+                create_retrying(&requests, json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
                     "metadata": {"name": format!("{run}-{i}"), "labels": {"run": run}},
                     "spec": {"subject": {"secretRef": {"name": format!("dsr-{i}")}},
                              "reason": "consentWithdrawn"}}))

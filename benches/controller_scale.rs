@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,7 @@ use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
 use support::request_log::RequestLog;
-use support::scale::handled;
+use support::scale::{create_retrying, handled};
 use support::{ControlPlane, RedisServer};
 
 const CREATE_CONCURRENCY: usize = 32;
@@ -39,25 +39,6 @@ fn status_kib(field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn create<K>(api: &Api<K>, value: serde_json::Value)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(value).expect("valid object");
-    // Retried: thousands of creates at once meet the odd 429 or timeout.
-    for attempt in 0.. {
-        match api.create(&PostParams::default(), &object).await {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 409 => return,
-            Err(e) if attempt < 5 => {
-                eprintln!("retrying a create: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("create failed: {e}"),
-        }
-    }
-}
-
 async fn create_all(client: &kube::Client, ns: &str, n: usize) {
     let policies: Api<RetentionPolicy> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
@@ -66,7 +47,7 @@ async fn create_all(client: &kube::Client, ns: &str, n: usize) {
         .for_each_concurrent(CREATE_CONCURRENCY, |i| {
             let (policies, secrets, requests) = (policies.clone(), secrets.clone(), requests.clone());
             async move {
-                create(&policies, json!({
+                create_retrying(&policies, json!({
                     "apiVersion": "tombstone.dev/v1alpha1", "kind": "RetentionPolicy",
                     "metadata": {"name": format!("p-{i}")},
                     "spec": {"purpose": "Keep shoppers logged in", "legalBasis": "contract",
@@ -77,13 +58,13 @@ async fn create_all(client: &kube::Client, ns: &str, n: usize) {
                                           "subject": {"redis": {"keys": [format!("p{i}:session:{{userId}}:*")]}}}]}
                 }))
                 .await;
-                create(&secrets, json!({
+                create_retrying(&secrets, json!({
                     "apiVersion": "v1", "kind": "Secret",
                     "metadata": {"name": format!("dsr-{i}"), "labels": {"tombstone.dev/subject-identifiers": "true"}},
                     "stringData": {"userId": format!("u-scale-{i}")}
                 }))
                 .await;
-                create(&requests, json!({
+                create_retrying(&requests, json!({
                     "apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
                     "metadata": {"name": format!("r-{i}")},
                     "spec": {"subject": {"secretRef": {"name": format!("dsr-{i}")}},
@@ -157,7 +138,7 @@ async fn main() {
     let client = plane.client();
     let ns = support::test_namespace(&client, "scale-bench").await;
     let redis = RedisServer::start();
-    create(
+    create_retrying(
         &Api::<DataStore>::namespaced(client.clone(), &ns),
         json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": "cache"},
                "spec": {"redis": {"url": redis.url()}}}),

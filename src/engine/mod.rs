@@ -150,21 +150,14 @@ impl Engine {
         cursor: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<SubjectStep, backends::Error> {
-        let _slot = self.job_slot(claim).await;
-        let (cancel, _stop_watching) = cancelled_by_either(cancel, self.fence.lost());
-        let budget = StepBudget {
-            max_time: self.checkpoint_interval,
-            cancel,
-            fence: self.fence.clone(),
+        let run = |budget: StepBudget| async move {
+            let result = backend.subject_step(job, cursor, &budget).await;
+            let unreachable = result.as_ref().map_or_else(is_unreachable, |s| {
+                s.failure.as_ref().is_some_and(is_unreachable)
+            });
+            (result, unreachable)
         };
-        budget.may_act()?;
-        let result = backend.subject_step(job, cursor, &budget).await;
-        let failure = match &result {
-            Ok(step) => step.failure.as_ref(),
-            Err(e) => Some(e),
-        };
-        self.forget_if_broken(store_key, failure);
-        result
+        self.fenced_step(claim, store_key, cancel, run).await
     }
 
     /// Runs one step of finding, erasing or verifying many subjects in one pass (a batch;
@@ -178,6 +171,29 @@ impl Engine {
         cursor: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<BatchStep, backends::Error> {
+        let run = |budget: StepBudget| async move {
+            let result = backend.batch_step(job, cursor, &budget).await;
+            let unreachable = result.as_ref().map_or_else(is_unreachable, |s| {
+                s.failure.as_ref().is_some_and(is_unreachable)
+            });
+            (result, unreachable)
+        };
+        self.fenced_step(claim, store_key, cancel, run).await
+    }
+
+    /// An erasure step: a job slot, a budget that ends at the next checkpoint once `cancel`
+    /// fires or leadership is lost, and a fresh connection next time for a store that could
+    /// not be reached (`run` says whether it could not).
+    async fn fenced_step<T, Fut>(
+        &self,
+        claim: Claim,
+        store_key: &str,
+        cancel: &CancellationToken,
+        run: impl FnOnce(StepBudget) -> Fut,
+    ) -> Result<T, backends::Error>
+    where
+        Fut: std::future::Future<Output = (Result<T, backends::Error>, bool)>,
+    {
         let _slot = self.job_slot(claim).await;
         let (cancel, _stop_watching) = cancelled_by_either(cancel, self.fence.lost());
         let budget = StepBudget {
@@ -186,12 +202,10 @@ impl Engine {
             fence: self.fence.clone(),
         };
         budget.may_act()?;
-        let result = backend.batch_step(job, cursor, &budget).await;
-        let failure = match &result {
-            Ok(step) => step.failure.as_ref(),
-            Err(e) => Some(e),
-        };
-        self.forget_if_broken(store_key, failure);
+        let (result, unreachable) = run(budget).await;
+        if unreachable {
+            self.forget(store_key);
+        }
         result
     }
 
@@ -201,6 +215,10 @@ impl Engine {
             self.forget(store_key);
         }
     }
+}
+
+fn is_unreachable(e: &backends::Error) -> bool {
+    matches!(e, backends::Error::Unreachable(_))
 }
 
 /// A token cancelled as soon as `first` or `second` is; watching stops when the guard is

@@ -1,4 +1,5 @@
-//! What the scale test and the scale benchmark count as handled.
+//! What the scale test and the scale benchmark count as handled, and how the benchmarks
+//! create thousands of objects.
 
 use kube::api::{Api, ListParams};
 use tombstone::api::erasurerequest::ErasurePhase;
@@ -50,4 +51,24 @@ pub async fn handled(client: &kube::Client, ns: &str) -> (usize, usize) {
     })
     .await;
     (policies, requests)
+}
+
+/// Creates `value` with `api`, retried: thousands of creates at once meet the odd 429 or
+/// timeout. One that exists already counts as created.
+pub async fn create_retrying<K>(api: &Api<K>, value: serde_json::Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value).expect("valid object");
+    for attempt in 0.. {
+        match api.create(&kube::api::PostParams::default(), &object).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => return,
+            Err(e) if attempt < 5 => {
+                eprintln!("retrying a create: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("create failed: {e}"),
+        }
+    }
 }
