@@ -144,7 +144,9 @@ async fn seed_redis(url: &str, keys: usize, subjects: usize) {
             queued = 0;
         }
     }
-    let _: () = pipe.query_async(&mut conn).await.expect("SET");
+    if queued > 0 {
+        let _: () = pipe.query_async(&mut conn).await.expect("SET");
+    }
 }
 
 /// The stores and the policy with the two targets every request erases from.
