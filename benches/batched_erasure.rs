@@ -161,7 +161,7 @@ async fn shop(client: &kube::Client, ns: &str, redis: &RedisServer, s3: &S3Serve
     create_retrying(
         &Api::<Secret>::namespaced(client.clone(), ns),
         json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "archive-creds"},
+        "metadata": {"name": "archive-creds", "labels": {"tombstone.dev/credentials": "true"}},
         "stringData": {"accessKeyId": "bench", "secretAccessKey": "bench"}}),
     )
     .await;
@@ -222,6 +222,7 @@ async fn erase(
         })
         .await;
     let by_run = ListParams::default().labels(&format!("run={run}"));
+    let mut last_report = Instant::now();
     loop {
         let list = requests.list(&by_run).await.expect("list requests");
         let done = list
@@ -246,6 +247,30 @@ async fn erase(
         assert!(failed.is_empty(), "requests failed: {failed:?}");
         if done == n {
             return started.elapsed();
+        }
+        if last_report.elapsed() > Duration::from_secs(30) {
+            // Where the slowest request is, so a stuck run says why.
+            last_report = Instant::now();
+            let waiting = list.items.iter().find(|r| {
+                r.status
+                    .as_ref()
+                    .is_none_or(|s| s.phase != ErasurePhase::Completed)
+            });
+            let why = waiting
+                .and_then(|r| r.status.as_ref())
+                .map(|s| {
+                    let targets: Vec<String> = s
+                        .targets
+                        .iter()
+                        .map(|t| format!("{}: {:?} {}", t.target, t.phase, t.message))
+                        .collect();
+                    format!("{:?} [{}]", s.phase, targets.join("; "))
+                })
+                .unwrap_or_else(|| "no status yet".into());
+            println!(
+                "    {run}: {done} of {n} completed after {:.0}s; one waiting: {why}",
+                started.elapsed().as_secs_f64()
+            );
         }
         assert!(
             started.elapsed() < Duration::from_secs(3600),
@@ -276,6 +301,28 @@ async fn with_operator<T>(
     let running = operator::start(client.clone(), options, shutdown.clone())
         .await
         .expect("operator starts");
+    // The stores are probed and Ready before any request is filed: the runs time erasures,
+    // not the operator's start.
+    let stores: Api<DataStore> = Api::namespaced(client.clone(), ns);
+    for name in ["cache", "archive"] {
+        let started = Instant::now();
+        loop {
+            let store = stores.get(name).await.expect("get DataStore");
+            let ready = store
+                .status
+                .as_ref()
+                .and_then(|s| tombstone::api::common::find_condition(&s.conditions, "Ready"))
+                .is_some_and(|c| c.status == tombstone::api::common::ConditionStatus::True);
+            if ready {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "DataStore {name} is not Ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let out = work.await;
     let erase = tombstone::metrics::ActionLabels {
         action: "erase".into(),
