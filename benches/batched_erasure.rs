@@ -40,7 +40,7 @@ use tombstone::engine::batch::BatchSettings;
 use tombstone::operator::{self, Options};
 
 use support::s3::S3Server;
-use support::scale::create_retrying;
+use support::scale::{create_retrying, Rng};
 use support::{ControlPlane, RedisServer};
 
 const BUCKET: &str = "mail-archive";
@@ -62,18 +62,6 @@ fn user(i: usize) -> String {
 
 fn email(i: usize) -> String {
     format!("subject-{i}@mail.example.org")
-}
-
-/// A small deterministic generator (xorshift64*), so every run writes the same logs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 /// Gzip JSON-lines mailer logs of about `megabytes` decoded, in archives of `ARCHIVE_MB`:

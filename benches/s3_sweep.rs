@@ -41,6 +41,7 @@ use tombstone::backends::s3::{S3Backend, S3Config, S3Credentials};
 use tombstone::backends::{identifier, Backend, Limits, Next, StepBudget, SweepJob};
 
 use support::s3::{S3Server, ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
+use support::scale::Rng;
 
 /// What the sweep selects.
 const PREFIX: &str = "logs/2025/";
@@ -417,18 +418,6 @@ async fn sweep_bench(objects: usize, rounds: usize) -> SweepResult {
 // ---------------------------------------------------------------------------------------
 // Records rewrite
 // ---------------------------------------------------------------------------------------
-
-/// A small deterministic generator (xorshift64*), so every run writes the same archive.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 struct Archive {
     /// Decoded bytes.

@@ -653,6 +653,18 @@ impl std::fmt::Debug for BatchMember {
 }
 
 impl BatchMember {
+    /// A member from `(type, value)` pairs (for tests).
+    #[cfg(test)]
+    pub(crate) fn of(id: &str, identifiers: &[(&str, &str)]) -> Self {
+        Self {
+            id: id.into(),
+            identifiers: identifiers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
     /// The member as a one-subject job (for locators a driver fills per subject).
     pub fn job(&self, batch: &BatchJob) -> SubjectJob {
         SubjectJob {

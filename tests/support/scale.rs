@@ -1,5 +1,5 @@
-//! What the scale test and the scale benchmark count as handled, and how the benchmarks
-//! create thousands of objects.
+//! What the scale test and the scale benchmark count as handled, how the benchmarks create
+//! thousands of objects, and the generator their data comes from.
 
 use kube::api::{Api, ListParams};
 use tombstone::api::erasurerequest::ErasurePhase;
@@ -70,5 +70,17 @@ where
             }
             Err(e) => panic!("create failed: {e}"),
         }
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so every run writes the same data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }

@@ -967,13 +967,7 @@ mod tests {
                 "setMembers": [{"key": "emails", "member": "{email}"}]}}}),
         )
         .expect("a target");
-        let member = |id: &str, ids: &[(&str, &str)]| crate::backends::BatchMember {
-            id: id.into(),
-            identifiers: ids
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
+        let member = crate::backends::BatchMember::of;
         let job = BatchJob {
             target,
             action: SubjectAction::Find,

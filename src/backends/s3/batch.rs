@@ -1132,13 +1132,7 @@ mod tests {
                 "records": {"prefix": "app/logs/", "field": "to", "equals": "{email}"}}}
         }))
         .unwrap();
-        let member = |id: &str, ids: &[(&str, &str)]| crate::backends::BatchMember {
-            id: id.into(),
-            identifiers: ids
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
+        let member = crate::backends::BatchMember::of;
         let job = BatchJob {
             target,
             action: SubjectAction::Find,
