@@ -162,7 +162,7 @@ pub struct MemberEnd {
     pub notices: Vec<Notice>,
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum End {
     /// Its records are found, erased or verified to the end.
     Done,
@@ -465,14 +465,7 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
                     None => End::Done,
                 };
                 for l in live {
-                    let end = match &end {
-                        End::Failed { failure, .. } => End::Failed {
-                            failure: failure.clone(),
-                            cursor: None,
-                        },
-                        _ => End::Done,
-                    };
-                    l.finish(end, &notices);
+                    l.finish(end.clone(), &notices);
                 }
                 return;
             }
