@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::join_all;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -266,11 +267,23 @@ impl Batcher {
                 SubjectAction::Verify => "verify",
             };
             self.metrics.batch_started(action, members.len());
+            let size = members.len();
+            let started = std::time::Instant::now();
             // Its own task: a batch that panics drops its members' replies (each then fails
             // and retries) instead of taking this loop down, which would leave the key
             // marked running and every later member of it waiting forever.
             let batch_key = key.clone();
-            let _ = tokio::spawn(async move { run_batch(&batch_key, members).await }).await;
+            let ran = tokio::spawn(async move { run_batch(&batch_key, members).await }).await;
+            // Names no member: the target (namespace/policy/target name) and sizes only.
+            tracing::info!(
+                target = %key.target,
+                action,
+                members = size,
+                steps = ran.as_ref().map_or(0, |r| r.steps),
+                checkpoint_ms = ran.as_ref().map_or(0, |r| r.checkpoints.as_millis()),
+                elapsed_ms = started.elapsed().as_millis(),
+                "batch ended"
+            );
         }
     }
 }
@@ -350,9 +363,17 @@ impl HoldGate for Gates {
     }
 }
 
-async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
+/// What a batch took: its store steps, and the time its members' checkpoints took.
+#[derive(Default)]
+struct BatchRun {
+    steps: usize,
+    checkpoints: Duration,
+}
+
+async fn run_batch(key: &BatchKey, members: Vec<Waiter>) -> BatchRun {
+    let mut ran = BatchRun::default();
     let Some(work) = members.first().map(|w| w.work.clone()) else {
-        return;
+        return ran;
     };
     // A lone member that carries counts (it restarts after a hold) runs as a batch of one,
     // which keeps them; the one-subject step would start them from zero.
@@ -365,8 +386,9 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
     if members.len() == 1 && key.at.is_none() && fresh {
         if let Some(alone) = members.into_iter().next() {
             run_alone(alone, &work).await;
+            ran.steps = 1;
         }
-        return;
+        return ran;
     }
     let mut live: Vec<Live> = members
         .into_iter()
@@ -378,6 +400,7 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
         })
         .collect();
     let mut at = key.at.clone();
+    let mut step_time = work.engine.checkpoint_interval;
     while !live.is_empty() {
         let job = BatchJob {
             target: work.target.clone(),
@@ -391,6 +414,7 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
             )),
         };
         let claim = earliest(&live);
+        ran.steps += 1;
         let result = work
             .engine
             .batch_step(
@@ -399,6 +423,7 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
                 work.backend.as_ref(),
                 &job,
                 at.as_deref(),
+                step_time,
                 &work.cancel,
             )
             .await;
@@ -416,7 +441,7 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
                         &[],
                     );
                 }
-                return;
+                return ran;
             }
         };
         let BatchStep {
@@ -467,18 +492,37 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
                 for l in live {
                     l.finish(end.clone(), &notices);
                 }
-                return;
+                return ran;
             }
             Next::Continue(c) => (c, Duration::ZERO),
             Next::Wait { cursor, poll_after } => (cursor, poll_after),
         };
-        // Every member's status holds the new position before the batch acts under it.
-        let saved = join_all(live.iter().map(|l| {
-            let cursor = l.cursor(Some(cursor.clone()));
-            let checkpoint = l.waiter.joining.checkpoint.clone();
-            async move { checkpoint.save(&cursor).await }
-        }))
-        .await;
+        // Erasing, every member's status holds the new position before the batch acts under
+        // it. Finding and verifying only read: a position lost in a restart is read again,
+        // so their members are not written between steps (a thousand writes a step).
+        let saved = if work.action == SubjectAction::Erase {
+            let checkpointing = std::time::Instant::now();
+            // A bounded number in flight: a thousand writes at once only queue in the API
+            // server (and past its in-flight limit are refused).
+            let writes: Vec<_> = live
+                .iter()
+                .map(|l| {
+                    let cursor = l.cursor(Some(cursor.clone()));
+                    let checkpoint = l.waiter.joining.checkpoint.clone();
+                    async move { checkpoint.save(&cursor).await }
+                })
+                .collect();
+            let saved: Vec<_> = futures::stream::iter(writes)
+                .buffered(CHECKPOINTS_IN_FLIGHT)
+                .collect()
+                .await;
+            let took = checkpointing.elapsed();
+            ran.checkpoints += took;
+            step_time = erase_step_time(work.engine.checkpoint_interval, took);
+            saved
+        } else {
+            live.iter().map(|_| Ok(())).collect()
+        };
         let mut kept = Vec::with_capacity(live.len());
         for (l, saved) in live.into_iter().zip(saved) {
             let here = l.cursor(Some(cursor.clone()));
@@ -512,6 +556,22 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) {
             }
         }
     }
+    ran
+}
+
+/// How many members' checkpoints are written at once.
+const CHECKPOINTS_IN_FLIGHT: usize = 32;
+
+/// The longest a batch's erase step may take.
+const MAX_BATCH_STEP: Duration = Duration::from_secs(60);
+
+/// How long a batch's next erase step may take: ten times what its members' checkpoints
+/// took, so that writing them stays under a tenth of the batch's time however many members
+/// it has, and never less than the operator's checkpoint interval.
+fn erase_step_time(interval: Duration, checkpoints_took: Duration) -> Duration {
+    checkpoints_took
+        .saturating_mul(10)
+        .clamp(interval, MAX_BATCH_STEP.max(interval))
 }
 
 /// The claim a batch's steps wait for a job slot with: its most urgent member's.
@@ -880,6 +940,51 @@ mod tests {
             );
         }
         assert!(cps[1].saved.lock().unwrap().is_empty());
+    }
+
+    /// Finding only reads: its members are not written between steps (a position lost in a
+    /// restart is read again), and each still ends with its own totals.
+    #[tokio::test]
+    async fn a_find_batch_writes_no_checkpoint_between_its_steps() {
+        let backend = Arc::new(Scripted::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
+        let cps: Vec<Arc<Saved>> = (0..2).map(|_| saved(&backend)).collect();
+        let find = BatchKey {
+            action: SubjectAction::Find,
+            ..key(None)
+        };
+        let joins = ["a", "b"].iter().zip(&cps).map(|(id, cp)| {
+            batcher.join(
+                find.clone(),
+                joining(id, false, cp.clone(), None),
+                work_for(backend.clone(), SubjectAction::Find),
+            )
+        });
+        let ends: Vec<MemberEnd> = join_all(joins).await.into_iter().map(end).collect();
+        assert_eq!(backend.steps.lock().unwrap().len(), 2, "two steps ran");
+        for (end, cp) in ends.iter().zip(&cps) {
+            assert_eq!(end.end, End::Done);
+            assert_eq!(end.count, 2);
+            assert!(cp.saved.lock().unwrap().is_empty());
+        }
+    }
+
+    /// An erase step lasts ten times what the checkpoints after the one before took, within
+    /// the operator's interval and a minute.
+    #[test]
+    fn erase_steps_grow_with_what_their_checkpoints_cost() {
+        let interval = Duration::from_secs(2);
+        assert_eq!(erase_step_time(interval, Duration::ZERO), interval);
+        assert_eq!(
+            erase_step_time(interval, Duration::from_millis(3_500)),
+            Duration::from_secs(35)
+        );
+        assert_eq!(
+            erase_step_time(interval, Duration::from_secs(3_600)),
+            MAX_BATCH_STEP
+        );
+        let long = Duration::from_secs(120);
+        assert_eq!(erase_step_time(long, Duration::from_secs(1)), long);
     }
 
     #[tokio::test]

@@ -157,11 +157,15 @@ impl Engine {
             });
             (result, unreachable)
         };
-        self.fenced_step(claim, store_key, cancel, run).await
+        self.fenced_step(claim, store_key, self.checkpoint_interval, cancel, run)
+            .await
     }
 
     /// Runs one step of finding, erasing or verifying many subjects in one pass (a batch;
-    /// see [`batch`]) on the store `store_key`; stops as [`Engine::subject_step`] does.
+    /// see [`batch`]) on the store `store_key`, for at most `max_time` (the batcher sets it:
+    /// its members' checkpoints after each step cost more the more members it has); stops as
+    /// [`Engine::subject_step`] does.
+    #[allow(clippy::too_many_arguments)]
     pub async fn batch_step(
         &self,
         claim: Claim,
@@ -169,6 +173,7 @@ impl Engine {
         backend: &dyn Backend,
         job: &BatchJob,
         cursor: Option<&str>,
+        max_time: Duration,
         cancel: &CancellationToken,
     ) -> Result<BatchStep, backends::Error> {
         let run = |budget: StepBudget| async move {
@@ -178,7 +183,8 @@ impl Engine {
             });
             (result, unreachable)
         };
-        self.fenced_step(claim, store_key, cancel, run).await
+        self.fenced_step(claim, store_key, max_time, cancel, run)
+            .await
     }
 
     /// An erasure step: a job slot, a budget that ends at the next checkpoint once `cancel`
@@ -188,6 +194,7 @@ impl Engine {
         &self,
         claim: Claim,
         store_key: &str,
+        max_time: Duration,
         cancel: &CancellationToken,
         run: impl FnOnce(StepBudget) -> Fut,
     ) -> Result<T, backends::Error>
@@ -197,7 +204,7 @@ impl Engine {
         let _slot = self.job_slot(claim).await;
         let (cancel, _stop_watching) = cancelled_by_either(cancel, self.fence.lost());
         let budget = StepBudget {
-            max_time: self.checkpoint_interval,
+            max_time,
             cancel,
             fence: self.fence.clone(),
         };
