@@ -17,11 +17,13 @@
 //! default 200, in archives of 10 MB), `BENCH_KEYS` (Redis keys, default 1,000,000),
 //! `BENCH_SERIAL` (requests of the one-at-a-time run, default 8). Every subject has 2
 //! session keys and 3 records in the logs. Needs the environment of `hack/setup.sh`
-//! (`KUBEBUILDER_ASSETS`), `redis-server` and moto.
+//! (`KUBEBUILDER_ASSETS`), `redis-server` and moto. `RUST_LOG=tombstone::engine::batch=info`
+//! logs every batch as it ends: its target, action, members, steps and checkpoint time.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,7 @@ use tombstone::controller::Settings;
 use tombstone::engine::batch::BatchSettings;
 use tombstone::operator::{self, Options};
 
+use support::request_log::{table, RequestLog};
 use support::s3::S3Server;
 use support::scale::{create_retrying, Rng};
 use support::{ControlPlane, RedisServer};
@@ -209,6 +212,12 @@ async fn erase(
             }
         })
         .await;
+    if n > 1 {
+        println!(
+            "    {run}: {n} requests filed in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let by_run = ListParams::default().labels(&format!("run={run}"));
     let mut last_report = Instant::now();
     loop {
@@ -268,12 +277,14 @@ async fn erase(
     }
 }
 
+/// Runs `work` with the operator in-process; returns its outcome, the erase batches and
+/// their members, and the operator's API requests by kind.
 async fn with_operator<T>(
     client: &kube::Client,
     ns: &str,
     batches: BatchSettings,
     work: impl std::future::Future<Output = T>,
-) -> (T, u64, u64) {
+) -> (T, u64, u64, BTreeMap<String, usize>) {
     let shutdown = CancellationToken::new();
     let options = Options {
         namespace: Some(ns.to_string()),
@@ -286,7 +297,8 @@ async fn with_operator<T>(
             ..Settings::default()
         },
     };
-    let running = operator::start(client.clone(), options, shutdown.clone())
+    let log = RequestLog::default();
+    let running = operator::start(log.client(), options, shutdown.clone())
         .await
         .expect("operator starts");
     // The stores are probed and Ready before any request is filed: the runs time erasures,
@@ -311,7 +323,9 @@ async fn with_operator<T>(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    let mark = log.len();
     let out = work.await;
+    let requests = log.since(mark);
     let erase = tombstone::metrics::ActionLabels {
         action: "erase".into(),
     };
@@ -323,11 +337,17 @@ async fn with_operator<T>(
         .get();
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(60), running.task).await;
-    (out, batches_run, members)
+    (out, batches_run, members, requests)
 }
 
 #[tokio::main]
 async fn main() {
+    // `RUST_LOG=tombstone::engine::batch=info` shows each batch as it ends.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
     let n = knob("BENCH_REQUESTS", 1000);
     let megabytes = knob("BENCH_LOGS_MB", 200);
     let keys = knob("BENCH_KEYS", 1_000_000);
@@ -358,14 +378,14 @@ async fn main() {
     shop(&client, &ns, &redis, &s3).await;
 
     let defaults = BatchSettings::default();
-    let (one, _, _) =
+    let (one, _, _, _) =
         with_operator(&client, &ns, defaults, erase(&client, &ns, "alone", 0..1)).await;
     println!(
         "  one request alone: Completed in {:.1}s",
         one.as_secs_f64()
     );
 
-    let (all, batches_run, members) = with_operator(
+    let (all, batches_run, members, requests) = with_operator(
         &client,
         &ns,
         defaults,
@@ -378,12 +398,17 @@ async fn main() {
         all.as_secs_f64(),
         all.as_secs_f64() / one.as_secs_f64()
     );
+    println!(
+        "    the operator's API requests meanwhile: {}\n{}",
+        requests.values().sum::<usize>(),
+        table(&requests)
+    );
 
     let one_at_a_time = BatchSettings {
         max_members: 1,
         ..defaults
     };
-    let (some, _, _) = with_operator(
+    let (some, _, _, _) = with_operator(
         &client,
         &ns,
         one_at_a_time,

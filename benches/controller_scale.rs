@@ -14,7 +14,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -27,7 +26,7 @@ use tombstone::api::{DataStore, ErasureRequest, RetentionPolicy};
 use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
-use support::request_log::RequestLog;
+use support::request_log::{table, RequestLog};
 use support::scale::{create_retrying, handled};
 use support::{ControlPlane, RedisServer};
 
@@ -117,14 +116,6 @@ async fn start(
 async fn stop(shutdown: CancellationToken, running: operator::Running) {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(60), running.task).await;
-}
-
-fn table(counts: &BTreeMap<String, usize>) -> String {
-    counts
-        .iter()
-        .map(|(kind, n)| format!("    {n:>7}  {kind}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[tokio::main]

@@ -73,6 +73,15 @@ impl RequestLog {
     }
 }
 
+/// Counts by kind as lines of a report, one kind a line.
+pub fn table(counts: &BTreeMap<String, usize>) -> String {
+    counts
+        .iter()
+        .map(|(kind, n)| format!("    {n:>7}  {kind}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// "VERB resource[/subresource]" of one request: `/api/v1/namespaces/ns/secrets/s` read with
 /// GET is `get secrets`; a GET of a collection is `list` (or `watch` with `watch=true`).
 pub fn request_kind(method: &http::Method, path: &str, query: &str) -> String {
