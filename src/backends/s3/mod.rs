@@ -285,13 +285,13 @@ impl S3Backend {
             .abandoned_before
             .unwrap_or_else(|| chrono::Utc::now() - intent::ABANDONED_AFTER);
         let own = intent::run_prefix(own_run);
-        let mut listing = sweep::Cursor {
-            versions: true,
-            ..Default::default()
-        };
+        let versioned = self.versioned().await?;
+        let mut listing = sweep::Cursor::default();
         let mut old = Vec::new();
         for _ in 0..intent::ABANDONED_PAGES {
-            let (entries, next) = self.list_versions(intent::INTENTS, &listing).await?;
+            let (entries, next) = self
+                .list_intents(intent::INTENTS, &listing, versioned)
+                .await?;
             for e in entries {
                 if !e.key.starts_with(&own) && e.last_modified.is_some_and(|t| t < before) {
                     old.push(object_id(&e.key, e.version_id.as_deref())?);
@@ -303,6 +303,24 @@ impl S3Backend {
             }
         }
         Ok(self.delete_batch(old).await?.deleted)
+    }
+
+    /// One page of the operator's intents under `prefix`. Where the bucket keeps versions (or
+    /// once did), intents may have older versions and delete markers: ListObjectVersions
+    /// lists them. Where it never did, ListObjectsV2 sees every intent there is, and is the
+    /// cheaper listing: some servers walk every version of the bucket for a version listing,
+    /// whatever its prefix.
+    async fn list_intents(
+        &self,
+        prefix: &str,
+        listing: &sweep::Cursor,
+        versioned: bool,
+    ) -> Result<(Vec<sweep::Entry>, Option<sweep::Cursor>), Error> {
+        if versioned {
+            self.list_versions(prefix, listing).await
+        } else {
+            self.list_objects(prefix, listing).await
+        }
     }
 
     /// [`Self::remove_abandoned_intents`], best effort: a failure is logged, the job goes on.
@@ -356,12 +374,13 @@ impl S3Backend {
     /// above its number), whose number it moves past them; those below it are removed.
     async fn lost_intents(&self, journal: &mut intent::Journal) -> Result<Vec<String>, Error> {
         let prefix = intent::run_prefix(&journal.run);
+        let versioned = self.versioned().await?;
         let mut listing = sweep::Cursor::default();
         let mut stale = Vec::new();
         let mut lost = Vec::new();
         let mut next_seq = journal.seq;
         loop {
-            let (entries, next) = self.list_versions(&prefix, &listing).await?;
+            let (entries, next) = self.list_intents(&prefix, &listing, versioned).await?;
             for entry in entries {
                 let Some(seq) = intent::seq_of(&journal.run, &entry.key) else {
                     continue;
