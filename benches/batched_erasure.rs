@@ -6,7 +6,10 @@
 //!   Completed, and its ratio to one request alone (goal: under 3);
 //! - requests one at a time (`--erasure-batch-size 1`, what the operator did before it
 //!   batched): the time of `BENCH_SERIAL` requests filed at once, per request, and what N
-//!   would take at that rate.
+//!   would take at that rate;
+//! - the API server's write ceiling (ConfigMaps created as fast as it takes them), and the
+//!   time the batched run's writes (the operator's and the benchmark's own creates) alone
+//!   need at that rate: the floor of the batched run on this machine.
 //!
 //! Run:
 //!
@@ -43,7 +46,7 @@ use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
 use support::s3::S3Server;
-use support::scale::{create_retrying, Rng};
+use support::scale::{create_retrying, write_ceiling, writes, Rng};
 use support::{ControlPlane, RedisServer};
 
 const BUCKET: &str = "mail-archive";
@@ -51,6 +54,8 @@ const LOGS: &str = "mail/logs/";
 const ARCHIVE_MB: usize = 10;
 const RECORDS_PER_SUBJECT: usize = 3;
 const KEYS_PER_SUBJECT: usize = 2;
+/// How many creates the benchmark has in flight when it files requests.
+const FILING_IN_FLIGHT: usize = 32;
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -197,7 +202,7 @@ async fn erase(
     let n = subjects.len();
     let started = Instant::now();
     futures::stream::iter(subjects)
-        .for_each_concurrent(32, |i| {
+        .for_each_concurrent(FILING_IN_FLIGHT, |i| {
             let (secrets, requests) = (secrets.clone(), requests.clone());
             async move {
                 create_retrying(&secrets, json!({"apiVersion": "v1", "kind": "Secret",
@@ -399,9 +404,19 @@ async fn main() {
         all.as_secs_f64() / one.as_secs_f64()
     );
     println!(
-        "    the operator's API requests meanwhile: {}\n{}",
+        "    the operator's API requests meanwhile: {}, {} of them writes\n{}",
         requests.values().sum::<usize>(),
+        writes(&requests),
         table(&requests)
+    );
+    // What the API server alone needs for those writes and the benchmark's own creates (a
+    // Secret and a request each), at its write ceiling measured now.
+    let rate = write_ceiling(&client, &ns, n, FILING_IN_FLIGHT).await;
+    let floor = (writes(&requests) + 2 * n) as f64 / rate;
+    println!(
+        "    the API server's write ceiling now: {rate:.0} writes/s; the run's {} writes alone take {floor:.1}s there, {:.0}% of the run",
+        writes(&requests) + 2 * n,
+        100.0 * floor / all.as_secs_f64()
     );
 
     let one_at_a_time = BatchSettings {

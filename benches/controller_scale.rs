@@ -27,7 +27,7 @@ use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
-use support::scale::{create_retrying, handled};
+use support::scale::{create_retrying, handled, write_ceiling, writes};
 use support::{ControlPlane, RedisServer};
 
 const CREATE_CONCURRENCY: usize = 32;
@@ -202,8 +202,15 @@ async fn main() {
         peak_rss / 1024
     );
     println!(
-        "  API requests of the first operator: {total}\n{}",
+        "  API requests of the first operator: {total}, {} of them writes\n{}",
+        writes(&counts),
         table(&counts)
+    );
+    // What the API server alone needs for those writes, at its write ceiling measured now.
+    let rate = write_ceiling(&client, &ns, n.min(5_000), 16).await;
+    println!(
+        "  the API server's write ceiling now: {rate:.0} writes/s (16 in flight); the first operator's writes alone take {:.0}s there",
+        writes(&counts) as f64 / rate
     );
 
     // A second operator over the same objects, with nothing due: it must write nothing.
@@ -231,15 +238,7 @@ async fn main() {
     let second = started.elapsed();
     stop(shutdown, running).await;
     let counts = log.since(0);
-    let writes: usize = counts
-        .iter()
-        .filter(|(kind, _)| {
-            !["get ", "list ", "watch "]
-                .iter()
-                .any(|v| kind.starts_with(v))
-        })
-        .map(|(_, n)| n)
-        .sum();
+    let writes = writes(&counts);
     println!(
         "  a second operator reconciled all {} objects in {:.1}s with {} requests, {writes} of them writes (goal: 0)\n{}",
         2 * n,

@@ -1,6 +1,10 @@
 //! What the scale test and the scale benchmark count as handled, how the benchmarks create
 //! thousands of objects, and the generator their data comes from.
 
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams};
 use tombstone::api::erasurerequest::ErasurePhase;
 use tombstone::api::{ErasureRequest, RetentionPolicy};
@@ -71,6 +75,49 @@ where
             Err(e) => panic!("create failed: {e}"),
         }
     }
+}
+
+/// The API server's write ceiling on this machine, now: `n` ConfigMaps created, `in_flight`
+/// at a time (each one write, as a status patch is), then deleted. Returns writes per
+/// second.
+pub async fn write_ceiling(client: &kube::Client, ns: &str, n: usize, in_flight: usize) -> f64 {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let started = std::time::Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(in_flight, |i| {
+            let maps = maps.clone();
+            async move {
+                create_retrying(
+                    &maps,
+                    serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": format!("ceiling-{i}"), "labels": {"ceiling": "true"}},
+                    "data": {"phase": "Completed"}}),
+                )
+                .await;
+            }
+        })
+        .await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = maps
+        .delete_collection(
+            &Default::default(),
+            &ListParams::default().labels("ceiling=true"),
+        )
+        .await;
+    rate
+}
+
+/// Writes: every request that is not a read.
+pub fn writes(requests: &BTreeMap<String, usize>) -> usize {
+    requests
+        .iter()
+        .filter(|(kind, _)| {
+            !["get ", "list ", "watch "]
+                .iter()
+                .any(|v| kind.starts_with(v))
+        })
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// A small deterministic generator (xorshift64*), so every run writes the same data.
