@@ -300,7 +300,7 @@ async fn main() {
         (
             RedisMode::Timestamp,
             "timestamp",
-            "HGET, then HGET + UNLINK in one script per page",
+            "HGET + UNLINK in one script per page",
         ),
     ] {
         let hashes = mode == RedisMode::Timestamp;

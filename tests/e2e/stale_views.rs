@@ -8,7 +8,9 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tombstone::backends::redis::{unlink_idle, unlink_unchanged, RedisBackend, RedisConfig};
+use tombstone::backends::redis::{
+    unlink_expired_hashes, unlink_idle, unlink_unchanged, JudgedHashes, RedisBackend, RedisConfig,
+};
 use tombstone::backends::{Backend, Limits, Next, StepBudget, SweepJob};
 use tombstone::leader::Fence;
 
@@ -369,4 +371,191 @@ async fn a_timestamp_sweep_deletes_through_the_script_behind_the_fence() {
         left += count_keys(&mut n, "h:*").await;
     }
     assert_eq!(left, 30, "the young hashes, on every primary");
+}
+
+async fn hset_raw(conn: &mut MultiplexedConnection, key: &str, value: &[u8]) {
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg(FIELD)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// The script judges whole seconds against the cutoff (to the nanosecond), hands back every
+/// other form of value, counts a missing field or a key of another type as unjudged, and a
+/// dry run deletes nothing.
+#[tokio::test]
+async fn the_reading_script_judges_whole_seconds_and_hands_back_the_rest() {
+    let server = RedisServer::start();
+    let mut conn = redis_conn(&server.url()).await;
+    let cutoff = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    hset_raw(&mut conn, "h:before", b"1699999999").await;
+    hset_raw(&mut conn, "h:at", b"1700000000").await;
+    hset_raw(&mut conn, "h:after", b"1700000100").await;
+    hset_raw(&mut conn, "h:zeros", b"001699999999").await;
+    hset_raw(&mut conn, "h:long", b"0001699999999").await;
+    hset_raw(&mut conn, "h:rfc", b"2023-11-14T22:13:19Z").await;
+    hset_raw(&mut conn, "h:empty", b"").await;
+    let _: () = redis::cmd("HSET")
+        .arg("h:missing")
+        .arg("other")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("h:string")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let keys: Vec<Vec<u8>> = [
+        "h:before",
+        "h:at",
+        "h:after",
+        "h:zeros",
+        "h:long",
+        "h:rfc",
+        "h:empty",
+        "h:missing",
+        "h:string",
+        "h:absent",
+    ]
+    .iter()
+    .map(|k| k.as_bytes().to_vec())
+    .collect();
+    let unread = vec![
+        (b"h:long".to_vec(), b"0001699999999".to_vec()),
+        (b"h:rfc".to_vec(), b"2023-11-14T22:13:19Z".to_vec()),
+        (b"h:empty".to_vec(), Vec::new()),
+    ];
+
+    let dry = unlink_expired_hashes(&mut conn, &keys, FIELD, cutoff, true, false, "0a1b2c")
+        .await
+        .unwrap();
+    let expected = JudgedHashes {
+        deleted: 2,
+        unjudged: 3,
+        oldest: Some(cutoff),
+        unread: unread.clone(),
+    };
+    assert_eq!(dry, expected);
+    assert!(exists(&mut conn, "h:before").await, "a dry run deleted");
+
+    // A cutoff half a second later: a time at its whole second is before it.
+    let later = cutoff + chrono::Duration::milliseconds(500);
+    let real = unlink_expired_hashes(&mut conn, &keys, FIELD, later, false, false, "0a1b2c")
+        .await
+        .unwrap();
+    let expected = JudgedHashes {
+        deleted: 3,
+        unjudged: 3,
+        oldest: chrono::DateTime::from_timestamp(1_700_000_100, 0),
+        unread,
+    };
+    assert_eq!(real, expected);
+    for (key, kept) in [
+        ("h:before", false),
+        ("h:at", false),
+        ("h:zeros", false),
+        ("h:after", true),
+        ("h:long", true),
+        ("h:rfc", true),
+        ("h:missing", true),
+        ("h:string", true),
+    ] {
+        assert_eq!(exists(&mut conn, key).await, kept, "{key}");
+    }
+    let ledger: u64 = redis::cmd("GET")
+        .arg("tombstone:ledger:0a1b2c")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ledger, 3, "the deletes are recorded in the ledger");
+}
+
+/// A sweep judges every form of timestamp as `parse_timestamp` reads it, whether the script
+/// or the operator parses it, and counts and reports what it cannot judge.
+#[tokio::test]
+async fn a_timestamp_sweep_judges_every_form_of_timestamp() {
+    let old = chrono::Utc::now().timestamp() - 90 * 86_400;
+    let young = chrono::Utc::now().timestamp() - 86_400;
+    let rfc = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .unwrap()
+            .to_rfc3339()
+            .into_bytes()
+    };
+    let server = RedisServer::start();
+    let mut conn = redis_conn(&server.url()).await;
+    let deleted = [
+        ("h:secs", old.to_string().into_bytes()),
+        ("h:zeros", format!("000{old}").into_bytes()),
+        ("h:float", format!("{old}.5").into_bytes()),
+        ("h:spaced", format!(" {old} ").into_bytes()),
+        ("h:negative", b"-5".to_vec()),
+        ("h:rfc", rfc(old)),
+    ];
+    let kept = [
+        ("h:young", young.to_string().into_bytes()),
+        ("h:young-rfc", rfc(young - 60)),
+    ];
+    let unjudged = [
+        ("h:huge", b"99999999999999999999".to_vec()),
+        ("h:text", b"yesterday".to_vec()),
+        ("h:empty", Vec::new()),
+        ("h:binary", vec![0xff, 0xfe, b'1']),
+    ];
+    for (key, value) in deleted.iter().chain(&kept).chain(&unjudged) {
+        hset_raw(&mut conn, key, value).await;
+    }
+    let _: () = redis::cmd("HSET")
+        .arg("h:missing")
+        .arg("other")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let backend = RedisBackend::new(
+        RedisConfig {
+            url: server.url(),
+            password: None,
+            cluster: false,
+        },
+        Limits::default(),
+    );
+    let (job, mut cursor) = (timestamp_job(), None::<String>);
+    let (mut removed, mut unread, mut oldest) = (0, 0, None);
+    loop {
+        let step = backend
+            .sweep_step(&job, cursor.as_deref(), &budget(leading()))
+            .await
+            .expect("sweep step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        removed += step.deleted;
+        unread += step.unjudged;
+        oldest = match (oldest, step.oldest_remaining) {
+            (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+            (a, b) => a.or(b),
+        };
+        match step.next {
+            Next::Done => break,
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+        }
+    }
+    assert_eq!(removed as usize, deleted.len());
+    assert_eq!(unread as usize, unjudged.len() + 1, "the unjudged hashes");
+    assert_eq!(
+        oldest.map(|t| t.timestamp()),
+        Some(young - 60),
+        "the oldest kept"
+    );
+    for (key, _) in &deleted {
+        assert!(!exists(&mut conn, key).await, "{key} kept");
+    }
+    for (key, _) in kept.iter().chain(&unjudged) {
+        assert!(exists(&mut conn, key).await, "{key} deleted");
+    }
 }

@@ -572,7 +572,7 @@ impl PageJob {
                     select(keys, ttls, |ttl| ttl == -1 || ttl > retention_ms).len() as u64
                 } else {
                     // Judged, recorded in the ledger and bounded in one script per slot.
-                    self.limits.acquire(2 * keys.len() as u32).await;
+                    self.limits.acquire(per_key(keys.len(), 2)).await;
                     self.may_act()?;
                     keys_per_slot(
                         &mut self.conn,
@@ -589,7 +589,7 @@ impl PageJob {
             RedisMode::Idle => {
                 // The idle check and the delete happen atomically on the server (a key touched
                 // in between is never deleted), and a dry run runs the very same check.
-                self.limits.acquire(2 * keys.len() as u32).await;
+                self.limits.acquire(per_key(keys.len(), 2)).await;
                 self.may_act()?;
                 unlink_idle(
                     &mut self.conn,
@@ -603,38 +603,42 @@ impl PageJob {
                 .map_err(|e| idle_error(e, &addr))?
             }
             RedisMode::Timestamp => {
-                let mut pipe = redis::pipe();
-                for key in &keys {
-                    pipe.cmd("HGET").arg(key).arg(&self.timestamp_field);
-                }
-                pipe.ignore_errors();
-                self.limits.acquire(keys.len() as u32).await;
-                // A key that is not a hash (WRONGTYPE) has no timestamp and is left alone.
-                let values: Vec<RedisResult<Option<String>>> =
-                    pipe.query_async(&mut self.conn).await.map_err(err)?;
-                let cutoff = self.cutoff;
-                let (mut unjudged, mut oldest) = (0u64, None::<DateTime<Utc>>);
+                // Read, judged and (when expired) deleted in one script per slot, so a hash
+                // refreshed meanwhile is never deleted; a dry run runs the very same check.
+                self.limits.acquire(per_key(keys.len(), 2)).await;
+                self.may_act()?;
+                let judged = unlink_expired_hashes(
+                    &mut self.conn,
+                    &keys,
+                    &self.timestamp_field,
+                    self.cutoff,
+                    self.dry_run,
+                    self.cluster,
+                    &self.run,
+                )
+                .await
+                .map_err(err)?;
+                let (mut unjudged, mut oldest) = (judged.unjudged, judged.oldest);
+                // What the script could not read as whole seconds is parsed here, and deleted
+                // by a second script only if it still holds the value judged.
                 let mut expired: Vec<(Vec<u8>, String)> = Vec::new();
-                for (key, value) in keys.into_iter().zip(values) {
-                    let Some(value) = value.ok().flatten() else {
-                        // Never deleted, never called young: counted and reported.
-                        unjudged += 1;
-                        continue;
-                    };
-                    match parse_timestamp(&value) {
-                        Some(t) if t < cutoff => expired.push((key, value)),
+                for (key, value) in judged.unread {
+                    let value = String::from_utf8(value).ok();
+                    match value.as_deref().and_then(parse_timestamp) {
+                        Some(t) if t < self.cutoff => {
+                            expired.extend(value.map(|value| (key, value)));
+                        }
                         Some(t) => oldest = Some(oldest.map_or(t, |o| o.min(t))),
-                        None => unjudged += 1,
+                        // Never deleted, never called young: counted and reported.
+                        None => unjudged = unjudged.saturating_add(1),
                     }
                 }
                 counts.unjudged = unjudged;
                 counts.oldest = oldest;
-                if self.dry_run || expired.is_empty() {
+                let later = if self.dry_run || expired.is_empty() {
                     expired.len() as u64
                 } else {
-                    // The delete is conditional on the server: a hash whose timestamp changed
-                    // since it was read (refreshed in between) is kept.
-                    self.limits.acquire(2 * expired.len() as u32).await;
+                    self.limits.acquire(per_key(expired.len(), 2)).await;
                     self.may_act()?;
                     unlink_unchanged(
                         &mut self.conn,
@@ -645,7 +649,8 @@ impl PageJob {
                     )
                     .await
                     .map_err(err)?
-                }
+                };
+                judged.deleted.saturating_add(later)
             }
         };
         counts.deleted = deleted;
@@ -677,7 +682,7 @@ impl PageJob {
         for key in keys {
             pipe.cmd(command[0]).arg(&command[1..]).arg(key).arg(args);
         }
-        self.limits.acquire(keys.len() as u32).await;
+        self.limits.acquire(per_key(keys.len(), 1)).await;
         if matches!(command[0], "EXPIRE" | "PEXPIRE" | "UNLINK") {
             self.may_act()?;
         }
@@ -685,6 +690,11 @@ impl PageJob {
             .await
             .map_err(|e| map_error(e, &self.addr))
     }
+}
+
+/// What acting on `keys` keys costs against the store's request rate, `each` per key.
+fn per_key(keys: usize, each: u32) -> u32 {
+    u32::try_from(keys).unwrap_or(u32::MAX).saturating_mul(each)
 }
 
 /// A destructive script: [`ledger::LUA_SETTLE`] and then `body`. `KEYS[1]` is the run's
@@ -749,6 +759,47 @@ return #expired
 ",
     )
 });
+
+/// Mode timestamp: reads field ARGV[3] of every hash `KEYS[2..]` and unlinks (or, with
+/// ARGV[2] = 1, only counts) those whose value, a whole number of seconds since the epoch, is
+/// below ARGV[4], recording them in the ledger first. Returns `{deleted, unjudged, 1 if a kept
+/// hash was read, its oldest time, {key, value, …}}`, the last being the values it leaves to
+/// the caller: any other form of timestamp. A missing field or a key of another type is
+/// unjudged. Reading and deleting in one script, a hash refreshed meanwhile is never deleted.
+const TIMESTAMP_SOURCE: &str = r"
+local field, limit = ARGV[3], tonumber(ARGV[4])
+local expired, seen, unread = {}, {}, {}
+local unjudged, oldest = 0, nil
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  if not seen[key] then
+    seen[key] = true
+    local value = redis.pcall('HGET', key, field)
+    if type(value) ~= 'string' then
+      unjudged = unjudged + 1
+    elseif #value <= 12 and string.find(value, '^%d+$') then
+      local at = tonumber(value)
+      if at < limit then
+        expired[#expired + 1] = key
+      elseif not oldest or at < oldest then
+        oldest = at
+      end
+    else
+      unread[#unread + 1] = key
+      unread[#unread + 1] = value
+    end
+  end
+end
+if ARGV[2] ~= '1' then
+  settle(#expired)
+  for first = 1, #expired, 1000 do
+    redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
+  end
+end
+return {#expired, unjudged, oldest and 1 or 0, oldest or 0, unread}
+";
+static TIMESTAMP_JUDGE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| ledger_script(TIMESTAMP_SOURCE));
 
 /// Mode expire: gives the keys `KEYS[2..]` without a TTL, or with one longer than ARGV[2]
 /// milliseconds, a TTL of ARGV[2] milliseconds, recording them in the ledger first; returns
@@ -868,10 +919,10 @@ pub(crate) async fn keys_per_slot(
     run: &str,
     args: &[i64],
 ) -> RedisResult<u64> {
-    let entries: Vec<(Vec<u8>, ())> = keys.iter().map(|k| (k.clone(), ())).collect();
+    let entries: Vec<(&[u8], ())> = keys.iter().map(|k| (k.as_slice(), ())).collect();
     per_slot(conn, script, &entries, cluster, run, |invocation, group| {
         for (key, ()) in group {
-            invocation.key(key);
+            invocation.key(*key);
         }
         for arg in args {
             invocation.arg(*arg);
@@ -906,20 +957,101 @@ pub async fn unlink_unchanged(
     .await
 }
 
-/// Runs `script` over `entries` and adds up the counts it returns. On a cluster node a script
-/// may only touch keys of one slot, so the entries are grouped by slot, one script per group
-/// (`fill` sets its keys and arguments after the ledger key of `run` in the group's slot and
-/// the ledger's time to live), all in one pipeline.
-pub(crate) async fn per_slot<T>(
+/// One reply of [`TIMESTAMP_SOURCE`]: deleted, unjudged, whether a kept hash was read, the
+/// oldest time kept, and the keys and values left to the caller.
+type TimestampReply = (u64, u64, u8, i64, Vec<Vec<u8>>);
+
+/// What [`unlink_expired_hashes`] did to a page of hashes.
+#[derive(Debug, Default, PartialEq)]
+pub struct JudgedHashes {
+    /// Deleted (in a dry run: would be).
+    pub deleted: u64,
+    /// Without a timestamp: the field missing, or not a hash.
+    pub unjudged: u64,
+    /// The oldest timestamp among the hashes kept.
+    pub oldest: Option<DateTime<Utc>>,
+    /// Hashes whose field holds another form of timestamp, with that value, left to the
+    /// caller to judge.
+    pub unread: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Mode timestamp: reads `field` of every hash of `keys`, and unlinks those holding a time in
+/// whole seconds before `cutoff`, read, judged, recorded in the ledger of `run` and deleted
+/// atomically on the server (a dry run only counts them). Values in any other form are
+/// handed back in [`JudgedHashes::unread`].
+pub async fn unlink_expired_hashes(
     conn: &mut MultiplexedConnection,
-    script: &redis::Script,
-    entries: &[(Vec<u8>, T)],
+    keys: &[Vec<u8>],
+    field: &str,
+    cutoff: DateTime<Utc>,
+    dry_run: bool,
     cluster: bool,
     run: &str,
-    fill: impl Fn(&mut redis::ScriptInvocation<'_>, &[&(Vec<u8>, T)]),
+) -> RedisResult<JudgedHashes> {
+    // Whole seconds below the limit are exactly the times before the cutoff.
+    let limit = cutoff
+        .timestamp()
+        .saturating_add(i64::from(cutoff.timestamp_subsec_nanos() > 0));
+    let entries: Vec<(&[u8], ())> = keys.iter().map(|k| (k.as_slice(), ())).collect();
+    let replies: Vec<TimestampReply> = per_slot_replies(
+        conn,
+        &TIMESTAMP_JUDGE_SCRIPT,
+        &entries,
+        cluster,
+        run,
+        |invocation, group| {
+            for (key, ()) in group {
+                invocation.key(*key);
+            }
+            invocation.arg(i64::from(dry_run)).arg(field).arg(limit);
+        },
+    )
+    .await?;
+    let mut judged = JudgedHashes::default();
+    for (deleted, unjudged, kept, oldest, unread) in replies {
+        judged.deleted = judged.deleted.saturating_add(deleted);
+        judged.unjudged = judged.unjudged.saturating_add(unjudged);
+        if let Some(t) = (kept == 1)
+            .then(|| DateTime::from_timestamp(oldest, 0))
+            .flatten()
+        {
+            judged.oldest = Some(judged.oldest.map_or(t, |o| o.min(t)));
+        }
+        let mut unread = unread.into_iter();
+        while let (Some(key), Some(value)) = (unread.next(), unread.next()) {
+            judged.unread.push((key, value));
+        }
+    }
+    Ok(judged)
+}
+
+/// Runs `script` over `entries` and adds up the counts it returns (see [`per_slot_replies`]).
+pub(crate) async fn per_slot<K: AsRef<[u8]>, T>(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    entries: &[(K, T)],
+    cluster: bool,
+    run: &str,
+    fill: impl Fn(&mut redis::ScriptInvocation<'_>, &[&(K, T)]),
 ) -> RedisResult<u64> {
+    let counts: Vec<u64> = per_slot_replies(conn, script, entries, cluster, run, fill).await?;
+    Ok(counts.iter().fold(0u64, |a, &b| a.saturating_add(b)))
+}
+
+/// Runs `script` over `entries`; returns its replies. On a cluster node a script may only
+/// touch keys of one slot, so the entries are grouped by slot, one script per group (`fill`
+/// sets its keys and arguments after the ledger key of `run` in the group's slot and the
+/// ledger's time to live), all in one pipeline.
+pub(crate) async fn per_slot_replies<K: AsRef<[u8]>, T, R: redis::FromRedisValue>(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    entries: &[(K, T)],
+    cluster: bool,
+    run: &str,
+    fill: impl Fn(&mut redis::ScriptInvocation<'_>, &[&(K, T)]),
+) -> RedisResult<Vec<R>> {
     if entries.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let invocations: Vec<redis::ScriptInvocation<'_>> = script_groups(entries, cluster)
         .iter()
@@ -928,7 +1060,7 @@ pub(crate) async fn per_slot<T>(
             let slot = group
                 .first()
                 .filter(|_| cluster)
-                .map(|(key, _)| ledger::slot_of(key));
+                .map(|(key, _)| ledger::slot_of(key.as_ref()));
             invocation.key(ledger::key(run, slot)).arg(ledger::TTL_SECS);
             fill(&mut invocation, group);
             invocation
@@ -939,20 +1071,19 @@ pub(crate) async fn per_slot<T>(
     for invocation in &invocations {
         pipe.invoke_script(invocation);
     }
-    let counts: Vec<u64> = pipe.query_async(conn).await?;
-    Ok(counts.iter().fold(0u64, |a, &b| a.saturating_add(b)))
+    pipe.query_async(conn).await
 }
 
 /// The keys each script call may touch, in the order given: all of them on a standalone
 /// server; on a cluster node, one group per hash slot.
-fn script_groups<T>(entries: &[(Vec<u8>, T)], cluster: bool) -> Vec<Vec<&(Vec<u8>, T)>> {
+fn script_groups<K: AsRef<[u8]>, T>(entries: &[(K, T)], cluster: bool) -> Vec<Vec<&(K, T)>> {
     if !cluster {
         return vec![entries.iter().collect()];
     }
-    let mut groups: Vec<Vec<&(Vec<u8>, T)>> = Vec::new();
+    let mut groups: Vec<Vec<&(K, T)>> = Vec::new();
     let mut by_slot = std::collections::HashMap::new();
     for entry in entries {
-        let slot = redis::cluster_routing::Slot::for_key(&entry.0);
+        let slot = redis::cluster_routing::Slot::for_key(entry.0.as_ref());
         let index = *by_slot.entry(slot).or_insert_with(|| {
             groups.push(Vec::new());
             groups.len() - 1
