@@ -277,22 +277,40 @@ fn timestamp_job() -> SweepJob {
     }
 }
 
-/// Runs a sweep to its end; returns the keys deleted.
-async fn sweep(backend: &RedisBackend) -> u64 {
-    let (job, mut cursor, mut deleted) = (timestamp_job(), None::<String>, 0);
+/// What a sweep did, all its steps together.
+#[derive(Default)]
+struct Swept {
+    deleted: u64,
+    unjudged: u64,
+    oldest: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Runs `job` to its end.
+async fn sweep_job(backend: &RedisBackend, job: &SweepJob) -> Swept {
+    let (mut cursor, mut swept) = (None::<String>, Swept::default());
     for _ in 0..100 {
         let step = backend
-            .sweep_step(&job, cursor.as_deref(), &budget(leading()))
+            .sweep_step(job, cursor.as_deref(), &budget(leading()))
             .await
             .expect("sweep step");
         assert!(step.failure.is_none(), "{:?}", step.failure);
-        deleted += step.deleted;
+        swept.deleted += step.deleted;
+        swept.unjudged += step.unjudged;
+        swept.oldest = match (swept.oldest, step.oldest_remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match step.next {
-            Next::Done => return deleted,
+            Next::Done => return swept,
             Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
         }
     }
     panic!("the sweep did not finish");
+}
+
+/// Runs a timestamp sweep to its end; returns the keys deleted.
+async fn sweep(backend: &RedisBackend) -> u64 {
+    sweep_job(backend, &timestamp_job()).await.deleted
 }
 
 /// The sweep itself deletes through the conditional script (on a standalone server and,
@@ -508,6 +526,7 @@ async fn a_timestamp_sweep_judges_every_form_of_timestamp() {
         ("h:empty", Vec::new()),
         ("h:binary", vec![0xff, 0xfe, b'1']),
     ];
+    let backend = standalone(&server);
     for (key, value) in deleted.iter().chain(&kept).chain(&unjudged) {
         hset_raw(&mut conn, key, value).await;
     }
@@ -518,37 +537,15 @@ async fn a_timestamp_sweep_judges_every_form_of_timestamp() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let backend = RedisBackend::new(
-        RedisConfig {
-            url: server.url(),
-            password: None,
-            cluster: false,
-        },
-        Limits::default(),
-    );
-    let (job, mut cursor) = (timestamp_job(), None::<String>);
-    let (mut removed, mut unread, mut oldest) = (0, 0, None);
-    loop {
-        let step = backend
-            .sweep_step(&job, cursor.as_deref(), &budget(leading()))
-            .await
-            .expect("sweep step");
-        assert!(step.failure.is_none(), "{:?}", step.failure);
-        removed += step.deleted;
-        unread += step.unjudged;
-        oldest = match (oldest, step.oldest_remaining) {
-            (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
-            (a, b) => a.or(b),
-        };
-        match step.next {
-            Next::Done => break,
-            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
-        }
-    }
-    assert_eq!(removed as usize, deleted.len());
-    assert_eq!(unread as usize, unjudged.len() + 1, "the unjudged hashes");
+    let swept = sweep_job(&backend, &timestamp_job()).await;
+    assert_eq!(swept.deleted as usize, deleted.len());
     assert_eq!(
-        oldest.map(|t| t.timestamp()),
+        swept.unjudged as usize,
+        unjudged.len() + 1,
+        "the unjudged hashes"
+    );
+    assert_eq!(
+        swept.oldest.map(|t| t.timestamp()),
         Some(young - 60),
         "the oldest kept"
     );
@@ -558,4 +555,71 @@ async fn a_timestamp_sweep_judges_every_form_of_timestamp() {
     for (key, _) in kept.iter().chain(&unjudged) {
         assert!(exists(&mut conn, key).await, "{key} deleted");
     }
+}
+
+fn standalone(server: &RedisServer) -> RedisBackend {
+    RedisBackend::new(
+        RedisConfig {
+            url: server.url(),
+            password: None,
+            cluster: false,
+        },
+        Limits::default(),
+    )
+}
+
+fn expire_job(retention: &str) -> SweepJob {
+    SweepJob {
+        target: serde_json::from_value(json!({"name": "t", "store": "s",
+            "redis": {"keyPattern": "e:*", "mode": "expire"}}))
+        .unwrap(),
+        retention: retention.parse().unwrap(),
+        dry_run: false,
+        cutoff: chrono::Utc::now(),
+        held: Default::default(),
+    }
+}
+
+async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query_async(conn).await.unwrap()
+}
+
+/// Mode expire bounds exactly the keys without a TTL or with a longer one, counts each once
+/// (a second sweep counts nothing) and leaves no ledger behind.
+#[tokio::test]
+async fn an_expire_sweep_bounds_and_counts_each_key_once() {
+    let server = RedisServer::start();
+    let mut conn = redis_conn(&server.url()).await;
+    let mut pipe = redis::pipe();
+    for i in 0..40 {
+        pipe.cmd("SET").arg(format!("e:none:{i}")).arg("v").ignore();
+        pipe.cmd("SET")
+            .arg(format!("e:long:{i}"))
+            .arg("v")
+            .arg("EX")
+            .arg(86_400)
+            .ignore();
+        pipe.cmd("SET")
+            .arg(format!("e:short:{i}"))
+            .arg("v")
+            .arg("EX")
+            .arg(60)
+            .ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let backend = standalone(&server);
+
+    assert_eq!(sweep_job(&backend, &expire_job("1h")).await.deleted, 80);
+    for key in ["e:none:3", "e:long:3"] {
+        let left = pttl(&mut conn, key).await;
+        assert!(left > 0 && left <= 3_600_000, "{key}: {left}");
+    }
+    assert!(pttl(&mut conn, "e:short:3").await <= 60_000, "lengthened");
+    assert_eq!(
+        sweep_job(&backend, &expire_job("1h")).await.deleted,
+        0,
+        "a bounded key counted again"
+    );
+    let ledgers = count_keys(&mut conn, "tombstone:ledger:*").await;
+    assert_eq!(ledgers, 0, "a run's ledger outlived it");
 }

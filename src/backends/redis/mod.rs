@@ -419,6 +419,7 @@ impl RedisBackend {
             fence: budget.fence.clone(),
             held: held.clone(),
             run: run.to_string(),
+            expire_lt: node.major_version >= 7,
         };
         let only_hashes = target.mode == RedisMode::Timestamp && node.major_version >= 6;
         let concurrency = self.limits.concurrency.max(1);
@@ -511,6 +512,8 @@ struct PageJob {
     held: std::sync::Arc<Vec<String>>,
     /// The run whose ledger records every destructive batch (unused in a dry run).
     run: String,
+    /// The server knows `PEXPIRE … LT` (Redis 7+).
+    expire_lt: bool,
 }
 
 /// The counts of one page (and, added up, of one node).
@@ -574,9 +577,14 @@ impl PageJob {
                     // Judged, recorded in the ledger and bounded in one script per slot.
                     self.limits.acquire(per_key(keys.len(), 2)).await;
                     self.may_act()?;
+                    let script = if self.expire_lt {
+                        &EXPIRE_LT_SCRIPT
+                    } else {
+                        &EXPIRE_SCRIPT
+                    };
                     keys_per_slot(
                         &mut self.conn,
-                        &EXPIRE_SCRIPT,
+                        script,
                         &keys,
                         self.cluster,
                         &self.run,
@@ -708,29 +716,31 @@ fn ledger_script(body: &str) -> redis::Script {
 /// server does not track idle time (an LFU maxmemory-policy) the script answers with the
 /// error code [`NO_IDLETIME`], before anything is recorded or deleted.
 const IDLE_SOURCE: &str = r"
-local threshold = tonumber(ARGV[3])
-local expired, seen = {}, {}
+local threshold, pcall = tonumber(ARGV[3]), redis.pcall
+local expired, seen, n = {}, {}, 0
 for i = 2, #KEYS do
   local key = KEYS[i]
   if not seen[key] then
     seen[key] = true
-    local idle = redis.pcall('OBJECT', 'IDLETIME', key)
-    if type(idle) == 'table' and idle.err then
+    local idle = pcall('OBJECT', 'IDLETIME', key)
+    if type(idle) == 'number' then
+      if idle > threshold then
+        n = n + 1
+        expired[n] = key
+      end
+    elseif type(idle) == 'table' and idle.err then
       return redis.error_reply('NOIDLETIME OBJECT IDLETIME is not available')
-    end
-    if idle and idle > threshold then
-      expired[#expired + 1] = key
     end
   end
 end
 if ARGV[2] == '1' then
-  return #expired
+  return n
 end
-settle(#expired)
-for first = 1, #expired, 1000 do
-  redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
+settle(n)
+for first = 1, n, 1000 do
+  redis.call('UNLINK', unpack(expired, first, math.min(first + 999, n)))
 end
-return #expired
+return n
 ";
 static IDLE_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| ledger_script(IDLE_SOURCE));
@@ -768,19 +778,21 @@ return #expired
 /// unjudged. Reading and deleting in one script, a hash refreshed meanwhile is never deleted.
 const TIMESTAMP_SOURCE: &str = r"
 local field, limit = ARGV[3], tonumber(ARGV[4])
+local pcall, find = redis.pcall, string.find
 local expired, seen, unread = {}, {}, {}
-local unjudged, oldest = 0, nil
+local n, unjudged, oldest = 0, 0, nil
 for i = 2, #KEYS do
   local key = KEYS[i]
   if not seen[key] then
     seen[key] = true
-    local value = redis.pcall('HGET', key, field)
+    local value = pcall('HGET', key, field)
     if type(value) ~= 'string' then
       unjudged = unjudged + 1
-    elseif #value <= 12 and string.find(value, '^%d+$') then
+    elseif #value <= 12 and find(value, '^%d+$') then
       local at = tonumber(value)
       if at < limit then
-        expired[#expired + 1] = key
+        n = n + 1
+        expired[n] = key
       elseif not oldest or at < oldest then
         oldest = at
       end
@@ -791,12 +803,12 @@ for i = 2, #KEYS do
   end
 end
 if ARGV[2] ~= '1' then
-  settle(#expired)
-  for first = 1, #expired, 1000 do
-    redis.call('UNLINK', unpack(expired, first, math.min(first + 999, #expired)))
+  settle(n)
+  for first = 1, n, 1000 do
+    redis.call('UNLINK', unpack(expired, first, math.min(first + 999, n)))
   end
 end
-return {#expired, unjudged, oldest and 1 or 0, oldest or 0, unread}
+return {n, unjudged, oldest and 1 or 0, oldest or 0, unread}
 ";
 static TIMESTAMP_JUDGE_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| ledger_script(TIMESTAMP_SOURCE));
@@ -824,6 +836,34 @@ for _, key in ipairs(selected) do
   redis.call('PEXPIRE', key, ARGV[2])
 end
 return #selected
+",
+    )
+});
+
+/// Mode expire on Redis 7+: what [`EXPIRE_SCRIPT`] does, with one `PEXPIRE … LT` per key,
+/// which bounds a key only when it has no TTL or a longer one and says whether it did. The
+/// ledger is credited with every key before anything is bounded (its write still comes first)
+/// and corrected by those left alone; a ledger that ends at zero is removed.
+static EXPIRE_LT_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    ledger_script(
+        r"
+local limit, call = ARGV[2], redis.call
+local credited = #KEYS - 1
+call('INCRBY', KEYS[1], credited)
+local bounded, seen = 0, {}
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  if not seen[key] then
+    seen[key] = true
+    bounded = bounded + call('PEXPIRE', key, limit, 'LT')
+  end
+end
+if call('INCRBY', KEYS[1], bounded - credited) == 0 then
+  call('DEL', KEYS[1])
+else
+  call('EXPIRE', KEYS[1], ARGV[1])
+end
+return bounded
 ",
     )
 });
