@@ -4,8 +4,9 @@
 //! (`EXPIRE … LT`, so keys already bounded are left alone and counts stay exact on re-runs);
 //! `idle` unlinks keys whose OBJECT IDLETIME exceeds `retention`, judged in the deleting script
 //! (one per slot on a cluster node) so a key touched meanwhile survives; `timestamp` unlinks
-//! hashes whose timestamp field is older than the cutoff, checked again in the deleting script
-//! so a hash refreshed after the read survives. Counts come from
+//! hashes whose timestamp field is older than the cutoff, read and judged in the deleting
+//! script (a form of timestamp the script does not read is judged by the operator and checked
+//! again in the deleting script) so a hash refreshed meanwhile survives. Counts come from
 //! the replies of the deleting commands, never from what was merely selected, so a resumed
 //! step cannot count a key twice.
 
