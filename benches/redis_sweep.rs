@@ -3,14 +3,18 @@
 //! - the naive shell pipeline `redis-cli --scan --pattern P | xargs -n 1000 redis-cli unlink`;
 //! - the client ceiling: a client pipelining `SCAN MATCH P COUNT 5000` with a multi-key `UNLINK`
 //!   (mode `expire`: `EXPIRE` per key) of the page before, with no checks at all;
-//! - the server ceiling: the same loop run inside the server as one Lua script.
+//! - the server ceiling: the same loop run inside the server as one Lua script;
+//! - the selection ceiling (modes `idle` and `timestamp`): that script also reading, per key,
+//!   what the mode selects by (`OBJECT IDLETIME`, or the timestamp field with `HGET`) and
+//!   deleting only the keys it selects: the least any sweep of that mode must do.
 //!
 //! Run:
 //!
 //!     cargo bench --bench redis_sweep            # 1,000,000 matching keys among 2,000,000
 //!     BENCH_KEYS=100000 cargo bench --bench redis_sweep
 //!
-//! Prints keys/s for each, per mode, and Tombstone's rate as a fraction of the best ceiling.
+//! Prints keys/s for each, per mode, and Tombstone's rate as a fraction of the best ceiling
+//! and of the selection ceiling.
 //! Needs `redis-server` and `redis-cli` on PATH.
 
 #[path = "../tests/support/mod.rs"]
@@ -151,16 +155,49 @@ async fn client_ceiling(conn: &mut MultiplexedConnection, action: Action) -> (Du
     (start.elapsed(), done)
 }
 
+/// What a server-side loop reads of each key to select it, before acting on those selected.
+#[derive(Clone, Copy, PartialEq)]
+enum Selection {
+    /// Every matching key: no read at all.
+    All,
+    /// Keys idle longer than the mode's retention of 1 s (`OBJECT IDLETIME`).
+    Idle,
+    /// Hashes whose timestamp field holds a time before now (`HGET`).
+    Timestamp,
+}
+
 /// The server ceiling: the same loop inside the server, as one script (it blocks the server
-/// for its whole run: a measure, not a way to delete).
-async fn server_ceiling(conn: &mut MultiplexedConnection, action: Action) -> (Duration, u64) {
+/// for its whole run: a measure, not a way to delete), reading what `selection` needs.
+async fn server_ceiling(
+    conn: &mut MultiplexedConnection,
+    action: Action,
+    selection: Selection,
+) -> (Duration, u64) {
     let script = redis::Script::new(
         r"
 local cursor, done = '0', 0
+local selection, field, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
 repeat
   local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 5000)
   cursor = reply[1]
   local keys = reply[2]
+  if selection ~= 'all' then
+    local selected, n = {}, 0
+    for i = 1, #keys do
+      local key, pick = keys[i], false
+      if selection == 'idle' then
+        pick = redis.call('OBJECT', 'IDLETIME', key) > limit
+      else
+        local value = redis.call('HGET', key, field)
+        pick = value and tonumber(value) < limit
+      end
+      if pick then
+        n = n + 1
+        selected[n] = key
+      end
+    end
+    keys = selected
+  end
   if #keys > 0 then
     if ARGV[2] == 'unlink' then
       for first = 1, #keys, 1000 do
@@ -180,11 +217,19 @@ return done
         Action::Unlink => "unlink",
         Action::Expire => "expire",
     };
+    let (name, limit) = match selection {
+        Selection::All => ("all", 0),
+        Selection::Idle => ("idle", 1),
+        Selection::Timestamp => ("timestamp", chrono::Utc::now().timestamp()),
+    };
     let start = Instant::now();
     let done: u64 = script
         .arg(PATTERN)
         .arg(verb)
         .arg(EXPIRE_SECS)
+        .arg(name)
+        .arg(TIMESTAMP_FIELD)
+        .arg(limit)
         .invoke_async(conn)
         .await
         .expect("ceiling script");
@@ -323,9 +368,27 @@ async fn main() {
         check(dbsize(&mut conn).await, "the client ceiling");
 
         seed_as(&mut conn, "bench:expired:", keys, hashes).await;
-        let (server, n) = server_ceiling(&mut conn, action).await;
+        let (server, n) = server_ceiling(&mut conn, action, Selection::All).await;
         assert_eq!(n as usize, keys);
         check(dbsize(&mut conn).await, "the server ceiling");
+
+        let selection = match mode {
+            RedisMode::Idle => Selection::Idle,
+            RedisMode::Timestamp => Selection::Timestamp,
+            RedisMode::Expire => Selection::All,
+        };
+        let selecting = if selection == Selection::All {
+            None
+        } else {
+            seed_as(&mut conn, "bench:expired:", keys, hashes).await;
+            if mode == RedisMode::Idle {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            let (took, n) = server_ceiling(&mut conn, action, selection).await;
+            assert_eq!(n as usize, keys);
+            check(dbsize(&mut conn).await, "the selection ceiling");
+            Some(took)
+        };
 
         seed_as(&mut conn, "bench:expired:", keys, hashes).await;
         if mode == RedisMode::Idle {
@@ -388,5 +451,14 @@ async fn main() {
             rate(server),
             server.as_secs_f64()
         );
+        if let Some(took) = selecting {
+            println!(
+                "  selection ceiling      {:>10.0} keys/s ({:.2}s): that script reading {} per key; tombstone at {:.0}% of it",
+                rate(took),
+                took.as_secs_f64(),
+                if mode == RedisMode::Idle { "OBJECT IDLETIME" } else { "HGET" },
+                100.0 * took.as_secs_f64() / ours.as_secs_f64()
+            );
+        }
     }
 }
