@@ -7,9 +7,10 @@
 //! - requests one at a time (`--erasure-batch-size 1`, what the operator did before it
 //!   batched): the time of `BENCH_SERIAL` requests filed at once, per request, and what N
 //!   would take at that rate;
-//! - the API server's write ceiling (ConfigMaps created as fast as it takes them), and the
-//!   time the batched run's writes (the operator's and the benchmark's own creates) alone
-//!   need at that rate: the floor of the batched run on this machine.
+//! - the API server's ceilings: status writes like the operator's (to requests made for it),
+//!   and creates (ConfigMaps), as fast as it takes them; and the time the batched run's writes
+//!   (the operator's and the benchmark's own creates) alone need at those rates: a floor of
+//!   the batched run on this machine.
 //!
 //! Run:
 //!
@@ -46,7 +47,7 @@ use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
 use support::s3::S3Server;
-use support::scale::{create_retrying, write_ceiling, writes, Rng};
+use support::scale::{create_retrying, status_write_ceiling, write_ceiling, writes, Rng};
 use support::{ControlPlane, RedisServer};
 
 const BUCKET: &str = "mail-archive";
@@ -410,12 +411,27 @@ async fn main() {
         table(&requests)
     );
     // What the API server alone needs for those writes and the benchmark's own creates (a
-    // Secret and a request each), at its write ceiling measured now.
-    let rate = write_ceiling(&client, &ns, n, FILING_IN_FLIGHT).await;
-    let floor = (writes(&requests) + 2 * n) as f64 / rate;
+    // Secret and a request each), at its ceilings measured now: status writes like the
+    // operator's (of a finished request's status), and plain creates for the rest.
+    let finished = Api::<ErasureRequest>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels("run=batched").limit(1))
+        .await
+        .expect("list requests");
+    let status = finished
+        .items
+        .into_iter()
+        .find_map(|r| r.status)
+        .expect("a finished request's status");
+    let status_rate = status_write_ceiling(&client, &ns, &status, n, FILING_IN_FLIGHT).await;
+    let create_rate = write_ceiling(&client, &ns, n, FILING_IN_FLIGHT).await;
+    let status_writes = requests
+        .get("patch erasurerequests/status")
+        .copied()
+        .unwrap_or(0);
+    let other_writes = writes(&requests).saturating_sub(status_writes) + 2 * n;
+    let floor = status_writes as f64 / status_rate + other_writes as f64 / create_rate;
     println!(
-        "    the API server's write ceiling now: {rate:.0} writes/s; the run's {} writes alone take {floor:.1}s there, {:.0}% of the run",
-        writes(&requests) + 2 * n,
+        "    the API server's ceilings now: {status_rate:.0} status writes/s, {create_rate:.0} creates/s; the run's {status_writes} status writes and {other_writes} other writes alone take {floor:.1}s there, {:.0}% of the run",
         100.0 * floor / all.as_secs_f64()
     );
 

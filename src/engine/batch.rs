@@ -191,7 +191,15 @@ pub struct Batcher {
     settings: BatchSettings,
     metrics: Arc<crate::metrics::Metrics>,
     queues: Mutex<HashMap<BatchKey, Queue>>,
+    /// When the last batch of each key ended, for the keys with one in the last
+    /// [`QUIET_AFTER`].
+    last_ended: Mutex<HashMap<BatchKey, std::time::Instant>>,
 }
+
+/// How long after its last batch a key counts as idle again: only then does a lone newcomer
+/// start alone. Requests that trickle in (a burst whose members finish their previous action
+/// at different times) would otherwise each go alone, and each pay a pass of its own.
+const QUIET_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct Queue {
@@ -205,6 +213,7 @@ impl Batcher {
             settings,
             metrics,
             queues: Mutex::new(HashMap::new()),
+            last_ended: Mutex::new(HashMap::new()),
         })
     }
 
@@ -244,8 +253,23 @@ impl Batcher {
         })
     }
 
+    /// Whether a batch of `key` ended in the last [`QUIET_AFTER`].
+    fn recently_ran(&self, key: &BatchKey) -> bool {
+        let last = self.last_ended.lock().unwrap_or_else(|p| p.into_inner());
+        last.get(key).is_some_and(|t| t.elapsed() < QUIET_AFTER)
+    }
+
+    fn batch_ended(&self, key: &BatchKey) {
+        let mut last = self.last_ended.lock().unwrap_or_else(|p| p.into_inner());
+        last.retain(|_, t| t.elapsed() < QUIET_AFTER);
+        last.insert(key.clone(), std::time::Instant::now());
+    }
+
     /// Runs the batches of `key` one after another while members wait.
     async fn drive(self: Arc<Self>, key: BatchKey) {
+        // Only the first batch of a key that was idle may be a lone member going alone;
+        // with batching off (one member a batch) every member goes alone.
+        let mut may_go_alone = self.settings.max_members <= 1 || !self.recently_ran(&key);
         loop {
             if !self.settings.wait.is_zero() {
                 tokio::time::sleep(self.settings.wait).await;
@@ -273,7 +297,11 @@ impl Batcher {
             // and retries) instead of taking this loop down, which would leave the key
             // marked running and every later member of it waiting forever.
             let batch_key = key.clone();
-            let ran = tokio::spawn(async move { run_batch(&batch_key, members).await }).await;
+            let alone = may_go_alone;
+            may_go_alone = self.settings.max_members <= 1;
+            let ran =
+                tokio::spawn(async move { run_batch(&batch_key, members, alone).await }).await;
+            self.batch_ended(&key);
             // Names no member: the target (namespace/policy/target name) and sizes only.
             tracing::info!(
                 target = %key.target,
@@ -370,7 +398,9 @@ struct BatchRun {
     checkpoints: Duration,
 }
 
-async fn run_batch(key: &BatchKey, members: Vec<Waiter>) -> BatchRun {
+/// Runs one batch to its end. `may_go_alone`: a lone member without a position of its own
+/// takes the one-subject path.
+async fn run_batch(key: &BatchKey, members: Vec<Waiter>, may_go_alone: bool) -> BatchRun {
     let mut ran = BatchRun::default();
     let Some(work) = members.first().map(|w| w.work.clone()) else {
         return ran;
@@ -383,7 +413,7 @@ async fn run_batch(key: &BatchKey, members: Vec<Waiter>) -> BatchRun {
             .as_ref()
             .is_none_or(|r| *r == MemberCursor::default())
     });
-    if members.len() == 1 && key.at.is_none() && fresh {
+    if may_go_alone && members.len() == 1 && key.at.is_none() && fresh {
         if let Some(alone) = members.into_iter().next() {
             run_alone(alone, &work).await;
             ran.steps = 1;
@@ -803,6 +833,62 @@ mod tests {
         assert!(matches!(outcome, Outcome::Alone(Ok(ref s)) if s.count == 7));
         assert_eq!(backend.alone.load(Ordering::SeqCst), 1);
         assert!(backend.steps.lock().unwrap().is_empty());
+    }
+
+    /// A lone member that arrives soon after a batch of its key ended (requests trickling
+    /// in) runs as a batch of one, inside the batch's turn, so that those arriving meanwhile
+    /// wait for it and go together instead of each going alone; with batching off it goes
+    /// alone.
+    #[tokio::test]
+    async fn a_lone_member_right_after_a_batch_runs_as_a_batch_of_one() {
+        let backend = Arc::new(Scripted::default());
+        let batcher = Batcher::new(BatchSettings::default(), Default::default());
+        let cp = saved(&backend);
+        let first = batcher
+            .join(
+                key(None),
+                joining("a", false, cp.clone(), None),
+                work(backend.clone()),
+            )
+            .await;
+        assert!(
+            matches!(first, Outcome::Alone(_)),
+            "the first of an idle key goes alone"
+        );
+        let second = batcher
+            .join(
+                key(None),
+                joining("b", false, cp.clone(), None),
+                work(backend.clone()),
+            )
+            .await;
+        assert_eq!(end(second).end, End::Done);
+        assert_eq!(backend.alone.load(Ordering::SeqCst), 1);
+        assert!(
+            !backend.steps.lock().unwrap().is_empty(),
+            "no batch step ran"
+        );
+
+        let one_at_a_time = Batcher::new(
+            BatchSettings {
+                max_members: 1,
+                ..BatchSettings::default()
+            },
+            Default::default(),
+        );
+        for id in ["c", "d"] {
+            let outcome = one_at_a_time
+                .join(
+                    key(None),
+                    joining(id, false, cp.clone(), None),
+                    work(backend.clone()),
+                )
+                .await;
+            assert!(
+                matches!(outcome, Outcome::Alone(_)),
+                "{id} did not go alone"
+            );
+        }
     }
 
     /// Members that arrive while a batch runs form the next one, together; each member is

@@ -107,6 +107,64 @@ pub async fn write_ceiling(client: &kube::Client, ns: &str, n: usize, in_flight:
     rate
 }
 
+/// The API server's ceiling for the operator's commonest write, now: `n` ErasureRequests
+/// made for it (with no operator running), then each one's `status` written twice (a
+/// server-side apply of the whole status, as the operator writes it, with one message
+/// changed each time so that every write is one), `in_flight` at a time; the requests are
+/// deleted after. Returns status writes per second.
+pub async fn status_write_ceiling(
+    client: &kube::Client,
+    ns: &str,
+    status: &tombstone::api::ErasureRequestStatus,
+    n: usize,
+    in_flight: usize,
+) -> f64 {
+    let requests: Api<ErasureRequest> = Api::namespaced(client.clone(), ns);
+    futures::stream::iter(0..n)
+        .for_each_concurrent(in_flight, |i| {
+            let requests = requests.clone();
+            async move {
+                create_retrying(
+                    &requests,
+                    serde_json::json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
+                    "metadata": {"name": format!("ceiling-{i}"), "labels": {"ceiling": "true"}},
+                    "spec": {"subject": {"secretRef": {"name": "ceiling"}}, "reason": "consentWithdrawn"}}),
+                )
+                .await;
+            }
+        })
+        .await;
+    let started = std::time::Instant::now();
+    for round in 0..2 {
+        futures::stream::iter(0..n)
+            .for_each_concurrent(in_flight, |i| {
+                let requests = requests.clone();
+                let mut status = status.clone();
+                async move {
+                    if let Some(target) = status.targets.first_mut() {
+                        target.message = format!("ceiling round {round}");
+                    }
+                    tombstone::controller::apply_status(
+                        &requests,
+                        &format!("ceiling-{i}"),
+                        &status,
+                    )
+                    .await
+                    .expect("a status write");
+                }
+            })
+            .await;
+    }
+    let rate = (2 * n) as f64 / started.elapsed().as_secs_f64();
+    let _ = requests
+        .delete_collection(
+            &Default::default(),
+            &ListParams::default().labels("ceiling=true"),
+        )
+        .await;
+    rate
+}
+
 /// Writes: every request that is not a read.
 pub fn writes(requests: &BTreeMap<String, usize>) -> usize {
     requests
