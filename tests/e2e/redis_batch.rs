@@ -47,17 +47,6 @@ impl HoldGate for Holds {
     }
 }
 
-fn backend(server: &RedisServer) -> RedisBackend {
-    RedisBackend::new(
-        RedisConfig {
-            url: server.url(),
-            password: None,
-            cluster: false,
-        },
-        Limits::default(),
-    )
-}
-
 /// Keys `ds:u:<userId>:<i>` and `ds:m:<email>:<i>`; with `records`, also a hash field, a
 /// set member and a sorted-set member per subject.
 fn target(records: bool) -> Target {
@@ -166,7 +155,8 @@ async fn resume(
     let mut totals = vec![0u64; job.members.len()];
     let mut held = BTreeSet::new();
     for steps in 1..=500 {
-        let step = backend(server)
+        let step = server
+            .backend()
             .batch_step(job, cursor.as_deref(), &budget(max_time))
             .await
             .expect("a batch step");
@@ -308,7 +298,8 @@ async fn members_resuming_from_two_checkpoints_of_one_step_each_count_exactly() 
     let step = |cursor: Option<String>| {
         let (server, erase) = (&server, &erase);
         async move {
-            backend(server)
+            server
+                .backend()
                 .batch_step(erase, cursor.as_deref(), &budget(Duration::ZERO))
                 .await
                 .expect("a batch step")
@@ -449,7 +440,8 @@ async fn a_gate_that_cannot_be_read_stops_the_commits_and_the_batch_resumes_exac
     });
     let mut cursor = None;
     let failed = loop {
-        let step = backend(&server)
+        let step = server
+            .backend()
             .batch_step(&erase, cursor.as_deref(), &budget(ENOUGH))
             .await
             .expect("a batch step");

@@ -526,7 +526,7 @@ async fn a_timestamp_sweep_judges_every_form_of_timestamp() {
         ("h:empty", Vec::new()),
         ("h:binary", vec![0xff, 0xfe, b'1']),
     ];
-    let backend = standalone(&server);
+    let backend = server.backend();
     for (key, value) in deleted.iter().chain(&kept).chain(&unjudged) {
         hset_raw(&mut conn, key, value).await;
     }
@@ -555,17 +555,6 @@ async fn a_timestamp_sweep_judges_every_form_of_timestamp() {
     for (key, _) in kept.iter().chain(&unjudged) {
         assert!(exists(&mut conn, key).await, "{key} deleted");
     }
-}
-
-fn standalone(server: &RedisServer) -> RedisBackend {
-    RedisBackend::new(
-        RedisConfig {
-            url: server.url(),
-            password: None,
-            cluster: false,
-        },
-        Limits::default(),
-    )
 }
 
 fn expire_job(retention: &str) -> SweepJob {
@@ -607,7 +596,7 @@ async fn an_expire_sweep_bounds_and_counts_each_key_once() {
             .ignore();
     }
     let () = pipe.query_async(&mut conn).await.unwrap();
-    let backend = standalone(&server);
+    let backend = server.backend();
 
     assert_eq!(sweep_job(&backend, &expire_job("1h")).await.deleted, 80);
     for key in ["e:none:3", "e:long:3"] {

@@ -594,6 +594,18 @@ impl RedisServer {
         Self::launch(None, &[])
     }
 
+    /// A backend for this server as one standalone node, with the default limits.
+    pub fn backend(&self) -> tombstone::backends::redis::RedisBackend {
+        tombstone::backends::redis::RedisBackend::new(
+            tombstone::backends::redis::RedisConfig {
+                url: self.url(),
+                password: None,
+                cluster: false,
+            },
+            tombstone::backends::Limits::default(),
+        )
+    }
+
     /// With `requirepass`: clients must AUTH (user `default`).
     pub fn start_with_password(password: &str) -> RedisServer {
         Self::launch(Some(password), &[])

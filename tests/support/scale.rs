@@ -83,20 +83,12 @@ where
 pub async fn write_ceiling(client: &kube::Client, ns: &str, n: usize, in_flight: usize) -> f64 {
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let started = std::time::Instant::now();
-    futures::stream::iter(0..n)
-        .for_each_concurrent(in_flight, |i| {
-            let maps = maps.clone();
-            async move {
-                create_retrying(
-                    &maps,
-                    serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": format!("ceiling-{i}"), "labels": {"ceiling": "true"}},
-                    "data": {"phase": "Completed"}}),
-                )
-                .await;
-            }
-        })
-        .await;
+    create_ceiling_objects(&maps, n, in_flight, |name| {
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"ceiling": "true"}},
+        "data": {"phase": "Completed"}})
+    })
+    .await;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let _ = maps
         .delete_collection(
@@ -120,20 +112,12 @@ pub async fn status_write_ceiling(
     in_flight: usize,
 ) -> f64 {
     let requests: Api<ErasureRequest> = Api::namespaced(client.clone(), ns);
-    futures::stream::iter(0..n)
-        .for_each_concurrent(in_flight, |i| {
-            let requests = requests.clone();
-            async move {
-                create_retrying(
-                    &requests,
-                    serde_json::json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
-                    "metadata": {"name": format!("ceiling-{i}"), "labels": {"ceiling": "true"}},
-                    "spec": {"subject": {"secretRef": {"name": "ceiling"}}, "reason": "consentWithdrawn"}}),
-                )
-                .await;
-            }
-        })
-        .await;
+    create_ceiling_objects(&requests, n, in_flight, |name| {
+        serde_json::json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
+        "metadata": {"name": name, "labels": {"ceiling": "true"}},
+        "spec": {"subject": {"secretRef": {"name": "ceiling"}}, "reason": "consentWithdrawn"}})
+    })
+    .await;
     let started = std::time::Instant::now();
     for round in 0..2 {
         futures::stream::iter(0..n)
@@ -163,6 +147,23 @@ pub async fn status_write_ceiling(
         )
         .await;
     rate
+}
+
+/// Creates `ceiling-0` … `ceiling-{n-1}` (labelled `ceiling=true`) from `object(name)`,
+/// `in_flight` at a time.
+async fn create_ceiling_objects<K>(
+    api: &Api<K>,
+    n: usize,
+    in_flight: usize,
+    object: impl Fn(String) -> serde_json::Value,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    futures::stream::iter(0..n)
+        .for_each_concurrent(in_flight, |i| {
+            create_retrying(api, object(format!("ceiling-{i}")))
+        })
+        .await;
 }
 
 /// Writes: every request that is not a read.
