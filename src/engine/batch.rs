@@ -192,13 +192,14 @@ pub struct Batcher {
     metrics: Arc<crate::metrics::Metrics>,
     queues: Mutex<HashMap<BatchKey, Queue>>,
     /// When the last batch of each key ended, for the keys with one in the last
-    /// [`QUIET_AFTER`].
-    last_ended: Mutex<HashMap<BatchKey, std::time::Instant>>,
+    /// [`QUIET_AFTER`], and its member if it had one only.
+    last_ended: Mutex<HashMap<BatchKey, (std::time::Instant, Option<String>)>>,
 }
 
 /// How long after its last batch a key counts as idle again: only then does a lone newcomer
-/// start alone. Requests that trickle in (a burst whose members finish their previous action
-/// at different times) would otherwise each go alone, and each pay a pass of its own.
+/// start alone (or sooner, when that batch was the newcomer's own, as when it retries).
+/// Requests that trickle in (a burst whose members finish their previous action at
+/// different times) would otherwise each go alone, and each pay a pass of its own.
 const QUIET_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
@@ -253,23 +254,25 @@ impl Batcher {
         })
     }
 
-    /// Whether a batch of `key` ended in the last [`QUIET_AFTER`].
-    fn recently_ran(&self, key: &BatchKey) -> bool {
+    /// Whether a batch of `key` with other members than `lone` ended in the last
+    /// [`QUIET_AFTER`].
+    fn others_ran_lately(&self, key: &BatchKey, lone: &str) -> bool {
         let last = self.last_ended.lock().unwrap_or_else(|p| p.into_inner());
-        last.get(key).is_some_and(|t| t.elapsed() < QUIET_AFTER)
+        last.get(key)
+            .is_some_and(|(t, only)| t.elapsed() < QUIET_AFTER && only.as_deref() != Some(lone))
     }
 
-    fn batch_ended(&self, key: &BatchKey) {
+    fn batch_ended(&self, key: &BatchKey, only: Option<String>) {
         let mut last = self.last_ended.lock().unwrap_or_else(|p| p.into_inner());
-        last.retain(|_, t| t.elapsed() < QUIET_AFTER);
-        last.insert(key.clone(), std::time::Instant::now());
+        last.retain(|_, (t, _)| t.elapsed() < QUIET_AFTER);
+        last.insert(key.clone(), (std::time::Instant::now(), only));
     }
 
     /// Runs the batches of `key` one after another while members wait.
     async fn drive(self: Arc<Self>, key: BatchKey) {
         // Only the first batch of a key that was idle may be a lone member going alone;
         // with batching off (one member a batch) every member goes alone.
-        let mut may_go_alone = self.settings.max_members <= 1 || !self.recently_ran(&key);
+        let mut first = true;
         loop {
             if !self.settings.wait.is_zero() {
                 tokio::time::sleep(self.settings.wait).await;
@@ -297,11 +300,19 @@ impl Batcher {
             // and retries) instead of taking this loop down, which would leave the key
             // marked running and every later member of it waiting forever.
             let batch_key = key.clone();
-            let alone = may_go_alone;
-            may_go_alone = self.settings.max_members <= 1;
+            let only = match members.as_slice() {
+                [one] => Some(one.joining.member.id.clone()),
+                _ => None,
+            };
+            let alone = self.settings.max_members <= 1
+                || (first
+                    && only
+                        .as_deref()
+                        .is_some_and(|id| !self.others_ran_lately(&key, id)));
+            first = false;
             let ran =
                 tokio::spawn(async move { run_batch(&batch_key, members, alone).await }).await;
-            self.batch_ended(&key);
+            self.batch_ended(&key, only);
             // Names no member: the target (namespace/policy/target name) and sizes only.
             tracing::info!(
                 target = %key.target,
@@ -837,8 +848,8 @@ mod tests {
 
     /// A lone member that arrives soon after a batch of its key ended (requests trickling
     /// in) runs as a batch of one, inside the batch's turn, so that those arriving meanwhile
-    /// wait for it and go together instead of each going alone; with batching off it goes
-    /// alone.
+    /// wait for it and go together instead of each going alone; one that retries after its
+    /// own lone batch, or with batching off, goes alone.
     #[tokio::test]
     async fn a_lone_member_right_after_a_batch_runs_as_a_batch_of_one() {
         let backend = Arc::new(Scripted::default());
@@ -867,6 +878,18 @@ mod tests {
         assert!(
             !backend.steps.lock().unwrap().is_empty(),
             "no batch step ran"
+        );
+        // Its own retry right after is no trickle: it goes alone, as a single request.
+        let retry = batcher
+            .join(
+                key(None),
+                joining("b", false, cp.clone(), None),
+                work(backend.clone()),
+            )
+            .await;
+        assert!(
+            matches!(retry, Outcome::Alone(_)),
+            "a retry did not go alone"
         );
 
         let one_at_a_time = Batcher::new(
