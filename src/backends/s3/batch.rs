@@ -390,14 +390,14 @@ impl S3Backend {
         let mut counts = plan.members.clone();
         if let Some(journal) = pos.journal.as_mut().filter(|_| erase) {
             // What a step whose outcome was lost removed is counted now, per member.
-            let lost = self.settle_batch_intents(journal).await?;
+            let lost = self.settle_batch_intents(journal, versioned).await?;
             for (m, member) in job.members.iter().enumerate() {
                 if let Some(n) = lost.get(&member.id) {
                     Run::add(&mut counts, m, *n, false);
                 }
             }
             if journal.settled {
-                self.tidy_abandoned_intents(&journal.run).await;
+                self.tidy_abandoned_intents(&journal.run, versioned).await;
                 return Ok(answer(counts, Next::Done));
             }
         }
@@ -919,9 +919,10 @@ impl S3Backend {
     async fn settle_batch_intents(
         &self,
         journal: &mut Journal,
+        versioned: bool,
     ) -> Result<BTreeMap<String, u64>, Error> {
         let mut lost = BTreeMap::new();
-        for key in self.lost_intents(journal).await? {
+        for key in self.lost_intents(journal, versioned).await? {
             let batch = self.read_intent(&key).await?;
             let gone = if batch.rewrite {
                 let seq = intent::seq_of(&journal.run, &key).unwrap_or(u64::MAX);

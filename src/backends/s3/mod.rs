@@ -280,12 +280,11 @@ impl S3Backend {
     /// [`intent::ABANDONED_AFTER`] ago, which no cursor resumes any more (a checkpoint that
     /// old is as stale as an expired Redis ledger). Bounded: [`intent::ABANDONED_PAGES`]
     /// listing pages per call, one call per finished job. Returns how many went.
-    async fn remove_abandoned_intents(&self, own_run: &str) -> Result<u64, Error> {
+    async fn remove_abandoned_intents(&self, own_run: &str, versioned: bool) -> Result<u64, Error> {
         let before = self
             .abandoned_before
             .unwrap_or_else(|| chrono::Utc::now() - intent::ABANDONED_AFTER);
         let own = intent::run_prefix(own_run);
-        let versioned = self.versioned().await?;
         let mut listing = sweep::Cursor::default();
         let mut old = Vec::new();
         for _ in 0..intent::ABANDONED_PAGES {
@@ -324,8 +323,9 @@ impl S3Backend {
     }
 
     /// [`Self::remove_abandoned_intents`], best effort: a failure is logged, the job goes on.
-    async fn tidy_abandoned_intents(&self, own_run: &str) {
-        match self.remove_abandoned_intents(own_run).await {
+    /// `versioned`: whether the bucket is or was versioned, as the caller asked this step.
+    async fn tidy_abandoned_intents(&self, own_run: &str, versioned: bool) {
+        match self.remove_abandoned_intents(own_run, versioned).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 intents = n,
@@ -356,9 +356,13 @@ impl S3Backend {
     /// outcome was lost: what of their objects is gone is returned (counted by the caller),
     /// and the journal's number moves past them (they are removed once that count is
     /// checkpointed).
-    async fn settle_intents(&self, journal: &mut intent::Journal) -> Result<u64, Error> {
+    async fn settle_intents(
+        &self,
+        journal: &mut intent::Journal,
+        versioned: bool,
+    ) -> Result<u64, Error> {
         let mut lost = 0u64;
-        for key in self.lost_intents(journal).await? {
+        for key in self.lost_intents(journal, versioned).await? {
             let batch = self.read_intent(&key).await?;
             let gone = self.gone_in(&batch).await?;
             for (i, gone) in gone.into_iter().enumerate() {
@@ -372,9 +376,12 @@ impl S3Backend {
 
     /// The keys of the journal's intents written by a step whose outcome was lost (at or
     /// above its number), whose number it moves past them; those below it are removed.
-    async fn lost_intents(&self, journal: &mut intent::Journal) -> Result<Vec<String>, Error> {
+    async fn lost_intents(
+        &self,
+        journal: &mut intent::Journal,
+        versioned: bool,
+    ) -> Result<Vec<String>, Error> {
         let prefix = intent::run_prefix(&journal.run);
-        let versioned = self.versioned().await?;
         let mut listing = sweep::Cursor::default();
         let mut stale = Vec::new();
         let mut lost = Vec::new();

@@ -367,7 +367,7 @@ impl S3Backend {
         if let Some(journal) = pos.journal.as_mut().filter(|_| erase) {
             // Batches of a step whose outcome was lost are counted now; intents of counted
             // batches are removed.
-            lost = self.settle_intents(journal).await?;
+            lost = self.settle_intents(journal, versioned).await?;
         }
         let settled = erase && pos.journal.as_ref().is_some_and(|j| j.settled);
         pos.count = pos.count.saturating_add(lost);
@@ -392,7 +392,7 @@ impl S3Backend {
         let run = if settled {
             // Everything is done and counted; the intents are removed (above).
             if let Some(j) = &pos.journal {
-                self.tidy_abandoned_intents(&j.run).await;
+                self.tidy_abandoned_intents(&j.run, versioned).await;
             }
             Ok(true)
         } else {

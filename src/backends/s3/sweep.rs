@@ -390,9 +390,12 @@ impl S3Backend {
         if let Some(j) = journal.as_mut() {
             // Batches of a step whose outcome was lost are counted now; intents of counted
             // batches are removed.
-            step.deleted = self.settle_intents(j).await?;
+            // Asked again, not taken from the cursor: a bucket versioned since the sweep
+            // started keeps older versions of intents, which only the version listing finds.
+            let versioned = self.versioned().await?;
+            step.deleted = self.settle_intents(j, versioned).await?;
             if j.settled {
-                self.tidy_abandoned_intents(&j.run).await;
+                self.tidy_abandoned_intents(&j.run, versioned).await;
                 return Ok(step);
             }
         }
