@@ -568,3 +568,86 @@ async fn s3_batch_step_whose_gate_fails_commits_nothing_more_and_is_counted_by_t
         world.neighbours_untouched(&server).await;
     }
 }
+
+/// A Verify batch of every member to its end, a fresh backend per step; the members' steps
+/// of the last one.
+async fn verify_to_the_end(
+    server: &S3Server,
+    world: &World,
+    max_time: Duration,
+) -> Vec<tombstone::backends::MemberStep> {
+    let job = world.job(SubjectAction::Verify, &ALL, Arc::new(Gate::default()));
+    let mut cursor: Option<String> = None;
+    for _ in 0..5000 {
+        let step = crate::s3::backend(server, BUCKET)
+            .batch_step(&job, cursor.as_deref(), &budget(max_time))
+            .await
+            .expect("a batch step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        match step.next {
+            Next::Done => return step.members,
+            Next::Continue(c) => {
+                for m in &world.members {
+                    assert!(!c.to_lowercase().contains(&m.email.to_lowercase()), "{c}");
+                }
+                cursor = Some(c)
+            }
+            Next::Wait { .. } => panic!("S3 batches never wait"),
+        }
+    }
+    panic!("the batch did not finish");
+}
+
+#[tokio::test]
+async fn s3_batch_unparsed_copies_of_one_member_fail_that_member_alone_and_name_the_objects() {
+    let (server, world) = world(false).await;
+    // Lines that are not JSON holding member 1's address (in capitals), and a neighbour's.
+    let loud = world.members[1].email.to_uppercase();
+    let neighbour = &world.neighbours[0].email;
+    server
+        .put(
+            BUCKET,
+            "app/logs/day7.jsonl.gz",
+            gzip(format!("bounce for {loud}\nbounce for {neighbour}\n").as_bytes()),
+        )
+        .await;
+    server
+        .put(
+            BUCKET,
+            "app/logs/day8.jsonl.gz",
+            gzip(format!("retry {loud}\nretry {loud} again\n").as_bytes()),
+        )
+        .await;
+    // One step, then a step per page or archive: copies found by earlier steps are counted,
+    // those of the last one named.
+    for max_time in [Duration::from_secs(30), Duration::ZERO] {
+        let members = verify_to_the_end(&server, &world, max_time).await;
+        for (k, m) in members.iter().enumerate() {
+            if k == 1 {
+                continue;
+            }
+            assert!(m.failure.is_none(), "member {k}: {:?}", m.failure);
+            assert_eq!(m.count, world.records[k] + world.objects[k], "member {k}");
+        }
+        let failure = members[1].failure.as_ref().expect("member 1 fails");
+        assert_eq!(failure.reason, "UnparsedCopiesRemain", "{failure:?}");
+        let message = &failure.message;
+        assert!(
+            message.contains("3 archive lines") && message.contains("unparsedLines: DropMatching"),
+            "{message}"
+        );
+        assert!(
+            !message.to_lowercase().contains(&loud.to_lowercase()),
+            "{message}"
+        );
+        if max_time > Duration::ZERO {
+            assert!(
+                message.contains("app/logs/day7.jsonl.gz: 1 line,")
+                    && message.contains("app/logs/day8.jsonl.gz: 2 lines"),
+                "{message}"
+            );
+        } else {
+            assert!(message.contains("more objects"), "{message}");
+        }
+    }
+}

@@ -29,6 +29,7 @@ use super::subject::{self as single, Clock, Walk};
 use super::{object_id, S3Backend, DELETE_BATCH};
 use crate::api::retentionpolicy::UnparsedLines;
 use crate::api::StoreKind;
+use crate::backends::identifier::NotDistinctive;
 use crate::backends::{
     subject_locator, template, BatchJob, BatchStep, Error, MemberStep, Next, StepBudget,
     SubjectAction,
@@ -70,10 +71,15 @@ pub struct BatchPosition {
     /// or that hold records of a member held since: the versions pass leaves them alone.
     #[serde(rename = "k", default, skip_serializing_if = "Vec::is_empty")]
     kept: Vec<String>,
-    /// Lines that are not JSON holding a member's identifier, not dropped, found so far.
+    /// Per member id: lines that are not JSON holding its identifier, not dropped, found
+    /// so far (only Find and Verify carry them; their members are not checkpointed between
+    /// steps, so the map is written only when a batch stops midway).
+    #[serde(rename = "um", default, skip_serializing_if = "BTreeMap::is_empty")]
+    unparsed: BTreeMap<String, MemberUnparsed>,
+    /// Such lines as earlier versions counted them, for the batch and not per member: read
+    /// so that a batch resumed from such a cursor still fails every member safe.
     #[serde(rename = "ul", default, skip_serializing_if = "is_zero")]
     unparsed_lines: u64,
-    /// Whether a member's value those lines may hold cannot be told from other text.
     #[serde(rename = "un", default, skip_serializing_if = "std::ops::Not::not")]
     not_distinctive: bool,
     /// An erase's write-ahead intents ([`super::intent`]), named and checkpointed before
@@ -84,6 +90,17 @@ pub struct BatchPosition {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// One member's lines that are not JSON still holding its identifier.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberUnparsed {
+    #[serde(rename = "l")]
+    lines: u64,
+    /// The objects (versions) holding them.
+    #[serde(rename = "o")]
+    objects: u64,
 }
 
 /// Member ids are digests: anything longer is not one a step wrote.
@@ -176,8 +193,8 @@ struct Plan {
     archives: Vec<Leader>,
     /// Per member: whether a locator ran, and which were skipped.
     members: Vec<MemberStep>,
-    /// Per member: whether its value can be told apart in free text.
-    distinctive: Vec<bool>,
+    /// Per member: why its value cannot be told apart in free text (None: it can).
+    not_distinctive: Vec<Option<NotDistinctive>>,
     drop_unparsed: bool,
 }
 
@@ -217,7 +234,7 @@ fn plan(job: &BatchJob) -> Result<Plan, Error> {
     let locator = subject_locator(&job.target, StoreKind::S3, |s| s.s3())?;
     let size = job.members.len();
     let mut members = vec![MemberStep::default(); size];
-    let mut distinctive = vec![true; size];
+    let mut not_distinctive = vec![None; size];
     let mut prefix_owners: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut archive_owners: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut equals = vec![None; size];
@@ -241,7 +258,7 @@ fn plan(job: &BatchJob) -> Result<Plan, Error> {
                 for form in forms {
                     own(&mut archive_owners, form, i);
                 }
-                distinctive[i] = filled.check_distinctive().is_ok();
+                not_distinctive[i] = filled.check_distinctive().err();
                 equals[i] = Some(filled);
             }
         }
@@ -260,7 +277,7 @@ fn plan(job: &BatchJob) -> Result<Plan, Error> {
                         equals[*i].as_ref().map(|e| LookupMember {
                             index: *i,
                             equals: e,
-                            drop_unparsed: drop && distinctive[*i],
+                            drop_unparsed: drop && not_distinctive[*i].is_none(),
                         })
                     }),
                 )))
@@ -272,7 +289,7 @@ fn plan(job: &BatchJob) -> Result<Plan, Error> {
         prefixes,
         archives,
         members,
-        distinctive,
+        not_distinctive,
         drop_unparsed,
     })
 }
@@ -305,8 +322,10 @@ struct Run<'a> {
     replaced: Vec<(String, String, Vec<usize>)>,
     /// The key-prefix unit being listed: its prefix and owners.
     current: Option<(String, Vec<usize>)>,
-    /// Per member: whether its value can be told apart in free text.
-    distinctive: &'a [bool],
+    /// Per member: objects of this step with lines that are not JSON holding its
+    /// identifier (key, whether an older version, lines), the first few; earlier steps'
+    /// are counted in the position, not named (a cursor holds no key).
+    unparsed_named: BTreeMap<usize, Vec<(String, bool, u64)>>,
 }
 
 /// Why a step stopped before its end.
@@ -414,7 +433,7 @@ impl S3Backend {
             doomed: Vec::new(),
             replaced: Vec::new(),
             current: None,
-            distinctive: &plan.distinctive,
+            unparsed_named: BTreeMap::new(),
         };
         let mut clock = Clock {
             budget,
@@ -448,8 +467,29 @@ impl S3Backend {
                 finished = false;
             }
         }
+        let mut members = run.counts;
+        if finished && !erase {
+            // Each member whose copies remain fails alone; its batch-mates are verified.
+            for (m, member) in job.members.iter().enumerate() {
+                let Some(tally) = pos.unparsed.get(&member.id) else {
+                    continue;
+                };
+                let named = run.unparsed_named.remove(&m).unwrap_or_default();
+                let failure = single::unparsed_copies(
+                    &member.job(job),
+                    &named,
+                    tally.objects.saturating_sub(named.len() as u64),
+                    tally.lines,
+                    plan.not_distinctive.get(m).cloned().flatten(),
+                    plan.drop_unparsed,
+                );
+                if let (Some(e), Some(step)) = (failure, members.get_mut(m)) {
+                    step.failure = Some(e.failure());
+                }
+            }
+        }
         let failure = (finished && !erase && pos.unparsed_lines > 0).then(|| {
-            unparsed_failure(
+            legacy_unparsed_failure(
                 &job.target.name,
                 pos.unparsed_lines,
                 pos.not_distinctive,
@@ -457,7 +497,7 @@ impl S3Backend {
             )
         });
         Ok(BatchStep {
-            members: run.counts,
+            members,
             held: run.excluded,
             malformed: run.malformed,
             next: if finished {
@@ -801,7 +841,7 @@ impl S3Backend {
             let (counts, pass, spool) = single::filter_to_spool(fetched.body, pass).await?;
             if !pass.removed_any() {
                 run.malformed = run.malformed.saturating_add(counts.malformed);
-                note_unparsed(run, unit, &pass);
+                note_unparsed(run, unit, &pass, key, false);
                 return Ok(());
             }
             run.ask_gate(budget).await?;
@@ -843,7 +883,7 @@ impl S3Backend {
                         Run::add(&mut run.counts, *m, *n, false);
                     }
                     run.malformed = run.malformed.saturating_add(counts.malformed);
-                    note_unparsed(run, unit, &pass);
+                    note_unparsed(run, unit, &pass, key, false);
                     if let Some(v) = fetched.version.filter(|_| run.versioned) {
                         run.replaced.push((
                             key.to_string(),
@@ -897,7 +937,7 @@ impl S3Backend {
                 let pass = MemberPass::new(Arc::clone(lookup), &BTreeSet::new());
                 let (counts, pass) = self.scan_filter(&entry.key, version, pass).await?;
                 run.malformed = run.malformed.saturating_add(counts.malformed);
-                note_unparsed(run, unit, &pass);
+                note_unparsed(run, unit, &pass, &entry.key, !entry.latest);
                 let found = per_owner(unit, |m| pass.found_copies(m));
                 for (m, n) in &found {
                     Run::add(&mut run.counts, *m, *n, false);
@@ -1006,8 +1046,13 @@ fn take_refused(refused: &mut BTreeMap<String, usize>, key: &str) -> bool {
     }
 }
 
-/// Lines not JSON holding a member's identifier that the pass kept: copies that remain.
-fn note_unparsed(run: &mut Run<'_>, unit: &Unit, pass: &MemberPass) {
+/// Lines not JSON holding a member's identifier that the pass of `key` kept: copies that
+/// remain, each member's own. Told by Find and Verify only: an erase removes what it can,
+/// and the verify after it reports the rest (nor does each checkpoint carry them).
+fn note_unparsed(run: &mut Run<'_>, unit: &Unit, pass: &MemberPass, key: &str, older: bool) {
+    if run.erase {
+        return;
+    }
     for m in &unit.owners {
         let kept = pass
             .unparsed
@@ -1015,18 +1060,23 @@ fn note_unparsed(run: &mut Run<'_>, unit: &Unit, pass: &MemberPass) {
             .copied()
             .unwrap_or(0)
             .saturating_sub(pass.unparsed_removed.get(*m).copied().unwrap_or(0));
-        if kept > 0 {
-            run.pos.unparsed_lines = run.pos.unparsed_lines.saturating_add(kept);
-            if run.distinctive.get(*m) == Some(&false) {
-                run.pos.not_distinctive = true;
-            }
+        if kept == 0 {
+            continue;
+        }
+        let id = run.id(*m);
+        let tally = run.pos.unparsed.entry(id).or_default();
+        tally.lines = tally.lines.saturating_add(kept);
+        tally.objects = tally.objects.saturating_add(1);
+        let named = run.unparsed_named.entry(*m).or_default();
+        if named.len() < single::NAMED_OBJECTS {
+            named.push((key.to_string(), older, kept));
         }
     }
 }
 
-/// The failure a finished Find or Verify reports when lines that are not JSON still hold
-/// members' identifiers (see the subject step's): counts only, never a key or a value.
-fn unparsed_failure(target: &str, lines: u64, not_distinctive: bool, drop: bool) -> Error {
+/// The failure of a finished Find or Verify resumed from a cursor of an earlier version,
+/// which counted such lines for the batch, not per member: every member fails safe.
+fn legacy_unparsed_failure(target: &str, lines: u64, not_distinctive: bool, drop: bool) -> Error {
     if not_distinctive {
         return Error::IdentifierNotDistinctive(format!(
             "target {target}: {lines} archive lines that are not JSON may hold a batch member's identifier, but a member's value cannot be told apart from other text (subject.s3.records.equals is a bare placeholder and the value is short or only digits): they are neither counted nor dropped; check and remove them by hand"

@@ -42,7 +42,7 @@ struct Tally {
 }
 
 /// How many archive objects with unparsed copies a message names.
-const NAMED_OBJECTS: usize = 5;
+pub(super) const NAMED_OBJECTS: usize = 5;
 
 /// The phases of a subject step, in order.
 const PREFIXES: u8 = 0;
@@ -1265,7 +1265,29 @@ fn unparsed_failure(
         .map(|(_, _, n)| n)
         .sum::<u64>()
         .saturating_add(tally.earlier_lines);
-    let places = unparsed_places(job, &tally.unparsed, tally.earlier_objects);
+    unparsed_copies(
+        job,
+        &tally.unparsed,
+        tally.earlier_objects,
+        lines,
+        not_distinctive,
+        drop,
+    )
+}
+
+/// The failure of a finished Find or Verify that found `lines` lines that are not JSON
+/// holding the subject's identifier: in `named` (object key, whether an older version, its
+/// lines) and `earlier` objects more; None when they were dropped with the records. The
+/// same for a subject alone and for a member of a batch.
+pub(super) fn unparsed_copies(
+    job: &SubjectJob,
+    named: &[(String, bool, u64)],
+    earlier: u64,
+    lines: u64,
+    not_distinctive: Option<identifier::NotDistinctive>,
+    drop: bool,
+) -> Option<Error> {
+    let places = unparsed_places(job, named, earlier);
     let target = &job.target.name;
     match not_distinctive {
         // Dropped with the records, and counted with them.
