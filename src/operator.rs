@@ -569,7 +569,7 @@ where
         } = self;
         watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(strip::<K>)
+            .modify(crate::controller::strip_unread::<K>)
             .reflect(writer)
             .for_each(move |event| {
                 let (object, deleted) = match event {
@@ -592,23 +592,6 @@ where
                 }
                 futures::future::ready(())
             })
-    }
-}
-
-/// The annotation `kubectl apply` keeps its last input in: never read by the operator.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Drops from a watched object what no reconcile reads, before it is cached: who manages
-/// which field (`managedFields`, often as large as the spec) and `kubectl apply`'s copy of
-/// the object. Reconciles that act on an object read it fresh from the API server.
-fn strip<K: kube::Resource>(obj: &mut K) {
-    let meta = obj.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-        if annotations.is_empty() {
-            meta.annotations = None;
-        }
     }
 }
 
@@ -662,6 +645,7 @@ impl Generations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::{strip_unread, LAST_APPLIED};
 
     #[test]
     fn cached_objects_lose_managed_fields_and_kubectls_copy_and_keep_the_rest() {
@@ -675,7 +659,7 @@ mod tests {
                 "data": {"k": "v"}
             }))
             .expect("a ConfigMap");
-        strip(&mut cm);
+        strip_unread(&mut cm);
         assert_eq!(cm.metadata.managed_fields, None);
         let annotations = cm.metadata.annotations.clone().unwrap_or_default();
         assert_eq!(annotations.len(), 1);
@@ -689,7 +673,7 @@ mod tests {
                 "metadata": {"name": "y", "annotations": {LAST_APPLIED: "{}"}}
             }))
             .expect("a ConfigMap");
-        strip(&mut only_kubectl);
+        strip_unread(&mut only_kubectl);
         assert_eq!(only_kubectl.metadata.annotations, None);
     }
 

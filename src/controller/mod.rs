@@ -505,6 +505,24 @@ pub fn creation_time<K: Resource>(
         })
 }
 
+/// The annotation `kubectl apply` keeps its last input in: never read by the operator.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from an object what no reconcile reads: who manages which field (`managedFields`,
+/// often as large as the spec) and `kubectl apply`'s copy of the object. Done to every
+/// watched object before it is cached, and to every object read fresh, which a reconcile
+/// may hold while it waits (thousands of requests wait in a batch at once).
+pub fn strip_unread<K: kube::Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
 /// Reads the object afresh from the API server. Its status is the checkpoint of the work
 /// under way, and the reflector cache may not have seen our own last write yet. None: gone.
 pub async fn fetch_fresh<K>(client: &Client, obj: &K) -> Result<Option<(Api<K>, K)>, Error>
@@ -519,7 +537,10 @@ where
         .get_opt(&obj.name_any())
         .await
         .map_err(Error::Kube)?
-        .map(|fresh| (api, fresh)))
+        .map(|mut fresh| {
+            strip_unread(&mut fresh);
+            (api, fresh)
+        }))
 }
 
 /// An API error shared by several callers (a read they shared), as one of their own: the

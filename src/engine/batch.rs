@@ -222,36 +222,49 @@ impl Batcher {
         self.settings
     }
 
-    /// Works `joining` in the next batch of `key` and waits for its outcome. Every member of
-    /// the batch is checkpointed (through its [`MemberCheckpoint`]) after every step that
-    /// leaves work.
-    pub async fn join(self: &Arc<Self>, key: BatchKey, joining: Joining, work: Work) -> Outcome {
+    /// Works `joining` in the next batch of `key` (queued now) and waits for its outcome.
+    /// Every member of the batch is checkpointed (through its [`MemberCheckpoint`]) after
+    /// every step that leaves work. Not an `async fn`: the future a member waits on holds
+    /// the answer's receiver only, for a thousand members wait at once.
+    pub fn join(
+        self: &Arc<Self>,
+        key: BatchKey,
+        joining: Joining,
+        work: Work,
+    ) -> impl std::future::Future<Output = Outcome> + Send + 'static {
         let (reply, outcome) = oneshot::channel();
-        let waiter = Waiter {
-            joining,
-            work: Arc::new(work),
-            reply,
-        };
         let start = {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             let queue = queues.entry(key.clone()).or_default();
-            queue.waiting.push(waiter);
+            // The same for every member of the key (its spec and backend are part of it):
+            // the waiting members share one, as the batch uses its first member's.
+            let work = queue
+                .waiting
+                .first()
+                .map_or_else(|| Arc::new(work), |w| w.work.clone());
+            queue.waiting.push(Waiter {
+                joining,
+                work,
+                reply,
+            });
             !std::mem::replace(&mut queue.running, true)
         };
         if start {
             // Its own task: the batch goes on for the others if this caller goes away.
             tokio::spawn(self.clone().drive(key));
         }
-        outcome.await.unwrap_or_else(|_| {
-            Outcome::Batch(MemberEnd::ended(End::Failed {
-                failure: Failure::new(
-                    backends::Category::Transient,
-                    "BatchInterrupted",
-                    "the batch this target was part of ended without an answer (the operator is stopping, or the batch broke off)",
-                ),
-                cursor: None,
-            }))
-        })
+        async move {
+            outcome.await.unwrap_or_else(|_| {
+                Outcome::Batch(MemberEnd::ended(End::Failed {
+                    failure: Failure::new(
+                        backends::Category::Transient,
+                        "BatchInterrupted",
+                        "the batch this target was part of ended without an answer (the operator is stopping, or the batch broke off)",
+                    ),
+                    cursor: None,
+                }))
+            })
+        }
     }
 
     /// Whether a batch of `key` with other members than `lone` ended in the last

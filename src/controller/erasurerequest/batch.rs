@@ -63,13 +63,16 @@ pub(super) fn batched(
     }
 }
 
-/// Joins the target's batch and waits for its outcome, as the step result the one-subject
-/// path would have had; or, for a failure, the action's result directly.
-pub(super) async fn join(
+/// Joins the target's batch (queued now) and waits for its outcome, as the step result the
+/// one-subject path would have had; or, for a failure, the action's result directly. What
+/// it waits on holds the outcome's receiver only: every member of a batch waits in it.
+pub(super) fn join(
     ctx: &Arc<Context>,
     member: Member<'_>,
     resume: Option<MemberCursor>,
-) -> Result<Result<SubjectStep, backends::Error>, ActionResult> {
+) -> impl std::future::Future<Output = Result<Result<SubjectStep, backends::Error>, ActionResult>>
+       + Send
+       + 'static {
     let request_namespace = member.request.namespace().unwrap_or_default();
     let key = batch_key(
         member.store_key,
@@ -118,7 +121,13 @@ pub(super) async fn join(
         cancel: ctx.shutdown.clone(),
         redact: plan::redact,
     };
-    match ctx.batcher.join(key, joining, work).await {
+    let outcome = ctx.batcher.join(key, joining, work);
+    async move { as_step_result(outcome.await) }
+}
+
+/// A member's outcome as the step result the one-subject path would have had.
+fn as_step_result(outcome: Outcome) -> Result<Result<SubjectStep, backends::Error>, ActionResult> {
+    match outcome {
         Outcome::Alone(result) => Ok(result),
         Outcome::Batch(end) => {
             let step = |next| SubjectStep {

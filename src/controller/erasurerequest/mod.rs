@@ -48,32 +48,37 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     // store steps or batches.
     let mut permit = ctx.request_permits.clone().acquire_owned().await.ok();
     let namespace = obj.namespace().unwrap_or_default();
-    let Some((api, request)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
+    let Some((api, request)) = Box::pin(super::fetch_fresh(&ctx.client, obj.as_ref())).await?
+    else {
         return Ok(Action::await_change());
     };
+    // Boxed, as the statuses below: they live in the future every waiting request holds.
+    let boxed = Box::new(request);
+    let request = boxed.as_ref();
     if request.metadata.deletion_timestamp.is_some() {
-        return lifecycle::close(&ctx, &api, &request).await;
+        return Box::pin(lifecycle::close(&ctx, &api, request)).await;
     }
-    lifecycle::ensure_finalizer(&ctx, &api, &request).await?;
-    let previous = request.status.clone().unwrap_or_default();
+    Box::pin(lifecycle::ensure_finalizer(&ctx, &api, request)).await?;
+    let previous = Box::new(request.status.clone().unwrap_or_default());
     let now = Timestamp::now();
     if previous.phase == ErasurePhase::Completed {
         // Final: nothing runs again; an edit since is only reported. Receipts still waiting
         // for the sink are written.
         let mut status = previous.clone();
         if previous.observed_generation != request.metadata.generation {
-            status.conditions = plan::conditions(&request, &status, &[], &[], true, now);
+            status.conditions = plan::conditions(request, &status, &[], &[], true, now);
         }
-        let receipts_waiting = ctx.upload_receipts(&request, &mut status.receipts).await;
+        let receipts_waiting = Box::pin(ctx.upload_receipts(request, &mut status.receipts)).await;
         if status != previous {
-            ctx.apply_status(&api, &request.name_any(), &status).await?;
+            Box::pin(ctx.apply_status(&api, &request.name_any(), &status)).await?;
         }
         if receipts_waiting && !ctx.shutdown.is_cancelled() {
-            return Ok(Action::requeue(ctx.backoff(&receipts_key(&request))));
+            return Ok(Action::requeue(ctx.backoff(&receipts_key(request))));
         }
-        ctx.reset_failures(&receipts_key(&request));
+        ctx.reset_failures(&receipts_key(request));
         // Its time up, and its receipts in the sink: deleted.
-        if let Some(action) = lifecycle::expire(&ctx, &api, &request, &status, now).await? {
+        if let Some(action) = Box::pin(lifecycle::expire(&ctx, &api, request, &status, now)).await?
+        {
             return Ok(action);
         }
         return Ok(Action::await_change());
@@ -92,11 +97,11 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
 
     // 0. Validate (pure): inline identifiers are pseudonymous ones only.
     let valid = plan::validate_subject(&request.spec.subject)
-        .and_then(|()| plan::validate_scope(&request, &ctx.settings.operator_namespace));
+        .and_then(|()| plan::validate_scope(request, &ctx.settings.operator_namespace));
     if let Err(message) = valid {
         status.phase = ErasurePhase::Failed;
         let e = Error::InvalidSpec(message);
-        return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await;
+        return Box::pin(wait_on_error(&ctx, &api, request, *status, e, spec_ignored)).await;
     }
     if status.phase == ErasurePhase::Failed {
         // Refused before it started, and fixed since: it starts now.
@@ -104,13 +109,17 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // 1. The subject: identifiers (memory only) and their keyed digest.
-    let (identifiers, secret_marked) = match identifiers(&ctx, &request).await {
+    let (identifiers, secret_marked) = match Box::pin(identifiers(&ctx, request)).await {
         Ok(ids) => ids,
-        Err(e) => return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await,
+        Err(e) => {
+            return Box::pin(wait_on_error(&ctx, &api, request, *status, e, spec_ignored)).await
+        }
     };
-    let key = match digest_key(&ctx).await {
+    let key = match Box::pin(digest_key(&ctx)).await {
         Ok(key) => key,
-        Err(e) => return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await,
+        Err(e) => {
+            return Box::pin(wait_on_error(&ctx, &api, request, *status, e, spec_ignored)).await
+        }
     };
     let digest = subject_digest(&key, &identifiers);
     if status.subject_digest.as_ref().is_some_and(|d| *d != digest) {
@@ -118,18 +127,18 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             "the subject's identifiers changed after the request started".into(),
         );
         status.phase = ErasurePhase::Failed;
-        return wait_on_error(&ctx, &api, &request, status, e, spec_ignored).await;
+        return Box::pin(wait_on_error(&ctx, &api, request, *status, e, spec_ignored)).await;
     }
     status.subject_digest = Some(digest.clone());
     let received = status
         .received_at
         .or(request.spec.received_at)
-        .unwrap_or_else(|| super::creation_time(&request, now));
+        .unwrap_or_else(|| super::creation_time(request, now));
     status.received_at = Some(received);
     status.deadline = Some(plan::deadline(received));
 
     if status.phase == ErasurePhase::Pending {
-        let found = scope(&ctx, &request).await?;
+        let found = Box::pin(scope(&ctx, request)).await?;
         (status.targets, status.missing_policies, status.not_searched) =
             (found.targets, found.missing, found.not_searched);
     }
@@ -138,14 +147,30 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     // follows. Where the next phase can start at once (nothing waits on a store, nothing
     // failed), it runs in this same reconcile, holds read fresh again first: one status
     // write and one Event for the whole move, however many phases it passes.
-    let mut checked = check_holds(&ctx, &namespace, &key, &identifiers, now, &mut status).await;
+    let mut checked = Box::pin(check_holds(
+        &ctx,
+        &namespace,
+        &key,
+        &identifiers,
+        now,
+        &mut status,
+    ))
+    .await;
     let mut poll_after = None;
     // Each target's store resolved once per reconcile (its credentials Secret read once),
     // whatever the phases it passes.
     let resolved = Resolved::default();
     for pass in 0..MAX_PHASES_PER_RECONCILE {
         if pass > 0 {
-            checked = check_holds(&ctx, &namespace, &key, &identifiers, now, &mut status).await;
+            checked = Box::pin(check_holds(
+                &ctx,
+                &namespace,
+                &key,
+                &identifiers,
+                now,
+                &mut status,
+            ))
+            .await;
         }
         // 3. One action per target for the current phase, then the phase that follows.
         if checked.whole_request_held {
@@ -164,7 +189,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         }
         let before = status.phase;
         drop(permit.take());
-        poll_after = run_actions(&ctx, &request, &key, &identifiers, &resolved, &mut status).await;
+        poll_after = run_actions(&ctx, request, &key, &identifiers, &resolved, &mut status).await;
         permit = ctx.request_permits.clone().acquire_owned().await.ok();
         status.phase = plan::next_phase(
             status.phase,
@@ -205,8 +230,8 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             }
         });
         let head = audit::receipt::emit(
-            &audit::receipt::erasure_record(&request, &status),
-            &audit::receipt::request_stream(&request),
+            &audit::receipt::erasure_record(request, &status),
+            &audit::receipt::request_stream(request),
             status.receipts.take(),
             ctx.sink_prefix(),
         );
@@ -215,7 +240,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     }
     plan::stamp_phases(&previous, &mut status, Timestamp::now());
     status.conditions = plan::conditions(
-        &request,
+        request,
         &status,
         &blocked_by,
         &unverifiable,
@@ -224,23 +249,23 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     );
 
     // 4. Write (the receipts waiting for the sink, then status), tell, clean up.
-    let receipts_waiting = ctx.upload_receipts(&request, &mut status.receipts).await;
+    let receipts_waiting = Box::pin(ctx.upload_receipts(request, &mut status.receipts)).await;
     if request.status.as_ref() != Some(&status) {
-        ctx.apply_status(&api, &request.name_any(), &status).await?;
+        Box::pin(ctx.apply_status(&api, &request.name_any(), &status)).await?;
     }
-    report(&ctx, &request, &previous, &status).await;
+    Box::pin(report(&ctx, request, &previous, &status)).await;
     if completed && status.subject_secret == Some(SubjectSecretFate::Deleted) {
         if let Some(secret) = &request.spec.subject.secret_ref {
-            delete_secret(&ctx, &namespace, &secret.name).await;
+            Box::pin(delete_secret(&ctx, &namespace, &secret.name)).await;
         }
     }
 
     // 5. Requeue while work remains.
-    let key = failure_key(&request);
+    let key = failure_key(request);
     let failing = plan::failure_requeue(&status.targets);
     Ok(match status.phase {
         _ if receipts_waiting && !ctx.shutdown.is_cancelled() => {
-            Action::requeue(ctx.backoff(&receipts_key(&request)))
+            Action::requeue(ctx.backoff(&receipts_key(request)))
         }
         ErasurePhase::Completed | ErasurePhase::Failed => {
             ctx.reset_failures(&key);
@@ -868,7 +893,9 @@ async fn run_action(
     let policy = match cached {
         Some(p) => Ok(Some(p)),
         // Not in the cache yet (created a moment ago): read it.
-        None => policies.get_opt(policy_name).await.map(|p| p.map(Arc::new)),
+        None => Box::pin(policies.get_opt(policy_name))
+            .await
+            .map(|p| p.map(Arc::new)),
     };
     let policy = match policy {
         Ok(Some(p)) => p,
@@ -892,7 +919,7 @@ async fn run_action(
         .cloned();
     let (backend, kind, store_key) = match known {
         Some(known) => known,
-        None => match resolve_target(ctx, namespace, target).await {
+        None => match Box::pin(resolve_target(ctx, namespace, target)).await {
             ResolvedTarget::Ready {
                 backend,
                 kind,
@@ -966,24 +993,22 @@ async fn run_action(
             }
         }
         None => {
-            ctx.engine
-                .subject_step(
-                    claim,
-                    &store_key,
-                    backend.as_ref(),
-                    &job,
-                    cursor,
-                    &ctx.shutdown,
-                )
-                .await
+            Box::pin(ctx.engine.subject_step(
+                claim,
+                &store_key,
+                backend.as_ref(),
+                &job,
+                cursor,
+                &ctx.shutdown,
+            ))
+            .await
         }
     };
     // What the adapter tells besides the counts (a checkpoint it could not read and started
     // over from, a step far beyond its budget): a Warning Event each.
     for notice in result.iter().flat_map(|step| &step.notices) {
         let note = format!("target {policy_name}/{target_name}: {}", notice.message);
-        ctx.publish(request, EventType::Warning, notice.reason, "Erase", note)
-            .await;
+        Box::pin(ctx.publish(request, EventType::Warning, notice.reason, "Erase", note)).await;
     }
     match result {
         Ok(step) => match (step.failure, step.next) {
@@ -1028,7 +1053,7 @@ async fn run_action(
                 if let (Some(ground), SubjectAction::Verify, true) =
                     (ground, action, step.count > 0)
                 {
-                    match backend.locked_copies(&job).await {
+                    match Box::pin(backend.locked_copies(&job)).await {
                         Ok(locked) if locked.count >= step.count => {
                             return (
                                 ActionResult::Retained {
@@ -1280,4 +1305,36 @@ pub fn error_policy(request: Arc<ErasureRequest>, error: &Error, ctx: Arc<Contex
     ctx.metrics.reconcile_error(CONTROLLER, error.reason());
     warn!(request = %object_key(request.as_ref()), reason = error.reason(), error = %error, "reconcile failed");
     Action::requeue(ctx.backoff(&failure_key(request.as_ref())))
+}
+
+#[cfg(test)]
+mod future_size {
+    //! The request controller runs unbounded: every request of a batch waits in its own
+    //! reconcile, ten thousand at once under load. Each waits holding a reconcile future and
+    //! one `run_action` future per target, so those stay small: the paths off the wait
+    //! (status writes, events, store resolution, the one-subject step) and the request and
+    //! its statuses are boxed, and joining a batch queues the member before it waits.
+
+    fn of<A, B, F: std::future::Future, G: Fn(A, B) -> F>(_: G) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn of9<A, B, C, D, E, G, H, I, J, F, K>(_: K) -> usize
+    where
+        F: std::future::Future,
+        K: Fn(A, B, C, D, E, G, H, I, J) -> F,
+    {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_waiting_request_holds_a_few_kilobytes() {
+        // Unboxed, these were 17 KiB and 4.9 KiB: 10,000 waiting requests took 260 MiB more
+        // than the same requests run 1,016 at a time. Now about 1.2 KiB each.
+        let reconcile = of(super::reconcile);
+        let action = of9(super::run_action);
+        assert!(reconcile <= 2048, "reconcile future is {reconcile} bytes");
+        assert!(action <= 2048, "run_action future is {action} bytes");
+    }
 }
