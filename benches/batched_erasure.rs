@@ -47,7 +47,9 @@ use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
 use support::s3::S3Server;
-use support::scale::{create_retrying, status_write_ceiling, write_ceiling, writes, Rng};
+use support::scale::{
+    create_retrying, status_write_ceiling, status_writes, write_ceiling, writes, Rng,
+};
 use support::{ControlPlane, RedisServer};
 
 const BUCKET: &str = "mail-archive";
@@ -424,10 +426,7 @@ async fn main() {
         .expect("a finished request's status");
     let status_rate = status_write_ceiling(&client, &ns, &status, n, FILING_IN_FLIGHT).await;
     let create_rate = write_ceiling(&client, &ns, n, FILING_IN_FLIGHT).await;
-    let status_writes = requests
-        .get("patch erasurerequests/status")
-        .copied()
-        .unwrap_or(0);
+    let status_writes = status_writes(&requests);
     let other_writes = writes(&requests).saturating_sub(status_writes) + 2 * n;
     let floor = status_writes as f64 / status_rate + other_writes as f64 / create_rate;
     println!(

@@ -27,7 +27,9 @@ use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
-use support::scale::{create_retrying, handled, status_write_ceiling, write_ceiling, writes};
+use support::scale::{
+    create_retrying, handled, status_write_ceiling, status_writes, write_ceiling, writes,
+};
 use support::{ControlPlane, RedisServer};
 
 const CREATE_CONCURRENCY: usize = 32;
@@ -219,11 +221,7 @@ async fn main() {
     let ceiling_objects = n.min(2_000);
     let status_rate = status_write_ceiling(&client, &ns, &status, ceiling_objects, 16).await;
     let create_rate = write_ceiling(&client, &ns, ceiling_objects, 16).await;
-    let status_writes: usize = counts
-        .iter()
-        .filter(|(kind, _)| kind.starts_with("patch ") && kind.ends_with("/status"))
-        .map(|(_, n)| n)
-        .sum();
+    let status_writes = status_writes(&counts);
     let other_writes = writes(&counts).saturating_sub(status_writes);
     println!(
         "  the API server's ceilings now (16 in flight): {status_rate:.0} status writes/s, {create_rate:.0} creates/s; the first operator's {status_writes} status writes and {other_writes} other writes alone take {:.0}s there",

@@ -19,16 +19,22 @@ use crate::support::{wait_for, RedisCluster, RedisServer};
 
 const FIELD: &str = "createdAt";
 
+/// Runs one set-up command; its reply is not needed.
+async fn exec(conn: &mut (impl redis::aio::ConnectionLike + Send), cmd: &mut redis::Cmd) {
+    let _: () = cmd.query_async(conn).await.unwrap();
+}
+
 async fn hset(conn: &mut MultiplexedConnection, key: &str, at: i64) {
-    let _: () = redis::cmd("HSET")
-        .arg(key)
-        .arg(FIELD)
-        .arg(at)
-        .arg("probe")
-        .arg("x")
-        .query_async(conn)
-        .await
-        .unwrap();
+    exec(
+        conn,
+        redis::cmd("HSET")
+            .arg(key)
+            .arg(FIELD)
+            .arg(at)
+            .arg("probe")
+            .arg("x"),
+    )
+    .await;
 }
 
 async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool {
@@ -67,22 +73,9 @@ async fn a_hash_refreshed_after_the_read_survives_the_delete() {
     // Between the read and the delete: one hash is refreshed, one becomes a string, one is
     // deleted by its application.
     hset(&mut conn, "h:refreshed", chrono::Utc::now().timestamp()).await;
-    let _: () = redis::cmd("DEL")
-        .arg("h:retyped")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("h:retyped")
-        .arg("v")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg("h:gone")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    exec(&mut conn, redis::cmd("DEL").arg("h:retyped")).await;
+    exec(&mut conn, redis::cmd("SET").arg("h:retyped").arg("v")).await;
+    exec(&mut conn, redis::cmd("DEL").arg("h:gone")).await;
 
     let removed = unlink_unchanged(&mut conn, FIELD, &view, false, "0a1b2c")
         .await
@@ -187,12 +180,7 @@ async fn on_a_cluster_node_idle_keys_of_many_slots_are_judged_and_deleted_in_one
         .collect();
     assert!(keys.len() > 20, "node 0 serves too few of the probe keys");
     for key in &keys {
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg("v")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        exec(&mut conn, redis::cmd("SET").arg(key).arg("v")).await;
     }
     // Every key idle past the threshold (OBJECT IDLETIME does not touch the key).
     let probe = redis_conn(&cluster.nodes()[node].url()).await;
@@ -366,13 +354,11 @@ async fn a_timestamp_sweep_deletes_through_the_script_behind_the_fence() {
     let mut cconn = client.get_async_connection().await.unwrap();
     for i in 0..300 {
         let at = if i % 10 == 0 { young } else { old };
-        let _: () = redis::cmd("HSET")
-            .arg(format!("h:{i}"))
-            .arg(FIELD)
-            .arg(at)
-            .query_async(&mut cconn)
-            .await
-            .unwrap();
+        exec(
+            &mut cconn,
+            redis::cmd("HSET").arg(format!("h:{i}")).arg(FIELD).arg(at),
+        )
+        .await;
     }
     let backend = RedisBackend::new(
         RedisConfig {
@@ -392,13 +378,7 @@ async fn a_timestamp_sweep_deletes_through_the_script_behind_the_fence() {
 }
 
 async fn hset_raw(conn: &mut MultiplexedConnection, key: &str, value: &[u8]) {
-    let _: () = redis::cmd("HSET")
-        .arg(key)
-        .arg(FIELD)
-        .arg(value)
-        .query_async(conn)
-        .await
-        .unwrap();
+    exec(conn, redis::cmd("HSET").arg(key).arg(FIELD).arg(value)).await;
 }
 
 /// The script judges whole seconds against the cutoff (to the nanosecond), hands back every
@@ -416,19 +396,12 @@ async fn the_reading_script_judges_whole_seconds_and_hands_back_the_rest() {
     hset_raw(&mut conn, "h:long", b"0001699999999").await;
     hset_raw(&mut conn, "h:rfc", b"2023-11-14T22:13:19Z").await;
     hset_raw(&mut conn, "h:empty", b"").await;
-    let _: () = redis::cmd("HSET")
-        .arg("h:missing")
-        .arg("other")
-        .arg("1")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("h:string")
-        .arg("1")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    exec(
+        &mut conn,
+        redis::cmd("HSET").arg("h:missing").arg("other").arg("1"),
+    )
+    .await;
+    exec(&mut conn, redis::cmd("SET").arg("h:string").arg("1")).await;
     let keys: Vec<Vec<u8>> = [
         "h:before",
         "h:at",
@@ -530,13 +503,11 @@ async fn a_timestamp_sweep_judges_every_form_of_timestamp() {
     for (key, value) in deleted.iter().chain(&kept).chain(&unjudged) {
         hset_raw(&mut conn, key, value).await;
     }
-    let _: () = redis::cmd("HSET")
-        .arg("h:missing")
-        .arg("other")
-        .arg("1")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    exec(
+        &mut conn,
+        redis::cmd("HSET").arg("h:missing").arg("other").arg("1"),
+    )
+    .await;
     let swept = sweep_job(&backend, &timestamp_job()).await;
     assert_eq!(swept.deleted as usize, deleted.len());
     assert_eq!(

@@ -90,12 +90,7 @@ pub async fn write_ceiling(client: &kube::Client, ns: &str, n: usize, in_flight:
     })
     .await;
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    let _ = maps
-        .delete_collection(
-            &Default::default(),
-            &ListParams::default().labels("ceiling=true"),
-        )
-        .await;
+    remove_ceiling_objects(&maps).await;
     rate
 }
 
@@ -140,13 +135,21 @@ pub async fn status_write_ceiling(
             .await;
     }
     let rate = (2 * n) as f64 / started.elapsed().as_secs_f64();
-    let _ = requests
+    remove_ceiling_objects(&requests).await;
+    rate
+}
+
+/// Deletes what [`create_ceiling_objects`] made; best effort (the namespace goes after).
+async fn remove_ceiling_objects<K>(api: &Api<K>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let _ = api
         .delete_collection(
             &Default::default(),
             &ListParams::default().labels("ceiling=true"),
         )
         .await;
-    rate
 }
 
 /// Creates `ceiling-0` … `ceiling-{n-1}` (labelled `ceiling=true`) from `object(name)`,
@@ -175,6 +178,15 @@ pub fn writes(requests: &BTreeMap<String, usize>) -> usize {
                 .iter()
                 .any(|v| kind.starts_with(v))
         })
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Status writes: the `status` subresource patched, of any kind.
+pub fn status_writes(requests: &BTreeMap<String, usize>) -> usize {
+    requests
+        .iter()
+        .filter(|(kind, _)| kind.starts_with("patch ") && kind.ends_with("/status"))
         .map(|(_, n)| n)
         .sum()
 }
