@@ -569,8 +569,8 @@ async fn s3_batch_step_whose_gate_fails_commits_nothing_more_and_is_counted_by_t
     }
 }
 
-/// A Verify batch of every member to its end, a fresh backend per step; the members' steps
-/// of the last one.
+/// A Verify batch of every member to its end, a fresh backend per step: the members' steps
+/// of the last one, with the counts of all.
 async fn verify_to_the_end(
     server: &S3Server,
     world: &World,
@@ -578,12 +578,17 @@ async fn verify_to_the_end(
 ) -> Vec<tombstone::backends::MemberStep> {
     let job = world.job(SubjectAction::Verify, &ALL, Arc::new(Gate::default()));
     let mut cursor: Option<String> = None;
+    let mut counts = vec![0u64; ALL.len()];
     for _ in 0..5000 {
-        let step = crate::s3::backend(server, BUCKET)
+        let mut step = crate::s3::backend(server, BUCKET)
             .batch_step(&job, cursor.as_deref(), &budget(max_time))
             .await
             .expect("a batch step");
         assert!(step.failure.is_none(), "{:?}", step.failure);
+        for (total, m) in counts.iter_mut().zip(&mut step.members) {
+            *total += m.count;
+            m.count = *total;
+        }
         match step.next {
             Next::Done => return step.members,
             Next::Continue(c) => {
