@@ -147,35 +147,26 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     // follows. Where the next phase can start at once (nothing waits on a store, nothing
     // failed), it runs in this same reconcile, holds read fresh again first: one status
     // write and one Event for the whole move, however many phases it passes.
-    let mut checked = Box::pin(check_holds(
-        &ctx,
-        &namespace,
-        &key,
-        &identifiers,
-        now,
-        &mut status,
-    ))
-    .await;
     let mut poll_after = None;
     // Each target's store resolved once per reconcile (its credentials Secret read once),
     // whatever the phases it passes.
     let resolved = Resolved::default();
-    for pass in 0..MAX_PHASES_PER_RECONCILE {
-        if pass > 0 {
-            checked = Box::pin(check_holds(
-                &ctx,
-                &namespace,
-                &key,
-                &identifiers,
-                now,
-                &mut status,
-            ))
-            .await;
-        }
+    let mut passes = 0;
+    let checked = loop {
+        passes += 1;
+        let checked = Box::pin(check_holds(
+            &ctx,
+            &namespace,
+            &key,
+            &identifiers,
+            now,
+            &mut status,
+        ))
+        .await;
         // 3. One action per target for the current phase, then the phase that follows.
         if checked.whole_request_held {
             status.phase = ErasurePhase::Blocked;
-            break;
+            break checked;
         }
         if status.phase == ErasurePhase::CompletedWithExceptions
             && plan::retained_due(&status.targets, now)
@@ -185,7 +176,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         }
         status.phase = plan::resume_phase(status.phase, &status.targets);
         if status.phase == ErasurePhase::Blocked {
-            break;
+            break checked;
         }
         let before = status.phase;
         drop(permit.take());
@@ -200,10 +191,10 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
         let moves_on = plan::moves_on_at_once(before, status.phase, &status.targets)
             && poll_after.is_none()
             && !ctx.shutdown.is_cancelled();
-        if !moves_on {
-            break;
+        if !moves_on || passes >= MAX_PHASES_PER_RECONCILE {
+            break checked;
         }
-    }
+    };
     let HoldCheck {
         blocked_by,
         unverifiable,
