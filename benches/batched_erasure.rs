@@ -47,9 +47,7 @@ use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
 use support::s3::S3Server;
-use support::scale::{
-    create_retrying, status_write_ceiling, status_writes, write_ceiling, writes, Rng,
-};
+use support::scale::{create_retrying, write_floor, writes, Rng};
 use support::{ControlPlane, RedisServer};
 
 const BUCKET: &str = "mail-archive";
@@ -415,23 +413,24 @@ async fn main() {
     // What the API server alone needs for those writes and the benchmark's own creates (a
     // Secret and a request each), at its ceilings measured now: status writes like the
     // operator's (of a finished request's status), and plain creates for the rest.
-    let finished = Api::<ErasureRequest>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default().labels("run=batched").limit(1))
-        .await
-        .expect("list requests");
-    let status = finished
-        .items
-        .into_iter()
-        .find_map(|r| r.status)
-        .expect("a finished request's status");
-    let status_rate = status_write_ceiling(&client, &ns, &status, n, FILING_IN_FLIGHT).await;
-    let create_rate = write_ceiling(&client, &ns, n, FILING_IN_FLIGHT).await;
-    let status_writes = status_writes(&requests);
-    let other_writes = writes(&requests).saturating_sub(status_writes) + 2 * n;
-    let floor = status_writes as f64 / status_rate + other_writes as f64 / create_rate;
+    let floor = write_floor(
+        &client,
+        &ns,
+        Some("run=batched"),
+        &requests,
+        2 * n,
+        n,
+        FILING_IN_FLIGHT,
+    )
+    .await;
     println!(
-        "    the API server's ceilings now: {status_rate:.0} status writes/s, {create_rate:.0} creates/s; the run's {status_writes} status writes and {other_writes} other writes alone take {floor:.1}s there, {:.0}% of the run",
-        100.0 * floor / all.as_secs_f64()
+        "    the API server's ceilings now: {:.0} status writes/s, {:.0} creates/s; the run's {} status writes and {} other writes alone take {:.1}s there, {:.0}% of the run",
+        floor.status_rate,
+        floor.create_rate,
+        floor.status_writes,
+        floor.other_writes,
+        floor.seconds(),
+        100.0 * floor.seconds() / all.as_secs_f64()
     );
 
     let one_at_a_time = BatchSettings {

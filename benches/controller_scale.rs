@@ -27,9 +27,7 @@ use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
-use support::scale::{
-    create_retrying, handled, status_write_ceiling, status_writes, write_ceiling, writes,
-};
+use support::scale::{create_retrying, handled, write_floor, writes};
 use support::{ControlPlane, RedisServer};
 
 const CREATE_CONCURRENCY: usize = 32;
@@ -210,22 +208,14 @@ async fn main() {
     );
     // What the API server alone needs for those writes, at its ceilings measured now: status
     // writes like the operator's (of a finished request's status) and plain creates.
-    let status = Api::<ErasureRequest>::namespaced(client.clone(), &ns)
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-        .expect("list requests")
-        .items
-        .into_iter()
-        .find_map(|r| r.status)
-        .expect("a finished request's status");
-    let ceiling_objects = n.min(2_000);
-    let status_rate = status_write_ceiling(&client, &ns, &status, ceiling_objects, 16).await;
-    let create_rate = write_ceiling(&client, &ns, ceiling_objects, 16).await;
-    let status_writes = status_writes(&counts);
-    let other_writes = writes(&counts).saturating_sub(status_writes);
+    let floor = write_floor(&client, &ns, None, &counts, 0, n.min(2_000), 16).await;
     println!(
-        "  the API server's ceilings now (16 in flight): {status_rate:.0} status writes/s, {create_rate:.0} creates/s; the first operator's {status_writes} status writes and {other_writes} other writes alone take {:.0}s there",
-        status_writes as f64 / status_rate + other_writes as f64 / create_rate
+        "  the API server's ceilings now (16 in flight): {:.0} status writes/s, {:.0} creates/s; the first operator's {} status writes and {} other writes alone take {:.0}s there",
+        floor.status_rate,
+        floor.create_rate,
+        floor.status_writes,
+        floor.other_writes,
+        floor.seconds()
     );
 
     // A second operator over the same objects, with nothing due: it must write nothing.

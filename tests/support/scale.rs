@@ -182,6 +182,58 @@ pub fn writes(requests: &BTreeMap<String, usize>) -> usize {
         .sum()
 }
 
+/// What a run's writes alone take on the API server, at its ceilings measured now.
+pub struct WriteFloor {
+    /// Status writes like the operator's (of a finished request's status) per second.
+    pub status_rate: f64,
+    /// Plain creates per second, for every other write.
+    pub create_rate: f64,
+    pub status_writes: usize,
+    pub other_writes: usize,
+}
+
+impl WriteFloor {
+    /// The time those writes alone take at those rates.
+    pub fn seconds(&self) -> f64 {
+        self.status_writes as f64 / self.status_rate + self.other_writes as f64 / self.create_rate
+    }
+}
+
+/// Measures the API server's ceilings now, with `n` objects written `in_flight` at a time
+/// (the status of a finished request among those `labels` select), and weighs the run's
+/// `requests` (and `extra_writes` of its own, counted as creates) by them.
+pub async fn write_floor(
+    client: &kube::Client,
+    ns: &str,
+    labels: Option<&str>,
+    requests: &BTreeMap<String, usize>,
+    extra_writes: usize,
+    n: usize,
+    in_flight: usize,
+) -> WriteFloor {
+    let mut select = ListParams::default().limit(1);
+    if let Some(labels) = labels {
+        select = select.labels(labels);
+    }
+    let status = Api::<ErasureRequest>::namespaced(client.clone(), ns)
+        .list(&select)
+        .await
+        .expect("list requests")
+        .items
+        .into_iter()
+        .find_map(|r| r.status)
+        .expect("a finished request's status");
+    let status_rate = status_write_ceiling(client, ns, &status, n, in_flight).await;
+    let create_rate = write_ceiling(client, ns, n, in_flight).await;
+    let status_writes = status_writes(requests);
+    WriteFloor {
+        status_rate,
+        create_rate,
+        status_writes,
+        other_writes: writes(requests).saturating_sub(status_writes) + extra_writes,
+    }
+}
+
 /// Status writes: the `status` subresource patched, of any kind.
 pub fn status_writes(requests: &BTreeMap<String, usize>) -> usize {
     requests
