@@ -289,6 +289,19 @@ const README_ACL: &str = "resetkeys ~session:* ~user:* ~tombstone:ledger:* reset
     +sismember +zscore +eval +evalsha +script|load +unlink +pexpire +hdel +srem +zrem +incrby \
     +expire";
 
+/// A timestamp sweep of `session:*` hashes older than a day.
+fn session_sweep() -> tombstone::backends::SweepJob {
+    tombstone::backends::SweepJob {
+        target: serde_json::from_value(json!({"name": "s", "store": "cache",
+            "redis": {"keyPattern": "session:*", "mode": "timestamp", "timestampField": "createdAt"}}))
+        .unwrap(),
+        retention: "1d".parse().unwrap(),
+        dry_run: false,
+        cutoff: chrono::Utc::now() - chrono::Duration::days(1),
+        held: Default::default(),
+    }
+}
+
 /// Sweeps `job` to its end (or its first failure) with a fresh backend per step; returns
 /// what the steps counted and the failure, if any.
 async fn sweep_to_end(
@@ -357,15 +370,7 @@ async fn a_redis_user_that_may_not_write_the_ledger_deletes_nothing_and_says_why
         password: Some("pw-7d1".into()),
         cluster: false,
     };
-    let job = tombstone::backends::SweepJob {
-        target: serde_json::from_value(json!({"name": "s", "store": "cache",
-            "redis": {"keyPattern": "session:*", "mode": "timestamp", "timestampField": "createdAt"}}))
-        .unwrap(),
-        retention: "1d".parse().unwrap(),
-        dry_run: false,
-        cutoff: chrono::Utc::now() - chrono::Duration::days(1),
-        held: Default::default(),
-    };
+    let job = session_sweep();
 
     let (deleted, failure) = sweep_to_end(&config("limited"), &job).await;
     let failure = failure.expect("a user without the ledger pattern is refused");
@@ -389,6 +394,123 @@ async fn a_redis_user_that_may_not_write_the_ledger_deletes_nothing_and_says_why
     assert!(failure.is_none(), "{failure:?}");
     assert_eq!(deleted, 50);
     assert_eq!(crate::fixtures::count_keys(&mut conn, "session:*").await, 0);
+    assert_eq!(
+        crate::fixtures::count_keys(&mut conn, "tombstone:ledger:*").await,
+        0,
+        "the run's ledger is removed once its reading is checkpointed"
+    );
+}
+
+/// A Redis sweep names its run's ledger only when it meets a page that would delete, and
+/// checkpoints that name before deleting anything: a sweep that finds nothing to delete
+/// ends in one step (one status write for the policy) and leaves no ledger, and one that
+/// finds expired keys stops before their page, then deletes them under the ledger it named.
+#[tokio::test]
+async fn a_redis_sweep_names_its_ledger_only_before_the_first_page_that_would_delete() {
+    use tombstone::backends::redis::{RedisBackend, RedisConfig};
+    let server = crate::support::RedisServer::start();
+    let mut conn = crate::fixtures::redis_conn(&server.url()).await;
+    let now = chrono::Utc::now().timestamp();
+    let seed = |prefix: &'static str, n: usize, at: i64| {
+        let mut pipe = redis::pipe();
+        for i in 0..n {
+            pipe.cmd("HSET")
+                .arg(format!("session:{prefix}:{i}"))
+                .arg("createdAt")
+                .arg(at)
+                .ignore();
+        }
+        pipe
+    };
+    let _: () = seed("fresh", 12_000, now)
+        .query_async(&mut conn)
+        .await
+        .expect("seed");
+    let config = RedisConfig {
+        url: server.url(),
+        password: None,
+        cluster: false,
+    };
+    let job = session_sweep();
+    let long = StepBudget {
+        max_time: Duration::from_secs(30),
+        ..budget()
+    };
+    let backend = || RedisBackend::new(config.clone(), tombstone::backends::Limits::default());
+
+    // Nothing expired: one step judges every key and ends; no ledger was ever named.
+    let step = backend()
+        .sweep_step(&job, None, &long)
+        .await
+        .expect("a step");
+    assert!(step.failure.is_none(), "{:?}", step.failure);
+    assert_eq!(
+        step.next,
+        Next::Done,
+        "a sweep with nothing to delete ends at once"
+    );
+    assert_eq!((step.scanned, step.deleted), (12_000, 0));
+    assert_eq!(
+        crate::fixtures::count_keys(&mut conn, "tombstone:ledger:*").await,
+        0
+    );
+
+    // Expired keys among them: the first step stops before the first page that would delete,
+    // with a named ledger and nothing deleted; the steps after delete exactly those keys.
+    let _: () = seed("old", 40, now - 90 * 86_400)
+        .query_async(&mut conn)
+        .await
+        .expect("seed");
+    let first = backend()
+        .sweep_step(&job, None, &long)
+        .await
+        .expect("a first step");
+    assert!(first.failure.is_none(), "{:?}", first.failure);
+    assert_eq!(
+        first.deleted, 0,
+        "nothing is deleted before the run is named"
+    );
+    let Next::Continue(named) = first.next else {
+        panic!(
+            "the first page that would delete ends the step: {:?}",
+            first.next
+        );
+    };
+    assert!(
+        named.contains("\"ledger\""),
+        "the checkpoint names the run: {named}"
+    );
+    assert_eq!(
+        crate::fixtures::count_keys(&mut conn, "session:old:*").await,
+        40
+    );
+    let (mut cursor, mut deleted, mut scanned) = (Some(named), 0, first.scanned);
+    while let Some(c) = cursor.take() {
+        let step = backend()
+            .sweep_step(&job, Some(&c), &long)
+            .await
+            .expect("a step");
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        deleted += step.deleted;
+        scanned += step.scanned;
+        match step.next {
+            Next::Done => {}
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+        }
+    }
+    assert_eq!(deleted, 40);
+    assert!(
+        scanned >= 12_040,
+        "every key judged once at least: {scanned}"
+    );
+    assert_eq!(
+        crate::fixtures::count_keys(&mut conn, "session:old:*").await,
+        0
+    );
+    assert_eq!(
+        crate::fixtures::count_keys(&mut conn, "session:fresh:*").await,
+        12_000
+    );
     assert_eq!(
         crate::fixtures::count_keys(&mut conn, "tombstone:ledger:*").await,
         0,

@@ -404,8 +404,11 @@ impl RedisBackend {
         deadline: Instant,
         budget: &StepBudget,
         held: &std::sync::Arc<Vec<String>>,
-        run: &str,
+        run: Option<&str>,
     ) -> (NodeProgress, Option<Error>) {
+        // Without a run (its ledger named and checkpointed), pages are only judged, as in a
+        // dry run, up to the first that would delete: the step stops before it.
+        let probing = run.is_none() && !job.dry_run;
         let page_job = PageJob {
             conn: node.conn.clone(),
             addr: node.addr.clone(),
@@ -415,11 +418,11 @@ impl RedisBackend {
             timestamp_field: target.timestamp_field.clone().unwrap_or_default(),
             retention_secs: job.retention.as_secs(),
             cutoff: job.cutoff,
-            dry_run: job.dry_run,
+            dry_run: job.dry_run || probing,
             cluster: self.config.cluster,
             fence: budget.fence.clone(),
             held: held.clone(),
-            run: run.to_string(),
+            run: run.unwrap_or_default().to_string(),
             expire_lt: node.major_version >= 7,
         };
         let only_hashes = target.mode == RedisMode::Timestamp && node.major_version >= 6;
@@ -428,6 +431,7 @@ impl RedisBackend {
             cursor: scan_cursor,
             finished: false,
             counts: PageCounts::default(),
+            needs_ledger: false,
         };
         let mut in_flight: InFlight = VecDeque::new();
         let mut next_scan = Some(scan_cursor);
@@ -460,6 +464,14 @@ impl RedisBackend {
                 break;
             };
             match handle.await {
+                Ok(Ok(counts)) if probing && counts.deleted > 0 => {
+                    // Judged again, for real, once the run is named; the pages after it too.
+                    progress.needs_ledger = true;
+                    for (_, later) in in_flight.drain(..) {
+                        let _ = later.await;
+                    }
+                    break;
+                }
                 Ok(Ok(counts)) => {
                     progress.counts.add(counts);
                     progress.cursor = next;
@@ -1178,6 +1190,8 @@ struct NodeProgress {
     cursor: u64,
     finished: bool,
     counts: PageCounts,
+    /// Probing without a run, a page would delete: the step stops before it.
+    needs_ledger: bool,
 }
 
 fn select<T>(keys: Vec<Vec<u8>>, replies: Vec<T>, mut keep: impl FnMut(T) -> bool) -> Vec<Vec<u8>> {
@@ -1342,34 +1356,16 @@ impl StoreBackend for RedisBackend {
                 ))
             }
         };
-        let tally = position.as_ref().and_then(|p| p.ledger.clone());
-        // A dry run deletes nothing, so it keeps no ledger.
-        let mut tally = if job.dry_run {
-            None
-        } else if let Some(tally) = tally {
-            Some(tally)
-        } else {
-            let tally = ledger::Tally::new(ledger::new_run());
-            if position.is_none() {
-                // The first step of a run only names its ledger: that name is checkpointed
-                // before anything is deleted under it, so the step that repeats a lost one
-                // records into the same ledger. (A sweep that starts over before its first
-                // checkpoint starts a new run: nothing was deleted under the old name.)
-                return Ok(Step {
-                    next: Next::Continue(RedisCursor::Sweep(SweepPosition::at(
-                        0,
-                        0,
-                        fingerprint,
-                        Some(tally),
-                    ))),
-                    // An instance that no longer leads says so at once, as a page would.
-                    failure: budget.may_act().err(),
-                    ..Step::default()
-                });
-            }
-            // A checkpoint written before ledgers existed: counted from here on.
-            Some(tally)
-        };
+        // A dry run deletes nothing, so it keeps no ledger. Otherwise a run's ledger is named
+        // only when a page is found that would delete, and checkpointed before anything is
+        // deleted under it, so the step that repeats a lost one records into the same ledger.
+        // Until then pages are only judged: a sweep that finds nothing to delete finishes in
+        // one step and keeps no ledger (a checkpoint of an older version without one probes
+        // the same way).
+        let mut tally = position
+            .as_ref()
+            .and_then(|p| p.ledger.clone())
+            .filter(|_| !job.dry_run);
         if let Some(t) = tally.as_ref().filter(|t| t.settled) {
             // The ledger was read and its reading checkpointed: only its removal is left.
             self.remove_ledger(&topology, &t.run).await?;
@@ -1386,7 +1382,8 @@ impl StoreBackend for RedisBackend {
         });
         let deadline = Instant::now() + budget.max_time;
         let mut step = Step::default();
-        let run = tally.as_ref().map(|t| t.run.clone()).unwrap_or_default();
+        let run = tally.as_ref().map(|t| t.run.clone());
+        let mut needs_ledger = false;
         while node_index < nodes.len() {
             let (progress, failure) = self
                 .sweep_node(
@@ -1397,7 +1394,7 @@ impl StoreBackend for RedisBackend {
                     deadline,
                     budget,
                     &held,
-                    &run,
+                    run.as_deref(),
                 )
                 .await;
             let counts = progress.counts;
@@ -1418,9 +1415,25 @@ impl StoreBackend for RedisBackend {
                 step.failure = failure;
                 break;
             }
+            if progress.needs_ledger {
+                needs_ledger = true;
+                break;
+            }
             if !progress.finished {
                 break;
             }
+        }
+        if needs_ledger {
+            step.next = Next::Continue(RedisCursor::Sweep(SweepPosition::at(
+                node_index,
+                scan_cursor,
+                fingerprint,
+                Some(ledger::Tally::new(ledger::new_run())),
+            )));
+            // Pages only judged do not ask: an instance that no longer leads says so at once,
+            // as a page that deletes would.
+            step.failure = budget.may_act().err();
+            return Ok(step);
         }
         let Some(tally) = tally.as_mut() else {
             if node_index < nodes.len() {
