@@ -308,7 +308,7 @@ async fn run_controllers(
             index
                 .state()
                 .into_iter()
-                .filter(|r| r.namespace() == namespace || searches(r))
+                .filter(|r| r.metadata.namespace == namespace || searches(r))
                 .filter(|r| {
                     r.status
                         .as_ref()
@@ -336,10 +336,9 @@ async fn run_controllers(
                 return Vec::new();
             }
             let name = policy.name_any();
+            let namespace = policy.namespace().unwrap_or_default();
             unfinished_by_policy(policy.namespace(), &|r| {
-                r.status.as_ref().is_none_or(|s| {
-                    s.targets.is_empty() || s.targets.iter().any(|t| t.policy == name)
-                })
+                erasurerequest::plan::may_concern_policy(r, &namespace, &name)
             })
         })
         // A store that becomes ready (or changes) lets the requests waiting on it go on at

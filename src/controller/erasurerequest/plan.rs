@@ -583,6 +583,25 @@ pub fn qualified_policy(name: &str) -> Option<(&str, &str)> {
         .then_some((namespace, policy))
 }
 
+/// Whether a change to the policy `namespace/name` may let `request` go on (pure): the
+/// request searches that policy (names it, or names none and so searches every policy in
+/// its scope), and its targets are not known yet or include one of the policy's. So a
+/// thousand policies listed at start-up wake only the requests that name them, not every
+/// request once per policy.
+pub fn may_concern_policy(request: &ErasureRequest, namespace: &str, name: &str) -> bool {
+    let searched = request.spec.policies.as_ref().is_none_or(|names| {
+        names.iter().any(|n| match qualified_policy(n) {
+            Some((ns, policy)) if cluster_wide(request) => ns == namespace && policy == name,
+            _ => n == name && request.metadata.namespace.as_deref() == Some(namespace),
+        })
+    });
+    searched
+        && request
+            .status
+            .as_ref()
+            .is_none_or(|s| s.targets.is_empty() || s.targets.iter().any(|t| t.policy == name))
+}
+
 /// Why a namespace opted out of cluster-wide requests, if it did (pure): the label
 /// `tombstone.dev/erasure-opt-out: "true"` together with a non-empty reason annotation. A
 /// label without a reason does not count (the namespace is searched).
@@ -1102,6 +1121,50 @@ mod tests {
             phase,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_policy_concerns_only_the_requests_that_search_it_and_wait_on_it() {
+        let named = |spec: serde_json::Value| -> ErasureRequest {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "tombstone.dev/v1alpha1", "kind": "ErasureRequest",
+                "metadata": {"name": "r", "namespace": "ns"},
+                "spec": spec
+            }))
+            .unwrap()
+        };
+        let subject = serde_json::json!({"identifiers": {"userId": "u"}});
+        let mut one = named(serde_json::json!(
+            {"subject": subject, "reason": "consentWithdrawn", "policies": ["p"]}));
+        assert!(may_concern_policy(&one, "ns", "p"));
+        assert!(
+            !may_concern_policy(&one, "ns", "q"),
+            "a policy it does not name"
+        );
+        assert!(
+            !may_concern_policy(&one, "other", "p"),
+            "a namesake elsewhere"
+        );
+        let every = named(serde_json::json!({"subject": subject, "reason": "consentWithdrawn"}));
+        assert!(
+            may_concern_policy(&every, "ns", "q"),
+            "naming none searches all"
+        );
+        let cluster = named(
+            serde_json::json!({"subject": subject, "reason": "consentWithdrawn",
+            "scope": "Cluster", "policies": ["other/p"]}),
+        );
+        assert!(may_concern_policy(&cluster, "other", "p"));
+        assert!(!may_concern_policy(&cluster, "ns", "p"));
+        // Once its targets are known, only a change to a policy of its targets concerns it.
+        one.status = Some(ErasureRequestStatus {
+            targets: vec![target(T::Found)],
+            ..Default::default()
+        });
+        assert!(may_concern_policy(&one, "ns", "p"));
+        let mut every = every;
+        every.status = one.status.clone();
+        assert!(!may_concern_policy(&every, "ns", "q"));
     }
 
     #[test]
