@@ -9,7 +9,9 @@
 //! `SCALE_OBJECTS` sets N (default 10,000); `SCALE_RECONCILE_CONCURRENCY` the reconciles run
 //! at once per controller and `SCALE_MAX_CONCURRENT_JOBS` the store steps run at once
 //! (default: the operator's), to compare. Needs the environment of `hack/setup.sh`
-//! (`KUBEBUILDER_ASSETS`) and `redis-server`. Run: `cargo bench --bench controller_scale`.
+//! (`KUBEBUILDER_ASSETS`) and `redis-server`. Run: `cargo bench --bench controller_scale`;
+//! `RUST_LOG=tombstone=info` shows what the operator does, and a line every 15 s what it asked
+//! of the API server.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -27,7 +29,7 @@ use tombstone::controller::{erasurerequest, retentionpolicy, Settings};
 use tombstone::operator::{self, Options};
 
 use support::request_log::{table, RequestLog};
-use support::scale::{create_retrying, handled, write_floor, writes};
+use support::scale::{create_retrying, write_floor, writes, Handled};
 use support::{ControlPlane, RedisServer};
 
 const CREATE_CONCURRENCY: usize = 32;
@@ -120,6 +122,12 @@ async fn stop(shutdown: CancellationToken, running: operator::Running) {
 
 #[tokio::main]
 async fn main() {
+    // `RUST_LOG=tombstone=info` shows what the operator does.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
     let n: usize = std::env::var("SCALE_OBJECTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -171,15 +179,18 @@ async fn main() {
         concurrent * n as f64
     );
 
+    let handled = Handled::watch(&client, &ns).await;
     let rss_before = status_kib("VmRSS:").unwrap_or(0);
     let log = RequestLog::default();
     let started = Instant::now();
     let (shutdown, running) = start(&log, plane, &ns).await;
     let mut peak_rss = 0;
     let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut progress = Instant::now();
+    let mut mark = 0;
     loop {
         peak_rss = peak_rss.max(status_kib("VmRSS:").unwrap_or(0));
-        let (p, r) = handled(&client, &ns).await;
+        let (p, r) = handled.counts();
         if p == n && r == n {
             break;
         }
@@ -187,8 +198,27 @@ async fn main() {
             Instant::now() < deadline,
             "only {p} policies and {r} requests handled in 30 minutes"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if progress.elapsed() >= Duration::from_secs(15) {
+            // What the operator is doing: the requests of the last interval, most first.
+            let mut recent: Vec<_> = log.since(mark).into_iter().collect();
+            recent.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+            let recent: Vec<String> = recent
+                .iter()
+                .take(5)
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            eprintln!(
+                "  {:.0}s: {p} policies and {r} requests handled; {} requests since the last line ({})",
+                started.elapsed().as_secs_f64(),
+                log.len() - mark,
+                recent.join(", ")
+            );
+            progress = Instant::now();
+            mark = log.len();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(handled);
     let reconciled = started.elapsed();
     let rss_after = status_kib("VmRSS:").unwrap_or(0);
     stop(shutdown, running).await;

@@ -1,60 +1,127 @@
 //! What the scale test and the scale benchmark count as handled, how the benchmarks create
 //! thousands of objects, and the generator their data comes from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::ResourceExt;
 use tombstone::api::erasurerequest::ErasurePhase;
 use tombstone::api::{ErasureRequest, RetentionPolicy};
 
-/// Objects listed at once: a page at a time, so that polling thousands of objects adds
-/// little to the memory the benchmark measures in the same process.
-const PAGE: u32 = 500;
+/// What has been handled of the namespace's policies and requests, kept current by two
+/// watches: a policy once its status observed its generation, a request once it is
+/// Completed. Watching, rather than listing every object again and again, keeps the counting
+/// from loading the API server the operator is measured against (a paged list of thousands
+/// of objects is read from etcd each time). The watches stop when this is dropped.
+pub struct Handled {
+    policies: Arc<Mutex<HashSet<String>>>,
+    requests: Arc<Mutex<HashSet<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
 
-/// How many objects of `api` pass `counts`, listed page by page; 0 if a list fails.
-async fn count<K>(api: Api<K>, counts: impl Fn(&K) -> bool) -> usize
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut n = 0;
-    let mut token: Option<String> = None;
-    loop {
-        let mut lp = ListParams::default().limit(PAGE);
-        if let Some(t) = &token {
-            lp = lp.continue_token(t);
-        }
-        let Ok(page) = api.list(&lp).await else {
-            return 0;
+impl Handled {
+    /// Starts both watches and returns once each has listed what is there.
+    pub async fn watch(client: &kube::Client, ns: &str) -> Self {
+        let policies = Arc::new(Mutex::new(HashSet::new()));
+        let requests = Arc::new(Mutex::new(HashSet::new()));
+        let (policies_listed, policies_ready) = tokio::sync::oneshot::channel();
+        let (requests_listed, requests_ready) = tokio::sync::oneshot::channel();
+        let tasks = vec![
+            tokio::spawn(track(
+                Api::<RetentionPolicy>::namespaced(client.clone(), ns),
+                policies.clone(),
+                policies_listed,
+                |p| {
+                    p.status.as_ref().is_some_and(|s| {
+                        s.observed_generation.is_some()
+                            && s.observed_generation == p.metadata.generation
+                    })
+                },
+            )),
+            tokio::spawn(track(
+                Api::<ErasureRequest>::namespaced(client.clone(), ns),
+                requests.clone(),
+                requests_listed,
+                |r| {
+                    r.status
+                        .as_ref()
+                        .is_some_and(|s| s.phase == ErasurePhase::Completed)
+                },
+            )),
+        ];
+        let handled = Handled {
+            policies,
+            requests,
+            tasks,
         };
-        n += page.items.iter().filter(|o| counts(o)).count();
-        match page.metadata.continue_ {
-            Some(t) if !t.is_empty() => token = Some(t),
-            _ => return n,
+        let _ = policies_ready.await;
+        let _ = requests_ready.await;
+        handled
+    }
+
+    /// How many policies and requests are handled now.
+    pub fn counts(&self) -> (usize, usize) {
+        let len = |set: &Mutex<HashSet<String>>| set.lock().map_or(0, |s| s.len());
+        (len(&self.policies), len(&self.requests))
+    }
+}
+
+impl Drop for Handled {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }
 
-/// How many of the namespace's policies and requests have been handled: a policy once its
-/// status observed its generation, a request once it is Completed.
-pub async fn handled(client: &kube::Client, ns: &str) -> (usize, usize) {
-    let policies = count(
-        Api::<RetentionPolicy>::namespaced(client.clone(), ns),
-        |p| {
-            p.status.as_ref().is_some_and(|s| {
-                s.observed_generation.is_some() && s.observed_generation == p.metadata.generation
-            })
-        },
-    )
-    .await;
-    let requests = count(Api::<ErasureRequest>::namespaced(client.clone(), ns), |r| {
-        r.status
-            .as_ref()
-            .is_some_and(|s| s.phase == ErasurePhase::Completed)
-    })
-    .await;
-    (policies, requests)
+/// Keeps in `handled` the names of the objects of `api` that pass `passes`, and says on
+/// `listed` when the first list is in. A watch that starts over lists again, and the set is
+/// replaced by what that list passes.
+async fn track<K>(
+    api: Api<K>,
+    handled: Arc<Mutex<HashSet<String>>>,
+    listed: tokio::sync::oneshot::Sender<()>,
+    passes: fn(&K) -> bool,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut listing = HashSet::new();
+    let mut listed = Some(listed);
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let Ok(event) = event else { continue };
+        let Ok(mut set) = handled.lock() else { return };
+        match event {
+            watcher::Event::Init => listing.clear(),
+            watcher::Event::InitApply(o) => {
+                if passes(&o) {
+                    listing.insert(o.name_any());
+                }
+            }
+            watcher::Event::InitDone => {
+                *set = std::mem::take(&mut listing);
+                if let Some(listed) = listed.take() {
+                    let _ = listed.send(());
+                }
+            }
+            watcher::Event::Apply(o) => {
+                if passes(&o) {
+                    set.insert(o.name_any());
+                } else {
+                    set.remove(&o.name_any());
+                }
+            }
+            watcher::Event::Delete(o) => {
+                set.remove(&o.name_any());
+            }
+        }
+    }
 }
 
 /// Creates `value` with `api`, retried: thousands of creates at once meet the odd 429 or
