@@ -233,6 +233,8 @@ async fn run_controllers(
         },
     ));
     let _ = engine.set(ctx.engine.clone());
+    policies.without_echoes_of(ctx.own_writes.clone());
+    requests.without_echoes_of(ctx.own_writes.clone());
     let policy_controller = Controller::for_shared_stream(policies.applied(), policy_cache.clone())
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache.clone()));
@@ -520,6 +522,9 @@ where
     writer: Writer<K>,
     /// Each subscriber, and whether it is told of deletions too.
     subscribers: Vec<(bool, mpsc::UnboundedSender<Arc<K>>)>,
+    /// This process's own writes of the kind: their echoes do not reach the subscribers of
+    /// [`Source::applied`] (the kind's own controller).
+    own_writes: Option<Arc<crate::controller::echoes::OwnWrites>>,
 }
 
 impl<K> Source<K>
@@ -539,7 +544,13 @@ where
             cache,
             writer,
             subscribers: Vec::new(),
+            own_writes: None,
         }
+    }
+
+    /// Leaves out of [`Source::applied`] the versions `own_writes` recorded.
+    fn without_echoes_of(&mut self, own_writes: Arc<crate::controller::echoes::OwnWrites>) {
+        self.own_writes = Some(own_writes);
     }
 
     /// The objects created or changed (the trigger of the kind's own controller).
@@ -564,6 +575,7 @@ where
             api,
             writer,
             subscribers,
+            own_writes,
             ..
         } = self;
         watcher(api, watcher::Config::default())
@@ -582,9 +594,10 @@ where
                         return futures::future::ready(());
                     }
                 };
+                let echo = !deleted && own_writes.as_ref().is_some_and(|w| w.is_echo(&object));
                 let object = Arc::new(object);
                 for (deletions, tx) in &subscribers {
-                    if *deletions || !deleted {
+                    if *deletions || (!deleted && !echo) {
                         // A subscriber gone (its controller stopped) needs nothing more.
                         let _ = tx.unbounded_send(object.clone());
                     }

@@ -1,6 +1,7 @@
 //! One thin reconciler per kind, sharing one [`Context`].
 
 pub mod datastore;
+pub mod echoes;
 pub mod erasurerequest;
 pub mod fresh;
 pub mod legalhold;
@@ -210,6 +211,8 @@ pub struct Context {
     /// reconcile gives its permit back while its targets are in a store step or a batch, so
     /// that the requests of one batch can all wait in it.
     pub request_permits: Arc<tokio::sync::Semaphore>,
+    /// The versions this process's own writes produced: their watch events trigger nothing.
+    pub own_writes: Arc<echoes::OwnWrites>,
 }
 
 /// The LegalHolds of a namespace as listed, or why they could not be.
@@ -294,6 +297,7 @@ impl Context {
             request_permits: Arc::new(tokio::sync::Semaphore::new(
                 usize::from(settings.reconcile_concurrency).max(1),
             )),
+            own_writes: Arc::default(),
             settings,
         }
     }
@@ -326,7 +330,37 @@ impl Context {
         if !crate::planted_bug("skip-lease-check") {
             self.fence.check()?;
         }
-        apply_status(api, name, status).await
+        let written = apply_status(api, name, status).await?;
+        self.own_writes.record(&written);
+        Ok(written)
+    }
+
+    /// Sets the finalizers of `obj` to `finalizers`: a merge patch carrying the
+    /// resourceVersion read, so a concurrent change to them is never overwritten (409,
+    /// retried). Only while this instance leads.
+    pub async fn patch_finalizers<K>(
+        &self,
+        api: &Api<K>,
+        obj: &K,
+        finalizers: Vec<String>,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        self.fence.check()?;
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": obj.resource_version(), "finalizers": finalizers}
+        });
+        let written = api
+            .patch(
+                &obj.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(Error::Kube)?;
+        self.own_writes.record(&written);
+        Ok(())
     }
 
     /// The key prefix of receipts in the sink; None without a sink.
@@ -400,7 +434,8 @@ impl Context {
         object_exists: impl Fn(&str) -> bool,
     ) {
         let backends = self.engine.retain_stores(store_exists);
-        let failures = self.failures.retain(object_exists);
+        let failures = self.failures.retain(&object_exists);
+        self.own_writes.retain(&object_exists);
         self.holds.forget_idle();
         if backends + failures > 0 {
             tracing::debug!(backends, failures, "forgot deleted objects");

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -67,27 +67,7 @@ pub async fn ensure_finalizer(
     let Some(finalizers) = with_finalizer(request.finalizers(), FINALIZER) else {
         return Ok(());
     };
-    patch_finalizers(ctx, api, request, finalizers).await
-}
-
-async fn patch_finalizers(
-    ctx: &Context,
-    api: &Api<ErasureRequest>,
-    request: &ErasureRequest,
-    finalizers: Vec<String>,
-) -> Result<(), Error> {
-    ctx.fence.check()?;
-    let patch = serde_json::json!({
-        "metadata": {"resourceVersion": request.resource_version(), "finalizers": finalizers}
-    });
-    api.patch(
-        &request.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    ctx.patch_finalizers(api, request, finalizers).await
 }
 
 /// Seals a closing receipt of `kind` onto `status`'s chain (logged now; pending for the
@@ -146,7 +126,7 @@ pub async fn close(
         }
         return Ok(Action::requeue(ctx.backoff(&receipts_key(request))));
     }
-    patch_finalizers(ctx, api, request, finalizers).await?;
+    ctx.patch_finalizers(api, request, finalizers).await?;
     ctx.reset_failures(&receipts_key(request));
     Ok(Action::await_change())
 }
@@ -235,7 +215,7 @@ pub async fn expire(
     .await;
     // The chain is closed: the finalizer has nothing left to record.
     if let Some(finalizers) = without_finalizer(request.finalizers(), FINALIZER) {
-        patch_finalizers(ctx, api, request, finalizers).await?;
+        ctx.patch_finalizers(api, request, finalizers).await?;
     }
     ctx.fence.check()?;
     let params = DeleteParams {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -606,30 +605,7 @@ async fn add_finalizer(
     let Some(finalizers) = super::with_finalizer(policy.finalizers(), plan::FINALIZER) else {
         return Ok(());
     };
-    patch_finalizers(api, policy, ctx, finalizers).await
-}
-
-async fn patch_finalizers(
-    api: &Api<RetentionPolicy>,
-    policy: &RetentionPolicy,
-    ctx: &Context,
-    finalizers: Vec<String>,
-) -> Result<(), Error> {
-    ctx.fence.check()?;
-    let patch = serde_json::json!({
-        "metadata": {
-            "resourceVersion": policy.resource_version(),
-            "finalizers": finalizers,
-        }
-    });
-    api.patch(
-        &policy.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    ctx.patch_finalizers(api, policy, finalizers).await
 }
 
 /// A deleted policy: cancel what its stores still run for it, then release the finalizer.
@@ -683,7 +659,7 @@ async fn finalize(
         )
         .await;
     }
-    patch_finalizers(api, policy, ctx, finalizers).await?;
+    ctx.patch_finalizers(api, policy, finalizers).await?;
     ctx.reset_failures(&key);
     info!("finalizer released");
     Ok(Action::await_change())
