@@ -131,6 +131,19 @@ pub async fn close(
     Ok(Action::await_change())
 }
 
+/// When a Completed request is due for deletion: with a receipt sink, its completion time
+/// and the TTL; without one, never (it stays).
+pub fn deletion_due(ctx: &Context, status: &ErasureRequestStatus) -> Option<Timestamp> {
+    ctx.sink.as_ref()?;
+    expires_at(status, ctx.settings.completed_request_ttl)
+}
+
+/// Look again one second after `at`.
+pub fn wake_after(at: Timestamp, now: Timestamp) -> Action {
+    let wait = (at.0 - now.0).to_std().unwrap_or(Duration::ZERO);
+    Action::requeue(wait + Duration::from_secs(1))
+}
+
 /// A Completed request whose receipts are all in the sink (`status` has none pending): once
 /// its time is up, its chain is closed and it is deleted, with an Event. Returns when to look
 /// again; without a sink, None (it stays).
@@ -141,15 +154,11 @@ pub async fn expire(
     status: &ErasureRequestStatus,
     now: Timestamp,
 ) -> Result<Option<Action>, Error> {
-    let Some(sink) = &ctx.sink else {
-        return Ok(None);
-    };
-    let Some(at) = expires_at(status, ctx.settings.completed_request_ttl) else {
+    let (Some(sink), Some(at)) = (&ctx.sink, deletion_due(ctx, status)) else {
         return Ok(None);
     };
     if at > now {
-        let wait = (at.0 - now.0).to_std().unwrap_or(Duration::ZERO);
-        return Ok(Some(Action::requeue(wait + Duration::from_secs(1))));
+        return Ok(Some(wake_after(at, now)));
     }
     // Safely in the sink: the receipt status names is there, and hashes to that digest.
     let Some(head) = status.receipts.clone() else {

@@ -263,13 +263,11 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
             // With a sink, a Completed request is deleted once its time is up: look again
             // then (the watch event of this status write is this process's own and triggers
             // nothing).
-            let expires =
-                ctx.sink.as_ref().filter(|_| completed).and_then(|_| {
-                    lifecycle::expires_at(&status, ctx.settings.completed_request_ttl)
-                });
-            expires.map_or(Action::await_change(), |at| {
-                Action::requeue(until(at, Timestamp::now()) + Duration::from_secs(1))
-            })
+            lifecycle::deletion_due(&ctx, &status)
+                .filter(|_| completed)
+                .map_or(Action::await_change(), |at| {
+                    lifecycle::wake_after(at, Timestamp::now())
+                })
         }
         _ if ctx.shutdown.is_cancelled() => Action::await_change(),
         // Secrets are not watched: look again with backoff until the hold can be evaluated.
