@@ -195,8 +195,9 @@ pub struct Context {
     /// What reconciles read from watches instead of asking the API server at every step.
     pub caches: Caches,
     /// The subject-digest key once read: it never changes while digests made with it exist,
-    /// so it is not read again at every step.
-    pub digest_key: std::sync::OnceLock<crate::audit::DigestKey>,
+    /// so it is not read again at every step. Loaded by one reconcile at a time: the others
+    /// wait for its answer instead of racing it to create the Secret.
+    pub digest_key: tokio::sync::OnceCell<crate::audit::DigestKey>,
     /// The receipt sink, when one is configured.
     pub sink: Option<crate::audit::sink::SinkHandle>,
     /// Consecutive failures per object, for exponential backoff; reset on success, dropped
@@ -288,7 +289,7 @@ impl Context {
             shutdown,
             fence,
             caches,
-            digest_key: std::sync::OnceLock::new(),
+            digest_key: tokio::sync::OnceCell::new(),
             sink,
             failures: FailureCounts::default(),
             holds: fresh::FreshReads::default(),

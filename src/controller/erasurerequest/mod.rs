@@ -474,11 +474,10 @@ async fn secret_identifiers(
 /// requests carry digests made with it, a new key would silently make them unmatchable (a
 /// held subject erased), so the request waits and says to restore the Secret.
 async fn digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
-    if let Some(key) = ctx.digest_key.get() {
-        return Ok(key.clone());
-    }
-    let key = load_digest_key(ctx).await?;
-    Ok(ctx.digest_key.get_or_init(|| key).clone())
+    ctx.digest_key
+        .get_or_try_init(|| load_digest_key(ctx))
+        .await
+        .cloned()
 }
 
 /// Reads the digest key Secret; creates it only while no digest made with an earlier key
@@ -491,29 +490,38 @@ async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
         Err(e) => return Err(digest_error(e)),
     }
     let users = digest_users(ctx).await.map_err(Error::Kube)?;
-    if !users.is_empty() {
-        let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
-        let more = users.len().saturating_sub(shown.len());
-        let more = if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        };
-        return Err(Error::Digest(
-            Category::NeedsAttention,
-            "DigestKeyLost",
-            format!(
-                "Secret {namespace}/{} is missing while {}{more} carry digests made with it; \
-                 restore the Secret from its backup (a new key would make those digests \
-                 unmatchable, so none is created and nothing is erased until then)",
-                audit::DIGEST_KEY_SECRET,
-                shown.join(", ")
-            ),
-        ));
+    if users.is_empty() {
+        return audit::load_or_create_key(&ctx.client, namespace)
+            .await
+            .map_err(digest_error);
     }
-    audit::load_or_create_key(&ctx.client, namespace)
-        .await
-        .map_err(digest_error)
+    // A digest is written only after its key exists: the key may have been created (by
+    // another replica) between the read above and the list. Read once more, after the list:
+    // missing now, it was deleted.
+    match audit::load_key(&ctx.client, namespace).await {
+        Ok(key) => return Ok(key),
+        Err(audit::Error::NotFound { .. }) => {}
+        Err(e) => return Err(digest_error(e)),
+    }
+    let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+    let more = users.len().saturating_sub(shown.len());
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    Err(Error::Digest(
+        Category::NeedsAttention,
+        "DigestKeyLost",
+        format!(
+            "Secret {namespace}/{} is missing while {}{more} {} digests made with it; \
+             restore the Secret from its backup (a new key would make those digests \
+             unmatchable, so none is created and nothing is erased until then)",
+            audit::DIGEST_KEY_SECRET,
+            shown.join(", "),
+            if users.len() == 1 { "carries" } else { "carry" }
+        ),
+    ))
 }
 
 /// A digest key error as the controller's: an invalid key needs a person, the rest (the API

@@ -2,6 +2,7 @@
 //! not silently replaced, nothing in scope is not "erased", only marked Secrets are deleted,
 //! store errors and inline e-mail addresses never put an identifier in the operator's trail.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -17,7 +18,7 @@ use crate::erasure::{
     identifiers_secret, request_json, seed_subjects, shop, wait_phase, EMAIL, USER,
 };
 use crate::fixtures::*;
-use crate::support::{wait_for, RedisServer};
+use crate::support::{wait_for, ControlPlane, RedisServer};
 
 /// Waits until the request's status satisfies `pred`.
 async fn wait_request(
@@ -205,6 +206,98 @@ async fn a_lost_digest_key_is_not_recreated_while_digests_use_it() {
     )
     .await;
     assert_eq!(done.totals.unwrap().erased, 5);
+    operator.stop().await;
+}
+
+/// A key created while the operator checks whether one was lost (by another replica, or by a
+/// request reconciled at the same moment) is used, not taken for lost: the digest users it
+/// finds were made with that key. The moment is made certain here: the operator's client
+/// creates the key just before its list of the requests that carry digests.
+#[tokio::test]
+async fn a_digest_key_created_during_the_lost_key_check_is_used() {
+    let (client, ns) = setup("fc-key-race").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    seed_subjects(&mut conn).await;
+    // A digest user, as made with the key about to be created.
+    let digest = format!("hmac-sha256:{}", "cd".repeat(32));
+    create::<LegalHold>(
+        &client,
+        &ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "claim-7"},
+               "spec": {"reason": "Pending claim", "subjects": [{"digest": digest}]}}),
+    )
+    .await;
+    let created = Arc::new(Mutex::new(None));
+    let racing = {
+        let (created, ns) = (created.clone(), ns.clone());
+        let requests_path = format!("/apis/tombstone.dev/v1alpha1/namespaces/{ns}/erasurerequests");
+        let layer =
+            tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+                let query = request.uri().query().unwrap_or("");
+                // The check's list: unpaged (a watch's lists come in pages) and not a watch.
+                let checks_users = request.method() == http::Method::GET
+                    && request.uri().path() == requests_path
+                    && !query.contains("watch")
+                    && !query.contains("limit");
+                let mut created = created.lock().unwrap_or_else(|p| p.into_inner());
+                if checks_users && created.is_none() {
+                    // Its own thread and runtime: this one waits on the request being sent.
+                    let ns = ns.clone();
+                    let key = std::thread::spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a runtime");
+                        runtime.block_on(async move {
+                            let other = kube::Client::try_from(ControlPlane::get().config())
+                                .expect("a client");
+                            tombstone::audit::load_or_create_key(&other, &ns).await
+                        })
+                    })
+                    .join()
+                    .expect("the key thread ends")
+                    .expect("the key is created");
+                    *created = Some(key);
+                }
+                request
+            });
+        kube::client::ClientBuilder::try_from(ControlPlane::get().config())
+            .expect("client builder")
+            .with_layer(&layer)
+            .build()
+    };
+    let operator = TestOperator::start_with_client(racing, &ns, None, None, fast_settings()).await;
+    shop(&client, &ns, &redis).await;
+    identifiers_secret(&client, &ns, "dsr-race").await;
+    create::<ErasureRequest>(&client, &ns, request_json("dsr-race", "dsr-race", false)).await;
+    let done = wait_request(
+        &client,
+        &ns,
+        "dsr-race",
+        "the request to complete",
+        Duration::from_secs(60),
+        |s| s.phase == ErasurePhase::Completed || complete_reason(s, "DigestKeyLost"),
+    )
+    .await;
+    let (_, reason, message) = condition(&done.conditions, "Complete");
+    assert_eq!(done.phase, ErasurePhase::Completed, "{reason}: {message}");
+    let key = created
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .expect("the key was created during the check");
+    let ids = [
+        ("email".to_string(), EMAIL.to_string()),
+        ("userId".to_string(), USER.to_string()),
+    ]
+    .into();
+    assert_eq!(
+        done.subject_digest.as_deref(),
+        Some(tombstone::audit::subject_digest(&key, &ids).as_str()),
+        "the digest is made with the key created during the check"
+    );
+    assert_eq!(done.totals.unwrap_or_default().erased, 5);
     operator.stop().await;
 }
 
