@@ -796,10 +796,12 @@ async fn a_subject_hold_placed_during_a_sweep_cancels_the_deletion_under_way() {
         "sessions",
         "the sweep waiting on its task",
         Duration::from_secs(30),
+        // The cursor names the task before the step that submits it: both are waited for.
         |p| {
-            p.status
-                .as_ref()
-                .is_some_and(|s| s.targets.first().is_some_and(|t| t.cursor.is_some()))
+            es.task_count() > 0
+                && p.status
+                    .as_ref()
+                    .is_some_and(|s| s.targets.first().is_some_and(|t| t.cursor.is_some()))
         },
     )
     .await;
