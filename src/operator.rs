@@ -214,9 +214,6 @@ async fn run_controllers(
     let hold_cache = holds.cache.clone();
     let request_cache = requests.cache.clone();
 
-    let store_controller = Controller::for_shared_stream(stores.applied(), store_cache.clone())
-        .with_config(config.clone())
-        .graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache.clone()));
     let ctx = Arc::new(Context::new(
         client.clone(),
         (recorder, options.reporter.clone()),
@@ -233,8 +230,15 @@ async fn run_controllers(
         },
     ));
     let _ = engine.set(ctx.engine.clone());
+    // Each kind's own controller decided what follows its writes (a requeue, or nothing
+    // until a change): the echoes of those writes trigger it no more.
+    stores.without_echoes_of(ctx.own_writes.clone());
+    holds.without_echoes_of(ctx.own_writes.clone());
     policies.without_echoes_of(ctx.own_writes.clone());
     requests.without_echoes_of(ctx.own_writes.clone());
+    let store_controller = Controller::for_shared_stream(stores.applied(), store_cache.clone())
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown_trigger(stop.clone(), store_cache.clone()));
     let policy_controller = Controller::for_shared_stream(policies.applied(), policy_cache.clone())
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown_trigger(stop.clone(), policy_cache.clone()));
