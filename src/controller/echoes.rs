@@ -9,6 +9,12 @@
 //! controller. The cache is still updated from it. Any other change (a spec edit, another
 //! writer) has a version of its own and triggers as before. An echo that arrives before the
 //! write's answer is not recognised and triggers a reconcile, as it did before.
+//!
+//! The same record tells when a reconcile may work on the object as the watch brought it
+//! instead of reading it afresh: when this process never wrote it (the cache was listed after
+//! any earlier leader's last write), or when the cached version is the one its last write
+//! returned. A write that failed, or whose answer was lost, marks the object unknown, and it is
+//! read afresh until a write answers again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -30,11 +36,23 @@ impl OwnWrites {
 
     /// Records `written`, the object as a write of this process returned it.
     pub fn record<K: Resource<DynamicType = ()>>(&self, written: &K) {
-        let Some(version) = written.meta().resource_version.clone() else {
-            return;
-        };
+        if let Some(version) = version_of(written) {
+            self.push(super::failure_key(written), version.to_string());
+        }
+    }
+
+    /// Records that a write of an object may have landed without this process learning its
+    /// version (it failed, or its answer was lost): until the next write that answers, the
+    /// object is read afresh ([`Self::is_current`] says no). `key`: the object's, as
+    /// [`super::failure_key`].
+    pub fn record_unknown(&self, key: String) {
+        // No resource version is empty: this one matches nothing the watch brings.
+        self.push(key, String::new());
+    }
+
+    fn push(&self, key: String, version: String) {
         let mut all = self.lock();
-        let versions = all.entry(super::failure_key(written)).or_default();
+        let versions = all.entry(key).or_default();
         if versions.len() >= KEPT {
             versions.pop_front();
         }
@@ -43,12 +61,26 @@ impl OwnWrites {
 
     /// Whether `seen` is, version for version, what a write of this process returned.
     pub fn is_echo<K: Resource<DynamicType = ()>>(&self, seen: &K) -> bool {
-        let Some(version) = seen.meta().resource_version.as_deref() else {
+        let Some(version) = version_of(seen) else {
             return false;
         };
         self.lock()
             .get(&super::failure_key(seen))
             .is_some_and(|versions| versions.iter().any(|v| v == version))
+    }
+
+    /// Whether `cached`, as the watch brought it, holds every write of this process: none
+    /// was made (the cache was listed after any earlier process's last write), or it is the
+    /// version the last one returned. Otherwise the watch may not have brought the last write
+    /// yet (its echo is on the way), and only a fresh read holds it.
+    pub fn is_current<K: Resource<DynamicType = ()>>(&self, cached: &K) -> bool {
+        let Some(version) = version_of(cached) else {
+            return false;
+        };
+        self.lock()
+            .get(&super::failure_key(cached))
+            .and_then(|versions| versions.back())
+            .is_none_or(|last| last == version)
     }
 
     /// Keeps only the objects `exists` knows; returns how many were forgotten.
@@ -58,6 +90,14 @@ impl OwnWrites {
         all.retain(|key, _| exists(key));
         before - all.len()
     }
+}
+
+/// An object's resource version; None when it has none (or an empty one).
+fn version_of<K: Resource>(obj: &K) -> Option<&str> {
+    obj.meta()
+        .resource_version
+        .as_deref()
+        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]
@@ -88,6 +128,39 @@ mod tests {
         let mut unversioned = policy("a", "10");
         unversioned.metadata.resource_version = None;
         assert!(!writes.is_echo(&unversioned));
+    }
+
+    #[test]
+    fn a_cached_object_is_current_until_a_write_it_does_not_hold() {
+        let writes = OwnWrites::default();
+        assert!(
+            writes.is_current(&policy("a", "10")),
+            "never written by this process: the cache was listed after any earlier write"
+        );
+        writes.record(&policy("a", "11"));
+        assert!(
+            !writes.is_current(&policy("a", "10")),
+            "the echo of the write has not come yet"
+        );
+        assert!(writes.is_current(&policy("a", "11")), "the echo came");
+        assert!(
+            !writes.is_current(&policy("a", "12")),
+            "another writer since: its version cannot be ordered against ours"
+        );
+        writes.record_unknown(crate::controller::failure_key(&policy("a", "11")));
+        assert!(
+            !writes.is_current(&policy("a", "11")),
+            "a write that may have landed unseen"
+        );
+        assert!(!writes.is_echo(&policy("a", "")), "the mark is no version");
+        writes.record(&policy("a", "13"));
+        assert!(
+            writes.is_current(&policy("a", "13")),
+            "a write answered again"
+        );
+        let mut unversioned = policy("b", "1");
+        unversioned.metadata.resource_version = None;
+        assert!(!writes.is_current(&unversioned));
     }
 
     #[test]

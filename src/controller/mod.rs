@@ -331,9 +331,21 @@ impl Context {
         if !crate::planted_bug("skip-lease-check") {
             self.fence.check()?;
         }
-        let written = apply_status(api, name, status).await?;
-        self.own_writes.record(&written);
-        Ok(written)
+        match apply_status(api, name, status).await {
+            Ok(written) => {
+                self.own_writes.record(&written);
+                Ok(written)
+            }
+            Err(e) => {
+                let key = format!(
+                    "{}/{}/{name}",
+                    K::kind(&()),
+                    api.namespace().unwrap_or_default()
+                );
+                self.own_writes.record_unknown(key);
+                Err(e)
+            }
+        }
     }
 
     /// Sets the finalizers of `obj` to `finalizers`: a merge patch carrying the
@@ -359,9 +371,31 @@ impl Context {
                 &Patch::Merge(&patch),
             )
             .await
-            .map_err(Error::Kube)?;
+            .map_err(|e| {
+                self.own_writes.record_unknown(failure_key(obj));
+                Error::Kube(e)
+            })?;
         self.own_writes.record(&written);
         Ok(())
+    }
+
+    /// The object a reconcile works on: `cached`, as its watch brought it, when it holds
+    /// every write of this process ([`echoes::OwnWrites::is_current`]); otherwise read
+    /// afresh ([`fetch_fresh`]). Its status is the checkpoint of the work under way, and
+    /// must never be older than the last one this process wrote. None: gone.
+    pub async fn current<K>(&self, cached: &K) -> Result<Option<(Api<K>, K)>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        if self.own_writes.is_current(cached) {
+            let api: Api<K> =
+                Api::namespaced(self.client.clone(), &cached.namespace().unwrap_or_default());
+            return Ok(Some((api, cached.clone())));
+        }
+        fetch_fresh(&self.client, cached).await
     }
 
     /// The key prefix of receipts in the sink; None without a sink.

@@ -48,8 +48,7 @@ pub async fn reconcile(obj: Arc<ErasureRequest>, ctx: Arc<Context>) -> Result<Ac
     // store steps or batches.
     let mut permit = ctx.request_permits.clone().acquire_owned().await.ok();
     let namespace = obj.namespace().unwrap_or_default();
-    let Some((api, request)) = Box::pin(super::fetch_fresh(&ctx.client, obj.as_ref())).await?
-    else {
+    let Some((api, request)) = Box::pin(ctx.current(obj.as_ref())).await? else {
         return Ok(Action::await_change());
     };
     // Boxed, as the statuses below: they live in the future every waiting request holds.

@@ -41,7 +41,7 @@ const FINALIZER_PATIENCE: Duration = Duration::from_secs(60);
 pub async fn reconcile(obj: Arc<RetentionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(CONTROLLER);
     let namespace = obj.namespace().unwrap_or_default();
-    let Some((api, policy)) = super::fetch_fresh(&ctx.client, obj.as_ref()).await? else {
+    let Some((api, policy)) = ctx.current(obj.as_ref()).await? else {
         return Ok(Action::await_change());
     };
     let key = failure_key(&policy);
