@@ -2013,8 +2013,8 @@ mod failed_step {
         )
         .await;
         // A positive sign that the step failed: the error is counted before status is
-        // written. The retry follows at once (our own status write triggers a reconcile) and
-        // finds the task still running, so the failure may already be cleared from status.
+        // written. The retry follows after its back-off and finds the task still running, so
+        // the failure may already be cleared from status.
         wait_metric(
             &operator.running.metrics,
             "controller=\"retentionpolicy\",reason=\"Unreachable\"",

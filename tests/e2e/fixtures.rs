@@ -480,7 +480,9 @@ pub fn logged_audit_record(receipt: &str) -> serde_json::Value {
 
 /// Waits until the rendered metrics contain `needle` (metrics are updated just after status).
 pub async fn wait_metric(metrics: &tombstone::metrics::Metrics, needle: &str) {
-    wait_for(needle, Duration::from_secs(20), || async {
+    // Generous: what is counted may come after a store's back-off (a task polled at 1, 2, 4,
+    // 8 s), and a loaded machine stretches it.
+    wait_for(needle, Duration::from_secs(60), || async {
         metrics.render().contains(needle).then_some(())
     })
     .await;
