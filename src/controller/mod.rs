@@ -337,11 +337,7 @@ impl Context {
                 Ok(written)
             }
             Err(e) => {
-                let key = format!(
-                    "{}/{}/{name}",
-                    K::kind(&()),
-                    api.namespace().unwrap_or_default()
-                );
+                let key = kind_key::<K>(api.namespace().unwrap_or_default(), name);
                 self.own_writes.record_unknown(key);
                 Err(e)
             }
@@ -651,7 +647,12 @@ pub fn object_key<K: ResourceExt>(obj: &K) -> String {
 /// `Kind/namespace/name`, the key of an object's failure count: objects of different kinds
 /// may share a name.
 pub fn failure_key<K: Resource<DynamicType = ()> + ResourceExt>(obj: &K) -> String {
-    format!("{}/{}", K::kind(&()), object_key(obj))
+    kind_key::<K>(&obj.namespace().unwrap_or_default(), &obj.name_any())
+}
+
+/// `Kind/namespace/name` of an object of kind `K` known by its namespace and name.
+fn kind_key<K: Resource<DynamicType = ()>>(namespace: &str, name: &str) -> String {
+    format!("{}/{namespace}/{name}", K::kind(&()))
 }
 
 /// Writes `status` with server-side apply. The patch always carries apiVersion and kind.

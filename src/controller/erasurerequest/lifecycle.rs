@@ -154,7 +154,10 @@ pub async fn expire(
     status: &ErasureRequestStatus,
     now: Timestamp,
 ) -> Result<Option<Action>, Error> {
-    let (Some(sink), Some(at)) = (&ctx.sink, deletion_due(ctx, status)) else {
+    let Some(sink) = &ctx.sink else {
+        return Ok(None);
+    };
+    let Some(at) = expires_at(status, ctx.settings.completed_request_ttl) else {
         return Ok(None);
     };
     if at > now {

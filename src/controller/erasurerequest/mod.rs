@@ -483,10 +483,8 @@ async fn digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
 /// exists.
 async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
     let namespace = &ctx.settings.operator_namespace;
-    match audit::load_key(&ctx.client, namespace).await {
-        Ok(key) => return Ok(key),
-        Err(audit::Error::NotFound { .. }) => {}
-        Err(e) => return Err(digest_error(e)),
+    if let Some(key) = existing_key(ctx).await? {
+        return Ok(key);
     }
     let users = digest_users(ctx).await.map_err(Error::Kube)?;
     if users.is_empty() {
@@ -497,10 +495,8 @@ async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
     // A digest is written only after its key exists: the key may have been created (by
     // another replica) between the read above and the list. Read once more, after the list:
     // missing now, it was deleted.
-    match audit::load_key(&ctx.client, namespace).await {
-        Ok(key) => return Ok(key),
-        Err(audit::Error::NotFound { .. }) => {}
-        Err(e) => return Err(digest_error(e)),
+    if let Some(key) = existing_key(ctx).await? {
+        return Ok(key);
     }
     let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
     let more = users.len().saturating_sub(shown.len());
@@ -521,6 +517,15 @@ async fn load_digest_key(ctx: &Context) -> Result<audit::DigestKey, Error> {
             if users.len() == 1 { "carries" } else { "carry" }
         ),
     ))
+}
+
+/// The digest key Secret's key, or None when the Secret does not exist.
+async fn existing_key(ctx: &Context) -> Result<Option<audit::DigestKey>, Error> {
+    match audit::load_key(&ctx.client, &ctx.settings.operator_namespace).await {
+        Ok(key) => Ok(Some(key)),
+        Err(audit::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(digest_error(e)),
+    }
 }
 
 /// A digest key error as the controller's: an invalid key needs a person, the rest (the API
