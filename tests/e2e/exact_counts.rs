@@ -330,6 +330,62 @@ async fn sweep_to_end(
     panic!("the sweep did not finish");
 }
 
+/// The cursor a sweep's first step stopped at before the first page that would delete: it
+/// names the run (`named_by` is in it), and nothing was deleted.
+fn run_named(first: tombstone::backends::Step, named_by: &str) -> String {
+    assert!(first.failure.is_none(), "{:?}", first.failure);
+    assert_eq!(
+        first.deleted, 0,
+        "nothing is deleted before the run is named"
+    );
+    let Next::Continue(named) = first.next else {
+        panic!(
+            "the first page that would delete ends the step: {:?}",
+            first.next
+        );
+    };
+    assert!(
+        named.contains(named_by),
+        "the checkpoint names the run: {named}"
+    );
+    named
+}
+
+/// A sweep's first step that found nothing to delete: it judged `scanned` items and ended.
+fn ended_at_once(step: &tombstone::backends::Step, scanned: u64) {
+    assert!(step.failure.is_none(), "{:?}", step.failure);
+    assert_eq!(
+        step.next,
+        Next::Done,
+        "a sweep with nothing to delete ends at once"
+    );
+    assert_eq!((step.scanned, step.deleted), (scanned, 0));
+}
+
+/// Runs a sweep on from `cursor` to its end, each step by `step`; returns what the steps
+/// deleted and scanned.
+async fn sweep_on<F, Fut>(cursor: String, step: F) -> (u64, u64)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = tombstone::backends::Step>,
+{
+    let (mut cursor, mut deleted, mut scanned) = (Some(cursor), 0, 0);
+    for _ in 0..1000 {
+        let Some(c) = cursor.take() else {
+            return (deleted, scanned);
+        };
+        let step = step(c).await;
+        assert!(step.failure.is_none(), "{:?}", step.failure);
+        deleted += step.deleted;
+        scanned += step.scanned;
+        match step.next {
+            Next::Done => {}
+            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+        }
+    }
+    panic!("the sweep did not finish");
+}
+
 /// The README's ACL lets the operator sweep with exact counts; without its ledger pattern
 /// the first destructive script is refused before it deletes anything, and the step says
 /// what the user lacks.
@@ -443,13 +499,7 @@ async fn a_redis_sweep_names_its_ledger_only_before_the_first_page_that_would_de
         .sweep_step(&job, None, &long)
         .await
         .expect("a step");
-    assert!(step.failure.is_none(), "{:?}", step.failure);
-    assert_eq!(
-        step.next,
-        Next::Done,
-        "a sweep with nothing to delete ends at once"
-    );
-    assert_eq!((step.scanned, step.deleted), (12_000, 0));
+    ended_at_once(&step, 12_000);
     assert_eq!(
         crate::fixtures::count_keys(&mut conn, "tombstone:ledger:*").await,
         0
@@ -465,39 +515,23 @@ async fn a_redis_sweep_names_its_ledger_only_before_the_first_page_that_would_de
         .sweep_step(&job, None, &long)
         .await
         .expect("a first step");
-    assert!(first.failure.is_none(), "{:?}", first.failure);
-    assert_eq!(
-        first.deleted, 0,
-        "nothing is deleted before the run is named"
-    );
-    let Next::Continue(named) = first.next else {
-        panic!(
-            "the first page that would delete ends the step: {:?}",
-            first.next
-        );
-    };
-    assert!(
-        named.contains("\"ledger\""),
-        "the checkpoint names the run: {named}"
-    );
+    let scanned_first = first.scanned;
+    let named = run_named(first, "\"ledger\"");
     assert_eq!(
         crate::fixtures::count_keys(&mut conn, "session:old:*").await,
         40
     );
-    let (mut cursor, mut deleted, mut scanned) = (Some(named), 0, first.scanned);
-    while let Some(c) = cursor.take() {
-        let step = backend()
-            .sweep_step(&job, Some(&c), &long)
-            .await
-            .expect("a step");
-        assert!(step.failure.is_none(), "{:?}", step.failure);
-        deleted += step.deleted;
-        scanned += step.scanned;
-        match step.next {
-            Next::Done => {}
-            Next::Continue(c) | Next::Wait { cursor: c, .. } => cursor = Some(c),
+    let (deleted, scanned) = sweep_on(named, |c| {
+        let (job, long) = (&job, &long);
+        async move {
+            backend()
+                .sweep_step(job, Some(&c), long)
+                .await
+                .expect("a step")
         }
-    }
+    })
+    .await;
+    let scanned = scanned + scanned_first;
     assert_eq!(deleted, 40);
     assert!(
         scanned >= 12_040,
@@ -515,5 +549,115 @@ async fn a_redis_sweep_names_its_ledger_only_before_the_first_page_that_would_de
         crate::fixtures::count_keys(&mut conn, "tombstone:ledger:*").await,
         0,
         "the run's ledger is removed once its reading is checkpointed"
+    );
+}
+
+/// An S3 sweep names its run's journal only when it meets a page that would delete, and
+/// checkpoints that name before any intent or deletion: a sweep that finds nothing to
+/// delete ends in one step (one status write for the policy) and writes no intent, and one
+/// that finds expired objects stops before their page, then deletes exactly those under the
+/// journal it named.
+#[tokio::test]
+async fn an_s3_sweep_names_its_journal_only_before_the_first_page_that_would_delete() {
+    let server = S3Server::start();
+    server.create_bucket("lazy", false, false).await;
+    let put_all = |names: Vec<String>| {
+        let server = &server;
+        async move {
+            futures::stream::iter(names)
+                .for_each_concurrent(16, |key| async move { server.put("lazy", &key, "x").await })
+                .await
+        }
+    };
+    use futures::StreamExt;
+    // Old objects sort last; the young ones, written a second later, fill the first listing
+    // page and half the second.
+    put_all((0..200).map(|i| format!("logs/b-{i:04}")).collect()).await;
+    // The newest of the old objects' LastModified (whole seconds, or finer).
+    let listed = server
+        .client()
+        .list_objects_v2()
+        .bucket("lazy")
+        .prefix("logs/b-")
+        .send()
+        .await
+        .expect("ListObjectsV2");
+    let old_max = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.last_modified().map(|t| t.secs()))
+        .max()
+        .expect("the old objects");
+    let started = std::time::Instant::now();
+    while chrono::Utc::now().timestamp() <= old_max {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the clock stands still"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    put_all((0..1200).map(|i| format!("logs/a-{i:04}")).collect()).await;
+    let target: Target = serde_json::from_value(
+        json!({"name": "logs", "store": "archive", "s3": {"prefix": "logs/"}}),
+    )
+    .unwrap();
+    let sweep = |cutoff: i64| tombstone::backends::SweepJob {
+        target: target.clone(),
+        retention: "1d".parse().expect("a duration"),
+        dry_run: false,
+        cutoff: chrono::DateTime::from_timestamp(cutoff, 0).expect("a time"),
+        held: Default::default(),
+    };
+    let long = StepBudget {
+        max_time: Duration::from_secs(30),
+        ..budget()
+    };
+    let intents = || server.keys("lazy", ".tombstone/");
+
+    // Nothing expired: one step judges every object and ends; no journal was ever named.
+    let step = crate::s3::backend(&server, "lazy")
+        .sweep_step(&sweep(old_max - 60), None, &long)
+        .await
+        .expect("a step");
+    ended_at_once(&step, 1400);
+    assert!(intents().await.is_empty(), "no intent written");
+
+    // The old objects expired: the first step judges the first page (nothing to delete
+    // there), stops before the second with a named journal, and deletes nothing.
+    let job = sweep(old_max + 1);
+    let first = crate::s3::backend(&server, "lazy")
+        .sweep_step(&job, None, &long)
+        .await
+        .expect("a first step");
+    assert_eq!(
+        first.scanned, 1000,
+        "the page that would delete is taken back, to be judged again"
+    );
+    let scanned_first = first.scanned;
+    let named = run_named(first, "\"j\":{\"r\":");
+    assert_eq!(server.keys("lazy", "logs/b-").await.len(), 200);
+    assert!(
+        intents().await.is_empty(),
+        "no intent before the name is checkpointed"
+    );
+
+    let (deleted, scanned) = sweep_on(named, |c| {
+        let (server, job, long) = (&server, &job, &long);
+        async move {
+            crate::s3::backend(server, "lazy")
+                .sweep_step(job, Some(&c), long)
+                .await
+                .expect("a step")
+        }
+    })
+    .await;
+    let scanned = scanned + scanned_first;
+    assert_eq!(deleted, 200, "exactly the old objects");
+    assert_eq!(scanned, 1400, "every object judged once");
+    assert!(server.keys("lazy", "logs/b-").await.is_empty());
+    assert_eq!(server.keys("lazy", "logs/a-").await.len(), 1200);
+    assert!(
+        intents().await.is_empty(),
+        "the run's intents are removed once their counts are checkpointed"
     );
 }

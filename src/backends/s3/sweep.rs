@@ -337,6 +337,41 @@ pub(super) fn plan_versions(
     plan
 }
 
+/// A step's counts before a page, to take the page back when it is judged again.
+struct Judged {
+    scanned: u64,
+    deleted: u64,
+    blocked: u64,
+    blocked_items: usize,
+    held: u64,
+    unjudged: u64,
+    oldest_remaining: Option<DateTime<Utc>>,
+}
+
+impl Judged {
+    fn of(step: &Step<Cursor>) -> Self {
+        Self {
+            scanned: step.scanned,
+            deleted: step.deleted,
+            blocked: step.blocked,
+            blocked_items: step.blocked_items.len(),
+            held: step.held,
+            unjudged: step.unjudged,
+            oldest_remaining: step.oldest_remaining,
+        }
+    }
+
+    fn restore(self, step: &mut Step<Cursor>) {
+        step.scanned = self.scanned;
+        step.deleted = self.deleted;
+        step.blocked = self.blocked;
+        step.blocked_items.truncate(self.blocked_items);
+        step.held = self.held;
+        step.unjudged = self.unjudged;
+        step.oldest_remaining = self.oldest_remaining;
+    }
+}
+
 /// Notes the LastModified of an object the sweep leaves in place.
 fn keep_oldest(step: &mut Step<Cursor>, modified: Option<DateTime<Utc>>) {
     if let Some(t) = modified {
@@ -355,7 +390,6 @@ impl S3Backend {
             .map(|s| s.prefix.clone())
             .ok_or_else(|| Error::InvalidSpec("target has no s3 selector".into()))?;
         let holds = Holds::of(job)?;
-        let first_step = cursor.is_none();
         let mut position = match cursor {
             Some(c) => c,
             None => Cursor {
@@ -363,24 +397,18 @@ impl S3Backend {
                 ..Default::default()
             },
         };
+        // A dry run deletes nothing, so it keeps no journal. Otherwise a run's journal is
+        // named only when a page is found that would delete, and checkpointed before any
+        // batch is written under that name. Until then pages are only judged, as in a dry
+        // run: a sweep that finds nothing to delete ends in one step and writes no intent (a
+        // checkpoint of an older version without a journal probes the same way).
         let mut journal = position.journal.take().filter(|_| !job.dry_run);
-        if journal.is_none() && !job.dry_run {
-            let fresh = super::intent::Journal {
-                run: crate::backends::redis::ledger::new_run(),
-                ..Default::default()
-            };
-            if first_step {
-                // The first step of a run only names its intents, checkpointed before any
-                // batch is written under that name.
-                position.journal = Some(fresh);
-                return Ok(Step {
-                    next: Next::Continue(position.clone()),
-                    failure: budget.may_act().err(),
-                    ..Step::default()
-                });
-            }
-            journal = Some(fresh);
-        }
+        let probing = journal.is_none() && !job.dry_run;
+        let judged_only = SweepJob {
+            dry_run: true,
+            ..job.clone()
+        };
+        let page_job = if probing { &judged_only } else { job };
         let encode = |position: &Cursor, journal: &Option<super::intent::Journal>| {
             let mut p = position.clone();
             p.journal = journal.clone();
@@ -401,20 +429,22 @@ impl S3Backend {
         }
         let deadline = Instant::now() + budget.max_time;
         loop {
+            let judged_before = Judged::of(&step);
             let page = if position.versions {
                 self.versions_page(
-                    job,
+                    page_job,
                     &prefix,
                     &position,
                     &holds,
                     &mut step,
                     budget,
                     journal.as_mut(),
+                    probing,
                 )
                 .await
             } else {
                 self.objects_page(
-                    job,
+                    page_job,
                     &prefix,
                     &position,
                     &holds,
@@ -424,13 +454,35 @@ impl S3Backend {
                 )
                 .await
             };
+            if probing && page.is_ok() && step.deleted > judged_before.deleted {
+                // The page would delete: it is judged again, for real, under a journal named
+                // now and checkpointed first.
+                judged_before.restore(&mut step);
+                let named = Some(super::intent::Journal {
+                    run: crate::backends::redis::ledger::new_run(),
+                    ..Default::default()
+                });
+                step.next = Next::Continue(encode(&position, &named));
+                // An instance that no longer leads says so at once, as a page would.
+                step.failure = budget.may_act().err();
+                return Ok(step);
+            }
             match page {
                 Ok(Some(next)) => position = next,
                 Ok(None) => {
-                    if let Some(j) = journal.as_mut() {
+                    match journal.as_mut() {
                         // Done: the next step removes the intents once this is checkpointed.
-                        j.settled = true;
-                        step.next = Next::Continue(encode(&position, &journal));
+                        Some(j) => {
+                            j.settled = true;
+                            step.next = Next::Continue(encode(&position, &journal));
+                        }
+                        // Nothing was deleted, so no intent of this run was written; those
+                        // of runs abandoned long ago still go, as after any job.
+                        None if !job.dry_run => {
+                            let versioned = self.versioned().await?;
+                            self.tidy_abandoned_intents("", versioned).await;
+                        }
+                        None => {}
                     }
                     return Ok(step);
                 }
@@ -646,6 +698,7 @@ impl S3Backend {
         step: &mut Step<Cursor>,
         budget: &StepBudget,
         mut journal: Option<&mut super::intent::Journal>,
+        probing: bool,
     ) -> Result<Option<Cursor>, Error> {
         let (mut entries, next) = self.list_versions(prefix, position).await?;
         // A held subject's keys are left out of the plan: none of their versions or markers
@@ -683,7 +736,9 @@ impl S3Backend {
             }
         }
         let versions = version_ids(&plan.versions)?;
-        let predict_locks = job.dry_run && self.object_lock_enabled().await;
+        // Probing only asks whether the page would delete anything: a locked version is
+        // found refused when the page is judged for real.
+        let predict_locks = job.dry_run && !probing && self.object_lock_enabled().await;
         let refused = self
             .delete_counted(
                 versions,
