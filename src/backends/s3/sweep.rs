@@ -404,11 +404,12 @@ impl S3Backend {
         // checkpoint of an older version without a journal probes the same way).
         let mut journal = position.journal.take().filter(|_| !job.dry_run);
         let probing = journal.is_none() && !job.dry_run;
-        let judged_only = SweepJob {
+        // Copied only to probe: the job carries the held subjects' identifiers.
+        let judged_only = probing.then(|| SweepJob {
             dry_run: true,
             ..job.clone()
-        };
-        let page_job = if probing { &judged_only } else { job };
+        });
+        let page_job = judged_only.as_ref().unwrap_or(job);
         let encode = |position: &Cursor, journal: &Option<super::intent::Journal>| {
             let mut p = position.clone();
             p.journal = journal.clone();
@@ -478,7 +479,7 @@ impl S3Backend {
                         }
                         // Nothing was deleted, so no intent of this run was written; those
                         // of runs abandoned long ago still go, as after any job.
-                        None if !job.dry_run => {
+                        None if probing => {
                             let versioned = self.versioned().await?;
                             self.tidy_abandoned_intents("", versioned).await;
                         }
