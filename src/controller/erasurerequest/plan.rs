@@ -595,11 +595,19 @@ pub fn may_concern_policy(request: &ErasureRequest, namespace: &str, name: &str)
             _ => n == name && request.metadata.namespace.as_deref() == Some(namespace),
         })
     });
+    // A target's policy lives in the namespace its status names, else the request's own.
+    let of_this_policy = |t: &ErasureTargetStatus| {
+        t.policy == name
+            && t.namespace
+                .as_deref()
+                .or(request.metadata.namespace.as_deref())
+                == Some(namespace)
+    };
     searched
         && request
             .status
             .as_ref()
-            .is_none_or(|s| s.targets.is_empty() || s.targets.iter().any(|t| t.policy == name))
+            .is_none_or(|s| s.targets.is_empty() || s.targets.iter().any(of_this_policy))
 }
 
 /// Why a namespace opted out of cluster-wide requests, if it did (pure): the label
@@ -1165,6 +1173,23 @@ mod tests {
         let mut every = every;
         every.status = one.status.clone();
         assert!(!may_concern_policy(&every, "ns", "q"));
+        // A cluster-wide request's target names its policy's namespace: a namesake elsewhere
+        // that the request also searches is not one of its targets.
+        let mut wide = named(
+            serde_json::json!({"subject": subject, "reason": "consentWithdrawn", "scope": "Cluster"}),
+        );
+        wide.status = Some(ErasureRequestStatus {
+            targets: vec![ErasureTargetStatus {
+                namespace: Some("other".into()),
+                ..target(T::Found)
+            }],
+            ..Default::default()
+        });
+        assert!(may_concern_policy(&wide, "other", "p"));
+        assert!(
+            !may_concern_policy(&wide, "third", "p"),
+            "the namesake of a target's policy in another namespace"
+        );
     }
 
     #[test]
