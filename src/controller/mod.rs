@@ -206,6 +206,9 @@ pub struct Context {
     /// The LegalHolds of each namespace, listed fresh and shared by the reconciles that ask
     /// at the same moment.
     holds: fresh::FreshReads<HoldList>,
+    /// The same lists digested, with the Secrets their holds name read once, shared by the
+    /// members of a batch asking at the same moment.
+    pub hold_views: fresh::FreshReads<Arc<erasurerequest::holds::HoldView>>,
     /// Erasure requests ready at the same time, worked together per target.
     pub batcher: Arc<crate::engine::batch::Batcher>,
     /// Erasure reconciles talking to the API server at once (`reconcile_concurrency`). A
@@ -293,6 +296,7 @@ impl Context {
             sink,
             failures: FailureCounts::default(),
             holds: fresh::FreshReads::default(),
+            hold_views: fresh::FreshReads::default(),
             batcher: crate::engine::batch::Batcher::new(settings.batches, metrics.clone()),
             metrics,
             request_permits: Arc::new(tokio::sync::Semaphore::new(
@@ -468,6 +472,7 @@ impl Context {
         let failures = self.failures.retain(&object_exists);
         self.own_writes.retain(&object_exists);
         self.holds.forget_idle();
+        self.hold_views.forget_idle();
         if backends + failures > 0 {
             tracing::debug!(backends, failures, "forgot deleted objects");
         }

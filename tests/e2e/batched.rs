@@ -18,6 +18,7 @@ use tombstone::engine::batch::BatchSettings;
 
 use crate::erasure::{shop, wait_phase};
 use crate::fixtures::*;
+use crate::support::request_log::RequestLog;
 use crate::support::{wait_for, RedisServer};
 
 /// One data subject of a test: its identifiers and how many session keys it has.
@@ -129,6 +130,31 @@ async fn completed_with_its_own_counts(client: &kube::Client, ns: &str, s: &Subj
     status.receipt.expect("a receipt")
 }
 
+/// A LegalHold `claim` on the subject whose identifiers a new Secret `secret` holds.
+async fn hold_by_secret(
+    client: &kube::Client,
+    ns: &str,
+    secret: &str,
+    identifiers: serde_json::Value,
+) {
+    let object: Secret = serde_json::from_value(json!({
+        "metadata": {"name": secret},
+        "stringData": identifiers
+    }))
+    .expect("a Secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("Secret created");
+    create::<LegalHold>(
+        client,
+        ns,
+        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "claim"},
+               "spec": {"reason": "Pending claim", "subjects": [{"secretRef": {"name": secret}}]}}),
+    )
+    .await;
+}
+
 async fn neighbours_kept(conn: &mut redis::aio::MultiplexedConnection, subjects: &[Subject]) {
     for s in subjects {
         let theirs = count_keys(conn, &format!("session:{}0:*", s.user)).await;
@@ -211,20 +237,11 @@ async fn a_hold_on_one_subject_of_a_batch_holds_only_it() {
     shop(&client, &ns, &redis).await;
     // The held subject's identifiers, as the hold's own Secret.
     let held = &all[1];
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "held-subject"},
-        "stringData": {"email": held.email, "userId": held.user}
-    }))
-    .expect("a Secret");
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("Secret created");
-    create::<LegalHold>(
+    hold_by_secret(
         &client,
         &ns,
-        json!({"apiVersion": "tombstone.dev/v1alpha1", "kind": "LegalHold", "metadata": {"name": "claim"},
-               "spec": {"reason": "Pending claim", "subjects": [{"secretRef": {"name": "held-subject"}}]}}),
+        "held-subject",
+        json!({"email": held.email, "userId": held.user}),
     )
     .await;
     for s in &all {
@@ -253,6 +270,70 @@ async fn a_hold_on_one_subject_of_a_batch_holds_only_it() {
         .expect("hold lifted");
     completed_with_its_own_counts(&client, &ns, held).await;
     neighbours_kept(&mut conn, &all).await;
+}
+
+/// Before every destructive step a batch asks whether each member is held. A hold that names
+/// its subject by Secret is read once per question, not once per member: 60 members over
+/// some 20 SCAN pages, each page a question, asked 60 reads of that Secret a page.
+#[tokio::test]
+async fn a_batch_reads_a_held_subjects_secret_once_per_question_not_once_per_member() {
+    const FILLER: usize = 100_000;
+    let (client, ns) = setup("batched-hold-reads").await;
+    let redis = RedisServer::start();
+    let mut conn = redis_conn(&redis.url()).await;
+    let all = subjects("b4", 60);
+    seed(&mut conn, &all).await;
+    // Keys outside the policy's pattern, so that the erase scans many pages, each with some
+    // of the members' keys (SCAN COUNT 5000).
+    for chunk in (0..FILLER).collect::<Vec<_>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET").arg(format!("filler:{i}")).arg("f").ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.expect("filler");
+    }
+    let log = RequestLog::default();
+    let operator = TestOperator::start_with_client(
+        log.client(),
+        &ns,
+        None,
+        None,
+        batching(Duration::from_millis(1500)),
+    )
+    .await;
+    shop(&client, &ns, &redis).await;
+    // A hold on somebody outside the batch, named by Secret; its reads counted from now.
+    let hold_secret = format!("/api/v1/namespaces/{ns}/secrets/stranger");
+    log.count_path(&hold_secret);
+    hold_by_secret(
+        &client,
+        &ns,
+        "stranger",
+        json!({"userId": "u-b4-stranger-7f3a"}),
+    )
+    .await;
+    for s in &all {
+        file_request(&client, &ns, s).await;
+    }
+    for s in &all {
+        completed_with_its_own_counts(&client, &ns, s).await;
+    }
+    // (With more than ten subjects, one's neighbour, `<user>0`, is another subject.)
+    assert_eq!(count_keys(&mut conn, "filler:*").await, FILLER);
+    let (erase_batches, erase_members) = batches(&operator, "erase");
+    let reads = log.path_count(&hold_secret);
+    let reconciles = operator.reconciliations(tombstone::controller::erasurerequest::CONTROLLER);
+    eprintln!(
+        "hold reads: {reads} reads of the hold's Secret; {erase_batches} erase batches of {erase_members} members; {reconciles} request reconciles"
+    );
+    // Each of the some 20 pages would have read it once per member: more than 1,000 reads.
+    // Now: a read per question shared by the members asking it, and one per reconcile pass
+    // (find, erase, verify, end) at most, shared by the reconciles asking together.
+    assert!(
+        reads < 4 * all.len(),
+        "{reads} reads of the hold's Secret for {} members",
+        all.len()
+    );
 }
 
 #[tokio::test]

@@ -17,6 +17,8 @@ pub struct RequestLog(Arc<Mutex<Log>>);
 pub struct Log {
     kinds: Vec<String>,
     requests: Vec<u32>,
+    /// Paths counted one by one ([`RequestLog::count_path`]), and how many requests each got.
+    paths: Vec<(String, usize)>,
 }
 
 impl RequestLog {
@@ -42,6 +44,9 @@ impl RequestLog {
     fn record(&self, method: &http::Method, uri: &http::Uri) {
         let kind = request_kind(method, uri.path(), uri.query().unwrap_or(""));
         let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, n)) = log.paths.iter_mut().find(|(p, _)| p == uri.path()) {
+            *n += 1;
+        }
         let index = match log.kinds.iter().position(|k| *k == kind) {
             Some(i) => i,
             None => {
@@ -50,6 +55,23 @@ impl RequestLog {
             }
         };
         log.requests.push(u32::try_from(index).unwrap_or(u32::MAX));
+    }
+
+    /// Counts the requests to `path` (e.g. one Secret's) from now on: see [`Self::path_count`].
+    pub fn count_path(&self, path: &str) {
+        let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !log.paths.iter().any(|(p, _)| p == path) {
+            log.paths.push((path.to_string(), 0));
+        }
+    }
+
+    /// The requests to `path` since [`Self::count_path`] was called for it.
+    pub fn path_count(&self, path: &str) -> usize {
+        let log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        log.paths
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or(0, |(_, n)| *n)
     }
 
     /// How many requests were made so far (a mark for [`Self::since`]).

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kube::{Api, ResourceExt};
 
+use super::holds::{holds, SubjectDigests};
 use super::plan::{self, ActionResult};
-use super::{holds, Context};
+use super::Context;
 use crate::api::erasurerequest::{ErasureRequest, ErasureRequestStatus};
 use crate::api::retentionpolicy::Target;
 use crate::api::Timestamp;
@@ -100,8 +101,8 @@ pub(super) fn join(
                 request_namespace: request_namespace.clone(),
                 target_namespace: member.namespace.to_string(),
                 policy: member.policy.to_string(),
+                subject: SubjectDigests::new(member.key, member.identifiers),
                 key: member.key.clone(),
-                identifiers: member.identifiers.clone(),
             }),
             checkpoint: Arc::new(StatusCheckpoint {
                 ctx: ctx.clone(),
@@ -206,7 +207,7 @@ struct RequestGate {
     target_namespace: String,
     policy: String,
     key: DigestKey,
-    identifiers: BTreeMap<String, String>,
+    subject: SubjectDigests,
 }
 
 #[async_trait]
@@ -218,7 +219,7 @@ impl MemberGate for RequestGate {
             namespaces.push(self.target_namespace.as_str());
         }
         for namespace in namespaces {
-            let found = holds(&self.ctx, namespace, &self.key, &self.identifiers, now).await;
+            let found = holds(&self.ctx, namespace, &self.key, &self.subject, now).await;
             let on_policy =
                 namespace == self.target_namespace && found.policies.contains_key(&self.policy);
             if !found.subject.is_empty() || !found.unverifiable.is_empty() || on_policy {

@@ -4,6 +4,7 @@
 //! memory for the length of a reconcile; status, events, logs and receipts carry the digest.
 
 mod batch;
+pub mod holds;
 pub mod lifecycle;
 pub mod plan;
 
@@ -30,7 +31,7 @@ use crate::api::erasurerequest::{
 use crate::api::legalhold::LegalHold;
 use crate::api::retentionpolicy::RetentionPolicy;
 use crate::api::{StoreKind, Timestamp};
-use crate::audit::{self, identifier_digests, subject_digest};
+use crate::audit::{self, subject_digest};
 use crate::backends::{Category, Next, SubjectAction, SubjectJob};
 use crate::engine::Claim;
 use plan::ActionResult;
@@ -326,16 +327,17 @@ async fn check_holds(
     status: &mut ErasureRequestStatus,
 ) -> HoldCheck {
     let namespace = namespace.to_string();
+    let subject = holds::SubjectDigests::new(key, identifiers);
     // 2. Holds: on the subject (the whole request) or on policies (their targets). A hold
     // that cannot be evaluated blocks the whole request (fail closed). In a cluster-wide
     // request, the holds of each namespace searched bear on that namespace's targets: one
     // on the subject there holds all of them.
-    let Holds {
+    let holds::Holds {
         subject: subject_holds,
         policies: held_policies,
         mut unverifiable,
         expiry: mut hold_expiry,
-    } = holds(ctx, &namespace, key, identifiers, now).await;
+    } = holds::holds(ctx, &namespace, key, &subject, now).await;
     let mut held: BTreeMap<(String, String), String> = held_policies
         .into_iter()
         .map(|(policy, hold)| ((namespace.clone(), policy), hold))
@@ -348,7 +350,7 @@ async fn check_holds(
         .filter(|ns| *ns != namespace)
         .collect();
     for ns in others {
-        let theirs = holds(ctx, &ns, key, identifiers, now).await;
+        let theirs = holds::holds(ctx, &ns, key, &subject, now).await;
         if let Some(first) = theirs.subject.first() {
             held_namespaces.insert(ns.clone(), format!("{ns}/{first}"));
         }
@@ -566,107 +568,6 @@ async fn digest_users(ctx: &Context) -> Result<Vec<String>, kube::Error> {
         }
     }
     Ok(users)
-}
-
-/// The holds in force in a namespace, as they bear on one subject.
-struct Holds {
-    /// Holds naming this subject: the whole request waits.
-    subject: Vec<String>,
-    /// Held policy → the hold holding it.
-    policies: BTreeMap<String, String>,
-    /// Holds that could not be evaluated, each with why: the whole request waits.
-    unverifiable: Vec<String>,
-    /// The earliest expiry among the holds that bear on the request.
-    expiry: Option<Timestamp>,
-}
-
-/// The holds in force in the namespace: those holding this subject, the policies held, the
-/// holds that cannot be evaluated (a Secret missing or unreadable, the API failing), and the
-/// earliest expiry. Fails closed: a hold that cannot be evaluated is never "not matching".
-async fn holds(
-    ctx: &Context,
-    namespace: &str,
-    key: &audit::DigestKey,
-    identifiers: &BTreeMap<String, String>,
-    now: Timestamp,
-) -> Holds {
-    let ours: BTreeSet<String> = identifier_digests(key, identifiers);
-    let whole = subject_digest(key, identifiers);
-    let mut found = Holds {
-        subject: Vec::new(),
-        policies: BTreeMap::new(),
-        unverifiable: Vec::new(),
-        expiry: None,
-    };
-    let list = match ctx.legal_holds(namespace).await {
-        Ok(list) => list,
-        Err(e) => {
-            let e = Error::Kube(super::shared_error(&e));
-            warn!(reason = e.reason(), error = %e, "cannot list LegalHolds");
-            found.unverifiable.push(format!(
-                "the LegalHolds of the namespace cannot be listed ({})",
-                e.reason()
-            ));
-            return found;
-        }
-    };
-    for hold in list.iter() {
-        if !super::legalhold::is_active(hold, now) {
-            continue;
-        }
-        let name = hold.name_any();
-        let mut relevant = false;
-        for policy in hold.spec.policies.clone().unwrap_or_default() {
-            found.policies.insert(policy, name.clone());
-            relevant = true;
-        }
-        for held in hold.spec.subjects.clone().unwrap_or_default() {
-            let matches = match (&held.digest, &held.secret_ref) {
-                (Some(d), _) => ours.contains(d) || *d == whole,
-                (None, Some(secret)) => {
-                    match secret_identifiers(ctx, namespace, &secret.name).await {
-                        Ok((mut theirs, _)) => {
-                            theirs.retain(|_, v| !v.trim().is_empty());
-                            if theirs.is_empty() {
-                                found.unverifiable.push(format!(
-                                    "LegalHold {name}: its Secret {} holds no identifier",
-                                    secret.name
-                                ));
-                                relevant = true;
-                                continue;
-                            }
-                            !identifier_digests(key, &theirs).is_disjoint(&ours)
-                        }
-                        Err(e) => {
-                            warn!(hold = %name, reason = e.reason(), "cannot read a held subject's Secret");
-                            found.unverifiable.push(format!("LegalHold {name}: {e}"));
-                            relevant = true;
-                            continue;
-                        }
-                    }
-                }
-                (None, None) => {
-                    found.unverifiable.push(format!(
-                        "LegalHold {name}: a held subject has neither digest nor secretRef"
-                    ));
-                    relevant = true;
-                    continue;
-                }
-            };
-            if matches {
-                found.subject.push(name.clone());
-                relevant = true;
-            }
-        }
-        if relevant {
-            if let Some(e) = hold.spec.expires_at {
-                found.expiry = Some(found.expiry.map_or(e, |x| x.min(e)));
-            }
-        }
-    }
-    found.unverifiable.sort();
-    found.unverifiable.dedup();
-    found
 }
 
 /// The targets in scope: the named policies, or every policy in the namespace (every
