@@ -143,6 +143,18 @@ async fn subject(
     panic!("subject action did not finish");
 }
 
+/// A mailer stream in the store: a line to [`EMAIL`] 3 days old, another line 40 days old.
+fn seed_mail_to_the_subject_and_an_old_line(double: &LokiDouble, now: i64) {
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[
+            (now - 3 * DAY_NS, format!("mail to {EMAIL}").leak()),
+            (now - 40 * DAY_NS, "old"),
+        ],
+    );
+}
+
 fn lines_of(double: &LokiDouble, tenant: &str) -> Vec<String> {
     let mut lines: Vec<String> = double
         .lines(tenant)
@@ -282,6 +294,108 @@ async fn loki_sweep_deletes_old_lines_of_the_selected_streams_once_loki_has_proc
         vec!["billing:old-b", "mailer-2:old-m2", "mailer:new-1"]
     );
     assert_eq!(posts(&double), 1);
+}
+
+/// A real Loki 3.8 splits a delete request with a line filter into one per day and
+/// processes 70 of them a compaction cycle, oldest first, listing it `N% Complete`
+/// meanwhile. An erasure's request covers the range its count searched (400 days without a
+/// record, from the sweeps' record with one), not all time since 2001: some 9,000 shards,
+/// hours of compaction before the newest days, where the lines are, were reached.
+#[tokio::test]
+async fn loki_an_erasure_deletes_over_what_it_searched_so_a_loki_that_shards_by_day_gets_to_it() {
+    let double = LokiDouble::start().await;
+    let now = now_ns();
+    let now_ms = now / 1_000_000;
+    let day_ms = DAY_NS / 1_000_000;
+    seed_mail_to_the_subject_and_an_old_line(&double, now);
+    let b = backend(&double);
+    let t = target(r#"{app="mailer"}"#, Some("{email}"));
+    let (erased, _) = subject(&b, &t, &ids(&[("email", EMAIL)]), SubjectAction::Erase)
+        .await
+        .unwrap();
+    assert_eq!(erased.count, 1);
+    let first = double.delete_requests(SINGLE_TENANT)[0].clone();
+    assert!(
+        first.start_ms >= now_ms - 401 * day_ms && first.shards.len() <= 401,
+        "no record: the 400 days searched, {} shards",
+        first.shards.len()
+    );
+    assert_eq!(first.status, "processed");
+
+    // A 30-day retention, swept (a request without a line filter: one piece): another
+    // subject's erasure deletes from the sweeps' record, less the late-lines week.
+    let cutoff = Utc::now() - chrono::Duration::days(30);
+    sweep(&b, &target(r#"{app="mailer"}"#, None), cutoff, false)
+        .await
+        .unwrap();
+    let other = "loki-other-77c1@example.org";
+    double.push_flushed(
+        SINGLE_TENANT,
+        &[("app", "mailer")],
+        &[(now - 2 * DAY_NS, format!("mail to {other}").leak())],
+    );
+    let (erased, _) = subject(&b, &t, &ids(&[("email", other)]), SubjectAction::Erase)
+        .await
+        .unwrap();
+    assert_eq!(erased.count, 1);
+    let requests = double.delete_requests(SINGLE_TENANT);
+    let sweep_request = &requests[1];
+    assert_eq!(sweep_request.shards.len(), 1, "no line filter: not split");
+    let second = &requests[2];
+    assert!(
+        second.shards.len() <= 38,
+        "from the sweeps' record: {} shards",
+        second.shards.len()
+    );
+    assert!(lines_of(&double, SINGLE_TENANT)
+        .iter()
+        .all(|l| !l.contains('@')));
+
+    // The double splits and lists as the real server does: 10 days, 3 shards a cycle (of
+    // 2 s, so that polling sees the steps between).
+    double.set_delete_batch_size(3);
+    double.set_compaction_interval(Duration::from_secs(2));
+    let r = reqwest::Client::new()
+        .post(format!("{}/loki/api/v1/delete", double.url()))
+        .query(&[
+            ("query", r#"{app="other"} |= "x""#.to_string()),
+            ("start", ((now_ms - 10 * day_ms) / 1000).to_string()),
+            ("end", (now_ms / 1000).to_string()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let mut seen = Vec::new();
+    crate::support::wait_for("the request processed", Duration::from_secs(30), || {
+        let r = double.delete_requests(SINGLE_TENANT)[3].clone();
+        if seen.last() != Some(&r.status) {
+            seen.push(r.status.clone());
+        }
+        let done = r.status == "processed";
+        async move { done.then_some(()) }
+    })
+    .await;
+    // As it went (a poll that came late may have missed a step, never all of them).
+    let percents: Vec<u32> = seen
+        .iter()
+        .filter_map(|s| s.strip_suffix("% Complete")?.parse().ok())
+        .collect();
+    assert_eq!(
+        (
+            seen.first().map(String::as_str),
+            seen.last().map(String::as_str)
+        ),
+        (Some("received"), Some("processed")),
+        "{seen:?}"
+    );
+    assert_eq!(percents.len() + 2, seen.len(), "{seen:?}");
+    assert!(!percents.is_empty(), "{seen:?}");
+    assert!(percents.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(
+        percents.iter().all(|p| [30, 60, 90].contains(p)),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]
@@ -1452,6 +1566,9 @@ async fn loki_double_runs_a_compactor_schedule_keeps_ingester_lines_and_counts_s
 async fn loki_an_erasure_of_lines_still_in_the_ingesters_submits_again_and_is_never_done_early() {
     let double = LokiDouble::start().await;
     double.set_ingester_window(Duration::from_secs(4));
+    // Every shard of a request in one compaction cycle: the first one runs while the recent
+    // line is still in the ingesters.
+    double.set_delete_batch_size(100_000);
     let now = now_ns();
     double.push_flushed(
         SINGLE_TENANT,
@@ -1688,14 +1805,7 @@ async fn loki_a_request_no_longer_listed_is_submitted_again_a_bounded_number_of_
 async fn loki_find_and_verify_search_what_the_sweeps_record_allows_and_resume_within_budget() {
     let double = LokiDouble::start().await;
     let now = now_ns();
-    double.push_flushed(
-        SINGLE_TENANT,
-        &[("app", "mailer")],
-        &[
-            (now - 3 * DAY_NS, format!("mail to {EMAIL}").leak()),
-            (now - 40 * DAY_NS, "old"),
-        ],
-    );
+    seed_mail_to_the_subject_and_an_old_line(&double, now);
     let b = backend(&double);
     let t = target(r#"{app="mailer"}"#, Some("{email}"));
     let subject_ids = ids(&[("email", EMAIL)]);
@@ -1839,6 +1949,9 @@ async fn a_loki_erasure_of_recent_lines_says_what_it_waits_for_and_completes_onc
 #[tokio::test]
 async fn loki_erase_cursors_of_the_previous_version_resume_or_restart_cleanly() {
     let double = LokiDouble::start().await;
+    // The previous version's requests ran from 2001: some 9,000 shards of a day, which a
+    // real Loki 3 processes over hours. This test is about the cursors: all in one cycle.
+    double.set_delete_batch_size(100_000);
     let now = now_ns();
     double.push_flushed(
         SINGLE_TENANT,

@@ -39,7 +39,11 @@
 //!   `direction=backward`) that fills its `limit`;
 //! - a query whose range exceeds `max_query_length` (721h) is refused with 400, and so is a
 //!   query (or a delete request's query) of 5,120 bytes or more, as Loki's LogQL parser does;
-//! - `end` in the future is refused (400 `deletes in the future are not allowed`).
+//! - `end` in the future is refused (400 `deletes in the future are not allowed`);
+//! - as a real Loki 3.8 does, a delete request with a line filter is split into pieces of
+//!   `delete_max_interval` (24 h), and a compaction cycle processes at most
+//!   `delete_batch_size` (70) pieces of all requests, oldest first: a request over years
+//!   takes many cycles, and is listed as `N% Complete` meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -70,6 +74,9 @@ pub struct DeleteRequest {
     pub end_ms: i64,
     pub status: String,
     pub created_at: f64,
+    /// The pieces Loki split it into (milliseconds, each processed on its own), and which of
+    /// them a compaction cycle has processed.
+    pub shards: Vec<(i64, i64, bool)>,
 }
 
 /// One request the double received: method, path, decoded query parameters, tenant.
@@ -111,6 +118,12 @@ struct Inner {
     /// When the double started: compaction cycles run at multiples of the interval since.
     started: f64,
     compaction_interval: Duration,
+    /// The last compaction cycle run (seconds since the epoch).
+    last_cycle: f64,
+    /// Shards processed per cycle (`compactor.delete_batch_size`).
+    delete_batch_size: usize,
+    /// A request with a line filter is split into pieces this long (`delete_max_interval`).
+    delete_max_interval: Duration,
     ingester_window: Duration,
     split_interval: Duration,
     max_query_length: Duration,
@@ -167,6 +180,9 @@ impl LokiDouble {
             cancel_period: Duration::from_secs(1),
             started: now_secs_f64(),
             compaction_interval: Duration::from_secs(1),
+            last_cycle: 0.0,
+            delete_batch_size: 70,
+            delete_max_interval: Duration::from_secs(24 * 3600),
             ingester_window: Duration::from_secs(2),
             split_interval: Duration::from_secs(30 * 60),
             max_query_length: Duration::from_secs(721 * 3600),
@@ -205,6 +221,11 @@ impl LokiDouble {
     /// How often the compactor runs (`compactor.compaction_interval`).
     pub fn set_compaction_interval(&self, interval: Duration) {
         self.lock().compaction_interval = interval;
+    }
+
+    /// How many shards a compaction cycle processes (`compactor.delete_batch_size`).
+    pub fn set_delete_batch_size(&self, shards: usize) {
+        self.lock().delete_batch_size = shards;
     }
 
     /// Lines that arrived less than this before a compaction cycle are still in the
@@ -736,6 +757,20 @@ fn add_delete(inner: &mut Inner, tenant: &str, param: &dyn Fn(&str) -> Option<St
             "difference between start time and end time must be at least one second",
         );
     }
+    // Loki 3 splits a request with a line filter into pieces of `delete_max_interval`,
+    // each overlapping the next by its end (`util.ForInterval`, end not inclusive).
+    let piece = i64::try_from(inner.delete_max_interval.as_millis()).unwrap_or(i64::MAX);
+    let mut shards = Vec::new();
+    if expr.filters.is_empty() || piece <= 0 || end - start <= piece {
+        shards.push((start, end, false));
+    } else {
+        let mut at = start;
+        while at < end {
+            let to = (at + piece).min(end);
+            shards.push((at, to, false));
+            at = to;
+        }
+    }
     let id = format!("{:08x}", inner.next_id.wrapping_mul(0x9e37_79b9) as u32);
     inner.next_id += 1;
     inner
@@ -750,6 +785,7 @@ fn add_delete(inner: &mut Inner, tenant: &str, param: &dyn Fn(&str) -> Option<St
             end_ms: end,
             status: "received".into(),
             created_at: (now_secs_f64() * 1000.0).round() / 1000.0,
+            shards,
         });
     StatusCode::NO_CONTENT.into_response()
 }
@@ -807,52 +843,96 @@ fn cancel_delete(
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// The compactor's work: at the first cycle after their cancel period, requests delete
-/// their lines, except those that arrived within the ingester window before that cycle.
+/// The compactor's work, cycle by cycle since the last one run: each cycle takes up to
+/// `delete_batch_size` shards of the requests past their cancel period (of every tenant,
+/// oldest shard first, as Loki sorts them by start) and deletes their lines, except those
+/// that arrived within the ingester window before that cycle. A request is `processed` once
+/// all its shards are, `N% Complete` before. (Loki also waits a minute past the cancel
+/// period; the double does not, which changes only when, not what.)
 fn process_due(inner: &mut Inner) {
     let now = now_secs_f64();
     let period = inner.cancel_period.as_secs_f64();
     let interval = inner.compaction_interval.as_secs_f64().max(0.001);
-    let started = inner.started;
     let window = inner.ingester_window.as_secs_f64();
-    // The first cycle at or after `t`.
-    let cycle = |t: f64| started + ((t - started) / interval).ceil().max(0.0) * interval;
-    for (name, tenant) in inner.tenants.iter_mut() {
-        let filter_only = inner.filter_only.contains(name);
-        let mut due: Vec<(usize, f64)> = (0..tenant.deletes.len())
-            .filter(|&i| tenant.deletes[i].status == "received")
-            .map(|i| (i, cycle(tenant.deletes[i].created_at + period)))
-            .filter(|(_, at)| *at <= now)
-            .collect();
-        due.sort_by(|a, b| a.1.total_cmp(&b.1));
-        for (i, ran_at) in due {
-            let request = tenant.deletes[i].clone();
-            if let Ok(expr) = parse_log_query(&request.query) {
-                let (from, to) = (request.start_ms * 1_000_000, request.end_ms * 1_000_000);
-                for (labels, lines) in tenant.streams.iter_mut() {
-                    if expr.selects(labels) {
-                        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(lines)
-                            .into_iter()
-                            .partition(|(ts, l, arrived)| {
-                                *ts >= from
-                                    && *ts <= to
-                                    && expr.keeps(l)
-                                    && *arrived <= ran_at - window
-                            });
-                        *lines = kept;
-                        if filter_only {
-                            tenant
-                                .hidden
-                                .entry(labels.clone())
-                                .or_default()
-                                .extend(gone);
-                        }
+    let batch = inner.delete_batch_size.max(1);
+    // The first cycle after the last one run.
+    let mut at = inner.started
+        + ((inner.last_cycle.max(inner.started) - inner.started) / interval).floor() * interval
+        + interval;
+    while at <= now {
+        inner.last_cycle = at;
+        // (start, tenant, request, shard) of every shard due by this cycle.
+        let mut due: Vec<(i64, String, usize, usize)> = Vec::new();
+        let mut waiting = false;
+        for (name, tenant) in &inner.tenants {
+            for (i, r) in tenant.deletes.iter().enumerate() {
+                if r.status == "processed" {
+                    continue;
+                }
+                waiting = true;
+                if r.created_at + period > at {
+                    continue;
+                }
+                for (k, (start, _, done)) in r.shards.iter().enumerate() {
+                    if !done {
+                        due.push((*start, name.clone(), i, k));
                     }
                 }
-                tenant.streams.retain(|_, lines| !lines.is_empty());
             }
-            tenant.deletes[i].status = "processed".into();
         }
+        if !waiting {
+            // Nothing to do: the cycles up to now ran empty.
+            inner.last_cycle = now;
+            break;
+        }
+        due.sort();
+        due.truncate(batch);
+        for (_, name, i, k) in due {
+            let filter_only = inner.filter_only.contains(&name);
+            let Some(tenant) = inner.tenants.get_mut(&name) else {
+                continue;
+            };
+            let Some(request) = tenant.deletes.get_mut(i) else {
+                continue;
+            };
+            let Some(shard) = request.shards.get_mut(k) else {
+                continue;
+            };
+            shard.2 = true;
+            let (from, to) = (shard.0 * 1_000_000, shard.1 * 1_000_000);
+            let Ok(expr) = parse_log_query(&request.query) else {
+                continue;
+            };
+            for (labels, lines) in tenant.streams.iter_mut() {
+                if expr.selects(labels) {
+                    let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(lines)
+                        .into_iter()
+                        .partition(|(ts, l, arrived)| {
+                            *ts >= from && *ts <= to && expr.keeps(l) && *arrived <= at - window
+                        });
+                    *lines = kept;
+                    if filter_only {
+                        tenant
+                            .hidden
+                            .entry(labels.clone())
+                            .or_default()
+                            .extend(gone);
+                    }
+                }
+            }
+            tenant.streams.retain(|_, lines| !lines.is_empty());
+        }
+        for tenant in inner.tenants.values_mut() {
+            for r in tenant.deletes.iter_mut() {
+                let done = r.shards.iter().filter(|s| s.2).count();
+                r.status = match done {
+                    0 => "received".into(),
+                    d if d == r.shards.len() => "processed".into(),
+                    d => format!("{}% Complete", d * 100 / r.shards.len()),
+                };
+            }
+        }
+        at += interval;
     }
 }
 

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::cursor::{Cursor, Stage};
-use super::requests::{covered_until, poll_after, search_from, Polled, Reuse};
+use super::requests::{poll_after, search_from, searched_until, Polled, Reuse};
 use super::scan::Scan;
-use super::{logql, selector, LokiBackend, DELETE_START, WINDOW_SECONDS};
+use super::{logql, selector, LokiBackend, CLOCK_SLACK_SECONDS, DELETE_START, WINDOW_SECONDS};
 use crate::api::StoreKind;
 use crate::backends::chunks::BatchPosition;
 use crate::backends::identifier::{self, Filled};
@@ -25,8 +25,6 @@ use crate::backends::{
     subject_locator, BatchJob, BatchStep, Error, Next, StepBudget, SubjectAction,
 };
 
-/// Loki refuses deletes whose end is in the future: a little slack for clock skew.
-const CLOCK_SLACK_SECONDS: i64 = 2;
 /// The longest a job waits on Loki before looking again.
 const MAX_POLL: Duration = Duration::from_secs(300);
 
@@ -192,15 +190,13 @@ impl LokiBackend {
         };
         let query = format!("{} {}", run.selector, logql::subjects_filter(&fills[..k]));
         let requests = self.list_deletes().await?;
-        let covered = covered_until(&requests, run.selector).max(covered_until(&requests, &query));
+        let covered = searched_until(&requests, run.selector, &query);
         let from = search_from(covered, run.now);
         let search_end = run.now.saturating_add(CLOCK_SLACK_SECONDS);
+        let delete_end = run.now.saturating_sub(CLOCK_SLACK_SECONDS);
         let mut next = match run.job.action {
-            SubjectAction::Erase => Cursor::counting(
-                DELETE_START,
-                run.now.saturating_sub(CLOCK_SLACK_SECONDS),
-                from,
-            ),
+            // The delete covers the range searched, as for one subject.
+            SubjectAction::Erase => Cursor::counting(from.min(delete_end), delete_end, from),
             _ => Cursor::counting(from, search_end, from),
         };
         next.at = Some(search_end);

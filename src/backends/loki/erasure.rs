@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::cursor::{Cursor, Stage};
-use super::requests::{covered_until, poll_after, search_from, Polled, Reuse};
+use super::requests::{poll_after, search_from, searched_until, Polled, Reuse};
 use super::scan::Scan;
-use super::{logql, selector, LokiBackend, DELETE_START};
+use super::{logql, selector, LokiBackend, CLOCK_SLACK_SECONDS};
 use crate::api::StoreKind;
 use crate::backends::identifier;
 use crate::backends::template::Locating;
@@ -16,8 +16,6 @@ use crate::backends::{
     subject_locator, Error, Next, StepBudget, SubjectAction, SubjectJob, SubjectStep,
 };
 
-/// Loki refuses deletes whose end is in the future: a little slack for clock skew.
-const CLOCK_SLACK_SECONDS: i64 = 2;
 /// The longest a job waits on Loki before looking again.
 const MAX_POLL: Duration = Duration::from_secs(300);
 
@@ -82,11 +80,13 @@ impl LokiBackend {
                 // The store's record bounds the range searched: the target's processed sweeps
                 // (its selector), or this subject's own processed erasures (this query).
                 let requests = self.list_deletes().await?;
-                let covered = covered_until(&requests, &selector.render())
-                    .max(covered_until(&requests, &query));
+                let covered = searched_until(&requests, &selector.render(), &query);
                 let from = search_from(covered, now);
                 let mut c = match job.action {
-                    SubjectAction::Erase => Cursor::counting(DELETE_START, delete_end, from),
+                    // The delete covers the range searched: what is older is no search's.
+                    SubjectAction::Erase => {
+                        Cursor::counting(from.min(delete_end), delete_end, from)
+                    }
                     _ => Cursor::counting(from, search_end, from),
                 };
                 c.at = Some(search_end);

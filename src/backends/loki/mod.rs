@@ -82,6 +82,8 @@ pub const WINDOW_SECONDS: i64 = 30 * 86_400;
 /// the ingesters when the request ran. Searches and sweeps reach back this far past the
 /// store's record.
 pub const LATE_LINES_SECONDS: i64 = 7 * 86_400;
+/// Loki refuses deletes whose end is in the future: a little slack for clock skew.
+const CLOCK_SLACK_SECONDS: i64 = 2;
 /// How often a request that Loki no longer lists is submitted again before giving up.
 pub const MAX_LOST: u32 = 3;
 /// How long after a processed request an erasure that still finds lines submits again, by

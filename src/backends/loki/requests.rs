@@ -7,7 +7,9 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::cursor::{Cursor, Stage};
-use super::{LokiBackend, DELETE_START, LATE_LINES_SECONDS, LOOKBACK_SECONDS, MAX_LOST};
+use super::{
+    LokiBackend, CLOCK_SLACK_SECONDS, DELETE_START, LATE_LINES_SECONDS, LOOKBACK_SECONDS, MAX_LOST,
+};
 use crate::backends::{Error, StepBudget};
 
 /// One entry of `GET /loki/api/v1/delete`.
@@ -80,21 +82,52 @@ fn plan_submission(
 
 /// How far the processed requests for `query` cover time without a gap from
 /// [`DELETE_START`]: the store's own record that matching lines older than this are gone
-/// (but for late lines). None without such a chain.
+/// (but for late lines). None without such a chain. A sweep's record.
 pub(super) fn covered_until(requests: &[DeleteRequest], query: &str) -> Option<i64> {
+    chained(requests, |q| q == query, |_, _| false)
+}
+
+/// How far the store's record covers the lines of `query`, a query under `selector` (a
+/// subject's, or a sweep's with held subjects' filters), as far back as any search looks:
+/// the processed requests of the selector (they took every line of it) and of the query
+/// itself, without a gap from [`DELETE_START`] or from a request that reached
+/// [`LOOKBACK_SECONDS`] back from the moment it was submitted (its end, less the clock
+/// slack): no later search starts further back than that. Requests with a line filter cover
+/// the range their count searched, not all time from 2001: a real Loki (3.x) splits such a
+/// request into one per day (`delete_max_interval`) and processes 70 of them a compaction
+/// (`delete_batch_size`), oldest first; one from 2001 was some 9,000.
+pub(super) fn searched_until(
+    requests: &[DeleteRequest],
+    selector: &str,
+    query: &str,
+) -> Option<i64> {
+    chained(
+        requests,
+        |q| q == selector || q == query,
+        |start, end| {
+            start.saturating_add(LOOKBACK_SECONDS) <= end.saturating_add(CLOCK_SLACK_SECONDS)
+        },
+    )
+}
+
+fn chained(
+    requests: &[DeleteRequest],
+    of: impl Fn(&str) -> bool,
+    starts_chain: impl Fn(i64, i64) -> bool,
+) -> Option<i64> {
     let mut done: Vec<(i64, i64)> = requests
         .iter()
-        .filter(|r| r.query == query && r.processed())
+        .filter(|r| of(&r.query) && r.processed())
         .map(|r| (r.start_time, r.end_time))
         .collect();
     done.sort_unstable();
     let mut covered: Option<i64> = None;
+    // In order of start: a request extends the chain if it starts within it; past a gap,
+    // only a request that starts a chain of its own can (none later joins the old one).
     for (start, end) in done {
-        let reach = covered.unwrap_or(DELETE_START);
-        if start > reach {
-            break;
+        if start <= covered.unwrap_or(DELETE_START) || starts_chain(start, end) {
+            covered = Some(covered.map_or(end, |c| c.max(end)));
         }
-        covered = Some(covered.map_or(end, |c| c.max(end)));
     }
     covered
 }
@@ -373,6 +406,56 @@ mod tests {
         // No chain from the start: no record at all.
         assert_eq!(covered_until(&list[1..], q), None);
         assert_eq!(covered_until(&[], q), None);
+
+        // A subject's own erasures cover what they searched: a request over the whole
+        // look-back before its submission starts a chain (no later search starts earlier),
+        // one over less does not; a chain restarts past a gap only that way.
+        let e = t0 + 500 * day;
+        let searched = e + CLOCK_SLACK_SECONDS - LOOKBACK_SECONDS;
+        let erasures = vec![
+            request("short", q, e - 3 * day, e - 2 * day, "processed", 1.0),
+            request("whole", q, searched, e, "processed", 2.0),
+            request(
+                "next",
+                q,
+                e - LATE_LINES_SECONDS,
+                e + 5 * day,
+                "processed",
+                3.0,
+            ),
+        ];
+        assert_eq!(searched_until(&erasures, "{}", q), Some(e + 5 * day));
+        assert_eq!(searched_until(&erasures[..1], "{}", q), None);
+        let narrower = vec![request("w", q, searched + 1, e, "processed", 1.0)];
+        assert_eq!(searched_until(&narrower, "{}", q), None);
+        assert_eq!(
+            covered_until(&erasures, q),
+            None,
+            "a sweep's record still chains from 2001 only"
+        );
+        let restarted = vec![
+            request("old", q, DELETE_START, t0, "processed", 1.0),
+            request("whole", q, searched, e, "processed", 2.0),
+        ];
+        assert_eq!(searched_until(&restarted, "{}", q), Some(e));
+        assert_eq!(covered_until(&restarted, q), Some(t0));
+        // The selector's sweeps took every line of it, the subject's too: their record and
+        // the subject's erasure from where it reached chain together.
+        let subject = format!("{q} |~ \"x\"");
+        let mixed = vec![
+            request("sweep", q, DELETE_START, t0, "processed", 1.0),
+            request(
+                "erasure",
+                &subject,
+                t0 - LATE_LINES_SECONDS,
+                e,
+                "processed",
+                2.0,
+            ),
+        ];
+        assert_eq!(searched_until(&mixed, q, &subject), Some(e));
+        assert_eq!(covered_until(&mixed, &subject), None);
+        assert_eq!(covered_until(&mixed, q), Some(t0));
 
         let now = t0 + 40 * day;
         assert_eq!(

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::cursor::{Cursor, Stage};
-use super::requests::{covered_until, poll_after, sweep_start, Polled, Reuse};
+use super::requests::{covered_until, poll_after, searched_until, sweep_start, Polled, Reuse};
 use super::{logql, selector, LokiBackend, LOOKBACK_SECONDS};
 use crate::api::StoreKind;
 use crate::backends::identifier;
@@ -20,15 +20,24 @@ impl LokiBackend {
         let held = held_filters(job)?;
         // With held subjects the query carries identifiers: it is personal.
         let personal = !held.is_empty();
-        let query = format!("{}{held}", selector(&job.target)?.render());
+        let selector = selector(&job.target)?.render();
+        let query = format!("{selector}{held}");
         let deadline = Instant::now() + budget.max_time;
         let mut step = Step::default();
         let mut c = match cursor {
             Some(c) => c,
             None => {
                 let end = job.cutoff.timestamp();
+                let requests = self.list_deletes().await?;
                 // Not the past again: from where this query's processed requests reach.
-                let start = sweep_start(covered_until(&self.list_deletes().await?, &query));
+                // With held subjects' filters Loki splits the request by day: it covers
+                // the range counted, not all time from 2001 (see `searched_until`).
+                let start = if personal {
+                    sweep_start(searched_until(&requests, &selector, &query))
+                        .max(end.saturating_sub(LOOKBACK_SECONDS))
+                } else {
+                    sweep_start(covered_until(&requests, &query))
+                };
                 if end <= start {
                     return Ok(step);
                 }
