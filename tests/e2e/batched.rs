@@ -6,8 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::Api;
 use serde_json::json;
 
@@ -65,15 +64,13 @@ async fn seed(conn: &mut redis::aio::MultiplexedConnection, subjects: &[Subject]
 }
 
 async fn file_request(client: &kube::Client, ns: &str, s: &Subject) {
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": s.name, "labels": {"tombstone.dev/subject-identifiers": "true"}},
-        "stringData": {"email": s.email, "userId": s.user}
-    }))
-    .expect("a Secret");
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("Secret created");
+    create_subject_secret(
+        client,
+        ns,
+        &s.name,
+        json!({"email": s.email, "userId": s.user}),
+    )
+    .await;
     create::<ErasureRequest>(
         client,
         ns,
@@ -137,15 +134,7 @@ async fn hold_by_secret(
     secret: &str,
     identifiers: serde_json::Value,
 ) {
-    let object: Secret = serde_json::from_value(json!({
-        "metadata": {"name": secret},
-        "stringData": identifiers
-    }))
-    .expect("a Secret");
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &object)
-        .await
-        .expect("Secret created");
+    create_secret(client, ns, secret, identifiers).await;
     create::<LegalHold>(
         client,
         ns,
