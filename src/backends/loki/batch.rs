@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::cursor::{Cursor, Stage};
-use super::requests::{poll_after, search_from, searched_until, Polled, Reuse};
+use super::requests::{poll_after, subject_cursor, Polled, Reuse};
 use super::scan::Scan;
 use super::{logql, selector, LokiBackend, CLOCK_SLACK_SECONDS, DELETE_START, WINDOW_SECONDS};
 use crate::api::StoreKind;
@@ -190,16 +190,7 @@ impl LokiBackend {
         };
         let query = format!("{} {}", run.selector, logql::subjects_filter(&fills[..k]));
         let requests = self.list_deletes().await?;
-        let covered = searched_until(&requests, run.selector, &query);
-        let from = search_from(covered, run.now);
-        let search_end = run.now.saturating_add(CLOCK_SLACK_SECONDS);
-        let delete_end = run.now.saturating_sub(CLOCK_SLACK_SECONDS);
-        let mut next = match run.job.action {
-            // The delete covers the range searched, as for one subject.
-            SubjectAction::Erase => Cursor::counting(from.min(delete_end), delete_end, from),
-            _ => Cursor::counting(from, search_end, from),
-        };
-        next.at = Some(search_end);
+        let mut next = subject_cursor(&requests, run.selector, &query, run.job.action, run.now);
         next.batch = Some(BatchPosition {
             upto: Some(run.job.members[*last].id.clone()),
             ..pos

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use super::cursor::{Cursor, Stage};
-use super::requests::{poll_after, search_from, searched_until, Polled, Reuse};
+use super::requests::{poll_after, subject_cursor, Polled, Reuse};
 use super::scan::Scan;
 use super::{logql, selector, LokiBackend, CLOCK_SLACK_SECONDS};
 use crate::api::StoreKind;
@@ -80,16 +80,7 @@ impl LokiBackend {
                 // The store's record bounds the range searched: the target's processed sweeps
                 // (its selector), or this subject's own processed erasures (this query).
                 let requests = self.list_deletes().await?;
-                let covered = searched_until(&requests, &selector.render(), &query);
-                let from = search_from(covered, now);
-                let mut c = match job.action {
-                    // The delete covers the range searched: what is older is no search's.
-                    SubjectAction::Erase => {
-                        Cursor::counting(from.min(delete_end), delete_end, from)
-                    }
-                    _ => Cursor::counting(from, search_end, from),
-                };
-                c.at = Some(search_end);
+                let mut c = subject_cursor(&requests, &selector.render(), &query, job.action, now);
                 if job.action == SubjectAction::Verify {
                     c.stage = Stage::Checking;
                 }

@@ -10,7 +10,7 @@ use super::cursor::{Cursor, Stage};
 use super::{
     LokiBackend, CLOCK_SLACK_SECONDS, DELETE_START, LATE_LINES_SECONDS, LOOKBACK_SECONDS, MAX_LOST,
 };
-use crate::backends::{Error, StepBudget};
+use crate::backends::{Error, StepBudget, SubjectAction};
 
 /// One entry of `GET /loki/api/v1/delete`.
 #[derive(Clone, Debug, PartialEq)]
@@ -140,6 +140,29 @@ pub(super) fn search_from(covered: Option<i64>, now: i64) -> i64 {
         .map(|c| c.saturating_sub(LATE_LINES_SECONDS))
         .map_or(floor, |c| c.max(floor))
         .min(now)
+}
+
+/// Where a subject's job (one subject, or a batch's chunk of subjects) starts at `now`: a
+/// count from where the store's record of `selector` and `query` lets the search start
+/// ([`searched_until`], [`search_from`]) to a little past now. An erasure's request covers
+/// that same range, up to a little before now (Loki refuses deletes in the future): what is
+/// older is no search's.
+pub(super) fn subject_cursor(
+    requests: &[DeleteRequest],
+    selector: &str,
+    query: &str,
+    action: SubjectAction,
+    now: i64,
+) -> Cursor {
+    let from = search_from(searched_until(requests, selector, query), now);
+    let search_end = now.saturating_add(CLOCK_SLACK_SECONDS);
+    let delete_end = now.saturating_sub(CLOCK_SLACK_SECONDS);
+    let mut c = match action {
+        SubjectAction::Erase => Cursor::counting(from.min(delete_end), delete_end, from),
+        SubjectAction::Find | SubjectAction::Verify => Cursor::counting(from, search_end, from),
+    };
+    c.at = Some(search_end);
+    c
 }
 
 /// Where a sweep's request starts: at the end of its own chain of processed requests (less
